@@ -1,0 +1,3 @@
+from hmcl_cli.cli import main
+
+main()

@@ -1,0 +1,291 @@
+"""The `hmcl` command: thin functions over hmcl_cli.stages (no logic here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hmcl_cli import __version__
+from hmcl_cli.console import console, err_console
+from hmcl_cli.errors import HmclError, InterruptedRun
+
+app = typer.Typer(
+    name="hmcl",
+    help="Adapt text-embedding models to your task with Hierarchical Multilevel Contrastive Learning.\n\n"
+    "Quickstart:  hmcl run recipes/quickstart.yaml",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipe_app = typer.Typer(help="List, copy, validate and document recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+STATE = {"debug": False}
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key, e.g. --set train.epochs=2 (repeatable).")
+RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"hmcl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+) -> None:
+    STATE["debug"] = debug
+
+
+def _load(recipe: Path, overrides: Optional[List[str]]):
+    from hmcl_cli.recipe import load_recipe
+
+    return load_recipe(recipe, overrides or [])
+
+
+@app.command(epilog="Example:  hmcl prepare recipes/sts-nli-en.yaml --set data.dev_fraction=0.05")
+def prepare(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
+    """Turn the recipe's data sources into graded train/dev(/test) JSONL + stats.json."""
+    from hmcl_cli.stages import run_prepare
+
+    run_prepare(_load(recipe, set_))
+
+
+@app.command(epilog="Example:  hmcl mine recipes/quickstart.yaml --set mine.num_negatives=5")
+def mine(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
+    """Mine hard negatives and weak-positives for the prepared data with the recipe's model."""
+    from hmcl_cli.stages import run_mine
+
+    run_mine(_load(recipe, set_))
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    epilog="Examples:  hmcl train recipes/quickstart.yaml --set train.max_steps=50\n\n"
+    "hmcl train recipes/qwen-lora.yaml --launcher accelerate -- --num_processes 8",
+)
+def train(
+    ctx: typer.Context,
+    recipe: Path = RecipeArg,
+    set_: Optional[List[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", help="auto | none | accelerate (args after --)."),
+) -> None:
+    """Train with the HMCL objective (relaunches under `accelerate launch` on several GPUs)."""
+    from hmcl_cli.stages import maybe_relaunch, run_train
+
+    r = _load(recipe, set_)
+    code = maybe_relaunch(r, str(recipe), set_ or [], resume, launcher, list(ctx.args))
+    if code is not None:
+        raise typer.Exit(code)
+    run_train(r, resume=resume)
+
+
+@app.command(
+    name="eval",
+    epilog="Examples:  hmcl eval recipes/quickstart.yaml\n\n"
+    "hmcl eval --model runs/x/model --model base=sentence-transformers/all-MiniLM-L6-v2 "
+    "--sts dev.csv --reranking dev.jsonl --json out.json --gate 'sts:spearman>=base+0.005'",
+)
+def eval_(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe (optional when tasks and models are given as flags)."),
+    set_: Optional[List[str]] = SetOpt,
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="[LABEL=]MODEL (path, run dir or hub id); repeatable."),
+    sts: Optional[List[str]] = typer.Option(None, "--sts", help="[NAME=]FILE of (text, text, score)."),
+    reranking: Optional[List[str]] = typer.Option(None, "--reranking", help="[NAME=]graded JSONL file."),
+    retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", help="[NAME=]graded JSONL or BEIR folder."),
+    pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", help="[NAME=]FILE of (text, text, 0/1)."),
+    gate: Optional[List[str]] = typer.Option(None, "--gate", help="e.g. 'sts:spearman>=base+0.005' (repeatable)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Grouped bar chart (PNG)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+) -> None:
+    """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
+    from hmcl_cli.recipe import EvalTask, load_recipe
+    from hmcl_cli.stages import run_eval
+
+    r = _load(recipe, set_) if recipe else load_recipe(data={"name": "eval", "output_dir": ".", "model": {"name_or_path": "none"}, "eval": {"include_base": False}}, overrides=set_ or [])
+    tasks = []
+    for kind, items in (("sts", sts), ("reranking", reranking), ("retrieval", retrieval), ("pair_classification", pair_classification)):
+        for item in items or []:
+            name, _, path = item.rpartition("=")
+            tasks.append(EvalTask(name=name or Path(path).stem, type=kind, path=str(Path(path).resolve())))
+    models = None
+    if model:
+        models = {}
+        for item in model:
+            label, _, m = item.rpartition("=")
+            models[label or Path(m).name or m] = _run_model(m)
+    if batch_size:
+        r.eval.batch_size = batch_size
+    run_eval(r, models=models, json_out=json_out, gates=gate, plot=plot, tasks=tasks or None)
+
+
+def _run_model(m: str) -> str:
+    p = Path(m)
+    return str(p / "model") if (p / "model" / "modules.json").is_file() or (p / "model" / "config.json").is_file() else m
+
+
+@app.command(epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
+             "hmcl export --model runs/quickstart --format onnx --out exported/")
+def export(
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe (or use --model)."),
+    set_: Optional[List[str]] = SetOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="Run dir, model dir or model id."),
+    fmt: Optional[List[str]] = typer.Option(None, "--format", "-f", help="merged | onnx | onnx-int8 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+) -> None:
+    """Export a deployable model (merged sentence-transformers folder, ONNX, int8 ONNX), verified."""
+    from hmcl_cli.errors import ModelNotFoundError
+    from hmcl_cli.modeling.resolve import resolve_model
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_export
+
+    r = _load(recipe, set_) if recipe else load_recipe(data={"name": "export", "model": {"name_or_path": model or "none"}})
+    model_dir = None
+    if model:
+        try:
+            model_dir = resolve_model(_run_model(model))
+        except ModelNotFoundError as e:
+            raise ModelNotFoundError(f"--model {model}: {e}", hint=e.hint) from None
+    elif recipe is None:
+        raise typer.BadParameter("give a RECIPE or --model")
+    run_export(r, formats=fmt or None, model_dir=model_dir, out_dir=out)
+
+
+@app.command(name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
+def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
+            resume: bool = typer.Option(False, "--resume", help="Resume training from the last checkpoint.")) -> None:
+    """Run every stage the recipe enables, in order (prepare, mine, train, eval, export)."""
+    from hmcl_cli.stages import run_all
+
+    run_all(_load(recipe, set_), resume=resume)
+
+
+# ----------------------------------------------------------------------------- recipes
+def builtin_recipes() -> dict[str, Path]:
+    folder = Path(str(resources.files("hmcl_cli.recipes")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+@recipe_app.command("ls", epilog="Example:  hmcl recipe ls")
+def recipe_ls() -> None:
+    """List the built-in recipes."""
+    import yaml
+
+    for name, path in builtin_recipes().items():
+        first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#") and not ln.startswith("# hmcl")), "")
+        model = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("name_or_path", "")
+        console.print(f"[bold]{name}[/bold]  {model}  [dim]{first}[/dim]")
+
+
+@recipe_app.command("cp", epilog="Example:  hmcl recipe cp quickstart my-recipe.yaml")
+def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
+              dest: Path = typer.Argument(..., help="Destination file or folder.")) -> None:
+    """Copy a built-in recipe (and the sample data it uses) to DEST."""
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.recipe import suggest
+
+    recipes = builtin_recipes()
+    if name not in recipes:
+        s = suggest(name, list(recipes))
+        raise RecipeError(f"no built-in recipe {name!r}" + (f" — did you mean {s!r}?" if s else ""),
+                          hint=f"available: {', '.join(recipes)}")
+    target = dest / f"{name}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise RecipeError(f"{target} already exists", hint="choose another destination or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(recipes[name], target)
+    data = recipes[name].parent / "data"
+    if data.is_dir() and not (target.parent / "data").exists():
+        shutil.copytree(data, target.parent / "data", ignore=shutil.ignore_patterns("__pycache__"))
+    console.print(f"copied {name} -> {target}")
+
+
+@recipe_app.command("validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")
+def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
+                    show: bool = typer.Option(False, "--show", help="Print the resolved recipe.")) -> None:
+    """Check a recipe (keys, types, references, paths) without running anything."""
+    from hmcl_cli.errors import DataError
+
+    r = _load(recipe, set_)
+    missing = [s.path for s in r.data.sources if s.path and not r.resolve(s.path).exists()]
+    if missing:
+        raise DataError(f"{recipe}: data source(s) not found: {', '.join(missing)}",
+                        hint="paths are relative to the recipe file")
+    if show:
+        console.print(r.to_yaml(), markup=False)
+    console.print(f"[green]ok[/green] {recipe}")
+
+
+@recipe_app.command("schema", epilog="Example:  hmcl recipe schema --format json > schema.json")
+def recipe_schema(fmt: str = typer.Option("markdown", "--format", help="markdown | json")) -> None:
+    """Print every recipe key with its type, default and meaning."""
+    import json
+
+    from hmcl_cli.recipe import Recipe, schema_markdown
+
+    if fmt == "json":
+        console.print(json.dumps(Recipe.model_json_schema(), indent=2), markup=False)
+    else:
+        console.print(schema_markdown(), markup=False)
+
+
+def main() -> None:
+    """Entry point: run the app, turning library errors into one readable message + exit code."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    debug = "--debug" in sys.argv
+    try:
+        app(standalone_mode=False)
+    except HmclError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]{e.kind}:[/bold red] {e}", markup=True, highlight=False)
+        if e.hint:
+            err_console.print(f"[dim]hint:[/dim] {e.hint}")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/bold red]")
+        sys.exit(InterruptedRun.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}")
+        err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
+        sys.exit(1)
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*TRANSFORMERS_CACHE.*")
+    for name in ("transformers", "accelerate", "datasets", "peft", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass

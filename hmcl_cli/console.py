@@ -1,0 +1,89 @@
+"""Console output: rich on a terminal, plain timestamped lines in CI logs."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Iterable, Iterator, Optional, TypeVar
+
+from rich.console import Console
+
+T = TypeVar("T")
+
+console = Console(stderr=False, highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def interactive() -> bool:
+    return sys.stdout.isatty() and console.is_terminal
+
+
+def log(message: str) -> None:
+    """A status line (stdout)."""
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")
+
+
+def warn(message: str) -> None:
+    err_console.print(f"[yellow]warning:[/yellow] {message}")
+
+
+class ProgressBar:
+    """A progress bar with ETA; on a non-terminal, a plain line every ~10% (and at the end)."""
+
+    def __init__(self, description: str, total: Optional[int] = None, unit: str = "it", enabled: bool = True):
+        self.description, self.total, self.unit, self.enabled = description, total, unit, enabled
+        self.n = 0
+        self.start = time.perf_counter()
+        self._next_report = 0.1
+        self._rich = None
+        self.postfix = ""
+        if enabled and interactive():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._rich = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TextColumn("{task.fields[postfix]}"), console=console, transient=False,
+            )
+            self._rich.start()
+            self._task = self._rich.add_task(description, total=total, postfix="")
+
+    def update(self, n: int = 1, postfix: str | None = None) -> None:
+        self.n += n
+        if postfix is not None:
+            self.postfix = postfix
+        if self._rich is not None:
+            self._rich.update(self._task, advance=n, postfix=self.postfix)
+        elif self.enabled and self.total:
+            frac = self.n / self.total
+            if frac >= self._next_report and self.n < self.total:
+                elapsed = time.perf_counter() - self.start
+                eta = elapsed / frac * (1 - frac)
+                log(f"{self.description}: {self.n}/{self.total} {self.unit} ({frac:.0%}, eta {eta:.0f}s) {self.postfix}")
+                while self._next_report <= frac:
+                    self._next_report += 0.1
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+            self._rich = None
+        elif self.enabled:
+            elapsed = time.perf_counter() - self.start
+            log(f"{self.description}: {self.n} {self.unit} in {elapsed:.1f}s {self.postfix}")
+            self.enabled = False
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def track(items: Iterable[T], description: str, total: Optional[int] = None, unit: str = "it") -> Iterator[T]:
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with ProgressBar(description, total, unit) as bar:
+        for item in items:
+            yield item
+            bar.update()

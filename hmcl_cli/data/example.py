@@ -1,0 +1,133 @@
+"""The graded example: one query with candidates on three levels.
+
+JSONL format (compatible with FlagEmbedding's fine-tune format, plus ``weak``)::
+
+    {"query": "...", "pos": ["..."], "weak": ["..."], "neg": ["..."],
+     "pos_scores": [..], "weak_scores": [..], "neg_scores": [..], "prompt": "optional"}
+
+Levels: pos = 2, weak = 1, neg = 0. ``*_scores`` are optional finer similarities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+LEVELS = {"pos": 2, "weak": 1, "neg": 0}
+LEVEL_NAMES = {v: k for k, v in LEVELS.items()}
+
+
+class BadRow(ValueError):
+    """A row that cannot become (part of) a graded example; ``reason`` says why."""
+
+    def __init__(self, reason: str, file: str = "", line: int | str = "", kind: str | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.file = file
+        self.line = line
+        self.kind = kind or reason.split(":")[0]
+
+    def located(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line != "" else self.file
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class Candidate:
+    text: str
+    level: int
+    score: Optional[float] = None
+
+
+@dataclass
+class GradedExample:
+    query: str
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    prompt: Optional[str] = None
+
+    def levels(self) -> dict[int, list[Candidate]]:
+        out: dict[int, list[Candidate]] = {2: [], 1: [], 0: []}
+        for c in self.candidates.values():
+            out[c.level].append(c)
+        return out
+
+    def to_json(self) -> dict:
+        row: dict = {"query": self.query}
+        by_level = self.levels()
+        for name, level in LEVELS.items():
+            row[name] = [c.text for c in by_level[level]]
+        for name, level in LEVELS.items():
+            scores = [c.score for c in by_level[level]]
+            if by_level[level] and all(s is not None for s in scores):
+                row[f"{name}_scores"] = scores
+        if self.prompt:
+            row["prompt"] = self.prompt
+        return row
+
+
+def parse_graded(obj: object) -> GradedExample:
+    """Validate one JSON object of the graded format; raise BadRow with the reason."""
+    if not isinstance(obj, dict):
+        raise BadRow(f"expected a JSON object, got {type(obj).__name__}", kind="not an object")
+    unknown = set(obj) - {"query", "prompt", *LEVELS, *(f"{k}_scores" for k in LEVELS)}
+    unknown -= {"type", "id", "query_id", "meta"}  # common harmless extras
+    if unknown:
+        raise BadRow(
+            f"unknown field(s) {sorted(unknown)}; expected query, pos, weak, neg, "
+            "*_scores, prompt",
+            kind="unknown field",
+        )
+    query = obj.get("query")
+    if not isinstance(query, str):
+        raise BadRow("`query` must be a string", kind="missing query")
+    if not query.strip():
+        raise BadRow("empty text in `query`", kind="empty text")
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRow("`prompt` must be a string", kind="bad prompt")
+    ex = GradedExample(query=query, prompt=prompt or None)
+    for name, level in LEVELS.items():
+        texts = obj.get(name, [])
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise BadRow(f"`{name}` must be a list of strings", kind="bad candidates")
+        scores = obj.get(f"{name}_scores")
+        if scores is not None:
+            if not isinstance(scores, list) or len(scores) != len(texts):
+                raise BadRow(
+                    f"`{name}_scores` must be a list as long as `{name}` "
+                    f"({len(texts)} items)",
+                    kind="bad scores",
+                )
+            for s in scores:
+                if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                    raise BadRow(f"`{name}_scores` holds a non-number {s!r}", kind="bad scores")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise BadRow(f"empty text in `{name}`[{i}]", kind="empty text")
+            score = float(scores[i]) if scores is not None else None
+            add_candidate(ex, text, level, score, conflict="highest")
+    if not ex.candidates:
+        raise BadRow("no candidates (pos, weak and neg are all empty)", kind="no candidates")
+    return ex
+
+
+def add_candidate(
+    ex: GradedExample, text: str, level: int, score: Optional[float], conflict: str
+) -> str:
+    """Add a candidate; returns 'added', 'duplicate' or 'conflict'."""
+    old = ex.candidates.get(text)
+    if old is None:
+        ex.candidates[text] = Candidate(text, level, score)
+        return "added"
+    if old.level == level:
+        if old.score is None and score is not None:
+            old.score = score
+        return "duplicate"
+    if conflict == "highest" and level > old.level or conflict == "lowest" and level < old.level:
+        ex.candidates[text] = Candidate(text, level, score)
+    elif conflict == "drop":
+        old.level = -1  # marked; removed when the example is finalised
+    return "conflict"

@@ -1,0 +1,235 @@
+"""``hmcl prepare``: sources -> merged, deduplicated, split graded datasets + stats.json.
+
+Python use::
+
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.data.prepare import prepare
+    stats = prepare(load_recipe("recipes/quickstart.yaml"))
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from hmcl_cli.console import ProgressBar, log, warn
+from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
+from hmcl_cli.data.readers import read_source, source_label
+from hmcl_cli.errors import DataError
+from hmcl_cli.io_utils import read_jsonl, write_json_atomic, write_jsonl_atomic
+from hmcl_cli.recipe import Recipe, SourceConfig
+
+SPLITS = ("train", "dev", "test")
+
+
+def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
+    """Deterministic split of a query by a seeded hash: the same query always lands in one split."""
+    h = int.from_bytes(hashlib.sha256(f"{seed}\0{query}".encode()).digest()[:8], "big") / 2**64
+    if h < test_fraction:
+        return "test"
+    if h < test_fraction + dev_fraction:
+        return "dev"
+    return "train"
+
+
+class _SourceStats:
+    def __init__(self) -> None:
+        self.rows = 0
+        self.examples_in = 0
+        self.rejected: Counter = Counter()
+        self.first_errors: list[str] = []
+        self.levels: Counter = Counter()
+
+
+def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dict:
+    """Run the prepare stage; writes ``<run>/data/{train,dev,test}.jsonl`` and ``stats.json``."""
+    data_cfg = recipe.data
+    if not data_cfg.sources:
+        raise DataError(
+            "the recipe has no data sources (data.sources is empty)",
+            hint="add at least one source: data: {sources: [{path: train.jsonl, format: graded}]}",
+        )
+    merged: dict[str, dict[tuple, GradedExample]] = {s: {} for s in SPLITS}
+    origin_split: dict[tuple, set] = defaultdict(set)
+    totals: Counter = Counter()
+    per_source: dict[str, _SourceStats] = {}
+
+    for src in data_cfg.sources:
+        label = source_label(src)
+        while label in per_source:
+            label += "'"
+        st = per_source[label] = _SourceStats()
+        path = _source_path(recipe, src, st)
+        if path is False:
+            continue
+        bar = ProgressBar(f"prepare {label}", None, "rows", enabled=progress)
+        try:
+            for item in read_source(src, path):
+                st.rows += 1
+                if isinstance(item, BadRow):
+                    _reject(item, data_cfg.on_error, st)
+                    continue
+                _, ex = item
+                st.examples_in += 1
+                split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction)
+                key = (ex.prompt or "", ex.query)
+                origin_split[key].add(split)
+                target = merged[split].get(key)
+                if target is None:
+                    target = merged[split][key] = GradedExample(ex.query, prompt=ex.prompt)
+                for cand in ex.candidates.values():
+                    st.levels[LEVEL_NAMES[cand.level]] += 1
+                    totals[add_candidate(target, cand.text, cand.level, cand.score, data_cfg.conflict)] += 1
+                if st.rows % 1000 == 0:
+                    bar.update(1000)
+        finally:
+            bar.update(st.rows % 1000)
+            bar.close()
+
+    stats: dict[str, Any] = {"sources": {}, "splits": {}, "duplicates_removed": totals["duplicate"],
+                             "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
+    for label, st in per_source.items():
+        stats["sources"][label] = {
+            "rows": st.rows, "examples": st.examples_in, "candidates_per_level": dict(st.levels),
+            "rejected": sum(st.rejected.values()), "rejected_by_reason": dict(st.rejected),
+            "first_rejections": st.first_errors,
+        }
+
+    out_dir = recipe.run_dir / "data"
+    outputs: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        rows = []
+        for ex in merged[split].values():
+            ex.candidates = {t: c for t, c in ex.candidates.items() if c.level >= 0}
+            if len(ex.candidates) >= max(1, data_cfg.min_candidates):
+                rows.append(ex.to_json())
+        outputs[split] = rows
+        stats["splits"][split] = _split_stats(rows)
+
+    leaked_queries = sum(1 for s in origin_split.values() if len(s) > 1)
+    train_texts = {t for r in outputs["train"] for t in _texts(r)}
+    leaked_texts = sum(1 for r in outputs["dev"] + outputs["test"] for t in set(_texts(r)) if t in train_texts)
+    stats["leakage"] = {"queries_in_several_splits": leaked_queries,
+                        "dev_test_texts_also_in_train": leaked_texts}
+    if leaked_queries:
+        warn(f"{leaked_queries} queries appear in more than one split (given by the sources' `split`)")
+
+    if not outputs["train"]:
+        raise DataError(
+            "no training examples were produced"
+            + (f" ({sum(sum(s.rejected.values()) for s in per_source.values())} rows rejected)"
+               if any(s.rejected for s in per_source.values()) else ""),
+            hint="check the sources' paths, formats and `split`, and stats of rejected rows",
+        )
+    if tokenizer is not None:
+        stats["token_lengths"] = token_length_stats(tokenizer, outputs["train"])
+
+    for split in SPLITS:
+        if outputs[split] or split != "test":
+            write_jsonl_atomic(out_dir / f"{split}.jsonl", outputs[split])
+    write_json_atomic(out_dir / "stats.json", stats)
+    log(f"prepare: wrote {out_dir} (train {len(outputs['train'])}, dev {len(outputs['dev'])}, test {len(outputs['test'])} examples)")
+    return stats
+
+
+def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optional[Path] | bool:
+    if not src.path:
+        return None
+    path = recipe.resolve(src.path)
+    exists = path.is_dir() if src.format == "qrels" else path.is_file()
+    if exists:
+        return path
+    msg = f"data source {path} does not exist"
+    if recipe.data.on_error == "skip":
+        warn(msg + " (skipped, on_error: skip)")
+        st.rejected["missing file"] += 1
+        st.first_errors.append(msg)
+        return False
+    raise DataError(msg, hint="fix data.sources[].path (relative to the recipe file) or --set it")
+
+
+def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
+    if on_error == "fail":
+        raise DataError(
+            bad.located(),
+            hint="fix the row, or set data.on_error: skip to drop bad rows (they are counted in stats.json)",
+        )
+    st.rejected[bad.kind] += 1
+    if len(st.first_errors) < 20:
+        st.first_errors.append(bad.located())
+
+
+def _texts(row: dict) -> Iterable[str]:
+    yield row["query"]
+    for k in ("pos", "weak", "neg"):
+        yield from row.get(k, [])
+
+
+def _split_stats(rows: list[dict]) -> dict:
+    return {
+        "examples": len(rows),
+        "pos": sum(len(r["pos"]) for r in rows),
+        "weak": sum(len(r["weak"]) for r in rows),
+        "neg": sum(len(r["neg"]) for r in rows),
+        "with_pos": sum(1 for r in rows if r["pos"]),
+        "with_weak": sum(1 for r in rows if r["weak"]),
+        "with_neg": sum(1 for r in rows if r["neg"]),
+    }
+
+
+def token_length_stats(tokenizer: Any, rows: list[dict], limit: int = 20000) -> dict:
+    """Token-length percentiles of queries and candidates (a sample of at most ``limit`` texts)."""
+    out = {}
+    for side, texts in (("query", [r["query"] for r in rows]),
+                        ("candidate", [t for r in rows for k in ("pos", "weak", "neg") for t in r[k]])):
+        texts = texts[:limit]
+        if not texts:
+            continue
+        lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+        out[side] = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} | {"max": int(lengths.max())}
+    return out
+
+
+def load_graded(path: str | Path) -> list[GradedExample]:
+    """Read a graded JSONL file (ours or FlagEmbedding's); errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"graded dataset {path} does not exist", hint="run `hmcl prepare RECIPE` first")
+    out = []
+    try:
+        for lineno, obj in read_jsonl(path):
+            try:
+                out.append(parse_graded(obj))
+            except BadRow as bad:
+                raise DataError(f"{path}:{lineno}: {bad.reason}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except ValueError as e:
+        raise DataError(f"{path}: invalid JSON line: {e}") from None
+    return out
+
+
+def print_stats(stats: dict) -> None:
+    from rich.table import Table
+
+    from hmcl_cli.console import console
+
+    t = Table(title="prepared data", show_lines=False)
+    for col in ("split", "examples", "pos", "weak", "neg"):
+        t.add_column(col, justify="right" if col != "split" else "left")
+    for split, s in stats["splits"].items():
+        t.add_row(split, *(str(s[k]) for k in ("examples", "pos", "weak", "neg")))
+    console.print(t)
+    src = Table(title="sources")
+    for col in ("source", "rows", "examples", "rejected"):
+        src.add_column(col)
+    for name, s in stats["sources"].items():
+        reasons = ", ".join(f"{k}: {v}" for k, v in s["rejected_by_reason"].items())
+        src.add_row(name, str(s["rows"]), str(s["examples"]), f"{s['rejected']}" + (f" ({reasons})" if reasons else ""))
+    console.print(src)
+    console.print(f"duplicates removed: {stats['duplicates_removed']}; level conflicts: "
+                  f"{stats['conflicts']['count']} (rule: {stats['conflicts']['rule']}); leakage: {stats['leakage']}")

@@ -1,0 +1,459 @@
+"""Readers: one per source format, each yielding graded rows from local files or the hub.
+
+Every reader is a generator of ``(line, GradedExample)`` or raises/yields :class:`BadRow`
+for rows it cannot use; the caller decides (``on_error``) whether to stop or count them.
+Files are streamed row by row, so a large source never sits in memory whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
+from hmcl_cli.errors import DataError
+from hmcl_cli.recipe import SourceConfig
+
+Row = Union[tuple[Any, GradedExample], BadRow]
+
+ROLE_ALIASES: dict[str, list[str]] = {
+    "query": ["query", "sentence1", "sentence_A", "sentence_a", "text1", "premise", "question",
+              "qtext", "anchor", "s1"],
+    "candidate": ["candidate", "sentence2", "sentence_B", "sentence_b", "text2", "hypothesis",
+                  "answer", "atext", "document", "passage", "s2"],
+    "score": ["score", "similarity", "relatedness_score"],
+    "label": ["label", "entailment_judgment", "gold_label", "relevance"],
+    "positive": ["positive", "pos"],
+    "negative": ["negative", "neg"],
+    "prompt": ["prompt", "instruction"],
+}
+# positions in a header-less file
+DEFAULT_INDEX: dict[str, dict[str, int]] = {
+    "sts": {"query": 0, "candidate": 1, "score": 2},
+    "nli": {"query": 0, "candidate": 1, "label": 2},
+    "pairs": {"query": 0, "candidate": 1, "label": 2},
+    "answer_selection": {"query": 0, "candidate": 1, "label": 2},
+    "triplets": {"query": 0, "positive": 1, "negative": 2},
+}
+REQUIRED = {
+    "sts": ["query", "candidate", "score"],
+    "nli": ["query", "candidate", "label"],
+    "pairs": ["query", "candidate", "label"],
+    "answer_selection": ["query", "candidate", "label"],
+    "triplets": ["query", "positive", "negative"],
+}
+NLI_DEFAULT = {"entailment": "pos", "neutral": "weak", "contradiction": "neg",
+               "0": "pos", "1": "weak", "2": "neg"}
+BINARY_DEFAULT = {"1": "pos", "0": "neg"}
+
+
+def source_label(src: SourceConfig) -> str:
+    return src.name or (Path(src.path).name if src.path else f"{src.hub}")
+
+
+def file_type(src: SourceConfig, path: Path) -> str:
+    if src.file_type != "auto":
+        return src.file_type
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in (".tsv", ".txt", ".tab"):
+        return "tsv"
+    return "csv"
+
+
+# --------------------------------------------------------------------------------------------
+# raw record streams: (line, dict-or-list) from a file or the hub
+# --------------------------------------------------------------------------------------------
+
+
+_BAD = "\x00hmcl-bad-line\x00"
+
+
+def _decoded_lines(path: Path) -> Iterator[str]:
+    """Lines of a UTF-8 file; an undecodable line becomes a marker the caller turns into BadRow."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield f"{_BAD}{raw[e.start]:#x}:{e.start + 1}\n"
+
+
+def _bad_utf8(path: Path, line: int, marker: str) -> BadRow:
+    byte, col = marker[len(_BAD):].strip().split(":")
+    return BadRow(f"not UTF-8 text (byte {byte} at column {col})", str(path), line, kind="not UTF-8")
+
+
+def _records_delimited(path: Path, delimiter: str) -> Iterator[Union[tuple[int, list], BadRow]]:
+    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    reader = csv.reader(_decoded_lines(path), delimiter=delimiter, quoting=quoting, strict=True)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield BadRow(f"broken CSV line: {e}", str(path), start, kind="broken CSV line")
+            continue
+        if row and row[0].startswith(_BAD):
+            yield _bad_utf8(path, start, row[0])
+            continue
+        if not row or all(not c.strip() for c in row):
+            continue
+        yield start, row
+
+
+def _records_jsonl(path: Path) -> Iterator[Union[tuple[int, Any], BadRow]]:
+    for lineno, line in enumerate(_decoded_lines(path), 1):
+        if line.startswith(_BAD):
+            yield _bad_utf8(path, lineno, line)
+        elif line.strip():
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield BadRow(f"invalid JSON: {e.msg} at column {e.colno}", str(path), lineno, kind="invalid JSON")
+
+
+def _records_parquet(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
+def _records_hub(src: SourceConfig) -> Iterator[tuple[int, dict]]:
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DataError(
+            f"hub dataset {src.hub!r} cannot be loaded offline (HF_HUB_OFFLINE=1)",
+            hint="download it once with network, or export it to jsonl/csv and use `path`",
+        )
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(src.hub, src.hub_config, split=src.hub_split or "train", streaming=True)
+    except Exception as e:  # noqa: BLE001 - the hub raises many kinds
+        raise DataError(
+            f"hub dataset {src.hub!r} could not be loaded: {type(e).__name__}: {e}",
+            hint="check the name/config/split and your network, or use a local `path`",
+        ) from None
+    for i, row in enumerate(ds, 1):
+        yield i, row
+
+
+def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int, Any], BadRow]]:
+    if path is None:
+        yield from _records_hub(src)
+        return
+    kind = file_type(src, path)
+    if kind == "jsonl":
+        yield from _records_jsonl(path)
+    elif kind == "parquet":
+        yield from _records_parquet(path)
+    else:
+        yield from _records_delimited(path, "\t" if kind == "tsv" else ",")
+
+
+# --------------------------------------------------------------------------------------------
+# column mapping
+# --------------------------------------------------------------------------------------------
+
+
+class Columns:
+    """Resolves roles (query, candidate, score, ...) to positions in list rows or keys in dicts."""
+
+    def __init__(self, src: SourceConfig, fmt: str, where: str):
+        self.src, self.fmt, self.where = src, fmt, where
+        self.index: dict[str, Union[int, str]] = {}
+        self.header: Optional[list[str]] = None
+
+    def bind_header(self, first: Any) -> bool:
+        """Look at the first record; return True when it is a header row to skip."""
+        roles = REQUIRED.get(self.fmt, []) + ["score", "label", "prompt"]
+        if isinstance(first, dict):
+            keys = list(first)
+            for role in roles:
+                col = self._choose(role, keys)
+                if col is not None:
+                    self.index[role] = col
+            self._check_required(keys)
+            return False
+        is_header = self.src.header
+        if is_header is None:
+            configured = {c for c in self.src.columns.values() if isinstance(c, str)}
+            known = {a.lower() for aliases in ROLE_ALIASES.values() for a in aliases}
+            cells = {c.strip() for c in first}
+            is_header = bool(cells & configured) or (
+                sum(c.lower() in known for c in cells) >= 2
+            ) or (self.fmt == "sts" and len(first) > 2 and not _is_number(first[DEFAULT_INDEX["sts"]["score"]]))
+        if is_header:
+            self.header = [c.strip() for c in first]
+            for role in roles:
+                col = self._choose(role, self.header)
+                if col is not None:
+                    self.index[role] = self.header.index(col)
+            self._check_required(self.header)
+        else:
+            for role, col in self.src.columns.items():
+                if isinstance(col, str):
+                    raise DataError(
+                        f"{self.where}: column {col!r} (role {role}) given by name but the "
+                        "file has no header row",
+                        hint="use a column index, or set `header: true`",
+                    )
+                self.index[role] = col
+            for role, idx in DEFAULT_INDEX.get(self.fmt, {}).items():
+                self.index.setdefault(role, idx)
+        return bool(is_header)
+
+    def _choose(self, role: str, keys: list[str]) -> Optional[str]:
+        if role in self.src.columns:
+            col = self.src.columns[role]
+            if isinstance(col, int):
+                return keys[col] if col < len(keys) else None
+            return col if col in keys else None
+        lowered = {k.lower(): k for k in keys}
+        for alias in ROLE_ALIASES.get(role, []):
+            if alias.lower() in lowered:
+                return lowered[alias.lower()]
+        return None
+
+    def _check_required(self, keys: list[str]) -> None:
+        for role in REQUIRED.get(self.fmt, []):
+            if role not in self.index:
+                given = self.src.columns.get(role)
+                what = f"column {given!r}" if given is not None else f"a {role} column"
+                raise DataError(
+                    f"{self.where}: missing {what} for role `{role}` (columns: {', '.join(map(str, keys))})",
+                    hint=f"map it in the recipe: columns: {{{role}: <column name>}}",
+                )
+        for role, col in self.src.columns.items():
+            if role not in self.index:
+                raise DataError(
+                    f"{self.where}: missing column {col!r} for role `{role}` "
+                    f"(columns: {', '.join(map(str, keys))})",
+                    hint="fix the column name in the recipe's `columns`",
+                )
+
+    def get(self, rec: Any, role: str, required: bool = True) -> Any:
+        if role not in self.index:
+            if required:
+                raise BadRow(f"no {role} column", kind="missing column")
+            return None
+        col = self.index[role]
+        try:
+            value = rec[col]
+        except (IndexError, KeyError):
+            if required:
+                n = len(rec) if isinstance(rec, list) else "?"
+                raise BadRow(
+                    f"broken line: {n} fields, no field for `{role}` (column {col})",
+                    kind="broken CSV line",
+                ) from None
+            return None
+        return value
+
+
+def _is_number(x: Any) -> bool:
+    try:
+        float(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _text(value: Any, role: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise BadRow(f"empty text in `{role}`", kind="empty text")
+    text = str(value)
+    if not text.strip():
+        raise BadRow(f"empty text in `{role}`", kind="empty text")
+    return text
+
+
+def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
+    key = str(value).strip()
+    if isinstance(value, float) and value.is_integer():
+        key = str(int(value))
+    lowered = {str(k).lower(): v for k, v in mapping.items()}
+    if key.lower() not in lowered:
+        raise BadRow(
+            f"unknown label {key!r} (known: {', '.join(map(str, mapping))})", kind="unknown label"
+        )
+    return LEVELS[lowered[key.lower()]]
+
+
+# --------------------------------------------------------------------------------------------
+# format readers
+# --------------------------------------------------------------------------------------------
+
+
+def read_source(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
+    """Stream ``(line, GradedExample)`` items and ``BadRow`` items from one source."""
+    if src.format == "qrels":
+        yield from _read_qrels(src, path)
+        return
+    where = str(path) if path else f"hub:{src.hub}"
+    cols = Columns(src, src.format, where)
+    first = True
+    count = 0
+    for item in records(src, path):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        line, rec = item
+        if src.format == "graded":
+            try:
+                ex = parse_graded(rec)
+                if src.prompt and not ex.prompt:
+                    ex.prompt = src.prompt
+                yield line, ex
+            except BadRow as bad:
+                bad.file, bad.line = where, line
+                yield bad
+        else:
+            if first:
+                first = False
+                if cols.bind_header(rec):
+                    continue
+            try:
+                for ex in _convert(src, cols, rec):
+                    yield line, ex
+            except BadRow as bad:
+                bad.file, bad.line = where, line
+                yield bad
+        count += 1
+        if src.max_rows and count >= src.max_rows:
+            return
+
+
+def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExample]:
+    fmt = src.format
+    prompt_value = cols.get(rec, "prompt", required=False)
+    prompt = src.prompt or (str(prompt_value) if prompt_value else None)
+    if fmt == "triplets":
+        q = _text(cols.get(rec, "query"), "query")
+        ex = GradedExample(q, prompt=prompt)
+        add_candidate(ex, _text(cols.get(rec, "positive"), "positive"), 2, None, "highest")
+        add_candidate(ex, _text(cols.get(rec, "negative"), "negative"), 0, None, "highest")
+        yield ex
+        return
+    q = _text(cols.get(rec, "query"), "query")
+    c = _text(cols.get(rec, "candidate"), "candidate")
+    score: Optional[float] = None
+    if fmt == "sts":
+        raw = cols.get(rec, "score")
+        try:
+            score = float(raw)
+        except (TypeError, ValueError):
+            raise BadRow(f"score {raw!r} is not a number", kind="bad score") from None
+        if not math.isfinite(score):
+            raise BadRow(f"score {raw!r} is not finite", kind="bad score")
+        if src.score_range and not (src.score_range[0] <= score <= src.score_range[1]):
+            raise BadRow(
+                f"score {score:g} outside the declared range "
+                f"[{src.score_range[0]:g}, {src.score_range[1]:g}]",
+                kind="score out of range",
+            )
+        th = {"pos": 4.0, "weak": 2.0, **(src.thresholds or {})}
+        level = 2 if score >= th["pos"] else 1 if score >= th["weak"] else 0
+    else:
+        default = NLI_DEFAULT if fmt == "nli" else BINARY_DEFAULT
+        level = _level_from_label(cols.get(rec, "label"), src.label_map or default)
+        raw = cols.get(rec, "score", required=False)
+        if raw not in (None, "") and _is_number(raw):
+            score = float(raw)
+            if src.score_range and not (src.score_range[0] <= score <= src.score_range[1]):
+                raise BadRow(
+                    f"score {score:g} outside the declared range "
+                    f"[{src.score_range[0]:g}, {src.score_range[1]:g}]",
+                    kind="score out of range",
+                )
+    ex = GradedExample(q, prompt=prompt)
+    add_candidate(ex, c, level, score, "highest")
+    yield ex
+    if src.symmetric and fmt in ("sts", "nli", "pairs"):
+        rev = GradedExample(c, prompt=prompt)
+        add_candidate(rev, q, level, score, "highest")
+        yield rev
+
+
+def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
+    """BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (query-id, corpus-id, score)."""
+    if path is None:
+        raise DataError("qrels sources are read from a local BEIR folder (`path`), not the hub")
+    qrels_file = path / "qrels" / f"{src.qrels_split}.tsv"
+    for need in (path / "corpus.jsonl", path / "queries.jsonl", qrels_file):
+        if not need.is_file():
+            raise DataError(
+                f"{path}: BEIR layout needs {need.relative_to(path)} (missing)",
+                hint="expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv",
+            )
+    judgments: dict[str, dict[str, int]] = {}
+    for item in _records_delimited(qrels_file, "\t"):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        line, row = item
+        if line == 1 and not _is_number(row[-1]):
+            continue  # header
+        if len(row) < 3:
+            yield BadRow(f"qrels line needs query-id, corpus-id, score; got {len(row)} fields",
+                         str(qrels_file), line, kind="broken CSV line")
+            continue
+        qid, did, grade = row[0], row[1], row[-1]
+        try:
+            judgments.setdefault(qid, {})[did] = int(float(grade))
+        except ValueError:
+            yield BadRow(f"relevance grade {grade!r} is not a number", str(qrels_file), line, kind="bad score")
+    grades = {g for d in judgments.values() for g in d.values()}
+    top = max(grades) if grades else 1
+    gmap = src.grade_map or {g: ("pos" if g == top else "weak" if g > 0 else "neg") for g in grades}
+    needed = {d for docs in judgments.values() for d in docs}
+    docs: dict[str, str] = {}
+    for item in _records_jsonl(path / "corpus.jsonl"):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        _, rec = item
+        did = str(rec.get("_id", rec.get("id", "")))
+        if did in needed:
+            title = (rec.get("title") or "").strip()
+            body = (rec.get("text") or "").strip()
+            docs[did] = f"{title} {body}".strip() if title else body
+    queries: dict[str, str] = {}
+    for item in _records_jsonl(path / "queries.jsonl"):
+        if isinstance(item, BadRow):
+            yield item
+            continue
+        _, rec = item
+        qid = str(rec.get("_id", rec.get("id", "")))
+        if qid in judgments:
+            queries[qid] = rec.get("text", "")
+    for qid, judged in judgments.items():
+        where = str(qrels_file)
+        if qid not in queries or not str(queries[qid]).strip():
+            yield BadRow(f"query {qid!r} is judged but missing or empty in queries.jsonl", where, qid, kind="empty text")
+            continue
+        ex = GradedExample(queries[qid], prompt=src.prompt)
+        for did, grade in judged.items():
+            if did not in docs or not docs[did].strip():
+                yield BadRow(f"document {did!r} is judged but missing or empty in corpus.jsonl", where, qid, kind="empty text")
+                continue
+            if grade not in gmap:
+                yield BadRow(f"relevance grade {grade} has no level in grade_map", where, qid, kind="unknown label")
+                continue
+            add_candidate(ex, docs[did], LEVELS[gmap[grade]], float(grade), "highest")
+        if ex.candidates:
+            yield qid, ex

@@ -1,0 +1,90 @@
+"""Ranking and correlation metrics on graded data (numpy), used in-loop and by `hmcl eval`.
+
+Conventions follow MTEB / pytrec_eval: nDCG uses linear gains (the relevance grade),
+MAP and MRR treat grade >= ``min_relevant`` as relevant.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+
+def dcg(gains: np.ndarray) -> float:
+    return float((gains / np.log2(np.arange(2, gains.size + 2))).sum())
+
+
+def ndcg_at_k(ranked_grades: Sequence[float], all_grades: Sequence[float], k: int = 10) -> float:
+    ideal = np.sort(np.asarray(all_grades, dtype=float))[::-1][:k]
+    denom = dcg(ideal)
+    return dcg(np.asarray(ranked_grades, dtype=float)[:k]) / denom if denom > 0 else 0.0
+
+
+def average_precision(ranked_relevant: Sequence[bool], n_relevant: int | None = None) -> float:
+    rel = np.asarray(ranked_relevant, dtype=bool)
+    total = int(rel.sum()) if n_relevant is None else n_relevant
+    if total == 0:
+        return 0.0
+    hits = np.cumsum(rel)
+    return float((hits[rel] / (np.flatnonzero(rel) + 1)).sum() / total)
+
+
+def reciprocal_rank(ranked_relevant: Sequence[bool], k: int = 10) -> float:
+    rel = np.asarray(ranked_relevant, dtype=bool)[:k]
+    idx = np.flatnonzero(rel)
+    return float(1.0 / (idx[0] + 1)) if idx.size else 0.0
+
+
+def recall_at_k(ranked_relevant: Sequence[bool], n_relevant: int, k: int) -> float:
+    return float(np.asarray(ranked_relevant, dtype=bool)[:k].sum() / n_relevant) if n_relevant else 0.0
+
+
+def sts_scores(sim: np.ndarray, gold: np.ndarray) -> dict[str, float]:
+    """Spearman and Pearson (x100 like MTEB? no: as fractions) between cosine and gold."""
+    return {"spearman": float(spearmanr(sim, gold).statistic), "pearson": float(pearsonr(sim, gold).statistic)}
+
+
+def rerank_scores(groups: list[tuple[np.ndarray, np.ndarray]], min_relevant: int = 2) -> dict[str, float]:
+    """``groups``: per query (cosines of its candidates, their grades). MAP, MRR@10, nDCG@10.
+
+    Queries with no relevant or no irrelevant candidate are skipped (nothing to rank).
+    """
+    aps, rrs, ndcgs = [], [], []
+    for sims, grades in groups:
+        rel = grades >= min_relevant
+        if not rel.any() or rel.all():
+            continue
+        order = np.argsort(-sims, kind="stable")
+        aps.append(average_precision(rel[order]))
+        rrs.append(reciprocal_rank(rel[order], 10))
+        ndcgs.append(ndcg_at_k(grades[order], grades, 10))
+    if not aps:
+        return {"map": float("nan"), "mrr@10": float("nan"), "ndcg@10": float("nan"), "queries": 0}
+    return {"map": float(np.mean(aps)), "mrr@10": float(np.mean(rrs)), "ndcg@10": float(np.mean(ndcgs)),
+            "queries": len(aps)}
+
+
+def retrieval_scores(sim: np.ndarray, qrels: list[dict[int, float]], ks: Sequence[int] = (10, 100)) -> dict[str, float]:
+    """``sim``: [Q, N] query-corpus cosines; ``qrels``: per query {doc index: grade > 0}."""
+    out: dict[str, list[float]] = {}
+    top = max(ks)
+    for qi, judged in enumerate(qrels):
+        if not judged:
+            continue
+        row = sim[qi]
+        k_eff = min(top, row.size)
+        idx = np.argpartition(-row, k_eff - 1)[:k_eff]
+        idx = idx[np.argsort(-row[idx], kind="stable")]
+        grades = np.array([judged.get(int(i), 0.0) for i in idx])
+        relevant = grades > 0
+        n_rel = sum(1 for g in judged.values() if g > 0)
+        for k in ks:
+            out.setdefault(f"ndcg@{k}", []).append(ndcg_at_k(grades[:k], list(judged.values()), k))
+            out.setdefault(f"recall@{k}", []).append(recall_at_k(relevant, n_rel, k))
+        out.setdefault("mrr@10", []).append(reciprocal_rank(relevant, 10))
+        out.setdefault("map@100", []).append(average_precision(relevant[:100], n_rel))
+    res = {k: float(np.mean(v)) for k, v in out.items()}
+    res["queries"] = len(out.get("mrr@10", []))
+    return res

@@ -1,0 +1,235 @@
+"""``hmcl eval``: several models x several tasks, a side-by-side table, JSON, and a quality gate.
+
+Local tasks are read from files: ``sts`` (pairs + score), ``reranking`` (graded JSONL: each
+query's own candidates), ``retrieval`` (graded JSONL pooled into a corpus, or a BEIR folder),
+``pair_classification`` (pairs + 0/1). A failing model or task is reported in the table and
+the others still run.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from hmcl_cli.console import console, log, warn
+from hmcl_cli.data.example import BadRow
+from hmcl_cli.data.readers import read_source
+from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError
+from hmcl_cli.evaluation.graded import encode_queries
+from hmcl_cli.evaluation.metrics import rerank_scores, retrieval_scores, sts_scores
+from hmcl_cli.io_utils import write_json_atomic
+from hmcl_cli.recipe import EvalTask, SourceConfig
+
+MAIN_METRIC = {"sts": "spearman", "reranking": "map", "retrieval": "ndcg@10", "pair_classification": "ap"}
+
+
+@dataclass
+class TaskData:
+    task: EvalTask
+    kind: str
+    pairs: Optional[tuple[list[str], list[str], np.ndarray]] = None  # sts / pair_classification
+    examples: list = field(default_factory=list)  # graded examples (reranking / retrieval)
+
+
+def load_task(task: EvalTask, resolve) -> TaskData:
+    """Read a task's file(s) with the same readers as ``prepare``."""
+    if task.type == "mteb":
+        raise DataError(f"task {task.name!r}: MTEB hub tasks are not supported in this version",
+                        hint="export the task to a local file and use type sts/reranking/retrieval")
+    if not task.path:
+        raise RecipeError(f"eval task {task.name!r} needs `path`")
+    path = resolve(task.path)
+    fmt = task.format or {"sts": "sts", "pair_classification": "pairs"}.get(task.type, "graded")
+    if task.type == "retrieval" and path.is_dir():
+        fmt = "qrels"
+    exists = path.is_dir() if fmt == "qrels" else path.is_file()
+    if not exists:
+        raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
+    src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range,
+                       qrels_split=task.split if fmt == "qrels" else "train",
+                       label_map={"1": "pos", "0": "neg"} if task.type == "pair_classification" else None)
+    examples = []
+    for item in read_source(src, path):
+        if isinstance(item, BadRow):
+            raise DataError(f"task {task.name!r}: {item.located()}")
+        examples.append(item[1])
+    if not examples:
+        raise DataError(f"task {task.name!r}: {path} holds no examples")
+    data = TaskData(task, task.type, examples=examples)
+    if task.type in ("sts", "pair_classification"):
+        a, b, gold = [], [], []
+        for ex in examples:
+            for text, cand in ex.candidates.items():
+                a.append(ex.query)
+                b.append(text)
+                gold.append(cand.score if task.type == "sts" else float(cand.level == 2))
+        data.pairs = (a, b, np.array(gold, dtype=float))
+    return data
+
+
+def score_task(model: Any, data: TaskData, batch_size: int) -> dict[str, float]:
+    if data.kind in ("sts", "pair_classification"):
+        a, b, gold = data.pairs
+        texts = list(dict.fromkeys(a + b))
+        emb = model.encode(texts, side="doc", batch_size=batch_size).numpy()
+        pos = {t: i for i, t in enumerate(texts)}
+        sim = np.einsum("ij,ij->i", emb[[pos[t] for t in a]], emb[[pos[t] for t in b]])
+        if data.kind == "sts":
+            return sts_scores(sim, gold)
+        from sklearn.metrics import average_precision_score
+
+        return {"ap": float(average_precision_score(gold, sim))}
+    exs = data.examples
+    q = encode_queries(model, [e.query for e in exs], [e.prompt for e in exs], batch_size, False)
+    corpus = list(dict.fromkeys(t for e in exs for t in e.candidates))
+    c = model.encode(corpus, side="doc", batch_size=batch_size).numpy()
+    pos = {t: i for i, t in enumerate(corpus)}
+    if data.kind == "reranking":
+        groups = []
+        for qi, e in enumerate(exs):
+            idx = [pos[t] for t in e.candidates]
+            groups.append((c[idx] @ q[qi], np.array([x.level for x in e.candidates.values()])))
+        return rerank_scores(groups, min_relevant=2)
+    qrels = [{pos[t]: float(x.level if x.score is None or data.task.format != "qrels" else x.score)
+              for t, x in e.candidates.items() if x.level > 0} for e in exs]
+    return retrieval_scores(q @ c.T, qrels, ks=(10, 100))
+
+
+def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size: int = 128,
+             loader=None) -> dict:
+    """Evaluate every model on every task. ``models``: label -> EmbeddingModel or model id/path.
+
+    Returns ``{"tasks": {name: {"type", "main"}}, "results": {task: {model: metrics|{"error"}}}}``.
+    """
+    results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
+    task_data: dict[str, Any] = {}
+    for t in tasks:
+        try:
+            task_data[t.name] = load_task(t, resolve)
+        except HmclError as e:
+            task_data[t.name] = e
+            warn(f"task {t.name}: {e}")
+    for label, model in models.items():
+        if isinstance(model, (str, Path)):
+            try:
+                model = loader(str(model))
+            except HmclError as e:
+                warn(f"model {label}: {e}")
+                for t in tasks:
+                    results[t.name][label] = {"error": f"model failed to load: {e}"}
+                continue
+        for t in tasks:
+            data = task_data[t.name]
+            if isinstance(data, HmclError):
+                results[t.name][label] = {"error": str(data)}
+                continue
+            log(f"eval {label} on {t.name}")
+            try:
+                results[t.name][label] = score_task(model, data, batch_size)
+            except Exception as e:  # noqa: BLE001 - one failure must not stop the table
+                results[t.name][label] = {"error": f"{type(e).__name__}: {e}"}
+        del model
+    return {"tasks": {t.name: {"type": t.type, "main": MAIN_METRIC.get(t.type, "main")} for t in tasks},
+            "models": list(models), "results": results}
+
+
+def print_table(report: dict, title: str = "evaluation") -> None:
+    from rich.table import Table
+
+    models = report["models"]
+    t = Table(title=title)
+    t.add_column("task")
+    t.add_column("metric")
+    for i, m in enumerate(models):
+        t.add_column(m, justify="right")
+        if i > 0:
+            t.add_column(f"Δ vs {models[0]}", justify="right")
+    for task, per_model in report["results"].items():
+        metric = report["tasks"][task]["main"]
+        first = per_model.get(models[0], {}).get(metric)
+        row = [task, metric]
+        for i, m in enumerate(models):
+            r = per_model.get(m, {})
+            v = r.get(metric)
+            row.append("error" if "error" in r else f"{v:.4f}" if isinstance(v, float) else "-")
+            if i > 0:
+                row.append(f"{v - first:+.4f}" if isinstance(v, float) and isinstance(first, float) else "-")
+        t.add_row(*row)
+    console.print(t)
+    for task, per_model in report["results"].items():
+        for m, r in per_model.items():
+            if "error" in r:
+                console.print(f"[red]{task} / {m}:[/red] {r['error']}")
+
+
+_GATE = re.compile(r"^\s*([^:\s]+)\s*:\s*([\w@.\-]+)\s*(>=|>|<=|<)\s*(?:([A-Za-z_][\w\-]*)\s*(?:([+-])\s*([0-9.eE+-]+))?|([0-9.eE+-]+))\s*$")
+
+
+def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> list[dict]:
+    """Evaluate gate expressions on ``model`` (default: the first model). Returns one row each."""
+    model = model or report["models"][0]
+    rows = []
+    for g in gates:
+        m = _GATE.match(g)
+        if not m:
+            raise RecipeError(f"gate {g!r} is not of the form TASK:METRIC>=NUMBER or TASK:METRIC>=MODEL+NUMBER",
+                              hint="e.g. 'stsb:spearman>=base+0.005' or 'sample:ndcg@10>=0.7'")
+        task, metric, op, ref_model, sign, delta, number = m.groups()
+        res = report["results"].get(task)
+        if res is None:
+            raise RecipeError(f"gate {g!r}: no task named {task!r} (tasks: {', '.join(report['results'])})")
+        value = res.get(model, {}).get(metric)
+        if ref_model:
+            if ref_model not in res:
+                raise RecipeError(f"gate {g!r}: no model named {ref_model!r} (models: {', '.join(report['models'])})")
+            ref = res[ref_model].get(metric)
+            threshold = None if ref is None else ref + (float(delta) if sign == "+" else -float(delta) if sign else 0.0)
+        else:
+            threshold = float(number)
+        ok = (isinstance(value, float) and threshold is not None and not math.isnan(value)
+              and {">=": value >= threshold, ">": value > threshold, "<=": value <= threshold, "<": value < threshold}[op])
+        rows.append({"gate": g, "model": model, "value": value, "threshold": threshold, "passed": bool(ok)})
+    return rows
+
+
+def enforce_gates(rows: list[dict]) -> None:
+    for r in rows:
+        mark = "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"
+        v = f"{r['value']:.4f}" if isinstance(r["value"], float) else "missing"
+        th = f"{r['threshold']:.4f}" if isinstance(r["threshold"], float) else "missing"
+        console.print(f"gate {mark}: {r['gate']} ({r['model']}: {v}, needs {th})")
+    failed = [r for r in rows if not r["passed"]]
+    if failed:
+        raise GateFailedError("quality gate failed: " + "; ".join(
+            f"{r['gate']} ({r['value'] if r['value'] is None else round(r['value'], 4)} vs {r['threshold'] if r['threshold'] is None else round(r['threshold'], 4)})"
+            for r in failed), hint="the model was not good enough to ship; see the table above")
+
+
+def save_report(report: dict, path: Path) -> None:
+    write_json_atomic(path, report)
+    log(f"eval results -> {path}")
+
+
+def plot_report(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(report["results"])
+    models = report["models"]
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(tasks) * len(models)), 3.5))
+    for i, m in enumerate(models):
+        vals = [report["results"][t].get(m, {}).get(report["tasks"][t]["main"], float("nan")) for t in tasks]
+        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=m)
+    ax.set_xticks(np.arange(len(tasks)) + width * (len(models) - 1) / 2)
+    ax.set_xticklabels([f"{t}\n{report['tasks'][t]['main']}" for t in tasks])
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)

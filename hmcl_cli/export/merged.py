@@ -1,0 +1,89 @@
+"""``merged`` export: a sentence-transformers folder with LoRA merged, verified against the
+trained model, with a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from hmcl_cli.console import log
+from hmcl_cli.errors import ExportError
+from hmcl_cli.io_utils import atomic_path
+
+VERIFY_TEXTS = [
+    "How long does a refund take?",
+    "ok",
+    "Wie lange dauert die Lieferung nach Deutschland?",
+    "退款需要多长时间才能到账？",
+    "A much longer text about shipping, returns and the many ways an order can go wrong between the "
+    "warehouse and your door, repeated to exceed the usual length. " * 6,
+]
+
+
+def parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
+
+
+def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] = None, card: Optional[dict] = None,
+                  threshold: float = 0.99999) -> dict:
+    """Copy/merge ``model_dir`` into a sentence-transformers folder ``out`` and verify it."""
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    texts = VERIFY_TEXTS + list(extra_texts or [])
+    trained = EmbeddingModel.load(str(model_dir))
+    adapter = model_dir / "adapter"
+    if adapter.is_dir():
+        # the trained model is base + adapter (unmerged); compare the merged export with it
+        from peft import PeftModel
+
+        base = EmbeddingModel.load(str(model_dir))
+        reference = EmbeddingModel(PeftModel.from_pretrained(base.backbone, str(adapter)), base.tokenizer, base.settings)
+    else:
+        reference = trained
+    ref = reference.encode(texts, side="doc").numpy()
+    with atomic_path(out, is_dir=True) as tmp:
+        for f in model_dir.iterdir():
+            if f.name in ("adapter",):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        if card is not None:
+            (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
+        exported = EmbeddingModel.load(str(tmp)).encode(texts, side="doc").numpy()
+        report = parity(ref, exported)
+        if adapter.is_dir() and card and card.get("base_model"):
+            try:
+                base_emb = EmbeddingModel.load(card["base_model"]).encode(texts, side="doc").numpy()
+                report["mean_cosine_vs_base"] = parity(base_emb, exported)["mean_cosine"]
+            except Exception:  # noqa: BLE001 - base not available offline: skip that check
+                pass
+        if report["mean_cosine"] < threshold:
+            raise ExportError(f"merged export does not match the trained model: mean cosine "
+                              f"{report['mean_cosine']:.6f} < {threshold}", hint="please report this as a bug")
+        if report.get("mean_cosine_vs_base", 0.0) >= 0.999999:
+            raise ExportError("merged LoRA export equals the base model (the adapter was not merged)")
+        (tmp / "hmcl_export.json").write_text(json.dumps({"format": "merged", **report}, indent=2))
+    log(f"export merged -> {out}: mean cosine vs trained {report['mean_cosine']:.6f} (min {report['min_cosine']:.6f})")
+    return report
+
+
+def model_card(info: dict) -> str:
+    lines = ["---", "library_name: sentence-transformers", "tags: [sentence-transformers, hmcl, embeddings]",
+             f"base_model: {info.get('base_model', '')}", "---", "",
+             f"# {info.get('name', 'hmcl model')}", "",
+             f"Fine-tuned from `{info.get('base_model', '')}` with hmcl (Hierarchical Multilevel Contrastive Learning).", ""]
+    if info.get("data"):
+        lines += ["## Training data", "", "```json", json.dumps(info["data"], indent=2), "```", ""]
+    if info.get("eval"):
+        lines += ["## Evaluation", "", "```json", json.dumps(info["eval"], indent=2), "```", ""]
+    if info.get("recipe"):
+        lines += ["## Recipe", "", "```yaml", info["recipe"].rstrip(), "```", ""]
+    lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
+              "model = SentenceTransformer('PATH')", "emb = model.encode(['How long does a refund take?'])", "```", "",
+              "transformers: load with `AutoModel`, mean/CLS/last-token pool as `1_Pooling/config.json` says, then L2-normalise.",
+              "", "mteb: `mteb.get_model('PATH')` or wrap the SentenceTransformer above.", ""]
+    return "\n".join(lines)

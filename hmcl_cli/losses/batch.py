@@ -1,0 +1,35 @@
+"""The embedded batch all HMCL losses read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PairBatch:
+    """Embeddings of one (possibly cross-device) batch and its labelled pairs.
+
+    Attributes:
+        anchors: [A, D] anchor (query) embeddings, L2-normalised.
+        candidates: [C, D] embeddings of the distinct candidate texts, L2-normalised.
+        pair_anchor, pair_candidate: [P] indices of each labelled (anchor, candidate) pair.
+        pair_level: [P] levels: 2 positive, 1 weak-positive, 0 negative.
+        pair_score: [P] optional finer score per pair (NaN where absent).
+        anchor_hash, candidate_hash: [A], [C] int64 hashes of the texts, so identical texts
+            are never used as each other's negatives.
+    """
+
+    anchors: torch.Tensor
+    candidates: torch.Tensor
+    pair_anchor: torch.Tensor
+    pair_candidate: torch.Tensor
+    pair_level: torch.Tensor
+    pair_score: torch.Tensor
+    anchor_hash: torch.Tensor
+    candidate_hash: torch.Tensor
+
+    def pair_cosines(self) -> torch.Tensor:
+        """Cosine similarity of each labelled pair, [P]."""
+        return (self.anchors[self.pair_anchor] * self.candidates[self.pair_candidate]).sum(-1)

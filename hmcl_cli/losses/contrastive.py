@@ -1,0 +1,71 @@
+"""Graded InfoNCE: contrastive learning with positives and soft weak-positive targets."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from hmcl_cli.losses.batch import PairBatch
+
+
+class GradedInfoNCELoss(nn.Module):
+    """InfoNCE over every candidate in the batch, with graded (soft) targets.
+
+    Inputs: a :class:`PairBatch`. For anchor *i* the logits are ``cos(a_i, c_j) / temperature``
+    over all candidates *j* of the (gathered) batch. The target distribution puts weight 1 on
+    each positive of *i* and ``weak_weight`` on each weak-positive, normalised to sum 1; the
+    anchor's labelled negatives and every other anchor's candidates act as negatives.
+    A candidate whose text equals the anchor's text, or equals one of the anchor's targets
+    without being labelled itself, is masked out (never a false negative). Anchors with no
+    positive or weak candidate in the batch are skipped.
+
+    Loss: mean over anchors of ``-sum_j t_ij log softmax_j(s_ij / T)``.
+
+    With ``weak_weight=0`` this is multi-positive InfoNCE (MultipleNegativesRankingLoss with
+    hard negatives). At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
+
+    References: van den Oord et al. 2018 (InfoNCE); Henderson et al. 2017 (in-batch negatives).
+    """
+
+    def __init__(self, temperature: float = 0.05, weak_weight: float = 0.3, learn_temperature: bool = False):
+        super().__init__()
+        self.weak_weight = weak_weight
+        log_t = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t, persistent=False)
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(min=1e-3)
+
+    def targets_and_mask(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        A, C = b.anchors.size(0), b.candidates.size(0)
+        dev = b.anchors.device
+        weight = torch.zeros(A, C, device=dev)
+        labelled = torch.zeros(A, C, dtype=torch.bool, device=dev)
+        w = torch.where(b.pair_level == 2, 1.0, torch.where(b.pair_level == 1, self.weak_weight, 0.0)).to(weight.dtype)
+        weight.index_put_((b.pair_anchor, b.pair_candidate), w, accumulate=False)
+        labelled[b.pair_anchor, b.pair_candidate] = True
+        same_text = b.candidate_hash[None, :] == b.candidate_hash[:, None]  # [C, C]
+        is_target = (weight > 0).float()
+        copies_of_target = (is_target @ same_text.float()) > 0
+        own_text = b.candidate_hash[None, :] == b.anchor_hash[:, None]
+        mask = (copies_of_target | own_text) & ~labelled
+        return weight, mask
+
+    def forward(self, b: PairBatch) -> torch.Tensor:
+        weight, mask = self.targets_and_mask(b)
+        logits = (b.anchors @ b.candidates.T).float() / self.temperature
+        logits = logits.masked_fill(mask, float("-inf"))
+        mass = weight.sum(1)
+        valid = mass > 0
+        if not bool(valid.any()):
+            return logits.sum() * 0.0
+        target = weight[valid] / mass[valid, None]
+        logp = torch.log_softmax(logits[valid], dim=1)
+        logp = torch.where(target > 0, logp, torch.zeros_like(logp))  # -inf * 0 guard
+        return -(target * logp).sum(1).mean()

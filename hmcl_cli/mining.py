@@ -1,0 +1,164 @@
+"""``hmcl mine``: add mined negatives and weak-positives to the prepared training data.
+
+For each query, the corpus (the dataset's own candidate texts plus ``mine.corpus`` files) is
+searched exactly (chunked matrix product on the device) for the top ``top_k`` texts. Then:
+
+* weak-positives: texts whose score lies in ``weak_band`` relative to the positive's score;
+* negatives: texts ranked in [``range_min``, ``range_max``), minus any scoring above
+  ``(1 - relative_margin) * positive`` (or ``positive - absolute_margin``, or ``max_score``):
+  the false-negative guard; picked by ``sampling`` (top or random);
+* levels already in the data are never changed; mined candidates carry their cosine as score.
+
+The original training file is kept as ``train.unmined.jsonl``; re-running starts from it.
+Embeddings are cached by model, prompt, max length and corpus hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hmcl_cli.console import log
+from hmcl_cli.data.example import Candidate, GradedExample
+from hmcl_cli.data.prepare import load_graded
+from hmcl_cli.errors import DataError
+from hmcl_cli.evaluation.graded import encode_queries
+from hmcl_cli.io_utils import write_json_atomic, write_jsonl_atomic
+from hmcl_cli.recipe import Recipe
+
+
+def read_corpus(path: Path) -> list[str]:
+    if path.is_dir():
+        path = path / "corpus.jsonl"
+    if not path.is_file():
+        raise DataError(f"mine.corpus: {path} does not exist")
+    texts = []
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        col = pq.read_table(path).to_pydict()
+        key = "text" if "text" in col else next(iter(col))
+        return [str(t) for t in col[key] if str(t).strip()]
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.suffix in (".jsonl", ".json"):
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+                title = (rec.get("title") or "").strip()
+                text = str(rec.get("text", "")).strip()
+                texts.append(f"{title} {text}".strip() if title else text)
+            else:
+                texts.append(line.rstrip("\n"))
+    return [t for t in texts if t.strip()]
+
+
+def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine (inputs normalised): (scores [Q, k], indices [Q, k])."""
+    k = min(k, c.size(0))
+    scores, idx = [], []
+    for s in range(0, q.size(0), chunk):
+        sim = q[s:s + chunk] @ c.T
+        v, i = torch.topk(sim, k, dim=1)
+        scores.append(v.cpu())
+        idx.append(i.cpu())
+    return torch.cat(scores).numpy(), torch.cat(idx).numpy()
+
+
+def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: set[int], cfg: Any,
+                     rng: np.random.Generator) -> tuple[list[tuple[int, float]], list[tuple[int, float]], int]:
+    """Pick (weak, negatives, removed_by_margin) for one query from its ranked (index, score) list."""
+    lo, hi = cfg.weak_band
+    weak = [(i, s) for i, s in ranked if i not in known and lo * pos_score <= s <= hi * pos_score][: cfg.num_weak]
+    taken = known | {i for i, _ in weak}
+    limit = np.inf
+    if cfg.relative_margin is not None:
+        limit = min(limit, (1 - cfg.relative_margin) * pos_score)
+    if cfg.absolute_margin is not None:
+        limit = min(limit, pos_score - cfg.absolute_margin)
+    if cfg.max_score is not None:
+        limit = min(limit, cfg.max_score)
+    window = [(i, s) for r, (i, s) in enumerate(ranked) if cfg.range_min <= r < cfg.range_max and i not in taken]
+    kept = [(i, s) for i, s in window if s <= limit]
+    removed = len(window) - len(kept)
+    if cfg.sampling == "random" and len(kept) > cfg.num_negatives:
+        pick = sorted(rng.choice(len(kept), cfg.num_negatives, replace=False))
+        negs = [kept[p] for p in pick]
+    else:
+        negs = kept[: cfg.num_negatives]
+    return weak, negs, removed
+
+
+def mine(recipe: Recipe, model: Any = None) -> dict:
+    from hmcl_cli.modeling.encoder import EmbeddingModel, best_device
+
+    cfg = recipe.mine
+    data_dir = recipe.run_dir / "data"
+    source = data_dir / "train.unmined.jsonl"
+    if not source.is_file():
+        source = data_dir / "train.jsonl"
+    examples = load_graded(source)
+    model = model or EmbeddingModel.from_recipe(recipe.model, recipe.base_dir)
+    model.to(best_device())
+    corpus = list(dict.fromkeys([t for ex in examples for t in ex.candidates] +
+                                [t for p in cfg.corpus for t in read_corpus(recipe.resolve(p))]))
+    if not corpus:
+        raise DataError("mine: the corpus is empty")
+    key = hashlib.sha256(json.dumps([recipe.model.name_or_path, model.settings.doc_prompt, model.settings.doc_max_length,
+                                     hashlib.sha256("\n".join(corpus).encode()).hexdigest()]).encode()).hexdigest()[:16]
+    cache = recipe.run_dir / "cache" / f"corpus-emb-{key}.npy"
+    if cache.is_file():
+        c = np.load(cache)
+        log(f"mine: reused corpus embeddings {cache.name}")
+    else:
+        c = model.encode(corpus, side="doc", batch_size=cfg.batch_size, progress=True, description="encode corpus").numpy()
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.save(cache.with_suffix(".tmp.npy"), c)
+        cache.with_suffix(".tmp.npy").replace(cache)
+    q = encode_queries(model, [e.query for e in examples], [e.prompt for e in examples], cfg.batch_size, True)
+    dev = model.device
+    scores, idx = top_k_search(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), cfg.top_k)
+    position = {t: i for i, t in enumerate(corpus)}
+    rng = np.random.default_rng(recipe.seed)
+    added = {"weak": 0, "neg": 0}
+    removed_total, skipped = 0, 0
+    dist: dict[str, list[float]] = {"pos": [], "weak": [], "neg": []}
+    out = []
+    for qi, ex in enumerate(examples):
+        known = {position[t] for t in ex.candidates}
+        pos_texts = [t for t, x in ex.candidates.items() if x.level == 2]
+        if not pos_texts:
+            skipped += 1
+            out.append(ex.to_json())
+            continue
+        pos_score = float(max(q[qi] @ c[position[t]] for t in pos_texts))
+        dist["pos"].append(pos_score)
+        ranked = [(int(i), float(s)) for i, s in zip(idx[qi], scores[qi]) if not (corpus[int(i)] == ex.query)]
+        weak, negs, removed = grade_candidates(pos_score, ranked, known, cfg, rng)
+        removed_total += removed
+        new = GradedExample(ex.query, dict(ex.candidates), ex.prompt)
+        for level, name, picks in ((1, "weak", weak), (0, "neg", negs)):
+            for i, s in picks:
+                new.candidates[corpus[i]] = Candidate(corpus[i], level, s)
+                added[name] += 1
+                dist[name].append(s)
+        out.append(new.to_json())
+    if source.name == "train.jsonl":
+        (data_dir / "train.jsonl").replace(data_dir / "train.unmined.jsonl")
+    write_jsonl_atomic(data_dir / "train.jsonl", out)
+    report = {"queries": len(examples), "queries_without_positive": skipped, "corpus": len(corpus),
+              "added": added, "removed_by_margin": removed_total,
+              "score_percentiles": {k: {f"p{p}": round(float(np.percentile(v, p)), 4) for p in (10, 50, 90)}
+                                    for k, v in dist.items() if v}}
+    write_json_atomic(data_dir / "mining_report.json", report)
+    log(f"mine: +{added['weak']} weak, +{added['neg']} negatives over {len(examples)} queries "
+        f"({removed_total} candidates removed by the margin) -> {data_dir / 'train.jsonl'}")
+    return report

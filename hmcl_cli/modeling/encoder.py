@@ -1,0 +1,363 @@
+"""The embedding model: a transformers backbone + pooling + L2 normalisation + prompts.
+
+Works for encoders (BERT, RoBERTa, XLM-R, MiniLM: mean or CLS pooling) and decoders (Qwen2/3,
+Llama, Mistral: last-token pooling, left or right padding, EOS appended where the tokenizer
+does not add it). Saves and loads sentence-transformers folders, so
+``SentenceTransformer(path)`` loads what hmcl trains.
+
+Python use::
+
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+    model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
+    emb = model.encode(["a query"], side="query")      # torch.FloatTensor [1, 384], unit norm
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hmcl_cli.console import ProgressBar, warn
+from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.modeling.resolve import resolve_model
+
+DECODER_TYPES = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma",
+                 "gemma2", "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "falcon",
+                 "olmo", "olmo2", "stablelm", "starcoder2", "internlm2", "deepseek_v2", "glm"}
+HMCL_CONFIG = "hmcl_config.json"
+
+
+@dataclass
+class EncoderSettings:
+    """How texts become embeddings; saved as hmcl_config.json beside the weights."""
+
+    pooling: str = "mean"
+    normalize: bool = True
+    query_max_length: int = 128
+    doc_max_length: int = 128
+    query_prompt: str = ""
+    doc_prompt: str = ""
+    padding_side: str = "right"
+    append_eos: bool = False
+    is_decoder: bool = False
+    base_model: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def is_decoder_config(config: Any) -> bool:
+    if getattr(config, "model_type", "") in DECODER_TYPES:
+        return True
+    return any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _st_settings(folder: Path) -> dict:
+    """Pooling/normalize/prompts/max length from a sentence-transformers folder, if it is one."""
+    out: dict = {}
+    modules = _read_json(folder / "modules.json")
+    if not isinstance(modules, list):
+        return out
+    out["normalize"] = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    for m in modules:
+        if str(m.get("type", "")).endswith("Pooling"):
+            cfg = _read_json(folder / m.get("path", "1_Pooling") / "config.json")
+            if cfg.get("pooling_mode_cls_token"):
+                out["pooling"] = "cls"
+            elif cfg.get("pooling_mode_lasttoken"):
+                out["pooling"] = "last_token"
+            elif cfg.get("pooling_mode_mean_tokens"):
+                out["pooling"] = "mean"
+    sbert = _read_json(folder / "sentence_bert_config.json")
+    if "max_seq_length" in sbert:
+        out["max_seq_length"] = int(sbert["max_seq_length"])
+    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+    if prompts.get("query"):
+        out["query_prompt"] = prompts["query"]
+    for k in ("document", "passage", "doc"):
+        if prompts.get(k):
+            out["doc_prompt"] = prompts[k]
+            break
+    return out
+
+
+class EmbeddingModel(nn.Module):
+    """Backbone + pooling + normalisation. ``forward(input_ids, attention_mask) -> [B, D]``."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EncoderSettings):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.settings = settings
+        tokenizer.padding_side = settings.padding_side
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        name_or_path: str,
+        *,
+        revision: Optional[str] = None,
+        base_dir: Optional[Path] = None,
+        pooling: str = "auto",
+        normalize: Optional[bool] = None,
+        max_length: Optional[int] = None,
+        query_max_length: Optional[int] = None,
+        doc_max_length: Optional[int] = None,
+        query_prompt: Optional[str] = None,
+        doc_prompt: Optional[str] = None,
+        padding_side: str = "auto",
+        append_eos: str = "auto",
+        trust_remote_code: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        dtype: Optional[torch.dtype] = None,
+    ) -> "EmbeddingModel":
+        """Load from a local folder, hub id or offline package (see ``resolve_model``)."""
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        folder = resolve_model(name_or_path, revision, base_dir)
+        saved = _read_json(folder / HMCL_CONFIG)
+        st = _st_settings(folder)
+        try:
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except Exception as e:  # noqa: BLE001
+            raise ModelNotFoundError(
+                f"{folder} could not be loaded as a transformers model: {type(e).__name__}: {e}",
+                hint="the folder needs config.json, tokenizer files and weights; models with custom "
+                "code need model.trust_remote_code: true",
+            ) from None
+        decoder = bool(saved.get("is_decoder", is_decoder_config(config)))
+        kwargs: dict = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        backbone = None
+        for attn in ([attn_implementation] if attn_implementation else []) + [None]:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    backbone = AutoModel.from_pretrained(folder, config=config, attn_implementation=attn, **kwargs) if attn else AutoModel.from_pretrained(folder, config=config, **kwargs)
+                break
+            except (ValueError, ImportError) as e:
+                last = e
+                continue
+            except Exception as e:  # noqa: BLE001
+                raise ModelNotFoundError(
+                    f"{folder}: weights could not be loaded: {type(e).__name__}: {e}",
+                    hint="is the folder a complete model (safetensors/bin weights present)?",
+                ) from None
+        if backbone is None:
+            raise ModelNotFoundError(f"{folder}: could not build the model: {last}")
+
+        default_pool = "last_token" if decoder else "mean"
+        pool = pooling if pooling != "auto" else saved.get("pooling", st.get("pooling", default_pool))
+        base_len = max_length or st.get("max_seq_length") or 128
+        settings = EncoderSettings(
+            pooling=pool,
+            normalize=normalize if normalize is not None else saved.get("normalize", st.get("normalize", True)),
+            query_max_length=query_max_length or (saved.get("query_max_length") if max_length is None else None) or base_len,
+            doc_max_length=doc_max_length or (saved.get("doc_max_length") if max_length is None else None) or base_len,
+            query_prompt=query_prompt if query_prompt else saved.get("query_prompt", st.get("query_prompt", "")),
+            doc_prompt=doc_prompt if doc_prompt else saved.get("doc_prompt", st.get("doc_prompt", "")),
+            padding_side=padding_side if padding_side != "auto" else ("left" if pool == "last_token" else "right"),
+            is_decoder=decoder,
+            base_model=saved.get("base_model") or name_or_path,
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if append_eos == "auto":
+            settings.append_eos = pool == "last_token" and _needs_eos(tokenizer)
+        else:
+            settings.append_eos = append_eos == "yes"
+        return cls(backbone, tokenizer, settings)
+
+    @classmethod
+    def from_recipe(cls, model_cfg: Any, base_dir: Optional[Path] = None, name_or_path: Optional[str] = None) -> "EmbeddingModel":
+        if model_cfg.trust_remote_code:
+            warn("model.trust_remote_code is on: code from the model repository will run")
+        return cls.load(
+            name_or_path or model_cfg.name_or_path, revision=model_cfg.revision, base_dir=base_dir,
+            pooling=model_cfg.pooling, normalize=model_cfg.normalize, max_length=model_cfg.max_length,
+            query_max_length=model_cfg.query_max_length, doc_max_length=model_cfg.doc_max_length,
+            query_prompt=model_cfg.query_prompt or None, doc_prompt=model_cfg.doc_prompt or None,
+            padding_side=model_cfg.padding_side, append_eos=model_cfg.append_eos,
+            trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
+        )
+
+    # ---------------------------------------------------------------- tokenising
+    def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:
+        """Token ids (prompt included, truncated, EOS appended if configured); no padding."""
+        s = self.settings
+        prompt = s.query_prompt if side == "query" else s.doc_prompt
+        max_len = s.query_max_length if side == "query" else s.doc_max_length
+        if prompt:
+            texts = [prompt + t for t in texts]
+        eos = self.tokenizer.eos_token_id
+        limit = max_len - 1 if s.append_eos else max_len
+        ids = self.tokenizer(list(texts), truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
+        if s.append_eos and eos is not None:
+            ids = [x if (x and x[-1] == eos) else x + [eos] for x in ids]
+        return ids
+
+    def pad(self, batch: Sequence[Sequence[int]], multiple_of: int = 8) -> dict[str, torch.Tensor]:
+        """Pad a list of token-id lists to the longest (rounded up to ``multiple_of``)."""
+        longest = max(len(x) for x in batch)
+        width = -(-longest // multiple_of) * multiple_of if multiple_of else longest
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        left = self.settings.padding_side == "left"
+        for i, x in enumerate(batch):
+            n = len(x)
+            if left:
+                ids[i, width - n:] = torch.tensor(x, dtype=torch.long)
+                mask[i, width - n:] = 1
+            else:
+                ids[i, :n] = torch.tensor(x, dtype=torch.long)
+                mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        emb = pool(hidden, attention_mask, self.settings.pooling)
+        if self.settings.normalize:
+            emb = torch.nn.functional.normalize(emb.float(), dim=-1)
+        return emb
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dim(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(
+        self,
+        texts: Sequence[str],
+        side: str = "doc",
+        batch_size: int = 128,
+        progress: bool = False,
+        description: str = "encode",
+        to_numpy: bool = False,
+    ) -> Any:
+        """Embed texts; each distinct text once, longest first, bf16 autocast on GPU."""
+        was_training = self.training
+        self.eval()
+        unique = list(dict.fromkeys(texts))
+        ids = self.tokenize(unique, side)
+        order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+        dev = self.device
+        out = torch.empty((len(unique), self.dim), dtype=torch.float32, device=dev)
+        bar = ProgressBar(description, len(unique), "texts", enabled=progress)
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                batch = self.pad([ids[i] for i in idx])
+                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                with autocast_for(dev):
+                    emb = self(**batch)
+                out[torch.tensor(idx, device=dev)] = emb.float()
+                bar.update(len(idx))
+        finally:
+            bar.close()
+            self.train(was_training)
+        position = {t: i for i, t in enumerate(unique)}
+        result = out[torch.tensor([position[t] for t in texts], device=dev, dtype=torch.long)] if texts else out
+        return result.cpu().numpy() if to_numpy else result.cpu()
+
+    # ---------------------------------------------------------------- saving
+    def save(self, folder: str | Path, adapter_only: bool = False) -> None:
+        """Write a sentence-transformers folder (modules.json, pooling, tokenizer, weights)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        backbone = self.backbone
+        backbone.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        write_st_config(folder, self.settings, self.dim)
+
+
+def write_st_config(folder: Path, s: EncoderSettings, dim: int) -> None:
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    if s.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir(exist_ok=True)
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "1_Pooling").mkdir(exist_ok=True)
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": s.pooling == "cls",
+        "pooling_mode_mean_tokens": s.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": s.pooling == "last_token",
+        "include_prompt": True,
+    }, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": False}, indent=2))
+    prompts = {k: v for k, v in (("query", s.query_prompt), ("document", s.doc_prompt)) if v}
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({
+        "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
+        "model_type": "SentenceTransformer",
+    }, indent=2))
+    (folder / HMCL_CONFIG).write_text(json.dumps(asdict(s), indent=2))
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states [B, T, D] with the attention mask [B, T] into [B, D]."""
+    if mode == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    if mode == "cls":
+        first = mask.float().argmax(dim=1)  # first real token (works with left padding too)
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), first]
+    if mode == "last_token":
+        width = mask.size(1)
+        last = width - 1 - mask.flip(1).float().argmax(dim=1)  # last real token, any padding side
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+    raise ValueError(f"unknown pooling {mode!r}")
+
+
+def _needs_eos(tokenizer: Any) -> bool:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        return False
+    ids = tokenizer("hello", add_special_tokens=True)["input_ids"]
+    return not ids or ids[-1] != eos
+
+
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """bf16 autocast on CUDA; nothing on CPU (bf16 autocast on a CPU is ~100x slower)."""
+    import contextlib
+
+    if device.type == "cuda" and precision in ("auto", "bf16"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cuda" and precision == "fp16":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def best_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")

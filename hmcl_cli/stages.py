@@ -1,0 +1,215 @@
+"""The pipeline stages as plain functions (the CLI calls these; so can Python code).
+
+Every stage reads the recipe, writes into the run directory under a lock, saves the resolved
+recipe there, and can be re-run alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from hmcl_cli.console import log, warn
+from hmcl_cli.errors import HmclError
+from hmcl_cli.io_utils import RunLock, write_text_atomic
+from hmcl_cli.recipe import EvalTask, Recipe
+
+
+def _start(recipe: Recipe) -> None:
+    run = recipe.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run / "recipe.resolved.yaml", recipe.to_yaml())
+
+
+def run_prepare(recipe: Recipe, progress: bool = True) -> dict:
+    from hmcl_cli.data.prepare import prepare, print_stats
+
+    with RunLock(recipe.run_dir):
+        _start(recipe)
+        tokenizer = None
+        try:
+            from transformers import AutoTokenizer
+
+            from hmcl_cli.modeling.resolve import resolve_model
+
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model.name_or_path, recipe.model.revision, recipe.base_dir))
+        except HmclError as e:
+            warn(f"token-length stats skipped: {e}")
+        except Exception as e:  # noqa: BLE001
+            warn(f"token-length stats skipped: tokenizer did not load ({type(e).__name__})")
+        stats = prepare(recipe, tokenizer=tokenizer, progress=progress)
+        print_stats(stats)
+        return stats
+
+
+def run_mine(recipe: Recipe) -> dict:
+    from hmcl_cli.mining import mine
+
+    with RunLock(recipe.run_dir):
+        _start(recipe)
+        return mine(recipe)
+
+
+def under_launcher() -> bool:
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_PROCESS_ID" in os.environ
+
+
+def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
+                     config_file: Optional[str], num_processes: int) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if config_file:
+        cmd += ["--config_file", config_file]
+    if not any(a.startswith("--num_processes") for a in launcher_args) and not config_file:
+        cmd += ["--num_processes", str(num_processes)]
+    cmd += list(launcher_args) + ["-m", "hmcl_cli", "train", recipe_path]
+    for o in overrides:
+        cmd += ["--set", o]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[str], resume: bool,
+                   launcher: Optional[str], launcher_args: list[str]) -> Optional[int]:
+    """Relaunch `hmcl train` under `accelerate launch` when asked or when several GPUs exist."""
+    if under_launcher() or recipe_path is None:
+        return None
+    mode = launcher or recipe.train.launcher
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    if mode == "none" or (mode == "auto" and n_gpus < 2 and not launcher_args):
+        return None
+    cfg = str(recipe.resolve(recipe.train.accelerate_config)) if recipe.train.accelerate_config else None
+    cmd = relaunch_command(recipe_path, overrides, resume, launcher_args, cfg, max(1, n_gpus))
+    log("relaunching: " + " ".join(cmd[1:]))
+    return subprocess.call(cmd)
+
+
+def run_train(recipe: Recipe, resume: bool = False) -> Path:
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    trainer = HMCLTrainer(recipe)
+    with RunLock(recipe.run_dir) if not under_launcher() or os.environ.get("RANK", "0") == "0" else _null():
+        if trainer_is_main():
+            _start(recipe)
+        trainer.setup(resume=resume)
+        trainer.train()
+        return trainer.save_final()
+
+
+def trainer_is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return None
+
+
+def model_loader(recipe: Recipe):
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    def load(name: str):
+        return EmbeddingModel.load(name, base_dir=recipe.base_dir if recipe._source else None,
+                                   trust_remote_code=recipe.model.trust_remote_code)
+
+    return load
+
+
+def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: Optional[Path] = None,
+             gates: Optional[list[str]] = None, plot: Optional[Path] = None,
+             tasks: Optional[list[EvalTask]] = None) -> dict:
+    """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks."""
+    from hmcl_cli.evaluation.runner import check_gates, enforce_gates, evaluate, plot_report, print_table, save_report
+
+    cfg = recipe.eval
+    tasks = tasks if tasks is not None else cfg.tasks
+    if not tasks:
+        raise HmclError("no evaluation tasks", hint="add eval.tasks to the recipe or pass --sts/--reranking/--retrieval")
+    if models is None:
+        models = {}
+        if cfg.include_base:
+            models["base"] = recipe.model.name_or_path
+        models.update(cfg.compare)
+        trained = recipe.run_dir / "model"
+        if trained.is_dir():
+            models["fine-tuned"] = str(trained)
+    run_data = recipe.run_dir / "data"
+
+    def resolve(p: str) -> Path:
+        if p in ("dev", "test", "train"):
+            return run_data / f"{p}.jsonl"
+        return recipe.resolve(p)
+
+    report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe))
+    print_table(report, title=f"evaluation ({recipe.name})")
+    subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
+    gate_rows = check_gates(report, gates if gates is not None else cfg.gate, subject) if (gates or cfg.gate) else []
+    report["gates"] = gate_rows
+    out = json_out or recipe.run_dir / "eval" / "results.json"
+    save_report(report, out)
+    if plot:
+        plot_report(report, plot)
+    enforce_gates(gate_rows)
+    return report
+
+
+def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: Optional[Path] = None,
+               out_dir: Optional[Path] = None) -> dict:
+    import json
+
+    from hmcl_cli.export.merged import export_merged
+
+    model_dir = model_dir or recipe.run_dir / "model"
+    if not model_dir.is_dir():
+        raise HmclError(f"no trained model at {model_dir}", hint="run `hmcl train RECIPE` first, or pass --model")
+    out_dir = out_dir or recipe.run_dir / "export"
+    formats = formats or list(recipe.export.formats)
+    card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml()}
+    for name, key in (("data", recipe.run_dir / "data" / "stats.json"), ("eval", recipe.run_dir / "eval" / "results.json")):
+        if key.is_file():
+            try:
+                blob = json.loads(key.read_text())
+                card[name] = blob.get("splits", blob.get("results", blob))
+            except ValueError:
+                pass
+    reports = {}
+    for fmt in formats:
+        if fmt == "merged":
+            reports[fmt] = export_merged(model_dir, out_dir / "merged", recipe.export.verify_texts, card)
+        else:
+            from hmcl_cli.export.onnx import export_onnx
+
+            reports[fmt] = export_onnx(model_dir, out_dir / fmt.replace("-", "_"), quantize=fmt == "onnx-int8",
+                                       extra_texts=recipe.export.verify_texts, opset=recipe.export.opset)
+    return reports
+
+
+def run_all(recipe: Recipe, resume: bool = False) -> None:
+    """`hmcl run`: every stage the recipe enables, in order."""
+    if recipe.data.sources:
+        run_prepare(recipe)
+    if recipe.mine.enabled:
+        run_mine(recipe)
+    if recipe.train.enabled:
+        run_train(recipe, resume=resume)
+    if recipe.eval.enabled and recipe.eval.tasks:
+        with RunLock(recipe.run_dir):
+            run_eval(recipe)
+    if recipe.export.enabled and recipe.export.formats:
+        with RunLock(recipe.run_dir):
+            run_export(recipe)
+    log(f"done: {recipe.run_dir}")
+
+
+def remove_run(recipe: Recipe) -> None:
+    if recipe.run_dir.exists():
+        shutil.rmtree(recipe.run_dir)

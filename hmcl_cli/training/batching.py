@@ -1,0 +1,195 @@
+"""Training data: tokenise once (cached), length-grouped batches, graded candidate groups.
+
+Each step's batch is a deterministic function of (seed, epoch, step), so a resumed run sees
+exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from hmcl_cli.console import log
+from hmcl_cli.data.example import GradedExample
+
+
+def text_id(text: str) -> int:
+    """A 63-bit hash of a text, used to mask identical texts across the (gathered) batch."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+@dataclass
+class Anchor:
+    query: int  # index into TrainData.query_tokens
+    pos: list[tuple[int, Optional[float]]]
+    weak: list[tuple[int, Optional[float]]]
+    neg: list[tuple[int, Optional[float]]]
+
+
+class TrainData:
+    """Tokenised graded examples: distinct queries and distinct candidate texts, each once."""
+
+    def __init__(self, examples: Sequence[GradedExample], model: Any, cache_dir: Optional[Path] = None, data_key: str = ""):
+        query_index: dict[tuple, int] = {}
+        doc_index: dict[str, int] = {}
+        self.anchors: list[Anchor] = []
+        for ex in examples:
+            qi = query_index.setdefault((ex.prompt, ex.query), len(query_index))
+            groups: dict[int, list] = {2: [], 1: [], 0: []}
+            for text, cand in ex.candidates.items():
+                groups[cand.level].append((doc_index.setdefault(text, len(doc_index)), cand.score))
+            self.anchors.append(Anchor(qi, groups[2], groups[1], groups[0]))
+        self.queries = list(query_index)
+        self.docs = list(doc_index)
+        self.query_hash = np.array([text_id(q) for _, q in self.queries], dtype=np.int64)
+        self.doc_hash = np.array([text_id(d) for d in self.docs], dtype=np.int64)
+        self.query_tokens, self.doc_tokens = self._tokenize(model, cache_dir, data_key)
+
+    def _tokenize(self, model: Any, cache_dir: Optional[Path], data_key: str) -> tuple[list, list]:
+        s = model.settings
+        key_src = json.dumps({"tok": type(model.tokenizer).__name__, "vocab": len(model.tokenizer),
+                              "name": getattr(model.tokenizer, "name_or_path", ""),
+                              "settings": [s.query_prompt, s.doc_prompt, s.query_max_length, s.doc_max_length, s.append_eos],
+                              "data": data_key, "n": [len(self.queries), len(self.docs)]}, sort_keys=True)
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+        cache = cache_dir / f"tokens-{key}.pt" if cache_dir and data_key else None
+        if cache is not None and cache.is_file():
+            try:
+                blob = torch.load(cache, weights_only=True)
+                log(f"tokens: reused cache {cache.name}")
+                return blob["q"], blob["d"]
+            except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+                pass
+        by_prompt: dict = {}
+        for i, (prompt, _) in enumerate(self.queries):
+            by_prompt.setdefault(prompt, []).append(i)
+        q_tokens: list = [None] * len(self.queries)
+        default = s.query_prompt
+        try:
+            for prompt, idx in by_prompt.items():
+                s.query_prompt = prompt if prompt is not None else default
+                for i, ids in zip(idx, model.tokenize([self.queries[i][1] for i in idx], side="query")):
+                    q_tokens[i] = ids
+        finally:
+            s.query_prompt = default
+        d_tokens = model.tokenize(self.docs, side="doc") if self.docs else []
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            torch.save({"q": q_tokens, "d": d_tokens}, tmp)
+            tmp.replace(cache)
+        return q_tokens, d_tokens
+
+    def anchor_length(self, i: int) -> int:
+        a = self.anchors[i]
+        return len(self.query_tokens[a.query])
+
+
+class BatchPlan:
+    """Which anchors form each step's batch, per epoch; length-grouped within mega-batches."""
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int, world_size: int = 1, group_by_length: bool = True):
+        self.data, self.batch_size, self.seed, self.world = data, batch_size, seed, world_size
+        self.group_by_length = group_by_length
+        n_global = batch_size * world_size
+        self.steps_per_epoch = len(data.anchors) // n_global if world_size > 1 else -(-len(data.anchors) // n_global)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(data.anchors)} training anchors are fewer than one global batch ({n_global})")
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.data.anchors))
+        n_global = self.batch_size * self.world
+        if self.group_by_length:
+            mega = n_global * 16
+            chunks = []
+            for s in range(0, len(order), mega):
+                part = order[s:s + mega]
+                part = sorted(part, key=lambda i: -self.data.anchor_length(int(i)))
+                chunks.extend(part[j:j + n_global] for j in range(0, len(part), n_global))
+            batches = [list(map(int, c)) for c in chunks]
+            perm = rng.permutation(len(batches))
+            batches = [batches[i] for i in perm]
+        else:
+            batches = [list(map(int, order[s:s + n_global])) for s in range(0, len(order), n_global)]
+        if self.world > 1:
+            batches = [b for b in batches if len(b) == n_global]
+        return batches[: self.steps_per_epoch]
+
+
+def sample_group(anchor: Anchor, group_size: int, rng: np.random.Generator) -> list[tuple[int, int, Optional[float]]]:
+    """(doc index, level, score) for one anchor: one positive (if any), then weak and negatives."""
+    out: list[tuple[int, int, Optional[float]]] = []
+
+    def take(items: list, level: int, k: int) -> None:
+        if k <= 0 or not items:
+            return
+        idx = rng.permutation(len(items))[:k]
+        out.extend((items[i][0], level, items[i][1]) for i in idx)
+
+    take(anchor.pos, 2, 1)
+    room = group_size - len(out)
+    n_weak = min(len(anchor.weak), (room + 1) // 2 if anchor.neg else room)
+    take(anchor.weak, 1, n_weak)
+    take(anchor.neg, 0, group_size - len(out))
+    if len(out) < group_size and len(anchor.weak) > n_weak:
+        extra = [w for w in anchor.weak if w[0] not in {o[0] for o in out}]
+        take(extra, 1, group_size - len(out))
+    return out
+
+
+def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Token tensors for the batch's anchors and distinct candidates, plus the labelled pairs."""
+    cols: dict[int, int] = {}
+    pa, pc, pl, ps = [], [], [], []
+    for row, ai in enumerate(anchor_ids):
+        for doc, level, score in sample_group(data.anchors[ai], group_size, rng):
+            col = cols.setdefault(doc, len(cols))
+            pa.append(row)
+            pc.append(col)
+            pl.append(level)
+            ps.append(float("nan") if score is None else score)
+    q_ids = [data.query_tokens[data.anchors[ai].query] for ai in anchor_ids]
+    docs = list(cols)
+    d_ids = [data.doc_tokens[d] for d in docs]
+    q = model.pad(q_ids)
+    batch = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
+             "pair_anchor": torch.tensor(pa, dtype=torch.long), "pair_candidate": torch.tensor(pc, dtype=torch.long),
+             "pair_level": torch.tensor(pl, dtype=torch.long), "pair_score": torch.tensor(ps, dtype=torch.float32),
+             "anchor_hash": torch.tensor(data.query_hash[[data.anchors[ai].query for ai in anchor_ids]], dtype=torch.long),
+             "candidate_hash": torch.tensor(data.doc_hash[docs] if docs else np.zeros(0, np.int64), dtype=torch.long),
+             "n_tokens": torch.tensor(sum(map(len, q_ids)) + sum(map(len, d_ids)))}
+    if d_ids:
+        d = model.pad(d_ids)
+        batch["c_input_ids"], batch["c_attention_mask"] = d["input_ids"], d["attention_mask"]
+    else:
+        batch["c_input_ids"] = torch.zeros((0, 8), dtype=torch.long)
+        batch["c_attention_mask"] = torch.zeros((0, 8), dtype=torch.long)
+    return batch
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Map-style dataset: item ``i`` is the collated batch of step ``start + i`` of ``epoch``
+    for this process's rank (so DataLoader workers can collate ahead)."""
+
+    def __init__(self, data: TrainData, model: Any, plan: BatchPlan, epoch: int, start: int, group_size: int, rank: int):
+        self.data, self.model, self.plan, self.epoch, self.group_size, self.rank = data, model, plan, epoch, group_size, rank
+        self.batches = plan.epoch_batches(epoch)
+        self.start = start
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        step = self.start + i
+        global_batch = self.batches[step]
+        b = self.plan.batch_size
+        mine = global_batch[self.rank * b:(self.rank + 1) * b]
+        rng = np.random.default_rng([self.plan.seed, self.epoch, step, self.rank, 7])
+        return collate(self.data, self.model, mine, self.group_size, rng)

@@ -1,0 +1,536 @@
+"""The HMCL training recipe: one class, ``setup`` -> ``train`` -> ``save_final``.
+
+    hmcl train recipes/quickstart.yaml
+
+What a step does:
+
+1. The step's batch (anchors + a sampled group of graded candidates each) is a deterministic
+   function of (seed, epoch, step); texts were tokenised once before training (cached on disk);
+   each distinct text is encoded once per step; padding is dynamic (multiple of 8).
+2. Anchors and candidates are embedded (bf16 autocast on GPU, fp32 on CPU); with several
+   processes they are gathered *with gradients*, so in-batch negatives span every GPU.
+3. :class:`~hmcl_cli.losses.HMCLLoss` gives the loss; with ``train.grad_cache_chunk`` the
+   embeddings are computed in chunks without a graph first and re-computed chunk by chunk
+   for the backward pass (GradCache), which gives the same loss and gradients as the plain
+   batch at a fraction of the memory.
+4. Gradients are averaged over processes, clipped, and AdamW steps with warmup + decay
+   (backbone at ``learning_rate``, loss parameters at ``head_learning_rate``).
+
+Every ``eval_steps`` the dev split is scored (retrieval nDCG@10, reranking MAP, Spearman) and
+the best model kept; every ``save_steps`` a checkpoint (weights, optimizer, scheduler, RNG and
+data position, with a checksum manifest) is written atomically, so ``--resume`` continues
+exactly. Ctrl-C / SIGTERM saves a checkpoint before exiting. Metrics go to ``metrics.jsonl``
+and any accelerate trackers named in the recipe.
+
+Python use::
+
+    trainer = HMCLTrainer(load_recipe("recipes/quickstart.yaml"))
+    trainer.setup(resume=False)
+    trainer.train()
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from hmcl_cli.console import ProgressBar, log, warn
+from hmcl_cli.data.prepare import load_graded
+from hmcl_cli.errors import DataError, InterruptedRun, OutOfMemoryError, TrainingDivergedError
+from hmcl_cli.evaluation.graded import evaluate_graded
+from hmcl_cli.io_utils import atomic_path, file_sha256, write_json_atomic
+from hmcl_cli.losses import HMCLLoss, PairBatch
+from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for
+from hmcl_cli.modeling.lora import apply_lora, is_peft
+from hmcl_cli.recipe import Recipe
+from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
+from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad, world_size
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path, enabled: bool = True, accelerator: Any = None):
+        self.path, self.enabled, self.accelerator = path, enabled, accelerator
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            step = record.get("step")
+            self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+
+class HMCLTrainer:
+    """Trains an embedding model with the HMCL objective as one recipe describes."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.cfg = recipe.train
+        self.run_dir = recipe.run_dir
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.step = 0
+        self.best_metric: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.evals_without_improvement = 0
+        self._stop_signal: Optional[int] = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, resume: bool = False, model: Optional[EmbeddingModel] = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        r, cfg = self.recipe, self.cfg
+        trackers = [t for t in cfg.trackers if _tracker_available(t)]
+        self.accelerator = Accelerator(log_with=trackers or None,
+                                       project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
+        acc = self.accelerator
+        self.device = acc.device
+        self.rank, self.world = acc.process_index, acc.num_processes
+        self.is_main = acc.is_main_process
+        if trackers:
+            acc.init_trackers(r.name, config=json.loads(json.dumps(r.model_dump(mode="json"), default=str)))
+        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if self.device.type == "cpu" and self.precision != "fp32":
+            warn("bf16/fp16 autocast on a CPU is ~100x slower; using fp32 on CPU")
+            self.precision = "fp32"
+        _seed_everything(r.seed)
+
+        self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir)
+        if r.model.gradient_checkpointing:
+            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if r.model.lora.enabled and not is_peft(self.model.backbone):
+            self.model.backbone = apply_lora(self.model.backbone, r.model.lora)
+        self.model.to(self.device)
+        self.loss_fn = HMCLLoss(r.loss, self.model.dim).to(self.device)
+
+        train_path = self.run_dir / "data" / "train.jsonl"
+        examples = load_graded(train_path)
+        if not examples:
+            raise DataError(f"{train_path} holds no examples", hint="check the data sources and `hmcl prepare` stats")
+        if r.loss.contrastive_weight > 0 and not any(c.level > 0 for ex in examples for c in ex.candidates.values()):
+            raise DataError(
+                f"{train_path}: every candidate is a negative; the contrastive term needs positives or weak-positives",
+                hint="check the level mapping (thresholds / label_map), or set loss.contrastive_weight: 0",
+            )
+        dev_path = self.run_dir / "data" / "dev.jsonl"
+        self.dev = load_graded(dev_path) if dev_path.is_file() else []
+        self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
+        try:
+            self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world)
+        except ValueError as e:
+            raise DataError(f"{train_path}: {e}", hint="lower train.batch_size") from None
+        steps_epoch = self.plan.steps_per_epoch // cfg.gradient_accumulation_steps or 1
+        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.epochs))
+        self.eval_every = cfg.eval_steps or steps_epoch
+        self.save_every = cfg.save_steps or steps_epoch
+
+        backbone_params = [p for p in self.model.parameters() if p.requires_grad]
+        head_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
+        decay = [p for p in backbone_params if p.ndim >= 2]
+        no_decay = [p for p in backbone_params if p.ndim < 2]
+        groups = [{"params": decay, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "lr": cfg.learning_rate, "weight_decay": 0.0}]
+        if head_params:
+            groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": 0.0})
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=fused) if fused else torch.optim.AdamW([g for g in groups if g["params"]])
+        self.trainable = backbone_params + head_params
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.scheduler, warmup, self.total_steps))
+
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main, acc)
+        if resume:
+            self._resume()
+        n_cand = cfg.batch_size * self.world * cfg.group_size
+        if self.is_main:
+            log(f"train: {len(self.data.anchors)} anchors, {len(self.data.docs)} distinct candidates, "
+                f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}")
+            log(f"train: in-batch candidates per anchor: up to {n_cand} "
+                f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
+                f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        steps_epoch = self.plan.steps_per_epoch
+        accum = cfg.gradient_accumulation_steps
+        running: dict[str, torch.Tensor] = {}
+        tokens = torch.zeros((), dtype=torch.long)
+        nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        t_log = time.perf_counter()
+        bar = ProgressBar("train", self.total_steps, "steps", enabled=self.is_main)
+        bar.update(self.step)
+        self.model.train()
+        self.loss_fn.train()
+        with self._signals():
+            micro = self.step * accum
+            while self.step < self.total_steps:
+                epoch, start = divmod(micro, steps_epoch)
+                loader = torch.utils.data.DataLoader(
+                    StepBatches(self.data, self.model, self.plan, epoch, start, cfg.group_size, self.rank),
+                    batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                    pin_memory=self.device.type == "cuda", persistent_workers=False)
+                for batch in loader:
+                    loss, parts = self._forward_backward(batch, scale=1.0 / accum)
+                    tokens += batch["n_tokens"]
+                    for k, v in parts.items():
+                        running[k] = running.get(k, 0.0) + v
+                    running["loss"] = running.get("loss", 0.0) + loss.detach()
+                    bad = ~torch.isfinite(loss.detach())
+                    nonfinite_step = torch.where(bad & (nonfinite_step < 0), torch.tensor(self.step + 1, device=self.device), nonfinite_step)
+                    micro += 1
+                    if micro % accum:
+                        continue
+                    self._optimizer_step()
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
+                        self._check_finite(nonfinite_step)
+                        elapsed = time.perf_counter() - t_log
+                        n = cfg.log_steps if self.step % cfg.log_steps == 0 else self.step % cfg.log_steps
+                        record = {"step": self.step, "epoch": round(micro / steps_epoch, 3),
+                                  "lr": self.scheduler.get_last_lr()[0],
+                                  **{k: round(float(v) / (n * accum), 5) for k, v in running.items()},
+                                  "tokens_per_s": round(float(tokens) * self.world / max(elapsed, 1e-9), 1)}
+                        if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
+                            th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
+                            record["thresholds"] = [round(x, 4) for x in th]
+                        self.metrics.write(record)
+                        bar.update(0, postfix=f"loss {record['loss']:.4f}")
+                        running, tokens, t_log = {}, torch.zeros((), dtype=torch.long), time.perf_counter()
+                    if self.dev and (self.step % self.eval_every == 0 or self.step == self.total_steps):
+                        if self._evaluate_and_keep_best():
+                            break
+                    if self.step % self.save_every == 0 or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if self._stop_signal is not None:
+                        self.save_checkpoint()
+                        raise InterruptedRun(
+                            f"training stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved",
+                            hint="continue with `hmcl train RECIPE --resume`")
+                    if self.step >= self.total_steps or self._early_stopped:
+                        break
+                if self._early_stopped:
+                    break
+        bar.close()
+        return {"steps": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
+
+    _early_stopped = False
+
+    def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
+        dev = self.device
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        chunk = self.cfg.grad_cache_chunk
+        try:
+            if chunk:
+                return self._grad_cache_step(batch, chunk, scale)
+            with autocast_for(dev, self.precision):
+                q = self.model(batch["q_input_ids"], batch["q_attention_mask"])
+                c = self.model(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
+            loss, parts = self.loss_fn(self._pair_batch(q, c, batch))
+            (loss * scale).backward()
+            return loss, parts
+        except torch.OutOfMemoryError:
+            raise OutOfMemoryError(
+                f"out of GPU memory at step {self.step + 1}",
+                hint="lower train.batch_size or train.group_size or model.max_length, set train.grad_cache_chunk "
+                "(e.g. 32), enable model.gradient_checkpointing, or use model.lora.enabled") from None
+
+    def _pair_batch(self, q: torch.Tensor, c: torch.Tensor, batch: dict) -> PairBatch:
+        pa, pc = batch["pair_anchor"], batch["pair_candidate"]
+        ah, ch = batch["anchor_hash"], batch["candidate_hash"]
+        lvl, sc = batch["pair_level"], batch["pair_score"]
+        if self.world > 1 and self.recipe.loss.gather_across_devices:
+            qs = gather_sizes(q.size(0), q.device)
+            cs = gather_sizes(c.size(0), c.device)
+            ps = gather_sizes(pa.size(0), pa.device)
+            q_off = torch.tensor(sum(qs[: self.rank]), device=q.device)
+            c_off = torch.tensor(sum(cs[: self.rank]), device=c.device)
+            q, c = gather_with_grad(q, qs), gather_with_grad(c, cs)
+            pa, pc = gather_plain(pa + q_off, ps), gather_plain(pc + c_off, ps)
+            lvl, sc = gather_plain(lvl, ps), gather_plain(sc, ps)
+            ah, ch = gather_plain(ah, qs), gather_plain(ch, cs)
+        return PairBatch(q, c, pa, pc, lvl, sc, ah, ch)
+
+    def _grad_cache_step(self, batch: dict, chunk: int, scale: float) -> tuple[torch.Tensor, dict]:
+        """GradCache (Gao et al. 2021): loss on graph-free embeddings, then chunked re-encoding."""
+        sides = [("q_input_ids", "q_attention_mask"), ("c_input_ids", "c_attention_mask")]
+        embs, states = [], []
+        with torch.no_grad():
+            for ids_key, mask_key in sides:
+                parts, rng = [], []
+                for s in range(0, batch[ids_key].size(0), chunk):
+                    rng.append(_rng_state(self.device))
+                    with autocast_for(self.device, self.precision):
+                        parts.append(self.model(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float())
+                embs.append(torch.cat(parts) if parts else torch.zeros((0, self.model.dim), device=self.device))
+                states.append(rng)
+        q = embs[0].detach().requires_grad_()
+        c = embs[1].detach().requires_grad_()
+        loss, parts = self.loss_fn(self._pair_batch(q, c, batch))
+        (loss * scale).backward()
+        for (ids_key, mask_key), grad, rng in zip(sides, (q.grad, c.grad), states):
+            for i, s in enumerate(range(0, batch[ids_key].size(0), chunk)):
+                with _restored_rng(rng[i], self.device), autocast_for(self.device, self.precision):
+                    e = self.model(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float()
+                (e * grad[s:s + chunk]).sum().backward()
+        return loss, parts
+
+    def _optimizer_step(self) -> None:
+        if self.world > 1:
+            average_gradients(self.trainable)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _check_finite(self, nonfinite_step: torch.Tensor) -> None:
+        bad = int(nonfinite_step.item())
+        if bad >= 0:
+            path = self.save_checkpoint(tag="diverged")
+            raise TrainingDivergedError(
+                f"loss became NaN/inf at step {bad} (state at step {self.step} saved to {path})",
+                hint="lower train.learning_rate, raise loss.temperature, keep max_grad_norm on; "
+                "resume from an earlier checkpoint with --resume after removing the diverged one")
+
+    # ------------------------------------------------------------------ eval
+    def evaluate(self) -> dict:
+        scores = evaluate_graded(self.model, self.dev, batch_size=max(32, self.cfg.batch_size * 2))
+        self.model.train()
+        return {f"dev_{k}": v for k, v in scores.items()}
+
+    def _evaluate_and_keep_best(self) -> bool:
+        """Evaluate on dev; save the best model; return True to stop early."""
+        scores = self.evaluate() if self.is_main else {}
+        if self.is_main:
+            self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
+            log("eval step {}: {}".format(self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
+            key = self.cfg.metric_for_best
+            if key not in scores:
+                raise DataError(f"train.metric_for_best {key!r} is not a dev metric (have: {', '.join(scores)})")
+            value = scores[key]
+            if self.best_metric is None or (not math.isnan(value) and value > self.best_metric):
+                self.best_metric, self.best_step = value, self.step
+                self.evals_without_improvement = 0
+                if self.cfg.load_best_at_end:
+                    self._save_model(self.run_dir / "best")
+            else:
+                self.evals_without_improvement += 1
+        stop = bool(self.cfg.early_stopping_patience and self.evals_without_improvement >= self.cfg.early_stopping_patience)
+        if stop and self.is_main:
+            log(f"early stopping: no improvement of {self.cfg.metric_for_best} for {self.evals_without_improvement} evals")
+        self._early_stopped = stop
+        return stop
+
+    # ------------------------------------------------------------------ checkpoints
+    def _trainable_state(self) -> dict:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        return {names[id(p)]: p.detach().cpu() for p in self.model.parameters() if p.requires_grad}
+
+    def save_checkpoint(self, tag: Optional[str] = None) -> Optional[Path]:
+        """Write a resumable checkpoint atomically, with a sha256 manifest; keep the last K."""
+        if not self.is_main:
+            return None
+        name = tag or f"step-{self.step:07d}"
+        target = self.ckpt_dir / name
+        with atomic_path(target, is_dir=True) as tmp:
+            torch.save(self._trainable_state(), tmp / "model.pt")
+            torch.save(self.loss_fn.state_dict(), tmp / "loss.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
+            torch.save(_all_rng(), tmp / "rng.pt")
+            state = {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
+                     "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if tag is None:
+            steps = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
+            for old in steps[: -self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return target
+
+    def _resume(self) -> None:
+        for ckpt in sorted(self.ckpt_dir.glob("step-*"), reverse=True):
+            problem = _verify_checkpoint(ckpt)
+            if problem:
+                warn(f"checkpoint {ckpt.name} is unusable ({problem}); trying an older one")
+                continue
+            state = torch.load(ckpt / "model.pt", weights_only=True)
+            missing = set(n for n, p in self.model.named_parameters() if p.requires_grad) - set(state)
+            if missing:
+                warn(f"checkpoint {ckpt.name} does not match this model ({len(missing)} tensors missing); trying an older one")
+                continue
+            with torch.no_grad():
+                params = dict(self.model.named_parameters())
+                for n, t in state.items():
+                    params[n].copy_(t)
+            self.loss_fn.load_state_dict(torch.load(ckpt / "loss.pt", weights_only=True))
+            opt = torch.load(ckpt / "optim.pt", weights_only=False)
+            self.optimizer.load_state_dict(opt["optimizer"])
+            self.scheduler.load_state_dict(opt["scheduler"])
+            _set_all_rng(torch.load(ckpt / "rng.pt", weights_only=False))
+            st = json.loads((ckpt / "trainer_state.json").read_text())
+            self.step, self.best_metric, self.best_step = st["step"], st["best_metric"], st["best_step"]
+            self.evals_without_improvement = st.get("evals_without_improvement", 0)
+            if self.is_main:
+                log(f"resumed from {ckpt} (step {self.step})")
+            return
+        if self.is_main:
+            log("resume: no usable checkpoint found; starting from the beginning")
+
+    # ------------------------------------------------------------------ final model
+    def _save_model(self, folder: Path) -> None:
+        """Save a sentence-transformers folder; LoRA: merged weights + adapter/ alongside."""
+        with atomic_path(folder, is_dir=True) as tmp:
+            if is_peft(self.model.backbone):
+                self.model.backbone.save_pretrained(tmp / "adapter")
+                merged = _merged_copy(self.model.backbone)
+                EmbeddingModel(merged, self.model.tokenizer, self.model.settings).save(tmp)
+            else:
+                self.model.save(tmp)
+            if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
+                th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
+                (tmp / "hmcl_thresholds.json").write_text(json.dumps({"weak": th[0], "pos": th[1]}, indent=2))
+
+    def save_final(self) -> Path:
+        """``<run>/model``: the best dev model when there was a dev set, else the last."""
+        final = self.run_dir / "model"
+        if not self.is_main:
+            return final
+        best = self.run_dir / "best"
+        if self.cfg.load_best_at_end and best.is_dir():
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(best, final)
+            log(f"final model: best dev {self.cfg.metric_for_best} {self.best_metric:.4f} at step {self.best_step} -> {final}")
+        else:
+            self._save_model(final)
+            log(f"final model -> {final}")
+        self.accelerator.end_training()
+        return final
+
+    # ------------------------------------------------------------------ signals
+    @contextmanager
+    def _signals(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:  # second signal: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.is_main:
+                warn("stop requested: finishing this step and saving a checkpoint (again to abort)")
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in old:
+                signal.signal(s, handler)
+        except ValueError:  # not the main thread
+            old = {}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def _merged_copy(peft_model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(peft_model).merge_and_unload()
+
+
+def _verify_checkpoint(ckpt: Path) -> Optional[str]:
+    manifest = ckpt / "manifest.json"
+    if not manifest.is_file():
+        return "no manifest.json (partial write)"
+    try:
+        expected = json.loads(manifest.read_text())
+    except ValueError:
+        return "manifest.json is corrupt"
+    for name, digest in expected.items():
+        f = ckpt / name
+        if not f.is_file():
+            return f"{name} missing"
+        if file_sha256(f) != digest:
+            return f"{name} checksum mismatch"
+    return None
+
+
+def _schedule(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 1.0 - progress)
+
+    return f
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _all_rng() -> dict:
+    out = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def _set_all_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_state(device: torch.device) -> tuple:
+    return (torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+@contextmanager
+def _restored_rng(state: tuple, device: torch.device):
+    """Replay the RNG of a chunk's first forward, so dropout masks match in GradCache."""
+    cpu_now = torch.get_rng_state()
+    cuda_now = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_now)
+        if cuda_now is not None:
+            torch.cuda.set_rng_state(cuda_now, device)
+
+
+def _tracker_available(name: str) -> bool:
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}[name]
+    if importlib.util.find_spec(module) is None and not (name == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        warn(f"tracker {name!r} is not installed (pip install {module}); logging to metrics.jsonl only")
+        return False
+    return True

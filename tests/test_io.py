@@ -1,0 +1,39 @@
+import os
+
+import pytest
+
+from hmcl_cli.errors import RunLockedError
+from hmcl_cli.io_utils import RunLock, atomic_path, write_jsonl_atomic
+
+
+def test_interrupted_write_leaves_previous_output_intact(tmp_path):
+    target = tmp_path / "train.jsonl"
+    write_jsonl_atomic(target, [{"a": 1}])
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert target.read_text() == '{"a": 1}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["train.jsonl"]  # no temp left behind
+
+
+def test_interrupted_directory_write(tmp_path):
+    target = tmp_path / "model"
+    with atomic_path(target, is_dir=True) as tmp:
+        (tmp / "w").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, is_dir=True) as tmp:
+            (tmp / "w").write_text("v2-partial")
+            raise RuntimeError("disk full")
+    assert (target / "w").read_text() == "v1" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_second_writer_is_refused(tmp_path):
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
+    with pytest.raises(RunLockedError, match="in use by process"):
+        with RunLock(tmp_path):
+            pass
+    (tmp_path / ".lock").write_text("999999999")  # stale lock of a dead process is taken over
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()

@@ -1,0 +1,97 @@
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hmcl_cli.losses import GradedCoSENTLoss, GradedInfoNCELoss, HMCLLoss, OrdinalClassificationLoss, PairBatch
+from hmcl_cli.recipe import LossConfig
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def small_batch():
+    # anchor 0: candidate 0 pos, 1 weak, 2 neg; anchor 1: candidate 3 pos
+    a = unit([1.0, 0.0], [0.0, 1.0])
+    c = unit([1.0, 0.2], [1.0, 1.0], [0.2, 1.0], [0.1, 1.0])
+    return PairBatch(a, c, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1, 0, 2]),
+                     torch.tensor([float("nan")] * 4), torch.tensor([10, 11]), torch.tensor([20, 21, 22, 23]))
+
+
+def test_infonce_matches_hand_computation():
+    b = small_batch()
+    T, w = 0.1, 0.5
+    sim = (b.anchors @ b.candidates.T) / T
+    # anchor 0: targets pos 1, weak 0.5 -> normalised (2/3, 1/3)
+    lp0 = torch.log_softmax(sim[0], 0)
+    l0 = -(2 / 3 * lp0[0] + 1 / 3 * lp0[1])
+    l1 = -torch.log_softmax(sim[1], 0)[3]
+    got = GradedInfoNCELoss(T, w)(b)
+    assert torch.allclose(got, (l0 + l1) / 2, atol=1e-6)
+
+
+def test_infonce_masks_identical_texts():
+    b = small_batch()
+    b.candidate_hash = torch.tensor([20, 21, 22, 10])  # candidate 3 has anchor 0's text, unlabelled for anchor 0
+    loss = GradedInfoNCELoss(0.1, 0.5)
+    weight, mask = loss.targets_and_mask(b)
+    assert mask[0, 3] and not mask[1, 3] and not mask[0, 2]
+    sim = (b.anchors @ b.candidates.T) / 0.1
+    lp0 = torch.log_softmax(sim[0, :3], 0)  # column 3 removed for anchor 0
+    l0 = -(2 / 3 * lp0[0] + 1 / 3 * lp0[1])
+    l1 = -torch.log_softmax(sim[1], 0)[3]
+    assert torch.allclose(loss(b), (l0 + l1) / 2, atol=1e-6)
+
+
+def test_ordinal_classification_matches_hand_computation():
+    b = small_batch()
+    loss = OrdinalClassificationLoss(temperature=0.1, init_thresholds=(0.3, 0.8))
+    s = b.pair_cosines()
+    expected = 0.0
+    for si, lvl in zip(s.tolist(), [2, 1, 0, 2]):
+        for theta, k in ((0.3, 1), (0.8, 2)):
+            p = 1 / (1 + math.exp(-(si - theta) / 0.1))
+            y = 1.0 if lvl >= k else 0.0
+            expected += -(y * math.log(p) + (1 - y) * math.log(1 - p))
+    assert loss(b).item() == pytest.approx(expected / 4, rel=1e-5)
+    th = loss.thresholds()
+    assert th[0].item() == pytest.approx(0.3) and th[1].item() == pytest.approx(0.8, rel=1e-5)
+
+
+def test_cosent_matches_hand_computation_with_margin_and_scores():
+    b = small_batch()
+    b.pair_score = torch.tensor([5.0, 3.0, 1.0, 4.0])
+    s = b.pair_cosines().tolist()
+    lvl = [2, 1, 0, 2]
+    sc = [5.0, 3.0, 1.0, 4.0]
+    scale, margin = 20.0, 0.1
+    terms = [0.0]
+    for p in range(4):
+        for q in range(4):
+            if lvl[p] > lvl[q] or (lvl[p] == lvl[q] and sc[p] > sc[q]):
+                terms.append(scale * (s[q] - s[p] + margin * max(0, lvl[p] - lvl[q])))
+    expected = math.log(sum(math.exp(t) for t in terms))
+    assert GradedCoSENTLoss(scale, margin, use_scores=True)(b).item() == pytest.approx(expected, rel=1e-5)
+    # without scores the pair (0 vs 3), both level 2, is not compared
+    terms_no = [t for t in terms]  # recompute without the score tie-break
+    terms_no = [0.0] + [scale * (s[q] - s[p] + margin * (lvl[p] - lvl[q]))
+                        for p in range(4) for q in range(4) if lvl[p] > lvl[q]]
+    assert GradedCoSENTLoss(scale, margin, use_scores=False)(b).item() == pytest.approx(
+        math.log(sum(math.exp(t) for t in terms_no)), rel=1e-5)
+
+
+def test_hmcl_is_the_weighted_sum_and_zero_weight_removes_a_term():
+    b = small_batch()
+    cfg = LossConfig(contrastive_weight=1.0, classification_weight=0.3, ranking_weight=0.5, temperature=0.1, weak_weight=0.5)
+    loss = HMCLLoss(cfg, dim=2)
+    total, parts = loss(b)
+    assert set(parts) == {"contrastive", "classification", "ranking"}
+    p = {k: v.item() for k, v in parts.items()}
+    assert total.item() == pytest.approx(p["contrastive"] + 0.3 * p["classification"] + 0.5 * p["ranking"], rel=1e-6)
+    only = HMCLLoss(cfg.model_copy(update={"classification_weight": 0.0, "ranking_weight": 0.0}), dim=2)
+    total2, parts2 = only(b)
+    assert set(parts2) == {"contrastive"} and total2.item() == pytest.approx(parts["contrastive"].item(), rel=1e-6)
+    with pytest.raises(ValueError):
+        HMCLLoss(cfg.model_copy(update={"contrastive_weight": 0, "classification_weight": 0, "ranking_weight": 0}), 2)

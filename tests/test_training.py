@@ -1,0 +1,107 @@
+"""Training loop behaviour: GradCache equivalence, exact resume, best model, LoRA."""
+
+import copy
+
+import pytest
+import torch
+
+from hmcl_cli.data.prepare import prepare
+from hmcl_cli.recipe import load_recipe
+from hmcl_cli.stages import run_train
+from hmcl_cli.training.trainer import HMCLTrainer
+from conftest import write_recipe
+
+
+def _trainer(tmp_path, model, **sections):
+    recipe = load_recipe(write_recipe(tmp_path, model, **sections))
+    prepare(recipe, progress=False)
+    t = HMCLTrainer(recipe)
+    t.setup()
+    return t
+
+
+def _grads(t):
+    return [p.grad.clone() for p in t.trainable if p.grad is not None]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_grad_cache_gives_same_loss_and_gradients(tmp_path, fixture, request):
+    model = request.getfixturevalue(fixture)
+    t = _trainer(tmp_path, model)
+    batch = next(iter(torch.utils.data.DataLoader(
+        __import__("hmcl_cli.training.batching", fromlist=["StepBatches"]).StepBatches(
+            t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0), batch_size=None)))
+    loss_plain, _ = t._forward_backward(batch, 1.0)
+    g_plain = _grads(t)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.cfg.grad_cache_chunk = 3
+    loss_gc, _ = t._forward_backward(batch, 1.0)
+    g_gc = _grads(t)
+    assert torch.allclose(loss_plain, loss_gc, atol=1e-6)
+    assert len(g_plain) == len(g_gc) > 0
+    for a, b in zip(g_plain, g_gc):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tiny_bert):
+    sections = {"train": {"max_steps": 6, "save_steps": 2, "eval_steps": 100, "keep_last": 5, "load_best_at_end": False}}
+    full = load_recipe(write_recipe(tmp_path / "full", tiny_bert, **sections))
+    prepare(full, progress=False)
+    t_full = HMCLTrainer(full)
+    t_full.setup()
+    t_full.train()
+    ref = {k: v.clone() for k, v in t_full.model.state_dict().items()}
+
+    part = load_recipe(write_recipe(tmp_path / "part", tiny_bert, **sections), ["train.max_steps=6"])
+    prepare(part, progress=False)
+    t1 = HMCLTrainer(part)
+    t1.setup()
+    t1.total_steps = 4  # "interrupted" after 4 steps (the schedule still spans 6)
+    t1.train()
+    t2 = HMCLTrainer(part)
+    t2.setup(resume=True)
+    assert t2.step == 4
+    t2.train()
+    for k, v in t2.model.state_dict().items():
+        assert torch.allclose(v, ref[k], atol=1e-6), k
+
+
+def test_corrupt_checkpoint_is_skipped(tmp_path, tiny_bert):
+    sections = {"train": {"max_steps": 4, "save_steps": 2, "eval_steps": 100, "keep_last": 5}}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, **sections))
+    prepare(recipe, progress=False)
+    t = HMCLTrainer(recipe)
+    t.setup()
+    t.train()
+    (recipe.run_dir / "checkpoints" / "step-0000004" / "model.pt").write_bytes(b"garbage")
+    t2 = HMCLTrainer(recipe)
+    t2.setup(resume=True)
+    assert t2.step == 2
+
+
+def test_lora_training_reduces_loss_and_saves_adapter(tmp_path, tiny_qwen):
+    sections = {"model": {"lora": {"enabled": True, "r": 4, "alpha": 8}},
+                "train": {"max_steps": 8, "learning_rate": 5e-3, "eval_steps": 100, "log_steps": 1}}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, **sections))
+    prepare(recipe, progress=False)
+    final = run_train(recipe)
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses[-1] < losses[0]
+    assert (final / "adapter" / "adapter_config.json").is_file() and (final / "modules.json").is_file()
+
+
+def test_all_negative_dataset_is_refused(tmp_path, tiny_bert):
+    import json
+
+    folder = tmp_path / "neg"
+    recipe_path = write_recipe(folder, tiny_bert)
+    rows = [{"query": f"question {i}", "neg": [f"answer {i}"]} for i in range(20)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    from hmcl_cli.errors import DataError
+
+    with pytest.raises(DataError, match="every candidate is a negative"):
+        HMCLTrainer(recipe).setup()
