@@ -78,3 +78,26 @@ def test_errors_have_distinct_exit_codes(tmp_path, tiny_bert):
     recipe = write_recipe(tmp_path / "m", tmp_path / "no-model")
     bad_model = hmcl("train", recipe, "--set", "model.name_or_path=./no/such/model")
     assert bad_model.returncode == 4 and "does not exist" in bad_model.stderr
+
+
+def test_onnx_export_matches_torch_for_encoder_and_decoder(tmp_path, tiny_bert, tiny_qwen):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from hmcl_cli.export.onnx import export_onnx, onnx_encode
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    for name, folder in (("bert", tiny_bert), ("qwen", tiny_qwen)):
+        report = export_onnx(folder, tmp_path / name)
+        assert report["mean_cosine"] >= 0.9999, name
+        model = EmbeddingModel.load(str(folder))
+        texts = ["refund", "how long does shipping take to canada and europe", "ok ok ok"]
+        got = onnx_encode(tmp_path / name / "model.onnx", model, texts)  # padded batch
+        import numpy as np
+
+        assert np.allclose(got, model.encode(texts).numpy(), atol=1e-4), name
+
+
+def test_export_of_missing_run_is_a_clear_error(tmp_path):
+    out = hmcl("export", "--model", tmp_path / "no-run", "--format", "onnx", "--out", tmp_path / "x")
+    assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
