@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from hmcl_cli.console import log
+from hmcl_cli.console import ProgressBar, log
 from hmcl_cli.data.example import GradedExample
 
 
@@ -78,7 +78,11 @@ class TrainData:
                     q_tokens[i] = ids
         finally:
             s.query_prompt = default
-        d_tokens = model.tokenize(self.docs, side="doc") if self.docs else []
+        d_tokens: list = []
+        with ProgressBar("tokenize candidates", len(self.docs), "texts", enabled=len(self.docs) > 20000) as bar:
+            for s0 in range(0, len(self.docs), 10000):
+                d_tokens.extend(model.tokenize(self.docs[s0:s0 + 10000], side="doc"))
+                bar.update(min(10000, len(self.docs) - s0))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
