@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, Optional, TypeVar
+from typing import Optional
 
 from rich.console import Console
-
-T = TypeVar("T")
 
 console = Console(stderr=False, highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -78,12 +76,3 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def track(items: Iterable[T], description: str, total: Optional[int] = None, unit: str = "it") -> Iterator[T]:
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with ProgressBar(description, total, unit) as bar:
-        for item in items:
-            yield item
-            bar.update()

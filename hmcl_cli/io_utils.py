@@ -77,14 +77,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def text_hash(*parts: str) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
-
-
 class RunLock:
     """An exclusive lock on a run directory (``<run>/.lock`` holding the owner's pid).
 

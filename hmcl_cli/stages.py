@@ -6,8 +6,8 @@ recipe there, and can be re-run alone.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,24 +94,13 @@ def run_train(recipe: Recipe, resume: bool = False) -> Path:
     from hmcl_cli.training.trainer import HMCLTrainer
 
     trainer = HMCLTrainer(recipe)
-    with RunLock(recipe.run_dir) if not under_launcher() or os.environ.get("RANK", "0") == "0" else _null():
-        if trainer_is_main():
+    main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` only rank 0 owns the run dir
+    with RunLock(recipe.run_dir) if main else contextlib.nullcontext():
+        if main:
             _start(recipe)
         trainer.setup(resume=resume)
         trainer.train()
         return trainer.save_final()
-
-
-def trainer_is_main() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return None
 
 
 def model_loader(recipe: Recipe):
@@ -209,7 +198,3 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
             run_export(recipe)
     log(f"done: {recipe.run_dir}")
 
-
-def remove_run(recipe: Recipe) -> None:
-    if recipe.run_dir.exists():
-        shutil.rmtree(recipe.run_dir)

@@ -61,9 +61,10 @@ def test_decoder_embeddings_do_not_depend_on_padding_side(fixture, request):
     assert torch.allclose(left.encode(texts[:1]), left.encode(texts)[:1], atol=1e-5)
 
 
-def test_saved_model_loads_in_sentence_transformers(tmp_path, tiny_bert):
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_saved_model_loads_in_sentence_transformers(tmp_path, fixture, request):
     st = pytest.importorskip("sentence_transformers")
-    m = EmbeddingModel.load(str(tiny_bert))
+    m = EmbeddingModel.load(str(request.getfixturevalue(fixture)))
     m.save(tmp_path / "saved")
     texts = ["refund please", "where is my order"]
     ref = torch.tensor(st.SentenceTransformer(str(tmp_path / "saved"), device="cpu").encode(texts))

@@ -1,6 +1,5 @@
 """Training loop behaviour: GradCache equivalence, exact resume, best model, LoRA."""
 
-import copy
 
 import pytest
 import torch
@@ -90,6 +89,23 @@ def test_lora_training_reduces_loss_and_saves_adapter(tmp_path, tiny_qwen):
     losses = [json.loads(line)["loss"] for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert losses[-1] < losses[0]
     assert (final / "adapter" / "adapter_config.json").is_file() and (final / "modules.json").is_file()
+
+    # export merged: loads in sentence-transformers, equals the unmerged model, differs from the base
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    from hmcl_cli.export.merged import export_merged
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    report = export_merged(final, tmp_path / "merged")
+    assert report["mean_cosine"] >= 0.99999 and report["max_abs_diff_vs_base"] > 1e-4
+    texts = ["refund please", "where is my package", "how do i become a seller on your marketplace"]
+    base = EmbeddingModel.load(str(tiny_qwen))
+    base_emb = base.encode(texts)
+    unmerged = EmbeddingModel(PeftModel.from_pretrained(base.backbone, str(final / "adapter")), base.tokenizer, base.settings)
+    st = torch.tensor(SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(texts))
+    assert torch.allclose(st, unmerged.encode(texts), atol=1e-5)
+    assert not torch.allclose(st, base_emb, atol=1e-4)
 
 
 def test_all_negative_dataset_is_refused(tmp_path, tiny_bert):

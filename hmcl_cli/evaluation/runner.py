@@ -32,8 +32,10 @@ MAIN_METRIC = {"sts": "spearman", "reranking": "map", "retrieval": "ndcg@10", "p
 class TaskData:
     task: EvalTask
     kind: str
+    fmt: str = ""
     pairs: Optional[tuple[list[str], list[str], np.ndarray]] = None  # sts / pair_classification
     examples: list = field(default_factory=list)  # graded examples (reranking / retrieval)
+    corpus: list = field(default_factory=list)  # retrieval over a BEIR folder: every corpus document
 
 
 def load_task(task: EvalTask, resolve) -> TaskData:
@@ -60,7 +62,11 @@ def load_task(task: EvalTask, resolve) -> TaskData:
         examples.append(item[1])
     if not examples:
         raise DataError(f"task {task.name!r}: {path} holds no examples")
-    data = TaskData(task, task.type, examples=examples)
+    data = TaskData(task, task.type, fmt, examples=examples)
+    if fmt == "qrels":
+        from hmcl_cli.mining import read_corpus
+
+        data.corpus = read_corpus(path)  # judged and unjudged documents alike, as MTEB retrieves
     if task.type in ("sts", "pair_classification"):
         a, b, gold = [], [], []
         for ex in examples:
@@ -86,7 +92,7 @@ def score_task(model: Any, data: TaskData, batch_size: int) -> dict[str, float]:
         return {"ap": float(average_precision_score(gold, sim))}
     exs = data.examples
     q = encode_queries(model, [e.query for e in exs], [e.prompt for e in exs], batch_size, False)
-    corpus = list(dict.fromkeys(t for e in exs for t in e.candidates))
+    corpus = list(dict.fromkeys([t for e in exs for t in e.candidates] + data.corpus))
     c = model.encode(corpus, side="doc", batch_size=batch_size).numpy()
     pos = {t: i for i, t in enumerate(corpus)}
     if data.kind == "reranking":
@@ -95,8 +101,9 @@ def score_task(model: Any, data: TaskData, batch_size: int) -> dict[str, float]:
             idx = [pos[t] for t in e.candidates]
             groups.append((c[idx] @ q[qi], np.array([x.level for x in e.candidates.values()])))
         return rerank_scores(groups, min_relevant=2)
-    qrels = [{pos[t]: float(x.level if x.score is None or data.task.format != "qrels" else x.score)
-              for t, x in e.candidates.items() if x.level > 0} for e in exs]
+    # gains: the relevance grade for BEIR qrels (as pytrec_eval/MTEB), else the level (pos 2, weak 1)
+    qrels = [{pos[t]: float(x.score if data.fmt == "qrels" else x.level) for t, x in e.candidates.items() if x.level > 0}
+             for e in exs]
     return retrieval_scores(q @ c.T, qrels, ks=(10, 100))
 
 

@@ -8,14 +8,13 @@ long and non-English texts before it reports success.
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from hmcl_cli.console import log
 from hmcl_cli.errors import ExportError
@@ -23,15 +22,6 @@ from hmcl_cli.export.merged import VERIFY_TEXTS, parity
 from hmcl_cli.io_utils import atomic_path
 
 ONNX_THRESHOLD = 0.9999
-
-
-class _Pooled(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask)
 
 
 def _require_onnx() -> None:
@@ -52,7 +42,7 @@ def onnx_encode(path: Path, model, texts: list[str]) -> np.ndarray:
 
 def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts: Optional[list[str]] = None,
                 opset: int = 17) -> dict:
-    from hmcl_cli.modeling.encoder import EmbeddingModel
+    from hmcl_cli.modeling.encoder import EmbeddingModel, tokenizer_with_eos
 
     _require_onnx()
     model = EmbeddingModel.load(str(model_dir), attn_implementation="eager")
@@ -65,7 +55,7 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                _Pooled(model), (sample["input_ids"], sample["attention_mask"]), str(path),
+                model, (sample["input_ids"], sample["attention_mask"]), str(path),
                 input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
                 dynamic_axes={"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                               "sentence_embedding": {0: "batch"}},
@@ -78,10 +68,9 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
             quantize_dynamic(str(path), str(final), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=["MatMul"])
             path.unlink()
-        model.tokenizer.save_pretrained(tmp)
-        for name in ("hmcl_config.json",):
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
+        (tokenizer_with_eos(model.tokenizer) if model.settings.append_eos else model.tokenizer).save_pretrained(tmp)
+        settings = {**asdict(model.settings), "append_eos": False}  # the saved tokenizer appends EOS itself
+        (tmp / "hmcl_config.json").write_text(json.dumps(settings, indent=2))
         got = onnx_encode(final, model, texts)
         report = parity(reference, got)
         report["file"] = final.name

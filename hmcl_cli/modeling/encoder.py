@@ -15,13 +15,11 @@ Python use::
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -49,7 +47,6 @@ class EncoderSettings:
     append_eos: bool = False
     is_decoder: bool = False
     base_model: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def is_decoder_config(config: Any) -> bool:
@@ -144,23 +141,23 @@ class EmbeddingModel(nn.Module):
         kwargs: dict = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
-        backbone = None
-        for attn in ([attn_implementation] if attn_implementation else []) + [None]:
+        backbone, last_error = None, None
+        for attn in dict.fromkeys([attn_implementation, None]):  # preferred kernel, then the default
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    backbone = AutoModel.from_pretrained(folder, config=config, attn_implementation=attn, **kwargs) if attn else AutoModel.from_pretrained(folder, config=config, **kwargs)
+                    extra = {"attn_implementation": attn} if attn else {}
+                    backbone = AutoModel.from_pretrained(folder, config=config, **kwargs, **extra)
                 break
-            except (ValueError, ImportError) as e:
-                last = e
-                continue
+            except (ValueError, ImportError) as e:  # kernel not supported by this architecture
+                last_error = e
             except Exception as e:  # noqa: BLE001
                 raise ModelNotFoundError(
                     f"{folder}: weights could not be loaded: {type(e).__name__}: {e}",
                     hint="is the folder a complete model (safetensors/bin weights present)?",
                 ) from None
         if backbone is None:
-            raise ModelNotFoundError(f"{folder}: could not build the model: {last}")
+            raise ModelNotFoundError(f"{folder}: could not build the model: {last_error}")
 
         default_pool = "last_token" if decoder else "mean"
         pool = pooling if pooling != "auto" else saved.get("pooling", st.get("pooling", default_pool))
@@ -287,10 +284,9 @@ class EmbeddingModel(nn.Module):
         """Write a sentence-transformers folder (modules.json, pooling, tokenizer, weights)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        backbone = self.backbone
-        backbone.save_pretrained(folder, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
-        write_st_config(folder, self.settings, self.dim)
+        self.backbone.save_pretrained(folder, safe_serialization=True)
+        (tokenizer_with_eos(self.tokenizer) if self.settings.append_eos else self.tokenizer).save_pretrained(folder)
+        write_st_config(folder, replace(self.settings, append_eos=False), self.dim)  # tokenizer appends EOS now
 
 
 def write_st_config(folder: Path, s: EncoderSettings, dim: int) -> None:
@@ -336,6 +332,25 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         last = width - 1 - mask.flip(1).float().argmax(dim=1)  # last real token, any padding side
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling {mode!r}")
+
+
+def tokenizer_with_eos(tokenizer: Any) -> Any:
+    """A copy of ``tokenizer`` whose post-processor appends EOS, so every loader of a saved
+    last-token model (sentence-transformers, transformers, ONNX users) tokenizes like hmcl."""
+    import copy
+
+    from tokenizers import processors
+
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
+        warn("the tokenizer cannot append EOS by itself; loaders other than hmcl must append it")
+        return tokenizer
+    tok = copy.deepcopy(tokenizer)
+    eos = tok.eos_token
+    append = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
+                                           special_tokens=[(eos, tok.eos_token_id)])
+    backend = tok.backend_tokenizer
+    backend.post_processor = append if backend.post_processor is None else processors.Sequence([backend.post_processor, append])
+    return tok
 
 
 def _needs_eos(tokenizer: Any) -> bool:

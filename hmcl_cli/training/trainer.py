@@ -49,13 +49,13 @@ from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import DataError, InterruptedRun, OutOfMemoryError, TrainingDivergedError
 from hmcl_cli.evaluation.graded import evaluate_graded
-from hmcl_cli.io_utils import atomic_path, file_sha256, write_json_atomic
+from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
-from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad, world_size
+from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 
 
 class MetricsLog:
@@ -87,6 +87,7 @@ class HMCLTrainer:
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
         self.evals_without_improvement = 0
+        self._early_stopped = False
         self._stop_signal: Optional[int] = None
 
     # ------------------------------------------------------------------ setup
@@ -147,8 +148,7 @@ class HMCLTrainer:
                   {"params": no_decay, "lr": cfg.learning_rate, "weight_decay": 0.0}]
         if head_params:
             groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": 0.0})
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=fused) if fused else torch.optim.AdamW([g for g in groups if g["params"]])
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=True if self.device.type == "cuda" else None)
         self.trainable = backbone_params + head_params
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.scheduler, warmup, self.total_steps))
@@ -192,7 +192,8 @@ class HMCLTrainer:
                         running[k] = running.get(k, 0.0) + v
                     running["loss"] = running.get("loss", 0.0) + loss.detach()
                     bad = ~torch.isfinite(loss.detach())
-                    nonfinite_step = torch.where(bad & (nonfinite_step < 0), torch.tensor(self.step + 1, device=self.device), nonfinite_step)
+                    # remember the first bad step on the device: no host sync until the log interval
+                    nonfinite_step = torch.where(bad & (nonfinite_step < 0), nonfinite_step.new_full((), self.step + 1), nonfinite_step)
                     micro += 1
                     if micro % accum:
                         continue
@@ -229,8 +230,6 @@ class HMCLTrainer:
                     break
         bar.close()
         return {"steps": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
-
-    _early_stopped = False
 
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
         dev = self.device
