@@ -43,6 +43,7 @@ class _SourceStats:
         self.rejected: Counter = Counter()
         self.first_errors: list[str] = []
         self.levels: Counter = Counter()
+        self.splits: Counter = Counter()
 
 
 def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dict:
@@ -67,17 +68,22 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
         if path is False:
             continue
         bar = ProgressBar(f"prepare {label}", None, "rows", enabled=progress)
+        last_line: Any = None
         try:
             for item in read_source(src, path):
-                st.rows += 1
                 if isinstance(item, BadRow):
+                    st.rows += 1
                     _reject(item, data_cfg.on_error, st)
                     continue
-                _, ex = item
+                line, ex = item
+                if line != last_line:  # a row may yield two examples (symmetric pairs)
+                    st.rows += 1
+                    last_line = line
                 st.examples_in += 1
                 split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction)
                 key = (ex.prompt or "", ex.query)
                 origin_split[key].add(split)
+                st.splits[split] += 1
                 target = merged[split].get(key)
                 if target is None:
                     target = merged[split][key] = GradedExample(ex.query, prompt=ex.prompt)
@@ -94,7 +100,8 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
     for label, st in per_source.items():
         stats["sources"][label] = {
-            "rows": st.rows, "examples": st.examples_in, "candidates_per_level": dict(st.levels),
+            "rows": st.rows, "examples": st.examples_in, "examples_per_split": dict(st.splits),
+            "candidates_per_level": dict(st.levels),
             "rejected": sum(st.rejected.values()), "rejected_by_reason": dict(st.rejected),
             "first_rejections": st.first_errors,
         }
@@ -225,11 +232,16 @@ def print_stats(stats: dict) -> None:
         t.add_row(split, *(str(s[k]) for k in ("examples", "pos", "weak", "neg")))
     console.print(t)
     src = Table(title="sources")
-    for col in ("source", "rows", "examples", "rejected"):
+    for col in ("source", "rows", "examples", "train/dev/test", "pos/weak/neg", "rejected"):
         src.add_column(col)
     for name, s in stats["sources"].items():
         reasons = ", ".join(f"{k}: {v}" for k, v in s["rejected_by_reason"].items())
-        src.add_row(name, str(s["rows"]), str(s["examples"]), f"{s['rejected']}" + (f" ({reasons})" if reasons else ""))
+        per_split = "/".join(str(s.get("examples_per_split", {}).get(k, 0)) for k in SPLITS)
+        per_level = "/".join(str(s["candidates_per_level"].get(k, 0)) for k in ("pos", "weak", "neg"))
+        src.add_row(name, str(s["rows"]), str(s["examples"]), per_split, per_level,
+                    f"{s['rejected']}" + (f" ({reasons})" if reasons else ""))
     console.print(src)
+    for side, pct in stats.get("token_lengths", {}).items():
+        console.print(f"{side} length in tokens: " + ", ".join(f"{k} {v}" for k, v in pct.items()))
     console.print(f"duplicates removed: {stats['duplicates_removed']}; level conflicts: "
                   f"{stats['conflicts']['count']} (rule: {stats['conflicts']['rule']}); leakage: {stats['leakage']}")

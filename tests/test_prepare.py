@@ -1,0 +1,321 @@
+"""`hmcl prepare` on the real sets in ../shared/data and on every kind of bad input.
+
+Level counts are recomputed here from the raw files with the csv module, independently of the
+readers, and compared with what prepare writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SHARED, needs_shared
+
+from hmcl_cli.data.prepare import prepare
+from hmcl_cli.errors import DataError
+from hmcl_cli.recipe import load_recipe
+
+LEVEL = {2: "pos", 1: "weak", 0: "neg"}
+
+
+def _recipe(tmp_path: Path, sources: list[dict], **data) -> "object":
+    return load_recipe(data={
+        "name": "prep", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": "unused"},
+        "data": {"sources": sources, **data},
+    })
+
+
+def _written(tmp_path: Path, split: str = "train") -> list[dict]:
+    path = tmp_path / "run" / "data" / f"{split}.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _output_levels(rows: list[dict]) -> Counter:
+    return Counter({k: sum(len(r[k]) for r in rows) for k in ("pos", "weak", "neg")})
+
+
+def _expected(pairs: list[tuple[str, str, int]]) -> tuple[Counter, Counter, int]:
+    """Raw level counts, and counts after merging per query with the highest level winning."""
+    raw = Counter(LEVEL[lvl] for _, _, lvl in pairs)
+    best: dict[tuple[str, str], int] = {}
+    for q, c, lvl in pairs:
+        best[(q, c)] = max(lvl, best.get((q, c), -1))
+    merged = Counter(LEVEL[lvl] for lvl in best.values())
+    return raw, merged, len({q for q, _ in best})
+
+
+def _sts_level(score: float, pos: float = 4.0, weak: float = 2.0) -> int:
+    return 2 if score >= pos else 1 if score >= weak else 0
+
+
+@needs_shared
+@pytest.mark.parametrize("lang", ["en", "de", "zh"])
+def test_stsb_sts_levels_match_raw_file(tmp_path, lang):
+    path = SHARED / ("stsb" if lang == "en" else "stsb-multi") / f"stsb-{lang}-train.csv"
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    pairs = [(r[0], r[1], _sts_level(float(r[2]))) for r in rows]
+    raw, merged, n_queries = _expected(pairs)
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "split": "train",
+                                        "score_range": [0, 5]}]), progress=False)
+    src = stats["sources"]["stsb-%s-train.csv" % lang]
+    assert src["rows"] == len(rows) == {"en": 5749}.get(lang, len(rows))
+    assert src["rejected"] == 0
+    assert Counter(src["candidates_per_level"]) == raw
+    out = _written(tmp_path)
+    assert _output_levels(out) == merged and len(out) == n_queries
+    # text and scores intact (multilingual, punctuation, no normalisation)
+    first = next(r for r in out if r["query"] == rows[0][0])
+    kept = [t for k in ("pos", "weak", "neg") for t in first[k]]
+    assert rows[0][1] in kept
+    level = LEVEL[_sts_level(float(rows[0][2]))]
+    assert first[f"{level}_scores"][first[level].index(rows[0][1])] == pytest.approx(float(rows[0][2]))
+    if lang == "zh":
+        assert any("\u4e00" <= ch <= "\u9fff" for ch in first["query"])
+
+
+@needs_shared
+def test_sick_nli_labels_to_levels(tmp_path):
+    path = SHARED / "sick" / "SICK_train.txt"
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    mapping = {"ENTAILMENT": 2, "NEUTRAL": 1, "CONTRADICTION": 0}
+    pairs = [(r["sentence_A"], r["sentence_B"], mapping[r["entailment_judgment"]]) for r in rows]
+    raw, merged, n_queries = _expected(pairs)
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "nli", "split": "train"}]), progress=False)
+    src = stats["sources"]["SICK_train.txt"]
+    assert src["rows"] == len(rows) == 4500
+    assert Counter(src["candidates_per_level"]) == raw
+    out = _written(tmp_path)
+    assert _output_levels(out) == merged and len(out) == n_queries
+    # relatedness_score kept as the candidate score
+    r0 = rows[0]
+    ex = next(r for r in out if r["query"] == r0["sentence_A"])
+    lvl = LEVEL[mapping[r0["entailment_judgment"]]]
+    assert ex[f"{lvl}_scores"][ex[lvl].index(r0["sentence_B"])] == pytest.approx(float(r0["relatedness_score"]))
+
+
+@needs_shared
+def test_trecqa_answer_selection_groups_per_question(tmp_path):
+    path = SHARED / "trecqa" / "trecqa-train.csv"
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    pairs = [(r["qtext"], r["atext"], 2 if r["label"] == "1" else 0) for r in rows]
+    raw, merged, n_queries = _expected(pairs)
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "answer_selection"}],
+                            dev_fraction=0.2), progress=False)
+    src = stats["sources"]["trecqa-train.csv"]
+    assert src["rows"] == len(rows)
+    assert Counter(src["candidates_per_level"]) == raw
+    train, dev = _written(tmp_path, "train"), _written(tmp_path, "dev")
+    assert _output_levels(train) + _output_levels(dev) == merged
+    assert len(train) + len(dev) == n_queries
+    # split by query: no question in both splits, and the split is deterministic
+    assert not {r["query"] for r in train} & {r["query"] for r in dev}
+    assert 0.1 < len(dev) / n_queries < 0.3
+    again = prepare(_recipe(tmp_path, [{"path": str(path), "format": "answer_selection"}],
+                            dev_fraction=0.2), progress=False)
+    assert again["splits"] == stats["splits"]
+
+
+def _beir(folder: Path) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    docs = {"d1": ("Refunds", "Money back within 30 days."), "d2": ("", "Shipping takes a week."),
+            "d3": ("Returns", "Return labels are free."), "d4": ("", "We are closed on Sunday.")}
+    (folder / "corpus.jsonl").write_text("".join(
+        json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, (t, x) in docs.items()), encoding="utf-8")
+    (folder / "queries.jsonl").write_text(
+        json.dumps({"_id": "q1", "text": "how do I get a refund"}) + "\n"
+        + json.dumps({"_id": "q2", "text": "when will my parcel arrive"}) + "\n", encoding="utf-8")
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq1\td4\t0\nq2\td2\t2\n", encoding="utf-8")
+    return folder
+
+
+def test_beir_qrels_grades_to_levels(tmp_path):
+    folder = _beir(tmp_path / "beir")
+    prepare(_recipe(tmp_path, [{"path": str(folder), "format": "qrels", "split": "train"}]), progress=False)
+    out = {r["query"]: r for r in _written(tmp_path)}
+    q1 = out["how do I get a refund"]
+    assert q1["pos"] == ["Refunds Money back within 30 days."]
+    assert q1["weak"] == ["Returns Return labels are free."]
+    assert q1["neg"] == ["We are closed on Sunday."]
+    assert out["when will my parcel arrive"]["pos"] == ["Shipping takes a week."]
+    # an explicit grade map: grade 1 counts as positive
+    prepare(_recipe(tmp_path, [{"path": str(folder), "format": "qrels", "split": "train",
+                                "grade_map": {2: "pos", 1: "pos", 0: "neg"}}]), progress=False)
+    q1 = {r["query"]: r for r in _written(tmp_path)}["how do I get a refund"]
+    assert len(q1["pos"]) == 2 and not q1["weak"]
+
+
+def test_mixed_sources_merge_by_query_and_conflicts_follow_the_rule(tmp_path):
+    a = tmp_path / "a.jsonl"
+    a.write_text(json.dumps({"query": "q", "pos": ["x"], "neg": ["y"]}) + "\n", encoding="utf-8")
+    b = tmp_path / "b.csv"
+    b.write_text("q,y,4.5\nq,z,3.0\nq,x,4.8\n", encoding="utf-8")
+    for rule, y_level in (("highest", "pos"), ("lowest", "neg")):
+        stats = prepare(_recipe(tmp_path, [{"path": str(a), "split": "train"},
+                                           {"path": str(b), "format": "sts", "split": "train"}],
+                                conflict=rule), progress=False)
+        (row,) = _written(tmp_path)
+        assert "y" in row[y_level] and row["weak"] == ["z"] and "x" in row["pos"]
+        assert stats["conflicts"] == {"count": 1, "rule": rule}
+        assert stats["duplicates_removed"] == 1  # (q, x) given twice at the same level
+
+
+def test_leakage_is_reported(tmp_path):
+    a = tmp_path / "train.jsonl"
+    a.write_text(json.dumps({"query": "q1", "pos": ["shared answer"]}) + "\n", encoding="utf-8")
+    b = tmp_path / "dev.jsonl"
+    b.write_text(json.dumps({"query": "q2", "pos": ["shared answer"]}) + "\n"
+                 + json.dumps({"query": "q1", "pos": ["other"]}) + "\n", encoding="utf-8")
+    stats = prepare(_recipe(tmp_path, [{"path": str(a), "split": "train"}, {"path": str(b), "split": "dev"}]),
+                    progress=False)
+    assert stats["leakage"]["queries_in_several_splits"] == 1
+    assert stats["leakage"]["dev_test_texts_also_in_train"] == 2  # "shared answer" and "q1"
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: fail names file, line and reason; skip counts it
+# ------------------------------------------------------------------------------------------
+
+BAD_CASES = {
+    # name: (file, content, source options, message part, line, stats reason, good examples)
+    "unknown label": ("nli.tsv", "premise\thypothesis\tlabel\na\tb\tentailment\nc\td\tmaybe\n",
+                      {"format": "nli"}, "unknown label 'maybe'", 3, "unknown label", 1),
+    "empty text": ("sts.csv", "a,b,4.0\n,b,3.0\nc,d,1.0\n", {"format": "sts"}, "empty text in `query`", 2,
+                   "empty text", 2),
+    "score out of range": ("sts.csv", "a,b,4.0\nc,d,7.5\n", {"format": "sts", "score_range": [0, 5]},
+                           "score 7.5 outside the declared range [0, 5]", 2, "score out of range", 1),
+    "score not a number": ("sts.csv", "a,b,4.0\nc,d,high\ne,f,1\n", {"format": "sts"},
+                           "score 'high' is not a number", 2, "bad score", 2),
+    "broken CSV line (quote)": ("sts.csv", 'a,b,4.0\n"c,d,1.0\ne,f,2.0\n', {"format": "sts"},
+                                "broken CSV line", 2, "broken CSV line", 1),
+    "broken CSV line (fields)": ("sts.csv", "a,b,4.0\nc d 1.0\ne,f,2.0\n", {"format": "sts"},
+                                 "broken line: 1 fields", 2, "broken CSV line", 2),
+    "invalid JSON": ("g.jsonl", '{"query": "a", "pos": ["b"]}\n{"query": "c", "pos": [\n',
+                     {"format": "graded"}, "invalid JSON", 2, "invalid JSON", 1),
+    "not UTF-8": ("sts.csv", b"a,b,4.0\nc\xff,d,1.0\n", {"format": "sts"}, "not UTF-8", 2, "not UTF-8", 1),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_bad_row_fails_with_location_or_is_counted_when_skipped(tmp_path, case):
+    name, content, options, message, line, reason, good = BAD_CASES[case]
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    source = {"path": str(path), "split": "train", **options}
+    with pytest.raises(DataError) as err:
+        prepare(_recipe(tmp_path, [source]), progress=False)
+    text = str(err.value)
+    assert f"{path}:{line}" in text and message in text, text
+    assert not (tmp_path / "run" / "data" / "train.jsonl").exists()  # nothing half-written
+
+    stats = prepare(_recipe(tmp_path, [source], on_error="skip"), progress=False)
+    st = stats["sources"][name]
+    assert st["rejected"] == 1 and st["rejected_by_reason"] == {reason: 1}
+    assert f"{path}:{line}" in st["first_rejections"][0]
+    assert len(_written(tmp_path)) == good
+
+
+def test_missing_file_and_missing_column(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match=f"data source {missing} does not exist"):
+        prepare(_recipe(tmp_path, [{"path": str(missing), "format": "sts"}]), progress=False)
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"query": "a", "pos": ["b"]}) + "\n", encoding="utf-8")
+    stats = prepare(_recipe(tmp_path, [{"path": str(missing), "format": "sts"}, {"path": str(ok), "split": "train"}],
+                            on_error="skip"), progress=False)
+    assert stats["sources"]["nope.csv"]["rejected_by_reason"] == {"missing file": 1}
+
+    headed = tmp_path / "pairs.csv"
+    headed.write_text("text_a,text_b,gold\nx,y,1\n", encoding="utf-8")
+    with pytest.raises(DataError) as err:
+        prepare(_recipe(tmp_path, [{"path": str(headed), "format": "pairs",
+                                    "columns": {"query": "text_a", "candidate": "text_b", "label": "relevant"}}]),
+                progress=False)
+    assert str(headed) in str(err.value) and "'relevant'" in str(err.value) and "text_a, text_b, gold" in str(err.value)
+
+
+def test_pairs_with_user_label_map_and_triplets(tmp_path):
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("text_a,text_b,gold\nq,a,good\nq,b,ok\nq,c,bad\n", encoding="utf-8")
+    trip = tmp_path / "trip.jsonl"
+    trip.write_text(json.dumps({"anchor": "q", "positive": "d", "negative": "e"}) + "\n", encoding="utf-8")
+    prepare(_recipe(tmp_path, [
+        {"path": str(pairs), "format": "pairs", "split": "train",
+         "columns": {"query": "text_a", "candidate": "text_b", "label": "gold"},
+         "label_map": {"good": "pos", "ok": "weak", "bad": "neg"}},
+        {"path": str(trip), "format": "triplets", "split": "train"}]), progress=False)
+    (row,) = _written(tmp_path)
+    assert row["pos"] == ["a", "d"] and row["weak"] == ["b"] and row["neg"] == ["c", "e"]
+
+
+def test_parquet_source(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    path = tmp_path / "sts.parquet"
+    pq.write_table(pa.table({"sentence1": ["a", "c"], "sentence2": ["b", "d"], "score": [4.5, 0.5]}), path)
+    prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "split": "train"}]), progress=False)
+    rows = {r["query"]: r for r in _written(tmp_path)}
+    assert rows["a"]["pos"] == ["b"] and rows["c"]["neg"] == ["d"]
+
+
+@needs_shared
+def test_sts_nli_recipe_prepares_train_and_dev_with_overridable_paths(tmp_path):
+    recipe_file = ROOT / "recipes" / "sts-nli-en.yaml"
+    recipe = load_recipe(recipe_file, [f"output_dir={tmp_path / 'run'}"])
+    stats = prepare(recipe, progress=False)
+    src = stats["sources"]
+    assert src["stsb-train"]["examples_per_split"] == {"train": 2 * 5749}  # symmetric pairs
+    assert src["sick-train"]["examples_per_split"] == {"train": 2 * 4500}
+    assert src["stsb-dev"]["examples_per_split"] == {"dev": 1500}
+    assert src["sick-trial"]["examples_per_split"] == {"dev": 500}
+    # --set replaces one path: a 3-row STS file instead of STS-B train
+    small = tmp_path / "small.csv"
+    small.write_text("a,b,5\nc,d,3\ne,f,0\n", encoding="utf-8")
+    recipe = load_recipe(recipe_file, [f"output_dir={tmp_path / 'run2'}", f"data.sources.0.path={small}"])
+    stats = prepare(recipe, progress=False)
+    assert stats["sources"]["stsb-train"]["rows"] == 3
+
+
+def test_flagembedding_jsonl_as_is(tmp_path):
+    path = tmp_path / "fe.jsonl"
+    path.write_text(json.dumps({"query": "q", "pos": ["a"], "neg": ["b", "c"], "pos_scores": [1.0],
+                                "neg_scores": [0.2, 0.1], "prompt": "Represent: ", "type": "normal"}) + "\n",
+                    encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(path), "split": "train"}]), progress=False)
+    (row,) = _written(tmp_path)
+    assert row["pos"] == ["a"] and row["neg"] == ["b", "c"] and row["weak"] == []
+    assert row["neg_scores"] == [0.2, 0.1] and row["prompt"] == "Represent: "
+
+
+def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="hub dataset 'mteb/stsbenchmark-sts' cannot be loaded offline"):
+        prepare(_recipe(tmp_path, [{"hub": "mteb/stsbenchmark-sts", "format": "sts"}]), progress=False)
+
+
+def test_hub_source_uses_the_same_column_mapping(tmp_path, monkeypatch):
+    """The hub path streams rows from datasets.load_dataset; stub it to check the mapping."""
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(name, config=None, split=None, streaming=False):
+        calls.append((name, config, split, streaming))
+        return iter([{"s1": "a", "s2": "b", "sim": 4.5}, {"s1": "c", "s2": "d", "sim": 1.0}])
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    prepare(_recipe(tmp_path, [{"hub": "org/sts", "hub_split": "validation", "format": "sts", "split": "train",
+                                "columns": {"query": "s1", "candidate": "s2", "score": "sim"}}]), progress=False)
+    assert calls == [("org/sts", None, "validation", True)]
+    rows = {r["query"]: r for r in _written(tmp_path)}
+    assert rows["a"]["pos"] == ["b"] and rows["c"]["neg"] == ["d"]
