@@ -65,12 +65,25 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
         cmd += ["--config_file", config_file]
     if not any(a.startswith("--num_processes") for a in launcher_args) and not config_file:
         cmd += ["--num_processes", str(num_processes)]
+    modes = ("--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--tpu", "--config_file")
+    if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and _requested_processes(
+            launcher_args, num_processes) > 1:
+        # accelerate's torchrun path; on a CPU-only machine the processes form a gloo group
+        cmd.append("--multi_gpu")
     cmd += list(launcher_args) + ["-m", "hmcl_cli", "train", recipe_path]
     for o in overrides:
         cmd += ["--set", o]
     if resume:
         cmd.append("--resume")
     return cmd
+
+
+def _requested_processes(launcher_args: list[str], default: int) -> int:
+    for i, a in enumerate(launcher_args):
+        if a.startswith("--num_processes"):
+            value = a.split("=", 1)[1] if "=" in a else (launcher_args[i + 1] if i + 1 < len(launcher_args) else "")
+            return int(value) if value.isdigit() else default
+    return default
 
 
 def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[str], resume: bool,

@@ -121,3 +121,31 @@ def test_all_negative_dataset_is_refused(tmp_path, tiny_bert):
 
     with pytest.raises(DataError, match="every candidate is a negative"):
         HMCLTrainer(recipe).setup()
+
+
+def test_nonfinite_loss_stops_naming_the_step_after_saving(tmp_path, tiny_bert):
+    from hmcl_cli.errors import TrainingDivergedError
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 8, "save_steps": 1, "eval_steps": 100, "log_steps": 4,
+                                                   "keep_last": 5})
+    forward, calls = t.loss_fn.forward, []
+
+    def poisoned(batch):
+        total, parts = forward(batch)
+        calls.append(1)
+        return (total * float("nan") if len(calls) == 3 else total), parts
+
+    t.loss_fn.forward = poisoned
+    with pytest.raises(TrainingDivergedError) as err:
+        t.train()
+    msg = str(err.value)
+    assert "NaN/inf at step 3" in msg and "last good checkpoint: step-0000002" in msg
+    ckpts = t.recipe.run_dir / "checkpoints"
+    assert (ckpts / "diverged" / "manifest.json").is_file()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["diverged", "diverged-step-0000003", "step-0000001",
+                                                       "step-0000002"]
+    # --resume picks the last good checkpoint, not the diverged state
+    t2 = HMCLTrainer(t.recipe)
+    t2.setup(resume=True)
+    assert t2.step == 2
+    assert all(torch.isfinite(p).all() for p in t2.model.parameters())

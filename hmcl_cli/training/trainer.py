@@ -47,7 +47,7 @@ import torch
 
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
-from hmcl_cli.errors import DataError, InterruptedRun, OutOfMemoryError, TrainingDivergedError
+from hmcl_cli.errors import DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
 from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
@@ -97,9 +97,12 @@ class HMCLTrainer:
 
         r, cfg = self.recipe, self.cfg
         trackers = [t for t in cfg.trackers if _tracker_available(t)]
-        self.accelerator = Accelerator(log_with=trackers or None,
+        # cpu=True on a machine without CUDA: several processes then form a gloo group (MULTI_CPU)
+        # instead of each silently training alone
+        self.accelerator = Accelerator(log_with=trackers or None, cpu=not torch.cuda.is_available(),
                                        project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         acc = self.accelerator
+        _check_distributed_setup(acc)
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
@@ -303,10 +306,16 @@ class HMCLTrainer:
         bad = int(nonfinite_step.item())
         if bad >= 0:
             path = self.save_checkpoint(tag="diverged")
+            if self.is_main:  # checkpoints written after the bad step hold NaN weights: keep them out of --resume
+                for late in self.ckpt_dir.glob("step-*"):
+                    if int(late.name[5:]) >= bad:
+                        late.rename(late.with_name("diverged-" + late.name))
+            good = sorted(p.name for p in self.ckpt_dir.glob("step-*") if p.is_dir())
             raise TrainingDivergedError(
-                f"loss became NaN/inf at step {bad} (state at step {self.step} saved to {path})",
+                f"loss became NaN/inf at step {bad}; the state at step {self.step} is saved for inspection "
+                f"in {path}" + (f"; last good checkpoint: {good[-1]}" if good else ""),
                 hint="lower train.learning_rate, raise loss.temperature, keep max_grad_norm on; "
-                "resume from an earlier checkpoint with --resume after removing the diverged one")
+                "`--resume` continues from the last good step-* checkpoint (never the diverged one)")
 
     # ------------------------------------------------------------------ eval
     def evaluate(self) -> dict:
@@ -332,6 +341,10 @@ class HMCLTrainer:
             else:
                 self.evals_without_improvement += 1
         stop = bool(self.cfg.early_stopping_patience and self.evals_without_improvement >= self.cfg.early_stopping_patience)
+        if self.world > 1:  # only the main process evaluates: every rank must stop at the same step
+            flag = torch.tensor([float(stop)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            stop = bool(flag.item())
         if stop and self.is_main:
             log(f"early stopping: no improvement of {self.cfg.metric_for_best} for {self.evals_without_improvement} evals")
         self._early_stopped = stop
@@ -523,6 +536,29 @@ def _restored_rng(state: tuple, device: torch.device):
         torch.set_rng_state(cpu_now)
         if cuda_now is not None:
             torch.cuda.set_rng_state(cuda_now, device)
+
+
+def _check_distributed_setup(acc: Any) -> None:
+    """Refuse set-ups this loop would train wrongly rather than fail late or silently."""
+    from accelerate.utils import DistributedType
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise RecipeError(
+            f"launched as {launched} processes but the process group has {acc.num_processes}; "
+            "each process would train alone and overwrite the same run directory",
+            hint="launch with `hmcl train RECIPE --launcher accelerate -- --num_processes N` "
+            "(hmcl adds the multi-process flags), or check your accelerate config",
+        )
+    kind = acc.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        raise RecipeError(
+            f"accelerate is configured for {kind.value}; hmcl trains with its own cross-device "
+            "embedding gather and gradient averaging (data parallel) and does not shard with "
+            "DeepSpeed ZeRO or FSDP yet",
+            hint="use a plain multi-GPU accelerate config; for big models use LoRA "
+            "(model.lora.enabled: true), gradient checkpointing and train.grad_cache_chunk",
+        )
 
 
 def _tracker_available(name: str) -> bool:
