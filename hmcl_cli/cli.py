@@ -104,6 +104,8 @@ def eval_(
     reranking: Optional[List[str]] = typer.Option(None, "--reranking", help="[NAME=]graded JSONL file."),
     retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", help="[NAME=]graded JSONL or BEIR folder."),
     pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", help="[NAME=]FILE of (text, text, 0/1)."),
+    mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
+    split: str = typer.Option("test", "--split", help="Split of --mteb tasks and BEIR --retrieval folders."),
     gate: Optional[List[str]] = typer.Option(None, "--gate", help="e.g. 'sts:spearman>=base+0.005' (repeatable)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Grouped bar chart (PNG)."),
@@ -118,7 +120,12 @@ def eval_(
     for kind, items in (("sts", sts), ("reranking", reranking), ("retrieval", retrieval), ("pair_classification", pair_classification)):
         for item in items or []:
             name, _, path = item.rpartition("=")
-            tasks.append(EvalTask(name=name or Path(path).stem, type=kind, path=str(Path(path).resolve())))
+            name = name or Path(path).stem
+            if any(t.name == name for t in tasks):
+                name = f"{name}-{kind}"  # the same file as two kinds of task
+            tasks.append(EvalTask(name=name, type=kind, path=str(Path(path).resolve()), split=split))
+    for name in mteb_task or []:
+        tasks.append(EvalTask(name=name, type="mteb", mteb_name=name, split=split))
     models = None
     if model:
         models = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from hmcl_cli.console import log, warn
-from hmcl_cli.errors import HmclError
+from hmcl_cli.errors import DataError, HmclError
 from hmcl_cli.io_utils import RunLock, write_text_atomic
 from hmcl_cli.recipe import EvalTask, Recipe
 
@@ -161,6 +161,10 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     if plot:
         plot_report(report, plot)
     enforce_gates(gate_rows)
+    failed = [f"{t}/{m}" for t, per in report["results"].items() for m, r in per.items() if "error" in r]
+    if failed:
+        raise DataError(f"{len(failed)} evaluation(s) failed: {', '.join(failed)} (the other results are in {out})",
+                        hint="see the errors under the table")
     return report
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
 
 
 def dcg(gains: np.ndarray) -> float:
@@ -39,11 +38,6 @@ def reciprocal_rank(ranked_relevant: Sequence[bool], k: int = 10) -> float:
 
 def recall_at_k(ranked_relevant: Sequence[bool], n_relevant: int, k: int) -> float:
     return float(np.asarray(ranked_relevant, dtype=bool)[:k].sum() / n_relevant) if n_relevant else 0.0
-
-
-def sts_scores(sim: np.ndarray, gold: np.ndarray) -> dict[str, float]:
-    """Spearman and Pearson (x100 like MTEB? no: as fractions) between cosine and gold."""
-    return {"spearman": float(spearmanr(sim, gold).statistic), "pearson": float(pearsonr(sim, gold).statistic)}
 
 
 def rerank_scores(groups: list[tuple[np.ndarray, np.ndarray]], min_relevant: int = 2) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """``hmcl eval``: several models x several tasks, a side-by-side table, JSON, and a quality gate.
 
-Local tasks are read from files: ``sts`` (pairs + score), ``reranking`` (graded JSONL: each
-query's own candidates), ``retrieval`` (graded JSONL pooled into a corpus, or a BEIR folder),
-``pair_classification`` (pairs + 0/1). A failing model or task is reported in the table and
-the others still run.
+Every task runs through ``mteb.evaluate`` (see :mod:`hmcl_cli.evaluation.mteb_bridge`). Local
+tasks are read from files: ``sts`` (pairs + score), ``reranking`` (graded JSONL: each query's own
+candidates), ``retrieval`` (graded JSONL pooled into a corpus, or a BEIR folder),
+``pair_classification`` (pairs + 0/1); ``mteb`` tasks come from the hub by MTEB name. A failing
+model or task is reported in the table and the others still run.
 """
 
 from __future__ import annotations
@@ -17,11 +18,9 @@ from typing import Any, Optional
 import numpy as np
 
 from hmcl_cli.console import console, log, warn
-from hmcl_cli.data.example import BadRow
+from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
 from hmcl_cli.data.readers import read_source
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError
-from hmcl_cli.evaluation.graded import encode_queries
-from hmcl_cli.evaluation.metrics import rerank_scores, retrieval_scores, sts_scores
 from hmcl_cli.io_utils import write_json_atomic
 from hmcl_cli.recipe import EvalTask, SourceConfig
 
@@ -36,13 +35,19 @@ class TaskData:
     pairs: Optional[tuple[list[str], list[str], np.ndarray]] = None  # sts / pair_classification
     examples: list = field(default_factory=list)  # graded examples (reranking / retrieval)
     corpus: list = field(default_factory=list)  # retrieval over a BEIR folder: every corpus document
+    hub: Any = None  # an mteb task object (type mteb)
 
 
 def load_task(task: EvalTask, resolve) -> TaskData:
-    """Read a task's file(s) with the same readers as ``prepare``."""
+    """Read a task's file(s) with the same readers as ``prepare`` (or find an MTEB hub task)."""
     if task.type == "mteb":
-        raise DataError(f"task {task.name!r}: MTEB hub tasks are not supported in this version",
-                        hint="export the task to a local file and use type sts/reranking/retrieval")
+        if not task.mteb_name:
+            raise RecipeError(f"eval task {task.name!r} of type mteb needs `mteb_name`")
+        from hmcl_cli.evaluation.mteb_bridge import hub_task
+
+        data = TaskData(task, "mteb", "mteb")
+        data.hub = hub_task(task.mteb_name, task.split)
+        return data
     if not task.path:
         raise RecipeError(f"eval task {task.name!r} needs `path`")
     path = resolve(task.path)
@@ -55,11 +60,18 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range,
                        qrels_split=task.split if fmt == "qrels" else "train",
                        label_map={"1": "pos", "0": "neg"} if task.type == "pair_classification" else None)
-    examples = []
+    merged: dict[tuple, GradedExample] = {}  # rows of one query (answer selection, pairs) -> one example
+    pairs: list[tuple[str, str, Any]] = []  # sts / pair classification keep every row as given
     for item in read_source(src, path):
         if isinstance(item, BadRow):
             raise DataError(f"task {task.name!r}: {item.located()}")
-        examples.append(item[1])
+        ex = item[1]
+        for text, cand in ex.candidates.items():
+            pairs.append((ex.query, text, cand))
+        target = merged.setdefault((ex.prompt or "", ex.query), GradedExample(ex.query, prompt=ex.prompt))
+        for cand in ex.candidates.values():
+            add_candidate(target, cand.text, cand.level, cand.score, "highest")
+    examples = list(merged.values())
     if not examples:
         raise DataError(f"task {task.name!r}: {path} holds no examples")
     data = TaskData(task, task.type, fmt, examples=examples)
@@ -69,57 +81,35 @@ def load_task(task: EvalTask, resolve) -> TaskData:
         data.corpus = read_corpus(path)  # judged and unjudged documents alike, as MTEB retrieves
     if task.type in ("sts", "pair_classification"):
         a, b, gold = [], [], []
-        for ex in examples:
-            for text, cand in ex.candidates.items():
-                a.append(ex.query)
-                b.append(text)
-                gold.append(cand.score if task.type == "sts" else float(cand.level == 2))
+        for query, text, cand in pairs:
+            a.append(query)
+            b.append(text)
+            gold.append(cand.score if task.type == "sts" else float(cand.level == 2))
+        if task.type == "sts" and any(g is None for g in gold):
+            raise DataError(f"task {task.name!r}: {path} has pairs without a score",
+                            hint="an STS task needs a score column (map it with `columns: {score: ...}`)")
         data.pairs = (a, b, np.array(gold, dtype=float))
     return data
 
 
-def score_task(model: Any, data: TaskData, batch_size: int) -> dict[str, float]:
-    if data.kind in ("sts", "pair_classification"):
-        a, b, gold = data.pairs
-        texts = list(dict.fromkeys(a + b))
-        emb = model.encode(texts, side="doc", batch_size=batch_size).numpy()
-        pos = {t: i for i, t in enumerate(texts)}
-        sim = np.einsum("ij,ij->i", emb[[pos[t] for t in a]], emb[[pos[t] for t in b]])
-        if data.kind == "sts":
-            return sts_scores(sim, gold)
-        from sklearn.metrics import average_precision_score
-
-        return {"ap": float(average_precision_score(gold, sim))}
-    exs = data.examples
-    q = encode_queries(model, [e.query for e in exs], [e.prompt for e in exs], batch_size, False)
-    corpus = list(dict.fromkeys([t for e in exs for t in e.candidates] + data.corpus))
-    c = model.encode(corpus, side="doc", batch_size=batch_size).numpy()
-    pos = {t: i for i, t in enumerate(corpus)}
-    if data.kind == "reranking":
-        groups = []
-        for qi, e in enumerate(exs):
-            idx = [pos[t] for t in e.candidates]
-            groups.append((c[idx] @ q[qi], np.array([x.level for x in e.candidates.values()])))
-        return rerank_scores(groups, min_relevant=2)
-    # gains: the relevance grade for BEIR qrels (as pytrec_eval/MTEB), else the level (pos 2, weak 1)
-    qrels = [{pos[t]: float(x.score if data.fmt == "qrels" else x.level) for t, x in e.candidates.items() if x.level > 0}
-             for e in exs]
-    return retrieval_scores(q @ c.T, qrels, ks=(10, 100))
-
-
 def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size: int = 128,
              loader=None) -> dict:
-    """Evaluate every model on every task. ``models``: label -> EmbeddingModel or model id/path.
+    """Evaluate every model on every task through mteb. ``models``: label -> EmbeddingModel or id/path.
 
-    Returns ``{"tasks": {name: {"type", "main"}}, "results": {task: {model: metrics|{"error"}}}}``.
+    Returns ``{"tasks": {name: {"type", "main"}}, "models": [...], "results": {task: {model:
+    metrics | {"error"}}}}``; each metrics dict has hmcl's short names (``spearman``, ``ndcg@10``,
+    ``map``...), ``main_score`` and ``mteb`` (every score mteb reported).
     """
+    from hmcl_cli.evaluation.mteb_bridge import MtebEncoder, local_task, run_mteb
+
     results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
-    task_data: dict[str, Any] = {}
+    task_objs: dict[str, Any] = {}
     for t in tasks:
         try:
-            task_data[t.name] = load_task(t, resolve)
+            data = load_task(t, resolve)
+            task_objs[t.name] = (data.hub if data.kind == "mteb" else local_task(data), data.kind)
         except HmclError as e:
-            task_data[t.name] = e
+            task_objs[t.name] = e
             warn(f"task {t.name}: {e}")
     for label, model in models.items():
         if isinstance(model, (str, Path)):
@@ -130,19 +120,31 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
                 for t in tasks:
                     results[t.name][label] = {"error": f"model failed to load: {e}"}
                 continue
+        encoder = MtebEncoder(model, label, batch_size)  # one text cache per model for all tasks
         for t in tasks:
-            data = task_data[t.name]
-            if isinstance(data, HmclError):
-                results[t.name][label] = {"error": str(data)}
+            entry = task_objs[t.name]
+            if isinstance(entry, HmclError):
+                results[t.name][label] = {"error": str(entry)}
                 continue
             log(f"eval {label} on {t.name}")
             try:
-                results[t.name][label] = score_task(model, data, batch_size)
+                results[t.name][label] = run_mteb(encoder, *entry)
+            except HmclError as e:
+                results[t.name][label] = {"error": str(e)}
             except Exception as e:  # noqa: BLE001 - one failure must not stop the table
                 results[t.name][label] = {"error": f"{type(e).__name__}: {e}"}
-        del model
-    return {"tasks": {t.name: {"type": t.type, "main": MAIN_METRIC.get(t.type, "main")} for t in tasks},
-            "models": list(models), "results": results}
+        log(f"eval {label}: {encoder.encoded} distinct texts encoded")
+        del model, encoder
+    report = {"tasks": {t.name: {"type": t.type, "main": MAIN_METRIC.get(t.type, "main_score")} for t in tasks},
+              "models": list(models), "results": results}
+    first = next(iter(models), None)
+    for t in tasks:  # the main metric of every model against the first one
+        main, per = report["tasks"][t.name]["main"], results[t.name]
+        ref = per.get(first, {}).get(main)
+        for label, r in per.items():
+            if label != first and isinstance(ref, float) and isinstance(r.get(main), float):
+                r[f"delta_vs_{first}"] = r[main] - ref
+    return report
 
 
 def print_table(report: dict, title: str = "evaluation") -> None:
@@ -190,11 +192,16 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
         res = report["results"].get(task)
         if res is None:
             raise RecipeError(f"gate {g!r}: no task named {task!r} (tasks: {', '.join(report['results'])})")
-        value = res.get(model, {}).get(metric)
+        got = res.get(model, {})
+        value = got.get(metric, got.get("mteb", {}).get(metric))  # hmcl's short name, or mteb's
+        if ref_model and ref_model not in res and not sign:
+            split = re.fullmatch(r"(.+?)([+-])(\d[\d.]*(?:[eE][+-]?\d+)?)", ref_model)  # `base-0.01`
+            if split and split.group(1) in res:
+                ref_model, sign, delta = split.groups()
         if ref_model:
             if ref_model not in res:
                 raise RecipeError(f"gate {g!r}: no model named {ref_model!r} (models: {', '.join(report['models'])})")
-            ref = res[ref_model].get(metric)
+            ref = res[ref_model].get(metric, res[ref_model].get("mteb", {}).get(metric))
             threshold = None if ref is None else ref + (float(delta) if sign == "+" else -float(delta) if sign else 0.0)
         else:
             threshold = float(number)

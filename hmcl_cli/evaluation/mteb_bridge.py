@@ -1,0 +1,229 @@
+"""Run hmcl's evaluation tasks through mteb, so the numbers are MTEB's own.
+
+* :class:`MtebEncoder` wraps an :class:`~hmcl_cli.modeling.encoder.EmbeddingModel` as an mteb
+  encoder: query/document sides follow mteb's ``prompt_type``, every distinct text is encoded
+  once per model per call (a cache shared by all tasks), and the model meta carries a name and a
+  revision derived from the weights, so two models are never confused in mteb's bookkeeping.
+* :func:`local_task` turns a local task (read with the same readers as ``prepare``) into an mteb
+  task object: ``sts`` -> AbsTaskSTS, ``pair_classification`` -> AbsTaskPairClassification,
+  ``retrieval`` -> AbsTaskRetrieval (BEIR folders keep their graded qrels; a graded JSONL is
+  pooled into one corpus with gains pos 2 / weak 1), ``reranking`` -> AbsTaskRetrieval with
+  ``top_ranked`` (each query's own candidates; positives relevant), mteb's current way.
+* :func:`hub_task` loads a task by its MTEB name (needs network; offline is a clear error).
+
+:func:`run_mteb` evaluates one model on one task and returns the main metrics under hmcl's short
+names (``spearman``, ``ndcg@10``, ``map`` ...) together with every metric mteb reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, Optional
+
+import numpy as np
+
+from hmcl_cli.errors import DataError
+
+# hmcl metric name -> mteb score key, per task kind
+METRIC_NAMES: dict[str, dict[str, str]] = {
+    "sts": {"spearman": "cosine_spearman", "pearson": "cosine_pearson"},
+    "pair_classification": {"ap": "similarity_ap", "f1": "similarity_f1", "accuracy": "similarity_accuracy"},
+    "retrieval": {"ndcg@10": "ndcg_at_10", "mrr@10": "mrr_at_10", "recall@100": "recall_at_100",
+                  "map@100": "map_at_100"},
+    "reranking": {"map": "map_at_1000", "mrr@10": "mrr_at_10", "ndcg@10": "ndcg_at_10"},
+}
+_MTEB_TYPE = {"sts": "STS", "pair_classification": "PairClassification", "retrieval": "Retrieval",
+              "reranking": "Reranking"}
+_MAIN = {"sts": "cosine_spearman", "pair_classification": "similarity_ap", "retrieval": "ndcg_at_10",
+         "reranking": "map_at_1000"}
+
+
+def _metadata(name: str, kind: str, split: str = "test") -> Any:
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    return TaskMetadata(
+        name=name, description=f"hmcl local {kind} task {name}", type=_MTEB_TYPE[kind],
+        dataset={"path": f"hmcl-local/{name}", "revision": "local"}, category="t2t",
+        eval_splits=[split], eval_langs=["eng-Latn"], main_score=_MAIN[kind], modalities=["text"],
+        reference=None, date=None, domains=None, task_subtypes=None, license=None,
+        annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation="",
+    )
+
+
+def local_task(data: Any) -> Any:
+    """An mteb task object holding a loaded :class:`~hmcl_cli.evaluation.runner.TaskData`."""
+    from datasets import Dataset, DatasetDict
+
+    kind, name = data.kind, data.task.name
+    meta = _metadata(name, kind)
+    if kind in ("sts", "pair_classification"):
+        a, b, gold = data.pairs
+        if kind == "sts":
+            from mteb.abstasks.sts import AbsTaskSTS as Base
+
+            cols = {"sentence1": a, "sentence2": b, "score": [float(x) for x in gold]}
+        else:
+            from mteb.abstasks.pair_classification import AbsTaskPairClassification as Base
+
+            cols = {"sentence1": a, "sentence2": b, "labels": [int(x) for x in gold]}
+        dataset = DatasetDict({"test": Dataset.from_dict(cols)})
+        attrs: dict[str, Any] = {"metadata": meta}
+        if kind == "sts":
+            attrs["min_score"], attrs["max_score"] = float(np.min(gold)), float(np.max(gold))
+    else:
+        from mteb.abstasks.retrieval import AbsTaskRetrieval as Base
+        from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+
+        split = _retrieval_split(data, Dataset)
+        dataset = {"default": {"test": RetrievalSplitData(**split)}}
+        attrs = {"metadata": meta}
+
+    def load_data(self, num_proc: Optional[int] = None, **kwargs: Any) -> None:
+        self.dataset = dataset
+        self.data_loaded = True
+
+    attrs["load_data"] = load_data
+    cls = type(f"Hmcl{_MTEB_TYPE[kind]}Task", (Base,), attrs)
+    return cls()
+
+
+def _retrieval_split(data: Any, Dataset: Any) -> dict:
+    docs: dict[str, str] = {}
+    doc_id: dict[str, str] = {}
+
+    def did(text: str) -> str:
+        if text not in doc_id:
+            doc_id[text] = f"d{len(doc_id)}"
+            docs[doc_id[text]] = text
+        return doc_id[text]
+
+    queries, qrels, top = [], {}, {}
+    for i, ex in enumerate(data.examples):
+        qid = f"q{i}"
+        if data.kind == "reranking":
+            judged = {did(t): int(c.level == 2) for t, c in ex.candidates.items()}
+            if not any(judged.values()):
+                continue  # no positive: AP is undefined (classic MTEB reranking drops these)
+            top[qid] = list(judged)
+        elif data.fmt == "qrels":
+            judged = {did(t): int(round(c.score)) for t, c in ex.candidates.items() if c.score and c.score > 0}
+        else:
+            judged = {did(t): int(c.level) for t, c in ex.candidates.items() if c.level > 0}
+        if not judged:
+            continue
+        queries.append({"id": qid, "text": ex.query})
+        qrels[qid] = judged
+    for text in data.corpus:
+        did(text)
+    if not queries:
+        raise DataError(f"task {data.task.name!r}: no query has a relevant candidate")
+    corpus = Dataset.from_list([{"id": k, "text": v, "title": ""} for k, v in docs.items()])
+    return {"queries": Dataset.from_list(queries), "corpus": corpus, "relevant_docs": qrels,
+            "top_ranked": top or None}
+
+
+def hub_task(name: str, split: Optional[str] = None) -> Any:
+    """An MTEB task by name (only ``split`` when given); its data is downloaded on first use."""
+    import mteb
+
+    try:
+        task = mteb.get_task(name, eval_splits=[split] if split else None)
+    except (KeyError, ValueError) as e:
+        raise DataError(f"unknown MTEB task {name!r}: {e}", hint="see `mteb.get_tasks()` for names") from None
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        repo = task.metadata.dataset["path"]
+        cached = os.path.isdir(os.path.join(HF_HUB_CACHE, "datasets--" + repo.replace("/", "--")))
+        if not cached:
+            raise DataError(
+                f"MTEB task {name!r} needs the dataset {repo!r}, which is not in the local cache and "
+                "cannot be downloaded offline (HF_HUB_OFFLINE=1)",
+                hint="run once with network to cache it, or evaluate a local file (--sts/--retrieval/...)",
+            )
+    return task
+
+
+class MtebEncoder:
+    """An hmcl EmbeddingModel seen by mteb (EncoderProtocol), with a per-call text cache."""
+
+    def __init__(self, model: Any, label: str, batch_size: int = 128, progress: bool = False):
+        self.model, self.label, self.batch_size, self.progress = model, label, batch_size, progress
+        self.cache: dict[tuple[str, str], np.ndarray] = {}
+        self.encoded = 0  # texts actually run through the model (the rest came from the cache)
+        self._meta = None
+
+    @property
+    def mteb_model_meta(self) -> Any:
+        if self._meta is None:
+            from mteb.models.model_meta import ModelMeta
+
+            self._meta = ModelMeta.create_empty({
+                "name": f"hmcl/{self.label}", "revision": _weights_digest(self.model),
+                "embed_dim": self.model.dim, "similarity_fn_name": "cosine", "framework": ["PyTorch"],
+                "n_parameters": sum(p.numel() for p in self.model.parameters()),
+                "max_tokens": self.model.settings.doc_max_length, "open_weights": True,
+                "use_instructions": bool(self.model.settings.query_prompt),
+            })
+        return self._meta
+
+    def encode(self, inputs: Any, *, task_metadata: Any = None, hf_split: str = "", hf_subset: str = "",
+               prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
+        texts: list[str] = []
+        for batch in inputs:
+            texts.extend(batch["text"])
+        side = "query" if getattr(prompt_type, "value", prompt_type) == "query" else "doc"
+        missing = list(dict.fromkeys(t for t in texts if (side, t) not in self.cache))
+        if missing:
+            emb = self.model.encode(missing, side=side, batch_size=self.batch_size, progress=self.progress,
+                                    description=f"encode {self.label}").numpy()
+            self.encoded += len(missing)
+            for t, e in zip(missing, emb):
+                self.cache[(side, t)] = e
+        if not texts:
+            return np.zeros((0, self.model.dim), dtype=np.float32)
+        return np.stack([self.cache[(side, t)] for t in texts])
+
+    def similarity(self, a: Any, b: Any) -> Any:
+        import torch
+
+        a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+        return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+
+    def similarity_pairwise(self, a: Any, b: Any) -> Any:
+        import torch
+
+        a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
+        return (torch.nn.functional.normalize(a, dim=-1) * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
+
+
+def _weights_digest(model: Any) -> str:
+    """A short content hash of the weights (a sample of every tensor), used as mteb's revision."""
+    h = hashlib.sha256()
+    for name, p in model.backbone.state_dict().items():
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_mteb(encoder: MtebEncoder, task: Any, kind: str) -> dict[str, float]:
+    """Evaluate through ``mteb.evaluate``; hmcl short names first, then every mteb metric."""
+    import logging
+
+    import datasets
+    import mteb
+
+    logging.getLogger("mteb").setLevel(logging.ERROR)
+    datasets.disable_progress_bars()
+    result = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
+                           encode_kwargs={"batch_size": encoder.batch_size, "show_progress_bar": False})
+    (task_result,) = result.task_results
+    split = next(iter(task_result.scores))
+    scores = task_result.scores[split][0]
+    raw = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out = {short: raw[key] for short, key in METRIC_NAMES.get(kind, {}).items() if key in raw}
+    out["main_score"] = raw.get("main_score", float("nan"))
+    out["mteb"] = raw
+    return out
