@@ -1,7 +1,9 @@
 """``hmcl mine``: add mined negatives and weak-positives to the prepared training data.
 
 For each query, the corpus (the dataset's own candidate texts plus ``mine.corpus`` files) is
-searched exactly (chunked matrix product on the device) for the top ``top_k`` texts. Then:
+searched for the top ``top_k`` texts: exactly by a chunked matrix product on the device
+(``search: exact``), or with faiss (``search: faiss``: flat, or IVF for very large corpora; GPU
+when available). Then:
 
 * weak-positives: texts whose score lies in ``weak_band`` relative to the positive's score;
 * negatives: texts ranked in [``range_min``, ``range_max``), minus any scoring above
@@ -73,6 +75,33 @@ def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096) ->
     return torch.cat(scores).numpy(), torch.cat(idx).numpy()
 
 
+def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product with faiss: exact (flat) for corpora up to ``exact_below`` texts, an
+    IVF index (nlist ~ 4 sqrt(N), 32 probes) beyond; on the GPUs when faiss was built with them."""
+    try:
+        import faiss
+    except ImportError:
+        raise DataError("mine.search: faiss needs the faiss package",
+                        hint="pip install faiss-cpu (or faiss-gpu), or use mine.search: exact") from None
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    c = np.ascontiguousarray(c, dtype=np.float32)
+    k = min(k, c.shape[0])
+    dim = c.shape[1]
+    if c.shape[0] <= exact_below:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = int(4 * np.sqrt(c.shape[0]))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = c[np.random.default_rng(0).choice(c.shape[0], min(c.shape[0], 64 * nlist), replace=False)]
+        index.train(sample)
+        index.nprobe = 32
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(c)
+    scores, idx = index.search(q, k)
+    return scores, idx
+
+
 def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: set[int], cfg: Any,
                      rng: np.random.Generator) -> tuple[list[tuple[int, float]], list[tuple[int, float]], int]:
     """Pick (weak, negatives, removed_by_margin) for one query from its ranked (index, score) list."""
@@ -125,7 +154,10 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         cache.with_suffix(".tmp.npy").replace(cache)
     q = encode_queries(model, [e.query for e in examples], [e.prompt for e in examples], cfg.batch_size, True)
     dev = model.device
-    scores, idx = top_k_search(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), cfg.top_k)
+    if cfg.search == "faiss":
+        scores, idx = faiss_search(q, c, cfg.top_k)
+    else:
+        scores, idx = top_k_search(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), cfg.top_k)
     position = {t: i for i, t in enumerate(corpus)}
     rng = np.random.default_rng(recipe.seed)
     added = {"weak": 0, "neg": 0}

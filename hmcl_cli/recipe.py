@@ -218,6 +218,11 @@ class TrainConfig(_Section):
     scheduler: Literal["linear", "cosine", "constant"] = Field("linear")
     max_grad_norm: Optional[float] = Field(1.0, description="Gradient clipping; null = off.")
     gradient_accumulation_steps: int = Field(1, ge=1)
+    batch_by_source: bool = Field(
+        True,
+        description="With several data sources, build each batch from one source, so in-batch "
+        "negatives and ranking pairs stay within one dataset's annotation scale.",
+    )
     grad_cache_chunk: Optional[int] = Field(
         None,
         ge=1,

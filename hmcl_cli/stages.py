@@ -194,8 +194,15 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
         else:
             from hmcl_cli.export.onnx import export_onnx
 
+            dev = None
+            dev_file = recipe.run_dir / "data" / "dev.jsonl"
+            if fmt == "onnx-int8" and dev_file.is_file():
+                from hmcl_cli.data.prepare import load_graded
+
+                dev = load_graded(dev_file)  # int8 is reported with its metric change on dev
             reports[fmt] = export_onnx(model_dir, out_dir / fmt.replace("-", "_"), quantize=fmt == "onnx-int8",
-                                       extra_texts=recipe.export.verify_texts, opset=recipe.export.opset)
+                                       extra_texts=recipe.export.verify_texts, opset=recipe.export.opset,
+                                       dev_examples=dev)
     return reports
 
 

