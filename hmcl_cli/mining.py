@@ -176,7 +176,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         ranked = [(int(i), float(s)) for i, s in zip(idx[qi], scores[qi]) if not (corpus[int(i)] == ex.query)]
         weak, negs, removed = grade_candidates(pos_score, ranked, known, cfg, rng)
         removed_total += removed
-        new = GradedExample(ex.query, dict(ex.candidates), ex.prompt)
+        new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
         for level, name, picks in ((1, "weak", weak), (0, "neg", negs)):
             for i, s in picks:
                 new.candidates[corpus[i]] = Candidate(corpus[i], level, s)

@@ -165,3 +165,31 @@ def test_offline_hub_task_and_missing_file_are_reported_and_others_still_run(tmp
     assert "does not exist" in res["gone"]["m"]["error"]
     assert "cannot be downloaded offline" in res["STSBenchmark"]["m"]["error"]
     assert "2 evaluation(s) failed" in out.stderr
+
+
+def test_in_loop_spearman_is_per_source_then_averaged(tiny_bert):
+    from scipy.stats import spearmanr
+
+    from hmcl_cli.data.example import GradedExample, add_candidate
+    from hmcl_cli.evaluation.graded import evaluate_graded
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    rows = {"a": [("refund", "refunds reach your card", 4.5), ("refund", "we ship to canada", 1.0),
+                  ("password", "reset your password", 4.8), ("password", "sellers are paid", 0.5)],
+            "b": [("delivery", "express delivery takes two days", 40.0), ("delivery", "the order page", 10.0),
+                  ("login", "the login page", 35.0), ("login", "refunds reach your card", 20.0)]}
+    examples = []
+    for src, pairs in rows.items():
+        for q, c, score in pairs:
+            ex = next((e for e in examples if e.query == q), None) or GradedExample(q, source=src)
+            if ex not in examples:
+                examples.append(ex)
+            add_candidate(ex, c, 2 if score in (4.5, 4.8, 40.0, 35.0) else 0, score, "highest")
+    got = evaluate_graded(model, examples)
+    expected = {}
+    for src, pairs in rows.items():
+        cos = [float(model.encode([q], side="query").numpy()[0] @ model.encode([c]).numpy()[0]) for q, c, _ in pairs]
+        expected[src] = spearmanr(cos, [s for _, _, s in pairs]).statistic
+    assert got["spearman/a"] == pytest.approx(expected["a"], abs=1e-6)
+    assert got["spearman/b"] == pytest.approx(expected["b"], abs=1e-6)
+    assert got["spearman"] == pytest.approx((expected["a"] + expected["b"]) / 2, abs=1e-6)

@@ -79,6 +79,8 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
                 if line != last_line:  # a row may yield two examples (symmetric pairs)
                     st.rows += 1
                     last_line = line
+                    if st.rows % 1000 == 0:
+                        bar.update(1000)
                 st.examples_in += 1
                 split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction)
                 key = (ex.prompt or "", ex.query)
@@ -90,8 +92,6 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
                 for cand in ex.candidates.values():
                     st.levels[LEVEL_NAMES[cand.level]] += 1
                     totals[add_candidate(target, cand.text, cand.level, cand.score, data_cfg.conflict)] += 1
-                if st.rows % 1000 == 0:
-                    bar.update(1000)
         finally:
             bar.update(st.rows % 1000)
             bar.close()
