@@ -76,8 +76,11 @@ def main() -> None:
             "model": {"name_or_path": path, "max_length": 128},
             "mine": {"corpus": [str(tmp / "corpus.txt")], "top_k": 50, "range_min": 10, "range_max": 50,
                      "relative_margin": 0.05, "num_negatives": 3, "num_weak": 0, "batch_size": args.batch_size}})
+        from hmcl_cli.modeling.encoder import EmbeddingModel
+
+        model = EmbeddingModel.from_recipe(recipe.model, recipe.base_dir)  # loaded before timing, like ST's
         t0 = time.perf_counter()
-        report = mine(recipe)
+        report = mine(recipe, model=model)
         results["hmcl mine"] = (time.perf_counter() - t0, report["added"]["neg"])
 
         st = SentenceTransformer(path, device=device)

@@ -157,7 +157,10 @@ def export(
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.stages import run_export
 
-    r = _load(recipe, set_) if recipe else load_recipe(data={"name": "export", "model": {"name_or_path": model or "none"}})
+    run_dir = Path(model) if model and (Path(model) / "data").is_dir() else None  # --model RUN_DIR: its dev data
+    r = _load(recipe, set_) if recipe else load_recipe(data={
+        "name": "export", "model": {"name_or_path": model or "none"},
+        **({"output_dir": str(run_dir)} if run_dir else {})})
     model_dir = None
     if model:
         try:

@@ -44,7 +44,7 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, tiny_bert):
 
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"resumed from" in resumed.stdout and f"step {stopped_at}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"step {stopped_at}" in resumed.stdout
     final = load_file(recipe.run_dir / "model" / "model.safetensors")
     assert final.keys() == reference.keys()
     for k in reference:
