@@ -134,7 +134,9 @@ def eval_(
             models[label or Path(m).name or m] = _run_model(m)
     if batch_size:
         r.eval.batch_size = batch_size
-    run_eval(r, models=models, json_out=json_out, gates=gate, plot=plot, tasks=tasks or None)
+    # a flag-only call (no recipe) writes a file only when asked with --json
+    run_eval(r, models=models, json_out=json_out, gates=gate, plot=plot, tasks=tasks or None,
+             in_run_dir=recipe is not None)
 
 
 def _run_model(m: str) -> str:

@@ -128,8 +128,10 @@ def model_loader(recipe: Recipe):
 
 def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: Optional[Path] = None,
              gates: Optional[list[str]] = None, plot: Optional[Path] = None,
-             tasks: Optional[list[EvalTask]] = None) -> dict:
-    """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks."""
+             tasks: Optional[list[EvalTask]] = None, in_run_dir: bool = True) -> dict:
+    """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks.
+
+    Results go to ``json_out``, else (``in_run_dir``) to ``<run>/eval/results.json``."""
     from hmcl_cli.evaluation.runner import check_gates, enforce_gates, evaluate, plot_report, print_table, save_report
 
     cfg = recipe.eval
@@ -156,14 +158,16 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
     gate_rows = check_gates(report, gates if gates is not None else cfg.gate, subject) if (gates or cfg.gate) else []
     report["gates"] = gate_rows
-    out = json_out or recipe.run_dir / "eval" / "results.json"
-    save_report(report, out)
+    out = json_out or (recipe.run_dir / "eval" / "results.json" if in_run_dir else None)
+    if out is not None:
+        save_report(report, out)
     if plot:
         plot_report(report, plot)
     enforce_gates(gate_rows)
     failed = [f"{t}/{m}" for t, per in report["results"].items() for m, r in per.items() if "error" in r]
     if failed:
-        raise DataError(f"{len(failed)} evaluation(s) failed: {', '.join(failed)} (the other results are in {out})",
+        raise DataError(f"{len(failed)} evaluation(s) failed: {', '.join(failed)}"
+                        + (f" (the other results are in {out})" if out else " (the other results are in the table)"),
                         hint="see the errors under the table")
     return report
 

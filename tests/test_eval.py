@@ -67,9 +67,9 @@ def test_two_models_side_by_side_and_gate(tmp_path, tiny_bert, tiny_qwen):
         enforce_gates(check_gates(report, [f"fixture:ndcg@10>={hi}+0.001"], model=lo))
 
 
-def _hmcl(*args):
+def _hmcl(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "hmcl_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, timeout=900)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, timeout=900, cwd=cwd)
 
 
 def _st_embed(texts):
@@ -150,8 +150,11 @@ def test_two_models_in_one_cli_call_with_delta_and_gate(tmp_path, tiny_bert, tin
     failing = _hmcl("eval", *order, "--gate", f"fx:ndcg@10>={better}+0.0")
     assert failing.returncode == 6, failing.stdout + failing.stderr
     assert "quality gate failed" in failing.stderr and f"fx:ndcg@10>={better}+0.0" in failing.stderr
-    passing = _hmcl("eval", *order, "--gate", f"fx:ndcg@10>={better}-1")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    passing = _hmcl("eval", *order, "--gate", f"fx:ndcg@10>={better}-1", cwd=work)
     assert passing.returncode == 0, passing.stdout + passing.stderr
+    assert list(work.iterdir()) == []  # no --json, no recipe: nothing written where it ran
     assert f"gate pass: fx:ndcg@10>={better}-1" in passing.stdout
 
 
