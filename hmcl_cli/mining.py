@@ -9,6 +9,10 @@ when available). Then:
 * negatives: texts ranked in [``range_min``, ``range_max``), minus any scoring above
   ``(1 - relative_margin) * positive`` (or ``positive - absolute_margin``, or ``max_score``):
   the false-negative guard; picked by ``sampling`` (top or random);
+* with ``teacher`` (a cross-encoder or a stronger embedder), the top ``range_max`` candidates
+  of each query are scored by the teacher too: weak-positives are those inside
+  ``teacher.band`` (relative to the teacher's score of the positive), and a candidate the
+  teacher scores above the band's low end is never taken as a negative;
 * levels already in the data are never changed; mined candidates carry their cosine as score.
 
 The original training file is kept as ``train.unmined.jsonl``; re-running starts from it.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -102,11 +106,28 @@ def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_00
     return scores, idx
 
 
+class Picks(NamedTuple):
+    weak: list[tuple[int, float]]
+    negatives: list[tuple[int, float]]
+    removed_by_margin: int
+    removed_by_teacher: int = 0
+
+
 def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: set[int], cfg: Any,
-                     rng: np.random.Generator) -> tuple[list[tuple[int, float]], list[tuple[int, float]], int]:
-    """Pick (weak, negatives, removed_by_margin) for one query from its ranked (index, score) list."""
-    lo, hi = cfg.weak_band
-    weak = [(i, s) for i, s in ranked if i not in known and lo * pos_score <= s <= hi * pos_score][: cfg.num_weak]
+                     rng: np.random.Generator, teacher: Optional[dict[int, float]] = None) -> Picks:
+    """Pick weak-positives and negatives for one query from its ranked (index, score) list.
+
+    ``teacher`` maps corpus index -> the teacher's score relative to its score of the positive.
+    With it, weak-positives are the candidates inside ``cfg.teacher.band``; a candidate above the
+    band (positive-like) or inside it but not taken as weak is never a negative.
+    """
+    if teacher is None:
+        lo, hi = cfg.weak_band
+        weak = [(i, s) for i, s in ranked if i not in known and lo * pos_score <= s <= hi * pos_score]
+    else:
+        lo, hi = cfg.teacher.band
+        weak = [(i, s) for i, s in ranked if i not in known and i in teacher and lo <= teacher[i] <= hi]
+    weak = weak[: cfg.num_weak]
     taken = known | {i for i, _ in weak}
     limit = np.inf
     if cfg.relative_margin is not None:
@@ -118,12 +139,39 @@ def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: s
     window = [(i, s) for r, (i, s) in enumerate(ranked) if cfg.range_min <= r < cfg.range_max and i not in taken]
     kept = [(i, s) for i, s in window if s <= limit]
     removed = len(window) - len(kept)
+    by_teacher = 0
+    if teacher is not None:
+        before = len(kept)
+        kept = [(i, s) for i, s in kept if teacher.get(i, -np.inf) < lo]
+        by_teacher = before - len(kept)
     if cfg.sampling == "random" and len(kept) > cfg.num_negatives:
         pick = sorted(rng.choice(len(kept), cfg.num_negatives, replace=False))
         negs = [kept[p] for p in pick]
     else:
         negs = kept[: cfg.num_negatives]
-    return weak, negs, removed
+    return Picks(weak, negs, removed, by_teacher)
+
+
+def teacher_relative_scores(teacher: Any, jobs: list[tuple[str, list[str], list[str]]],
+                            progress: bool = False) -> list[Optional[list[float]]]:
+    """Teacher scores of each job's candidates relative to its best-scored positive.
+
+    ``jobs``: per query (query, positive texts, candidate texts); all pairs are scored in one
+    call. A query whose positives the teacher scores at or below 0 gets None: the teacher
+    disagrees with the label, so it grades nothing there.
+    """
+    queries, texts = [], []
+    for q, pos, cands in jobs:
+        queries += [q] * (len(pos) + len(cands))
+        texts += pos + cands
+    flat = teacher.score(queries, texts, progress=progress) if texts else np.zeros(0)
+    out, at = [], 0
+    for _, pos, cands in jobs:
+        best = float(flat[at:at + len(pos)].max()) if pos else 0.0
+        at += len(pos)
+        out.append([float(x) / best for x in flat[at:at + len(cands)]] if best > 0 else None)
+        at += len(cands)
+    return out
 
 
 def mine(recipe: Recipe, model: Any = None) -> dict:
@@ -160,37 +208,54 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         scores, idx = top_k_search(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), cfg.top_k)
     position = {t: i for i, t in enumerate(corpus)}
     rng = np.random.default_rng(recipe.seed)
-    added = {"weak": 0, "neg": 0}
-    removed_total, skipped = 0, 0
+    jobs = []  # (example index, known corpus indices, positive texts, ranked (index, score))
+    out: list = [ex.to_json() for ex in examples]
     dist: dict[str, list[float]] = {"pos": [], "weak": [], "neg": []}
-    out = []
     for qi, ex in enumerate(examples):
-        known = {position[t] for t in ex.candidates}
         pos_texts = [t for t, x in ex.candidates.items() if x.level == 2]
-        if not pos_texts:
-            skipped += 1
-            out.append(ex.to_json())
-            continue
+        if pos_texts:
+            ranked = [(int(i), float(s)) for i, s in zip(idx[qi], scores[qi]) if corpus[int(i)] != ex.query]
+            jobs.append((qi, {position[t] for t in ex.candidates}, pos_texts, ranked))
+    relative: list = [None] * len(jobs)
+    if cfg.teacher is not None:
+        from hmcl_cli.teacher import load_teacher
+
+        teacher = load_teacher(cfg.teacher, recipe.base_dir)
+        graded = [[i for i, _ in ranked[: cfg.range_max] if i not in known] for _, known, _, ranked in jobs]
+        rel = teacher_relative_scores(
+            teacher, [(examples[qi].query, pos, [corpus[i] for i in g]) for (qi, _, pos, _), g in zip(jobs, graded)],
+            progress=True)
+        relative = [dict(zip(g, r)) if r is not None else None for g, r in zip(graded, rel)]
+        del teacher
+    added = {"weak": 0, "neg": 0}
+    removed_total = by_teacher = 0
+    for (qi, known, pos_texts, ranked), rel in zip(jobs, relative):
+        ex = examples[qi]
         pos_score = float(max(q[qi] @ c[position[t]] for t in pos_texts))
         dist["pos"].append(pos_score)
-        ranked = [(int(i), float(s)) for i, s in zip(idx[qi], scores[qi]) if not (corpus[int(i)] == ex.query)]
-        weak, negs, removed = grade_candidates(pos_score, ranked, known, cfg, rng)
-        removed_total += removed
+        picks = grade_candidates(pos_score, ranked, known, cfg, rng, teacher=rel)
+        removed_total += picks.removed_by_margin
+        by_teacher += picks.removed_by_teacher
         new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
-        for level, name, picks in ((1, "weak", weak), (0, "neg", negs)):
-            for i, s in picks:
+        for level, name, chosen in ((1, "weak", picks.weak), (0, "neg", picks.negatives)):
+            for i, s in chosen:
                 new.candidates[corpus[i]] = Candidate(corpus[i], level, s)
                 added[name] += 1
                 dist[name].append(s)
-        out.append(new.to_json())
+        out[qi] = new.to_json()
+    skipped = len(examples) - len(jobs)
     if source.name == "train.jsonl":
         (data_dir / "train.jsonl").replace(data_dir / "train.unmined.jsonl")
     write_jsonl_atomic(data_dir / "train.jsonl", out)
     report = {"queries": len(examples), "queries_without_positive": skipped, "corpus": len(corpus),
               "added": added, "removed_by_margin": removed_total,
+              "teacher": None if cfg.teacher is None else {
+                  "model": cfg.teacher.model, "queries_graded": sum(r is not None for r in relative),
+                  "removed_as_positive_like_or_ambiguous": by_teacher},
               "score_percentiles": {k: {f"p{p}": round(float(np.percentile(v, p)), 4) for p in (10, 50, 90)}
                                     for k, v in dist.items() if v}}
     write_json_atomic(data_dir / "mining_report.json", report)
+    guard = f", {by_teacher} more by the teacher" if cfg.teacher is not None else ""
     log(f"mine: +{added['weak']} weak, +{added['neg']} negatives over {len(examples)} queries "
-        f"({removed_total} candidates removed by the margin) -> {data_dir / 'train.jsonl'}")
+        f"({removed_total} candidates removed by the margin{guard}) -> {data_dir / 'train.jsonl'}")
     return report

@@ -168,6 +168,33 @@ class DataConfig(_Section):
     min_candidates: int = Field(1, ge=0, description="Drop examples with fewer candidates.")
 
 
+class TeacherConfig(_Section):
+    """A stronger model that grades mined candidates: a cross-encoder or an embedder."""
+
+    model: str = Field(..., description="Teacher model: local folder or hub id.")
+    kind: Literal["auto", "cross-encoder", "embedder"] = Field(
+        "auto",
+        description="`auto`: cross-encoder when the model is a sequence-classification model, "
+        "else embedder.",
+    )
+    band: tuple[float, float] = Field(
+        (0.6, 0.9),
+        description="Weak-positive band on the teacher's score relative to its score of the "
+        "positive (lo, hi). Above hi the teacher calls the candidate positive: it is neither "
+        "weak nor negative. Below lo it may become a negative.",
+    )
+    query_prompt: str = Field("", description="Query prompt for an embedder teacher.")
+    doc_prompt: str = Field("", description="Document prompt for an embedder teacher.")
+    max_length: int = Field(512, ge=8, description="Max tokens (per pair for a cross-encoder).")
+    batch_size: int = Field(64, ge=1, description="Teacher scoring batch size.")
+
+    @model_validator(mode="after")
+    def _band_order(self) -> "TeacherConfig":
+        if self.band[0] > self.band[1]:
+            raise ValueError("band must be (lo, hi) with lo <= hi")
+        return self
+
+
 class MineConfig(_Section):
     """Mine negatives and weak-positives with the model (see `hmcl mine`)."""
 
@@ -197,6 +224,12 @@ class MineConfig(_Section):
     num_weak: int = Field(1, ge=0, description="Weak-positives to add per query.")
     batch_size: int = Field(256, ge=1, description="Encoding batch size.")
     search: Literal["exact", "faiss"] = Field("exact", description="Top-k search backend.")
+    teacher: Optional[TeacherConfig] = Field(
+        None,
+        description="Grade the top candidates (ranks below range_max) with a stronger model: "
+        "weak-positives come from its band, and what it scores as positive-like is never a "
+        "negative.",
+    )
 
 
 class TrainConfig(_Section):

@@ -43,7 +43,7 @@ def test_margin_removes_near_duplicate_and_band_picks_paraphrase():
               (1, 0.79),   # near-duplicate of the positive: above (1 - 0.05) * 0.8 = 0.76
               (2, 0.72),   # paraphrase: 0.9 x positive, inside the weak band
               (3, 0.60), (4, 0.50), (5, 0.40), (6, 0.30)]
-    weak, negs, removed = grade_candidates(pos, ranked, known={0}, cfg=cfg, rng=np.random.default_rng(0))
+    weak, negs, removed, _ = grade_candidates(pos, ranked, known={0}, cfg=cfg, rng=np.random.default_rng(0))
     assert weak == [(2, 0.72)]
     assert [i for i, _ in negs] == [3, 4] and removed == 1
     assert 1 not in {i for i, _ in weak + negs}
@@ -67,3 +67,100 @@ def test_mine_keeps_known_levels_and_is_rerunnable(tmp_path, tiny_bert):
     mine(recipe)  # re-run starts from the unmined file: same result
     assert (recipe.run_dir / "data/train.jsonl").read_text() == first
     assert json.loads((recipe.run_dir / "data/mining_report.json").read_text())["queries"] == len(before)
+
+
+def test_teacher_band_picks_weak_and_guards_negatives():
+    from hmcl_cli.recipe import TeacherConfig
+
+    cfg = MineConfig(range_min=0, range_max=10, relative_margin=0.05, num_weak=1, num_negatives=5,
+                     teacher=TeacherConfig(model="x", band=(0.5, 0.8)))
+    pos = 0.8
+    ranked = [(0, 0.80), (1, 0.70), (2, 0.69), (3, 0.60), (4, 0.50), (5, 0.40), (6, 0.30)]
+    # relative teacher scores: 1 is positive-like (above the band), 2 and 3 are in the band (2 taken
+    # as weak: it ranks first; 3 is ambiguous), 4-6 are below it
+    teacher = {1: 0.95, 2: 0.7, 3: 0.55, 4: 0.2, 5: 0.1, 6: 0.49}
+    picks = grade_candidates(pos, ranked, known={0}, cfg=cfg, rng=np.random.default_rng(0), teacher=teacher)
+    assert picks.weak == [(2, 0.69)]
+    assert [i for i, _ in picks.negatives] == [4, 5, 6]
+    assert picks.removed_by_teacher == 2  # 1 (positive-like) and 3 (in the band, not taken)
+    # without the teacher the student's band decides: 1 becomes the weak-positive, 3 a negative
+    plain = grade_candidates(pos, ranked, known={0}, cfg=cfg.model_copy(update={"teacher": None}),
+                             rng=np.random.default_rng(0))
+    assert plain.weak == [(1, 0.70)] and 3 in [i for i, _ in plain.negatives]
+
+
+def _teacher_model(folder, tokenizer_from, kind):
+    """A tiny random BERT teacher (other weights than the student): cross-encoder or embedder."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(3)
+    tok = AutoTokenizer.from_pretrained(tokenizer_from)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=256, num_labels=1)
+    model = BertForSequenceClassification(cfg) if kind == "cross-encoder" else BertModel(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _independent_teacher(folder, kind, query, texts):
+    """The teacher's score of (query, text) computed one pair at a time, without hmcl's batching."""
+    if kind == "cross-encoder":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        m = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        with torch.no_grad():
+            return [float(torch.sigmoid(m(**tok(query, t, return_tensors="pt")).logits[0, 0])) for t in texts]
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(folder), device="cpu")  # mean pooling, like hmcl's default for encoders
+    q = st.encode([query], normalize_embeddings=True)
+    d = st.encode(texts, normalize_embeddings=True)
+    return [float(x) for x in (d @ q[0])]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["cross-encoder", "embedder"])
+def test_mine_with_teacher_end_to_end(tmp_path, tiny_bert, kind):
+    teacher_dir = _teacher_model(tmp_path / "teacher", tiny_bert, kind)
+    mine_cfg = {"range_min": 0, "range_max": 12, "num_negatives": 3, "num_weak": 2, "relative_margin": None,
+                "teacher": {"model": str(teacher_dir), "band": [0.0, 0.0]}}
+    path = write_recipe(tmp_path, tiny_bert, mine=mine_cfg)
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    examples = load_graded(recipe.run_dir / "data/train.jsonl")
+    # a band around the middle of the teacher's relative scores, from an independent computation on
+    # the first query, so that weak, ambiguous and negative candidates all occur
+    ex0 = examples[0]
+    pos0 = [t for t, c in ex0.candidates.items() if c.level == 2]
+    others = [t for t, c in ex0.candidates.items() if c.level != 2]
+    s0 = _independent_teacher(teacher_dir, kind, ex0.query, pos0 + others)
+    rel0 = np.array(s0[len(pos0):]) / max(s0[: len(pos0)])
+    band = [float(np.quantile(rel0, 0.3)), float(np.quantile(rel0, 0.7))]
+    recipe = load_recipe(path, overrides=[f"mine.teacher.band=[{band[0]}, {band[1]}]"])
+    report = mine(recipe)
+    assert report["teacher"]["queries_graded"] > 0
+    after = load_graded(recipe.run_dir / "data/train.jsonl")
+    before = {ex.query: ex for ex in examples}
+    checked = {"weak": 0, "neg": 0}
+    for ex in after[:12]:
+        old = before[ex.query]
+        new = {t: c.level for t, c in ex.candidates.items() if t not in old.candidates}
+        if not new:
+            continue
+        pos = [t for t, c in old.candidates.items() if c.level == 2]
+        scores = _independent_teacher(teacher_dir, kind, ex.query, pos + list(new))
+        best = max(scores[: len(pos)])
+        for (text, level), s in zip(new.items(), scores[len(pos):]):
+            rel = s / best
+            if level == 1:
+                assert band[0] - 1e-3 <= rel <= band[1] + 1e-3, (text, rel, band)
+                checked["weak"] += 1
+            else:
+                assert rel < band[0] + 1e-3, (text, rel, band)
+                checked["neg"] += 1
+    assert checked["weak"] > 0 and checked["neg"] > 0
+    assert report["teacher"]["removed_as_positive_like_or_ambiguous"] > 0
