@@ -13,7 +13,7 @@ import typer
 
 from hmcl_cli import __version__
 from hmcl_cli.console import console, err_console
-from hmcl_cli.errors import HmclError, InterruptedRun
+from hmcl_cli.errors import HmclError, InterruptedRun, from_system_error
 
 app = typer.Typer(
     name="hmcl",
@@ -257,8 +257,20 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_libraries()
     debug = "--debug" in sys.argv
+    _sigterm_is_interrupt()
     try:
-        app(standalone_mode=False)
+        try:
+            # without standalone mode typer *returns* the exit code of typer.Exit and of Ctrl-C (130)
+            code = app(standalone_mode=False)
+            if code == InterruptedRun.exit_code:
+                raise KeyboardInterrupt
+            if isinstance(code, int) and code:
+                sys.exit(code)
+        except (MemoryError, OSError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            mapped = from_system_error(e)
+            if mapped is None or debug:
+                raise
+            raise mapped from None
     except HmclError as e:
         if debug:
             raise
@@ -267,7 +279,7 @@ def main() -> None:
             err_console.print(f"[dim]hint:[/dim] {e.hint}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/bold red]")
+        err_console.print("[bold red]interrupted[/bold red] (finished outputs are intact; the unfinished one was discarded)")
         sys.exit(InterruptedRun.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -284,6 +296,20 @@ def main() -> None:
         err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
         sys.exit(1)
+
+
+def _sigterm_is_interrupt() -> None:
+    """SIGTERM (CI cancel, kill) unwinds like Ctrl-C: temp outputs are removed, locks released,
+    and training saves a checkpoint first (it installs its own handler while it runs)."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (embedded use)
+        pass
 
 
 def _quiet_libraries() -> None:

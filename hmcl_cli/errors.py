@@ -74,6 +74,39 @@ class TrainingDivergedError(HmclError):
     kind = "training diverged"
 
 
+class StorageError(HmclError):
+    """A write failed (disk full, no permission); earlier outputs are left intact."""
+
+    exit_code = 10
+    kind = "storage error"
+
+
+MEMORY_HINT = ("lower train.batch_size or train.group_size or model.max_length, set train.grad_cache_chunk "
+               "(e.g. 32), enable model.gradient_checkpointing or model.lora.enabled; for mine/eval lower "
+               "mine.batch_size / eval.batch_size")
+
+
+def from_system_error(e: BaseException) -> HmclError | None:
+    """Map an out-of-memory or a failed write from any stage to its user-facing error (else None)."""
+    import errno
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
+        return OutOfMemoryError(f"out of GPU memory: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "),
+                                hint=MEMORY_HINT)
+    if isinstance(e, MemoryError):
+        return OutOfMemoryError("out of host memory (RAM)", hint=MEMORY_HINT)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+        what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}[e.errno]
+        where = f" writing {e.filename}" if e.filename else ""
+        return StorageError(f"{what}{where}",
+                            hint="free space or choose another output_dir (--set output_dir=...); outputs are "
+                            "written to temporary files and renamed, so earlier outputs are intact")
+    return None
+
+
 class InterruptedRun(HmclError):
     """Stopped by Ctrl-C or SIGTERM (after saving what could be saved)."""
 

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Optional
 
 from hmcl_cli.console import log, warn
-from hmcl_cli.errors import DataError, HmclError
+from hmcl_cli.errors import DataError, HmclError, ModelNotFoundError, RecipeError
 from hmcl_cli.io_utils import RunLock, write_text_atomic
 from hmcl_cli.recipe import EvalTask, Recipe
+
+EXPORT_FORMATS = ("merged", "onnx", "onnx-int8")
 
 
 def _start(recipe: Recipe) -> None:
@@ -137,7 +139,7 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     cfg = recipe.eval
     tasks = tasks if tasks is not None else cfg.tasks
     if not tasks:
-        raise HmclError("no evaluation tasks", hint="add eval.tasks to the recipe or pass --sts/--reranking/--retrieval")
+        raise RecipeError("no evaluation tasks", hint="add eval.tasks to the recipe or pass --sts/--reranking/--retrieval")
     if models is None:
         models = {}
         if cfg.include_base:
@@ -166,7 +168,10 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     enforce_gates(gate_rows)
     failed = [f"{t}/{m}" for t, per in report["results"].items() for m, r in per.items() if "error" in r]
     if failed:
-        raise DataError(f"{len(failed)} evaluation(s) failed: {', '.join(failed)}"
+        only_models = all(r.get("error_class") == "model" for per in report["results"].values()
+                          for r in per.values() if "error" in r)
+        raise (ModelNotFoundError if only_models else DataError)(
+            f"{len(failed)} evaluation(s) failed: {', '.join(failed)}"
                         + (f" (the other results are in {out})" if out else " (the other results are in the table)"),
                         hint="see the errors under the table")
     return report
@@ -178,11 +183,16 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
 
     from hmcl_cli.export.merged import export_merged
 
+    formats = formats or list(recipe.export.formats)
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown:
+        raise RecipeError(f"unknown export format(s) {', '.join(map(repr, unknown))}",
+                          hint=f"choose from {', '.join(EXPORT_FORMATS)}")
     model_dir = model_dir or recipe.run_dir / "model"
     if not model_dir.is_dir():
-        raise HmclError(f"no trained model at {model_dir}", hint="run `hmcl train RECIPE` first, or pass --model")
+        raise ModelNotFoundError(f"no trained model at {model_dir}",
+                                 hint="run `hmcl train RECIPE` first, or pass --model")
     out_dir = out_dir or recipe.run_dir / "export"
-    formats = formats or list(recipe.export.formats)
     card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml()}
     for name, key in (("data", recipe.run_dir / "data" / "stats.json"), ("eval", recipe.run_dir / "eval" / "results.json")):
         if key.is_file():

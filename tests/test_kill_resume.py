@@ -49,3 +49,31 @@ def test_sigterm_then_resume_equals_uninterrupted(tmp_path, tiny_bert):
     assert final.keys() == reference.keys()
     for k in reference:
         assert torch.allclose(final[k], reference[k], atol=1e-5), k
+
+
+def test_sigterm_during_prepare_leaves_previous_outputs_and_no_temp_files(tmp_path, tiny_bert):
+    """Outside training SIGTERM unwinds like Ctrl-C: exit 130, the earlier prepared data intact,
+    no temporary files, the run lock released."""
+    import json
+
+    recipe_path = write_recipe(tmp_path, tiny_bert)
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    data = recipe.run_dir / "data"
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    big = tmp_path / "train.jsonl"  # the recipe's train source, now 300k rows
+    with open(big, "w") as f:
+        for i in range(300_000):
+            f.write(json.dumps({"query": f"question number {i}", "pos": [f"answer {i}"], "neg": [f"other {i}"]}) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "prepare", str(recipe_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    line = ""
+    while "rows" not in line and proc.poll() is None:  # the reader's first progress line
+        line = proc.stdout.readline()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, line + out + err
+    assert "interrupted" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    assert not [p for p in recipe.run_dir.rglob("*") if ".tmp" in p.name or "lock" in p.name]

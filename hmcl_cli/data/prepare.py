@@ -133,7 +133,13 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
             hint="check the sources' paths, formats and `split`, and stats of rejected rows",
         )
     if tokenizer is not None:
-        stats["token_lengths"] = token_length_stats(tokenizer, outputs["train"])
+        m = recipe.model
+        stats["token_lengths"] = token_length_stats(tokenizer, outputs["train"], {
+            "query": m.query_max_length or m.max_length, "candidate": m.doc_max_length or m.max_length})
+        for side, st in stats["token_lengths"].items():
+            if st["over_max_length"]:
+                warn(f"{st['over_max_length']} of {st['texts']} {side} texts are longer than {st['max_length']} "
+                     f"tokens and will be truncated (longest: {st['max']} tokens)")
 
     for split in SPLITS:
         if outputs[split] or split != "test":
@@ -188,8 +194,10 @@ def _split_stats(rows: list[dict]) -> dict:
     }
 
 
-def token_length_stats(tokenizer: Any, rows: list[dict], limit: int = 20000) -> dict:
-    """Token-length percentiles of queries and candidates (a sample of at most ``limit`` texts)."""
+def token_length_stats(tokenizer: Any, rows: list[dict], max_length: Optional[dict] = None,
+                       limit: int = 20000) -> dict:
+    """Token-length percentiles of queries and candidates (a sample of at most ``limit`` texts),
+    and how many of them exceed ``max_length[side]`` (they will be truncated)."""
     out = {}
     for side, texts in (("query", [r["query"] for r in rows]),
                         ("candidate", [t for r in rows for k in ("pos", "weak", "neg") for t in r[k]])):
@@ -198,6 +206,9 @@ def token_length_stats(tokenizer: Any, rows: list[dict], limit: int = 20000) -> 
             continue
         lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
         out[side] = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} | {"max": int(lengths.max())}
+        if max_length:
+            out[side] |= {"texts": len(texts), "max_length": max_length[side],
+                          "over_max_length": int((lengths > max_length[side]).sum())}
     return out
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from hmcl_cli.console import console, log, warn
 from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
 from hmcl_cli.data.readers import read_source
-from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError
+from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
 from hmcl_cli.io_utils import write_json_atomic
 from hmcl_cli.recipe import EvalTask, SourceConfig
 
@@ -118,7 +118,7 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             except HmclError as e:
                 warn(f"model {label}: {e}")
                 for t in tasks:
-                    results[t.name][label] = {"error": f"model failed to load: {e}"}
+                    results[t.name][label] = {"error": f"model failed to load: {e}", "error_class": "model"}
                 continue
         encoder = MtebEncoder(model, label, batch_size)  # one text cache per model for all tasks
         for t in tasks:
@@ -132,6 +132,8 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             except HmclError as e:
                 results[t.name][label] = {"error": str(e)}
             except Exception as e:  # noqa: BLE001 - one failure must not stop the table
+                if from_system_error(e) is not None:
+                    raise  # out of memory / disk full: reported as such, with the knobs
                 results[t.name][label] = {"error": f"{type(e).__name__}: {e}"}
         log(f"eval {label}: {encoder.encoded} distinct texts encoded")
         del model, encoder

@@ -47,7 +47,7 @@ import torch
 
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
-from hmcl_cli.errors import DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
+from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
 from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
@@ -248,10 +248,7 @@ class HMCLTrainer:
             (loss * scale).backward()
             return loss, parts
         except torch.OutOfMemoryError:
-            raise OutOfMemoryError(
-                f"out of GPU memory at step {self.step + 1}",
-                hint="lower train.batch_size or train.group_size or model.max_length, set train.grad_cache_chunk "
-                "(e.g. 32), enable model.gradient_checkpointing, or use model.lora.enabled") from None
+            raise OutOfMemoryError(f"out of GPU memory at step {self.step + 1}", hint=MEMORY_HINT) from None
 
     def _pair_batch(self, q: torch.Tensor, c: torch.Tensor, batch: dict) -> PairBatch:
         pa, pc = batch["pair_anchor"], batch["pair_candidate"]

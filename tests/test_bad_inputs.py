@@ -1,0 +1,386 @@
+"""Bad input across every subcommand: one readable message naming the file/line/key, the exit
+code of its class, no traceback, and nothing half-written.
+
+Each case builds its input in a fresh folder, runs the CLI in-process (``hmcl_cli.cli.main``,
+as the console script does) and checks the exit code and the message fragments.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_recipe
+
+RECIPE, DATA, MODEL, MEMORY, GATE, STORAGE = 2, 3, 4, 5, 6, 10
+
+
+def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    from hmcl_cli import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["hmcl", *map(str, args)])
+    capsys.readouterr()
+    code = 0
+    try:
+        cli_module.main()
+    except SystemExit as e:
+        code = e.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def recipe_with_train(tmp: Path, model: Path, train_text: str | bytes, fmt: str = "graded", name="train.jsonl",
+                      **source) -> Path:
+    path = write_recipe(tmp, model)
+    data = tmp / name
+    data.write_bytes(train_text if isinstance(train_text, bytes) else train_text.encode())
+    r = yaml.safe_load(path.read_text())
+    r["data"]["sources"][0] = {"path": name, "format": fmt, "split": "train", **source}
+    path.write_text(yaml.safe_dump(r, sort_keys=False))
+    return path
+
+
+def line(query="q", pos=("p",), neg=("n",), **extra) -> str:
+    return json.dumps({"query": query, "pos": list(pos), "neg": list(neg), **extra}) + "\n"
+
+
+def good_lines(n=20) -> str:
+    return "".join(line(f"question {i}", [f"answer {i}"], [f"answer {(i + 1) % n}"]) for i in range(n))
+
+
+# --------------------------------------------------------------------------------- cases
+# (id, builder(tmp, tiny_bert) -> argv, exit code, fragments that must appear in stderr)
+
+
+def malformed_yaml(tmp, model):
+    p = tmp / "r.yaml"
+    p.write_text("name: x\nmodel:\n  name_or_path: [unclosed\ntrain:\n  epochs: 1\n")
+    return ["prepare", p], RECIPE, ["r.yaml:", "malformed YAML"]
+
+
+def unknown_key(tmp, model):
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text().replace("  batch_size: 8", "  bach_size: 8"))
+    return ["train", p], RECIPE, ["recipe.yaml:", "bach_size", "did you mean 'train.batch_size'"]
+
+
+def unknown_section(tmp, model):
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text() + "trainer:\n  epochs: 2\n")
+    return ["run", p], RECIPE, ["recipe.yaml:", "trainer", "did you mean 'train'"]
+
+
+def wrong_type(tmp, model):
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text().replace("  batch_size: 8", "  batch_size: lots"))
+    return ["train", p], RECIPE, ["recipe.yaml:", "train.batch_size", "integer"]
+
+
+def wrong_type_set(tmp, model):
+    return ["prepare", write_recipe(tmp, model), "--set", "train.learning_rate=fast"], RECIPE, [
+        "--set train.learning_rate=fast", "number"]
+
+
+def out_of_range_value(tmp, model):
+    return ["train", write_recipe(tmp, model), "--set", "train.group_size=0"], RECIPE, ["train.group_size", "0"]
+
+
+def python_object_tag(tmp, model):
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text() + "evil: !!python/object/apply:os.system ['echo pwned']\n")
+    return ["prepare", p], RECIPE, ["recipe.yaml", "python"]
+
+
+def python_name_tag(tmp, model):
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text().replace("name: tiny", "name: !!python/name:os.system"))
+    return ["recipe", "validate", p], RECIPE, ["recipe.yaml", "python"]
+
+
+def import_path_in_recipe(tmp, model):
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text() + "loss_class: mypackage.losses.EvilLoss\n")
+    return ["run", p], RECIPE, ["recipe.yaml:", "unknown key 'loss_class'"]
+
+
+def import_path_as_value(tmp, model):
+    return ["train", write_recipe(tmp, model), "--set", "model.pooling=os:system"], RECIPE, [
+        "model.pooling", "'mean'"]
+
+
+def missing_recipe(tmp, model):
+    return ["run", tmp / "nope.yaml"], RECIPE, ["nope.yaml", "does not exist"]
+
+
+def missing_data_file(tmp, model):
+    p = write_recipe(tmp, model, data={"sources": [{"path": "absent.jsonl"}]})
+    return ["prepare", p], DATA, ["absent.jsonl does not exist", "relative to the recipe file"]
+
+
+def empty_dataset(tmp, model):
+    return ["prepare", recipe_with_train(tmp, model, "")], DATA, ["no training examples"]
+
+
+def blank_lines_only(tmp, model):
+    return ["prepare", recipe_with_train(tmp, model, "\n\n  \n")], DATA, ["no training examples"]
+
+
+def all_negative_dataset(tmp, model):
+    text = "".join(json.dumps({"query": f"q{i}", "neg": [f"n{i}", f"m{i}"]}) + "\n" for i in range(20))
+    p = recipe_with_train(tmp, model, text)
+    return ["run", p], DATA, ["every candidate is a negative", "loss.contrastive_weight"]
+
+
+def label_out_of_range(tmp, model):
+    p = recipe_with_train(tmp, model, "sentence1,sentence2,score\n" + "".join(
+        f"s{i},t{i},{i % 5}\n" for i in range(20)) + "x,y,7.5\n", fmt="sts", name="train.csv", score_range=[0, 5])
+    return ["prepare", p], DATA, ["train.csv:22", "score 7.5 outside the declared range [0, 5]"]
+
+
+def unknown_nli_label(tmp, model):
+    rows = "premise\thypothesis\tlabel\n" + "".join(f"a{i}\tb{i}\tentailment\n" for i in range(10)) + "a\tb\tmaybe\n"
+    p = recipe_with_train(tmp, model, rows, fmt="nli", name="train.tsv")
+    return ["prepare", p], DATA, ["train.tsv:12", "maybe"]
+
+
+def pair_label_out_of_range(tmp, model):
+    rows = "query\tcandidate\tlabel\n" + "".join(f"a{i}\tb{i}\t{i % 2}\n" for i in range(10)) + "a\tb\t3\n"
+    p = recipe_with_train(tmp, model, rows, fmt="pairs", name="train.tsv")
+    return ["prepare", p], DATA, ["train.tsv:12", "unknown label '3'"]
+
+
+def graded_unknown_field(tmp, model):
+    text = good_lines(5) + json.dumps({"query": "q", "candidates": [{"text": "x", "level": 3}]}) + "\n"
+    return ["prepare", recipe_with_train(tmp, model, text)], DATA, ["train.jsonl:6", "unknown field(s) ['candidates']"]
+
+
+def empty_text(tmp, model):
+    return ["prepare", recipe_with_train(tmp, model, good_lines(5) + line(query="  "))], DATA, [
+        "train.jsonl:6", "empty"]
+
+
+def non_utf8(tmp, model):
+    return ["prepare", recipe_with_train(tmp, model, good_lines(3).encode() + b'{"query": "caf\xe9", "pos": ["x"]}\n')], \
+        DATA, ["train.jsonl:4", "UTF-8"]
+
+
+def invalid_json(tmp, model):
+    return ["prepare", recipe_with_train(tmp, model, good_lines(3) + '{"query": "q", "pos": [\n')], DATA, [
+        "train.jsonl:4", "JSON"]
+
+
+def missing_column(tmp, model):
+    p = recipe_with_train(tmp, model, "a,b\nx,y\n", fmt="sts", name="train.csv")
+    return ["prepare", p], DATA, ["train.csv", "column"]
+
+
+def train_before_prepare(tmp, model):
+    return ["train", write_recipe(tmp, model)], DATA, ["train.jsonl does not exist", "hmcl prepare"]
+
+
+def model_path_not_a_model(tmp, model):
+    (tmp / "not-a-model").mkdir(parents=True)
+    (tmp / "not-a-model" / "notes.txt").write_text("hello")
+    p = write_recipe(tmp, tmp / "not-a-model")
+    return ["train", p], MODEL, ["not-a-model", "not a model"]
+
+
+def model_path_is_a_file(tmp, model):
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "weights.bin").write_bytes(b"\0" * 10)
+    (tmp / "sts.csv").write_text("a,b,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\ncats,kittens,3.5\n")
+    return ["eval", "--model", tmp / "weights.bin", "--sts", tmp / "sts.csv"], MODEL, ["weights.bin", "not a model folder"]
+
+
+def missing_model(tmp, model):
+    p = write_recipe(tmp, tmp / "models" / "gone")
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+
+    prepare(load_recipe(p), progress=False)
+    return ["mine", p], MODEL, ["gone", "does not exist"]
+
+
+def onnx_export_missing_run(tmp, model):
+    return ["export", "--model", tmp / "no-run", "--format", "onnx", "--out", tmp / "x"], MODEL, [
+        "no-run", "does not exist"]
+
+
+def export_unknown_format(tmp, model):
+    return ["export", write_recipe(tmp, model), "--format", "tflite"], RECIPE, ["tflite", "onnx"]
+
+
+def eval_missing_file(tmp, model):
+    return ["eval", "--model", model, "--sts", tmp / "absent.csv"], DATA, ["absent.csv"]
+
+
+def eval_bad_gate(tmp, model):
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sts.csv").write_text("a,b,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\ncats,kittens,3.5\n")
+    return ["eval", "--model", model, "--sts", tmp / "sts.csv", "--gate", "sts spearman is good"], RECIPE, [
+        "sts spearman is good"]
+
+
+def mine_missing_corpus(tmp, model):
+    p = write_recipe(tmp, model, mine={"corpus": ["corpus.jsonl"]})
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+
+    prepare(load_recipe(p), progress=False)
+    return ["mine", p], DATA, ["corpus.jsonl does not exist"]
+
+
+def mine_teacher_not_a_model(tmp, model):
+    p = write_recipe(tmp, model, mine={"teacher": {"model": str(tmp / "teacher")}})
+    (tmp / "teacher").mkdir()
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+
+    prepare(load_recipe(p), progress=False)
+    return ["mine", p], MODEL, ["teacher", "not a model"]
+
+
+def bad_metric_for_best(tmp, model):
+    p = write_recipe(tmp, model, train={"metric_for_best": "dev_accuracy_of_vibes", "max_steps": 3})
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+
+    prepare(load_recipe(p), progress=False)
+    return ["train", p], DATA, ["dev_accuracy_of_vibes", "not a dev metric"]
+
+
+CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, out_of_range_value,
+         python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
+         missing_data_file, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
+         unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
+         train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
+         onnx_export_missing_run, export_unknown_format, eval_missing_file, eval_bad_gate, mine_missing_corpus,
+         mine_teacher_not_a_model, bad_metric_for_best]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_bad_input_gives_one_clear_message(case, tmp_path, tiny_bert, capsys, monkeypatch):
+    (tmp_path / "case").mkdir()
+    argv, expected_code, fragments = case(tmp_path / "case", tiny_bert)
+    code, out, err = cli(capsys, monkeypatch, *argv)
+    assert code == expected_code, (code, out[-2000:], err[-2000:])
+    assert "Traceback" not in err and "internal error" not in err, err
+    flat = " ".join(err.split())
+    for fragment in fragments:
+        assert fragment in flat, (fragment, err)
+
+
+def test_debug_shows_the_traceback(tmp_path, tiny_bert, capsys, monkeypatch):
+    p = write_recipe(tmp_path, tiny_bert, data={"sources": [{"path": "absent.jsonl"}]})
+    from hmcl_cli.errors import DataError
+
+    with pytest.raises(DataError):
+        cli(capsys, monkeypatch, "--debug", "prepare", p)
+
+
+def test_bad_rows_write_nothing(tmp_path, tiny_bert, capsys, monkeypatch):
+    """A failing prepare leaves no half-written data: previous outputs stay as they were."""
+    p = recipe_with_train(tmp_path, tiny_bert, good_lines(20))
+    assert cli(capsys, monkeypatch, "prepare", p)[0] == 0
+    before = (tmp_path / "run" / "data" / "train.jsonl").read_bytes()
+    (tmp_path / "train.jsonl").write_text(good_lines(20) + line(query=""))
+    assert cli(capsys, monkeypatch, "prepare", p)[0] == DATA
+    assert (tmp_path / "run" / "data" / "train.jsonl").read_bytes() == before
+    assert not list((tmp_path / "run" / "data").glob("*.tmp*"))
+
+
+def test_very_long_texts_are_truncated_with_a_warning(tmp_path, tiny_bert, capsys, monkeypatch):
+    long = " ".join(["refund"] * 20_000)  # ~140k characters
+    text = good_lines(20) + line(query="how do refunds work", pos=[long], neg=["shipping takes a week"])
+    p = recipe_with_train(tmp_path, tiny_bert, text)
+    code, out, err = cli(capsys, monkeypatch, "prepare", p)
+    assert code == 0, err
+    assert "longer than 48 tokens and will be truncated" in " ".join(err.split())
+    stats = json.loads((tmp_path / "run" / "data" / "stats.json").read_text())
+    assert stats["token_lengths"]["candidate"]["over_max_length"] >= 1
+    code, out, err = cli(capsys, monkeypatch, "train", p, "--set", "train.max_steps=2")
+    assert code == 0, err
+    assert (tmp_path / "run" / "model" / "modules.json").is_file()
+
+
+def test_out_of_memory_is_reported_with_the_knobs(tmp_path, tiny_bert, capsys, monkeypatch):
+    import torch
+
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    p = write_recipe(tmp_path, tiny_bert)
+    assert cli(capsys, monkeypatch, "prepare", p)[0] == 0
+
+    def boom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(EmbeddingModel, "forward", boom)
+    for argv in (["train", p], ["mine", p], ["eval", p]):
+        code, out, err = cli(capsys, monkeypatch, *argv)
+        flat = " ".join(err.split())
+        assert code == MEMORY, (argv, err)
+        assert "out of GPU memory" in flat and "train.batch_size" in flat and "grad_cache_chunk" in flat, flat
+        assert "Traceback" not in err
+
+
+def test_full_disk_keeps_previous_outputs(tmp_path, tiny_bert, capsys, monkeypatch):
+    p = recipe_with_train(tmp_path, tiny_bert, good_lines(20))
+    assert cli(capsys, monkeypatch, "prepare", p)[0] == 0
+    before = {f.name: f.read_bytes() for f in (tmp_path / "run" / "data").iterdir()}
+    (tmp_path / "train.jsonl").write_text(good_lines(30))
+
+    real_replace = os.replace
+
+    def full_disk_replace(src, target):
+        if str(target).endswith(".jsonl"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return real_replace(src, target)
+
+    monkeypatch.setattr(os, "replace", full_disk_replace)
+    code, out, err = cli(capsys, monkeypatch, "prepare", p)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert code == STORAGE, err
+    flat = " ".join(err.split())
+    assert "no space left on the device" in flat and "train.jsonl" in flat and "intact" in flat
+    after = {f.name: f.read_bytes() for f in (tmp_path / "run" / "data").iterdir()}
+    assert after == before  # nothing replaced, no temp files left behind
+
+
+def test_trust_remote_code_needs_the_recipe_and_warns(tmp_path, tiny_bert, capsys, monkeypatch):
+    from hmcl_cli.recipe import load_recipe
+
+    assert load_recipe(write_recipe(tmp_path, tiny_bert)).model.trust_remote_code is False
+    p = write_recipe(tmp_path, tiny_bert, model={"trust_remote_code": True})
+    assert cli(capsys, monkeypatch, "prepare", p)[0] == 0
+    code, out, err = cli(capsys, monkeypatch, "train", p, "--set", "train.max_steps=1")
+    assert code == 0, err
+    assert "trust_remote_code is on" in " ".join(err.split())
+
+
+def test_paths_resolve_relative_to_the_recipe_not_the_cwd(tmp_path, tiny_bert, capsys, monkeypatch):
+    p = write_recipe(tmp_path / "project", tiny_bert, output_dir="run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, out, err = cli(capsys, monkeypatch, "prepare", p)
+    assert code == 0, err  # the data sources were found next to the recipe
+    # outputs go under the working directory (output_dir is documented as relative to it)
+    assert (elsewhere / "run" / "data" / "train.jsonl").is_file()
+
+
+def test_exit_code_of_a_relaunched_training_is_passed_on(tmp_path, tiny_bert, capsys, monkeypatch):
+    """`hmcl train` under `accelerate launch` exits with the child's code (a CI job must see a failure)."""
+    import hmcl_cli.stages as stages
+
+    p = write_recipe(tmp_path, tiny_bert)
+    monkeypatch.setattr(stages, "maybe_relaunch", lambda *a, **k: 3)
+    assert cli(capsys, monkeypatch, "train", p)[0] == 3
+    monkeypatch.setattr(stages, "maybe_relaunch", lambda *a, **k: 130)
+    code, out, err = cli(capsys, monkeypatch, "train", p)
+    assert code == 130 and "interrupted" in err
