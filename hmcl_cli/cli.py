@@ -71,6 +71,7 @@ def mine(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     epilog="Examples:  hmcl train recipes/quickstart.yaml --set train.max_steps=50\n\n"
+    "hmcl train recipes/qwen-lora.yaml --plan\n\n"
     "hmcl train recipes/qwen-lora.yaml --launcher accelerate -- --num_processes 8",
 )
 def train(
@@ -79,11 +80,20 @@ def train(
     set_: Optional[List[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint."),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="auto | none | accelerate (args after --)."),
+    plan: bool = typer.Option(False, "--plan", help="Print the memory plan (peak per device, knobs to fit) and exit."),
 ) -> None:
     """Train with the HMCL objective (relaunches under `accelerate launch` on several GPUs)."""
     from hmcl_cli.stages import maybe_relaunch, run_train
 
     r = _load(recipe, set_)
+    if plan:
+        from hmcl_cli.training.memory import plan_memory
+
+        p = plan_memory(r)
+        console.print(p.summary(), markup=False)
+        for line in p.advice:
+            console.print(f"  to fit: {line}", markup=False)
+        return
     code = maybe_relaunch(r, str(recipe), set_ or [], resume, launcher, list(ctx.args))
     if code is not None:
         raise typer.Exit(code)

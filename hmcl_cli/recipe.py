@@ -84,6 +84,12 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = Field(
         "sdpa", description="transformers attention kernel (sdpa, eager, flash_attention_2)."
     )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Weight dtype for training. `auto`: float32 for weights that train (bf16 "
+        "autocast does the compute on GPU); with LoRA on a GPU the frozen base is kept in "
+        "bfloat16 (half the memory).",
+    )
 
 
 SourceFormat = Literal[

@@ -81,3 +81,23 @@ def test_schema_documents_every_section():
     md = schema_markdown()
     for key in ("model.name_or_path", "train.learning_rate", "loss.weak_weight", "eval.gate", "data.sources[].format"):
         assert f"`{key}`" in md
+
+
+def test_every_builtin_recipe_validates_and_opens_with_its_command():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# hmcl ") and path.name in first, path.name
+        r = load_recipe(path)
+        assert r.name == path.stem, path.name
+
+
+def test_decoder_recipes_use_last_token_pooling_lora_and_memory_savers():
+    from pathlib import Path
+
+    for name in ("qwen-lora", "qwen-7b-lora"):
+        r = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.yaml")
+        assert r.model.pooling == "last_token" and r.model.padding_side == "left"
+        assert r.model.lora.enabled and r.model.gradient_checkpointing and r.train.grad_cache_chunk
+        assert r.model.query_prompt and not r.model.trust_remote_code

@@ -78,7 +78,9 @@ def test_corrupt_checkpoint_is_skipped(tmp_path, tiny_bert):
     assert t2.step == 2
 
 
-def test_lora_training_reduces_loss_and_saves_adapter(tmp_path, tiny_qwen):
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_llama"])
+def test_lora_training_reduces_loss_and_saves_adapter(tmp_path, fixture, request):
+    tiny_qwen = request.getfixturevalue(fixture)
     sections = {"model": {"lora": {"enabled": True, "r": 4, "alpha": 8}},
                 "train": {"max_steps": 8, "learning_rate": 5e-3, "eval_steps": 100, "log_steps": 1}}
     recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, **sections))
@@ -171,3 +173,25 @@ def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert
     assert len(batches) == plan.steps_per_epoch == 5 + 4
     mixed = BatchPlan(t.data, 4, seed=3, by_source=False).epoch_batches(0)
     assert any(len({source_of[i] for i in batch}) == 2 for batch in mixed)
+
+
+def test_bf16_checkpoint_trains_with_float32_weights(tmp_path, tiny_qwen):
+    """Hub decoders are stored in bf16; full fine-tuning must not update bf16 weights (small
+    updates round away), so `model.dtype: auto` loads trained weights in float32."""
+    from transformers import AutoModel, AutoTokenizer
+
+    bf16 = tmp_path / "bf16-model"
+    AutoModel.from_pretrained(tiny_qwen).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_qwen).save_pretrained(bf16)
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    recipe = load_recipe(write_recipe(tmp_path, bf16, train={"max_steps": 1}))
+    prepare(recipe, progress=False)
+    trainer = HMCLTrainer(recipe)
+    trainer.setup()
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+    forced = load_recipe(write_recipe(tmp_path / "forced", bf16, model={"dtype": "bfloat16"}))
+    prepare(forced, progress=False)
+    t2 = HMCLTrainer(forced)
+    t2.setup()
+    assert {p.dtype for p in t2.model.parameters()} == {torch.bfloat16}

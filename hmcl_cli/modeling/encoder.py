@@ -182,7 +182,8 @@ class EmbeddingModel(nn.Module):
         return cls(backbone, tokenizer, settings)
 
     @classmethod
-    def from_recipe(cls, model_cfg: Any, base_dir: Optional[Path] = None, name_or_path: Optional[str] = None) -> "EmbeddingModel":
+    def from_recipe(cls, model_cfg: Any, base_dir: Optional[Path] = None, name_or_path: Optional[str] = None,
+                    dtype: Optional[torch.dtype] = None) -> "EmbeddingModel":
         if model_cfg.trust_remote_code:
             warn("model.trust_remote_code is on: code from the model repository will run")
         return cls.load(
@@ -192,6 +193,7 @@ class EmbeddingModel(nn.Module):
             query_prompt=model_cfg.query_prompt or None, doc_prompt=model_cfg.doc_prompt or None,
             padding_side=model_cfg.padding_side, append_eos=model_cfg.append_eos,
             trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
+            dtype=dtype,
         )
 
     # ---------------------------------------------------------------- tokenising
@@ -370,6 +372,15 @@ def autocast_for(device: torch.device, precision: str = "auto"):
     if device.type == "cuda" and precision == "fp16":
         return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def training_dtype(model_cfg: Any, device_type: str) -> torch.dtype:
+    """The dtype weights are loaded in for training (see ``model.dtype``)."""
+    if model_cfg.dtype != "auto":
+        return getattr(torch, model_cfg.dtype)
+    if model_cfg.lora.enabled and device_type == "cuda":
+        return torch.bfloat16  # frozen base; the adapters are float32 (peft keeps them so)
+    return torch.float32  # trained weights: float32 master copy; on GPU bf16 autocast computes
 
 
 def best_device() -> torch.device:

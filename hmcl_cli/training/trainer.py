@@ -51,7 +51,7 @@ from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryE
 from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
-from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for
+from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
@@ -114,7 +114,9 @@ class HMCLTrainer:
             self.precision = "fp32"
         _seed_everything(r.seed)
 
-        self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir)
+        if self.is_main and model is None:
+            self._print_memory_plan()
+        self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
         if r.model.gradient_checkpointing:
             self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if r.model.lora.enabled and not is_peft(self.model.backbone):
@@ -166,6 +168,18 @@ class HMCLTrainer:
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
+
+    def _print_memory_plan(self) -> None:
+        from hmcl_cli.training.memory import plan_memory
+
+        try:
+            plan = plan_memory(self.recipe, self.world, self.device)
+        except Exception as e:  # noqa: BLE001 - an estimate must never stop training
+            log(f"memory plan skipped ({type(e).__name__}: {e})")
+            return
+        log(plan.summary())
+        if not plan.fits:
+            warn("the estimate exceeds this device's memory; to fit: " + "; ".join(plan.advice))
 
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:

@@ -1,0 +1,77 @@
+"""The memory planner: parameter counts and activation bytes against real models on CPU."""
+
+import pytest
+import torch
+
+from hmcl_cli.recipe import load_recipe
+from hmcl_cli.training.memory import plan_memory
+from conftest import write_recipe
+
+
+def _real_saved_bytes(backbone, n_seq, seq_len):
+    """What autograd really keeps for backward (weights excluded), on CPU with fused SDPA."""
+    seen = {t.untyped_storage()._cdata for t in [*backbone.parameters(), *backbone.buffers()]}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    backbone.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        backbone(input_ids=torch.randint(5, 90, (n_seq, seq_len)))
+    return total
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen", "tiny_llama"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_plan_matches_real_parameters_and_activations(tmp_path, fixture, lora, request):
+    from transformers import AutoModel
+
+    from hmcl_cli.modeling.lora import apply_lora
+
+    folder = request.getfixturevalue(fixture)
+    recipe = load_recipe(write_recipe(tmp_path, folder, model={"lora": {"enabled": lora, "r": 4, "dropout": 0.1}},
+                                      train={"batch_size": 3, "group_size": 2}))
+    plan = plan_memory(recipe, device=torch.device("cpu"))
+    real = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+    if lora:
+        real = apply_lora(real, recipe.model.lora)
+    assert plan.params == sum(p.numel() for p in real.parameters())
+    assert plan.trainable == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert plan.optimizer == 2 * 4 * plan.trainable and plan.autocast_copies == 0  # fp32 on CPU
+    # the step holds batch_size anchors + batch_size x group_size candidates, all at max_length 48
+    assert plan.sequences == 3 + 3 * 2
+    torch.manual_seed(0)
+    real_bytes = _real_saved_bytes(real, 9, 48)
+    # per-batch tensors (position ids, rotary tables) are counted once per sequence: a slight over-estimate
+    assert real_bytes <= plan.activations <= 1.02 * real_bytes
+
+
+def test_plan_flags_what_does_not_fit_and_checkpointing_shrinks_it(tmp_path, tiny_qwen):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, train={"batch_size": 64, "group_size": 4}))
+    plan = plan_memory(recipe, device=torch.device("cpu"), capacity=1 << 20)
+    assert not plan.fits and any("gradient_checkpointing: true" in a for a in plan.advice)
+    ckpt = plan_memory(load_recipe(write_recipe(tmp_path, tiny_qwen, model={"gradient_checkpointing": True},
+                                                train={"batch_size": 64, "group_size": 4})), device=torch.device("cpu"))
+    chunked = plan_memory(load_recipe(write_recipe(tmp_path, tiny_qwen, train={"batch_size": 64, "group_size": 4,
+                                                                            "grad_cache_chunk": 8})), device=torch.device("cpu"))
+    assert ckpt.activations < plan.activations and chunked.activations < plan.activations
+    assert chunked.sequences == 8 and chunked.gradients == chunked.optimizer // 2
+    assert plan_memory(recipe, device=torch.device("cpu"), capacity=1 << 40).fits
+
+
+def test_train_plan_flag_prints_and_trains_nothing(tmp_path, tiny_bert):
+    import subprocess
+    import sys
+
+    recipe = write_recipe(tmp_path, tiny_bert)
+    out = subprocess.run([sys.executable, "-m", "hmcl_cli", "train", str(recipe), "--plan"], capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "memory plan per device" in out.stdout and "sequences in memory" in out.stdout
+    assert not (tmp_path / "run").exists()
