@@ -48,6 +48,16 @@ class LoraConfig(_Section):
     )
 
 
+class SegmentsConfig(_Section):
+    """Encode long texts as segments and average them (HiCL); see hmcl_cli/modeling/segments.py."""
+
+    length: int = Field(..., ge=16, description="Tokens per segment (special tokens and prompt included).")
+    overlap: int = Field(0, ge=0, description="Tokens shared by neighbouring segments.")
+    pooling: Literal["weighted", "mean"] = Field(
+        "weighted", description="Average segment embeddings weighted by their token count, or not."
+    )
+
+
 class ModelConfig(_Section):
     """The embedding model: backbone, pooling, prompts, lengths, LoRA."""
 
@@ -83,6 +93,12 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     attn_implementation: Optional[str] = Field(
         "sdpa", description="transformers attention kernel (sdpa, eager, flash_attention_2)."
+    )
+    segments: Optional[SegmentsConfig] = Field(
+        None,
+        description="Encode texts longer than one segment as segments (max_length then bounds "
+        "the whole text). Used by mine, eval and the saved model; training with segments is not "
+        "supported yet.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

@@ -122,8 +122,10 @@ def model_loader(recipe: Recipe):
     from hmcl_cli.modeling.encoder import EmbeddingModel
 
     def load(name: str):
-        return EmbeddingModel.load(name, base_dir=recipe.base_dir if recipe._source else None,
-                                   trust_remote_code=recipe.model.trust_remote_code)
+        model = EmbeddingModel.load(name, base_dir=recipe.base_dir if recipe._source else None,
+                                    trust_remote_code=recipe.model.trust_remote_code)
+        model.use_segments(recipe.model.segments)  # the recipe's segmentation applies to every model compared
+        return model
 
     return load
 

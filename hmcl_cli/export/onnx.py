@@ -79,6 +79,12 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
     _require_onnx()
     model = EmbeddingModel.load(str(model_dir), attn_implementation="eager")
     model.eval()
+    if model.segments is not None:
+        from hmcl_cli.console import warn
+
+        warn(f"{model_dir} encodes long texts as segments; segmentation is torch-only: the ONNX graph "
+             f"encodes one sequence (texts are truncated to {model.settings.doc_max_length} tokens)")
+        model.settings.segment_length = 0  # verify the graph against the plain encoding it implements
     texts = VERIFY_TEXTS + list(extra_texts or [])
     reference = model.encode(texts, side="doc").numpy()
     sample = model.pad(model.tokenize(texts[:2], side="doc"))

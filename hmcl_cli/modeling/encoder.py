@@ -47,6 +47,9 @@ class EncoderSettings:
     append_eos: bool = False
     is_decoder: bool = False
     base_model: str = ""
+    segment_length: int = 0  # > 0: long texts are encoded as segments (modeling/segments.py)
+    segment_overlap: int = 0
+    segment_pooling: str = "weighted"
 
 
 def is_decoder_config(config: Any) -> bool:
@@ -100,6 +103,22 @@ class EmbeddingModel(nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         tokenizer.padding_side = settings.padding_side
+
+    @property
+    def segments(self) -> Any:
+        """SegmentSettings when long texts are encoded as segments, else None."""
+        if not self.settings.segment_length:
+            return None
+        from hmcl_cli.modeling.segments import SegmentSettings
+
+        s = self.settings
+        return SegmentSettings(s.segment_length, s.segment_overlap, s.segment_pooling)
+
+    def use_segments(self, seg: Any) -> None:
+        """Encode long texts as segments as ``seg`` (model.segments of a recipe) says; None: keep."""
+        if seg is not None:
+            self.settings.segment_length, self.settings.segment_overlap = seg.length, seg.overlap
+            self.settings.segment_pooling = seg.pooling
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -172,6 +191,9 @@ class EmbeddingModel(nn.Module):
             padding_side=padding_side if padding_side != "auto" else ("left" if pool == "last_token" else "right"),
             is_decoder=decoder,
             base_model=saved.get("base_model") or name_or_path,
+            segment_length=int(saved.get("segment_length", 0)),
+            segment_overlap=int(saved.get("segment_overlap", 0)),
+            segment_pooling=saved.get("segment_pooling", "weighted"),
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -186,7 +208,7 @@ class EmbeddingModel(nn.Module):
                     dtype: Optional[torch.dtype] = None) -> "EmbeddingModel":
         if model_cfg.trust_remote_code:
             warn("model.trust_remote_code is on: code from the model repository will run")
-        return cls.load(
+        model = cls.load(
             name_or_path or model_cfg.name_or_path, revision=model_cfg.revision, base_dir=base_dir,
             pooling=model_cfg.pooling, normalize=model_cfg.normalize, max_length=model_cfg.max_length,
             query_max_length=model_cfg.query_max_length, doc_max_length=model_cfg.doc_max_length,
@@ -195,6 +217,8 @@ class EmbeddingModel(nn.Module):
             trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
             dtype=dtype,
         )
+        model.use_segments(model_cfg.segments)
+        return model
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:
@@ -230,10 +254,14 @@ class EmbeddingModel(nn.Module):
         return {"input_ids": ids, "attention_mask": mask}
 
     # ---------------------------------------------------------------- forward
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled token states, before normalisation (segments are averaged at this stage)."""
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        emb = pool(hidden, attention_mask, self.settings.pooling)
+        return pool(hidden, attention_mask, self.settings.pooling)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        emb = self.pooled(input_ids, attention_mask)
         if self.settings.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb
@@ -256,10 +284,21 @@ class EmbeddingModel(nn.Module):
         description: str = "encode",
         to_numpy: bool = False,
     ) -> Any:
-        """Embed texts; each distinct text once, longest first, bf16 autocast on GPU."""
+        """Embed texts; each distinct text once, longest first, bf16 autocast on GPU. With
+        ``self.segments`` set, long texts are encoded as segments (see modeling/segments.py)."""
         was_training = self.training
         self.eval()
         unique = list(dict.fromkeys(texts))
+        if self.segments is not None and unique:
+            from hmcl_cli.modeling.segments import encode_segmented
+
+            try:
+                out = encode_segmented(self, unique, side, self.segments, batch_size)
+            finally:
+                self.train(was_training)
+            position = {t: i for i, t in enumerate(unique)}
+            result = out[torch.tensor([position[t] for t in texts], device=out.device)]
+            return result.cpu().numpy() if to_numpy else result.cpu()
         ids = self.tokenize(unique, side)
         order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
         dev = self.device

@@ -113,6 +113,11 @@ class HMCLTrainer:
             warn("bf16/fp16 autocast on a CPU is ~100x slower; using fp32 on CPU")
             self.precision = "fp32"
         _seed_everything(r.seed)
+        if r.model.segments is not None:
+            raise RecipeError("model.segments: training with segmented texts is not supported yet "
+                              "(mine, eval and export use it)",
+                              hint="remove model.segments for `hmcl train`, or set it only for eval/mine "
+                              "with --set model.segments.length=512")
 
         if self.is_main and model is None:
             self._print_memory_plan()

@@ -1,0 +1,262 @@
+"""Quality: HMCL and its ablations vs the strongest sentence-transformers recipes, same data.
+
+    python benchmarks/quality.py --seeds 1,2,3                       # the full table (GPU)
+    python benchmarks/quality.py --seeds 1 --max-steps 60 --rows hmcl,st-cosent-mnrl   # CPU smoke
+
+Data (../shared/data), identical for every row: STS-B train + SICK train (10,249 pairs). Levels:
+STS-B score >= 4 positive, 2-4 weak-positive, < 2 negative; SICK by its NLI label (entailment
+positive, neutral weak, contradiction negative). Scores: STS-B 0-5 and SICK relatedness 1-5,
+divided by 5, for the score-based losses.
+
+Rows (all start from all-MiniLM-L6-v2; same steps, batch size, learning rate, warm-up, seeds
+and precision — bf16 autocast on GPU, fp32 on CPU; the final model is evaluated, no
+checkpoint selection):
+
+* ``hmcl`` — the full HMCL objective with the recipe defaults (``--hmcl-set`` overrides);
+* ablations: ``hmcl-contrastive`` (classification and ranking off), ``hmcl-no-weak`` (weak
+  pairs relabelled negative), ``hmcl-no-classification``, ``hmcl-no-ranking``;
+* sentence-transformers' trainer: ``st-cosent`` and ``st-angle`` (on the scores), ``st-mnrl``
+  (on the positive pairs, no-duplicates batches), ``st-cosent-mnrl`` (round-robin of the two),
+  ``st-cosent-mnrl-hn`` (the MNRL half gets one hard negative per pair from
+  ``mine_hard_negatives``: ranks 10-50, relative margin 0.05).
+
+Every model is scored with hmcl's evaluation (through mteb): STS-B dev and SICK trial
+(Spearman on relatedness), TrecQA dev (MAP); STS-B de/zh dev too when ``--multilingual-model``
+is given. Results are cached per (row, seed, settings) in ``--cache`` so the table can be built
+over several runs (the GPU allows 10 minutes per call); mean and std over seeds are printed as
+a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+HMCL_ROWS = {
+    "hmcl": {},
+    "hmcl-contrastive": {"loss.classification_weight": 0.0, "loss.ranking_weight": 0.0},
+    "hmcl-no-weak": {"_weak_as_negative": True},
+    "hmcl-no-classification": {"loss.classification_weight": 0.0},
+    "hmcl-no-ranking": {"loss.ranking_weight": 0.0},
+}
+ST_ROWS = ["st-cosent", "st-angle", "st-mnrl", "st-cosent-mnrl", "st-cosent-mnrl-hn"]
+TASKS = ["stsb-dev", "sick-trial", "trecqa-dev"]
+
+
+# ----------------------------------------------------------------------------- data
+def raw_pairs() -> list[tuple[str, str, float, str]]:
+    """(sentence1, sentence2, score 0-1, level) for STS-B train + SICK train."""
+    out = []
+    with open(SHARED / "stsb" / "stsb-en-train.csv", encoding="utf-8", newline="") as f:
+        for a, b, s in csv.reader(f):
+            s = float(s)
+            out.append((a, b, s / 5, "pos" if s >= 4 else "weak" if s >= 2 else "neg"))
+    nli = {"ENTAILMENT": "pos", "NEUTRAL": "weak", "CONTRADICTION": "neg"}
+    with open(SHARED / "sick" / "SICK_train.txt", encoding="utf-8", newline="") as f:
+        for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
+            out.append((r["sentence_A"], r["sentence_B"], float(r["relatedness_score"]) / 5,
+                        nli[r["entailment_judgment"]]))
+    return out
+
+
+def graded_rows(pairs, weak_as_negative: bool) -> list[dict]:
+    """hmcl's graded examples: each pair in both directions, merged per anchor sentence."""
+    by_query: dict[str, dict] = {}
+    for a, b, score, level in pairs:
+        if weak_as_negative and level == "weak":
+            level = "neg"
+        for q, c in ((a, b), (b, a)):
+            row = by_query.setdefault(q, {"query": q, "pos": [], "weak": [], "neg": [],
+                                          "pos_scores": [], "weak_scores": [], "neg_scores": []})
+            if c not in row["pos"] + row["weak"] + row["neg"] and c != q:
+                row[level].append(c)
+                row[f"{level}_scores"].append(score)
+    return [r for r in by_query.values() if r["pos"] + r["weak"] + r["neg"]]
+
+
+def eval_tasks() -> list:
+    from hmcl_cli.recipe import EvalTask
+
+    tasks = [
+        EvalTask(name="stsb-dev", type="sts", path=str(SHARED / "stsb" / "stsb-en-dev.csv"), score_range=(0, 5)),
+        EvalTask(name="sick-trial", type="sts", path=str(SHARED / "sick" / "SICK_trial.txt"), score_range=(1, 5),
+                 columns={"query": "sentence_A", "candidate": "sentence_B", "score": "relatedness_score"}),
+        EvalTask(name="trecqa-dev", type="reranking", format="answer_selection",
+                 path=str(SHARED / "trecqa" / "trecqa-dev.csv")),
+    ]
+    return tasks
+
+
+def evaluate_model(model_or_path, extra_multilingual: bool) -> dict:
+    from hmcl_cli.evaluation.runner import evaluate
+    from hmcl_cli.recipe import EvalTask
+
+    tasks = eval_tasks()
+    if extra_multilingual:
+        for lang in ("de", "zh"):
+            tasks.append(EvalTask(name=f"stsb-{lang}-dev", type="sts", score_range=(0, 5),
+                                  path=str(SHARED / "stsb-multi" / f"stsb-{lang}-dev.csv")))
+    report = evaluate({"m": model_or_path}, tasks, lambda p: Path(p), 256,
+                      loader=lambda name: __import__("hmcl_cli.modeling.encoder", fromlist=["x"]).EmbeddingModel.load(name))
+    out = {}
+    for t in tasks:
+        r = report["results"][t.name]["m"]
+        if "error" in r:
+            raise RuntimeError(f"{t.name}: {r['error']}")
+        out[t.name] = r["map"] if t.type == "reranking" else r["spearman"]
+    return out
+
+
+# ----------------------------------------------------------------------------- trainers
+def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    settings = dict(HMCL_ROWS[row])
+    weak_neg = settings.pop("_weak_as_negative", False)
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded_rows(raw_pairs(), weak_neg)))
+    overrides = [f"{k}={v}" for k, v in settings.items()] + list(args.hmcl_set)
+    recipe = load_recipe(data={
+        "name": row, "seed": seed, "output_dir": str(tmp / "run"),
+        "model": {"name_or_path": base, "max_length": args.max_length},
+        "data": {"sources": [{"path": str(tmp / "train.jsonl"), "split": "train"}], "dev_fraction": 0.0},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "group_size": args.group_size,
+                  "learning_rate": args.lr, "warmup_ratio": 0.1, "log_steps": max(1, args.steps // 10),
+                  "save_steps": 10 ** 9, "eval_steps": 10 ** 9, "load_best_at_end": False},
+        "export": {"formats": []}}, overrides=overrides)
+    prepare(recipe, progress=False)
+    trainer = HMCLTrainer(recipe)
+    trainer.setup()
+    trainer.train()
+    return trainer.save_final()
+
+
+def train_st(row: str, seed: int, args, base: str, tmp: Path) -> Path:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import AnglELoss, CoSENTLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import (BatchSamplers, MultiDatasetBatchSamplers,
+                                                                          SentenceTransformerTrainingArguments)
+
+    torch.manual_seed(seed)
+    model = SentenceTransformer(base)
+    model.max_seq_length = args.max_length
+    pairs = raw_pairs()
+    scored = Dataset.from_dict({"sentence1": [a for a, _, _, _ in pairs], "sentence2": [b for _, b, _, _ in pairs],
+                                "score": [s for _, _, s, _ in pairs]})
+    positives = Dataset.from_dict({"anchor": [a for a, _, _, lvl in pairs if lvl == "pos"],
+                                   "positive": [b for _, b, _, lvl in pairs if lvl == "pos"]})
+    if row == "st-cosent-mnrl-hn":
+        from sentence_transformers.util import mine_hard_negatives
+
+        corpus = list(dict.fromkeys([a for a, _, _, _ in pairs] + [b for _, b, _, _ in pairs]))
+        positives = mine_hard_negatives(positives, model, corpus=corpus, range_min=10, range_max=50,
+                                        relative_margin=0.05, num_negatives=1, sampling_strategy="top",
+                                        batch_size=256, output_format="triplet", verbose=False)
+    cosent, mnrl = CoSENTLoss(model), MultipleNegativesRankingLoss(model)
+    train = {"st-cosent": scored, "st-angle": scored, "st-mnrl": positives}.get(row)
+    loss = {"st-cosent": cosent, "st-angle": AnglELoss(model), "st-mnrl": mnrl}.get(row)
+    if train is None:  # the round-robin rows
+        train, loss = {"scores": scored, "positives": positives}, {"scores": cosent, "positives": mnrl}
+    cuda = torch.cuda.is_available()
+    targs = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp / "st"), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr, warmup_ratio=0.1, seed=seed, data_seed=seed, bf16=cuda, use_cpu=not cuda,
+        batch_sampler=BatchSamplers.NO_DUPLICATES, multi_dataset_batch_sampler=MultiDatasetBatchSamplers.ROUND_ROBIN,
+        save_strategy="no", report_to="none", logging_steps=max(1, args.steps // 10), disable_tqdm=True)
+    SentenceTransformerTrainer(model=model, args=targs, train_dataset=train, loss=loss).train()
+    model.save(str(tmp / "model"))
+    return tmp / "model"
+
+
+# ----------------------------------------------------------------------------- driver
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", default=",".join([*HMCL_ROWS, *ST_ROWS]))
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--epochs", type=float, default=4.0, help="sets the steps: epochs x pairs / batch size")
+    ap.add_argument("--max-steps", type=int, default=None, help="fixed step count instead of --epochs")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--group-size", type=int, default=4, help="hmcl candidates per anchor")
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--hmcl-set", action="append", default=[], help="recipe override for the hmcl rows")
+    ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
+    ap.add_argument("--multilingual-model", default=None, help="also score STS-B de/zh dev with this base")
+    ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "quality-cache.json"))
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
+    args = ap.parse_args()
+    from hmcl_cli.modeling.resolve import resolve_model
+
+    base = str(resolve_model(args.model))
+    n_pairs = len(raw_pairs())
+    args.steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.batch_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    setting = {k: getattr(args, k) for k in ("steps", "batch_size", "group_size", "lr", "max_length", "hmcl_set", "model")}
+    setting["device"] = device
+    key_base = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    cache_path = Path(args.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    start = time.time()
+    if "base" not in cache:
+        cache["base"] = {"scores": evaluate_model(base, False)}
+    for row in rows:
+        for seed in seeds:
+            key = f"{row}|{seed}|{key_base}"
+            if key in cache:
+                continue
+            if args.budget_s and time.time() - start > args.budget_s:
+                print(f"budget reached; rerun to continue ({key} not run)")
+                break
+            t0 = time.time()
+            with tempfile.TemporaryDirectory() as tmp:
+                trainer = train_hmcl if row in HMCL_ROWS else train_st
+                path = trainer(row, seed, args, base, Path(tmp))
+                scores = evaluate_model(str(path), False)
+            cache[key] = {"row": row, "seed": seed, "setting": setting, "scores": scores,
+                          "seconds": round(time.time() - t0, 1)}
+            tmp_path = cache_path.with_suffix(".tmp")
+            tmp_path.write_text(json.dumps(cache, indent=1))
+            tmp_path.replace(cache_path)
+            print(f"{row} seed {seed}: {scores} ({cache[key]['seconds']} s)", flush=True)
+    print_table(cache, rows, key_base, setting)
+
+
+def print_table(cache: dict, rows: list[str], key_base: str, setting: dict) -> None:
+    print(f"\nsetting: {json.dumps(setting)}")
+    print("| row | " + " | ".join(TASKS) + " | mean | seeds |")
+    print("|" + " --- |" * (len(TASKS) + 3))
+    base = cache["base"]["scores"]
+    print("| all-MiniLM-L6-v2 (no training) | " + " | ".join(f"{100 * base[t]:.2f}" for t in TASKS)
+          + f" | {100 * statistics.mean(base[t] for t in TASKS):.2f} | - |")
+    for row in rows:
+        runs = [v for k, v in cache.items() if k.startswith(f"{row}|") and k.endswith(key_base)]
+        if not runs:
+            continue
+        cells = []
+        for t in TASKS:
+            vals = [100 * r["scores"][t] for r in runs]
+            cells.append(f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""))
+        means = [100 * statistics.mean(r["scores"][t] for t in TASKS) for r in runs]
+        cells.append(f"{statistics.mean(means):.2f}" + (f" ± {statistics.stdev(means):.2f}" if len(means) > 1 else ""))
+        print(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""Training throughput: `hmcl train` vs a plain sentence-transformers loop, side by side.
+
+    python benchmarks/train_throughput.py --data quickstart                 # CPU row (fp32)
+    python benchmarks/train_throughput.py --data stsb --shape minilm        # GPU rows (bf16)
+    python benchmarks/train_throughput.py --data stsb --shape bert-base
+    python benchmarks/train_throughput.py --data stsb --shape qwen3-0.6b --batch-size 32
+    python benchmarks/train_throughput.py --data stsb --shape qwen3-4b --lora --checkpointing --tools hmcl
+
+Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
+the same examples, batch composition (anchors x group of candidates), max length and precision
+(fp32 on CPU, bf16 autocast on GPU), AdamW at the same learning rate, and the same objective:
+in-batch InfoNCE with the group's candidates (MultipleNegativesRankingLoss on the
+sentence-transformers side; hmcl with only its contrastive term). The sentence-transformers loop
+tokenises each step's texts as its trainer does; hmcl runs its own loop (`HMCLTrainer`).
+
+Reported per tool, after ``--warmup`` steps, over ``--steps`` steps: real (non-padding) tokens/s
+(hmcl encodes each distinct text of a step once, so where candidates repeat within a batch it
+processes fewer tokens for the same batch: compare samples/s for the step speed),
+samples (anchors)/s, peak GPU memory, and for the decoder shapes MFU (model FLOPs, 6 x parameters
+per token, 4 x with LoRA which computes no weight gradients, over time and the H100's 989 TFLOP/s
+dense bf16; recomputation by gradient checkpointing is not counted). The memory
+planner's estimate is printed beside hmcl's measured peak. Data: ``quickstart`` =
+recipes/data/support-train.jsonl (graded, group 4, max length 64/96 as the quickstart recipe);
+``stsb`` = STS-B train pairs with score >= 4 from ../shared/data (group 1: the positive only,
+max length 128).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
+    "bert-base": ("bert", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                               vocab_size=30522)),
+    "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)),
+    "qwen3-4b": ("qwen3", dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)),
+    "qwen3-8b": ("qwen3", dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                               num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False)),
+}
+H100_BF16_FLOPS = 989e12
+
+
+def build_model(shape: str, folder: Path) -> Path:
+    """all-MiniLM-L6-v2 itself, or a random model of ``shape`` with a real tokenizer."""
+    from hmcl_cli.modeling.resolve import resolve_model
+
+    minilm = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
+    if shape == "minilm":
+        return minilm
+    from transformers import AutoModel, AutoTokenizer, BertConfig, Qwen3Config
+
+    kind, kw = SHAPES[shape]
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg, tok = BertConfig(**kw), AutoTokenizer.from_pretrained(minilm)
+    else:
+        tok = _byte_level_tokenizer()
+        cfg = Qwen3Config(**kw, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModel.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    return folder
+
+
+def _byte_level_tokenizer():
+    """A word-piece-like tokenizer trained on the benchmark texts (Qwen's is not available offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [t for a, b in stsb_pairs(50_000) for t in (a, b)]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=8000, special_tokens=["<|endoftext|>", "<unk>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+def stsb_pairs(limit: int) -> list[tuple[str, str]]:
+    out = []
+    with open(SHARED / "stsb" / "stsb-en-train.csv", encoding="utf-8", newline="") as f:
+        for a, b, s in csv.reader(f):
+            if float(s) >= 4.0:
+                out.append((a, b))
+    return out[:limit]
+
+
+def examples(data: str) -> tuple[list[dict], int, int, int]:
+    """Graded examples, group size, query and document max length."""
+    if data == "quickstart":
+        rows = [json.loads(line) for line in (ROOT / "recipes/data/support-train.jsonl").read_text().splitlines()]
+        return rows, 4, 64, 96
+    return [{"query": a, "pos": [b]} for a, b in stsb_pairs(10_000)], 1, 128, 128
+
+
+def st_batches(rows: list[dict], group: int, batch: int, seed: int):
+    """Anchor batches with a positive and group-1 other candidates each (weak/neg first), no repeats."""
+    rng = random.Random(seed)
+    order = list(range(len(rows)))
+    while True:
+        rng.shuffle(order)
+        for s in range(0, len(order) - batch + 1, batch):
+            anchors, cands = [], []
+            for i in order[s:s + batch]:
+                r = rows[i]
+                others = r.get("weak", []) + r.get("neg", [])
+                pick = rng.sample(others, min(group - 1, len(others)))
+                anchors.append(r["query"])
+                cands.append([rng.choice(r["pos"])] + pick)
+            yield anchors, cands
+
+
+def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(path), device=str(device))
+    model.max_seq_length = max(q_len, d_len)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    batches = st_batches(rows, group, args.batch_size, 0)
+    tokens = samples = 0
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            _sync(device)
+            t0, tokens, samples = time.perf_counter(), 0, 0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        anchors, cands = next(batches)
+        flat = [c for cs in cands for c in cs]
+        fq = {k: v.to(device) for k, v in model.preprocess(anchors).items() if torch.is_tensor(v)}
+        fd = {k: v.to(device) for k, v in model.preprocess(flat).items() if torch.is_tensor(v)}
+        with amp:
+            q = model(fq)["sentence_embedding"]
+            d = model(fd)["sentence_embedding"]
+        q, d = torch.nn.functional.normalize(q.float(), dim=-1), torch.nn.functional.normalize(d.float(), dim=-1)
+        logits = q @ d.T * 20.0
+        target = torch.arange(len(anchors), device=device) * len(cands[0])
+        loss = torch.nn.functional.cross_entropy(logits, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += int(fq["attention_mask"].sum()) + int(fd["attention_mask"].sum())
+        samples += len(anchors)
+    _sync(device)
+    return _result(time.perf_counter() - t0, tokens, samples, device)
+
+
+def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> dict:
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.memory import plan_memory
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(data={
+        "name": "bench", "seed": 0, "output_dir": str(tmp / "run"),
+        "model": {"name_or_path": str(path), "query_max_length": q_len, "doc_max_length": d_len, "max_length": d_len,
+                  "gradient_checkpointing": args.checkpointing, "lora": {"enabled": args.lora},
+                  **({"attn_implementation": args.attn} if args.attn else {})},
+        "data": {"sources": [{"path": str(tmp / "train.jsonl"), "split": "train"}], "dev_fraction": 0.0},
+        "train": {"max_steps": args.warmup, "batch_size": args.batch_size, "group_size": group,
+                  "learning_rate": args.lr, "warmup_ratio": 0.0, "log_steps": 10_000, "save_steps": 100_000,
+                  "eval_steps": 100_000, "max_grad_norm": None, "batch_by_source": False,
+                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers},
+        "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
+    prepare(recipe, progress=False)
+    plan = plan_memory(recipe, device=device) if device.type == "cuda" else None
+    trainer = HMCLTrainer(recipe)
+    trainer.setup()
+    trainer.train()  # warm-up steps
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    counted = {"tokens": 0}
+    real_forward = trainer._forward_backward
+
+    def counting(batch, scale):
+        counted["tokens"] += int(batch["n_tokens"])
+        return real_forward(batch, scale)
+
+    trainer._forward_backward = counting
+    trainer.total_steps = args.warmup + args.steps
+    t0 = time.perf_counter()
+    trainer.train()
+    _sync(device)
+    out = _result(time.perf_counter() - t0, counted["tokens"], args.steps * args.batch_size, device)
+    if plan is not None:
+        out["planned_gib"] = round(plan.peak / 1024 ** 3, 2)
+    return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _result(secs, tokens, samples, device) -> dict:
+    r = {"seconds": round(secs, 2), "tokens_per_s": round(tokens / secs, 1), "samples_per_s": round(samples / secs, 1)}
+    if device.type == "cuda":
+        r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", choices=["quickstart", "stsb"], default="quickstart")
+    ap.add_argument("--shape", choices=["minilm", *SHAPES], default="minilm")
+    ap.add_argument("--batch-size", type=int, default=None, help="anchors per step (quickstart 32, stsb 64)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--grad-cache-chunk", type=int, default=None)
+    ap.add_argument("--attn", default=None, help="attn_implementation for hmcl (default sdpa)")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--tools", default="st,hmcl")
+    args = ap.parse_args()
+    args.batch_size = args.batch_size or (32 if args.data == "quickstart" else 64)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(torch.get_num_threads())
+    rows, group, q_len, d_len = examples(args.data)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        path = build_model(args.shape, tmp / "model")
+        params = sum(p.numel() for p in __import__("transformers").AutoModel.from_pretrained(path).parameters())
+        for tool in args.tools.split(","):
+            torch.manual_seed(0)
+            if tool == "st":
+                results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
+            else:
+                results["hmcl train"] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / "hmcl")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print(f"\n{args.shape} on {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}), "
+          f"data {args.data}, batch {args.batch_size} anchors x {group} candidates, {args.steps} timed steps, "
+          f"{params / 1e6:.0f}M parameters{', LoRA' if args.lora else ''}{', checkpointing' if args.checkpointing else ''}")
+    st = results.get("sentence-transformers loop")
+    for name, r in results.items():
+        ratio = (f"samples {r['samples_per_s'] / st['samples_per_s']:.2f}x, tokens {r['tokens_per_s'] / st['tokens_per_s']:.2f}x"
+                 if st else "-")
+        mfu = ""
+        if device.type == "cuda" and args.shape.startswith("qwen"):
+            # model FLOPs per token: forward 2P + backward 4P (full) or 2P (LoRA: no weight gradients)
+            flops = (4 if args.lora else 6) * params
+            mfu = f" MFU {flops * r['tokens_per_s'] / H100_BF16_FLOPS:.1%}"
+        extra = "".join(f" {k} {v}" for k, v in r.items() if k in ("peak_gib", "planned_gib"))
+        print(f"{name:<28} tokens/s {r['tokens_per_s']:>10} samples/s {r['samples_per_s']:>8} vs ST: {ratio}{mfu}{extra}")
+    print(json.dumps({"args": vars(args), "results": results}))
+
+
+if __name__ == "__main__":
+    main()

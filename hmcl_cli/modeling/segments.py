@@ -1,0 +1,109 @@
+"""Hierarchical segment encoding of long texts (HiCL, arXiv 2310.09720).
+
+A text is tokenised once (up to the side's max length, e.g. 2048 tokens), its content split
+into windows of ``length`` tokens (special tokens and the prompt included in each window, an
+``overlap`` of tokens shared by neighbours), each window encoded as its own sequence (attention
+costs O(length^2) per window instead of O(n^2)), and the windows' pooled embeddings averaged
+into the text's embedding — weighted by each window's token count (``weighted``) or not
+(``mean``) — then L2-normalised. A text that fits in one window is encoded exactly as without
+segments.
+
+Python use::
+
+    model.segments = SegmentSettings(length=512, overlap=64)
+    emb = model.encode(long_texts)          # segmented automatically
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+
+@dataclass
+class SegmentSettings:
+    length: int
+    overlap: int = 0
+    pooling: str = "weighted"
+
+
+def special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a single text's content."""
+    probe = "hello"
+    inner = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(inner) + 1):
+        if full[start:start + len(inner)] == inner:
+            return list(full[:start]), list(full[start + len(inner):])
+    return [], []
+
+
+def split_segments(model: Any, texts: Sequence[str], side: str,
+                   seg: SegmentSettings) -> list[list[tuple[list[int], int]]]:
+    """Per text, its segments as (token ids, content tokens): ids carry the special tokens, the
+    prompt and EOS as the model's plain tokenisation has them."""
+    s = model.settings
+    prompt = s.query_prompt if side == "query" else s.doc_prompt
+    max_total = s.query_max_length if side == "query" else s.doc_max_length
+    prefix, suffix = special_wrap(model.tokenizer)
+    eos = model.tokenizer.eos_token_id
+    add_eos = bool(s.append_eos and eos is not None and (not suffix or suffix[-1] != eos))
+    prompt_ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    budget = seg.length - len(prefix) - len(suffix) - len(prompt_ids) - int(add_eos)
+    if budget <= seg.overlap:
+        raise ValueError(f"model.segments.length {seg.length} leaves {budget} content tokens per segment after "
+                         f"special tokens and the prompt; it must exceed the overlap ({seg.overlap})")
+    total_budget = max(1, max_total - len(prefix) - len(suffix) - len(prompt_ids) - int(add_eos))
+    content = model.tokenizer(list(texts), add_special_tokens=False, truncation=True,
+                              max_length=total_budget)["input_ids"]
+    plain = model.tokenize(list(texts), side)  # a text that fits one segment keeps exactly these ids
+    overhead = len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)
+    out = []
+    for ids, whole in zip(content, plain):
+        if len(whole) <= seg.length:
+            out.append([(whole, max(1, len(whole) - overhead))])
+            continue
+        segments = []
+        start = 0
+        while True:
+            window = ids[start:start + budget]
+            seq = prefix + prompt_ids + window + suffix
+            segments.append((seq + [eos] if add_eos else seq, len(window)))
+            if start + budget >= len(ids):
+                break
+            start += budget - seg.overlap
+        out.append(segments)
+    return out
+
+
+def aggregate(segment_emb: torch.Tensor, owner: torch.Tensor, weight: torch.Tensor, n_texts: int) -> torch.Tensor:
+    """Weighted average of segment embeddings [S, D] per owning text -> [n_texts, D]."""
+    w = weight.to(segment_emb.dtype).unsqueeze(1)
+    total = torch.zeros((n_texts, segment_emb.size(1)), dtype=segment_emb.dtype, device=segment_emb.device)
+    total.index_add_(0, owner, segment_emb * w)
+    norm = torch.zeros((n_texts, 1), dtype=segment_emb.dtype, device=segment_emb.device)
+    norm.index_add_(0, owner, w)
+    return total / norm.clamp(min=1e-9)
+
+
+@torch.no_grad()
+def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSettings, batch_size: int) -> torch.Tensor:
+    """Embeddings [len(texts), D] (float32, on the model's device) of segmented texts."""
+    from hmcl_cli.modeling.encoder import autocast_for
+
+    per_text = split_segments(model, texts, side, seg)
+    flat = [(t, ids, n) for t, segs in enumerate(per_text) for ids, n in segs]
+    order = sorted(range(len(flat)), key=lambda i: -len(flat[i][1]))
+    dev = model.device
+    seg_emb = torch.empty((len(flat), model.dim), dtype=torch.float32, device=dev)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = {k: v.to(dev) for k, v in model.pad([flat[i][1] for i in idx]).items()}
+        with autocast_for(dev):
+            seg_emb[torch.tensor(idx, device=dev)] = model.pooled(**batch).float()
+    owner = torch.tensor([t for t, _, _ in flat], device=dev)
+    weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat], device=dev)
+    emb = aggregate(seg_emb, owner, weight, len(texts))
+    return torch.nn.functional.normalize(emb, dim=-1) if model.settings.normalize else emb
