@@ -60,18 +60,23 @@ def test_ordinal_classification_matches_hand_computation():
     assert th[0].item() == pytest.approx(0.3) and th[1].item() == pytest.approx(0.8, rel=1e-5)
 
 
-def test_cosent_matches_hand_computation_with_margin_and_scores():
+@pytest.mark.parametrize("scores", [[5.0, 3.0, 1.0, 4.0],            # agree with the levels
+                                    [5.0, 1.0, 3.5, float("nan")]])  # a negative above a weak; one unscored
+def test_cosent_matches_hand_computation_with_margin_and_scores(scores):
+    """Two scored pairs are ordered by score (no margin); otherwise by level, with the margin."""
     b = small_batch()
-    b.pair_score = torch.tensor([5.0, 3.0, 1.0, 4.0])
+    b.pair_score = torch.tensor(scores)
     s = b.pair_cosines().tolist()
     lvl = [2, 1, 0, 2]
-    sc = [5.0, 3.0, 1.0, 4.0]
     scale, margin = 20.0, 0.1
     terms = [0.0]
     for p in range(4):
         for q in range(4):
-            if lvl[p] > lvl[q] or (lvl[p] == lvl[q] and sc[p] > sc[q]):
-                terms.append(scale * (s[q] - s[p] + margin * max(0, lvl[p] - lvl[q])))
+            if not math.isnan(scores[p]) and not math.isnan(scores[q]):
+                if scores[p] > scores[q]:
+                    terms.append(scale * (s[q] - s[p]))
+            elif lvl[p] > lvl[q]:
+                terms.append(scale * (s[q] - s[p] + margin * (lvl[p] - lvl[q])))
     expected = math.log(sum(math.exp(t) for t in terms))
     assert GradedCoSENTLoss(scale, margin, use_scores=True)(b).item() == pytest.approx(expected, rel=1e-5)
     # without scores the pair (0 vs 3), both level 2, is not compared

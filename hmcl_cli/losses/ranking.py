@@ -11,15 +11,18 @@ from hmcl_cli.losses.batch import PairBatch
 class GradedCoSENTLoss(nn.Module):
     """CoSENT-style ranking over every two labelled pairs of the batch with different grades.
 
-    Inputs: a :class:`PairBatch`. Pair *p* must score a higher cosine than pair *q* when its
-    level is higher, or (``use_scores``) when the levels are equal and both carry a score
-    and *p*'s is higher. Loss::
+    Inputs: a :class:`PairBatch`. Pair *p* must score a higher cosine than pair *q* when both
+    carry a score (``*_scores`` in the data, ``use_scores``) and *p*'s is higher; otherwise
+    when *p*'s level is higher. Loss::
 
         log(1 + sum_{p > q} exp(scale * (cos_q - cos_p + margin * (level_p - level_q))))
 
-    The margin grows with the level gap (positive vs negative needs a wider gap than
-    positive vs weak). With ``margin=0`` and scores only, this is CoSENT (Su 2022); it is the
-    term that makes cosine follow a graded / continuous similarity (STS-style data).
+    (the margin only for pairs ordered by level). Scores come first because they are the finer
+    judgement: SICK pairs graded by their NLI label carry a relatedness score, and a
+    "contradiction" (negative) may be more related than a "neutral" (weak) pair. The margin
+    grows with the level gap (positive vs negative needs a wider gap than positive vs weak).
+    With ``margin=0`` and scores only, this is CoSENT (Su 2022); it is the term that makes
+    cosine follow a graded / continuous similarity (STS-style data).
     """
 
     def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True):
@@ -32,11 +35,12 @@ class GradedCoSENTLoss(nn.Module):
         s = b.pair_cosines().float()
         lvl = b.pair_level.float()
         higher = lvl[:, None] > lvl[None, :]  # [p, q]: p above q
+        gap = (lvl[:, None] - lvl[None, :]).clamp(min=0)
         if self.use_scores:
             sc = b.pair_score.float()
             both = ~torch.isnan(sc)[:, None] & ~torch.isnan(sc)[None, :]
-            higher = higher | ((lvl[:, None] == lvl[None, :]) & both & (sc[:, None] > sc[None, :]))
-        gap = (lvl[:, None] - lvl[None, :]).clamp(min=0)
+            higher = torch.where(both, sc[:, None] > sc[None, :], higher)
+            gap = torch.where(both, torch.zeros_like(gap), gap)
         diff = self.scale * (s[None, :] - s[:, None] + self.margin * gap)  # cos_q - cos_p
         diff = diff.masked_fill(~higher, float("-inf"))
         zero = torch.zeros(1, device=s.device)
