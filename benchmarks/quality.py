@@ -185,6 +185,52 @@ def train_st(row: str, seed: int, args, base: str, tmp: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- driver
+def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict]:
+    """Every (row, seed, overrides) to run, with its cache key and table label."""
+    variants = [[]] + [[o for o in v.split(",") if o] for v in (args.grid.split(";") if args.grid else [])]
+    jobs = []
+    for row in rows:
+        for variant in (variants if row == "hmcl" else [[]]):
+            sets = list(args.hmcl_set) + variant if row in HMCL_ROWS else []
+            setting = dict(common, hmcl_set=sets)
+            digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+            label = row + (f" [{' '.join(sets)}]" if sets else "")
+            for seed in seeds:
+                jobs.append({"row": row, "seed": seed, "sets": sets, "setting": setting, "label": label,
+                             "key": f"{row}|{seed}|{digest}"})
+    return jobs
+
+
+def _save(cache: dict, path: Path) -> None:
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(cache, indent=1))
+    tmp_path.replace(path)
+
+
+def run_parallel(args, cache: dict, cache_path: Path) -> None:
+    """Run the missing jobs in ``--jobs`` worker processes (one GPU is shared: a MiniLM run leaves
+    most of it idle), each with its own cache file, then merge them."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:]]
+    procs, shards = [], []
+    for i in range(args.jobs):
+        shard = cache_path.with_name(f"{cache_path.stem}.shard{i}.json")
+        _save(cache, shard)
+        shards.append(shard)
+        cmd = [sys.executable, __file__, *argv, "--jobs", "1", "--shard", f"{i}/{args.jobs}", "--cache", str(shard),
+               "--no-table"]
+        procs.append(subprocess.Popen(cmd))
+    codes = [p.wait() for p in procs]
+    for shard in shards:
+        if shard.is_file():
+            cache.update(json.loads(shard.read_text()))
+            shard.unlink()
+    _save(cache, cache_path)
+    if any(codes):
+        print(f"worker exit codes {codes}", file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=",".join([*HMCL_ROWS, *ST_ROWS]))
@@ -196,10 +242,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--hmcl-set", action="append", default=[], help="recipe override for the hmcl rows")
+    ap.add_argument("--grid", default=None,
+                    help="extra `hmcl` rows: variants separated by ';', overrides in one variant by ','")
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--multilingual-model", default=None, help="also score STS-B de/zh dev with this base")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "quality-cache.json"))
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device")
+    ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from hmcl_cli.modeling.resolve import resolve_model
 
@@ -207,46 +258,56 @@ def main() -> None:
     n_pairs = len(raw_pairs())
     args.steps = args.max_steps or math.ceil(args.epochs * n_pairs / args.batch_size)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    setting = {k: getattr(args, k) for k in ("steps", "batch_size", "group_size", "lr", "max_length", "hmcl_set", "model")}
-    setting["device"] = device
-    key_base = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
+    common = {k: getattr(args, k) for k in ("steps", "batch_size", "group_size", "lr", "max_length", "model")}
+    common["device"] = device
+    from hmcl_cli.recipe import LossConfig
+
+    common["loss_defaults"] = hashlib.sha256(LossConfig().model_dump_json().encode()).hexdigest()[:8]
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
+    jobs = job_list(args, rows, seeds, common)
     start = time.time()
     if "base" not in cache:
         cache["base"] = {"scores": evaluate_model(base, False)}
-    for row in rows:
-        for seed in seeds:
-            key = f"{row}|{seed}|{key_base}"
-            if key in cache:
+        _save(cache, cache_path)
+    if args.jobs > 1:
+        run_parallel(args, cache, cache_path)
+    else:
+        mine = jobs
+        if args.shard:
+            i, n = (int(x) for x in args.shard.split("/"))
+            mine = [j for j in jobs if j["key"] not in cache][i::n]
+        for job in mine:
+            if job["key"] in cache:
                 continue
             if args.budget_s and time.time() - start > args.budget_s:
-                print(f"budget reached; rerun to continue ({key} not run)")
+                print(f"budget reached; rerun to continue ({job['key']} not run)")
                 break
             t0 = time.time()
+            run_args = argparse.Namespace(**{**vars(args), "hmcl_set": job["sets"]})
             with tempfile.TemporaryDirectory() as tmp:
-                trainer = train_hmcl if row in HMCL_ROWS else train_st
-                path = trainer(row, seed, args, base, Path(tmp))
+                trainer = train_hmcl if job["row"] in HMCL_ROWS else train_st
+                path = trainer(job["row"], job["seed"], run_args, base, Path(tmp))
                 scores = evaluate_model(str(path), False)
-            cache[key] = {"row": row, "seed": seed, "setting": setting, "scores": scores,
-                          "seconds": round(time.time() - t0, 1)}
-            tmp_path = cache_path.with_suffix(".tmp")
-            tmp_path.write_text(json.dumps(cache, indent=1))
-            tmp_path.replace(cache_path)
-            print(f"{row} seed {seed}: {scores} ({cache[key]['seconds']} s)", flush=True)
-    print_table(cache, rows, key_base, setting)
+            cache[job["key"]] = {"row": job["row"], "label": job["label"], "seed": job["seed"],
+                                 "setting": job["setting"], "scores": scores, "seconds": round(time.time() - t0, 1)}
+            _save(cache, cache_path)
+            print(f"{job['label']} seed {job['seed']}: {scores} ({cache[job['key']]['seconds']} s)", flush=True)
+    if not args.no_table:
+        print_table(cache, jobs, common)
 
 
-def print_table(cache: dict, rows: list[str], key_base: str, setting: dict) -> None:
-    print(f"\nsetting: {json.dumps(setting)}")
+def print_table(cache: dict, jobs: list[dict], common: dict) -> None:
+    print(f"\nsetting: {json.dumps(common)}")
     print("| row | " + " | ".join(TASKS) + " | mean | seeds |")
     print("|" + " --- |" * (len(TASKS) + 3))
     base = cache["base"]["scores"]
     print("| all-MiniLM-L6-v2 (no training) | " + " | ".join(f"{100 * base[t]:.2f}" for t in TASKS)
           + f" | {100 * statistics.mean(base[t] for t in TASKS):.2f} | - |")
-    for row in rows:
-        runs = [v for k, v in cache.items() if k.startswith(f"{row}|") and k.endswith(key_base)]
+    labels = list(dict.fromkeys(j["label"] for j in jobs))
+    for label in labels:
+        runs = [cache[j["key"]] for j in jobs if j["label"] == label and j["key"] in cache]
         if not runs:
             continue
         cells = []
@@ -255,7 +316,7 @@ def print_table(cache: dict, rows: list[str], key_base: str, setting: dict) -> N
             cells.append(f"{statistics.mean(vals):.2f}" + (f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""))
         means = [100 * statistics.mean(r["scores"][t] for t in TASKS) for r in runs]
         cells.append(f"{statistics.mean(means):.2f}" + (f" ± {statistics.stdev(means):.2f}" if len(means) > 1 else ""))
-        print(f"| {row} | " + " | ".join(cells) + f" | {len(runs)} |")
+        print(f"| {label} | " + " | ".join(cells) + f" | {len(runs)} |")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
+    "minilm-shape": ("bert", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
+                                  vocab_size=30522)),  # all-MiniLM-L6-v2's shape: same speed as the real weights
     "bert-base": ("bert", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                vocab_size=30522)),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -71,8 +73,10 @@ def build_model(shape: str, folder: Path) -> Path:
     else:
         tok = _byte_level_tokenizer()
         cfg = Qwen3Config(**kw, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    # stored like the real checkpoints: BERT-class float32, Qwen bf16 (float32 on a CPU, where bf16 is ~100x slower)
+    dtype = torch.bfloat16 if kind == "qwen3" and torch.cuda.is_available() else torch.float32
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModel.from_config(cfg, dtype=torch.bfloat16)
+        model = AutoModel.from_config(cfg, dtype=dtype)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     del model
@@ -165,7 +169,6 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
 def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> dict:
     from hmcl_cli.data.prepare import prepare
     from hmcl_cli.recipe import load_recipe
-    from hmcl_cli.training.memory import plan_memory
     from hmcl_cli.training.trainer import HMCLTrainer
 
     tmp.mkdir(parents=True, exist_ok=True)
@@ -182,9 +185,9 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> 
                   "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers},
         "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
     prepare(recipe, progress=False)
-    plan = plan_memory(recipe, device=device) if device.type == "cuda" else None
     trainer = HMCLTrainer(recipe)
     trainer.setup()
+    plan = trainer.memory_plan if device.type == "cuda" else None
     trainer.train()  # warm-up steps
     _sync(device)
     if device.type == "cuda":
@@ -199,7 +202,18 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> 
     trainer._forward_backward = counting
     trainer.total_steps = args.warmup + args.steps
     t0 = time.perf_counter()
-    trainer.train()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            trainer.train()
+        _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    else:
+        trainer.train()
     _sync(device)
     out = _result(time.perf_counter() - t0, counted["tokens"], args.steps * args.batch_size, device)
     if plan is not None:
@@ -233,6 +247,7 @@ def main() -> None:
     ap.add_argument("--attn", default=None, help="attn_implementation for hmcl (default sdpa)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--tools", default="st,hmcl")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     args = ap.parse_args()
     args.batch_size = args.batch_size or (32 if args.data == "quickstart" else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -242,7 +257,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         path = build_model(args.shape, tmp / "model")
-        params = sum(p.numel() for p in __import__("transformers").AutoModel.from_pretrained(path).parameters())
+        from transformers import AutoConfig, AutoModel
+
+        with torch.device("meta"):  # count without loading the weights (8B shapes)
+            params = sum(p.numel() for p in AutoModel.from_config(AutoConfig.from_pretrained(path)).parameters())
         for tool in args.tools.split(","):
             torch.manual_seed(0)
             if tool == "st":

@@ -319,12 +319,16 @@ class LossConfig(_Section):
     """The HMCL objective: w_con*L_con + w_cls*L_cls + w_rank*L_rank."""
 
     contrastive_weight: float = Field(1.0, ge=0, description="Weight of InfoNCE.")
-    classification_weight: float = Field(0.2, ge=0, description="Weight of pair classification.")
-    ranking_weight: float = Field(0.5, ge=0, description="Weight of the CoSENT ranking loss.")
+    classification_weight: float = Field(
+        0.0, ge=0, description="Weight of pair classification (3-level thresholds on the cosine). 0 by default: "
+        "it changed no STS/retrieval dev score in benchmarks/quality.py; try 0.2 for pair-classification use."
+    )
+    ranking_weight: float = Field(1.0, ge=0, description="Weight of the CoSENT ranking loss.")
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature.")
     learn_temperature: bool = Field(False, description="Learn the temperature.")
     weak_weight: float = Field(
-        0.3, ge=0, le=1, description="Soft-target weight of weak-positives in InfoNCE."
+        0.0, ge=0, le=1, description="Soft-target weight of weak-positives in InfoNCE (0: they are contrasted "
+        "like negatives there and ordered between positives and negatives by the ranking term)."
     )
     classifier: Literal["ordinal", "linear"] = Field(
         "ordinal",

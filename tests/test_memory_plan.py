@@ -4,27 +4,13 @@ import pytest
 import torch
 
 from hmcl_cli.recipe import load_recipe
-from hmcl_cli.training.memory import plan_memory
+from hmcl_cli.training.memory import plan_memory, saved_tensor_bytes
 from conftest import write_recipe
 
 
 def _real_saved_bytes(backbone, n_seq, seq_len):
     """What autograd really keeps for backward (weights excluded), on CPU with fused SDPA."""
-    seen = {t.untyped_storage()._cdata for t in [*backbone.parameters(), *backbone.buffers()]}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    backbone.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        backbone(input_ids=torch.randint(5, 90, (n_seq, seq_len)))
-    return total
+    return saved_tensor_bytes(backbone, torch.randint(5, 90, (n_seq, seq_len)))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen", "tiny_llama"])
@@ -73,5 +59,21 @@ def test_train_plan_flag_prints_and_trains_nothing(tmp_path, tiny_bert):
     out = subprocess.run([sys.executable, "-m", "hmcl_cli", "train", str(recipe), "--plan"], capture_output=True,
                          text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr
-    assert "memory plan per device" in out.stdout and "sequences in memory" in out.stdout
+    assert "memory plan per device" in out.stdout and "in memory at once" in out.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_plan_sizes_the_worst_step_by_the_longest_text_of_the_data(tmp_path, tiny_qwen):
+    """Batches are padded to their longest text: with the data's longest query/document known, the
+    plan equals the plan of a recipe whose max lengths are those (padded to 8) lengths."""
+    cpu = torch.device("cpu")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, train={"batch_size": 4, "group_size": 2}))
+    by_data = plan_memory(recipe, cpu, longest=(10, 20))
+    assert by_data.lengths == (16, 24)
+    capped = load_recipe(write_recipe(tmp_path, tiny_qwen, model={"query_max_length": 16, "doc_max_length": 24},
+                                      train={"batch_size": 4, "group_size": 2}))
+    assert by_data.activations == plan_memory(capped, cpu).activations
+    worst = plan_memory(recipe, cpu)
+    assert worst.lengths == (48, 48) and worst.activations > by_data.activations
+    # a text longer than max_length is truncated: the cap holds
+    assert plan_memory(recipe, cpu, longest=(500, 500)).activations == worst.activations

@@ -4,20 +4,23 @@
     plan = plan_memory(recipe)          # a MemoryPlan
     print(plan.summary())
 
-How it estimates (per device, worst case: every sequence padded to its side's max length):
+How it estimates (per device, for the worst step: every sequence as long as the longest text of its
+side in the data — batches are padded to their longest text — capped by the max lengths; without
+the data, ``hmcl train --plan`` assumes every sequence fills its max length):
 
 * **weights**: every parameter in the dtype it trains in (``model.dtype``; with LoRA on a GPU the
   frozen base is bfloat16 and the adapters float32);
 * **optimizer**: AdamW keeps two states per trainable parameter, in its dtype;
-* **gradients**: one per trainable parameter; they coexist with activations only under
-  GradCache (otherwise they grow while activations are freed);
+* **gradients**: one per trainable parameter, counted beside the activations (they grow while
+  the backward pass frees activations, so this is an upper bound);
 * **activations**: measured, not guessed — a 1-layer and a 2-layer copy of the architecture are
   built on the ``meta`` device (no memory, no compute), one sequence is run through each with
   saved-tensor hooks counting what autograd keeps, and that is scaled to the layers and
   sequences of a step (anchors + anchors x group_size candidates; ``grad_cache_chunk``
   sequences with GradCache). Attention is counted as a fused kernel keeps it (q, k, v, output,
   log-sum-exp), as SDPA's flash / memory-efficient kernels do. With gradient checkpointing each
-  layer keeps only its input, plus one layer's activations during recomputation;
+  layer keeps only its input, plus one layer's activations for one forward call (the anchors or
+  the candidates, or one GradCache chunk) during recomputation;
 * **autocast copies**: under bf16 autocast every float32 weight used in a matmul is cast once per
   forward and the bf16 copy is kept until the backward pass.
 
@@ -47,6 +50,7 @@ class MemoryPlan:
     sequences: int
     capacity: Optional[int] = None
     advice: list[str] = field(default_factory=list)
+    lengths: tuple[int, int] = (0, 0)  # query and document tokens each sequence is sized at
 
     @property
     def peak(self) -> int:
@@ -59,7 +63,7 @@ class MemoryPlan:
     def as_dict(self) -> dict:
         keys = ("weights", "optimizer", "gradients", "activations", "autocast_copies", "peak")
         return {**{k: round(getattr(self, k) / GIB, 3) for k in keys}, "params": self.params,
-                "trainable": self.trainable, "sequences": self.sequences,
+                "trainable": self.trainable, "sequences": self.sequences, "lengths": list(self.lengths),
                 "capacity": round(self.capacity / GIB, 3) if self.capacity else None, "advice": self.advice}
 
     def summary(self) -> str:
@@ -68,7 +72,7 @@ class MemoryPlan:
         cap = f" of {self.capacity / GIB:.1f} GiB" if self.capacity else ""
         return (f"memory plan per device: ~{self.peak / GIB:.2f} GiB{cap} ({parts} GiB; "
                 f"{self.trainable / 1e6:.1f}M of {self.params / 1e6:.1f}M parameters train; "
-                f"{self.sequences} sequences in memory at once)")
+                f"{self.sequences} sequences of up to {max(self.lengths)} tokens in memory at once)")
 
 
 class _FusedAttentionProbe(torch.autograd.Function):
@@ -123,9 +127,9 @@ def _meta_model(config: Any, layers: Optional[int], dtype: torch.dtype, lora: An
     return model
 
 
-def _saved_bytes(model: torch.nn.Module, seq_len: int, checkpointing: bool) -> int:
-    """Bytes autograd keeps for backward for one sequence of ``seq_len`` tokens (meta device)."""
-    # weights that autograd keeps are not extra memory: they are counted as weights
+def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward of ``model`` (weights and buffers excluded:
+    they are counted as weights). Works on real tensors and on the ``meta`` device."""
     seen: set = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     total = 0
 
@@ -138,32 +142,48 @@ def _saved_bytes(model: torch.nn.Module, seq_len: int, checkpointing: bool) -> i
         return t
 
     model.train()
-    try:
-        model.config._attn_implementation = _register_probe()
-    except Exception:  # noqa: BLE001 - architectures without the attention interface keep their own
-        pass
-    ids = torch.zeros((1, seq_len), dtype=torch.long, device="meta")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids)
+        model(input_ids=input_ids)
     return total
 
 
-def _activation_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int, checkpointing: bool) -> int:
-    """Activations for one sequence through the whole model (meta-device probe, see module doc)."""
-    one = _saved_bytes(_meta_model(config, 1, dtype, lora), seq_len, False)
-    two = _saved_bytes(_meta_model(config, 2, dtype, lora), seq_len, False)
-    per_layer, fixed = two - one, 2 * one - two
+def _layer_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int) -> tuple[int, int]:
+    """(fixed, per layer) activation bytes of one sequence of ``seq_len`` tokens: a 1- and a
+    2-layer copy on the meta device, attention counted as a fused kernel keeps it."""
+    sizes = []
+    for layers in (1, 2):
+        model = _meta_model(config, layers, dtype, lora)
+        try:
+            model.config._attn_implementation = _register_probe()
+        except Exception:  # noqa: BLE001 - architectures without the attention interface keep their own
+            pass
+        sizes.append(saved_tensor_bytes(model, torch.zeros((1, seq_len), dtype=torch.long, device="meta")))
+    one, two = sizes
+    return 2 * one - two, two - one
+
+
+def _sequence_bytes(config: Any, dtype: torch.dtype, probe: tuple[int, int], seq_len: int, checkpointing: bool) -> int:
+    """Activations one sequence keeps through the whole model. With gradient checkpointing each
+    layer keeps only its input (the layer being recomputed is added by the caller)."""
+    fixed, per_layer = probe
     layers = getattr(config, _layers_key(config))
     if not checkpointing:
         return fixed + layers * per_layer
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    layer_input = seq_len * hidden * torch.tensor([], dtype=dtype).element_size()
-    return fixed + layers * layer_input + per_layer
+    return fixed + layers * seq_len * hidden * torch.tensor([], dtype=dtype).element_size()
 
 
-def plan_memory(recipe: Any, world: int = 1, device: Optional[torch.device] = None, config: Any = None,
-                capacity: Optional[int] = None) -> MemoryPlan:
-    """Estimate the peak memory per device of ``hmcl train`` for ``recipe`` (see module doc)."""
+def _padded(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
+
+
+def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
+                capacity: Optional[int] = None, longest: Optional[tuple[int, int]] = None) -> MemoryPlan:
+    """Estimate the peak memory per device of ``hmcl train`` for ``recipe`` (see module doc).
+
+    ``longest``: the longest query and document of the data in tokens; batches are padded to their
+    longest text, so the worst step is sized by these (capped by the max lengths). Without it every
+    sequence is assumed to fill its max length."""
     from hmcl_cli.modeling.encoder import training_dtype
     from hmcl_cli.modeling.resolve import resolve_model
 
@@ -193,21 +213,27 @@ def plan_memory(recipe: Any, world: int = 1, device: Optional[torch.device] = No
     del full
     q_len = m.query_max_length or m.max_length
     d_len = m.doc_max_length or m.max_length
+    if longest is not None:
+        q_len, d_len = min(q_len, _padded(longest[0])), min(d_len, _padded(longest[1]))
     n_q, n_d = t.batch_size, t.batch_size * t.group_size
     chunk = t.grad_cache_chunk
+    probes = {n: _layer_bytes(config, act_dtype, m.lora, n) for n in {q_len, d_len}}
 
     def activations(ckpt: bool, chunk_size: Optional[int]) -> tuple[int, int]:
-        per_q = _activation_bytes(config, act_dtype, m.lora, q_len, ckpt)
-        per_d = per_q if d_len == q_len else _activation_bytes(config, act_dtype, m.lora, d_len, ckpt)
+        per_q = _sequence_bytes(config, act_dtype, probes[q_len], q_len, ckpt)
+        per_d = _sequence_bytes(config, act_dtype, probes[d_len], d_len, ckpt)
+        # recomputation rebuilds one layer of one forward call (one side, or one chunk) at a time
+        redo_q, redo_d = (probes[q_len][1], probes[d_len][1]) if ckpt else (0, 0)
         if chunk_size:  # GradCache: one chunk of one side at a time
-            return chunk_size * max(per_q, per_d), chunk_size
-        return n_q * per_q + n_d * per_d, n_q + n_d
+            return chunk_size * max(per_q + redo_q, per_d + redo_d), chunk_size
+        return n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d), n_q + n_d
 
     act, seqs = activations(m.gradient_checkpointing, chunk)
     copies = 2 * matmul_fp32 if act_dtype in (torch.bfloat16, torch.float16) and w_dtype == torch.float32 else 0
     plan = MemoryPlan(
-        weights=weight_bytes, optimizer=2 * train_bytes, gradients=train_bytes if chunk else 0,
-        activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs)
+        weights=weight_bytes, optimizer=2 * train_bytes, gradients=train_bytes,
+        activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs,
+        lengths=(q_len, d_len))
     plan.capacity = capacity
     if capacity is None and device.type == "cuda" and torch.cuda.is_available():
         plan.capacity = torch.cuda.get_device_properties(device).total_memory
@@ -218,14 +244,13 @@ def plan_memory(recipe: Any, world: int = 1, device: Optional[torch.device] = No
 
 def _advice(plan: MemoryPlan, m: Any, t: Any, activations) -> list[str]:
     out = []
-    fixed = plan.peak - plan.activations - plan.gradients
+    fixed = plan.peak - plan.activations  # weights, optimizer state, gradients, autocast copies
     if not m.gradient_checkpointing:
         act, _ = activations(True, t.grad_cache_chunk)
-        out.append(f"model.gradient_checkpointing: true -> ~{(fixed + plan.gradients + act) / GIB:.1f} GiB")
+        out.append(f"model.gradient_checkpointing: true -> ~{(fixed + act) / GIB:.1f} GiB")
     if not t.grad_cache_chunk:
         act, _ = activations(m.gradient_checkpointing, 16)
-        out.append(f"train.grad_cache_chunk: 16 (same loss and gradients) -> "
-                   f"~{(fixed + plan.optimizer // 2 + act) / GIB:.1f} GiB")
+        out.append(f"train.grad_cache_chunk: 16 (same loss and gradients) -> ~{(fixed + act) / GIB:.1f} GiB")
     if not m.lora.enabled:
         out.append("model.lora.enabled: true (trains ~1% of the weights; the optimizer state shrinks accordingly)")
     out.append("or lower train.batch_size / train.group_size / model.max_length")

@@ -119,14 +119,12 @@ class HMCLTrainer:
                               hint="remove model.segments for `hmcl train`, or set it only for eval/mine "
                               "with --set model.segments.length=512")
 
-        if self.is_main and model is None:
-            self._print_memory_plan()
+        self.memory_plan = None
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
         if r.model.gradient_checkpointing:
             self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if r.model.lora.enabled and not is_peft(self.model.backbone):
             self.model.backbone = apply_lora(self.model.backbone, r.model.lora)
-        self.model.to(self.device)
         self.loss_fn = HMCLLoss(r.loss, self.model.dim).to(self.device)
 
         train_path = self.run_dir / "data" / "train.jsonl"
@@ -141,6 +139,10 @@ class HMCLTrainer:
         dev_path = self.run_dir / "data" / "dev.jsonl"
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
+        if self.is_main and model is None:  # before the weights go to the device: an estimate for the worst step
+            self._print_memory_plan((max(map(len, self.data.query_tokens), default=1),
+                                     max(map(len, self.data.doc_tokens), default=1)))
+        self.model.to(self.device)
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, by_source=cfg.batch_by_source)
         except ValueError as e:
@@ -174,14 +176,15 @@ class HMCLTrainer:
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
 
-    def _print_memory_plan(self) -> None:
+    def _print_memory_plan(self, longest: tuple[int, int]) -> None:
         from hmcl_cli.training.memory import plan_memory
 
         try:
-            plan = plan_memory(self.recipe, self.world, self.device)
+            plan = plan_memory(self.recipe, self.device, longest=longest)
         except Exception as e:  # noqa: BLE001 - an estimate must never stop training
             log(f"memory plan skipped ({type(e).__name__}: {e})")
             return
+        self.memory_plan = plan
         log(plan.summary())
         if not plan.fits:
             warn("the estimate exceeds this device's memory; to fit: " + "; ".join(plan.advice))

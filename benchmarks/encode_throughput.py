@@ -1,0 +1,89 @@
+"""Encoding throughput: hmcl's `EmbeddingModel.encode` (used by mine and eval) vs sentence-transformers' `model.encode`.
+
+    python benchmarks/encode_throughput.py [--texts 100000] [--batch-size 256] [--shape minilm]
+
+Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
+SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
+(or a random-weight model of a ``train_throughput.py`` shape), the same batch size and max length.
+sentence-transformers is timed twice: as loaded (float32) and with its weights cast to bf16 (what
+the issue's reference figure used); hmcl runs as it does in `hmcl mine` / `hmcl eval` (bf16 on
+GPU, float32 on CPU). Reports sentences/s and the ratios; the outputs of both tools are compared
+(mean cosine) so a fast wrong answer cannot pass. Compare ratios across machines, not absolute
+numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _timed(fn, device) -> tuple[float, object]:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    from mine_throughput import inputs
+    from train_throughput import SHAPES, build_model
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--texts", type=int, default=100_000)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--shape", choices=["minilm", *SHAPES], default="minilm")
+    ap.add_argument("--warmup", type=int, default=2000, help="texts encoded once by each tool before timing")
+    args = ap.parse_args()
+    _, texts = inputs(args.texts, 0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    from sentence_transformers import SentenceTransformer
+
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(args.shape, Path(tmp) / "model")
+        results = {}
+        st = SentenceTransformer(str(path), device=device)
+        st.max_seq_length = args.max_length
+
+        def st_encode():
+            return st.encode(texts, batch_size=args.batch_size, convert_to_tensor=True, normalize_embeddings=True)
+
+        st.encode(texts[: args.warmup], batch_size=args.batch_size)
+        results["sentence-transformers (fp32 weights)"], ref = _timed(st_encode, device)
+        if device == "cuda":
+            st.to(torch.bfloat16)
+            st.encode(texts[: args.warmup], batch_size=args.batch_size)
+            results["sentence-transformers (bf16 weights)"], _ = _timed(st_encode, device)
+        st.to("cpu")
+        hm = EmbeddingModel.load(str(path), max_length=args.max_length).to(device)
+        hm.encode(texts[: args.warmup], batch_size=args.batch_size)
+        results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
+        agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
+    print(f"\n{args.shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'fp32'}), "
+          f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}; "
+          f"hmcl vs sentence-transformers fp32 mean cosine {agree:.5f}")
+    base = results["sentence-transformers (fp32 weights)"]
+    for name, secs in results.items():
+        print(f"{name:<40} {len(texts) / secs:>10.0f} sentences/s  hmcl is {secs / results['hmcl encode']:.2f}x this"
+              if name != "hmcl encode" else
+              f"{name:<40} {len(texts) / secs:>10.0f} sentences/s  ({base / secs:.2f}x ST fp32)")
+
+
+if __name__ == "__main__":
+    main()
