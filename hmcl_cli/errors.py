@@ -100,10 +100,11 @@ def from_system_error(e: BaseException) -> HmclError | None:
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
         what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}[e.errno]
-        where = f" writing {e.filename}" if e.filename else ""
-        return StorageError(f"{what}{where}",
-                            hint="free space or choose another output_dir (--set output_dir=...); outputs are "
-                            "written to temporary files and renamed, so earlier outputs are intact")
+        where = f": {e.filename}" if e.filename else ""
+        hint = ("check the file's permissions, or choose another output_dir (--set output_dir=...)"
+                if e.errno in (errno.EACCES, errno.EROFS) else "free space or choose another output_dir (--set output_dir=...)")
+        return StorageError(f"{what}{where}", hint=hint + "; outputs are written to temporary files and renamed, "
+                            "so earlier outputs are intact")
     return None
 
 

@@ -389,11 +389,13 @@ class EvalConfig(_Section):
     )
 
 
+ExportFormat = Literal["merged", "onnx", "onnx-int8"]
+
 class ExportConfig(_Section):
     """Deployable outputs of the trained model."""
 
     enabled: bool = Field(True, description="Run the export stage in `hmcl run`.")
-    formats: list[Literal["merged", "onnx", "onnx-int8"]] = Field(
+    formats: list[ExportFormat] = Field(
         default_factory=lambda: ["merged"]
     )
     verify_texts: list[str] = Field(

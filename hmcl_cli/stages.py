@@ -10,15 +10,16 @@ import contextlib
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
 from hmcl_cli.console import log, warn
 from hmcl_cli.errors import DataError, HmclError, ModelNotFoundError, RecipeError
 from hmcl_cli.io_utils import RunLock, write_text_atomic
-from hmcl_cli.recipe import EvalTask, Recipe
+from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
 
-EXPORT_FORMATS = ("merged", "onnx", "onnx-int8")
+EXPORT_FORMATS = typing.get_args(ExportFormat)
 
 
 def _start(recipe: Recipe) -> None:

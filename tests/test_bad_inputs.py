@@ -384,3 +384,16 @@ def test_exit_code_of_a_relaunched_training_is_passed_on(tmp_path, tiny_bert, ca
     monkeypatch.setattr(stages, "maybe_relaunch", lambda *a, **k: 130)
     code, out, err = cli(capsys, monkeypatch, "train", p)
     assert code == 130 and "interrupted" in err
+
+
+def test_storage_errors_name_the_file_without_guessing_read_or_write():
+    import errno
+
+    from hmcl_cli.errors import StorageError, from_system_error
+
+    denied = from_system_error(PermissionError(errno.EACCES, "Permission denied", "/data/train.jsonl"))
+    assert isinstance(denied, StorageError) and denied.exit_code == 10
+    assert str(denied).startswith("permission denied: /data/train.jsonl") and "writing" not in str(denied)
+    assert "permissions" in denied.hint
+    full = from_system_error(OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"))
+    assert "no space left on the device: /runs/x/model.safetensors" in str(full) and "free space" in full.hint

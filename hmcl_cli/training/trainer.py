@@ -115,9 +115,9 @@ class HMCLTrainer:
         _seed_everything(r.seed)
         if r.model.segments is not None:
             raise RecipeError("model.segments: training with segmented texts is not supported yet "
-                              "(mine, eval and export use it)",
-                              hint="remove model.segments for `hmcl train`, or set it only for eval/mine "
-                              "with --set model.segments.length=512")
+                              "(hmcl mine and hmcl eval use it)",
+                              hint="remove model.segments from the recipe you train with, and keep it in the "
+                              "recipe you run `hmcl mine` / `hmcl eval` with")
 
         self.memory_plan = None
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
