@@ -5,6 +5,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base
     python benchmarks/train_throughput.py --data stsb --shape qwen3-0.6b --batch-size 32
     python benchmarks/train_throughput.py --data stsb --shape qwen3-4b --lora --checkpointing --tools hmcl
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --sdpa no-cudnn    # SDPA backends
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
@@ -221,6 +222,17 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> 
     return out
 
 
+def _sdpa_backends(choice: str):
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    b = SDPBackend
+    allowed = {"no-cudnn": [b.FLASH_ATTENTION, b.EFFICIENT_ATTENTION, b.MATH], "efficient": [b.EFFICIENT_ATTENTION],
+               "flash": [b.FLASH_ATTENTION], "math": [b.MATH]}.get(choice)
+    return sdpa_kernel(allowed) if allowed else contextlib.nullcontext()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -248,6 +260,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--tools", default="st,hmcl")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
+    ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
+                    help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     args = ap.parse_args()
     args.batch_size = args.batch_size or (32 if args.data == "quickstart" else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -263,10 +277,11 @@ def main() -> None:
             params = sum(p.numel() for p in AutoModel.from_config(AutoConfig.from_pretrained(path)).parameters())
         for tool in args.tools.split(","):
             torch.manual_seed(0)
-            if tool == "st":
-                results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
-            else:
-                results["hmcl train"] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / "hmcl")
+            with _sdpa_backends(args.sdpa):
+                if tool == "st":
+                    results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
+                else:
+                    results["hmcl train"] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / "hmcl")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{args.shape} on {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}), "
