@@ -212,7 +212,7 @@ def run_parallel(args, cache: dict, cache_path: Path) -> None:
     most of it idle), each with its own cache file, then merge them."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = sys.argv[1:]
     procs, shards = [], []
     for i in range(args.jobs):
         shard = cache_path.with_name(f"{cache_path.stem}.shard{i}.json")

@@ -391,6 +391,7 @@ class EvalConfig(_Section):
 
 ExportFormat = Literal["merged", "onnx", "onnx-int8"]
 
+
 class ExportConfig(_Section):
     """Deployable outputs of the trained model."""
 

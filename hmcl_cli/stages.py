@@ -173,10 +173,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     if failed:
         only_models = all(r.get("error_class") == "model" for per in report["results"].values()
                           for r in per.values() if "error" in r)
+        where = f" (the other results are in {out})" if out else " (the other results are in the table)"
         raise (ModelNotFoundError if only_models else DataError)(
-            f"{len(failed)} evaluation(s) failed: {', '.join(failed)}"
-                        + (f" (the other results are in {out})" if out else " (the other results are in the table)"),
-                        hint="see the errors under the table")
+            f"{len(failed)} evaluation(s) failed: {', '.join(failed)}{where}", hint="see the errors under the table")
     return report
 
 

@@ -289,36 +289,34 @@ class EmbeddingModel(nn.Module):
         was_training = self.training
         self.eval()
         unique = list(dict.fromkeys(texts))
-        if self.segments is not None and unique:
-            from hmcl_cli.modeling.segments import encode_segmented
+        try:
+            if self.segments is not None and unique:
+                from hmcl_cli.modeling.segments import encode_segmented
 
-            try:
                 out = encode_segmented(self, unique, side, self.segments, batch_size)
-            finally:
-                self.train(was_training)
-            position = {t: i for i, t in enumerate(unique)}
-            result = out[torch.tensor([position[t] for t in texts], device=out.device)]
-            return result.cpu().numpy() if to_numpy else result.cpu()
+            else:
+                out = self._encode_plain(unique, side, batch_size, progress, description)
+        finally:
+            self.train(was_training)
+        position = {t: i for i, t in enumerate(unique)}
+        result = out[torch.tensor([position[t] for t in texts], device=out.device, dtype=torch.long)] if texts else out
+        return result.cpu().numpy() if to_numpy else result.cpu()
+
+    def _encode_plain(self, unique: list[str], side: str, batch_size: int, progress: bool, description: str) -> torch.Tensor:
+        """Embeddings [len(unique), D] (float32, on the model's device), longest texts first."""
         ids = self.tokenize(unique, side)
         order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
         dev = self.device
         out = torch.empty((len(unique), self.dim), dtype=torch.float32, device=dev)
-        bar = ProgressBar(description, len(unique), "texts", enabled=progress)
-        try:
+        with ProgressBar(description, len(unique), "texts", enabled=progress) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                batch = self.pad([ids[i] for i in idx])
-                batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(dev, non_blocking=True) for k, v in self.pad([ids[i] for i in idx]).items()}
                 with autocast_for(dev):
                     emb = self(**batch)
                 out[torch.tensor(idx, device=dev)] = emb.float()
                 bar.update(len(idx))
-        finally:
-            bar.close()
-            self.train(was_training)
-        position = {t: i for i, t in enumerate(unique)}
-        result = out[torch.tensor([position[t] for t in texts], device=dev, dtype=torch.long)] if texts else out
-        return result.cpu().numpy() if to_numpy else result.cpu()
+        return out
 
     # ---------------------------------------------------------------- saving
     def save(self, folder: str | Path, adapter_only: bool = False) -> None:

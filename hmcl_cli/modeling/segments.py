@@ -10,8 +10,8 @@ segments.
 
 Python use::
 
-    model.segments = SegmentSettings(length=512, overlap=64)
-    emb = model.encode(long_texts)          # segmented automatically
+    model.use_segments(SegmentSettings(length=512, overlap=64))   # saved with model.save()
+    emb = model.encode(long_texts)                               # segmented automatically
 """
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ def split_segments(model: Any, texts: Sequence[str], side: str,
     eos = model.tokenizer.eos_token_id
     add_eos = bool(s.append_eos and eos is not None and (not suffix or suffix[-1] != eos))
     prompt_ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    budget = seg.length - len(prefix) - len(suffix) - len(prompt_ids) - int(add_eos)
+    overhead = len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)  # tokens every segment repeats
+    budget = seg.length - overhead
     if budget <= seg.overlap:
         raise ValueError(f"model.segments.length {seg.length} leaves {budget} content tokens per segment after "
                          f"special tokens and the prompt; it must exceed the overlap ({seg.overlap})")
-    total_budget = max(1, max_total - len(prefix) - len(suffix) - len(prompt_ids) - int(add_eos))
     content = model.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                              max_length=total_budget)["input_ids"]
-    plain = model.tokenize(list(texts), side)  # a text that fits one segment keeps exactly these ids
-    overhead = len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)
+                              max_length=max(1, max_total - overhead))["input_ids"]
+    # a text that fits one segment keeps exactly its plain ids (a prompt may merge with the text's
+    # first token, so they are not rebuilt from `content`)
+    plain = model.tokenize(list(texts), side)
     out = []
     for ids, whole in zip(content, plain):
         if len(whole) <= seg.length:
