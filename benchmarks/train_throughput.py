@@ -58,8 +58,9 @@ SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
 H100_BF16_FLOPS = 989e12
 
 
-def build_model(shape: str, folder: Path) -> Path:
-    """all-MiniLM-L6-v2 itself, or a random model of ``shape`` with a real tokenizer."""
+def build_model(shape: str, folder: Path, positions: int = 512) -> Path:
+    """all-MiniLM-L6-v2 itself, or a random model of ``shape`` with a real tokenizer (BERT shapes
+    with ``positions`` position embeddings)."""
     from hmcl_cli.modeling.resolve import resolve_model
 
     minilm = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
@@ -70,7 +71,8 @@ def build_model(shape: str, folder: Path) -> Path:
     kind, kw = SHAPES[shape]
     torch.manual_seed(0)
     if kind == "bert":
-        cfg, tok = BertConfig(**kw), AutoTokenizer.from_pretrained(minilm)
+        cfg, tok = BertConfig(**kw, max_position_embeddings=positions), AutoTokenizer.from_pretrained(minilm)
+        tok.model_max_length = positions
     else:
         tok = _byte_level_tokenizer()
         cfg = Qwen3Config(**kw, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
@@ -167,7 +169,7 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     return _result(time.perf_counter() - t0, tokens, samples, device)
 
 
-def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> dict:
+def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None) -> dict:
     from hmcl_cli.data.prepare import prepare
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.training.trainer import HMCLTrainer
@@ -178,7 +180,7 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path) -> 
         "name": "bench", "seed": 0, "output_dir": str(tmp / "run"),
         "model": {"name_or_path": str(path), "query_max_length": q_len, "doc_max_length": d_len, "max_length": d_len,
                   "gradient_checkpointing": args.checkpointing, "lora": {"enabled": args.lora},
-                  **({"attn_implementation": args.attn} if args.attn else {})},
+                  **({"attn_implementation": args.attn} if args.attn else {}), **(model_extra or {})},
         "data": {"sources": [{"path": str(tmp / "train.jsonl"), "split": "train"}], "dev_fraction": 0.0},
         "train": {"max_steps": args.warmup, "batch_size": args.batch_size, "group_size": group,
                   "learning_rate": args.lr, "warmup_ratio": 0.0, "log_steps": 10_000, "save_steps": 100_000,

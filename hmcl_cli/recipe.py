@@ -97,8 +97,8 @@ class ModelConfig(_Section):
     segments: Optional[SegmentsConfig] = Field(
         None,
         description="Encode texts longer than one segment as segments (max_length then bounds "
-        "the whole text). Used by mine, eval and the saved model; training with segments is not "
-        "supported yet.",
+        "the whole text). Used in training, mine, eval and the saved model (ONNX export: "
+        "torch-only, the graph encodes one segment).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
@@ -316,7 +316,7 @@ class TrainConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The HMCL objective: w_con*L_con + w_cls*L_cls + w_rank*L_rank."""
+    """The HMCL objective: w_con*L_con + w_cls*L_cls + w_rank*L_rank (+ w_local*L_local with segments)."""
 
     contrastive_weight: float = Field(1.0, ge=0, description="Weight of InfoNCE.")
     classification_weight: float = Field(
@@ -324,6 +324,10 @@ class LossConfig(_Section):
         "it changed no STS/retrieval dev score in benchmarks/quality.py; try 0.2 for pair-classification use."
     )
     ranking_weight: float = Field(1.0, ge=0, description="Weight of the CoSENT ranking loss.")
+    local_weight: float = Field(
+        0.0, ge=0, description="Weight of the segment-level (local) InfoNCE term; needs model.segments. "
+        "See benchmarks/RESULTS.md (long texts) for what it measured."
+    )
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature.")
     learn_temperature: bool = Field(False, description="Learn the temperature.")
     weak_weight: float = Field(
@@ -436,6 +440,13 @@ class Recipe(_Section):
         """A path from the recipe, relative to the recipe file."""
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else (self.base_dir / p)
+
+    @model_validator(mode="after")
+    def _local_needs_segments(self) -> "Recipe":
+        if self.loss.local_weight > 0 and self.model.segments is None:
+            raise ValueError("loss.local_weight > 0 needs model.segments (the local term contrasts segments); "
+                             "add model.segments: {length: N} or set loss.local_weight: 0")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -100,3 +100,38 @@ def test_hmcl_is_the_weighted_sum_and_zero_weight_removes_a_term():
     assert set(parts2) == {"contrastive"} and total2.item() == pytest.approx(parts["contrastive"].item(), rel=1e-6)
     with pytest.raises(ValueError):
         HMCLLoss(cfg.model_copy(update={"contrastive_weight": 0, "classification_weight": 0, "ranking_weight": 0}), 2)
+
+
+def test_local_segment_term_matches_hand_computation():
+    from hmcl_cli.losses import SegmentInfoNCELoss
+
+    # anchor 0 has 2 segments, anchor 1 one; candidate 0 (pos of anchor 0) 2 segments,
+    # candidate 1 (neg of anchor 0, pos of anchor 1) 1 segment, candidate 2 (weak of anchor 1) 1 segment
+    a_seg = unit([1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0])
+    c_seg = unit([1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8])
+    oa, oc = torch.tensor([0, 0, 1]), torch.tensor([0, 0, 1, 2])
+    b = PairBatch(unit([1.0, 0.3, 0.0], [0.0, 0.0, 1.0]), unit([1.0, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8]),
+                  torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 2]), torch.tensor([2, 0, 2, 1]),
+                  torch.full((4,), float("nan")), torch.tensor([10, 11]), torch.tensor([20, 21, 22]),
+                  a_seg, oa, c_seg, oc)
+    T, w = 0.1, 0.5
+    loss = SegmentInfoNCELoss(GradedInfoNCELoss(T, w))(b)
+    cos = a_seg @ c_seg.T
+
+    def row(i, target):
+        logp = torch.log_softmax(cos[i] / T, dim=0)
+        return -sum(t * logp[j] for j, t in target.items())
+    # anchor 0: positive candidate 0 spread over its 2 segments; anchor 1: pos cand 1 (1), weak cand 2 (0.5)
+    a0 = (row(0, {0: 0.5, 1: 0.5}) + row(1, {0: 0.5, 1: 0.5})) / 2
+    a1 = row(2, {2: 1 / 1.5, 3: 0.5 / 1.5})
+    assert torch.allclose(loss, (a0 + a1) / 2, atol=1e-5)
+
+
+def test_local_term_equals_contrastive_term_with_one_segment_per_text():
+    from hmcl_cli.losses import SegmentInfoNCELoss
+
+    b = small_batch()
+    con = GradedInfoNCELoss(0.05, 0.3)
+    b.anchor_segments, b.anchor_segment_owner = b.anchors, torch.arange(b.anchors.size(0))
+    b.candidate_segments, b.candidate_segment_owner = b.candidates, torch.arange(b.candidates.size(0))
+    assert torch.allclose(SegmentInfoNCELoss(con)(b), con(b), atol=1e-6)

@@ -60,8 +60,7 @@ def test_segment_settings_survive_save_and_load(tmp_path, tiny_bert):
     assert again.segments == SegmentSettings(32, 4, "weighted")
 
 
-def test_recipe_segments_reach_mine_and_eval_but_training_refuses(tmp_path, tiny_bert):
-    from hmcl_cli.errors import RecipeError
+def test_recipe_segments_reach_mine_eval_and_training(tmp_path, tiny_bert):
     from hmcl_cli.data.prepare import prepare
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.stages import model_loader
@@ -72,5 +71,120 @@ def test_recipe_segments_reach_mine_and_eval_but_training_refuses(tmp_path, tiny
     assert EmbeddingModel.from_recipe(recipe.model, recipe.base_dir).segments == SegmentSettings(24, 4, "weighted")
     assert model_loader(recipe)(str(tiny_bert)).segments == SegmentSettings(24, 4, "weighted")
     prepare(recipe, progress=False)
-    with pytest.raises(RecipeError, match="not supported yet"):
-        HMCLTrainer(recipe).setup()
+    t = HMCLTrainer(recipe)
+    t.setup()
+    assert t.model.segments == SegmentSettings(24, 4, "weighted")
+    assert t.data.segments_per_text()[1] > 1  # the sample answers are longer than one segment
+
+
+# ---------------------------------------------------------------- training with segments
+
+def _trainer(tmp_path, model_dir, **sections):
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+    from conftest import write_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, model_dir, **sections))
+    prepare(recipe, progress=False)
+    t = HMCLTrainer(recipe)
+    t.setup()
+    return t
+
+
+def _first_batch(t):
+    from hmcl_cli.training.batching import StepBatches
+
+    return StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+
+
+def _step(t, batch):
+    t.optimizer.zero_grad(set_to_none=True)
+    loss, parts = t._forward_backward(batch, 1.0)
+    return loss.detach(), parts, [p.grad.clone() for p in t.trainable if p.grad is not None]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_training_with_segments_longer_than_every_text_equals_plain_training(tmp_path, fixture, request):
+    model = request.getfixturevalue(fixture)
+    plain = _trainer(tmp_path / "plain", model)
+    seg = _trainer(tmp_path / "seg", model, model={"segments": {"length": 64}})  # max_length 48: one segment each
+    assert seg.data.segments_per_text() == (1, 1)
+    b_plain, b_seg = _first_batch(plain), _first_batch(seg)
+    assert torch.equal(b_plain["c_input_ids"], b_seg["c_input_ids"])
+    loss_p, _, g_p = _step(plain, b_plain)
+    loss_s, _, g_s = _step(seg, b_seg)
+    assert torch.allclose(loss_p, loss_s, atol=1e-6)
+    assert len(g_p) == len(g_s) > 0
+    for a, b in zip(g_p, g_s):  # equal up to float rounding (relative to the gradient's scale)
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max() + 1e-7
+
+
+def test_segment_batch_averages_segments_into_the_text_embedding(tmp_path, tiny_bert):
+    from hmcl_cli.modeling.segments import encode_segmented
+
+    t = _trainer(tmp_path, tiny_bert, model={"segments": {"length": 16, "overlap": 2}})
+    batch = _first_batch(t)
+    assert batch["c_input_ids"].size(0) > batch["candidate_hash"].size(0)  # more segments than texts
+    assert batch["c_input_ids"].size(1) <= 16
+    t.model.eval()
+    with torch.no_grad():
+        units = t._units(batch["c_input_ids"], batch["c_attention_mask"])
+        emb, _ = t._texts(units, batch, "c", batch["candidate_hash"].size(0))
+    # the same texts through the inference path (model.encode -> encode_segmented)
+    from hmcl_cli.training.batching import text_id
+    by_hash = {text_id(d): d for d in t.data.docs}
+    texts = [by_hash[int(h)] for h in batch["candidate_hash"]]
+    expected = encode_segmented(t.model, texts, "doc", t.model.segments, 8)
+    assert torch.allclose(emb, expected, atol=1e-5)
+
+
+def test_grad_cache_with_segments_and_local_term_gives_same_loss_and_gradients(tmp_path, tiny_bert):
+    t = _trainer(tmp_path, tiny_bert, model={"segments": {"length": 16, "overlap": 2}},
+                 loss={"local_weight": 0.3})
+    batch = _first_batch(t)
+    loss_plain, parts, g_plain = _step(t, batch)
+    assert "local" in parts and float(parts["local"]) > 0
+    t.cfg.grad_cache_chunk = 5
+    loss_gc, _, g_gc = _step(t, batch)
+    assert torch.allclose(loss_plain, loss_gc, atol=1e-6)
+    assert len(g_plain) == len(g_gc) > 0
+    for a, b in zip(g_plain, g_gc):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_training_with_segments_and_local_term_reduces_the_loss(tmp_path, tiny_bert):
+    import json
+
+    t = _trainer(tmp_path, tiny_bert, model={"segments": {"length": 16, "overlap": 2}},
+                 loss={"local_weight": 0.5}, train={"max_steps": 12, "log_steps": 4, "eval_steps": 12, "save_steps": 12})
+    t.train()
+    logs = [json.loads(x) for x in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+    local = [r["local"] for r in logs if "local" in r]
+    assert len(local) == 3 and local[-1] < local[0]
+    folder = t.save_final()
+    assert EmbeddingModel.load(str(folder)).segments == SegmentSettings(16, 2, "weighted")
+
+
+def test_local_weight_without_segments_is_refused(tmp_path, tiny_bert):
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.recipe import load_recipe
+    from conftest import write_recipe
+
+    with pytest.raises(RecipeError, match="model.segments"):
+        load_recipe(write_recipe(tmp_path, tiny_bert, loss={"local_weight": 0.2}))
+
+
+def test_planner_counts_segments_as_sequences(tmp_path, tiny_bert):
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.memory import plan_memory
+    from conftest import write_recipe
+
+    cpu = torch.device("cpu")
+    r_plain = load_recipe(write_recipe(tmp_path / "a", tiny_bert, model={"max_length": 64}))
+    r_seg = load_recipe(write_recipe(tmp_path / "b", tiny_bert, model={"max_length": 64, "segments": {"length": 16}}))
+    plain, seg = plan_memory(r_plain, cpu), plan_memory(r_seg, cpu)
+    assert seg.lengths == (16, 16)
+    # 64 tokens in segments of 16 (14 content tokens each): 1 + ceil(48 / 14) = 5 segments per text
+    assert seg.sequences == 5 * plain.sequences
+    assert plan_memory(r_seg, cpu, longest=(16, 16), segments=(2, 3)).sequences == 8 * 2 + 8 * 3 * 3

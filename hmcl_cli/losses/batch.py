@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,10 @@ class PairBatch:
         pair_score: [P] optional finer score per pair (NaN where absent).
         anchor_hash, candidate_hash: [A], [C] int64 hashes of the texts, so identical texts
             are never used as each other's negatives.
+        anchor_segments, candidate_segments: [Sa, D], [Sc, D] L2-normalised segment embeddings
+            when texts are encoded as segments (``model.segments``), else None.
+        anchor_segment_owner, candidate_segment_owner: [Sa], [Sc] the anchor / candidate row each
+            segment belongs to.
     """
 
     anchors: torch.Tensor
@@ -29,6 +34,10 @@ class PairBatch:
     pair_score: torch.Tensor
     anchor_hash: torch.Tensor
     candidate_hash: torch.Tensor
+    anchor_segments: Optional[torch.Tensor] = None
+    anchor_segment_owner: Optional[torch.Tensor] = None
+    candidate_segments: Optional[torch.Tensor] = None
+    candidate_segment_owner: Optional[torch.Tensor] = None
 
     def pair_cosines(self) -> torch.Tensor:
         """Cosine similarity of each labelled pair, [P]."""

@@ -6,7 +6,8 @@ into windows of ``length`` tokens (special tokens and the prompt included in eac
 costs O(length^2) per window instead of O(n^2)), and the windows' pooled embeddings averaged
 into the text's embedding — weighted by each window's token count (``weighted``) or not
 (``mean``) — then L2-normalised. A text that fits in one window is encoded exactly as without
-segments.
+segments. Training uses the same split (``TrainData``) and the same :func:`aggregate`, inside
+the loss graph (``HMCLTrainer._texts``).
 
 Python use::
 

@@ -52,6 +52,9 @@ class TrainData:
         self.docs = list(doc_index)
         self.query_hash = np.array([text_id(q) for _, q in self.queries], dtype=np.int64)
         self.doc_hash = np.array([text_id(d) for d in self.docs], dtype=np.int64)
+        # with model.segments each text is a list of segments (token id lists) and the segments'
+        # content token counts are their pooling weights; otherwise each text is one id list
+        self.segments = getattr(model, "segments", None)
         self.query_tokens, self.doc_tokens = self._tokenize(model, cache_dir, data_key)
 
     def _tokenize(self, model: Any, cache_dir: Optional[Path], data_key: str) -> tuple[list, list]:
@@ -59,6 +62,7 @@ class TrainData:
         key_src = json.dumps({"tok": type(model.tokenizer).__name__, "vocab": len(model.tokenizer),
                               "name": getattr(model.tokenizer, "name_or_path", ""),
                               "settings": [s.query_prompt, s.doc_prompt, s.query_max_length, s.doc_max_length, s.append_eos],
+                              "segments": str(self.segments),
                               "data": data_key, "n": [len(self.queries), len(self.docs)]}, sort_keys=True)
         key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
         cache = cache_dir / f"tokens-{key}.pt" if cache_dir and data_key else None
@@ -77,14 +81,14 @@ class TrainData:
         try:
             for prompt, idx in by_prompt.items():
                 s.query_prompt = prompt if prompt is not None else default
-                for i, ids in zip(idx, model.tokenize([self.queries[i][1] for i in idx], side="query")):
+                for i, ids in zip(idx, self._tokenize_side(model, [self.queries[i][1] for i in idx], "query")):
                     q_tokens[i] = ids
         finally:
             s.query_prompt = default
         d_tokens: list = []
         with ProgressBar("tokenize candidates", len(self.docs), "texts", enabled=len(self.docs) > 20000) as bar:
             for s0 in range(0, len(self.docs), 10000):
-                d_tokens.extend(model.tokenize(self.docs[s0:s0 + 10000], side="doc"))
+                d_tokens.extend(self._tokenize_side(model, self.docs[s0:s0 + 10000], "doc"))
                 bar.update(min(10000, len(self.docs) - s0))
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -93,9 +97,36 @@ class TrainData:
             tmp.replace(cache)
         return q_tokens, d_tokens
 
+    def _tokenize_side(self, model: Any, texts: list[str], side: str) -> list:
+        if self.segments is None:
+            return model.tokenize(texts, side=side)
+        from hmcl_cli.modeling.segments import split_segments
+
+        weighted = self.segments.pooling == "weighted"
+        return [[(ids, n if weighted else 1) for ids, n in segs]
+                for segs in split_segments(model, texts, side, self.segments)]
+
+    def token_count(self, side: str, i: int) -> int:
+        """Tokens of text ``i`` of ``side`` ("query" / "doc") as encoded (all its segments)."""
+        t = (self.query_tokens if side == "query" else self.doc_tokens)[i]
+        return sum(len(ids) for ids, _ in t) if self.segments is not None else len(t)
+
+    def longest(self) -> tuple[int, int]:
+        """Longest query and document in tokens (segments: the longest segment), for the planner."""
+        def side(tokens: list) -> int:
+            if self.segments is None:
+                return max(map(len, tokens), default=1)
+            return max((len(ids) for segs in tokens for ids, _ in segs), default=1)
+        return side(self.query_tokens), side(self.doc_tokens)
+
+    def segments_per_text(self) -> tuple[int, int]:
+        """Most segments of one query / one document (1 without segments), for the planner."""
+        if self.segments is None:
+            return 1, 1
+        return (max(map(len, self.query_tokens), default=1), max(map(len, self.doc_tokens), default=1))
+
     def anchor_length(self, i: int) -> int:
-        a = self.anchors[i]
-        return len(self.query_tokens[a.query])
+        return self.token_count("query", self.anchors[i].query)
 
 
 class BatchPlan:
@@ -174,13 +205,20 @@ def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: 
     q_ids = [data.query_tokens[data.anchors[ai].query] for ai in anchor_ids]
     docs = list(cols)
     d_ids = [data.doc_tokens[d] for d in docs]
+    segmented = {}
+    if data.segments is not None:  # rows become segments; owner/weight map them back to texts
+        for side, texts in (("q", q_ids), ("c", d_ids)):
+            segmented[f"{side}_segment_owner"] = torch.tensor([t for t, segs in enumerate(texts) for _ in segs], dtype=torch.long)
+            segmented[f"{side}_segment_weight"] = torch.tensor([w for segs in texts for _, w in segs], dtype=torch.float32)
+        q_ids = [ids for segs in q_ids for ids, _ in segs]
+        d_ids = [ids for segs in d_ids for ids, _ in segs]
     q = model.pad(q_ids)
     batch = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
              "pair_anchor": torch.tensor(pa, dtype=torch.long), "pair_candidate": torch.tensor(pc, dtype=torch.long),
              "pair_level": torch.tensor(pl, dtype=torch.long), "pair_score": torch.tensor(ps, dtype=torch.float32),
              "anchor_hash": torch.tensor(data.query_hash[[data.anchors[ai].query for ai in anchor_ids]], dtype=torch.long),
              "candidate_hash": torch.tensor(data.doc_hash[docs] if docs else np.zeros(0, np.int64), dtype=torch.long),
-             "n_tokens": torch.tensor(sum(map(len, q_ids)) + sum(map(len, d_ids)))}
+             "n_tokens": torch.tensor(sum(map(len, q_ids)) + sum(map(len, d_ids))), **segmented}
     if d_ids:
         d = model.pad(d_ids)
         batch["c_input_ids"], batch["c_attention_mask"] = d["input_ids"], d["attention_mask"]

@@ -17,7 +17,8 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   built on the ``meta`` device (no memory, no compute), one sequence is run through each with
   saved-tensor hooks counting what autograd keeps, and that is scaled to the layers and
   sequences of a step (anchors + anchors x group_size candidates; ``grad_cache_chunk``
-  sequences with GradCache). Attention is counted as a fused kernel keeps it (q, k, v, output,
+  sequences with GradCache; with ``model.segments`` every text is as many sequences of at most
+  one segment's length as its longest text needs). Attention is counted as a fused kernel keeps it (q, k, v, output,
   log-sum-exp), as SDPA's flash / memory-efficient kernels do. With gradient checkpointing each
   layer keeps only its input, plus one layer's activations for one forward call (the anchors or
   the candidates, or one GradCache chunk) during recomputation;
@@ -177,13 +178,24 @@ def _padded(n: int, multiple: int = 8) -> int:
     return -(-n // multiple) * multiple
 
 
+def _segment_count(length: int, seg: Any, overhead: int = 2) -> int:
+    """Segments a text of ``length`` tokens splits into (``overhead``: special tokens per segment)."""
+    if length <= seg.length:
+        return 1
+    content = seg.length - overhead
+    return 1 + -(-(length - seg.length) // max(1, content - seg.overlap))
+
+
 def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
-                capacity: Optional[int] = None, longest: Optional[tuple[int, int]] = None) -> MemoryPlan:
+                capacity: Optional[int] = None, longest: Optional[tuple[int, int]] = None,
+                segments: Optional[tuple[int, int]] = None) -> MemoryPlan:
     """Estimate the peak memory per device of ``hmcl train`` for ``recipe`` (see module doc).
 
     ``longest``: the longest query and document of the data in tokens; batches are padded to their
     longest text, so the worst step is sized by these (capped by the max lengths). Without it every
-    sequence is assumed to fill its max length."""
+    sequence is assumed to fill its max length. With ``model.segments``, ``longest`` is the longest
+    segment and ``segments`` the most segments of one query / document in the data; without them
+    the worst case is derived from the max lengths."""
     from hmcl_cli.modeling.encoder import training_dtype
     from hmcl_cli.modeling.resolve import resolve_model
 
@@ -216,6 +228,10 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     if longest is not None:
         q_len, d_len = min(q_len, _padded(longest[0])), min(d_len, _padded(longest[1]))
     n_q, n_d = t.batch_size, t.batch_size * t.group_size
+    if m.segments is not None:  # rows are segments: more, shorter sequences
+        per_q, per_d = segments or (_segment_count(q_len, m.segments), _segment_count(d_len, m.segments))
+        n_q, n_d = n_q * per_q, n_d * per_d
+        q_len, d_len = min(q_len, _padded(m.segments.length)), min(d_len, _padded(m.segments.length))
     chunk = t.grad_cache_chunk
     probes = {n: _layer_bytes(config, act_dtype, m.lora, n) for n in {q_len, d_len}}
 

@@ -6,7 +6,9 @@ What a step does:
 
 1. The step's batch (anchors + a sampled group of graded candidates each) is a deterministic
    function of (seed, epoch, step); texts were tokenised once before training (cached on disk);
-   each distinct text is encoded once per step; padding is dynamic (multiple of 8).
+   each distinct text is encoded once per step; padding is dynamic (multiple of 8). With
+   ``model.segments`` a long text is several sequences (its segments), averaged back into the
+   text's embedding inside the loss graph; ``loss.local_weight`` adds the segment-level term.
 2. Anchors and candidates are embedded (bf16 autocast on GPU, fp32 on CPU); with several
    processes they are gathered *with gradients*, so in-batch negatives span every GPU.
 3. :class:`~hmcl_cli.losses.HMCLLoss` gives the loss; with ``train.grad_cache_chunk`` the
@@ -113,11 +115,6 @@ class HMCLTrainer:
             warn("bf16/fp16 autocast on a CPU is ~100x slower; using fp32 on CPU")
             self.precision = "fp32"
         _seed_everything(r.seed)
-        if r.model.segments is not None:
-            raise RecipeError("model.segments: training with segmented texts is not supported yet "
-                              "(hmcl mine and hmcl eval use it)",
-                              hint="remove model.segments from the recipe you train with, and keep it in the "
-                              "recipe you run `hmcl mine` / `hmcl eval` with")
 
         self.memory_plan = None
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
@@ -140,8 +137,7 @@ class HMCLTrainer:
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
         if self.is_main and model is None:  # before the weights go to the device: an estimate for the worst step
-            self._print_memory_plan((max(map(len, self.data.query_tokens), default=1),
-                                     max(map(len, self.data.doc_tokens), default=1)))
+            self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
         self.model.to(self.device)
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, by_source=cfg.batch_by_source)
@@ -176,11 +172,11 @@ class HMCLTrainer:
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
 
-    def _print_memory_plan(self, longest: tuple[int, int]) -> None:
+    def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int]) -> None:
         from hmcl_cli.training.memory import plan_memory
 
         try:
-            plan = plan_memory(self.recipe, self.device, longest=longest)
+            plan = plan_memory(self.recipe, self.device, longest=longest, segments=segments)
         except Exception as e:  # noqa: BLE001 - an estimate must never stop training
             log(f"memory plan skipped ({type(e).__name__}: {e})")
             return
@@ -264,18 +260,43 @@ class HMCLTrainer:
             if chunk:
                 return self._grad_cache_step(batch, chunk, scale)
             with autocast_for(dev, self.precision):
-                q = self.model(batch["q_input_ids"], batch["q_attention_mask"])
-                c = self.model(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
+                q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
+                c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
             loss, parts = self.loss_fn(self._pair_batch(q, c, batch))
             (loss * scale).backward()
             return loss, parts
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of GPU memory at step {self.step + 1}", hint=MEMORY_HINT) from None
 
-    def _pair_batch(self, q: torch.Tensor, c: torch.Tensor, batch: dict) -> PairBatch:
+    def _units(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One forward call: the texts' embeddings, or with segments the segments' pooled states
+        (float32, before averaging and normalisation, which :meth:`_pair_batch` does)."""
+        if self.data.segments is None:
+            return self.model(input_ids, attention_mask)
+        return self.model.pooled(input_ids, attention_mask).float()
+
+    def _texts(self, units: torch.Tensor, batch: dict, side: str, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Text embeddings [n, D] from a side's units, and its normalised segment embeddings when
+        the local term needs them."""
+        if self.data.segments is None:
+            return units, None
+        from torch.nn.functional import normalize
+
+        from hmcl_cli.modeling.segments import aggregate
+
+        emb = aggregate(units, batch[f"{side}_segment_owner"], batch[f"{side}_segment_weight"], n)
+        if self.model.settings.normalize:
+            emb = normalize(emb, dim=-1)
+        return emb, (normalize(units, dim=-1) if self.recipe.loss.local_weight > 0 else None)
+
+    def _pair_batch(self, q_units: torch.Tensor, c_units: torch.Tensor, batch: dict) -> PairBatch:
         pa, pc = batch["pair_anchor"], batch["pair_candidate"]
         ah, ch = batch["anchor_hash"], batch["candidate_hash"]
         lvl, sc = batch["pair_level"], batch["pair_score"]
+        q, q_seg = self._texts(q_units, batch, "q", ah.size(0))
+        c, c_seg = self._texts(c_units, batch, "c", ch.size(0))
+        q_own = batch.get("q_segment_owner") if q_seg is not None else None
+        c_own = batch.get("c_segment_owner") if c_seg is not None else None
         if self.world > 1 and self.recipe.loss.gather_across_devices:
             qs = gather_sizes(q.size(0), q.device)
             cs = gather_sizes(c.size(0), c.device)
@@ -286,10 +307,15 @@ class HMCLTrainer:
             pa, pc = gather_plain(pa + q_off, ps), gather_plain(pc + c_off, ps)
             lvl, sc = gather_plain(lvl, ps), gather_plain(sc, ps)
             ah, ch = gather_plain(ah, qs), gather_plain(ch, cs)
-        return PairBatch(q, c, pa, pc, lvl, sc, ah, ch)
+            if q_seg is not None:  # segments of every process, owners shifted to the gathered rows
+                qss, css = gather_sizes(q_seg.size(0), q.device), gather_sizes(c_seg.size(0), c.device)
+                q_seg, c_seg = gather_with_grad(q_seg, qss), gather_with_grad(c_seg, css)
+                q_own, c_own = gather_plain(q_own + q_off, qss), gather_plain(c_own + c_off, css)
+        return PairBatch(q, c, pa, pc, lvl, sc, ah, ch, q_seg, q_own, c_seg, c_own)
 
     def _grad_cache_step(self, batch: dict, chunk: int, scale: float) -> tuple[torch.Tensor, dict]:
-        """GradCache (Gao et al. 2021): loss on graph-free embeddings, then chunked re-encoding."""
+        """GradCache (Gao et al. 2021): loss on graph-free embeddings, then chunked re-encoding.
+        With segments the chunks are segments; averaging them into texts is part of the loss graph."""
         sides = [("q_input_ids", "q_attention_mask"), ("c_input_ids", "c_attention_mask")]
         embs, states = [], []
         with torch.no_grad():
@@ -298,7 +324,7 @@ class HMCLTrainer:
                 for s in range(0, batch[ids_key].size(0), chunk):
                     rng.append(_rng_state(self.device))
                     with autocast_for(self.device, self.precision):
-                        parts.append(self.model(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float())
+                        parts.append(self._units(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float())
                 embs.append(torch.cat(parts) if parts else torch.zeros((0, self.model.dim), device=self.device))
                 states.append(rng)
         q = embs[0].detach().requires_grad_()
@@ -308,7 +334,7 @@ class HMCLTrainer:
         for (ids_key, mask_key), grad, rng in zip(sides, (q.grad, c.grad), states):
             for i, s in enumerate(range(0, batch[ids_key].size(0), chunk)):
                 with _restored_rng(rng[i], self.device), autocast_for(self.device, self.precision):
-                    e = self.model(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float()
+                    e = self._units(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float()
                 (e * grad[s:s + chunk]).sum().backward()
         return loss, parts
 
