@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 
 from hmcl_cli import __version__
 from hmcl_cli.console import console, err_console
@@ -284,9 +285,9 @@ def main() -> None:
     except HmclError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]{e.kind}:[/bold red] {e}", markup=True, highlight=False)
+        err_console.print(f"[bold red]{e.kind}:[/bold red] {escape(str(e))}", markup=True, highlight=False)
         if e.hint:
-            err_console.print(f"[dim]hint:[/dim] {e.hint}")
+            err_console.print(f"[dim]hint:[/dim] {escape(str(e.hint))}")
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red] (finished outputs are intact; the unfinished one was discarded)")
@@ -303,7 +304,7 @@ def main() -> None:
             sys.exit(e.exit_code)
         if debug:
             raise
-        err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}")
+        err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
         sys.exit(1)
 

@@ -310,7 +310,13 @@ class TrainConfig(_Section):
         description="`auto`: relaunch with `accelerate launch` when several GPUs are visible.",
     )
     accelerate_config: Optional[str] = Field(
-        None, description="accelerate config file (DDP, DeepSpeed, FSDP, multi-node)."
+        None, description="accelerate config file (processes, machines, multi-node). An FSDP "
+        "config turns on train.fsdp; DeepSpeed is refused (use train.fsdp)."
+    )
+    fsdp: bool = Field(
+        False, description="With several processes, shard weights, gradients and optimizer state "
+        "per transformer layer (PyTorch FSDP2, like ZeRO-3) for models one GPU cannot hold; "
+        "LoRA adapters stay replicated. Same loss and gradients as data-parallel training."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers.")
 

@@ -69,19 +69,10 @@ def test_two_processes_equal_one_process_on_doubled_batch():
         assert torch.allclose(grad, w.grad, atol=1e-6), rank
 
 
-@pytest.mark.parametrize("extra", [{}, {"model": {"segments": {"length": 16, "overlap": 2}}, "loss": {"local_weight": 0.5}}],
-                         ids=["plain", "segments-local"])
-def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp_path, tiny_bert, extra):
-    """`hmcl train --launcher accelerate -- --num_processes 2` on CPU (gloo) trains the same
-    weights as one process whose batch holds both processes' anchors (also with segmented texts
-    and the local term, whose segments are gathered across processes)."""
+def _unique_rows(limit: int = 48) -> list[dict]:
     import json
-    import os
-    import subprocess
-    import sys
 
-    from conftest import SAMPLE_TRAIN, write_recipe
-    from safetensors.torch import load_file
+    from conftest import SAMPLE_TRAIN
 
     rows, seen = [], set()
     for line in SAMPLE_TRAIN.read_text(encoding="utf-8").splitlines():
@@ -89,33 +80,118 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         if ex["pos"] and ex["pos"][0] not in seen and ex["query"] not in seen:
             seen.update((ex["pos"][0], ex["query"]))
             rows.append({"query": ex["query"], "pos": [ex["pos"][0]]})  # one candidate: no sampling
-    rows = rows[:48]
+    return rows[:limit]
+
+
+def _hmcl_train(folder, model_dir, procs: int, batch: int, extra: dict, steps: int = 5, save_steps: int = 100,
+                resume: bool = False, prepare: bool = True) -> str:
+    """Run `hmcl train` (under `accelerate launch` with 2 processes) on the unique rows; its output."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import write_recipe
+
+    sections = {k: dict(v) for k, v in extra.items()}
+    sections["train"] = {"max_steps": steps, "batch_size": batch, "group_size": 1, "eval_steps": 100,
+                         "save_steps": save_steps, **sections.get("train", {})}
+    recipe = write_recipe(folder, model_dir, **sections)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _unique_rows()), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if prepare:
+        subprocess.run([sys.executable, "-m", "hmcl_cli", "prepare", str(recipe)], env=env, check=True, capture_output=True)
+    args = [sys.executable, "-m", "hmcl_cli", "train", str(recipe)] + (["--resume"] if resume else [])
+    if procs > 1:
+        args += ["--launcher", "accelerate", "--", "--num_processes", str(procs)]
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"{procs} process(es) on cpu" in out.stdout + out.stderr
+    return out.stdout + out.stderr
+
+
+CASES = {
+    "plain": ("tiny_bert", {}),
+    # segmented texts and the local term: segments are gathered across processes
+    "segments-local": ("tiny_bert", {"model": {"segments": {"length": 16, "overlap": 2}}, "loss": {"local_weight": 0.5}}),
+    # FSDP2: weights, gradients and AdamW state sharded over the 2 processes
+    "fsdp": ("tiny_bert", {"train": {"fsdp": True}}),
+    # FSDP2 with LoRA on a decoder: frozen base sharded, adapters replicated (no dropout: its masks
+    # depend on how the batch is split)
+    "fsdp-lora-qwen": ("tiny_qwen", {"train": {"fsdp": True}, "model": {"lora": {"enabled": True, "dropout": 0.0}}}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp_path, case, request):
+    """`hmcl train --launcher accelerate -- --num_processes 2` on CPU (gloo) trains the same
+    weights as one process whose batch holds both processes' anchors."""
+    import json
+
+    from safetensors.torch import load_file
+
+    fixture, extra = CASES[case]
+    model_dir = request.getfixturevalue(fixture)
     weights, losses = {}, {}
     for procs, batch in ((1, 8), (2, 4)):
         folder = tmp_path / f"p{procs}"
-        recipe = write_recipe(folder, tiny_bert, train={"max_steps": 5, "batch_size": batch, "group_size": 1,
-                                                        "eval_steps": 100, "save_steps": 100}, **extra)
-        (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        args = [sys.executable, "-m", "hmcl_cli", "train", str(recipe)]
-        if procs > 1:
-            args += ["--launcher", "accelerate", "--", "--num_processes", str(procs)]
-        subprocess.run([sys.executable, "-m", "hmcl_cli", "prepare", str(recipe)], env=env, check=True,
-                       capture_output=True)
-        out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stdout + out.stderr
-        assert f"{procs} process(es) on cpu" in out.stdout + out.stderr
+        out = _hmcl_train(folder, model_dir, procs, batch, extra)
+        if procs > 1 and case.startswith("fsdp"):
+            assert "fsdp: weights, gradients and optimizer state sharded over 2 processes" in out
         weights[procs] = load_file(folder / "run" / "model" / "model.safetensors")
         losses[procs] = [r["loss"] for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines())
                          if "loss" in r]
     assert losses[1] == pytest.approx(losses[2], abs=2e-5) and len(losses[1]) >= 2
-    base = load_file(tiny_bert / "model.safetensors")
+    base = load_file(model_dir / "model.safetensors")
     # AdamW (lr 1e-3) turns float rounding in near-zero gradients into differences far below one step
     tol = 2e-5 if not extra else 1e-4
     changed = 0
+    assert set(weights[1]) == set(weights[2])
     for name, w1 in weights[1].items():
         w2 = weights[2][name]
         assert torch.allclose(w1, w2, atol=tol), (name, (w1 - w2).abs().max())
         key = name if name in base else name.removeprefix("bert.")
         changed += int(key in base and not torch.allclose(w1, base[key]))
     assert changed > 5  # training moved the weights, identically in both set-ups
+
+
+def test_fsdp_resume_equals_uninterrupted_run(tmp_path, tiny_bert):
+    """Sharded checkpoints hold whole tensors and re-shard on --resume: resuming from step 3 of a
+    2-process FSDP run ends with the weights of the uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "run"
+    extra = {"train": {"fsdp": True}}
+    _hmcl_train(folder, tiny_bert, 2, 4, extra, steps=6, save_steps=3)
+    run = folder / "run"
+    done = load_file(run / "model" / "model.safetensors")
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["step-0000003", "step-0000006"]
+    assert "exp_avg" in str(torch.load(run / "checkpoints" / "step-0000003" / "optim.pt", weights_only=False)["optimizer"]["state"][0])
+    shutil.rmtree(run / "checkpoints" / "step-0000006")
+    shutil.rmtree(run / "model")
+    out = _hmcl_train(folder, tiny_bert, 2, 4, extra, steps=6, save_steps=3, resume=True, prepare=False)
+    assert "resumed from" in out and "(step 3)" in out
+    again = load_file(run / "model" / "model.safetensors")
+    for name, w in done.items():
+        assert torch.allclose(w, again[name], atol=1e-6), name
+
+
+def test_accelerate_deepspeed_config_is_refused_and_fsdp_config_turns_on_sharding():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.training.trainer import _check_distributed_setup
+
+    def acc(kind):
+        return SimpleNamespace(num_processes=1, distributed_type=kind)
+
+    with pytest.raises(RecipeError, match="DeepSpeed") as e:
+        _check_distributed_setup(acc(DistributedType.DEEPSPEED))
+    assert "train.fsdp" in e.value.hint
+    assert _check_distributed_setup(acc(DistributedType.FSDP)) is True
+    assert _check_distributed_setup(acc(DistributedType.NO)) is False

@@ -188,14 +188,15 @@ def _segment_count(length: int, seg: Any, overhead: int = 2) -> int:
 
 def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
                 capacity: Optional[int] = None, longest: Optional[tuple[int, int]] = None,
-                segments: Optional[tuple[int, int]] = None) -> MemoryPlan:
+                segments: Optional[tuple[int, int]] = None, shards: int = 1) -> MemoryPlan:
     """Estimate the peak memory per device of ``hmcl train`` for ``recipe`` (see module doc).
 
     ``longest``: the longest query and document of the data in tokens; batches are padded to their
     longest text, so the worst step is sized by these (capped by the max lengths). Without it every
     sequence is assumed to fill its max length. With ``model.segments``, ``longest`` is the longest
     segment and ``segments`` the most segments of one query / document in the data; without them
-    the worst case is derived from the max lengths."""
+    the worst case is derived from the max lengths. ``shards``: processes sharing the weights
+    under ``train.fsdp`` (1: every process holds all of them)."""
     from hmcl_cli.modeling.encoder import training_dtype
     from hmcl_cli.modeling.resolve import resolve_model
 
@@ -246,8 +247,19 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
 
     act, seqs = activations(m.gradient_checkpointing, chunk)
     copies = 2 * matmul_fp32 if act_dtype in (torch.bfloat16, torch.float16) and w_dtype == torch.float32 else 0
+    optimizer, gradients = 2 * train_bytes, train_bytes
+    if shards > 1:  # FSDP: 1/N of the sharded tensors, plus two whole layers (current + prefetched)
+        sharded = weight_bytes - train_bytes if m.lora.enabled else weight_bytes  # LoRA adapters stay whole
+        layers = max(1, int(getattr(config, _layers_key(config))))
+        # layers are gathered in the compute dtype (FSDP's mixed-precision policy, no autocast
+        # copies); counted in the stored dtype, an upper bound
+        gathered = 2 * sharded // layers
+        weight_bytes = weight_bytes - sharded + sharded // shards + gathered
+        if not m.lora.enabled:
+            optimizer, gradients = optimizer // shards, gradients // shards + sharded // layers
+        copies = 0
     plan = MemoryPlan(
-        weights=weight_bytes, optimizer=2 * train_bytes, gradients=train_bytes,
+        weights=weight_bytes, optimizer=optimizer, gradients=gradients,
         activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs,
         lengths=(q_len, d_len))
     plan.capacity = capacity

@@ -58,6 +58,7 @@ from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
+from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
 
 
 class MetricsLog:
@@ -104,10 +105,16 @@ class HMCLTrainer:
         self.accelerator = Accelerator(log_with=trackers or None, cpu=not torch.cuda.is_available(),
                                        project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")))
         acc = self.accelerator
-        _check_distributed_setup(acc)
+        fsdp_config = _check_distributed_setup(acc)
         self.device = acc.device
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
+        self.sharded = (cfg.fsdp or fsdp_config) and self.world > 1
+        if cfg.fsdp and self.world == 1 and self.is_main:
+            log("train.fsdp: one process, nothing to shard (it takes effect with several)")
+        if fsdp_config and self.is_main:
+            log("accelerate FSDP config: hmcl shards with its own FSDP2 set-up (train.fsdp); "
+                "the config's fsdp_* settings are not read")
         if trackers:
             acc.init_trackers(r.name, config=json.loads(json.dumps(r.model_dump(mode="json"), default=str)))
         self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -138,6 +145,14 @@ class HMCLTrainer:
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
         if self.is_main and model is None:  # before the weights go to the device: an estimate for the worst step
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
+        if self.sharded:  # before .to(device): each process moves only its shard
+            from hmcl_cli.training.sharding import shard_backbone
+
+            compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+            units = shard_backbone(self.model.backbone, self.device, self.world, compute)
+            if self.is_main:
+                log(f"fsdp: weights, gradients and optimizer state sharded over {self.world} processes "
+                    f"({units} layer units{'; LoRA adapters replicated' if r.model.lora.enabled else ''})")
         self.model.to(self.device)
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, by_source=cfg.batch_by_source)
@@ -176,7 +191,8 @@ class HMCLTrainer:
         from hmcl_cli.training.memory import plan_memory
 
         try:
-            plan = plan_memory(self.recipe, self.device, longest=longest, segments=segments)
+            plan = plan_memory(self.recipe, self.device, longest=longest, segments=segments,
+                               shards=self.world if self.sharded else 1)
         except Exception as e:  # noqa: BLE001 - an estimate must never stop training
             log(f"memory plan skipped ({type(e).__name__}: {e})")
             return
@@ -339,10 +355,10 @@ class HMCLTrainer:
         return loss, parts
 
     def _optimizer_step(self) -> None:
-        if self.world > 1:
-            average_gradients(self.trainable)
+        if self.world > 1:  # FSDP has reduce-scattered (averaged) the sharded gradients already
+            average_gradients([p for p in self.trainable if not is_sharded(p)])
         if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.max_grad_norm)
+            clip_grad_norm(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -370,6 +386,8 @@ class HMCLTrainer:
 
     def _evaluate_and_keep_best(self) -> bool:
         """Evaluate on dev; save the best model; return True to stop early."""
+        if self.sharded:  # every process holds a shard: all run the (same) forward passes
+            return self._evaluate_sharded()
         scores = self.evaluate() if self.is_main else {}
         if self.is_main:
             self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
@@ -395,21 +413,49 @@ class HMCLTrainer:
         self._early_stopped = stop
         return stop
 
+    def _evaluate_sharded(self) -> bool:
+        scores = self.evaluate()
+        key = self.cfg.metric_for_best
+        if key not in scores:
+            raise DataError(f"train.metric_for_best {key!r} is not a dev metric (have: {', '.join(scores)})")
+        if self.is_main:
+            self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
+            log("eval step {}: {}".format(self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
+        value = torch.tensor([scores[key]], dtype=torch.float64, device=self.device)
+        torch.distributed.broadcast(value, src=0)  # one decision for every process
+        value = float(value.item())
+        if self.best_metric is None or (not math.isnan(value) and value > self.best_metric):
+            self.best_metric, self.best_step = value, self.step
+            self.evals_without_improvement = 0
+            if self.cfg.load_best_at_end:
+                self._save_model(self.run_dir / "best")
+        else:
+            self.evals_without_improvement += 1
+        stop = bool(self.cfg.early_stopping_patience and self.evals_without_improvement >= self.cfg.early_stopping_patience)
+        if stop and self.is_main:
+            log(f"early stopping: no improvement of {key} for {self.evals_without_improvement} evals")
+        self._early_stopped = stop
+        return stop
+
     # ------------------------------------------------------------------ checkpoints
     def _trainable_state(self) -> dict:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: p.detach().cpu() for p in self.model.parameters() if p.requires_grad}
+        """Trainable weights, whole (gathered from the shards under FSDP: every process calls it)."""
+        return full_state(self.model, only=[n for n, p in self.model.named_parameters() if p.requires_grad])
 
     def save_checkpoint(self, tag: Optional[str] = None) -> Optional[Path]:
         """Write a resumable checkpoint atomically, with a sha256 manifest; keep the last K."""
+        if self.sharded:  # gathering the shards is collective: every process takes part
+            weights, optim = self._trainable_state(), optimizer_state_full(self.optimizer)
         if not self.is_main:
             return None
+        if not self.sharded:
+            weights, optim = self._trainable_state(), self.optimizer.state_dict()
         name = tag or f"step-{self.step:07d}"
         target = self.ckpt_dir / name
         with atomic_path(target, is_dir=True) as tmp:
-            torch.save(self._trainable_state(), tmp / "model.pt")
+            torch.save(weights, tmp / "model.pt")
             torch.save(self.loss_fn.state_dict(), tmp / "loss.pt")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
+            torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
             torch.save(_all_rng(), tmp / "rng.pt")
             state = {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
                      "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps}
@@ -436,10 +482,10 @@ class HMCLTrainer:
             with torch.no_grad():
                 params = dict(self.model.named_parameters())
                 for n, t in state.items():
-                    params[n].copy_(t)
+                    params[n].copy_(like(t, params[n]))  # re-sharded under FSDP
             self.loss_fn.load_state_dict(torch.load(ckpt / "loss.pt", weights_only=True))
             opt = torch.load(ckpt / "optim.pt", weights_only=False)
-            self.optimizer.load_state_dict(opt["optimizer"])
+            load_optimizer_state(self.optimizer, opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
             _set_all_rng(torch.load(ckpt / "rng.pt", weights_only=False))
             st = json.loads((ckpt / "trainer_state.json").read_text())
@@ -453,33 +499,57 @@ class HMCLTrainer:
 
     # ------------------------------------------------------------------ final model
     def _save_model(self, folder: Path) -> None:
-        """Save a sentence-transformers folder; LoRA: merged weights + adapter/ alongside."""
+        """Save a sentence-transformers folder; LoRA: merged weights + adapter/ alongside.
+        Under FSDP every process must call it (the weights are gathered); the main one writes."""
+        model = self._unsharded_model() if self.sharded else self.model
+        if model is None or not self.is_main:
+            return
         with atomic_path(folder, is_dir=True) as tmp:
-            if is_peft(self.model.backbone):
-                self.model.backbone.save_pretrained(tmp / "adapter")
-                merged = _merged_copy(self.model.backbone)
-                EmbeddingModel(merged, self.model.tokenizer, self.model.settings).save(tmp)
+            if is_peft(model.backbone):
+                model.backbone.save_pretrained(tmp / "adapter")
+                merged = _merged_copy(model.backbone)
+                EmbeddingModel(merged, model.tokenizer, model.settings).save(tmp)
             else:
-                self.model.save(tmp)
+                model.save(tmp)
             if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
                 th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
                 (tmp / "hmcl_thresholds.json").write_text(json.dumps({"weak": th[0], "pos": th[1]}, indent=2))
 
+    def _unsharded_model(self) -> Optional[EmbeddingModel]:
+        """On the main process, a CPU copy of the sharded model with whole weights (None elsewhere)."""
+        weights = full_state(self.model.backbone)  # collective
+        if not self.is_main:
+            return None
+        r = self.recipe
+        copy = EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
+        if r.model.lora.enabled and not is_peft(copy.backbone):
+            copy.backbone = apply_lora(copy.backbone, r.model.lora)
+        missing, unexpected = copy.backbone.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if k in dict(copy.backbone.named_parameters())]:
+            raise RuntimeError(f"gathered weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        copy.settings = self.model.settings
+        return copy
+
     def save_final(self) -> Path:
         """``<run>/model``: the best dev model when there was a dev set, else the last."""
         final = self.run_dir / "model"
-        if not self.is_main:
-            return final
         best = self.run_dir / "best"
-        if self.cfg.load_best_at_end and best.is_dir():
+        use_best = bool(self.is_main and self.cfg.load_best_at_end and best.is_dir())
+        if self.sharded:  # the main process decides; saving the last weights is collective
+            flag = torch.tensor([float(use_best)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            use_best = bool(flag.item())
+        if not use_best and (self.is_main or self.sharded):
+            self._save_model(final)
+            if self.is_main:
+                log(f"final model -> {final}")
+        elif use_best and self.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(best, final)
             log(f"final model: best dev {self.cfg.metric_for_best} {self.best_metric:.4f} at step {self.best_step} -> {final}")
-        else:
-            self._save_model(final)
-            log(f"final model -> {final}")
-        self.accelerator.end_training()
+        if self.is_main:
+            self.accelerator.end_training()
         return final
 
     # ------------------------------------------------------------------ signals
@@ -583,8 +653,9 @@ def _restored_rng(state: tuple, device: torch.device):
             torch.cuda.set_rng_state(cuda_now, device)
 
 
-def _check_distributed_setup(acc: Any) -> None:
-    """Refuse set-ups this loop would train wrongly rather than fail late or silently."""
+def _check_distributed_setup(acc: Any) -> bool:
+    """Refuse set-ups this loop would train wrongly rather than fail late or silently; True when
+    accelerate's config asks for FSDP."""
     from accelerate.utils import DistributedType
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -596,14 +667,14 @@ def _check_distributed_setup(acc: Any) -> None:
             "(hmcl adds the multi-process flags), or check your accelerate config",
         )
     kind = acc.distributed_type
-    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+    if kind == DistributedType.DEEPSPEED:
         raise RecipeError(
-            f"accelerate is configured for {kind.value}; hmcl trains with its own cross-device "
-            "embedding gather and gradient averaging (data parallel) and does not shard with "
-            "DeepSpeed ZeRO or FSDP yet",
-            hint="use a plain multi-GPU accelerate config; for big models use LoRA "
-            "(model.lora.enabled: true), gradient checkpointing and train.grad_cache_chunk",
+            "accelerate is configured for DeepSpeed; hmcl trains with its own loop (cross-device "
+            "embedding gather with gradients) and shards with PyTorch FSDP2 instead of ZeRO",
+            hint="use a plain multi-GPU accelerate config and set train.fsdp: true (ZeRO-3-like "
+            "sharding of weights, gradients and optimizer state)",
         )
+    return kind == DistributedType.FSDP
 
 
 def _tracker_available(name: str) -> bool:
