@@ -77,3 +77,21 @@ def test_plan_sizes_the_worst_step_by_the_longest_text_of_the_data(tmp_path, tin
     assert worst.lengths == (48, 48) and worst.activations > by_data.activations
     # a text longer than max_length is truncated: the cap holds
     assert plan_memory(recipe, cpu, longest=(500, 500)).activations == worst.activations
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_plan_divides_the_sharded_state_by_the_processes(tmp_path, tiny_qwen, lora):
+    from transformers import AutoConfig, Qwen3Config
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, model={"lora": {"enabled": lora}}))
+    d = {k: v for k, v in AutoConfig.from_pretrained(tiny_qwen).to_dict().items() if k != "layer_types"}
+    config = Qwen3Config(**{**d, "num_hidden_layers": 16})  # sharding pays with many layers
+    cpu = torch.device("cpu")
+    one, four = plan_memory(recipe, cpu, config=config), plan_memory(recipe, cpu, config=config, shards=4)
+    assert four.activations == one.activations
+    assert four.weights < one.weights
+    if lora:  # adapters and their optimizer state stay whole on every process
+        assert (four.optimizer, four.gradients) == (one.optimizer, one.gradients)
+    else:
+        assert four.optimizer == one.optimizer // 4
+        assert four.gradients < one.gradients

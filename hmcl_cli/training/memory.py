@@ -253,7 +253,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         layers = max(1, int(getattr(config, _layers_key(config))))
         # layers are gathered in the compute dtype (FSDP's mixed-precision policy, no autocast
         # copies); counted in the stored dtype, an upper bound
-        gathered = 2 * sharded // layers
+        gathered = min(2 * sharded // layers, sharded - sharded // shards)
         weight_bytes = weight_bytes - sharded + sharded // shards + gathered
         if not m.lora.enabled:
             optimizer, gradients = optimizer // shards, gradients // shards + sharded // layers
