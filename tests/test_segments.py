@@ -80,16 +80,9 @@ def test_recipe_segments_reach_mine_eval_and_training(tmp_path, tiny_bert):
 # ---------------------------------------------------------------- training with segments
 
 def _trainer(tmp_path, model_dir, **sections):
-    from hmcl_cli.data.prepare import prepare
-    from hmcl_cli.recipe import load_recipe
-    from hmcl_cli.training.trainer import HMCLTrainer
-    from conftest import write_recipe
+    from conftest import make_trainer
 
-    recipe = load_recipe(write_recipe(tmp_path, model_dir, **sections))
-    prepare(recipe, progress=False)
-    t = HMCLTrainer(recipe)
-    t.setup()
-    return t
+    return make_trainer(tmp_path, model_dir, **sections)
 
 
 def _first_batch(t):

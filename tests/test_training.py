@@ -8,15 +8,11 @@ from hmcl_cli.data.prepare import prepare
 from hmcl_cli.recipe import load_recipe
 from hmcl_cli.stages import run_train
 from hmcl_cli.training.trainer import HMCLTrainer
-from conftest import write_recipe
+from conftest import make_trainer, write_recipe
 
 
 def _trainer(tmp_path, model, **sections):
-    recipe = load_recipe(write_recipe(tmp_path, model, **sections))
-    prepare(recipe, progress=False)
-    t = HMCLTrainer(recipe)
-    t.setup()
-    return t
+    return make_trainer(tmp_path, model, **sections)
 
 
 def _grads(t):

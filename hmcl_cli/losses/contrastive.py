@@ -60,12 +60,17 @@ class GradedInfoNCELoss(nn.Module):
     def forward(self, b: PairBatch) -> torch.Tensor:
         weight, mask = self.targets_and_mask(b)
         logits = (b.anchors @ b.candidates.T).float() / self.temperature
-        logits = logits.masked_fill(mask, float("-inf"))
-        mass = weight.sum(1)
-        valid = mass > 0
-        if not bool(valid.any()):
-            return logits.sum() * 0.0
-        target = weight[valid] / mass[valid, None]
-        logp = torch.log_softmax(logits[valid], dim=1)
-        logp = torch.where(target > 0, logp, torch.zeros_like(logp))  # -inf * 0 guard
-        return -(target * logp).sum(1).mean()
+        rows, _ = soft_target_nll(logits, weight, mask)
+        return rows.mean() if rows.numel() else logits.sum() * 0.0
+
+
+def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row with any target weight: ``-sum_j t_j log softmax_j`` over the unmasked logits, the
+    targets being ``weight`` normalised to sum 1. Returns (losses of those rows, which rows)."""
+    logits = logits.masked_fill(mask, float("-inf"))
+    mass = weight.sum(1)
+    valid = mass > 0
+    target = weight[valid] / mass[valid, None]
+    logp = torch.log_softmax(logits[valid], dim=1)
+    logp = torch.where(target > 0, logp, torch.zeros_like(logp))  # -inf * 0 guard
+    return -(target * logp).sum(1), valid

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hmcl_cli.losses.batch import PairBatch
-from hmcl_cli.losses.contrastive import GradedInfoNCELoss
+from hmcl_cli.losses.contrastive import GradedInfoNCELoss, soft_target_nll
 
 
 class SegmentInfoNCELoss(nn.Module):
@@ -47,15 +47,9 @@ class SegmentInfoNCELoss(nn.Module):
         seg_weight = weight[oa][:, oc] / per_text[oc].clamp(min=1)[None, :]  # [Sa, Sc]
         seg_mask = mask[oa][:, oc]
         logits = (b.anchor_segments @ b.candidate_segments.T).float() / self.contrastive.temperature
-        logits = logits.masked_fill(seg_mask, float("-inf"))
-        mass = seg_weight.sum(1)
-        valid = mass > 0
-        if not bool(valid.any()):
+        row_loss, valid = soft_target_nll(logits, seg_weight, seg_mask)  # one per anchor segment with a target
+        if not row_loss.numel():
             return logits.sum() * 0.0
-        target = seg_weight[valid] / mass[valid, None]
-        logp = torch.log_softmax(logits[valid], dim=1)
-        logp = torch.where(target > 0, logp, torch.zeros_like(logp))
-        row_loss = -(target * logp).sum(1)  # one per valid anchor segment
         owners = oa[valid]
         n_anchor = b.anchors.size(0)
         total = torch.zeros(n_anchor, device=row_loss.device).index_add_(0, owners, row_loss)

@@ -385,49 +385,26 @@ class HMCLTrainer:
         return {f"dev_{k}": v for k, v in scores.items()}
 
     def _evaluate_and_keep_best(self) -> bool:
-        """Evaluate on dev; save the best model; return True to stop early."""
-        if self.sharded:  # every process holds a shard: all run the (same) forward passes
-            return self._evaluate_sharded()
-        scores = self.evaluate() if self.is_main else {}
-        if self.is_main:
-            self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
-            log("eval step {}: {}".format(self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
-            key = self.cfg.metric_for_best
-            if key not in scores:
-                raise DataError(f"train.metric_for_best {key!r} is not a dev metric (have: {', '.join(scores)})")
-            value = scores[key]
-            if self.best_metric is None or (not math.isnan(value) and value > self.best_metric):
-                self.best_metric, self.best_step = value, self.step
-                self.evals_without_improvement = 0
-                if self.cfg.load_best_at_end:
-                    self._save_model(self.run_dir / "best")
-            else:
-                self.evals_without_improvement += 1
-        stop = bool(self.cfg.early_stopping_patience and self.evals_without_improvement >= self.cfg.early_stopping_patience)
-        if self.world > 1:  # only the main process evaluates: every rank must stop at the same step
-            flag = torch.tensor([float(stop)], device=self.device)
-            torch.distributed.broadcast(flag, src=0)
-            stop = bool(flag.item())
-        if stop and self.is_main:
-            log(f"early stopping: no improvement of {self.cfg.metric_for_best} for {self.evals_without_improvement} evals")
-        self._early_stopped = stop
-        return stop
-
-    def _evaluate_sharded(self) -> bool:
-        scores = self.evaluate()
+        """Evaluate on dev; save the best model; return True to stop early. Without sharding the
+        main process evaluates alone; under FSDP every process runs the same forward passes (each
+        holds a shard of the weights). Every process then takes the main process's decision."""
+        runs_here = self.is_main or self.sharded
+        scores = self.evaluate() if runs_here else {}
         key = self.cfg.metric_for_best
-        if key not in scores:
+        if runs_here and key not in scores:
             raise DataError(f"train.metric_for_best {key!r} is not a dev metric (have: {', '.join(scores)})")
         if self.is_main:
             self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
             log("eval step {}: {}".format(self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
-        value = torch.tensor([scores[key]], dtype=torch.float64, device=self.device)
-        torch.distributed.broadcast(value, src=0)  # one decision for every process
-        value = float(value.item())
+        value = scores.get(key, math.nan)
+        if self.world > 1:
+            shared = torch.tensor([value], dtype=torch.float64, device=self.device)
+            torch.distributed.broadcast(shared, src=0)
+            value = float(shared.item())
         if self.best_metric is None or (not math.isnan(value) and value > self.best_metric):
             self.best_metric, self.best_step = value, self.step
             self.evals_without_improvement = 0
-            if self.cfg.load_best_at_end:
+            if self.cfg.load_best_at_end and runs_here:
                 self._save_model(self.run_dir / "best")
         else:
             self.evals_without_improvement += 1
