@@ -181,3 +181,46 @@ def test_planner_counts_segments_as_sequences(tmp_path, tiny_bert):
     # 64 tokens in segments of 16 (14 content tokens each): 1 + ceil(48 / 14) = 5 segments per text
     assert seg.sequences == 5 * plain.sequences
     assert plan_memory(r_seg, cpu, longest=(16, 16), segments=(2, 3)).sequences == 8 * 2 + 8 * 3 * 3
+
+
+def test_local_term_on_a_tiny_model_matches_a_hand_computation(tmp_path, tiny_bert):
+    """The trainer's local term on real segment embeddings equals a loop over segments that
+    encodes each segment alone (no padding) and writes the graded InfoNCE out by hand."""
+    import math
+
+    t = _trainer(tmp_path, tiny_bert, model={"segments": {"length": 16, "overlap": 2}},
+                 loss={"local_weight": 1.0, "weak_weight": 0.3, "temperature": 0.1})
+    batch = _first_batch(t)
+    t.model.eval()
+    with torch.no_grad():
+        q = t._units(batch["q_input_ids"], batch["q_attention_mask"])
+        c = t._units(batch["c_input_ids"], batch["c_attention_mask"])
+        _, parts = t.loss_fn(t._pair_batch(q, c, batch))
+
+        def segments(ids_key, mask_key, owner_key):
+            out = {}
+            for row, owner in enumerate(batch[owner_key].tolist()):
+                ids = batch[ids_key][row][batch[mask_key][row].bool()]  # right padding: the real tokens
+                e = t.model.pooled(ids[None], torch.ones_like(ids)[None])[0]
+                out.setdefault(owner, []).append(F.normalize(e, dim=-1))
+            return out
+
+        a_seg = segments("q_input_ids", "q_attention_mask", "q_segment_owner")
+        c_seg = segments("c_input_ids", "c_attention_mask", "c_segment_owner")
+    target = {}
+    for a, cand, level in zip(batch["pair_anchor"].tolist(), batch["pair_candidate"].tolist(), batch["pair_level"].tolist()):
+        target[(a, cand)] = {2: 1.0, 1: 0.3, 0: 0.0}[level]
+    flat_c = [(cand, e) for cand, es in c_seg.items() for e in es]
+    per_anchor = []
+    for a, segs in a_seg.items():
+        weights = [target.get((a, cand), 0.0) / len(c_seg[cand]) for cand, _ in flat_c]
+        if sum(weights) == 0:
+            continue
+        losses = []
+        for s in segs:
+            logits = [float(s @ e) / 0.1 for _, e in flat_c]
+            lse = max(logits) + math.log(sum(math.exp(x - max(logits)) for x in logits))
+            losses.append(-sum(w / sum(weights) * (x - lse) for w, x in zip(weights, logits) if w > 0))
+        per_anchor.append(sum(losses) / len(losses))
+    assert any(len(v) > 1 for v in c_seg.values())
+    assert float(parts["local"]) == pytest.approx(sum(per_anchor) / len(per_anchor), rel=1e-4)

@@ -171,7 +171,9 @@ class HMCLTrainer:
                   {"params": no_decay, "lr": cfg.learning_rate, "weight_decay": 0.0}]
         if head_params:
             groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": 0.0})
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=True if self.device.type == "cuda" else None)
+        # fused AdamW on GPU; sharded (DTensor) parameters take the default foreach path
+        fused = True if self.device.type == "cuda" and not self.sharded else None
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=fused)
         self.trainable = backbone_params + head_params
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.scheduler, warmup, self.total_steps))
