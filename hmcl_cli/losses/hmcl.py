@@ -35,7 +35,7 @@ class HMCLLoss(nn.Module):
     def __init__(self, cfg: Any, dim: int):
         super().__init__()
         self.w_con, self.w_cls, self.w_rank = cfg.contrastive_weight, cfg.classification_weight, cfg.ranking_weight
-        self.w_local = getattr(cfg, "local_weight", 0.0)
+        self.w_local = cfg.local_weight
         if self.w_con + self.w_cls + self.w_rank + self.w_local <= 0:
             raise ValueError("all loss weights are 0: nothing to train")
         self.contrastive = GradedInfoNCELoss(cfg.temperature, cfg.weak_weight, cfg.learn_temperature)

@@ -42,9 +42,8 @@ class SegmentInfoNCELoss(nn.Module):
             raise ValueError("the local term needs segment embeddings (train with model.segments)")
         weight, mask = self.contrastive.targets_and_mask(b)  # [A, C] text level
         oa, oc = b.anchor_segment_owner, b.candidate_segment_owner
-        per_text = torch.zeros(b.candidates.size(0), device=weight.device).index_add_(
-            0, oc, torch.ones_like(oc, dtype=weight.dtype))
-        seg_weight = weight[oa][:, oc] / per_text[oc].clamp(min=1)[None, :]  # [Sa, Sc]
+        per_text = torch.bincount(oc, minlength=b.candidates.size(0)).to(weight.dtype)  # segments per candidate
+        seg_weight = weight[oa][:, oc] / per_text[oc][None, :]  # [Sa, Sc]
         seg_mask = mask[oa][:, oc]
         logits = (b.anchor_segments @ b.candidate_segments.T).float() / self.contrastive.temperature
         row_loss, valid = soft_target_nll(logits, seg_weight, seg_mask)  # one per anchor segment with a target

@@ -25,6 +25,9 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
 * **autocast copies**: under bf16 autocast every float32 weight used in a matmul is cast once per
   forward and the bf16 copy is kept until the backward pass.
 
+With ``train.fsdp`` over N processes the sharded weights (the frozen base with LoRA), their
+gradients and optimizer state count 1/N, plus two whole layers being gathered.
+
 The planner warns when the sum exceeds the device and names the knob that fixes it, with the
 estimate after applying it.
 """

@@ -38,17 +38,9 @@ def is_sharded(t: Any) -> bool:
 
 
 def layer_classes(backbone: nn.Module) -> set[str]:
-    """Class names of the backbone's repeated blocks (transformers' ``_no_split_modules``)."""
-    model = backbone
-    for attr in ("base_model", "model"):  # peft: PeftModel -> LoraModel -> the transformers model
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module) and inner is not model and getattr(inner, "_no_split_modules", None):
-            model = inner
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    if not names:
-        inner = getattr(getattr(backbone, "base_model", None), "model", None)
-        names = set(getattr(inner, "_no_split_modules", None) or [])
-    return names
+    """Class names of the backbone's repeated blocks: transformers' ``_no_split_modules`` of the
+    model (found inside peft's wrappers too)."""
+    return {name for m in backbone.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
 
 
 def shard_backbone(backbone: nn.Module, device: torch.device, world: int, compute_dtype: torch.dtype = torch.float32) -> int:

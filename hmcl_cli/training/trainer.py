@@ -46,6 +46,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from torch.nn.functional import normalize
 
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
@@ -55,6 +56,7 @@ from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
 from hmcl_cli.modeling.lora import apply_lora, is_peft
+from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
@@ -175,6 +177,7 @@ class HMCLTrainer:
         fused = True if self.device.type == "cuda" and not self.sharded else None
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=fused)
         self.trainable = backbone_params + head_params
+        self.replicated = [p for p in self.trainable if not is_sharded(p)]  # FSDP reduces the others itself
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.scheduler, warmup, self.total_steps))
 
@@ -298,10 +301,6 @@ class HMCLTrainer:
         the local term needs them."""
         if self.data.segments is None:
             return units, None
-        from torch.nn.functional import normalize
-
-        from hmcl_cli.modeling.segments import aggregate
-
         emb = aggregate(units, batch[f"{side}_segment_owner"], batch[f"{side}_segment_weight"], n)
         if self.model.settings.normalize:
             emb = normalize(emb, dim=-1)
@@ -357,8 +356,8 @@ class HMCLTrainer:
         return loss, parts
 
     def _optimizer_step(self) -> None:
-        if self.world > 1:  # FSDP has reduce-scattered (averaged) the sharded gradients already
-            average_gradients([p for p in self.trainable if not is_sharded(p)])
+        if self.world > 1:
+            average_gradients(self.replicated)
         if self.cfg.max_grad_norm:
             clip_grad_norm(self.trainable, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -423,12 +422,12 @@ class HMCLTrainer:
 
     def save_checkpoint(self, tag: Optional[str] = None) -> Optional[Path]:
         """Write a resumable checkpoint atomically, with a sha256 manifest; keep the last K."""
-        if self.sharded:  # gathering the shards is collective: every process takes part
-            weights, optim = self._trainable_state(), optimizer_state_full(self.optimizer)
+        if not (self.is_main or self.sharded):
+            return None
+        # under FSDP gathering the shards is collective: every process takes part
+        weights, optim = self._trainable_state(), optimizer_state_full(self.optimizer)
         if not self.is_main:
             return None
-        if not self.sharded:
-            weights, optim = self._trainable_state(), self.optimizer.state_dict()
         name = tag or f"step-{self.step:07d}"
         target = self.ckpt_dir / name
         with atomic_path(target, is_dir=True) as tmp:
