@@ -6,6 +6,8 @@
     python benchmarks/train_throughput.py --data stsb --shape qwen3-0.6b --batch-size 32
     python benchmarks/train_throughput.py --data stsb --shape qwen3-4b --lora --checkpointing --tools hmcl
     python benchmarks/train_throughput.py --data stsb --shape bert-base --sdpa no-cudnn    # SDPA backends
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl --sync-audit   # host waits
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --compile        # train.compile
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
@@ -29,6 +31,7 @@ max length 128).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import random
@@ -185,7 +188,7 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
         "train": {"max_steps": args.warmup, "batch_size": args.batch_size, "group_size": group,
                   "learning_rate": args.lr, "warmup_ratio": 0.0, "log_steps": 10_000, "save_steps": 100_000,
                   "eval_steps": 100_000, "max_grad_norm": None, "batch_by_source": False,
-                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers},
+                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers, "compile": args.compile},
         "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
     prepare(recipe, progress=False)
     trainer = HMCLTrainer(recipe)
@@ -215,6 +218,9 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    elif args.sync_audit:
+        with _sync_audit(device, args.steps):
+            trainer.train()
     else:
         trainer.train()
     _sync(device)
@@ -224,9 +230,47 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
     return out
 
 
-def _sdpa_backends(choice: str):
-    import contextlib
+@contextlib.contextmanager
+def _sync_audit(device, steps: int):
+    """Print what made the host wait during the timed steps: ATen ops that read data back
+    (hmcl_cli/training/host_sync.py, any device) and, on CUDA, every synchronising call that
+    torch.cuda.set_sync_debug_mode reports, by Python call site."""
+    import traceback
+    import warnings
+    from collections import Counter
 
+    from hmcl_cli.training.host_sync import HostSyncCounter
+
+    sites: Counter = Counter()
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return show(message, category, filename, lineno, file, line)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename and "warnings" not in f.filename]
+        sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-3:])] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with HostSyncCounter(device=device.type) as ops:
+                yield
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = show
+    where = "" if device.type == "cuda" else " (CPU: every read-back counted, GPU or not)"
+    print(f"host syncs seen by dispatch{where}, {len(ops.events) / steps:.1f} per step:\n{ops.report()}")
+    if device.type == "cuda":
+        print(f"CUDA synchronising calls, {sum(sites.values()) / steps:.1f} per step:")
+        for site, n in sites.most_common(15):
+            print(f"{n:6d}  {site}")
+
+
+def _sdpa_backends(choice: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     b = SDPBackend
@@ -262,6 +306,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--tools", default="st,hmcl")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
+    ap.add_argument("--sync-audit", action="store_true",
+                    help="print the operations that made the host wait for the device during hmcl's timed steps")
+    ap.add_argument("--compile", action="store_true", help="hmcl with train.compile (torch.compile per layer)")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     args = ap.parse_args()

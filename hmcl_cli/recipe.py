@@ -318,6 +318,10 @@ class TrainConfig(_Section):
         "per transformer layer (PyTorch FSDP2, like ZeRO-3) for models one GPU cannot hold; "
         "LoRA adapters stay replicated. Same loss and gradients as data-parallel training."
     )
+    compile: bool = Field(
+        False, description="torch.compile each transformer layer (dynamic shapes) to fuse its small "
+        "kernels; for GPUs (on a 2-core CPU it was no faster and compiling took ~1 minute)."
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader workers.")
 
 

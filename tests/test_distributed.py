@@ -30,7 +30,7 @@ def _loss(w, xq, xc, pa, pc, lvl, score, qh, ch, gather=False):
     q, c = F.normalize(xq @ w, dim=-1), F.normalize(xc @ w, dim=-1)
     if gather:
         rank = dist.get_rank()
-        qs, cs, ps = gather_sizes(q.size(0), q.device), gather_sizes(c.size(0), c.device), gather_sizes(pa.size(0), pa.device)
+        qs, cs, ps = gather_sizes([q.size(0), c.size(0), pa.size(0)], q.device)
         pa, pc = gather_plain(pa + sum(qs[:rank]), ps), gather_plain(pc + sum(cs[:rank]), ps)
         lvl, score, qh, ch = gather_plain(lvl, ps), gather_plain(score, ps), gather_plain(qh, qs), gather_plain(ch, cs)
         q, c = gather_with_grad(q, qs), gather_with_grad(c, cs)

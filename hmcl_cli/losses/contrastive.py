@@ -60,17 +60,20 @@ class GradedInfoNCELoss(nn.Module):
     def forward(self, b: PairBatch) -> torch.Tensor:
         weight, mask = self.targets_and_mask(b)
         logits = (b.anchors @ b.candidates.T).float() / self.temperature
-        rows, _ = soft_target_nll(logits, weight, mask)
-        return rows.mean() if rows.numel() else logits.sum() * 0.0
+        rows, valid = soft_target_nll(logits, weight, mask)
+        return (rows * valid).sum() / valid.sum().clamp(min=1)  # mean over anchors with a target
 
 
 def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row with any target weight: ``-sum_j t_j log softmax_j`` over the unmasked logits, the
-    targets being ``weight`` normalised to sum 1. Returns (losses of those rows, which rows)."""
-    logits = logits.masked_fill(mask, float("-inf"))
+    """Per row: ``-sum_j t_j log softmax_j`` over the unmasked logits, the targets being ``weight``
+    normalised to sum 1. Returns (loss of every row, 0 where the row has no target weight; float
+    0/1 mask of the rows that have one). No boolean indexing: the output shapes never depend on
+    the data, so nothing waits for the GPU (see training/host_sync.py)."""
     mass = weight.sum(1)
     valid = mass > 0
-    target = weight[valid] / mass[valid, None]
-    logp = torch.log_softmax(logits[valid], dim=1)
+    target = weight / torch.where(valid, mass, torch.ones_like(mass))[:, None]
+    # rows without a target keep finite logits (no all -inf row): their loss is 0, gradient 0
+    logits = logits.masked_fill(mask & valid[:, None], float("-inf"))
+    logp = torch.log_softmax(logits, dim=1)
     logp = torch.where(target > 0, logp, torch.zeros_like(logp))  # -inf * 0 guard
-    return -(target * logp).sum(1), valid
+    return -(target * logp).sum(1), valid.to(logits.dtype)

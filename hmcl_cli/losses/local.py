@@ -42,16 +42,15 @@ class SegmentInfoNCELoss(nn.Module):
             raise ValueError("the local term needs segment embeddings (train with model.segments)")
         weight, mask = self.contrastive.targets_and_mask(b)  # [A, C] text level
         oa, oc = b.anchor_segment_owner, b.candidate_segment_owner
-        per_text = torch.bincount(oc, minlength=b.candidates.size(0)).to(weight.dtype)  # segments per candidate
+        ones = torch.ones_like(oc, dtype=weight.dtype)
+        per_text = weight.new_zeros(b.candidates.size(0)).index_add_(0, oc, ones)  # segments per candidate
         seg_weight = weight[oa][:, oc] / per_text[oc][None, :]  # [Sa, Sc]
         seg_mask = mask[oa][:, oc]
         logits = (b.anchor_segments @ b.candidate_segments.T).float() / self.contrastive.temperature
-        row_loss, valid = soft_target_nll(logits, seg_weight, seg_mask)  # one per anchor segment with a target
-        if not row_loss.numel():
-            return logits.sum() * 0.0
-        owners = oa[valid]
+        row_loss, valid = soft_target_nll(logits, seg_weight, seg_mask)  # per anchor segment; valid: has a target
         n_anchor = b.anchors.size(0)
-        total = torch.zeros(n_anchor, device=row_loss.device).index_add_(0, owners, row_loss)
-        count = torch.zeros(n_anchor, device=row_loss.device).index_add_(0, owners, torch.ones_like(row_loss))
-        has = count > 0
-        return (total[has] / count[has]).mean()
+        total = row_loss.new_zeros(n_anchor).index_add_(0, oa, row_loss * valid)
+        count = row_loss.new_zeros(n_anchor).index_add_(0, oa, valid)
+        has = (count > 0).to(row_loss.dtype)
+        per_anchor = total / count.clamp(min=1)  # mean over an anchor's segments
+        return (per_anchor * has).sum() / has.sum().clamp(min=1)

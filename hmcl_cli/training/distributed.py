@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.distributed as dist
 
@@ -38,11 +40,14 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start:start + ctx.sizes[ctx.rank]], None
 
 
-def gather_sizes(n: int, device: torch.device) -> list[int]:
-    t = torch.tensor([n], device=device)
+def gather_sizes(counts: Sequence[int], device: torch.device) -> list[list[int]]:
+    """Every rank's value of each count: ``out[k][r]`` is count ``k`` on rank ``r``. One
+    all_gather and one read-back for all of them (each read-back waits for the device)."""
+    t = torch.tensor(list(counts), dtype=torch.long, device=device)
     out = [torch.zeros_like(t) for _ in range(world_size())]
     dist.all_gather(out, t)
-    return [int(x.item()) for x in out]
+    per_rank = torch.stack(out).cpu().tolist()
+    return [list(col) for col in zip(*per_rank)]
 
 
 def gather_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:

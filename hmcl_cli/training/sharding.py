@@ -26,6 +26,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from hmcl_cli.modeling.layers import layer_classes
+
 
 def _dtensor():
     from torch.distributed.tensor import DTensor
@@ -35,12 +37,6 @@ def _dtensor():
 
 def is_sharded(t: Any) -> bool:
     return isinstance(t, _dtensor())
-
-
-def layer_classes(backbone: nn.Module) -> set[str]:
-    """Class names of the backbone's repeated blocks: transformers' ``_no_split_modules`` of the
-    model (found inside peft's wrappers too)."""
-    return {name for m in backbone.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
 
 
 def shard_backbone(backbone: nn.Module, device: torch.device, world: int, compute_dtype: torch.dtype = torch.float32) -> int:

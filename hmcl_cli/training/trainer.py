@@ -55,6 +55,7 @@ from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
+from hmcl_cli.modeling.layers import compile_layers
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
@@ -156,6 +157,10 @@ class HMCLTrainer:
                 log(f"fsdp: weights, gradients and optimizer state sharded over {self.world} processes "
                     f"({units} layer units{'; LoRA adapters replicated' if r.model.lora.enabled else ''})")
         self.model.to(self.device)
+        if cfg.compile:
+            n = compile_layers(self.model.backbone)
+            if self.is_main:
+                log(f"train.compile: {n} layers compiled on first use (dynamic shapes)")
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, by_source=cfg.batch_by_source)
         except ValueError as e:
@@ -315,9 +320,10 @@ class HMCLTrainer:
         q_own = batch.get("q_segment_owner") if q_seg is not None else None
         c_own = batch.get("c_segment_owner") if c_seg is not None else None
         if self.world > 1 and self.recipe.loss.gather_across_devices:
-            qs = gather_sizes(q.size(0), q.device)
-            cs = gather_sizes(c.size(0), c.device)
-            ps = gather_sizes(pa.size(0), pa.device)
+            counts = [q.size(0), c.size(0), pa.size(0)]
+            if q_seg is not None:
+                counts += [q_seg.size(0), c_seg.size(0)]
+            qs, cs, ps, *seg_sizes = gather_sizes(counts, q.device)
             q_off = torch.tensor(sum(qs[: self.rank]), device=q.device)
             c_off = torch.tensor(sum(cs[: self.rank]), device=c.device)
             q, c = gather_with_grad(q, qs), gather_with_grad(c, cs)
@@ -325,7 +331,7 @@ class HMCLTrainer:
             lvl, sc = gather_plain(lvl, ps), gather_plain(sc, ps)
             ah, ch = gather_plain(ah, qs), gather_plain(ch, cs)
             if q_seg is not None:  # segments of every process, owners shifted to the gathered rows
-                qss, css = gather_sizes(q_seg.size(0), q.device), gather_sizes(c_seg.size(0), c.device)
+                qss, css = seg_sizes
                 q_seg, c_seg = gather_with_grad(q_seg, qss), gather_with_grad(c_seg, css)
                 q_own, c_own = gather_plain(q_own + q_off, qss), gather_plain(c_own + c_off, css)
         return PairBatch(q, c, pa, pc, lvl, sc, ah, ch, q_seg, q_own, c_seg, c_own)
