@@ -1,6 +1,6 @@
 """Encoding throughput: hmcl's `EmbeddingModel.encode` (used by mine and eval) vs sentence-transformers' `model.encode`.
 
-    python benchmarks/encode_throughput.py [--texts 100000] [--batch-size 256] [--shape minilm]
+    python benchmarks/encode_throughput.py [--texts 100000] [--batch-size 256] [--shape minilm] [--sdpa no-cudnn]
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
@@ -39,7 +39,7 @@ def _timed(fn, device) -> tuple[float, object]:
 
 def main() -> None:
     from mine_throughput import inputs
-    from train_throughput import SHAPES, build_model
+    from train_throughput import SHAPES, _sdpa_backends, build_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=100_000)
@@ -47,6 +47,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--shape", choices=["minilm", *SHAPES], default="minilm")
     ap.add_argument("--warmup", type=int, default=2000, help="texts encoded once by each tool before timing")
+    ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
+                    help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     args = ap.parse_args()
     _, texts = inputs(args.texts, 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,7 +57,7 @@ def main() -> None:
 
     from hmcl_cli.modeling.encoder import EmbeddingModel
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _sdpa_backends(args.sdpa):
         path = build_model(args.shape, Path(tmp) / "model")
         results = {}
         st = SentenceTransformer(str(path), device=device)
@@ -76,7 +78,7 @@ def main() -> None:
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
     print(f"\n{args.shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'fp32'}), "
-          f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}; "
+          f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, SDPA {args.sdpa}; "
           f"hmcl vs sentence-transformers fp32 mean cosine {agree:.5f}")
     base = results["sentence-transformers (fp32 weights)"]
     for name, secs in results.items():

@@ -15,6 +15,9 @@ checkpoint selection):
 * ``hmcl`` — the full HMCL objective with the recipe defaults (``--hmcl-set`` overrides);
 * ablations: ``hmcl-contrastive`` (classification and ranking off), ``hmcl-no-weak`` (weak
   pairs relabelled negative), ``hmcl-no-classification``, ``hmcl-no-ranking``;
+* ``hmcl-mined``: the ``hmcl`` row after ``hmcl mine`` added one hard negative per anchor that
+  has a positive, with the settings of ``st-cosent-mnrl-hn`` (ranks 10-50, relative margin 0.05,
+  the top pick) — the like-for-like of that row;
 * sentence-transformers' trainer: ``st-cosent`` and ``st-angle`` (on the scores), ``st-mnrl``
   (on the positive pairs, no-duplicates batches), ``st-cosent-mnrl`` (round-robin of the two),
   ``st-cosent-mnrl-hn`` (the MNRL half gets one hard negative per pair from
@@ -52,6 +55,7 @@ HMCL_ROWS = {
     "hmcl-no-weak": {"_weak_as_negative": True},
     "hmcl-no-classification": {"loss.classification_weight": 0.0},
     "hmcl-no-ranking": {"loss.ranking_weight": 0.0},
+    "hmcl-mined": {"_mine": True},
 }
 ST_ROWS = ["st-cosent", "st-angle", "st-mnrl", "st-cosent-mnrl", "st-cosent-mnrl-hn"]
 TASKS = ["stsb-dev", "sick-trial", "trecqa-dev"]
@@ -129,6 +133,7 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
 
     settings = dict(HMCL_ROWS[row])
     weak_neg = settings.pop("_weak_as_negative", False)
+    mined = settings.pop("_mine", False)
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded_rows(raw_pairs(), weak_neg)))
     overrides = [f"{k}={v}" for k, v in settings.items()] + list(args.hmcl_set)
     recipe = load_recipe(data={
@@ -140,6 +145,12 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
                   "save_steps": 10 ** 9, "eval_steps": 10 ** 9, "load_best_at_end": False},
         "export": {"formats": []}}, overrides=overrides)
     prepare(recipe, progress=False)
+    if mined:  # the counterpart of st-cosent-mnrl-hn: one hard negative per anchor with a positive
+        from hmcl_cli.mining import mine
+
+        recipe.mine = recipe.mine.model_copy(update={"num_negatives": 1, "num_weak": 0, "range_min": 10,
+                                                     "range_max": 50, "relative_margin": 0.05, "sampling": "top"})
+        mine(recipe)
     trainer = HMCLTrainer(recipe)
     trainer.setup()
     trainer.train()

@@ -174,6 +174,25 @@ def teacher_relative_scores(teacher: Any, jobs: list[tuple[str, list[str], list[
     return out
 
 
+def query_embeddings(model: Any, examples: list, position: dict[str, int], c: np.ndarray, batch_size: int) -> np.ndarray:
+    """Embeddings of the examples' queries. When queries and documents are encoded alike (same
+    prompt, same max length: symmetric data such as STS, NLI or duplicate questions), a query that
+    is also a corpus text takes its corpus embedding instead of being encoded a second time."""
+    s = model.settings
+    alike = s.query_prompt == s.doc_prompt and s.query_max_length == s.doc_max_length
+    reuse = [i for i, ex in enumerate(examples)
+             if alike and ex.prompt in (None, s.query_prompt) and ex.query in position]
+    q = np.zeros((len(examples), c.shape[1]), dtype=np.float32)
+    if reuse:
+        q[reuse] = c[[position[examples[i].query] for i in reuse]]
+        log(f"mine: {len(reuse)} of {len(examples)} queries are corpus texts encoded alike: embeddings reused")
+    rest = sorted(set(range(len(examples))) - set(reuse))
+    if rest:
+        q[rest] = encode_queries(model, [examples[i].query for i in rest], [examples[i].prompt for i in rest],
+                                 batch_size, True)
+    return q
+
+
 def mine(recipe: Recipe, model: Any = None) -> dict:
     from hmcl_cli.modeling.encoder import EmbeddingModel, best_device
 
@@ -200,13 +219,13 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache.with_suffix(".tmp.npy"), c)
         cache.with_suffix(".tmp.npy").replace(cache)
-    q = encode_queries(model, [e.query for e in examples], [e.prompt for e in examples], cfg.batch_size, True)
+    position = {t: i for i, t in enumerate(corpus)}
+    q = query_embeddings(model, examples, position, c, cfg.batch_size)
     dev = model.device
     if cfg.search == "faiss":
         scores, idx = faiss_search(q, c, cfg.top_k)
     else:
         scores, idx = top_k_search(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), cfg.top_k)
-    position = {t: i for i, t in enumerate(corpus)}
     rng = np.random.default_rng(recipe.seed)
     jobs = []  # (example index, known corpus indices, positive texts, ranked (index, score))
     out: list = [ex.to_json() for ex in examples]

@@ -164,3 +164,29 @@ def test_mine_with_teacher_end_to_end(tmp_path, tiny_bert, kind):
                 checked["neg"] += 1
     assert checked["weak"] > 0 and checked["neg"] > 0
     assert report["teacher"]["removed_as_positive_like_or_ambiguous"] > 0
+
+
+def test_queries_that_are_corpus_texts_reuse_their_embeddings_when_sides_encode_alike(tmp_path, tiny_bert, monkeypatch):
+    import hmcl_cli.mining as mining
+    from hmcl_cli.data.example import Candidate, GradedExample
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    corpus = ["a cat sits on the mat", "the dog runs", "stocks fell sharply today", "rain is expected"]
+    examples = [GradedExample("the dog runs", {"a cat sits on the mat": Candidate("a cat sits on the mat", 2)}),
+                GradedExample("a cat sits on the mat", {"the dog runs": Candidate("the dog runs", 1)}),
+                GradedExample("is it going to rain", {"rain is expected": Candidate("rain is expected", 2)})]
+    position = {t: i for i, t in enumerate(corpus)}
+    c = model.encode(corpus, side="doc").numpy()
+    encoded = []
+    real = mining.encode_queries
+    monkeypatch.setattr(mining, "encode_queries", lambda m, qs, *a: encoded.extend(qs) or real(m, qs, *a))
+    q = mining.query_embeddings(model, examples, position, c, 8)
+    assert encoded == ["is it going to rain"]  # the two corpus texts were not encoded again
+    fresh = model.encode([ex.query for ex in examples], side="query").numpy()
+    assert np.allclose(q, fresh, atol=1e-5)
+    model.settings.query_prompt = "query: "  # queries now encode differently: nothing is reused
+    encoded.clear()
+    q = mining.query_embeddings(model, examples, position, c, 8)
+    assert encoded == [ex.query for ex in examples]
+    assert np.allclose(q, model.encode([ex.query for ex in examples], side="query").numpy(), atol=1e-5)

@@ -171,6 +171,31 @@ def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert
     assert any(len({source_of[i] for i in batch}) == 2 for batch in mixed)
 
 
+def test_group_by_length_cuts_batches_from_length_sorted_windows(tmp_path, tiny_bert):
+    import json
+
+    from hmcl_cli.training.batching import BatchPlan
+
+    a = tmp_path / "a.jsonl"
+    a.write_text("".join(json.dumps({"query": " ".join(["word"] * (1 + i)), "pos": [f"answer {i}"]}) + "\n"
+                         for i in range(24)))
+    t = _trainer(tmp_path, tiny_bert, data={"sources": [{"path": str(a), "split": "train"},
+                                                        {"path": "dev.jsonl", "split": "dev"}]},
+                 train={"batch_size": 4, "max_steps": 2, "group_by_length": False})
+    assert not t.plan.group_by_length
+
+    def spans(plan):
+        batches = plan.epoch_batches(0)
+        assert sorted(i for b in batches for i in b) == list(range(24))
+        return [(min(t.data.anchor_length(i) for i in b), max(t.data.anchor_length(i) for i in b)) for b in batches]
+
+    # 24 anchors < one window of 16 batches: grouped batches are disjoint length ranges
+    grouped = sorted(spans(BatchPlan(t.data, 4, seed=3, group_by_length=True)))
+    assert all(hi < lo for (_, hi), (lo, _) in zip(grouped, grouped[1:]))
+    plain = sorted(spans(t.plan))
+    assert any(hi >= lo for (_, hi), (lo, _) in zip(plain, plain[1:]))
+
+
 def test_bf16_checkpoint_trains_with_float32_weights(tmp_path, tiny_qwen):
     """Hub decoders are stored in bf16; full fine-tuning must not update bf16 weights (small
     updates round away), so `model.dtype: auto` loads trained weights in float32."""
