@@ -501,18 +501,26 @@ class HMCLTrainer:
                 (tmp / "hmcl_thresholds.json").write_text(json.dumps({"weak": th[0], "pos": th[1]}, indent=2))
 
     def _unsharded_model(self) -> Optional[EmbeddingModel]:
-        """On the main process, a CPU copy of the sharded model with whole weights (None elsewhere)."""
-        weights = full_state(self.model.backbone)  # collective
+        """On the main process, a CPU copy of the sharded model with whole weights (None elsewhere).
+        Built on the meta device and filled with the gathered tensors: the base checkpoint is not
+        read from disk again (for a 7B model that is the size of the model)."""
+        live = self.model.backbone
+        weights = full_state(live)  # collective
         if not self.is_main:
             return None
-        r = self.recipe
-        copy = EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
-        if r.model.lora.enabled and not is_peft(copy.backbone):
-            copy.backbone = apply_lora(copy.backbone, r.model.lora)
-        missing, unexpected = copy.backbone.load_state_dict(weights, strict=False)
-        if unexpected or [k for k in missing if k in dict(copy.backbone.named_parameters())]:
-            raise RuntimeError(f"gathered weights do not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        copy.settings = self.model.settings
+        base = live.get_base_model() if is_peft(live) else live
+        with torch.device("meta"):
+            backbone = type(base)(base.config)
+            if is_peft(live):
+                backbone = apply_lora(backbone, self.recipe.model.lora)
+        backbone.load_state_dict(weights, strict=True, assign=True)
+        for name, buf in live.named_buffers():  # non-persistent buffers (rotary tables, position ids)
+            owner, _, leaf = name.rpartition(".")
+            backbone.get_submodule(owner)._buffers[leaf] = buf.detach().cpu()
+        left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f"gathered weights do not fill the model: {left[:3]}")
+        copy = EmbeddingModel(backbone.eval(), self.model.tokenizer, self.model.settings)
         return copy
 
     def save_final(self) -> Path:
