@@ -55,7 +55,7 @@ from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
-from hmcl_cli.modeling.layers import compile_layers
+from hmcl_cli.modeling.layers import compile_layers, model_class
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
@@ -510,7 +510,7 @@ class HMCLTrainer:
             return None
         base = live.get_base_model() if is_peft(live) else live
         with torch.device("meta"):
-            backbone = type(base)(base.config)
+            backbone = model_class(base)(base.config)
             if is_peft(live):
                 backbone = apply_lora(backbone, self.recipe.model.lora)
         backbone.load_state_dict(weights, strict=True, assign=True)
