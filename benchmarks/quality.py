@@ -204,6 +204,8 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
         for variant in (variants if row == "hmcl" else [[]]):
             sets = list(args.hmcl_set) + variant if row in HMCL_ROWS else []
             setting = dict(common, hmcl_set=sets)
+            if row not in HMCL_ROWS:  # hmcl's loss defaults do not touch the sentence-transformers rows
+                setting.pop("loss_defaults", None)
             digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
             label = row + (f" [{' '.join(sets)}]" if sets else "")
             for seed in seeds:
@@ -273,7 +275,10 @@ def main() -> None:
     common["device"] = device
     from hmcl_cli.recipe import LossConfig
 
-    common["loss_defaults"] = hashlib.sha256(LossConfig().model_dump_json().encode()).hexdigest()[:8]
+    # a new loss option at its neutral value trains as before: it does not invalidate cached rows
+    neutral = {"local_weight": 0.0, "ignore_weak": False}
+    defaults = {k: v for k, v in LossConfig().model_dump().items() if neutral.get(k, object()) != v}
+    common["loss_defaults"] = hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:8]
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]

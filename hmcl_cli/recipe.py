@@ -349,6 +349,10 @@ class LossConfig(_Section):
         0.0, ge=0, le=1, description="Soft-target weight of weak-positives in InfoNCE (0: they are contrasted "
         "like negatives there and ordered between positives and negatives by the ranking term)."
     )
+    ignore_weak: bool = Field(
+        False, description="With weak_weight 0: leave an anchor's own weak-positives out of its InfoNCE "
+        "softmax (neither target nor negative); only the ranking and classification terms place them."
+    )
     classifier: Literal["ordinal", "linear"] = Field(
         "ordinal",
         description="`ordinal`: learnable thresholds on the cosine; `linear`: SBERT head on "

@@ -32,6 +32,20 @@ def test_infonce_matches_hand_computation():
     assert torch.allclose(got, (l0 + l1) / 2, atol=1e-6)
 
 
+def test_infonce_ignore_weak_leaves_weak_positives_out_of_the_softmax():
+    b = small_batch()
+    T = 0.1
+    sim = (b.anchors @ b.candidates.T) / T
+    keep0 = [0, 2, 3]  # anchor 0's weak candidate 1 is neither target nor negative
+    l0 = -torch.log_softmax(sim[0, keep0], 0)[0]
+    l1 = -torch.log_softmax(sim[1], 0)[3]  # candidate 1 is anchor 0's weak, not anchor 1's: still a negative
+    assert torch.allclose(GradedInfoNCELoss(T, 0.0, ignore_weak=True)(b), (l0 + l1) / 2, atol=1e-6)
+    as_negative = -(torch.log_softmax(sim[0], 0)[0] + torch.log_softmax(sim[1], 0)[3]) / 2
+    assert torch.allclose(GradedInfoNCELoss(T, 0.0)(b), as_negative, atol=1e-6)
+    # with a soft-target weight the weak candidate stays a target: ignore_weak changes nothing
+    assert torch.allclose(GradedInfoNCELoss(T, 0.5, ignore_weak=True)(b), GradedInfoNCELoss(T, 0.5)(b))
+
+
 def test_infonce_masks_identical_texts():
     b = small_batch()
     b.candidate_hash = torch.tensor([20, 21, 22, 10])  # candidate 3 has anchor 0's text, unlabelled for anchor 0

@@ -24,14 +24,17 @@ class GradedInfoNCELoss(nn.Module):
     Loss: mean over anchors of ``-sum_j t_ij log softmax_j(s_ij / T)``.
 
     With ``weak_weight=0`` this is multi-positive InfoNCE (MultipleNegativesRankingLoss with
-    hard negatives). At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
+    hard negatives), weak-positives contrasted like negatives — or, with ``ignore_weak``, left out
+    of their anchor's softmax. At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
 
     References: van den Oord et al. 2018 (InfoNCE); Henderson et al. 2017 (in-batch negatives).
     """
 
-    def __init__(self, temperature: float = 0.05, weak_weight: float = 0.3, learn_temperature: bool = False):
+    def __init__(self, temperature: float = 0.05, weak_weight: float = 0.3, learn_temperature: bool = False,
+                 ignore_weak: bool = False):
         super().__init__()
         self.weak_weight = weak_weight
+        self.ignore_weak = ignore_weak and weak_weight == 0
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
@@ -55,6 +58,10 @@ class GradedInfoNCELoss(nn.Module):
         copies_of_target = (is_target @ same_text.float()) > 0
         own_text = b.candidate_hash[None, :] == b.anchor_hash[:, None]
         mask = (copies_of_target | own_text) & ~labelled
+        if self.ignore_weak:  # the anchor's weak-positives: neither targets nor negatives
+            weak = torch.zeros(A, C, dtype=torch.bool, device=dev)
+            weak[b.pair_anchor, b.pair_candidate] = b.pair_level == 1
+            mask = mask | weak
         return weight, mask
 
     def forward(self, b: PairBatch) -> torch.Tensor:
