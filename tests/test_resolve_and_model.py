@@ -71,3 +71,21 @@ def test_saved_model_loads_in_sentence_transformers(tmp_path, fixture, request):
     assert torch.allclose(m.encode(texts), ref, atol=1e-5)
     again = EmbeddingModel.load(str(tmp_path / "saved"))
     assert torch.allclose(again.encode(texts), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_pad_places_every_token_and_masks_the_rest(tiny_bert, side):
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    model = EmbeddingModel.load(str(tiny_bert), padding_side=side)
+    batch = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15, 16, 17], []]
+    out = model.pad(batch)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert ids.shape == mask.shape == (4, 16) and ids.dtype == mask.dtype == torch.long
+    pad_id = model.tokenizer.pad_token_id
+    for row, x in enumerate(batch):
+        real = list(range(16 - len(x), 16)) if side == "left" else list(range(len(x)))
+        assert ids[row, real].tolist() == x and mask[row, real].tolist() == [1] * len(x)
+        rest = [j for j in range(16) if j not in real]
+        assert mask[row, rest].sum() == 0 and (ids[row, rest] == pad_id).all()
+    assert model.pad(batch, multiple_of=1)["input_ids"].shape == (4, 9)

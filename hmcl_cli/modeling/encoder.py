@@ -14,12 +14,14 @@ Python use::
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -237,21 +239,18 @@ class EmbeddingModel(nn.Module):
 
     def pad(self, batch: Sequence[Sequence[int]], multiple_of: int = 8) -> dict[str, torch.Tensor]:
         """Pad a list of token-id lists to the longest (rounded up to ``multiple_of``)."""
-        longest = max(len(x) for x in batch)
+        lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
+        longest = int(lengths.max())
         width = -(-longest // multiple_of) * multiple_of if multiple_of else longest
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        left = self.settings.padding_side == "left"
-        for i, x in enumerate(batch):
-            n = len(x)
-            if left:
-                ids[i, width - n:] = torch.tensor(x, dtype=torch.long)
-                mask[i, width - n:] = 1
-            else:
-                ids[i, :n] = torch.tensor(x, dtype=torch.long)
-                mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask}
+        positions = np.arange(width)[None, :]
+        if self.settings.padding_side == "left":
+            filled = positions >= (width - lengths)[:, None]
+        else:
+            filled = positions < lengths[:, None]
+        ids = np.full((len(batch), width), pad_id, dtype=np.int64)
+        ids[filled] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(filled.astype(np.int64))}
 
     # ---------------------------------------------------------------- forward
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
