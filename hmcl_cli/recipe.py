@@ -18,7 +18,7 @@ import os
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -283,11 +283,12 @@ class TrainConfig(_Section):
         description="Sort anchors by length within windows of 16 batches before cutting batches "
         "(less padding, faster steps); false: batches in plain shuffled order.",
     )
-    grad_cache_chunk: Optional[int] = Field(
+    grad_cache_chunk: Optional[Union[Annotated[int, Field(ge=1)], Literal["auto"]]] = Field(
         None,
-        ge=1,
         description="GradCache: encode in chunks of this many texts so the contrastive batch "
-        "can exceed memory; same loss and gradients as the plain batch.",
+        "can exceed memory; same loss and gradients as the plain batch. Small chunks are slower "
+        "(more, smaller passes): `auto` takes the largest chunk the memory plan fits on the GPU, "
+        "or the whole batch when it fits (always on CPU).",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."

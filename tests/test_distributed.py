@@ -119,6 +119,10 @@ CASES = {
     # FSDP2 with LoRA on a decoder: frozen base sharded, adapters replicated (no dropout: its masks
     # depend on how the batch is split)
     "fsdp-lora-qwen": ("tiny_qwen", {"train": {"fsdp": True}, "model": {"lora": {"enabled": True, "dropout": 0.0}}}),
+    # FSDP + GradCache: the processes hold different numbers of segments, hence of chunks, yet every
+    # sharded forward/backward is collective
+    "fsdp-gradcache-segments": ("tiny_bert", {"train": {"fsdp": True, "grad_cache_chunk": 3},
+                                              "model": {"segments": {"length": 16, "overlap": 2}}}),
 }
 
 

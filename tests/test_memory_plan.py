@@ -95,3 +95,42 @@ def test_fsdp_plan_divides_the_sharded_state_by_the_processes(tmp_path, tiny_qwe
     else:
         assert four.optimizer == one.optimizer // 4
         assert four.gradients < one.gradients
+
+
+def test_fitting_chunk_is_the_largest_grad_cache_chunk_within_the_device(tmp_path, tiny_qwen):
+    cpu = torch.device("cpu")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, train={"batch_size": 64, "group_size": 4}))
+    whole = plan_memory(recipe, cpu)
+    assert whole.fitting_chunk is None  # no device capacity known (CPU)
+    fixed = whole.peak - whole.activations
+    per_text = plan_memory(load_recipe(write_recipe(tmp_path, tiny_qwen, train={
+        "batch_size": 64, "group_size": 4, "grad_cache_chunk": 1})), cpu).activations
+    capacity = int((fixed + 40.5 * per_text) / 0.9)  # room for 40 texts at a time, not the 320 of a step
+    plan = plan_memory(recipe, cpu, capacity=capacity)
+    assert plan.fitting_chunk == 40  # the largest fitting chunk, rounded down to a multiple of 8
+    assert any("grad_cache_chunk: 40" in a for a in plan.advice)
+    auto = load_recipe(write_recipe(tmp_path, tiny_qwen, train={"batch_size": 64, "group_size": 4,
+                                                                "grad_cache_chunk": "auto"}))
+    chosen = plan_memory(auto, cpu, capacity=capacity)
+    assert chosen.sequences == 40 and chosen.fits and chosen.activations == 40 * per_text
+    assert plan_memory(auto, cpu, capacity=whole.peak * 2).fitting_chunk is None  # the whole batch fits
+    assert plan_memory(recipe, cpu, capacity=fixed // 2).fitting_chunk is None  # not even one text fits
+
+
+def test_trainer_with_auto_chunk_uses_the_plans_chunk(tmp_path, tiny_bert, monkeypatch):
+    import hmcl_cli.training.memory as memory
+    from conftest import make_trainer
+    from hmcl_cli.training.batching import StepBatches
+
+    t = make_trainer(tmp_path / "cpu", tiny_bert, train={"grad_cache_chunk": "auto"})
+    assert t.chunk is None  # CPU: no capacity known, the whole batch at once
+    plan = t.memory_plan
+    per_text = plan.activations / plan.sequences
+    monkeypatch.setattr(memory, "_device_capacity", lambda device: int((plan.peak - plan.activations + 5.5 * per_text) / 0.9))
+    t = make_trainer(tmp_path / "small", tiny_bert, train={"grad_cache_chunk": "auto"})
+    assert t.chunk == t.memory_plan.fitting_chunk and 1 <= t.chunk <= 5  # room for ~5 average texts
+    used = []
+    real = t._grad_cache_step
+    monkeypatch.setattr(t, "_grad_cache_step", lambda batch, chunk, scale: used.append(chunk) or real(batch, chunk, scale))
+    t._forward_backward(StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0], 1.0)
+    assert used == [t.chunk]

@@ -54,6 +54,8 @@ class MemoryPlan:
     sequences: int
     capacity: Optional[int] = None
     advice: list[str] = field(default_factory=list)
+    # the largest GradCache chunk that fits the capacity, when the whole batch does not (else None)
+    fitting_chunk: Optional[int] = None
     lengths: tuple[int, int] = (0, 0)  # query and document tokens each sequence is sized at
 
     @property
@@ -236,7 +238,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         per_q, per_d = segments or (_segment_count(q_len, m.segments), _segment_count(d_len, m.segments))
         n_q, n_d = n_q * per_q, n_d * per_d
         q_len, d_len = min(q_len, _padded(m.segments.length)), min(d_len, _padded(m.segments.length))
-    chunk = t.grad_cache_chunk
+    chunk = None if t.grad_cache_chunk == "auto" else t.grad_cache_chunk
     probes = {n: _layer_bytes(config, act_dtype, m.lora, n) for n in {q_len, d_len}}
 
     def activations(ckpt: bool, chunk_size: Optional[int]) -> tuple[int, int]:
@@ -249,6 +251,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         return n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d), n_q + n_d
 
     act, seqs = activations(m.gradient_checkpointing, chunk)
+    capacity = capacity if capacity is not None else _device_capacity(device)
     copies = 2 * matmul_fp32 if act_dtype in (torch.bfloat16, torch.float16) and w_dtype == torch.float32 else 0
     optimizer, gradients = 2 * train_bytes, train_bytes
     if shards > 1:  # FSDP: 1/N of the sharded tensors, plus two whole layers (current + prefetched)
@@ -266,22 +269,48 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs,
         lengths=(q_len, d_len))
     plan.capacity = capacity
-    if capacity is None and device.type == "cuda" and torch.cuda.is_available():
-        plan.capacity = torch.cuda.get_device_properties(device).total_memory
+    if capacity:
+        fixed = plan.peak - plan.activations
+        whole, _ = activations(m.gradient_checkpointing, None)
+        if fixed + whole > FILL * capacity:
+            per_chunk_text, _ = activations(m.gradient_checkpointing, 1)
+            n = int((FILL * capacity - fixed) // max(1, per_chunk_text))
+            if n >= 1:  # else not even one text at a time fits: other knobs must help
+                plan.fitting_chunk = min(n - n % 8 if n >= 16 else n, n_q + n_d)
+        if t.grad_cache_chunk == "auto" and plan.fitting_chunk:
+            plan.activations, plan.sequences = activations(m.gradient_checkpointing, plan.fitting_chunk)
     if not plan.fits:
         plan.advice = _advice(plan, m, t, activations)
     return plan
+
+
+FILL = 0.9  # share of the device a chosen GradCache chunk may plan to use (the plan is an estimate)
+
+
+def _device_capacity(device: torch.device) -> Optional[int]:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    return None
+
+
+def resolve_chunk(setting: Any, plan: Optional[MemoryPlan]) -> Optional[int]:
+    """The GradCache chunk a step uses: ``train.grad_cache_chunk`` as given, or for ``auto`` the
+    plan's largest fitting chunk (None: the whole batch fits, or no device capacity is known)."""
+    if setting != "auto":
+        return setting
+    return plan.fitting_chunk if plan is not None else None
 
 
 def _advice(plan: MemoryPlan, m: Any, t: Any, activations) -> list[str]:
     out = []
     fixed = plan.peak - plan.activations  # weights, optimizer state, gradients, autocast copies
     if not m.gradient_checkpointing:
-        act, _ = activations(True, t.grad_cache_chunk)
+        act, _ = activations(True, resolve_chunk(t.grad_cache_chunk, plan))
         out.append(f"model.gradient_checkpointing: true -> ~{(fixed + act) / GIB:.1f} GiB")
-    if not t.grad_cache_chunk:
-        act, _ = activations(m.gradient_checkpointing, 16)
-        out.append(f"train.grad_cache_chunk: 16 (same loss and gradients) -> ~{(fixed + act) / GIB:.1f} GiB")
+    if t.grad_cache_chunk in (None, "auto") and plan.fitting_chunk:
+        act, _ = activations(m.gradient_checkpointing, plan.fitting_chunk)
+        out.append(f"train.grad_cache_chunk: {plan.fitting_chunk} (the largest that fits; same loss and gradients; "
+                   f"or `auto`) -> ~{(fixed + act) / GIB:.1f} GiB")
     if not m.lora.enabled:
         out.append("model.lora.enabled: true (trains ~1% of the weights; the optimizer state shrinks accordingly)")
     out.append("or lower train.batch_size / train.group_size / model.max_length")

@@ -61,6 +61,7 @@ from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
+from hmcl_cli.training.memory import plan_memory, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
 
 
@@ -146,8 +147,13 @@ class HMCLTrainer:
         dev_path = self.run_dir / "data" / "dev.jsonl"
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
-        if self.is_main and model is None:  # before the weights go to the device: an estimate for the worst step
+        auto_chunk = cfg.grad_cache_chunk == "auto"
+        if (self.is_main and model is None) or auto_chunk:  # before the weights go to the device: the worst step
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
+        self.chunk = resolve_chunk(cfg.grad_cache_chunk, self.memory_plan)
+        if auto_chunk and self.is_main:
+            log(f"train.grad_cache_chunk auto: {f'chunks of {self.chunk} texts' if self.chunk else 'the whole batch at once'}"
+                f"{' (no device memory limit known)' if self.memory_plan is None or not self.memory_plan.capacity else ''}")
         if self.sharded:  # before .to(device): each process moves only its shard
             from hmcl_cli.training.sharding import shard_backbone
 
@@ -199,15 +205,16 @@ class HMCLTrainer:
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
 
     def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int]) -> None:
-        from hmcl_cli.training.memory import plan_memory
-
         try:
             plan = plan_memory(self.recipe, self.device, longest=longest, segments=segments,
                                shards=self.world if self.sharded else 1)
         except Exception as e:  # noqa: BLE001 - an estimate must never stop training
-            log(f"memory plan skipped ({type(e).__name__}: {e})")
+            if self.is_main:
+                log(f"memory plan skipped ({type(e).__name__}: {e})")
             return
         self.memory_plan = plan
+        if not self.is_main:  # computed here only for train.grad_cache_chunk: auto
+            return
         log(plan.summary())
         if not plan.fits:
             warn("the estimate exceeds this device's memory; to fit: " + "; ".join(plan.advice))
@@ -282,7 +289,7 @@ class HMCLTrainer:
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
         dev = self.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        chunk = self.cfg.grad_cache_chunk
+        chunk = self.chunk if self.cfg.grad_cache_chunk == "auto" else self.cfg.grad_cache_chunk
         try:
             if chunk:
                 return self._grad_cache_step(batch, chunk, scale)
@@ -339,27 +346,46 @@ class HMCLTrainer:
 
     def _grad_cache_step(self, batch: dict, chunk: int, scale: float) -> tuple[torch.Tensor, dict]:
         """GradCache (Gao et al. 2021): loss on graph-free embeddings, then chunked re-encoding.
-        With segments the chunks are segments; averaging them into texts is part of the loss graph."""
+        With segments the chunks are segments; averaging them into texts is part of the loss graph.
+        Under FSDP every forward and backward pass is collective, so all processes run as many
+        chunks as the process with the most; the extra ones re-encode one row and add nothing."""
         sides = [("q_input_ids", "q_attention_mask"), ("c_input_ids", "c_attention_mask")]
+        rows = [batch[ids_key].size(0) for ids_key, _ in sides]
+        rounds = [-(-n // chunk) for n in rows]
+        if self.sharded:
+            agreed = torch.tensor(rounds, device=self.device)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+            rounds = agreed.tolist()
+        filler = next((ids_key, mask_key) for (ids_key, mask_key), n in zip(sides, rows) if n)
+
+        def encode(ids_key: str, mask_key: str, i: int) -> tuple[torch.Tensor, bool]:
+            """Chunk i of a side's units, or a filler forward (one row) past the side's last chunk."""
+            real = i * chunk < batch[ids_key].size(0)
+            ids, mask = (ids_key, mask_key) if real else filler
+            s = i * chunk if real else 0
+            with autocast_for(self.device, self.precision):
+                return self._units(batch[ids][s:s + (chunk if real else 1)], batch[mask][s:s + (chunk if real else 1)]).float(), real
+
         embs, states = [], []
         with torch.no_grad():
-            for ids_key, mask_key in sides:
+            for (ids_key, mask_key), n_rounds in zip(sides, rounds):
                 parts, rng = [], []
-                for s in range(0, batch[ids_key].size(0), chunk):
+                for i in range(n_rounds):
                     rng.append(_rng_state(self.device))
-                    with autocast_for(self.device, self.precision):
-                        parts.append(self._units(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float())
+                    e, real = encode(ids_key, mask_key, i)
+                    if real:
+                        parts.append(e)
                 embs.append(torch.cat(parts) if parts else torch.zeros((0, self.model.dim), device=self.device))
                 states.append(rng)
         q = embs[0].detach().requires_grad_()
         c = embs[1].detach().requires_grad_()
         loss, parts = self.loss_fn(self._pair_batch(q, c, batch))
         (loss * scale).backward()
-        for (ids_key, mask_key), grad, rng in zip(sides, (q.grad, c.grad), states):
-            for i, s in enumerate(range(0, batch[ids_key].size(0), chunk)):
-                with _restored_rng(rng[i], self.device), autocast_for(self.device, self.precision):
-                    e = self._units(batch[ids_key][s:s + chunk], batch[mask_key][s:s + chunk]).float()
-                (e * grad[s:s + chunk]).sum().backward()
+        for (ids_key, mask_key), grad, rng, n_rounds in zip(sides, (q.grad, c.grad), states, rounds):
+            for i in range(n_rounds):
+                with _restored_rng(rng[i], self.device):
+                    e, real = encode(ids_key, mask_key, i)
+                (e * grad[i * chunk:(i + 1) * chunk] if real else e * 0.0).sum().backward()
         return loss, parts
 
     def _optimizer_step(self) -> None:
