@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hmcl_cli.recipe import load_recipe
-from hmcl_cli.training.memory import plan_memory, saved_tensor_bytes
+from hmcl_cli.training.memory import FILL, plan_memory, saved_tensor_bytes
 from conftest import write_recipe
 
 
@@ -105,7 +105,7 @@ def test_fitting_chunk_is_the_largest_grad_cache_chunk_within_the_device(tmp_pat
     fixed = whole.peak - whole.activations
     per_text = plan_memory(load_recipe(write_recipe(tmp_path, tiny_qwen, train={
         "batch_size": 64, "group_size": 4, "grad_cache_chunk": 1})), cpu).activations
-    capacity = int((fixed + 40.5 * per_text) / 0.9)  # room for 40 texts at a time, not the 320 of a step
+    capacity = int((fixed + 40.5 * per_text) / FILL)  # room for 40 texts at a time, not the 320 of a step
     plan = plan_memory(recipe, cpu, capacity=capacity)
     assert plan.fitting_chunk == 40  # the largest fitting chunk, rounded down to a multiple of 8
     assert any("grad_cache_chunk: 40" in a for a in plan.advice)
@@ -126,7 +126,7 @@ def test_trainer_with_auto_chunk_uses_the_plans_chunk(tmp_path, tiny_bert, monke
     assert t.chunk is None  # CPU: no capacity known, the whole batch at once
     plan = t.memory_plan
     per_text = plan.activations / plan.sequences
-    monkeypatch.setattr(memory, "_device_capacity", lambda device: int((plan.peak - plan.activations + 5.5 * per_text) / 0.9))
+    monkeypatch.setattr(memory, "_device_capacity", lambda device: int((plan.peak - plan.activations + 5.5 * per_text) / memory.FILL))
     t = make_trainer(tmp_path / "small", tiny_bert, train={"grad_cache_chunk": "auto"})
     assert t.chunk == t.memory_plan.fitting_chunk and 1 <= t.chunk <= 5  # room for ~5 average texts
     used = []
