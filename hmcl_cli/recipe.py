@@ -684,12 +684,16 @@ def suggest(name: str, options: list[str]) -> Optional[str]:
     return close[0] if close else None
 
 
+_BRANCH_TAGS = {"str", "int", "float", "bool", "constrained-int", "constrained-float", "constrained-str"}
+
+
 def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) -> RecipeError:
-    messages = []
+    messages: list[str] = []
+    union_head: dict[str, tuple[int, str]] = {}  # "file:line: key: " -> (message index, text so far)
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         # pydantic puts union branch names into loc; keep only real keys
-        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int"))))
+        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in _BRANCH_TAGS)))
         where = _where(loc, file, lines, origins)
         key = _dotted(loc)
         if e["type"] == "extra_forbidden":
@@ -704,9 +708,16 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
         elif e["type"] == "missing":
             msg = f"{where}: missing required key {key!r}"
         else:
-            msg = f"{where}: {key}: {e['msg']}"
-            if "input" in e and not isinstance(e["input"], (dict, list)):
-                msg += f" (got {e['input']!r})"
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
+            head = f"{where}: {key}: "
+            if union_head.get(head) is not None:  # another failed branch of a union (an int or 'auto')
+                i, text = union_head[head]
+                text += " or " + e["msg"].removeprefix("Input should be ")
+                union_head[head] = (i, text)
+                messages[i] = head + text + got
+                continue
+            union_head[head] = (len(messages), e["msg"])
+            msg = head + e["msg"] + got
         messages.append(msg)
     return RecipeError(
         "invalid recipe:\n  " + "\n  ".join(messages),
@@ -792,6 +803,10 @@ def schema_markdown() -> str:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:  # a constrained type: int >= 1
+        base, *meta = typing.get_args(tp)
+        bounds = [c for m in meta for c in (getattr(m, "metadata", None) or [m])]
+        return _type_name(base) + "".join(f" >= {c.ge}" for c in bounds if getattr(c, "ge", None) is not None)
     if origin is Literal:
         return " \\| ".join(repr(a) for a in typing.get_args(tp))
     if origin is Union:

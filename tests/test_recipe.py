@@ -101,3 +101,17 @@ def test_decoder_recipes_use_last_token_pooling_lora_and_memory_savers():
         assert r.model.pooling == "last_token" and r.model.padding_side == "left"
         assert r.model.lora.enabled and r.model.gradient_checkpointing and r.train.grad_cache_chunk
         assert r.model.query_prompt and not r.model.trust_remote_code
+
+
+def test_a_value_that_fits_no_branch_of_a_union_gets_one_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel: {name_or_path: m}\ndata: {sources: [{path: a.jsonl}]}\n"
+                 "train:\n  grad_cache_chunk: big\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    lines = [x for x in str(e.value).splitlines() if "grad_cache_chunk" in x]
+    assert len(lines) == 1 and "r.yaml:5" in lines[0] and "integer" in lines[0] and "'auto'" in lines[0], lines
+    assert "constrained" not in str(e.value)
+    assert "| `train.grad_cache_chunk` | int >= 1 or 'auto' |" in schema_markdown()
+    assert load_recipe(p, overrides=["train.grad_cache_chunk=auto"]).train.grad_cache_chunk == "auto"
+    assert load_recipe(p, overrides=["train.grad_cache_chunk=16"]).train.grad_cache_chunk == 16
