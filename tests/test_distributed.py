@@ -142,8 +142,6 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         out = _hmcl_train(folder, model_dir, procs, batch, extra)
         if procs > 1 and case.startswith("fsdp"):
             assert "fsdp: weights, gradients and optimizer state sharded over 2 processes" in out
-            config = json.loads((folder / "run" / "model" / "config.json").read_text())
-            assert not any(a.startswith("FSDP") for a in config["architectures"])  # the model's own class
         weights[procs] = load_file(folder / "run" / "model" / "model.safetensors")
         losses[procs] = [r["loss"] for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines())
                          if "loss" in r]

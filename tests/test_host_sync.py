@@ -76,3 +76,18 @@ def test_counter_for_a_gpu_run_ignores_reads_of_cpu_tensors():
         float(x.sum())
         x[x > 0]
     assert not s.events
+
+
+def test_compile_layers_finds_layers_whose_class_fsdp_renamed(tiny_bert):
+    """fully_shard turns a BertLayer into an instance of a subclass named FSDPBertLayer."""
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+    from hmcl_cli.modeling.layers import compile_layers
+
+    backbone = EmbeddingModel.load(str(tiny_bert)).backbone
+    blocks = list(backbone.encoder.layer)
+    mixin = type("FSDPModuleLike", (), {})
+    for m in blocks:
+        m.__class__ = type(f"FSDP{type(m).__name__}", (mixin, type(m)), {})
+    compile_layers(backbone)
+    assert all(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
+    assert getattr(backbone, "_compiled_call_impl", None) is None  # layers, not the whole model

@@ -131,6 +131,6 @@ def test_trainer_with_auto_chunk_uses_the_plans_chunk(tmp_path, tiny_bert, monke
     assert t.chunk == t.memory_plan.fitting_chunk and 1 <= t.chunk <= 5  # room for ~5 average texts
     used = []
     real = t._grad_cache_step
-    monkeypatch.setattr(t, "_grad_cache_step", lambda batch, chunk, scale: used.append(chunk) or real(batch, chunk, scale))
+    monkeypatch.setattr(t, "_grad_cache_step", lambda batch, chunk, *rest: used.append(chunk) or real(batch, chunk, *rest))
     t._forward_backward(StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0], 1.0)
     assert used == [t.chunk]

@@ -195,7 +195,7 @@ def test_local_term_on_a_tiny_model_matches_a_hand_computation(tmp_path, tiny_be
     with torch.no_grad():
         q = t._units(batch["q_input_ids"], batch["q_attention_mask"])
         c = t._units(batch["c_input_ids"], batch["c_attention_mask"])
-        _, parts = t.loss_fn(t._pair_batch(q, c, batch))
+        _, parts = t.loss_fn(t._pair_batch(q, c, batch, None))
 
         def segments(ids_key, mask_key, owner_key):
             out = {}

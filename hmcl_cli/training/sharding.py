@@ -89,7 +89,7 @@ def full_state(module: nn.Module, only: Iterable[str] | None = None) -> dict[str
 def optimizer_state_full(optimizer: torch.optim.Optimizer) -> dict:
     """``optimizer.state_dict()`` with sharded state tensors made whole (collective)."""
     sd = optimizer.state_dict()  # its per-parameter dicts are the live state: build new ones
-    sd["state"] = {idx: {k: v.full_tensor().cpu() if is_sharded(v) else v for k, v in state.items()}
+    sd["state"] = {idx: {k: full(v).cpu() if is_sharded(v) else v for k, v in state.items()}
                    for idx, state in sd["state"].items()}
     return sd
 

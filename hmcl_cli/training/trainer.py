@@ -55,7 +55,7 @@ from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
-from hmcl_cli.modeling.layers import compile_layers, model_class
+from hmcl_cli.modeling.layers import compile_layers
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
@@ -150,7 +150,6 @@ class HMCLTrainer:
         auto_chunk = cfg.grad_cache_chunk == "auto"
         if (self.is_main and model is None) or auto_chunk:  # before the weights go to the device: the worst step
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
-        self.chunk = resolve_chunk(cfg.grad_cache_chunk, self.memory_plan)
         if auto_chunk and self.is_main:
             log(f"train.grad_cache_chunk auto: {f'chunks of {self.chunk} texts' if self.chunk else 'the whole batch at once'}"
                 f"{' (no device memory limit known)' if self.memory_plan is None or not self.memory_plan.capacity else ''}")
@@ -203,6 +202,12 @@ class HMCLTrainer:
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
+
+    @property
+    def chunk(self) -> Optional[int]:
+        """The GradCache chunk of a step (None: the whole batch): ``train.grad_cache_chunk``, with
+        ``auto`` resolved by the memory plan."""
+        return resolve_chunk(self.cfg.grad_cache_chunk, self.memory_plan)
 
     def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int]) -> None:
         try:
@@ -289,18 +294,28 @@ class HMCLTrainer:
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
         dev = self.device
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
-        chunk = self.chunk if self.cfg.grad_cache_chunk == "auto" else self.cfg.grad_cache_chunk
+        chunk = self.chunk
+        sizes = self._step_sizes(batch, chunk)
         try:
             if chunk:
-                return self._grad_cache_step(batch, chunk, scale)
+                return self._grad_cache_step(batch, chunk, scale, sizes)
             with autocast_for(dev, self.precision):
                 q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
                 c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
-            loss, parts = self.loss_fn(self._pair_batch(q, c, batch))
+            loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
             (loss * scale).backward()
             return loss, parts
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of GPU memory at step {self.step + 1}", hint=MEMORY_HINT) from None
+
+    def _step_sizes(self, batch: dict, chunk: Optional[int]) -> Optional[list[list[int]]]:
+        """Every process's counts for this step — anchors, candidates, pairs, query rows, candidate
+        rows (rows are segments with ``model.segments``) — in one exchange, so one read-back per
+        step; None when neither the cross-process gather nor sharded GradCache needs them."""
+        if self.world == 1 or not (self.recipe.loss.gather_across_devices or (self.sharded and chunk)):
+            return None
+        keys = ("anchor_hash", "candidate_hash", "pair_anchor", "q_input_ids", "c_input_ids")
+        return gather_sizes([batch[k].size(0) for k in keys], self.device)
 
     def _units(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One forward call: the texts' embeddings, or with segments the segments' pooled states
@@ -319,7 +334,9 @@ class HMCLTrainer:
             emb = normalize(emb, dim=-1)
         return emb, (normalize(units, dim=-1) if self.recipe.loss.local_weight > 0 else None)
 
-    def _pair_batch(self, q_units: torch.Tensor, c_units: torch.Tensor, batch: dict) -> PairBatch:
+    def _pair_batch(self, q_units: torch.Tensor, c_units: torch.Tensor, batch: dict,
+                    sizes: Optional[list[list[int]]]) -> PairBatch:
+        """The loss's batch; with ``sizes`` (:meth:`_step_sizes`) gathered from every process."""
         pa, pc = batch["pair_anchor"], batch["pair_candidate"]
         ah, ch = batch["anchor_hash"], batch["candidate_hash"]
         lvl, sc = batch["pair_level"], batch["pair_score"]
@@ -327,11 +344,8 @@ class HMCLTrainer:
         c, c_seg = self._texts(c_units, batch, "c", ch.size(0))
         q_own = batch.get("q_segment_owner") if q_seg is not None else None
         c_own = batch.get("c_segment_owner") if c_seg is not None else None
-        if self.world > 1 and self.recipe.loss.gather_across_devices:
-            counts = [q.size(0), c.size(0), pa.size(0)]
-            if q_seg is not None:
-                counts += [q_seg.size(0), c_seg.size(0)]
-            qs, cs, ps, *seg_sizes = gather_sizes(counts, q.device)
+        if sizes is not None and self.recipe.loss.gather_across_devices:
+            qs, cs, ps, qss, css = sizes
             q_off = torch.tensor(sum(qs[: self.rank]), device=q.device)
             c_off = torch.tensor(sum(cs[: self.rank]), device=c.device)
             q, c = gather_with_grad(q, qs), gather_with_grad(c, cs)
@@ -339,32 +353,28 @@ class HMCLTrainer:
             lvl, sc = gather_plain(lvl, ps), gather_plain(sc, ps)
             ah, ch = gather_plain(ah, qs), gather_plain(ch, cs)
             if q_seg is not None:  # segments of every process, owners shifted to the gathered rows
-                qss, css = seg_sizes
                 q_seg, c_seg = gather_with_grad(q_seg, qss), gather_with_grad(c_seg, css)
                 q_own, c_own = gather_plain(q_own + q_off, qss), gather_plain(c_own + c_off, css)
         return PairBatch(q, c, pa, pc, lvl, sc, ah, ch, q_seg, q_own, c_seg, c_own)
 
-    def _grad_cache_step(self, batch: dict, chunk: int, scale: float) -> tuple[torch.Tensor, dict]:
+    def _grad_cache_step(self, batch: dict, chunk: int, scale: float,
+                         sizes: Optional[list[list[int]]]) -> tuple[torch.Tensor, dict]:
         """GradCache (Gao et al. 2021): loss on graph-free embeddings, then chunked re-encoding.
         With segments the chunks are segments; averaging them into texts is part of the loss graph.
         Under FSDP every forward and backward pass is collective, so all processes run as many
         chunks as the process with the most; the extra ones re-encode one row and add nothing."""
         sides = [("q_input_ids", "q_attention_mask"), ("c_input_ids", "c_attention_mask")]
         rows = [batch[ids_key].size(0) for ids_key, _ in sides]
-        rounds = [-(-n // chunk) for n in rows]
-        if self.sharded:
-            agreed = torch.tensor(rounds, device=self.device)
-            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
-            rounds = agreed.tolist()
+        every = sizes[3:] if self.sharded else [[n] for n in rows]  # rows of each side on every process
+        rounds = [max(-(-n // chunk) for n in side) for side in every]
         filler = next((ids_key, mask_key) for (ids_key, mask_key), n in zip(sides, rows) if n)
 
         def encode(ids_key: str, mask_key: str, i: int) -> tuple[torch.Tensor, bool]:
             """Chunk i of a side's units, or a filler forward (one row) past the side's last chunk."""
             real = i * chunk < batch[ids_key].size(0)
-            ids, mask = (ids_key, mask_key) if real else filler
-            s = i * chunk if real else 0
+            (ids, mask), part = ((ids_key, mask_key), slice(i * chunk, (i + 1) * chunk)) if real else (filler, slice(0, 1))
             with autocast_for(self.device, self.precision):
-                return self._units(batch[ids][s:s + (chunk if real else 1)], batch[mask][s:s + (chunk if real else 1)]).float(), real
+                return self._units(batch[ids][part], batch[mask][part]).float(), real
 
         embs, states = [], []
         with torch.no_grad():
@@ -379,7 +389,7 @@ class HMCLTrainer:
                 states.append(rng)
         q = embs[0].detach().requires_grad_()
         c = embs[1].detach().requires_grad_()
-        loss, parts = self.loss_fn(self._pair_batch(q, c, batch))
+        loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
         (loss * scale).backward()
         for (ids_key, mask_key), grad, rng, n_rounds in zip(sides, (q.grad, c.grad), states, rounds):
             for i in range(n_rounds):
@@ -535,8 +545,8 @@ class HMCLTrainer:
         if not self.is_main:
             return None
         base = live.get_base_model() if is_peft(live) else live
-        with torch.device("meta"):
-            backbone = model_class(base)(base.config)
+        with torch.device("meta"):  # FSDP2's FSDP<Class>.__new__ builds the plain class
+            backbone = type(base)(base.config)
             if is_peft(live):
                 backbone = apply_lora(backbone, self.recipe.model.lora)
         backbone.load_state_dict(weights, strict=True, assign=True)
@@ -546,8 +556,7 @@ class HMCLTrainer:
         left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"gathered weights do not fill the model: {left[:3]}")
-        copy = EmbeddingModel(backbone.eval(), self.model.tokenizer, self.model.settings)
-        return copy
+        return EmbeddingModel(backbone.eval(), self.model.tokenizer, self.model.settings)
 
     def save_final(self) -> Path:
         """``<run>/model``: the best dev model when there was a dev set, else the last."""
