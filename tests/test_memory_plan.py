@@ -134,3 +134,20 @@ def test_trainer_with_auto_chunk_uses_the_plans_chunk(tmp_path, tiny_bert, monke
     monkeypatch.setattr(t, "_grad_cache_step", lambda batch, chunk, *rest: used.append(chunk) or real(batch, chunk, *rest))
     t._forward_backward(StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0], 1.0)
     assert used == [t.chunk]
+
+
+def test_plan_without_data_counts_the_segments_a_longest_text_really_splits_into(tmp_path, tiny_qwen):
+    """`hmcl train --plan` (no data): the worst case is a text filling max_length, and each segment
+    repeats the prompt and EOS — the plan counts as many segments as `split_segments` cuts."""
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+    from hmcl_cli.modeling.segments import split_segments
+
+    cpu = torch.device("cpu")
+    model = {"segments": {"length": 16, "overlap": 2}, "max_length": 64,
+             "query_prompt": "Instruct: find the answer to this customer question\nQuery: "}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_qwen, model=model, train={"batch_size": 4, "group_size": 2}))
+    m = EmbeddingModel.from_recipe(recipe.model, recipe.base_dir)
+    long_text = " ".join(["refund shipping order seller account payment"] * 40)
+    real = tuple(len(split_segments(m, [long_text], side, m.segments)[0]) for side in ("query", "doc"))
+    assert real[0] > real[1]  # the prompt leaves less room per query segment
+    assert plan_memory(recipe, cpu).activations == plan_memory(recipe, cpu, segments=real).activations

@@ -41,6 +41,25 @@ def special_wrap(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
+_MERGE_SLACK = 8  # tokens a prompt merging into a text's first word could save, with room to spare
+
+
+def _segment_frame(tokenizer: Any, prompt: str, append_eos: bool) -> tuple[list[int], list[int], list[int], bool]:
+    """What every segment repeats around its content: special prefix, special suffix, the
+    prompt's ids, and whether an EOS is appended after the suffix."""
+    prefix, suffix = special_wrap(tokenizer)
+    eos = tokenizer.eos_token_id
+    add_eos = bool(append_eos and eos is not None and (not suffix or suffix[-1] != eos))
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    return prefix, suffix, prompt_ids, add_eos
+
+
+def segment_overhead(tokenizer: Any, prompt: str, append_eos: bool) -> int:
+    """Tokens each segment spends on special tokens, the prompt and EOS (not on content)."""
+    prefix, suffix, prompt_ids, add_eos = _segment_frame(tokenizer, prompt, append_eos)
+    return len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)
+
+
 def split_segments(model: Any, texts: Sequence[str], side: str,
                    seg: SegmentSettings) -> list[list[tuple[list[int], int]]]:
     """Per text, its segments as (token ids, content tokens): ids carry the special tokens, the
@@ -48,10 +67,8 @@ def split_segments(model: Any, texts: Sequence[str], side: str,
     s = model.settings
     prompt = s.query_prompt if side == "query" else s.doc_prompt
     max_total = s.query_max_length if side == "query" else s.doc_max_length
-    prefix, suffix = special_wrap(model.tokenizer)
+    prefix, suffix, prompt_ids, add_eos = _segment_frame(model.tokenizer, prompt, s.append_eos)
     eos = model.tokenizer.eos_token_id
-    add_eos = bool(s.append_eos and eos is not None and (not suffix or suffix[-1] != eos))
-    prompt_ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     overhead = len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)  # tokens every segment repeats
     budget = seg.length - overhead
     if budget <= seg.overlap:
@@ -60,11 +77,14 @@ def split_segments(model: Any, texts: Sequence[str], side: str,
     content = model.tokenizer(list(texts), add_special_tokens=False, truncation=True,
                               max_length=max(1, max_total - overhead))["input_ids"]
     # a text that fits one segment keeps exactly its plain ids (a prompt may merge with the text's
-    # first token, so they are not rebuilt from `content`)
-    plain = model.tokenize(list(texts), side)
+    # first token, so they are not rebuilt from `content`); only texts near or under one segment
+    # are tokenised a second time to find out (a merge shortens a text by a token or two)
+    near = [i for i, ids in enumerate(content) if len(ids) + overhead <= seg.length + _MERGE_SLACK]
+    plain = dict(zip(near, model.tokenize([texts[i] for i in near], side))) if near else {}
     out = []
-    for ids, whole in zip(content, plain):
-        if len(whole) <= seg.length:
+    for i, ids in enumerate(content):
+        whole = plain.get(i)
+        if whole is not None and len(whole) <= seg.length:
             out.append([(whole, max(1, len(whole) - overhead))])
             continue
         segments = []

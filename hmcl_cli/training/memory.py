@@ -183,12 +183,33 @@ def _padded(n: int, multiple: int = 8) -> int:
     return -(-n // multiple) * multiple
 
 
-def _segment_count(length: int, seg: Any, overhead: int = 2) -> int:
-    """Segments a text of ``length`` tokens splits into (``overhead``: special tokens per segment)."""
+def _segment_count(length: int, seg: Any, overhead: int) -> int:
+    """Segments a text of ``length`` tokens splits into (``overhead``: the tokens each segment
+    spends on special tokens, prompt and EOS)."""
     if length <= seg.length:
         return 1
     content = seg.length - overhead
     return 1 + -(-(length - seg.length) // max(1, content - seg.overlap))
+
+
+def _segment_overheads(recipe: Any, config: Any) -> tuple[int, int]:
+    """Tokens a query / document segment spends on special tokens, prompt and EOS, from the
+    recipe's tokenizer (2 each, a [CLS] and a [SEP], when it cannot be loaded)."""
+    from hmcl_cli.modeling.encoder import _needs_eos, is_decoder_config
+    from hmcl_cli.modeling.resolve import resolve_model
+    from hmcl_cli.modeling.segments import segment_overhead
+
+    m = recipe.model
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(resolve_model(m.name_or_path, m.revision, recipe.base_dir),
+                                            trust_remote_code=m.trust_remote_code)
+    except Exception:  # noqa: BLE001 - the estimate falls back to a BERT-like frame
+        return 2, 2
+    last_token = m.pooling == "last_token" or (m.pooling == "auto" and is_decoder_config(config))
+    eos = m.append_eos == "yes" or (m.append_eos == "auto" and last_token and _needs_eos(tok))
+    return segment_overhead(tok, m.query_prompt, eos), segment_overhead(tok, m.doc_prompt, eos)
 
 
 def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
@@ -235,7 +256,10 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         q_len, d_len = min(q_len, _padded(longest[0])), min(d_len, _padded(longest[1]))
     n_q, n_d = t.batch_size, t.batch_size * t.group_size
     if m.segments is not None:  # rows are segments: more, shorter sequences
-        per_q, per_d = segments or (_segment_count(q_len, m.segments), _segment_count(d_len, m.segments))
+        if segments is None:  # worst case from the max lengths, each segment's own tokens counted
+            over_q, over_d = _segment_overheads(recipe, config)
+            segments = (_segment_count(q_len, m.segments, over_q), _segment_count(d_len, m.segments, over_d))
+        per_q, per_d = segments
         n_q, n_d = n_q * per_q, n_d * per_d
         q_len, d_len = min(q_len, _padded(m.segments.length)), min(d_len, _padded(m.segments.length))
     chunk = None if t.grad_cache_chunk == "auto" else t.grad_cache_chunk
