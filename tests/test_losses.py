@@ -46,6 +46,18 @@ def test_infonce_ignore_weak_leaves_weak_positives_out_of_the_softmax():
     assert torch.allclose(GradedInfoNCELoss(T, 0.5, ignore_weak=True)(b), GradedInfoNCELoss(T, 0.5)(b))
 
 
+def test_infonce_ignore_negatives_leaves_labelled_negatives_out_of_their_anchors_softmax():
+    b = small_batch()
+    T = 0.1
+    sim = (b.anchors @ b.candidates.T) / T
+    l1 = -torch.log_softmax(sim[1], 0)[3]  # candidate 2 is anchor 0's negative, not anchor 1's: still a negative
+    keep0 = [0, 1, 3]  # anchor 0's labelled negative (candidate 2) is neither target nor negative
+    got = GradedInfoNCELoss(T, 0.0, ignore_negatives=True)(b)
+    assert torch.allclose(got, (-torch.log_softmax(sim[0, keep0], 0)[0] + l1) / 2, atol=1e-6)
+    both = GradedInfoNCELoss(T, 0.0, ignore_weak=True, ignore_negatives=True)(b)
+    assert torch.allclose(both, (-torch.log_softmax(sim[0, [0, 3]], 0)[0] + l1) / 2, atol=1e-6)
+
+
 def test_infonce_masks_identical_texts():
     b = small_batch()
     b.candidate_hash = torch.tensor([20, 21, 22, 10])  # candidate 3 has anchor 0's text, unlabelled for anchor 0

@@ -25,16 +25,17 @@ class GradedInfoNCELoss(nn.Module):
 
     With ``weak_weight=0`` this is multi-positive InfoNCE (MultipleNegativesRankingLoss with
     hard negatives), weak-positives contrasted like negatives — or, with ``ignore_weak``, left out
-    of their anchor's softmax. At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
+    of their anchor's softmax (``ignore_negatives``: the same for labelled negatives). At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
 
     References: van den Oord et al. 2018 (InfoNCE); Henderson et al. 2017 (in-batch negatives).
     """
 
     def __init__(self, temperature: float = 0.05, weak_weight: float = 0.3, learn_temperature: bool = False,
-                 ignore_weak: bool = False):
+                 ignore_weak: bool = False, ignore_negatives: bool = False):
         super().__init__()
         self.weak_weight = weak_weight
         self.ignore_weak = ignore_weak and weak_weight == 0
+        self.ignore_negatives = ignore_negatives
         log_t = torch.tensor(math.log(temperature))
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
@@ -58,10 +59,11 @@ class GradedInfoNCELoss(nn.Module):
         copies_of_target = (is_target @ same_text.float()) > 0
         own_text = b.candidate_hash[None, :] == b.anchor_hash[:, None]
         mask = (copies_of_target | own_text) & ~labelled
-        if self.ignore_weak:  # the anchor's weak-positives: neither targets nor negatives
-            weak = torch.zeros(A, C, dtype=torch.bool, device=dev)
-            weak[b.pair_anchor, b.pair_candidate] = b.pair_level == 1
-            mask = mask | weak
+        left_out = (b.pair_level == 1) & self.ignore_weak | (b.pair_level == 0) & self.ignore_negatives
+        if self.ignore_weak or self.ignore_negatives:  # the anchor's own: neither targets nor negatives
+            own = torch.zeros(A, C, dtype=torch.bool, device=dev)
+            own[b.pair_anchor, b.pair_candidate] = left_out
+            mask = mask | own
         return weight, mask
 
     def forward(self, b: PairBatch) -> torch.Tensor:
