@@ -354,6 +354,10 @@ class LossConfig(_Section):
         False, description="With weak_weight 0: leave an anchor's own weak-positives out of its InfoNCE "
         "softmax (neither target nor negative); only the ranking and classification terms place them."
     )
+    symmetric: bool = Field(
+        False, description="InfoNCE in both directions: also each positive candidate against all anchors "
+        "of the batch (its anchor the target), averaged with the anchor -> candidates direction."
+    )
     ignore_negatives: bool = Field(
         False, description="Leave an anchor's own labelled negatives out of its InfoNCE softmax (they stay "
         "in-batch negatives of the other anchors); only the ranking and classification terms place them."

@@ -58,6 +58,22 @@ def test_infonce_ignore_negatives_leaves_labelled_negatives_out_of_their_anchors
     assert torch.allclose(both, (-torch.log_softmax(sim[0, [0, 3]], 0)[0] + l1) / 2, atol=1e-6)
 
 
+def test_symmetric_infonce_adds_candidates_picking_their_anchor():
+    b = small_batch()
+    T = 0.1
+    sim = (b.anchors @ b.candidates.T) / T
+    forward = GradedInfoNCELoss(T, 0.0)(b)
+    # candidate 0 (anchor 0's positive) and candidate 3 (anchor 1's) each pick their anchor among both
+    backward = -(torch.log_softmax(sim[:, 0], 0)[0] + torch.log_softmax(sim[:, 3], 0)[1]) / 2
+    assert torch.allclose(GradedInfoNCELoss(T, 0.0, symmetric=True)(b), (forward + backward) / 2, atol=1e-6)
+    # an anchor with the candidate's own text is not its negative
+    same = PairBatch(b.anchors, b.candidates, b.pair_anchor, b.pair_candidate, b.pair_level, b.pair_score,
+                     torch.tensor([23, 11]), b.candidate_hash)  # anchor 0's text == candidate 3's
+    forward = GradedInfoNCELoss(T, 0.0)(same)
+    backward = -(torch.log_softmax(sim[:, 0], 0)[0] + 0.0) / 2  # candidate 3 sees only its anchor 1
+    assert torch.allclose(GradedInfoNCELoss(T, 0.0, symmetric=True)(same), (forward + backward) / 2, atol=1e-6)
+
+
 def test_infonce_masks_identical_texts():
     b = small_batch()
     b.candidate_hash = torch.tensor([20, 21, 22, 10])  # candidate 3 has anchor 0's text, unlabelled for anchor 0

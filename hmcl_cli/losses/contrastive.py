@@ -25,14 +25,18 @@ class GradedInfoNCELoss(nn.Module):
 
     With ``weak_weight=0`` this is multi-positive InfoNCE (MultipleNegativesRankingLoss with
     hard negatives), weak-positives contrasted like negatives — or, with ``ignore_weak``, left out
-    of their anchor's softmax (``ignore_negatives``: the same for labelled negatives). At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
+    of their anchor's softmax (``ignore_negatives``: the same for labelled negatives). With
+    ``symmetric`` the loss is the mean of both directions: anchors pick their candidates, and each
+    positive (or weighted weak) candidate picks its anchor among all anchors of the batch
+    (MultipleNegativesSymmetricRankingLoss in sentence-transformers). At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
 
     References: van den Oord et al. 2018 (InfoNCE); Henderson et al. 2017 (in-batch negatives).
     """
 
     def __init__(self, temperature: float = 0.05, weak_weight: float = 0.3, learn_temperature: bool = False,
-                 ignore_weak: bool = False, ignore_negatives: bool = False):
+                 ignore_weak: bool = False, ignore_negatives: bool = False, symmetric: bool = False):
         super().__init__()
+        self.symmetric = symmetric
         self.weak_weight = weak_weight
         self.ignore_weak = ignore_weak and weak_weight == 0
         self.ignore_negatives = ignore_negatives
@@ -70,7 +74,19 @@ class GradedInfoNCELoss(nn.Module):
         weight, mask = self.targets_and_mask(b)
         logits = (b.anchors @ b.candidates.T).float() / self.temperature
         rows, valid = soft_target_nll(logits, weight, mask)
-        return (rows * valid).sum() / valid.sum().clamp(min=1)  # mean over anchors with a target
+        loss = (rows * valid).sum() / valid.sum().clamp(min=1)  # mean over anchors with a target
+        if not self.symmetric:
+            return loss
+        # candidate -> anchors: each target candidate picks its anchor(s) among all anchors; anchors
+        # that are copies of its target anchors (or of the candidate itself) are not negatives
+        labelled = torch.zeros_like(mask)
+        labelled[b.pair_anchor, b.pair_candidate] = True
+        same_anchor = (b.anchor_hash[None, :] == b.anchor_hash[:, None]).float()  # [A, A]
+        copies = ((weight.T > 0).float() @ same_anchor) > 0  # [C, A]
+        own_text = b.anchor_hash[None, :] == b.candidate_hash[:, None]
+        mask_t = ((copies | own_text) & ~labelled.T) | (mask.T & labelled.T)  # ignore_* leave-outs kept
+        rows_t, valid_t = soft_target_nll(logits.T, weight.T, mask_t)
+        return (loss + (rows_t * valid_t).sum() / valid_t.sum().clamp(min=1)) / 2
 
 
 def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
