@@ -28,7 +28,8 @@ class GradedInfoNCELoss(nn.Module):
     of their anchor's softmax (``ignore_negatives``: the same for labelled negatives). With
     ``symmetric`` the loss is the mean of both directions: anchors pick their candidates, and each
     positive (or weighted weak) candidate picks its anchor among all anchors of the batch
-    (MultipleNegativesSymmetricRankingLoss in sentence-transformers). At the optimum, positives outrank weak-positives by ``T*ln(1/w)``.
+    (MultipleNegativesSymmetricRankingLoss in sentence-transformers). At the optimum, positives
+    outrank weak-positives by ``T*ln(1/w)``.
 
     References: van den Oord et al. 2018 (InfoNCE); Henderson et al. 2017 (in-batch negatives).
     """

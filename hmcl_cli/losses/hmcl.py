@@ -39,8 +39,7 @@ class HMCLLoss(nn.Module):
         if self.w_con + self.w_cls + self.w_rank + self.w_local <= 0:
             raise ValueError("all loss weights are 0: nothing to train")
         self.contrastive = GradedInfoNCELoss(cfg.temperature, cfg.weak_weight, cfg.learn_temperature, cfg.ignore_weak,
-                                             cfg.ignore_negatives,
-                                             cfg.symmetric)
+                                             cfg.ignore_negatives, cfg.symmetric)
         self.classification = (
             OrdinalClassificationLoss(cfg.classification_temperature)
             if cfg.classifier == "ordinal" else LinearPairClassificationLoss(dim)

@@ -56,7 +56,11 @@ def _segment_frame(tokenizer: Any, prompt: str, append_eos: bool) -> tuple[list[
 
 def segment_overhead(tokenizer: Any, prompt: str, append_eos: bool) -> int:
     """Tokens each segment spends on special tokens, the prompt and EOS (not on content)."""
-    prefix, suffix, prompt_ids, add_eos = _segment_frame(tokenizer, prompt, append_eos)
+    return _frame_length(_segment_frame(tokenizer, prompt, append_eos))
+
+
+def _frame_length(frame: tuple[list[int], list[int], list[int], bool]) -> int:
+    prefix, suffix, prompt_ids, add_eos = frame
     return len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)
 
 
@@ -67,9 +71,10 @@ def split_segments(model: Any, texts: Sequence[str], side: str,
     s = model.settings
     prompt = s.query_prompt if side == "query" else s.doc_prompt
     max_total = s.query_max_length if side == "query" else s.doc_max_length
-    prefix, suffix, prompt_ids, add_eos = _segment_frame(model.tokenizer, prompt, s.append_eos)
+    frame = _segment_frame(model.tokenizer, prompt, s.append_eos)
+    prefix, suffix, prompt_ids, add_eos = frame
     eos = model.tokenizer.eos_token_id
-    overhead = len(prefix) + len(suffix) + len(prompt_ids) + int(add_eos)  # tokens every segment repeats
+    overhead = _frame_length(frame)  # tokens every segment repeats
     budget = seg.length - overhead
     if budget <= seg.overlap:
         raise ValueError(f"model.segments.length {seg.length} leaves {budget} content tokens per segment after "
