@@ -52,42 +52,49 @@ class GradedInfoNCELoss(nn.Module):
         return self.log_temperature.exp().clamp(min=1e-3)
 
     def targets_and_mask(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[A, C] target weights and the mask of candidates that are no negatives of an anchor."""
+        weight, labelled, left_out = self._graded(b)
+        return weight, _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash) | left_out
+
+    def _graded(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[A, C]: target weights, which pairs are labelled, and the labelled pairs left out of the
+        softmax (``ignore_weak`` / ``ignore_negatives``)."""
         A, C = b.anchors.size(0), b.candidates.size(0)
         dev = b.anchors.device
         weight = torch.zeros(A, C, device=dev)
-        labelled = torch.zeros(A, C, dtype=torch.bool, device=dev)
         w = torch.where(b.pair_level == 2, 1.0, torch.where(b.pair_level == 1, self.weak_weight, 0.0)).to(weight.dtype)
         weight.index_put_((b.pair_anchor, b.pair_candidate), w, accumulate=False)
+        labelled = torch.zeros(A, C, dtype=torch.bool, device=dev)
         labelled[b.pair_anchor, b.pair_candidate] = True
-        same_text = b.candidate_hash[None, :] == b.candidate_hash[:, None]  # [C, C]
-        is_target = (weight > 0).float()
-        copies_of_target = (is_target @ same_text.float()) > 0
-        own_text = b.candidate_hash[None, :] == b.anchor_hash[:, None]
-        mask = (copies_of_target | own_text) & ~labelled
-        left_out = (b.pair_level == 1) & self.ignore_weak | (b.pair_level == 0) & self.ignore_negatives
-        if self.ignore_weak or self.ignore_negatives:  # the anchor's own: neither targets nor negatives
-            own = torch.zeros(A, C, dtype=torch.bool, device=dev)
-            own[b.pair_anchor, b.pair_candidate] = left_out
-            mask = mask | own
-        return weight, mask
+        left_out = torch.zeros(A, C, dtype=torch.bool, device=dev)
+        left_out[b.pair_anchor, b.pair_candidate] = ((b.pair_level == 1) & self.ignore_weak
+                                                     | (b.pair_level == 0) & self.ignore_negatives)
+        return weight, labelled, left_out
 
     def forward(self, b: PairBatch) -> torch.Tensor:
-        weight, mask = self.targets_and_mask(b)
+        weight, labelled, left_out = self._graded(b)
         logits = (b.anchors @ b.candidates.T).float() / self.temperature
-        rows, valid = soft_target_nll(logits, weight, mask)
-        loss = (rows * valid).sum() / valid.sum().clamp(min=1)  # mean over anchors with a target
+        loss = _mean_nll(logits, weight, _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash) | left_out)
         if not self.symmetric:
             return loss
-        # candidate -> anchors: each target candidate picks its anchor(s) among all anchors; anchors
-        # that are copies of its target anchors (or of the candidate itself) are not negatives
-        labelled = torch.zeros_like(mask)
-        labelled[b.pair_anchor, b.pair_candidate] = True
-        same_anchor = (b.anchor_hash[None, :] == b.anchor_hash[:, None]).float()  # [A, A]
-        copies = ((weight.T > 0).float() @ same_anchor) > 0  # [C, A]
-        own_text = b.anchor_hash[None, :] == b.candidate_hash[:, None]
-        mask_t = ((copies | own_text) & ~labelled.T) | (mask.T & labelled.T)  # ignore_* leave-outs kept
-        rows_t, valid_t = soft_target_nll(logits.T, weight.T, mask_t)
-        return (loss + (rows_t * valid_t).sum() / valid_t.sum().clamp(min=1)) / 2
+        # candidate -> anchors: each target candidate picks its anchor(s) among all anchors
+        mask_t = _not_negatives(weight.T, labelled.T, b.candidate_hash, b.anchor_hash) | left_out.T
+        return (loss + _mean_nll(logits.T, weight.T, mask_t)) / 2
+
+
+def _not_negatives(weight: torch.Tensor, labelled: torch.Tensor, row_hash: torch.Tensor,
+                   col_hash: torch.Tensor) -> torch.Tensor:
+    """[R, K]: unlabelled columns that must not be a row's negatives — copies of the text of one of
+    its targets, or its own text (never a false negative)."""
+    same_text = (col_hash[None, :] == col_hash[:, None]).float()  # [K, K]
+    copies_of_target = ((weight > 0).float() @ same_text) > 0
+    own_text = col_hash[None, :] == row_hash[:, None]
+    return (copies_of_target | own_text) & ~labelled
+
+
+def _mean_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    rows, valid = soft_target_nll(logits, weight, mask)
+    return (rows * valid).sum() / valid.sum().clamp(min=1)  # mean over the rows with a target
 
 
 def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,10 +199,7 @@ class EmbeddingModel(nn.Module):
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if append_eos == "auto":
-            settings.append_eos = pool == "last_token" and _needs_eos(tokenizer)
-        else:
-            settings.append_eos = append_eos == "yes"
+        settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
         return cls(backbone, tokenizer, settings)
 
     @classmethod
@@ -389,6 +386,13 @@ def tokenizer_with_eos(tokenizer: Any) -> Any:
     backend = tok.backend_tokenizer
     backend.post_processor = append if backend.post_processor is None else processors.Sequence([backend.post_processor, append])
     return tok
+
+
+def resolve_append_eos(append_eos: str, pooling: str, tokenizer: Any) -> bool:
+    """``model.append_eos``: ``auto`` appends EOS for last-token pooling when the tokenizer does not."""
+    if append_eos == "auto":
+        return pooling == "last_token" and _needs_eos(tokenizer)
+    return append_eos == "yes"
 
 
 def _needs_eos(tokenizer: Any) -> bool:

@@ -195,7 +195,7 @@ def _segment_count(length: int, seg: Any, overhead: int) -> int:
 def _segment_overheads(recipe: Any, config: Any) -> tuple[int, int]:
     """Tokens a query / document segment spends on special tokens, prompt and EOS, from the
     recipe's tokenizer (2 each, a [CLS] and a [SEP], when it cannot be loaded)."""
-    from hmcl_cli.modeling.encoder import _needs_eos, is_decoder_config
+    from hmcl_cli.modeling.encoder import is_decoder_config, resolve_append_eos
     from hmcl_cli.modeling.resolve import resolve_model
     from hmcl_cli.modeling.segments import segment_overhead
 
@@ -207,8 +207,8 @@ def _segment_overheads(recipe: Any, config: Any) -> tuple[int, int]:
                                             trust_remote_code=m.trust_remote_code)
     except Exception:  # noqa: BLE001 - the estimate falls back to a BERT-like frame
         return 2, 2
-    last_token = m.pooling == "last_token" or (m.pooling == "auto" and is_decoder_config(config))
-    eos = m.append_eos == "yes" or (m.append_eos == "auto" and last_token and _needs_eos(tok))
+    pooling = m.pooling if m.pooling != "auto" else ("last_token" if is_decoder_config(config) else "mean")
+    eos = resolve_append_eos(m.append_eos, pooling, tok)
     return segment_overhead(tok, m.query_prompt, eos), segment_overhead(tok, m.doc_prompt, eos)
 
 
