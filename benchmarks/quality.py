@@ -201,7 +201,7 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
     variants = [[]] + [[o for o in v.split(",") if o] for v in (args.grid.split(";") if args.grid else [])]
     jobs = []
     for row in rows:
-        for variant in (variants if row == "hmcl" else [[]]):
+        for variant in (variants if row in args.grid_rows.split(",") else [[]]):
             sets = list(args.hmcl_set) + variant if row in HMCL_ROWS else []
             setting = dict(common, hmcl_set=sets)
             if row not in HMCL_ROWS:  # hmcl's loss defaults do not touch the sentence-transformers rows
@@ -234,12 +234,14 @@ def run_parallel(args, cache: dict, cache_path: Path) -> None:
         cmd = [sys.executable, __file__, *argv, "--jobs", "1", "--shard", f"{i}/{args.jobs}", "--cache", str(shard),
                "--no-table"]
         procs.append(subprocess.Popen(cmd))
-    codes = [p.wait() for p in procs]
-    for shard in shards:
-        if shard.is_file():
-            cache.update(json.loads(shard.read_text()))
-            shard.unlink()
-    _save(cache, cache_path)
+    try:
+        codes = [p.wait() for p in procs]
+    finally:  # on Ctrl-C or a time limit too: keep every run a worker finished
+        for shard in shards:
+            if shard.is_file():
+                cache.update(json.loads(shard.read_text()))
+                shard.unlink()
+        _save(cache, cache_path)
     if any(codes):
         print(f"worker exit codes {codes}", file=sys.stderr)
 
@@ -257,6 +259,7 @@ def main() -> None:
     ap.add_argument("--hmcl-set", action="append", default=[], help="recipe override for the hmcl rows")
     ap.add_argument("--grid", default=None,
                     help="extra `hmcl` rows: variants separated by ';', overrides in one variant by ','")
+    ap.add_argument("--grid-rows", default="hmcl", help="the hmcl rows --grid varies (e.g. hmcl,hmcl-mined)")
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--multilingual-model", default=None, help="also score STS-B de/zh dev with this base")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "quality-cache.json"))

