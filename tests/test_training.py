@@ -74,6 +74,35 @@ def test_corrupt_checkpoint_is_skipped(tmp_path, tiny_bert):
     assert t2.step == 2
 
 
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_gradient_checkpointing_recomputes_without_changing_loss_or_gradients(tmp_path, fixture, request):
+    import warnings
+
+    model = request.getfixturevalue(fixture)
+
+    def step(folder, checkpointing):
+        with warnings.catch_warnings():  # the deprecated transformers entry point warns
+            warnings.simplefilter("error", FutureWarning)
+            t = make_trainer(folder, model, model={"gradient_checkpointing": checkpointing},
+                             train={"precision": "fp32"})
+        batch = next(iter(torch.utils.data.DataLoader(
+            __import__("hmcl_cli.training.batching", fromlist=["StepBatches"]).StepBatches(
+                t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0), batch_size=None)))
+        t.model.eval()  # no dropout: both runs compute the same function
+        loss, _ = t._forward_backward(batch, 1.0)
+        return t, loss, _grads(t)
+
+    plain, loss_plain, g_plain = step(tmp_path / "plain", False)
+    ckpt, loss_ckpt, g_ckpt = step(tmp_path / "ckpt", True)
+    flags = [m.gradient_checkpointing for m in ckpt.model.backbone.modules() if hasattr(m, "gradient_checkpointing")]
+    assert flags and all(flags) and not any(m.gradient_checkpointing for m in plain.model.backbone.modules()
+                                             if hasattr(m, "gradient_checkpointing"))
+    assert torch.allclose(loss_plain, loss_ckpt, atol=1e-6)
+    assert len(g_plain) == len(g_ckpt) > 0
+    for a, b in zip(g_plain, g_ckpt):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_llama"])
 def test_lora_training_reduces_loss_and_saves_adapter(tmp_path, fixture, request):
     tiny_qwen = request.getfixturevalue(fixture)

@@ -1,4 +1,5 @@
-"""The repeated transformer blocks of a backbone, and compiling them (``train.compile``)."""
+"""The repeated transformer blocks of a backbone: compiling them (``train.compile``) and
+checkpointing their activations (``model.gradient_checkpointing``)."""
 
 from __future__ import annotations
 
@@ -21,3 +22,14 @@ def compile_layers(backbone: nn.Module) -> int:
     for m in layers:
         m.compile(dynamic=True)
     return len(layers)
+
+
+def enable_checkpointing(backbone: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass (non-reentrant checkpoints).
+    transformers >= 5.2x names it ``activation_checkpointing_enable`` and deprecates
+    ``gradient_checkpointing_enable`` (removed in v6); older versions have only the latter."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

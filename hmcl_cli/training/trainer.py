@@ -55,7 +55,7 @@ from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
-from hmcl_cli.modeling.layers import compile_layers
+from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
@@ -130,7 +130,7 @@ class HMCLTrainer:
         self.memory_plan = None
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
         if r.model.gradient_checkpointing:
-            self.model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
             self.model.backbone = apply_lora(self.model.backbone, r.model.lora)
         self.loss_fn = HMCLLoss(r.loss, self.model.dim).to(self.device)
