@@ -17,6 +17,8 @@
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
+#   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
+#            (benchmarks/long_text_quality.py).
 #   encode   #9: hmcl's encoder vs model.encode, 100k texts, MiniLM shape.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -89,6 +91,8 @@ for spec in "$@"; do
       each=$((secs / 2))
       part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 512 --segment 128 --overlap 16 --docs 2000
       part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 2048 --segment 256 --overlap 32 --docs 1000 --batch-size 8 ;;
+    longq)
+      part longq "$secs" python3 benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 6 --out /tmp/hmcl-longq ;;  # the table is in the log
     encode)
       part encode "$secs" python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 ;;
     smoke)
