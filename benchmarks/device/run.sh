@@ -5,6 +5,10 @@
 #   device: run(command="bash benchmarks/device/run.sh quality=330 speed=150", carry=[".dev"],
 #               timeout_s=540)
 #
+# A session has 15 minutes of device time, a fresh machine takes 1-2 of them to start, and one
+# command may run 10. Suggested: call 1 `quality=330 speed=150` (timeout_s 540); if time is
+# left, call 2 at once (warm machine, no new start) `scale=150 long=90` or `longq=200`.
+#
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
 # comes back: at most 8 files), named after the part. Parts:
