@@ -265,6 +265,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "quality-cache.json"))
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device")
+    ap.add_argument("--table-only", action="store_true", help="print the table of what the cache holds; train nothing")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -290,7 +291,9 @@ def main() -> None:
     if "base" not in cache:
         cache["base"] = {"scores": evaluate_model(base, False)}
         _save(cache, cache_path)
-    if args.jobs > 1:
+    if args.table_only:
+        pass
+    elif args.jobs > 1:
         run_parallel(args, cache, cache_path)
     else:
         mine = jobs
