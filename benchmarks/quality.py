@@ -214,6 +214,15 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
     return jobs
 
 
+def expected_seconds(cache: dict, row: str, setting: dict) -> float:
+    """How long a run of ``row`` with ``setting`` takes: the slowest timed run of that row with the
+    same steps, batch and device, else of any row (0 when none is timed yet)."""
+    same = ("steps", "batch_size", "group_size", "max_length", "device")
+    timed = [r for k, r in cache.items() if k != "base" and "seconds" in r
+             and all(r["setting"].get(f) == setting.get(f) for f in same)]
+    return max((r["seconds"] for r in timed if r["row"] == row), default=max((r["seconds"] for r in timed), default=0.0))
+
+
 def _save(cache: dict, path: Path) -> None:
     tmp_path = path.with_suffix(".tmp")
     tmp_path.write_text(json.dumps(cache, indent=1))
@@ -263,7 +272,9 @@ def main() -> None:
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--multilingual-model", default=None, help="also score STS-B de/zh dev with this base")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "quality-cache.json"))
-    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no run that would end past this many seconds (judged by the runs of the same "
+                         "setting already timed, in this process or the cache)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device")
     ap.add_argument("--table-only", action="store_true", help="print the table of what the cache holds; train nothing")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
@@ -303,8 +314,10 @@ def main() -> None:
         for job in mine:
             if job["key"] in cache:
                 continue
-            if args.budget_s and time.time() - start > args.budget_s:
-                print(f"budget reached; rerun to continue ({job['key']} not run)")
+            expect = expected_seconds(cache, job["row"], job["setting"])
+            if args.budget_s and time.time() - start + expect > args.budget_s:
+                print(f"budget: {job['label']} seed {job['seed']} would end past {args.budget_s:.0f} s "
+                      f"(runs take ~{expect:.0f} s); rerun to continue", flush=True)
                 break
             t0 = time.time()
             run_args = argparse.Namespace(**{**vars(args), "hmcl_set": job["sets"]})

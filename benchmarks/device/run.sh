@@ -65,6 +65,7 @@ python3 -c "import torch, transformers, sentence_transformers as st, mteb; print
 
 part() {  # part NAME SECONDS COMMAND... : run with a limit, log to $OUT/NAME.log
   local name=$1 secs=$2; shift 2
+  if [ "$secs" -lt 20 ]; then echo "=== $name skipped (${secs}s left): $*" | tee -a "$OUT/$name.log"; return; fi
   echo "=== $name (limit ${secs}s): $*" | tee -a "$OUT/$name.log"
   timeout --signal=INT --kill-after=20 "$secs" "$@" 2>&1 | tee -a "$OUT/$name.log"
   echo "=== $name exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.log"
@@ -78,14 +79,13 @@ for spec in "$@"; do
     quality)
       mkdir -p benchmarks/results
       q="python3 benchmarks/quality.py --jobs 9 --seeds 1,2,3 --cache benchmarks/results/quality-gpu.json ${QUALITY_EXTRA:-}"
-      # first the comparison that decides (one round of 9 runs), then the controls: a cut-off
-      # second half still leaves the first
-      first=$((secs / 2 + 20))
-      part quality "$first" $q --rows hmcl,st-cosent-mnrl,st-cosent-mnrl-hn --hmcl-set loss.contrastive_weight=4.0 \
-        --budget-s $((first / 3))
+      # first the comparison that decides (one round of 9 runs), then the controls, started only
+      # where the runs already timed say they end in the time left (--budget-s)
+      part quality "$secs" $q --rows hmcl,st-cosent-mnrl,st-cosent-mnrl-hn --hmcl-set loss.contrastive_weight=4.0 \
+        --budget-s $((secs - 15))
       rest=$((secs - (SECONDS - t0)))
       part quality "$rest" $q --rows hmcl,hmcl-mined --grid "loss.contrastive_weight=4.0" --grid-rows hmcl,hmcl-mined \
-        --budget-s $((rest / 3))
+        --budget-s $((rest - 15))
       $q --rows hmcl,hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --grid "loss.contrastive_weight=4.0" \
         --grid-rows hmcl,hmcl-mined --table-only 2>&1 | tee -a "$OUT/quality.log"
       cp benchmarks/results/quality-gpu.json "$OUT/" ;;
