@@ -267,7 +267,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--hmcl-set", action="append", default=[], help="recipe override for the hmcl rows")
     ap.add_argument("--grid", default=None,
-                    help="extra `hmcl` rows: variants separated by ';', overrides in one variant by ','")
+                    help="extra variants of the --grid-rows rows: separated by ';', overrides in one variant by ','")
     ap.add_argument("--grid-rows", default="hmcl", help="the hmcl rows --grid varies (e.g. hmcl,hmcl-mined)")
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--multilingual-model", default=None, help="also score STS-B de/zh dev with this base")
