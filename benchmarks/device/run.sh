@@ -14,9 +14,10 @@
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
 # comes back: at most 8 files), named after the part. Parts:
 #
-#   quality  #12: hmcl with contrastive_weight 4, st-cosent-mnrl, st-cosent-mnrl-hn (first), then
-#            hmcl with the defaults and hmcl-mined with both; 3 seeds, the setting
-#            (641 steps), 9 runs at a time. Cache:
+#   quality  #12: hmcl-mined with contrastive_weight 8 (the strongest hmcl row on the CPU),
+#            st-cosent-mnrl, st-cosent-mnrl-hn (first); then hmcl with the defaults and with
+#            weight 4, hmcl-mined with the defaults; 3 seeds, the setting (641 steps),
+#            9 runs at a time. Cache:
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
 #   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
 #            SDPA's default backends and without cuDNN attention; a host-sync audit of hmcl.
@@ -81,12 +82,11 @@ for spec in "$@"; do
       q="python3 benchmarks/quality.py --jobs 9 --seeds 1,2,3 --cache benchmarks/results/quality-gpu.json ${QUALITY_EXTRA:-}"
       # first the comparison that decides (one round of 9 runs), then the controls, started only
       # where the runs already timed say they end in the time left (--budget-s)
-      part quality "$secs" $q --rows hmcl,st-cosent-mnrl,st-cosent-mnrl-hn --hmcl-set loss.contrastive_weight=4.0 \
+      part quality "$secs" $q --rows hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --hmcl-set loss.contrastive_weight=8.0 \
         --budget-s $((secs - 15))
       rest=$((secs - (SECONDS - t0)))
-      part quality "$rest" $q --rows hmcl,hmcl-mined --grid "loss.contrastive_weight=4.0" --grid-rows hmcl,hmcl-mined \
-        --budget-s $((rest - 15))
-      $q --rows hmcl,hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --grid "loss.contrastive_weight=4.0" \
+      part quality "$rest" $q --rows hmcl,hmcl-mined --grid "loss.contrastive_weight=4.0" --budget-s $((rest - 15))
+      $q --rows hmcl,hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --grid "loss.contrastive_weight=4.0;loss.contrastive_weight=8.0" \
         --grid-rows hmcl,hmcl-mined --table-only 2>&1 | tee -a "$OUT/quality.log"
       cp benchmarks/results/quality-gpu.json "$OUT/" ;;
     speed)
