@@ -7,7 +7,7 @@
 #
 # A session has 15 minutes of device time (starts, transfers and idle waits count), a fresh
 # machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
-# (set-up ~30 s + 450 s); call 2 at once, while the machine is warm, `scale=210` (timeout_s 240);
+# (the parts take 450 s; the set-up, wheels and model, is not yet timed there); call 2 at once, while the machine is warm, `scale=210` (timeout_s 240);
 # `long=100 longq=200 encode=60` in a later session.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
@@ -35,7 +35,7 @@ OUT=${OUT:-/tmp/hmcl-device-out}
 mkdir -p "$OUT"
 [ -d .dev/wheels ] || { echo ".dev/ is missing: run benchmarks/device/pack.py here and carry .dev" >&2; exit 2; }
 
-# --- set-up: packages, model, data (about 20 s) ---------------------------------------------
+# --- set-up: packages, model, data (not yet timed on the device) ---------------------------------------------
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/wheels/*.whl || exit 2
 if ! python3 -c "import polars" 2>/dev/null; then
   # mteb imports polars for its leaderboard code only (the wheel is 40 MiB): a stand-in whose
