@@ -17,7 +17,8 @@ checkpoint selection):
   pairs relabelled negative), ``hmcl-no-classification``, ``hmcl-no-ranking``;
 * ``hmcl-mined``: the ``hmcl`` row after ``hmcl mine`` added one hard negative per anchor that
   has a positive, with the settings of ``st-cosent-mnrl-hn`` (ranks 10-50, relative margin 0.05,
-  the top pick) — the like-for-like of that row;
+  the top pick) — the like-for-like of that row; ``--hmcl-set mine.KEY=V`` overrides one of
+  those (e.g. ``mine.num_negatives=3``);
 * sentence-transformers' trainer: ``st-cosent`` and ``st-angle`` (on the scores), ``st-mnrl``
   (on the positive pairs, no-duplicates batches), ``st-cosent-mnrl`` (round-robin of the two),
   ``st-cosent-mnrl-hn`` (the MNRL half gets one hard negative per pair from
@@ -148,8 +149,10 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
     if mined:  # the counterpart of st-cosent-mnrl-hn: one hard negative per anchor with a positive
         from hmcl_cli.mining import mine
 
-        recipe.mine = recipe.mine.model_copy(update={"num_negatives": 1, "num_weak": 0, "range_min": 10,
-                                                     "range_max": 50, "relative_margin": 0.05, "sampling": "top"})
+        like_st = {"num_negatives": 1, "num_weak": 0, "range_min": 10, "range_max": 50, "relative_margin": 0.05,
+                   "sampling": "top"}
+        given = {o.split("=", 1)[0].strip().removeprefix("mine.") for o in args.hmcl_set if o.strip().startswith("mine.")}
+        recipe.mine = recipe.mine.model_copy(update={k: v for k, v in like_st.items() if k not in given})
         mine(recipe)
     trainer = HMCLTrainer(recipe)
     trainer.setup()

@@ -576,8 +576,12 @@ class HMCLTrainer:
                 shutil.rmtree(final)
             os.replace(best, final)
             log(f"final model: best dev {self.cfg.metric_for_best} {self.best_metric:.4f} at step {self.best_step} -> {final}")
-        if self.is_main:
-            self.accelerator.end_training()
+        # every process ends together: accelerate's end_training also destroys the process group,
+        # and a main process that tears it down while another still runs a collective (or exits
+        # with the group alive while its peer has gone) aborts in gloo's threads
+        if self.accelerator.num_processes > 1:
+            self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
         return final
 
     # ------------------------------------------------------------------ signals
