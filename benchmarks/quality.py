@@ -221,9 +221,13 @@ def expected_seconds(cache: dict, row: str, setting: dict) -> float:
     """How long a run of ``row`` with ``setting`` takes: the slowest timed run of that row with the
     same steps, batch and device, else of any row (0 when none is timed yet)."""
     same = ("steps", "batch_size", "group_size", "max_length", "device")
-    timed = [r for k, r in cache.items() if k != "base" and "seconds" in r
+    timed = [r for k, r in cache.items() if not k.startswith("base") and "seconds" in r
              and all(r["setting"].get(f) == setting.get(f) for f in same)]
     return max((r["seconds"] for r in timed if r["row"] == row), default=max((r["seconds"] for r in timed), default=0.0))
+
+
+def base_key(common: dict) -> str:
+    return f"base|{common['model']}|{common['device']}"
 
 
 def _save(cache: dict, path: Path) -> None:
@@ -302,8 +306,8 @@ def main() -> None:
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
     jobs = job_list(args, rows, seeds, common)
     start = time.time()
-    if "base" not in cache:
-        cache["base"] = {"scores": evaluate_model(base, False)}
+    if base_key(common) not in cache:  # the untrained model, scored on this device
+        cache[base_key(common)] = {"scores": evaluate_model(base, False)}
         _save(cache, cache_path)
     if args.table_only:
         pass
@@ -340,7 +344,7 @@ def print_table(cache: dict, jobs: list[dict], common: dict) -> None:
     print(f"\nsetting: {json.dumps(common)}")
     print("| row | " + " | ".join(TASKS) + " | mean | seeds |")
     print("|" + " --- |" * (len(TASKS) + 3))
-    base = cache["base"]["scores"]
+    base = cache[base_key(common)]["scores"]
     print("| all-MiniLM-L6-v2 (no training) | " + " | ".join(f"{100 * base[t]:.2f}" for t in TASKS)
           + f" | {100 * statistics.mean(base[t] for t in TASKS):.2f} | - |")
     labels = list(dict.fromkeys(j["label"] for j in jobs))
