@@ -22,7 +22,7 @@ checkpoint selection):
 * sentence-transformers' trainer: ``st-cosent`` and ``st-angle`` (on the scores), ``st-mnrl``
   (on the positive pairs, no-duplicates batches), ``st-cosent-mnrl`` (round-robin of the two),
   ``st-cosent-mnrl-hn`` (the MNRL half gets one hard negative per pair from
-  ``mine_hard_negatives``: ranks 10-50, relative margin 0.05).
+  ``mine_hard_negatives``: ranks 10-50, relative margin 0.05; ``--st-negatives`` more).
 
 Every model is scored with hmcl's evaluation (through mteb): STS-B dev and SICK trial
 (Spearman on relatedness), TrecQA dev (MAP); STS-B de/zh dev too when ``--multilingual-model``
@@ -179,9 +179,11 @@ def train_st(row: str, seed: int, args, base: str, tmp: Path) -> Path:
         from sentence_transformers.util import mine_hard_negatives
 
         corpus = list(dict.fromkeys([a for a, _, _, _ in pairs] + [b for _, b, _, _ in pairs]))
+        n = args.st_negatives  # more than one: (anchor, positive, negative_1..n) rows for MNRL
         positives = mine_hard_negatives(positives, model, corpus=corpus, range_min=10, range_max=50,
-                                        relative_margin=0.05, num_negatives=1, sampling_strategy="top",
-                                        batch_size=256, output_format="triplet", verbose=False)
+                                        relative_margin=0.05, num_negatives=n, sampling_strategy="top",
+                                        batch_size=256, output_format="triplet" if n == 1 else "n-tuple",
+                                        verbose=False)
     cosent, mnrl = CoSENTLoss(model), MultipleNegativesRankingLoss(model)
     train = {"st-cosent": scored, "st-angle": scored, "st-mnrl": positives}.get(row)
     loss = {"st-cosent": cosent, "st-angle": AnglELoss(model), "st-mnrl": mnrl}.get(row)
@@ -209,8 +211,11 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
             setting = dict(common, hmcl_set=sets)
             if row not in HMCL_ROWS:  # hmcl's loss defaults do not touch the sentence-transformers rows
                 setting.pop("loss_defaults", None)
-            digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
             label = row + (f" [{' '.join(sets)}]" if sets else "")
+            if row == "st-cosent-mnrl-hn" and args.st_negatives != 1:  # (1: the key of earlier runs)
+                setting["st_negatives"] = args.st_negatives
+                label += f" [{args.st_negatives} negatives]"
+            digest = hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:10]
             for seed in seeds:
                 jobs.append({"row": row, "seed": seed, "sets": sets, "setting": setting, "label": label,
                              "key": f"{row}|{seed}|{digest}"})
@@ -276,6 +281,8 @@ def main() -> None:
     ap.add_argument("--grid", default=None,
                     help="extra variants of the --grid-rows rows: separated by ';', overrides in one variant by ','")
     ap.add_argument("--grid-rows", default="hmcl", help="the hmcl rows --grid varies (e.g. hmcl,hmcl-mined)")
+    ap.add_argument("--st-negatives", type=int, default=1,
+                    help="hard negatives per pair for st-cosent-mnrl-hn (the issue's anchor: 1)")
     ap.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     ap.add_argument("--multilingual-model", default=None, help="also score STS-B de/zh dev with this base")
     ap.add_argument("--cache", default=str(ROOT / "benchmarks" / "quality-cache.json"))
