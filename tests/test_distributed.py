@@ -199,3 +199,21 @@ def test_accelerate_deepspeed_config_is_refused_and_fsdp_config_turns_on_shardin
     assert "train.fsdp" in e.value.hint
     assert _check_distributed_setup(acc(DistributedType.FSDP)) is True
     assert _check_distributed_setup(acc(DistributedType.NO)) is False
+
+
+@pytest.mark.parametrize("main", [True, False])
+def test_every_process_ends_the_process_group_together(tmp_path, tiny_bert, main):
+    """accelerate's end_training destroys the process group: every process must call it, after
+    waiting for the others (the main one alone tore the group down under its peers)."""
+    from types import SimpleNamespace
+
+    from conftest import make_trainer
+
+    t = make_trainer(tmp_path, tiny_bert)
+    calls = []
+    t.accelerator = SimpleNamespace(num_processes=2, wait_for_everyone=lambda: calls.append("wait"),
+                                    end_training=lambda: calls.append("end"))
+    t.is_main = main
+    final = t.save_final()
+    assert calls == ["wait", "end"]
+    assert (final / "model.safetensors").is_file() == main  # only the main process writes the model
