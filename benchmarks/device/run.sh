@@ -15,8 +15,8 @@
 # comes back: at most 8 files), named after the part. Parts:
 #
 #   quality  #12: hmcl-mined with contrastive_weight 8 (the strongest hmcl row on the CPU),
-#            st-cosent-mnrl, st-cosent-mnrl-hn (first); then hmcl with the defaults and with
-#            weight 4, hmcl-mined with the defaults; 3 seeds, the setting (641 steps),
+#            st-cosent-mnrl, st-cosent-mnrl-hn (first); then hmcl with the defaults (weight 4)
+#            and with the old weight 1, hmcl-mined with the defaults; 3 seeds, the setting (641 steps),
 #            9 runs at a time. Cache:
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
 #   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
@@ -85,8 +85,8 @@ for spec in "$@"; do
       part quality "$secs" $q --rows hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --hmcl-set loss.contrastive_weight=8.0 \
         --budget-s $((secs - 15))
       rest=$((secs - (SECONDS - t0)))
-      part quality "$rest" $q --rows hmcl,hmcl-mined --grid "loss.contrastive_weight=4.0" --budget-s $((rest - 15))
-      $q --rows hmcl,hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --grid "loss.contrastive_weight=4.0;loss.contrastive_weight=8.0" \
+      part quality "$rest" $q --rows hmcl,hmcl-mined --grid "loss.contrastive_weight=1.0" --budget-s $((rest - 15))
+      $q --rows hmcl,hmcl-mined,st-cosent-mnrl,st-cosent-mnrl-hn --grid "loss.contrastive_weight=1.0;loss.contrastive_weight=8.0" \
         --grid-rows hmcl,hmcl-mined --table-only 2>&1 | tee -a "$OUT/quality.log"
       cp benchmarks/results/quality-gpu.json "$OUT/" ;;
     speed)
