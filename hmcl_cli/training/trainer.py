@@ -577,8 +577,8 @@ class HMCLTrainer:
             os.replace(best, final)
             log(f"final model: best dev {self.cfg.metric_for_best} {self.best_metric:.4f} at step {self.best_step} -> {final}")
         # every process ends together: accelerate's end_training also destroys the process group,
-        # and a main process that tears it down while another still runs a collective (or exits
-        # with the group alive while its peer has gone) aborts in gloo's threads
+        # which the main process alone used to tear down while its peer might still be in it (the
+        # suspected cause of a rare abort at exit in a 2-process FSDP test)
         if self.accelerator.num_processes > 1:
             self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
