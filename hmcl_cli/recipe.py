@@ -336,7 +336,7 @@ class LossConfig(_Section):
 
     contrastive_weight: float = Field(
         4.0, ge=0, description="Weight of InfoNCE. 4 by default: above 1 on every dev task of benchmarks/quality.py "
-        "(2 seeds, 320 CPU steps; few anchors there have a positive, so InfoNCE sees few rows per step).")
+        "(3 seeds, 320 CPU steps; few anchors there have a positive, so InfoNCE sees few rows per step).")
     classification_weight: float = Field(
         0.0, ge=0, description="Weight of pair classification (3-level thresholds on the cosine). 0 by default: "
         "it changed no STS/retrieval dev score in benchmarks/quality.py; try 0.2 for pair-classification use."
