@@ -136,7 +136,11 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
     weak_neg = settings.pop("_weak_as_negative", False)
     mined = settings.pop("_mine", False)
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded_rows(raw_pairs(), weak_neg)))
-    overrides = [f"{k}={v}" for k, v in settings.items()] + list(args.hmcl_set)
+    # the mined row mines like st-cosent-mnrl-hn: one hard negative per anchor with a positive
+    # (ranks 10-50, relative margin 0.05, the top pick); --hmcl-set comes later and wins
+    like_st = ["mine.num_negatives=1", "mine.num_weak=0", "mine.range_min=10", "mine.range_max=50",
+               "mine.relative_margin=0.05", "mine.sampling=top"] if mined else []
+    overrides = [f"{k}={v}" for k, v in settings.items()] + like_st + list(args.hmcl_set)
     recipe = load_recipe(data={
         "name": row, "seed": seed, "output_dir": str(tmp / "run"),
         "model": {"name_or_path": base, "max_length": args.max_length},
@@ -146,13 +150,9 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
                   "save_steps": 10 ** 9, "eval_steps": 10 ** 9, "load_best_at_end": False},
         "export": {"formats": []}}, overrides=overrides)
     prepare(recipe, progress=False)
-    if mined:  # the counterpart of st-cosent-mnrl-hn: one hard negative per anchor with a positive
+    if mined:
         from hmcl_cli.mining import mine
 
-        like_st = {"num_negatives": 1, "num_weak": 0, "range_min": 10, "range_max": 50, "relative_margin": 0.05,
-                   "sampling": "top"}
-        given = {o.split("=", 1)[0].strip().removeprefix("mine.") for o in args.hmcl_set if o.strip().startswith("mine.")}
-        recipe.mine = recipe.mine.model_copy(update={k: v for k, v in like_st.items() if k not in given})
         mine(recipe)
     trainer = HMCLTrainer(recipe)
     trainer.setup()

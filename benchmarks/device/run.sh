@@ -7,7 +7,8 @@
 #
 # A session has 15 minutes of device time (starts, transfers and idle waits count), a fresh
 # machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
-# (the parts take 450 s; the set-up, wheels and model, is not yet timed there); call 2 at once, while the machine is warm, `scale=210` (timeout_s 240);
+# (the parts take 450 s; the set-up, wheels and model, is not yet timed there); call 2 at once,
+# while the machine is warm, `scale=210` (timeout_s 240);
 # `long=100 longq=200 encode=60` in a later session.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
@@ -16,8 +17,8 @@
 #
 #   quality  #12: hmcl-mined with contrastive_weight 8 (the strongest hmcl row on the CPU),
 #            st-cosent-mnrl, st-cosent-mnrl-hn (first); then hmcl with the defaults (weight 4)
-#            and with the old weight 1, hmcl-mined with the defaults; 3 seeds, the setting (641 steps),
-#            9 runs at a time. Cache:
+#            and with the old weight 1, hmcl-mined with the defaults; 3 seeds, the issue's
+#            setting (641 steps), 9 runs at a time. Cache:
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
 #   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
 #            SDPA's default backends and without cuDNN attention; a host-sync audit of hmcl.
@@ -35,7 +36,7 @@ OUT=${OUT:-/tmp/hmcl-device-out}
 mkdir -p "$OUT"
 [ -d .dev/wheels ] || { echo ".dev/ is missing: run benchmarks/device/pack.py here and carry .dev" >&2; exit 2; }
 
-# --- set-up: packages, model, data (not yet timed on the device) ---------------------------------------------
+# --- set-up: packages, model, data (not yet timed on the device) -----------------------------
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/wheels/*.whl || exit 2
 if ! python3 -c "import polars" 2>/dev/null; then
   # mteb imports polars for its leaderboard code only (the wheel is 40 MiB): a stand-in whose
