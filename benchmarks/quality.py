@@ -290,6 +290,8 @@ def main() -> None:
                     help="start no run that would end past this many seconds (judged by the runs of the same "
                          "setting already timed, in this process or the cache)")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device")
+    ap.add_argument("--keep-models", default=None,
+                    help="copy each trained model into this folder (as ROW-sSEED-DIGEST) instead of discarding it")
     ap.add_argument("--table-only", action="store_true", help="print the table of what the cache holds; train nothing")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
@@ -339,6 +341,12 @@ def main() -> None:
                 trainer = train_hmcl if job["row"] in HMCL_ROWS else train_st
                 path = trainer(job["row"], job["seed"], run_args, base, Path(tmp))
                 scores = evaluate_model(str(path), False)
+                if args.keep_models:
+                    import shutil
+
+                    keep = Path(args.keep_models) / f"{job['row']}-s{job['seed']}-{job['key'].rsplit('|', 1)[1]}"
+                    shutil.rmtree(keep, ignore_errors=True)
+                    shutil.copytree(path, keep)
             cache[job["key"]] = {"row": job["row"], "label": job["label"], "seed": job["seed"],
                                  "setting": job["setting"], "scores": scores, "seconds": round(time.time() - t0, 1)}
             _save(cache, cache_path)
