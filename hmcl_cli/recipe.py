@@ -278,6 +278,10 @@ class TrainConfig(_Section):
         description="With several data sources, build each batch from one source, so in-batch "
         "negatives and ranking pairs stay within one dataset's annotation scale.",
     )
+    positive_repeats: int = Field(
+        1, ge=1, description="List each anchor that has a positive this many times per epoch (others once): "
+        "in data where few anchors have a positive (STS-style grades), InfoNCE otherwise sees few rows per step.",
+    )
     group_by_length: bool = Field(
         True,
         description="Sort anchors by length within windows of 16 batches before cutting batches "

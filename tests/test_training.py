@@ -204,6 +204,24 @@ def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert
     assert any(len({source_of[i] for i in batch}) == 2 for batch in mixed)
 
 
+def test_positive_repeats_lists_anchors_with_a_positive_that_many_times(tmp_path, tiny_bert):
+    import collections
+    import json
+
+    a = tmp_path / "a.jsonl"
+    rows = [{"query": f"question {i}", "pos": [f"answer {i}"]} for i in range(6)]
+    rows += [{"query": f"other {i}", "weak": [f"related {i}"], "neg": [f"far {i}"]} for i in range(10)]
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = _trainer(tmp_path, tiny_bert, data={"sources": [{"path": str(a), "split": "train"},
+                                                        {"path": "dev.jsonl", "split": "dev"}]},
+                 train={"batch_size": 4, "max_steps": 2, "positive_repeats": 3})
+    counts = collections.Counter(i for b in t.plan.epoch_batches(0) for i in b)
+    has_pos = {i: bool(an.pos) for i, an in enumerate(t.data.anchors)}
+    assert sorted(has_pos.values()) == [False] * 10 + [True] * 6
+    assert {i: counts[i] for i in has_pos} == {i: 3 if p else 1 for i, p in has_pos.items()}
+    assert t.plan.steps_per_epoch == -(-(6 * 3 + 10) // 4)
+
+
 def test_group_by_length_cuts_batches_from_length_sorted_windows(tmp_path, tiny_bert):
     import json
 

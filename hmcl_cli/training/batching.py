@@ -136,17 +136,20 @@ class BatchPlan:
     (less padding), cut into global batches and the batches shuffled. With ``by_source`` and
     training data from several sources, every batch holds anchors of one source only, so
     in-batch negatives and the ranking term's pairs never mix two datasets' annotation scales
-    (a batch of STS scores 0-5 is never ranked against one of relatedness 1-5).
+    (a batch of STS scores 0-5 is never ranked against one of relatedness 1-5). With
+    ``positive_repeats`` r > 1, an anchor that has a positive is listed r times per epoch (the
+    epoch grows accordingly); its copies land in different batches unless the shuffle puts them
+    together.
     """
 
     def __init__(self, data: TrainData, batch_size: int, seed: int, world_size: int = 1, group_by_length: bool = True,
-                 by_source: bool = True):
+                 by_source: bool = True, positive_repeats: int = 1):
         self.data, self.batch_size, self.seed, self.world = data, batch_size, seed, world_size
         self.group_by_length = group_by_length
         n_global = batch_size * world_size
         groups: dict[int, list[int]] = {}
         for i, a in enumerate(data.anchors):
-            groups.setdefault(a.source if by_source else 0, []).append(i)
+            groups.setdefault(a.source if by_source else 0, []).extend([i] * (positive_repeats if a.pos else 1))
         self.groups = list(groups.values())
         per_group = [len(g) // n_global if world_size > 1 else -(-len(g) // n_global) for g in self.groups]
         self.steps_per_epoch = sum(per_group)

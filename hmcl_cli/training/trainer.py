@@ -168,7 +168,7 @@ class HMCLTrainer:
                 log(f"train.compile: {n} layers compiled on first use (dynamic shapes)")
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, group_by_length=cfg.group_by_length,
-                                  by_source=cfg.batch_by_source)
+                                  by_source=cfg.batch_by_source, positive_repeats=cfg.positive_repeats)
         except ValueError as e:
             raise DataError(f"{train_path}: {e}", hint="lower train.batch_size") from None
         steps_epoch = self.plan.steps_per_epoch // cfg.gradient_accumulation_steps or 1
