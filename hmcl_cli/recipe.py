@@ -279,7 +279,8 @@ class TrainConfig(_Section):
         "negatives and ranking pairs stay within one dataset's annotation scale.",
     )
     positive_repeats: int = Field(
-        1, ge=1, description="List each anchor that has a positive this many times per epoch (others once): "
+        1, ge=1, description="List each anchor that has a positive this many times per epoch (others once; the epoch "
+        "grows accordingly): "
         "in data where few anchors have a positive (STS-style grades), InfoNCE otherwise sees few rows per step. "
         "1 by default: 2 was no better over 2 seeds in benchmarks/quality.py (320 CPU steps).",
     )
