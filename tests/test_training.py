@@ -222,6 +222,34 @@ def test_positive_repeats_lists_anchors_with_a_positive_that_many_times(tmp_path
     assert t.plan.steps_per_epoch == -(-(6 * 3 + 10) // 4)
 
 
+def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monkeypatch):
+    """Every process of a multi-process run tokenizes and writes the same cache file; a second
+    writer that saves and renames between the first one's save and rename must not break it
+    (a shared temp name did: FileNotFoundError in a 2-process run)."""
+    from hmcl_cli.training import batching
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 1})
+    from hmcl_cli.data.prepare import load_graded
+
+    examples = load_graded(t.run_dir / "data" / "train.jsonl")
+    save, calls = torch.save, []
+
+    def interleaved_save(obj, path):
+        save(obj, path)
+        calls.append(path)
+        if len(calls) == 1:  # the other process writes and renames now
+            batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
+
+    monkeypatch.setattr(batching.torch, "save", interleaved_save)
+    data = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
+    assert len(calls) == 2 and calls[0] != calls[1]
+    left = [p.name for p in (tmp_path / "cache").rglob("*")]
+    assert len(left) == 1 and left[0].startswith("tokens-") and left[0].endswith(".pt")  # no temp file left
+    monkeypatch.setattr(batching.torch, "save", save)
+    again = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
+    assert again.query_tokens == data.query_tokens and again.doc_tokens == data.doc_tokens
+
+
 def test_group_by_length_cuts_batches_from_length_sorted_windows(tmp_path, tiny_bert):
     import json
 

@@ -17,6 +17,7 @@ import torch
 
 from hmcl_cli.console import ProgressBar, log
 from hmcl_cli.data.example import GradedExample
+from hmcl_cli.io_utils import atomic_path
 
 
 def text_id(text: str) -> int:
@@ -90,11 +91,9 @@ class TrainData:
             for s0 in range(0, len(self.docs), 10000):
                 d_tokens.extend(self._tokenize_side(model, self.docs[s0:s0 + 10000], "doc"))
                 bar.update(min(10000, len(self.docs) - s0))
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            torch.save({"q": q_tokens, "d": d_tokens}, tmp)
-            tmp.replace(cache)
+        if cache is not None:  # every process of a multi-process run may write it: each its own temp file
+            with atomic_path(cache) as tmp:
+                torch.save({"q": q_tokens, "d": d_tokens}, tmp)
         return q_tokens, d_tokens
 
     def _tokenize_side(self, model: Any, texts: list[str], side: str) -> list:
