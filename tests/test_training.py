@@ -226,11 +226,10 @@ def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monke
     """Every process of a multi-process run tokenizes and writes the same cache file; a second
     writer that saves and renames between the first one's save and rename must not break it
     (a shared temp name did: FileNotFoundError in a 2-process run)."""
+    from hmcl_cli.data.prepare import load_graded
     from hmcl_cli.training import batching
 
     t = _trainer(tmp_path, tiny_bert, train={"max_steps": 1})
-    from hmcl_cli.data.prepare import load_graded
-
     examples = load_graded(t.run_dir / "data" / "train.jsonl")
     save, calls = torch.save, []
 
@@ -245,7 +244,10 @@ def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monke
     assert len(calls) == 2 and calls[0] != calls[1]
     left = [p.name for p in (tmp_path / "cache").rglob("*")]
     assert len(left) == 1 and left[0].startswith("tokens-") and left[0].endswith(".pt")  # no temp file left
-    monkeypatch.setattr(batching.torch, "save", save)
+    def no_save(obj, path):
+        raise AssertionError("the cache left behind was not read back")
+
+    monkeypatch.setattr(batching.torch, "save", no_save)  # a third run reads the cache, writes nothing
     again = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
     assert again.query_tokens == data.query_tokens and again.doc_tokens == data.doc_tokens
 
