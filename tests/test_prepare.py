@@ -166,6 +166,26 @@ def test_mixed_sources_merge_by_query_and_conflicts_follow_the_rule(tmp_path):
         assert stats["duplicates_removed"] == 1  # (q, x) given twice at the same level
 
 
+def test_examples_left_without_enough_candidates_are_counted_and_announced(tmp_path, capsys):
+    a = tmp_path / "a.jsonl"
+    a.write_text("\n".join(json.dumps(r) for r in [
+        {"query": "q1", "pos": ["x"]},                 # loses its only candidate to the conflict
+        {"query": "q1", "neg": ["x"]},
+        {"query": "q2", "pos": ["y"], "neg": ["z"]},   # kept
+        {"query": "q3", "pos": ["w"]},                 # one candidate: below min_candidates 2
+    ]) + "\n", encoding="utf-8")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    stats = prepare(_recipe(tmp_path, [{"path": str(a), "split": "train"}, {"path": str(empty), "split": "train"}],
+                            conflict="drop", min_candidates=2), progress=False)
+    assert [r["query"] for r in _written(tmp_path)] == ["q2"]
+    assert stats["splits"]["train"]["dropped_too_few_candidates"] == 2
+    assert stats["splits"]["dev"]["dropped_too_few_candidates"] == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train: 2 of 3 examples have fewer than 2 candidate(s)" in err
+    assert f"data source {empty} holds no rows" in err
+
+
 def test_leakage_is_reported(tmp_path):
     a = tmp_path / "train.jsonl"
     a.write_text(json.dumps({"query": "q1", "pos": ["shared answer"]}) + "\n", encoding="utf-8")

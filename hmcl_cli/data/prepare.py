@@ -95,6 +95,8 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
         finally:
             bar.update(st.rows % 1000)
             bar.close()
+        if st.rows == 0:
+            warn(f"data source {path} holds no rows: is it the file you meant?")
 
     stats: dict[str, Any] = {"sources": {}, "splits": {}, "duplicates_removed": totals["duplicate"],
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
@@ -108,14 +110,20 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
 
     out_dir = recipe.run_dir / "data"
     outputs: dict[str, list[dict]] = {}
+    need = max(1, data_cfg.min_candidates)
     for split in SPLITS:
-        rows = []
+        rows, dropped = [], 0
         for ex in merged[split].values():
             ex.candidates = {t: c for t, c in ex.candidates.items() if c.level >= 0}
-            if len(ex.candidates) >= max(1, data_cfg.min_candidates):
+            if len(ex.candidates) >= need:
                 rows.append(ex.to_json())
+            else:
+                dropped += 1
         outputs[split] = rows
-        stats["splits"][split] = _split_stats(rows)
+        stats["splits"][split] = {**_split_stats(rows), "dropped_too_few_candidates": dropped}
+        if dropped:
+            warn(f"{split}: {dropped} of {dropped + len(rows)} examples have fewer than {need} candidate(s) "
+                 f"(after conflicts were resolved) and are left out; data.min_candidates sets the bound")
 
     leaked_queries = sum(1 for s in origin_split.values() if len(s) > 1)
     train_texts = {t for r in outputs["train"] for t in _texts(r)}
@@ -237,10 +245,11 @@ def print_stats(stats: dict) -> None:
     from hmcl_cli.console import console
 
     t = Table(title="prepared data", show_lines=False)
-    for col in ("split", "examples", "pos", "weak", "neg"):
+    for col in ("split", "examples", "pos", "weak", "neg", "left out (too few candidates)"):
         t.add_column(col, justify="right" if col != "split" else "left")
     for split, s in stats["splits"].items():
-        t.add_row(split, *(str(s[k]) for k in ("examples", "pos", "weak", "neg")))
+        t.add_row(split, *(str(s[k]) for k in ("examples", "pos", "weak", "neg")),
+                  str(s.get("dropped_too_few_candidates", 0)))
     console.print(t)
     src = Table(title="sources")
     for col in ("source", "rows", "examples", "train/dev/test", "pos/weak/neg", "rejected"):
