@@ -96,7 +96,7 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
             bar.update(st.rows % 1000)
             bar.close()
         if st.rows == 0:
-            warn(f"data source {path} holds no rows: is it the file you meant?")
+            warn(f"data source {path or label} holds no rows: is it the source you meant?")
 
     stats: dict[str, Any] = {"sources": {}, "splits": {}, "duplicates_removed": totals["duplicate"],
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
