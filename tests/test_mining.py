@@ -69,6 +69,36 @@ def test_mine_keeps_known_levels_and_is_rerunnable(tmp_path, tiny_bert):
     assert json.loads((recipe.run_dir / "data/mining_report.json").read_text())["queries"] == len(before)
 
 
+def test_mined_candidates_carry_no_score_and_labelled_scores_survive(tmp_path, tiny_bert):
+    """A mined negative's cosine is not on the data's score scale: it must not reach the ranking
+    term as a score (it is null in *_scores), while the data's own scores stay as they were."""
+    recipe_path = write_recipe(tmp_path, tiny_bert, mine={"range_min": 0, "range_max": 30, "num_negatives": 2,
+                                                        "num_weak": 0, "relative_margin": None})
+    train = tmp_path / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    for i, row in enumerate(rows):  # gold scores on every labelled candidate
+        for level in ("pos", "weak", "neg"):
+            row[f"{level}_scores"] = [round(0.1 + 0.01 * (i % 50) + 0.3 * ("neg", "weak", "pos").index(level), 4)
+                                      for _ in row.get(level, [])]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    gold = {ex.query: {t: c.score for t, c in ex.candidates.items()} for ex in load_graded(recipe.run_dir / "data/train.jsonl")}
+    report = mine(recipe)
+    assert report["added"]["neg"] > 0
+    mined = 0
+    for ex in load_graded(recipe.run_dir / "data/train.jsonl"):
+        for text, cand in ex.candidates.items():
+            if text in gold[ex.query]:
+                assert cand.score == gold[ex.query][text]  # the data's own scores are kept
+            else:
+                assert cand.score is None
+                mined += 1
+    assert mined == report["added"]["neg"]
+    written = [json.loads(line) for line in (recipe.run_dir / "data/train.jsonl").read_text().splitlines()]
+    assert any(None in r.get("neg_scores", []) and any(s is not None for s in r["neg_scores"]) for r in written)
+
+
 def test_teacher_band_picks_weak_and_guards_negatives():
     from hmcl_cli.recipe import TeacherConfig
 

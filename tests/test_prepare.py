@@ -317,6 +317,24 @@ def test_flagembedding_jsonl_as_is(tmp_path):
     assert row["neg_scores"] == [0.2, 0.1] and row["prompt"] == "Represent: "
 
 
+def test_scores_survive_merging_with_a_source_without_scores_and_null_means_none(tmp_path):
+    """One query from two sources, only one of them scored: the scores it has are kept (null for
+    the candidate without one) instead of dropping the level's scores; null is read back as no score."""
+    scored, plain = tmp_path / "scored.jsonl", tmp_path / "plain.jsonl"
+    scored.write_text(json.dumps({"query": "q", "pos": ["a"], "neg": ["b", "c"], "pos_scores": [0.9],
+                                  "neg_scores": [0.2, None]}) + "\n", encoding="utf-8")
+    plain.write_text(json.dumps({"query": "q", "pos": ["d"], "neg": ["e"]}) + "\n", encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(scored), "split": "train"}, {"path": str(plain), "split": "train"}]),
+            progress=False)
+    (row,) = _written(tmp_path)
+    assert dict(zip(row["pos"], row["pos_scores"])) == {"a": 0.9, "d": None}
+    assert dict(zip(row["neg"], row["neg_scores"])) == {"b": 0.2, "c": None, "e": None}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "q", "pos": ["a"], "pos_scores": ["high"]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"bad\.jsonl:1.*non-number 'high' \(use null for no score\)"):
+        prepare(_recipe(tmp_path, [{"path": str(bad), "split": "train"}]), progress=False)
+
+
 def test_hub_source_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match="hub dataset 'mteb/stsbenchmark-sts' cannot be loaded offline"):

@@ -6,7 +6,8 @@ JSONL format (compatible with FlagEmbedding's fine-tune format, plus ``weak``)::
      "pos_scores": [..], "weak_scores": [..], "neg_scores": [..], "prompt": "optional",
      "source": "optional: the data source, written by prepare"}
 
-Levels: pos = 2, weak = 1, neg = 0. ``*_scores`` are optional finer similarities.
+Levels: pos = 2, weak = 1, neg = 0. ``*_scores`` are optional finer similarities; an entry may
+be ``null`` (that candidate has no score, e.g. it was mined or came from a source without scores).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class GradedExample:
             row[name] = [c.text for c in by_level[level]]
         for name, level in LEVELS.items():
             scores = [c.score for c in by_level[level]]
-            if by_level[level] and all(s is not None for s in scores):
+            if any(s is not None for s in scores):  # null where one candidate has none: no score is lost
                 row[f"{name}_scores"] = scores
         if self.prompt:
             row["prompt"] = self.prompt
@@ -107,12 +108,13 @@ def parse_graded(obj: object) -> GradedExample:
                     kind="bad scores",
                 )
             for s in scores:
-                if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
-                    raise BadRow(f"`{name}_scores` holds a non-number {s!r}", kind="bad scores")
+                if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)):
+                    raise BadRow(f"`{name}_scores` holds a non-number {s!r} (use null for no score)",
+                                 kind="bad scores")
         for i, text in enumerate(texts):
             if not text.strip():
                 raise BadRow(f"empty text in `{name}`[{i}]", kind="empty text")
-            score = float(scores[i]) if scores is not None else None
+            score = float(scores[i]) if scores is not None and scores[i] is not None else None
             add_candidate(ex, text, level, score, conflict="highest")
     if not ex.candidates:
         raise BadRow("no candidates (pos, weak and neg are all empty)", kind="no candidates")
