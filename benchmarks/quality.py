@@ -211,8 +211,6 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
             setting = dict(common, hmcl_set=sets)
             if row not in HMCL_ROWS:  # hmcl's loss defaults do not touch the sentence-transformers rows
                 setting.pop("loss_defaults", None)
-            if HMCL_ROWS.get(row, {}).get("_mine"):  # since 2026-12-02 mined candidates carry no score
-                setting["mined_scores"] = "none"
             label = row + (f" [{' '.join(sets)}]" if sets else "")
             if row == "st-cosent-mnrl-hn" and args.st_negatives != 1:  # (1: the key of earlier runs)
                 setting["st_negatives"] = args.st_negatives

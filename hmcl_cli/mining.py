@@ -13,10 +13,10 @@ when available). Then:
   of each query are scored by the teacher too: weak-positives are those inside
   ``teacher.band`` (relative to the teacher's score of the positive), and a candidate the
   teacher scores above the band's low end is never taken as a negative;
-* levels already in the data are never changed; mined candidates carry no score (``null`` in
-  ``*_scores``): the miner's cosine is not on the scale of the data's own scores (an STS gold
-  score, a relatedness grade), so the ranking term orders them by level only. Their cosines are
-  summarised in ``mining_report.json``.
+* levels already in the data are never changed; mined candidates carry the miner's cosine as
+  their score (``scores: cosine``: the ranking term orders them against the data's own scores,
+  which keeps the base model's graded structure) or none (``scores: none``, ``null`` in
+  ``*_scores``: ordered by level only). Their cosines are summarised in ``mining_report.json``.
 
 The original training file is kept as ``train.unmined.jsonl``; re-running starts from it.
 Embeddings are cached by model, prompt, max length and corpus hash.
@@ -261,7 +261,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
         for level, name, chosen in ((1, "weak", picks.weak), (0, "neg", picks.negatives)):
             for i, s in chosen:
-                new.candidates[corpus[i]] = Candidate(corpus[i], level, None)
+                new.candidates[corpus[i]] = Candidate(corpus[i], level, s if cfg.scores == "cosine" else None)
                 added[name] += 1
                 dist[name].append(s)
         out[qi] = new.to_json()

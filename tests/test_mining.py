@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch.nn import functional as F
 
@@ -69,11 +70,12 @@ def test_mine_keeps_known_levels_and_is_rerunnable(tmp_path, tiny_bert):
     assert json.loads((recipe.run_dir / "data/mining_report.json").read_text())["queries"] == len(before)
 
 
-def test_mined_candidates_carry_no_score_and_labelled_scores_survive(tmp_path, tiny_bert):
-    """A mined negative's cosine is not on the data's score scale: it must not reach the ranking
-    term as a score (it is null in *_scores), while the data's own scores stay as they were."""
+@pytest.mark.parametrize("scores", ["cosine", "none"])
+def test_mined_candidate_scores_follow_the_option_and_labelled_scores_survive(tmp_path, tiny_bert, scores):
+    """``mine.scores``: mined candidates carry the miner's cosine or no score (null in *_scores);
+    either way the data's own scores stay as they were."""
     recipe_path = write_recipe(tmp_path, tiny_bert, mine={"range_min": 0, "range_max": 30, "num_negatives": 2,
-                                                        "num_weak": 0, "relative_margin": None})
+                                                        "num_weak": 0, "relative_margin": None, "scores": scores})
     train = tmp_path / "train.jsonl"
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     for i, row in enumerate(rows):  # gold scores on every labelled candidate
@@ -92,11 +94,13 @@ def test_mined_candidates_carry_no_score_and_labelled_scores_survive(tmp_path, t
             if text in gold[ex.query]:
                 assert cand.score == gold[ex.query][text]  # the data's own scores are kept
             else:
-                assert cand.score is None
+                assert (cand.score is None) == (scores == "none")
+                assert cand.score is None or -1.0 <= cand.score <= 1.0
                 mined += 1
     assert mined == report["added"]["neg"]
-    written = [json.loads(line) for line in (recipe.run_dir / "data/train.jsonl").read_text().splitlines()]
-    assert any(None in r.get("neg_scores", []) and any(s is not None for s in r["neg_scores"]) for r in written)
+    if scores == "none":
+        written = [json.loads(line) for line in (recipe.run_dir / "data/train.jsonl").read_text().splitlines()]
+        assert any(None in r.get("neg_scores", []) and any(s is not None for s in r["neg_scores"]) for r in written)
 
 
 def test_teacher_band_picks_weak_and_guards_negatives():
