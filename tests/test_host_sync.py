@@ -67,12 +67,9 @@ def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_bert):
         results.append(out)
     for (l0, g0), (l1, g1) in zip(*results):
         assert torch.allclose(l0, l1, atol=1e-5)
-        # per-tensor relative error: fp32 sums over every token are reassociated differently by the
-        # compiled kernels and by threads (single elements differed by 1.5e-5 on |g| ~ 5, and once
-        # beyond an elementwise rtol of 1e-4 in a clean-clone CI run); a wrong graph is off by O(1)
-        assert g0.keys() == g1.keys()
-        worst = max(((g0[k] - g1[k]).norm() / g0[k].norm().clamp(min=1e-8)).item() for k in g0)
-        assert worst < 1e-3, f"compiled gradients differ from eager by {worst:.2e} (relative norm)"
+        # rtol 1e-4: fp32 sums over every token (token_type_embeddings' one row) are reassociated
+        # differently by the compiled kernels and by threads; they differed by 1.5e-5 on |g| ~ 5
+        assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
 
 
 def test_counter_for_a_gpu_run_ignores_reads_of_cpu_tensors():
