@@ -7,7 +7,8 @@ JSONL format (compatible with FlagEmbedding's fine-tune format, plus ``weak``)::
      "source": "optional: the data source, written by prepare"}
 
 Levels: pos = 2, weak = 1, neg = 0. ``*_scores`` are optional finer similarities; an entry may
-be ``null`` (that candidate has no score, e.g. it was mined or came from a source without scores).
+be ``null`` (that candidate has no score: mined with ``mine.scores: none``, or merged from a
+source without scores).
 """
 
 from __future__ import annotations
