@@ -15,8 +15,10 @@ when available). Then:
   teacher scores above the band's low end is never taken as a negative;
 * levels already in the data are never changed; mined candidates carry the miner's cosine as
   their score (``scores: cosine``: the ranking term orders them against the data's own scores,
-  which keeps the base model's graded structure) or none (``scores: none``, ``null`` in
-  ``*_scores``: ordered by level only). Their cosines are summarised in ``mining_report.json``.
+  which keeps the base model's graded structure), that cosine on the data's scale
+  (``scores: relative``: the positive's own score times cosine / the positive's cosine), or
+  none (``scores: none``, ``null`` in ``*_scores``: ordered by level only). Their cosines are
+  summarised in ``mining_report.json``.
 
 The original training file is kept as ``train.unmined.jsonl``; re-running starts from it.
 Embeddings are cached by model, prompt, max length and corpus hash.
@@ -155,6 +157,22 @@ def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: s
     return Picks(weak, negs, removed, by_teacher)
 
 
+def mined_score(mode: str, cosine: float, pos_cosine: float, pos_data_score: Optional[float]) -> Optional[float]:
+    """The ranking score a mined candidate carries (``mine.scores``).
+
+    ``cosine``: the miner's cosine. ``none``: no score. ``relative``: the cosine put on the data's
+    own scale, ``pos_data_score * cosine / pos_cosine`` (the query's best positive by the miner
+    anchors the scale), so a candidate the false-negative margin kept below the positive also
+    scores below it, and other queries' pairs are compared on the data's scale; no score where
+    the positive has none or the miner scores it at or below 0.
+    """
+    if mode == "cosine":
+        return cosine
+    if mode == "none" or pos_data_score is None or pos_cosine <= 0:
+        return None
+    return pos_data_score * cosine / pos_cosine
+
+
 def teacher_relative_scores(teacher: Any, jobs: list[tuple[str, list[str], list[str]]],
                             progress: bool = False) -> list[Optional[list[float]]]:
     """Teacher scores of each job's candidates relative to its best-scored positive.
@@ -253,7 +271,9 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     removed_total = by_teacher = 0
     for (qi, known, pos_texts, ranked), rel in zip(jobs, relative):
         ex = examples[qi]
-        pos_score = float(max(q[qi] @ c[position[t]] for t in pos_texts))
+        pos_cos = {t: float(q[qi] @ c[position[t]]) for t in pos_texts}
+        best_pos = max(pos_texts, key=pos_cos.__getitem__)
+        pos_score = pos_cos[best_pos]
         dist["pos"].append(pos_score)
         picks = grade_candidates(pos_score, ranked, known, cfg, rng, teacher=rel)
         removed_total += picks.removed_by_margin
@@ -261,7 +281,8 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
         for level, name, chosen in ((1, "weak", picks.weak), (0, "neg", picks.negatives)):
             for i, s in chosen:
-                new.candidates[corpus[i]] = Candidate(corpus[i], level, s if cfg.scores == "cosine" else None)
+                new.candidates[corpus[i]] = Candidate(corpus[i], level,
+                                                      mined_score(cfg.scores, s, pos_score, ex.candidates[best_pos].score))
                 added[name] += 1
                 dist[name].append(s)
         out[qi] = new.to_json()

@@ -70,10 +70,11 @@ def test_mine_keeps_known_levels_and_is_rerunnable(tmp_path, tiny_bert):
     assert json.loads((recipe.run_dir / "data/mining_report.json").read_text())["queries"] == len(before)
 
 
-@pytest.mark.parametrize("scores", ["cosine", "none"])
+@pytest.mark.parametrize("scores", ["cosine", "relative", "none"])
 def test_mined_candidate_scores_follow_the_option_and_labelled_scores_survive(tmp_path, tiny_bert, scores):
-    """``mine.scores``: mined candidates carry the miner's cosine or no score (null in *_scores);
-    either way the data's own scores stay as they were."""
+    """``mine.scores``: mined candidates carry the miner's cosine, that cosine on the data's scale
+    (relative to the best positive) or no score (null in *_scores); in every case the data's own
+    scores stay as they were."""
     recipe_path = write_recipe(tmp_path, tiny_bert, mine={"range_min": 0, "range_max": 30, "num_negatives": 2,
                                                         "num_weak": 0, "relative_margin": None, "scores": scores})
     train = tmp_path / "train.jsonl"
@@ -88,15 +89,31 @@ def test_mined_candidate_scores_follow_the_option_and_labelled_scores_survive(tm
     gold = {ex.query: {t: c.score for t, c in ex.candidates.items()} for ex in load_graded(recipe.run_dir / "data/train.jsonl")}
     report = mine(recipe)
     assert report["added"]["neg"] > 0
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    model = EmbeddingModel.from_recipe(recipe.model, recipe.base_dir)
+
+    def cos(query, text):  # an encoding of its own, one text at a time
+        a, b = model.encode([query], side="query"), model.encode([text], side="doc")
+        return float((a * b).sum())
+
     mined = 0
     for ex in load_graded(recipe.run_dir / "data/train.jsonl"):
         for text, cand in ex.candidates.items():
             if text in gold[ex.query]:
                 assert cand.score == gold[ex.query][text]  # the data's own scores are kept
+                continue
+            mined += 1
+            if scores == "none":
+                assert cand.score is None
+                continue
+            c = cos(ex.query, text)
+            if scores == "cosine":
+                assert cand.score == pytest.approx(c, abs=1e-4)
             else:
-                assert (cand.score is None) == (scores == "none")
-                assert cand.score is None or -1.0 <= cand.score <= 1.0
-                mined += 1
+                pos = {t: cos(ex.query, t) for t, x in ex.candidates.items() if x.level == 2}
+                best = max(pos, key=pos.get)
+                assert cand.score == pytest.approx(gold[ex.query][best] * c / pos[best], abs=1e-4)
     assert mined == report["added"]["neg"]
     if scores == "none":
         written = [json.loads(line) for line in (recipe.run_dir / "data/train.jsonl").read_text().splitlines()]
