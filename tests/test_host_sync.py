@@ -67,9 +67,15 @@ def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_bert):
         results.append(out)
     for (l0, g0), (l1, g1) in zip(*results):
         assert torch.allclose(l0, l1, atol=1e-5)
-        # rtol 1e-4: fp32 sums over every token (token_type_embeddings' one row) are reassociated
-        # differently by the compiled kernels and by threads; they differed by 1.5e-5 on |g| ~ 5
-        assert g0.keys() == g1.keys() and all(torch.allclose(g0[k], g1[k], atol=1e-5, rtol=1e-4) for k in g0)
+        # tolerance relative to each tensor's largest gradient, not elementwise: fp32 sums over every
+        # token (token_type_embeddings' one used row) are reassociated differently by the compiled
+        # kernels and by threads, and their rounding error follows the size of the summed terms, so a
+        # small entry of that row (|g| ~ 3 at most) differed by 1.9e-5, beyond an elementwise rtol
+        # (it failed a clean-clone CI run once); a wrong compiled kernel differs by far more
+        assert g0.keys() == g1.keys()
+        for k in g0:
+            gap, scale = float((g0[k] - g1[k]).abs().max()), float(g0[k].abs().max())
+            assert gap <= 1e-5 + 1e-4 * scale, (k, gap, scale)
 
 
 def test_counter_for_a_gpu_run_ignores_reads_of_cpu_tensors():
