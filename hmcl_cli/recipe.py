@@ -392,6 +392,10 @@ class LossConfig(_Section):
     use_scores: bool = Field(
         True, description="Rank by *_scores within a level when the data has them."
     )
+    ranking_pairs: Literal["all", "scored"] = Field(
+        "all", description="Pairs the ranking term orders: `all`, or `scored` (only pairs with a score; "
+        "candidates without one, e.g. mined with `mine.scores: none`, are left to InfoNCE)."
+    )
     gather_across_devices: bool = Field(
         True, description="Use in-batch negatives from every GPU."
     )

@@ -129,6 +129,22 @@ def test_cosent_matches_hand_computation_with_margin_and_scores(scores):
         math.log(sum(math.exp(t) for t in terms_no)), rel=1e-5)
 
 
+def test_cosent_scored_only_leaves_unscored_pairs_out():
+    """``ranking_pairs: scored``: the loss is that of the batch without its unscored pairs."""
+    b = small_batch()
+    b.pair_score = torch.tensor([5.0, 1.0, float("nan"), 3.5])  # pair 2 (a negative) has no score
+    b.candidates[2] = unit([1.0, 0.1])[0]  # and lies above the weak pair: ordering it would cost
+    s = b.pair_cosines().tolist()
+    sc = [5.0, 1.0, None, 3.5]
+    terms = [0.0] + [20.0 * (s[q] - s[p]) for p in range(4) for q in range(4)
+                     if sc[p] is not None and sc[q] is not None and sc[p] > sc[q]]
+    expected = math.log(sum(math.exp(t) for t in terms))
+    assert GradedCoSENTLoss(20.0, 0.1, scored_only=True)(b).item() == pytest.approx(expected, rel=1e-5)
+    assert GradedCoSENTLoss(20.0, 0.1)(b).item() > expected + 1e-3  # with it, the negative is ordered by level
+    cfg = LossConfig(contrastive_weight=0.0, ranking_weight=1.0, ranking_pairs="scored")
+    assert HMCLLoss(cfg, dim=2)(b)[0].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_hmcl_is_the_weighted_sum_and_zero_weight_removes_a_term():
     b = small_batch()
     cfg = LossConfig(contrastive_weight=1.0, classification_weight=0.3, ranking_weight=0.5, temperature=0.1, weak_weight=0.5)

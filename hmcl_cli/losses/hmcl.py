@@ -44,7 +44,8 @@ class HMCLLoss(nn.Module):
             OrdinalClassificationLoss(cfg.classification_temperature)
             if cfg.classifier == "ordinal" else LinearPairClassificationLoss(dim)
         )
-        self.ranking = GradedCoSENTLoss(cfg.ranking_scale, cfg.ranking_margin, cfg.use_scores)
+        self.ranking = GradedCoSENTLoss(cfg.ranking_scale, cfg.ranking_margin, cfg.use_scores,
+                                        cfg.ranking_pairs == "scored")
         self.local = SegmentInfoNCELoss(self.contrastive)
 
     def forward(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -23,11 +23,15 @@ class GradedCoSENTLoss(nn.Module):
     grows with the level gap (positive vs negative needs a wider gap than positive vs weak).
     With ``margin=0`` and scores only, this is CoSENT (Su 2022); it is the term that makes
     cosine follow a graded / continuous similarity (STS-style data).
+
+    ``scored_only``: only pairs that carry a score take part; pairs without one (e.g. candidates
+    mined with ``mine.scores: none``) are left to the other terms, as sentence-transformers'
+    CoSENT + MNRL recipe leaves its mined negatives to MNRL.
     """
 
-    def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True):
+    def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, scored_only: bool = False):
         super().__init__()
-        self.scale, self.margin, self.use_scores = scale, margin, use_scores
+        self.scale, self.margin, self.use_scores, self.scored_only = scale, margin, use_scores, scored_only
 
     def forward(self, b: PairBatch) -> torch.Tensor:
         if b.pair_level.numel() < 2:
@@ -41,6 +45,9 @@ class GradedCoSENTLoss(nn.Module):
             both = ~torch.isnan(sc)[:, None] & ~torch.isnan(sc)[None, :]
             higher = torch.where(both, sc[:, None] > sc[None, :], higher)
             gap = torch.where(both, torch.zeros_like(gap), gap)
+        if self.scored_only:
+            scored = ~torch.isnan(b.pair_score)
+            higher = higher & scored[:, None] & scored[None, :]
         diff = self.scale * (s[None, :] - s[:, None] + self.margin * gap)  # cos_q - cos_p
         diff = diff.masked_fill(~higher, float("-inf"))
         zero = torch.zeros(1, device=s.device)
