@@ -307,7 +307,8 @@ def main() -> None:
     from hmcl_cli.recipe import LossConfig
 
     # a new loss option at its neutral value trains as before: it does not invalidate cached rows
-    neutral = {"local_weight": 0.0, "ignore_weak": False, "ignore_negatives": False, "symmetric": False}
+    neutral = {"local_weight": 0.0, "ignore_weak": False, "ignore_negatives": False, "symmetric": False,
+               "ranking_pairs": "all"}
     defaults = {k: v for k, v in LossConfig().model_dump().items() if neutral.get(k, object()) != v}
     common["loss_defaults"] = hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:8]
     cache_path = Path(args.cache)
