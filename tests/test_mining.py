@@ -120,6 +120,15 @@ def test_mined_candidate_scores_follow_the_option_and_labelled_scores_survive(tm
         assert any(None in r.get("neg_scores", []) and any(s is not None for s in r["neg_scores"]) for r in written)
 
 
+def test_relative_mined_score_needs_a_scored_positive():
+    from hmcl_cli.mining import mined_score
+
+    assert mined_score("relative", 0.6, 0.8, 0.9) == pytest.approx(0.675)
+    assert mined_score("relative", 0.6, 0.8, None) is None  # no scale to put it on
+    assert mined_score("relative", 0.6, -0.1, 0.9) is None  # a positive the miner scores at or below 0
+    assert mined_score("cosine", 0.6, 0.8, None) == 0.6 and mined_score("none", 0.6, 0.8, 0.9) is None
+
+
 def test_teacher_band_picks_weak_and_guards_negatives():
     from hmcl_cli.recipe import TeacherConfig
 
