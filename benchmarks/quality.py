@@ -211,6 +211,8 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
             setting = dict(common, hmcl_set=sets)
             if row not in HMCL_ROWS:  # hmcl's loss defaults do not touch the sentence-transformers rows
                 setting.pop("loss_defaults", None)
+            else:
+                setting.update(changed_defaults(row, sets))
             label = row + (f" [{' '.join(sets)}]" if sets else "")
             if row == "st-cosent-mnrl-hn" and args.st_negatives != 1:  # (1: the key of earlier runs)
                 setting["st_negatives"] = args.st_negatives
@@ -220,6 +222,27 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
                 jobs.append({"row": row, "seed": seed, "sets": sets, "setting": setting, "label": label,
                              "key": f"{row}|{seed}|{digest}"})
     return jobs
+
+
+# defaults that changed after rows of the committed caches were trained, with the value they had
+HISTORIC_DEFAULTS = {"mine.scores": "cosine", "loss.ranking_pairs": "all"}
+
+
+def changed_defaults(row: str, sets: list[str]) -> dict:
+    """The changed defaults (see HISTORIC_DEFAULTS) that ``row`` trains with, not named in ``sets``,
+    and that change its training; they go into the cache key, so no cached row of the old default
+    is taken for the new one. ``loss.ranking_pairs`` changes only pairs without a score, and on this
+    data only candidates mined with ``mine.scores: none`` have none."""
+    from hmcl_cli.recipe import LossConfig, MineConfig
+
+    if not HMCL_ROWS[row].get("_mine"):
+        return {}
+    explicit = dict(s.split("=", 1) for s in sets)
+    current = {"mine.scores": MineConfig().scores, "loss.ranking_pairs": LossConfig().ranking_pairs}
+    out = {k: v for k, v in current.items() if k not in explicit and v != HISTORIC_DEFAULTS[k]}
+    if explicit.get("mine.scores", current["mine.scores"]) != "none":
+        out.pop("loss.ranking_pairs", None)
+    return out
 
 
 def expected_seconds(cache: dict, row: str, setting: dict) -> float:
@@ -307,9 +330,9 @@ def main() -> None:
     from hmcl_cli.recipe import LossConfig
 
     # a new loss option at its neutral value trains as before: it does not invalidate cached rows
-    neutral = {"local_weight": 0.0, "ignore_weak": False, "ignore_negatives": False, "symmetric": False,
-               "ranking_pairs": "all"}
+    neutral = {"local_weight": 0.0, "ignore_weak": False, "ignore_negatives": False, "symmetric": False}
     defaults = {k: v for k, v in LossConfig().model_dump().items() if neutral.get(k, object()) != v}
+    defaults.pop("ranking_pairs")  # keyed by changed_defaults where it changes the training
     common["loss_defaults"] = hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:8]
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}

@@ -13,12 +13,13 @@ when available). Then:
   of each query are scored by the teacher too: weak-positives are those inside
   ``teacher.band`` (relative to the teacher's score of the positive), and a candidate the
   teacher scores above the band's low end is never taken as a negative;
-* levels already in the data are never changed; mined candidates carry the miner's cosine as
-  their score (``scores: cosine``: the ranking term orders them against the data's own scores,
-  which keeps the base model's graded structure), that cosine on the data's scale
-  (``scores: relative``: the positive's own score times cosine / the positive's cosine), or
-  none (``scores: none``, ``null`` in ``*_scores``: ordered by level only). Their cosines are
-  summarised in ``mining_report.json``.
+* levels already in the data are never changed; mined candidates carry no score by default
+  (``scores: none``, ``null`` in ``*_scores``: with ``loss.ranking_pairs: auto`` the ranking
+  term leaves them to InfoNCE where their query has scored pairs, and orders them by level
+  where it has none), the miner's cosine (``scores: cosine``: ordered against the data's own
+  scores), or that cosine on the data's scale (``scores: relative``: the positive's own score
+  times cosine / the positive's cosine). Their cosines are summarised in
+  ``mining_report.json``.
 
 The original training file is kept as ``train.unmined.jsonl``; re-running starts from it.
 Embeddings are cached by model, prompt, max length and corpus hash.

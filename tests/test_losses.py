@@ -139,10 +139,40 @@ def test_cosent_scored_only_leaves_unscored_pairs_out():
     terms = [0.0] + [20.0 * (s[q] - s[p]) for p in range(4) for q in range(4)
                      if sc[p] is not None and sc[q] is not None and sc[p] > sc[q]]
     expected = math.log(sum(math.exp(t) for t in terms))
-    assert GradedCoSENTLoss(20.0, 0.1, scored_only=True)(b).item() == pytest.approx(expected, rel=1e-5)
+    assert GradedCoSENTLoss(20.0, 0.1, pairs="scored")(b).item() == pytest.approx(expected, rel=1e-5)
     assert GradedCoSENTLoss(20.0, 0.1)(b).item() > expected + 1e-3  # with it, the negative is ordered by level
     cfg = LossConfig(contrastive_weight=0.0, ranking_weight=1.0, ranking_pairs="scored")
     assert HMCLLoss(cfg, dim=2)(b)[0].item() == pytest.approx(expected, rel=1e-5)
+    # here every unscored pair's anchor has scored pairs, so `auto` (the default) is `scored`
+    assert HMCLLoss(LossConfig(contrastive_weight=0.0), dim=2)(b)[0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_cosent_auto_keeps_unscored_pairs_whose_anchor_has_no_score():
+    """``ranking_pairs: auto``: anchor 0's unscored negative (next to its scored pairs, like a mined
+    candidate) is left out; anchor 1 has no scored pair (a source graded by level only), so its
+    positive stays and is ordered by level against every other pair."""
+    b = small_batch()
+    b.pair_score = torch.tensor([5.0, 1.0, float("nan"), float("nan")])
+    b.candidates[2] = unit([1.0, 0.1])[0]
+    s = b.pair_cosines().tolist()
+    sc, lvl, margin = [5.0, 1.0, None, None], [2, 1, 0, 2], 0.1
+    kept = [0, 1, 3]
+    terms = [0.0]
+    for p in kept:
+        for q in kept:
+            if sc[p] is not None and sc[q] is not None:
+                if sc[p] > sc[q]:
+                    terms.append(20.0 * (s[q] - s[p]))
+            elif lvl[p] > lvl[q]:
+                terms.append(20.0 * (s[q] - s[p] + margin * (lvl[p] - lvl[q])))
+    expected = math.log(sum(math.exp(t) for t in terms))
+    assert len(terms) == 3  # (0 > 1) by score, (3 > 1) by level
+    assert GradedCoSENTLoss(20.0, margin, pairs="auto")(b).item() == pytest.approx(expected, rel=1e-5)
+    # `scored` drops anchor 1's positive too; `all` keeps anchor 0's negative
+    assert GradedCoSENTLoss(20.0, margin, pairs="scored")(b).item() < expected - 1e-3
+    assert GradedCoSENTLoss(20.0, margin, pairs="all")(b).item() > expected + 1e-3
+    with pytest.raises(ValueError, match="pairs must be"):
+        GradedCoSENTLoss(pairs="some")
 
 
 def test_hmcl_is_the_weighted_sum_and_zero_weight_removes_a_term():

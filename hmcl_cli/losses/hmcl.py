@@ -45,7 +45,7 @@ class HMCLLoss(nn.Module):
             if cfg.classifier == "ordinal" else LinearPairClassificationLoss(dim)
         )
         self.ranking = GradedCoSENTLoss(cfg.ranking_scale, cfg.ranking_margin, cfg.use_scores,
-                                        cfg.ranking_pairs == "scored")
+                                        cfg.ranking_pairs)
         self.local = SegmentInfoNCELoss(self.contrastive)
 
     def forward(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -24,14 +24,24 @@ class GradedCoSENTLoss(nn.Module):
     With ``margin=0`` and scores only, this is CoSENT (Su 2022); it is the term that makes
     cosine follow a graded / continuous similarity (STS-style data).
 
-    ``scored_only``: only pairs that carry a score take part; pairs without one (e.g. candidates
-    mined with ``mine.scores: none``) are left to the other terms, as sentence-transformers'
-    CoSENT + MNRL recipe leaves its mined negatives to MNRL.
+    ``pairs`` (``loss.ranking_pairs``) says which pairs take part:
+
+    * ``"all"``: every labelled pair;
+    * ``"scored"``: only pairs that carry a score; pairs without one (e.g. candidates mined with
+      ``mine.scores: none``) are left to the other terms, as sentence-transformers' CoSENT + MNRL
+      recipe leaves its mined negatives to MNRL;
+    * ``"auto"``: a pair without a score is left out when its anchor has a scored pair (a mined
+      candidate next to scored data), and kept, ordered by level, when its anchor has none
+      (data graded by level only). On data that is all scored or all unscored this is
+      ``"scored"`` or ``"all"``; a source without scores keeps its level ordering when merged
+      with a scored one.
     """
 
-    def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, scored_only: bool = False):
+    def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, pairs: str = "all"):
         super().__init__()
-        self.scale, self.margin, self.use_scores, self.scored_only = scale, margin, use_scores, scored_only
+        if pairs not in ("all", "scored", "auto"):
+            raise ValueError(f"pairs must be 'all', 'scored' or 'auto', not {pairs!r}")
+        self.scale, self.margin, self.use_scores, self.pairs = scale, margin, use_scores, pairs
 
     def forward(self, b: PairBatch) -> torch.Tensor:
         if b.pair_level.numel() < 2:
@@ -45,9 +55,13 @@ class GradedCoSENTLoss(nn.Module):
             both = ~torch.isnan(sc)[:, None] & ~torch.isnan(sc)[None, :]
             higher = torch.where(both, sc[:, None] > sc[None, :], higher)
             gap = torch.where(both, torch.zeros_like(gap), gap)
-        if self.scored_only:
-            scored = ~torch.isnan(b.pair_score)
-            higher = higher & scored[:, None] & scored[None, :]
+        if self.pairs != "all":
+            keep = ~torch.isnan(b.pair_score)
+            if self.pairs == "auto":  # unscored pairs stay where their anchor has no scored pair
+                has_scored = torch.zeros(b.anchors.shape[0], device=keep.device).index_add_(
+                    0, b.pair_anchor, keep.float()) > 0
+                keep = keep | ~has_scored[b.pair_anchor]
+            higher = higher & keep[:, None] & keep[None, :]
         diff = self.scale * (s[None, :] - s[:, None] + self.margin * gap)  # cos_q - cos_p
         diff = diff.masked_fill(~higher, float("-inf"))
         zero = torch.zeros(1, device=s.device)
