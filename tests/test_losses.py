@@ -120,12 +120,12 @@ def test_cosent_matches_hand_computation_with_margin_and_scores(scores):
             elif lvl[p] > lvl[q]:
                 terms.append(scale * (s[q] - s[p] + margin * (lvl[p] - lvl[q])))
     expected = math.log(sum(math.exp(t) for t in terms))
-    assert GradedCoSENTLoss(scale, margin, use_scores=True)(b).item() == pytest.approx(expected, rel=1e-5)
+    assert GradedCoSENTLoss(scale, margin, use_scores=True, pairs="all")(b).item() == pytest.approx(expected, rel=1e-5)
     # without scores the pair (0 vs 3), both level 2, is not compared
     terms_no = [t for t in terms]  # recompute without the score tie-break
     terms_no = [0.0] + [scale * (s[q] - s[p] + margin * (lvl[p] - lvl[q]))
                         for p in range(4) for q in range(4) if lvl[p] > lvl[q]]
-    assert GradedCoSENTLoss(scale, margin, use_scores=False)(b).item() == pytest.approx(
+    assert GradedCoSENTLoss(scale, margin, use_scores=False, pairs="all")(b).item() == pytest.approx(
         math.log(sum(math.exp(t) for t in terms_no)), rel=1e-5)
 
 
@@ -140,7 +140,7 @@ def test_cosent_scored_only_leaves_unscored_pairs_out():
                      if sc[p] is not None and sc[q] is not None and sc[p] > sc[q]]
     expected = math.log(sum(math.exp(t) for t in terms))
     assert GradedCoSENTLoss(20.0, 0.1, pairs="scored")(b).item() == pytest.approx(expected, rel=1e-5)
-    assert GradedCoSENTLoss(20.0, 0.1)(b).item() > expected + 1e-3  # with it, the negative is ordered by level
+    assert GradedCoSENTLoss(20.0, 0.1, pairs="all")(b).item() > expected + 1e-3  # with it, the negative is ordered by level
     cfg = LossConfig(contrastive_weight=0.0, ranking_weight=1.0, ranking_pairs="scored")
     assert HMCLLoss(cfg, dim=2)(b)[0].item() == pytest.approx(expected, rel=1e-5)
     # here every unscored pair's anchor has scored pairs, so `auto` (the default) is `scored`

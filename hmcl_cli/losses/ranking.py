@@ -24,7 +24,7 @@ class GradedCoSENTLoss(nn.Module):
     With ``margin=0`` and scores only, this is CoSENT (Su 2022); it is the term that makes
     cosine follow a graded / continuous similarity (STS-style data).
 
-    ``pairs`` (``loss.ranking_pairs``) says which pairs take part:
+    ``pairs`` (``loss.ranking_pairs``, default ``"auto"`` as in the recipe) says which pairs take part:
 
     * ``"all"``: every labelled pair;
     * ``"scored"``: only pairs that carry a score; pairs without one (e.g. candidates mined with
@@ -37,7 +37,7 @@ class GradedCoSENTLoss(nn.Module):
       with a scored one.
     """
 
-    def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, pairs: str = "all"):
+    def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, pairs: str = "auto"):
         super().__init__()
         if pairs not in ("all", "scored", "auto"):
             raise ValueError(f"pairs must be 'all', 'scored' or 'auto', not {pairs!r}")
