@@ -395,8 +395,8 @@ class LossConfig(_Section):
     ranking_pairs: Literal["auto", "all", "scored"] = Field(
         "auto", description="Pairs the ranking term orders: `all`; `scored` (only pairs with a score); or `auto`: "
         "a pair without a score (e.g. a candidate mined with `mine.scores: none`) is left to InfoNCE where its "
-        "anchor has scored pairs, and ordered by level where its anchor has none (data graded by level only). "
-        "benchmarks/quality.py, 641 CPU steps, 3 seeds, with mined negatives: TrecQA MAP +1.07 over ordering "
+        "anchor has scored pairs, and ordered by level where its anchor has none (data graded by level only; "
+        "and everywhere when `use_scores: false`). benchmarks/quality.py, 641 CPU steps, 3 seeds, with mined negatives: TrecQA MAP +1.07 over ordering "
         "them by their mined cosine (`all` with `mine.scores: cosine`), STS-B and SICK about level."
     )
     gather_across_devices: bool = Field(

@@ -171,6 +171,10 @@ def test_cosent_auto_keeps_unscored_pairs_whose_anchor_has_no_score():
     # `scored` drops anchor 1's positive too; `all` keeps anchor 0's negative
     assert GradedCoSENTLoss(20.0, margin, pairs="scored")(b).item() < expected - 1e-3
     assert GradedCoSENTLoss(20.0, margin, pairs="all")(b).item() > expected + 1e-3
+    # without scores no pair is ordered by one, so their presence decides nothing: `auto` is `all`
+    no_scores = GradedCoSENTLoss(20.0, margin, use_scores=False, pairs="auto")(b).item()
+    assert no_scores == pytest.approx(GradedCoSENTLoss(20.0, margin, use_scores=False, pairs="all")(b).item())
+    assert no_scores != pytest.approx(GradedCoSENTLoss(20.0, margin, use_scores=False, pairs="scored")(b).item())
     with pytest.raises(ValueError, match="pairs must be"):
         GradedCoSENTLoss(pairs="some")
 

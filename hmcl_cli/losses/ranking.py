@@ -34,7 +34,8 @@ class GradedCoSENTLoss(nn.Module):
       candidate next to scored data), and kept, ordered by level, when its anchor has none
       (data graded by level only). On data that is all scored or all unscored this is
       ``"scored"`` or ``"all"``; a source without scores keeps its level ordering when merged
-      with a scored one.
+      with a scored one. With ``use_scores=False`` no pair is ordered by its score, so the
+      presence of one decides nothing either: ``"auto"`` is ``"all"`` there.
     """
 
     def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, pairs: str = "auto"):
@@ -55,7 +56,7 @@ class GradedCoSENTLoss(nn.Module):
             both = ~torch.isnan(sc)[:, None] & ~torch.isnan(sc)[None, :]
             higher = torch.where(both, sc[:, None] > sc[None, :], higher)
             gap = torch.where(both, torch.zeros_like(gap), gap)
-        if self.pairs != "all":
+        if self.pairs == "scored" or (self.pairs == "auto" and self.use_scores):
             keep = ~torch.isnan(b.pair_score)
             if self.pairs == "auto":  # unscored pairs stay where their anchor has no scored pair
                 has_scored = torch.zeros(b.anchors.shape[0], device=keep.device).index_add_(
