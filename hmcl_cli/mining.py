@@ -15,8 +15,8 @@ when available). Then:
   teacher scores above the band's low end is never taken as a negative;
 * levels already in the data are never changed; mined candidates carry no score by default
   (``scores: none``, ``null`` in ``*_scores``: with ``loss.ranking_pairs: auto`` the ranking
-  term leaves them to InfoNCE where their query has scored pairs, and orders them by level
-  where it has none), the miner's cosine (``scores: cosine``: ordered against the data's own
+  term leaves them to InfoNCE where their query's positive has a score, and orders them by
+  level where it has none), the miner's cosine (``scores: cosine``: ordered against the data's own
   scores), or that cosine on the data's scale (``scores: relative``: the positive's own score
   times cosine / the positive's cosine). Their cosines are summarised in
   ``mining_report.json``.

@@ -246,8 +246,8 @@ class MineConfig(_Section):
     num_weak: int = Field(1, ge=0, description="Weak-positives to add per query.")
     scores: Literal["none", "cosine", "relative"] = Field(
         "none", description="Score given to mined candidates for the ranking term: `none` (with the default "
-        "`loss.ranking_pairs: auto` they are left to InfoNCE where the data has scores, and ordered by level "
-        "where it has none), `cosine` (the miner's cosine, ranked against the data's own scores) or `relative` "
+        "`loss.ranking_pairs: auto` they are left to InfoNCE where the query's positive has a score, and "
+        "ordered by level where it has none), `cosine` (the miner's cosine, ranked against the data's own scores) or `relative` "
         "(that cosine on the data's scale: the query's positive's score x cosine / the positive's cosine; none "
         "where the positive has no score). benchmarks/quality.py, 641 CPU steps, 3 seeds: `none` 86.11 mean "
         "(TrecQA MAP 86.09) against `cosine` 85.81 (85.02); `relative` was level with `cosine` (2 seeds).")
@@ -395,8 +395,8 @@ class LossConfig(_Section):
     ranking_pairs: Literal["auto", "all", "scored"] = Field(
         "auto", description="Pairs the ranking term orders: `all`; `scored` (only pairs with a score); or `auto`: "
         "a pair without a score (e.g. a candidate mined with `mine.scores: none`) is left to InfoNCE where its "
-        "anchor has scored pairs, and ordered by level where its anchor has none (data graded by level only; "
-        "and everywhere when `use_scores: false`). benchmarks/quality.py, 641 CPU steps, 3 seeds, with mined negatives: TrecQA MAP +1.07 over ordering "
+        "query's positive has a score (the data grades that query by score), and ordered by level where it has "
+        "none (data graded by level only, whatever `mine.scores` says; and everywhere when `use_scores: false`). benchmarks/quality.py, 641 CPU steps, 3 seeds, with mined negatives: TrecQA MAP +1.07 over ordering "
         "them by their mined cosine (`all` with `mine.scores: cosine`), STS-B and SICK about level."
     )
     gather_across_devices: bool = Field(

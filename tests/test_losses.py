@@ -148,9 +148,9 @@ def test_cosent_scored_only_leaves_unscored_pairs_out():
 
 
 def test_cosent_auto_keeps_unscored_pairs_whose_anchor_has_no_score():
-    """``ranking_pairs: auto``: anchor 0's unscored negative (next to its scored pairs, like a mined
-    candidate) is left out; anchor 1 has no scored pair (a source graded by level only), so its
-    positive stays and is ordered by level against every other pair."""
+    """``ranking_pairs: auto``: anchor 0's unscored negative (next to its scored positive, like a
+    mined candidate) is left out; anchor 1's positive has no score (a source graded by level
+    only), so it stays and is ordered by level against every other pair."""
     b = small_batch()
     b.pair_score = torch.tensor([5.0, 1.0, float("nan"), float("nan")])
     b.candidates[2] = unit([1.0, 0.1])[0]
@@ -175,6 +175,13 @@ def test_cosent_auto_keeps_unscored_pairs_whose_anchor_has_no_score():
     no_scores = GradedCoSENTLoss(20.0, margin, use_scores=False, pairs="auto")(b).item()
     assert no_scores == pytest.approx(GradedCoSENTLoss(20.0, margin, use_scores=False, pairs="all")(b).item())
     assert no_scores != pytest.approx(GradedCoSENTLoss(20.0, margin, use_scores=False, pairs="scored")(b).item())
+    # level-only data with scores from the miner (`mine.scores: cosine`): anchor 0's positive has
+    # no score, only its mined weak does, so nothing is left out and `auto` is `all`
+    b.pair_score = torch.tensor([float("nan"), 0.7, float("nan"), float("nan")])
+    assert GradedCoSENTLoss(20.0, margin, pairs="auto")(b).item() == pytest.approx(
+        GradedCoSENTLoss(20.0, margin, pairs="all")(b).item())
+    assert GradedCoSENTLoss(20.0, margin, pairs="auto")(b).item() != pytest.approx(
+        GradedCoSENTLoss(20.0, margin, pairs="scored")(b).item())
     with pytest.raises(ValueError, match="pairs must be"):
         GradedCoSENTLoss(pairs="some")
 

@@ -30,12 +30,16 @@ class GradedCoSENTLoss(nn.Module):
     * ``"scored"``: only pairs that carry a score; pairs without one (e.g. candidates mined with
       ``mine.scores: none``) are left to the other terms, as sentence-transformers' CoSENT + MNRL
       recipe leaves its mined negatives to MNRL;
-    * ``"auto"``: a pair without a score is left out when its anchor has a scored pair (a mined
-      candidate next to scored data), and kept, ordered by level, when its anchor has none
-      (data graded by level only). On data that is all scored or all unscored this is
-      ``"scored"`` or ``"all"``; a source without scores keeps its level ordering when merged
-      with a scored one. With ``use_scores=False`` no pair is ordered by its score, so the
-      presence of one decides nothing either: ``"auto"`` is ``"all"`` there.
+    * ``"auto"``: a pair without a score is left out where its anchor's positive carries one:
+      the data grades that query by score, and its unscored pairs are mined candidates
+      (``mine.scores: none``; the miner only adds candidates to queries with a positive). Where
+      the positive has no score (data graded by level only, whose scores if any come from the
+      miner), or the anchor has no positive in the batch, every pair is kept and pairs without
+      two scores are ordered by level. On scored data with unscored mined candidates this is
+      ``"scored"``; on level-only data it is ``"all"`` whatever ``mine.scores`` says; a source
+      without scores keeps its level ordering when merged with a scored one. With
+      ``use_scores=False`` no pair is ordered by its score, so their presence decides nothing
+      either: ``"auto"`` is ``"all"`` there.
     """
 
     def __init__(self, scale: float = 20.0, margin: float = 0.0, use_scores: bool = True, pairs: str = "auto"):
@@ -58,10 +62,11 @@ class GradedCoSENTLoss(nn.Module):
             gap = torch.where(both, torch.zeros_like(gap), gap)
         if self.pairs == "scored" or (self.pairs == "auto" and self.use_scores):
             keep = ~torch.isnan(b.pair_score)
-            if self.pairs == "auto":  # unscored pairs stay where their anchor has no scored pair
-                has_scored = torch.zeros(b.anchors.shape[0], device=keep.device).index_add_(
-                    0, b.pair_anchor, keep.float()) > 0
-                keep = keep | ~has_scored[b.pair_anchor]
+            if self.pairs == "auto":  # unscored pairs stay where their anchor's positive has no score
+                scored_pos = (keep & (b.pair_level == 2)).float()
+                has_scored_pos = torch.zeros(b.anchors.shape[0], device=keep.device).index_add_(
+                    0, b.pair_anchor, scored_pos) > 0
+                keep = keep | ~has_scored_pos[b.pair_anchor]
             higher = higher & keep[:, None] & keep[None, :]
         diff = self.scale * (s[None, :] - s[:, None] + self.margin * gap)  # cos_q - cos_p
         diff = diff.masked_fill(~higher, float("-inf"))
