@@ -297,3 +297,13 @@ def test_bf16_checkpoint_trains_with_float32_weights(tmp_path, tiny_qwen):
     t2 = HMCLTrainer(forced)
     t2.setup()
     assert {p.dtype for p in t2.model.parameters()} == {torch.bfloat16}
+
+
+def test_training_start_says_what_the_ranking_term_does_with_unscored_pairs(tmp_path, tiny_bert, capsys):
+    """The sample data is graded by level only: under `auto` every pair stays in the ranking term."""
+    capsys.readouterr()
+    t = _trainer(tmp_path, tiny_bert)
+    out = " ".join(capsys.readouterr().out.split())
+    n = sum(len(a.pos) + len(a.weak) + len(a.neg) for a in t.data.anchors)
+    assert f"loss.ranking_pairs auto: {n} of {n} pairs have no score; 0 left to InfoNCE" in out
+    assert f"{n} ordered by level" in out

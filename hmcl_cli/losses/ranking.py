@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 from torch import nn
 
@@ -72,3 +74,30 @@ class GradedCoSENTLoss(nn.Module):
         diff = diff.masked_fill(~higher, float("-inf"))
         zero = torch.zeros(1, device=s.device)
         return torch.logsumexp(torch.cat([zero, diff.flatten()]), dim=0)
+
+
+def describe_ranking_pairs(anchors: Sequence, pairs: str, use_scores: bool) -> Optional[str]:
+    """One line for the start of training: what the ranking term does with the data's pairs
+    that carry no score (None when every pair has one).
+
+    ``anchors``: objects with ``pos``, ``weak``, ``neg`` lists of ``(doc, score or None)``, as
+    :class:`~hmcl_cli.training.batching.Anchor`. Under ``auto`` a pair counts as left out where
+    every positive of its query has a score (the batch samples one positive per query).
+    """
+    total = unscored = left_out = 0
+    for a in anchors:
+        items = [*a.pos, *a.weak, *a.neg]
+        n_unscored = sum(1 for _, s in items if s is None)
+        total += len(items)
+        unscored += n_unscored
+        if a.pos and all(s is not None for _, s in a.pos):
+            left_out += n_unscored
+    if unscored == 0:
+        return None
+    head = f"loss.ranking_pairs {pairs}: {unscored} of {total} pairs have no score;"
+    if pairs == "all" or not use_scores:
+        return f"{head} all are ordered by level" + ("" if use_scores else " (loss.use_scores false)")
+    if pairs == "scored":
+        return f"{head} all are left to the other terms"
+    return (f"{head} {left_out} left to InfoNCE (their query's positive has a score), "
+            f"{unscored - left_out} ordered by level")

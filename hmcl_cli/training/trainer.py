@@ -54,6 +54,7 @@ from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryE
 from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
+from hmcl_cli.losses.ranking import describe_ranking_pairs
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
 from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
@@ -202,6 +203,10 @@ class HMCLTrainer:
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
+            if r.loss.ranking_weight > 0:
+                ranking = describe_ranking_pairs(self.data.anchors, r.loss.ranking_pairs, r.loss.use_scores)
+                if ranking:
+                    log(f"train: {ranking}")
 
     @property
     def chunk(self) -> Optional[int]:
