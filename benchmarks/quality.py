@@ -15,10 +15,10 @@ checkpoint selection):
 * ``hmcl`` — the full HMCL objective with the recipe defaults (``--hmcl-set`` overrides);
 * ablations: ``hmcl-contrastive`` (classification and ranking off), ``hmcl-no-weak`` (weak
   pairs relabelled negative), ``hmcl-no-classification``, ``hmcl-no-ranking``;
-* ``hmcl-mined``: the ``hmcl`` row after ``hmcl mine`` added one hard negative per anchor that
-  has a positive, with the settings of ``st-cosent-mnrl-hn`` (ranks 10-50, relative margin 0.05,
-  the top pick) — the like-for-like of that row; ``--hmcl-set mine.KEY=V`` overrides one of
-  those (e.g. ``mine.num_negatives=3``);
+* ``hmcl-mined``: the ``hmcl`` row after ``hmcl mine`` added three hard negatives (its default)
+  per anchor that has a positive, with the ranks of ``st-cosent-mnrl-hn`` (10-50, relative margin
+  0.05, the top picks); ``--hmcl-set mine.KEY=V`` overrides one of those
+  (``mine.num_negatives=1`` for that row's count, ``--st-negatives 3`` for the reverse);
 * sentence-transformers' trainer: ``st-cosent`` and ``st-angle`` (on the scores), ``st-mnrl``
   (on the positive pairs, no-duplicates batches), ``st-cosent-mnrl`` (round-robin of the two),
   ``st-cosent-mnrl-hn`` (the MNRL half gets one hard negative per pair from
@@ -58,6 +58,9 @@ HMCL_ROWS = {
     "hmcl-no-ranking": {"loss.ranking_weight": 0.0},
     "hmcl-mined": {"_mine": True},
 }
+# hard negatives hmcl-mined mines per anchor with a positive (hmcl mine's default); rows cached
+# before 2026-12-03 mined 1 and are keyed without "mined_negatives" (see job_list)
+MINED_NEGATIVES = 3
 ST_ROWS = ["st-cosent", "st-angle", "st-mnrl", "st-cosent-mnrl", "st-cosent-mnrl-hn"]
 TASKS = ["stsb-dev", "sick-trial", "trecqa-dev"]
 
@@ -136,9 +139,9 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
     weak_neg = settings.pop("_weak_as_negative", False)
     mined = settings.pop("_mine", False)
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded_rows(raw_pairs(), weak_neg)))
-    # the mined row mines like st-cosent-mnrl-hn: one hard negative per anchor with a positive
-    # (ranks 10-50, relative margin 0.05, the top pick); --hmcl-set comes later and wins
-    like_st = ["mine.num_negatives=1", "mine.num_weak=0", "mine.range_min=10", "mine.range_max=50",
+    # the mined row mines like st-cosent-mnrl-hn (ranks 10-50, relative margin 0.05, the top
+    # picks) but MINED_NEGATIVES per anchor with a positive; --hmcl-set comes later and wins
+    like_st = [f"mine.num_negatives={MINED_NEGATIVES}", "mine.num_weak=0", "mine.range_min=10", "mine.range_max=50",
                "mine.relative_margin=0.05", "mine.sampling=top"] if mined else []
     overrides = [f"{k}={v}" for k, v in settings.items()] + like_st + list(args.hmcl_set)
     recipe = load_recipe(data={
@@ -213,6 +216,9 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
                 setting.pop("loss_defaults", None)
             else:
                 setting.update(changed_defaults(row, sets))
+                if HMCL_ROWS[row].get("_mine") and MINED_NEGATIVES != 1 and not any(
+                        o.startswith("mine.num_negatives=") for o in sets):
+                    setting["mined_negatives"] = MINED_NEGATIVES
             label = row + (f" [{' '.join(sets)}]" if sets else "")
             if row == "st-cosent-mnrl-hn" and args.st_negatives != 1:  # (1: the key of earlier runs)
                 setting["st_negatives"] = args.st_negatives
@@ -225,22 +231,23 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
 
 
 # defaults that changed after rows of the committed caches were trained, with the value they had
-HISTORIC_DEFAULTS = {"mine.scores": "cosine", "loss.ranking_pairs": "all"}
+HISTORIC_DEFAULTS = {"mine.scores": "cosine", "loss.ranking_pairs": "all", "train.positive_repeats": 1}
 
 
 def changed_defaults(row: str, sets: list[str]) -> dict:
     """The changed defaults (see HISTORIC_DEFAULTS) that ``row`` trains with, not named in ``sets``,
     and that change its training; they go into the cache key, so no cached row of the old default
     is taken for the new one. ``loss.ranking_pairs`` changes only pairs without a score, and on this
-    data only candidates mined with ``mine.scores: none`` have none."""
-    from hmcl_cli.recipe import LossConfig, MineConfig
+    data only candidates mined with ``mine.scores: none`` have none; ``train.positive_repeats`` auto
+    is 2 on this data (31.5% of the anchors have a positive), so it keys every hmcl row."""
+    from hmcl_cli.recipe import LossConfig, MineConfig, TrainConfig
 
-    if not HMCL_ROWS[row].get("_mine"):
-        return {}
     explicit = dict(s.split("=", 1) for s in sets)
-    current = {"mine.scores": MineConfig().scores, "loss.ranking_pairs": LossConfig().ranking_pairs}
+    current = {"train.positive_repeats": TrainConfig().positive_repeats}
+    if HMCL_ROWS[row].get("_mine"):
+        current.update({"mine.scores": MineConfig().scores, "loss.ranking_pairs": LossConfig().ranking_pairs})
     out = {k: v for k, v in current.items() if k not in explicit and v != HISTORIC_DEFAULTS[k]}
-    if explicit.get("mine.scores", current["mine.scores"]) != "none":
+    if explicit.get("mine.scores", current.get("mine.scores")) != "none":
         out.pop("loss.ranking_pairs", None)
     return out
 

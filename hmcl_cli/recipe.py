@@ -285,11 +285,11 @@ class TrainConfig(_Section):
         description="With several data sources, build each batch from one source, so in-batch "
         "negatives and ranking pairs stay within one dataset's annotation scale.",
     )
-    positive_repeats: int = Field(
-        1, ge=1, description="List each anchor that has a positive this many times per epoch (others once; the epoch "
-        "grows accordingly): "
-        "in data where few anchors have a positive (STS-style grades), InfoNCE otherwise sees few rows per step. "
-        "1 by default: 2 was no better over 2 seeds in benchmarks/quality.py (320 CPU steps).",
+    positive_repeats: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = Field(
+        "auto", description="List each anchor that has a positive this many times per epoch (others once; the epoch "
+        "grows accordingly): in data where few anchors have a positive (STS-style grades), InfoNCE otherwise sees "
+        "few rows per step. auto (default): 2 where fewer than half of the training anchors have a positive, else 1 "
+        "(with three mined negatives, 2 led on every dev task of benchmarks/quality.py, 3 seeds, 641 CPU steps).",
     )
     group_by_length: bool = Field(
         True,
@@ -348,8 +348,9 @@ class LossConfig(_Section):
     """The HMCL objective: w_con*L_con + w_cls*L_cls + w_rank*L_rank (+ w_local*L_local with segments)."""
 
     contrastive_weight: float = Field(
-        4.0, ge=0, description="Weight of InfoNCE. 4 by default: above 1 on every dev task of benchmarks/quality.py "
-        "(3 seeds, 320 CPU steps; few anchors there have a positive, so InfoNCE sees few rows per step).")
+        8.0, ge=0, description="Weight of InfoNCE. 8 by default: above 1 on every dev task of benchmarks/quality.py "
+        "(3 seeds, 320 CPU steps; few anchors there have a positive, so InfoNCE sees few rows per step), and level "
+        "with 4 at 641 steps; the defaults' 3-seed row there (mined negatives, positive repeats) used 8.")
     classification_weight: float = Field(
         0.0, ge=0, description="Weight of pair classification (3-level thresholds on the cosine). 0 by default: "
         "it changed no STS/retrieval dev score in benchmarks/quality.py; try 0.2 for pair-classification use."

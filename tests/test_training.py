@@ -222,6 +222,32 @@ def test_positive_repeats_lists_anchors_with_a_positive_that_many_times(tmp_path
     assert t.plan.steps_per_epoch == -(-(6 * 3 + 10) // 4)
 
 
+def test_positive_repeats_auto_repeats_only_where_few_anchors_have_a_positive(tmp_path, tiny_bert, capsys):
+    import collections
+    import json
+
+    def plan_counts(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        t = _trainer(tmp_path / name, tiny_bert, data={"sources": [{"path": str(path), "split": "train"},
+                                                                   {"path": "dev.jsonl", "split": "dev"}]},
+                     train={"batch_size": 4, "max_steps": 2})
+        assert t.cfg.positive_repeats == "auto"
+        counts = collections.Counter(i for b in t.plan.epoch_batches(0) for i in b)
+        return t, {bool(an.pos): counts[i] for i, an in enumerate(t.data.anchors)}
+
+    few = [{"query": f"question {i}", "pos": [f"answer {i}"]} for i in range(5)]
+    few += [{"query": f"other {i}", "weak": [f"related {i}"], "neg": [f"far {i}"]} for i in range(6)]
+    t, counts = plan_counts("few", few)  # 5 of 11 anchors have a positive: listed twice
+    assert t.positive_repeats == 2 and counts == {True: 2, False: 1}
+    assert t.plan.steps_per_epoch == -(-(5 * 2 + 6) // 4)
+    assert "train.positive_repeats auto: 2 (5 of 11" in capsys.readouterr().out
+    most = few[:5] + [{"query": f"more {i}", "pos": [f"reply {i}"]} for i in range(1)] + few[5:10]
+    t, counts = plan_counts("most", most)  # 6 of 11: once
+    assert t.positive_repeats == 1 and counts == {True: 1, False: 1}
+    assert t.plan.steps_per_epoch == -(-11 // 4)
+
+
 def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monkeypatch):
     """Every process of a multi-process run tokenizes and writes the same cache file; a second
     writer that saves and renames between the first one's save and rename must not break it

@@ -128,6 +128,17 @@ class TrainData:
         return self.token_count("query", self.anchors[i].query)
 
 
+def resolve_positive_repeats(setting: int | str, anchors: Sequence[Anchor]) -> int:
+    """``train.positive_repeats`` as a number: ``auto`` is 2 where fewer than half of the anchors
+    have a positive (graded STS/NLI-style data, where InfoNCE sees few rows per step), else 1
+    (retrieval-style data, where nearly every anchor has one and repeats would only lengthen the
+    epoch)."""
+    if setting != "auto":
+        return int(setting)
+    with_pos = sum(1 for a in anchors if a.pos)
+    return 2 if 2 * with_pos < len(anchors) else 1
+
+
 class BatchPlan:
     """Which anchors form each step's batch, per epoch.
 

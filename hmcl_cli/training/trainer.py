@@ -60,7 +60,7 @@ from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
-from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData
+from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import plan_memory, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
@@ -167,9 +167,14 @@ class HMCLTrainer:
             n = compile_layers(self.model.backbone)
             if self.is_main:
                 log(f"train.compile: {n} layers compiled on first use (dynamic shapes)")
+        self.positive_repeats = resolve_positive_repeats(cfg.positive_repeats, self.data.anchors)
+        if cfg.positive_repeats == "auto" and self.is_main:
+            with_pos = sum(1 for a in self.data.anchors if a.pos)
+            log(f"train.positive_repeats auto: {self.positive_repeats} ({with_pos} of {len(self.data.anchors)} anchors "
+                f"have a positive{'; each listed twice per epoch' if self.positive_repeats > 1 else ''})")
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, group_by_length=cfg.group_by_length,
-                                  by_source=cfg.batch_by_source, positive_repeats=cfg.positive_repeats)
+                                  by_source=cfg.batch_by_source, positive_repeats=self.positive_repeats)
         except ValueError as e:
             raise DataError(f"{train_path}: {e}", hint="lower train.batch_size") from None
         steps_epoch = self.plan.steps_per_epoch // cfg.gradient_accumulation_steps or 1
