@@ -34,8 +34,8 @@ def test_grad_cache_gives_same_loss_and_gradients(tmp_path, fixture, request):
     g_gc = _grads(t)
     assert torch.allclose(loss_plain, loss_gc, atol=1e-6)
     assert len(g_plain) == len(g_gc) > 0
-    for a, b in zip(g_plain, g_gc):
-        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g_plain, g_gc):  # fp32 rounding: the tolerance scales with the gradient's size
+        assert torch.allclose(a, b, atol=1e-5 * max(1.0, a.abs().max().item()), rtol=1e-4)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_bert):
