@@ -58,8 +58,8 @@ HMCL_ROWS = {
     "hmcl-no-ranking": {"loss.ranking_weight": 0.0},
     "hmcl-mined": {"_mine": True},
 }
-# hard negatives hmcl-mined mines per anchor with a positive (hmcl mine's default); rows cached
-# before 2026-12-03 mined 1 and are keyed without "mined_negatives" (see job_list)
+# hard negatives hmcl-mined mines per anchor with a positive (hmcl mine's default; rows cached
+# before 2026-12-03 mined 1: see HISTORIC_DEFAULTS)
 MINED_NEGATIVES = 3
 ST_ROWS = ["st-cosent", "st-angle", "st-mnrl", "st-cosent-mnrl", "st-cosent-mnrl-hn"]
 TASKS = ["stsb-dev", "sick-trial", "trecqa-dev"]
@@ -216,9 +216,6 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
                 setting.pop("loss_defaults", None)
             else:
                 setting.update(changed_defaults(row, sets))
-                if HMCL_ROWS[row].get("_mine") and MINED_NEGATIVES != 1 and not any(
-                        o.startswith("mine.num_negatives=") for o in sets):
-                    setting["mined_negatives"] = MINED_NEGATIVES
             label = row + (f" [{' '.join(sets)}]" if sets else "")
             if row == "st-cosent-mnrl-hn" and args.st_negatives != 1:  # (1: the key of earlier runs)
                 setting["st_negatives"] = args.st_negatives
@@ -231,7 +228,8 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
 
 
 # defaults that changed after rows of the committed caches were trained, with the value they had
-HISTORIC_DEFAULTS = {"mine.scores": "cosine", "loss.ranking_pairs": "all", "train.positive_repeats": 1}
+HISTORIC_DEFAULTS = {"mine.scores": "cosine", "loss.ranking_pairs": "all", "train.positive_repeats": 1,
+                     "mine.num_negatives": 1}  # the last: hmcl-mined's own count (MINED_NEGATIVES)
 
 
 def changed_defaults(row: str, sets: list[str]) -> dict:
@@ -245,7 +243,8 @@ def changed_defaults(row: str, sets: list[str]) -> dict:
     explicit = dict(s.split("=", 1) for s in sets)
     current = {"train.positive_repeats": TrainConfig().positive_repeats}
     if HMCL_ROWS[row].get("_mine"):
-        current.update({"mine.scores": MineConfig().scores, "loss.ranking_pairs": LossConfig().ranking_pairs})
+        current.update({"mine.scores": MineConfig().scores, "loss.ranking_pairs": LossConfig().ranking_pairs,
+                        "mine.num_negatives": MINED_NEGATIVES})
     out = {k: v for k, v in current.items() if k not in explicit and v != HISTORIC_DEFAULTS[k]}
     if explicit.get("mine.scores", current.get("mine.scores")) != "none":
         out.pop("loss.ranking_pairs", None)

@@ -232,17 +232,17 @@ def test_positive_repeats_auto_repeats_only_where_few_anchors_have_a_positive(tm
                      train={"batch_size": 4, "max_steps": 2})
         assert t.cfg.positive_repeats == "auto"
         counts = collections.Counter(i for b in t.plan.epoch_batches(0) for i in b)
-        return t, {bool(an.pos): counts[i] for i, an in enumerate(t.data.anchors)}
+        return t, {(bool(an.pos), counts[i]) for i, an in enumerate(t.data.anchors)}  # (has a positive, times)
 
     few = [{"query": f"question {i}", "pos": [f"answer {i}"]} for i in range(5)]
     few += [{"query": f"other {i}", "weak": [f"related {i}"], "neg": [f"far {i}"]} for i in range(6)]
     t, counts = plan_counts("few", few)  # 5 of 11 anchors have a positive: listed twice
-    assert t.positive_repeats == 2 and counts == {True: 2, False: 1}
+    assert t.positive_repeats == 2 and counts == {(True, 2), (False, 1)}
     assert t.plan.steps_per_epoch == -(-(5 * 2 + 6) // 4)
     assert "train.positive_repeats auto: 2 (5 of 11" in capsys.readouterr().out
     most = few[:5] + [{"query": f"more {i}", "pos": [f"reply {i}"]} for i in range(1)] + few[5:10]
     t, counts = plan_counts("most", most)  # 6 of 11: once
-    assert t.positive_repeats == 1 and counts == {True: 1, False: 1}
+    assert t.positive_repeats == 1 and counts == {(True, 1), (False, 1)}
     assert t.plan.steps_per_epoch == -(-11 // 4)
 
 
