@@ -28,13 +28,17 @@ Every model is scored with hmcl's evaluation (through mteb): STS-B dev and SICK 
 (Spearman on relatedness), TrecQA dev (MAP); STS-B de/zh dev too when ``--multilingual-model``
 is given. Results are cached per (row, seed, settings) in ``--cache`` so the table can be built
 over several runs (the GPU allows 10 minutes per call); mean and std over seeds are printed as
-a Markdown table.
+a Markdown table. An hmcl row's key holds the settings it trains with that differ from the
+cache's baseline (the defaults when the cache was started), so a run cached before a default
+changed still stands for what it trained and an override naming today's default finds the
+default's runs; ``--table-only --all-cached`` lists every cached run by those differences.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -58,8 +62,8 @@ HMCL_ROWS = {
     "hmcl-no-ranking": {"loss.ranking_weight": 0.0},
     "hmcl-mined": {"_mine": True},
 }
-# hard negatives hmcl-mined mines per anchor with a positive (hmcl mine's default; rows cached
-# before 2026-12-03 mined 1: see HISTORIC_DEFAULTS)
+# hard negatives hmcl-mined mines per anchor with a positive (hmcl mine's default; until
+# 2026-12-03 it mined 1, and those cached rows say so in their key)
 MINED_NEGATIVES = 3
 ST_ROWS = ["st-cosent", "st-angle", "st-mnrl", "st-cosent-mnrl", "st-cosent-mnrl-hn"]
 TASKS = ["stsb-dev", "sick-trial", "trecqa-dev"]
@@ -130,21 +134,18 @@ def evaluate_model(model_or_path, extra_multilingual: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------- trainers
-def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
-    from hmcl_cli.data.prepare import prepare
+def hmcl_recipe(row: str, seed: int, args, base: str, tmp: Path):
+    """The recipe the hmcl row ``row`` trains with (``--hmcl-set`` in ``args.hmcl_set``); its
+    training data goes to ``tmp / "train.jsonl"`` (written by ``train_hmcl``)."""
     from hmcl_cli.recipe import load_recipe
-    from hmcl_cli.training.trainer import HMCLTrainer
 
-    settings = dict(HMCL_ROWS[row])
-    weak_neg = settings.pop("_weak_as_negative", False)
-    mined = settings.pop("_mine", False)
-    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded_rows(raw_pairs(), weak_neg)))
+    settings = {k: v for k, v in HMCL_ROWS[row].items() if not k.startswith("_")}
     # the mined row mines like st-cosent-mnrl-hn (ranks 10-50, relative margin 0.05, the top
     # picks) but MINED_NEGATIVES per anchor with a positive; --hmcl-set comes later and wins
     like_st = [f"mine.num_negatives={MINED_NEGATIVES}", "mine.num_weak=0", "mine.range_min=10", "mine.range_max=50",
-               "mine.relative_margin=0.05", "mine.sampling=top"] if mined else []
+               "mine.relative_margin=0.05", "mine.sampling=top"] if HMCL_ROWS[row].get("_mine") else []
     overrides = [f"{k}={v}" for k, v in settings.items()] + like_st + list(args.hmcl_set)
-    recipe = load_recipe(data={
+    return load_recipe(data={
         "name": row, "seed": seed, "output_dir": str(tmp / "run"),
         "model": {"name_or_path": base, "max_length": args.max_length},
         "data": {"sources": [{"path": str(tmp / "train.jsonl"), "split": "train"}], "dev_fraction": 0.0},
@@ -152,6 +153,15 @@ def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
                   "learning_rate": args.lr, "warmup_ratio": 0.1, "log_steps": max(1, args.steps // 10),
                   "save_steps": 10 ** 9, "eval_steps": 10 ** 9, "load_best_at_end": False},
         "export": {"formats": []}}, overrides=overrides)
+
+
+def train_hmcl(row: str, seed: int, args, base: str, tmp: Path) -> Path:
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    weak_neg, mined = HMCL_ROWS[row].get("_weak_as_negative", False), HMCL_ROWS[row].get("_mine", False)
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded_rows(raw_pairs(), weak_neg)))
+    recipe = hmcl_recipe(row, seed, args, base, tmp)
     prepare(recipe, progress=False)
     if mined:
         from hmcl_cli.mining import mine
@@ -204,18 +214,16 @@ def train_st(row: str, seed: int, args, base: str, tmp: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- driver
-def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict]:
+def job_list(args, rows: list[str], seeds: list[int], common: dict, baseline: dict) -> list[dict]:
     """Every (row, seed, overrides) to run, with its cache key and table label."""
     variants = [[]] + [[o for o in v.split(",") if o] for v in (args.grid.split(";") if args.grid else [])]
     jobs = []
     for row in rows:
         for variant in (variants if row in args.grid_rows.split(",") else [[]]):
             sets = list(args.hmcl_set) + variant if row in HMCL_ROWS else []
-            setting = dict(common, hmcl_set=sets)
-            if row not in HMCL_ROWS:  # hmcl's loss defaults do not touch the sentence-transformers rows
-                setting.pop("loss_defaults", None)
-            else:
-                setting.update(changed_defaults(row, sets))
+            setting = dict(common)
+            if row in HMCL_ROWS:
+                setting["changes"] = setting_changes(trained_with(row, sets, args), baseline)
             label = row + (f" [{' '.join(sets)}]" if sets else "")
             if row == "st-cosent-mnrl-hn" and args.st_negatives != 1:  # (1: the key of earlier runs)
                 setting["st_negatives"] = args.st_negatives
@@ -227,28 +235,51 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict) -> list[dict
     return jobs
 
 
-# defaults that changed after rows of the committed caches were trained, with the value they had
-HISTORIC_DEFAULTS = {"mine.scores": "cosine", "loss.ranking_pairs": "all", "train.positive_repeats": 1,
-                     "mine.num_negatives": 1}  # the last: hmcl-mined's own count (MINED_NEGATIVES)
+# --------------------------------------------------------------- what a cached hmcl row stands for
+# An hmcl row is cached under the settings it trains with that differ from the cache's baseline
+# (BASELINE_KEY: every setting of the ``hmcl-mined`` row when the cache was started). A default
+# that changes later re-keys exactly the rows whose training it changes, and an override that
+# names a setting's current value keys as the default does.
+BASELINE_KEY = "hmcl-baseline"
+# quality.py's own arguments (keyed through ``common``) and what cannot change the trained model
+NOT_KEYED = {"model.name_or_path", "model.max_length", "train.max_steps", "train.batch_size", "train.group_size",
+             "train.learning_rate", "train.log_steps", "train.eval_steps", "train.save_steps", "train.keep_last",
+             "train.trackers", "data.sources"}
+# options added after a cache's baseline was written, with the value that trains as before
+NEUTRAL: dict = {}
 
 
-def changed_defaults(row: str, sets: list[str]) -> dict:
-    """The changed defaults (see HISTORIC_DEFAULTS) that ``row`` trains with, not named in ``sets``,
-    and that change its training; they go into the cache key, so no cached row of the old default
-    is taken for the new one. ``loss.ranking_pairs`` changes only pairs without a score, and on this
-    data only candidates mined with ``mine.scores: none`` have none; ``train.positive_repeats`` auto
-    is 2 on this data (31.5% of the anchors have a positive), so it keys every hmcl row."""
-    from hmcl_cli.recipe import LossConfig, MineConfig, TrainConfig
+def trained_with(row: str, sets: list[str], args) -> dict:
+    """The settings of hmcl row ``row`` with overrides ``sets`` that shape its model, flat
+    (``section.key``), resolved as training resolves them: ``train.positive_repeats: auto`` becomes
+    its number on this data; ``mine.*`` only for the mined row; ``loss.ranking_pairs`` only where
+    some pair lacks a score (on this data: candidates mined with ``mine.scores: none``)."""
+    from hmcl_cli.training.batching import resolve_positive_repeats
 
-    explicit = dict(s.split("=", 1) for s in sets)
-    current = {"train.positive_repeats": TrainConfig().positive_repeats}
-    if HMCL_ROWS[row].get("_mine"):
-        current.update({"mine.scores": MineConfig().scores, "loss.ranking_pairs": LossConfig().ranking_pairs,
-                        "mine.num_negatives": MINED_NEGATIVES})
-    out = {k: v for k, v in current.items() if k not in explicit and v != HISTORIC_DEFAULTS[k]}
-    if explicit.get("mine.scores", current.get("mine.scores")) != "none":
-        out.pop("loss.ranking_pairs", None)
-    return out
+    recipe = hmcl_recipe(row, 0, argparse.Namespace(**{**vars(args), "hmcl_set": sets}), "-", Path("-"))
+    dump = recipe.model_dump(mode="json")
+    mined = bool(HMCL_ROWS[row].get("_mine"))
+    flat = {f"{section}.{k}": v for section in ("model", "data", "train", "loss", *(["mine"] if mined else []))
+            for k, v in dump[section].items()}
+    flat = {k: v for k, v in flat.items() if k not in NOT_KEYED}
+    flat["train.positive_repeats"] = resolve_positive_repeats(flat["train.positive_repeats"], _anchors())
+    if not (mined and flat["mine.scores"] == "none"):
+        del flat["loss.ranking_pairs"]
+    return flat
+
+
+@functools.lru_cache(maxsize=1)
+def _anchors() -> list:
+    """The training anchors, as far as ``resolve_positive_repeats`` looks at them (mining adds no
+    positive, and relabelling weak pairs negative neither)."""
+    return [argparse.Namespace(pos=r["pos"]) for r in graded_rows(raw_pairs(), False)]
+
+
+def setting_changes(settings: dict, baseline: dict) -> dict:
+    """What ``settings`` (``trained_with``) changes from ``baseline``: a setting the baseline lacks
+    counts unless it holds its NEUTRAL value."""
+    missing = object()
+    return {k: v for k, v in settings.items() if baseline.get(k, NEUTRAL.get(k, missing)) != v}
 
 
 def expected_seconds(cache: dict, row: str, setting: dict) -> float:
@@ -322,6 +353,8 @@ def main() -> None:
     ap.add_argument("--keep-models", default=None,
                     help="copy each trained model into this folder (as ROW-sSEED-DIGEST) instead of discarding it")
     ap.add_argument("--table-only", action="store_true", help="print the table of what the cache holds; train nothing")
+    ap.add_argument("--all-cached", action="store_true",
+                    help="with --table-only: every cached run, labelled by what it changes from the cache's baseline")
     ap.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-table", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -333,17 +366,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = {k: getattr(args, k) for k in ("steps", "batch_size", "group_size", "lr", "max_length", "model")}
     common["device"] = device
-    from hmcl_cli.recipe import LossConfig
-
-    # a new loss option at its neutral value trains as before: it does not invalidate cached rows
-    neutral = {"local_weight": 0.0, "ignore_weak": False, "ignore_negatives": False, "symmetric": False}
-    defaults = {k: v for k, v in LossConfig().model_dump().items() if neutral.get(k, object()) != v}
-    defaults.pop("ranking_pairs")  # keyed by changed_defaults where it changes the training
-    common["loss_defaults"] = hashlib.sha256(json.dumps(defaults, sort_keys=True).encode()).hexdigest()[:8]
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if BASELINE_KEY not in cache:
+        cache[BASELINE_KEY] = trained_with("hmcl-mined", [], args)
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
-    jobs = job_list(args, rows, seeds, common)
+    jobs = job_list(args, rows, seeds, common, cache[BASELINE_KEY])
     start = time.time()
     if base_key(common) not in cache:  # the untrained model, scored on this device
         cache[base_key(common)] = {"scores": evaluate_model(base, False)}
@@ -356,7 +384,7 @@ def main() -> None:
         mine = jobs
         if args.shard:
             i, n = (int(x) for x in args.shard.split("/"))
-            mine = [j for j in jobs if j["key"] not in cache][i::n]
+            mine = list({j["key"]: j for j in jobs if j["key"] not in cache}.values())[i::n]
         for job in mine:
             if job["key"] in cache:
                 continue
@@ -381,8 +409,24 @@ def main() -> None:
                                  "setting": job["setting"], "scores": scores, "seconds": round(time.time() - t0, 1)}
             _save(cache, cache_path)
             print(f"{job['label']} seed {job['seed']}: {scores} ({cache[job['key']]['seconds']} s)", flush=True)
+    if args.all_cached:
+        jobs = cached_jobs(cache)
     if not args.no_table:
         print_table(cache, jobs, common)
+
+
+def cached_jobs(cache: dict) -> list[dict]:
+    """A job for every run in ``cache``, labelled by its row and how its setting differs from the
+    cache's baseline (and from the first run's steps, batch, ... where it does)."""
+    runs = [(k, r) for k, r in cache.items() if "setting" in r]
+    first = runs[0][1]["setting"] if runs else {}
+    jobs = []
+    for key, r in runs:
+        s = r["setting"]
+        diff = [f"{k}={v}" for k, v in sorted(s.get("changes", {}).items())]
+        diff += [f"{k}={v}" for k, v in sorted(s.items()) if k != "changes" and first.get(k) != v]
+        jobs.append({"key": key, "label": r["row"] + (f" [{' '.join(diff)}]" if diff else "")})
+    return sorted(jobs, key=lambda j: j["label"])
 
 
 def print_table(cache: dict, jobs: list[dict], common: dict) -> None:

@@ -1,0 +1,88 @@
+"""benchmarks/quality.py keys each cached hmcl run by the settings it trains with (what they change
+from the cache's baseline), so a default that changes re-keys exactly the runs it changes."""
+
+import argparse
+import importlib.util
+
+import pytest
+
+from conftest import ROOT, needs_shared
+
+pytestmark = needs_shared
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**kw):
+    base = dict(steps=160, batch_size=64, group_size=4, lr=2e-5, max_length=64, hmcl_set=[], grid=None,
+                grid_rows="hmcl", st_negatives=1)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def _changes(quality, row, sets, baseline=None):
+    args = _args()
+    baseline = quality.trained_with("hmcl-mined", [], args) if baseline is None else baseline
+    return quality.setting_changes(quality.trained_with(row, sets, args), baseline)
+
+
+def test_an_override_naming_the_default_keys_as_the_default(quality):
+    from hmcl_cli.recipe import LossConfig, MineConfig
+
+    weight = LossConfig().contrastive_weight
+    assert _changes(quality, "hmcl-mined", []) == {}
+    assert _changes(quality, "hmcl-mined", [f"loss.contrastive_weight={weight}",
+                                            f"mine.scores={MineConfig().scores}"]) == {}
+    # auto resolves to its number on this data (fewer than half of the anchors have a positive)
+    assert _changes(quality, "hmcl", ["train.positive_repeats=2"]) == {}
+    assert _changes(quality, "hmcl", ["train.positive_repeats=1"]) == {"train.positive_repeats": 1}
+    assert _changes(quality, "hmcl", ["loss.contrastive_weight=4"]) == {"loss.contrastive_weight": 4.0}
+
+
+def test_a_changed_default_rekeys_only_the_runs_it_changes(quality):
+    args = _args()
+    old = dict(quality.trained_with("hmcl-mined", [], args), **{"loss.contrastive_weight": 4.0, "mine.scores": "cosine"})
+    # every hmcl row trains with the new weight; only the mined row mines
+    assert _changes(quality, "hmcl", [], old) == {"loss.contrastive_weight": 8.0}
+    assert _changes(quality, "hmcl-mined", [], old) == {"loss.contrastive_weight": 8.0, "mine.scores": "none"}
+    # a run made under the old defaults is found by naming them
+    assert _changes(quality, "hmcl-mined", ["loss.contrastive_weight=4.0", "mine.scores=cosine"], old) == {}
+
+
+def test_settings_that_cannot_change_a_run_are_not_keyed(quality):
+    # mining settings do not touch a row that does not mine
+    assert _changes(quality, "hmcl", ["mine.num_negatives=7"]) == {}
+    assert _changes(quality, "hmcl-mined", ["mine.num_negatives=7"]) == {"mine.num_negatives": 7}
+    # ranking_pairs acts only on pairs without a score: here, candidates mined with scores none
+    assert _changes(quality, "hmcl", ["loss.ranking_pairs=all"]) == {}
+    assert _changes(quality, "hmcl-mined", ["loss.ranking_pairs=all", "mine.scores=cosine"]) == {"mine.scores": "cosine"}
+    assert _changes(quality, "hmcl-mined", ["loss.ranking_pairs=all"]) == {"loss.ranking_pairs": "all"}
+    # logging and checkpoint cadence
+    assert _changes(quality, "hmcl", ["train.log_steps=3"]) == {}
+
+
+def test_an_option_the_baseline_lacks_is_keyed_unless_neutral(quality, monkeypatch):
+    args = _args()
+    baseline = quality.trained_with("hmcl-mined", [], args)
+    del baseline["loss.symmetric"]  # as if the option came after the cache was started
+    assert _changes(quality, "hmcl", [], baseline) == {"loss.symmetric": False}
+    monkeypatch.setitem(quality.NEUTRAL, "loss.symmetric", False)
+    assert _changes(quality, "hmcl", [], baseline) == {}
+    assert _changes(quality, "hmcl", ["loss.symmetric=true"], baseline) == {"loss.symmetric": True}
+
+
+def test_job_keys(quality):
+    common = {"steps": 160, "device": "cpu"}
+    args = _args(hmcl_set=["loss.contrastive_weight=4"])
+    baseline = quality.trained_with("hmcl-mined", [], args)
+    jobs = quality.job_list(args, ["hmcl", "st-cosent-mnrl"], [1], common, baseline)
+    plain = quality.job_list(_args(), ["hmcl", "st-cosent-mnrl"], [1], common, baseline)
+    same = quality.job_list(_args(hmcl_set=["loss.contrastive_weight=4.0"]), ["hmcl"], [1], common, baseline)
+    assert jobs[0]["key"] != plain[0]["key"] and jobs[0]["key"] == same[0]["key"]
+    assert jobs[1]["key"] == plain[1]["key"]  # --hmcl-set does not touch the sentence-transformers rows
+    assert jobs[0]["setting"]["changes"] == {"loss.contrastive_weight": 4.0}
