@@ -371,7 +371,12 @@ def main() -> None:
     if BASELINE_KEY not in cache:
         cache[BASELINE_KEY] = trained_with("hmcl-mined", [], args)
     rows, seeds = args.rows.split(","), [int(s) for s in args.seeds.split(",")]
-    jobs = job_list(args, rows, seeds, common, cache[BASELINE_KEY])
+    from hmcl_cli.errors import HmclError
+
+    try:
+        jobs = job_list(args, rows, seeds, common, cache[BASELINE_KEY])
+    except HmclError as err:  # a bad --hmcl-set or --grid entry, before anything trains
+        sys.exit(f"quality.py: {err}")
     start = time.time()
     if base_key(common) not in cache:  # the untrained model, scored on this device
         cache[base_key(common)] = {"scores": evaluate_model(base, False)}
