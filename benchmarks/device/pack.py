@@ -2,7 +2,7 @@
 
     python benchmarks/device/pack.py            # here, once: wheels + all-MiniLM-L6-v2 (fp16)
     # then, on the device (one call, carry [".dev"]):
-    bash benchmarks/device/run.sh quality speed       # see run.sh for the parts
+    bash benchmarks/device/run.sh speed scale encode  # see run.sh for the parts
 
 The device image has torch, transformers, accelerate, peft and sentence-transformers but not
 mteb, datasets or pydantic, and it cannot reach a registry or a model hub. A call carries at
