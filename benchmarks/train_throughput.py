@@ -8,6 +8,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --sdpa no-cudnn    # SDPA backends
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl --sync-audit   # host waits
     python benchmarks/train_throughput.py --data stsb --shape bert-base --compile        # train.compile
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
@@ -21,7 +22,10 @@ Reported per tool, after ``--warmup`` steps, over ``--steps`` steps: real (non-p
 processes fewer tokens for the same batch: compare samples/s for the step speed),
 samples (anchors)/s, peak GPU memory, and for the decoder shapes MFU (model FLOPs, 6 x parameters
 per token, 4 x with LoRA which computes no weight gradients, over time and the H100's 989 TFLOP/s
-dense bf16; recomputation by gradient checkpointing is not counted). The memory
+dense bf16; recomputation by gradient checkpointing is not counted). ``--op-count`` counts the
+ATen operations each tool dispatches per timed step outside the optimizer (and in it, apart),
+views left out: each is at least one kernel launch on a GPU, where short-text steps are
+launch-bound; counted on any device. The memory
 planner's estimate is printed beside hmcl's measured peak. Data: ``quickstart`` =
 recipes/data/support-train.jsonl (graded, group 4, max length 64/96 as the quickstart recipe);
 ``stsb`` = STS-B train pairs with score >= 4 from ../shared/data (group 1: the positive only,
@@ -40,7 +44,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from collections import Counter
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -146,12 +153,14 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     batches = st_batches(rows, group, args.batch_size, 0)
     tokens = samples = 0
+    counting = contextlib.ExitStack()
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             _sync(device)
             t0, tokens, samples = time.perf_counter(), 0, 0
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            ops = counting.enter_context(OpCounter()) if args.op_count else None
         anchors, cands = next(batches)
         flat = [c for cs in cands for c in cs]
         fq = {k: v.to(device) for k, v in model.preprocess(anchors).items() if torch.is_tensor(v)}
@@ -169,7 +178,11 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
         tokens += int(fq["attention_mask"].sum()) + int(fd["attention_mask"].sum())
         samples += len(anchors)
     _sync(device)
-    return _result(time.perf_counter() - t0, tokens, samples, device)
+    counting.close()
+    out = _result(time.perf_counter() - t0, tokens, samples, device)
+    if ops is not None:
+        out["ops"] = ops.per_step(args.steps)
+    return out
 
 
 def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None) -> dict:
@@ -221,13 +234,57 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
     elif args.sync_audit:
         with _sync_audit(device, args.steps):
             trainer.train()
+    elif args.op_count:
+        with OpCounter() as ops:
+            trainer.train()
     else:
         trainer.train()
     _sync(device)
     out = _result(time.perf_counter() - t0, counted["tokens"], args.steps * args.batch_size, device)
+    if args.op_count:
+        out["ops"] = ops.per_step(args.steps)
     if plan is not None:
         out["planned_gib"] = round(plan.peak / 1024 ** 3, 2)
     return out
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active, by name, views (no kernel) left out;
+    those of ``optimizer.step`` apart (hmcl takes fused AdamW on a GPU, the plain loop the default,
+    so only the rest compares across devices)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.optimizer_ops = 0
+        self._in_step = False
+
+    def __enter__(self):
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+        self._hooks = [register_optimizer_step_pre_hook(lambda *a: setattr(self, "_in_step", True)),
+                       register_optimizer_step_post_hook(lambda *a: setattr(self, "_in_step", False))]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            if self._in_step:
+                self.optimizer_ops += 1
+            else:
+                self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def per_step(self, steps: int) -> dict:
+        """Per step: the operations outside the optimizer, the optimizer's, and the 10 most
+        frequent of the former."""
+        top = {k: round(v / steps, 1) for k, v in self.counts.most_common(10)}
+        return {"total": round(sum(self.counts.values()) / steps, 1), "optimizer": round(self.optimizer_ops / steps, 1),
+                **top}
 
 
 @contextlib.contextmanager
@@ -309,6 +366,8 @@ def main() -> None:
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
     ap.add_argument("--compile", action="store_true", help="hmcl with train.compile (torch.compile per layer)")
+    ap.add_argument("--op-count", action="store_true",
+                    help="count the ATen operations (views left out) each tool dispatches per timed step")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     args = ap.parse_args()
@@ -347,6 +406,12 @@ def main() -> None:
             mfu = f" MFU {flops * r['tokens_per_s'] / H100_BF16_FLOPS:.1%}"
         extra = "".join(f" {k} {v}" for k, v in r.items() if k in ("peak_gib", "planned_gib"))
         print(f"{name:<28} tokens/s {r['tokens_per_s']:>10} samples/s {r['samples_per_s']:>8} vs ST: {ratio}{mfu}{extra}")
+    for name, r in results.items():
+        if "ops" in r:
+            vs = f" ({r['ops']['total'] / st['ops']['total']:.2f}x ST)" if st and "ops" in st else ""
+            print(f"{name:<28} ATen ops per step outside the optimizer {r['ops']['total']}{vs}, in it "
+                  f"{r['ops']['optimizer']}; most frequent: "
+                  + ", ".join(f"{k} {v}" for k, v in r["ops"].items() if k not in ("total", "optimizer")))
     print(json.dumps({"args": vars(args), "results": results}))
 
 
