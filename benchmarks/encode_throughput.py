@@ -7,7 +7,9 @@ SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``)
 (or a random-weight model of a ``train_throughput.py`` shape), the same batch size and max length.
 sentence-transformers is timed twice: as loaded (float32) and with its weights cast to bf16 (what
 the issue's reference figure used); hmcl runs as it does in `hmcl mine` / `hmcl eval` (bf16 on
-GPU, float32 on CPU). Reports sentences/s and the ratios; the outputs of both tools are compared
+GPU, float32 on CPU), in the CLI's process state (``TOKENIZERS_PARALLELISM`` as the CLI sets it);
+sentence-transformers in the caller's (unset: the tokenizers library tokenises on every core, as
+for its users). Reports sentences/s and the ratios; the outputs of both tools are compared
 (mean cosine) so a fast wrong answer cannot pass. Compare ratios across machines, not absolute
 numbers.
 """
@@ -73,6 +75,9 @@ def main() -> None:
             st.encode(texts[: args.warmup], batch_size=args.batch_size)
             results["sentence-transformers (bf16 weights)"], _ = _timed(st_encode, device)
         st.to("cpu")
+        from hmcl_cli.modeling.tokenizing import quiet_forks
+
+        quiet_forks()  # the process state of `hmcl mine` / `hmcl eval` (the CLI calls it at start)
         hm = EmbeddingModel.load(str(path), max_length=args.max_length).to(device)
         hm.encode(texts[: args.warmup], batch_size=args.batch_size)
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)

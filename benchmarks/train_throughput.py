@@ -56,6 +56,10 @@ sys.path.insert(0, str(ROOT))
 SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
     "minilm-shape": ("bert", dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=12,
                                   vocab_size=30522)),  # all-MiniLM-L6-v2's shape: same speed as the real weights
+    # compute next to nothing: what is left is each tool's host work (tokenising, padding, launching),
+    # the part that bounds short-text steps on a big GPU; a CPU proxy for it
+    "micro": ("bert", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           vocab_size=30522)),
     "bert-base": ("bert", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                vocab_size=30522)),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,

@@ -265,7 +265,9 @@ def recipe_schema(fmt: str = typer.Option("markdown", "--format", help="markdown
 
 def main() -> None:
     """Entry point: run the app, turning library errors into one readable message + exit code."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from hmcl_cli.modeling.tokenizing import quiet_forks
+
+    quiet_forks()  # forks stay quiet; hmcl's own tokenising still runs on every core
     _quiet_libraries()
     debug = "--debug" in sys.argv
     _sigterm_is_interrupt()

@@ -21,6 +21,7 @@ from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candid
 from hmcl_cli.data.readers import read_source, source_label
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import read_jsonl, write_json_atomic, write_jsonl_atomic
+from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
 SPLITS = ("train", "dev", "test")
@@ -212,7 +213,7 @@ def token_length_stats(tokenizer: Any, rows: list[dict], max_length: Optional[di
         texts = texts[:limit]
         if not texts:
             continue
-        lengths = np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]])
+        lengths = np.array([len(ids) for ids in token_ids(tokenizer, texts)])
         out[side] = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} | {"max": int(lengths.max())}
         if max_length:
             out[side] |= {"texts": len(texts), "max_length": max_length[side],

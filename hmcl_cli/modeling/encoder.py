@@ -28,6 +28,7 @@ from torch import nn
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError
 from hmcl_cli.modeling.resolve import resolve_model
+from hmcl_cli.modeling.tokenizing import token_ids
 
 DECODER_TYPES = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma",
                  "gemma2", "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "falcon",
@@ -229,7 +230,7 @@ class EmbeddingModel(nn.Module):
             texts = [prompt + t for t in texts]
         eos = self.tokenizer.eos_token_id
         limit = max_len - 1 if s.append_eos else max_len
-        ids = self.tokenizer(list(texts), truncation=True, max_length=limit, add_special_tokens=True)["input_ids"]
+        ids = token_ids(self.tokenizer, texts, limit)
         if s.append_eos and eos is not None:
             ids = [x if (x and x[-1] == eos) else x + [eos] for x in ids]
         return ids

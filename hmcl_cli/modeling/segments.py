@@ -22,6 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
+from hmcl_cli.modeling.tokenizing import token_ids
+
 
 @dataclass
 class SegmentSettings:
@@ -79,8 +81,7 @@ def split_segments(model: Any, texts: Sequence[str], side: str,
     if budget <= seg.overlap:
         raise ValueError(f"model.segments.length {seg.length} leaves {budget} content tokens per segment after "
                          f"special tokens and the prompt; it must exceed the overlap ({seg.overlap})")
-    content = model.tokenizer(list(texts), add_special_tokens=False, truncation=True,
-                              max_length=max(1, max_total - overhead))["input_ids"]
+    content = token_ids(model.tokenizer, texts, max(1, max_total - overhead), add_special_tokens=False)
     # a text that fits one segment keeps exactly its plain ids (a prompt may merge with the text's
     # first token, so they are not rebuilt from `content`); only texts near or under one segment
     # are tokenised a second time to find out (a merge shortens a text by a token or two)

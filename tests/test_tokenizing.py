@@ -1,0 +1,62 @@
+"""token_ids: the ids transformers' tokenizer call gives, from the backend's parallel batch call."""
+
+import os
+
+import pytest
+
+from conftest import build_tokenizer, has_minilm
+from hmcl_cli.modeling import tokenizing
+from hmcl_cli.modeling.tokenizing import token_ids
+
+TEXTS = ["How long does a refund take?", "", "  spaced   out  ", "The [SEP] inside a text and [CLS] too",
+         " ".join(["refund order shipping card"] * 40), "Ünïcödé ß and 中文 text", "x"]
+
+
+def _tokenizers():
+    out = [("bert", build_tokenizer("bert")), ("qwen3", build_tokenizer("qwen3"))]
+    if has_minilm():
+        from transformers import AutoTokenizer
+
+        from hmcl_cli.modeling.resolve import resolve_model
+
+        out.append(("minilm", AutoTokenizer.from_pretrained(str(resolve_model("sentence-transformers/all-MiniLM-L6-v2")))))
+    return out
+
+
+@pytest.mark.parametrize("name,tok", _tokenizers(), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_token_ids_equal_the_tokenizer_call(name, tok, side):
+    tok.truncation_side = side
+    for max_length in (None, 7, 64):
+        for special in (True, False):
+            kwargs = {"truncation": True, "max_length": max_length} if max_length else {}
+            want = tok(TEXTS, add_special_tokens=special, **kwargs)["input_ids"]
+            assert token_ids(tok, TEXTS, max_length, add_special_tokens=special) == want, (max_length, special)
+    # state a padded, truncated call of transformers leaves on the backend does not leak in
+    tok(TEXTS, padding="max_length", truncation=True, max_length=5)
+    assert token_ids(tok, TEXTS) == tok(TEXTS)["input_ids"]
+    assert max(map(len, token_ids(tok, TEXTS))) > 5
+    assert token_ids(tok, []) == []
+
+
+def test_parallel_only_inside_the_call_and_never_against_the_user(monkeypatch):
+    seen = []
+    monkeypatch.setattr(tokenizing, "_own_default", False)
+    # hmcl's own default: false for forks, true inside token_ids' encode call
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    tokenizing.quiet_forks()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    with tokenizing._parallel():
+        seen.append(os.environ["TOKENIZERS_PARALLELISM"])
+    assert seen == ["true"] and os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    # restored on an error too
+    with pytest.raises(RuntimeError), tokenizing._parallel():
+        raise RuntimeError
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    # the user's own false is kept everywhere
+    monkeypatch.setattr(tokenizing, "_own_default", False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    tokenizing.quiet_forks()
+    with tokenizing._parallel():
+        seen.append(os.environ["TOKENIZERS_PARALLELISM"])
+    assert seen == ["true", "false"]
