@@ -38,20 +38,27 @@ def test_an_override_naming_the_default_keys_as_the_default(quality):
     assert _changes(quality, "hmcl-mined", []) == {}
     assert _changes(quality, "hmcl-mined", [f"loss.contrastive_weight={weight}",
                                             f"mine.scores={MineConfig().scores}"]) == {}
-    # auto resolves to its number on this data (fewer than half of the anchors have a positive)
-    assert _changes(quality, "hmcl", ["train.positive_repeats=2"]) == {}
-    assert _changes(quality, "hmcl", ["train.positive_repeats=1"]) == {"train.positive_repeats": 1}
-    assert _changes(quality, "hmcl", ["loss.contrastive_weight=4"]) == {"loss.contrastive_weight": 4.0}
+    # auto resolves to its number on this data: 2 (fewer than half of the anchors have a positive)
+    assert quality.trained_with("hmcl", ["train.positive_repeats=auto"], _args())["train.positive_repeats"] == 2
+    assert _changes(quality, "hmcl", ["train.positive_repeats=auto"]) == _changes(quality, "hmcl", ["train.positive_repeats=2"])
+    assert _changes(quality, "hmcl", [f"loss.contrastive_weight={weight / 2}"]) == {"loss.contrastive_weight": weight / 2}
 
 
 def test_a_changed_default_rekeys_only_the_runs_it_changes(quality):
+    from hmcl_cli.recipe import LossConfig, MineConfig
+
+    weight, scores = LossConfig().contrastive_weight, MineConfig().scores
+    old_weight, old_scores = weight / 2, "cosine" if scores != "cosine" else "none"
     args = _args()
-    old = dict(quality.trained_with("hmcl-mined", [], args), **{"loss.contrastive_weight": 4.0, "mine.scores": "cosine"})
+    # the baseline of a cache started when the defaults were old_weight and old_scores
+    old = dict(quality.trained_with("hmcl-mined", [], args),
+               **{"loss.contrastive_weight": old_weight, "mine.scores": old_scores})
     # every hmcl row trains with the new weight; only the mined row mines
-    assert _changes(quality, "hmcl", [], old) == {"loss.contrastive_weight": 8.0}
-    assert _changes(quality, "hmcl-mined", [], old) == {"loss.contrastive_weight": 8.0, "mine.scores": "none"}
+    assert _changes(quality, "hmcl", [], old) == {"loss.contrastive_weight": weight}
+    assert _changes(quality, "hmcl-mined", [], old) == {"loss.contrastive_weight": weight, "mine.scores": scores}
     # a run made under the old defaults is found by naming them
-    assert _changes(quality, "hmcl-mined", ["loss.contrastive_weight=4.0", "mine.scores=cosine"], old) == {}
+    assert _changes(quality, "hmcl-mined", [f"loss.contrastive_weight={old_weight}", f"mine.scores={old_scores}"],
+                    old) == {}
 
 
 def test_settings_that_cannot_change_a_run_are_not_keyed(quality):
