@@ -42,9 +42,8 @@ import random
 import sys
 import tempfile
 import time
-from pathlib import Path
-
 from collections import Counter
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

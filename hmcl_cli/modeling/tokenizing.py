@@ -11,7 +11,9 @@ The CLI sets ``TOKENIZERS_PARALLELISM=false`` at start unless the user set it
 (``quiet_forks``): a process that forks after a parallel tokenizer call (DataLoader workers,
 ``accelerate launch``) otherwise prints a warning and must turn parallelism off in the child.
 ``token_ids`` turns it on for its own call only, so forks stay quiet and safe; a user's explicit
-``TOKENIZERS_PARALLELISM=false`` is honoured everywhere.
+``TOKENIZERS_PARALLELISM=false`` is honoured everywhere. Processes that ``hmcl train`` relaunches
+on several GPUs inherit the CLI's false as if the user had set it, so each tokenises on one core
+(they share the host and tokenise the same data at the same time).
 """
 
 from __future__ import annotations
