@@ -1,6 +1,7 @@
 """Encoding throughput: hmcl's `EmbeddingModel.encode` (used by mine and eval) vs sentence-transformers' `model.encode`.
 
     python benchmarks/encode_throughput.py [--texts 100000] [--batch-size 256] [--shape minilm] [--sdpa no-cudnn]
+    python benchmarks/encode_throughput.py --texts 20000 --sync-audit     # what makes the host wait, per batch
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
@@ -41,7 +42,7 @@ def _timed(fn, device) -> tuple[float, object]:
 
 def main() -> None:
     from mine_throughput import inputs
-    from train_throughput import SHAPES, _sdpa_backends, build_model
+    from train_throughput import SHAPES, _sdpa_backends, _sync_audit, build_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=100_000)
@@ -51,6 +52,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2000, help="texts encoded once by each tool before timing")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
+    ap.add_argument("--sync-audit", action="store_true",
+                    help="then encode once more (hmcl, untimed) printing what made the host wait for the device")
     args = ap.parse_args()
     _, texts = inputs(args.texts, 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,6 +85,10 @@ def main() -> None:
         hm.encode(texts[: args.warmup], batch_size=args.batch_size)
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
+        if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch
+            batches = -(-len(set(texts)) // args.batch_size)
+            with _sync_audit(torch.device(device), batches, "batch"):
+                hm._encode_plain(list(dict.fromkeys(texts)), "doc", args.batch_size, False, "encode")
     print(f"\n{args.shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'fp32'}), "
           f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, SDPA {args.sdpa}; "
           f"hmcl vs sentence-transformers fp32 mean cosine {agree:.5f}")

@@ -291,7 +291,7 @@ class OpCounter(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def _sync_audit(device, steps: int):
+def _sync_audit(device, steps: int, unit: str = "step"):
     """Print what made the host wait during the timed steps: ATen ops that read data back
     (hmcl_cli/training/host_sync.py, any device) and, on CUDA, every synchronising call that
     torch.cuda.set_sync_debug_mode reports, by Python call site."""
@@ -323,9 +323,9 @@ def _sync_audit(device, steps: int):
                 torch.cuda.set_sync_debug_mode("default")
             warnings.showwarning = show
     where = "" if device.type == "cuda" else " (CPU: every read-back counted, GPU or not)"
-    print(f"host syncs seen by dispatch{where}, {len(ops.events) / steps:.1f} per step:\n{ops.report()}")
+    print(f"host syncs seen by dispatch{where}, {len(ops.events) / steps:.1f} per {unit}:\n{ops.report()}")
     if device.type == "cuda":
-        print(f"CUDA synchronising calls, {sum(sites.values()) / steps:.1f} per step:")
+        print(f"CUDA synchronising calls, {sum(sites.values()) / steps:.1f} per {unit}:")
         for site, n in sites.most_common(15):
             print(f"{n:6d}  {site}")
 

@@ -27,7 +27,8 @@
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
 #   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
 #            (benchmarks/long_text_quality.py).
-#   encode   #9: hmcl's encoder vs model.encode, 100k texts, MiniLM shape.
+#   encode   #9: hmcl's encoder vs model.encode, 100k texts, MiniLM shape; then what makes hmcl's
+#            encoding loop wait for the GPU, per batch.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
 set -uo pipefail
@@ -111,7 +112,8 @@ for spec in "$@"; do
     longq)
       part longq "$secs" python3 benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 6 --out /tmp/hmcl-longq ;;  # the table is in the log
     encode)
-      part encode "$secs" python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 ;;
+      part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000
+      part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json

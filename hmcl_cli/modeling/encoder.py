@@ -308,10 +308,12 @@ class EmbeddingModel(nn.Module):
         with ProgressBar(description, len(unique), "texts", enabled=progress) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
+                # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for the
+                # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
                 batch = {k: v.to(dev, non_blocking=True) for k, v in self.pad([ids[i] for i in idx]).items()}
                 with autocast_for(dev):
                     emb = self(**batch)
-                out[torch.tensor(idx, device=dev)] = emb.float()
+                out[torch.tensor(idx).to(dev, non_blocking=True)] = emb.float()
                 bar.update(len(idx))
         return out
 

@@ -128,10 +128,10 @@ def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSe
     seg_emb = torch.empty((len(flat), model.dim), dtype=torch.float32, device=dev)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = {k: v.to(dev) for k, v in model.pad([flat[i][1] for i in idx]).items()}
-        with autocast_for(dev):
-            seg_emb[torch.tensor(idx, device=dev)] = model.pooled(**batch).float()
-    owner = torch.tensor([t for t, _, _ in flat], device=dev)
-    weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat], device=dev)
+        batch = {k: v.to(dev, non_blocking=True) for k, v in model.pad([flat[i][1] for i in idx]).items()}
+        with autocast_for(dev):  # (host tensors moved without waiting for the GPU, as in encode)
+            seg_emb[torch.tensor(idx).to(dev, non_blocking=True)] = model.pooled(**batch).float()
+    owner = torch.tensor([t for t, _, _ in flat]).to(dev, non_blocking=True)
+    weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat]).to(dev, non_blocking=True)
     emb = aggregate(seg_emb, owner, weight, len(texts))
     return torch.nn.functional.normalize(emb, dim=-1) if model.settings.normalize else emb

@@ -356,8 +356,7 @@ class HMCLTrainer:
         c_own = batch.get("c_segment_owner") if c_seg is not None else None
         if sizes is not None and self.recipe.loss.gather_across_devices:
             qs, cs, ps, qss, css = sizes
-            q_off = torch.tensor(sum(qs[: self.rank]), device=q.device)
-            c_off = torch.tensor(sum(cs[: self.rank]), device=c.device)
+            q_off, c_off = sum(qs[: self.rank]), sum(cs[: self.rank])  # ints: no host-to-device copy
             q, c = gather_with_grad(q, qs), gather_with_grad(c, cs)
             pa, pc = gather_plain(pa + q_off, ps), gather_plain(pc + c_off, ps)
             lvl, sc = gather_plain(lvl, ps), gather_plain(sc, ps)
