@@ -1,11 +1,12 @@
 """Hard-negative mining throughput: `hmcl mine` vs sentence-transformers' mine_hard_negatives.
 
-    python benchmarks/mine_throughput.py [--corpus 100000] [--queries 1000] [--batch-size 128]
+    python benchmarks/mine_throughput.py [--corpus 100000] [--queries 1000] [--batch-size 128] [--shape micro]
 
 Same input for both, in one run: (anchor, positive) pairs from STS-B train (score >= 4) and a
 corpus of distinct sentences from STS-B, SICK and TrecQA (../shared/data), padded with numbered
 variants to the requested size; all-MiniLM-L6-v2; negatives from ranks [10, 50), relative margin
-0.05, 3 per query, exact search. Each tool encodes the corpus and the queries itself (hmcl's
+0.05, 3 per query, exact search (``--shape``: a random model of a ``train_throughput.py`` shape
+instead; ``micro`` leaves next to no compute, so what is timed is each tool's host work). Each tool encodes the corpus and the queries itself (hmcl's
 embedding cache starts empty). Reports seconds and texts/s and the ratio; on CPU unless CUDA is
 present. Compare ratios across machines, not absolute numbers.
 """
@@ -50,10 +51,11 @@ def main() -> None:
     ap.add_argument("--corpus", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--shape", default="minilm", help="minilm (the real weights) or a train_throughput.py shape")
     args = ap.parse_args()
     pairs, corpus = inputs(args.corpus, args.queries)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"{len(pairs)} queries, corpus {len(corpus)} texts, all-MiniLM-L6-v2 on {device}")
+    print(f"{len(pairs)} queries, corpus {len(corpus)} texts, {args.shape} on {device}")
 
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
@@ -63,10 +65,18 @@ def main() -> None:
     from hmcl_cli.modeling.resolve import resolve_model
     from hmcl_cli.recipe import load_recipe
 
-    path = str(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.shape == "minilm":
+            path = str(resolve_model("sentence-transformers/all-MiniLM-L6-v2"))
+        else:
+            import sys
+
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from train_throughput import build_model
+
+            path = str(build_model(args.shape, tmp / "model"))
         (tmp / "corpus.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in corpus), encoding="utf-8")
         (tmp / "run" / "data").mkdir(parents=True)
         (tmp / "run" / "data" / "train.jsonl").write_text(
