@@ -241,10 +241,9 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict, baseline: di
 # that changes later re-keys exactly the rows whose training it changes, and an override that
 # names a setting's current value keys as the default does.
 BASELINE_KEY = "hmcl-baseline"
-# quality.py's own arguments (keyed through ``common``) and what cannot change the trained model
-NOT_KEYED = {"model.name_or_path", "model.max_length", "train.max_steps", "train.batch_size", "train.group_size",
-             "train.learning_rate", "train.log_steps", "train.eval_steps", "train.save_steps", "train.keep_last",
-             "train.trackers", "data.sources"}
+# what cannot change the trained model (quality.py's own arguments are keyed through ``common``)
+NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.keep_last", "train.trackers",
+             "data.sources"}
 # options added after a cache's baseline was written, with the value that trains as before
 NEUTRAL: dict = {}
 
@@ -261,7 +260,11 @@ def trained_with(row: str, sets: list[str], args) -> dict:
     mined = bool(HMCL_ROWS[row].get("_mine"))
     flat = {f"{section}.{k}": v for section in ("model", "data", "train", "loss", *(["mine"] if mined else []))
             for k, v in dump[section].items()}
-    flat = {k: v for k, v in flat.items() if k not in NOT_KEYED}
+    # quality.py's arguments are in ``common``: keyed here only where a --hmcl-set overrides them
+    from_args = {"model.name_or_path": "-", "model.max_length": args.max_length, "train.max_steps": args.steps,
+                 "train.batch_size": args.batch_size, "train.group_size": args.group_size,
+                 "train.learning_rate": args.lr}
+    flat = {k: v for k, v in flat.items() if k not in NOT_KEYED and from_args.get(k, object()) != v}
     flat["train.positive_repeats"] = resolve_positive_repeats(flat["train.positive_repeats"], _anchors())
     if not (mined and flat["mine.scores"] == "none"):
         del flat["loss.ranking_pairs"]

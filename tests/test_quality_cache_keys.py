@@ -71,6 +71,10 @@ def test_settings_that_cannot_change_a_run_are_not_keyed(quality):
     assert _changes(quality, "hmcl-mined", ["loss.ranking_pairs=all"]) == {"loss.ranking_pairs": "all"}
     # logging and checkpoint cadence
     assert _changes(quality, "hmcl", ["train.log_steps=3"]) == {}
+    # quality.py's own arguments are keyed through its setting, an override of one here
+    assert _changes(quality, "hmcl", ["train.max_steps=160"]) == {}  # the steps it was given
+    assert _changes(quality, "hmcl", ["train.max_steps=7", "train.learning_rate=1e-4"]) == {
+        "train.max_steps": 7, "train.learning_rate": 1e-4}
 
 
 def test_an_option_the_baseline_lacks_is_keyed_unless_neutral(quality, monkeypatch):
