@@ -60,3 +60,16 @@ def test_parallel_only_inside_the_call_and_never_against_the_user(monkeypatch):
     with tokenizing._parallel():
         seen.append(os.environ["TOKENIZERS_PARALLELISM"])
     assert seen == ["true", "false"]
+
+
+def test_a_tokenizer_without_a_rust_backend_takes_its_own_call():
+    calls = []
+
+    class Plain:  # no is_fast / backend_tokenizer: e.g. a sentencepiece-only tokenizer
+        def __call__(self, texts, add_special_tokens=True, **kwargs):
+            calls.append((list(texts), add_special_tokens, kwargs))
+            return {"input_ids": [[len(t)] for t in texts]}
+
+    assert token_ids(Plain(), ["ab", "cde"], 5, add_special_tokens=False) == [[2], [3]]
+    assert token_ids(Plain(), ["ab"]) == [[2]]
+    assert calls == [(["ab", "cde"], False, {"truncation": True, "max_length": 5}), (["ab"], True, {})]
