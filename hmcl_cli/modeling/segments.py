@@ -132,6 +132,7 @@ def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSe
         with autocast_for(dev):  # (host tensors moved without waiting for the GPU, as in encode)
             seg_emb[torch.tensor(idx).to(dev, non_blocking=True)] = model.pooled(**batch).float()
     owner = torch.tensor([t for t, _, _ in flat]).to(dev, non_blocking=True)
-    weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat]).to(dev, non_blocking=True)
+    weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat])
+    weight = weight.to(dev, non_blocking=True)
     emb = aggregate(seg_emb, owner, weight, len(texts))
     return torch.nn.functional.normalize(emb, dim=-1) if model.settings.normalize else emb

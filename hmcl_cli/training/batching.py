@@ -128,6 +128,11 @@ class TrainData:
         return self.token_count("query", self.anchors[i].query)
 
 
+def with_positive(anchors: Sequence[Anchor]) -> int:
+    """How many of ``anchors`` have a positive."""
+    return sum(1 for a in anchors if a.pos)
+
+
 def resolve_positive_repeats(setting: int | str, anchors: Sequence[Anchor]) -> int:
     """``train.positive_repeats`` as a number: ``auto`` is 2 where fewer than half of the anchors
     have a positive (graded STS/NLI-style data, where InfoNCE sees few rows per step), else 1
@@ -135,8 +140,7 @@ def resolve_positive_repeats(setting: int | str, anchors: Sequence[Anchor]) -> i
     epoch)."""
     if setting != "auto":
         return int(setting)
-    with_pos = sum(1 for a in anchors if a.pos)
-    return 2 if 2 * with_pos < len(anchors) else 1
+    return 2 if 2 * with_positive(anchors) < len(anchors) else 1
 
 
 class BatchPlan:

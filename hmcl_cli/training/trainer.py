@@ -60,7 +60,7 @@ from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
-from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats
+from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import plan_memory, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
@@ -169,9 +169,9 @@ class HMCLTrainer:
                 log(f"train.compile: {n} layers compiled on first use (dynamic shapes)")
         self.positive_repeats = resolve_positive_repeats(cfg.positive_repeats, self.data.anchors)
         if cfg.positive_repeats == "auto" and self.is_main:
-            with_pos = sum(1 for a in self.data.anchors if a.pos)
-            log(f"train.positive_repeats auto: {self.positive_repeats} ({with_pos} of {len(self.data.anchors)} anchors "
-                f"have a positive{'; each listed twice per epoch' if self.positive_repeats > 1 else ''})")
+            n, total = with_positive(self.data.anchors), len(self.data.anchors)
+            log(f"train.positive_repeats auto: {self.positive_repeats} ({n} of {total} anchors have a positive"
+                f"{'; each listed twice per epoch' if self.positive_repeats > 1 else ''})")
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, group_by_length=cfg.group_by_length,
                                   by_source=cfg.batch_by_source, positive_repeats=self.positive_repeats)
