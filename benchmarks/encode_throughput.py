@@ -2,6 +2,7 @@
 
     python benchmarks/encode_throughput.py [--texts 100000] [--batch-size 256] [--shape minilm] [--sdpa no-cudnn]
     python benchmarks/encode_throughput.py --texts 20000 --sync-audit     # what makes the host wait, per batch
+    python benchmarks/encode_throughput.py --two-d-mask   # also hmcl with the model's own 2D mask check
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
@@ -42,7 +43,7 @@ def _timed(fn, device) -> tuple[float, object]:
 
 def main() -> None:
     from mine_throughput import inputs
-    from train_throughput import SHAPES, _sdpa_backends, _sync_audit, build_model
+    from train_throughput import SHAPES, _sdpa_backends, _sync_audit, build_model, two_d_masks
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--texts", type=int, default=100_000)
@@ -54,6 +55,8 @@ def main() -> None:
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--sync-audit", action="store_true",
                     help="then encode once more (hmcl, untimed) printing what made the host wait for the device")
+    ap.add_argument("--two-d-mask", action="store_true",
+                    help="also time hmcl with the model's own 2D mask check (as before prepared masks)")
     args = ap.parse_args()
     _, texts = inputs(args.texts, 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,6 +87,11 @@ def main() -> None:
         hm = EmbeddingModel.load(str(path), max_length=args.max_length).to(device)
         hm.encode(texts[: args.warmup], batch_size=args.batch_size)
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
+        if args.two_d_mask:  # the same encoder as before prepared masks: the model checks its 2D mask
+            with two_d_masks(True):
+                hm.encode(texts[: args.warmup], batch_size=args.batch_size)
+                results["hmcl encode, 2D mask"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
+        prepared = hm.check_masks()
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch
             batches = -(-len(set(texts)) // args.batch_size)
@@ -91,7 +99,8 @@ def main() -> None:
                 hm._encode_plain(list(dict.fromkeys(texts)), "doc", args.batch_size, False, "encode")
     print(f"\n{args.shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'fp32'}), "
           f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, SDPA {args.sdpa}; "
-          f"hmcl vs sentence-transformers fp32 mean cosine {agree:.5f}")
+          f"hmcl vs sentence-transformers fp32 mean cosine {agree:.5f}; hmcl's attention mask: "
+          f"{'prepared 4D' if prepared else 'the 2D padding mask'}")
     base = results["sentence-transformers (fp32 weights)"]
     for name, secs in results.items():
         print(f"{name:<40} {len(texts) / secs:>10.0f} sentences/s  hmcl is {secs / results['hmcl encode']:.2f}x this"

@@ -9,6 +9,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl --sync-audit   # host waits
     python benchmarks/train_throughput.py --data stsb --shape bert-base --compile        # train.compile
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
@@ -244,6 +245,7 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
         trainer.train()
     _sync(device)
     out = _result(time.perf_counter() - t0, counted["tokens"], args.steps * args.batch_size, device)
+    out["mask"] = "prepared 4D" if trainer.model.check_masks() else "2D"
     if args.op_count:
         out["ops"] = ops.per_step(args.steps)
     if plan is not None:
@@ -330,6 +332,26 @@ def _sync_audit(device, steps: int, unit: str = "step"):
             print(f"{n:6d}  {site}")
 
 
+TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask"}
+
+
+@contextlib.contextmanager
+def two_d_masks(active: bool):
+    """hmcl as before prepared attention masks (hmcl_cli/modeling/masks.py): the backbone gets
+    the 2D padding mask and checks it each forward call (a host synchronisation on a GPU)."""
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    if not active:
+        yield
+        return
+    real = EmbeddingModel.check_masks
+    EmbeddingModel.check_masks = lambda self: False
+    try:
+        yield
+    finally:
+        EmbeddingModel.check_masks = real
+
+
 def _sdpa_backends(choice: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -364,7 +386,8 @@ def main() -> None:
     ap.add_argument("--grad-cache-chunk", type=int, default=None)
     ap.add_argument("--attn", default=None, help="attn_implementation for hmcl (default sdpa)")
     ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--tools", default="st,hmcl")
+    ap.add_argument("--tools", default="st,hmcl",
+                    help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
@@ -391,8 +414,11 @@ def main() -> None:
             with _sdpa_backends(args.sdpa):
                 if tool == "st":
                     results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
+                elif tool in ("hmcl", "hmcl-2d-mask"):
+                    with two_d_masks(tool == "hmcl-2d-mask"):
+                        results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool)
                 else:
-                    results["hmcl train"] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / "hmcl")
+                    ap.error(f"unknown tool {tool!r} (st, hmcl, hmcl-2d-mask)")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{args.shape} on {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}), "
@@ -407,7 +433,7 @@ def main() -> None:
             # model FLOPs per token: forward 2P + backward 4P (full) or 2P (LoRA: no weight gradients)
             flops = (4 if args.lora else 6) * params
             mfu = f" MFU {flops * r['tokens_per_s'] / H100_BF16_FLOPS:.1%}"
-        extra = "".join(f" {k} {v}" for k, v in r.items() if k in ("peak_gib", "planned_gib"))
+        extra = "".join(f" {k} {v}" for k, v in r.items() if k in ("peak_gib", "planned_gib", "mask"))
         print(f"{name:<28} tokens/s {r['tokens_per_s']:>10} samples/s {r['samples_per_s']:>8} vs ST: {ratio}{mfu}{extra}")
     for name, r in results.items():
         if "ops" in r:

@@ -24,29 +24,27 @@ def test_counter_sees_the_operations_that_synchronise():
     assert z.shape == (2,)
 
 
-def _own(events) -> list:
-    return [e for e in events if "hmcl_cli" in e.where]
-
-
-@pytest.mark.parametrize("variant", ["all-terms", "grad-cache", "segments-local"])
-def test_training_step_has_no_host_sync_in_hmcl_code(tmp_path, tiny_bert, variant):
+@pytest.mark.parametrize("variant", ["all-terms", "grad-cache", "segments-local", "decoder-lora"])
+def test_training_step_has_no_host_sync(tmp_path, tiny_bert, tiny_qwen, variant):
+    """Neither hmcl's code nor the model's forward (its attention mask is prepared by hmcl,
+    modeling/masks.py) reads a value back from the device during a step."""
     loss = {"classification_weight": 0.2, "ranking_weight": 1.0, "weak_weight": 0.3}
-    train, model = {}, {}
+    train, model, folder = {}, {}, tiny_bert
     if variant == "grad-cache":
         train["grad_cache_chunk"] = 5
     if variant == "segments-local":
         model["segments"] = {"length": 16, "overlap": 2}
         loss["local_weight"] = 0.3
-    t = make_trainer(tmp_path, tiny_bert, loss=loss, train=train, model=model)
+    if variant == "decoder-lora":
+        model["lora"], folder = {"enabled": True, "r": 4}, tiny_qwen
+    t = make_trainer(tmp_path, folder, loss=loss, train=train, model=model)
     batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
     with HostSyncCounter() as s:
         loss_value, parts = t._forward_backward(batch, 1.0)
         t.loss_fn.zero_grad()
     assert set(parts) >= {"contrastive", "classification", "ranking"}
     assert torch.isfinite(loss_value)
-    assert not _own(s.events), s.report()
-    # the model's own forward may check its mask once per call (transformers' SDPA mask skip)
-    assert len(s.events) <= 4 * (1 + batch["c_input_ids"].size(0) // 5), s.report()
+    assert not s.events, s.report()
 
 
 def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_bert):

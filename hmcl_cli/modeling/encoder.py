@@ -27,6 +27,7 @@ from torch import nn
 
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.modeling.masks import prepared_mask, supports_prepared_mask
 from hmcl_cli.modeling.resolve import resolve_model
 from hmcl_cli.modeling.tokenizing import token_ids
 
@@ -106,6 +107,7 @@ class EmbeddingModel(nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         tokenizer.padding_side = settings.padding_side
+        self._prepared_masks: tuple[int, bool] = (0, False)  # (id of the backbone probed, its answer)
 
     @property
     def segments(self) -> Any:
@@ -253,9 +255,25 @@ class EmbeddingModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled token states, before normalisation (segments are averaged at this stage)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return pool(hidden, attention_mask, self.settings.pooling)
+
+    def check_masks(self) -> bool:
+        """Whether the backbone gets a prepared 4D mask (modeling/masks.py): decided once per
+        backbone, on first use or here (the trainer asks before compiling the layers)."""
+        probed, answer = self._prepared_masks
+        if probed != id(self.backbone):
+            answer = supports_prepared_mask(self)
+            self._prepared_masks = (id(self.backbone), answer)
+        return answer
+
+    def backbone_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mask the backbone gets: the 4D mask transformers would build, where it accepts it
+        (no host synchronisation in its forward), else the 2D padding mask itself."""
+        if not self.check_masks():
+            return attention_mask
+        return prepared_mask(attention_mask, self.settings.is_decoder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         emb = self.pooled(input_ids, attention_mask)

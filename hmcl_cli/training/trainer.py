@@ -163,6 +163,7 @@ class HMCLTrainer:
                 log(f"fsdp: weights, gradients and optimizer state sharded over {self.world} processes "
                     f"({units} layer units{'; LoRA adapters replicated' if r.model.lora.enabled else ''})")
         self.model.to(self.device)
+        self.model.check_masks()  # its probe runs in eval mode: before compiling, which would recompile for it
         if cfg.compile:
             n = compile_layers(self.model.backbone)
             if self.is_main:

@@ -1,0 +1,134 @@
+"""Attention masks prepared by hmcl, so that the model's forward never waits for the GPU.
+
+Given a 2D padding mask, transformers' SDPA path first asks whether the mask can be dropped
+(``padding_mask.all()``: no padding, so the flash kernel or ``is_causal`` may run). That
+question reads a value back from the GPU: the host stops queueing kernels until everything
+before it has run, once per forward call of an encoder and twice of a decoder — the last host
+synchronisations of a training step (see ``training/host_sync.py``).
+
+Where the model accepts it, hmcl hands the backbone the 4D boolean mask that transformers would
+build from the 2D one — ``[batch, 1, query, key]``, True where a query attends to a key: every
+real token for an encoder, the real tokens at or before the query for a decoder — and
+transformers uses a 4D mask as given, asking nothing. The result is the same (bitwise on the
+tiny and real models of the tests). It costs the mask-free kernels on a batch without any
+padding, which hmcl's batches rarely are (padded to a multiple of 8).
+
+Only where that is safe, decided once per model (:func:`supports_prepared_mask`):
+
+* the attention kernel is ``sdpa`` (eager attention adds the mask as float biases, flash
+  attention 2 takes the 2D mask);
+* full attention in every layer (no sliding window, chunked or hybrid layers, which the 4D mask
+  would not express);
+* and a probe: a padded two-text batch through the backbone with the 2D mask and with the
+  prepared one gives the same hidden states at every real token (a transformers version or an
+  architecture that builds its mask otherwise, or refuses a 4D mask, fails the probe and keeps
+  the 2D mask).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hmcl_cli.console import log
+
+
+def prepared_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """The 4D boolean mask ``[B, 1, T, T]`` for a 2D padding mask ``[B, T]`` (1 = real token).
+
+    Built from device tensors only: nothing is read back to the host."""
+    keys = attention_mask.bool()[:, None, None, :]
+    width = attention_mask.size(1)
+    if causal:
+        order = torch.ones(width, width, dtype=torch.bool, device=attention_mask.device).tril_()
+        return order[None, None] & keys
+    return keys.expand(-1, 1, width, width).contiguous()  # laid out as transformers lays out its own
+
+
+def _config(backbone: Any) -> Any:
+    return getattr(backbone, "config", None)
+
+
+def _full_attention(config: Any) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False
+    return not getattr(config, "attention_chunk_size", None)
+
+
+def static_reason(backbone: Any) -> str:
+    """Why the prepared mask is not even tried for this backbone ('' when it may be)."""
+    config = _config(backbone)
+    if config is None:
+        return "no model config"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    impl = getattr(config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention kernel {impl!r} (only sdpa takes the prepared mask)"
+    if not _full_attention(config):
+        return "sliding-window or chunked attention layers"
+    return ""
+
+
+@torch.no_grad()
+def supports_prepared_mask(model: Any) -> bool:
+    """Whether ``model`` (an EmbeddingModel) may hand its backbone :func:`prepared_mask`.
+
+    Static checks, then the probe described in the module docstring, run in eval mode (no
+    dropout) on the model's device and dtype, under the autocast encoding uses (bf16 on a GPU,
+    so the probe takes the kernels that training and encoding take)."""
+    from hmcl_cli.modeling.encoder import autocast_for
+
+    backbone = model.backbone
+    reason = static_reason(backbone)
+    if reason:
+        return False
+    batch = model.pad(model.tokenize(["hmcl checks its attention mask with two texts", "two"], "doc"))
+    if bool(batch["attention_mask"].all()):  # no padding (host tensor), nothing to compare
+        return False
+    dev = model.device
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with autocast_for(dev):
+            plain = _hidden(backbone(input_ids=ids, attention_mask=mask))
+            prepared = _hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
+    except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one
+        log(f"attention mask: {type(backbone).__name__} refused a prepared 4D mask ({type(e).__name__}); "
+            "the model checks its 2D mask each forward call")
+        return False
+    finally:
+        backbone.train(was_training)
+        _reshard(backbone)
+    real = mask.bool()
+    a, b = plain[real].float(), prepared[real].float()
+    scale = float(a.abs().max()) or 1.0
+    # the same mask takes the same kernels, so equal bitwise in practice; the tolerance only
+    # allows a kernel's rounding (bf16 under autocast), far below what a wrong mask changes
+    tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
+    same = a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale
+    if not same:
+        log(f"attention mask: a prepared 4D mask changes {type(backbone).__name__}'s output; "
+            "the model checks its 2D mask each forward call")
+    return same
+
+
+def _reshard(backbone: Any) -> None:
+    """Put FSDP2-sharded parameters back into their shards: the root unit keeps its parameters
+    unsharded after a forward call, and an optimizer built after the probe must see the shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    for module in backbone.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

