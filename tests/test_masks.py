@@ -113,3 +113,31 @@ def test_a_replaced_backbone_is_probed_again(tiny_qwen):
     with HostSyncCounter() as syncs:
         model(**batch).sum().backward()
     assert not syncs.events, syncs.report()
+
+
+@pytest.mark.parametrize("segments", [False, True])
+def test_encode_moves_rows_to_the_host_a_block_at_a_time(tiny_bert, monkeypatch, segments):
+    """The device holds one block of finished rows, not the corpus (HostRows); same embeddings."""
+    from hmcl_cli.modeling.encoder import HostRows
+    from hmcl_cli.modeling.segments import SegmentSettings
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    if segments:
+        model.use_segments(SegmentSettings(length=8, overlap=2, pooling="weighted"))
+    texts = [f"order {i} " + "refund please " * (i % 7) for i in range(40)] + ["order 3 "]
+    texts.insert(5, texts[20])  # a repeat: encoded once, returned twice
+    whole = model.encode(texts, batch_size=4)
+    pending, real = [], HostRows._flush
+
+    def spy(self):
+        pending.append(len(self._index))
+        real(self)
+
+    monkeypatch.setattr(HostRows, "BLOCK_BYTES", 4 * model.dim * 10)  # 10 rows a block
+    monkeypatch.setattr(HostRows, "_flush", spy)
+    blocked = model.encode(texts, batch_size=4)
+    assert blocked.device.type == "cpu" and blocked.shape == (len(texts), model.dim)
+    assert torch.equal(blocked, whole)
+    assert torch.equal(blocked[5], blocked[21])
+    assert sum(n > 0 for n in pending) >= 4  # several blocks went to the host...
+    assert max(pending) <= 10 + 4 - 1  # ...none larger than a block and one batch

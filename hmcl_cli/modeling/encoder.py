@@ -313,16 +313,20 @@ class EmbeddingModel(nn.Module):
                 out = self._encode_plain(unique, side, batch_size, progress, description)
         finally:
             self.train(was_training)
-        position = {t: i for i, t in enumerate(unique)}
-        result = out[torch.tensor([position[t] for t in texts], device=out.device, dtype=torch.long)] if texts else out
-        return result.cpu().numpy() if to_numpy else result.cpu()
+        # unique == texts when nothing repeats: no second copy of the corpus's embeddings
+        if len(unique) == len(texts):
+            result = out
+        else:
+            position = {t: i for i, t in enumerate(unique)}
+            result = out[torch.tensor([position[t] for t in texts], dtype=torch.long)]
+        return result.numpy() if to_numpy else result
 
     def _encode_plain(self, unique: list[str], side: str, batch_size: int, progress: bool, description: str) -> torch.Tensor:
-        """Embeddings [len(unique), D] (float32, on the model's device), longest texts first."""
+        """Embeddings [len(unique), D] (float32, on the host), computed longest texts first."""
         ids = self.tokenize(unique, side)
         order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
         dev = self.device
-        out = torch.empty((len(unique), self.dim), dtype=torch.float32, device=dev)
+        out = HostRows(len(unique), self.dim)
         with ProgressBar(description, len(unique), "texts", enabled=progress) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
@@ -330,10 +334,9 @@ class EmbeddingModel(nn.Module):
                 # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
                 batch = {k: v.to(dev, non_blocking=True) for k, v in self.pad([ids[i] for i in idx]).items()}
                 with autocast_for(dev):
-                    emb = self(**batch)
-                out[torch.tensor(idx).to(dev, non_blocking=True)] = emb.float()
+                    out.add(idx, self(**batch))
                 bar.update(len(idx))
-        return out
+        return out.collect()
 
     # ---------------------------------------------------------------- saving
     def save(self, folder: str | Path, adapter_only: bool = False) -> None:
@@ -343,6 +346,39 @@ class EmbeddingModel(nn.Module):
         self.backbone.save_pretrained(folder, safe_serialization=True)
         (tokenizer_with_eos(self.tokenizer) if self.settings.append_eos else self.tokenizer).save_pretrained(folder)
         write_st_config(folder, replace(self.settings, append_eos=False), self.dim)  # tokenizer appends EOS now
+
+
+class HostRows:
+    """Rows computed a batch at a time on the device, collected in a host tensor ``[n, dim]``.
+
+    Finished rows stay on the device until about ``BLOCK_BYTES`` of them are waiting, then go to
+    the host together: one wait for the GPU per block instead of per batch, and the device holds
+    the model and one block, not the whole corpus (1M texts x 4096 dimensions are 16 GiB)."""
+
+    BLOCK_BYTES = 256 << 20
+
+    def __init__(self, n: int, dim: int):
+        self.rows = torch.empty((n, dim), dtype=torch.float32)
+        self.block_rows = max(1, self.BLOCK_BYTES // (4 * dim))
+        self._index: list[int] = []
+        self._parts: list[torch.Tensor] = []
+
+    def add(self, index: Sequence[int], values: torch.Tensor) -> None:
+        """Rows ``index`` (positions in the output) get ``values`` [len(index), dim]."""
+        self._index.extend(index)
+        self._parts.append(values.float())
+        if len(self._index) >= self.block_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._parts:
+            self.rows[torch.tensor(self._index, dtype=torch.long)] = torch.cat(self._parts).cpu()
+            self._index, self._parts = [], []
+
+    def collect(self) -> torch.Tensor:
+        """The host tensor, every row added so far in place."""
+        self._flush()
+        return self.rows
 
 
 def write_st_config(folder: Path, s: EncoderSettings, dim: int) -> None:

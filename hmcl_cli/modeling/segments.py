@@ -118,21 +118,20 @@ def aggregate(segment_emb: torch.Tensor, owner: torch.Tensor, weight: torch.Tens
 
 @torch.no_grad()
 def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSettings, batch_size: int) -> torch.Tensor:
-    """Embeddings [len(texts), D] (float32, on the model's device) of segmented texts."""
-    from hmcl_cli.modeling.encoder import autocast_for
+    """Embeddings [len(texts), D] (float32, on the host) of segmented texts."""
+    from hmcl_cli.modeling.encoder import HostRows, autocast_for
 
     per_text = split_segments(model, texts, side, seg)
     flat = [(t, ids, n) for t, segs in enumerate(per_text) for ids, n in segs]
     order = sorted(range(len(flat)), key=lambda i: -len(flat[i][1]))
     dev = model.device
-    seg_emb = torch.empty((len(flat), model.dim), dtype=torch.float32, device=dev)
+    seg_emb = HostRows(len(flat), model.dim)  # segments reach the host a block at a time, as in encode
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         batch = {k: v.to(dev, non_blocking=True) for k, v in model.pad([flat[i][1] for i in idx]).items()}
         with autocast_for(dev):  # (host tensors moved without waiting for the GPU, as in encode)
-            seg_emb[torch.tensor(idx).to(dev, non_blocking=True)] = model.pooled(**batch).float()
-    owner = torch.tensor([t for t, _, _ in flat]).to(dev, non_blocking=True)
+            seg_emb.add(idx, model.pooled(**batch))
+    owner = torch.tensor([t for t, _, _ in flat])
     weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat])
-    weight = weight.to(dev, non_blocking=True)
-    emb = aggregate(seg_emb, owner, weight, len(texts))
+    emb = aggregate(seg_emb.collect(), owner, weight, len(texts))
     return torch.nn.functional.normalize(emb, dim=-1) if model.settings.normalize else emb
