@@ -31,14 +31,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def _timed(fn, device) -> tuple[float, object]:
+def _timed(fn, device, label: str = "", n: int = 0) -> tuple[float, object]:
+    """Seconds and output of ``fn()``; with ``label``, a line as soon as it ends (a run cut off by
+    a time limit keeps what it finished)."""
     if device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
+    secs = time.perf_counter() - t0
+    if label:
+        print(f"result {label}: {n / secs:.0f} sentences/s", flush=True)
+    return secs, out
 
 
 def main() -> None:
@@ -75,22 +80,22 @@ def main() -> None:
             return st.encode(texts, batch_size=args.batch_size, convert_to_tensor=True, normalize_embeddings=True)
 
         st.encode(texts[: args.warmup], batch_size=args.batch_size)
-        results["sentence-transformers (fp32 weights)"], ref = _timed(st_encode, device)
+        results["sentence-transformers (fp32 weights)"], ref = _timed(st_encode, device, "sentence-transformers (fp32 weights)", len(texts))
         if device == "cuda":
             st.to(torch.bfloat16)
             st.encode(texts[: args.warmup], batch_size=args.batch_size)
-            results["sentence-transformers (bf16 weights)"], _ = _timed(st_encode, device)
+            results["sentence-transformers (bf16 weights)"], _ = _timed(st_encode, device, "sentence-transformers (bf16 weights)", len(texts))
         st.to("cpu")
         from hmcl_cli.modeling.tokenizing import quiet_forks
 
         quiet_forks()  # the process state of `hmcl mine` / `hmcl eval` (the CLI calls it at start)
         hm = EmbeddingModel.load(str(path), max_length=args.max_length).to(device)
         hm.encode(texts[: args.warmup], batch_size=args.batch_size)
-        results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
+        results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode", len(texts))
         if args.two_d_mask:  # the same encoder as before prepared masks: the model checks its 2D mask
             with two_d_masks(True):
                 hm.encode(texts[: args.warmup], batch_size=args.batch_size)
-                results["hmcl encode, 2D mask"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device)
+                results["hmcl encode, 2D mask"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode, 2D mask", len(texts))
         prepared = hm.check_masks()
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch

@@ -419,6 +419,9 @@ def main() -> None:
                         results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool)
                 else:
                     ap.error(f"unknown tool {tool!r} (st, hmcl, hmcl-2d-mask)")
+            name = "sentence-transformers loop" if tool == "st" else TOOL_NAMES[tool]
+            # each tool's result as it ends: a run cut off by a time limit keeps the tools it finished
+            print(f"result {name}: {json.dumps(results[name])}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{args.shape} on {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}), "
