@@ -10,6 +10,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --compile        # train.compile
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
@@ -189,7 +190,8 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     return out
 
 
-def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None) -> dict:
+def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None,
+             train_extra: dict | None = None) -> dict:
     from hmcl_cli.data.prepare import prepare
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.training.trainer import HMCLTrainer
@@ -205,7 +207,8 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
         "train": {"max_steps": args.warmup, "batch_size": args.batch_size, "group_size": group,
                   "learning_rate": args.lr, "warmup_ratio": 0.0, "log_steps": 10_000, "save_steps": 100_000,
                   "eval_steps": 100_000, "max_grad_norm": None, "batch_by_source": False,
-                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers, "compile": args.compile},
+                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers, "compile": args.compile,
+                  **(train_extra or {})},
         "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
     prepare(recipe, progress=False)
     trainer = HMCLTrainer(recipe)
@@ -332,7 +335,9 @@ def _sync_audit(device, steps: int, unit: str = "step"):
             print(f"{n:6d}  {site}")
 
 
-TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask"}
+TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
+              "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards"}
+TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}}
 
 
 @contextlib.contextmanager
@@ -387,7 +392,8 @@ def main() -> None:
     ap.add_argument("--attn", default=None, help="attn_implementation for hmcl (default sdpa)")
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--tools", default="st,hmcl",
-                    help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check)")
+                    help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
+                    "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
@@ -414,11 +420,12 @@ def main() -> None:
             with _sdpa_backends(args.sdpa):
                 if tool == "st":
                     results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
-                elif tool in ("hmcl", "hmcl-2d-mask"):
+                elif tool in TOOL_NAMES:
                     with two_d_masks(tool == "hmcl-2d-mask"):
-                        results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool)
+                        results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool,
+                                                             train_extra=TOOL_TRAIN.get(tool))
                 else:
-                    ap.error(f"unknown tool {tool!r} (st, hmcl, hmcl-2d-mask)")
+                    ap.error(f"unknown tool {tool!r} (st, {', '.join(TOOL_NAMES)})")
             name = "sentence-transformers loop" if tool == "st" else TOOL_NAMES[tool]
             # each tool's result as it ends: a run cut off by a time limit keeps the tools it finished
             print(f"result {name}: {json.dumps(results[name])}", flush=True)

@@ -341,6 +341,14 @@ class TrainConfig(_Section):
         False, description="torch.compile each transformer layer (dynamic shapes) to fuse its small "
         "kernels; for GPUs (on a 2-core CPU it was no faster and compiling took ~1 minute)."
     )
+    one_forward: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Encode a step's anchors and candidates in one forward call (both sides padded to "
+        "the wider one) instead of one call per side: half the kernel launches, where short texts on a "
+        "GPU are launch-bound; costs the padding where the sides' lengths differ. `auto`: one call on a "
+        "GPU when it adds at most 25% padded tokens to the step (not under train.fsdp, not with "
+        "GradCache chunks), two on a CPU, which computes every padded token.",
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader workers.")
 
 

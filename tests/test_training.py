@@ -331,3 +331,48 @@ def test_training_start_says_what_the_ranking_term_does_with_unscored_pairs(tmp_
     n = sum(len(a.pos) + len(a.weak) + len(a.neg) for a in t.data.anchors)
     assert f"loss.ranking_pairs auto: {n} of {n} pairs have no score; 0 left to InfoNCE" in out
     assert f"{n} ordered by level" in out
+
+
+@pytest.mark.parametrize("fixture,model_section", [("tiny_bert", {}), ("tiny_qwen", {}),
+                                                   ("tiny_bert", {"segments": {"length": 24, "overlap": 2}})])
+def test_one_forward_gives_same_loss_and_gradients_in_one_call(tmp_path, fixture, model_section, request):
+    """train.one_forward: both sides in one forward call (the narrower padded further, on the
+    right for BERT, on the left for Qwen) = one call per side."""
+    from hmcl_cli.training.batching import StepBatches
+
+    t = make_trainer(tmp_path, request.getfixturevalue(fixture), model=model_section,
+                     loss={"classification_weight": 0.2, "ranking_weight": 1.0, "local_weight": 0.3 if model_section else 0.0})
+    batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+    assert batch["q_input_ids"].size(1) != batch["c_input_ids"].size(1)  # the sides' widths differ
+    calls = []
+    hook = t.model.backbone.register_forward_hook(lambda m, a, k: calls.append(1))
+    out = {}
+    for one in (False, True):
+        t.cfg.one_forward = one
+        calls.clear()
+        loss, _ = t._forward_backward(batch, 1.0)
+        out[one] = (loss.detach(), _grads(t), len(calls))
+        t.optimizer.zero_grad(set_to_none=True)
+    hook.remove()
+    assert (out[False][2], out[True][2]) == (2, 1)
+    assert torch.allclose(out[False][0], out[True][0], atol=1e-5)
+    assert_grads_close(out[False][1], out[True][1])
+
+
+def test_one_forward_auto_joins_only_on_a_gpu_where_padding_stays_small(tmp_path, tiny_bert):
+    t = _trainer(tmp_path, tiny_bert)
+
+    def batch(n_q, w_q, n_c, w_c):
+        return {"q_input_ids": torch.zeros((n_q, w_q)), "c_input_ids": torch.zeros((n_c, w_c))}
+
+    assert t.cfg.one_forward == "auto"
+    assert not t._one_forward(batch(8, 16, 24, 16))  # CPU: never
+    t.device = torch.device("cuda")  # only its type is read
+    assert t._one_forward(batch(8, 16, 24, 16))
+    assert t._one_forward(batch(8, 16, 24, 24))  # 8 x 8 extra of 512: 12.5%
+    assert not t._one_forward(batch(32, 16, 32, 64))  # 32 x 48 extra of 2560: 60%
+    assert not t._one_forward(batch(8, 16, 0, 8))  # no candidates
+    t.sharded = True
+    assert not t._one_forward(batch(8, 16, 24, 16))  # FSDP: every process must make the same calls
+    t.cfg.one_forward = True
+    assert t._one_forward(batch(32, 16, 32, 64))

@@ -21,8 +21,9 @@
 #            3 seeds, the setting (641 steps), 9 runs at a time. Cache:
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
 #   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
-#            SDPA's default backends (and hmcl with the model's own 2D mask check, as before
-#            prepared masks) and without cuDNN attention; a host-sync audit of hmcl.
+#            SDPA's default backends (and hmcl with two forward calls per step, and with the
+#            model's own 2D mask check: each of the two features undone alone) and without
+#            cuDNN attention; a host-sync audit of hmcl.
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
@@ -95,12 +96,14 @@ for spec in "$@"; do
         --grid-rows hmcl,hmcl-mined --table-only 2>&1 | tee -a "$OUT/quality.log"
       cp benchmarks/results/quality-gpu.json "$OUT/" ;;
     speed)
-      bert=$((secs / 6)) qwen=$((secs / 4))
-      part speed "$bert" python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --tools st,hmcl,hmcl-2d-mask
-      part speed "$bert" python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --sdpa no-cudnn
-      part speed "$bert" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --tools hmcl --sync-audit
-      part speed "$qwen" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
-      part speed "$qwen" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3 --sdpa no-cudnn ;;
+      # hmcl (defaults: one forward per step, prepared mask) beside each change alone undone
+      part speed $((secs / 4)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 \
+        --tools st,hmcl,hmcl-2fwd,hmcl-2d-mask
+      part speed $((secs / 8)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --sdpa no-cudnn
+      part speed $((secs / 10)) python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --tools hmcl --sync-audit
+      part speed $((secs / 4)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
+      part speed $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 \
+        --warmup 3 --sdpa no-cudnn ;;
     scale)
       each=$((secs / 3))
       part scale "$each" python3 $tt --data stsb --shape qwen3-0.6b --lora --checkpointing --batch-size 128 --tools hmcl --steps 10

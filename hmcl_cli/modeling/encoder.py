@@ -237,12 +237,25 @@ class EmbeddingModel(nn.Module):
             ids = [x if (x and x[-1] == eos) else x + [eos] for x in ids]
         return ids
 
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def widen(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A padded batch padded further to ``width`` tokens, on the padding side (on the device)."""
+        gap = width - input_ids.size(1)
+        if gap <= 0:
+            return input_ids, attention_mask
+        where = (gap, 0) if self.settings.padding_side == "left" else (0, gap)
+        return (torch.nn.functional.pad(input_ids, where, value=self.pad_token_id),
+                torch.nn.functional.pad(attention_mask, where, value=0))
+
     def pad(self, batch: Sequence[Sequence[int]], multiple_of: int = 8) -> dict[str, torch.Tensor]:
         """Pad a list of token-id lists to the longest (rounded up to ``multiple_of``)."""
         lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
         longest = int(lengths.max())
         width = -(-longest // multiple_of) * multiple_of if multiple_of else longest
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_id = self.pad_token_id
         positions = np.arange(width)[None, :]
         if self.settings.padding_side == "left":
             filled = positions >= (width - lengths)[:, None]

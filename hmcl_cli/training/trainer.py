@@ -9,8 +9,9 @@ What a step does:
    each distinct text is encoded once per step; padding is dynamic (multiple of 8). With
    ``model.segments`` a long text is several sequences (its segments), averaged back into the
    text's embedding inside the loss graph; ``loss.local_weight`` adds the segment-level term.
-2. Anchors and candidates are embedded (bf16 autocast on GPU, fp32 on CPU); with several
-   processes they are gathered *with gradients*, so in-batch negatives span every GPU.
+2. Anchors and candidates are embedded (bf16 autocast on GPU, fp32 on CPU) — in one forward
+   call where ``train.one_forward`` says so, else one per side; with several processes they
+   are gathered *with gradients*, so in-batch negatives span every GPU.
 3. :class:`~hmcl_cli.losses.HMCLLoss` gives the loss; with ``train.grad_cache_chunk`` the
    embeddings are computed in chunks without a graph first and re-computed chunk by chunk
    for the backward pass (GradCache), which gives the same loss and gradients as the plain
@@ -64,6 +65,10 @@ from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolv
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import plan_memory, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
+
+# train.one_forward auto: one forward call when padding both sides to the wider one adds at most
+# this share of padded tokens to the step
+ONE_FORWARD_PADDING = 0.25
 
 
 class MetricsLog:
@@ -311,13 +316,40 @@ class HMCLTrainer:
             if chunk:
                 return self._grad_cache_step(batch, chunk, scale, sizes)
             with autocast_for(dev, self.precision):
-                q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
-                c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
+                if self._one_forward(batch):
+                    n_q = batch["q_input_ids"].size(0)
+                    units = self._units(*self._joined(batch))
+                    q, c = units[:n_q], units[n_q:]
+                else:
+                    q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
+                    c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
             loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
             (loss * scale).backward()
             return loss, parts
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of GPU memory at step {self.step + 1}", hint=MEMORY_HINT) from None
+
+    def _one_forward(self, batch: dict) -> bool:
+        """Whether this step encodes both sides in one forward call (``train.one_forward``); decided
+        from the tensors' shapes, which the host knows without asking the device."""
+        (n_q, w_q), (n_c, w_c) = batch["q_input_ids"].shape, batch["c_input_ids"].shape
+        mode = self.cfg.one_forward
+        if not n_c or mode is False:
+            return False
+        if mode is True:
+            return True
+        if self.device.type != "cuda" or self.sharded:  # a CPU computes every padded token; under FSDP
+            return False  # every forward is collective, so no process may decide alone
+        width = max(w_q, w_c)
+        extra = n_q * (width - w_q) + n_c * (width - w_c)
+        return extra <= ONE_FORWARD_PADDING * (n_q * w_q + n_c * w_c)
+
+    def _joined(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both sides' rows as one batch (queries first), padded to the wider side."""
+        width = max(batch["q_input_ids"].size(1), batch["c_input_ids"].size(1))
+        q = self.model.widen(batch["q_input_ids"], batch["q_attention_mask"], width)
+        c = self.model.widen(batch["c_input_ids"], batch["c_attention_mask"], width)
+        return torch.cat([q[0], c[0]]), torch.cat([q[1], c[1]])
 
     def _step_sizes(self, batch: dict, chunk: Optional[int]) -> Optional[list[list[int]]]:
         """Every process's counts for this step — anchors, candidates, pairs, query rows, candidate
