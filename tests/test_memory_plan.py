@@ -151,3 +151,25 @@ def test_plan_without_data_counts_the_segments_a_longest_text_really_splits_into
     real = tuple(len(split_segments(m, [long_text], side, m.segments)[0]) for side in ("query", "doc"))
     assert real[0] > real[1]  # the prompt leaves less room per query segment
     assert plan_memory(recipe, cpu).activations == plan_memory(recipe, cpu, segments=real).activations
+
+
+def test_plan_sizes_one_forward_calls_at_the_wider_length(tmp_path, tiny_bert):
+    """train.one_forward: anchors (16 tokens) and candidates (48) in one call, all at 48 tokens."""
+    def plan(one_forward, device="cpu", ckpt=False):
+        recipe = load_recipe(write_recipe(tmp_path, tiny_bert, model={"query_max_length": 16, "doc_max_length": 48,
+                                                                     "gradient_checkpointing": ckpt},
+                                          train={"batch_size": 4, "group_size": 2, "one_forward": one_forward}))
+        return plan_memory(recipe, device=torch.device(device), capacity=1 << 40)
+
+    from transformers import AutoModel
+
+    two, one = plan(False), plan(True)
+    real = _real_saved_bytes(AutoModel.from_pretrained(tiny_bert, attn_implementation="sdpa"), 4 + 8, 48)
+    assert real <= one.activations <= 1.02 * real  # every sequence at the wider length
+    assert two.activations < one.activations
+    assert plan("auto").activations == two.activations  # a CPU never joins the sides
+    # on a GPU auto joins only where that adds at most 25% padded tokens: sized by that bound
+    gpu_two, gpu_auto = plan(False, "cuda"), plan("auto", "cuda")
+    assert gpu_two.activations < gpu_auto.activations <= 1.25 * gpu_two.activations
+    # with checkpointing the recomputed layer is one call's: both sides at once
+    assert plan(True, ckpt=True).activations > plan(False, ckpt=True).activations

@@ -21,7 +21,8 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   one segment's length as its longest text needs). Attention is counted as a fused kernel keeps it (q, k, v, output,
   log-sum-exp), as SDPA's flash / memory-efficient kernels do. With gradient checkpointing each
   layer keeps only its input, plus one layer's activations for one forward call (the anchors or
-  the candidates, or one GradCache chunk) during recomputation;
+  the candidates, both with ``train.one_forward``, or one GradCache chunk) during recomputation;
+  with ``train.one_forward`` both sides are sized at the wider length;
 * **autocast copies**: under bf16 autocast every float32 weight used in a matmul is cast once per
   forward and the bf16 copy is kept until the backward pass.
 
@@ -40,6 +41,9 @@ from typing import Any, Optional
 import torch
 
 GIB = 1024 ** 3
+# train.one_forward auto: one forward call when padding both sides to the wider one adds at most
+# this share of padded tokens to the step (the trainer decides with it, the planner sizes by it)
+ONE_FORWARD_PADDING = 0.25
 
 
 @dataclass
@@ -272,7 +276,18 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         redo_q, redo_d = (probes[q_len][1], probes[d_len][1]) if ckpt else (0, 0)
         if chunk_size:  # GradCache: one chunk of one side at a time
             return chunk_size * max(per_q + redo_q, per_d + redo_d), chunk_size
-        return n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d), n_q + n_d
+        two_calls = n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d)
+        joins = t.one_forward is True or (t.one_forward == "auto" and device.type == "cuda" and shards == 1)
+        if not joins:
+            return two_calls, n_q + n_d
+        # train.one_forward: both sides in one call at the wider length (auto joins only where
+        # that adds at most ONE_FORWARD_PADDING of padded tokens, so at most that much more)
+        width = max(q_len, d_len)
+        per_w = _sequence_bytes(config, act_dtype, probes[width], width, ckpt)
+        one_call = (n_q + n_d) * (per_w + (probes[width][1] if ckpt else 0))
+        if t.one_forward == "auto":
+            one_call = min(one_call, int(two_calls * (1 + ONE_FORWARD_PADDING)))
+        return max(two_calls, one_call), n_q + n_d
 
     act, seqs = activations(m.gradient_checkpointing, chunk)
     capacity = capacity if capacity is not None else _device_capacity(device)

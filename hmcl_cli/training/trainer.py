@@ -63,12 +63,8 @@ from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
-from hmcl_cli.training.memory import plan_memory, resolve_chunk
+from hmcl_cli.training.memory import ONE_FORWARD_PADDING, plan_memory, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
-
-# train.one_forward auto: one forward call when padding both sides to the wider one adds at most
-# this share of padded tokens to the step
-ONE_FORWARD_PADDING = 0.25
 
 
 class MetricsLog:
