@@ -367,7 +367,9 @@ def test_one_forward_auto_joins_only_on_a_gpu_where_padding_stays_small(tmp_path
 
     assert t.cfg.one_forward == "auto"
     assert not t._one_forward(batch(8, 16, 24, 16))  # CPU: never
+    assert t._forward_calls() == ""  # and training says nothing about it
     t.device = torch.device("cuda")  # only its type is read
+    assert "25% padded tokens" in t._forward_calls()
     assert t._one_forward(batch(8, 16, 24, 16))
     assert t._one_forward(batch(8, 16, 24, 24))  # 8 x 8 extra of 512: 12.5%
     assert not t._one_forward(batch(32, 16, 32, 64))  # 32 x 48 extra of 2560: 60%
@@ -376,3 +378,4 @@ def test_one_forward_auto_joins_only_on_a_gpu_where_padding_stays_small(tmp_path
     assert not t._one_forward(batch(8, 16, 24, 16))  # FSDP: every process must make the same calls
     t.cfg.one_forward = True
     assert t._one_forward(batch(32, 16, 32, 64))
+    assert "one forward call per step" in t._forward_calls()

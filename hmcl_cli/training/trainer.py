@@ -210,6 +210,9 @@ class HMCLTrainer:
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
+            calls = self._forward_calls()
+            if calls:
+                log(f"train: {calls}")
             if r.loss.ranking_weight > 0:
                 ranking = describe_ranking_pairs(self.data.anchors, r.loss.ranking_pairs, r.loss.use_scores)
                 if ranking:
@@ -339,6 +342,18 @@ class HMCLTrainer:
         width = max(w_q, w_c)
         extra = n_q * (width - w_q) + n_c * (width - w_c)
         return extra <= ONE_FORWARD_PADDING * (n_q * w_q + n_c * w_c)
+
+    def _forward_calls(self) -> str:
+        """What ``train.one_forward`` does in this run, for the start of training ('' = the usual
+        one call per side)."""
+        if self.chunk or self.cfg.one_forward is False:
+            return ""
+        if self.cfg.one_forward is True:
+            return "anchors and candidates in one forward call per step (train.one_forward)"
+        if self.device.type != "cuda" or self.sharded:
+            return ""
+        return (f"anchors and candidates in one forward call where that adds at most "
+                f"{ONE_FORWARD_PADDING:.0%} padded tokens to the step, else one per side (train.one_forward auto)")
 
     def _joined(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Both sides' rows as one batch (queries first), padded to the wider side."""
