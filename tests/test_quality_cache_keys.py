@@ -97,3 +97,16 @@ def test_job_keys(quality):
     assert jobs[0]["key"] != plain[0]["key"] and jobs[0]["key"] == same[0]["key"]
     assert jobs[1]["key"] == plain[1]["key"]  # --hmcl-set does not touch the sentence-transformers rows
     assert jobs[0]["setting"]["changes"] == {"loss.contrastive_weight": 4.0}
+
+
+def test_an_option_added_after_the_baseline_keys_only_where_it_changes_training(quality, monkeypatch):
+    """train.one_forward came after the committed caches: auto on a CPU (two calls, as before)
+    finds their runs; one call, or auto on a GPU (where it joins the sides), is a new key."""
+    args = _args()
+    old = {k: v for k, v in quality.trained_with("hmcl-mined", [], args).items() if k != "train.one_forward"}
+    monkeypatch.setattr(quality.torch.cuda, "is_available", lambda: False)
+    assert quality.trained_with("hmcl-mined", [], args)["train.one_forward"] is False
+    assert _changes(quality, "hmcl-mined", [], old) == {}
+    assert _changes(quality, "hmcl-mined", ["train.one_forward=true"], old) == {"train.one_forward": True}
+    monkeypatch.setattr(quality.torch.cuda, "is_available", lambda: True)
+    assert _changes(quality, "hmcl-mined", [], old) == {"train.one_forward": "auto"}
