@@ -117,8 +117,9 @@ CASES = {
     # FSDP2: weights, gradients and AdamW state sharded over the 2 processes
     "fsdp": ("tiny_bert", {"train": {"fsdp": True}}),
     # FSDP2 with LoRA on a decoder: frozen base sharded, adapters replicated (no dropout: its masks
-    # depend on how the batch is split)
-    "fsdp-lora-qwen": ("tiny_qwen", {"train": {"fsdp": True}, "model": {"lora": {"enabled": True, "dropout": 0.0}}}),
+    # depend on how the batch is split); anchors and candidates in one (collective) forward call
+    "fsdp-lora-qwen": ("tiny_qwen", {"train": {"fsdp": True, "one_forward": True},
+                                     "model": {"lora": {"enabled": True, "dropout": 0.0}}}),
     # FSDP + GradCache: the processes hold different numbers of segments, hence of chunks, yet every
     # sharded forward/backward is collective
     "fsdp-gradcache-segments": ("tiny_bert", {"train": {"fsdp": True, "grad_cache_chunk": 3},
@@ -142,6 +143,8 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         out = _hmcl_train(folder, model_dir, procs, batch, extra)
         if procs > 1 and case.startswith("fsdp"):
             assert "fsdp: weights, gradients and optimizer state sharded over 2 processes" in out
+        if extra.get("train", {}).get("one_forward"):
+            assert "one forward call per step" in out
         weights[procs] = load_file(folder / "run" / "model" / "model.safetensors")
         losses[procs] = [r["loss"] for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines())
                          if "loss" in r]
