@@ -9,8 +9,8 @@
 # machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
 # (the open issues' throughput and memory rows, #9 and #8; the parts take 470 s, the set-up,
 # wheels and model, is not yet timed there); call 2 at once, while the machine is warm,
-# `long=100 longq=200` (#11; timeout_s 330); `quality=300` (#12 is resolved on the CPU: its bf16
-# run) only where time is left over.
+# `long=100 longq=200` (#11; timeout_s 330); `mfu=120` (#9's MFU row) and `quality=300` (#12 is
+# resolved on the CPU: its bf16 run) only where time is left over.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
@@ -26,6 +26,9 @@
 #            cuDNN attention; a host-sync audit of hmcl.
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
+#   mfu      #9's MFU target (>= 35% for the Qwen3-0.6B shape at its best batch size): hmcl only,
+#            full fine-tuning, batch 128 / 256 / 512 anchors, the largest first (a batch that does
+#            not fit exits 5 with the plan; the next, smaller one still runs).
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
 #   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
 #            (benchmarks/long_text_quality.py).
@@ -109,6 +112,13 @@ for spec in "$@"; do
       part scale "$each" python3 $tt --data stsb --shape qwen3-0.6b --lora --checkpointing --batch-size 128 --tools hmcl --steps 10
       part scale "$each" python3 $tt --data stsb --shape qwen3-4b --lora --checkpointing --batch-size 64 --tools hmcl --steps 10
       part scale "$each" python3 $tt --data stsb --shape qwen3-8b --lora --checkpointing --batch-size 64 --tools hmcl --steps 10 ;;
+    mfu)
+      left=3
+      for b in 512 256 128; do  # each gets an equal share of the time still left
+        part mfu $(((secs - (SECONDS - t0)) / left)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size $b \
+          --tools hmcl --steps 10 --warmup 3
+        left=$((left - 1))
+      done ;;
     long)
       each=$((secs / 2))
       part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 512 --segment 128 --overlap 16 --docs 2000
@@ -122,7 +132,7 @@ for spec in "$@"; do
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, scale, long, encode)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, scale, mfu, long, longq, encode, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done
