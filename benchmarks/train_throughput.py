@@ -168,8 +168,12 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
             ops = counting.enter_context(OpCounter()) if args.op_count else None
         anchors, cands = next(batches)
         flat = [c for cs in cands for c in cs]
-        fq = {k: v.to(device) for k, v in model.preprocess(anchors).items() if torch.is_tensor(v)}
-        fd = {k: v.to(device) for k, v in model.preprocess(flat).items() if torch.is_tensor(v)}
+        hq = {k: v for k, v in model.preprocess(anchors).items() if torch.is_tensor(v)}
+        hd = {k: v for k, v in model.preprocess(flat).items() if torch.is_tensor(v)}
+        # tokens counted on the host tensors: a count of the device copies would make the loop wait
+        # for the GPU every step, which the loop itself does not need to
+        tokens += int(hq["attention_mask"].sum()) + int(hd["attention_mask"].sum())
+        fq, fd = ({k: v.to(device) for k, v in h.items()} for h in (hq, hd))
         with amp:
             q = model(fq)["sentence_embedding"]
             d = model(fd)["sentence_embedding"]
@@ -180,7 +184,6 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += int(fq["attention_mask"].sum()) + int(fd["attention_mask"].sum())
         samples += len(anchors)
     _sync(device)
     counting.close()
