@@ -62,6 +62,8 @@ def main() -> None:
                     help="then encode once more (hmcl, untimed) printing what made the host wait for the device")
     ap.add_argument("--two-d-mask", action="store_true",
                     help="also time hmcl with the model's own 2D mask check (as before prepared masks)")
+    ap.add_argument("--cudnn-attention", action="store_true",
+                    help="also time hmcl with SDPA's cuDNN attention allowed (model.cudnn_attention)")
     args = ap.parse_args()
     _, texts = inputs(args.texts, 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,6 +98,12 @@ def main() -> None:
             with two_d_masks(True):
                 hm.encode(texts[: args.warmup], batch_size=args.batch_size)
                 results["hmcl encode, 2D mask"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode, 2D mask", len(texts))
+        if args.cudnn_attention:  # hmcl letting SDPA take cuDNN attention (model.cudnn_attention)
+            hm.cudnn_attention = True
+            hm.encode(texts[: args.warmup], batch_size=args.batch_size)
+            results["hmcl encode, cuDNN attention"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device,
+                                                                "hmcl encode, cuDNN attention", len(texts))
+            hm.cudnn_attention = False
         prepared = hm.check_masks()
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch

@@ -339,8 +339,10 @@ def _sync_audit(device, steps: int, unit: str = "step"):
 
 
 TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
-              "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards"}
+              "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards",
+              "hmcl-cudnn": "hmcl train, cuDNN attention"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}}
+TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}}
 
 
 @contextlib.contextmanager
@@ -396,7 +398,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--tools", default="st,hmcl",
                     help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
-                    "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false)")
+                    "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
@@ -426,6 +428,7 @@ def main() -> None:
                 elif tool in TOOL_NAMES:
                     with two_d_masks(tool == "hmcl-2d-mask"):
                         results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool,
+                                                             model_extra=TOOL_MODEL.get(tool),
                                                              train_extra=TOOL_TRAIN.get(tool))
                 else:
                     ap.error(f"unknown tool {tool!r} (st, {', '.join(TOOL_NAMES)})")

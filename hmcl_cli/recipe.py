@@ -94,6 +94,13 @@ class ModelConfig(_Section):
     attn_implementation: Optional[str] = Field(
         "sdpa", description="transformers attention kernel (sdpa, eager, flash_attention_2)."
     )
+    cudnn_attention: bool = Field(
+        False,
+        description="Let SDPA use PyTorch's cuDNN attention kernels on a GPU. Off by default: cuDNN "
+        "plans every new input shape on the host, and hmcl's batches change shape every step (in the "
+        "H100 profile of 2026-11-23 each cuDNN attention call took ~2 ms of host time, ~48 ms of a "
+        "~200 ms step); off leaves SDPA's flash and memory-efficient kernels.",
+    )
     segments: Optional[SegmentsConfig] = Field(
         None,
         description="Encode texts longer than one segment as segments (max_length then bounds "

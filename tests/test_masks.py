@@ -141,3 +141,35 @@ def test_encode_moves_rows_to_the_host_a_block_at_a_time(tiny_bert, monkeypatch,
     assert torch.equal(blocked[5], blocked[21])
     assert sum(n > 0 for n in pending) >= 4  # several blocks went to the host...
     assert max(pending) <= 10 + 4 - 1  # ...none larger than a block and one batch
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_cudnn_attention_is_off_in_forward_and_recomputing_backward_unless_allowed(tmp_path, tiny_bert, allowed):
+    """model.cudnn_attention (false by default): SDPA's cuDNN backend is off wherever the model
+    runs in a step — its forward calls and the recomputation of checkpointed layers in the
+    backward pass — and as it was afterwards."""
+    from conftest import make_trainer
+    from hmcl_cli.training.batching import StepBatches
+
+    cuda = torch.backends.cuda
+    t = make_trainer(tmp_path, tiny_bert, model={"gradient_checkpointing": True, "cudnn_attention": allowed})
+    t.model.train()  # transformers checkpoints in training mode only
+    seen = []
+    # a projection inside each block: it runs again when the block is recomputed
+    hooks = [next(m for m in layer.modules() if isinstance(m, nn.Linear)).register_forward_hook(
+        lambda m, a, o: seen.append(cuda.cudnn_sdp_enabled())) for layer in t.model.backbone.encoder.layer]
+    batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+    before = cuda.cudnn_sdp_enabled()
+    t._forward_backward(batch, 1.0)
+    for h in hooks:
+        h.remove()
+    layers = len(t.model.backbone.encoder.layer)
+    assert len(seen) == 2 * 2 * layers  # two forward calls, each recomputed in the backward pass
+    assert set(seen) == ({True} if allowed else {False})
+    assert before and cuda.cudnn_sdp_enabled()  # restored
+    seen.clear()
+    model = EmbeddingModel.load(str(tiny_bert))  # encoding alone (mine, eval): off as well
+    model.check_masks()  # (its probe's two forward calls, before the hook)
+    model.backbone.encoder.layer[0].register_forward_hook(lambda m, a, o: seen.append(cuda.cudnn_sdp_enabled()))
+    model.encode(TEXTS)
+    assert seen == [False] and cuda.cudnn_sdp_enabled()

@@ -21,9 +21,9 @@
 #            3 seeds, the issue's setting (641 steps), 9 runs at a time. Cache:
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
 #   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
-#            SDPA's default backends (and hmcl with two forward calls per step, and with the
-#            model's own 2D mask check: each of the two features undone alone) and without
-#            cuDNN attention; a host-sync audit of hmcl.
+#            SDPA's default backends (and hmcl with two forward calls per step, with the model's
+#            own 2D mask check, with cuDNN attention allowed: each feature undone alone) and
+#            without cuDNN attention for both; a host-sync audit of hmcl.
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   mfu      #9's MFU target (>= 35% for the Qwen3-0.6B shape at its best batch size): hmcl only,
@@ -32,8 +32,9 @@
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
 #   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
 #            (benchmarks/long_text_quality.py).
-#   encode   #9: hmcl's encoder vs model.encode (and hmcl with the 2D mask check), 100k texts,
-#            MiniLM shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
+#   encode   #9: hmcl's encoder vs model.encode (and hmcl with the 2D mask check, and with cuDNN
+#            attention), 100k texts, MiniLM shape; then what makes hmcl's encoding loop wait for
+#            the GPU, per batch.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
 set -uo pipefail
@@ -101,7 +102,7 @@ for spec in "$@"; do
     speed)
       # hmcl (defaults: one forward per step, prepared mask) beside each change alone undone
       part speed $((secs / 4)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 \
-        --tools st,hmcl,hmcl-2fwd,hmcl-2d-mask
+        --tools st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn
       part speed $((secs / 8)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --sdpa no-cudnn
       part speed $((secs / 10)) python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --tools hmcl --sync-audit
       part speed $((secs / 4)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
@@ -126,7 +127,8 @@ for spec in "$@"; do
     longq)
       part longq "$secs" python3 benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 6 --out /tmp/hmcl-longq ;;  # the table is in the log
     encode)
-      part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 --two-d-mask
+      part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 \
+        --two-d-mask --cudnn-attention
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \

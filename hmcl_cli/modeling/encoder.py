@@ -14,6 +14,7 @@ Python use::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import warnings
@@ -108,6 +109,7 @@ class EmbeddingModel(nn.Module):
         self.settings = settings
         tokenizer.padding_side = settings.padding_side
         self._prepared_masks: tuple[int, bool] = (0, False)  # (id of the backbone probed, its answer)
+        self.cudnn_attention = False  # model.cudnn_attention: SDPA's cuDNN kernels allowed (a run-time choice)
 
     @property
     def segments(self) -> Any:
@@ -220,6 +222,7 @@ class EmbeddingModel(nn.Module):
             dtype=dtype,
         )
         model.use_segments(model_cfg.segments)
+        model.cudnn_attention = model_cfg.cudnn_attention
         return model
 
     # ---------------------------------------------------------------- tokenising
@@ -268,9 +271,16 @@ class EmbeddingModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled token states, before normalisation (segments are averaged at this stage)."""
-        out = self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask))
+        with self.attention_backends():
+            out = self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask))
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return pool(hidden, attention_mask, self.settings.pooling)
+
+    def attention_backends(self) -> Any:
+        """A context in which SDPA takes no cuDNN attention kernel unless ``model.cudnn_attention``
+        allows it (cuDNN plans each new shape on the host; hmcl's shapes change every batch). The
+        trainer holds it over the backward pass too, where checkpointed layers run again."""
+        return contextlib.nullcontext() if self.cudnn_attention else without_cudnn_attention()
 
     def check_masks(self) -> bool:
         """Whether the backbone gets a prepared 4D mask (modeling/masks.py): decided once per
@@ -473,10 +483,23 @@ def _needs_eos(tokenizer: Any) -> bool:
     return not ids or ids[-1] != eos
 
 
+@contextlib.contextmanager
+def without_cudnn_attention() -> Any:
+    """SDPA's cuDNN backend off for the block (other backends as they were; no change when it is
+    off already, so an outer choice, e.g. a benchmark's ``sdpa_kernel``, is kept)."""
+    cuda = torch.backends.cuda
+    if not getattr(cuda, "cudnn_sdp_enabled", lambda: False)():
+        yield
+        return
+    cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        cuda.enable_cudnn_sdp(True)
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
     """bf16 autocast on CUDA; nothing on CPU (bf16 autocast on a CPU is ~100x slower)."""
-    import contextlib
-
     if device.type == "cuda" and precision in ("auto", "bf16"):
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cuda" and precision == "fp16":

@@ -79,8 +79,8 @@ def supports_prepared_mask(model: Any) -> bool:
     """Whether ``model`` (an EmbeddingModel) may hand its backbone :func:`prepared_mask`.
 
     Static checks, then the probe described in the module docstring, run in eval mode (no
-    dropout) on the model's device and dtype, under the autocast encoding uses (bf16 on a GPU,
-    so the probe takes the kernels that training and encoding take)."""
+    dropout) on the model's device and dtype, under the autocast and SDPA backends encoding uses
+    (bf16 on a GPU, so the probe takes the kernels that training and encoding take)."""
     from hmcl_cli.modeling.encoder import autocast_for
 
     backbone = model.backbone
@@ -95,7 +95,7 @@ def supports_prepared_mask(model: Any) -> bool:
     was_training = backbone.training
     backbone.eval()
     try:
-        with autocast_for(dev):
+        with autocast_for(dev), model.attention_backends():
             plain = _hidden(backbone(input_ids=ids, attention_mask=mask))
             prepared = _hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
     except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one

@@ -131,6 +131,7 @@ class HMCLTrainer:
 
         self.memory_plan = None
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
+        self.model.cudnn_attention = r.model.cudnn_attention
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
@@ -312,21 +313,26 @@ class HMCLTrainer:
         chunk = self.chunk
         sizes = self._step_sizes(batch, chunk)
         try:
-            if chunk:
-                return self._grad_cache_step(batch, chunk, scale, sizes)
-            with autocast_for(dev, self.precision):
-                if self._one_forward(batch):
-                    n_q = batch["q_input_ids"].size(0)
-                    units = self._units(*self._joined(batch))
-                    q, c = units[:n_q], units[n_q:]
-                else:
-                    q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
-                    c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
-            loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
-            (loss * scale).backward()
-            return loss, parts
+            with self.model.attention_backends():  # the backward too: checkpointed layers run again there
+                return self._step(batch, chunk, scale, sizes)
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of GPU memory at step {self.step + 1}", hint=MEMORY_HINT) from None
+
+    def _step(self, batch: dict, chunk: Optional[int], scale: float, sizes: Optional[list[list[int]]]) -> tuple[torch.Tensor, dict]:
+        """One step's forward and backward passes (GradCache's when ``chunk``)."""
+        if chunk:
+            return self._grad_cache_step(batch, chunk, scale, sizes)
+        with autocast_for(self.device, self.precision):
+            if self._one_forward(batch):
+                n_q = batch["q_input_ids"].size(0)
+                units = self._units(*self._joined(batch))
+                q, c = units[:n_q], units[n_q:]
+            else:
+                q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
+                c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
+        loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
+        (loss * scale).backward()
+        return loss, parts
 
     def _one_forward(self, batch: dict) -> bool:
         """Whether this step encodes both sides in one forward call (``train.one_forward``); decided
