@@ -3,6 +3,7 @@
     python benchmarks/encode_throughput.py [--texts 100000] [--batch-size 256] [--shape minilm] [--sdpa no-cudnn]
     python benchmarks/encode_throughput.py --texts 20000 --sync-audit     # what makes the host wait, per batch
     python benchmarks/encode_throughput.py --two-d-mask   # also hmcl with the model's own 2D mask check
+    python benchmarks/encode_throughput.py --cudnn-attention   # also hmcl with SDPA's cuDNN kernels allowed
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2

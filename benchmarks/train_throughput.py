@@ -11,6 +11,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl,hmcl-cudnn   # cuDNN attention
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
