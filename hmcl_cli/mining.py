@@ -1,9 +1,9 @@
 """``hmcl mine``: add mined negatives and weak-positives to the prepared training data.
 
 For each query, the corpus (the dataset's own candidate texts plus ``mine.corpus`` files) is
-searched for the top ``top_k`` texts: exactly by a chunked matrix product on the device
-(``search: exact``), or with faiss (``search: faiss``: flat, or IVF for very large corpora; GPU
-when available). Then:
+searched for the top ``top_k`` texts: exactly by a chunked matrix product on the device, the
+corpus moved there a block at a time (``search: exact``), or with faiss (``search: faiss``: flat,
+or IVF for very large corpora; GPU when available). Then:
 
 * weak-positives: texts whose score lies in ``weak_band`` relative to the positive's score;
 * negatives: texts ranked in [``range_min``, ``range_max``), minus any scoring above
@@ -73,16 +73,30 @@ def read_corpus(path: Path) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
-def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by cosine (inputs normalised): (scores [Q, k], indices [Q, k])."""
+def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096, device: Optional[torch.device] = None,
+                 block_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by cosine (inputs normalised): (scores [Q, k], indices [Q, k]).
+
+    ``q`` and ``c`` may stay on the host: the corpus goes to ``device`` (default: where ``c`` is)
+    a block of about ``block_bytes`` at a time, each block once, the queries ``chunk`` rows at a
+    time, and each query keeps a running top-k over the blocks seen. The device holds one block,
+    one chunk and their similarities, not the corpus (1M texts x 4096 dimensions are 16 GiB)."""
+    device = torch.device(device) if device is not None else c.device
     k = min(k, c.size(0))
-    scores, idx = [], []
-    for s in range(0, q.size(0), chunk):
-        sim = q[s:s + chunk] @ c.T
-        v, i = torch.topk(sim, k, dim=1)
-        scores.append(v.cpu())
-        idx.append(i.cpu())
-    return torch.cat(scores).numpy(), torch.cat(idx).numpy()
+    rows = max(k, block_bytes // max(1, c.size(1) * c.element_size()))
+    best_v = torch.full((q.size(0), k), -torch.inf, dtype=torch.float32)
+    best_i = torch.zeros((q.size(0), k), dtype=torch.long)
+    for b in range(0, c.size(0), rows):
+        block = c[b:b + rows].to(device, non_blocking=True)
+        for s in range(0, q.size(0), chunk):
+            v, i = torch.topk(q[s:s + chunk].to(device, non_blocking=True) @ block.T, min(k, block.size(0)), dim=1)
+            if b:  # merge with the best of the earlier blocks
+                v = torch.cat([best_v[s:s + chunk].to(device), v], dim=1)
+                i = torch.cat([best_i[s:s + chunk].to(device), i + b], dim=1)
+                v, pos = torch.topk(v, k, dim=1)
+                i = i.gather(1, pos)
+            best_v[s:s + chunk], best_i[s:s + chunk] = v.float().cpu(), i.cpu()
+    return best_v.numpy(), best_i.numpy()
 
 
 def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
@@ -247,7 +261,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     if cfg.search == "faiss":
         scores, idx = faiss_search(q, c, cfg.top_k)
     else:
-        scores, idx = top_k_search(torch.from_numpy(q).to(dev), torch.from_numpy(c).to(dev), cfg.top_k)
+        scores, idx = top_k_search(torch.from_numpy(q), torch.from_numpy(c), cfg.top_k, device=dev)
     rng = np.random.default_rng(recipe.seed)
     jobs = []  # (example index, known corpus indices, positive texts, ranked (index, score))
     out: list = [ex.to_json() for ex in examples]

@@ -20,6 +20,21 @@ def test_exact_search_equals_brute_force():
     assert np.allclose(scores, np.take_along_axis((q @ c.T).numpy(), brute, 1), atol=1e-6)
 
 
+def test_exact_search_in_corpus_blocks_equals_brute_force():
+    """The corpus in blocks (here 64 rows, 9 blocks; the last smaller than k) with a running top-k
+    per query gives the one-block answer."""
+    g = torch.Generator().manual_seed(3)
+    q, c = F.normalize(torch.randn(37, 16, generator=g), dim=-1), F.normalize(torch.randn(520, 16, generator=g), dim=-1)
+    sims = (q @ c.T).numpy()
+    brute = np.argsort(-sims, axis=1)[:, :10]
+    scores, idx = top_k_search(q, c, k=10, chunk=8, block_bytes=64 * 16 * 4)
+    assert (idx == brute).all()
+    assert np.allclose(scores, np.take_along_axis(sims, brute, 1), atol=1e-6)
+    assert scores.dtype == np.float32 and idx.dtype == np.int64
+    small = top_k_search(q, c[:7], k=10, block_bytes=16 * 4)  # fewer texts than k: k = corpus size
+    assert small[1].shape == (37, 7) and (small[1] == np.argsort(-sims[:, :7], axis=1)).all()
+
+
 def test_faiss_search_equals_brute_force_flat_and_ivf():
     import pytest
 
