@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from importlib import resources
@@ -278,6 +279,7 @@ def main() -> None:
                 raise KeyboardInterrupt
             if isinstance(code, int) and code:
                 sys.exit(code)
+            leave_distributed_child()
         except (MemoryError, OSError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             mapped = from_system_error(e)
             if mapped is None or debug:
@@ -308,6 +310,30 @@ def main() -> None:
         err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
         sys.exit(1)
+
+
+def leave_distributed_child(exit_now=os._exit) -> None:
+    """End a process that ``accelerate launch`` started for a multi-process run, once its command
+    has succeeded, without Python's interpreter teardown.
+
+    By then every output is written and the process group destroyed (the trainer's end), but
+    gloo's work objects can still hold tensors that the teardown destroys after the interpreter
+    is half gone, which aborts the process ("terminate called without an active exception",
+    seen now and then at the end of 2-process FSDP runs whose results were complete) and fails
+    the launch. Nothing is left to do, so the process flushes its output and exits at once. A
+    process whose group is still alive, or one not started by a launcher, ends normally."""
+    import logging
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    exit_now(0)
 
 
 def _sigterm_is_interrupt() -> None:

@@ -134,3 +134,29 @@ def test_minilm_onnx_and_int8_export_with_dev_delta(tmp_path):
     assert d["delta"]["ndcg@10"] == pytest.approx(d["int8"]["ndcg@10"] - d["torch"]["ndcg@10"])
     assert 0.95 < q["mean_cosine"] < 1.0  # quantised: close, not identical
     assert abs(d["delta"]["ndcg@10"]) < 0.05
+
+
+def test_a_launched_process_leaves_without_teardown_only_when_done(monkeypatch):
+    """`hmcl train` under `accelerate launch`: each process, its group destroyed and its outputs
+    written, exits at once (os._exit) instead of through the interpreter's teardown, where gloo's
+    leftovers can abort it; a process outside a launch, or with its group alive, ends normally."""
+    import torch.distributed as dist
+
+    from hmcl_cli.cli import leave_distributed_child
+
+    exits = []
+    for var in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    leave_distributed_child(exits.append)
+    assert exits == []  # a plain `hmcl` process
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    leave_distributed_child(exits.append)
+    assert exits == []  # its process group is still alive
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    leave_distributed_child(exits.append)
+    assert exits == [0]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    leave_distributed_child(exits.append)
+    assert exits == [0]  # one process: nothing to tear down
