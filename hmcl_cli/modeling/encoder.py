@@ -375,8 +375,8 @@ class HostRows:
     """Rows computed a batch at a time on the device, collected in a host tensor ``[n, dim]``.
 
     Finished rows stay on the device until about ``BLOCK_BYTES`` of them are waiting, then go to
-    the host together: one wait for the GPU per block instead of per batch, and the device holds
-    the model and one block, not the whole corpus (1M texts x 4096 dimensions are 16 GiB)."""
+    the host together (one wait for the GPU per block), so the device holds the model and one
+    block, not the whole corpus (1M texts x 4096 dimensions are 16 GiB)."""
 
     BLOCK_BYTES = 256 << 20
 

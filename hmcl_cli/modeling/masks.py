@@ -46,10 +46,6 @@ def prepared_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
     return keys.expand(-1, 1, width, width).contiguous()  # laid out as transformers lays out its own
 
 
-def _config(backbone: Any) -> Any:
-    return getattr(backbone, "config", None)
-
-
 def _full_attention(config: Any) -> bool:
     layer_types = getattr(config, "layer_types", None)
     if layer_types and any(t != "full_attention" for t in layer_types):
@@ -61,7 +57,7 @@ def _full_attention(config: Any) -> bool:
 
 def static_reason(backbone: Any) -> str:
     """Why the prepared mask is not even tried for this backbone ('' when it may be)."""
-    config = _config(backbone)
+    config = getattr(backbone, "config", None)
     if config is None:
         return "no model config"
     if getattr(config, "is_encoder_decoder", False):

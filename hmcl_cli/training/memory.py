@@ -46,6 +46,18 @@ GIB = 1024 ** 3
 ONE_FORWARD_PADDING = 0.25
 
 
+def one_forward_mode(setting: Any, device_type: str, sharded: bool) -> str:
+    """How ``train.one_forward`` resolves: ``always`` (true), ``never`` (false; and ``auto`` on a
+    CPU, which computes every padded token, or under FSDP, where every forward is collective so
+    no process may decide alone), else ``padding`` (one call where it adds at most
+    ONE_FORWARD_PADDING padded tokens to the step)."""
+    if setting is True:
+        return "always"
+    if setting is False or device_type != "cuda" or sharded:
+        return "never"
+    return "padding"
+
+
 @dataclass
 class MemoryPlan:
     weights: int
@@ -277,15 +289,15 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         if chunk_size:  # GradCache: one chunk of one side at a time
             return chunk_size * max(per_q + redo_q, per_d + redo_d), chunk_size
         two_calls = n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d)
-        joins = t.one_forward is True or (t.one_forward == "auto" and device.type == "cuda" and shards == 1)
-        if not joins:
+        mode = one_forward_mode(t.one_forward, device.type, shards > 1)
+        if mode == "never":
             return two_calls, n_q + n_d
         # train.one_forward: both sides in one call at the wider length (auto joins only where
         # that adds at most ONE_FORWARD_PADDING of padded tokens, so at most that much more)
         width = max(q_len, d_len)
         per_w = _sequence_bytes(config, act_dtype, probes[width], width, ckpt)
         one_call = (n_q + n_d) * (per_w + (probes[width][1] if ckpt else 0))
-        if t.one_forward == "auto":
+        if mode == "padding":
             one_call = min(one_call, int(two_calls * (1 + ONE_FORWARD_PADDING)))
         return max(two_calls, one_call), n_q + n_d
 

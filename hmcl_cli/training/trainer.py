@@ -63,7 +63,7 @@ from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
-from hmcl_cli.training.memory import ONE_FORWARD_PADDING, plan_memory, resolve_chunk
+from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
 
 
@@ -131,7 +131,7 @@ class HMCLTrainer:
 
         self.memory_plan = None
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
-        self.model.cudnn_attention = r.model.cudnn_attention
+        self.model.cudnn_attention = r.model.cudnn_attention  # (from_recipe sets it; a model passed in too)
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
@@ -338,13 +338,11 @@ class HMCLTrainer:
         """Whether this step encodes both sides in one forward call (``train.one_forward``); decided
         from the tensors' shapes, which the host knows without asking the device."""
         (n_q, w_q), (n_c, w_c) = batch["q_input_ids"].shape, batch["c_input_ids"].shape
-        mode = self.cfg.one_forward
-        if not n_c or mode is False:
+        mode = one_forward_mode(self.cfg.one_forward, self.device.type, self.sharded)
+        if not n_c or mode == "never":
             return False
-        if mode is True:
+        if mode == "always":
             return True
-        if self.device.type != "cuda" or self.sharded:  # a CPU computes every padded token; under FSDP
-            return False  # every forward is collective, so no process may decide alone
         width = max(w_q, w_c)
         extra = n_q * (width - w_q) + n_c * (width - w_c)
         return extra <= ONE_FORWARD_PADDING * (n_q * w_q + n_c * w_c)
@@ -352,12 +350,11 @@ class HMCLTrainer:
     def _forward_calls(self) -> str:
         """What ``train.one_forward`` does in this run, for the start of training ('' = the usual
         one call per side)."""
-        if self.chunk or self.cfg.one_forward is False:
+        mode = one_forward_mode(self.cfg.one_forward, self.device.type, self.sharded)
+        if self.chunk or mode == "never":
             return ""
-        if self.cfg.one_forward is True:
+        if mode == "always":
             return "anchors and candidates in one forward call per step (train.one_forward)"
-        if self.device.type != "cuda" or self.sharded:
-            return ""
         return (f"anchors and candidates in one forward call where that adds at most "
                 f"{ONE_FORWARD_PADDING:.0%} padded tokens to the step, else one per side (train.one_forward auto)")
 
