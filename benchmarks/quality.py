@@ -245,16 +245,18 @@ BASELINE_KEY = "hmcl-baseline"
 NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.keep_last", "train.trackers",
              "data.sources"}
 # options added after a cache's baseline was written, with the value that trains as before
-NEUTRAL: dict = {"train.one_forward": False}  # one forward call per side, as every step did before
+NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as every step did before
+                 "model.cudnn_attention": True}  # SDPA's cuDNN kernels allowed, as before the option
 
 
 def trained_with(row: str, sets: list[str], args) -> dict:
     """The settings of hmcl row ``row`` with overrides ``sets`` that shape its model, flat
     (``section.key``), resolved as training resolves them: ``train.positive_repeats: auto`` becomes
     its number on this data; ``train.one_forward: auto`` false on a CPU (where it never joins the
-    sides); ``mine.*`` only for the mined row; ``loss.ranking_pairs`` only where some pair lacks a
+    sides); ``model.cudnn_attention`` as before the option on a CPU (no cuDNN kernels there); ``mine.*`` only for the mined row; ``loss.ranking_pairs`` only where some pair lacks a
     score (on this data: candidates mined with ``mine.scores: none``)."""
     from hmcl_cli.training.batching import resolve_positive_repeats
+    from hmcl_cli.training.memory import one_forward_mode
 
     recipe = hmcl_recipe(row, 0, argparse.Namespace(**{**vars(args), "hmcl_set": sets}), "-", Path("-"))
     dump = recipe.model_dump(mode="json")
@@ -267,8 +269,11 @@ def trained_with(row: str, sets: list[str], args) -> dict:
                  "train.learning_rate": args.lr}
     flat = {k: v for k, v in flat.items() if k not in NOT_KEYED and from_args.get(k, object()) != v}
     flat["train.positive_repeats"] = resolve_positive_repeats(flat["train.positive_repeats"], _anchors())
-    if flat.get("train.one_forward") == "auto" and not torch.cuda.is_available():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if one_forward_mode(flat.get("train.one_forward"), device, sharded=False) == "never":
         flat["train.one_forward"] = False
+    if device == "cpu":  # a CPU has no cuDNN attention: the option changes nothing there
+        flat["model.cudnn_attention"] = True
     if not (mined and flat["mine.scores"] == "none"):
         del flat["loss.ranking_pairs"]
     return flat

@@ -100,13 +100,30 @@ def test_job_keys(quality):
 
 
 def test_an_option_added_after_the_baseline_keys_only_where_it_changes_training(quality, monkeypatch):
-    """train.one_forward came after the committed caches: auto on a CPU (two calls, as before)
-    finds their runs; one call, or auto on a GPU (where it joins the sides), is a new key."""
+    """train.one_forward and model.cudnn_attention came after the committed caches: on a CPU
+    (two calls; no cuDNN kernels) their defaults find the old runs; one call, or the defaults on
+    a GPU (sides joined, cuDNN attention off), are new keys."""
     args = _args()
-    old = {k: v for k, v in quality.trained_with("hmcl-mined", [], args).items() if k != "train.one_forward"}
+    added = ("train.one_forward", "model.cudnn_attention")
+    old = {k: v for k, v in quality.trained_with("hmcl-mined", [], args).items() if k not in added}
     monkeypatch.setattr(quality.torch.cuda, "is_available", lambda: False)
     assert quality.trained_with("hmcl-mined", [], args)["train.one_forward"] is False
     assert _changes(quality, "hmcl-mined", [], old) == {}
     assert _changes(quality, "hmcl-mined", ["train.one_forward=true"], old) == {"train.one_forward": True}
     monkeypatch.setattr(quality.torch.cuda, "is_available", lambda: True)
-    assert _changes(quality, "hmcl-mined", [], old) == {"train.one_forward": "auto"}
+    assert _changes(quality, "hmcl-mined", [], old) == {"train.one_forward": "auto", "model.cudnn_attention": False}
+
+
+@pytest.mark.parametrize("cache", ["quality-cpu-160.json", "quality-cpu-641.json"])
+@pytest.mark.parametrize("row", ["hmcl", "hmcl-mined"])
+def test_options_added_after_a_committed_cache_key_as_no_change_on_a_cpu(quality, monkeypatch, cache, row):
+    """A recipe option the cache's baseline lacks must not count as a change on the CPU where its
+    runs were made (else every cached hmcl run is orphaned and RESULTS' tables stop printing):
+    register it in NEUTRAL with the value that trains as before, resolved as training resolves it.
+    Defaults changed since (keys the baseline has) may show; new keys may not."""
+    import json
+
+    monkeypatch.setattr(quality.torch.cuda, "is_available", lambda: False)
+    baseline = json.loads((ROOT / "benchmarks" / "results" / cache).read_text())[quality.BASELINE_KEY]
+    changes = quality.setting_changes(quality.trained_with(row, [], _args()), baseline)
+    assert not set(changes) - set(baseline), changes
