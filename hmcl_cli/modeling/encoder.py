@@ -28,7 +28,7 @@ from torch import nn
 
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError
-from hmcl_cli.modeling.masks import prepared_mask, supports_prepared_mask
+from hmcl_cli.modeling.masks import last_hidden, prepared_mask, supports_prepared_mask
 from hmcl_cli.modeling.resolve import resolve_model
 from hmcl_cli.modeling.tokenizing import token_ids
 
@@ -273,8 +273,7 @@ class EmbeddingModel(nn.Module):
         """Pooled token states, before normalisation (segments are averaged at this stage)."""
         with self.attention_backends():
             out = self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask))
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return pool(hidden, attention_mask, self.settings.pooling)
+        return pool(last_hidden(out), attention_mask, self.settings.pooling)
 
     def attention_backends(self) -> Any:
         """A context in which SDPA takes no cuDNN attention kernel unless ``model.cudnn_attention``

@@ -92,8 +92,8 @@ def supports_prepared_mask(model: Any) -> bool:
     backbone.eval()
     try:
         with autocast_for(dev), model.attention_backends():
-            plain = _hidden(backbone(input_ids=ids, attention_mask=mask))
-            prepared = _hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
+            plain = last_hidden(backbone(input_ids=ids, attention_mask=mask))
+            prepared = last_hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
     except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one
         log(f"attention mask: {type(backbone).__name__} refused a prepared 4D mask ({type(e).__name__}); "
             "the model checks its 2D mask each forward call")
@@ -126,5 +126,6 @@ def _reshard(backbone: Any) -> None:
             module.reshard()
 
 
-def _hidden(out: Any) -> torch.Tensor:
+def last_hidden(out: Any) -> torch.Tensor:
+    """The token states of a backbone's output (a ModelOutput or a tuple)."""
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
