@@ -15,7 +15,7 @@ TEXTS = ["how long does a refund take", "refund", "where is my order and when wi
 
 def _two_d(model: EmbeddingModel) -> None:
     """Force the 2D padding mask (what every forward did before prepared masks)."""
-    model._prepared_masks = (id(model.backbone), False)
+    model._prepared_masks = (id(model.backbone), "2D mask for the comparison")
 
 
 def test_prepared_mask_is_padding_and_causal_order():
@@ -171,3 +171,57 @@ def test_cudnn_attention_is_off_in_forward_and_recomputing_backward_unless_allow
     model.backbone.encoder.layer[0].register_forward_hook(lambda m, a, o: seen.append(cuda.cudnn_sdp_enabled()))
     model.encode(TEXTS)
     assert seen == [False] and cuda.cudnn_sdp_enabled()
+
+
+def test_overlapping_blocks_without_cudnn_attention_keep_it_off_until_the_last_leaves():
+    """Two threads encoding at once: the first to leave must not turn cuDNN attention back on
+    under the other; the last restores it, and a flag that was off stays off."""
+    import threading
+
+    from hmcl_cli.modeling.encoder import without_cudnn_attention
+
+    cuda = torch.backends.cuda
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with without_cudnn_attention():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with without_cudnn_attention():
+            second_in.set()
+            first_out.wait(5)
+            seen["after the first left"] = cuda.cudnn_sdp_enabled()
+
+    assert cuda.cudnn_sdp_enabled()
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"after the first left": False}
+    assert cuda.cudnn_sdp_enabled()
+    cuda.enable_cudnn_sdp(False)
+    try:
+        with without_cudnn_attention():
+            pass
+        assert not cuda.cudnn_sdp_enabled()  # an outer choice is kept
+    finally:
+        cuda.enable_cudnn_sdp(True)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_training_says_at_start_which_attention_mask_the_backbone_gets(tmp_path, tiny_bert, attention, capsys):
+    from conftest import make_trainer
+
+    make_trainer(tmp_path, tiny_bert, model={"attn_implementation": attention})
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if "attention mask:" in l)
+    if attention == "sdpa":
+        assert "4D, prepared by hmcl" in line
+    else:
+        assert "2D" in line and "'eager'" in line

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import threading
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +29,7 @@ from torch import nn
 
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError
-from hmcl_cli.modeling.masks import last_hidden, prepared_mask, supports_prepared_mask
+from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model
 from hmcl_cli.modeling.tokenizing import token_ids
 
@@ -108,7 +109,7 @@ class EmbeddingModel(nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         tokenizer.padding_side = settings.padding_side
-        self._prepared_masks: tuple[int, bool] = (0, False)  # (id of the backbone probed, its answer)
+        self._prepared_masks: tuple[int, str] = (0, "")  # (id of the backbone probed, why not: '' = it may)
         self.cudnn_attention = False  # model.cudnn_attention: SDPA's cuDNN kernels allowed (a run-time choice)
 
     @property
@@ -284,11 +285,15 @@ class EmbeddingModel(nn.Module):
     def check_masks(self) -> bool:
         """Whether the backbone gets a prepared 4D mask (modeling/masks.py): decided once per
         backbone, on first use or here (the trainer asks before compiling the layers)."""
-        probed, answer = self._prepared_masks
+        return not self.mask_refusal()
+
+    def mask_refusal(self) -> str:
+        """Why the backbone keeps the 2D padding mask ('' when it gets the prepared 4D mask)."""
+        probed, reason = self._prepared_masks
         if probed != id(self.backbone):
-            answer = supports_prepared_mask(self)
-            self._prepared_masks = (id(self.backbone), answer)
-        return answer
+            reason = prepared_mask_refusal(self)
+            self._prepared_masks = (id(self.backbone), reason)
+        return reason
 
     def backbone_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask the backbone gets: the 4D mask transformers would build, where it accepts it
@@ -482,19 +487,32 @@ def _needs_eos(tokenizer: Any) -> bool:
     return not ids or ids[-1] != eos
 
 
+_CUDNN_FLAG = threading.Lock()
+_cudnn_off = {"holders": 0, "restore": False}  # blocks inside without_cudnn_attention; turn it back on after
+
+
 @contextlib.contextmanager
 def without_cudnn_attention() -> Any:
     """SDPA's cuDNN backend off for the block (other backends as they were; no change when it is
-    off already, so an outer choice, e.g. a benchmark's ``sdpa_kernel``, is kept)."""
+    off already, so an outer choice, e.g. a benchmark's ``sdpa_kernel``, is kept).
+
+    The flag is PyTorch's, one per process. Blocks may overlap (threads encoding at once): the
+    first to enter turns it off and the last to leave restores it, so no block sees it turned
+    back on under it. Code outside hmcl running meanwhile sees it off too."""
     cuda = torch.backends.cuda
-    if not getattr(cuda, "cudnn_sdp_enabled", lambda: False)():
-        yield
-        return
-    cuda.enable_cudnn_sdp(False)
+    with _CUDNN_FLAG:
+        if _cudnn_off["holders"] == 0:
+            _cudnn_off["restore"] = bool(getattr(cuda, "cudnn_sdp_enabled", lambda: False)())
+            if _cudnn_off["restore"]:
+                cuda.enable_cudnn_sdp(False)
+        _cudnn_off["holders"] += 1
     try:
         yield
     finally:
-        cuda.enable_cudnn_sdp(True)
+        with _CUDNN_FLAG:
+            _cudnn_off["holders"] -= 1
+            if _cudnn_off["holders"] == 0 and _cudnn_off["restore"]:
+                cuda.enable_cudnn_sdp(True)
 
 
 def autocast_for(device: torch.device, precision: str = "auto"):

@@ -13,7 +13,7 @@ transformers uses a 4D mask as given, asking nothing. The result is the same (bi
 tiny and real models of the tests). It costs the mask-free kernels on a batch without any
 padding, which hmcl's batches rarely are (padded to a multiple of 8).
 
-Only where that is safe, decided once per model (:func:`supports_prepared_mask`):
+Only where that is safe, decided once per model (:func:`prepared_mask_refusal`):
 
 * the attention kernel is ``sdpa`` (eager attention adds the mask as float biases, flash
   attention 2 takes the 2D mask);
@@ -71,8 +71,9 @@ def static_reason(backbone: Any) -> str:
 
 
 @torch.no_grad()
-def supports_prepared_mask(model: Any) -> bool:
-    """Whether ``model`` (an EmbeddingModel) may hand its backbone :func:`prepared_mask`.
+def prepared_mask_refusal(model: Any) -> str:
+    """Why ``model`` (an EmbeddingModel) may not hand its backbone :func:`prepared_mask`; ''
+    when it may.
 
     Static checks, then the probe described in the module docstring, run in eval mode (no
     dropout) on the model's device and dtype, under the autocast and SDPA backends encoding uses
@@ -82,10 +83,10 @@ def supports_prepared_mask(model: Any) -> bool:
     backbone = model.backbone
     reason = static_reason(backbone)
     if reason:
-        return False
+        return reason
     batch = model.pad(model.tokenize(["hmcl checks its attention mask with two texts", "two"], "doc"))
     if bool(batch["attention_mask"].all()):  # no padding (host tensor), nothing to compare
-        return False
+        return "the probe's batch has no padding (nothing to compare)"
     dev = model.device
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     was_training = backbone.training
@@ -95,9 +96,9 @@ def supports_prepared_mask(model: Any) -> bool:
             plain = last_hidden(backbone(input_ids=ids, attention_mask=mask))
             prepared = last_hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
     except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one
-        log(f"attention mask: {type(backbone).__name__} refused a prepared 4D mask ({type(e).__name__}); "
-            "the model checks its 2D mask each forward call")
-        return False
+        reason = f"{type(backbone).__name__} refused a prepared 4D mask ({type(e).__name__})"
+        log(f"attention mask: {reason}; the model checks its 2D mask each forward call")
+        return reason
     finally:
         backbone.train(was_training)
         _reshard(backbone)
@@ -108,10 +109,11 @@ def supports_prepared_mask(model: Any) -> bool:
     # allows a kernel's rounding (bf16 under autocast), far below what a wrong mask changes
     tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
     same = a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale
-    if not same:
-        log(f"attention mask: a prepared 4D mask changes {type(backbone).__name__}'s output; "
-            "the model checks its 2D mask each forward call")
-    return same
+    if same:
+        return ""
+    reason = f"a prepared 4D mask changes {type(backbone).__name__}'s output"
+    log(f"attention mask: {reason}; the model checks its 2D mask each forward call")
+    return reason
 
 
 def _reshard(backbone: Any) -> None:

@@ -214,6 +214,9 @@ class HMCLTrainer:
             calls = self._forward_calls()
             if calls:
                 log(f"train: {calls}")
+            refusal = self.model.mask_refusal()
+            log("train: attention mask: " + (f"2D, checked by the model each forward call ({refusal})" if refusal else
+                                             "4D, prepared by hmcl (no padding check in the model's forward)"))
             if r.loss.ranking_weight > 0:
                 ranking = describe_ranking_pairs(self.data.anchors, r.loss.ranking_pairs, r.loss.use_scores)
                 if ranking:
