@@ -53,16 +53,19 @@ def _worker(rank, port, out):
     dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_two_processes_equal_one_process_on_doubled_batch():
     xq, xc, pa, pc, lvl, score = _data()
     w = torch.nn.Parameter(torch.linspace(-1, 1, 24).view(6, 4))
     ref = _loss(w, xq, xc, pa, pc, lvl, score, torch.arange(8), torch.arange(100, 116))
     ref.backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=2, join=True)
     for rank in (0, 1):
         loss, grad = out[rank]
         assert torch.allclose(loss, ref.detach(), atol=1e-6), rank
@@ -83,9 +86,10 @@ def _unique_rows(limit: int = 48) -> list[dict]:
     return rows[:limit]
 
 
-def _hmcl_train(folder, model_dir, procs: int, batch: int, extra: dict, steps: int = 5, save_steps: int = 100,
-                resume: bool = False, prepare: bool = True) -> str:
-    """Run `hmcl train` (under `accelerate launch` with 2 processes) on the unique rows; its output."""
+def _hmcl_train_command(folder, model_dir, batch: int, extra: dict, steps: int = 5, save_steps: int = 100,
+                        resume: bool = False, prepare: bool = True, launch: tuple = ()) -> tuple[list, dict]:
+    """Write the recipe and data of a run on the unique rows (and prepare it); the `hmcl train`
+    command (with `accelerate launch` arguments ``launch``) and its environment."""
     import json
     import os
     import subprocess
@@ -102,12 +106,32 @@ def _hmcl_train(folder, model_dir, procs: int, batch: int, extra: dict, steps: i
     if prepare:
         subprocess.run([sys.executable, "-m", "hmcl_cli", "prepare", str(recipe)], env=env, check=True, capture_output=True)
     args = [sys.executable, "-m", "hmcl_cli", "train", str(recipe)] + (["--resume"] if resume else [])
-    if procs > 1:
-        args += ["--launcher", "accelerate", "--", "--num_processes", str(procs)]
+    if launch:
+        args += ["--launcher", "accelerate", "--", *launch]
+    return args, env
+
+
+def _hmcl_train(folder, model_dir, procs: int, batch: int, extra: dict, steps: int = 5, save_steps: int = 100,
+                resume: bool = False, prepare: bool = True) -> str:
+    """Run `hmcl train` (under `accelerate launch` with 2 processes) on the unique rows; its output."""
+    import subprocess
+
+    launch = ("--num_processes", str(procs)) if procs > 1 else ()
+    args, env = _hmcl_train_command(folder, model_dir, batch, extra, steps, save_steps, resume, prepare, launch)
     out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{procs} process(es) on cpu" in out.stdout + out.stderr
     return out.stdout + out.stderr
+
+
+def _trained(folder) -> tuple[dict, list]:
+    """A finished run's final weights and its logged losses."""
+    import json
+
+    from safetensors.torch import load_file
+
+    losses = [r["loss"] for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    return load_file(folder / "run" / "model" / "model.safetensors"), losses
 
 
 CASES = {
@@ -131,8 +155,6 @@ CASES = {
 def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp_path, case, request):
     """`hmcl train --launcher accelerate -- --num_processes 2` on CPU (gloo) trains the same
     weights as one process whose batch holds both processes' anchors."""
-    import json
-
     from safetensors.torch import load_file
 
     fixture, extra = CASES[case]
@@ -145,9 +167,7 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
             assert "fsdp: weights, gradients and optimizer state sharded over 2 processes" in out
         if extra.get("train", {}).get("one_forward"):
             assert "one forward call per step" in out
-        weights[procs] = load_file(folder / "run" / "model" / "model.safetensors")
-        losses[procs] = [r["loss"] for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines())
-                         if "loss" in r]
+        weights[procs], losses[procs] = _trained(folder)
     assert losses[1] == pytest.approx(losses[2], abs=2e-5) and len(losses[1]) >= 2
     base = load_file(model_dir / "model.safetensors")
     # AdamW (lr 1e-3) turns float rounding in near-zero gradients into differences far below one step
@@ -160,6 +180,32 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         key = name if name in base else name.removeprefix("bert.")
         changed += int(key in base and not torch.allclose(w1, base[key]))
     assert changed > 5  # training moved the weights, identically in both set-ups
+
+
+def test_two_machines_train_like_one_process_on_the_doubled_batch(tmp_path, tiny_bert):
+    """Multi-node through accelerate's own arguments: `hmcl train ... --launcher accelerate --
+    --num_processes 2 --num_machines 2 --machine_rank R --main_process_ip ... --main_process_port
+    ...` started on two "machines" (two folders, each with its own prepared copy of the data, as
+    on machines without a shared filesystem; localhost here) trains what one process does with
+    both machines' anchors in its batch. Only machine 0 (rank 0) writes the run's outputs."""
+    import subprocess
+
+    port = _free_port()
+    nodes = []
+    for rank in (0, 1):
+        launch = ("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank),
+                  "--main_process_ip", "127.0.0.1", "--main_process_port", str(port))
+        args, env = _hmcl_train_command(tmp_path / f"machine{rank}", tiny_bert, 4, {}, launch=launch)
+        nodes.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs
+    assert "2 process(es) on cpu" in outs[0] and "gathered across devices" in outs[0]
+    assert not (tmp_path / "machine1" / "run" / "model").exists()
+    _hmcl_train(tmp_path / "single", tiny_bert, 1, 8, {})
+    (two, two_losses), (one, one_losses) = _trained(tmp_path / "machine0"), _trained(tmp_path / "single")
+    assert two_losses == pytest.approx(one_losses, abs=2e-5) and len(one_losses) >= 2
+    for name, w in one.items():
+        assert torch.allclose(w, two[name], atol=2e-5), (name, (w - two[name]).abs().max())
 
 
 def test_fsdp_resume_equals_uninterrupted_run(tmp_path, tiny_bert):

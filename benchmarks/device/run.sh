@@ -20,7 +20,7 @@
 #            st-cosent-mnrl-hn first, then hmcl and hmcl-mined with the old contrastive weight 4;
 #            3 seeds, the setting (641 steps), 9 runs at a time. Cache:
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
-#   speed    #9: BERT-base and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
+#   speed    #9: BERT-base, MiniLM and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
 #            SDPA's default backends (and hmcl with two forward calls per step, with the model's
 #            own 2D mask check, with cuDNN attention allowed: each feature undone alone) and
 #            without cuDNN attention for both; a host-sync audit of hmcl.
@@ -105,7 +105,8 @@ for spec in "$@"; do
         --tools st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn
       part speed $((secs / 8)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --sdpa no-cudnn
       part speed $((secs / 10)) python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --tools hmcl --sync-audit
-      part speed $((secs / 4)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
+      part speed $((secs / 8)) python3 $tt --data stsb --shape minilm-shape --steps 30 --warmup 5 --tools st,hmcl,hmcl-2fwd
+      part speed $((secs / 5)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
       part speed $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 \
         --warmup 3 --sdpa no-cudnn ;;
     scale)
