@@ -23,9 +23,11 @@ tokenises each step's texts as its trainer does; hmcl runs its own loop (`HMCLTr
 Reported per tool, after ``--warmup`` steps, over ``--steps`` steps: real (non-padding) tokens/s
 (hmcl encodes each distinct text of a step once, so where candidates repeat within a batch it
 processes fewer tokens for the same batch: compare samples/s for the step speed),
-samples (anchors)/s, peak GPU memory, and for the decoder shapes MFU (model FLOPs, 6 x parameters
-per token, 4 x with LoRA which computes no weight gradients, over time and the H100's 989 TFLOP/s
-dense bf16; recomputation by gradient checkpointing is not counted). ``--op-count`` counts the
+samples (anchors)/s, peak GPU memory, and for the decoder shapes MFU (model FLOPs, 6 x the
+non-embedding parameters per token, 4 x with LoRA which computes no weight gradients, over time
+and the H100's 989 TFLOP/s dense bf16; an embedding lookup is no matmul, and attention's score
+FLOPs, 12 x layers x width x length per token, under 1% at these ~16-token texts, are left out,
+as is recomputation by gradient checkpointing: a conservative MFU). ``--op-count`` counts the
 ATen operations each tool dispatches per timed step outside the optimizer (and in it, apart),
 views left out: each is at least one kernel launch on a GPU, where short-text steps are
 launch-bound; counted on any device. The memory
@@ -420,7 +422,9 @@ def main() -> None:
         from transformers import AutoConfig, AutoModel
 
         with torch.device("meta"):  # count without loading the weights (8B shapes)
-            params = sum(p.numel() for p in AutoModel.from_config(AutoConfig.from_pretrained(path)).parameters())
+            shaped = AutoModel.from_config(AutoConfig.from_pretrained(path))
+            params = sum(p.numel() for p in shaped.parameters())
+            matmul_params = params - shaped.get_input_embeddings().weight.numel()  # what MFU counts
         for tool in args.tools.split(","):
             torch.manual_seed(0)
             with _sdpa_backends(args.sdpa):
@@ -440,7 +444,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     print(f"\n{args.shape} on {device.type} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'fp32'}), "
           f"data {args.data}, batch {args.batch_size} anchors x {group} candidates, {args.steps} timed steps, "
-          f"{params / 1e6:.0f}M parameters{', LoRA' if args.lora else ''}{', checkpointing' if args.checkpointing else ''}")
+          f"{params / 1e6:.0f}M parameters ({matmul_params / 1e6:.0f}M outside the embeddings){', LoRA' if args.lora else ''}{', checkpointing' if args.checkpointing else ''}")
     st = results.get("sentence-transformers loop")
     for name, r in results.items():
         ratio = (f"samples {r['samples_per_s'] / st['samples_per_s']:.2f}x, tokens {r['tokens_per_s'] / st['tokens_per_s']:.2f}x"
@@ -448,7 +452,7 @@ def main() -> None:
         mfu = ""
         if device.type == "cuda" and args.shape.startswith("qwen"):
             # model FLOPs per token: forward 2P + backward 4P (full) or 2P (LoRA: no weight gradients)
-            flops = (4 if args.lora else 6) * params
+            flops = (4 if args.lora else 6) * matmul_params
             mfu = f" MFU {flops * r['tokens_per_s'] / H100_BF16_FLOPS:.1%}"
         extra = "".join(f" {k} {v}" for k, v in r.items() if k in ("peak_gib", "planned_gib", "mask"))
         print(f"{name:<28} tokens/s {r['tokens_per_s']:>10} samples/s {r['samples_per_s']:>8} vs ST: {ratio}{mfu}{extra}")
