@@ -96,7 +96,6 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--grad-cache-chunk", type=int, default=None)
     args = ap.parse_args()
-    args.lr, args.attn, args.workers, args.profile = 2e-5, None, 0, False
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = {"off": None, f"{args.segment}/{args.overlap}": {"length": args.segment, "overlap": args.overlap}}
     out: dict = {"encode": {}, "train": {}}

@@ -64,6 +64,8 @@ SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
     # the part that bounds short-text steps on a big GPU; a CPU proxy for it
     "micro": ("bert", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            vocab_size=30522)),
+    "micro-qwen3": ("qwen3", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=8, vocab_size=8000)),  # the decoder path, for smoke tests
     "bert-base": ("bert", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                vocab_size=30522)),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -196,12 +198,18 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     return out
 
 
+# what run_hmcl reads beyond batch_size, steps and warmup, for benchmarks whose options are fewer
+RUN_DEFAULTS = dict(lr=2e-5, attn=None, workers=0, compile=False, grad_cache_chunk=None, lora=False,
+                    checkpointing=False, profile=False, sync_audit=False, op_count=False)
+
+
 def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None,
              train_extra: dict | None = None) -> dict:
     from hmcl_cli.data.prepare import prepare
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.training.trainer import HMCLTrainer
 
+    args = argparse.Namespace(**{**RUN_DEFAULTS, **vars(args)})
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = load_recipe(data={

@@ -37,6 +37,9 @@
 #            the GPU, per batch.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
+#
+# tests/test_benchmark_scripts.py runs the speed, scale, encode and long parts' commands with the
+# same flags at the smallest shapes on the CPU (keep the two in step when a flag changes).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/hmcl-device-out}

@@ -1,0 +1,57 @@
+"""The GPU device kit's benchmark commands (benchmarks/device/run.sh) with the same flags at the
+smallest shapes on the CPU: a device call must not be spent on a script that breaks before its
+first row (long_text_throughput.py once did, on an option train_throughput.py had added)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import needs_minilm, needs_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = [needs_shared, needs_minilm]
+
+
+def _run(script: str, *args: str) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_training_throughput_every_tool_and_flag_of_the_speed_part():
+    out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
+               "--batch-size", "4", "--tools", "st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn", "--sdpa", "no-cudnn",
+               "--sync-audit")
+    results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
+    assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, two forwards",
+                       "result hmcl train, 2D mask", "result hmcl train, cuDNN attention"]
+    assert out.count("host syncs seen by dispatch") == 4  # the audit of each hmcl tool
+    assert out.count("vs ST: samples") == 5
+
+
+def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
+    out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro-qwen3", "--lora", "--checkpointing",
+               "--batch-size", "4", "--tools", "hmcl", "--steps", "1", "--warmup", "1")
+    assert "result hmcl train" in out and "LoRA, checkpointing" in out
+
+
+def test_encoding_throughput_with_the_flags_of_the_encode_part():
+    out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--batch-size", "64",
+               "--two-d-mask", "--cudnn-attention", "--sync-audit")
+    results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
+    assert results == ["result sentence-transformers (fp32 weights)", "result hmcl encode",
+                       "result hmcl encode, 2D mask", "result hmcl encode, cuDNN attention"]
+    assert "0.0 per batch" in out  # the sync audit's line
+
+
+def test_long_text_throughput_of_the_long_part():
+    out = _run("long_text_throughput.py", "--shape", "micro", "--length", "64", "--segment", "32", "--overlap", "4",
+               "--docs", "8", "--batch-size", "2", "--steps", "1", "--warmup", "1")
+    for part in ("encode", "train"):
+        assert f"{part:<7} segments off" in out and f"{part:<7} segments 32/4" in out
