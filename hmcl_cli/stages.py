@@ -63,14 +63,21 @@ def under_launcher() -> bool:
 
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
                      config_file: Optional[str], num_processes: int) -> list[str]:
+    """The `accelerate launch` command that runs this `hmcl train` in ``num_processes`` processes
+    per machine (the GPUs here), unless the user's arguments or config file say otherwise.
+
+    accelerate's ``--num_processes`` counts the processes of all machines: with ``--num_machines
+    M`` and no ``--num_processes``, it is ``num_processes x M``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
-    if not any(a.startswith("--num_processes") for a in launcher_args) and not config_file:
-        cmd += ["--num_processes", str(num_processes)]
+    machines = _launcher_int(launcher_args, "--num_machines") or 1
+    total = _launcher_int(launcher_args, "--num_processes")
+    if not config_file and not any(a.split("=")[0] == "--num_processes" for a in launcher_args):
+        total = num_processes * machines
+        cmd += ["--num_processes", str(total)]
     modes = ("--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--tpu", "--config_file")
-    if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and _requested_processes(
-            launcher_args, num_processes) > 1:
+    if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and (total or 1) > 1:
         # accelerate's torchrun path; on a CPU-only machine the processes form a gloo group
         cmd.append("--multi_gpu")
     cmd += list(launcher_args) + ["-m", "hmcl_cli", "train", recipe_path]
@@ -81,12 +88,14 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     return cmd
 
 
-def _requested_processes(launcher_args: list[str], default: int) -> int:
+def _launcher_int(launcher_args: list[str], name: str) -> Optional[int]:
+    """The integer value of ``name`` among accelerate arguments (``--name N`` or ``--name=N``);
+    None when absent or not a number (accelerate reports that itself)."""
     for i, a in enumerate(launcher_args):
-        if a.startswith("--num_processes"):
+        if a == name or a.startswith(name + "="):
             value = a.split("=", 1)[1] if "=" in a else (launcher_args[i + 1] if i + 1 < len(launcher_args) else "")
-            return int(value) if value.isdigit() else default
-    return default
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[str], resume: bool,

@@ -266,3 +266,22 @@ def test_every_process_ends_the_process_group_together(tmp_path, tiny_bert, main
     final = t.save_final()
     assert calls == ["wait", "end"]
     assert (final / "model.safetensors").is_file() == main  # only the main process writes the model
+
+
+@pytest.mark.parametrize("launcher_args, config, expected", [
+    ([], None, ["--num_processes", "4", "--multi_gpu"]),  # every GPU here
+    # several machines: accelerate counts all their processes
+    (["--num_machines", "2", "--machine_rank", "1"], None,
+     ["--num_processes", "8", "--multi_gpu", "--num_machines", "2", "--machine_rank", "1"]),
+    (["--num_machines=3"], None, ["--num_processes", "12", "--multi_gpu", "--num_machines=3"]),
+    (["--num_processes=2"], None, ["--multi_gpu", "--num_processes=2"]),  # the user's count is kept
+    (["--num_processes", "1"], None, ["--num_processes", "1"]),  # one process: no multi-GPU mode
+    (["--cpu"], None, ["--num_processes", "4", "--cpu"]),  # the user's mode is kept
+    ([], "acc.yaml", ["--config_file", "acc.yaml"]),  # the config file says it all
+])
+def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(launcher_args, config, expected):
+    from hmcl_cli.stages import relaunch_command
+
+    cmd = relaunch_command("r.yaml", ["train.epochs=2"], False, launcher_args, config, 4)
+    launch = cmd.index("accelerate.commands.launch")
+    assert cmd[launch + 1:] == [*expected, "-m", "hmcl_cli", "train", "r.yaml", "--set", "train.epochs=2"]
