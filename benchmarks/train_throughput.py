@@ -15,7 +15,9 @@
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
-(fp32 on CPU, bf16 autocast on GPU), AdamW at the same learning rate, and the same objective:
+(fp32 on CPU, bf16 autocast on GPU), AdamW at the same learning rate (fused, as both trainers
+take it by default with torch >= 2.8; before 2026-12-04 the loop took the per-tensor AdamW,
+~155 ms slower per MiniLM step on the 2-core CPU), and the same objective:
 in-batch InfoNCE with the group's candidates (MultipleNegativesRankingLoss on the
 sentence-transformers side; hmcl with only its contrastive term). The sentence-transformers loop
 tokenises each step's texts as its trainer does; hmcl runs its own loop (`HMCLTrainer`).
@@ -153,13 +155,24 @@ def st_batches(rows: list[dict], group: int, batch: int, seed: int):
             yield anchors, cands
 
 
+def st_trainer_adamw() -> dict:
+    """The AdamW sentence-transformers' trainer takes by default (its ``optim``, from transformers:
+    ``adamw_torch_fused`` with torch >= 2.8, on the CPU too), for the loop to step as it does."""
+    import dataclasses
+
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    optim = next(f.default for f in dataclasses.fields(SentenceTransformerTrainingArguments) if f.name == "optim")
+    return {"fused": True} if str(getattr(optim, "value", optim)) == "adamw_torch_fused" else {}
+
+
 def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(path), device=str(device))
     model.max_seq_length = max(q_len, d_len)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, **st_trainer_adamw())
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     batches = st_batches(rows, group, args.batch_size, 0)
     tokens = samples = 0
@@ -272,8 +285,8 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
 
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched while active, by name, views (no kernel) left out;
-    those of ``optimizer.step`` apart (hmcl takes fused AdamW on a GPU, the plain loop the default,
-    so only the rest compares across devices)."""
+    those of ``optimizer.step`` apart (both take fused AdamW where torch has it, but the count
+    of a fused step depends on the device)."""
 
     def __init__(self):
         super().__init__()

@@ -379,3 +379,30 @@ def test_one_forward_auto_joins_only_on_a_gpu_where_padding_stays_small(tmp_path
     t.cfg.one_forward = True
     assert t._one_forward(batch(32, 16, 32, 64))
     assert "one forward call per step" in t._forward_calls()
+
+
+def test_adamw_takes_the_fused_kernel_where_torch_has_one_and_updates_as_the_per_tensor_path(tmp_path, tiny_bert):
+    """hmcl's AdamW is PyTorch's fused kernel on the CPU too (torch >= 2.4; ~9x faster on a
+    MiniLM step here) and the default path for sharded parameters; both update alike."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    from conftest import make_trainer
+    from hmcl_cli.training.trainer import adamw
+
+    t = make_trainer(tmp_path, tiny_bert)
+    assert t.optimizer.defaults["fused"] is ("cpu" in _get_fused_kernels_supported_devices())
+    torch.manual_seed(0)
+    start = [torch.randn(40, 30), torch.randn(30), torch.randn(())]
+    weights = {kind: [w.clone().requires_grad_() for w in start] for kind in ("fused", "plain")}
+    opts = {kind: adamw([{"params": ws[:2], "lr": 1e-3, "weight_decay": 0.01}, {"params": ws[2:], "lr": 1e-2,
+                                                                              "weight_decay": 0.0}], fused=kind == "fused")
+            for kind, ws in weights.items()}
+    assert opts["plain"].defaults["fused"] is None
+    for _ in range(20):
+        grads = [torch.randn_like(w) for w in start]
+        for kind, ws in weights.items():
+            for w, g in zip(ws, grads):
+                w.grad = g.clone()
+            opts[kind].step()
+    for a, b, w0 in zip(weights["fused"], weights["plain"], start):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, w0)

