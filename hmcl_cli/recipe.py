@@ -110,8 +110,8 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description="Weight dtype for training. `auto`: float32 for weights that train (bf16 "
-        "autocast does the compute on GPU); with LoRA on a GPU the frozen base is kept in "
-        "bfloat16 (half the memory).",
+        "or fp16 autocast does the compute on GPU); with LoRA on a GPU the frozen base is kept in "
+        "bfloat16 (float16 on GPUs without native bf16; half the memory).",
     )
 
 
@@ -311,7 +311,9 @@ class TrainConfig(_Section):
         "or the whole batch when it fits (always on CPU).",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="`auto`: bf16 autocast on GPU, fp32 on CPU."
+        "auto", description="`auto`: bf16 autocast on GPUs that compute bf16 natively (Ampere and "
+        "later), fp16 on older ones (T4, V100), fp32 on CPU. fp16 trains with a dynamic loss scale "
+        "(steps whose gradients overflow are skipped; not with train.fsdp)."
     )
     log_steps: int = Field(10, ge=1, description="Log metrics every N steps.")
     eval_steps: Optional[int] = Field(

@@ -97,3 +97,23 @@ def test_compile_layers_finds_layers_whose_class_fsdp_renamed(tiny_bert):
     compile_layers(backbone)
     assert all(getattr(m, "_compiled_call_impl", None) is not None for m in blocks)
     assert getattr(backbone, "_compiled_call_impl", None) is None  # layers, not the whole model
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_optimizer_step_has_no_host_sync(tmp_path, tiny_bert, fp16):
+    """The optimizer step too — gradient clipping, fused AdamW and, under fp16, the loss scale's
+    unscale, overflow check, skip and update — reads nothing back (the per-tensor AdamW read each
+    parameter's step count: 37 reads per step of this model on the CPU)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if "cpu" not in _get_fused_kernels_supported_devices():
+        pytest.skip("this torch has no fused AdamW for the CPU")
+    t = make_trainer(tmp_path, tiny_bert, train={"max_grad_norm": 1.0})
+    if fp16:
+        t.precision, t.scaler = "fp16", None
+        t.scaler = t._loss_scaler()
+    batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+    t._forward_backward(batch, 1.0)
+    with HostSyncCounter() as s:
+        t._optimizer_step()
+    assert not s.events, s.report()

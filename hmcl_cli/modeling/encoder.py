@@ -515,21 +515,40 @@ def without_cudnn_attention() -> Any:
                 cuda.enable_cudnn_sdp(True)
 
 
+def native_bf16() -> bool:
+    """Whether the GPU computes bf16 natively (Ampere and later). Older GPUs (T4, V100) emulate it
+    slowly, so there ``auto`` means fp16. True without a GPU (a plan made for a GPU elsewhere)."""
+    if not torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.4: the only answer was the native one
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """``train.precision`` as it runs: ``auto`` is bf16 on a GPU with native bf16, fp16 (with loss
+    scaling) on older GPUs, fp32 on a CPU; a CPU runs fp32 whatever is asked (autocast there is
+    ~100x slower)."""
+    if device_type != "cuda":
+        return "fp32"
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp16"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA; nothing on CPU (bf16 autocast on a CPU is ~100x slower)."""
-    if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cuda" and precision == "fp16":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+    """Autocast for ``precision`` (see :func:`resolve_precision`) on CUDA; nothing on a CPU."""
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device.type))
+    return torch.autocast("cuda", dtype=half) if half is not None else contextlib.nullcontext()
 
 
 def training_dtype(model_cfg: Any, device_type: str) -> torch.dtype:
     """The dtype weights are loaded in for training (see ``model.dtype``)."""
     if model_cfg.dtype != "auto":
         return getattr(torch, model_cfg.dtype)
-    if model_cfg.lora.enabled and device_type == "cuda":
-        return torch.bfloat16  # frozen base; the adapters are float32 (peft keeps them so)
+    if model_cfg.lora.enabled and device_type == "cuda":  # frozen base; the adapters are float32 (peft keeps them so)
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32  # trained weights: float32 master copy; on GPU bf16 autocast computes
 
 

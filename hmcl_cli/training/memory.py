@@ -239,7 +239,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     segment and ``segments`` the most segments of one query / document in the data; without them
     the worst case is derived from the max lengths. ``shards``: processes sharing the weights
     under ``train.fsdp`` (1: every process holds all of them)."""
-    from hmcl_cli.modeling.encoder import training_dtype
+    from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
     from hmcl_cli.modeling.resolve import resolve_model
 
     m, t = recipe.model, recipe.train
@@ -250,9 +250,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         config = AutoConfig.from_pretrained(resolve_model(m.name_or_path, m.revision, recipe.base_dir),
                                             trust_remote_code=m.trust_remote_code)
     w_dtype = training_dtype(m, device.type)
-    precision = t.precision if t.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if device.type == "cpu":
-        precision = "fp32"
+    precision = resolve_precision(t.precision, device.type)
     act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, w_dtype)
     full = _meta_model(config, None, w_dtype, m.lora)
     params = trainable = weight_bytes = train_bytes = matmul_fp32 = 0

@@ -9,15 +9,16 @@ What a step does:
    each distinct text is encoded once per step; padding is dynamic (multiple of 8). With
    ``model.segments`` a long text is several sequences (its segments), averaged back into the
    text's embedding inside the loss graph; ``loss.local_weight`` adds the segment-level term.
-2. Anchors and candidates are embedded (bf16 autocast on GPU, fp32 on CPU) — in one forward
+2. Anchors and candidates are embedded (bf16 autocast on GPU, fp16 with a loss scale on GPUs
+   without native bf16, fp32 on CPU) — in one forward
    call where ``train.one_forward`` says so, else one per side; with several processes they
    are gathered *with gradients*, so in-batch negatives span every GPU.
 3. :class:`~hmcl_cli.losses.HMCLLoss` gives the loss; with ``train.grad_cache_chunk`` the
    embeddings are computed in chunks without a graph first and re-computed chunk by chunk
    for the backward pass (GradCache), which gives the same loss and gradients as the plain
    batch at a fraction of the memory.
-4. Gradients are averaged over processes, clipped, and AdamW steps with warmup + decay
-   (backbone at ``learning_rate``, loss parameters at ``head_learning_rate``).
+4. Gradients are averaged over processes, (unscaled under fp16,) clipped, and fused AdamW steps
+   with warmup + decay (backbone at ``learning_rate``, loss parameters at ``head_learning_rate``).
 
 Every ``eval_steps`` the dev split is scored (retrieval nDCG@10, reranking MAP, Spearman) and
 the best model kept; every ``save_steps`` a checkpoint (weights, optimizer, scheduler, RNG and
@@ -56,7 +57,7 @@ from hmcl_cli.evaluation.graded import evaluate_graded
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.losses.ranking import describe_ranking_pairs
-from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, training_dtype
+from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, resolve_precision, training_dtype
 from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
@@ -123,10 +124,9 @@ class HMCLTrainer:
                 "the config's fsdp_* settings are not read")
         if trackers:
             acc.init_trackers(r.name, config=json.loads(json.dumps(r.model_dump(mode="json"), default=str)))
-        self.precision = cfg.precision if cfg.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        if self.device.type == "cpu" and self.precision != "fp32":
+        self.precision = resolve_precision(cfg.precision, self.device.type)
+        if self.device.type == "cpu" and cfg.precision in ("bf16", "fp16"):
             warn("bf16/fp16 autocast on a CPU is ~100x slower; using fp32 on CPU")
-            self.precision = "fp32"
         _seed_everything(r.seed)
 
         self.memory_plan = None
@@ -194,6 +194,7 @@ class HMCLTrainer:
         if head_params:
             groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": 0.0})
         self.optimizer = adamw([g for g in groups if g["params"]], fused=not self.sharded)
+        self.scaler = self._loss_scaler()
         self.trainable = backbone_params + head_params
         self.replicated = [p for p in self.trainable if not is_sharded(p)]  # FSDP reduces the others itself
         warmup = int(cfg.warmup_ratio * self.total_steps)
@@ -205,7 +206,8 @@ class HMCLTrainer:
         n_cand = cfg.batch_size * self.world * cfg.group_size
         if self.is_main:
             log(f"train: {len(self.data.anchors)} anchors, {len(self.data.docs)} distinct candidates, "
-                f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}")
+                f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}"
+                f"{' with a dynamic loss scale' if self.scaler else ''}")
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
@@ -332,8 +334,28 @@ class HMCLTrainer:
                 q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
                 c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
         loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
-        (loss * scale).backward()
+        self._backward(loss * scale)
         return loss, parts
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward from the loss, scaled by fp16's loss scale (its gradients would underflow)."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
+        """fp16 autocast trains with a dynamic loss scale: the loss is multiplied before the
+        backward pass so small gradients do not underflow in float16, the gradients are divided
+        again before clipping, and a step whose gradients overflowed is skipped (the scale halves;
+        it doubles after 2,000 good steps). bf16 and fp32 need none."""
+        if self.precision != "fp16":
+            return None
+        if self.sharded:
+            raise RecipeError("train.precision fp16 with train.fsdp: loss scaling of sharded gradients is not supported",
+                              hint="use train.precision bf16 (GPUs since Ampere), or train without train.fsdp")
+        half = [n for n, p in self.model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        if half:
+            raise RecipeError(f"train.precision fp16 trains float16 weights ({half[0]}, ...), whose gradients loss "
+                              "scaling cannot unscale", hint="set model.dtype: auto (float32 weights under fp16 autocast)")
+        return torch.amp.GradScaler(self.device.type)
 
     def _one_forward(self, batch: dict) -> bool:
         """Whether this step encodes both sides in one forward call (``train.one_forward``); decided
@@ -447,7 +469,7 @@ class HMCLTrainer:
         q = embs[0].detach().requires_grad_()
         c = embs[1].detach().requires_grad_()
         loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
-        (loss * scale).backward()
+        self._backward(loss * scale)  # the embeddings' gradients carry fp16's loss scale into the chunks'
         for (ids_key, mask_key), grad, rng, n_rounds in zip(sides, (q.grad, c.grad), states, rounds):
             for i in range(n_rounds):
                 with _restored_rng(rng[i], self.device):
@@ -458,9 +480,15 @@ class HMCLTrainer:
     def _optimizer_step(self) -> None:
         if self.world > 1:
             average_gradients(self.replicated)
+        if self.scaler:  # the same gradients on every process, so every process skips alike
+            self.scaler.unscale_(self.optimizer)
         if self.cfg.max_grad_norm:
             clip_grad_norm(self.trainable, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler:
+            self.scaler.step(self.optimizer)  # skipped where a gradient overflowed (no host sync when fused)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -533,7 +561,8 @@ class HMCLTrainer:
         with atomic_path(target, is_dir=True) as tmp:
             torch.save(weights, tmp / "model.pt")
             torch.save(self.loss_fn.state_dict(), tmp / "loss.pt")
-            torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict()}, tmp / "optim.pt")
+            torch.save({"optimizer": optim, "scheduler": self.scheduler.state_dict(),
+                        **({"scaler": self.scaler.state_dict()} if self.scaler else {})}, tmp / "optim.pt")
             torch.save(_all_rng(), tmp / "rng.pt")
             state = {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
                      "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps}
@@ -565,6 +594,8 @@ class HMCLTrainer:
             opt = torch.load(ckpt / "optim.pt", weights_only=False)
             load_optimizer_state(self.optimizer, opt["optimizer"])
             self.scheduler.load_state_dict(opt["scheduler"])
+            if self.scaler and "scaler" in opt:
+                self.scaler.load_state_dict(opt["scaler"])
             _set_all_rng(torch.load(ckpt / "rng.pt", weights_only=False))
             st = json.loads((ckpt / "trainer_state.json").read_text())
             self.step, self.best_metric, self.best_step = st["step"], st["best_metric"], st["best_step"]
