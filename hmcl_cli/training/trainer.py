@@ -341,7 +341,7 @@ class HMCLTrainer:
         """Backward from the loss, scaled by fp16's loss scale (its gradients would underflow)."""
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def _loss_scaler(self) -> Optional[torch.amp.GradScaler]:
+    def _loss_scaler(self) -> Optional[Any]:
         """fp16 autocast trains with a dynamic loss scale: the loss is multiplied before the
         backward pass so small gradients do not underflow in float16, the gradients are divided
         again before clipping, and a step whose gradients overflowed is skipped (the scale halves;
@@ -355,6 +355,8 @@ class HMCLTrainer:
         if half:
             raise RecipeError(f"train.precision fp16 trains float16 weights ({half[0]}, ...), whose gradients loss "
                               "scaling cannot unscale", hint="set model.dtype: auto (float32 weights under fp16 autocast)")
+        if not hasattr(torch.amp, "GradScaler"):  # torch < 2.3
+            return torch.cuda.amp.GradScaler()
         return torch.amp.GradScaler(self.device.type)
 
     def _one_forward(self, batch: dict) -> bool:
