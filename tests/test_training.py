@@ -406,3 +406,35 @@ def test_adamw_takes_the_fused_kernel_where_torch_has_one_and_updates_as_the_per
             opts[kind].step()
     for a, b, w0 in zip(weights["fused"], weights["plain"], start):
         assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, w0)
+
+
+def test_adamw_on_sharded_parameters_is_fused_and_updates_as_plain_tensors(tmp_path):
+    """FSDP2's parameters are DTensors: hmcl's AdamW takes the fused kernel for them as well, with
+    the update of plain tensors (a one-process group; the 2-process FSDP runs of
+    tests/test_distributed.py equal one process with it)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    from hmcl_cli.training.trainer import adamw
+
+    if "cpu" not in _get_fused_kernels_supported_devices():
+        pytest.skip("this torch has no fused AdamW for the CPU")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        start = torch.randn(8, 4)
+        sharded = torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)]))
+        plain = torch.nn.Parameter(start.clone())
+        opts = [adamw([{"params": [p], "lr": 1e-2, "weight_decay": 0.01}]) for p in (sharded, plain)]
+        assert all(o.defaults["fused"] for o in opts)
+        for _ in range(5):
+            g = torch.randn(8, 4)
+            sharded.grad, plain.grad = distribute_tensor(g.clone(), mesh, [Shard(0)]), g.clone()
+            for o in opts:
+                o.step()
+        assert torch.allclose(sharded.full_tensor(), plain, atol=1e-6) and not torch.allclose(plain, start)
+    finally:
+        dist.destroy_process_group()
