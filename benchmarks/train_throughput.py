@@ -15,7 +15,7 @@
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
-(fp32 on CPU, bf16 autocast on GPU), AdamW at the same learning rate (fused, as both trainers
+(fp32 on CPU, bf16 autocast on GPU, or fp16 with a loss scale: ``--precision``), AdamW at the same learning rate (fused, as both trainers
 take it by default with torch >= 2.8; before 2026-12-04 the loop took the per-tensor AdamW,
 ~155 ms slower per MiniLM step on the 2-core CPU), and the same objective:
 in-batch InfoNCE with the group's candidates (MultipleNegativesRankingLoss on the
@@ -173,7 +173,10 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     model.max_seq_length = max(q_len, d_len)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, **st_trainer_adamw())
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+    amp = torch.autocast("cuda", dtype=half) if device.type == "cuda" and half else torch.autocast("cpu", enabled=False)
+    # fp16 as sentence-transformers' trainer runs it (through accelerate): with a loss scale
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and args.precision == "fp16" else None
     batches = st_batches(rows, group, args.batch_size, 0)
     tokens = samples = 0
     counting = contextlib.ExitStack()
@@ -199,8 +202,13 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
         logits = q @ d.T * 20.0
         target = torch.arange(len(anchors), device=device) * len(cands[0])
         loss = torch.nn.functional.cross_entropy(logits, target)
-        loss.backward()
-        opt.step()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         opt.zero_grad(set_to_none=True)
         samples += len(anchors)
     _sync(device)
@@ -213,7 +221,7 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
 
 # what run_hmcl reads beyond batch_size, steps and warmup, for benchmarks whose options are fewer
 RUN_DEFAULTS = dict(lr=2e-5, attn=None, workers=0, compile=False, grad_cache_chunk=None, lora=False,
-                    checkpointing=False, profile=False, sync_audit=False, op_count=False)
+                    checkpointing=False, profile=False, sync_audit=False, op_count=False, precision="bf16")
 
 
 def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None,
@@ -235,6 +243,7 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
                   "learning_rate": args.lr, "warmup_ratio": 0.0, "log_steps": 10_000, "save_steps": 100_000,
                   "eval_steps": 100_000, "max_grad_norm": None, "batch_by_source": False,
                   "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers, "compile": args.compile,
+                  "precision": args.precision if device.type == "cuda" else "auto",
                   **(train_extra or {})},
         "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
     prepare(recipe, progress=False)
@@ -431,6 +440,8 @@ def main() -> None:
                     help="count the ATen operations (views left out) each tool dispatches per timed step")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
+    ap.add_argument("--precision", choices=["bf16", "fp16"], default="bf16",
+                    help="autocast on a GPU for both tools (fp16 with a loss scale); a CPU runs fp32")
     args = ap.parse_args()
     args.batch_size = args.batch_size or (32 if args.data == "quickstart" else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,7 +27,7 @@ def _run(script: str, *args: str) -> str:
 def test_training_throughput_every_tool_and_flag_of_the_speed_part():
     out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
                "--batch-size", "4", "--tools", "st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn", "--sdpa", "no-cudnn",
-               "--sync-audit")
+               "--sync-audit", "--precision", "fp16")  # (fp16: the fp16 part's flag; a CPU runs fp32)
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
     assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, two forwards",
                        "result hmcl train, 2D mask", "result hmcl train, cuDNN attention"]

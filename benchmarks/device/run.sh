@@ -9,8 +9,9 @@
 # machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
 # (the open issues' throughput and memory rows, #9 and #8; the parts take 470 s, the set-up,
 # wheels and model, is not yet timed there); call 2 at once, while the machine is warm,
-# `long=100 longq=200` (#11; timeout_s 330); `mfu=120` (#9's MFU row) and `quality=300` (#12 is
-# resolved on the CPU: its bf16 run) only where time is left over.
+# `long=100 longq=200` (#11; timeout_s 330); `mfu=120` (#9's MFU row), `fp16=60` (the loss-scale
+# path, untested on a GPU) and `quality=300` (#12 is resolved on the CPU: its bf16 run) only where
+# time is left over.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
@@ -32,6 +33,8 @@
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
 #   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
 #            (benchmarks/long_text_quality.py).
+#   fp16     train.precision fp16 (dynamic loss scale) runs on the GPU: BERT-base shape, hmcl and
+#            the loop, both fp16 with a loss scale (a few steps; a check, not a speed row).
 #   encode   #9: hmcl's encoder vs model.encode (and hmcl with the 2D mask check, and with cuDNN
 #            attention), 100k texts, MiniLM shape; then what makes hmcl's encoding loop wait for
 #            the GPU, per batch.
@@ -130,6 +133,8 @@ for spec in "$@"; do
       part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 2048 --segment 256 --overlap 32 --docs 1000 --batch-size 8 ;;
     longq)
       part longq "$secs" python3 benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 6 --out /tmp/hmcl-longq ;;  # the table is in the log
+    fp16)
+      part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
       part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 \
         --two-d-mask --cudnn-attention
@@ -138,7 +143,7 @@ for spec in "$@"; do
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, scale, mfu, long, longq, encode, smoke)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done
