@@ -15,6 +15,7 @@ Python use::
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import threading
@@ -515,6 +516,7 @@ def without_cudnn_attention() -> Any:
                 cuda.enable_cudnn_sdp(True)
 
 
+@functools.lru_cache(maxsize=None)  # asked for every batch encoded; the answer does not change
 def native_bf16() -> bool:
     """Whether the GPU computes bf16 natively (Ampere and later). Older GPUs (T4, V100) emulate it
     slowly, so there ``auto`` means fp16. True without a GPU (a plan made for a GPU elsewhere)."""
