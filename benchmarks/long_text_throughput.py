@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from train_throughput import SHAPES, _sync, build_model, run_hmcl, stsb_pairs  # noqa: E402
+from train_throughput import SHAPES, _sync, build_model, rate, run_hmcl, stsb_pairs  # noqa: E402
 
 
 def long_texts(tokenizer, n: int, length: int) -> list[str]:
@@ -74,7 +74,7 @@ def encode_row(path: Path, docs: list[str], length: int, segments: dict | None, 
     model.encode(docs, side="doc", batch_size=batch)
     _sync(device)
     secs = time.perf_counter() - t0
-    r = {"texts_per_s": round(len(docs) / secs, 1), "tokens_per_s": round(tokens / secs, 1)}
+    r = {"texts_per_s": rate(len(docs) / secs), "tokens_per_s": rate(tokens / secs)}
     if device.type == "cuda":
         r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
     del model

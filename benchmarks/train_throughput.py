@@ -45,6 +45,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import random
 import sys
 import tempfile
@@ -409,8 +410,13 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def rate(x: float) -> float:
+    """A rate rounded to one decimal and at least three significant digits (0.114, 1.73, 24785.3)."""
+    return round(x, max(1, 2 - math.floor(math.log10(x)))) if x > 0 else 0.0
+
+
 def _result(secs, tokens, samples, device) -> dict:
-    r = {"seconds": round(secs, 2), "tokens_per_s": round(tokens / secs, 1), "samples_per_s": round(samples / secs, 1)}
+    r = {"seconds": round(secs, 2), "tokens_per_s": rate(tokens / secs), "samples_per_s": rate(samples / secs)}
     if device.type == "cuda":
         r["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
     return r
