@@ -374,7 +374,7 @@ def _sync_audit(device, steps: int, unit: str = "step"):
 
 TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards",
-              "hmcl-cudnn": "hmcl train, cuDNN attention"}
+              "hmcl-cudnn": "hmcl train, cuDNN attention", "hmcl-per-tensor-adamw": "hmcl train, per-tensor AdamW"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}}
 TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}}
 
@@ -394,6 +394,20 @@ def two_d_masks(active: bool):
         yield
     finally:
         EmbeddingModel.check_masks = real
+
+
+@contextlib.contextmanager
+def per_tensor_adamw(active: bool):
+    """hmcl with the per-tensor AdamW it took on a CPU before its fused one (training/trainer.py)."""
+    from hmcl_cli.training import trainer
+
+    real = trainer.adamw
+    if active:
+        trainer.adamw = lambda groups: real(groups, fused=False)
+    try:
+        yield
+    finally:
+        trainer.adamw = real
 
 
 def _sdpa_backends(choice: str):
@@ -437,7 +451,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--tools", default="st,hmcl",
                     help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
-                    "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention)")
+                    "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention), "
+                    "hmcl-per-tensor-adamw (hmcl without its fused AdamW)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
@@ -469,7 +484,7 @@ def main() -> None:
                 if tool == "st":
                     results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
                 elif tool in TOOL_NAMES:
-                    with two_d_masks(tool == "hmcl-2d-mask"):
+                    with two_d_masks(tool == "hmcl-2d-mask"), per_tensor_adamw(tool == "hmcl-per-tensor-adamw"):
                         results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool,
                                                              model_extra=TOOL_MODEL.get(tool),
                                                              train_extra=TOOL_TRAIN.get(tool))

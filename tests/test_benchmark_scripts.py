@@ -26,13 +26,17 @@ def _run(script: str, *args: str) -> str:
 
 def test_training_throughput_every_tool_and_flag_of_the_speed_part():
     out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
-               "--batch-size", "4", "--tools", "st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn", "--sdpa", "no-cudnn",
+               "--batch-size", "4", "--tools", "st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn,hmcl-per-tensor-adamw",
+               "--sdpa", "no-cudnn",
                "--sync-audit", "--precision", "fp16")  # (fp16: the fp16 part's flag; a CPU runs fp32)
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
     assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, two forwards",
-                       "result hmcl train, 2D mask", "result hmcl train, cuDNN attention"]
-    assert out.count("host syncs seen by dispatch") == 4  # the audit of each hmcl tool
-    assert out.count("vs ST: samples") == 5
+                       "result hmcl train, 2D mask", "result hmcl train, cuDNN attention",
+                       "result hmcl train, per-tensor AdamW"]
+    audits = [float(line.split("),")[1].split()[0]) for line in out.splitlines() if line.startswith("host syncs seen")]
+    assert len(audits) == 5  # the audit of each hmcl tool
+    assert audits[4] > audits[0]  # the per-tensor AdamW reads each parameter's step count: the patch took
+    assert out.count("vs ST: samples") == 6
 
 
 def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
