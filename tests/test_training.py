@@ -437,3 +437,22 @@ def test_adamw_on_sharded_parameters_is_fused_and_updates_as_plain_tensors(tmp_p
         assert torch.allclose(sharded.full_tensor(), plain, atol=1e-6) and not torch.allclose(plain, start)
     finally:
         dist.destroy_process_group()
+
+
+def test_progress_line_of_a_log_step_shows_that_steps_loss(tmp_path, tiny_bert, capsys):
+    """In logs (no terminal) the progress line printed at a log step carries the loss logged at that
+    step in metrics.jsonl, not the previous interval's."""
+    import json
+    import re
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 10, "log_steps": 5, "eval_steps": 100, "save_steps": 100})
+    capsys.readouterr()
+    t.train()
+    out = capsys.readouterr().out
+    logged = {r["step"]: r["loss"] for r in map(json.loads, (t.run_dir / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r}
+    shown = {int(m[1]): float(m[2]) for m in re.finditer(r"train: (\d+)/10 steps \(.*?\) loss ([\d.]+)", out)}
+    assert 5 in shown and logged[5] != logged[10]
+    assert shown[5] == pytest.approx(logged[5], abs=1e-4)
+    last = re.search(r"train: 10 steps in [\d.]+s loss ([\d.]+)", out)
+    assert float(last[1]) == pytest.approx(logged[10], abs=1e-4)

@@ -278,7 +278,7 @@ class HMCLTrainer:
                         continue
                     self._optimizer_step()
                     self.step += 1
-                    bar.update(1)
+                    postfix = None  # the progress line of a log step shows that step's record, not the last one
                     if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
                         self._check_finite(nonfinite_step)
                         elapsed = time.perf_counter() - t_log
@@ -291,8 +291,9 @@ class HMCLTrainer:
                             th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
                             record["thresholds"] = [round(x, 4) for x in th]
                         self.metrics.write(record)
-                        bar.update(0, postfix=f"loss {record['loss']:.4f}")
+                        postfix = f"loss {record['loss']:.4f}"
                         running, tokens, t_log = {}, torch.zeros((), dtype=torch.long), time.perf_counter()
+                    bar.update(1, postfix=postfix)
                     if self.dev and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                         if self._evaluate_and_keep_best():
                             break
