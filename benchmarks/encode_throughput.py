@@ -63,6 +63,9 @@ def main() -> None:
                     help="then encode once more (hmcl, untimed) printing what made the host wait for the device")
     ap.add_argument("--two-d-mask", action="store_true",
                     help="also time hmcl with the model's own 2D mask check (as before prepared masks)")
+    ap.add_argument("--padded", action="store_true",
+                    help="also time hmcl with padded forward calls (model.unpad false), and unpadded ones "
+                    "where `auto` keeps them padded (model.unpad true)")
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="also time hmcl with SDPA's cuDNN attention allowed (model.cudnn_attention)")
     args = ap.parse_args()
@@ -99,6 +102,12 @@ def main() -> None:
             with two_d_masks(True):
                 hm.encode(texts[: args.warmup], batch_size=args.batch_size)
                 results["hmcl encode, 2D mask"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode, 2D mask", len(texts))
+        if args.padded:  # model.unpad false, then true (auto is the default row)
+            for setting, label in ((False, "hmcl encode, padded"), (True, "hmcl encode, unpad true")):
+                hm.unpad = setting
+                hm.encode(texts[: args.warmup], batch_size=args.batch_size)
+                results[label], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, label, len(texts))
+            hm.unpad = "auto"
         if args.cudnn_attention:  # hmcl letting SDPA take cuDNN attention (model.cudnn_attention)
             hm.cudnn_attention = True
             hm.encode(texts[: args.warmup], batch_size=args.batch_size)

@@ -243,7 +243,8 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict, baseline: di
 BASELINE_KEY = "hmcl-baseline"
 # what cannot change the trained model (quality.py's own arguments are keyed through ``common``)
 NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.keep_last", "train.trackers",
-             "data.sources"}
+             "data.sources",
+             "model.unpad"}  # the same computation (tests/test_unpad.py: equal losses and gradients; dropout masks aside)
 # options added after a cache's baseline was written, with the value that trains as before
 NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as every step did before
                  "model.cudnn_attention": True}  # SDPA's cuDNN kernels allowed, as before the option

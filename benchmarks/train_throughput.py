@@ -12,6 +12,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl,hmcl-cudnn   # cuDNN attention
+    python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-padded,hmcl-unpad  # model.unpad
 
 Both tools get the same model (all-MiniLM-L6-v2, or a random-weight model of the named shape),
 the same examples, batch composition (anchors x group of candidates), max length and precision
@@ -374,9 +375,10 @@ def _sync_audit(device, steps: int, unit: str = "step"):
 
 TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards",
-              "hmcl-cudnn": "hmcl train, cuDNN attention", "hmcl-per-tensor-adamw": "hmcl train, per-tensor AdamW"}
+              "hmcl-cudnn": "hmcl train, cuDNN attention", "hmcl-per-tensor-adamw": "hmcl train, per-tensor AdamW",
+              "hmcl-padded": "hmcl train, padded", "hmcl-unpad": "hmcl train, unpadded"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}}
-TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}}
+TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True}}
 
 
 @contextlib.contextmanager
@@ -452,7 +454,8 @@ def main() -> None:
     ap.add_argument("--tools", default="st,hmcl",
                     help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
                     "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention), "
-                    "hmcl-per-tensor-adamw (hmcl without its fused AdamW)")
+                    "hmcl-per-tensor-adamw (hmcl without its fused AdamW), hmcl-padded / hmcl-unpad (model.unpad "
+                    "false / true)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")

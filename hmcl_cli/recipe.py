@@ -101,6 +101,17 @@ class ModelConfig(_Section):
         "H100 profile of 2026-11-23 each cuDNN attention call took ~2 ms of host time, ~48 ms of a "
         "~200 ms step); off leaves SDPA's flash and memory-efficient kernels.",
     )
+    unpad: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Run the backbone on the real tokens only: a batch's texts laid end to end, "
+        "attention kept within each text, so no matmul is spent on padding (grouped by length, "
+        "STS-B batches are still 1.6x their real tokens padded). Where the model passes a probe "
+        "(same token states as padded; sdpa attention, full attention in every layer); else padded, "
+        "with the reason at the start of training. `auto`: on a CPU; on a GPU where PyTorch's flash "
+        "variable-length kernel takes the attention (bf16/fp16, torch >= 2.10, no attention dropout "
+        "while training), else padded. `true`: also where attention must run padded (the rest of "
+        "the model still unpadded). See hmcl_cli/modeling/unpad.py.",
+    )
     segments: Optional[SegmentsConfig] = Field(
         None,
         description="Encode texts longer than one segment as segments (max_length then bounds "

@@ -33,6 +33,7 @@ def test_prepared_mask_is_padding_and_causal_order():
                                           ("tiny_qwen", "left"), ("tiny_qwen", "right"), ("tiny_llama", "left")])
 def test_same_embeddings_and_no_host_sync_in_the_forward(fixture, side, request):
     model = EmbeddingModel.load(str(request.getfixturevalue(fixture)), padding_side=side)
+    model.unpad = False  # padded forward calls, whose mask this is about (unpadded: tests/test_unpad.py)
     assert model.check_masks()
     batch = model.pad(model.tokenize(TEXTS))
     assert not bool(batch["attention_mask"].all())  # padded: the case transformers checks
@@ -106,6 +107,7 @@ def test_a_replaced_backbone_is_probed_again(tiny_qwen):
     assert not model.check_masks()
     model.backbone = apply_lora(model.backbone.inner, LoraConfig(enabled=True, r=4))
     assert model.check_masks()
+    assert model.unpad_refusal() == ""  # (the unpadding probe: once per backbone, like the mask's)
     model.backbone.train()
     batch = model.pad(model.tokenize(TEXTS))
     with HostSyncCounter() as syncs:
@@ -168,6 +170,7 @@ def test_cudnn_attention_is_off_in_forward_and_recomputing_backward_unless_allow
     seen.clear()
     model = EmbeddingModel.load(str(tiny_bert))  # encoding alone (mine, eval): off as well
     model.check_masks()  # (its probe's two forward calls, before the hook)
+    model.unpad_refusal()  # (likewise)
     model.backbone.encoder.layer[0].register_forward_hook(lambda m, a, o: seen.append(cuda.cudnn_sdp_enabled()))
     model.encode(TEXTS)
     assert seen == [False] and cuda.cudnn_sdp_enabled()

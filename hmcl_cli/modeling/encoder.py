@@ -112,6 +112,8 @@ class EmbeddingModel(nn.Module):
         tokenizer.padding_side = settings.padding_side
         self._prepared_masks: tuple[int, str] = (0, "")  # (id of the backbone probed, why not: '' = it may)
         self.cudnn_attention = False  # model.cudnn_attention: SDPA's cuDNN kernels allowed (a run-time choice)
+        self.unpad: bool | str = "auto"  # model.unpad: forward passes on the real tokens only (modeling/unpad.py)
+        self._unpadded: tuple[int, str] = (0, "")  # (id of the backbone probed, why not: '' = it may)
 
     @property
     def segments(self) -> Any:
@@ -225,6 +227,7 @@ class EmbeddingModel(nn.Module):
         )
         model.use_segments(model_cfg.segments)
         model.cudnn_attention = model_cfg.cudnn_attention
+        model.unpad = model_cfg.unpad
         return model
 
     # ---------------------------------------------------------------- tokenising
@@ -271,11 +274,80 @@ class EmbeddingModel(nn.Module):
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(filled.astype(np.int64))}
 
     # ---------------------------------------------------------------- forward
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled token states, before normalisation (segments are averaged at this stage)."""
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
+        """Pooled token states, before normalisation (segments are averaged at this stage).
+        ``n_real``: the batch's real tokens where the caller knows them without asking the device;
+        with it the backbone may run unpadded (``model.unpad``; on a CPU hmcl counts them itself)."""
+        packed = self.packed_tokens(attention_mask, n_real)
         with self.attention_backends():
-            out = self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask))
-        return pool(last_hidden(out), attention_mask, self.settings.pooling)
+            if packed is not None:
+                from hmcl_cli.modeling.unpad import unpadded_states
+
+                hidden = unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
+            else:
+                hidden = last_hidden(self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask)))
+        return pool(hidden, attention_mask, self.settings.pooling)
+
+    def packed_tokens(self, attention_mask: torch.Tensor, n_real: Optional[int]) -> Optional[int]:
+        """The real-token count to run this batch unpadded with, or None to run it padded: never
+        with ``unpad: false``, nor without padding, nor where :meth:`unpad_refusal` says why not;
+        under ``auto`` on a GPU only where the flash variable-length kernel takes the attention."""
+        if self.unpad is False:
+            return None
+        if n_real is None:
+            if attention_mask.device.type != "cpu":
+                return None  # counting on the device would make the host wait for it
+            n_real = int(attention_mask.numpy().sum())  # a host tensor: numpy counts it without a tensor op
+        if n_real >= attention_mask.numel():
+            return None
+        if self.unpad == "auto" and attention_mask.device.type != "cpu" and not self._varlen_attention():
+            return None
+        return None if self.unpad_refusal() else n_real
+
+    def _varlen_attention(self) -> bool:
+        """Whether packed attention would take the flash variable-length kernel now (bf16/fp16
+        compute, no attention dropout in this mode) rather than padded SDPA."""
+        from hmcl_cli.modeling.unpad import varlen_serves
+
+        config = self.backbone.config
+        if torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype("cuda")
+        else:
+            dtype = next(self.backbone.parameters()).dtype
+        dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0) or 0.0
+        heads = getattr(config, "num_attention_heads", 1) or 1
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return varlen_serves(dtype, "cuda", head_dim, float(dropout) if self.training else 0.0)
+
+    def unpad_summary(self, device_type: str, precision: str = "auto") -> str:
+        """How training runs its forward calls, padded or not and why (the start of ``hmcl train``)."""
+        if self.unpad is False:
+            return "forward calls padded (model.unpad false)"
+        refusal = self.unpad_refusal()
+        if refusal:
+            return f"forward calls padded ({refusal})"
+        if device_type == "cpu":
+            return "forward calls unpadded: real tokens only, attention computed padded per text (model.unpad)"
+        with autocast_for(torch.device(device_type), precision):
+            varlen = self._varlen_attention()
+        if varlen:
+            return "forward calls unpadded: real tokens only, flash variable-length attention (model.unpad)"
+        if self.unpad == "auto":
+            return ("forward calls padded (model.unpad auto: the flash variable-length kernel cannot take this "
+                    "attention: it needs bf16/fp16, torch >= 2.10 and no attention dropout; `true` unpads the rest)")
+        return "forward calls unpadded: real tokens only, attention computed padded per text (model.unpad true)"
+
+    def unpad_refusal(self) -> str:
+        """Why the backbone runs padded batches as they are ('' when it may run them unpadded):
+        decided once per backbone (modeling/unpad.py), after the attention-mask probe."""
+        probed, reason = self._unpadded
+        if probed != id(self.backbone):
+            self.mask_refusal()
+            from hmcl_cli.modeling.unpad import unpad_refusal
+
+            reason = unpad_refusal(self)
+            self._unpadded = (id(self.backbone), reason)
+        return reason
 
     def attention_backends(self) -> Any:
         """A context in which SDPA takes no cuDNN attention kernel unless ``model.cudnn_attention``
@@ -303,8 +375,8 @@ class EmbeddingModel(nn.Module):
             return attention_mask
         return prepared_mask(attention_mask, self.settings.is_decoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        emb = self.pooled(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
+        emb = self.pooled(input_ids, attention_mask, n_real)
         if self.settings.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb
@@ -360,9 +432,10 @@ class EmbeddingModel(nn.Module):
                 idx = order[start:start + batch_size]
                 # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for the
                 # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
-                batch = {k: v.to(dev, non_blocking=True) for k, v in self.pad([ids[i] for i in idx]).items()}
+                host = self.pad([ids[i] for i in idx])
+                batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
                 with autocast_for(dev):
-                    out.add(idx, self(**batch))
+                    out.add(idx, self(**batch, n_real=int(host["attention_mask"].numpy().sum())))
                 bar.update(len(idx))
         return out.collect()
 

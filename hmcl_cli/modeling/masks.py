@@ -63,7 +63,7 @@ def static_reason(backbone: Any) -> str:
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     impl = getattr(config, "_attn_implementation", None)
-    if impl != "sdpa":
+    if impl not in ("sdpa", "hmcl_sdpa"):  # hmcl_sdpa: SDPA, and packed calls (modeling/unpad.py)
         return f"attention kernel {impl!r} (only sdpa takes the prepared mask)"
     if not _full_attention(config):
         return "sliding-window or chunked attention layers"

@@ -128,9 +128,10 @@ def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSe
     seg_emb = HostRows(len(flat), model.dim)  # segments reach the host a block at a time, as in encode
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        batch = {k: v.to(dev, non_blocking=True) for k, v in model.pad([flat[i][1] for i in idx]).items()}
+        host = model.pad([flat[i][1] for i in idx])
+        batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
         with autocast_for(dev):  # (host tensors moved without waiting for the GPU, as in encode)
-            seg_emb.add(idx, model.pooled(**batch))
+            seg_emb.add(idx, model.pooled(**batch, n_real=int(host["attention_mask"].numpy().sum())))
     owner = torch.tensor([t for t, _, _ in flat])
     weight = torch.tensor([max(n, 1) if seg.pooling == "weighted" else 1 for _, _, n in flat])
     emb = aggregate(seg_emb.collect(), owner, weight, len(texts))

@@ -166,6 +166,8 @@ class HMCLTrainer:
                     f"({units} layer units{'; LoRA adapters replicated' if r.model.lora.enabled else ''})")
         self.model.to(self.device)
         self.model.check_masks()  # its probe runs in eval mode: before compiling, which would recompile for it
+        if self.model.unpad is not False:
+            self.model.unpad_refusal()  # likewise
         if cfg.compile:
             n = compile_layers(self.model.backbone)
             if self.is_main:
@@ -217,6 +219,7 @@ class HMCLTrainer:
             refusal = self.model.mask_refusal()
             log("train: attention mask: " + (f"2D, checked by the model each forward call ({refusal})" if refusal else
                                              "4D, prepared by hmcl (no padding check in the model's forward)"))
+            log(f"train: {self.model.unpad_summary(self.device.type, self.precision)}")
             if r.loss.ranking_weight > 0:
                 ranking = describe_ranking_pairs(self.data.anchors, r.loss.ranking_pairs, r.loss.use_scores)
                 if ranking:
@@ -313,27 +316,33 @@ class HMCLTrainer:
 
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
         dev = self.device
+        # real tokens per row, counted on the host that built the batch (unpadded forward calls), in
+        # numpy: no tensor op, which on a device batch would wait for the device
+        lengths = {side: batch[f"{side}_attention_mask"].numpy().sum(1) for side in ("q", "c")}
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         chunk = self.chunk
         sizes = self._step_sizes(batch, chunk)
         try:
             with self.model.attention_backends():  # the backward too: checkpointed layers run again there
-                return self._step(batch, chunk, scale, sizes)
+                return self._step(batch, chunk, scale, sizes, lengths)
         except torch.OutOfMemoryError:
             raise OutOfMemoryError(f"out of GPU memory at step {self.step + 1}", hint=MEMORY_HINT) from None
 
-    def _step(self, batch: dict, chunk: Optional[int], scale: float, sizes: Optional[list[list[int]]]) -> tuple[torch.Tensor, dict]:
-        """One step's forward and backward passes (GradCache's when ``chunk``)."""
+    def _step(self, batch: dict, chunk: Optional[int], scale: float, sizes: Optional[list[list[int]]],
+              lengths: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict]:
+        """One step's forward and backward passes (GradCache's when ``chunk``); ``lengths``: each
+        side's real tokens per row, on the host."""
         if chunk:
-            return self._grad_cache_step(batch, chunk, scale, sizes)
+            return self._grad_cache_step(batch, chunk, scale, sizes, lengths)
+        n_q, n_c = (int(lengths[side].sum()) for side in ("q", "c"))
         with autocast_for(self.device, self.precision):
             if self._one_forward(batch):
-                n_q = batch["q_input_ids"].size(0)
-                units = self._units(*self._joined(batch))
-                q, c = units[:n_q], units[n_q:]
+                rows = batch["q_input_ids"].size(0)
+                units = self._units(*self._joined(batch), n_real=n_q + n_c)
+                q, c = units[:rows], units[rows:]
             else:
-                q = self._units(batch["q_input_ids"], batch["q_attention_mask"])
-                c = self._units(batch["c_input_ids"], batch["c_attention_mask"]) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
+                q = self._units(batch["q_input_ids"], batch["q_attention_mask"], n_q)
+                c = self._units(batch["c_input_ids"], batch["c_attention_mask"], n_c) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
         loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
         self._backward(loss * scale)
         return loss, parts
@@ -400,12 +409,13 @@ class HMCLTrainer:
         keys = ("anchor_hash", "candidate_hash", "pair_anchor", "q_input_ids", "c_input_ids")
         return gather_sizes([batch[k].size(0) for k in keys], self.device)
 
-    def _units(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _units(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
         """One forward call: the texts' embeddings, or with segments the segments' pooled states
-        (float32, before averaging and normalisation, which :meth:`_pair_batch` does)."""
+        (float32, before averaging and normalisation, which :meth:`_pair_batch` does). ``n_real``:
+        the call's real tokens, known on the host (unpadded forward calls on a GPU need it)."""
         if self.data.segments is None:
-            return self.model(input_ids, attention_mask)
-        return self.model.pooled(input_ids, attention_mask).float()
+            return self.model(input_ids, attention_mask, n_real)
+        return self.model.pooled(input_ids, attention_mask, n_real).float()
 
     def _texts(self, units: torch.Tensor, batch: dict, side: str, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text embeddings [n, D] from a side's units, and its normalised segment embeddings when
@@ -439,8 +449,8 @@ class HMCLTrainer:
                 q_own, c_own = gather_plain(q_own + q_off, qss), gather_plain(c_own + c_off, css)
         return PairBatch(q, c, pa, pc, lvl, sc, ah, ch, q_seg, q_own, c_seg, c_own)
 
-    def _grad_cache_step(self, batch: dict, chunk: int, scale: float,
-                         sizes: Optional[list[list[int]]]) -> tuple[torch.Tensor, dict]:
+    def _grad_cache_step(self, batch: dict, chunk: int, scale: float, sizes: Optional[list[list[int]]],
+                         lengths: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict]:
         """GradCache (Gao et al. 2021): loss on graph-free embeddings, then chunked re-encoding.
         With segments the chunks are segments; averaging them into texts is part of the loss graph.
         Under FSDP every forward and backward pass is collective, so all processes run as many
@@ -455,8 +465,9 @@ class HMCLTrainer:
             """Chunk i of a side's units, or a filler forward (one row) past the side's last chunk."""
             real = i * chunk < batch[ids_key].size(0)
             (ids, mask), part = ((ids_key, mask_key), slice(i * chunk, (i + 1) * chunk)) if real else (filler, slice(0, 1))
+            n_real = int(lengths[mask[0]][part].sum())
             with autocast_for(self.device, self.precision):
-                return self._units(batch[ids][part], batch[mask][part]).float(), real
+                return self._units(batch[ids][part], batch[mask][part], n_real).float(), real
 
         embs, states = [], []
         with torch.no_grad():

@@ -1,0 +1,232 @@
+"""Unpadded forward passes (``model.unpad``): the backbone computes the real tokens only.
+
+A padded batch ``[B, W]`` spends the model's matmuls on every padding token too. hmcl's batches
+are grouped by length but still padded to the longest text of the batch (rounded up to a
+multiple of 8): on STS-B pairs, 1.62x the real tokens with one forward call per side, 1.82x with
+both sides in one call. Unpadded, the real tokens of every text are laid end to end as one
+sequence ``[1, T]`` (positions restarting at each text), every linear layer, norm and MLP runs on
+``T`` rows, and attention alone keeps the texts apart:
+
+* on a GPU in bf16/fp16, PyTorch's flash variable-length kernel (``torch.nn.attention.varlen``,
+  torch >= 2.10) attends within each text from the cumulative lengths — nothing padded at all;
+* elsewhere (a CPU; fp32; attention dropout while training, which that kernel lacks) the query,
+  key and value rows go back to their padded places for SDPA with the padding mask, and the
+  result comes back to the packed rows: attention as padded, everything else unpadded.
+
+The token states go back to their padded places, so pooling, segments and the loss are
+unchanged. Nothing is read back from the GPU: the number of real tokens comes from the host,
+which built the batch.
+
+The backbone runs through transformers' attention interface under the name ``hmcl_sdpa``: for a
+padded batch it is SDPA itself (same mask construction, same call); packed calls carry a
+:class:`Packing`. Which models: decided once per model by :func:`unpad_refusal` — the
+attention kernel must be ``sdpa`` with full attention in every layer, and a probe batch must
+give the same token states packed as padded (an architecture with relative position biases, its
+own position numbering, or a forward that takes no ``position_ids`` fails the probe and stays
+padded, with the reason printed at the start of training).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from hmcl_cli.modeling.masks import _full_attention, _reshard, last_hidden, prepared_mask
+
+ATTENTION = "hmcl_sdpa"
+# models that number positions after the padding index (RoBERTa's create_position_ids_from_input_ids)
+PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod"}
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded batch ``[rows, width]`` sit, for one packed forward call."""
+
+    flat: torch.Tensor  # [T] long: index of each real token in the flattened [rows * width] batch
+    positions: torch.Tensor  # [T] long: position of each token in its text (0-based)
+    cu_seqlens: torch.Tensor  # [rows + 1] int32: where each text starts and ends in the packed sequence
+    rows: int
+    width: int  # the padded width: an upper bound of every text's length (the kernel's max length)
+    causal: bool
+    mask: torch.Tensor  # [rows, 1, width, width] bool: the padded batch's attention mask (fallback path)
+
+
+def packing(attention_mask: torch.Tensor, n_real: int, causal: bool) -> Packing:
+    """The :class:`Packing` of a padded batch from its 2D mask (1 = real token) on its device,
+    given ``n_real``, the number of real tokens, known to the host. Device ops only: nothing is
+    read back."""
+    rows, width = attention_mask.shape
+    real = attention_mask.reshape(-1) != 0
+    flat = torch.nonzero_static(real, size=n_real).squeeze(1)
+    positions = (attention_mask.long().cumsum(1) - 1).reshape(-1).index_select(0, flat)
+    cu = torch.nn.functional.pad(attention_mask.long().sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    return Packing(flat, positions, cu, rows, width, causal, prepared_mask(attention_mask, causal))
+
+
+def _padded(x: torch.Tensor, p: Packing) -> torch.Tensor:
+    """Packed heads ``[1, H, T, d]`` -> padded ``[rows, H, width, d]`` (zeros at padding)."""
+    rows = x[0].transpose(0, 1)  # [T, H, d]
+    out = rows.new_zeros((p.rows * p.width, *rows.shape[1:])).index_copy(0, p.flat, rows)
+    return out.view(p.rows, p.width, *rows.shape[1:]).transpose(1, 2)
+
+
+def _varlen_kernel() -> Optional[Any]:
+    """torch's flash variable-length attention (torch >= 2.10), or None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dropout: float) -> bool:
+    """Whether the flash variable-length kernel computes this attention: CUDA, bf16/fp16, a head
+    size it takes, and no attention dropout (it has none)."""
+    return (device_type == "cuda" and query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+            and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None)
+
+
+def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> torch.Tensor:
+    """Packed attention by the flash variable-length kernel: ``[1, H, T, d]`` -> ``[1, T, H, d]``."""
+    kernel = _varlen_kernel()
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
+    options: dict = {"scale": scaling}
+    if k.size(1) != q.size(1):  # grouped-query attention: the kernel shares KV heads where it can
+        if "enable_gqa" in inspect.signature(kernel).parameters:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
+    if p.causal:
+        options["window_size"] = (-1, 0)
+    out = kernel(q, k, v, p.cu_seqlens, p.cu_seqlens, p.width, p.width, **options)
+    return out[None]
+
+
+def _padded_attention(query, key, value, p: Packing, dropout: float, scaling: Optional[float]) -> torch.Tensor:
+    """Packed attention computed padded: rows to their padded places, SDPA with the batch's mask
+    (and the module's dropout), back to the packed rows: ``[1, H, T, d]`` -> ``[1, T, H, d]``."""
+    q, k, v = (_padded(x, p) for x in (query, key, value))
+    extra = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, dropout_p=dropout,
+                                                           scale=scaling, **extra)
+    out = out.transpose(1, 2).reshape(p.rows * p.width, out.size(1), out.size(3))
+    return out.index_select(0, p.flat)[None]
+
+
+def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+              hmcl_packing: Optional[Packing] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface under the name ``hmcl_sdpa``: SDPA for a padded batch,
+    per text for a packed one (``hmcl_packing``)."""
+    if hmcl_packing is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if varlen_serves(query.dtype, query.device.type, query.size(-1), dropout):
+        return _varlen(query, key, value, hmcl_packing, scaling), None
+    return _padded_attention(query, key, value, hmcl_packing, dropout, scaling), None
+
+
+def register() -> str:
+    """Register ``hmcl_sdpa`` with transformers (its masks built as SDPA's); returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    if ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    return ATTENTION
+
+
+def position_offset(config: Any) -> int:
+    """What a model adds to a token's 0-based position (RoBERTa-style models start after the
+    padding index)."""
+    if getattr(config, "model_type", "") in PADDING_OFFSET_POSITIONS:
+        return int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return 0
+
+
+def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: int,
+                    causal: bool) -> torch.Tensor:
+    """The backbone's token states of a padded batch ``[B, W]``, computed packed: ``[B, W, D]``
+    with zeros at the padding (``n_real``: the batch's real tokens, from the host)."""
+    p = packing(attention_mask, n_real, causal)
+    ids = input_ids.reshape(-1).index_select(0, p.flat)[None]
+    positions = (p.positions + position_offset(backbone.config))[None]
+    # the 4D mask is returned as given by transformers' mask builders: they build nothing here
+    out = last_hidden(backbone(input_ids=ids, position_ids=positions, attention_mask=p.mask, hmcl_packing=p))[0]
+    return out.new_zeros((p.rows * p.width, out.size(-1))).index_copy(0, p.flat, out).view(p.rows, p.width, -1)
+
+
+def static_reason(backbone: Any) -> str:
+    """Why unpadding is not even tried for this backbone ('' when it may be)."""
+    config = getattr(backbone, "config", None)
+    if config is None:
+        return "no model config"
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder model"
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", ATTENTION):
+        return f"attention kernel {impl!r} (unpadding runs through sdpa)"
+    if not _full_attention(config):
+        return "sliding-window or chunked attention layers"
+    if "position_ids" not in inspect.signature(backbone.forward).parameters and not _takes_kwargs(backbone.forward):
+        return f"{type(backbone).__name__} takes no position_ids"
+    return ""
+
+
+def _takes_kwargs(fn: Any) -> bool:
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+def set_attention(backbone: Any, name: str) -> None:
+    backbone.config._attn_implementation = name
+
+
+@torch.no_grad()
+def unpad_refusal(model: Any) -> str:
+    """Why ``model`` (an EmbeddingModel) keeps padded forward passes; '' when it runs unpadded
+    (its backbone is switched to ``hmcl_sdpa`` then).
+
+    Static checks, then a probe: three texts of different lengths through the backbone padded
+    and packed, in eval mode on the model's device under the autocast encoding uses (so a GPU
+    probes the flash variable-length kernel), must give the same token states."""
+    from hmcl_cli.modeling.encoder import autocast_for
+
+    backbone = model.backbone
+    reason = static_reason(backbone)
+    if reason:
+        return reason
+    texts = ["hmcl checks unpadded attention with three texts of different lengths", "two", "a third text"]
+    batch = model.pad(model.tokenize(texts, "doc"))
+    dev = model.device
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    n_real = int(batch["attention_mask"].sum())  # host tensor
+    was_training = backbone.training
+    backbone.eval()
+    set_attention(backbone, register())
+    try:
+        with autocast_for(dev), model.attention_backends():
+            padded = last_hidden(backbone(input_ids=ids, attention_mask=model.backbone_mask(mask)))
+            packed = unpadded_states(backbone, ids, mask, n_real, model.settings.is_decoder)
+    except Exception as e:  # noqa: BLE001 - any refusal of the packed call means: stay padded
+        set_attention(backbone, "sdpa")
+        return f"{type(backbone).__name__} refused a packed forward call ({type(e).__name__}: {str(e)[:80]})"
+    finally:
+        backbone.train(was_training)
+        _reshard(backbone)
+    real = mask.bool()
+    a, b = padded[real].float(), packed[real].float()
+    scale = float(a.abs().max()) or 1.0
+    # the linear layers see other row counts packed, so their kernels may round differently (and a
+    # decoder's rotary positions start at 0 instead of after left padding); a wrong attention
+    # pattern changes the states by far more
+    tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2
+    if a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale:
+        return ""
+    set_attention(backbone, "sdpa")
+    return f"packed and padded token states of {type(backbone).__name__} differ"

