@@ -173,3 +173,44 @@ def test_plan_sizes_one_forward_calls_at_the_wider_length(tmp_path, tiny_bert):
     assert gpu_two.activations < gpu_auto.activations <= 1.25 * gpu_two.activations
     # with checkpointing the recomputed layer is one call's: both sides at once
     assert plan(True, ckpt=True).activations > plan(False, ckpt=True).activations
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_unpadded_plan_follows_the_real_tokens_of_the_step(tmp_path, fixture, request, monkeypatch):
+    """model.unpad: activations by the step's real tokens, as a packed forward call keeps them
+    (attention by the flash variable-length kernel, here a per-text stand-in on the CPU)."""
+    from test_unpad import _reference_varlen
+
+    from hmcl_cli.modeling import unpad
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    folder = request.getfixturevalue(fixture)
+    recipe = load_recipe(write_recipe(tmp_path, folder, train={"batch_size": 4, "group_size": 2}))
+    model = EmbeddingModel.load(str(folder), max_length=48)
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    model.unpad = True
+    assert model.unpad_refusal() == ""
+    lengths = {"q": [5, 9, 12, 20], "d": [7, 30, 11, 3, 16, 25, 9, 40]}
+    seen, total = set(), 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+        return t
+
+    seen.update(t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()])
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for side in ("q", "d"):
+            batch = model.pad([[7] * n for n in lengths[side]])
+            model(batch["input_ids"], batch["attention_mask"], sum(lengths[side]))
+    tokens = (sum(lengths["q"]), sum(lengths["d"]))
+    plan = plan_memory(recipe, torch.device("cpu"), longest=(20, 40), real_tokens=tokens)
+    padded = plan_memory(recipe, torch.device("cpu"), longest=(20, 40))
+    assert plan.real_tokens == tokens and "unpadded: at most 187 real tokens" in plan.summary()
+    assert plan.activations < 0.6 * padded.activations
+    assert 0.85 * total <= plan.activations <= 1.15 * total, (plan.activations, total)

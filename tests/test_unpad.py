@@ -177,3 +177,22 @@ def test_real_minilm_encodes_the_same_unpadded():
     model.unpad = "auto"
     assert model.unpad_refusal() == ""
     assert torch.allclose(model.encode(texts, batch_size=3), padded, atol=1e-5)
+
+
+def test_training_plans_memory_by_real_tokens_and_again_padded_when_the_probe_refuses(tmp_path, tiny_bert,
+                                                                                      monkeypatch, capsys):
+    t = make_trainer(tmp_path / "unpadded", tiny_bert)
+    assert t.memory_plan.real_tokens == t.data.heaviest_step(t.cfg.batch_size, t.cfg.group_size)
+    assert "unpadded: at most" in capsys.readouterr().out
+    monkeypatch.setattr(unpad, "position_offset", lambda config: 3)
+    t = make_trainer(tmp_path / "refused", tiny_bert)
+    assert t.model.unpad_refusal() and t.memory_plan.real_tokens is None
+    out = capsys.readouterr().out
+    assert out.count("memory plan per device") == 2 and "forward calls padded (packed and padded" in out
+
+
+def test_heaviest_step_is_the_longest_texts_of_the_data(tmp_path, tiny_bert):
+    t = make_trainer(tmp_path, tiny_bert)
+    q = sorted(map(len, t.data.query_tokens))[-8:]
+    d = sorted(map(len, t.data.doc_tokens))[-24:]
+    assert t.data.heaviest_step(8, 3) == (sum(q), sum(d))

@@ -118,6 +118,16 @@ class TrainData:
             return max((len(ids) for segs in tokens for ids, _ in segs), default=1)
         return side(self.query_tokens), side(self.doc_tokens)
 
+    def heaviest_step(self, batch_size: int, group_size: int) -> tuple[int, int]:
+        """The most real tokens one step's queries and candidates can hold: the ``batch_size``
+        longest queries and the ``batch_size x group_size`` longest documents of the data (an
+        upper bound of any batch; for the planner of unpadded runs)."""
+        def top(tokens: list, k: int) -> int:
+            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+            k = min(k, lengths.size)
+            return int(np.partition(lengths, lengths.size - k)[lengths.size - k:].sum()) if k else 0
+        return top(self.query_tokens, batch_size), top(self.doc_tokens, batch_size * group_size)
+
     def segments_per_text(self) -> tuple[int, int]:
         """Most segments of one query / one document (1 without segments), for the planner."""
         if self.segments is None:

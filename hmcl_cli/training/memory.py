@@ -73,6 +73,7 @@ class MemoryPlan:
     # the largest GradCache chunk that fits the capacity, when the whole batch does not (else None)
     fitting_chunk: Optional[int] = None
     lengths: tuple[int, int] = (0, 0)  # query and document tokens each sequence is sized at
+    real_tokens: Optional[tuple[int, int]] = None  # unpadded: the real tokens of the step it is sized at
 
     @property
     def peak(self) -> int:
@@ -92,9 +93,10 @@ class MemoryPlan:
         parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in
                           ("weights", "optimizer", "gradients", "activations", "autocast_copies") if getattr(self, k))
         cap = f" of {self.capacity / GIB:.1f} GiB" if self.capacity else ""
+        tokens = (f"; unpadded: at most {sum(self.real_tokens):,} real tokens" if self.real_tokens else "")
         return (f"memory plan per device: ~{self.peak / GIB:.2f} GiB{cap} ({parts} GiB; "
                 f"{self.trainable / 1e6:.1f}M of {self.params / 1e6:.1f}M parameters train; "
-                f"{self.sequences} sequences of up to {max(self.lengths)} tokens in memory at once)")
+                f"{self.sequences} sequences of up to {max(self.lengths)} tokens in memory at once{tokens})")
 
 
 class _FusedAttentionProbe(torch.autograd.Function):
@@ -228,9 +230,27 @@ def _segment_overheads(recipe: Any, config: Any) -> tuple[int, int]:
     return segment_overhead(tok, m.query_prompt, eos), segment_overhead(tok, m.doc_prompt, eos)
 
 
+def predicts_unpadded(recipe: Any, device: torch.device, config: Any) -> bool:
+    """Whether ``hmcl train`` will run this recipe's forward calls unpadded (``model.unpad``), as
+    far as the recipe, the device and the model config tell before the model is loaded (its probe
+    decides at load: a refusal re-plans padded). Segments are planned padded."""
+    from hmcl_cli.modeling.encoder import resolve_precision
+    from hmcl_cli.modeling.unpad import _varlen_kernel
+
+    m = recipe.model
+    if m.unpad is False or m.segments is not None or m.attn_implementation != "sdpa":
+        return False
+    if device.type == "cpu" or m.unpad is True:
+        return True
+    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0) or 0.0
+    return (resolve_precision(recipe.train.precision, device.type) in ("bf16", "fp16") and not dropout
+            and _varlen_kernel() is not None)
+
+
 def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
                 capacity: Optional[int] = None, longest: Optional[tuple[int, int]] = None,
-                segments: Optional[tuple[int, int]] = None, shards: int = 1) -> MemoryPlan:
+                segments: Optional[tuple[int, int]] = None, shards: int = 1,
+                real_tokens: Optional[tuple[int, int]] = None) -> MemoryPlan:
     """Estimate the peak memory per device of ``hmcl train`` for ``recipe`` (see module doc).
 
     ``longest``: the longest query and document of the data in tokens; batches are padded to their
@@ -238,7 +258,10 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     sequence is assumed to fill its max length. With ``model.segments``, ``longest`` is the longest
     segment and ``segments`` the most segments of one query / document in the data; without them
     the worst case is derived from the max lengths. ``shards``: processes sharing the weights
-    under ``train.fsdp`` (1: every process holds all of them)."""
+    under ``train.fsdp`` (1: every process holds all of them). ``real_tokens``: for a run whose
+    forward calls are unpadded (``model.unpad``; see :func:`predicts_unpadded`), the most real
+    tokens a step's queries and its candidates can hold (``TrainData.heaviest_step``): activations
+    then follow those tokens instead of every sequence at its padded length."""
     from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
     from hmcl_cli.modeling.resolve import resolve_model
 
@@ -278,6 +301,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         q_len, d_len = min(q_len, _padded(m.segments.length)), min(d_len, _padded(m.segments.length))
     chunk = None if t.grad_cache_chunk == "auto" else t.grad_cache_chunk
     probes = {n: _layer_bytes(config, act_dtype, m.lora, n) for n in {q_len, d_len}}
+    unpadded = real_tokens is not None and m.segments is None
 
     def activations(ckpt: bool, chunk_size: Optional[int]) -> tuple[int, int]:
         per_q = _sequence_bytes(config, act_dtype, probes[q_len], q_len, ckpt)
@@ -286,6 +310,13 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         redo_q, redo_d = (probes[q_len][1], probes[d_len][1]) if ckpt else (0, 0)
         if chunk_size:  # GradCache: one chunk of one side at a time
             return chunk_size * max(per_q + redo_q, per_d + redo_d), chunk_size
+        if unpadded:  # activations per real token (linear in length: attention counted as fused);
+            # the sides joined in one call add no padding, and recompute one layer of their tokens
+            tq, td = (min(real, n * length) for real, n, length in zip(real_tokens, (n_q, n_d), (q_len, d_len)))
+            keep = tq * per_q / q_len + td * per_d / d_len
+            redo_each = (tq * redo_q / q_len, td * redo_d / d_len)
+            joined = one_forward_mode(t.one_forward, device.type, shards > 1) != "never"
+            return int(keep + (sum(redo_each) if joined else max(redo_each))), n_q + n_d
         two_calls = n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d)
         mode = one_forward_mode(t.one_forward, device.type, shards > 1)
         if mode == "never":
@@ -316,7 +347,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     plan = MemoryPlan(
         weights=weight_bytes, optimizer=optimizer, gradients=gradients,
         activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs,
-        lengths=(q_len, d_len))
+        lengths=(q_len, d_len), real_tokens=real_tokens if unpadded and not chunk else None)
     plan.capacity = capacity
     if capacity:
         fixed = plan.peak - plan.activations
@@ -328,6 +359,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
                 plan.fitting_chunk = min(n - n % 8 if n >= 16 else n, n_q + n_d)
         if t.grad_cache_chunk == "auto" and plan.fitting_chunk:
             plan.activations, plan.sequences = activations(m.gradient_checkpointing, plan.fitting_chunk)
+            plan.real_tokens = None  # chunks are sized padded
     if not plan.fits:
         plan.advice = _advice(plan, m, t, activations)
     return plan

@@ -64,7 +64,7 @@ from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
-from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, resolve_chunk
+from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
 
 
@@ -166,8 +166,9 @@ class HMCLTrainer:
                     f"({units} layer units{'; LoRA adapters replicated' if r.model.lora.enabled else ''})")
         self.model.to(self.device)
         self.model.check_masks()  # its probe runs in eval mode: before compiling, which would recompile for it
-        if self.model.unpad is not False:
-            self.model.unpad_refusal()  # likewise
+        if self.model.unpad is not False and self.model.unpad_refusal() and getattr(self.memory_plan, "real_tokens", None):
+            # planned unpadded, but the model runs padded: plan again (and grad_cache_chunk auto with it)
+            self._print_memory_plan(self.data.longest(), self.data.segments_per_text(), unpadded=False)
         if cfg.compile:
             n = compile_layers(self.model.backbone)
             if self.is_main:
@@ -231,10 +232,15 @@ class HMCLTrainer:
         ``auto`` resolved by the memory plan."""
         return resolve_chunk(self.cfg.grad_cache_chunk, self.memory_plan)
 
-    def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int]) -> None:
+    def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int], unpadded: Optional[bool] = None) -> None:
+        """The memory plan of this run (``unpadded``: whether forward calls are; None: as predicted
+        before the model is loaded)."""
         try:
+            if unpadded is None:
+                unpadded = predicts_unpadded(self.recipe, self.device, self.model.backbone.config)
+            tokens = self.data.heaviest_step(self.cfg.batch_size, self.cfg.group_size) if unpadded else None
             plan = plan_memory(self.recipe, self.device, longest=longest, segments=segments,
-                               shards=self.world if self.sharded else 1)
+                               shards=self.world if self.sharded else 1, real_tokens=tokens)
         except Exception as e:  # noqa: BLE001 - an estimate must never stop training
             if self.is_main:
                 log(f"memory plan skipped ({type(e).__name__}: {e})")
