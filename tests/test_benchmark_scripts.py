@@ -26,17 +26,19 @@ def _run(script: str, *args: str) -> str:
 
 def test_training_throughput_every_tool_and_flag_of_the_speed_part():
     out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
-               "--batch-size", "4", "--tools", "st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn,hmcl-per-tensor-adamw",
+               "--batch-size", "4", "--tools", "st,hmcl,hmcl-unpad,hmcl-padded,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn,"
+               "hmcl-per-tensor-adamw",
                "--sdpa", "no-cudnn",
                "--sync-audit", "--precision", "fp16")  # (fp16: the fp16 part's flag; a CPU runs fp32)
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
-    assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, two forwards",
+    assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, unpadded",
+                       "result hmcl train, padded", "result hmcl train, two forwards",
                        "result hmcl train, 2D mask", "result hmcl train, cuDNN attention",
                        "result hmcl train, per-tensor AdamW"]
     audits = [float(line.split("),")[1].split()[0]) for line in out.splitlines() if line.startswith("host syncs seen")]
-    assert len(audits) == 5  # the audit of each hmcl tool
-    assert audits[4] > audits[0]  # the per-tensor AdamW reads each parameter's step count: the patch took
-    assert out.count("vs ST: samples") == 6
+    assert len(audits) == 7  # the audit of each hmcl tool
+    assert audits[6] > audits[0]  # the per-tensor AdamW reads each parameter's step count: the patch took
+    assert out.count("vs ST: samples") == 8
 
 
 def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
@@ -47,10 +49,11 @@ def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
 
 def test_encoding_throughput_with_the_flags_of_the_encode_part():
     out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--batch-size", "64",
-               "--two-d-mask", "--cudnn-attention", "--sync-audit")
+               "--padded", "--two-d-mask", "--cudnn-attention", "--sync-audit")
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
     assert results == ["result sentence-transformers (fp32 weights)", "result hmcl encode",
-                       "result hmcl encode, 2D mask", "result hmcl encode, cuDNN attention"]
+                       "result hmcl encode, 2D mask", "result hmcl encode, padded", "result hmcl encode, unpad true",
+                       "result hmcl encode, cuDNN attention"]
     assert "0.0 per batch" in out  # the sync audit's line
 
 

@@ -374,6 +374,9 @@ def test_one_forward_auto_joins_only_on_a_gpu_where_padding_stays_small(tmp_path
     assert t._one_forward(batch(8, 16, 24, 24))  # 8 x 8 extra of 512: 12.5%
     assert not t._one_forward(batch(32, 16, 32, 64))  # 32 x 48 extra of 2560: 60%
     assert not t._one_forward(batch(8, 16, 0, 8))  # no candidates
+    t.joins_unpadded = True  # unpadded by the flash varlen kernel: joining adds no padding
+    assert t._one_forward(batch(32, 16, 32, 64)) and "adds no padding" in t._forward_calls()
+    t.joins_unpadded = False
     t.sharded = True
     assert not t._one_forward(batch(8, 16, 24, 16))  # FSDP: every process must make the same calls
     t.cfg.one_forward = True

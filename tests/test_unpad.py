@@ -150,6 +150,10 @@ def test_auto_on_a_gpu_unpads_only_where_the_varlen_kernel_takes_the_attention(t
     monkeypatch.setattr(model, "_varlen_attention", lambda: True)
     assert model.packed_tokens(gpu_mask, 2) == 2
     assert model.packed_tokens(mask, None) == 2  # a CPU batch: counted on the host
+    assert model.trains_with_varlen("cuda") and not model.trains_with_varlen("cpu")
+    model.unpad = False
+    assert not model.trains_with_varlen("cuda")
+    model.unpad = "auto"
     assert unpad.varlen_serves(torch.bfloat16, "cuda", 64, 0.0)
     assert not unpad.varlen_serves(torch.bfloat16, "cuda", 64, 0.1)  # dropout: the kernel has none
     assert not unpad.varlen_serves(torch.float32, "cuda", 64, 0.0)

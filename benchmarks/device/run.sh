@@ -23,7 +23,9 @@
 #            benchmarks/results/quality-gpu.json (commit it: later calls skip what it holds).
 #   speed    #9: BERT-base, MiniLM and Qwen3-0.6B shapes, hmcl vs the sentence-transformers loop with
 #            SDPA's default backends (and hmcl with two forward calls per step, with the model's
-#            own 2D mask check, with cuDNN attention allowed: each feature undone alone) and
+#            own 2D mask check, with cuDNN attention allowed: each feature undone alone; unpadded
+#            where `model.unpad: auto` keeps BERT-class training padded (attention dropout), padded
+#            where auto unpads Qwen3) and
 #            without cuDNN attention for both; a host-sync audit of hmcl.
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
@@ -35,8 +37,8 @@
 #            (benchmarks/long_text_quality.py).
 #   fp16     train.precision fp16 (dynamic loss scale) runs on the GPU: BERT-base shape, hmcl and
 #            the loop, both fp16 with a loss scale (a few steps; a check, not a speed row).
-#   encode   #9: hmcl's encoder vs model.encode (and hmcl with the 2D mask check, and with cuDNN
-#            attention), 100k texts, MiniLM shape; then what makes hmcl's encoding loop wait for
+#   encode   #9: hmcl's encoder vs model.encode (and hmcl padded, unpad true, with the 2D mask check,
+#            and with cuDNN attention), 100k texts, MiniLM shape; then what makes hmcl's encoding loop wait for
 #            the GPU, per batch.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -108,11 +110,12 @@ for spec in "$@"; do
     speed)
       # hmcl (defaults: one forward per step, prepared mask) beside each change alone undone
       part speed $((secs / 4)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 \
-        --tools st,hmcl,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn
+        --tools st,hmcl,hmcl-unpad,hmcl-2fwd,hmcl-2d-mask,hmcl-cudnn
       part speed $((secs / 8)) python3 $tt --data stsb --shape bert-base --steps 30 --warmup 5 --sdpa no-cudnn
       part speed $((secs / 10)) python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --tools hmcl --sync-audit
-      part speed $((secs / 8)) python3 $tt --data stsb --shape minilm-shape --steps 30 --warmup 5 --tools st,hmcl,hmcl-2fwd
-      part speed $((secs / 5)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3
+      part speed $((secs / 8)) python3 $tt --data stsb --shape minilm-shape --steps 30 --warmup 5 --tools st,hmcl,hmcl-unpad,hmcl-2fwd
+      part speed $((secs / 5)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 --warmup 3 \
+        --tools st,hmcl,hmcl-padded
       part speed $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 20 \
         --warmup 3 --sdpa no-cudnn ;;
     scale)
@@ -137,7 +140,7 @@ for spec in "$@"; do
       part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
       part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 \
-        --two-d-mask --cudnn-attention
+        --padded --two-d-mask --cudnn-attention
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \

@@ -328,14 +328,25 @@ class EmbeddingModel(nn.Module):
             return f"forward calls padded ({refusal})"
         if device_type == "cpu":
             return "forward calls unpadded: real tokens only, attention computed padded per text (model.unpad)"
-        with autocast_for(torch.device(device_type), precision):
-            varlen = self._varlen_attention()
-        if varlen:
+        if self.trains_with_varlen(device_type, precision):
             return "forward calls unpadded: real tokens only, flash variable-length attention (model.unpad)"
         if self.unpad == "auto":
             return ("forward calls padded (model.unpad auto: the flash variable-length kernel cannot take this "
                     "attention: it needs bf16/fp16, torch >= 2.10 and no attention dropout; `true` unpads the rest)")
         return "forward calls unpadded: real tokens only, attention computed padded per text (model.unpad true)"
+
+    def trains_with_varlen(self, device_type: str, precision: str = "auto") -> bool:
+        """Whether training steps run unpadded with the flash variable-length kernel: no padding is
+        computed at all, so joining both sides in one forward call costs nothing."""
+        if device_type == "cpu" or self.unpad is False or self.unpad_refusal():
+            return False
+        was_training = self.training
+        self.train()
+        try:
+            with autocast_for(torch.device(device_type), precision):
+                return self._varlen_attention()
+        finally:
+            self.train(was_training)
 
     def unpad_refusal(self) -> str:
         """Why the backbone runs padded batches as they are ('' when it may run them unpadded):

@@ -130,6 +130,7 @@ class HMCLTrainer:
         _seed_everything(r.seed)
 
         self.memory_plan = None
+        self.joins_unpadded = False  # set by setup: steps unpadded by the varlen kernel join both sides
         self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
         self.model.cudnn_attention = r.model.cudnn_attention  # (from_recipe sets it; a model passed in too)
         if r.model.gradient_checkpointing:
@@ -169,6 +170,7 @@ class HMCLTrainer:
         if self.model.unpad is not False and self.model.unpad_refusal() and getattr(self.memory_plan, "real_tokens", None):
             # planned unpadded, but the model runs padded: plan again (and grad_cache_chunk auto with it)
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text(), unpadded=False)
+        self.joins_unpadded = self.model.trains_with_varlen(self.device.type, self.precision)
         if cfg.compile:
             n = compile_layers(self.model.backbone)
             if self.is_main:
@@ -382,7 +384,7 @@ class HMCLTrainer:
         mode = one_forward_mode(self.cfg.one_forward, self.device.type, self.sharded)
         if not n_c or mode == "never":
             return False
-        if mode == "always":
+        if mode == "always" or self.joins_unpadded:  # unpadded by the varlen kernel: joining pads nothing
             return True
         width = max(w_q, w_c)
         extra = n_q * (width - w_q) + n_c * (width - w_c)
@@ -396,6 +398,8 @@ class HMCLTrainer:
             return ""
         if mode == "always":
             return "anchors and candidates in one forward call per step (train.one_forward)"
+        if self.joins_unpadded:
+            return "anchors and candidates in one forward call per step (train.one_forward auto: unpadded, it adds no padding)"
         return (f"anchors and candidates in one forward call where that adds at most "
                 f"{ONE_FORWARD_PADDING:.0%} padded tokens to the step, else one per side (train.one_forward auto)")
 
