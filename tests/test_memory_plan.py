@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hmcl_cli.recipe import load_recipe
-from hmcl_cli.training.memory import FILL, plan_memory, saved_tensor_bytes
+from hmcl_cli.training.memory import FILL, plan_memory, saved_bytes, saved_tensor_bytes
 from conftest import write_recipe
 
 
@@ -192,22 +192,14 @@ def test_unpadded_plan_follows_the_real_tokens_of_the_step(tmp_path, fixture, re
     model.unpad = True
     assert model.unpad_refusal() == ""
     lengths = {"q": [5, 9, 12, 20], "d": [7, 30, 11, 3, 16, 25, 9, 40]}
-    seen, total = set(), 0
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-        return t
-
-    seen.update(t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()])
     model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+
+    def both_sides():
         for side in ("q", "d"):
             batch = model.pad([[7] * n for n in lengths[side]])
             model(batch["input_ids"], batch["attention_mask"], sum(lengths[side]))
+
+    total = saved_bytes(model, both_sides)
     tokens = (sum(lengths["q"]), sum(lengths["d"]))
     plan = plan_memory(recipe, torch.device("cpu"), longest=(20, 40), real_tokens=tokens)
     padded = plan_memory(recipe, torch.device("cpu"), longest=(20, 40))

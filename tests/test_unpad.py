@@ -200,3 +200,28 @@ def test_heaviest_step_is_the_longest_texts_of_the_data(tmp_path, tiny_bert):
     q = sorted(map(len, t.data.query_tokens))[-8:]
     d = sorted(map(len, t.data.doc_tokens))[-24:]
     assert t.data.heaviest_step(8, 3) == (sum(q), sum(d))
+
+
+def test_roberta_style_positions_start_after_the_padding_index(tmp_path, monkeypatch):
+    """RoBERTa / XLM-R number positions from padding_idx + 1: packed positions follow, and the
+    probe notices when they do not."""
+    from transformers import AutoModel, RobertaConfig
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer("bert")
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=130, pad_token_id=tok.pad_token_id,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    AutoModel.from_config(cfg).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = EmbeddingModel.load(str(tmp_path))
+    assert unpad.position_offset(model.backbone.config) == tok.pad_token_id + 1
+    model.unpad = False
+    padded = model.encode(TEXTS)
+    model.unpad = "auto"
+    assert model.unpad_refusal() == ""
+    assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
+    monkeypatch.setattr(unpad, "position_offset", lambda config: 0)
+    assert "differ" in EmbeddingModel.load(str(tmp_path)).unpad_refusal()

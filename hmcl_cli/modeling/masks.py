@@ -55,8 +55,9 @@ def _full_attention(config: Any) -> bool:
     return not getattr(config, "attention_chunk_size", None)
 
 
-def static_reason(backbone: Any) -> str:
-    """Why the prepared mask is not even tried for this backbone ('' when it may be)."""
+def static_reason(backbone: Any, what: str = "the prepared mask") -> str:
+    """Why ``what`` (the prepared mask, or unpadding) is not even tried for this backbone ('' when
+    it may be): both need SDPA with full attention in every layer of a decoder or encoder."""
     config = getattr(backbone, "config", None)
     if config is None:
         return "no model config"
@@ -64,7 +65,7 @@ def static_reason(backbone: Any) -> str:
         return "encoder-decoder model"
     impl = getattr(config, "_attn_implementation", None)
     if impl not in ("sdpa", "hmcl_sdpa"):  # hmcl_sdpa: SDPA, and packed calls (modeling/unpad.py)
-        return f"attention kernel {impl!r} (only sdpa takes the prepared mask)"
+        return f"attention kernel {impl!r} (only sdpa takes {what})"
     if not _full_attention(config):
         return "sliding-window or chunked attention layers"
     return ""
@@ -102,18 +103,23 @@ def prepared_mask_refusal(model: Any) -> str:
     finally:
         backbone.train(was_training)
         _reshard(backbone)
-    real = mask.bool()
-    a, b = plain[real].float(), prepared[real].float()
-    scale = float(a.abs().max()) or 1.0
     # the same mask takes the same kernels, so equal bitwise in practice; the tolerance only
     # allows a kernel's rounding (bf16 under autocast), far below what a wrong mask changes
-    tolerance = 1e-4 if plain.dtype == torch.float32 else 2e-2
-    same = a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale
-    if same:
+    if same_states(plain, prepared, mask, half_tolerance=2e-2):
         return ""
     reason = f"a prepared 4D mask changes {type(backbone).__name__}'s output"
     log(f"attention mask: {reason}; the model checks its 2D mask each forward call")
     return reason
+
+
+def same_states(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, half_tolerance: float) -> bool:
+    """Whether two runs' token states ``[B, T, D]`` agree at every real token (``mask``), to 1e-4
+    (float32) or ``half_tolerance`` (bf16/fp16) of the largest state, all finite. Used by probes."""
+    real = mask.bool()
+    a, b = reference[real].float(), other[real].float()
+    scale = float(a.abs().max()) or 1.0
+    tolerance = 1e-4 if reference.dtype == torch.float32 else half_tolerance
+    return a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale
 
 
 def _reshard(backbone: Any) -> None:

@@ -34,7 +34,8 @@ from typing import Any, Optional
 
 import torch
 
-from hmcl_cli.modeling.masks import _full_attention, _reshard, last_hidden, prepared_mask
+from hmcl_cli.modeling import masks
+from hmcl_cli.modeling.masks import _reshard, last_hidden, prepared_mask, same_states
 
 ATTENTION = "hmcl_sdpa"
 # models that number positions after the padding index (RoBERTa's create_position_ids_from_input_ids)
@@ -164,19 +165,10 @@ def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torc
 
 def static_reason(backbone: Any) -> str:
     """Why unpadding is not even tried for this backbone ('' when it may be)."""
-    config = getattr(backbone, "config", None)
-    if config is None:
-        return "no model config"
-    if getattr(config, "is_encoder_decoder", False):
-        return "encoder-decoder model"
-    impl = getattr(config, "_attn_implementation", None)
-    if impl not in ("sdpa", ATTENTION):
-        return f"attention kernel {impl!r} (unpadding runs through sdpa)"
-    if not _full_attention(config):
-        return "sliding-window or chunked attention layers"
-    if "position_ids" not in inspect.signature(backbone.forward).parameters and not _takes_kwargs(backbone.forward):
-        return f"{type(backbone).__name__} takes no position_ids"
-    return ""
+    reason = masks.static_reason(backbone, "unpadded calls")
+    if not reason and "position_ids" not in inspect.signature(backbone.forward).parameters and not _takes_kwargs(backbone.forward):
+        reason = f"{type(backbone).__name__} takes no position_ids"
+    return reason
 
 
 def _takes_kwargs(fn: Any) -> bool:
@@ -219,14 +211,10 @@ def unpad_refusal(model: Any) -> str:
     finally:
         backbone.train(was_training)
         _reshard(backbone)
-    real = mask.bool()
-    a, b = padded[real].float(), packed[real].float()
-    scale = float(a.abs().max()) or 1.0
     # the linear layers see other row counts packed, so their kernels may round differently (and a
     # decoder's rotary positions start at 0 instead of after left padding); a wrong attention
     # pattern changes the states by far more
-    tolerance = 1e-4 if padded.dtype == torch.float32 else 3e-2
-    if a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale:
+    if same_states(padded, packed, mask, half_tolerance=3e-2):
         return ""
     set_attention(backbone, "sdpa")
     return f"packed and padded token states of {type(backbone).__name__} differ"

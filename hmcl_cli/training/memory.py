@@ -151,9 +151,9 @@ def _meta_model(config: Any, layers: Optional[int], dtype: torch.dtype, lora: An
     return model
 
 
-def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward in one forward of ``model`` (weights and buffers excluded:
-    they are counted as weights). Works on real tensors and on the ``meta`` device."""
+def saved_bytes(model: torch.nn.Module, run: Any) -> int:
+    """Bytes autograd keeps for backward while ``run()`` runs ``model`` (its weights and buffers
+    excluded: they are counted as weights; each storage once)."""
     seen: set = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     total = 0
 
@@ -165,10 +165,16 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
             total += t.untyped_storage().nbytes()
         return t
 
-    model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=input_ids)
+        run()
     return total
+
+
+def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+    """Bytes autograd keeps for backward in one forward of ``model`` in training mode. Works on
+    real tensors and on the ``meta`` device."""
+    model.train()
+    return saved_bytes(model, lambda: model(input_ids=input_ids))
 
 
 def _layer_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int) -> tuple[int, int]:
