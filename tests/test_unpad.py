@@ -225,3 +225,29 @@ def test_roberta_style_positions_start_after_the_padding_index(tmp_path, monkeyp
     assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
     monkeypatch.setattr(unpad, "position_offset", lambda config: 0)
     assert "differ" in EmbeddingModel.load(str(tmp_path)).unpad_refusal()
+
+
+def _older_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):
+    """The kernel's first signature (torch 2.10-era): ``is_causal``, no ``window_size`` nor GQA."""
+    assert k.size(1) == q.size(1)  # KV heads repeated by the caller
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0) if is_causal else (-1, -1))
+
+
+def _acausal_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=True)
+
+
+@pytest.mark.parametrize("kernel,path", [(_older_varlen, {"varlen"}), (_acausal_varlen, {"varlen", "padded-attention"})])
+def test_the_varlen_path_follows_the_kernels_signature(tiny_qwen, monkeypatch, kernel, path):
+    """An older kernel (is_causal, no GQA) still serves a GQA decoder; one without causal
+    attention leaves it to padded attention (same embeddings either way)."""
+    model = EmbeddingModel.load(str(tiny_qwen))
+    model.unpad = False
+    padded = model.encode(TEXTS)
+    model.unpad = True
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    assert model.unpad_refusal() == ""
+    seen = _calls(monkeypatch)
+    assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
+    assert set(seen) == path

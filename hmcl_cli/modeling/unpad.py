@@ -90,18 +90,30 @@ def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dro
             and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None)
 
 
-def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> torch.Tensor:
-    """Packed attention by the flash variable-length kernel: ``[1, H, T, d]`` -> ``[1, T, H, d]``."""
+def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> Optional[torch.Tensor]:
+    """Packed attention by the flash variable-length kernel: ``[1, H, T, d]`` -> ``[1, T, H, d]``;
+    None where this torch's kernel lacks an option the call needs (its signature has changed
+    between releases: ``is_causal`` then ``window_size``; ``scale``; ``enable_gqa``)."""
     kernel = _varlen_kernel()
+    takes = inspect.signature(kernel).parameters
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
-    options: dict = {"scale": scaling}
+    options: dict = {}
+    if scaling is not None:
+        if "scale" not in takes:
+            return None
+        options["scale"] = scaling
     if k.size(1) != q.size(1):  # grouped-query attention: the kernel shares KV heads where it can
-        if "enable_gqa" in inspect.signature(kernel).parameters:
+        if "enable_gqa" in takes:
             options["enable_gqa"] = True
         else:
             k, v = (x.repeat_interleave(q.size(1) // x.size(1), dim=1) for x in (k, v))
     if p.causal:
-        options["window_size"] = (-1, 0)
+        if "window_size" in takes:
+            options["window_size"] = (-1, 0)
+        elif "is_causal" in takes:
+            options["is_causal"] = True
+        else:
+            return None
     out = kernel(q, k, v, p.cu_seqlens, p.cu_seqlens, p.width, p.width, **options)
     return out[None]
 
@@ -128,7 +140,9 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if varlen_serves(query.dtype, query.device.type, query.size(-1), dropout):
-        return _varlen(query, key, value, hmcl_packing, scaling), None
+        out = _varlen(query, key, value, hmcl_packing, scaling)
+        if out is not None:
+            return out, None
     return _padded_attention(query, key, value, hmcl_packing, dropout, scaling), None
 
 
