@@ -28,6 +28,7 @@ padded, with the reason printed at the start of training).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -90,12 +91,18 @@ def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dro
             and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None)
 
 
+@functools.lru_cache(maxsize=8)
+def _parameters(fn: Any) -> frozenset:
+    """The parameter names of ``fn`` (asked once: every attention call of every layer needs them)."""
+    return frozenset(inspect.signature(fn).parameters)
+
+
 def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> Optional[torch.Tensor]:
     """Packed attention by the flash variable-length kernel: ``[1, H, T, d]`` -> ``[1, T, H, d]``;
     None where this torch's kernel lacks an option the call needs (its signature has changed
     between releases: ``is_causal`` then ``window_size``; ``scale``; ``enable_gqa``)."""
     kernel = _varlen_kernel()
-    takes = inspect.signature(kernel).parameters
+    takes = _parameters(kernel)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
     options: dict = {}
     if scaling is not None:

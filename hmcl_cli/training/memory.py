@@ -22,7 +22,9 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   log-sum-exp), as SDPA's flash / memory-efficient kernels do. With gradient checkpointing each
   layer keeps only its input, plus one layer's activations for one forward call (the anchors or
   the candidates, both with ``train.one_forward``, or one GradCache chunk) during recomputation;
-  with ``train.one_forward`` both sides are sized at the wider length;
+  with ``train.one_forward`` both sides are sized at the wider length. A run whose forward calls
+  are unpadded (``model.unpad``) is sized by the most real tokens a step can hold instead (the
+  longest queries and documents of the data), at the probe's bytes per token;
 * **autocast copies**: under bf16 autocast every float32 weight used in a matmul is cast once per
   forward and the bf16 copy is kept until the backward pass.
 
