@@ -125,6 +125,13 @@ def make_trainer(folder: Path, model_dir: Path, **sections):
     return t
 
 
+def as_fp16(t):
+    """A trainer as `train.precision: fp16` sets it up on a GPU (autocast aside: the CPU has none)."""
+    t.precision = "fp16"
+    t.scaler = t._loss_scaler()
+    return t
+
+
 def assert_grads_close(plain, other) -> None:
     """Two lists of gradients equal up to fp32 rounding. The tolerance follows each tensor's largest
     entry: a reassociated sum (GradCache's chunks) rounds in proportion to the terms summed, so a

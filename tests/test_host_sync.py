@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import make_trainer
+from conftest import as_fp16, make_trainer
 from hmcl_cli.training.batching import StepBatches
 from hmcl_cli.training.host_sync import HostSyncCounter
 
@@ -109,9 +109,8 @@ def test_optimizer_step_has_no_host_sync(tmp_path, tiny_bert, fp16):
     if "cpu" not in _get_fused_kernels_supported_devices():
         pytest.skip("this torch has no fused AdamW for the CPU")
     t = make_trainer(tmp_path, tiny_bert, train={"max_grad_norm": 1.0})
-    if fp16:  # (as train.precision fp16 sets it up on a GPU)
-        t.precision = "fp16"
-        t.scaler = t._loss_scaler()
+    if fp16:
+        as_fp16(t)
     batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
     t._forward_backward(batch, 1.0)
     with HostSyncCounter() as s:

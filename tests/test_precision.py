@@ -7,7 +7,7 @@ the dtype, so they are checked here on the CPU with the trainer's own scaler."""
 import pytest
 import torch
 
-from conftest import make_trainer
+from conftest import as_fp16, make_trainer
 from hmcl_cli.errors import RecipeError
 from hmcl_cli.modeling import encoder
 from hmcl_cli.training.batching import StepBatches
@@ -33,13 +33,6 @@ def test_lora_base_on_a_gpu_without_native_bf16_is_float16(monkeypatch):
     assert encoder.training_dtype(cfg, "cpu") is torch.float32
 
 
-def _fp16(t):
-    """The trainer as `train.precision: fp16` sets it up on a GPU (autocast aside)."""
-    t.precision = "fp16"
-    t.scaler = t._loss_scaler()
-    return t
-
-
 def _weights(t):
     return [p.detach().clone() for p in t.trainable]
 
@@ -48,7 +41,7 @@ def _weights(t):
 def test_fp16_loss_scale_scales_gradients_and_steps_like_unscaled_training(tmp_path, tiny_bert, chunk):
     train = {"max_grad_norm": 0.5, "grad_cache_chunk": chunk}
     plain = make_trainer(tmp_path / "a", tiny_bert, train=train)
-    scaled = _fp16(make_trainer(tmp_path / "b", tiny_bert, train=train))
+    scaled = as_fp16(make_trainer(tmp_path / "b", tiny_bert, train=train))
     assert plain.scaler is None and scaled.scaler.get_scale() == 65536.0
     batch = StepBatches(plain.data, plain.model, plain.plan, 0, 0, plain.cfg.group_size, 0)[0]
     for t in (plain, scaled):
@@ -65,7 +58,7 @@ def test_fp16_loss_scale_scales_gradients_and_steps_like_unscaled_training(tmp_p
 
 
 def test_fp16_step_with_an_overflowed_gradient_is_skipped_and_the_scale_halves(tmp_path, tiny_bert):
-    t = _fp16(make_trainer(tmp_path, tiny_bert))
+    t = as_fp16(make_trainer(tmp_path, tiny_bert))
     batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
     before = _weights(t)
     t._forward_backward(dict(batch), 1.0)
@@ -82,14 +75,14 @@ def test_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path, tiny_bert):
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.training.trainer import HMCLTrainer
 
-    t = _fp16(make_trainer(tmp_path, tiny_bert))
+    t = as_fp16(make_trainer(tmp_path, tiny_bert))
     t.scaler.scale(torch.ones(()))  # (the scale is made on first use)
     t.scaler.update(new_scale=1024.0)
     path = t.save_checkpoint()
     assert torch.load(path / "optim.pt", weights_only=False)["scaler"]["scale"] == 1024.0
     again = HMCLTrainer(load_recipe(tmp_path / "recipe.yaml"))
     again.setup()
-    _fp16(again)
+    as_fp16(again)
     again._resume()
     assert again.scaler.get_scale() == 1024.0
 
