@@ -227,10 +227,10 @@ def test_roberta_style_positions_start_after_the_padding_index(tmp_path, monkeyp
     assert "differ" in EmbeddingModel.load(str(tmp_path)).unpad_refusal()
 
 
-def _older_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):
-    """The kernel's first signature (torch 2.10-era): ``is_causal``, no ``window_size`` nor GQA."""
+def _older_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's signature: ``is_causal``; no ``scale`` (1/sqrt(d)), ``window_size`` nor GQA."""
     assert k.size(1) == q.size(1)  # KV heads repeated by the caller
-    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=(-1, 0) if is_causal else (-1, -1))
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0) if is_causal else (-1, -1))
 
 
 def _acausal_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):

@@ -100,15 +100,17 @@ def _parameters(fn: Any) -> frozenset:
 def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> Optional[torch.Tensor]:
     """Packed attention by the flash variable-length kernel: ``[1, H, T, d]`` -> ``[1, T, H, d]``;
     None where this torch's kernel lacks an option the call needs (its signature has changed
-    between releases: ``is_causal`` then ``window_size``; ``scale``; ``enable_gqa``)."""
+    between releases: torch 2.10 had ``is_causal`` and no ``scale``, later ones ``window_size``,
+    ``scale`` and ``enable_gqa``)."""
     kernel = _varlen_kernel()
     takes = _parameters(kernel)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
     options: dict = {}
     if scaling is not None:
-        if "scale" not in takes:
+        if "scale" in takes:
+            options["scale"] = scaling
+        elif abs(scaling * q.size(-1) ** 0.5 - 1.0) > 1e-6:  # torch 2.10's kernel scales by 1/sqrt(d) only
             return None
-        options["scale"] = scaling
     if k.size(1) != q.size(1):  # grouped-query attention: the kernel shares KV heads where it can
         if "enable_gqa" in takes:
             options["enable_gqa"] = True
