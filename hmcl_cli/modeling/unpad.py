@@ -104,7 +104,8 @@ def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> Optional
     ``scale`` and ``enable_gqa``)."""
     kernel = _varlen_kernel()
     takes = _parameters(kernel)
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, d]
+    # [T, H, d], laid out so (after rotary embeddings the heads come first in memory)
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     options: dict = {}
     if scaling is not None:
         if "scale" in takes:
