@@ -142,12 +142,12 @@ def test_auto_on_a_gpu_unpads_only_where_the_varlen_kernel_takes_the_attention(t
     gpu_mask = type("GpuMask", (), {"device": torch.device("cuda"), "numel": lambda self: 3})()
     assert model.packed_tokens(gpu_mask, None) is None  # a device batch without a host count: padded
     monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
-    monkeypatch.setattr(model, "_varlen_attention", lambda: False)
+    monkeypatch.setattr(model, "_varlen_attention", lambda **kw: False)
     assert model.packed_tokens(gpu_mask, 2) is None
     model.unpad = True
     assert model.packed_tokens(gpu_mask, 2) == 2
     model.unpad = "auto"
-    monkeypatch.setattr(model, "_varlen_attention", lambda: True)
+    monkeypatch.setattr(model, "_varlen_attention", lambda **kw: True)
     assert model.packed_tokens(gpu_mask, 2) == 2
     assert model.packed_tokens(mask, None) == 2  # a CPU batch: counted on the host
     assert model.trains_with_varlen("cuda") and not model.trains_with_varlen("cpu")
@@ -158,6 +158,13 @@ def test_auto_on_a_gpu_unpads_only_where_the_varlen_kernel_takes_the_attention(t
     assert not unpad.varlen_serves(torch.bfloat16, "cuda", 64, 0.1)  # dropout: the kernel has none
     assert not unpad.varlen_serves(torch.float32, "cuda", 64, 0.0)
     assert not unpad.varlen_serves(torch.bfloat16, "cpu", 64, 0.0)
+    from types import SimpleNamespace
+
+    bert = SimpleNamespace(attention_probs_dropout_prob=0.1, hidden_size=128, num_attention_heads=2)
+    assert unpad.varlen_takes(bert, torch.bfloat16, training=False)  # encoding: no dropout
+    assert not unpad.varlen_takes(bert, torch.bfloat16, training=True)
+    assert unpad.varlen_takes(SimpleNamespace(attention_dropout=0.0, hidden_size=128, num_attention_heads=2,
+                                              head_dim=64), torch.bfloat16, training=True)
 
 
 def test_saved_model_does_not_name_hmcls_attention(tmp_path, tiny_bert):

@@ -30,6 +30,7 @@ from torch import nn
 
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.modeling import unpad
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -281,9 +282,7 @@ class EmbeddingModel(nn.Module):
         packed = self.packed_tokens(attention_mask, n_real)
         with self.attention_backends():
             if packed is not None:
-                from hmcl_cli.modeling.unpad import unpadded_states
-
-                hidden = unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
+                hidden = unpad.unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
             else:
                 hidden = last_hidden(self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask)))
         return pool(hidden, attention_mask, self.settings.pooling)
@@ -304,20 +303,15 @@ class EmbeddingModel(nn.Module):
             return None
         return None if self.unpad_refusal() else n_real
 
-    def _varlen_attention(self) -> bool:
+    def _varlen_attention(self, training: Optional[bool] = None) -> bool:
         """Whether packed attention would take the flash variable-length kernel now (bf16/fp16
-        compute, no attention dropout in this mode) rather than padded SDPA."""
-        from hmcl_cli.modeling.unpad import varlen_serves
-
-        config = self.backbone.config
+        compute, no attention dropout in this mode, or in ``training`` mode if given) rather than
+        padded SDPA."""
         if torch.is_autocast_enabled("cuda"):
             dtype = torch.get_autocast_dtype("cuda")
         else:
             dtype = next(self.backbone.parameters()).dtype
-        dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0) or 0.0
-        heads = getattr(config, "num_attention_heads", 1) or 1
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return varlen_serves(dtype, "cuda", head_dim, float(dropout) if self.training else 0.0)
+        return unpad.varlen_takes(self.backbone.config, dtype, self.training if training is None else training)
 
     def unpad_summary(self, device_type: str, precision: str = "auto") -> str:
         """How training runs its forward calls, padded or not and why (the start of ``hmcl train``)."""
@@ -340,24 +334,22 @@ class EmbeddingModel(nn.Module):
         computed at all, so joining both sides in one forward call costs nothing."""
         if device_type == "cpu" or self.unpad is False or self.unpad_refusal():
             return False
-        was_training = self.training
-        self.train()
-        try:
-            with autocast_for(torch.device(device_type), precision):
-                return self._varlen_attention()
-        finally:
-            self.train(was_training)
+        with autocast_for(torch.device(device_type), precision):
+            return self._varlen_attention(training=True)
 
     def unpad_refusal(self) -> str:
         """Why the backbone runs padded batches as they are ('' when it may run them unpadded):
         decided once per backbone (modeling/unpad.py), after the attention-mask probe."""
-        probed, reason = self._unpadded
-        if probed != id(self.backbone):
-            self.mask_refusal()
-            from hmcl_cli.modeling.unpad import unpad_refusal
+        self.mask_refusal()  # its probe first: the unpadded one runs padded calls with that mask
+        return self._once_per_backbone("_unpadded", unpad.unpad_refusal)
 
-            reason = unpad_refusal(self)
-            self._unpadded = (id(self.backbone), reason)
+    def _once_per_backbone(self, slot: str, probe: Any) -> str:
+        """``probe(self)`` (a refusal: '' = no objection), asked once per backbone (a replaced
+        backbone, e.g. wrapped by LoRA or FSDP, is probed again) and kept in ``slot``."""
+        probed, reason = getattr(self, slot)
+        if probed != id(self.backbone):
+            reason = probe(self)
+            setattr(self, slot, (id(self.backbone), reason))
         return reason
 
     def attention_backends(self) -> Any:
@@ -373,11 +365,7 @@ class EmbeddingModel(nn.Module):
 
     def mask_refusal(self) -> str:
         """Why the backbone keeps the 2D padding mask ('' when it gets the prepared 4D mask)."""
-        probed, reason = self._prepared_masks
-        if probed != id(self.backbone):
-            reason = prepared_mask_refusal(self)
-            self._prepared_masks = (id(self.backbone), reason)
-        return reason
+        return self._once_per_backbone("_prepared_masks", prepared_mask_refusal)
 
     def backbone_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The mask the backbone gets: the 4D mask transformers would build, where it accepts it

@@ -75,6 +75,7 @@ def _padded(x: torch.Tensor, p: Packing) -> torch.Tensor:
     return out.view(p.rows, p.width, *rows.shape[1:]).transpose(1, 2)
 
 
+@functools.lru_cache(maxsize=1)  # asked on every packed call
 def _varlen_kernel() -> Optional[Any]:
     """torch's flash variable-length attention (torch >= 2.10), or None."""
     try:
@@ -89,6 +90,14 @@ def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dro
     size it takes, and no attention dropout (it has none)."""
     return (device_type == "cuda" and query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
             and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None)
+
+
+def varlen_takes(config: Any, dtype: torch.dtype, training: bool) -> bool:
+    """Whether the flash variable-length kernel would compute this model's attention on a GPU with
+    ``dtype`` compute, in training (where the config's attention dropout applies) or not."""
+    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0) or 0.0
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // (getattr(config, "num_attention_heads", 1) or 1)
+    return varlen_serves(dtype, "cuda", head_dim, float(dropout) if training else 0.0)
 
 
 @functools.lru_cache(maxsize=8)

@@ -243,16 +243,15 @@ def predicts_unpadded(recipe: Any, device: torch.device, config: Any) -> bool:
     far as the recipe, the device and the model config tell before the model is loaded (its probe
     decides at load: a refusal re-plans padded). Segments are planned padded."""
     from hmcl_cli.modeling.encoder import resolve_precision
-    from hmcl_cli.modeling.unpad import _varlen_kernel
+    from hmcl_cli.modeling.unpad import varlen_takes
 
     m = recipe.model
     if m.unpad is False or m.segments is not None or m.attn_implementation != "sdpa":
         return False
     if device.type == "cpu" or m.unpad is True:
         return True
-    dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0) or 0.0
-    return (resolve_precision(recipe.train.precision, device.type) in ("bf16", "fp16") and not dropout
-            and _varlen_kernel() is not None)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(recipe.train.precision, device.type))
+    return half is not None and varlen_takes(config, half, training=True)
 
 
 def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
