@@ -73,7 +73,8 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
         cmd += ["--config_file", config_file]
     machines = _launcher_int(launcher_args, "--num_machines") or 1
     total = _launcher_int(launcher_args, "--num_processes")
-    if not config_file and not any(a.split("=")[0] == "--num_processes" for a in launcher_args):
+    given = any(a.split("=")[0] == "--num_processes" for a in launcher_args)  # (given, maybe not a number)
+    if not config_file and not given:
         total = num_processes * machines
         cmd += ["--num_processes", str(total)]
     modes = ("--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--tpu", "--config_file")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import assert_grads_close, has_minilm, make_trainer
+from conftest import assert_grads_close, has_minilm, make_trainer, write_recipe
 from hmcl_cli.modeling import unpad
 from hmcl_cli.modeling.encoder import EmbeddingModel
 from hmcl_cli.training.batching import StepBatches
@@ -258,3 +258,28 @@ def test_the_varlen_path_follows_the_kernels_signature(tiny_qwen, monkeypatch, k
     seen = _calls(monkeypatch)
     assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
     assert set(seen) == path
+
+
+def test_setup_joins_both_sides_when_the_varlen_kernel_trains(tmp_path, tiny_bert, monkeypatch):
+    """`train.one_forward: auto` joins the sides where steps run unpadded by the varlen kernel: the
+    trainer asks the model at set-up (the answer can only be yes on a GPU, hence the stand-in)."""
+    assert not make_trainer(tmp_path / "cpu", tiny_bert).joins_unpadded
+    asked = []
+    monkeypatch.setattr(EmbeddingModel, "trains_with_varlen",
+                        lambda self, device_type, precision="auto": asked.append(device_type) or True)
+    assert make_trainer(tmp_path / "varlen", tiny_bert).joins_unpadded and asked == ["cpu"]
+
+
+def test_a_model_passed_to_setup_takes_the_recipes_run_settings(tmp_path, tiny_bert):
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, model={"unpad": False, "cudnn_attention": True,
+                                                                   "segments": {"length": 16}}))
+    prepare(recipe, progress=False)
+    model = EmbeddingModel.load(str(tiny_bert))
+    assert model.unpad == "auto" and not model.cudnn_attention and model.segments is None
+    t = HMCLTrainer(recipe)
+    t.setup(model=model)
+    assert t.model is model and model.unpad is False and model.cudnn_attention and model.segments.length == 16

@@ -226,10 +226,15 @@ class EmbeddingModel(nn.Module):
             trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
             dtype=dtype,
         )
-        model.use_segments(model_cfg.segments)
-        model.cudnn_attention = model_cfg.cudnn_attention
-        model.unpad = model_cfg.unpad
+        model.apply_run_settings(model_cfg)
         return model
+
+    def apply_run_settings(self, model_cfg: Any) -> None:
+        """The recipe's run-time choices that live outside the weights: segments, cuDNN
+        attention, unpadding (``from_recipe`` applies them; a model built elsewhere gets them here)."""
+        self.use_segments(model_cfg.segments)
+        self.cudnn_attention = model_cfg.cudnn_attention
+        self.unpad = model_cfg.unpad
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:

@@ -33,6 +33,10 @@ import torch
 
 from hmcl_cli.console import log
 
+# the name hmcl registers with transformers' attention interface: SDPA for padded calls, and
+# packed calls (modeling/unpad.py); defined here, which unpad imports, so both modules can name it
+ATTENTION = "hmcl_sdpa"
+
 
 def prepared_mask(attention_mask: torch.Tensor, causal: bool) -> torch.Tensor:
     """The 4D boolean mask ``[B, 1, T, T]`` for a 2D padding mask ``[B, T]`` (1 = real token).
@@ -64,7 +68,7 @@ def static_reason(backbone: Any, what: str = "the prepared mask") -> str:
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder model"
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in ("sdpa", "hmcl_sdpa"):  # hmcl_sdpa: SDPA, and packed calls (modeling/unpad.py)
+    if impl not in ("sdpa", ATTENTION):
         return f"attention kernel {impl!r} (only sdpa takes {what})"
     if not _full_attention(config):
         return "sliding-window or chunked attention layers"

@@ -36,9 +36,8 @@ from typing import Any, Optional
 import torch
 
 from hmcl_cli.modeling import masks
-from hmcl_cli.modeling.masks import _reshard, last_hidden, prepared_mask, same_states
+from hmcl_cli.modeling.masks import ATTENTION, _reshard, last_hidden, prepared_mask, same_states
 
-ATTENTION = "hmcl_sdpa"
 # models that number positions after the padding index (RoBERTa's create_position_ids_from_input_ids)
 PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod"}
 

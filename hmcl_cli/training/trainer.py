@@ -131,8 +131,12 @@ class HMCLTrainer:
 
         self.memory_plan = None
         self.joins_unpadded = False  # set by setup: steps unpadded by the varlen kernel join both sides
-        self.model = model or EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
-        self.model.cudnn_attention = r.model.cudnn_attention  # (from_recipe sets it; a model passed in too)
+        built_here = model is None
+        if built_here:
+            model = EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
+        else:
+            model.apply_run_settings(r.model)
+        self.model = model
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
@@ -152,7 +156,7 @@ class HMCLTrainer:
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
         auto_chunk = cfg.grad_cache_chunk == "auto"
-        if (self.is_main and model is None) or auto_chunk:  # before the weights go to the device: the worst step
+        if (self.is_main and built_here) or auto_chunk:  # before the weights go to the device: the worst step
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
         if auto_chunk and self.is_main:
             log(f"train.grad_cache_chunk auto: {f'chunks of {self.chunk} texts' if self.chunk else 'the whole batch at once'}"
