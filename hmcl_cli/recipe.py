@@ -293,11 +293,14 @@ class TrainConfig(_Section):
     head_learning_rate: float = Field(
         1e-3, gt=0, description="Learning rate of thresholds, temperature and heads."
     )
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the backbone's matrices (biases, norms and the loss's parameters have none).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps over which the learning rate rises linearly to its peak.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Learning rate after the warm-up: linear or cosine decay to 0 at the last step, or constant.")
     max_grad_norm: Optional[float] = Field(1.0, description="Gradient clipping; null = off.")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Batches per optimizer step. Each batch's loss is computed alone, so in-batch "
+        "negatives do not grow with it; for a larger contrastive batch raise batch_size with grad_cache_chunk.")
     batch_by_source: bool = Field(
         True,
         description="With several data sources, build each batch from one source, so in-batch "
@@ -448,8 +451,10 @@ class EvalTask(_Section):
     format: Optional[SourceFormat] = Field(
         None, description="Reader for `path` (same as data sources); default by task type."
     )
-    columns: dict[str, Union[str, int]] = Field(default_factory=dict)
-    score_range: Optional[tuple[float, float]] = None
+    columns: dict[str, Union[str, int]] = Field(
+        default_factory=dict, description="Role -> column name or index, as for data sources.")
+    score_range: Optional[tuple[float, float]] = Field(
+        None, description="sts: declared score range; scores outside it are bad rows.")
     mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
     split: str = Field("test", description="Split to evaluate for hub/BEIR tasks.")
 
@@ -480,7 +485,10 @@ class ExportConfig(_Section):
 
     enabled: bool = Field(True, description="Run the export stage in `hmcl run`.")
     formats: list[ExportFormat] = Field(
-        default_factory=lambda: ["merged"]
+        default_factory=lambda: ["merged"],
+        description="`merged`: a sentence-transformers folder (LoRA merged into the weights); `onnx`: an ONNX "
+        "graph with pooling and normalisation; `onnx-int8`: that graph with int8 weights (dynamic quantisation). "
+        "Each prints its agreement with the trained model; `merged` and `onnx` fail the export below it (int8 is not held to it).",
     )
     verify_texts: list[str] = Field(
         default_factory=list, description="Extra texts for the parity check."
@@ -854,10 +862,15 @@ def schema_markdown() -> str:
                 continue
             tp = _type_name(field.annotation)
             default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            rows.append(f"| `{key}` | {tp} | {default} | {field.description or ''} |")
+            rows.append(f"| `{key}` | {tp} | {_cell(default)} | {_cell(field.description or '')} |")
 
     walk(Recipe, "")
     return "\n".join(rows)
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: a ``|`` in it would end the cell."""
+    return text.replace("|", "\\|")
 
 
 def _type_name(tp: Any) -> str:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from hmcl_cli.errors import RecipeError
@@ -115,3 +117,13 @@ def test_a_value_that_fits_no_branch_of_a_union_gets_one_line(tmp_path):
     assert "| `train.grad_cache_chunk` | int >= 1 or 'auto' |" in schema_markdown()
     assert load_recipe(p, overrides=["train.grad_cache_chunk=auto"]).train.grad_cache_chunk == "auto"
     assert load_recipe(p, overrides=["train.grad_cache_chunk=16"]).train.grad_cache_chunk == 16
+
+
+def test_every_schema_key_has_a_description():
+    """`hmcl recipe schema` is the manual of the recipe keys: none is left without a meaning."""
+    rows = [line for line in schema_markdown().splitlines()[2:] if line.startswith("| `")]
+    assert len(rows) > 100
+    cells = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in rows]  # "\|" is a | in a type
+    assert {len(c) for c in cells} == {4}
+    bare = [c[0] for c in cells if not c[3]]
+    assert not bare, f"keys without a description: {bare}"
