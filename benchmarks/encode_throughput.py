@@ -4,6 +4,7 @@
     python benchmarks/encode_throughput.py --texts 20000 --sync-audit     # what makes the host wait, per batch
     python benchmarks/encode_throughput.py --two-d-mask   # also hmcl with the model's own 2D mask check
     python benchmarks/encode_throughput.py --cudnn-attention   # also hmcl with SDPA's cuDNN kernels allowed
+    python benchmarks/encode_throughput.py --pageable          # also hmcl copying unpinned batches to the GPU
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
@@ -68,6 +69,9 @@ def main() -> None:
                     "where `auto` keeps them padded (model.unpad true)")
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="also time hmcl with SDPA's cuDNN attention allowed (model.cudnn_attention)")
+    ap.add_argument("--pageable", action="store_true",
+                    help="also time hmcl moving its batches to the GPU from pageable host memory (as before "
+                    "it pinned them; on a CPU nothing is pinned, so the row only repeats the default)")
     args = ap.parse_args()
     _, texts = inputs(args.texts, 0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,6 +118,14 @@ def main() -> None:
             results["hmcl encode, cuDNN attention"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device,
                                                                 "hmcl encode, cuDNN attention", len(texts))
             hm.cudnn_attention = False
+        if args.pageable:  # batches copied from pageable memory (encoder.PIN_HOST_BATCHES off)
+            from hmcl_cli.modeling import encoder
+
+            encoder.PIN_HOST_BATCHES = False
+            hm.encode(texts[: args.warmup], batch_size=args.batch_size)
+            results["hmcl encode, pageable batches"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size),
+                                                                 device, "hmcl encode, pageable batches", len(texts))
+            encoder.PIN_HOST_BATCHES = True
         prepared = hm.check_masks()
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch

@@ -49,11 +49,11 @@ def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
 
 def test_encoding_throughput_with_the_flags_of_the_encode_part():
     out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--batch-size", "64",
-               "--padded", "--two-d-mask", "--cudnn-attention", "--sync-audit")
+               "--padded", "--two-d-mask", "--cudnn-attention", "--pageable", "--sync-audit")
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
     assert results == ["result sentence-transformers (fp32 weights)", "result hmcl encode",
                        "result hmcl encode, 2D mask", "result hmcl encode, padded", "result hmcl encode, unpad true",
-                       "result hmcl encode, cuDNN attention"]
+                       "result hmcl encode, cuDNN attention", "result hmcl encode, pageable batches"]
     assert "0.0 per batch" in out  # the sync audit's line
 
 

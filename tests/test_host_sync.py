@@ -116,3 +116,35 @@ def test_optimizer_step_has_no_host_sync(tmp_path, tiny_bert, fp16):
     with HostSyncCounter() as s:
         t._optimizer_step()
     assert not s.events, s.report()
+
+
+def test_encoding_batches_go_to_a_gpu_through_page_locked_memory(tiny_bert, monkeypatch):
+    """A copy from pageable host memory to a GPU may wait for the stream (CUDA's API sync
+    behaviour), so encode's batches are pinned first for a GPU, and left as they are for a CPU."""
+    from types import SimpleNamespace
+
+    from hmcl_cli.modeling import encoder, segments
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    pinned, moved = [], []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.shape) or self.clone())
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, device, non_blocking=False: moved.append(non_blocking) or self)
+    host = {"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    out = encoder.to_device(host, SimpleNamespace(type="cuda"))
+    assert pinned == [(2, 8), (2, 8)] and moved == [True, True]
+    assert all(out[k] is not host[k] for k in host)  # the pinned copies went, not the pageable tensors
+    pinned.clear()
+    encoder.to_device(host, SimpleNamespace(type="cpu"))
+    assert not pinned
+    monkeypatch.undo()
+
+    calls = []
+    real = encoder.to_device
+    monkeypatch.setattr(encoder, "to_device", lambda host, device: calls.append(device) or real(host, device))
+    model = EmbeddingModel.load(str(tiny_bert))
+    model.encode([f"text number {i}" for i in range(10)], batch_size=4)
+    assert len(calls) == 3  # every batch of plain encoding
+    calls.clear()
+    model.use_segments(segments.SegmentSettings(length=16))
+    model.encode([f"text number {i}" for i in range(10)], batch_size=4)
+    assert len(calls) == 3  # and of segmented encoding

@@ -38,7 +38,7 @@
 #   fp16     train.precision fp16 (dynamic loss scale) runs on the GPU: BERT-base shape, hmcl and
 #            the loop, both fp16 with a loss scale (a few steps; a check, not a speed row).
 #   encode   #9: hmcl's encoder vs model.encode (and hmcl padded, unpad true, with the 2D mask check,
-#            and with cuDNN attention), 100k texts, MiniLM shape; then what makes hmcl's encoding loop wait for
+#            with cuDNN attention, and with unpinned batches), 100k texts, MiniLM shape; then what makes hmcl's encoding loop wait for
 #            the GPU, per batch.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -140,7 +140,7 @@ for spec in "$@"; do
       part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
       part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 100000 \
-        --padded --two-d-mask --cudnn-attention
+        --padded --two-d-mask --cudnn-attention --pageable
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \

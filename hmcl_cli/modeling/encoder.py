@@ -437,7 +437,7 @@ class EmbeddingModel(nn.Module):
                 # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for the
                 # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
                 host = self.pad([ids[i] for i in idx])
-                batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
+                batch = to_device(host, dev)
                 with autocast_for(dev):
                     out.add(idx, self(**batch, n_real=int(host["attention_mask"].numpy().sum())))
                 bar.update(len(idx))
@@ -591,6 +591,21 @@ def without_cudnn_attention() -> Any:
             _cudnn_off["holders"] -= 1
             if _cudnn_off["holders"] == 0 and _cudnn_off["restore"]:
                 cuda.enable_cudnn_sdp(True)
+
+
+PIN_HOST_BATCHES = True  # benchmarks/encode_throughput.py --pageable turns it off to compare
+
+
+def to_device(host: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A batch built on the host, moved to ``device`` without making the host wait for it.
+
+    To a GPU through page-locked memory: a copy from ordinary (pageable) host memory must be
+    staged, and CUDA may wait for the stream's earlier work to do that (its "API synchronization
+    behavior"), which would stop the host from queueing the next batch while the GPU computes this
+    one. PyTorch keeps the page-locked blocks in a cache and reuses one only after its copy is done."""
+    if device.type == "cuda" and PIN_HOST_BATCHES:
+        host = {k: v.pin_memory() for k, v in host.items()}
+    return {k: v.to(device, non_blocking=True) for k, v in host.items()}
 
 
 @functools.lru_cache(maxsize=None)  # asked for every batch encoded; the answer does not change

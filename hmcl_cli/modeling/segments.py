@@ -119,7 +119,7 @@ def aggregate(segment_emb: torch.Tensor, owner: torch.Tensor, weight: torch.Tens
 @torch.no_grad()
 def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSettings, batch_size: int) -> torch.Tensor:
     """Embeddings [len(texts), D] (float32, on the host) of segmented texts."""
-    from hmcl_cli.modeling.encoder import HostRows, autocast_for
+    from hmcl_cli.modeling.encoder import HostRows, autocast_for, to_device
 
     per_text = split_segments(model, texts, side, seg)
     flat = [(t, ids, n) for t, segs in enumerate(per_text) for ids, n in segs]
@@ -129,7 +129,7 @@ def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSe
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         host = model.pad([flat[i][1] for i in idx])
-        batch = {k: v.to(dev, non_blocking=True) for k, v in host.items()}
+        batch = to_device(host, dev)
         with autocast_for(dev):  # (host tensors moved without waiting for the GPU, as in encode)
             seg_emb.add(idx, model.pooled(**batch, n_real=int(host["attention_mask"].numpy().sum())))
     owner = torch.tensor([t for t, _, _ in flat])
