@@ -283,3 +283,29 @@ def test_a_model_passed_to_setup_takes_the_recipes_run_settings(tmp_path, tiny_b
     t = HMCLTrainer(recipe)
     t.setup(model=model)
     assert t.model is model and model.unpad is False and model.cudnn_attention and model.segments.length == 16
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen", "tiny_bert"])
+def test_the_varlen_kernel_takes_autocast_attention_of_float32_weights(fixture, request, monkeypatch):
+    """float32 weights under bf16 autocast (full fine-tuning): a decoder's queries and keys reach
+    attention in float32 (RMS norm and rotary positions compute in float32), its values in bf16.
+    The varlen kernel, half precision only, must still take them, cast to the autocast dtype as SDPA
+    would be; the stand-in here accepts half precision only, like the kernel."""
+    model = EmbeddingModel.load(str(request.getfixturevalue(fixture)))
+    model.unpad = True
+    got = []
+
+    def half_only_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        got.append({q.dtype, k.dtype, v.dtype})
+        return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa)
+
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: half_only_kernel)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda dtype, *a: dtype in (torch.bfloat16, torch.float16))
+    batch = model.pad(model.tokenize(TEXTS, "doc"))
+    seen = _calls(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model(**batch, n_real=int(batch["attention_mask"].sum()))
+        model.unpad = False
+        padded = model(**batch)
+    assert seen and set(seen) == {"varlen"} and all(d == {torch.bfloat16} for d in got)
+    assert torch.nn.functional.cosine_similarity(packed.float(), padded.float()).min() > 0.99

@@ -147,6 +147,17 @@ def _padded_attention(query, key, value, p: Packing, dropout: float, scaling: Op
     return out.index_select(0, p.flat)[None]
 
 
+def _compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in: under autocast its dtype, as SDPA would be cast to. A
+    decoder whose weights are float32 hands attention float32 queries and keys even under bf16
+    autocast (its RMS norms and rotary embeddings compute in float32 after the bf16 projections),
+    which alone would keep the half-precision-only varlen kernel from them."""
+    device = query.device.type
+    if query.is_floating_point() and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return query.dtype
+
+
 def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
               hmcl_packing: Optional[Packing] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -157,8 +168,9 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    if varlen_serves(query.dtype, query.device.type, query.size(-1), dropout):
-        out = _varlen(query, key, value, hmcl_packing, scaling)
+    dtype = _compute_dtype(query)
+    if varlen_serves(dtype, query.device.type, query.size(-1), dropout):
+        out = _varlen(*(x.to(dtype) for x in (query, key, value)), hmcl_packing, scaling)
         if out is not None:
             return out, None
     return _padded_attention(query, key, value, hmcl_packing, dropout, scaling), None
