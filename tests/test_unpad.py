@@ -309,3 +309,36 @@ def test_the_varlen_kernel_takes_autocast_attention_of_float32_weights(fixture, 
         padded = model(**batch)
     assert seen and set(seen) == {"varlen"} and all(d == {torch.bfloat16} for d in got)
     assert torch.nn.functional.cosine_similarity(packed.float(), padded.float()).min() > 0.99
+
+
+@pytest.mark.parametrize("fixture,model_section", [
+    ("tiny_qwen", {}),
+    ("tiny_qwen", {"lora": {"enabled": True, "r": 4, "dropout": 0.0}}),
+    ("tiny_bert", {}),
+])
+def test_a_gpu_like_step_through_the_varlen_kernel_trains_as_padded(tmp_path, request, fixture, model_section,
+                                                                    monkeypatch):
+    """A GPU step as far as a CPU can show it: bf16 autocast, both sides joined in one call
+    (`joins_unpadded`), every attention call through the (half-only) kernel stand-in, backward
+    included; loss and gradients as the padded step's, to bf16 rounding."""
+    def half_only_kernel(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
+        return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa)
+
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: half_only_kernel)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda dtype, device, head_dim, dropout: dtype == torch.bfloat16)
+    results = []
+    for setting in (False, True):
+        t = make_trainer(tmp_path / str(setting), request.getfixturevalue(fixture), model={**model_section, "unpad": setting},
+                         train={"one_forward": True}, loss={"classification_weight": 0.2, "ranking_weight": 1.0})
+        t.model.eval()  # no dropout: the same function both ways
+        t.joins_unpadded = setting
+        batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+        seen = _calls(monkeypatch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = t._forward_backward(batch, 1.0)
+        assert set(seen) == ({"varlen"} if setting else set())
+        grads = torch.cat([p.grad.float().flatten() for p in t.trainable if p.grad is not None])
+        results.append((loss.detach().float(), grads))
+    (l0, g0), (l1, g1) = results
+    assert torch.isclose(l0, l1, rtol=1e-2) and torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.999
