@@ -108,8 +108,8 @@ class ModelConfig(_Section):
         "STS-B batches are still 1.6x their real tokens padded). Where the model passes a probe "
         "(same token states as padded; sdpa attention, full attention in every layer); else padded, "
         "with the reason at the start of training. `auto`: on a CPU; on a GPU where PyTorch's flash "
-        "variable-length kernel takes the attention (bf16/fp16, torch >= 2.10, no attention dropout "
-        "while training), else padded. `true`: also where attention must run padded (the rest of "
+        "variable-length kernel takes the attention (an Ampere or later GPU, bf16/fp16, torch >= 2.10, "
+        "no attention dropout while training), else padded. `true`: also where attention must run padded (the rest of "
         "the model still unpadded). See hmcl_cli/modeling/unpad.py.",
     )
     segments: Optional[SegmentsConfig] = Field(

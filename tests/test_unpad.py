@@ -165,6 +165,13 @@ def test_auto_on_a_gpu_unpads_only_where_the_varlen_kernel_takes_the_attention(t
     assert not unpad.varlen_takes(bert, torch.bfloat16, training=True)
     assert unpad.varlen_takes(SimpleNamespace(attention_dropout=0.0, hidden_size=128, num_attention_heads=2,
                                               head_dim=64), torch.bfloat16, training=True)
+    for capability, served in (((7, 5), False), ((8, 0), True), ((9, 0), True)):  # T4: no flash kernels
+        unpad.flash_gpu.cache_clear()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert unpad.varlen_serves(torch.float16, "cuda", 64, 0.0) == served
+    monkeypatch.undo()
+    unpad.flash_gpu.cache_clear()
 
 
 def test_saved_model_does_not_name_hmcls_attention(tmp_path, tiny_bert):

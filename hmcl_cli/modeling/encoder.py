@@ -331,7 +331,8 @@ class EmbeddingModel(nn.Module):
             return "forward calls unpadded: real tokens only, flash variable-length attention (model.unpad)"
         if self.unpad == "auto":
             return ("forward calls padded (model.unpad auto: the flash variable-length kernel cannot take this "
-                    "attention: it needs bf16/fp16, torch >= 2.10 and no attention dropout; `true` unpads the rest)")
+                    "attention: it needs an Ampere or later GPU, bf16/fp16, torch >= 2.10 and no attention "
+                    "dropout; `true` unpads the rest)")
         return "forward calls unpadded: real tokens only, attention computed padded per text (model.unpad true)"
 
     def trains_with_varlen(self, device_type: str, precision: str = "auto") -> bool:

@@ -7,8 +7,8 @@ both sides in one call. Unpadded, the real tokens of every text are laid end to 
 sequence ``[1, T]`` (positions restarting at each text), every linear layer, norm and MLP runs on
 ``T`` rows, and attention alone keeps the texts apart:
 
-* on a GPU in bf16/fp16, PyTorch's flash variable-length kernel (``torch.nn.attention.varlen``,
-  torch >= 2.10) attends within each text from the cumulative lengths — nothing padded at all;
+* on an Ampere or later GPU in bf16/fp16, PyTorch's flash variable-length kernel
+  (``torch.nn.attention.varlen``, torch >= 2.10) attends within each text from the cumulative lengths — nothing padded at all;
 * elsewhere (a CPU; fp32; attention dropout while training, which that kernel lacks) the query,
   key and value rows go back to their padded places for SDPA with the padding mask, and the
   result comes back to the packed rows: attention as padded, everything else unpadded.
@@ -84,11 +84,20 @@ def _varlen_kernel() -> Optional[Any]:
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=1)
+def flash_gpu() -> bool:
+    """Whether the GPU runs flash attention kernels (Ampere, compute capability 8.0, and later; a
+    T4 or V100 does not). True without a GPU: a plan made here for a GPU elsewhere."""
+    if not torch.cuda.is_available():
+        return True
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dropout: float) -> bool:
-    """Whether the flash variable-length kernel computes this attention: CUDA, bf16/fp16, a head
-    size it takes, and no attention dropout (it has none)."""
+    """Whether the flash variable-length kernel computes this attention: CUDA on an Ampere or later
+    GPU, bf16/fp16, a head size it takes, and no attention dropout (it has none)."""
     return (device_type == "cuda" and query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
-            and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None)
+            and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None and flash_gpu())
 
 
 def varlen_takes(config: Any, dtype: torch.dtype, training: bool) -> bool:
