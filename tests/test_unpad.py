@@ -349,3 +349,22 @@ def test_a_gpu_like_step_through_the_varlen_kernel_trains_as_padded(tmp_path, re
         results.append((loss.detach().float(), grads))
     (l0, g0), (l1, g1) = results
     assert torch.isclose(l0, l1, rtol=1e-2) and torch.nn.functional.cosine_similarity(g0, g1, dim=0) > 0.999
+
+
+def test_no_4d_mask_is_built_where_the_kernel_takes_the_attention(tiny_qwen, monkeypatch):
+    """The padded attention mask ([rows, 1, W, W], a GiB at batch 16 x 8192 tokens) is built only
+    where attention is expected to run padded: once per call then, not per layer."""
+    real = unpad.prepared_mask
+    built = []
+    monkeypatch.setattr(unpad, "prepared_mask", lambda m, causal: built.append(tuple(m.shape)) or real(m, causal))
+    model = EmbeddingModel.load(str(tiny_qwen))
+    model.unpad = True
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    assert model.unpad_refusal() == ""
+    built.clear()
+    expected = model.encode(TEXTS, batch_size=3)
+    assert not built
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: False)
+    assert torch.allclose(model.encode(TEXTS, batch_size=3), expected, atol=1e-5)
+    assert len(built) == 2  # two batches, one mask each

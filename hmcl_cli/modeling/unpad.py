@@ -52,19 +52,23 @@ class Packing:
     rows: int
     width: int  # the padded width: an upper bound of every text's length (the kernel's max length)
     causal: bool
-    mask: torch.Tensor  # [rows, 1, width, width] bool: the padded batch's attention mask (fallback path)
+    padding_mask: torch.Tensor  # [rows, width]: the padded batch's 2D mask (1 = real token)
+    # [rows, 1, width, width] bool: its 4D attention mask, for attention computed padded; None where
+    # the varlen kernel is expected to take every call (at long lengths the mask is large)
+    mask: Optional[torch.Tensor]
 
 
-def packing(attention_mask: torch.Tensor, n_real: int, causal: bool) -> Packing:
+def packing(attention_mask: torch.Tensor, n_real: int, causal: bool, with_mask: bool = True) -> Packing:
     """The :class:`Packing` of a padded batch from its 2D mask (1 = real token) on its device,
-    given ``n_real``, the number of real tokens, known to the host. Device ops only: nothing is
-    read back."""
+    given ``n_real``, the number of real tokens, known to the host (``with_mask``: build the 4D
+    mask padded attention needs). Device ops only: nothing is read back."""
     rows, width = attention_mask.shape
     real = attention_mask.reshape(-1) != 0
     flat = torch.nonzero_static(real, size=n_real).squeeze(1)
     positions = (attention_mask.long().cumsum(1) - 1).reshape(-1).index_select(0, flat)
     cu = torch.nn.functional.pad(attention_mask.long().sum(1).cumsum(0), (1, 0)).to(torch.int32)
-    return Packing(flat, positions, cu, rows, width, causal, prepared_mask(attention_mask, causal))
+    return Packing(flat, positions, cu, rows, width, causal, attention_mask,
+                   prepared_mask(attention_mask, causal) if with_mask else None)
 
 
 def _padded(x: torch.Tensor, p: Packing) -> torch.Tensor:
@@ -100,12 +104,13 @@ def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dro
             and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None and flash_gpu())
 
 
-def varlen_takes(config: Any, dtype: torch.dtype, training: bool) -> bool:
-    """Whether the flash variable-length kernel would compute this model's attention on a GPU with
-    ``dtype`` compute, in training (where the config's attention dropout applies) or not."""
+def varlen_takes(config: Any, dtype: torch.dtype, training: bool, device_type: str = "cuda") -> bool:
+    """Whether the flash variable-length kernel would compute this model's attention on a GPU (or
+    ``device_type``) with ``dtype`` compute, in training (where the config's attention dropout
+    applies) or not."""
     dropout = getattr(config, "attention_probs_dropout_prob", None) or getattr(config, "attention_dropout", 0.0) or 0.0
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // (getattr(config, "num_attention_heads", 1) or 1)
-    return varlen_serves(dtype, "cuda", head_dim, float(dropout) if training else 0.0)
+    return varlen_serves(dtype, device_type, head_dim, float(dropout) if training else 0.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -150,7 +155,8 @@ def _padded_attention(query, key, value, p: Packing, dropout: float, scaling: Op
     (and the module's dropout), back to the packed rows: ``[1, H, T, d]`` -> ``[1, T, H, d]``."""
     q, k, v = (_padded(x, p) for x in (query, key, value))
     extra = {"enable_gqa": True} if k.size(1) != q.size(1) else {}
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, dropout_p=dropout,
+    mask = p.mask if p.mask is not None else prepared_mask(p.padding_mask, p.causal)  # (the kernel declined)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                            scale=scaling, **extra)
     out = out.transpose(1, 2).reshape(p.rows * p.width, out.size(1), out.size(3))
     return out.index_select(0, p.flat)[None]
@@ -208,12 +214,24 @@ def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torc
                     causal: bool) -> torch.Tensor:
     """The backbone's token states of a padded batch ``[B, W]``, computed packed: ``[B, W, D]``
     with zeros at the padding (``n_real``: the batch's real tokens, from the host)."""
-    p = packing(attention_mask, n_real, causal)
+    p = packing(attention_mask, n_real, causal, with_mask=not _expects_varlen(backbone, attention_mask.device.type))
     ids = input_ids.reshape(-1).index_select(0, p.flat)[None]
     positions = (p.positions + position_offset(backbone.config))[None]
-    # the 4D mask is returned as given by transformers' mask builders: they build nothing here
-    out = last_hidden(backbone(input_ids=ids, position_ids=positions, attention_mask=p.mask, hmcl_packing=p))[0]
+    # a 4D mask is returned as given by transformers' mask builders: they build nothing here (left
+    # to themselves, they would build one [T, T] for the packed sequence); attention ignores it
+    given = p.mask if p.mask is not None else attention_mask.new_ones((1, 1, 1, 1), dtype=torch.bool)
+    out = last_hidden(backbone(input_ids=ids, position_ids=positions, attention_mask=given, hmcl_packing=p))[0]
     return out.new_zeros((p.rows * p.width, out.size(-1))).index_copy(0, p.flat, out).view(p.rows, p.width, -1)
+
+
+def _expects_varlen(backbone: Any, device_type: str) -> bool:
+    """Whether the varlen kernel should take every attention call of this packed forward: the
+    compute dtype is autocast's, else that of the embeddings' output (hidden states)."""
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = backbone.get_input_embeddings().weight.dtype
+    return varlen_takes(backbone.config, dtype, backbone.training, device_type)
 
 
 def static_reason(backbone: Any) -> str:
