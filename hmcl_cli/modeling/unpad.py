@@ -230,7 +230,10 @@ def _expects_varlen(backbone: Any, device_type: str) -> bool:
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
     else:
-        dtype = backbone.get_input_embeddings().weight.dtype
+        try:
+            dtype = backbone.get_input_embeddings().weight.dtype
+        except (AttributeError, NotImplementedError):  # a model without the accessor: build the mask
+            return False
     return varlen_takes(backbone.config, dtype, backbone.training, device_type)
 
 
