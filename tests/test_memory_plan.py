@@ -179,7 +179,7 @@ def test_plan_sizes_one_forward_calls_at_the_wider_length(tmp_path, tiny_bert):
 def test_unpadded_plan_follows_the_real_tokens_of_the_step(tmp_path, fixture, request, monkeypatch):
     """model.unpad: activations by the step's real tokens, as a packed forward call keeps them
     (attention by the flash variable-length kernel, here a per-text stand-in on the CPU)."""
-    from test_unpad import _reference_varlen
+    from test_unpad import _fp32_kernel
 
     from hmcl_cli.modeling import unpad
     from hmcl_cli.modeling.encoder import EmbeddingModel
@@ -187,8 +187,7 @@ def test_unpadded_plan_follows_the_real_tokens_of_the_step(tmp_path, fixture, re
     folder = request.getfixturevalue(fixture)
     recipe = load_recipe(write_recipe(tmp_path, folder, train={"batch_size": 4, "group_size": 2}))
     model = EmbeddingModel.load(str(folder), max_length=48)
-    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
-    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    _fp32_kernel(monkeypatch)
     model.unpad = True
     assert model.unpad_refusal() == ""
     lengths = {"q": [5, 9, 12, 20], "d": [7, 30, 11, 3, 16, 25, 9, 40]}

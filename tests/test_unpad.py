@@ -61,6 +61,13 @@ def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size
     return torch.cat(out)
 
 
+def _fp32_kernel(monkeypatch, kernel=_reference_varlen) -> None:
+    """``kernel`` stands in for the flash kernel, and, unlike it, takes fp32 attention on a CPU."""
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    monkeypatch.setattr(unpad, "_kernel_takes_call", lambda *a: True)
+
+
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
 def test_the_varlen_path_hands_the_kernel_what_it_expects(fixture, request, monkeypatch):
     """The flash kernel runs on CUDA only: here a per-text SDPA stands in for it, and the glue
@@ -70,8 +77,7 @@ def test_the_varlen_path_hands_the_kernel_what_it_expects(fixture, request, monk
     model.unpad = False
     padded = model.encode(TEXTS)
     model.unpad = True
-    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
-    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    _fp32_kernel(monkeypatch)
     assert model.unpad_refusal() == ""  # the probe passes through the stand-in too
     seen = _calls(monkeypatch)
     assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
@@ -259,8 +265,7 @@ def test_the_varlen_path_follows_the_kernels_signature(tiny_qwen, monkeypatch, k
     model.unpad = False
     padded = model.encode(TEXTS)
     model.unpad = True
-    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: kernel)
-    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    _fp32_kernel(monkeypatch, kernel)
     assert model.unpad_refusal() == ""
     seen = _calls(monkeypatch)
     assert torch.allclose(model.encode(TEXTS), padded, atol=1e-5)
@@ -359,8 +364,7 @@ def test_no_4d_mask_is_built_where_the_kernel_takes_the_attention(tiny_qwen, mon
     monkeypatch.setattr(unpad, "prepared_mask", lambda m, causal: built.append(tuple(m.shape)) or real(m, causal))
     model = EmbeddingModel.load(str(tiny_qwen))
     model.unpad = True
-    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
-    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)
+    _fp32_kernel(monkeypatch)
     assert model.unpad_refusal() == ""
     built.clear()
     expected = model.encode(TEXTS, batch_size=3)
@@ -368,3 +372,53 @@ def test_no_4d_mask_is_built_where_the_kernel_takes_the_attention(tiny_qwen, mon
     monkeypatch.setattr(unpad, "varlen_serves", lambda *a: False)
     assert torch.allclose(model.encode(TEXTS, batch_size=3), expected, atol=1e-5)
     assert len(built) == 2  # two batches, one mask each
+
+
+def test_compiled_layers_take_the_varlen_kernel_without_graph_breaks(tiny_qwen, monkeypatch):
+    """train.compile on a GPU: the packed attention inside each compiled layer calls the kernel
+    without a graph break, a recompile per batch, or dynamo's warning about cached functions (the
+    lookups happen once per call, outside the layers). The stand-in is an opaque custom op, as the
+    real kernel is; the GPU is stood in for by CPU bf16 autocast."""
+    import warnings
+    from typing import Optional, Sequence
+
+    import torch._dynamo.utils as dynamo_utils
+
+    from hmcl_cli.modeling.layers import compile_layers
+
+    calls = []
+
+    @torch.library.custom_op("hmcl_test::varlen", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int,
+           max_k: int, scale: Optional[float], window_size: Sequence[int], enable_gqa: bool) -> torch.Tensor:
+        calls.append(q.dtype)
+        return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, tuple(window_size), enable_gqa).contiguous()
+
+    @op.register_fake
+    def _(q, k, v, cu_q, cu_k, max_q, max_k, scale, window_size, enable_gqa):
+        return torch.empty_like(q)
+
+    def kernel(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+               enable_gqa=False):
+        return op(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, list(window_size), enable_gqa)
+
+    real_serves = unpad.varlen_serves
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: kernel)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda dtype, device, *a: real_serves(dtype, "cuda", *a))
+    monkeypatch.setattr(unpad, "flash_gpu", lambda: True)
+    model = EmbeddingModel.load(str(tiny_qwen))
+    model.unpad = True
+    assert model.unpad_refusal() == ""
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compile_layers(model.backbone)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        for batch_size in (2, 3, 5):  # three packed lengths
+            model.encode(TEXTS, batch_size=batch_size)
+    layers = model.backbone.config.num_hidden_layers
+    assert calls == [torch.bfloat16] * (6 * layers)  # 3 + 2 + 1 batches
+    assert not dynamo_utils.counters["graph_break"]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
+    torch._dynamo.reset()

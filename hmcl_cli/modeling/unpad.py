@@ -56,6 +56,10 @@ class Packing:
     # [rows, 1, width, width] bool: its 4D attention mask, for attention computed padded; None where
     # the varlen kernel is expected to take every call (at long lengths the mask is large)
     mask: Optional[torch.Tensor]
+    # the flash variable-length kernel where it is expected to take this call's attention, and its
+    # parameter names (looked up here, outside the layers that train.compile compiles)
+    kernel: Optional[Any] = None
+    kernel_takes: frozenset = frozenset()
 
 
 def packing(attention_mask: torch.Tensor, n_real: int, causal: bool, with_mask: bool = True) -> Packing:
@@ -97,11 +101,17 @@ def flash_gpu() -> bool:
     return torch.cuda.get_device_capability() >= (8, 0)
 
 
+def _kernel_takes_call(query_dtype: torch.dtype, head_dim: int, dropout: float) -> bool:
+    """What the kernel asks of one attention call: bf16/fp16, a head size it takes, and no
+    attention dropout (it has none)."""
+    return query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0 and head_dim % 8 == 0 and head_dim <= 256
+
+
 def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dropout: float) -> bool:
     """Whether the flash variable-length kernel computes this attention: CUDA on an Ampere or later
-    GPU, bf16/fp16, a head size it takes, and no attention dropout (it has none)."""
-    return (device_type == "cuda" and query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
-            and head_dim % 8 == 0 and head_dim <= 256 and _varlen_kernel() is not None and flash_gpu())
+    GPU, and a call it takes (:func:`_kernel_takes_call`)."""
+    return (device_type == "cuda" and _kernel_takes_call(query_dtype, head_dim, dropout)
+            and _varlen_kernel() is not None and flash_gpu())
 
 
 def varlen_takes(config: Any, dtype: torch.dtype, training: bool, device_type: str = "cuda") -> bool:
@@ -124,8 +134,7 @@ def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> Optional
     None where this torch's kernel lacks an option the call needs (its signature has changed
     between releases: torch 2.10 had ``is_causal`` and no ``scale``, later ones ``window_size``,
     ``scale`` and ``enable_gqa``)."""
-    kernel = _varlen_kernel()
-    takes = _parameters(kernel)
+    kernel, takes = p.kernel, p.kernel_takes
     # [T, H, d], laid out so (after rotary embeddings the heads come first in memory)
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
     options: dict = {}
@@ -184,7 +193,7 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     dtype = _compute_dtype(query)
-    if varlen_serves(dtype, query.device.type, query.size(-1), dropout):
+    if hmcl_packing.kernel is not None and _kernel_takes_call(dtype, query.size(-1), dropout):
         out = _varlen(*(x.to(dtype) for x in (query, key, value)), hmcl_packing, scaling)
         if out is not None:
             return out, None
@@ -214,7 +223,11 @@ def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torc
                     causal: bool) -> torch.Tensor:
     """The backbone's token states of a padded batch ``[B, W]``, computed packed: ``[B, W, D]``
     with zeros at the padding (``n_real``: the batch's real tokens, from the host)."""
-    p = packing(attention_mask, n_real, causal, with_mask=not _expects_varlen(backbone, attention_mask.device.type))
+    varlen = _expects_varlen(backbone, attention_mask.device.type)
+    p = packing(attention_mask, n_real, causal, with_mask=not varlen)
+    if varlen:
+        p.kernel = _varlen_kernel()
+        p.kernel_takes = _parameters(p.kernel)
     ids = input_ids.reshape(-1).index_select(0, p.flat)[None]
     positions = (p.positions + position_offset(backbone.config))[None]
     # a 4D mask is returned as given by transformers' mask builders: they build nothing here (left
