@@ -71,10 +71,10 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
-    machines = _launcher_int(launcher_args, "--num_machines") or 1
-    total = _launcher_int(launcher_args, "--num_processes")
-    given = any(a.split("=")[0] == "--num_processes" for a in launcher_args)  # (given, maybe not a number)
-    if not config_file and not given:
+    machines = _as_int(_launcher_value(launcher_args, "--num_machines")) or 1
+    given = _launcher_value(launcher_args, "--num_processes")
+    total = _as_int(given)
+    if not config_file and given is None:
         total = num_processes * machines
         cmd += ["--num_processes", str(total)]
     modes = ("--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--tpu", "--config_file")
@@ -89,14 +89,18 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     return cmd
 
 
-def _launcher_int(launcher_args: list[str], name: str) -> Optional[int]:
-    """The integer value of ``name`` among accelerate arguments (``--name N`` or ``--name=N``);
-    None when absent or not a number (accelerate reports that itself)."""
+def _launcher_value(launcher_args: list[str], name: str) -> Optional[str]:
+    """The value of ``name`` among accelerate arguments (``--name V`` or ``--name=V``; '' when it
+    has none), or None when the argument is absent."""
     for i, a in enumerate(launcher_args):
         if a == name or a.startswith(name + "="):
-            value = a.split("=", 1)[1] if "=" in a else (launcher_args[i + 1] if i + 1 < len(launcher_args) else "")
-            return int(value) if value.isdigit() else None
+            return a.split("=", 1)[1] if "=" in a else (launcher_args[i + 1] if i + 1 < len(launcher_args) else "")
     return None
+
+
+def _as_int(value: Optional[str]) -> Optional[int]:
+    """A launcher argument's number; None when absent or not a number (accelerate reports that)."""
+    return int(value) if value and value.isdigit() else None
 
 
 def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[str], resume: bool,

@@ -276,6 +276,7 @@ def test_every_process_ends_the_process_group_together(tmp_path, tiny_bert, main
     (["--num_machines=3"], None, ["--num_processes", "12", "--multi_gpu", "--num_machines=3"]),
     (["--num_processes=2"], None, ["--multi_gpu", "--num_processes=2"]),  # the user's count is kept
     (["--num_processes", "1"], None, ["--num_processes", "1"]),  # one process: no multi-GPU mode
+    (["--num_processes=x"], None, ["--num_processes=x"]),  # not a number: kept, for accelerate to report
     (["--cpu"], None, ["--num_processes", "4", "--cpu"]),  # the user's mode is kept
     ([], "acc.yaml", ["--config_file", "acc.yaml"]),  # the config file says it all
 ])
