@@ -108,9 +108,9 @@ class ModelConfig(_Section):
         "STS-B batches are still 1.6x their real tokens padded). Where the model passes a probe "
         "(same token states as padded; sdpa attention, full attention in every layer); else padded, "
         "with the reason at the start of training. `auto`: on a CPU; on a GPU where PyTorch's flash "
-        "variable-length kernel takes the attention (an Ampere or later GPU, bf16/fp16, torch >= 2.10, "
-        "no attention dropout while training), else padded. `true`: also where attention must run padded (the rest of "
-        "the model still unpadded). See hmcl_cli/modeling/unpad.py.",
+        "variable-length kernel takes the attention (an Ampere or later GPU, bf16/fp16, torch >= "
+        "2.10, no attention dropout while training), else padded. `true`: also where attention must "
+        "run padded (the rest of the model still unpadded). See hmcl_cli/modeling/unpad.py.",
     )
     segments: Optional[SegmentsConfig] = Field(
         None,
@@ -293,14 +293,23 @@ class TrainConfig(_Section):
     head_learning_rate: float = Field(
         1e-3, gt=0, description="Learning rate of thresholds, temperature and heads."
     )
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the backbone's matrices (biases, norms and the loss's parameters have none).")
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of the steps over which the learning rate rises linearly to its peak.")
+    weight_decay: float = Field(
+        0.01, ge=0,
+        description="AdamW weight decay of the backbone's matrices (biases, norms and the loss's parameters have none).",
+    )
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="Share of the steps over which the learning rate rises linearly to its peak."
+    )
     scheduler: Literal["linear", "cosine", "constant"] = Field(
-        "linear", description="Learning rate after the warm-up: linear or cosine decay to 0 at the last step, or constant.")
+        "linear",
+        description="Learning rate after the warm-up: linear or cosine decay to 0 at the last step, or constant.",
+    )
     max_grad_norm: Optional[float] = Field(1.0, description="Gradient clipping; null = off.")
     gradient_accumulation_steps: int = Field(
-        1, ge=1, description="Batches per optimizer step. Each batch's loss is computed alone, so in-batch "
-        "negatives do not grow with it; for a larger contrastive batch raise batch_size with grad_cache_chunk.")
+        1, ge=1,
+        description="Batches per optimizer step. Each batch's loss is computed alone, so in-batch "
+        "negatives do not grow with it; for a larger contrastive batch raise batch_size with grad_cache_chunk.",
+    )
     batch_by_source: bool = Field(
         True,
         description="With several data sources, build each batch from one source, so in-batch "
@@ -486,9 +495,10 @@ class ExportConfig(_Section):
     enabled: bool = Field(True, description="Run the export stage in `hmcl run`.")
     formats: list[ExportFormat] = Field(
         default_factory=lambda: ["merged"],
-        description="`merged`: a sentence-transformers folder (LoRA merged into the weights); `onnx`: an ONNX "
-        "graph with pooling and normalisation; `onnx-int8`: that graph with int8 weights (dynamic quantisation). "
-        "Each prints its agreement with the trained model; `merged` and `onnx` fail the export below it (int8 is not held to it).",
+        description="`merged`: a sentence-transformers folder (LoRA merged into the weights); `onnx`: an "
+        "ONNX graph with pooling and normalisation; `onnx-int8`: that graph with int8 weights (dynamic "
+        "quantisation). Each prints its agreement with the trained model; `merged` and `onnx` fail the "
+        "export below it (int8 is not held to it).",
     )
     verify_texts: list[str] = Field(
         default_factory=list, description="Extra texts for the parity check."

@@ -8,7 +8,8 @@ sequence ``[1, T]`` (positions restarting at each text), every linear layer, nor
 ``T`` rows, and attention alone keeps the texts apart:
 
 * on an Ampere or later GPU in bf16/fp16, PyTorch's flash variable-length kernel
-  (``torch.nn.attention.varlen``, torch >= 2.10) attends within each text from the cumulative lengths — nothing padded at all;
+  (``torch.nn.attention.varlen``, torch >= 2.10) attends within each text from the cumulative
+  lengths — nothing padded at all (no padded attention mask is built either);
 * elsewhere (a CPU; fp32; attention dropout while training, which that kernel lacks) the query,
   key and value rows go back to their padded places for SDPA with the padding mask, and the
   result comes back to the packed rows: attention as padded, everything else unpadded.
@@ -104,7 +105,8 @@ def flash_gpu() -> bool:
 def _kernel_takes_call(query_dtype: torch.dtype, head_dim: int, dropout: float) -> bool:
     """What the kernel asks of one attention call: bf16/fp16, a head size it takes, and no
     attention dropout (it has none)."""
-    return query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0 and head_dim % 8 == 0 and head_dim <= 256
+    return (query_dtype in (torch.bfloat16, torch.float16) and dropout == 0.0
+            and head_dim % 8 == 0 and head_dim <= 256)
 
 
 def varlen_serves(query_dtype: torch.dtype, device_type: str, head_dim: int, dropout: float) -> bool:
