@@ -5,13 +5,13 @@
 #   device: run(command="bash benchmarks/device/run.sh speed=200 scale=210 encode=60", carry=[".dev"],
 #               timeout_s=520)
 #
-# A session has 15 minutes of device time (starts, transfers and idle waits count), a fresh
-# machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
+# A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), a
+# fresh machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
 # (the open issues' throughput and memory rows, #9 and #8; the parts take 470 s, the set-up,
-# wheels and model, is not yet timed there); call 2 at once, while the machine is warm,
-# `long=100 longq=200` (#11; timeout_s 330); `mfu=120` (#9's MFU row), `fp16=60` (the loss-scale
-# path, untested on a GPU) and `quality=300` (#12 is resolved on the CPU: its bf16 run) only where
-# time is left over.
+# wheels and model, is not yet timed there); that leaves about 250 s: call 2 at once, while the
+# machine is warm, `long=100 mfu=120` (#11's throughput rows, #9's MFU row; timeout_s 240).
+# `longq=200` (#11's GPU quality rows), `fp16=60` (the loss-scale path, untested on a GPU) and
+# `quality=300` (#12 is resolved on the CPU: its bf16 run) need a later session's time.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
