@@ -165,6 +165,7 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         out = _hmcl_train(folder, model_dir, procs, batch, extra)
         if procs > 1 and case.startswith("fsdp"):
             assert "fsdp: weights, gradients and optimizer state sharded over 2 processes" in out
+        assert "forward calls unpadded" in out  # (a CPU: model.unpad auto), sharded too
         if extra.get("train", {}).get("one_forward"):
             assert "one forward call per step" in out
         weights[procs], losses[procs] = _trained(folder)
