@@ -422,3 +422,22 @@ def test_compiled_layers_take_the_varlen_kernel_without_graph_breaks(tiny_qwen, 
     assert dynamo_utils.counters["stats"]["unique_graphs"] <= 2
     assert not [w for w in caught if "lru_cache" in str(w.message)]
     torch._dynamo.reset()
+
+
+def test_attention_the_kernel_declines_is_said_once(tiny_bert, monkeypatch, capsys):
+    """Where the kernel was expected (the start of training says so) but a call does not suit it
+    (here float32 attention, which the real check refuses), attention runs padded and the run
+    says so once per reason: the fault found on 2026-12-04 would have shown in the log this way."""
+    model = EmbeddingModel.load(str(tiny_bert))
+    model.unpad = True
+    monkeypatch.setattr(unpad, "_varlen_kernel", lambda: _reference_varlen)
+    monkeypatch.setattr(unpad, "varlen_serves", lambda *a: True)  # expected: yes
+    assert model.unpad_refusal() == ""
+    monkeypatch.setattr(unpad, "_DECLINED", set())
+    capsys.readouterr()
+    seen = _calls(monkeypatch)
+    model.encode(TEXTS, batch_size=3)
+    err = capsys.readouterr().err
+    assert set(seen) == {"padded-attention"}
+    assert err.count("unpadded attention ran padded, not in the flash variable-length kernel") == 1
+    assert "torch.float32" in err

@@ -194,12 +194,28 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    dtype = _compute_dtype(query)
-    if hmcl_packing.kernel is not None and _kernel_takes_call(dtype, query.size(-1), dropout):
-        out = _varlen(*(x.to(dtype) for x in (query, key, value)), hmcl_packing, scaling)
+    if hmcl_packing.kernel is not None:
+        dtype = _compute_dtype(query)
+        takes = _kernel_takes_call(dtype, query.size(-1), dropout)
+        out = _varlen(*(x.to(dtype) for x in (query, key, value)), hmcl_packing, scaling) if takes else None
         if out is not None:
             return out, None
+        _declined(f"{dtype}, head size {query.size(-1)}, dropout {dropout}" if not takes else
+                  "this torch's kernel lacks an option the call needs (causal window, scale)")
     return _padded_attention(query, key, value, hmcl_packing, dropout, scaling), None
+
+
+_DECLINED: set = set()
+
+
+def _declined(why: str) -> None:
+    """Say once per reason that attention expected to run in the varlen kernel ran padded (the
+    start of training said the kernel): slower, and the memory plan assumed the kernel."""
+    if why not in _DECLINED:
+        _DECLINED.add(why)
+        from hmcl_cli.console import warn
+
+        warn(f"unpadded attention ran padded, not in the flash variable-length kernel ({why})")
 
 
 def register() -> str:
