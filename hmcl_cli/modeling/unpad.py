@@ -127,18 +127,23 @@ def varlen_takes(config: Any, dtype: torch.dtype, training: bool, device_type: s
 
 @functools.lru_cache(maxsize=8)
 def _parameters(fn: Any) -> frozenset:
-    """The parameter names of ``fn`` (asked once: every attention call of every layer needs them)."""
+    """The parameter names of ``fn`` (asked for every packed call; its layers' attention reads them
+    from the :class:`Packing`)."""
     return frozenset(inspect.signature(fn).parameters)
 
 
-def _varlen(query, key, value, p: Packing, scaling: Optional[float]) -> Optional[torch.Tensor]:
-    """Packed attention by the flash variable-length kernel: ``[1, H, T, d]`` -> ``[1, T, H, d]``;
+def _varlen(query, key, value, p: Packing, scaling: Optional[float],
+            dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Packed attention by the flash variable-length kernel in ``dtype``: ``[1, H, T, d]`` ->
+    ``[1, T, H, d]``;
     None where this torch's kernel lacks an option the call needs (its signature has changed
     between releases: torch 2.10 had ``is_causal`` and no ``scale``, later ones ``window_size``,
     ``scale`` and ``enable_gqa``)."""
     kernel, takes = p.kernel, p.kernel_takes
-    # [T, H, d], laid out so (after rotary embeddings the heads come first in memory)
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))
+    # [T, H, d] in dtype, laid out so (after rotary embeddings the heads come first in memory): one
+    # copy at most for the cast and the layout together
+    q, k, v = (x[0].transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
+               for x in (query, key, value))
     options: dict = {}
     if scaling is not None:
         if "scale" in takes:
@@ -197,7 +202,7 @@ def attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.
     if hmcl_packing.kernel is not None:
         dtype = _compute_dtype(query)
         takes = _kernel_takes_call(dtype, query.size(-1), dropout)
-        out = _varlen(*(x.to(dtype) for x in (query, key, value)), hmcl_packing, scaling) if takes else None
+        out = _varlen(query, key, value, hmcl_packing, scaling, dtype) if takes else None
         if out is not None:
             return out, None
         _declined(f"{dtype}, head size {query.size(-1)}, dropout {dropout}" if not takes else
