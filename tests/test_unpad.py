@@ -257,7 +257,15 @@ def _acausal_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
     return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=True)
 
 
-@pytest.mark.parametrize("kernel,path", [(_older_varlen, {"varlen"}), (_acausal_varlen, {"varlen", "padded-attention"})])
+def _torch_2_11_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+    """torch 2.11's signature (the GPU image's, read from its wheel): ``scale`` and
+    ``window_size``, no GQA."""
+    assert k.size(1) == q.size(1)  # KV heads repeated by the caller
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=tuple(window_size))
+
+
+@pytest.mark.parametrize("kernel,path", [(_older_varlen, {"varlen"}), (_torch_2_11_varlen, {"varlen"}),
+                                         (_acausal_varlen, {"varlen", "padded-attention"})])
 def test_the_varlen_path_follows_the_kernels_signature(tiny_qwen, monkeypatch, kernel, path):
     """An older kernel (is_causal, no GQA) still serves a GQA decoder; one without causal
     attention leaves it to padded attention (same embeddings either way)."""
