@@ -449,3 +449,8 @@ def test_attention_the_kernel_declines_is_said_once(tiny_bert, monkeypatch, caps
     assert set(seen) == {"padded-attention"}
     assert err.count("unpadded attention ran padded, not in the flash variable-length kernel") == 1
     assert "torch.float32" in err
+    monkeypatch.setattr(unpad, "_DECLINED", set())  # in a process other than the main one: nothing
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 1)
+    model.encode(TEXTS, batch_size=3)
+    assert "ran padded" not in capsys.readouterr().err

@@ -218,6 +218,8 @@ def _declined(why: str) -> None:
     start of training said the kernel): slower, and the memory plan assumed the kernel."""
     if why not in _DECLINED:
         _DECLINED.add(why)
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return  # the main process says it for all
         from hmcl_cli.console import warn
 
         warn(f"unpadded attention ran padded, not in the flash variable-length kernel ({why})")
