@@ -304,19 +304,15 @@ class EmbeddingModel(nn.Module):
             n_real = int(attention_mask.numpy().sum())  # a host tensor: numpy counts it without a tensor op
         if n_real >= attention_mask.numel():
             return None
-        if self.unpad == "auto" and attention_mask.device.type != "cpu" and not self._varlen_attention():
+        device_type = attention_mask.device.type
+        if self.unpad == "auto" and device_type != "cpu" and not self._varlen_attention(device_type=device_type):
             return None
         return None if self.unpad_refusal() else n_real
 
-    def _varlen_attention(self, training: Optional[bool] = None) -> bool:
-        """Whether packed attention would take the flash variable-length kernel now (bf16/fp16
-        compute, no attention dropout in this mode, or in ``training`` mode if given) rather than
-        padded SDPA."""
-        if torch.is_autocast_enabled("cuda"):
-            dtype = torch.get_autocast_dtype("cuda")
-        else:
-            dtype = next(self.backbone.parameters()).dtype
-        return unpad.varlen_takes(self.backbone.config, dtype, self.training if training is None else training)
+    def _varlen_attention(self, device_type: str, training: Optional[bool] = None) -> bool:
+        """Whether packed attention on ``device_type`` would take the flash variable-length kernel
+        now (in ``training`` mode if given) rather than padded SDPA: :func:`unpad.expects_varlen`."""
+        return unpad.expects_varlen(self.backbone, device_type, training)
 
     def unpad_summary(self, device_type: str, precision: str = "auto") -> str:
         """How training runs its forward calls, padded or not and why (the start of ``hmcl train``)."""
@@ -341,7 +337,7 @@ class EmbeddingModel(nn.Module):
         if device_type == "cpu" or self.unpad is False or self.unpad_refusal():
             return False
         with autocast_for(torch.device(device_type), precision):
-            return self._varlen_attention(training=True)
+            return self._varlen_attention(device_type=device_type, training=True)
 
     def unpad_refusal(self) -> str:
         """Why the backbone runs padded batches as they are ('' when it may run them unpadded):

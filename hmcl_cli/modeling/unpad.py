@@ -248,7 +248,7 @@ def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torc
                     causal: bool) -> torch.Tensor:
     """The backbone's token states of a padded batch ``[B, W]``, computed packed: ``[B, W, D]``
     with zeros at the padding (``n_real``: the batch's real tokens, from the host)."""
-    varlen = _expects_varlen(backbone, attention_mask.device.type)
+    varlen = expects_varlen(backbone, attention_mask.device.type)
     p = packing(attention_mask, n_real, causal, with_mask=not varlen)
     if varlen:
         p.kernel = _varlen_kernel()
@@ -262,8 +262,9 @@ def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torc
     return out.new_zeros((p.rows * p.width, out.size(-1))).index_copy(0, p.flat, out).view(p.rows, p.width, -1)
 
 
-def _expects_varlen(backbone: Any, device_type: str) -> bool:
-    """Whether the varlen kernel should take every attention call of this packed forward: the
+def expects_varlen(backbone: Any, device_type: str, training: Optional[bool] = None) -> bool:
+    """Whether the varlen kernel should take every attention call of a packed forward of
+    ``backbone`` on ``device_type`` now (in ``training`` mode if given, else the backbone's): the
     compute dtype is autocast's, else that of the embeddings' output (hidden states)."""
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -272,7 +273,7 @@ def _expects_varlen(backbone: Any, device_type: str) -> bool:
             dtype = backbone.get_input_embeddings().weight.dtype
         except (AttributeError, NotImplementedError):  # a model without the accessor: build the mask
             return False
-    return varlen_takes(backbone.config, dtype, backbone.training, device_type)
+    return varlen_takes(backbone.config, dtype, backbone.training if training is None else training, device_type)
 
 
 def static_reason(backbone: Any) -> str:
