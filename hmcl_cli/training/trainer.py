@@ -328,9 +328,9 @@ class HMCLTrainer:
 
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
         dev = self.device
-        # real tokens per row, counted on the host that built the batch (unpadded forward calls), in
-        # numpy: no tensor op, which on a device batch would wait for the device
-        lengths = {side: batch[f"{side}_attention_mask"].numpy().sum(1) for side in ("q", "c")}
+        # real tokens per row of each side, by its mask's key, counted on the host that built the
+        # batch (unpadded forward calls), in numpy: no tensor op, which on a device batch would wait
+        lengths = {key: batch[key].numpy().sum(1) for key in ("q_attention_mask", "c_attention_mask")}
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         chunk = self.chunk
         sizes = self._step_sizes(batch, chunk)
@@ -343,10 +343,10 @@ class HMCLTrainer:
     def _step(self, batch: dict, chunk: Optional[int], scale: float, sizes: Optional[list[list[int]]],
               lengths: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict]:
         """One step's forward and backward passes (GradCache's when ``chunk``); ``lengths``: each
-        side's real tokens per row, on the host."""
+        side's real tokens per row (by its mask's key), on the host."""
         if chunk:
             return self._grad_cache_step(batch, chunk, scale, sizes, lengths)
-        n_q, n_c = (int(lengths[side].sum()) for side in ("q", "c"))
+        n_q, n_c = (int(lengths[key].sum()) for key in ("q_attention_mask", "c_attention_mask"))
         with autocast_for(self.device, self.precision):
             if self._one_forward(batch):
                 rows = batch["q_input_ids"].size(0)
@@ -479,7 +479,7 @@ class HMCLTrainer:
             """Chunk i of a side's units, or a filler forward (one row) past the side's last chunk."""
             real = i * chunk < batch[ids_key].size(0)
             (ids, mask), part = ((ids_key, mask_key), slice(i * chunk, (i + 1) * chunk)) if real else (filler, slice(0, 1))
-            n_real = int(lengths[mask[0]][part].sum())
+            n_real = int(lengths[mask][part].sum())
             with autocast_for(self.device, self.precision):
                 return self._units(batch[ids][part], batch[mask][part], n_real).float(), real
 
