@@ -309,6 +309,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     chunk = None if t.grad_cache_chunk == "auto" else t.grad_cache_chunk
     probes = {n: _layer_bytes(config, act_dtype, m.lora, n) for n in {q_len, d_len}}
     unpadded = real_tokens is not None and m.segments is None
+    mode = one_forward_mode(t.one_forward, device.type, shards > 1)
 
     def activations(ckpt: bool, chunk_size: Optional[int]) -> tuple[int, int]:
         per_q = _sequence_bytes(config, act_dtype, probes[q_len], q_len, ckpt)
@@ -322,10 +323,8 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
             tq, td = (min(real, n * length) for real, n, length in zip(real_tokens, (n_q, n_d), (q_len, d_len)))
             keep = tq * per_q / q_len + td * per_d / d_len
             redo_each = (tq * redo_q / q_len, td * redo_d / d_len)
-            joined = one_forward_mode(t.one_forward, device.type, shards > 1) != "never"
-            return int(keep + (sum(redo_each) if joined else max(redo_each))), n_q + n_d
+            return int(keep + (max(redo_each) if mode == "never" else sum(redo_each))), n_q + n_d
         two_calls = n_q * per_q + n_d * per_d + max(n_q * redo_q, n_d * redo_d)
-        mode = one_forward_mode(t.one_forward, device.type, shards > 1)
         if mode == "never":
             return two_calls, n_q + n_d
         # train.one_forward: both sides in one call at the wider length (auto joins only where
