@@ -123,6 +123,7 @@ def eval_(
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
 ) -> None:
     """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
+    from hmcl_cli.io_utils import data_stem
     from hmcl_cli.recipe import EvalTask, load_recipe
     from hmcl_cli.stages import run_eval
 
@@ -131,7 +132,7 @@ def eval_(
     for kind, items in (("sts", sts), ("reranking", reranking), ("retrieval", retrieval), ("pair_classification", pair_classification)):
         for item in items or []:
             name, _, path = item.rpartition("=")
-            name = name or Path(path).stem
+            name = name or data_stem(path)
             if any(t.name == name for t in tasks):
                 name = f"{name}-{kind}"  # the same file as two kinds of task
             tasks.append(EvalTask(name=name, type=kind, path=str(Path(path).resolve()), split=split))

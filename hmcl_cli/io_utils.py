@@ -1,17 +1,24 @@
-"""Atomic file writes, JSONL helpers, hashing and the run-directory lock."""
+"""Atomic file writes, reading (possibly compressed) data files, hashing and the run-directory lock."""
 
 from __future__ import annotations
 
+import bz2
 import contextlib
+import gzip
 import hashlib
+import io
 import json
+import lzma
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator, Optional
 
-from hmcl_cli.errors import RunLockedError
+from hmcl_cli.errors import DataError, RunLockedError
+
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 
 
 @contextlib.contextmanager
@@ -61,12 +68,120 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+def compression_of(path: str | Path) -> Optional[str]:
+    """The compression suffix of a data file (``.gz``, ``.bz2``, ``.xz``, ``.zst``) or None."""
+    suffix = Path(path).suffix.lower()
+    return suffix if suffix in COMPRESSION_SUFFIXES else None
+
+
+def data_suffix(path: str | Path) -> str:
+    """The suffix that names a data file's format, past any compression: ``a.jsonl.gz`` -> ``.jsonl``."""
+    p = Path(path)
+    return (p.with_suffix("") if compression_of(p) else p).suffix.lower()
+
+
+def data_stem(path: str | Path) -> str:
+    """A data file's name less its format and compression suffixes: ``dev.jsonl.gz`` -> ``dev``."""
+    p = Path(path)
+    return (p.with_suffix("") if compression_of(p) else p).stem
+
+
+def find_data_file(folder: Path, name: str) -> Optional[Path]:
+    """``folder/name`` or its compressed form (``name.gz``, ...), whichever exists first."""
+    for candidate in [folder / name] + [folder / f"{name}{s}" for s in COMPRESSION_SUFFIXES]:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's decompressed bytes, frame after frame; a last frame cut short raises EOFError.
+
+    (zstandard's own stream reader ends quietly at a cut-short frame.)
+    """
+
+    def __init__(self, path: Path, zstandard: Any):
+        self._file = open(path, "rb")
+        self._zstd = zstandard.ZstdDecompressor()
+        self._frame = self._zstd.decompressobj()
+        self._in_frame = False  # bytes of an unfinished frame were fed
+        self._out = b""  # decompressed, not yet read: self._out[self._pos:]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while self._pos >= len(self._out):
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("the last zstd frame is cut short")
+                return 0
+            parts = []
+            while chunk:
+                parts.append(self._frame.decompress(chunk))
+                self._in_frame = not self._frame.eof
+                chunk = b""
+                if self._frame.eof:  # a file may hold several frames
+                    chunk = self._frame.unused_data
+                    self._frame = self._zstd.decompressobj()
+            self._out, self._pos = b"".join(parts), 0
+        n = min(len(buffer), len(self._out) - self._pos)
+        buffer[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def _open_binary(path: Path) -> tuple[IO[bytes], tuple[type[BaseException], ...]]:
+    """The file opened for reading, decompressed on the fly, and the errors its stream raises when corrupt."""
+    kind = compression_of(path)
+    if kind == ".gz":
+        return gzip.open(path, "rb"), (OSError, EOFError, zlib.error)
+    if kind == ".bz2":
+        return bz2.open(path, "rb"), (OSError, EOFError)
+    if kind == ".xz":
+        return lzma.open(path, "rb"), (lzma.LZMAError, EOFError)
+    if kind == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{path}: reading a .zst file needs the zstandard package",
+                            hint="pip install zstandard, or decompress the file (zstd -d)") from None
+        return io.BufferedReader(_ZstdFrames(path, zstandard)), (zstandard.ZstdError, EOFError)
+    return open(path, "rb"), ()
+
+
+def binary_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """Yield (line_number, raw line) of a data file, decompressing ``.gz``/``.bz2``/``.xz``/``.zst``.
+
+    A compressed file that is corrupt or cut short is a :class:`DataError` naming the file and the
+    line where its data stops, rather than a silently shorter data set.
+    """
+    path = Path(path)
+    f, corrupt = _open_binary(path)
+    lineno = 0
+    with f:
+        try:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw
+        except corrupt as e:
+            raise DataError(
+                f"{path}:{lineno + 1}: the {compression_of(path)} data is corrupt or cut short after line {lineno} ({e})",
+                hint="download or compress the file again (the rows read so far were not used)",
+            ) from None
+
+
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, object) for each non-empty line; raises ValueError on bad JSON."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                yield lineno, json.loads(line)
+    """Yield (line_number, object) for each non-empty line (compressed files too); raises ValueError on bad JSON."""
+    for lineno, raw in binary_lines(path):
+        line = raw.decode("utf-8")
+        if line.strip():
+            yield lineno, json.loads(line)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -40,36 +40,46 @@ from hmcl_cli.data.example import Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import DataError
 from hmcl_cli.evaluation.graded import encode_queries
-from hmcl_cli.io_utils import write_json_atomic, write_jsonl_atomic
+from hmcl_cli.io_utils import binary_lines, data_suffix, find_data_file, write_json_atomic, write_jsonl_atomic
 from hmcl_cli.recipe import Recipe
 
 
 def read_corpus(path: Path) -> list[str]:
+    """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file of ``{"title", "text"}``
+    objects, a parquet file's ``text`` column or a text file of one document per line (the
+    JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``)."""
     if path.is_dir():
-        path = path / "corpus.jsonl"
+        path = find_data_file(path, "corpus.jsonl") or path / "corpus.jsonl"
     if not path.is_file():
         raise DataError(f"mine.corpus: {path} does not exist")
     texts = []
-    if path.suffix == ".parquet":
+    suffix = data_suffix(path)
+    if suffix == ".parquet":
         import pyarrow.parquet as pq
 
         col = pq.read_table(path).to_pydict()
         key = "text" if "text" in col else next(iter(col))
         return [str(t) for t in col[key] if str(t).strip()]
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.suffix in (".jsonl", ".json"):
-                try:
-                    rec = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
-                title = (rec.get("title") or "").strip()
-                text = str(rec.get("text", "")).strip()
-                texts.append(f"{title} {text}".strip() if title else text)
-            else:
-                texts.append(line.rstrip("\n"))
+    for lineno, raw in binary_lines(path):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+        if not line.strip():
+            continue
+        if suffix in (".jsonl", ".json"):
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with `text` (and optional `title`), "
+                                f"got {type(rec).__name__}")
+            title = (rec.get("title") or "").strip()
+            text = str(rec.get("text", "")).strip()
+            texts.append(f"{title} {text}".strip() if title else text)
+        else:
+            texts.append(line.rstrip("\r\n"))
     return [t for t in texts if t.strip()]
 
 

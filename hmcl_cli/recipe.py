@@ -148,7 +148,8 @@ class SourceConfig(_Section):
         "`data.dev_fraction`/`data.test_fraction`.",
     )
     file_type: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = Field(
-        "auto", description="`auto` guesses from the extension (.txt is read as tsv)."
+        "auto", description="`auto` guesses from the extension (.txt is read as tsv; past a "
+        ".gz/.bz2/.xz/.zst suffix: `a.jsonl.gz` is jsonl)."
     )
     header: Optional[bool] = Field(
         None, description="CSV/TSV has a header row; unset = detect from the column names."
@@ -241,8 +242,8 @@ class MineConfig(_Section):
     enabled: bool = Field(False, description="Run the mine stage in `hmcl run`.")
     corpus: list[str] = Field(
         default_factory=list,
-        description="Extra corpus files (jsonl/txt/parquet or BEIR folder) besides the "
-        "dataset's own candidates.",
+        description="Extra corpus files (jsonl/txt/parquet or BEIR folder; jsonl/txt may be "
+        ".gz/.bz2/.xz/.zst) besides the dataset's own candidates.",
     )
     top_k: int = Field(100, ge=1, description="Candidates retrieved per query.")
     range_min: int = Field(10, ge=0, description="Skip this many top-ranked candidates.")

@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional, Union
 
 from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.errors import DataError
+from hmcl_cli.io_utils import binary_lines, compression_of, data_suffix, find_data_file
 from hmcl_cli.recipe import SourceConfig
 
 Row = Union[tuple[Any, GradedExample], BadRow]
@@ -57,7 +58,7 @@ def source_label(src: SourceConfig) -> str:
 def file_type(src: SourceConfig, path: Path) -> str:
     if src.file_type != "auto":
         return src.file_type
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)  # data.jsonl.gz reads as jsonl
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
     if suffix == ".parquet":
@@ -76,13 +77,13 @@ _BAD = "\x00hmcl-bad-line\x00"
 
 
 def _decoded_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 file; an undecodable line becomes a marker the caller turns into BadRow."""
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield f"{_BAD}{raw[e.start]:#x}:{e.start + 1}\n"
+    """Lines of a UTF-8 file (decompressed if compressed); an undecodable line becomes a marker the
+    caller turns into BadRow."""
+    for lineno, raw in binary_lines(path):
+        try:
+            yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            yield f"{_BAD}{raw[e.start]:#x}:{e.start + 1}\n"
 
 
 def _bad_utf8(path: Path, line: int, marker: str) -> BadRow:
@@ -123,6 +124,10 @@ def _records_jsonl(path: Path) -> Iterator[Union[tuple[int, Any], BadRow]]:
 
 def _records_parquet(path: Path) -> Iterator[tuple[int, dict]]:
     import pyarrow.parquet as pq
+
+    if compression_of(path):
+        raise DataError(f"{path}: a parquet file is compressed inside; it cannot be read {compression_of(path)}-compressed",
+                        hint="decompress the file, or set the source's file_type if it is not parquet")
 
     n = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
@@ -393,13 +398,15 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
     """BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv (query-id, corpus-id, score)."""
     if path is None:
         raise DataError("qrels sources are read from a local BEIR folder (`path`), not the hub")
-    qrels_file = path / "qrels" / f"{src.qrels_split}.tsv"
-    for need in (path / "corpus.jsonl", path / "queries.jsonl", qrels_file):
-        if not need.is_file():
+    found = {}
+    for need in ("corpus.jsonl", "queries.jsonl", f"qrels/{src.qrels_split}.tsv"):
+        found[need] = find_data_file(path, need)
+        if found[need] is None:
             raise DataError(
-                f"{path}: BEIR layout needs {need.relative_to(path)} (missing)",
-                hint="expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv",
+                f"{path}: BEIR layout needs {need} (missing)",
+                hint="expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv (each may be .gz, .bz2, .xz or .zst)",
             )
+    corpus_file, queries_file, qrels_file = found.values()
     judgments: dict[str, dict[str, int]] = {}
     for item in _records_delimited(qrels_file, "\t"):
         if isinstance(item, BadRow):
@@ -422,7 +429,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
     gmap = src.grade_map or {g: ("pos" if g == top else "weak" if g > 0 else "neg") for g in grades}
     needed = {d for docs in judgments.values() for d in docs}
     docs: dict[str, str] = {}
-    for item in _records_jsonl(path / "corpus.jsonl"):
+    for item in _records_jsonl(corpus_file):
         if isinstance(item, BadRow):
             yield item
             continue
@@ -433,7 +440,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             body = (rec.get("text") or "").strip()
             docs[did] = f"{title} {body}".strip() if title else body
     queries: dict[str, str] = {}
-    for item in _records_jsonl(path / "queries.jsonl"):
+    for item in _records_jsonl(queries_file):
         if isinstance(item, BadRow):
             yield item
             continue

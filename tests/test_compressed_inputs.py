@@ -1,0 +1,171 @@
+"""Compressed data files (.gz, .bz2, .xz, .zst) read as their plain form, everywhere data is read.
+
+Each compressed case is compared with the same file uncompressed, so a reader that ignores the
+compression (or guesses the format from the last suffix) fails here.
+"""
+
+from __future__ import annotations
+
+import bz2
+import builtins
+import gzip
+import json
+import lzma
+from pathlib import Path
+
+import pytest
+
+from hmcl_cli.data.prepare import load_graded, prepare
+from hmcl_cli.errors import DataError
+from hmcl_cli.io_utils import data_stem, data_suffix, find_data_file
+from hmcl_cli.mining import read_corpus
+from hmcl_cli.recipe import load_recipe
+
+
+def _zstd(data: bytes) -> bytes:
+    zstandard = pytest.importorskip("zstandard")
+    return zstandard.ZstdCompressor().compress(data)
+
+
+COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress, ".zst": _zstd}
+
+GRADED = "".join(json.dumps(r) + "\n" for r in [
+    {"query": "how do refunds work", "pos": ["Refunds reach your card in 5-10 days."],
+     "weak": ["Request a refund from the order page."], "neg": ["We ship to 40 countries."]},
+    {"query": "ünïcode quëry", "pos": ["ça va"], "neg": ["no"]},
+])
+STS = "\ufeffsentence1,sentence2,score\na cat,a kitten,4.5\nrain,sunshine,0.5\nbus,coach,3.0\n"
+
+
+def _recipe(tmp_path: Path, sources: list[dict], **data):
+    return load_recipe(data={
+        "name": "prep", "output_dir": str(tmp_path / "run"), "model": {"name_or_path": "unused"},
+        "data": {"sources": sources, **data},
+    })
+
+
+def _prepared(tmp_path: Path, source: dict) -> list[dict]:
+    """The prepared train rows, less the `source` label (the file's name, which differs)."""
+    prepare(_recipe(tmp_path, [source]), progress=False)
+    lines = (tmp_path / "run" / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "source"} for line in lines]
+
+
+def _write(path: Path, text: str, suffix: str) -> Path:
+    out = path.with_name(path.name + suffix)
+    out.write_bytes(COMPRESS[suffix](text.encode("utf-8")))
+    return out
+
+
+def test_format_is_read_past_the_compression_suffix():
+    assert data_suffix("a/train.jsonl.gz") == ".jsonl"
+    assert data_suffix("sts.CSV.XZ") == ".csv"
+    assert data_suffix("pairs.tsv") == ".tsv"
+    assert data_suffix("archive.gz") == ""
+    assert data_stem("dev.jsonl.gz") == "dev" == data_stem("dev.jsonl")  # eval task names
+
+
+@pytest.mark.parametrize("suffix", list(COMPRESS))
+@pytest.mark.parametrize("kind", ["graded", "sts"])
+def test_compressed_source_prepares_exactly_as_the_plain_file(tmp_path, suffix, kind):
+    text, name, fmt = (GRADED, "g.jsonl", "graded") if kind == "graded" else (STS, "s.csv", "sts")
+    plain = tmp_path / name
+    plain.write_text(text, encoding="utf-8")
+    expected = _prepared(tmp_path, {"path": str(plain), "format": fmt, "split": "train"})
+    packed = _write(plain, text, suffix)
+    got = _prepared(tmp_path, {"path": str(packed), "format": fmt, "split": "train"})
+    assert got == expected and len(expected) == (2 if kind == "graded" else 3)
+    # the graded loader (train/dev of a run, --reranking files) reads it too
+    if kind == "graded":
+        assert [e.query for e in load_graded(packed)] == [e.query for e in load_graded(plain)]
+
+
+def _beir(folder: Path, compress: dict[str, str]) -> Path:
+    (folder / "qrels").mkdir(parents=True)
+    files = {
+        "corpus.jsonl": "".join(json.dumps({"_id": k, "title": t, "text": x}) + "\n" for k, t, x in [
+            ("d1", "Refunds", "Money back within 30 days."), ("d2", "", "Shipping takes a week."),
+            ("d3", "", "Return labels are free."), ("d4", "", "An unjudged document.")]),
+        "queries.jsonl": json.dumps({"_id": "q1", "text": "how do I get a refund"}) + "\n"
+        + json.dumps({"_id": "q2", "text": "when will my parcel arrive"}) + "\n",
+        "qrels/train.tsv": "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq2\td2\t2\n",
+    }
+    for name, text in files.items():
+        if name in compress:
+            _write(folder / name, text, compress[name])
+        else:
+            (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_beir_folder_with_compressed_files_reads_as_the_plain_one(tmp_path):
+    plain = _beir(tmp_path / "plain", {})
+    packed = _beir(tmp_path / "packed", {"corpus.jsonl": ".gz", "queries.jsonl": ".bz2", "qrels/train.tsv": ".xz"})
+    assert find_data_file(packed, "corpus.jsonl").name == "corpus.jsonl.gz"
+    expected = _prepared(tmp_path, {"path": str(plain), "format": "qrels", "split": "train"})
+    assert _prepared(tmp_path, {"path": str(packed), "format": "qrels", "split": "train"}) == expected
+    assert expected[0]["pos"] == ["Refunds Money back within 30 days."]
+    # mining and retrieval eval read the whole corpus, unjudged documents included
+    assert read_corpus(packed) == read_corpus(plain) and len(read_corpus(plain)) == 4
+
+
+def test_beir_folder_missing_a_file_names_it(tmp_path):
+    folder = _beir(tmp_path / "b", {"corpus.jsonl": ".gz"})
+    (folder / "queries.jsonl").unlink()
+    with pytest.raises(DataError, match="needs queries.jsonl"):
+        prepare(_recipe(tmp_path, [{"path": str(folder), "format": "qrels", "split": "train"}]), progress=False)
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+@pytest.mark.parametrize("suffix", list(COMPRESS))
+def test_cut_short_compressed_file_is_an_error_naming_the_line_and_writes_nothing(tmp_path, suffix, on_error):
+    """Even with `on_error: skip`: the rows past the cut are lost, which must not pass quietly."""
+    rows = "".join(f"sentence {i} a,sentence {i} b,{i % 5}.0\n" for i in range(40000))  # > 1 bz2 block
+    whole = COMPRESS[suffix](rows.encode())
+    path = tmp_path / f"sts.csv{suffix}"
+    path.write_bytes(whole[: len(whole) * 4 // 5])  # past the first bz2 block
+    with pytest.raises(DataError) as err:
+        prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "split": "train"}], on_error=on_error),
+                progress=False)
+    text = str(err.value)
+    assert f"{path}:" in text and "corrupt or cut short after line" in text, text
+    line = int(text.split(f"{path}:")[1].split(":")[0])
+    assert 1 < line < 40000  # the line where the data stops, not line 1 nor the whole file
+    assert not (tmp_path / "run" / "data" / "train.jsonl").exists()
+
+
+def test_not_actually_gzip_is_an_error_not_a_traceback(tmp_path):
+    path = tmp_path / "g.jsonl.gz"
+    path.write_text(GRADED, encoding="utf-8")
+    with pytest.raises(DataError, match=r"g\.jsonl\.gz:1: the \.gz data is corrupt"):
+        prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)
+
+
+def test_zst_without_zstandard_says_what_to_install(tmp_path, monkeypatch):
+    path = tmp_path / "g.jsonl.zst"
+    path.write_bytes(b"\x28\xb5\x2f\xfd")
+    real_import = builtins.__import__
+
+    def no_zstandard(name, *args, **kwargs):
+        if name == "zstandard":
+            raise ImportError("no zstandard")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    with pytest.raises(DataError) as err:
+        prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)
+    assert "zstandard" in str(err.value) and "pip install zstandard" in err.value.hint
+
+
+def test_corpus_text_file_compressed_and_bad_corpus_lines(tmp_path):
+    plain = tmp_path / "docs.txt"
+    plain.write_text("first document\r\n\nsecond document\n", encoding="utf-8")
+    assert read_corpus(_write(plain, plain.read_text(encoding="utf-8"), ".gz")) == ["first document", "second document"]
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(b"ok\ncaf\xe9\n")
+    with pytest.raises(DataError, match=r"latin\.txt:2: not UTF-8"):
+        read_corpus(latin)
+    listed = tmp_path / "c.jsonl"
+    listed.write_text('{"text": "fine"}\n["a list"]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: expected a JSON object"):
+        read_corpus(listed)
