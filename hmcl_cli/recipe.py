@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hmcl_cli.errors import RecipeError
+from hmcl_cli.evaluation.metrics import DEV_METRICS
 
 # --------------------------------------------------------------------------------------------
 # Schema
@@ -348,7 +349,10 @@ class TrainConfig(_Section):
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     metric_for_best: str = Field(
-        "dev_ndcg@10", description="Dev metric selecting the best model (higher is better)."
+        "dev_ndcg@10",
+        description="Dev metric selecting the best model (higher is better): "
+        + ", ".join(f"`dev_{m}`" for m in DEV_METRICS)
+        + ", or `dev_spearman/<source>` when dev mixes sources. Checked against the dev set before training.",
     )
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop after this many evals without improvement."
@@ -383,6 +387,16 @@ class TrainConfig(_Section):
         "GradCache chunks), two on a CPU, which computes every padded token.",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader workers.")
+
+    @field_validator("metric_for_best")
+    @classmethod
+    def _known_metric(cls, value: str) -> str:
+        names = [f"dev_{m}" for m in DEV_METRICS]
+        if value in names or (value.startswith("dev_spearman/") and len(value) > len("dev_spearman/")):
+            return value
+        close = suggest(value, names)
+        raise ValueError(f"unknown dev metric {value!r}" + (f" — did you mean {close!r}?" if close else "")
+                         + f" (dev metrics: {', '.join(names)}, dev_spearman/<source>)")
 
 
 class LossConfig(_Section):
@@ -794,8 +808,9 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
                 union_head[head] = (i, text)
                 messages[i] = head + text + got
                 continue
-            union_head[head] = (len(messages), e["msg"])
-            msg = head + e["msg"] + got
+            text = e["msg"].removeprefix("Value error, ")  # a validator's own message names the value
+            union_head[head] = (len(messages), text)
+            msg = head + text + ("" if e["type"] == "value_error" else got)
         messages.append(msg)
     return RecipeError(
         "invalid recipe:\n  " + "\n  ".join(messages),

@@ -247,12 +247,25 @@ def mine_teacher_not_a_model(tmp, model):
 
 
 def bad_metric_for_best(tmp, model):
-    p = write_recipe(tmp, model, train={"metric_for_best": "dev_accuracy_of_vibes", "max_steps": 3})
+    p = write_recipe(tmp, model, train={"metric_for_best": "dev_ndcg@100", "max_steps": 3})
+    return ["recipe", "validate", p], RECIPE, ["recipe.yaml:", "unknown dev metric 'dev_ndcg@100'",
+                                               "did you mean 'dev_ndcg@10'"]
+
+
+def metric_for_best_undefined_on_dev(tmp, model):
+    """dev_map needs a dev query with a positive and a lower candidate: here every dev candidate is
+    a positive, so the metric would be NaN at every eval (and the first eval's model kept)."""
+    p = recipe_with_train(tmp, model, good_lines(20))
+    r = yaml.safe_load(p.read_text())
+    (tmp / "dev.jsonl").write_text("".join(line(f"dev question {i}", [f"dev answer {i}"], []) for i in range(6)))
+    assert r["data"]["sources"][1] == {"path": "dev.jsonl", "split": "dev"}
+    r["train"].update({"metric_for_best": "dev_map", "max_steps": 3})
+    p.write_text(yaml.safe_dump(r, sort_keys=False))
     from hmcl_cli.data.prepare import prepare
     from hmcl_cli.recipe import load_recipe
 
     prepare(load_recipe(p), progress=False)
-    return ["train", p], DATA, ["dev_accuracy_of_vibes", "not a dev metric"]
+    return ["train", p], DATA, ["'dev_map' cannot be computed on", "dev.jsonl", "dev_ndcg@10"]
 
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, out_of_range_value,
@@ -261,7 +274,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, export_unknown_format, eval_missing_file, eval_bad_gate, mine_missing_corpus,
-         mine_teacher_not_a_model, bad_metric_for_best]
+         mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

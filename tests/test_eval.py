@@ -196,3 +196,34 @@ def test_in_loop_spearman_is_per_source_then_averaged(tiny_bert):
     assert got["spearman/a"] == pytest.approx(expected["a"], abs=1e-6)
     assert got["spearman/b"] == pytest.approx(expected["b"], abs=1e-6)
     assert got["spearman"] == pytest.approx((expected["a"] + expected["b"]) / 2, abs=1e-6)
+
+
+W = {"q1": "how do refunds work", "q2": "reset my password", "q3": "where is my parcel",
+     "a1": "refunds reach your card", "b1": "we ship to canada", "a2": "the login page", "a3": "express delivery"}
+DEV_SHAPES = {
+    # name: rows (query, candidate, level, score, source)
+    "positives only": [("q1", "a1", 2, None, None), ("q2", "a2", 2, None, None)],
+    "positive and negative": [("q1", "a1", 2, None, None), ("q1", "b1", 0, None, None), ("q2", "a2", 2, None, None)],
+    "negatives only": [("q1", "a1", 0, None, None), ("q2", "a2", 0, None, None)],
+    "weak and negative": [("q1", "a1", 1, None, None), ("q1", "b1", 0, None, None)],
+    "two sources, one flat": [("q1", "a1", 2, 4.0, "s"), ("q1", "b1", 0, 1.0, "s"),
+                              ("q2", "a2", 2, None, "t"), ("q3", "a3", 2, None, "t")],
+}
+
+
+@pytest.mark.parametrize("shape", list(DEV_SHAPES))
+def test_undefined_dev_metrics_are_exactly_the_nan_ones(tiny_bert, shape):
+    """What the trainer checks before training (metric names, which are undefined) agrees with
+    what the dev evaluation then computes, for dev sets that lack one kind of candidate or another."""
+    from hmcl_cli.data.example import GradedExample, add_candidate
+    from hmcl_cli.evaluation.graded import evaluate_graded, metric_names, undefined_metrics
+
+    examples: dict[str, GradedExample] = {}
+    for q, c, level, score, src in DEV_SHAPES[shape]:
+        add_candidate(examples.setdefault(q, GradedExample(W[q], source=src)), W[c], level, score, "highest")
+    examples = list(examples.values())
+    got = evaluate_graded(EmbeddingModel.load(str(tiny_bert)), examples)
+    assert list(got) == metric_names(examples)
+    nan = {k for k, v in got.items() if np.isnan(v)}
+    assert set(undefined_metrics(examples)) == nan
+    assert nan if shape != "positive and negative" else not nan

@@ -16,7 +16,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from hmcl_cli.data.example import GradedExample
-from hmcl_cli.evaluation.metrics import rerank_scores, retrieval_scores
+from hmcl_cli.evaluation.metrics import DEV_METRICS, RERANK_METRICS, RETRIEVAL_METRICS, rerank_scores, retrieval_scores
 
 
 def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: int = 128, progress: bool = False) -> dict[str, float]:
@@ -42,8 +42,8 @@ def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: i
         levels.extend(grades)
         scores.extend(c_.score for c_ in ex.candidates.values())
     rr = rerank_scores(groups, min_relevant=2)
-    out = {"ndcg@10": ret.get("ndcg@10", float("nan")), "mrr@10": ret.get("mrr@10", float("nan")),
-           "recall@100": ret.get("recall@100", float("nan")), "map": rr["map"], "rerank_mrr@10": rr["mrr@10"]}
+    out = {name: ret.get(name, float("nan")) for name in RETRIEVAL_METRICS}
+    out.update({name: rr[name.removeprefix("rerank_")] for name in RERANK_METRICS})
     # Spearman within each source (scores of two datasets are on different scales), then the mean
     per_source = {src: _spearman(*v) for src, v in pairs.items()}
     valid = [v for v in per_source.values() if not np.isnan(v)]
@@ -53,9 +53,44 @@ def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: i
     return out
 
 
+def _gold(levels: list, scores: list) -> list:
+    """What the cosines are correlated with: the scores where every pair has one, else the levels."""
+    return scores if all(s is not None for s in scores) else levels
+
+
 def _spearman(sims: list, levels: list, scores: list) -> float:
-    gold = scores if all(s is not None for s in scores) else levels
+    gold = _gold(levels, scores)
     return float(spearmanr(sims, gold).statistic) if len(set(gold)) > 1 else float("nan")
+
+
+def metric_names(examples: Sequence[GradedExample]) -> list[str]:
+    """The names :func:`evaluate_graded` returns for ``examples``."""
+    sources = list(dict.fromkeys(ex.source for ex in examples))
+    return [*DEV_METRICS, *([f"spearman/{src}" for src in sources if src] if len(sources) > 1 else [])]
+
+
+def undefined_metrics(examples: Sequence[GradedExample]) -> dict[str, str]:
+    """The metrics :func:`evaluate_graded` cannot compute on ``examples`` whatever the model (they
+    come out NaN), each with the reason: what the data lacks."""
+    out: dict[str, str] = {}
+    cands = [list(ex.candidates.values()) for ex in examples]
+    if not any(c.level > 0 for group in cands for c in group):
+        out.update(dict.fromkeys(RETRIEVAL_METRICS, "no query has a positive or weak-positive candidate"))
+    if not any(any(c.level == 2 for c in group) and any(c.level < 2 for c in group) for group in cands):
+        out.update(dict.fromkeys(RERANK_METRICS, "no query has both a positive and a weak-positive or "
+                                                 "negative candidate to rank"))
+    gold: dict = {}
+    for ex, group in zip(examples, cands):
+        levels, scores = gold.setdefault(ex.source, ([], []))
+        levels.extend(c.level for c in group)
+        scores.extend(c.score for c in group)
+    flat = {src: len(set(_gold(*v))) < 2 for src, v in gold.items()}
+    why = "every pair has the same level, or the same score"
+    if all(flat.values()):
+        out["spearman"] = why
+    if len(gold) > 1:
+        out.update({f"spearman/{src}": why for src, same in flat.items() if same and src})
+    return out
 
 
 def encode_queries(model: Any, queries: list[str], prompts: list, batch_size: int, progress: bool) -> np.ndarray:

@@ -10,6 +10,12 @@ from typing import Sequence
 
 import numpy as np
 
+# the in-loop dev metrics (hmcl_cli.evaluation.graded), named `dev_<name>` in training; a dev set
+# that mixes sources also has `spearman/<source>` per source
+RETRIEVAL_METRICS = ("ndcg@10", "mrr@10", "recall@100")
+RERANK_METRICS = ("map", "rerank_mrr@10")
+DEV_METRICS = RETRIEVAL_METRICS + RERANK_METRICS + ("spearman",)
+
 
 def dcg(gains: np.ndarray) -> float:
     return float((gains / np.log2(np.arange(2, gains.size + 2))).sum())

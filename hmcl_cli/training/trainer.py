@@ -53,7 +53,7 @@ from torch.nn.functional import normalize
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
-from hmcl_cli.evaluation.graded import evaluate_graded
+from hmcl_cli.evaluation.graded import evaluate_graded, metric_names, undefined_metrics
 from hmcl_cli.io_utils import atomic_path, file_sha256
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.losses.ranking import describe_ranking_pairs
@@ -61,7 +61,7 @@ from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, resolve_prec
 from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
-from hmcl_cli.recipe import Recipe
+from hmcl_cli.recipe import Recipe, suggest
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
@@ -154,6 +154,7 @@ class HMCLTrainer:
             )
         dev_path = self.run_dir / "data" / "dev.jsonl"
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
+        self.dev_undefined = self._check_dev_metrics(dev_path) if self.dev else {}
         self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
         auto_chunk = cfg.grad_cache_chunk == "auto"
         if (self.is_main and built_here) or auto_chunk:  # before the weights go to the device: the worst step
@@ -536,10 +537,33 @@ class HMCLTrainer:
                 "`--resume` continues from the last good step-* checkpoint (never the diverged one)")
 
     # ------------------------------------------------------------------ eval
+    def _check_dev_metrics(self, dev_path: Path) -> dict[str, str]:
+        """Before training: ``train.metric_for_best`` must be a dev metric this dev set defines (a
+        metric it cannot compute would be NaN at every eval, and the first eval's model kept as
+        best). Returns the undefined metrics (left out of the evals), announced once."""
+        key = self.cfg.metric_for_best
+        names = [f"dev_{m}" for m in metric_names(self.dev)]
+        undefined = {f"dev_{m}": why for m, why in undefined_metrics(self.dev).items()}
+        defined = [n for n in names if n not in undefined]
+        if key not in names:
+            close = suggest(key, names)
+            raise DataError(f"train.metric_for_best {key!r} is not a dev metric of {dev_path}"
+                            f"{f' — did you mean {close!r}?' if close else ''}", hint=f"dev metrics: {', '.join(defined)}")
+        if key in undefined:
+            raise DataError(f"train.metric_for_best {key!r} cannot be computed on {dev_path}: {undefined[key]}",
+                            hint=f"choose one that can ({', '.join(defined) or 'none'}), or add such candidates to the dev data")
+        if undefined and self.is_main:
+            reasons: dict[str, list[str]] = {}
+            for name, why in undefined.items():
+                reasons.setdefault(why, []).append(name)
+            log("dev metrics left out (this dev set cannot define them): "
+                + "; ".join(f"{', '.join(names_)} ({why})" for why, names_ in reasons.items()))
+        return undefined
+
     def evaluate(self) -> dict:
         scores = evaluate_graded(self.model, self.dev, batch_size=max(32, self.cfg.batch_size * 2))
         self.model.train()
-        return {f"dev_{k}": v for k, v in scores.items()}
+        return {f"dev_{k}": v for k, v in scores.items() if f"dev_{k}" not in self.dev_undefined}
 
     def _evaluate_and_keep_best(self) -> bool:
         """Evaluate on dev; save the best model; return True to stop early. Without sharding the
@@ -547,9 +571,7 @@ class HMCLTrainer:
         holds a shard of the weights). Every process then takes the main process's decision."""
         runs_here = self.is_main or self.sharded
         scores = self.evaluate() if runs_here else {}
-        key = self.cfg.metric_for_best
-        if runs_here and key not in scores:
-            raise DataError(f"train.metric_for_best {key!r} is not a dev metric (have: {', '.join(scores)})")
+        key = self.cfg.metric_for_best  # setup checked that the dev set defines it
         if self.is_main:
             self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
             log("eval step {}: {}".format(self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
@@ -558,7 +580,8 @@ class HMCLTrainer:
             shared = torch.tensor([value], dtype=torch.float64, device=self.device)
             torch.distributed.broadcast(shared, src=0)
             value = float(shared.item())
-        if self.best_metric is None or (not math.isnan(value) and value > self.best_metric):
+        best = self.best_metric
+        if best is None or (not math.isnan(value) and (math.isnan(best) or value > best)):
             self.best_metric, self.best_step = value, self.step
             self.evals_without_improvement = 0
             if self.cfg.load_best_at_end and runs_here:
