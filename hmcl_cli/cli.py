@@ -121,6 +121,7 @@ def eval_(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Grouped bar chart (PNG)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
 ) -> None:
     """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
     from hmcl_cli.io_utils import data_stem
@@ -146,6 +147,8 @@ def eval_(
             models[label or Path(m).name or m] = _run_model(m)
     if batch_size:
         r.eval.batch_size = batch_size
+    if dim:
+        r.eval.dims = list(dim)
     # a flag-only call (no recipe) writes a file only when asked with --json
     run_eval(r, models=models, json_out=json_out, gates=gate, plot=plot, tasks=tasks or None,
              in_run_dir=recipe is not None)

@@ -458,6 +458,29 @@ class LossConfig(_Section):
     gather_across_devices: bool = Field(
         True, description="Use in-batch negatives from every GPU."
     )
+    matryoshka_dims: list[int] = Field(
+        default_factory=list,
+        description="Matryoshka embeddings: also train the embedding cut to these sizes (its first N "
+        "dimensions, re-normalised) with the same terms, so users can cut it to them; e.g. [256, 128, 64]. "
+        "Empty: off. The local term and a `linear` classifier apply to the full size only.",
+    )
+    matryoshka_weights: Optional[list[float]] = Field(
+        None, description="Weight of each matryoshka size's loss, in the order of matryoshka_dims (default 1 "
+        "each; the full size has weight 1)."
+    )
+
+    @model_validator(mode="after")
+    def _matryoshka(self) -> "LossConfig":
+        dims = self.matryoshka_dims
+        if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+            raise ValueError(f"matryoshka_dims must be distinct positive sizes (got {dims})")
+        if self.matryoshka_weights is not None:
+            if len(self.matryoshka_weights) != len(dims):
+                raise ValueError(f"matryoshka_weights needs one weight per size of matryoshka_dims "
+                                 f"({len(dims)}), got {len(self.matryoshka_weights)}")
+            if any(w < 0 for w in self.matryoshka_weights):
+                raise ValueError("matryoshka_weights must be >= 0")
+        return self
 
 
 class EvalTask(_Section):
@@ -498,6 +521,11 @@ class EvalConfig(_Section):
         default_factory=list,
         description="Quality gate, e.g. `sample:ndcg@10>=base+0.01` or `stsb:spearman>=0.8`; "
         "a failing gate makes eval (and run) exit non-zero.",
+    )
+    dims: Union[Literal["auto"], list[Annotated[int, Field(ge=1)]]] = Field(
+        "auto",
+        description="Also evaluate every model with its embeddings cut to these sizes (first N dimensions, "
+        "re-normalised), as columns `<model>@<N>`; the texts are encoded once. `auto`: loss.matryoshka_dims.",
     )
 
 

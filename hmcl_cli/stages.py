@@ -172,7 +172,8 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
-    report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe))
+    dims = recipe.loss.matryoshka_dims if cfg.dims == "auto" else cfg.dims
+    report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe), dims=dims)
     print_table(report, title=f"evaluation ({recipe.name})")
     subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
     gate_rows = check_gates(report, gates if gates is not None else cfg.gate, subject) if (gates or cfg.gate) else []
@@ -209,7 +210,8 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
         raise ModelNotFoundError(f"no trained model at {model_dir}",
                                  hint="run `hmcl train RECIPE` first, or pass --model")
     out_dir = out_dir or recipe.run_dir / "export"
-    card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml()}
+    card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml(),
+            "matryoshka_dims": recipe.loss.matryoshka_dims}
     for name, key in (("data", recipe.run_dir / "data" / "stats.json"), ("eval", recipe.run_dir / "eval" / "results.json")):
         if key.is_file():
             try:

@@ -227,3 +227,30 @@ def test_undefined_dev_metrics_are_exactly_the_nan_ones(tiny_bert, shape):
     nan = {k for k, v in got.items() if np.isnan(v)}
     assert set(undefined_metrics(examples)) == nan
     assert nan if shape != "positive and negative" else not nan
+
+
+def test_cut_sizes_are_evaluated_from_the_same_encodings(tmp_path, tiny_bert, monkeypatch):
+    """`--dim`/`eval.dims`: each model again with its embeddings cut to N dimensions and
+    re-normalised, as `<label>@N`; the numbers equal a hand computation on cut embeddings, and no
+    text is encoded twice."""
+    from scipy.stats import spearmanr
+
+    pairs = [("a cat sits on the mat", "a kitten on a rug", 4.5), ("stocks fell sharply", "rain is expected", 0.5),
+             ("the dog runs", "a dog is running", 4.8), ("refunds take days", "we ship to canada", 1.0),
+             ("reset your password", "the login page", 2.5), ("express delivery", "delivery takes two days", 3.5)]
+    path = tmp_path / "sts.csv"
+    path.write_text("".join(f"{a},{b},{s}\n" for a, b, s in pairs))
+    model = EmbeddingModel.load(str(tiny_bert))
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda texts, **kw: calls.extend(texts) or encode(texts, **kw))
+    task = EvalTask(name="sts", type="sts", path=str(path))
+    report = evaluate({"m": model}, [task], resolve=Path, dims=[8, 4, model.dim])
+    assert report["models"] == ["m", "m@8", "m@4"]  # the full size is not repeated
+    assert sorted(calls) == sorted({t for a, b, _ in pairs for t in (a, b)})  # each text once
+    full = {t: e for t, e in zip(calls, encode(calls, side="doc").numpy())}
+    for d, label in ((None, "m"), (8, "m@8"), (4, "m@4")):
+        cut = {t: e[:d] / np.linalg.norm(e[:d]) for t, e in full.items()}
+        expected = spearmanr([float(cut[a] @ cut[b]) for a, b, _ in pairs], [s for *_, s in pairs]).statistic
+        assert report["results"]["sts"][label]["spearman"] == pytest.approx(expected, abs=1e-5), label
+    assert report["results"]["sts"]["m@4"]["spearman"] != pytest.approx(report["results"]["sts"]["m"]["spearman"])

@@ -250,3 +250,51 @@ def test_describe_ranking_pairs_counts_what_auto_leaves_out():
     assert "all are left to the other terms" in describe_ranking_pairs(anchors, "scored", True)
     assert "all are ordered by level (loss.use_scores false)" in describe_ranking_pairs(anchors, "auto", False)
     assert describe_ranking_pairs([A(pos=[(0, 0.9)], weak=[], neg=[(1, 0.2)])], "auto", True) is None
+
+
+def _wide_batch(dim: int = 8, seed: int = 0) -> PairBatch:
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(2, dim, generator=g), dim=-1)
+    c = F.normalize(torch.randn(4, dim, generator=g), dim=-1)
+    return PairBatch(a, c, torch.tensor([0, 0, 0, 1]), torch.tensor([0, 1, 2, 3]), torch.tensor([2, 1, 0, 2]),
+                     torch.tensor([4.5, 2.0, float("nan"), 5.0]), torch.tensor([10, 11]), torch.tensor([20, 21, 22, 23]))
+
+
+def test_matryoshka_adds_the_terms_on_each_cut_size():
+    """L + sum_d w_d * L(cut to d): each cut built here by hand (first d dims, re-normalised)."""
+    b = _wide_batch()
+    base = LossConfig(contrastive_weight=1.0, classification_weight=0.3, ranking_weight=0.5, temperature=0.1)
+    plain = HMCLLoss(base, dim=8)
+    expected = plain(b)[0]
+    for d, w in ((4, 1.0), (2, 0.5)):
+        cut = PairBatch(F.normalize(b.anchors[:, :d], dim=-1), F.normalize(b.candidates[:, :d], dim=-1),
+                        b.pair_anchor, b.pair_candidate, b.pair_level, b.pair_score, b.anchor_hash, b.candidate_hash)
+        expected = expected + w * plain(cut)[0]
+    mrl = HMCLLoss(base.model_copy(update={"matryoshka_dims": [4, 2], "matryoshka_weights": [1.0, 0.5]}), dim=8)
+    total, parts = mrl(b)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert total.item() > plain(b)[0].item() + 1e-3 and "matryoshka" in parts
+    # a cut size's terms pull on its own dimensions only: the gradient of (loss with the d=2
+    # term) - (loss without it) is zero past dimension 2
+    a = b.anchors.clone().requires_grad_()
+    ab = PairBatch(a, *[getattr(b, f) for f in ("candidates", "pair_anchor", "pair_candidate", "pair_level",
+                                                "pair_score", "anchor_hash", "candidate_hash")])
+    only_cut = HMCLLoss(base.model_copy(update={"matryoshka_dims": [2]}), dim=8)
+    (only_cut(ab)[0] - plain(ab)[0]).backward()
+    assert a.grad[:, 2:].abs().max().item() < 1e-5 < 1e-2 < a.grad[:, :2].abs().max().item()  # rounding aside
+
+
+def test_matryoshka_sizes_are_checked():
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="smaller than the embedding size 8"):
+        HMCLLoss(LossConfig(matryoshka_dims=[8, 4]), dim=8)
+    for loss, message in (({"matryoshka_dims": [64, 64]}, "distinct positive sizes"),
+                          ({"matryoshka_dims": [64, 32], "matryoshka_weights": [1.0]}, "one weight per size")):
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(data={"name": "x", "model": {"name_or_path": "m"}, "loss": loss})
+    # the linear classifier's head is sized for the full embedding: the cut sizes skip it
+    cfg = LossConfig(classification_weight=1.0, classifier="linear", matryoshka_dims=[4])
+    total, parts = HMCLLoss(cfg, dim=8)(_wide_batch())
+    assert torch.isfinite(total) and parts["matryoshka"].item() > 0

@@ -152,7 +152,15 @@ class MtebEncoder:
         self.model, self.label, self.batch_size, self.progress = model, label, batch_size, progress
         self.cache: dict[tuple[str, str], np.ndarray] = {}
         self.encoded = 0  # texts actually run through the model (the rest came from the cache)
+        self.dim: Optional[int] = None  # embeddings cut to their first `dim` dimensions (matryoshka)
         self._meta = None
+
+    def cut(self, dim: int, label: str) -> "MtebEncoder":
+        """The same model with its embeddings cut to the first ``dim`` dimensions and re-normalised;
+        it shares this encoder's text cache, so no text is encoded twice."""
+        view = MtebEncoder(self.model, label, self.batch_size, self.progress)
+        view.cache, view.dim = self.cache, dim
+        return view
 
     @property
     def mteb_model_meta(self) -> Any:
@@ -161,7 +169,7 @@ class MtebEncoder:
 
             self._meta = ModelMeta.create_empty({
                 "name": f"hmcl/{self.label}", "revision": _weights_digest(self.model),
-                "embed_dim": self.model.dim, "similarity_fn_name": "cosine", "framework": ["PyTorch"],
+                "embed_dim": self.dim or self.model.dim, "similarity_fn_name": "cosine", "framework": ["PyTorch"],
                 "n_parameters": sum(p.numel() for p in self.model.parameters()),
                 "max_tokens": self.model.settings.doc_max_length, "open_weights": True,
                 "use_instructions": bool(self.model.settings.query_prompt),
@@ -182,8 +190,12 @@ class MtebEncoder:
             for t, e in zip(missing, emb):
                 self.cache[(side, t)] = e
         if not texts:
-            return np.zeros((0, self.model.dim), dtype=np.float32)
-        return np.stack([self.cache[(side, t)] for t in texts])
+            return np.zeros((0, self.dim or self.model.dim), dtype=np.float32)
+        out = np.stack([self.cache[(side, t)] for t in texts])
+        if self.dim is not None:
+            out = out[:, :self.dim]
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
 
     def similarity(self, a: Any, b: Any) -> Any:
         import torch

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -93,8 +93,9 @@ def load_task(task: EvalTask, resolve) -> TaskData:
 
 
 def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size: int = 128,
-             loader=None) -> dict:
+             loader=None, dims: Sequence[int] = ()) -> dict:
     """Evaluate every model on every task through mteb. ``models``: label -> EmbeddingModel or id/path.
+    ``dims``: also evaluate each model with its embeddings cut to these sizes, as ``<label>@<dim>``.
 
     Returns ``{"tasks": {name: {"type", "main"}}, "models": [...], "results": {task: {model:
     metrics | {"error"}}}}``; each metrics dict has hmcl's short names (``spearman``, ``ndcg@10``,
@@ -103,6 +104,7 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
     from hmcl_cli.evaluation.mteb_bridge import MtebEncoder, local_task, run_mteb
 
     results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
+    labels: list[str] = []  # the models, each followed by its cut sizes
     task_objs: dict[str, Any] = {}
     for t in tasks:
         try:
@@ -119,58 +121,80 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
                 warn(f"model {label}: {e}")
                 for t in tasks:
                     results[t.name][label] = {"error": f"model failed to load: {e}", "error_class": "model"}
+                labels.append(label)
                 continue
         encoder = MtebEncoder(model, label, batch_size)  # one text cache per model for all tasks
-        for t in tasks:
-            entry = task_objs[t.name]
-            if isinstance(entry, HmclError):
-                results[t.name][label] = {"error": str(entry)}
-                continue
-            log(f"eval {label} on {t.name}")
-            try:
-                results[t.name][label] = run_mteb(encoder, *entry)
-            except HmclError as e:
-                results[t.name][label] = {"error": str(e)}
-            except Exception as e:  # noqa: BLE001 - one failure must not stop the table
-                if from_system_error(e) is not None:
-                    raise  # out of memory / disk full: reported as such, with the knobs
-                results[t.name][label] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"eval {label}: {encoder.encoded} distinct texts encoded")
-        del model, encoder
+        views = [(label, encoder)]
+        for d in dims:
+            if d < model.dim:
+                views.append((f"{label}@{d}", encoder.cut(d, f"{label}@{d}")))
+            else:
+                warn(f"model {label}: embeddings have {model.dim} dimensions; not evaluated cut to {d}")
+        for view_label, view in views:
+            labels.append(view_label)
+            for t in tasks:
+                entry = task_objs[t.name]
+                if isinstance(entry, HmclError):
+                    results[t.name][view_label] = {"error": str(entry)}
+                    continue
+                log(f"eval {view_label} on {t.name}")
+                try:
+                    results[t.name][view_label] = run_mteb(view, *entry)
+                except HmclError as e:
+                    results[t.name][view_label] = {"error": str(e)}
+                except Exception as e:  # noqa: BLE001 - one failure must not stop the table
+                    if from_system_error(e) is not None:
+                        raise  # out of memory / disk full: reported as such, with the knobs
+                    results[t.name][view_label] = {"error": f"{type(e).__name__}: {e}"}
+        log(f"eval {label}: {sum(v.encoded for _, v in views)} distinct texts encoded")
+        del model, encoder, views
     report = {"tasks": {t.name: {"type": t.type, "main": MAIN_METRIC.get(t.type, "main_score")} for t in tasks},
-              "models": list(models), "results": results}
+              "models": labels, "results": results, "dims": list(dims),
+              "cut": {f"{m}@{d}": [m, d] for m in models for d in dims if f"{m}@{d}" in labels}}
     first = next(iter(models), None)
-    for t in tasks:  # the main metric of every model against the first one
+    for t in tasks:  # the main metric of every model against the first one (cut to the same size)
         main, per = report["tasks"][t.name]["main"], results[t.name]
-        ref = per.get(first, {}).get(main)
         for label, r in per.items():
-            if label != first and isinstance(ref, float) and isinstance(r.get(main), float):
+            size = report["cut"].get(label, [None, None])[1]
+            ref_label = first if size is None else f"{first}@{size}"
+            ref = per.get(ref_label, {}).get(main)
+            if label != ref_label and isinstance(ref, float) and isinstance(r.get(main), float):
                 r[f"delta_vs_{first}"] = r[main] - ref
     return report
 
 
 def print_table(report: dict, title: str = "evaluation") -> None:
+    """One row per task (and per cut size when models were also evaluated cut, `size`), one column
+    per model, each after the first with its difference from the first at the same size."""
     from rich.table import Table
 
-    models = report["models"]
+    cut = report.get("cut", {})
+    models = [m for m in report["models"] if m not in cut]
+    sizes: list = [None, *report.get("dims", [])]
     t = Table(title=title)
     t.add_column("task")
     t.add_column("metric")
+    if cut:
+        t.add_column("size", justify="right")
     for i, m in enumerate(models):
         t.add_column(m, justify="right")
         if i > 0:
             t.add_column(f"Δ vs {models[0]}", justify="right")
     for task, per_model in report["results"].items():
         metric = report["tasks"][task]["main"]
-        first = per_model.get(models[0], {}).get(metric)
-        row = [task, metric]
-        for i, m in enumerate(models):
-            r = per_model.get(m, {})
-            v = r.get(metric)
-            row.append("error" if "error" in r else f"{v:.4f}" if isinstance(v, float) else "-")
-            if i > 0:
-                row.append(f"{v - first:+.4f}" if isinstance(v, float) and isinstance(first, float) else "-")
-        t.add_row(*row)
+        for size in sizes if cut else [None]:
+            labels = [m if size is None else f"{m}@{size}" for m in models]
+            if size is not None and not any(label in per_model for label in labels):
+                continue  # no model was cut to this size (all narrower)
+            first = per_model.get(labels[0], {}).get(metric)
+            row = [task, metric] + (["full" if size is None else str(size)] if cut else [])
+            for i, label in enumerate(labels):
+                r = per_model.get(label, {})
+                v = r.get(metric)
+                row.append("error" if "error" in r else f"{v:.4f}" if isinstance(v, float) else "-")
+                if i > 0:
+                    row.append(f"{v - first:+.4f}" if isinstance(v, float) and isinstance(first, float) else "-")
+            t.add_row(*row)
     console.print(t)
     for task, per_model in report["results"].items():
         for m, r in per_model.items():

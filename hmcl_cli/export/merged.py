@@ -86,6 +86,12 @@ def model_card(info: dict) -> str:
               "model = SentenceTransformer('PATH')", "emb = model.encode(['How long does a refund take?'])", "```", "",
               "transformers: load with `AutoModel`, mean/CLS/last-token pool as `1_Pooling/config.json` says, then L2-normalise.",
               "", "mteb: `mteb.get_model('PATH')` or wrap the SentenceTransformer above.", ""]
+    if info.get("matryoshka_dims"):
+        dims = ", ".join(map(str, info["matryoshka_dims"]))
+        lines += ["## Smaller embeddings (matryoshka)", "",
+                  f"Trained to be cut to its first {dims} dimensions as well as used whole. Cut with "
+                  "`SentenceTransformer('PATH', truncate_dim=N)` and compare with cosine similarity "
+                  "(`model.similarity`), or keep the first N values of each embedding and L2-normalise them.", ""]
     return "\n".join(lines)
 
 

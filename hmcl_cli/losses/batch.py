@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+from torch.nn.functional import normalize
 
 
 @dataclass
@@ -42,3 +43,11 @@ class PairBatch:
     def pair_cosines(self) -> torch.Tensor:
         """Cosine similarity of each labelled pair, [P]."""
         return (self.anchors[self.pair_anchor] * self.candidates[self.pair_candidate]).sum(-1)
+
+    def truncated(self, dim: int) -> "PairBatch":
+        """The batch with every embedding cut to its first ``dim`` dimensions and re-normalised
+        (a matryoshka size); segment embeddings are left out (the local term is full-size only)."""
+        return replace(self, anchors=normalize(self.anchors[:, :dim], dim=-1),
+                       candidates=normalize(self.candidates[:, :dim], dim=-1),
+                       anchor_segments=None, anchor_segment_owner=None,
+                       candidate_segments=None, candidate_segment_owner=None)

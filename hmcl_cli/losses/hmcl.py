@@ -27,6 +27,12 @@ class HMCLLoss(nn.Module):
     * ``L_local`` — :class:`SegmentInfoNCELoss` on segment embeddings (only when texts are
       encoded as segments; weight 0 by default).
 
+    Matryoshka (``matryoshka_dims``): the same terms again on the embeddings cut to each size
+    ``d`` (first ``d`` dimensions, re-normalised), ``L + sum_d w_d * L(d)``, as in Kusupati et al.
+    2022 (Matryoshka Representation Learning), so the trained embedding can be cut to those sizes.
+    The local term and the linear classifier (its head is sized for the full embedding) apply
+    to the full size only.
+
     A weight of 0 removes its term entirely (it is not computed), so single-objective
     baselines — InfoNCE only, CoSENT only — are this module with other weights.
     ``forward`` returns ``(total, parts)`` where parts holds each weighted-off term detached.
@@ -47,14 +53,31 @@ class HMCLLoss(nn.Module):
         self.ranking = GradedCoSENTLoss(cfg.ranking_scale, cfg.ranking_margin, cfg.use_scores,
                                         cfg.ranking_pairs)
         self.local = SegmentInfoNCELoss(self.contrastive)
+        dims = list(getattr(cfg, "matryoshka_dims", None) or [])
+        weights = getattr(cfg, "matryoshka_weights", None) or [1.0] * len(dims)
+        too_wide = [d for d in dims if d >= dim]
+        if too_wide:
+            raise ValueError(f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim}")
+        self.matryoshka = [(d, w) for d, w in zip(dims, weights) if w > 0]
 
     def forward(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, parts = self._terms(b, full_size=True)
+        if self.matryoshka:
+            cut = b.anchors.new_zeros((), dtype=torch.float32)
+            for d, weight in self.matryoshka:
+                cut = cut + weight * self._terms(b.truncated(d), full_size=False)[0]
+            parts["matryoshka"] = cut.detach()
+            total = total + cut
+        return total, parts
+
+    def _terms(self, b: PairBatch, full_size: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = b.anchors.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
+        linear = isinstance(self.classification, LinearPairClassificationLoss)
         for name, weight, term in (("contrastive", self.w_con, self.contrastive),
-                                   ("classification", self.w_cls, self.classification),
+                                   ("classification", self.w_cls if full_size or not linear else 0.0, self.classification),
                                    ("ranking", self.w_rank, self.ranking),
-                                   ("local", self.w_local, self.local)):
+                                   ("local", self.w_local if full_size else 0.0, self.local)):
             if weight > 0:
                 value = term(b)
                 parts[name] = value.detach()

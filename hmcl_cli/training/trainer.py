@@ -141,7 +141,10 @@ class HMCLTrainer:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
             self.model.backbone = apply_lora(self.model.backbone, r.model.lora)
-        self.loss_fn = HMCLLoss(r.loss, self.model.dim).to(self.device)
+        try:
+            self.loss_fn = HMCLLoss(r.loss, self.model.dim).to(self.device)
+        except ValueError as e:
+            raise RecipeError(str(e), hint="fix the loss section of the recipe") from None
 
         train_path = self.run_dir / "data" / "train.jsonl"
         examples = load_graded(train_path)
