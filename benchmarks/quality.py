@@ -247,7 +247,8 @@ NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.k
              "model.unpad"}  # the same computation (tests/test_unpad.py: equal losses and gradients; dropout masks aside)
 # options added after a cache's baseline was written, with the value that trains as before
 NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as every step did before
-                 "model.cudnn_attention": True}  # SDPA's cuDNN kernels allowed, as before the option
+                 "model.cudnn_attention": True,  # SDPA's cuDNN kernels allowed, as before the option
+                 "loss.matryoshka_dims": [], "loss.matryoshka_weights": None}  # no matryoshka sizes
 
 
 def trained_with(row: str, sets: list[str], args) -> dict:

@@ -105,7 +105,8 @@ def train(
     name="eval",
     epilog="Examples:  hmcl eval recipes/quickstart.yaml\n\n"
     "hmcl eval --model runs/x/model --model base=sentence-transformers/all-MiniLM-L6-v2 "
-    "--sts dev.csv --reranking dev.jsonl --json out.json --gate 'sts:spearman>=base+0.005'",
+    "--sts dev.csv --reranking dev.jsonl --json out.json --gate 'sts:spearman>=base+0.005'\n\n"
+    "hmcl eval --model runs/x --sts dev.csv --dim 128 --dim 64   (also scored cut to 128 and 64 dimensions)",
 )
 def eval_(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe (optional when tasks and models are given as flags)."),

@@ -254,3 +254,17 @@ def test_cut_sizes_are_evaluated_from_the_same_encodings(tmp_path, tiny_bert, mo
         expected = spearmanr([float(cut[a] @ cut[b]) for a, b, _ in pairs], [s for *_, s in pairs]).statistic
         assert report["results"]["sts"][label]["spearman"] == pytest.approx(expected, abs=1e-5), label
     assert report["results"]["sts"]["m@4"]["spearman"] != pytest.approx(report["results"]["sts"]["m"]["spearman"])
+
+
+def test_table_puts_cut_sizes_in_rows_with_deltas_at_the_same_size(capsys):
+    from hmcl_cli.evaluation.runner import print_table
+
+    res = {"base": 0.80, "base@64": 0.70, "ft": 0.85, "ft@64": 0.80}
+    report = {"tasks": {"sts": {"type": "sts", "main": "spearman"}}, "models": list(res), "dims": [64],
+              "cut": {"base@64": ["base", 64], "ft@64": ["ft", 64]},
+              "results": {"sts": {k: {"spearman": v} for k, v in res.items()}}}
+    print_table(report)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "sts" in line]
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in rows]
+    assert cells == [["sts", "spearman", "full", "0.8000", "0.8500", "+0.0500"],
+                     ["sts", "spearman", "64", "0.7000", "0.8000", "+0.1000"]]

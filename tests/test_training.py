@@ -459,3 +459,24 @@ def test_progress_line_of_a_log_step_shows_that_steps_loss(tmp_path, tiny_bert, 
     assert shown[5] == pytest.approx(logged[5], abs=1e-4)
     last = re.search(r"train: 10 steps in [\d.]+s loss ([\d.]+)", out)
     assert float(last[1]) == pytest.approx(logged[10], abs=1e-4)
+
+
+def test_start_line_says_how_many_candidates_the_data_fills(tmp_path, tiny_bert, capsys):
+    """The sample's anchors each have 1 positive, 2 weak and 3 negatives: groups of 8 hold 6."""
+    import numpy as np
+
+    from hmcl_cli.training.batching import Anchor, group_fill, sample_group
+
+    anchors = [Anchor(0, [(1, None), (2, None)], [], []), Anchor(1, [], [(3, None)], [(4, None), (5, None)]),
+               Anchor(2, [(6, None)], [(7, None)] * 5, [(8, None)] * 5)]
+    rng = np.random.default_rng(0)
+    for size in (1, 3, 8):  # what sample_group takes, counted
+        assert group_fill(anchors, size) == pytest.approx(np.mean([len(sample_group(a, size, rng)) for a in anchors]))
+    capsys.readouterr()
+    t = _trainer(tmp_path, tiny_bert, train={"group_size": 8})
+    out = " ".join(capsys.readouterr().out.split())
+    assert group_fill(t.data.anchors, 8) == 6.0
+    assert "up to 64 (8 anchors x 8 candidates x 1 process(es)); the data fills 6.0 of the 8 per anchor on average, so about 48" in out
+    capsys.readouterr()
+    _trainer(tmp_path / "full", tiny_bert)  # groups of 3: filled, nothing more said
+    assert "the data fills" not in capsys.readouterr().out

@@ -218,6 +218,13 @@ def sample_group(anchor: Anchor, group_size: int, rng: np.random.Generator) -> l
     return out
 
 
+def group_fill(anchors: Sequence[Anchor], group_size: int) -> float:
+    """Mean candidates per anchor that :func:`sample_group` can take (one positive at most)."""
+    if not anchors:
+        return 0.0
+    return float(np.mean([min(group_size, min(1, len(a.pos)) + len(a.weak) + len(a.neg)) for a in anchors]))
+
+
 def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """Token tensors for the batch's anchors and distinct candidates, plus the labelled pairs."""
     cols: dict[int, int] = {}

@@ -62,7 +62,7 @@ from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe, suggest
-from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, resolve_positive_repeats, with_positive
+from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, group_fill, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
@@ -221,9 +221,12 @@ class HMCLTrainer:
             log(f"train: {len(self.data.anchors)} anchors, {len(self.data.docs)} distinct candidates, "
                 f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}"
                 f"{' with a dynamic loss scale' if self.scaler else ''}")
+            filled = group_fill(self.data.anchors, cfg.group_size)
+            short = (f"; the data fills {filled:.1f} of the {cfg.group_size} per anchor on average, so about "
+                     f"{round(n_cand * filled / cfg.group_size)} (more with `hmcl mine`)" if filled < cfg.group_size - 0.05 else "")
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
                 f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
-                f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''})")
+                f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''}){short}")
             calls = self._forward_calls()
             if calls:
                 log(f"train: {calls}")
