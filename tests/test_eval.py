@@ -268,3 +268,18 @@ def test_table_puts_cut_sizes_in_rows_with_deltas_at_the_same_size(capsys):
     cells = [[c.strip() for c in line.split("│")[1:-1]] for line in rows]
     assert cells == [["sts", "spearman", "full", "0.8000", "0.8500", "+0.0500"],
                      ["sts", "spearman", "64", "0.7000", "0.8000", "+0.1000"]]
+
+
+def test_gate_on_a_cut_size_compares_at_that_size():
+    res = {"base": 0.80, "base@64": 0.70, "ft": 0.85, "ft@64": 0.74}
+    report = {"tasks": {"sts": {"type": "sts", "main": "spearman"}}, "models": list(res), "dims": [64],
+              "cut": {"base@64": ["base", 64], "ft@64": ["ft", 64]},
+              "results": {"sts": {k: {"spearman": v} for k, v in res.items()}}}
+    rows = check_gates(report, ["sts@64:spearman>=base+0.03", "sts@64:spearman>=base+0.05", "sts@64:spearman>=0.75",
+                                "sts:spearman>=base+0.04"], model="ft")
+    assert [(r["model"], r["passed"]) for r in rows] == [("ft@64", True), ("ft@64", False), ("ft@64", False), ("ft", True)]
+    assert rows[0]["threshold"] == pytest.approx(0.73)  # base cut to 64, not the whole base
+    from hmcl_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="not evaluated cut to 32 dimensions"):
+        check_gates(report, ["sts@32:spearman>=0.5"], model="ft")

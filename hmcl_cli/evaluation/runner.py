@@ -215,15 +215,25 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
             raise RecipeError(f"gate {g!r} is not of the form TASK:METRIC>=NUMBER or TASK:METRIC>=MODEL+NUMBER",
                               hint="e.g. 'stsb:spearman>=base+0.005' or 'sample:ndcg@10>=0.7'")
         task, metric, op, ref_model, sign, delta, number = m.groups()
+        subject, size = model, None
+        cut = re.fullmatch(r"(.+)@(\d+)", task)  # `stsb@64:spearman>=...`: the models cut to 64 dimensions
+        if task not in report["results"] and cut and cut.group(1) in report["results"]:
+            task, size = cut.group(1), int(cut.group(2))
+            subject = f"{model}@{size}"
         res = report["results"].get(task)
         if res is None:
             raise RecipeError(f"gate {g!r}: no task named {task!r} (tasks: {', '.join(report['results'])})")
-        got = res.get(model, {})
+        if size is not None and subject not in res:
+            raise RecipeError(f"gate {g!r}: {model} was not evaluated cut to {size} dimensions",
+                              hint=f"add {size} to eval.dims (or `--dim {size}`)")
+        got = res.get(subject, {})
         value = got.get(metric, got.get("mteb", {}).get(metric))  # hmcl's short name, or mteb's
         if ref_model and ref_model not in res and not sign:
             split = re.fullmatch(r"(.+?)([+-])(\d[\d.]*(?:[eE][+-]?\d+)?)", ref_model)  # `base-0.01`
             if split and split.group(1) in res:
                 ref_model, sign, delta = split.groups()
+        if ref_model and size is not None:
+            ref_model = f"{ref_model}@{size}"  # compared at the same size
         if ref_model:
             if ref_model not in res:
                 raise RecipeError(f"gate {g!r}: no model named {ref_model!r} (models: {', '.join(report['models'])})")
@@ -233,7 +243,7 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
             threshold = float(number)
         ok = (isinstance(value, float) and threshold is not None and not math.isnan(value)
               and {">=": value >= threshold, ">": value > threshold, "<=": value <= threshold, "<": value < threshold}[op])
-        rows.append({"gate": g, "model": model, "value": value, "threshold": threshold, "passed": bool(ok)})
+        rows.append({"gate": g, "model": subject, "value": value, "threshold": threshold, "passed": bool(ok)})
     return rows
 
 
