@@ -525,7 +525,8 @@ class EvalConfig(_Section):
     dims: Union[Literal["auto"], list[Annotated[int, Field(ge=1)]]] = Field(
         "auto",
         description="Also evaluate every model with its embeddings cut to these sizes (first N dimensions, "
-        "re-normalised), as columns `<model>@<N>`; the texts are encoded once. `auto`: loss.matryoshka_dims.",
+        "re-normalised), as rows of size N in the table (`<model>@<N>` in the JSON; gate `TASK@N:...`); the texts "
+        "are encoded once. `auto`: loss.matryoshka_dims.",
     )
 
 

@@ -53,8 +53,8 @@ class HMCLLoss(nn.Module):
         self.ranking = GradedCoSENTLoss(cfg.ranking_scale, cfg.ranking_margin, cfg.use_scores,
                                         cfg.ranking_pairs)
         self.local = SegmentInfoNCELoss(self.contrastive)
-        dims = list(getattr(cfg, "matryoshka_dims", None) or [])
-        weights = getattr(cfg, "matryoshka_weights", None) or [1.0] * len(dims)
+        dims = list(cfg.matryoshka_dims)
+        weights = cfg.matryoshka_weights or [1.0] * len(dims)
         too_wide = [d for d in dims if d >= dim]
         if too_wide:
             raise ValueError(f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim}")
