@@ -2,6 +2,7 @@
 and cut to each size, side by side.
 
     python benchmarks/matryoshka.py --recipes sts-nli-en,trecqa --seeds 42,7 --jobs 2
+    python benchmarks/matryoshka.py --recipes trecqa --weights 0.25,0.25,0.25,0.25
 
 Each run is `hmcl run recipes/<recipe>.yaml --set seed=S` (plus `--set
 loss.matryoshka_dims=[...]` for the matryoshka row) with `eval.dims` set to the sizes in both
@@ -25,12 +26,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(recipe: str, seed: int, dims: list[int], matryoshka: bool, out: Path) -> dict:
+def run(recipe: str, seed: int, dims: list[int], matryoshka: bool, out: Path, weights: list[float]) -> dict:
     name = f"{recipe}-{'mrl' if matryoshka else 'plain'}-{seed}"
     sets = [f"seed={seed}", f"name={name}", f"output_dir={out / name}", f"eval.dims={json.dumps(dims)}",
             "export.enabled=false"]
     if matryoshka:
         sets.append(f"loss.matryoshka_dims={json.dumps(dims)}")
+        if weights:
+            sets.append(f"loss.matryoshka_weights={json.dumps(weights)}")
     cmd = [sys.executable, "-m", "hmcl_cli", "run", str(ROOT / "recipes" / f"{recipe}.yaml")]
     for s in sets:
         cmd += ["--set", s]
@@ -46,13 +49,15 @@ def main() -> None:
     ap.add_argument("--recipes", default="sts-nli-en,trecqa")
     ap.add_argument("--seeds", default="42,7")
     ap.add_argument("--dims", default="256,128,64,32")
+    ap.add_argument("--weights", default="", help="loss.matryoshka_weights, one per size (default 1 each)")
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     dims = [int(d) for d in args.dims.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = args.recipes.split(",")
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else []
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        jobs = {(r, s, m): pool.submit(run, r, s, dims, m, Path(tmp)) for r in recipes for s in seeds for m in (False, True)}
+        jobs = {(r, s, m): pool.submit(run, r, s, dims, m, Path(tmp), weights) for r in recipes for s in seeds for m in (False, True)}
         reports = {k: f.result() for k, f in jobs.items()}
     print(f"| recipe / task (metric) | size | base | plain | matryoshka | matryoshka - plain |")
     print("| --- | --- | --- | --- | --- | --- |")

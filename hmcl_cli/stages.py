@@ -172,7 +172,16 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
-    dims = recipe.loss.matryoshka_dims if cfg.dims == "auto" else cfg.dims
+    if cfg.dims == "auto":  # the recipe's sizes and those any compared hmcl model was trained for
+        from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+
+        found = set(recipe.loss.matryoshka_dims)
+        for m in models.values():
+            if isinstance(m, (str, Path)) and Path(m).is_dir():
+                found.update(saved_matryoshka_dims(m))
+        dims = sorted(found, reverse=True)
+    else:
+        dims = cfg.dims
     report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe), dims=dims)
     print_table(report, title=f"evaluation ({recipe.name})")
     subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
@@ -199,6 +208,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     import json
 
     from hmcl_cli.export.merged import export_merged
+    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
 
     formats = formats or list(recipe.export.formats)
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
@@ -211,7 +221,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
                                  hint="run `hmcl train RECIPE` first, or pass --model")
     out_dir = out_dir or recipe.run_dir / "export"
     card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml(),
-            "matryoshka_dims": recipe.loss.matryoshka_dims}
+            "matryoshka_dims": saved_matryoshka_dims(model_dir)}
     for name, key in (("data", recipe.run_dir / "data" / "stats.json"), ("eval", recipe.run_dir / "eval" / "results.json")):
         if key.is_file():
             try:

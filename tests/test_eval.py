@@ -283,3 +283,26 @@ def test_gate_on_a_cut_size_compares_at_that_size():
 
     with pytest.raises(RecipeError, match="not evaluated cut to 32 dimensions"):
         check_gates(report, ["sts@32:spearman>=0.5"], model="ft")
+
+
+def test_a_model_trained_with_matryoshka_sizes_is_scored_at_them_by_default(tmp_path, tiny_bert):
+    """The sizes are saved in hmcl_config.json; `eval.dims: auto` with no recipe sizes reads them,
+    and every compared model (the plain one too) is scored cut to them."""
+    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_eval
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    model.settings.matryoshka_dims = [8, 4]
+    model.save(tmp_path / "run" / "model")
+    assert saved_matryoshka_dims(tmp_path / "run") == [8, 4] == EmbeddingModel.load(str(tmp_path / "run" / "model")).settings.matryoshka_dims
+    assert saved_matryoshka_dims(tiny_bert) == []
+    path = tmp_path / "sts.csv"
+    path.write_text("a cat sits,a kitten sits,4.5\nstocks fell,rain is expected,0.5\nthe dog runs,a dog runs,4.8\n")
+    recipe = load_recipe(data={"name": "eval", "output_dir": str(tmp_path), "model": {"name_or_path": "none"}})
+    tasks = [EvalTask(name="sts", type="sts", path=str(path))]
+    report = run_eval(recipe, models={"plain": str(tiny_bert), "mrl": str(tmp_path / "run" / "model")}, tasks=tasks,
+                      in_run_dir=False)
+    assert report["models"] == ["plain", "plain@8", "plain@4", "mrl", "mrl@8", "mrl@4"]
+    recipe.eval.dims = []  # an explicit empty list: no cut sizes
+    assert run_eval(recipe, models={"mrl": str(tmp_path / "run" / "model")}, tasks=tasks, in_run_dir=False)["models"] == ["mrl"]

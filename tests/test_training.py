@@ -480,3 +480,24 @@ def test_start_line_says_how_many_candidates_the_data_fills(tmp_path, tiny_bert,
     capsys.readouterr()
     _trainer(tmp_path / "full", tiny_bert)  # groups of 3: filled, nothing more said
     assert "the data fills" not in capsys.readouterr().out
+
+
+def test_matryoshka_training_logs_its_term_and_saves_its_sizes(tmp_path, tiny_bert):
+    import json
+
+    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, loss={"matryoshka_dims": [16, 8]},
+                                      train={"max_steps": 2, "log_steps": 1, "eval_steps": 2}))
+    prepare(recipe, progress=False)
+    final = run_train(recipe)
+    records = [json.loads(line) for line in (recipe.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert all(r["matryoshka"] > 0 and r["loss"] > r["matryoshka"] for r in steps)
+    assert saved_matryoshka_dims(final) == [16, 8]
+    from hmcl_cli.errors import RecipeError
+
+    recipe = load_recipe(write_recipe(tmp_path / "wide", tiny_bert, loss={"matryoshka_dims": [4096]}))
+    prepare(recipe, progress=False)
+    with pytest.raises(RecipeError, match="smaller than the embedding size"):
+        run_train(recipe)

@@ -20,7 +20,7 @@ import itertools
 import json
 import threading
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -58,6 +58,17 @@ class EncoderSettings:
     segment_length: int = 0  # > 0: long texts are encoded as segments (modeling/segments.py)
     segment_overlap: int = 0
     segment_pooling: str = "weighted"
+    matryoshka_dims: list = field(default_factory=list)  # sizes it was trained to be cut to (loss.matryoshka_dims)
+
+
+def saved_matryoshka_dims(folder: str | Path) -> list[int]:
+    """The matryoshka sizes an hmcl model folder (or run directory) was trained for, read from
+    its hmcl_config.json without loading the model; [] for anything else."""
+    folder = Path(folder)
+    for candidate in (folder / HMCL_CONFIG, folder / "model" / HMCL_CONFIG):
+        if candidate.is_file():
+            return [int(d) for d in _read_json(candidate).get("matryoshka_dims", [])]
+    return []
 
 
 def is_decoder_config(config: Any) -> bool:
@@ -206,6 +217,7 @@ class EmbeddingModel(nn.Module):
             segment_length=int(saved.get("segment_length", 0)),
             segment_overlap=int(saved.get("segment_overlap", 0)),
             segment_pooling=saved.get("segment_pooling", "weighted"),
+            matryoshka_dims=[int(d) for d in saved.get("matryoshka_dims", [])],
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -137,6 +137,7 @@ class HMCLTrainer:
         else:
             model.apply_run_settings(r.model)
         self.model = model
+        model.settings.matryoshka_dims = list(r.loss.matryoshka_dims)  # saved with it: eval and export read them
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
