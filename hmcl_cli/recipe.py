@@ -465,8 +465,9 @@ class LossConfig(_Section):
         "Empty: off. The local term and a `linear` classifier apply to the full size only.",
     )
     matryoshka_weights: Optional[list[float]] = Field(
-        None, description="Weight of each matryoshka size's loss, in the order of matryoshka_dims (default 1 "
-        "each; the full size has weight 1)."
+        None, description="Weight of each matryoshka size's loss, in the order of matryoshka_dims; default 1 / "
+        "the number of sizes each, so the cut sizes together weigh as much as the full size (better than 1 each "
+        "at every size on TrecQA, level on STS: benchmarks/RESULTS.md)."
     )
 
     @model_validator(mode="after")

@@ -274,6 +274,10 @@ def test_matryoshka_adds_the_terms_on_each_cut_size():
     total, parts = mrl(b)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
     assert total.item() > plain(b)[0].item() + 1e-3 and "matryoshka" in parts
+    # by default each of n sizes weighs 1/n
+    halves = HMCLLoss(base.model_copy(update={"matryoshka_dims": [4, 2], "matryoshka_weights": [0.5, 0.5]}), dim=8)
+    default = HMCLLoss(base.model_copy(update={"matryoshka_dims": [4, 2]}), dim=8)
+    assert default(b)[0].item() == pytest.approx(halves(b)[0].item(), rel=1e-6)
     # a cut size's terms pull on its own dimensions only: the gradient of (loss with the d=2
     # term) - (loss without it) is zero past dimension 2
     a = b.anchors.clone().requires_grad_()

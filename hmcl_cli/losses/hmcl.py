@@ -28,7 +28,8 @@ class HMCLLoss(nn.Module):
       encoded as segments; weight 0 by default).
 
     Matryoshka (``matryoshka_dims``): the same terms again on the embeddings cut to each size
-    ``d`` (first ``d`` dimensions, re-normalised), ``L + sum_d w_d * L(d)``, as in Kusupati et al.
+    ``d`` (first ``d`` dimensions, re-normalised), ``L + sum_d w_d * L(d)`` (``w_d`` = 1 / number of
+    sizes unless ``matryoshka_weights`` says otherwise), as in Kusupati et al.
     2022 (Matryoshka Representation Learning), so the trained embedding can be cut to those sizes.
     The local term and the linear classifier (its head is sized for the full embedding) apply
     to the full size only.
@@ -54,7 +55,8 @@ class HMCLLoss(nn.Module):
                                         cfg.ranking_pairs)
         self.local = SegmentInfoNCELoss(self.contrastive)
         dims = list(cfg.matryoshka_dims)
-        weights = cfg.matryoshka_weights or [1.0] * len(dims)
+        # by default the cut sizes together weigh as much as the full size (benchmarks/RESULTS.md)
+        weights = cfg.matryoshka_weights or [1.0 / max(1, len(dims))] * len(dims)
         too_wide = [d for d in dims if d >= dim]
         if too_wide:
             raise ValueError(f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim}")
