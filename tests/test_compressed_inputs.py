@@ -1,4 +1,5 @@
-"""Compressed data files (.gz, .bz2, .xz, .zst) read as their plain form, everywhere data is read.
+"""Compressed data files (.gz, .bz2, .xz, .zst) read as their plain form, everywhere data is read;
+and .json files holding one JSON array of records.
 
 Each compressed case is compared with the same file uncompressed, so a reader that ignores the
 compression (or guesses the format from the last suffix) fails here.
@@ -169,3 +170,50 @@ def test_corpus_text_file_compressed_and_bad_corpus_lines(tmp_path):
     listed.write_text('{"text": "fine"}\n["a list"]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"c\.jsonl:2: expected a JSON object"):
         read_corpus(listed)
+
+
+# ------------------------------------------------------------------------------------------
+# a .json file holding one JSON array of records (not JSON Lines)
+# ------------------------------------------------------------------------------------------
+
+RECORDS = [{"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"other {i}"]} for i in range(6)]
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_json_array_file_prepares_as_the_same_records_in_jsonl(tmp_path, suffix):
+    lines = tmp_path / "g.jsonl"
+    lines.write_text("".join(json.dumps(r) + "\n" for r in RECORDS), encoding="utf-8")
+    expected = _prepared(tmp_path, {"path": str(lines), "format": "graded", "split": "train"})
+    array = tmp_path / "g.json"
+    array.write_text("\ufeff  " + json.dumps(RECORDS, indent=2), encoding="utf-8")
+    if suffix:
+        array = _write(array, array.read_text(encoding="utf-8"), suffix)
+    assert _prepared(tmp_path, {"path": str(array), "format": "graded", "split": "train"}) == expected
+    assert len(expected) == 6
+    # JSON Lines named .json still read line by line
+    named = tmp_path / "lines.json"
+    named.write_text(lines.read_text(encoding="utf-8"), encoding="utf-8")
+    assert _prepared(tmp_path, {"path": str(named), "format": "graded", "split": "train"}) == expected
+
+
+def test_json_array_errors_name_the_line(tmp_path):
+    rows = [dict(r) for r in RECORDS]
+    rows[3] = {"query": "question 3", "pos": ["answer 3"], "neg": ["other 3"], "postive": ["typo"]}
+    text = json.dumps(rows, indent=2)
+    start = text.splitlines().index("  {", text.splitlines().index('    "query": "question 2",'))  # record 3's `{`
+    path = tmp_path / "a.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(DataError) as err:  # a record the graded reader refuses: the line it starts on
+        prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)
+    assert f"{path}:{start + 1}:" in str(err.value) and "postive" in str(err.value)
+    broken = text.replace('"question 4"', "question 4")
+    bad_line = broken.splitlines().index('    "query": question 4,') + 1
+    path.write_text(broken, encoding="utf-8")
+    with pytest.raises(DataError) as err:  # broken JSON: nothing after it can be read, so even `skip` stops
+        prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}], on_error="skip"),
+                progress=False)
+    assert f"{path}:{bad_line}: invalid JSON" in str(err.value)
+    clean = json.dumps(RECORDS, indent=2)
+    path.write_text(clean[: clean.rindex("]")], encoding="utf-8")
+    with pytest.raises(DataError, match="not closed"):
+        prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)

@@ -111,7 +111,65 @@ def _records_delimited(path: Path, delimiter: str) -> Iterator[Union[tuple[int, 
         yield start, row
 
 
+def _is_json_array(path: Path) -> bool:
+    """A file whose first non-blank character is ``[``: one JSON array of records, not JSON Lines."""
+    for _, raw in binary_lines(path):
+        text = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if text:
+            return text.startswith(b"[")
+    return False
+
+
+def _records_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+    """The records of a JSON array file, each with the line it starts on. The file is read whole
+    (a JSON document cannot be streamed row by row); a broken record stops the read (nothing after
+    it can be located), even with ``on_error: skip``."""
+    data = b"".join(raw for _, raw in binary_lines(path))
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        bad_line = data.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{bad_line}: not UTF-8 text ({e.reason})", hint="save the file as UTF-8") from None
+    decoder = json.JSONDecoder()
+    pos, line, counted = text.index("[") + 1, 1, 0
+
+    def line_at(at: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, at)
+        counted = at
+        return line
+
+    expect_value = True  # after `[` or a comma
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text):
+            raise DataError(f"{path}:{line_at(pos)}: the JSON array is not closed (no `]`)",
+                            hint="the file may be cut short")
+        if text[pos] == "]":
+            rest = text[pos + 1:].strip()
+            if rest:
+                raise DataError(f"{path}:{line_at(pos)}: text after the JSON array's closing `]`")
+            return
+        if not expect_value:
+            if text[pos] != ",":
+                raise DataError(f"{path}:{line_at(pos)}: invalid JSON: expected `,` or `]` between records")
+            pos += 1
+            expect_value = True
+            continue
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{line_at(e.pos)}: invalid JSON: {e.msg} (a JSON array is read whole, so the "
+                            "records after a broken one cannot be read)", hint="fix the record") from None
+        yield line_at(pos), obj
+        pos, expect_value = end, False
+
+
 def _records_jsonl(path: Path) -> Iterator[Union[tuple[int, Any], BadRow]]:
+    if data_suffix(path) == ".json" and _is_json_array(path):
+        yield from _records_json_array(path)
+        return
     for lineno, line in enumerate(_decoded_lines(path), 1):
         if line.startswith(_BAD):
             yield _bad_utf8(path, lineno, line)
