@@ -45,9 +45,12 @@ from hmcl_cli.recipe import Recipe
 
 
 def read_corpus(path: Path) -> list[str]:
-    """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file of ``{"title", "text"}``
-    objects, a parquet file's ``text`` column or a text file of one document per line (the
-    JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``)."""
+    """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file (or a .json array) of
+    ``{"title", "text"}`` objects, a parquet file's ``text`` column or a text file of one document
+    per line (the JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``)."""
+    from hmcl_cli.data.example import BadRow
+    from hmcl_cli.data.readers import json_records
+
     if path.is_dir():
         path = find_data_file(path, "corpus.jsonl") or path / "corpus.jsonl"
     if not path.is_file():
@@ -60,26 +63,24 @@ def read_corpus(path: Path) -> list[str]:
         col = pq.read_table(path).to_pydict()
         key = "text" if "text" in col else next(iter(col))
         return [str(t) for t in col[key] if str(t).strip()]
-    for lineno, raw in binary_lines(path):
-        try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
-        if not line.strip():
-            continue
-        if suffix in (".jsonl", ".json"):
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e})") from None
+    if suffix in (".jsonl", ".json"):
+        for item in json_records(path):
+            if isinstance(item, BadRow):
+                raise DataError(item.located())
+            lineno, rec = item
             if not isinstance(rec, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object with `text` (and optional `title`), "
                                 f"got {type(rec).__name__}")
             title = (rec.get("title") or "").strip()
             text = str(rec.get("text", "")).strip()
             texts.append(f"{title} {text}".strip() if title else text)
-        else:
-            texts.append(line.rstrip("\r\n"))
+        return [t for t in texts if t.strip()]
+    for lineno, raw in binary_lines(path):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+        texts.append(line.rstrip("\r\n"))
     return [t for t in texts if t.strip()]
 
 

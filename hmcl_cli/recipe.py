@@ -243,7 +243,7 @@ class MineConfig(_Section):
     enabled: bool = Field(False, description="Run the mine stage in `hmcl run`.")
     corpus: list[str] = Field(
         default_factory=list,
-        description="Extra corpus files (jsonl/txt/parquet or BEIR folder; jsonl/txt may be "
+        description="Extra corpus files (jsonl, a .json array, txt, parquet or a BEIR folder; jsonl/txt may be "
         ".gz/.bz2/.xz/.zst) besides the dataset's own candidates.",
     )
     top_k: int = Field(100, ge=1, description="Candidates retrieved per query.")

@@ -170,6 +170,12 @@ def test_corpus_text_file_compressed_and_bad_corpus_lines(tmp_path):
     listed.write_text('{"text": "fine"}\n["a list"]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"c\.jsonl:2: expected a JSON object"):
         read_corpus(listed)
+    listed.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"c\.jsonl:2: invalid JSON"):
+        read_corpus(listed)
+    array = tmp_path / "docs.json"  # a JSON array corpus
+    array.write_text(json.dumps([{"title": "Refunds", "text": "Money back."}, {"text": "Ships in a week."}], indent=2))
+    assert read_corpus(array) == ["Refunds Money back.", "Ships in a week."]
 
 
 # ------------------------------------------------------------------------------------------

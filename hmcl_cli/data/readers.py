@@ -166,7 +166,8 @@ def _records_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         pos, expect_value = end, False
 
 
-def _records_jsonl(path: Path) -> Iterator[Union[tuple[int, Any], BadRow]]:
+def json_records(path: Path) -> Iterator[Union[tuple[int, Any], BadRow]]:
+    """(line, record) of a JSON Lines file, or of a .json file holding one JSON array; BadRow for a bad line."""
     if data_suffix(path) == ".json" and _is_json_array(path):
         yield from _records_json_array(path)
         return
@@ -221,7 +222,7 @@ def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int
         return
     kind = file_type(src, path)
     if kind == "jsonl":
-        yield from _records_jsonl(path)
+        yield from json_records(path)
     elif kind == "parquet":
         yield from _records_parquet(path)
     else:
@@ -487,7 +488,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
     gmap = src.grade_map or {g: ("pos" if g == top else "weak" if g > 0 else "neg") for g in grades}
     needed = {d for docs in judgments.values() for d in docs}
     docs: dict[str, str] = {}
-    for item in _records_jsonl(corpus_file):
+    for item in json_records(corpus_file):
         if isinstance(item, BadRow):
             yield item
             continue
@@ -498,7 +499,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             body = (rec.get("text") or "").strip()
             docs[did] = f"{title} {body}".strip() if title else body
     queries: dict[str, str] = {}
-    for item in _records_jsonl(queries_file):
+    for item in json_records(queries_file):
         if isinstance(item, BadRow):
             yield item
             continue
