@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import bz2
+import codecs
 import contextlib
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import lzma
 import os
@@ -174,6 +176,31 @@ def binary_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
                 f"{path}:{lineno + 1}: the {compression_of(path)} data is corrupt or cut short after line {lineno} ({e})",
                 hint="download or compress the file again (the rows read so far were not used)",
             ) from None
+
+
+def is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name in ("utf-8", "utf-8-sig")
+
+
+def text_lines(path: str | Path, encoding: str) -> Iterator[tuple[int, str]]:
+    """Yield (line_number, line) of a data file in a text encoding other than UTF-8, line endings
+    kept (as ``csv`` wants). The bytes go through an incremental decoder, so a character split
+    across raw lines (UTF-16) decodes whole; an undecodable byte is a :class:`DataError` naming
+    the line."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    pending, lineno = "", 0
+    for raw in itertools.chain((raw for _, raw in binary_lines(path)), [None]):  # None: the end, flush
+        try:
+            pending += decoder.decode(b"", final=True) if raw is None else decoder.decode(raw)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno + 1}: not {encoding} text ({e.reason})",
+                            hint="check the source's `encoding`") from None
+        *complete, pending = pending.split("\n")
+        for line in complete:
+            lineno += 1
+            yield lineno, line + "\n"
+    if pending:
+        yield lineno + 1, pending
 
 
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:

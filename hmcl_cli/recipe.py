@@ -13,6 +13,7 @@ Python use::
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import os
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hmcl_cli.errors import RecipeError
 from hmcl_cli.evaluation.metrics import DEV_METRICS
@@ -132,6 +133,19 @@ SourceFormat = Literal[
 ]
 
 
+def _known_encoding(value: str) -> str:
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, cp1252, latin-1, utf-16)") from None
+    return value
+
+
+Encoding = Annotated[str, AfterValidator(_known_encoding)]
+ENCODING_HELP = ("Text encoding of the file(s): e.g. cp1252 or latin-1 for a CSV saved by Excel, utf-16 (any "
+                 "Python codec name).")
+
+
 class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
@@ -155,6 +169,7 @@ class SourceConfig(_Section):
     header: Optional[bool] = Field(
         None, description="CSV/TSV has a header row; unset = detect from the column names."
     )
+    encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
     columns: dict[str, Union[str, int]] = Field(
         default_factory=dict,
         description="Role -> column name or index. Roles: query, candidate, score, label, "
@@ -503,6 +518,7 @@ class EvalTask(_Section):
         default_factory=dict, description="Role -> column name or index, as for data sources.")
     score_range: Optional[tuple[float, float]] = Field(
         None, description="sts: declared score range; scores outside it are bad rows.")
+    encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
     mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
     split: str = Field("test", description="Split to evaluate for hub/BEIR tasks.")
 

@@ -223,3 +223,41 @@ def test_json_array_errors_name_the_line(tmp_path):
     path.write_text(clean[: clean.rindex("]")], encoding="utf-8")
     with pytest.raises(DataError, match="not closed"):
         prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)
+
+
+# ------------------------------------------------------------------------------------------
+# text encodings other than UTF-8 (`encoding` of a source or eval task)
+# ------------------------------------------------------------------------------------------
+
+ACCENTED = "sentence1,sentence2,score\ncafé au lait,un café,4.5\nnaïve,simple,1.0\nZürich,Genève,3.0\n"
+
+
+@pytest.mark.parametrize("encoding,suffix", [("cp1252", ""), ("latin-1", ".gz"), ("utf-16", "")])
+def test_source_in_another_encoding_reads_as_its_utf8_copy(tmp_path, encoding, suffix):
+    plain = tmp_path / "s.csv"
+    plain.write_text(ACCENTED, encoding="utf-8")
+    expected = _prepared(tmp_path, {"path": str(plain), "format": "sts", "split": "train"})
+    other = tmp_path / f"other.csv{suffix}"
+    data = ACCENTED.encode(encoding)
+    other.write_bytes(COMPRESS[suffix](data) if suffix else data)
+    source = {"path": str(other), "format": "sts", "split": "train"}
+    if encoding != "utf-16":  # read as UTF-8, the accented bytes are bad rows that point to `encoding`
+        with pytest.raises(DataError, match=r"other\.csv(\.gz)?:2: not UTF-8 text .*set the source's `encoding`"):
+            prepare(_recipe(tmp_path, [source]), progress=False)
+    assert _prepared(tmp_path, {**source, "encoding": encoding}) == expected and len(expected) == 3
+
+
+def test_json_array_in_another_encoding_and_undecodable_text(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(json.dumps([{"query": "café", "pos": ["un café"]}], ensure_ascii=False).encode("cp1252"))
+    rows = _prepared(tmp_path, {"path": str(path), "format": "graded", "split": "train", "encoding": "cp1252"})
+    assert rows[0]["query"] == "café"
+    latin = tmp_path / "l.csv"
+    latin.write_bytes(ACCENTED.encode("latin-1"))
+    with pytest.raises(DataError, match=r"l\.csv:2: not ascii text"):
+        prepare(_recipe(tmp_path, [{"path": str(latin), "format": "sts", "split": "train", "encoding": "ascii"}]),
+                progress=False)
+    from hmcl_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="unknown text encoding 'latin9x'"):
+        _recipe(tmp_path, [{"path": str(latin), "format": "sts", "encoding": "latin9x"}])

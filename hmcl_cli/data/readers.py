@@ -15,7 +15,7 @@ from typing import Any, Iterator, Optional, Union
 
 from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.errors import DataError
-from hmcl_cli.io_utils import binary_lines, compression_of, data_suffix, find_data_file
+from hmcl_cli.io_utils import binary_lines, compression_of, data_suffix, find_data_file, is_utf8, text_lines
 from hmcl_cli.recipe import SourceConfig
 
 Row = Union[tuple[Any, GradedExample], BadRow]
@@ -76,9 +76,12 @@ def file_type(src: SourceConfig, path: Path) -> str:
 _BAD = "\x00hmcl-bad-line\x00"
 
 
-def _decoded_lines(path: Path) -> Iterator[str]:
-    """Lines of a UTF-8 file (decompressed if compressed); an undecodable line becomes a marker the
-    caller turns into BadRow."""
+def _decoded_lines(path: Path, encoding: str = "utf-8") -> Iterator[str]:
+    """Lines of a text file (decompressed if compressed). In UTF-8 an undecodable line becomes a
+    marker the caller turns into BadRow; in another encoding it stops the read (io_utils.text_lines)."""
+    if not is_utf8(encoding):
+        yield from (line for _, line in text_lines(path, encoding))
+        return
     for lineno, raw in binary_lines(path):
         try:
             yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -88,12 +91,13 @@ def _decoded_lines(path: Path) -> Iterator[str]:
 
 def _bad_utf8(path: Path, line: int, marker: str) -> BadRow:
     byte, col = marker[len(_BAD):].strip().split(":")
-    return BadRow(f"not UTF-8 text (byte {byte} at column {col})", str(path), line, kind="not UTF-8")
+    return BadRow(f"not UTF-8 text (byte {byte} at column {col}; for a file in another encoding set the "
+                  "source's `encoding`, e.g. cp1252)", str(path), line, kind="not UTF-8")
 
 
-def _records_delimited(path: Path, delimiter: str) -> Iterator[Union[tuple[int, list], BadRow]]:
+def _records_delimited(path: Path, delimiter: str, encoding: str = "utf-8") -> Iterator[Union[tuple[int, list], BadRow]]:
     quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-    reader = csv.reader(_decoded_lines(path), delimiter=delimiter, quoting=quoting, strict=True)
+    reader = csv.reader(_decoded_lines(path, encoding), delimiter=delimiter, quoting=quoting, strict=True)
     while True:
         start = reader.line_num + 1
         try:
@@ -111,25 +115,29 @@ def _records_delimited(path: Path, delimiter: str) -> Iterator[Union[tuple[int, 
         yield start, row
 
 
-def _is_json_array(path: Path) -> bool:
+def _is_json_array(path: Path, encoding: str = "utf-8") -> bool:
     """A file whose first non-blank character is ``[``: one JSON array of records, not JSON Lines."""
-    for _, raw in binary_lines(path):
-        text = raw.lstrip(b"\xef\xbb\xbf \t\r\n")
+    for line in _decoded_lines(path, encoding):
+        text = line.lstrip("\ufeff \t\r\n")
         if text:
-            return text.startswith(b"[")
+            return text.startswith("[")
     return False
 
 
-def _records_json_array(path: Path) -> Iterator[tuple[int, Any]]:
+def _records_json_array(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any]]:
     """The records of a JSON array file, each with the line it starts on. The file is read whole
     (a JSON document cannot be streamed row by row); a broken record stops the read (nothing after
     it can be located), even with ``on_error: skip``."""
-    data = b"".join(raw for _, raw in binary_lines(path))
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        bad_line = data.count(b"\n", 0, e.start) + 1
-        raise DataError(f"{path}:{bad_line}: not UTF-8 text ({e.reason})", hint="save the file as UTF-8") from None
+    if is_utf8(encoding):
+        data = b"".join(raw for _, raw in binary_lines(path))
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            bad_line = data.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{bad_line}: not UTF-8 text ({e.reason})",
+                            hint="save the file as UTF-8, or set the source's `encoding`") from None
+    else:
+        text = "".join(line for _, line in text_lines(path, encoding)).lstrip("\ufeff")
     decoder = json.JSONDecoder()
     pos, line, counted = text.index("[") + 1, 1, 0
 
@@ -166,12 +174,12 @@ def _records_json_array(path: Path) -> Iterator[tuple[int, Any]]:
         pos, expect_value = end, False
 
 
-def json_records(path: Path) -> Iterator[Union[tuple[int, Any], BadRow]]:
+def json_records(path: Path, encoding: str = "utf-8") -> Iterator[Union[tuple[int, Any], BadRow]]:
     """(line, record) of a JSON Lines file, or of a .json file holding one JSON array; BadRow for a bad line."""
-    if data_suffix(path) == ".json" and _is_json_array(path):
-        yield from _records_json_array(path)
+    if data_suffix(path) == ".json" and _is_json_array(path, encoding):
+        yield from _records_json_array(path, encoding)
         return
-    for lineno, line in enumerate(_decoded_lines(path), 1):
+    for lineno, line in enumerate(_decoded_lines(path, encoding), 1):
         if line.startswith(_BAD):
             yield _bad_utf8(path, lineno, line)
         elif line.strip():
@@ -222,11 +230,11 @@ def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int
         return
     kind = file_type(src, path)
     if kind == "jsonl":
-        yield from json_records(path)
+        yield from json_records(path, src.encoding)
     elif kind == "parquet":
         yield from _records_parquet(path)
     else:
-        yield from _records_delimited(path, "\t" if kind == "tsv" else ",")
+        yield from _records_delimited(path, "\t" if kind == "tsv" else ",", src.encoding)
 
 
 # --------------------------------------------------------------------------------------------
@@ -467,7 +475,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             )
     corpus_file, queries_file, qrels_file = found.values()
     judgments: dict[str, dict[str, int]] = {}
-    for item in _records_delimited(qrels_file, "\t"):
+    for item in _records_delimited(qrels_file, "\t", src.encoding):
         if isinstance(item, BadRow):
             yield item
             continue
@@ -488,7 +496,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
     gmap = src.grade_map or {g: ("pos" if g == top else "weak" if g > 0 else "neg") for g in grades}
     needed = {d for docs in judgments.values() for d in docs}
     docs: dict[str, str] = {}
-    for item in json_records(corpus_file):
+    for item in json_records(corpus_file, src.encoding):
         if isinstance(item, BadRow):
             yield item
             continue
@@ -499,7 +507,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             body = (rec.get("text") or "").strip()
             docs[did] = f"{title} {body}".strip() if title else body
     queries: dict[str, str] = {}
-    for item in json_records(queries_file):
+    for item in json_records(queries_file, src.encoding):
         if isinstance(item, BadRow):
             yield item
             continue

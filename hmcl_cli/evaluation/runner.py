@@ -57,7 +57,7 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     exists = path.is_dir() if fmt == "qrels" else path.is_file()
     if not exists:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
-    src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range,
+    src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range, encoding=task.encoding,
                        qrels_split=task.split if fmt == "qrels" else "train",
                        label_map={"1": "pos", "0": "neg"} if task.type == "pair_classification" else None)
     merged: dict[tuple, GradedExample] = {}  # rows of one query (answer selection, pairs) -> one example
