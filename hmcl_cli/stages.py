@@ -151,8 +151,12 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks.
 
     Results go to ``json_out``, else (``in_run_dir``) to ``<run>/eval/results.json``."""
+    import importlib.util
+
     from hmcl_cli.evaluation.runner import check_gates, enforce_gates, evaluate, plot_report, print_table, save_report
 
+    if plot and importlib.util.find_spec("matplotlib") is None:  # before the evaluation, not after it
+        raise HmclError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib, or leave out --plot")
     cfg = recipe.eval
     tasks = tasks if tasks is not None else cfg.tasks
     if not tasks:

@@ -306,3 +306,21 @@ def test_a_model_trained_with_matryoshka_sizes_is_scored_at_them_by_default(tmp_
     assert report["models"] == ["plain", "plain@8", "plain@4", "mrl", "mrl@8", "mrl@4"]
     recipe.eval.dims = []  # an explicit empty list: no cut sizes
     assert run_eval(recipe, models={"mrl": str(tmp_path / "run" / "model")}, tasks=tasks, in_run_dir=False)["models"] == ["mrl"]
+
+
+def test_plot_without_matplotlib_is_refused_before_evaluating(tmp_path, monkeypatch):
+    import importlib.util
+
+    from hmcl_cli.errors import HmclError
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_eval
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    recipe = load_recipe(data={"name": "eval", "output_dir": str(tmp_path), "model": {"name_or_path": "none"}})
+    loaded = []
+    monkeypatch.setattr("hmcl_cli.stages.model_loader", lambda r: loaded.append)
+    with pytest.raises(HmclError, match="--plot needs matplotlib") as err:
+        run_eval(recipe, models={"m": "some/model"}, tasks=[EvalTask(name="x", type="sts", path=str(tmp_path / "x.csv"))],
+                 plot=tmp_path / "p.png", in_run_dir=False)
+    assert "pip install matplotlib" in err.value.hint and not loaded
