@@ -110,14 +110,20 @@ def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096, de
     return best_v.numpy(), best_i.numpy()
 
 
-def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product with faiss: exact (flat) for corpora up to ``exact_below`` texts, an
-    IVF index (nlist ~ 4 sqrt(N), 32 probes) beyond; on the GPUs when faiss was built with them."""
+def require_faiss() -> Any:
+    """The faiss module, or a DataError saying how to get it."""
     try:
         import faiss
     except ImportError:
         raise DataError("mine.search: faiss needs the faiss package",
                         hint="pip install faiss-cpu (or faiss-gpu), or use mine.search: exact") from None
+    return faiss
+
+
+def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k by inner product with faiss: exact (flat) for corpora up to ``exact_below`` texts, an
+    IVF index (nlist ~ 4 sqrt(N), 32 probes) beyond; on the GPUs when faiss was built with them."""
+    faiss = require_faiss()
     q = np.ascontiguousarray(q, dtype=np.float32)
     c = np.ascontiguousarray(c, dtype=np.float32)
     k = min(k, c.shape[0])

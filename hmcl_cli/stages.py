@@ -252,8 +252,22 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     return reports
 
 
+def check_stage_packages(recipe: Recipe) -> None:
+    """Before `hmcl run` starts: the optional packages its enabled stages need, so that a missing
+    one stops the run at once rather than after hours of training (mining with faiss, ONNX export)."""
+    if recipe.mine.enabled and recipe.mine.search == "faiss":
+        from hmcl_cli.mining import require_faiss
+
+        require_faiss()
+    if recipe.export.enabled and any(f.startswith("onnx") for f in recipe.export.formats):
+        from hmcl_cli.export.onnx import require_onnx
+
+        require_onnx()
+
+
 def run_all(recipe: Recipe, resume: bool = False) -> None:
     """`hmcl run`: every stage the recipe enables, in order."""
+    check_stage_packages(recipe)
     if recipe.data.sources:
         run_prepare(recipe)
     if recipe.mine.enabled:

@@ -410,3 +410,24 @@ def test_storage_errors_name_the_file_without_guessing_read_or_write():
     assert "permissions" in denied.hint
     full = from_system_error(OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"))
     assert "no space left on the device: /runs/x/model.safetensors" in str(full) and "free space" in full.hint
+
+
+@pytest.mark.parametrize("missing,sections,code", [("onnxruntime", {"export": {"formats": ["merged", "onnx"]}}, 7),
+                                                    ("faiss", {"mine": {"enabled": True, "search": "faiss"}}, DATA)])
+def test_run_stops_at_once_when_a_stage_needs_a_missing_package(tmp_path, tiny_bert, capsys, monkeypatch, missing,
+                                                                  sections, code):
+    """Checked before prepare and training, not when the run reaches export (or mining)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def without(name, *args, **kwargs):
+        if name == missing:
+            raise ImportError(f"no {name}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", without)
+    p = write_recipe(tmp_path, tiny_bert, **sections)
+    got, out, err = cli(capsys, monkeypatch, "run", p)
+    assert got == code and "pip install" in err, (got, err)
+    assert not (tmp_path / "run" / "data").exists()  # nothing ran

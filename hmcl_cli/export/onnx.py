@@ -26,7 +26,8 @@ from hmcl_cli.io_utils import atomic_path
 ONNX_THRESHOLD = 0.9999
 
 
-def _require_onnx() -> None:
+def require_onnx() -> None:
+    """Raise ExportError unless onnx and onnxruntime can be imported."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -78,7 +79,7 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
                 opset: int = 17, dev_examples: Optional[list] = None) -> dict:
     from hmcl_cli.modeling.encoder import EmbeddingModel, tokenizer_with_eos
 
-    _require_onnx()
+    require_onnx()
     model = EmbeddingModel.load(str(model_dir), attn_implementation="eager")
     model.eval()
     if model.segments is not None:
