@@ -10,12 +10,13 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import typing
 from pathlib import Path
 from typing import Optional
 
 from hmcl_cli.console import log, warn
-from hmcl_cli.errors import DataError, HmclError, ModelNotFoundError, RecipeError
+from hmcl_cli.errors import DataError, HmclError, ModelNotFoundError, RecipeError, StorageError, from_system_error
 from hmcl_cli.io_utils import RunLock, write_text_atomic
 from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
 
@@ -157,6 +158,15 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
 
     if plot and importlib.util.find_spec("matplotlib") is None:  # before the evaluation, not after it
         raise HmclError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib, or leave out --plot")
+    for target in (json_out, plot):  # a place the results cannot be written: said now, not after the evaluation
+        if target is not None:
+            try:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                probe = tempfile.NamedTemporaryFile(dir=Path(target).parent, prefix=".hmcl-write-check-")
+                probe.close()
+            except OSError as e:
+                raise (from_system_error(e) or StorageError(f"cannot write {target}: {e}",
+                                                            hint="choose another --json / --plot path")) from None
     cfg = recipe.eval
     tasks = tasks if tasks is not None else cfg.tasks
     if not tasks:

@@ -227,6 +227,15 @@ def eval_bad_gate(tmp, model):
         "sts spearman is good"]
 
 
+def eval_json_where_it_cannot_be_written(tmp, model):
+    """Refused before the evaluation (it was an internal error after it)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sts.csv").write_text("the cat,a cat,4.0\nthe dog,stocks fell,0.5\n")
+    (tmp / "a-file").write_text("")
+    return ["eval", "--model", model, "--sts", tmp / "sts.csv", "--json", tmp / "a-file" / "out.json"], STORAGE, [
+        "cannot write", "a-file/out.json"]
+
+
 def mine_missing_corpus(tmp, model):
     p = write_recipe(tmp, model, mine={"corpus": ["corpus.jsonl"]})
     from hmcl_cli.data.prepare import prepare
@@ -273,7 +282,8 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          missing_data_file, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
-         onnx_export_missing_run, export_unknown_format, eval_missing_file, eval_bad_gate, mine_missing_corpus,
+         onnx_export_missing_run, export_unknown_format, eval_missing_file, eval_bad_gate,
+         eval_json_where_it_cannot_be_written, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
 
 
