@@ -203,14 +203,6 @@ def text_lines(path: str | Path, encoding: str) -> Iterator[tuple[int, str]]:
         yield lineno + 1, pending
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line_number, object) for each non-empty line (compressed files too); raises ValueError on bad JSON."""
-    for lineno, raw in binary_lines(path):
-        line = raw.decode("utf-8")
-        if line.strip():
-            yield lineno, json.loads(line)
-
-
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

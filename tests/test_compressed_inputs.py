@@ -261,3 +261,11 @@ def test_json_array_in_another_encoding_and_undecodable_text(tmp_path):
 
     with pytest.raises(RecipeError, match="unknown text encoding 'latin9x'"):
         _recipe(tmp_path, [{"path": str(latin), "format": "sts", "encoding": "latin9x"}])
+
+
+def test_graded_loader_names_the_bad_line(tmp_path):
+    """load_graded (a run's train/dev files) reads through the sources' JSON reader."""
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"query": "a", "pos": ["b"]}\n{"query": \n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"train\.jsonl:2: invalid JSON"):
+        load_graded(path)

@@ -18,9 +18,9 @@ import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
-from hmcl_cli.data.readers import read_source, source_label
+from hmcl_cli.data.readers import json_records, read_source, source_label
 from hmcl_cli.errors import DataError
-from hmcl_cli.io_utils import read_jsonl, write_json_atomic, write_jsonl_atomic
+from hmcl_cli.io_utils import write_json_atomic, write_jsonl_atomic
 from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
@@ -222,21 +222,20 @@ def token_length_stats(tokenizer: Any, rows: list[dict], max_length: Optional[di
 
 
 def load_graded(path: str | Path) -> list[GradedExample]:
-    """Read a graded JSONL file (ours or FlagEmbedding's); errors name the file and line."""
+    """Read a graded JSONL file (ours or FlagEmbedding's) with the sources' JSON reader; errors
+    name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"graded dataset {path} does not exist", hint="run `hmcl prepare RECIPE` first")
     out = []
-    try:
-        for lineno, obj in read_jsonl(path):
-            try:
-                out.append(parse_graded(obj))
-            except BadRow as bad:
-                raise DataError(f"{path}:{lineno}: {bad.reason}") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
-    except ValueError as e:
-        raise DataError(f"{path}: invalid JSON line: {e}") from None
+    for item in json_records(path):
+        if isinstance(item, BadRow):
+            raise DataError(item.located())
+        lineno, obj = item
+        try:
+            out.append(parse_graded(obj))
+        except BadRow as bad:
+            raise DataError(f"{path}:{lineno}: {bad.reason}") from None
     return out
 
 
