@@ -152,21 +152,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks.
 
     Results go to ``json_out``, else (``in_run_dir``) to ``<run>/eval/results.json``."""
-    import importlib.util
-
     from hmcl_cli.evaluation.runner import check_gates, enforce_gates, evaluate, plot_report, print_table, save_report
 
-    if plot and importlib.util.find_spec("matplotlib") is None:  # before the evaluation, not after it
-        raise HmclError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib, or leave out --plot")
-    for target in (json_out, plot):  # a place the results cannot be written: said now, not after the evaluation
-        if target is not None:
-            try:
-                Path(target).parent.mkdir(parents=True, exist_ok=True)
-                probe = tempfile.NamedTemporaryFile(dir=Path(target).parent, prefix=".hmcl-write-check-")
-                probe.close()
-            except OSError as e:
-                raise (from_system_error(e) or StorageError(f"cannot write {target}: {e}",
-                                                            hint="choose another --json / --plot path")) from None
+    _check_eval_outputs(json_out, plot)
     cfg = recipe.eval
     tasks = tasks if tasks is not None else cfg.tasks
     if not tasks:
@@ -186,17 +174,8 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
-    if cfg.dims == "auto":  # the recipe's sizes and those any compared hmcl model was trained for
-        from hmcl_cli.modeling.encoder import saved_matryoshka_dims
-
-        found = set(recipe.loss.matryoshka_dims)
-        for m in models.values():
-            if isinstance(m, (str, Path)) and Path(m).is_dir():
-                found.update(saved_matryoshka_dims(m))
-        dims = sorted(found, reverse=True)
-    else:
-        dims = cfg.dims
-    report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe), dims=dims)
+    report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe),
+                      dims=_eval_dims(recipe, models))
     print_table(report, title=f"evaluation ({recipe.name})")
     subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
     gate_rows = check_gates(report, gates if gates is not None else cfg.gate, subject) if (gates or cfg.gate) else []
@@ -215,6 +194,37 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         raise (ModelNotFoundError if only_models else DataError)(
             f"{len(failed)} evaluation(s) failed: {', '.join(failed)}{where}", hint="see the errors under the table")
     return report
+
+
+def _check_eval_outputs(json_out: Optional[Path], plot: Optional[Path]) -> None:
+    """Before the evaluation, not after it: --plot needs matplotlib, and --json / --plot a place
+    that can be written."""
+    import importlib.util
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise HmclError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib, or leave out --plot")
+    for target in (json_out, plot):
+        if target is not None:
+            try:
+                Path(target).parent.mkdir(parents=True, exist_ok=True)
+                tempfile.NamedTemporaryFile(dir=Path(target).parent, prefix=".hmcl-write-check-").close()
+            except OSError as e:
+                raise (from_system_error(e) or StorageError(f"cannot write {target}: {e}",
+                                                            hint="choose another --json / --plot path")) from None
+
+
+def _eval_dims(recipe: Recipe, models: dict) -> list[int]:
+    """The sizes every model is also scored cut to: ``eval.dims``, or under ``auto`` the recipe's
+    matryoshka sizes and those any compared hmcl model folder was trained for."""
+    if recipe.eval.dims != "auto":
+        return list(recipe.eval.dims)
+    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+
+    found = set(recipe.loss.matryoshka_dims)
+    for m in models.values():
+        if isinstance(m, (str, Path)) and Path(m).is_dir():
+            found.update(saved_matryoshka_dims(m))
+    return sorted(found, reverse=True)
 
 
 def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: Optional[Path] = None,
