@@ -481,8 +481,8 @@ class LossConfig(_Section):
     )
     matryoshka_weights: Optional[list[float]] = Field(
         None, description="Weight of each matryoshka size's loss, in the order of matryoshka_dims; default 1 / "
-        "the number of sizes each, so the cut sizes together weigh as much as the full size (better than 1 each "
-        "at every size on TrecQA, level on STS: benchmarks/RESULTS.md)."
+        "the number of sizes each, so the cut sizes together weigh as much as the full size (on TrecQA better "
+        "than 1 each at four sizes and level at 64, level on STS: benchmarks/RESULTS.md)."
     )
 
     @model_validator(mode="after")
