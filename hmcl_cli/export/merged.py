@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from hmcl_cli.console import log
+from hmcl_cli.console import log, warn
 from hmcl_cli.errors import ExportError
 from hmcl_cli.io_utils import atomic_path
 
@@ -29,10 +29,43 @@ def parity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min())}
 
 
+def cut_reference(emb: np.ndarray, dim: Optional[int], normalize: bool) -> np.ndarray:
+    """Embeddings as the model cut to ``dim`` gives them: the first ``dim`` values, re-normalised."""
+    if not dim:
+        return emb
+    emb = emb[:, :dim]
+    return emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(min=1e-12) if normalize else emb
+
+
+def cut_model(model: Any, dim: Optional[int], source: Path) -> None:
+    """Make ``model`` output its embeddings cut to their first ``dim`` values (``export.dim``): a
+    Dense layer that keeps them is appended to its head, before the normalisation, so every
+    sentence-transformers loader and the ONNX graph cut alike. Warns when the model was not
+    trained for that size (``loss.matryoshka_dims``)."""
+    from hmcl_cli.modeling.st_modules import cut_layer
+
+    if not dim:
+        return
+    full = model.dim
+    if dim >= full:
+        raise ExportError(f"export.dim {dim}: the embeddings of {source} have {full} dimensions; a cut must be smaller",
+                          hint=f"pick a size below {full}, or leave export.dim unset for the whole embedding")
+    trained = list(model.settings.matryoshka_dims)
+    if dim not in trained:
+        warn(f"export.dim {dim}: {source} was not trained to be cut to {dim} dimensions "
+             f"({'it was trained for ' + ', '.join(map(str, trained)) if trained else 'no loss.matryoshka_dims'}); "
+             f"`hmcl eval --dim {dim}` shows what the cut costs")
+    model.head.append(cut_layer(dim, full).to(model.device))
+    model.settings.matryoshka_dims = [d for d in trained if d < dim]
+
+
 def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] = None, card: Optional[dict] = None,
-                  threshold: float = 0.99999) -> dict:
-    """Copy/merge ``model_dir`` into a sentence-transformers folder ``out`` and verify it."""
-    from hmcl_cli.modeling.encoder import EmbeddingModel
+                  threshold: float = 0.99999, dim: Optional[int] = None) -> dict:
+    """Copy/merge ``model_dir`` into a sentence-transformers folder ``out`` and verify it; with
+    ``dim`` the folder outputs the embeddings cut to their first ``dim`` values (see cut_model)."""
+    from dataclasses import replace
+
+    from hmcl_cli.modeling.encoder import EmbeddingModel, write_st_config
 
     texts = VERIFY_TEXTS + list(extra_texts or [])
     adapter = model_dir / "adapter"
@@ -46,16 +79,22 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
         base_name = saved_path if Path(saved_path).is_dir() else base.settings.base_model
         base.backbone = _load_backbone(base_name, base.backbone)
         base_emb = base.encode(texts, side="doc").numpy()
-        reference = EmbeddingModel(PeftModel.from_pretrained(base.backbone, str(adapter)), base.tokenizer, base.settings)
+        reference = EmbeddingModel(PeftModel.from_pretrained(base.backbone, str(adapter)), base.tokenizer, base.settings, base.head)
     else:
         reference = EmbeddingModel.load(str(model_dir))
-    ref = reference.encode(texts, side="doc").numpy()
+    ref = cut_reference(reference.encode(texts, side="doc").numpy(), dim, reference.settings.normalize)
+    if base_emb is not None:
+        base_emb = cut_reference(base_emb, dim, reference.settings.normalize)
     with atomic_path(out, is_dir=True) as tmp:
         for f in model_dir.iterdir():
             if f.name != "adapter":
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        if dim:
+            cut = EmbeddingModel.load(str(tmp))
+            cut_model(cut, dim, model_dir)
+            write_st_config(tmp, replace(cut.settings, append_eos=False), int(cut.backbone.config.hidden_size), cut.head)
         if card is not None:
-            (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
+            (tmp / "README.md").write_text(model_card({**card, "dim": dim} if dim else card), encoding="utf-8")
         exported = EmbeddingModel.load(str(tmp)).encode(texts, side="doc").numpy()
         report = parity(ref, exported)
         if report["mean_cosine"] < threshold:
@@ -66,8 +105,11 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
             if report["max_abs_diff_vs_base"] < 1e-6:
                 raise ExportError("merged LoRA export equals the base model (the adapter was not merged)",
                                   hint="please report this as a bug")
+        if dim:
+            report["dim"] = dim
         (tmp / "hmcl_export.json").write_text(json.dumps({"format": "merged", **report}, indent=2))
-    log(f"export merged -> {out}: mean cosine vs trained {report['mean_cosine']:.6f} (min {report['min_cosine']:.6f})")
+    log(f"export merged -> {out}{f' (cut to {dim} dimensions)' if dim else ''}: mean cosine vs trained"
+        f"{' cut alike' if dim else ''} {report['mean_cosine']:.6f} (min {report['min_cosine']:.6f})")
     return report
 
 
@@ -86,7 +128,11 @@ def model_card(info: dict) -> str:
               "model = SentenceTransformer('PATH')", "emb = model.encode(['How long does a refund take?'])", "```", "",
               "transformers: load with `AutoModel`, mean/CLS/last-token pool as `1_Pooling/config.json` says, then L2-normalise.",
               "", "mteb: `mteb.get_model('PATH')` or wrap the SentenceTransformer above.", ""]
-    if info.get("matryoshka_dims"):
+    if info.get("dim"):
+        lines += ["## Embedding size", "",
+                  f"Exported cut to its first {info['dim']} dimensions (a Dense layer keeps them, before the "
+                  "normalisation): `model.encode` returns them directly.", ""]
+    elif info.get("matryoshka_dims"):
         dims = ", ".join(map(str, info["matryoshka_dims"]))
         lines += ["## Smaller embeddings (matryoshka)", "",
                   f"Trained to be cut to its first {dims} dimensions as well as used whole. Cut with "

@@ -20,7 +20,7 @@ import torch
 
 from hmcl_cli.console import log
 from hmcl_cli.errors import ExportError
-from hmcl_cli.export.merged import VERIFY_TEXTS, parity
+from hmcl_cli.export.merged import VERIFY_TEXTS, cut_model, cut_reference, parity
 from hmcl_cli.io_utils import atomic_path
 
 ONNX_THRESHOLD = 0.9999
@@ -76,7 +76,10 @@ class OnnxEmbedder:
 
 
 def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts: Optional[list[str]] = None,
-                opset: int = 17, dev_examples: Optional[list] = None) -> dict:
+                opset: int = 17, dev_examples: Optional[list] = None, dim: Optional[int] = None) -> dict:
+    """Export ``model_dir`` as an ONNX graph (int8 with ``quantize``) in the folder ``out`` and verify
+    it against the torch model; with ``dim`` the graph outputs the embeddings cut to their first
+    ``dim`` values, checked against the torch embeddings cut alike."""
     from hmcl_cli.modeling.encoder import EmbeddingModel, tokenizer_with_eos
 
     require_onnx()
@@ -89,7 +92,8 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
              f"encodes one sequence (texts are truncated to {model.settings.doc_max_length} tokens)")
         model.settings.segment_length = 0  # verify the graph against the plain encoding it implements
     texts = VERIFY_TEXTS + list(extra_texts or [])
-    reference = model.encode(texts, side="doc").numpy()
+    reference = cut_reference(model.encode(texts, side="doc").numpy(), dim, model.settings.normalize)
+    cut_model(model, dim, model_dir)
     sample = model.pad(model.tokenize(texts[:2], side="doc"))
     with atomic_path(out, is_dir=True) as tmp:
         path = tmp / "model.onnx"
@@ -116,13 +120,16 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
         got = onnx_encode(final, model, texts)
         report = parity(reference, got)
         report["file"] = final.name
+        if dim:
+            report["dim"] = dim
         if not quantize and report["mean_cosine"] < ONNX_THRESHOLD:
             raise ExportError(f"ONNX export does not match the trained model: mean cosine {report['mean_cosine']:.6f} "
                               f"< {ONNX_THRESHOLD}", hint="try --set export.opset=18, and please report it")
         if quantize and dev_examples:
             report["dev"] = _dev_delta(model, OnnxEmbedder(final, model), dev_examples)
         (tmp / "hmcl_export.json").write_text(json.dumps({"format": "onnx-int8" if quantize else "onnx", **report}, indent=2))
-    log(f"export {'onnx-int8' if quantize else 'onnx'} -> {out}: mean cosine vs torch {report['mean_cosine']:.6f} "
+    log(f"export {'onnx-int8' if quantize else 'onnx'} -> {out}{f' (cut to {dim} dimensions)' if dim else ''}: "
+        f"mean cosine vs torch {report['mean_cosine']:.6f} "
         f"(min {report['min_cosine']:.6f})")
     if "dev" in report:
         d = report["dev"]

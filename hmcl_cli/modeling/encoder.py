@@ -18,6 +18,7 @@ import contextlib
 import functools
 import itertools
 import json
+import shutil
 import threading
 import warnings
 from dataclasses import asdict, dataclass, field, replace
@@ -59,6 +60,7 @@ class EncoderSettings:
     segment_overlap: int = 0
     segment_pooling: str = "weighted"
     matryoshka_dims: list = field(default_factory=list)  # sizes it was trained to be cut to (loss.matryoshka_dims)
+    lowercase: bool = False  # texts lower-cased before tokenising (sentence-transformers' do_lower_case)
 
 
 def saved_matryoshka_dims(folder: str | Path) -> list[int]:
@@ -84,41 +86,17 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def _st_settings(folder: Path) -> dict:
-    """Pooling/normalize/prompts/max length from a sentence-transformers folder, if it is one."""
-    out: dict = {}
-    modules = _read_json(folder / "modules.json")
-    if not isinstance(modules, list):
-        return out
-    out["normalize"] = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
-    for m in modules:
-        if str(m.get("type", "")).endswith("Pooling"):
-            cfg = _read_json(folder / m.get("path", "1_Pooling") / "config.json")
-            if cfg.get("pooling_mode_cls_token"):
-                out["pooling"] = "cls"
-            elif cfg.get("pooling_mode_lasttoken"):
-                out["pooling"] = "last_token"
-            elif cfg.get("pooling_mode_mean_tokens"):
-                out["pooling"] = "mean"
-    sbert = _read_json(folder / "sentence_bert_config.json")
-    if "max_seq_length" in sbert:
-        out["max_seq_length"] = int(sbert["max_seq_length"])
-    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
-    if prompts.get("query"):
-        out["query_prompt"] = prompts["query"]
-    for k in ("document", "passage", "doc"):
-        if prompts.get(k):
-            out["doc_prompt"] = prompts[k]
-            break
-    return out
-
-
 class EmbeddingModel(nn.Module):
-    """Backbone + pooling + normalisation. ``forward(input_ids, attention_mask) -> [B, D]``."""
+    """Backbone + pooling + head + normalisation. ``forward(input_ids, attention_mask) -> [B, D]``.
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EncoderSettings):
+    ``head``: the layers a sentence-transformers folder applies to the pooled embedding (Dense,
+    LayerNorm, Dropout; see modeling/st_modules.py), trained with the backbone and saved back."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, settings: EncoderSettings,
+                 head: Optional[Sequence[nn.Module]] = None):
         super().__init__()
         self.backbone = backbone
+        self.head = nn.ModuleList(head or [])
         self.tokenizer = tokenizer
         self.settings = settings
         tokenizer.padding_side = settings.padding_side
@@ -165,11 +143,13 @@ class EmbeddingModel(nn.Module):
         dtype: Optional[torch.dtype] = None,
     ) -> "EmbeddingModel":
         """Load from a local folder, hub id or offline package (see ``resolve_model``)."""
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
+
+        from hmcl_cli.modeling.st_modules import read_pipeline
 
         folder = resolve_model(name_or_path, revision, base_dir)
         saved = _read_json(folder / HMCL_CONFIG)
-        st = _st_settings(folder)
+        st = read_pipeline(folder)
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -180,6 +160,7 @@ class EmbeddingModel(nn.Module):
                 "code need model.trust_remote_code: true",
             ) from None
         decoder = bool(saved.get("is_decoder", is_decoder_config(config)))
+        model_class = backbone_class(config, folder)
         kwargs: dict = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
@@ -189,7 +170,7 @@ class EmbeddingModel(nn.Module):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     extra = {"attn_implementation": attn} if attn else {}
-                    backbone = AutoModel.from_pretrained(folder, config=config, **kwargs, **extra)
+                    backbone = model_class.from_pretrained(folder, config=config, **kwargs, **extra)
                 break
             except (ValueError, ImportError) as e:  # kernel not supported by this architecture
                 last_error = e
@@ -202,27 +183,36 @@ class EmbeddingModel(nn.Module):
             raise ModelNotFoundError(f"{folder}: could not build the model: {last_error}")
 
         default_pool = "last_token" if decoder else "mean"
-        pool = pooling if pooling != "auto" else saved.get("pooling", st.get("pooling", default_pool))
-        base_len = max_length or st.get("max_seq_length") or 128
+        pool = pooling if pooling != "auto" else saved.get("pooling", st.pooling or default_pool)
+        base_len = max_length or st.max_seq_length or 128
         settings = EncoderSettings(
             pooling=pool,
-            normalize=normalize if normalize is not None else saved.get("normalize", st.get("normalize", True)),
+            normalize=normalize if normalize is not None else saved.get("normalize", st.normalize if st.pooling else True),
             query_max_length=query_max_length or (saved.get("query_max_length") if max_length is None else None) or base_len,
             doc_max_length=doc_max_length or (saved.get("doc_max_length") if max_length is None else None) or base_len,
-            query_prompt=query_prompt if query_prompt else saved.get("query_prompt", st.get("query_prompt", "")),
-            doc_prompt=doc_prompt if doc_prompt else saved.get("doc_prompt", st.get("doc_prompt", "")),
-            padding_side=padding_side if padding_side != "auto" else ("left" if pool == "last_token" else "right"),
+            query_prompt=query_prompt if query_prompt else saved.get("query_prompt", st.query_prompt),
+            doc_prompt=doc_prompt if doc_prompt else saved.get("doc_prompt", st.doc_prompt),
+            # left only for decoders: an encoder's absolute positions would move with the padding
+            padding_side=padding_side if padding_side != "auto" else ("left" if pool == "last_token" and decoder else "right"),
             is_decoder=decoder,
             base_model=saved.get("base_model") or name_or_path,
             segment_length=int(saved.get("segment_length", 0)),
             segment_overlap=int(saved.get("segment_overlap", 0)),
             segment_pooling=saved.get("segment_pooling", "weighted"),
             matryoshka_dims=[int(d) for d in saved.get("matryoshka_dims", [])],
+            lowercase=st.lowercase,
         )
+        if not st.include_prompt and pool in POOLS_OVER_TOKENS and (settings.query_prompt or settings.doc_prompt):
+            raise ModelNotFoundError(
+                f"{folder}: its pooling leaves the prompt's tokens out (1_Pooling include_prompt: false), which "
+                f"hmcl does not do; with the prompt {settings.query_prompt or settings.doc_prompt!r} the embeddings "
+                "would differ from sentence-transformers'",
+                hint="set model.query_prompt and model.doc_prompt to '' (and no prompts in the data), or "
+                "use a model whose pooling includes the prompt")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
-        return cls(backbone, tokenizer, settings)
+        return cls(backbone, tokenizer, settings, st.head)  # the head stays float32 (it trains; it is small)
 
     @classmethod
     def from_recipe(cls, model_cfg: Any, base_dir: Optional[Path] = None, name_or_path: Optional[str] = None,
@@ -256,6 +246,8 @@ class EmbeddingModel(nn.Module):
         max_len = s.query_max_length if side == "query" else s.doc_max_length
         if prompt:
             texts = [prompt + t for t in texts]
+        if s.lowercase:
+            texts = [t.lower() for t in texts]
         eos = self.tokenizer.eos_token_id
         limit = max_len - 1 if s.append_eos else max_len
         ids = token_ids(self.tokenizer, texts, limit)
@@ -293,7 +285,8 @@ class EmbeddingModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
-        """Pooled token states, before normalisation (segments are averaged at this stage).
+        """Pooled token states through the head's layers, before normalisation (segments are
+        averaged at this stage).
         ``n_real``: the batch's real tokens where the caller knows them without asking the device;
         with it the backbone may run unpadded (``model.unpad``; on a CPU hmcl counts them itself)."""
         packed = self.packed_tokens(attention_mask, n_real)
@@ -302,7 +295,12 @@ class EmbeddingModel(nn.Module):
                 hidden = unpad.unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
             else:
                 hidden = last_hidden(self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask)))
-        return pool(hidden, attention_mask, self.settings.pooling)
+        emb = pool(hidden, attention_mask, self.settings.pooling)
+        if len(self.head):
+            emb = emb.float()  # the head's weights are float32 (under autocast its matmuls run in bf16)
+            for layer in self.head:
+                emb = layer(emb)
+        return emb
 
     def packed_tokens(self, attention_mask: torch.Tensor, n_real: Optional[int]) -> Optional[int]:
         """The real-token count to run this batch unpadded with, or None to run it padded: never
@@ -400,7 +398,10 @@ class EmbeddingModel(nn.Module):
 
     @property
     def dim(self) -> int:
-        return int(self.backbone.config.hidden_size)
+        """The embedding's size: the backbone's hidden size, or the head's last projection."""
+        from hmcl_cli.modeling.st_modules import head_dim
+
+        return head_dim(self.head, int(self.backbone.config.hidden_size))
 
     @torch.no_grad()
     def encode(
@@ -459,7 +460,8 @@ class EmbeddingModel(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(folder, safe_serialization=True)
         (tokenizer_with_eos(self.tokenizer) if self.settings.append_eos else self.tokenizer).save_pretrained(folder)
-        write_st_config(folder, replace(self.settings, append_eos=False), self.dim)  # tokenizer appends EOS now
+        # the tokenizer appends EOS now
+        write_st_config(folder, replace(self.settings, append_eos=False), int(self.backbone.config.hidden_size), self.head)
 
 
 class HostRows:
@@ -495,28 +497,34 @@ class HostRows:
         return self.rows
 
 
-def write_st_config(folder: Path, s: EncoderSettings, dim: int) -> None:
+def write_st_config(folder: Path, s: EncoderSettings, hidden: int, head: Sequence[nn.Module] = ()) -> None:
+    """The sentence-transformers files of a saved model: modules (transformer, pooling, the head's
+    layers, Normalize), pooling config, max length, prompts; and hmcl_config.json."""
+    from hmcl_cli.modeling.st_modules import POOLING_MODES
+
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
+    for layer in head:  # written fresh: a folder saved over keeps no layer of an earlier head
+        i = len(modules)
+        path = f"{i}_{layer.kind}"
+        shutil.rmtree(folder / path, ignore_errors=True)
+        layer.save(folder / path)
+        modules.append({"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{layer.kind}"})
     if s.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir(exist_ok=True)
+        i = len(modules)
+        modules.append({"idx": i, "name": str(i), "path": f"{i}_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / f"{i}_Normalize").mkdir(exist_ok=True)
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": dim,
-        "pooling_mode_cls_token": s.pooling == "cls",
-        "pooling_mode_mean_tokens": s.pooling == "mean",
-        "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-        "pooling_mode_weightedmean_tokens": False,
-        "pooling_mode_lasttoken": s.pooling == "last_token",
+        "word_embedding_dimension": hidden,
+        **{key: s.pooling == mode for key, mode in POOLING_MODES.items()},
         "include_prompt": True,
     }, indent=2))
     (folder / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": False}, indent=2))
+        {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": s.lowercase}, indent=2))
     prompts = {k: v for k, v in (("query", s.query_prompt), ("document", s.doc_prompt)) if v}
     (folder / "config_sentence_transformers.json").write_text(json.dumps({
         "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
@@ -525,11 +533,21 @@ def write_st_config(folder: Path, s: EncoderSettings, dim: int) -> None:
     (folder / HMCL_CONFIG).write_text(json.dumps(asdict(s), indent=2))
 
 
+POOLS_OVER_TOKENS = {"mean", "max", "mean_sqrt_len", "weighted_mean"}  # poolings a prompt's tokens enter
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
-    """Pool token states [B, T, D] with the attention mask [B, T] into [B, D]."""
-    if mode == "mean":
+    """Pool token states [B, T, D] with the attention mask [B, T] into [B, D] (sentence-transformers'
+    modes; ``weighted_mean`` weights the k-th real token by k, whichever side the padding is on)."""
+    if mode in ("mean", "mean_sqrt_len", "weighted_mean"):
         m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if mode == "weighted_mean":
+            m = m * mask.cumsum(1).unsqueeze(-1).to(hidden.dtype)
+        total = (hidden * m).sum(1)
+        count = m.sum(1).clamp(min=1e-9)
+        return total / (count.sqrt() if mode == "mean_sqrt_len" else count)
+    if mode == "max":
+        return hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     if mode == "cls":
         first = mask.float().argmax(dim=1)  # first real token (works with left padding too)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), first]
@@ -538,6 +556,25 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
         last = width - 1 - mask.flip(1).float().argmax(dim=1)  # last real token, any padding side
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling {mode!r}")
+
+
+ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
+
+
+def backbone_class(config: Any, folder: Path) -> Any:
+    """The transformers class that encodes with ``config``: AutoModel, or for an encoder-decoder
+    (T5 family: sentence-t5, gtr-t5) its encoder alone, as sentence-transformers loads it."""
+    import transformers
+
+    name = ENCODER_ONLY.get(getattr(config, "model_type", ""))  # (a saved T5 encoder's config may not say encoder-decoder)
+    if name is None and not getattr(config, "is_encoder_decoder", False):
+        return transformers.AutoModel
+    if name is None:
+        raise ModelNotFoundError(
+            f"{folder}: {getattr(config, 'model_type', '?')} is an encoder-decoder model; hmcl encodes with "
+            f"encoder-only or decoder-only backbones (and the encoder of {', '.join(sorted(ENCODER_ONLY))})",
+            hint="pick an encoder (BERT-class) or decoder (Qwen/Llama-class) embedding model")
+    return getattr(transformers, name)
 
 
 def tokenizer_with_eos(tokenizer: Any) -> Any:

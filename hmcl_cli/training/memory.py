@@ -139,13 +139,16 @@ def _layers_key(config: Any) -> str:
 def _meta_model(config: Any, layers: Optional[int], dtype: torch.dtype, lora: Any = None) -> torch.nn.Module:
     import copy
 
-    from transformers import AutoModel
+    from pathlib import Path
+
+    from hmcl_cli.modeling.encoder import backbone_class
 
     cfg = copy.deepcopy(config)
     if layers is not None:
         setattr(cfg, _layers_key(cfg), layers)
+    cls = backbone_class(cfg, Path(getattr(cfg, "_name_or_path", "") or "."))  # T5: the encoder alone, as trained
     with torch.device("meta"):
-        model = AutoModel.from_config(cfg, dtype=dtype)
+        model = cls.from_config(cfg, dtype=dtype) if hasattr(cls, "from_config") else cls._from_config(cfg, dtype=dtype)
     if lora is not None and lora.enabled:
         from hmcl_cli.modeling.lora import apply_lora
 

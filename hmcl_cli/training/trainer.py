@@ -35,6 +35,7 @@ Python use::
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -675,7 +676,7 @@ class HMCLTrainer:
             if is_peft(model.backbone):
                 model.backbone.save_pretrained(tmp / "adapter")
                 merged = _merged_copy(model.backbone)
-                EmbeddingModel(merged, model.tokenizer, model.settings).save(tmp)
+                EmbeddingModel(merged, model.tokenizer, model.settings, model.head).save(tmp)
             else:
                 model.save(tmp)
             if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
@@ -702,7 +703,8 @@ class HMCLTrainer:
         left = [n for n, t in [*backbone.named_parameters(), *backbone.named_buffers()] if t.is_meta]
         if left:
             raise RuntimeError(f"gathered weights do not fill the model: {left[:3]}")
-        return EmbeddingModel(backbone.eval(), self.model.tokenizer, self.model.settings)
+        head = [copy.deepcopy(layer).cpu() for layer in self.model.head]  # replicated, not sharded: whole on each process
+        return EmbeddingModel(backbone.eval(), self.model.tokenizer, self.model.settings, head)
 
     def save_final(self) -> Path:
         """``<run>/model``: the best dev model when there was a dev set, else the last."""
