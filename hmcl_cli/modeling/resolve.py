@@ -22,6 +22,41 @@ _ALIASES = {k.split("/")[-1].lower(): k for k in OFFLINE_PACKAGES} | {k.lower():
 
 MODEL_MARKERS = ("config.json", "modules.json", "adapter_config.json")
 
+# files of a hub repo that hmcl never reads: other frameworks' weights and exported copies
+SKIPPED_FILES = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel", "*.gguf", "openvino_model.*")
+SKIPPED_FOLDERS = ("onnx", "openvino", "coreml", "tflite", "gguf")
+TORCH_PICKLES = (".bin", ".pt", ".pth")
+
+
+def files_to_download(files: list[str]) -> list[str]:
+    """The files of a hub repo hmcl needs: everything but other frameworks' weights (TensorFlow,
+    Flax, Rust), exported copies (ONNX, OpenVINO, Core ML, GGUF) and, in a folder that has
+    safetensors weights, the same weights pickled (``pytorch_model.bin``). For a BERT-class
+    sentence-transformers repo that is one copy of the weights where the repo holds several."""
+    import fnmatch
+
+    with_safetensors = {f.rpartition("/")[0] for f in files if f.endswith(".safetensors")}
+    keep = []
+    for f in files:
+        folder, _, name = f.rpartition("/")
+        if f.split("/", 1)[0] in SKIPPED_FOLDERS and "/" in f:
+            continue
+        if any(fnmatch.fnmatch(name, pattern) for pattern in SKIPPED_FILES):
+            continue
+        if name.endswith(TORCH_PICKLES) and folder in with_safetensors:
+            continue
+        keep.append(f)
+    return keep
+
+
+def _download(name: str, revision: Optional[str]) -> Path:
+    """Download the files of ``name`` hmcl needs (see files_to_download) and return the folder."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    info = HfApi().model_info(name, revision=revision)
+    wanted = files_to_download([s.rfilename for s in info.siblings or []])
+    return Path(snapshot_download(name, revision=info.sha or revision, allow_patterns=wanted or None, etag_timeout=10))
+
 
 def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get(
@@ -81,7 +116,7 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
             return pkg
     if not is_offline():
         try:
-            return Path(snapshot_download(name_or_path, revision=revision, etag_timeout=10))
+            return _download(name_or_path, revision)
         except Exception as e:  # noqa: BLE001
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         else:  # pragma: no cover
