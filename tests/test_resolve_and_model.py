@@ -69,6 +69,35 @@ def test_hub_download_takes_only_the_files_hmcl_reads(monkeypatch):
     assert files_to_download(["config.json", "pytorch_model.bin", "tf_model.h5"]) == ["config.json", "pytorch_model.bin"]
 
 
+@pytest.mark.parametrize("network", [True, False])
+def test_a_cached_copy_without_sentence_transformers_files_is_completed(monkeypatch, tmp_path, network):
+    """A model cached by transformers alone (no modules.json: its pooling unknown) is completed from
+    the hub when the hub answers, and used as it is when it does not."""
+    import huggingface_hub
+    from types import SimpleNamespace
+
+    cached, complete = tmp_path / "cached", tmp_path / "complete"
+    cached.mkdir()
+    (cached / "config.json").write_text("{}")
+
+    def model_info(self, name, revision=None):
+        if not network:
+            raise OSError("no network")
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename="modules.json")], sha="abc")
+
+    def snapshot_download(name, revision=None, allow_patterns=None, local_files_only=False, **kw):
+        return str(cached if local_files_only else complete)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model("BAAI/some-model") == (complete if network else cached)
+    (cached / "modules.json").write_text("[]")  # complete in the cache: no hub call at all
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: pytest.fail("hub called"))
+    assert resolve_model("BAAI/some-model") == cached
+
+
 @needs_minilm
 def test_offline_hub_id_resolves_to_installed_package(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

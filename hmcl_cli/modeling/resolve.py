@@ -107,9 +107,18 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
+        cached = Path(snapshot_download(name_or_path, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the cache
-        pass
+        cached = None
+    if cached is not None:
+        if (cached / "modules.json").is_file() or is_offline():
+            return cached
+        # a copy cached by transformers alone lacks the sentence-transformers files (pooling, Dense
+        # layers): without them a CLS-pooled model (BGE) would be mean-pooled. Complete it if we can.
+        try:
+            return _download(name_or_path, revision)
+        except Exception:  # noqa: BLE001 - no network: the cached copy as it is
+            return cached
     if revision is None:
         pkg = package_model_dir(name_or_path)
         if pkg is not None:
