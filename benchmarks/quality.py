@@ -248,7 +248,8 @@ NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.k
 # options added after a cache's baseline was written, with the value that trains as before
 NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as every step did before
                  "model.cudnn_attention": True,  # SDPA's cuDNN kernels allowed, as before the option
-                 "loss.matryoshka_dims": [], "loss.matryoshka_weights": None}  # no matryoshka sizes
+                 "loss.matryoshka_dims": [], "loss.matryoshka_weights": None,  # no matryoshka sizes
+                 "mine.encoding": "utf-8"}  # mine.corpus files read as UTF-8, as before the option
 
 
 def trained_with(row: str, sets: list[str], args) -> dict:

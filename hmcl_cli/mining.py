@@ -27,6 +27,7 @@ Embeddings are cached by model, prompt, max length and corpus hash.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from pathlib import Path
@@ -40,14 +41,15 @@ from hmcl_cli.data.example import Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import DataError
 from hmcl_cli.evaluation.graded import encode_queries
-from hmcl_cli.io_utils import binary_lines, data_suffix, find_data_file, write_json_atomic, write_jsonl_atomic
+from hmcl_cli.io_utils import binary_lines, data_suffix, find_data_file, text_lines, write_json_atomic, write_jsonl_atomic
 from hmcl_cli.recipe import Recipe
 
 
-def read_corpus(path: Path) -> list[str]:
+def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
     """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file (or a .json array) of
     ``{"title", "text"}`` objects, a parquet file's ``text`` column or a text file of one document
-    per line (the JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``)."""
+    per line (the JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``, and
+    in another text ``encoding`` than UTF-8)."""
     from hmcl_cli.data.example import BadRow
     from hmcl_cli.data.readers import json_records
 
@@ -64,7 +66,7 @@ def read_corpus(path: Path) -> list[str]:
         key = "text" if "text" in col else next(iter(col))
         return [str(t) for t in col[key] if str(t).strip()]
     if suffix in (".jsonl", ".json"):
-        for item in json_records(path):
+        for item in json_records(path, encoding):
             if isinstance(item, BadRow):
                 raise DataError(item.located())
             lineno, rec = item
@@ -75,11 +77,15 @@ def read_corpus(path: Path) -> list[str]:
             text = str(rec.get("text", "")).strip()
             texts.append(f"{title} {text}".strip() if title else text)
         return [t for t in texts if t.strip()]
+    if codecs.lookup(encoding).name != "utf-8":
+        texts = [line.rstrip("\r\n") for _, line in text_lines(path, encoding)]
+        return [t for t in texts if t.strip()]
     for lineno, raw in binary_lines(path):
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})",
+                            hint="set mine.encoding (or the eval task's encoding) to the file's encoding, e.g. cp1252") from None
         texts.append(line.rstrip("\r\n"))
     return [t for t in texts if t.strip()]
 
@@ -258,7 +264,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     model = model or EmbeddingModel.from_recipe(recipe.model, recipe.base_dir)
     model.to(best_device())
     corpus = list(dict.fromkeys([t for ex in examples for t in ex.candidates] +
-                                [t for p in cfg.corpus for t in read_corpus(recipe.resolve(p))]))
+                                [t for p in cfg.corpus for t in read_corpus(recipe.resolve(p), cfg.encoding)]))
     if not corpus:
         raise DataError("mine: the corpus is empty")
     key = hashlib.sha256(json.dumps([recipe.model.name_or_path, model.settings.doc_prompt, model.settings.doc_max_length,

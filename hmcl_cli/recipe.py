@@ -262,6 +262,8 @@ class MineConfig(_Section):
         description="Extra corpus files (jsonl, a .json array, txt, parquet or a BEIR folder; jsonl/txt may be "
         ".gz/.bz2/.xz/.zst) besides the dataset's own candidates.",
     )
+    encoding: Encoding = Field("utf-8", description="Text encoding of the `corpus` files (jsonl, json, txt): e.g. "
+                               "cp1252 or latin-1, utf-16 (any Python codec name).")
     top_k: int = Field(100, ge=1, description="Candidates retrieved per query.")
     range_min: int = Field(10, ge=0, description="Skip this many top-ranked candidates.")
     range_max: int = Field(50, ge=1, description="Sample negatives only above this rank.")

@@ -173,6 +173,12 @@ def test_corpus_text_file_compressed_and_bad_corpus_lines(tmp_path):
     listed.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"c\.jsonl:2: invalid JSON"):
         read_corpus(listed)
+    assert read_corpus(latin, "latin-1") == ["ok", "café"]
+    utf16 = tmp_path / "docs16.jsonl.gz"  # compressed UTF-16 JSON Lines
+    import gzip
+
+    utf16.write_bytes(gzip.compress('{"title": "Café", "text": "ouvert"}\n{"text": "fermé"}\n'.encode("utf-16")))
+    assert read_corpus(utf16, "utf-16") == ["Café ouvert", "fermé"]
     array = tmp_path / "docs.json"  # a JSON array corpus
     array.write_text(json.dumps([{"title": "Refunds", "text": "Money back."}, {"text": "Ships in a week."}], indent=2))
     assert read_corpus(array) == ["Refunds Money back.", "Ships in a week."]

@@ -54,6 +54,26 @@ def test_beir_ndcg_uses_graded_relevance_and_matches_independent_computation(tmp
     assert report["results"]["fixture"]["m"]["mteb"]["ndcg_at_10"] == got
 
 
+def test_beir_folder_in_another_encoding_scores_as_its_utf8_copy(tmp_path, tiny_bert):
+    """The task's `encoding` reaches the corpus too (before, corpus.jsonl was read as UTF-8)."""
+    _beir(tmp_path / "utf8")
+    for f in ("corpus.jsonl", "queries.jsonl"):  # an accented document, then the whole folder in cp1252
+        text = (tmp_path / "utf8" / f).read_text().replace("canada", "Montréal")
+        (tmp_path / "utf8" / f).write_text(text, encoding="utf-8")
+    import shutil
+
+    shutil.copytree(tmp_path / "utf8", tmp_path / "cp1252")
+    for f in ("corpus.jsonl", "queries.jsonl"):
+        path = tmp_path / "cp1252" / f
+        path.write_bytes(path.read_text(encoding="utf-8").replace("\\u00e9", "é").encode("cp1252"))
+    assert b"\xe9" in (tmp_path / "cp1252" / "corpus.jsonl").read_bytes()
+    model = EmbeddingModel.load(str(tiny_bert))
+    tasks = [EvalTask(name="utf8", type="retrieval", path=str(tmp_path / "utf8")),
+             EvalTask(name="cp1252", type="retrieval", path=str(tmp_path / "cp1252"), encoding="cp1252")]
+    report = evaluate({"m": model}, tasks, resolve=lambda p: Path(p))
+    assert report["results"]["cp1252"]["m"]["ndcg@10"] == report["results"]["utf8"]["m"]["ndcg@10"]
+
+
 def test_two_models_side_by_side_and_gate(tmp_path, tiny_bert, tiny_qwen):
     _beir(tmp_path / "beir")
     task = EvalTask(name="fixture", type="retrieval", path=str(tmp_path / "beir"))

@@ -78,7 +78,7 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     if fmt == "qrels":
         from hmcl_cli.mining import read_corpus
 
-        data.corpus = read_corpus(path)  # judged and unjudged documents alike, as MTEB retrieves
+        data.corpus = read_corpus(path, task.encoding)  # judged and unjudged documents alike, as MTEB retrieves
     if task.type in ("sts", "pair_classification"):
         a, b, gold = [], [], []
         for query, text, cand in pairs:
