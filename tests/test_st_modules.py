@@ -252,3 +252,11 @@ def test_export_dim_checks_the_size(tmp_path, tiny_bert, capsys):
     assert not (tmp_path / "big").exists()
     export_merged(tiny_bert, tmp_path / "small", dim=8)  # not a trained size: exported, with a warning
     assert "not trained to be cut to 8" in capsys.readouterr().err
+
+
+def test_the_embedding_pipeline_is_described_in_one_line(tmp_path, tiny_bert):
+    folder = build_st(tmp_path / "st", tiny_bert, pooling="cls", head=HEADS["dense-identity-layernorm-residual"])
+    assert EmbeddingModel.load(str(folder)).describe() == (
+        "cls pooling of 32 dimensions -> Dense 32->24 -> LayerNorm -> Dense 24->24 (GELU) + residual -> L2-normalised "
+        "(24 dimensions)")
+    assert EmbeddingModel.load(str(tiny_bert)).describe() == "mean pooling of 32 dimensions -> L2-normalised"

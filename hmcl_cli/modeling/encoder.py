@@ -392,6 +392,20 @@ class EmbeddingModel(nn.Module):
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb
 
+    def describe(self) -> str:
+        """How a text becomes its embedding, in a line: pooling, the head's layers, size, normalisation."""
+        steps = [f"{self.settings.pooling} pooling of {int(self.backbone.config.hidden_size)} dimensions"]
+        for layer in self.head:
+            if getattr(layer, "kind", "") == "Dense":
+                act = type(layer.activation).__name__
+                steps.append(f"Dense {layer.in_features}->{layer.out_features}"
+                             f"{'' if act == 'Identity' else f' ({act})'}{' + residual' if layer.use_residual else ''}")
+            else:
+                steps.append(getattr(layer, "kind", type(layer).__name__))
+        if self.settings.normalize:
+            steps.append("L2-normalised")
+        return " -> ".join(steps) + (f" ({self.dim} dimensions)" if len(self.head) else "")
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -223,6 +223,8 @@ class HMCLTrainer:
             log(f"train: {len(self.data.anchors)} anchors, {len(self.data.docs)} distinct candidates, "
                 f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}"
                 f"{' with a dynamic loss scale' if self.scaler else ''}")
+            log(f"train: embedding: {self.model.describe()}"
+                f"{'; the layers after the pooling train with the backbone' if len(self.model.head) else ''}")
             filled = group_fill(self.data.anchors, cfg.group_size)
             short = (f"; the data fills {filled:.1f} of the {cfg.group_size} per anchor on average, so about "
                      f"{round(n_cand * filled / cfg.group_size)} (more with `hmcl mine`)" if filled < cfg.group_size - 0.05 else "")
