@@ -21,9 +21,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from hmcl_cli.console import ProgressBar
+from hmcl_cli.console import ProgressBar, log
 from hmcl_cli.errors import ModelNotFoundError
-from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, best_device
+from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, best_device, position_limit
 from hmcl_cli.modeling.resolve import resolve_model
 
 
@@ -35,6 +35,16 @@ def teacher_kind(folder: Path) -> str:
         return "embedder"
     archs = config.get("architectures") or []
     return "cross-encoder" if any(a.endswith("ForSequenceClassification") for a in archs) else "embedder"
+
+
+def _fitting(max_length: int, limit: Optional[int], folder: Path) -> int:
+    """``mine.teacher.max_length``, or the teacher's position limit where that is shorter (the
+    teacher truncates either way; past its limit it would fail on the first long pair)."""
+    if limit is not None and max_length > limit:
+        log(f"mine.teacher: {folder} encodes at most {limit} tokens per sequence; truncating to {limit} "
+            f"(mine.teacher.max_length {max_length})")
+        return limit
+    return max_length
 
 
 class CrossEncoderTeacher:
@@ -55,7 +65,7 @@ class CrossEncoderTeacher:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.max_length, self.batch_size = max_length, batch_size
+        self.max_length, self.batch_size = _fitting(max_length, position_limit(self.model), folder), batch_size
 
     @torch.inference_mode()
     def score(self, queries: Sequence[str], texts: Sequence[str], progress: bool = False) -> np.ndarray:
@@ -84,8 +94,10 @@ class EmbedderTeacher:
     """Scores pairs by the cosine of a (stronger) embedding model's embeddings."""
 
     def __init__(self, folder: Path, cfg: Any):
-        self.model = EmbeddingModel.load(str(folder), max_length=cfg.max_length,
+        self.model = EmbeddingModel.load(str(folder), max_length=cfg.max_length, check_lengths=False,
                                          query_prompt=cfg.query_prompt or None, doc_prompt=cfg.doc_prompt or None)
+        s = self.model.settings
+        s.query_max_length = s.doc_max_length = _fitting(cfg.max_length, self.model.position_limit(), folder)
         self.model.to(best_device())
         self.batch_size = cfg.batch_size
 

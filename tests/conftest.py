@@ -81,6 +81,27 @@ def tiny_qwen(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dense(tmp_path_factory, tiny_bert) -> Path:
+    """tiny_bert as a sentence-transformers folder with a Dense 32->16 (tanh) layer after the pooling,
+    written by sentence-transformers itself."""
+    st = pytest.importorskip("sentence_transformers")
+    import warnings
+
+    import torch
+
+    folder = tmp_path_factory.mktemp("tiny-bert-dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sentence_transformers import models
+
+        torch.manual_seed(5)
+        transformer = models.Transformer(str(tiny_bert), max_seq_length=48)
+        modules = [transformer, models.Pooling(32, pooling_mode="mean"), models.Dense(32, 16), models.Normalize()]
+        st.SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
 

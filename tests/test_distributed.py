@@ -131,7 +131,10 @@ def _trained(folder) -> tuple[dict, list]:
     from safetensors.torch import load_file
 
     losses = [r["loss"] for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    return load_file(folder / "run" / "model" / "model.safetensors"), losses
+    weights = load_file(folder / "run" / "model" / "model.safetensors")
+    for head in sorted((folder / "run" / "model").glob("*_Dense")):  # sentence-transformers layers after the pooling
+        weights.update({f"{head.name}.{k}": v for k, v in load_file(head / "model.safetensors").items()})
+    return weights, losses
 
 
 CASES = {
@@ -140,6 +143,9 @@ CASES = {
     "segments-local": ("tiny_bert", {"model": {"segments": {"length": 16, "overlap": 2}}, "loss": {"local_weight": 0.5}}),
     # FSDP2: weights, gradients and AdamW state sharded over the 2 processes
     "fsdp": ("tiny_bert", {"train": {"fsdp": True}}),
+    # a sentence-transformers Dense layer after the pooling: replicated beside the sharded backbone,
+    # its gradients averaged, saved whole with the gathered model
+    "fsdp-dense-head": ("tiny_bert_dense", {"train": {"fsdp": True}}),
     # FSDP2 with LoRA on a decoder: frozen base sharded, adapters replicated (no dropout: its masks
     # depend on how the batch is split); anchors and candidates in one (collective) forward call
     "fsdp-lora-qwen": ("tiny_qwen", {"train": {"fsdp": True, "one_forward": True},
@@ -181,6 +187,10 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         key = name if name in base else name.removeprefix("bert.")
         changed += int(key in base and not torch.allclose(w1, base[key]))
     assert changed > 5  # training moved the weights, identically in both set-ups
+    if fixture == "tiny_bert_dense":
+        head = load_file(model_dir / "2_Dense" / "model.safetensors")["linear.weight"]
+        assert weights[2]["2_Dense.linear.weight"].shape == (16, 32)
+        assert not torch.allclose(weights[2]["2_Dense.linear.weight"], head)  # the head trained, alike
 
 
 def test_two_machines_train_like_one_process_on_the_doubled_batch(tmp_path, tiny_bert):

@@ -265,3 +265,18 @@ def test_queries_that_are_corpus_texts_reuse_their_embeddings_when_sides_encode_
     q = mining.query_embeddings(model, examples, position, c, 8)
     assert encoded == [ex.query for ex in examples]
     assert np.allclose(q, model.encode([ex.query for ex in examples], side="query").numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["cross-encoder", "embedder"])
+def test_teacher_max_length_is_held_to_the_teachers_positions(tmp_path, tiny_bert, kind, capsys):
+    """mine.teacher.max_length (512 by default) past a teacher's 256 positions truncates to 256
+    (before: the first long pair failed inside the model)."""
+    from hmcl_cli.teacher import load_teacher
+
+    teacher = load_teacher(MineConfig(teacher={"model": str(_teacher_model(tmp_path / "t", tiny_bert, kind)),
+                                               "kind": kind}).teacher)
+    captured = capsys.readouterr()
+    assert "truncating to 256" in captured.out + captured.err
+    long = "refund please " * 300
+    scores = teacher.score(["how long does a refund take", long], [long, "refunds take five days"])
+    assert scores.shape == (2,) and np.isfinite(scores).all()

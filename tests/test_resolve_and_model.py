@@ -164,3 +164,49 @@ def test_pad_places_every_token_and_masks_the_rest(tiny_bert, side):
         rest = [j for j in range(16) if j not in real]
         assert mask[row, rest].sum() == 0 and (ids[row, rest] == pad_id).all()
     assert model.pad(batch, multiple_of=1)["input_ids"].shape == (4, 9)
+
+
+def test_max_length_beyond_the_position_table_is_a_recipe_error(tmp_path, tiny_bert, tiny_qwen):
+    """tiny_bert has 256 learned positions: a longer max length would fail at the first long text
+    (a device-side assert on a GPU); rotary positions (Qwen) have no such table."""
+    from types import SimpleNamespace
+
+    from hmcl_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"model.max_length 512: .* at most 256 tokens") as e:
+        EmbeddingModel.load(str(tiny_bert), max_length=512)
+    assert "model.segments" in e.value.hint
+    with pytest.raises(RecipeError, match=r"model.doc_max_length 300"):
+        EmbeddingModel.load(str(tiny_bert), doc_max_length=300)
+    assert EmbeddingModel.load(str(tiny_qwen), max_length=512).position_limit() is None
+
+    # segments: the whole text may be longer; each segment must fit
+    model = EmbeddingModel.load(str(tiny_bert), max_length=1024, check_lengths=False)
+    model.use_segments(SimpleNamespace(length=128, overlap=0, pooling="weighted"))
+    model.check_lengths("tiny")
+    assert model.encode(["refund " * 600]).shape == (1, 32)
+    model.use_segments(SimpleNamespace(length=300, overlap=0, pooling="weighted"))
+    with pytest.raises(RecipeError, match=r"model.segments.length 300"):
+        model.check_lengths("tiny")
+
+
+def test_position_limit_counts_roberta_offset(tmp_path):
+    from transformers import RobertaConfig, RobertaModel
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer("bert")
+    RobertaModel(RobertaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=66, pad_token_id=0)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    # RoBERTa numbers positions from padding_idx + 1: 66 rows hold 64 positions (pad_token_id 0 -> 65)
+    model = EmbeddingModel.load(str(tmp_path), max_length=65)
+    assert model.position_limit() == 65
+    assert model.encode(["refund " * 200]).shape == (1, 16)  # the longest allowed encodes
+    from hmcl_cli.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="at most 65"):
+        EmbeddingModel.load(str(tmp_path), max_length=66)
+    model.settings.doc_max_length = 66  # past the check: the forward pass itself fails
+    with pytest.raises(Exception, match="index|out of range"):
+        model.encode(["refund " * 200])

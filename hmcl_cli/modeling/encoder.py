@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from hmcl_cli.console import ProgressBar, warn
-from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.errors import ModelNotFoundError, RecipeError
 from hmcl_cli.modeling import unpad
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model
@@ -71,6 +71,17 @@ def saved_matryoshka_dims(folder: str | Path) -> list[int]:
         if candidate.is_file():
             return [int(d) for d in _read_json(candidate).get("matryoshka_dims", [])]
     return []
+
+
+def position_limit(model: nn.Module) -> Optional[int]:
+    """The longest sequence a model's learned absolute position table can encode (BERT, RoBERTa,
+    XLM-R: 512), or None for relative or rotary positions (T5, Qwen, Llama, ModernBERT), which
+    take any length (quality aside)."""
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding):
+            # RoBERTa-style tables count positions from padding_idx + 1
+            return module.num_embeddings - (module.padding_idx + 1 if module.padding_idx is not None else 0)
+    return None
 
 
 def is_decoder_config(config: Any) -> bool:
@@ -141,8 +152,10 @@ class EmbeddingModel(nn.Module):
         trust_remote_code: bool = False,
         attn_implementation: Optional[str] = "sdpa",
         dtype: Optional[torch.dtype] = None,
+        check_lengths: bool = True,
     ) -> "EmbeddingModel":
-        """Load from a local folder, hub id or offline package (see ``resolve_model``)."""
+        """Load from a local folder, hub id or offline package (see ``resolve_model``).
+        ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`)."""
         from transformers import AutoConfig, AutoTokenizer
 
         from hmcl_cli.modeling.st_modules import read_pipeline
@@ -212,7 +225,10 @@ class EmbeddingModel(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
-        return cls(backbone, tokenizer, settings, st.head)  # the head stays float32 (it trains; it is small)
+        model = cls(backbone, tokenizer, settings, st.head)
+        if check_lengths:
+            model.check_lengths(str(name_or_path))
+        return model  # the head stays float32 (it trains; it is small)
 
     @classmethod
     def from_recipe(cls, model_cfg: Any, base_dir: Optional[Path] = None, name_or_path: Optional[str] = None,
@@ -226,7 +242,7 @@ class EmbeddingModel(nn.Module):
             query_prompt=model_cfg.query_prompt or None, doc_prompt=model_cfg.doc_prompt or None,
             padding_side=model_cfg.padding_side, append_eos=model_cfg.append_eos,
             trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
-            dtype=dtype,
+            dtype=dtype, check_lengths=False,  # checked with the recipe's segments, which load() does not know
         )
         model.apply_run_settings(model_cfg)
         return model
@@ -235,8 +251,34 @@ class EmbeddingModel(nn.Module):
         """The recipe's run-time choices that live outside the weights: segments, cuDNN
         attention, unpadding (``from_recipe`` applies them; a model built elsewhere gets them here)."""
         self.use_segments(model_cfg.segments)
+        self.check_lengths(model_cfg.name_or_path)
         self.cudnn_attention = model_cfg.cudnn_attention
         self.unpad = model_cfg.unpad
+
+    def position_limit(self) -> Optional[int]:
+        """The longest sequence the backbone can encode: see :func:`position_limit`."""
+        return position_limit(self.backbone)
+
+    def check_lengths(self, name: str) -> None:
+        """A RecipeError when a sequence the settings allow is longer than the position table: the
+        forward pass would fail on the first long text (on a GPU as a device-side assert)."""
+        limit = self.position_limit()
+        if limit is None:
+            return
+        s = self.settings
+        if s.segment_length:
+            asked = {"model.segments.length": s.segment_length}
+        else:
+            asked = {"model.query_max_length": s.query_max_length, "model.doc_max_length": s.doc_max_length}
+            if s.query_max_length == s.doc_max_length:
+                asked = {"model.max_length": s.query_max_length}
+        over = {k: v for k, v in asked.items() if v > limit}
+        if over:
+            key, value = next(iter(over.items()))
+            raise RecipeError(
+                f"{key} {value}: {name} encodes at most {limit} tokens per sequence (its position embeddings)",
+                hint=f"set {key} to {limit} or less" + ("" if s.segment_length else
+                                                         f", or encode longer texts as segments: model.segments: {{length: {limit}}}"))
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:

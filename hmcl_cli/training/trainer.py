@@ -202,10 +202,13 @@ class HMCLTrainer:
 
         backbone_params = [p for p in self.model.parameters() if p.requires_grad]
         head_params = [p for p in self.loss_fn.parameters() if p.requires_grad]
-        decay = [p for p in backbone_params if p.ndim >= 2]
-        no_decay = [p for p in backbone_params if p.ndim < 2]
-        groups = [{"params": decay, "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "lr": cfg.learning_rate, "weight_decay": 0.0}]
+        groups = []
+        # sharded (FSDP) and whole tensors in separate groups: the fused AdamW kernel takes one kind
+        # per call (a sentence-transformers Dense head stays whole beside the sharded backbone)
+        for sharded in (True, False):
+            kind = [p for p in backbone_params if is_sharded(p) == sharded]
+            groups += [{"params": [p for p in kind if p.ndim >= 2], "lr": cfg.learning_rate, "weight_decay": cfg.weight_decay},
+                       {"params": [p for p in kind if p.ndim < 2], "lr": cfg.learning_rate, "weight_decay": 0.0}]
         if head_params:
             groups.append({"params": head_params, "lr": cfg.head_learning_rate, "weight_decay": 0.0})
         self.optimizer = adamw([g for g in groups if g["params"]])
