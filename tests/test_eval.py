@@ -74,6 +74,42 @@ def test_beir_folder_in_another_encoding_scores_as_its_utf8_copy(tmp_path, tiny_
     assert report["results"]["cp1252"]["m"]["ndcg@10"] == report["results"]["utf8"]["m"]["ndcg@10"]
 
 
+def _ndcg10(q_emb: dict, d_emb: dict, score) -> float:
+    """nDCG@10 over the BEIR fixture with linear gains, every document retrievable, by ``score``."""
+    docs = sorted(DOCS)
+    out = []
+    for q in QUERIES:
+        grades = {d: g for qq, d, g in QRELS if qq == q}
+        ranking = sorted(docs, key=lambda d: -score(q_emb[q], d_emb[d]))[:10]
+        dcg = sum(grades.get(d, 0) / math.log2(r + 2) for r, d in enumerate(ranking))
+        ideal = sum(g / math.log2(r + 2) for r, g in enumerate(sorted(grades.values(), reverse=True)[:10]))
+        out.append(dcg / ideal)
+    return float(np.mean(out))
+
+
+@pytest.mark.parametrize("similarity", ["dot", "manhattan"])
+def test_a_model_is_scored_with_its_own_similarity_function(tmp_path, tiny_bert, similarity):
+    """A sentence-transformers model saved for dot product (no Normalize, similarity_fn_name dot, as
+    msmarco-distilbert-base-tas-b) is ranked by dot product, not by cosine."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models
+
+    folder = tmp_path / "st"
+    st.SentenceTransformer(modules=[models.Transformer(str(tiny_bert)), models.Pooling(32, pooling_mode="mean")],
+                           device="cpu", similarity_fn_name=similarity).save(str(folder))
+    assert json.loads((folder / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == similarity
+    _beir(tmp_path / "beir")
+    model = EmbeddingModel.load(str(folder))
+    assert model.settings.similarity == similarity and not model.settings.normalize
+    report = evaluate({"m": model}, [EvalTask(name="f", type="retrieval", path=str(tmp_path / "beir"))], resolve=Path)
+    q = {k: model.encode([v], side="query").numpy()[0] for k, v in QUERIES.items()}
+    d = {k: model.encode([v]).numpy()[0] for k, v in DOCS.items()}
+    own = {"dot": lambda a, b: float(a @ b), "manhattan": lambda a, b: -float(np.abs(a - b).sum())}[similarity]
+    cosine = _ndcg10(q, d, lambda a, b: float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    assert report["results"]["f"]["m"]["ndcg@10"] == pytest.approx(_ndcg10(q, d, own), abs=1e-4)
+    assert abs(_ndcg10(q, d, own) - cosine) > 1e-3  # the fixture tells the two apart
+
+
 def test_two_models_side_by_side_and_gate(tmp_path, tiny_bert, tiny_qwen):
     _beir(tmp_path / "beir")
     task = EvalTask(name="fixture", type="retrieval", path=str(tmp_path / "beir"))

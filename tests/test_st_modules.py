@@ -260,3 +260,22 @@ def test_the_embedding_pipeline_is_described_in_one_line(tmp_path, tiny_bert):
         "cls pooling of 32 dimensions -> Dense 32->24 -> LayerNorm -> Dense 24->24 (GELU) + residual -> L2-normalised "
         "(24 dimensions)")
     assert EmbeddingModel.load(str(tiny_bert)).describe() == "mean pooling of 32 dimensions -> L2-normalised"
+
+
+def test_a_dot_product_base_trained_with_normalisation_is_saved_for_cosine(tmp_path, tiny_bert):
+    """The objective compares normalised embeddings (model.normalize: true): the trained model says
+    cosine, and its folder ends in Normalize, whatever the base said."""
+    from conftest import write_recipe
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_train
+
+    folder = tmp_path / "dot"
+    st_lib.SentenceTransformer(modules=[_st_modules().Transformer(str(tiny_bert)), _st_modules().Pooling(32)],
+                               device="cpu", similarity_fn_name="dot").save(str(folder))
+    recipe = load_recipe(write_recipe(tmp_path / "work", folder, train={"max_steps": 2, "eval_steps": 100}))
+    prepare(recipe, progress=False)
+    final = run_train(recipe)
+    assert json.loads((final / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "cosine"
+    assert EmbeddingModel.load(str(final)).settings.similarity == "cosine"
+    assert _modules(final)[-1]["type"].endswith("Normalize")

@@ -169,7 +169,8 @@ class MtebEncoder:
 
             self._meta = ModelMeta.create_empty({
                 "name": f"hmcl/{self.label}", "revision": _weights_digest(self.model),
-                "embed_dim": self.dim or self.model.dim, "similarity_fn_name": "cosine", "framework": ["PyTorch"],
+                "embed_dim": self.dim or self.model.dim, "similarity_fn_name": self.similarity_name,
+                "framework": ["PyTorch"],
                 "n_parameters": sum(p.numel() for p in self.model.parameters()),
                 "max_tokens": self.model.settings.doc_max_length, "open_weights": True,
                 "use_instructions": bool(self.model.settings.query_prompt),
@@ -197,23 +198,38 @@ class MtebEncoder:
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
-    def similarity(self, a: Any, b: Any) -> Any:
-        import torch
+    @property
+    def similarity_name(self) -> str:
+        """The model's similarity function (its sentence-transformers ``similarity_fn_name``); a cut
+        view compares re-normalised embeddings, by cosine."""
+        return "cosine" if self.dim is not None else self.model.settings.similarity
 
-        a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-        return torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(b, dim=-1).T
+    def similarity(self, a: Any, b: Any) -> Any:
+        """Scores of every row of ``a`` with every row of ``b``, higher = more similar."""
+        return pair_scores(a, b, self.similarity_name, every=True)
 
     def similarity_pairwise(self, a: Any, b: Any) -> Any:
-        import torch
+        return pair_scores(a, b, self.similarity_name, every=False)
 
-        a, b = torch.as_tensor(np.asarray(a)), torch.as_tensor(np.asarray(b))
-        return (torch.nn.functional.normalize(a, dim=-1) * torch.nn.functional.normalize(b, dim=-1)).sum(-1)
+
+def pair_scores(a: Any, b: Any, kind: str, every: bool) -> Any:
+    """Similarity of the rows of ``a`` and ``b`` as sentence-transformers computes ``kind`` (cosine,
+    dot, negative euclidean or manhattan distance): all pairs (``every``) or row by row."""
+    import torch
+
+    a, b = torch.as_tensor(np.asarray(a)).float(), torch.as_tensor(np.asarray(b)).float()
+    if kind == "cosine":
+        a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
+    if kind in ("cosine", "dot"):
+        return a @ b.T if every else (a * b).sum(-1)
+    p = 2 if kind == "euclidean" else 1
+    return -torch.cdist(a, b, p=p) if every else -(a - b).norm(p=p, dim=-1)
 
 
 def _weights_digest(model: Any) -> str:
     """A short content hash of the weights (a sample of every tensor), used as mteb's revision."""
     h = hashlib.sha256()
-    for name, p in model.backbone.state_dict().items():
+    for name, p in model.state_dict().items():  # the head's layers included
         flat = p.detach().reshape(-1)
         h.update(name.encode())
         h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())

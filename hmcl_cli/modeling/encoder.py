@@ -61,6 +61,7 @@ class EncoderSettings:
     segment_pooling: str = "weighted"
     matryoshka_dims: list = field(default_factory=list)  # sizes it was trained to be cut to (loss.matryoshka_dims)
     lowercase: bool = False  # texts lower-cased before tokenising (sentence-transformers' do_lower_case)
+    similarity: str = "cosine"  # how embeddings compare (sentence-transformers' similarity_fn_name): cosine, dot, ...
 
 
 def saved_matryoshka_dims(folder: str | Path) -> list[int]:
@@ -214,6 +215,7 @@ class EmbeddingModel(nn.Module):
             segment_pooling=saved.get("segment_pooling", "weighted"),
             matryoshka_dims=[int(d) for d in saved.get("matryoshka_dims", [])],
             lowercase=st.lowercase,
+            similarity=saved.get("similarity", st.similarity),
         )
         if not st.include_prompt and pool in POOLS_OVER_TOKENS and (settings.query_prompt or settings.doc_prompt):
             raise ModelNotFoundError(
@@ -583,7 +585,7 @@ def write_st_config(folder: Path, s: EncoderSettings, hidden: int, head: Sequenc
         {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": s.lowercase}, indent=2))
     prompts = {k: v for k, v in (("query", s.query_prompt), ("document", s.doc_prompt)) if v}
     (folder / "config_sentence_transformers.json").write_text(json.dumps({
-        "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
+        "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": s.similarity,
         "model_type": "SentenceTransformer",
     }, indent=2))
     (folder / HMCL_CONFIG).write_text(json.dumps(asdict(s), indent=2))

@@ -55,6 +55,10 @@ class StPipeline:
     lowercase: bool = False  # sentence_bert_config.json do_lower_case: texts are lower-cased first
     query_prompt: str = ""
     doc_prompt: str = ""
+    similarity: str = "cosine"  # config_sentence_transformers.json similarity_fn_name
+
+
+SIMILARITIES = ("cosine", "dot", "euclidean", "manhattan")
 
 
 def _read_json(path: Path) -> Any:
@@ -109,7 +113,13 @@ def read_pipeline(folder: Path) -> StPipeline:
             raise _refuse(folder, f"module {m.get('type')} ({m.get('path')}) is not supported")
     if not pooled:
         raise _refuse(folder, "no Pooling module")
-    prompts = _read_json(folder / "config_sentence_transformers.json").get("prompts") or {}
+    st_config = _read_json(folder / "config_sentence_transformers.json")
+    prompts = st_config.get("prompts") or {}
+    similarity = st_config.get("similarity_fn_name") or "cosine"
+    if similarity not in SIMILARITIES:
+        raise _refuse(folder, f"config_sentence_transformers.json: similarity_fn_name {similarity!r} is not one of "
+                      f"{', '.join(SIMILARITIES)}")
+    out.similarity = similarity
     out.query_prompt = prompts.get("query") or ""
     out.doc_prompt = next((prompts[k] for k in ("document", "passage", "doc") if prompts.get(k)), "")
     return out

@@ -139,6 +139,8 @@ class HMCLTrainer:
             model.apply_run_settings(r.model)
         self.model = model
         model.settings.matryoshka_dims = list(r.loss.matryoshka_dims)  # saved with it: eval and export read them
+        # what the objective trains: cosines of normalised embeddings, else dot products (saved with it)
+        model.settings.similarity = "cosine" if model.settings.normalize else "dot"
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
