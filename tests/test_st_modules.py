@@ -236,7 +236,9 @@ def test_export_dim_cuts_merged_and_onnx_alike(tmp_path, fixture, request, capsy
     again = EmbeddingModel.load(str(tmp_path / "merged"))
     assert again.dim == 16 and again.settings.matryoshka_dims == [8]
     assert torch.allclose(again.encode(TEXTS), want, atol=1e-5)
-    assert "first 16 dimensions" in (tmp_path / "merged" / "README.md").read_text()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "first 16 dimensions" in card and "Dense 32->24 (Tanh) -> Dense 24->16" in card
+    assert "transformers alone does not apply the layers after the pooling" in card
 
     export_onnx(tmp_path / "trained", tmp_path / "onnx", dim=16)
     got = onnx_encode(tmp_path / "onnx" / "model.onnx", model, TEXTS)

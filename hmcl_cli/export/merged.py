@@ -93,9 +93,11 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
             cut = EmbeddingModel.load(str(tmp))
             cut_model(cut, dim, model_dir)
             write_st_config(tmp, replace(cut.settings, append_eos=False), int(cut.backbone.config.hidden_size), cut.head)
+        loaded = EmbeddingModel.load(str(tmp))
         if card is not None:
-            (tmp / "README.md").write_text(model_card({**card, "dim": dim} if dim else card), encoding="utf-8")
-        exported = EmbeddingModel.load(str(tmp)).encode(texts, side="doc").numpy()
+            info = {**card, "dim": dim, "pipeline": loaded.describe(), "head": len(loaded.head) > 0}
+            (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
+        exported = loaded.encode(texts, side="doc").numpy()
         report = parity(ref, exported)
         if report["mean_cosine"] < threshold:
             raise ExportError(f"merged export does not match the trained model: mean cosine "
@@ -125,9 +127,15 @@ def model_card(info: dict) -> str:
     if info.get("recipe"):
         lines += ["## Recipe", "", "```yaml", info["recipe"].rstrip(), "```", ""]
     lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
-              "model = SentenceTransformer('PATH')", "emb = model.encode(['How long does a refund take?'])", "```", "",
-              "transformers: load with `AutoModel`, mean/CLS/last-token pool as `1_Pooling/config.json` says, then L2-normalise.",
-              "", "mteb: `mteb.get_model('PATH')` or wrap the SentenceTransformer above.", ""]
+              "model = SentenceTransformer('PATH')", "emb = model.encode(['How long does a refund take?'])", "```", ""]
+    if info.get("pipeline"):
+        lines += [f"Embedding: {info['pipeline']}.", ""]
+    if info.get("head"):
+        lines += ["transformers alone does not apply the layers after the pooling (`modules.json`): use "
+                  "sentence-transformers, or the ONNX export, which has them in its graph.", ""]
+    else:
+        lines += ["transformers: load with `AutoModel`, pool as `1_Pooling/config.json` says, then L2-normalise.", ""]
+    lines += ["mteb: `mteb.get_model('PATH')` or wrap the SentenceTransformer above.", ""]
     if info.get("dim"):
         lines += ["## Embedding size", "",
                   f"Exported cut to its first {info['dim']} dimensions (a Dense layer keeps them, before the "

@@ -227,10 +227,10 @@ class EmbeddingModel(nn.Module):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
-        model = cls(backbone, tokenizer, settings, st.head)
+        model = cls(backbone, tokenizer, settings, st.head)  # the head stays float32 (it trains; it is small)
         if check_lengths:
             model.check_lengths(str(name_or_path))
-        return model  # the head stays float32 (it trains; it is small)
+        return model
 
     @classmethod
     def from_recipe(cls, model_cfg: Any, base_dir: Optional[Path] = None, name_or_path: Optional[str] = None,
