@@ -281,3 +281,15 @@ def test_a_dot_product_base_trained_with_normalisation_is_saved_for_cosine(tmp_p
     assert json.loads((final / "config_sentence_transformers.json").read_text())["similarity_fn_name"] == "cosine"
     assert EmbeddingModel.load(str(final)).settings.similarity == "cosine"
     assert _modules(final)[-1]["type"].endswith("Normalize")
+
+
+def test_a_pooling_other_than_the_models_own_is_warned_about_once(tmp_path, tiny_bert, capsys):
+    folder = build_st(tmp_path / "st", tiny_bert, pooling="cls")
+    EmbeddingModel.load(str(folder))  # auto: its own cls, no word
+    assert "trained with" not in capsys.readouterr().err
+    for _ in range(2):
+        assert EmbeddingModel.load(str(folder), pooling="mean").settings.pooling == "mean"
+    err = capsys.readouterr().err
+    assert err.count("model.pooling mean") == 1 and "trained with cls pooling" in err
+    EmbeddingModel.load(str(tiny_bert), pooling="cls")  # a plain transformers folder has no pooling of its own
+    assert "trained with" not in capsys.readouterr().err

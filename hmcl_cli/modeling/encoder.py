@@ -40,6 +40,7 @@ DECODER_TYPES = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral",
                  "gemma2", "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "falcon",
                  "olmo", "olmo2", "stablelm", "starcoder2", "internlm2", "deepseek_v2", "glm"}
 HMCL_CONFIG = "hmcl_config.json"
+_POOLING_WARNED: set = set()  # (folder, pooling) warned about once per process
 
 
 @dataclass
@@ -197,7 +198,13 @@ class EmbeddingModel(nn.Module):
             raise ModelNotFoundError(f"{folder}: could not build the model: {last_error}")
 
         default_pool = "last_token" if decoder else "mean"
-        pool = pooling if pooling != "auto" else saved.get("pooling", st.pooling or default_pool)
+        own = saved.get("pooling", st.pooling)  # the pooling the model was trained with, if its folder says
+        pool = pooling if pooling != "auto" else own or default_pool
+        if own and pool != own and (folder, pool) not in _POOLING_WARNED:
+            _POOLING_WARNED.add((folder, pool))
+            warn(f"model.pooling {pool}: {name_or_path} was trained with {own} pooling (its "
+                 f"{'hmcl_config.json' if 'pooling' in saved else '1_Pooling/config.json'}); its embeddings change "
+                 "(the base model's scores too) until training adapts it; `auto` keeps its own")
         base_len = max_length or st.max_seq_length or 128
         settings = EncoderSettings(
             pooling=pool,
