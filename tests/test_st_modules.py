@@ -293,3 +293,16 @@ def test_a_pooling_other_than_the_models_own_is_warned_about_once(tmp_path, tiny
     assert err.count("model.pooling mean") == 1 and "trained with cls pooling" in err
     EmbeddingModel.load(str(tiny_bert), pooling="cls")  # a plain transformers folder has no pooling of its own
     assert "trained with" not in capsys.readouterr().err
+
+
+def test_a_cross_encoder_as_the_model_is_warned_about(tmp_path, tiny_bert, capsys):
+    from transformers import BertForSequenceClassification
+
+    BertForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=1).save_pretrained(tmp_path / "ce")
+    shutil.copy(tiny_bert / "tokenizer.json", tmp_path / "ce")
+    shutil.copy(tiny_bert / "tokenizer_config.json", tmp_path / "ce")
+    capsys.readouterr()
+    assert EmbeddingModel.load(str(tmp_path / "ce")).dim == 32  # still loads (the encoder part)
+    assert "BertForSequenceClassification (a cross-encoder" in capsys.readouterr().err
+    EmbeddingModel.load(str(tiny_bert))
+    assert "cross-encoder" not in capsys.readouterr().err

@@ -176,6 +176,12 @@ class EmbeddingModel(nn.Module):
             ) from None
         decoder = bool(saved.get("is_decoder", is_decoder_config(config)))
         model_class = backbone_class(config, folder)
+        heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
+        if heads and st.pooling is None and not saved and (folder, "classifier") not in _POOLING_WARNED:
+            _POOLING_WARNED.add((folder, "classifier"))
+            warn(f"{name_or_path} is a {heads[0]} (a cross-encoder or classifier): its classification head is left "
+                 "out and its token states were not trained as embeddings; an embedding model is the usual start "
+                 "(a cross-encoder fits mine.teacher)")
         kwargs: dict = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
