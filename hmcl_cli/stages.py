@@ -38,9 +38,9 @@ def run_prepare(recipe: Recipe, progress: bool = True) -> dict:
         try:
             from transformers import AutoTokenizer
 
-            from hmcl_cli.modeling.resolve import resolve_model
+            from hmcl_cli.modeling.resolve import resolve_transformer
 
-            tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.model.name_or_path, recipe.model.revision, recipe.base_dir))
+            tokenizer = AutoTokenizer.from_pretrained(resolve_transformer(recipe.model.name_or_path, recipe.model.revision, recipe.base_dir))
         except HmclError as e:
             warn(f"token-length stats skipped: {e}")
         except Exception as e:  # noqa: BLE001

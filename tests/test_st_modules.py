@@ -306,3 +306,30 @@ def test_a_cross_encoder_as_the_model_is_warned_about(tmp_path, tiny_bert, capsy
     assert "BertForSequenceClassification (a cross-encoder" in capsys.readouterr().err
     EmbeddingModel.load(str(tiny_bert))
     assert "cross-encoder" not in capsys.readouterr().err
+
+
+def test_an_older_save_with_the_transformer_in_a_subfolder(tmp_path, tiny_bert):
+    """sentence-transformers before 0.3 kept the transformer in 0_BERT/ (or 0_Transformer/), its
+    sentence_bert_config.json there too; hmcl reads it as sentence-transformers does, trains from it."""
+    folder = build_st(tmp_path / "st", tiny_bert, pooling="cls", head=HEADS["dense-tanh"])
+    ref = st_encode(folder)
+    sub = folder / "0_BERT"
+    sub.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "sentence_bert_config.json"):
+        shutil.move(str(folder / name), sub / name)
+    modules = _modules(folder)
+    modules[0].update(path="0_BERT", type="sentence_transformers.models.BERT")
+    (folder / "modules.json").write_text(json.dumps(modules))
+    model = EmbeddingModel.load(str(folder))
+    assert torch.allclose(model.encode(TEXTS), ref, atol=1e-5)
+
+    from conftest import write_recipe
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_train
+
+    recipe = load_recipe(write_recipe(tmp_path / "work", folder, train={"max_steps": 2, "eval_steps": 100}))
+    prepare(recipe, progress=False)  # tokenises with the subfolder's tokenizer
+    final = run_train(recipe)  # saved the current way: the transformer at the top
+    assert (final / "config.json").is_file() and torch.allclose(EmbeddingModel.load(str(final)).encode(TEXTS),
+                                                                st_encode(final), atol=1e-5)

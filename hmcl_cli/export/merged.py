@@ -151,10 +151,10 @@ def model_card(info: dict) -> str:
 
 def _load_backbone(name: str, like: Any) -> Any:
     """The base model's backbone (same class as ``like``), resolved like any model name."""
-    from hmcl_cli.modeling.resolve import resolve_model
+    from hmcl_cli.modeling.resolve import resolve_transformer
 
     try:
-        return type(like).from_pretrained(resolve_model(name))
+        return type(like).from_pretrained(resolve_transformer(name))
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"the LoRA base model {name!r} could not be loaded to verify the merge: {e}",
                           hint="make the base model available (path, cache or offline package)") from None

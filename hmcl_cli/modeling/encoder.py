@@ -33,7 +33,7 @@ from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError, RecipeError
 from hmcl_cli.modeling import unpad
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
-from hmcl_cli.modeling.resolve import resolve_model
+from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 from hmcl_cli.modeling.tokenizing import token_ids
 
 DECODER_TYPES = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma",
@@ -162,9 +162,10 @@ class EmbeddingModel(nn.Module):
 
         from hmcl_cli.modeling.st_modules import read_pipeline
 
-        folder = resolve_model(name_or_path, revision, base_dir)
-        saved = _read_json(folder / HMCL_CONFIG)
-        st = read_pipeline(folder)
+        root = resolve_model(name_or_path, revision, base_dir)
+        saved = _read_json(root / HMCL_CONFIG)
+        st = read_pipeline(root)
+        folder = transformer_folder(root)  # the transformers files (a subfolder in older sentence-transformers saves)
         try:
             config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)

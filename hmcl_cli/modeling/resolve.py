@@ -78,6 +78,25 @@ def package_model_dir(name: str) -> Optional[Path]:
     return folder if (folder / "config.json").is_file() else None
 
 
+def transformer_folder(folder: Path) -> Path:
+    """Where a model folder keeps its transformers files (config.json, tokenizer, weights): the
+    folder itself, or the subfolder of its first sentence-transformers module in older saves
+    (``0_Transformer``, ``0_BERT``)."""
+    import json
+
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        sub = str(modules[0].get("path") or "") if isinstance(modules, list) and modules else ""
+    except (OSError, ValueError, AttributeError):
+        sub = ""
+    return folder / sub if sub and (folder / sub / "config.json").is_file() else folder
+
+
+def resolve_transformer(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None) -> Path:
+    """The folder of the transformers files of ``name_or_path`` (see resolve_model, transformer_folder)."""
+    return transformer_folder(resolve_model(name_or_path, revision, base_dir))
+
+
 def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None) -> Path:
     """Return a local folder holding the model ``name_or_path``.
 

@@ -40,6 +40,10 @@ POOLING_MODES = {
 # sentence-transformers 6's ``pooling_mode`` names -> hmcl's
 POOLING_NAMES = {"cls": "cls", "mean": "mean", "max": "max", "mean_sqrt_len_tokens": "mean_sqrt_len",
                  "weightedmean": "weighted_mean", "lasttoken": "last_token"}
+# the transformer module's class: Transformer, or one of the per-architecture classes of
+# sentence-transformers before 0.3 (their folders hold a transformers model as well)
+TRANSFORMER_KINDS = {"Transformer", "BERT", "RoBERTa", "DistilBERT", "XLMRoBERTa", "CamemBERT", "ALBERT",
+                     "XLNet", "T5"}
 WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -83,9 +87,11 @@ def read_pipeline(folder: Path) -> StPipeline:
     if not isinstance(modules, list) or not modules:
         return out
     kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-    if kinds[0] != "Transformer":
+    if kinds[0] not in TRANSFORMER_KINDS:
         raise _refuse(folder, f"the first module is {kinds[0] or 'unnamed'}, not a Transformer")
-    sbert = _read_json(folder / "sentence_bert_config.json")
+    # older saves keep the transformer (and its sentence_bert_config.json) in a subfolder: 0_Transformer, 0_BERT
+    sbert = _read_json(folder / str(modules[0].get("path") or "") / "sentence_bert_config.json") or \
+        _read_json(folder / "sentence_bert_config.json")
     if "max_seq_length" in sbert and sbert["max_seq_length"]:
         out.max_seq_length = int(sbert["max_seq_length"])
     out.lowercase = bool(sbert.get("do_lower_case", False))

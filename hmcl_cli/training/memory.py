@@ -225,14 +225,14 @@ def _segment_overheads(recipe: Any, config: Any) -> tuple[int, int]:
     """Tokens a query / document segment spends on special tokens, prompt and EOS, from the
     recipe's tokenizer (2 each, a [CLS] and a [SEP], when it cannot be loaded)."""
     from hmcl_cli.modeling.encoder import is_decoder_config, resolve_append_eos
-    from hmcl_cli.modeling.resolve import resolve_model
+    from hmcl_cli.modeling.resolve import resolve_transformer
     from hmcl_cli.modeling.segments import segment_overhead
 
     m = recipe.model
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(resolve_model(m.name_or_path, m.revision, recipe.base_dir),
+        tok = AutoTokenizer.from_pretrained(resolve_transformer(m.name_or_path, m.revision, recipe.base_dir),
                                             trust_remote_code=m.trust_remote_code)
     except Exception:  # noqa: BLE001 - the estimate falls back to a BERT-like frame
         return 2, 2
@@ -273,14 +273,14 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     tokens a step's queries and its candidates can hold (``TrainData.heaviest_step``): activations
     then follow those tokens instead of every sequence at its padded length."""
     from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
-    from hmcl_cli.modeling.resolve import resolve_model
+    from hmcl_cli.modeling.resolve import resolve_transformer
 
     m, t = recipe.model, recipe.train
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if config is None:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model(m.name_or_path, m.revision, recipe.base_dir),
+        config = AutoConfig.from_pretrained(resolve_transformer(m.name_or_path, m.revision, recipe.base_dir),
                                             trust_remote_code=m.trust_remote_code)
     w_dtype = training_dtype(m, device.type)
     precision = resolve_precision(t.precision, device.type)
