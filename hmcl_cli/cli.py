@@ -246,17 +246,21 @@ def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
 @recipe_app.command("validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")
 def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
                     show: bool = typer.Option(False, "--show", help="Print the resolved recipe.")) -> None:
-    """Check a recipe (keys, types, references, paths) without running anything."""
+    """Check a recipe (keys, types, references, paths; the model, if it is here) without running anything."""
     from hmcl_cli.errors import DataError
+    from hmcl_cli.stages import check_model
 
     r = _load(recipe, set_)
     missing = [s.path for s in r.data.sources if s.path and not r.resolve(s.path).exists()]
     if missing:
         raise DataError(f"{recipe}: data source(s) not found: {', '.join(missing)}",
                         hint="paths are relative to the recipe file")
+    model = check_model(r)
     if show:
         console.print(r.to_yaml(), markup=False)
-    console.print(f"[green]ok[/green] {recipe}")
+    from rich.markup import escape
+
+    console.print(f"[green]ok[/green] {escape(str(recipe))} (model {escape(model)})")
 
 
 @recipe_app.command("schema", epilog="Example:  hmcl recipe schema --format json > schema.json")

@@ -274,6 +274,41 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     return reports
 
 
+def check_model(recipe: Recipe) -> str:
+    """What can be checked of the recipe's model without its weights or the network (``hmcl
+    recipe validate``): its sentence-transformers pipeline is one hmcl reproduces, and the max
+    lengths fit its position table. Raises as loading would; returns what it found, or why it
+    could not look (a hub model not downloaded yet)."""
+    import torch
+    from transformers import AutoConfig
+
+    from hmcl_cli.modeling.encoder import DECODER_TYPES, check_lengths, check_prompt_pooling, position_limit
+    from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
+    from hmcl_cli.modeling.st_modules import read_pipeline
+    from hmcl_cli.training.memory import _meta_model
+
+    m = recipe.model
+    try:
+        folder = resolve_model(m.name_or_path, m.revision, recipe.base_dir, download=False)
+    except ModelNotFoundError:
+        return f"{m.name_or_path} not checked (not downloaded yet)"
+    pipeline = read_pipeline(folder)
+    try:
+        config = AutoConfig.from_pretrained(transformer_folder(folder), trust_remote_code=m.trust_remote_code)
+        limit = position_limit(_meta_model(config, None, torch.float32))
+    except Exception as e:  # noqa: BLE001 - loading itself reports it; validate says it could not look
+        return f"{m.name_or_path}: config not read ({type(e).__name__}); lengths not checked"
+    decoder = getattr(config, "model_type", "") in DECODER_TYPES
+    pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if decoder else "mean")
+    check_prompt_pooling(pipeline.include_prompt, pooling, m.query_prompt or m.doc_prompt or pipeline.query_prompt
+                         or pipeline.doc_prompt, folder)
+    check_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
+                  m.segments.length if m.segments else 0, m.name_or_path)
+    layers = f", then {' -> '.join(layer.kind for layer in pipeline.head)}" if pipeline.head else ""
+    return (f"{m.name_or_path}: {pooling} pooling{layers}; "
+            f"{f'at most {limit} tokens per sequence' if limit else 'no position limit'}")
+
+
 def check_stage_packages(recipe: Recipe) -> None:
     """Before `hmcl run` starts: the optional packages its enabled stages need, so that a missing
     one stops the run at once rather than after hours of training (mining with faiss, ONNX export)."""

@@ -45,6 +45,20 @@ def test_run_end_to_end_on_tiny_model(tmp_path, tiny_bert):
     assert ckpts == ["step-0000003", "step-0000006"]
 
 
+def test_validate_checks_the_model_when_it_is_here(tmp_path, tiny_bert_dense):
+    """Without weights or network: the pipeline and the max lengths against the position table
+    (tiny_bert: 256); a hub model not downloaded is said to be unchecked, not an error."""
+    recipe = write_recipe(tmp_path, tiny_bert_dense)
+    out = hmcl("recipe", "validate", recipe)
+    assert out.returncode == 0 and "mean pooling, then Dense" in out.stdout and "at most 256 tokens" in out.stdout
+    out = hmcl("recipe", "validate", recipe, "--set", "model.max_length=300")
+    assert out.returncode == 2 and "model.max_length 300" in out.stderr and "at most 256" in out.stderr
+    ok = hmcl("recipe", "validate", recipe, "--set", "model.max_length=300", "--set", "model.segments.length=128")
+    assert ok.returncode == 0, ok.stderr
+    hub = hmcl("recipe", "validate", recipe, "--set", "model.name_or_path=some-org/not-downloaded")
+    assert hub.returncode == 0 and "not checked (not downloaded yet)" in hub.stdout
+
+
 def test_validate_reports_misspelled_key_with_line(tmp_path):
     text = (ROOT / "recipes" / "quickstart.yaml").read_text().replace("  learning_rate:", "  lerning_rate:")
     bad = tmp_path / "bad.yaml"

@@ -86,6 +86,38 @@ def position_limit(model: nn.Module) -> Optional[int]:
     return None
 
 
+def check_lengths(limit: Optional[int], query_len: int, doc_len: int, segment_length: int, name: str) -> None:
+    """A RecipeError when a sequence of the lengths asked (each segment's, with segments) is longer
+    than the model's position table (``limit``, see :func:`position_limit`): the forward pass
+    would fail on the first long text (on a GPU as a device-side assert)."""
+    if limit is None:
+        return
+    if segment_length:
+        asked = {"model.segments.length": segment_length}
+    elif query_len == doc_len:
+        asked = {"model.max_length": query_len}
+    else:
+        asked = {"model.query_max_length": query_len, "model.doc_max_length": doc_len}
+    over = {k: v for k, v in asked.items() if v > limit}
+    if over:
+        key, value = next(iter(over.items()))
+        raise RecipeError(
+            f"{key} {value}: {name} encodes at most {limit} tokens per sequence (its position embeddings)",
+            hint=f"set {key} to {limit} or less" + ("" if segment_length else
+                                                     f", or encode longer texts as segments: model.segments: {{length: {limit}}}"))
+
+
+def check_prompt_pooling(include_prompt: bool, pooling: str, prompt: str, folder: Path) -> None:
+    """A ModelNotFoundError for a pooling that leaves a prompt's tokens out (sentence-transformers'
+    ``include_prompt: false``) when a prompt is in use: hmcl pools over them."""
+    if not include_prompt and pooling in POOLS_OVER_TOKENS and prompt:
+        raise ModelNotFoundError(
+            f"{folder}: its pooling leaves the prompt's tokens out (1_Pooling include_prompt: false), which "
+            f"hmcl does not do; with the prompt {prompt!r} the embeddings would differ from sentence-transformers'",
+            hint="set model.query_prompt and model.doc_prompt to '' (and no prompts in the data), or "
+            "use a model whose pooling includes the prompt")
+
+
 def is_decoder_config(config: Any) -> bool:
     if getattr(config, "model_type", "") in DECODER_TYPES:
         return True
@@ -231,13 +263,7 @@ class EmbeddingModel(nn.Module):
             lowercase=st.lowercase,
             similarity=saved.get("similarity", st.similarity),
         )
-        if not st.include_prompt and pool in POOLS_OVER_TOKENS and (settings.query_prompt or settings.doc_prompt):
-            raise ModelNotFoundError(
-                f"{folder}: its pooling leaves the prompt's tokens out (1_Pooling include_prompt: false), which "
-                f"hmcl does not do; with the prompt {settings.query_prompt or settings.doc_prompt!r} the embeddings "
-                "would differ from sentence-transformers'",
-                hint="set model.query_prompt and model.doc_prompt to '' (and no prompts in the data), or "
-                "use a model whose pooling includes the prompt")
+        check_prompt_pooling(st.include_prompt, pool, settings.query_prompt or settings.doc_prompt, root)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
@@ -276,25 +302,10 @@ class EmbeddingModel(nn.Module):
         return position_limit(self.backbone)
 
     def check_lengths(self, name: str) -> None:
-        """A RecipeError when a sequence the settings allow is longer than the position table: the
-        forward pass would fail on the first long text (on a GPU as a device-side assert)."""
-        limit = self.position_limit()
-        if limit is None:
-            return
+        """A RecipeError when a sequence the settings allow is longer than the position table: see
+        :func:`check_lengths`."""
         s = self.settings
-        if s.segment_length:
-            asked = {"model.segments.length": s.segment_length}
-        else:
-            asked = {"model.query_max_length": s.query_max_length, "model.doc_max_length": s.doc_max_length}
-            if s.query_max_length == s.doc_max_length:
-                asked = {"model.max_length": s.query_max_length}
-        over = {k: v for k, v in asked.items() if v > limit}
-        if over:
-            key, value = next(iter(over.items()))
-            raise RecipeError(
-                f"{key} {value}: {name} encodes at most {limit} tokens per sequence (its position embeddings)",
-                hint=f"set {key} to {limit} or less" + ("" if s.segment_length else
-                                                         f", or encode longer texts as segments: model.segments: {{length: {limit}}}"))
+        check_lengths(self.position_limit(), s.query_max_length, s.doc_max_length, s.segment_length, name)
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:

@@ -97,8 +97,10 @@ def resolve_transformer(name_or_path: str, revision: Optional[str] = None, base_
     return transformer_folder(resolve_model(name_or_path, revision, base_dir))
 
 
-def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None) -> Path:
-    """Return a local folder holding the model ``name_or_path``.
+def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None,
+                  download: bool = True) -> Path:
+    """Return a local folder holding the model ``name_or_path`` (``download=False``: only one
+    already here: a folder, the cache or a package).
 
     Raises :class:`ModelNotFoundError` (with how to get the model) when it cannot be found.
     """
@@ -130,7 +132,7 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
     except Exception:  # noqa: BLE001 - not in the cache
         cached = None
     if cached is not None:
-        if (cached / "modules.json").is_file() or is_offline():
+        if (cached / "modules.json").is_file() or is_offline() or not download:
             return cached
         # a copy cached by transformers alone lacks the sentence-transformers files (pooling, Dense
         # layers): without them a CLS-pooled model (BGE) would be mean-pooled. Complete it if we can.
@@ -142,7 +144,9 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
         pkg = package_model_dir(name_or_path)
         if pkg is not None:
             return pkg
-    if not is_offline():
+    if not download:
+        reason = "not downloaded (download=False)"
+    elif not is_offline():
         try:
             return _download(name_or_path, revision)
         except Exception as e:  # noqa: BLE001
