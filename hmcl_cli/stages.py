@@ -282,10 +282,10 @@ def check_model(recipe: Recipe) -> str:
     import torch
     from transformers import AutoConfig
 
-    from hmcl_cli.modeling.encoder import DECODER_TYPES, check_lengths, check_prompt_pooling, position_limit
+    from hmcl_cli.modeling.encoder import check_max_lengths, check_prompt_pooling, is_decoder_config, position_limit
     from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
     from hmcl_cli.modeling.st_modules import read_pipeline
-    from hmcl_cli.training.memory import _meta_model
+    from hmcl_cli.training.memory import meta_model
 
     m = recipe.model
     try:
@@ -295,14 +295,13 @@ def check_model(recipe: Recipe) -> str:
     pipeline = read_pipeline(folder)
     try:
         config = AutoConfig.from_pretrained(transformer_folder(folder), trust_remote_code=m.trust_remote_code)
-        limit = position_limit(_meta_model(config, None, torch.float32))
+        limit = position_limit(meta_model(config, None, torch.float32))
     except Exception as e:  # noqa: BLE001 - loading itself reports it; validate says it could not look
         return f"{m.name_or_path}: config not read ({type(e).__name__}); lengths not checked"
-    decoder = getattr(config, "model_type", "") in DECODER_TYPES
-    pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if decoder else "mean")
+    pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if is_decoder_config(config) else "mean")
     check_prompt_pooling(pipeline.include_prompt, pooling, m.query_prompt or m.doc_prompt or pipeline.query_prompt
                          or pipeline.doc_prompt, folder)
-    check_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
+    check_max_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
                   m.segments.length if m.segments else 0, m.name_or_path)
     layers = f", then {' -> '.join(layer.kind for layer in pipeline.head)}" if pipeline.head else ""
     return (f"{m.name_or_path}: {pooling} pooling{layers}; "

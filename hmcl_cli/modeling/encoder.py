@@ -40,7 +40,6 @@ DECODER_TYPES = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral",
                  "gemma2", "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "falcon",
                  "olmo", "olmo2", "stablelm", "starcoder2", "internlm2", "deepseek_v2", "glm"}
 HMCL_CONFIG = "hmcl_config.json"
-_POOLING_WARNED: set = set()  # (folder, pooling) warned about once per process
 
 
 @dataclass
@@ -86,7 +85,17 @@ def position_limit(model: nn.Module) -> Optional[int]:
     return None
 
 
-def check_lengths(limit: Optional[int], query_len: int, doc_len: int, segment_length: int, name: str) -> None:
+_WARNED: set = set()
+
+
+def warn_once(key: Any, message: str) -> None:
+    """``warn(message)`` the first time ``key`` is seen in this process (stages load a model again)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warn(message)
+
+
+def check_max_lengths(limit: Optional[int], query_len: int, doc_len: int, segment_length: int, name: str) -> None:
     """A RecipeError when a sequence of the lengths asked (each segment's, with segments) is longer
     than the model's position table (``limit``, see :func:`position_limit`): the forward pass
     would fail on the first long text (on a GPU as a device-side assert)."""
@@ -210,11 +219,11 @@ class EmbeddingModel(nn.Module):
         decoder = bool(saved.get("is_decoder", is_decoder_config(config)))
         model_class = backbone_class(config, folder)
         heads = [a for a in (getattr(config, "architectures", None) or []) if a.endswith("ForSequenceClassification")]
-        if heads and st.pooling is None and not saved and (folder, "classifier") not in _POOLING_WARNED:
-            _POOLING_WARNED.add((folder, "classifier"))
-            warn(f"{name_or_path} is a {heads[0]} (a cross-encoder or classifier): its classification head is left "
-                 "out and its token states were not trained as embeddings; an embedding model is the usual start "
-                 "(a cross-encoder fits mine.teacher)")
+        if heads and st.pooling is None and not saved:
+            warn_once((folder, "classifier"),
+                      f"{name_or_path} is a {heads[0]} (a cross-encoder or classifier): its classification head is "
+                      "left out and its token states were not trained as embeddings; an embedding model is the usual "
+                      "start (a cross-encoder fits mine.teacher)")
         kwargs: dict = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             kwargs["dtype"] = dtype
@@ -239,11 +248,11 @@ class EmbeddingModel(nn.Module):
         default_pool = "last_token" if decoder else "mean"
         own = saved.get("pooling", st.pooling)  # the pooling the model was trained with, if its folder says
         pool = pooling if pooling != "auto" else own or default_pool
-        if own and pool != own and (folder, pool) not in _POOLING_WARNED:
-            _POOLING_WARNED.add((folder, pool))
-            warn(f"model.pooling {pool}: {name_or_path} was trained with {own} pooling (its "
-                 f"{'hmcl_config.json' if 'pooling' in saved else '1_Pooling/config.json'}); its embeddings change "
-                 "(the base model's scores too) until training adapts it; `auto` keeps its own")
+        if own and pool != own:
+            warn_once((folder, pool),
+                      f"model.pooling {pool}: {name_or_path} was trained with {own} pooling (its "
+                      f"{'hmcl_config.json' if 'pooling' in saved else '1_Pooling/config.json'}); its embeddings "
+                      "change (the base model's scores too) until training adapts it; `auto` keeps its own")
         base_len = max_length or st.max_seq_length or 128
         settings = EncoderSettings(
             pooling=pool,
@@ -303,9 +312,9 @@ class EmbeddingModel(nn.Module):
 
     def check_lengths(self, name: str) -> None:
         """A RecipeError when a sequence the settings allow is longer than the position table: see
-        :func:`check_lengths`."""
+        :func:`check_max_lengths`."""
         s = self.settings
-        check_lengths(self.position_limit(), s.query_max_length, s.doc_max_length, s.segment_length, name)
+        check_max_lengths(self.position_limit(), s.query_max_length, s.doc_max_length, s.segment_length, name)
 
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:

@@ -136,7 +136,7 @@ def _layers_key(config: Any) -> str:
     raise ValueError("the model config has no layer count")
 
 
-def _meta_model(config: Any, layers: Optional[int], dtype: torch.dtype, lora: Any = None) -> torch.nn.Module:
+def meta_model(config: Any, layers: Optional[int], dtype: torch.dtype, lora: Any = None) -> torch.nn.Module:
     import copy
 
     from pathlib import Path
@@ -187,7 +187,7 @@ def _layer_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int) -> tu
     2-layer copy on the meta device, attention counted as a fused kernel keeps it."""
     sizes = []
     for layers in (1, 2):
-        model = _meta_model(config, layers, dtype, lora)
+        model = meta_model(config, layers, dtype, lora)
         try:
             model.config._attn_implementation = _register_probe()
         except Exception:  # noqa: BLE001 - architectures without the attention interface keep their own
@@ -285,7 +285,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     w_dtype = training_dtype(m, device.type)
     precision = resolve_precision(t.precision, device.type)
     act_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, w_dtype)
-    full = _meta_model(config, None, w_dtype, m.lora)
+    full = meta_model(config, None, w_dtype, m.lora)
     params = trainable = weight_bytes = train_bytes = matmul_fp32 = 0
     for name, p in full.named_parameters():
         size = p.numel() * p.element_size()
