@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -204,15 +203,12 @@ def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
 
 
 # ----------------------------------------------------------------------------- recipes
-def builtin_recipes() -> dict[str, Path]:
-    folder = Path(str(resources.files("hmcl_cli.recipes")))
-    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
-
-
 @recipe_app.command("ls", epilog="Example:  hmcl recipe ls")
 def recipe_ls() -> None:
     """List the built-in recipes."""
     import yaml
+
+    from hmcl_cli.recipe import builtin_recipes
 
     for name, path in builtin_recipes().items():
         first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#") and not ln.startswith("# hmcl")), "")
@@ -225,7 +221,7 @@ def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
               dest: Path = typer.Argument(..., help="Destination file or folder.")) -> None:
     """Copy a built-in recipe (and the sample data it uses) to DEST."""
     from hmcl_cli.errors import RecipeError
-    from hmcl_cli.recipe import suggest
+    from hmcl_cli.recipe import builtin_recipes, suggest
 
     recipes = builtin_recipes()
     if name not in recipes:

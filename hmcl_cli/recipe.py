@@ -578,6 +578,13 @@ class ExportConfig(_Section):
 class Recipe(_Section):
     """A complete, reproducible hmcl run."""
 
+    extends: Optional[Union[str, list[str]]] = Field(
+        None, exclude=True,
+        description="Recipe(s) this one starts from: a file (relative to this one) or a built-in "
+        "recipe name (`hmcl recipe ls`); a list is applied in order. Sections merge key by key, this "
+        "file's values win; a list (data.sources, eval.tasks, ...) or a scalar is replaced whole. A "
+        "relative path a parent sets stays relative to the parent's file. `hmcl recipe validate "
+        "--show` prints the merged recipe.")
     name: str = Field(..., description="Run name; outputs go to `output_dir`.")
     seed: int = Field(42, description="Seed for splits, sampling and initialisation.")
     output_dir: str = Field(
@@ -886,6 +893,144 @@ def _where(loc: tuple, file: str, lines: dict, origins: dict) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def builtin_recipes() -> dict[str, Path]:
+    """The recipes shipped with hmcl: name -> file."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("hmcl_cli.recipes")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def read_recipe_file(path: Path, chain: tuple = ()) -> tuple[dict, dict]:
+    """A recipe file's data with its ``extends`` parents merged in, and where each key was set:
+    ({key path: "file:line"}). Parents are read first, in order; this file's keys win."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data, lines = load_yaml_with_lines(text, file)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{file}: a recipe must be a mapping of sections (name, model, data, ...)")
+    where = {k: f"{file}:{line}" for k, line in lines.items()}
+    if "extends" not in data:
+        return data, where
+    parents = data.pop("extends")
+    at = where.pop(("extends",))
+    for k in [k for k in where if k[:1] == ("extends",)]:
+        del where[k]
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not parents or not all(isinstance(x, str) and x.strip() for x in parents):
+        raise RecipeError(f"{at}: extends: expected a recipe file or built-in recipe name, or a list of them "
+                          f"(got {parents!r})", hint="e.g. extends: base.yaml  or  extends: quickstart")
+    merged: dict = {}
+    merged_where: dict = {}
+    me = path.resolve()
+    for parent in parents:
+        found = _parent_recipe(parent, path.parent, at)
+        if found in chain + (me,):
+            loop = " -> ".join(str(p) for p in chain + (me, found))
+            raise RecipeError(f"{at}: extends {parent!r} goes round in a circle: {loop}",
+                              hint="a recipe cannot extend itself or a recipe that extends it")
+        pdata, pwhere = read_recipe_file(found, chain + (me,))
+        merged, merged_where = _merge(merged, merged_where, pdata, pwhere)
+    return _merge(merged, merged_where, data, where)
+
+
+def _parent_recipe(name: str, folder: Path, at: str) -> Path:
+    """The file ``extends: name`` names: a file relative to ``folder``, else a built-in recipe."""
+    p = Path(os.path.expanduser(name))
+    p = p if p.is_absolute() else folder / p
+    if p.is_file():
+        return p.resolve()
+    builtin = builtin_recipes()
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if "/" not in name and stem in builtin:
+        return builtin[stem].resolve()
+    options = list(builtin) + [q.name for q in folder.glob("*.yaml")]
+    close = suggest(name, options)
+    raise RecipeError(f"{at}: extends {name!r}: no such recipe file ({p}) and no built-in recipe of that name"
+                      + (f" — did you mean {close!r}?" if close else ""),
+                      hint=f"a path relative to the recipe file, or one of the built-in recipes: {', '.join(builtin)}")
+
+
+def _merge(base: dict, base_where: dict, over: dict, over_where: dict, prefix: tuple = ()) -> tuple[dict, dict]:
+    """``over`` on top of ``base``: mappings merge key by key, anything else is replaced whole
+    (with the places it was set)."""
+    out = dict(base)
+    where = dict(base_where) if not prefix else base_where
+    for key, value in over.items():
+        here = prefix + (key,)
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key], where = _merge(out[key], where, value, over_where, here)
+            if here in over_where:
+                where[here] = over_where[here]
+            continue
+        for k in [k for k in where if k[:len(here)] == here]:
+            del where[k]
+        where.update({k: v for k, v in over_where.items() if k[:len(here)] == here})
+        out[key] = value
+    return out, where
+
+
+# keys that hold a path relative to the recipe file; ANY matches a list index or a mapping key
+_ANY = object()
+_PATH_KEYS = [("data", "sources", _ANY, "path"), ("eval", "tasks", _ANY, "path"), ("mine", "corpus", _ANY),
+              ("train", "accelerate_config")]
+# keys that hold a model: a hub id, or a folder (relative to the recipe file)
+_MODEL_KEYS = [("model", "name_or_path"), ("mine", "teacher", "model"), ("eval", "compare", _ANY)]
+_RUN_SPLITS = {"train", "dev", "test"}  # eval.tasks[].path values that name a prepared split
+
+
+def _keyed_values(data: Any, pattern: tuple, prefix: tuple = ()):
+    """(key path, value) for each value of ``data`` at ``pattern``."""
+    if not pattern:
+        yield prefix, data
+        return
+    head, rest = pattern[0], pattern[1:]
+    if isinstance(data, dict):
+        keys = list(data) if head is _ANY else [head] if head in data else []
+    elif isinstance(data, list) and head is _ANY:
+        keys = range(len(data))
+    else:
+        keys = []
+    for k in keys:
+        yield from _keyed_values(data[k], rest, prefix + (k,))
+
+
+def _set_at(data: Any, key: tuple, value: Any) -> None:
+    for part in key[:-1]:
+        data = data[part]
+    data[key[-1]] = value
+
+
+def _rebase_inherited_paths(data: dict, where: dict, folder: Path) -> None:
+    """A relative path set in a parent recipe is relative to the parent's file: rewrite it
+    relative to ``folder`` (the loaded recipe's), so the merged recipe means what the parent said."""
+    def origin(key: tuple) -> Optional[Path]:
+        place = where.get(key, "")
+        file = place.rsplit(":", 1)[0] if ":" in place and not place.startswith("--set") else ""
+        return Path(file).resolve().parent if file else None
+
+    me = folder.resolve()
+    shipped = {p.parent.resolve() for p in builtin_recipes().values()}
+    for patterns, is_model in ((_PATH_KEYS, False), (_MODEL_KEYS, True)):
+        for pattern in patterns:
+            for key, value in list(_keyed_values(data, pattern)):
+                home = origin(key)
+                if not isinstance(value, str) or not value or home is None or home == me:
+                    continue
+                if value.startswith(("~", "/")) or (key[:2] == ("eval", "tasks") and value in _RUN_SPLITS):
+                    continue
+                if is_model and not (value.startswith(".") or (home / value).exists()):
+                    continue  # a hub id
+                target = home / value
+                # a built-in parent's files are where hmcl is installed: absolute; a user's: relative,
+                # so a merged recipe still reads where the two files sit side by side
+                _set_at(data, key, str(target.resolve()) if home in shipped else os.path.relpath(target, me))
+
+
 def load_recipe(
     path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -896,6 +1041,7 @@ def load_recipe(
     Raises :class:`RecipeError` with file, line, key and a suggestion on any problem.
     """
     lines: dict = {}
+    origins: dict = {}
     file = "<recipe>"
     if path is not None:
         p = Path(path)
@@ -903,21 +1049,24 @@ def load_recipe(
         if not p.is_file():
             hint = "`hmcl recipe ls` lists the built-in recipes; `hmcl recipe cp NAME DEST` copies one"
             raise RecipeError(f"recipe file {p} does not exist", hint=hint)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise RecipeError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        data, lines = load_yaml_with_lines(text, file)
+        data, origins = read_recipe_file(p)
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise RecipeError(f"{file}: a recipe must be a mapping of sections (name, model, data, ...)")
-    origins: dict = {}
+    if path is None and data.get("extends") is not None:
+        raise RecipeError("extends is read from recipe files only",
+                          hint="load the recipe from its file, or merge the dictionaries yourself")
     for item in overrides or []:
         key_path, value = parse_override(item)
+        if key_path[:1] == ("extends",):
+            raise RecipeError(f"--set {item}: extends cannot be set from the command line",
+                              hint="write `extends:` in the recipe file, or --set the keys themselves")
         _apply_override(data, key_path, value, item)
         origins[key_path] = f"--set {item}"
     data.setdefault("output_dir", "runs/${name}")
     data = resolve_references(data)
+    if path is not None:
+        _rebase_inherited_paths(data, origins, Path(path).parent)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
