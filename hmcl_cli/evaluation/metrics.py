@@ -49,18 +49,24 @@ def recall_at_k(ranked_relevant: Sequence[bool], n_relevant: int, k: int) -> flo
 def rerank_scores(groups: list[tuple[np.ndarray, np.ndarray]], min_relevant: int = 2) -> dict[str, float]:
     """``groups``: per query (cosines of its candidates, their grades). MAP, MRR@10, nDCG@10.
 
-    Queries with no relevant or no irrelevant candidate are skipped (nothing to rank).
+    As MTEB's reranking (pytrec_eval) counts them, so the in-loop ``dev_map`` of a model equals
+    ``hmcl eval``'s reranking MAP on the same split: a query with no relevant candidate is left
+    out; one whose candidates are all relevant counts (1 on every metric). When no query has a
+    relevant and an irrelevant candidate, nothing is ranked and the metrics are NaN (no model
+    can be told from another by them).
     """
     aps, rrs, ndcgs = [], [], []
+    ranked = False
     for sims, grades in groups:
         rel = grades >= min_relevant
-        if not rel.any() or rel.all():
+        if not rel.any():
             continue
+        ranked = ranked or not rel.all()
         order = np.argsort(-sims, kind="stable")
         aps.append(average_precision(rel[order]))
         rrs.append(reciprocal_rank(rel[order], 10))
         ndcgs.append(ndcg_at_k(grades[order], grades, 10))
-    if not aps:
+    if not ranked:
         return {"map": float("nan"), "mrr@10": float("nan"), "ndcg@10": float("nan"), "queries": 0}
     return {"map": float(np.mean(aps)), "mrr@10": float(np.mean(rrs)), "ndcg@10": float(np.mean(ndcgs)),
             "queries": len(aps)}
