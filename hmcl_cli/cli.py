@@ -247,10 +247,15 @@ def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt
     from hmcl_cli.stages import check_model
 
     r = _load(recipe, set_)
-    missing = [s.path for s in r.data.sources if s.path and not r.resolve(s.path).exists()]
+    missing = [i for i, s in enumerate(r.data.sources) if s.path and not r.resolve(s.path).exists()]
     if missing:
-        raise DataError(f"{recipe}: data source(s) not found: {', '.join(missing)}",
-                        hint="paths are relative to the recipe file")
+        keys = [("data", "sources", i, "path") for i in missing]
+        lines = [f"data.sources.{i}.path: {r.data.sources[i].path}"
+                 + (f" ({r.written_as(key)})" if r.written_as(key) else "") for i, key in zip(missing, keys)]
+        env = sorted({name for key in keys for name in r.env_names(key)})
+        raise DataError(f"{recipe}: data source(s) not found:\n  " + "\n  ".join(lines),
+                        hint="paths are relative to the recipe file"
+                        + "".join(f"; export {name}=<folder> to read them elsewhere" for name in env))
     model = check_model(r)
     if show:
         console.print(r.to_yaml(), markup=False)

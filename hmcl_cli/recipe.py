@@ -598,8 +598,10 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
-    # where the recipe came from (not part of the schema)
+    # where the recipe came from, and the values written with ${...} before they were resolved
+    # (not part of the schema)
     _source: Optional[Path] = None
+    _templates: dict = {}
 
     @property
     def run_dir(self) -> Path:
@@ -608,6 +610,26 @@ class Recipe(_Section):
     @property
     def base_dir(self) -> Path:
         return self._source.parent if self._source else Path.cwd()
+
+    def written_as(self, key: tuple) -> str:
+        """How the recipe wrote the value at ``key`` when it used ``${...}``, and where each
+        environment variable in it stands (for error hints); '' otherwise."""
+        raw = self._templates.get(key)
+        if not raw:
+            return ""
+        notes = []
+        for ref in _REF.findall(raw):
+            name, _, default = ref.strip().partition(":-")
+            if name.startswith("env:"):
+                name = name[4:]
+                state = f"is {os.environ[name]!r}" if name in os.environ else f"is not set, so {default!r} was used"
+                notes.append(f"{name} {state}")
+        return "; ".join([f"written as {raw!r}", *notes])
+
+    def env_names(self, key: tuple) -> list[str]:
+        """The environment variables the value at ``key`` was written with."""
+        refs = _REF.findall(self._templates.get(key, ""))
+        return [r.strip()[4:].partition(":-")[0] for r in refs if r.strip().startswith("env:")]
 
     def resolve(self, path: str) -> Path:
         """A path from the recipe, relative to the recipe file."""
@@ -1064,6 +1086,7 @@ def load_recipe(
         _apply_override(data, key_path, value, item)
         origins[key_path] = f"--set {item}"
     data.setdefault("output_dir", "runs/${name}")
+    templates = {k: v for k, v in _keyed_strings(data) if "${" in v}
     data = resolve_references(data)
     if path is not None:
         _rebase_inherited_paths(data, origins, Path(path).parent)
@@ -1073,7 +1096,20 @@ def load_recipe(
         raise _format_errors(err, file, lines, origins) from None
     if path is not None:
         recipe._source = Path(path).resolve()
+    recipe._templates = templates
     return recipe
+
+
+def _keyed_strings(data: Any, prefix: tuple = ()):
+    """(key path, value) of every string in ``data``."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _keyed_strings(v, prefix + (k,))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _keyed_strings(v, prefix + (i,))
+    elif isinstance(data, str):
+        yield prefix, data
 
 
 def schema_markdown() -> str:

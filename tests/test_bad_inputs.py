@@ -123,6 +123,20 @@ def missing_data_file(tmp, model):
     return ["prepare", p], DATA, ["absent.jsonl does not exist", "relative to the recipe file"]
 
 
+def data_path_from_an_unset_env_variable(tmp, model):
+    os.environ.pop("HMCL_TEST_DATA", None)
+    p = write_recipe(tmp, model, data={"sources": [{"path": "${env:HMCL_TEST_DATA:-shared}/absent.jsonl"}]})
+    return ["prepare", p], DATA, ["shared/absent.jsonl does not exist", "${env:HMCL_TEST_DATA:-shared}/absent.jsonl",
+                                  "HMCL_TEST_DATA is not set, so 'shared' was used", "export HMCL_TEST_DATA=<folder>"]
+
+
+def validate_data_path_from_an_env_variable(tmp, model):
+    os.environ["HMCL_TEST_DATA"] = str(tmp / "nowhere")
+    p = write_recipe(tmp, model, data={"sources": [{"path": "${env:HMCL_TEST_DATA:-shared}/absent.jsonl"}]})
+    return ["recipe", "validate", p], DATA, ["data.sources.0.path:", "nowhere/absent.jsonl",
+                                              f"HMCL_TEST_DATA is '{tmp / 'nowhere'}'", "export HMCL_TEST_DATA=<folder>"]
+
+
 def empty_dataset(tmp, model):
     return ["prepare", recipe_with_train(tmp, model, "")], DATA, ["no training examples"]
 
@@ -279,7 +293,8 @@ def metric_for_best_undefined_on_dev(tmp, model):
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, out_of_range_value,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
-         missing_data_file, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
+         missing_data_file, data_path_from_an_unset_env_variable,
+         validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, export_unknown_format, eval_missing_file, eval_bad_gate,

@@ -171,7 +171,12 @@ def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optiona
         st.rejected["missing file"] += 1
         st.first_errors.append(msg)
         return False
-    raise DataError(msg, hint="fix data.sources[].path (relative to the recipe file) or --set it")
+    i = next(i for i, s in enumerate(recipe.data.sources) if s is src)
+    key = ("data", "sources", i, "path")
+    written = recipe.written_as(key)
+    env = "".join(f", or export {name}=<folder>" for name in recipe.env_names(key))
+    raise DataError(msg + (f" (data.sources.{i}.path {written})" if written else ""),
+                    hint=f"fix data.sources.{i}.path (relative to the recipe file) or --set it{env}")
 
 
 def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
