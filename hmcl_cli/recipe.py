@@ -521,6 +521,10 @@ class EvalTask(_Section):
         default_factory=dict, description="Role -> column name or index, as for data sources.")
     score_range: Optional[tuple[float, float]] = Field(
         None, description="sts: declared score range; scores outside it are bad rows.")
+    label_map: Optional[dict[str, Literal["pos", "weak", "neg"]]] = Field(
+        None, description="Label value -> level, as for data sources (pair_classification: a `pos` "
+        "pair is 1, any other 0; default {1: pos, 0: neg}; e.g. {entailment: pos, neutral: neg, "
+        "contradiction: neg} for NLI-labelled pairs).")
     encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
     mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
     split: str = Field("test", description="Split to evaluate for hub/BEIR tasks.")

@@ -419,3 +419,42 @@ def test_in_loop_reranking_metrics_equal_hmcl_eval_on_the_same_split(tmp_path, t
         if rel.any():
             aps.append(float((np.cumsum(rel)[rel] / (np.flatnonzero(rel) + 1)).mean()))
     assert len(aps) == 3 and in_loop["map"] == pytest.approx(np.mean(aps), abs=1e-5)
+
+
+NLI_ROWS = [("a man is playing a guitar", "a person plays an instrument", "ENTAILMENT"),
+            ("a man is playing a guitar", "a man is cooking", "CONTRADICTION"),
+            ("two dogs run in a field", "animals are outside", "ENTAILMENT"),
+            ("two dogs run in a field", "the dogs are sleeping", "CONTRADICTION"),
+            ("a woman slices an onion", "someone is in a kitchen", "NEUTRAL"),
+            ("a woman slices an onion", "a woman is cutting a vegetable", "ENTAILMENT"),
+            ("kids swim in a lake", "children are in the water", "ENTAILMENT"),
+            ("kids swim in a lake", "the lake is frozen", "NEUTRAL")]
+
+
+@pytest.mark.parametrize("how", ["label_map", "format nli"])
+def test_pair_classification_of_nli_labelled_pairs_equals_sklearn(tmp_path, tiny_bert, how):
+    """A pair-classification file labelled with NLI labels: the task's `label_map` (or `format:
+    nli`, entailment 1) says which pairs are positive; AP as sklearn computes it on the cosines."""
+    from sklearn.metrics import average_precision_score
+
+    path = tmp_path / "sick.tsv"
+    path.write_text("sentence_A\tsentence_B\tentailment_judgment\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in NLI_ROWS))
+    columns = {"query": "sentence_A", "candidate": "sentence_B", "label": "entailment_judgment"}
+    extra = ({"label_map": {"entailment": "pos", "neutral": "neg", "contradiction": "neg"}} if how == "label_map"
+             else {"format": "nli"})
+    task = EvalTask(name="pc", type="pair_classification", path=str(path), columns=columns, **extra)
+    model = EmbeddingModel.load(str(tiny_bert))
+    got = evaluate({"m": model}, [task], resolve=Path)["results"]["pc"]["m"]
+    a = model.encode([r[0] for r in NLI_ROWS]).numpy()
+    b = model.encode([r[1] for r in NLI_ROWS]).numpy()
+    labels = [int(r[2] == "ENTAILMENT") for r in NLI_ROWS]
+    assert got["ap"] == pytest.approx(average_precision_score(labels, (a * b).sum(1)), abs=1e-4)
+
+
+def test_pair_classification_with_unmapped_labels_says_how_to_map_them(tmp_path, tiny_bert):
+    path = tmp_path / "sick.tsv"
+    path.write_text("sentence_A\tsentence_B\tentailment_judgment\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in NLI_ROWS))
+    task = EvalTask(name="pc", type="pair_classification", path=str(path),
+                    columns={"query": "sentence_A", "candidate": "sentence_B", "label": "entailment_judgment"})
+    got = evaluate({"m": EmbeddingModel.load(str(tiny_bert))}, [task], resolve=Path)["results"]["pc"]["m"]
+    assert "unknown label 'ENTAILMENT'" in got["error"] and "label_map" in got["error"]

@@ -59,12 +59,17 @@ def load_task(task: EvalTask, resolve) -> TaskData:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
     src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range, encoding=task.encoding,
                        qrels_split=task.split if fmt == "qrels" else "train",
-                       label_map={"1": "pos", "0": "neg"} if task.type == "pair_classification" else None)
+                       label_map=task.label_map or ({"1": "pos", "0": "neg"} if task.type == "pair_classification" and fmt == "pairs"
+                                                     else None))
     merged: dict[tuple, GradedExample] = {}  # rows of one query (answer selection, pairs) -> one example
     pairs: list[tuple[str, str, Any]] = []  # sts / pair classification keep every row as given
     for item in read_source(src, path):
         if isinstance(item, BadRow):
-            raise DataError(f"task {task.name!r}: {item.located()}")
+            hint = None
+            if item.kind == "unknown label":
+                hint = ("map the file's labels with the task's `label_map` in a recipe's eval.tasks (e.g. "
+                        "{entailment: pos, neutral: neg, contradiction: neg}), or `format: nli` for NLI labels")
+            raise DataError(f"task {task.name!r}: {item.located()}", hint=hint)
         ex = item[1]
         for text, cand in ex.candidates.items():
             pairs.append((ex.query, text, cand))
@@ -112,7 +117,7 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             task_objs[t.name] = (data.hub if data.kind == "mteb" else local_task(data), data.kind)
         except HmclError as e:
             task_objs[t.name] = e
-            warn(f"task {t.name}: {e}")
+            warn(f"task {t.name}: {_said(e)}")
     for label, model in models.items():
         if isinstance(model, (str, Path)):
             try:
@@ -135,7 +140,7 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             for t in tasks:
                 entry = task_objs[t.name]
                 if isinstance(entry, HmclError):
-                    results[t.name][view_label] = {"error": str(entry)}
+                    results[t.name][view_label] = {"error": _said(entry)}
                     continue
                 log(f"eval {view_label} on {t.name}")
                 try:
@@ -161,6 +166,11 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             if label != ref_label and isinstance(ref, float) and isinstance(r.get(main), float):
                 r[f"delta_vs_{first}"] = r[main] - ref
     return report
+
+
+def _said(error: HmclError) -> str:
+    """An error's message with its hint (what to do), for the table and the JSON."""
+    return f"{error} (hint: {error.hint})" if error.hint else str(error)
 
 
 def print_table(report: dict, title: str = "evaluation") -> None:
