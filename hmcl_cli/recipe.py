@@ -201,6 +201,10 @@ class SourceConfig(_Section):
     )
     prompt: Optional[str] = Field(None, description="Instruction stored on every example.")
     max_rows: Optional[int] = Field(None, ge=1, description="Read at most this many rows.")
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight in training: each of this source's training anchors is "
+        "listed this many times per epoch (2: twice; 0.5: a random half, drawn again each epoch), to "
+        "up- or down-sample a source in the mix. `hmcl train` prints the mix.")
 
     @model_validator(mode="after")
     def _one_location(self) -> "SourceConfig":

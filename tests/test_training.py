@@ -202,6 +202,45 @@ def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert
     assert any(len({source_of[i] for i in batch}) == 2 for batch in mixed)
 
 
+def test_source_weights_up_and_down_sample_a_source(tmp_path, tiny_bert, capsys):
+    """data.sources[].weight: 2 lists each anchor of a source twice per epoch; 0.5 a random half
+    of them, another half next epoch; the epoch's length is what the plan says; 1 everywhere is
+    the unweighted plan, batch for batch."""
+    import collections
+    import json
+
+    from hmcl_cli.training.batching import BatchPlan
+
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    a.write_text("".join(json.dumps({"query": f"question {i}", "pos": [f"answer {i}"]}) + "\n" for i in range(10)))
+    b.write_text("".join(json.dumps({"query": f"refund {i}", "pos": [f"shipping {i}"]}) + "\n" for i in range(12)))
+    c.write_text("".join(json.dumps({"query": f"login {i}", "pos": [f"password {i}"]}) + "\n" for i in range(7)))
+    t = _trainer(tmp_path, tiny_bert, data={"sources": [{"path": str(a), "split": "train", "weight": 2},
+                                                        {"path": str(b), "split": "train", "weight": 0.5},
+                                                        {"path": str(c), "split": "train"},
+                                                        {"path": "dev.jsonl", "split": "dev", "weight": 3}]},
+                 train={"batch_size": 4, "max_steps": 2, "positive_repeats": 1})
+    out = capsys.readouterr()
+    assert "sources per epoch (data.sources[].weight): a.jsonl 10 anchors x 2, b.jsonl 12 anchors x 0.5, " \
+           "c.jsonl 7 anchors x 1 = 33 anchors" in out.out
+    assert "data.sources.3.weight 3: no training example comes from source 'dev.jsonl'" in out.err
+    source_of = {i: t.data.queries[an.query][1].split()[0] for i, an in enumerate(t.data.anchors)}
+    halves = []
+    for epoch in range(2):
+        batches = t.plan.epoch_batches(epoch)
+        assert len(batches) == t.plan.steps_per_epoch == 5 + 2 + 2
+        counts = collections.Counter(i for batch in batches for i in batch)
+        per = collections.defaultdict(collections.Counter)
+        for i, src in source_of.items():
+            per[src][counts[i]] += 1
+        assert per["question"] == {2: 10} and per["login"] == {1: 7} and per["refund"] == {1: 6, 0: 6}
+        assert all(len({source_of[i] for i in batch}) == 1 for batch in batches)
+        halves.append({i for i in counts if source_of[i] == "refund"})
+    assert halves[0] != halves[1]
+    plain, ones = BatchPlan(t.data, 4, seed=3), BatchPlan(t.data, 4, seed=3, source_weights=[1.0, 1.0, 1.0])
+    assert plain.epoch_batches(1) == ones.epoch_batches(1)
+
+
 def test_positive_repeats_lists_anchors_with_a_positive_that_many_times(tmp_path, tiny_bert):
     import collections
     import json

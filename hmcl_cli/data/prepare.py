@@ -18,7 +18,7 @@ import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
-from hmcl_cli.data.readers import json_records, read_source, source_label
+from hmcl_cli.data.readers import json_records, read_source, source_labels
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import write_json_atomic, write_jsonl_atomic
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -60,10 +60,7 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
     totals: Counter = Counter()
     per_source: dict[str, _SourceStats] = {}
 
-    for src in data_cfg.sources:
-        label = source_label(src)
-        while label in per_source:
-            label += "'"
+    for src, label in zip(data_cfg.sources, source_labels(data_cfg.sources)):
         st = per_source[label] = _SourceStats()
         path = _source_path(recipe, src, st)
         if path is False:

@@ -11,7 +11,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.errors import DataError
@@ -53,6 +53,18 @@ BINARY_DEFAULT = {"1": "pos", "0": "neg"}
 
 def source_label(src: SourceConfig) -> str:
     return src.name or (Path(src.path).name if src.path else f"{src.hub}")
+
+
+def source_labels(sources: Sequence[SourceConfig]) -> list[str]:
+    """The label each source's examples carry (``source`` in the prepared data): its name, a
+    repeated one marked with a prime per earlier use."""
+    labels: list[str] = []
+    for src in sources:
+        label = source_label(src)
+        while label in labels:
+            label += "'"
+        labels.append(label)
+    return labels
 
 
 def file_type(src: SourceConfig, path: Path) -> str:

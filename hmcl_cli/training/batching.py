@@ -41,7 +41,7 @@ class TrainData:
         query_index: dict[tuple, int] = {}
         doc_index: dict[str, int] = {}
         self.anchors: list[Anchor] = []
-        sources: dict[Optional[str], int] = {}
+        sources: dict[Optional[str], int] = {}  # label -> Anchor.source
         for ex in examples:
             qi = query_index.setdefault((ex.prompt, ex.query), len(query_index))
             groups: dict[int, list] = {2: [], 1: [], 0: []}
@@ -49,6 +49,7 @@ class TrainData:
                 groups[cand.level].append((doc_index.setdefault(text, len(doc_index)), cand.score))
             self.anchors.append(Anchor(qi, groups[2], groups[1], groups[0],
                                        sources.setdefault(ex.source, len(sources))))
+        self.source_names = list(sources)  # Anchor.source -> the examples' `source` label (None: none)
         self.queries = list(query_index)
         self.docs = list(doc_index)
         self.query_hash = np.array([text_id(q) for _, q in self.queries], dtype=np.int64)
@@ -163,19 +164,36 @@ class BatchPlan:
     (a batch of STS scores 0-5 is never ranked against one of relatedness 1-5). With
     ``positive_repeats`` r > 1, an anchor that has a positive is listed r times per epoch (the
     epoch grows accordingly); its copies land in different batches unless the shuffle puts them
-    together.
+    together. ``source_weights`` (per ``Anchor.source``, ``data.sources[].weight``) list each anchor of
+    a source that many times more (a fraction: that share of the source's anchors, drawn again each
+    epoch; the epoch's length stays fixed).
     """
 
     def __init__(self, data: TrainData, batch_size: int, seed: int, world_size: int = 1, group_by_length: bool = True,
-                 by_source: bool = True, positive_repeats: int = 1):
+                 by_source: bool = True, positive_repeats: int = 1, source_weights: Sequence[float] = ()):
         self.data, self.batch_size, self.seed, self.world = data, batch_size, seed, world_size
         self.group_by_length = group_by_length
         n_global = batch_size * world_size
         groups: dict[int, list[int]] = {}
+        # a weight's fraction: per (group, source, copies) the anchors one is drawn from, each epoch
+        drawn: dict[tuple, list[int]] = {}
         for i, a in enumerate(data.anchors):
-            groups.setdefault(a.source if by_source else 0, []).extend([i] * (positive_repeats if a.pos else 1))
-        self.groups = list(groups.values())
-        per_group = [len(g) // n_global if world_size > 1 else -(-len(g) // n_global) for g in self.groups]
+            copies = positive_repeats if a.pos else 1
+            weight = source_weights[a.source] if a.source < len(source_weights) else 1.0
+            whole, fraction = int(weight), weight - int(weight)
+            group = a.source if by_source else 0
+            groups.setdefault(group, []).extend([i] * (whole * copies))
+            if fraction > 1e-9:
+                drawn.setdefault((group, a.source, copies, fraction), []).append(i)
+        keys = list(groups)
+        self.groups = [groups[k] for k in keys]
+        # per group: (anchors, how many of them are drawn per epoch, copies of each)
+        self.drawn: list[list[tuple[list[int], int, int]]] = [
+            [(pool, round(fraction * len(pool)), copies) for (g, _, copies, fraction), pool in drawn.items() if g == k]
+            for k in keys]
+        sizes = [len(g) + sum(n * copies for _, n, copies in d) for g, d in zip(self.groups, self.drawn)]
+        self.anchors_per_epoch = sum(sizes)
+        per_group = [n // n_global if world_size > 1 else -(-n // n_global) for n in sizes]
         self.steps_per_epoch = sum(per_group)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(data.anchors)} training anchors are fewer than one global batch ({n_global})")
@@ -184,7 +202,13 @@ class BatchPlan:
         rng = np.random.default_rng([self.seed, epoch])
         n_global = self.batch_size * self.world
         batches: list[list[int]] = []
-        for group in self.groups:
+        for group, drawn in zip(self.groups, self.drawn):
+            if drawn:  # a fractional source weight: this epoch's share of the group's anchors
+                pick = np.random.default_rng([self.seed, epoch, 1])
+                group = group + [pool[j] for pool, n, copies in drawn
+                                 for j in np.sort(pick.choice(len(pool), n, replace=False)) for _ in range(copies)]
+            if not group:
+                continue
             order = [group[i] for i in rng.permutation(len(group))]
             if self.group_by_length:
                 mega = n_global * 16

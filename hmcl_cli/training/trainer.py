@@ -192,11 +192,17 @@ class HMCLTrainer:
             n, total = with_positive(self.data.anchors), len(self.data.anchors)
             log(f"train.positive_repeats auto: {self.positive_repeats} ({n} of {total} anchors have a positive"
                 f"{'; each listed twice per epoch' if self.positive_repeats > 1 else ''})")
+        weights = self._source_weights()
         try:
             self.plan = BatchPlan(self.data, cfg.batch_size, r.seed, self.world, group_by_length=cfg.group_by_length,
-                                  by_source=cfg.batch_by_source, positive_repeats=self.positive_repeats)
+                                  by_source=cfg.batch_by_source, positive_repeats=self.positive_repeats,
+                                  source_weights=weights)
         except ValueError as e:
             raise DataError(f"{train_path}: {e}", hint="lower train.batch_size") from None
+        if any(w != 1.0 for w in weights) and self.is_main:
+            log("train: sources per epoch (data.sources[].weight): " + ", ".join(
+                f"{name} {n} anchors x {w:g}" for name, n, w in self._source_mix(weights))
+                + f" = {self.plan.anchors_per_epoch} anchors")
         steps_epoch = self.plan.steps_per_epoch // cfg.gradient_accumulation_steps or 1
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.epochs))
         self.eval_every = cfg.eval_steps or steps_epoch
@@ -253,6 +259,28 @@ class HMCLTrainer:
         """The GradCache chunk of a step (None: the whole batch): ``train.grad_cache_chunk``, with
         ``auto`` resolved by the memory plan."""
         return resolve_chunk(self.cfg.grad_cache_chunk, self.memory_plan)
+
+    def _source_weights(self) -> list[float]:
+        """``data.sources[].weight`` per source of the training data (``Anchor.source``); 1 for
+        examples whose source the recipe does not name. A weighted source that no training example
+        comes from is a warning: its weight would change nothing."""
+        from hmcl_cli.data.readers import source_labels
+
+        sources = self.recipe.data.sources
+        by_label = dict(zip(source_labels(sources), (s.weight for s in sources)))
+        present = set(self.data.source_names)
+        for i, (label, w) in enumerate(zip(source_labels(sources), (s.weight for s in sources))):
+            if w != 1.0 and label not in present and self.is_main:
+                warn(f"data.sources.{i}.weight {w:g}: no training example comes from source {label!r} (a dev/test "
+                     "source, or data prepared before the source was renamed: run hmcl prepare); it changes nothing")
+        return [by_label.get(name, 1.0) for name in self.data.source_names]
+
+    def _source_mix(self, weights: list[float]) -> list[tuple[str, int, float]]:
+        """(source label, its training anchors, weight) for the start-of-training line."""
+        counts: dict[int, int] = {}
+        for a in self.data.anchors:
+            counts[a.source] = counts.get(a.source, 0) + 1
+        return [(str(name), counts.get(i, 0), weights[i]) for i, name in enumerate(self.data.source_names)]
 
     def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int], unpadded: Optional[bool] = None) -> None:
         """The memory plan of this run (``unpadded``: whether forward calls are; None: as predicted
