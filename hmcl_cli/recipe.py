@@ -380,6 +380,10 @@ class TrainConfig(_Section):
         None, ge=1, description="Stop after this many evals without improvement."
     )
     load_best_at_end: bool = Field(True, description="Save the best dev model as final.")
+    eval_at_start: bool = Field(
+        True, description="Evaluate on dev before the first step (step 0 in the log and metrics.jsonl: the "
+        "model as loaded), so the end of training says how far the best model moved from it, and warns "
+        "when no evaluated step beat it. Not a candidate for the final model.")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="accelerate trackers, besides metrics.jsonl."
     )

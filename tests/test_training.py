@@ -540,3 +540,36 @@ def test_matryoshka_training_logs_its_term_and_saves_its_sizes(tmp_path, tiny_be
     prepare(recipe, progress=False)
     with pytest.raises(RecipeError, match="smaller than the embedding size"):
         run_train(recipe)
+
+
+def test_eval_at_start_records_step_0_and_leaves_training_as_it_was(tmp_path, tiny_bert, capsys):
+    """train.eval_at_start: step 0 in metrics.jsonl and the log (the model as loaded), the end
+    compares the best step with it; the losses and the final weights are those of a run without it."""
+    import json
+
+    runs = {}
+    for on in (True, False):
+        t = _trainer(tmp_path / str(on), tiny_bert, train={"max_steps": 4, "log_steps": 1, "eval_steps": 2,
+                                                            "eval_at_start": on})
+        t.train()
+        final = t.save_final()
+        records = [json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()]
+        runs[on] = ([r["loss"] for r in records if "loss" in r], [r["step"] for r in records if "dev_ndcg@10" in r],
+                    {k: v.clone() for k, v in t.model.state_dict().items()}, t, final)
+    out = capsys.readouterr()
+    assert runs[True][0] == runs[False][0]
+    assert all(torch.equal(runs[True][2][k], runs[False][2][k]) for k in runs[True][2])
+    assert runs[True][1] == [0, 2, 4] and runs[False][1] == [2, 4]
+    t = runs[True][3]
+    assert "eval step 0 (before training): dev_ndcg@10" in out.out
+    assert t.start_metric is not None and t.best_step in (2, 4)  # step 0 is not a candidate
+    assert f"({t.start_metric:.4f} before training, {t.best_metric - t.start_metric:+.4f})" in out.out
+
+
+def test_a_run_that_does_not_beat_its_start_is_warned_about(tmp_path, tiny_bert, capsys):
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 2, "eval_steps": 2, "learning_rate": 1e-12,
+                                             "head_learning_rate": 1e-12})
+    t.train()
+    t.save_final()
+    err = capsys.readouterr().err
+    assert "training did not improve dev dev_ndcg@10" in " ".join(err.split())

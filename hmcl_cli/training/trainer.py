@@ -97,6 +97,7 @@ class HMCLTrainer:
         self.step = 0
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
+        self.start_metric: Optional[float] = None  # metric_for_best before the first step
         self.evals_without_improvement = 0
         self._early_stopped = False
         self._stop_signal: Optional[int] = None
@@ -313,6 +314,8 @@ class HMCLTrainer:
         t_log = time.perf_counter()
         bar = ProgressBar("train", self.total_steps, "steps", enabled=self.is_main)
         bar.update(self.step)
+        if self.dev and self.step == 0 and cfg.eval_at_start:
+            self._evaluate_at_start()
         self.model.train()
         self.loss_fn.train()
         with self._signals():
@@ -608,6 +611,15 @@ class HMCLTrainer:
         self.model.train()
         return {f"dev_{k}": v for k, v in scores.items() if f"dev_{k}" not in self.dev_undefined}
 
+    def _evaluate_at_start(self) -> None:
+        """Step 0: the dev metrics of the model as loaded (logged and recorded, not kept as a
+        candidate), what the end of training compares the best model with."""
+        scores = self.evaluate() if (self.is_main or self.sharded) else {}
+        if self.is_main:
+            self.metrics.write({"step": 0, **{k: round(v, 5) for k, v in scores.items()}})
+            log("eval step 0 (before training): {}".format(", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
+            self.start_metric = scores.get(self.cfg.metric_for_best)
+
     def _evaluate_and_keep_best(self) -> bool:
         """Evaluate on dev; save the best model; return True to stop early. Without sharding the
         main process evaluates alone; under FSDP every process runs the same forward passes (each
@@ -659,6 +671,7 @@ class HMCLTrainer:
                         **({"scaler": self.scaler.state_dict()} if self.scaler else {})}, tmp / "optim.pt")
             torch.save(_all_rng(), tmp / "rng.pt")
             state = {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
+                     "start_metric": self.start_metric,
                      "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
@@ -694,6 +707,7 @@ class HMCLTrainer:
             st = json.loads((ckpt / "trainer_state.json").read_text())
             self.step, self.best_metric, self.best_step = st["step"], st["best_metric"], st["best_step"]
             self.evals_without_improvement = st.get("evals_without_improvement", 0)
+            self.start_metric = st.get("start_metric")
             if self.is_main:
                 log(f"resumed from {ckpt} (step {self.step})")
             return
@@ -758,7 +772,15 @@ class HMCLTrainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(best, final)
-            log(f"final model: best dev {self.cfg.metric_for_best} {self.best_metric:.4f} at step {self.best_step} -> {final}")
+            key, start = self.cfg.metric_for_best, self.start_metric
+            moved = (f" ({start:.4f} before training, {self.best_metric - start:+.4f})"
+                     if start is not None and not math.isnan(start) else "")
+            log(f"final model: best dev {key} {self.best_metric:.4f} at step {self.best_step}{moved} -> {final}")
+            if moved and not self.best_metric > start:
+                warn(f"training did not improve dev {key}: the best step ({self.best_step}: {self.best_metric:.4f}) is "
+                     f"no better than the model before training ({start:.4f}), so the final model is no better on dev "
+                     "than the one training started from; try a lower train.learning_rate or fewer steps, or check "
+                     "that the dev set measures what the training data teaches")
         # every process ends together: accelerate's end_training also destroys the process group,
         # which the main process alone used to tear down while its peer might still be in it (the
         # suspected cause of a rare abort at exit in a 2-process FSDP test)
