@@ -275,3 +275,45 @@ def test_graded_loader_names_the_bad_line(tmp_path):
     path.write_text('{"query": "a", "pos": ["b"]}\n{"query": \n', encoding="utf-8")
     with pytest.raises(DataError, match=r"train\.jsonl:2: invalid JSON"):
         load_graded(path)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_json_array_read_in_small_pieces_gives_every_record_at_its_line(tmp_path, monkeypatch, chunk):
+    """The array is read a piece at a time: records, numbers and strings cut at a piece's end
+    parse whole, and each record keeps the line it starts on."""
+    from hmcl_cli.data import readers
+
+    monkeypatch.setattr(readers, "_ARRAY_CHUNK", chunk)
+    records = [{"query": f"question {i} é", "pos": [f"answer {i}"], "n": 12345 + i} for i in range(5)] + [7, "text"]
+    text = "\ufeff[\n" + ",\n\n".join(json.dumps(r, indent=1, ensure_ascii=False) for r in records) + "\n]\n"
+    path = tmp_path / "a.json"
+    path.write_text(text, encoding="utf-8")
+    got = list(readers.json_records(path))
+    assert [r for _, r in got] == records
+    lines = text.splitlines()
+    starts = [i + 1 for i, ln in enumerate(lines) if ln == "{" or ln.rstrip(",") in ("7", '"text"')]
+    assert [n for n, _ in got] == starts
+    broken = path.with_name("b.json")
+    broken.write_text(text.replace('"question 3 é"', "question 3"), encoding="utf-8")
+    bad_line = lines.index(' "query": "question 3 é",') + 1
+    with pytest.raises(DataError, match=rf"b.json:{bad_line}: invalid JSON"):
+        list(readers.json_records(broken))
+
+
+def test_json_array_memory_is_the_records_in_flight_not_the_file(tmp_path):
+    """A 24 MB JSON array read record by record holds about a megabyte at a time (before, the
+    whole text: peak ~ the file's size and more)."""
+    import tracemalloc
+
+    from hmcl_cli.data import readers
+
+    path = tmp_path / "big.json"
+    record = {"query": "q" * 200, "pos": ["p" * 1000], "neg": ["n" * 1000]}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("[\n" + ",\n".join(json.dumps(record) for _ in range(10_000)) + "\n]\n")
+    assert path.stat().st_size > 20e6
+    tracemalloc.start()
+    n = sum(1 for _ in readers.json_records(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert n == 10_000 and peak < 6e6, peak

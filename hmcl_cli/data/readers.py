@@ -136,52 +136,104 @@ def _is_json_array(path: Path, encoding: str = "utf-8") -> bool:
     return False
 
 
-def _records_json_array(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any]]:
-    """The records of a JSON array file, each with the line it starts on. The file is read whole
-    (a JSON document cannot be streamed row by row); a broken record stops the read (nothing after
-    it can be located), even with ``on_error: skip``."""
-    if is_utf8(encoding):
-        data = b"".join(raw for _, raw in binary_lines(path))
+_ARRAY_CHUNK = 1 << 20  # characters read ahead at a time
+_ARRAY_RECORD_MAX = 64 << 20  # a record longer than this that does not parse is reported as broken
+
+
+def _array_text(path: Path, encoding: str) -> Iterator[str]:
+    """The decoded text of a JSON array file, line by line (BOM dropped); undecodable bytes are a
+    DataError naming the line."""
+    if not is_utf8(encoding):
+        first = True
+        for _, line in text_lines(path, encoding):
+            yield line.lstrip("\ufeff") if first else line
+            first = False
+        return
+    for lineno, raw in binary_lines(path):
         try:
-            text = data.decode("utf-8-sig")
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as e:
-            bad_line = data.count(b"\n", 0, e.start) + 1
-            raise DataError(f"{path}:{bad_line}: not UTF-8 text ({e.reason})",
+            raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason})",
                             hint="save the file as UTF-8, or set the source's `encoding`") from None
-    else:
-        text = "".join(line for _, line in text_lines(path, encoding)).lstrip("\ufeff")
-    decoder = json.JSONDecoder()
-    pos, line, counted = text.index("[") + 1, 1, 0
+        yield line
+
+
+def _records_json_array(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, Any]]:
+    """The records of a JSON array file, each with the line it starts on, read a megabyte at a
+    time (memory: the records in flight, not the file). A broken record stops the read (nothing
+    after it can be located), even with ``on_error: skip``."""
+    lines = _array_text(path, encoding)
+    buf, pos, eof = "", 0, False
+    base_line, counted, line = 1, 0, 1  # the line buf[0] is on; line_at's cache: buf[counted] is on `line`
+
+    def more(at_least: int = _ARRAY_CHUNK) -> bool:
+        """Read on until ``at_least`` more characters are buffered or the file ends; False at the end."""
+        nonlocal buf, pos, eof, base_line, counted, line
+        if eof:
+            return False
+        if pos > _ARRAY_CHUNK:  # drop what was read, keeping count of its lines
+            base_line += buf.count("\n", 0, pos)
+            buf, counted, line = buf[pos:], 0, base_line
+            pos = 0
+        parts, n = [], 0
+        for piece in lines:
+            parts.append(piece)
+            n += len(piece)
+            if n >= at_least:
+                break
+        else:
+            eof = True
+        buf += "".join(parts)
+        return bool(parts)
 
     def line_at(at: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, at)
+        nonlocal counted, line
+        if at < counted:
+            counted, line = 0, base_line
+        line += buf.count("\n", counted, at)
         counted = at
         return line
 
+    def skip_blank() -> bool:
+        """Past whitespace to the next character; False at the end of the file."""
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                pos += 1
+            if pos < len(buf) or not more():
+                return pos < len(buf)
+
+    decoder = json.JSONDecoder()
+    skip_blank()
+    pos += 1  # the `[` (_is_json_array saw it first)
     expect_value = True  # after `[` or a comma
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n":
-            pos += 1
-        if pos >= len(text):
+        if not skip_blank():
             raise DataError(f"{path}:{line_at(pos)}: the JSON array is not closed (no `]`)",
                             hint="the file may be cut short")
-        if text[pos] == "]":
-            rest = text[pos + 1:].strip()
-            if rest:
+        if buf[pos] == "]":
+            pos += 1
+            if skip_blank():
                 raise DataError(f"{path}:{line_at(pos)}: text after the JSON array's closing `]`")
             return
         if not expect_value:
-            if text[pos] != ",":
+            if buf[pos] != ",":
                 raise DataError(f"{path}:{line_at(pos)}: invalid JSON: expected `,` or `]` between records")
             pos += 1
             expect_value = True
             continue
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{line_at(e.pos)}: invalid JSON: {e.msg} (a JSON array is read whole, so the "
-                            "records after a broken one cannot be read)", hint="fix the record") from None
+        while True:
+            try:
+                obj, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError as e:
+                # the record may run on past what is read: read on (up to a limit) before calling it broken
+                if len(buf) - pos < _ARRAY_RECORD_MAX and more(max(_ARRAY_CHUNK, len(buf) - pos)):
+                    continue
+                raise DataError(f"{path}:{line_at(e.pos)}: invalid JSON: {e.msg} (in a JSON array, the records "
+                                "after a broken one cannot be read)", hint="fix the record") from None
+            if end == len(buf) and more():
+                continue  # a number or word at the end of what is read may go on
+            break
         yield line_at(pos), obj
         pos, expect_value = end, False
 
