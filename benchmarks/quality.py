@@ -250,7 +250,8 @@ NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.k
 NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as every step did before
                  "model.cudnn_attention": True,  # SDPA's cuDNN kernels allowed, as before the option
                  "loss.matryoshka_dims": [], "loss.matryoshka_weights": None,  # no matryoshka sizes
-                 "mine.encoding": "utf-8"}  # mine.corpus files read as UTF-8, as before the option
+                 "mine.encoding": "utf-8",  # mine.corpus files read as UTF-8, as before the option
+                 "model.include_prompt": "auto"}  # the model's own pooling (MiniLM: prompt included), as before
 
 
 def trained_with(row: str, sets: list[str], args) -> dict:

@@ -75,6 +75,13 @@ class ModelConfig(_Section):
         "and last_token for decoders. A sentence-transformers model's Dense / LayerNorm layers after "
         "the pooling are loaded, trained and saved with it.",
     )
+    include_prompt: Union[bool, Literal["auto"]] = Field(
+        "auto", description="Whether the pooling takes in the prompt's tokens (sentence-transformers' "
+        "Pooling `include_prompt`). `false`: mean, max and weighted pooling leave out the instruction "
+        "(and the first special token), as INSTRUCTOR-style models are trained; CLS pooling takes the "
+        "first token after it. `auto`: the model's own setting (true unless its 1_Pooling says false). "
+        "Saved with the model; ONNX export refuses a model that leaves out a prompt (the graph pools "
+        "every token it is given).")
     normalize: bool = Field(True, description="L2-normalise embeddings (cosine similarity).")
     max_length: int = Field(128, ge=8, description="Max tokens per text (both sides).")
     query_max_length: Optional[int] = Field(None, ge=8, description="Override for queries.")

@@ -282,7 +282,7 @@ def check_model(recipe: Recipe) -> str:
     import torch
     from transformers import AutoConfig
 
-    from hmcl_cli.modeling.encoder import check_max_lengths, check_prompt_pooling, is_decoder_config, position_limit
+    from hmcl_cli.modeling.encoder import check_max_lengths, is_decoder_config, position_limit
     from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
     from hmcl_cli.modeling.st_modules import read_pipeline
     from hmcl_cli.training.memory import meta_model
@@ -299,11 +299,11 @@ def check_model(recipe: Recipe) -> str:
     except Exception as e:  # noqa: BLE001 - loading itself reports it; validate says it could not look
         return f"{m.name_or_path}: config not read ({type(e).__name__}); lengths not checked"
     pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if is_decoder_config(config) else "mean")
-    check_prompt_pooling(pipeline.include_prompt, pooling, m.query_prompt or m.doc_prompt or pipeline.query_prompt
-                         or pipeline.doc_prompt, folder)
     check_max_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
                   m.segments.length if m.segments else 0, m.name_or_path)
     layers = f", then {' -> '.join(layer.kind for layer in pipeline.head)}" if pipeline.head else ""
+    if not (pipeline.include_prompt if m.include_prompt == "auto" else m.include_prompt):
+        layers = " (prompt tokens left out)" + layers
     return (f"{m.name_or_path}: {pooling} pooling{layers}; "
             f"{f'at most {limit} tokens per sequence' if limit else 'no position limit'}")
 
@@ -319,6 +319,12 @@ def check_stage_packages(recipe: Recipe) -> None:
         from hmcl_cli.export.onnx import require_onnx
 
         require_onnx()
+        m = recipe.model
+        if m.include_prompt is False and (m.query_prompt or m.doc_prompt):
+            raise RecipeError("export.formats has onnx, but model.include_prompt false leaves the prompt out of the "
+                              "pooling, which an ONNX graph (pooling every token it is given) cannot do",
+                              hint="drop onnx from export.formats (merged keeps the behaviour), or set "
+                              "model.include_prompt true")
 
 
 def run_all(recipe: Recipe, resume: bool = False) -> None:

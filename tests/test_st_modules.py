@@ -138,7 +138,7 @@ def _modules(folder: Path) -> list:
 
 
 @pytest.mark.parametrize("case", ["unknown-module", "two-modes", "module-before-pooling", "activation-outside-torch",
-                                  "after-normalize", "include-prompt-with-prompt"])
+                                  "after-normalize"])
 def test_pipelines_hmcl_cannot_reproduce_are_refused(tmp_path, tiny_bert, case):
     folder = build_st(tmp_path / "st", tiny_bert, head=HEADS["dense-tanh"])
     modules = _modules(folder)
@@ -156,16 +156,9 @@ def test_pipelines_hmcl_cannot_reproduce_are_refused(tmp_path, tiny_bert, case):
         cfg = folder / "2_Dense" / "config.json"
         cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "activation_function": "mypkg.Swish"}))
         expect = "mypkg.Swish"
-    elif case == "after-normalize":
+    else:
         modules[2], modules[3] = modules[3], modules[2]
         expect = "after Normalize"
-    else:
-        pooling_cfg.write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": "mean", "include_prompt": False}))
-        (folder / "modules.json").write_text(json.dumps(modules))
-        EmbeddingModel.load(str(folder))  # without a prompt there is nothing to leave out
-        with pytest.raises(ModelNotFoundError, match="include_prompt"):
-            EmbeddingModel.load(str(folder), query_prompt="query: ")
-        return
     (folder / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ModelNotFoundError, match=expect) as e:
         EmbeddingModel.load(str(folder))
@@ -333,3 +326,106 @@ def test_an_older_save_with_the_transformer_in_a_subfolder(tmp_path, tiny_bert):
     final = run_train(recipe)  # saved the current way: the transformer at the top
     assert (final / "config.json").is_file() and torch.allclose(EmbeddingModel.load(str(final)).encode(TEXTS),
                                                                 st_encode(final), atol=1e-5)
+
+
+PROMPTS = {"query": "Represent the question for retrieving answers: ", "document": "passage: "}
+
+
+def build_st_prompted(folder: Path, backbone: Path, pooling: str) -> Path:
+    """A sentence-transformers model whose pooling leaves its prompts out (INSTRUCTOR-style)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = _st_modules()
+        transformer = m.Transformer(str(backbone), max_seq_length=48)
+        modules = [transformer, m.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=pooling,
+                                          include_prompt=False), m.Normalize()]
+        st_lib.SentenceTransformer(modules=modules, device="cpu", prompts=PROMPTS).save(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("pooling", ["mean", "weightedmean", "max", "cls"])
+def test_a_pooling_that_leaves_the_prompt_out_matches_sentence_transformers(tmp_path, tiny_bert, pooling):
+    folder = build_st_prompted(tmp_path / "st", tiny_bert, pooling)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = st_lib.SentenceTransformer(str(folder), device="cpu")
+        ref_q = torch.tensor(st.encode(TEXTS, prompt_name="query"))
+        ref_d = torch.tensor(st.encode(TEXTS, prompt_name="document"))
+        with_prompt = torch.tensor(st.encode(TEXTS, prompt=PROMPTS["query"], prompt_name=None))
+    model = EmbeddingModel.load(str(folder))
+    assert not model.settings.include_prompt and model.settings.query_prompt == PROMPTS["query"]
+    assert model.prompt_skip("query") == len(model.tokenizer(PROMPTS["query"])["input_ids"]) - 1  # [CLS] + prompt
+    assert torch.allclose(model.encode(TEXTS, side="query"), ref_q, atol=1e-5)
+    assert torch.allclose(model.encode(TEXTS, side="doc"), ref_d, atol=1e-5)
+    assert torch.allclose(with_prompt, ref_q, atol=1e-6)  # (the same call, spelled the other way)
+    model.save(tmp_path / "saved")  # written back with include_prompt false
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = st_lib.SentenceTransformer(str(tmp_path / "saved"), device="cpu")
+        assert torch.allclose(torch.tensor(again.encode(TEXTS, prompt_name="query")), ref_q, atol=1e-5)
+    # the same model pooling over the prompt too gives other embeddings
+    over = EmbeddingModel.load(str(folder), include_prompt=True)
+    assert not torch.allclose(over.encode(TEXTS, side="query"), ref_q, atol=1e-3)
+
+
+def test_prompt_left_out_by_hand_with_left_and_right_padding():
+    from hmcl_cli.modeling.encoder import pooled_mask
+
+    hidden = torch.arange(12, dtype=torch.float32).reshape(2, 6, 1)
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    skip = torch.tensor([2, 3])
+    for mask, first in ((right, 0), (left, 2)):
+        keep = pooled_mask(mask, skip)
+        # row 0: its 3rd and 4th real tokens; row 1: tokens 4-6 (positions 9, 10, 11)
+        assert keep[0].tolist() == [int(first + 2 <= i < first + 4) for i in range(6)]
+        assert pool(hidden, mask, "mean", keep).flatten().tolist() == [first + 2.5, 10.0]
+        assert pool(hidden, mask, "cls", keep).flatten().tolist() == [first + 2.0, 9.0]
+        # weighted mean: the kept tokens keep their place in the count (3rd, 4th real token)
+        assert torch.allclose(pool(hidden, mask, "weighted_mean", keep).flatten(),
+                              torch.tensor([(3 * (first + 2) + 4 * (first + 3)) / 7, (4 * 9 + 5 * 10 + 6 * 11) / 15]))
+
+
+def test_segments_leave_the_prompt_out_of_every_segment(tmp_path, tiny_bert):
+    """With segments, each segment holds the prompt and leaves it out of its pooling: a text that
+    fits one segment is its plain encoding, and a long one the weighted average of its segments'
+    (each pooled without the prompt)."""
+    from hmcl_cli.modeling.segments import SegmentSettings, split_segments
+
+    folder = build_st_prompted(tmp_path / "st", tiny_bert, "mean")
+    model = EmbeddingModel.load(str(folder))
+    plain = model.encode(TEXTS, side="query")
+    model.use_segments(SegmentSettings(length=40))
+    assert torch.allclose(model.encode(TEXTS, side="query"), plain, atol=1e-6)
+    long_text = " ".join(TEXTS * 4)
+    model.use_segments(SegmentSettings(length=20))
+    segs = split_segments(model, [long_text], "query", model.segments)[0]
+    assert len(segs) > 1
+    model.settings.segment_length = 0  # each segment's ids encoded by hand
+    skip = model.prompt_skip("query")
+    parts = []
+    for ids, n in segs:
+        batch = model.pad([ids], pool_skip=skip)
+        with torch.no_grad():
+            parts.append((model.pooled(**batch)[0], n))
+    by_hand = sum(e * n for e, n in parts) / sum(n for _, n in parts)
+    model.settings.segment_length = 20
+    assert torch.allclose(model.encode([long_text], side="query")[0],
+                          torch.nn.functional.normalize(by_hand, dim=-1), atol=1e-5)
+
+
+def test_onnx_export_of_a_model_that_leaves_its_prompt_out_is_refused(tmp_path, tiny_bert):
+    from hmcl_cli.errors import ExportError, RecipeError
+    from hmcl_cli.export.onnx import export_onnx
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import check_stage_packages
+
+    pytest.importorskip("onnxruntime")
+    folder = build_st_prompted(tmp_path / "st", tiny_bert, "mean")
+    with pytest.raises(ExportError, match="leaves the prompt's tokens out") as e:
+        export_onnx(folder, tmp_path / "onnx")
+    assert "merged" in e.value.hint and not (tmp_path / "onnx").exists()
+    recipe = load_recipe(data={"name": "x", "model": {"name_or_path": str(folder), "include_prompt": False,
+                                                      "query_prompt": "q: "}, "export": {"formats": ["onnx"]}})
+    with pytest.raises(RecipeError, match="include_prompt false"):
+        check_stage_packages(recipe)  # before `hmcl run` trains

@@ -573,3 +573,43 @@ def test_a_run_that_does_not_beat_its_start_is_warned_about(tmp_path, tiny_bert,
     t.save_final()
     err = capsys.readouterr().err
     assert "training did not improve dev dev_ndcg@10" in " ".join(err.split())
+
+
+@pytest.mark.parametrize("segments", [None, {"length": 24}])
+def test_training_with_the_prompt_left_out_of_the_pooling(tmp_path, tiny_bert, segments):
+    """model.include_prompt false: every row of a step carries its prompt's length (a per-example
+    prompt its own), the loss is each text's encode() embedding's, and one forward call and
+    GradCache give the plain step's loss and gradients."""
+    import json
+
+    from hmcl_cli.training.batching import StepBatches
+
+    model = {"include_prompt": False, "query_prompt": "query: ", "doc_prompt": "passage: ",
+             **({"segments": segments} if segments else {})}
+    t = make_trainer(tmp_path, tiny_bert, model=model, train={"batch_size": 6, "max_steps": 2})
+    train = t.run_dir / "data" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    rows[0]["prompt"] = "Represent this customer question: "  # a per-example prompt of its own
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = HMCLTrainer(t.recipe)
+    t.setup()
+    skip = {p: t.model.prompt_skip("query", p) for p in ("query: ", "Represent this customer question: ")}
+    assert skip["query: "] == len(t.model.tokenizer("query: ")["input_ids"]) - 1 < skip["Represent this customer question: "]
+    assert sorted(set(t.data.query_skip.tolist())) == sorted(skip.values())
+    batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+    assert set(batch["q_pool_skip"].tolist()) <= set(skip.values())
+    assert batch["c_pool_skip"].tolist() == [t.model.prompt_skip("doc")] * batch["c_input_ids"].size(0)
+    out = {}
+    for mode in ("plain", "one", "chunks"):
+        t.cfg.one_forward, t.cfg.grad_cache_chunk = mode == "one", (3 if mode == "chunks" else None)
+        loss, _ = t._forward_backward(batch, 1.0)
+        out[mode] = (loss.detach(), _grads(t))
+        t.optimizer.zero_grad(set_to_none=True)
+    for mode in ("one", "chunks"):
+        assert torch.allclose(out["plain"][0], out[mode][0], atol=1e-5)
+        assert_grads_close(out["plain"][1], out[mode][1])
+    # without the skips (the prompt pooled too) the loss is another
+    plain_batch = {k: v for k, v in batch.items() if not k.endswith("pool_skip")}
+    t.cfg.one_forward, t.cfg.grad_cache_chunk = False, None
+    loss, _ = t._forward_backward(plain_batch, 1.0)
+    assert not torch.allclose(loss.detach(), out["plain"][0], atol=1e-4)

@@ -35,6 +35,19 @@ def require_onnx() -> None:
         raise ExportError("ONNX export needs onnx and onnxruntime", hint='pip install "hmcl-cli[onnx]"') from None
 
 
+def refuse_prompt_pooling(model: Any, where: Any) -> None:
+    """An ExportError for a model whose pooling leaves out a prompt it uses: the ONNX graph pools
+    every token of the ids it is given, so its embeddings would not be the model's."""
+    s = model.settings
+    prompts = [p for p in (s.query_prompt, s.doc_prompt) if p]
+    if not s.include_prompt and prompts:
+        raise ExportError(
+            f"{where}: its pooling leaves the prompt's tokens out (include_prompt false, prompt {prompts[0]!r}); "
+            "the ONNX graph pools every token it is given, so it cannot reproduce that",
+            hint="export `merged` (a sentence-transformers folder, which leaves the prompt out as hmcl does), "
+            "or train with model.include_prompt true")
+
+
 def onnx_encode(path: Path, model, texts: list[str]) -> np.ndarray:
     import onnxruntime as ort
 
@@ -85,6 +98,7 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
     require_onnx()
     model = EmbeddingModel.load(str(model_dir), attn_implementation="eager")
     model.eval()
+    refuse_prompt_pooling(model, model_dir)
     if model.segments is not None:
         from hmcl_cli.console import warn
 

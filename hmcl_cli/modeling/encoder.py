@@ -62,6 +62,7 @@ class EncoderSettings:
     matryoshka_dims: list = field(default_factory=list)  # sizes it was trained to be cut to (loss.matryoshka_dims)
     lowercase: bool = False  # texts lower-cased before tokenising (sentence-transformers' do_lower_case)
     similarity: str = "cosine"  # how embeddings compare (sentence-transformers' similarity_fn_name): cosine, dot, ...
+    include_prompt: bool = True  # False: the pooling leaves the prompt's tokens out (sentence-transformers' Pooling)
 
 
 def saved_matryoshka_dims(folder: str | Path) -> list[int]:
@@ -114,17 +115,6 @@ def check_max_lengths(limit: Optional[int], query_len: int, doc_len: int, segmen
             f"{key} {value}: {name} encodes at most {limit} tokens per sequence (its position embeddings)",
             hint=f"set {key} to {limit} or less" + ("" if segment_length else
                                                      f", or encode longer texts as segments: model.segments: {{length: {limit}}}"))
-
-
-def check_prompt_pooling(include_prompt: bool, pooling: str, prompt: str, folder: Path) -> None:
-    """A ModelNotFoundError for a pooling that leaves a prompt's tokens out (sentence-transformers'
-    ``include_prompt: false``) when a prompt is in use: hmcl pools over them."""
-    if not include_prompt and pooling in POOLS_OVER_TOKENS and prompt:
-        raise ModelNotFoundError(
-            f"{folder}: its pooling leaves the prompt's tokens out (1_Pooling include_prompt: false), which "
-            f"hmcl does not do; with the prompt {prompt!r} the embeddings would differ from sentence-transformers'",
-            hint="set model.query_prompt and model.doc_prompt to '' (and no prompts in the data), or "
-            "use a model whose pooling includes the prompt")
 
 
 def is_decoder_config(config: Any) -> bool:
@@ -196,6 +186,7 @@ class EmbeddingModel(nn.Module):
         attn_implementation: Optional[str] = "sdpa",
         dtype: Optional[torch.dtype] = None,
         check_lengths: bool = True,
+        include_prompt: Optional[bool] = None,
     ) -> "EmbeddingModel":
         """Load from a local folder, hub id or offline package (see ``resolve_model``).
         ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`)."""
@@ -271,8 +262,8 @@ class EmbeddingModel(nn.Module):
             matryoshka_dims=[int(d) for d in saved.get("matryoshka_dims", [])],
             lowercase=st.lowercase,
             similarity=saved.get("similarity", st.similarity),
+            include_prompt=include_prompt if include_prompt is not None else bool(saved.get("include_prompt", st.include_prompt)),
         )
-        check_prompt_pooling(st.include_prompt, pool, settings.query_prompt or settings.doc_prompt, root)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
@@ -294,6 +285,7 @@ class EmbeddingModel(nn.Module):
             padding_side=model_cfg.padding_side, append_eos=model_cfg.append_eos,
             trust_remote_code=model_cfg.trust_remote_code, attn_implementation=model_cfg.attn_implementation,
             dtype=dtype, check_lengths=False,  # checked with the recipe's segments, which load() does not know
+            include_prompt=None if model_cfg.include_prompt == "auto" else model_cfg.include_prompt,
         )
         model.apply_run_settings(model_cfg)
         return model
@@ -333,6 +325,21 @@ class EmbeddingModel(nn.Module):
             ids = [x if (x and x[-1] == eos) else x + [eos] for x in ids]
         return ids
 
+    def prompt_skip(self, side: str = "doc", prompt: Optional[str] = None) -> int:
+        """Leading tokens the pooling leaves out of a text encoded on ``side`` (with ``prompt``
+        instead of the side's own, if given): with ``include_prompt`` false, the prompt's tokens as
+        sentence-transformers counts them (the prompt tokenised alone, less a special token at its
+        end: [CLS] and the prompt for BERT); else 0."""
+        s = self.settings
+        prompt = prompt if prompt is not None else (s.query_prompt if side == "query" else s.doc_prompt)
+        if s.include_prompt or not prompt:
+            return 0
+        cache = self.__dict__.setdefault("_prompt_skips", {})
+        if prompt not in cache:
+            ids = self.tokenizer(prompt.lower() if s.lowercase else prompt)["input_ids"]
+            cache[prompt] = len(ids) - (1 if ids and ids[-1] in set(self.tokenizer.all_special_ids) else 0)
+        return cache[prompt]
+
     @property
     def pad_token_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -346,8 +353,10 @@ class EmbeddingModel(nn.Module):
         return (torch.nn.functional.pad(input_ids, where, value=self.pad_token_id),
                 torch.nn.functional.pad(attention_mask, where, value=0))
 
-    def pad(self, batch: Sequence[Sequence[int]], multiple_of: int = 8) -> dict[str, torch.Tensor]:
-        """Pad a list of token-id lists to the longest (rounded up to ``multiple_of``)."""
+    def pad(self, batch: Sequence[Sequence[int]], multiple_of: int = 8, pool_skip: Any = 0) -> dict[str, torch.Tensor]:
+        """Pad a list of token-id lists to the longest (rounded up to ``multiple_of``). ``pool_skip``
+        (a count, or one per row): leading tokens the pooling leaves out, as ``pool_skip`` in the
+        batch when any is not 0."""
         lengths = np.fromiter(map(len, batch), dtype=np.int64, count=len(batch))
         longest = int(lengths.max())
         width = -(-longest // multiple_of) * multiple_of if multiple_of else longest
@@ -359,21 +368,28 @@ class EmbeddingModel(nn.Module):
             filled = positions < lengths[:, None]
         ids = np.full((len(batch), width), pad_id, dtype=np.int64)
         ids[filled] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(filled.astype(np.int64))}
+        out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(filled.astype(np.int64))}
+        skips = np.broadcast_to(np.asarray(pool_skip, dtype=np.int64), (len(batch),))
+        if skips.any():
+            out["pool_skip"] = torch.from_numpy(skips.copy())
+        return out
 
     # ---------------------------------------------------------------- forward
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None,
+               pool_skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Pooled token states through the head's layers, before normalisation (segments are
         averaged at this stage).
         ``n_real``: the batch's real tokens where the caller knows them without asking the device;
-        with it the backbone may run unpadded (``model.unpad``; on a CPU hmcl counts them itself)."""
+        with it the backbone may run unpadded (``model.unpad``; on a CPU hmcl counts them itself).
+        ``pool_skip``: per row, leading real tokens the pooling leaves out (the prompt's, with
+        ``include_prompt`` false; :meth:`prompt_skip`)."""
         packed = self.packed_tokens(attention_mask, n_real)
         with self.attention_backends():
             if packed is not None:
                 hidden = unpad.unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
             else:
                 hidden = last_hidden(self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask)))
-        emb = pool(hidden, attention_mask, self.settings.pooling)
+        emb = pool(hidden, attention_mask, self.settings.pooling, pooled_mask(attention_mask, pool_skip))
         if len(self.head):
             emb = emb.float()  # the head's weights are float32 (under autocast its matmuls run in bf16)
             for layer in self.head:
@@ -464,15 +480,17 @@ class EmbeddingModel(nn.Module):
             return attention_mask
         return prepared_mask(attention_mask, self.settings.is_decoder)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
-        emb = self.pooled(input_ids, attention_mask, n_real)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None,
+                pool_skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        emb = self.pooled(input_ids, attention_mask, n_real, pool_skip)
         if self.settings.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb
 
     def describe(self) -> str:
         """How a text becomes its embedding, in a line: pooling, the head's layers, size, normalisation."""
-        steps = [f"{self.settings.pooling} pooling of {int(self.backbone.config.hidden_size)} dimensions"]
+        skip = "" if self.settings.include_prompt else " (prompt tokens left out)"
+        steps = [f"{self.settings.pooling} pooling{skip} of {int(self.backbone.config.hidden_size)} dimensions"]
         for layer in self.head:
             if getattr(layer, "kind", "") == "Dense":
                 act = type(layer.activation).__name__
@@ -533,12 +551,13 @@ class EmbeddingModel(nn.Module):
         order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
         dev = self.device
         out = HostRows(len(unique), self.dim)
+        skip = self.prompt_skip(side)
         with ProgressBar(description, len(unique), "texts", enabled=progress) as bar:
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
                 # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for the
                 # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
-                host = self.pad([ids[i] for i in idx])
+                host = self.pad([ids[i] for i in idx], pool_skip=skip)
                 batch = to_device(host, dev)
                 with autocast_for(dev):
                     out.add(idx, self(**batch, n_real=int(host["attention_mask"].numpy().sum())))
@@ -613,7 +632,7 @@ def write_st_config(folder: Path, s: EncoderSettings, hidden: int, head: Sequenc
     (folder / "1_Pooling" / "config.json").write_text(json.dumps({
         "word_embedding_dimension": hidden,
         **{key: s.pooling == mode for key, mode in POOLING_MODES.items()},
-        "include_prompt": True,
+        "include_prompt": s.include_prompt,
     }, indent=2))
     (folder / "sentence_bert_config.json").write_text(json.dumps(
         {"max_seq_length": max(s.query_max_length, s.doc_max_length), "do_lower_case": s.lowercase}, indent=2))
@@ -625,27 +644,36 @@ def write_st_config(folder: Path, s: EncoderSettings, hidden: int, head: Sequenc
     (folder / HMCL_CONFIG).write_text(json.dumps(asdict(s), indent=2))
 
 
-POOLS_OVER_TOKENS = {"mean", "max", "mean_sqrt_len", "weighted_mean"}  # poolings a prompt's tokens enter
+def pooled_mask(mask: torch.Tensor, skip: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The tokens pooled: the attention mask less each row's first ``skip`` real tokens (None when
+    nothing is skipped)."""
+    if skip is None:
+        return None
+    return mask * (mask.cumsum(1) > skip.to(mask.device).unsqueeze(1)).to(mask.dtype)
 
 
-def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Pool token states [B, T, D] with the attention mask [B, T] into [B, D] (sentence-transformers'
-    modes; ``weighted_mean`` weights the k-th real token by k, whichever side the padding is on)."""
+    modes; ``weighted_mean`` weights the k-th real token by k, whichever side the padding is on).
+    ``keep``: the tokens pooled when some real ones are left out (a prompt's: :func:`pooled_mask`);
+    they keep their place in ``weighted_mean``'s count and the first kept one is ``cls``'s, as in
+    sentence-transformers."""
+    keep = mask if keep is None else keep
     if mode in ("mean", "mean_sqrt_len", "weighted_mean"):
-        m = mask.unsqueeze(-1).to(hidden.dtype)
+        m = keep.unsqueeze(-1).to(hidden.dtype)
         if mode == "weighted_mean":
             m = m * mask.cumsum(1).unsqueeze(-1).to(hidden.dtype)
         total = (hidden * m).sum(1)
         count = m.sum(1).clamp(min=1e-9)
         return total / (count.sqrt() if mode == "mean_sqrt_len" else count)
     if mode == "max":
-        return hidden.masked_fill(mask.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
+        return hidden.masked_fill(keep.unsqueeze(-1) == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     if mode == "cls":
-        first = mask.float().argmax(dim=1)  # first real token (works with left padding too)
+        first = keep.float().argmax(dim=1)  # first real token (works with left padding too)
         return hidden[torch.arange(hidden.size(0), device=hidden.device), first]
     if mode == "last_token":
         width = mask.size(1)
-        last = width - 1 - mask.flip(1).float().argmax(dim=1)  # last real token, any padding side
+        last = width - 1 - keep.flip(1).float().argmax(dim=1)  # last real token, any padding side
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling {mode!r}")
 

@@ -126,9 +126,10 @@ def encode_segmented(model: Any, texts: Sequence[str], side: str, seg: SegmentSe
     order = sorted(range(len(flat)), key=lambda i: -len(flat[i][1]))
     dev = model.device
     seg_emb = HostRows(len(flat), model.dim)  # segments reach the host a block at a time, as in encode
+    skip = model.prompt_skip(side)  # each segment holds the prompt
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        host = model.pad([flat[i][1] for i in idx])
+        host = model.pad([flat[i][1] for i in idx], pool_skip=skip)
         batch = to_device(host, dev)
         with autocast_for(dev):  # (host tensors moved without waiting for the GPU, as in encode)
             seg_emb.add(idx, model.pooled(**batch, n_real=int(host["attention_mask"].numpy().sum())))

@@ -58,6 +58,14 @@ class TrainData:
         # content token counts are their pooling weights; otherwise each text is one id list
         self.segments = getattr(model, "segments", None)
         self.query_tokens, self.doc_tokens = self._tokenize(model, cache_dir, data_key)
+        # leading tokens the pooling leaves out (the prompt's, where the model's pooling does not
+        # include it): per query (its own prompt or the side's), one count for the documents
+        default = model.settings.query_prompt
+        self.query_skip: Optional[np.ndarray] = np.array(
+            [model.prompt_skip("query", default if p is None else p) for p, _ in self.queries], dtype=np.int64)
+        self.doc_skip = model.prompt_skip("doc")
+        if not self.query_skip.any() and not self.doc_skip:
+            self.query_skip = None
 
     def _tokenize(self, model: Any, cache_dir: Optional[Path], data_key: str) -> tuple[list, list]:
         s = model.settings
@@ -263,11 +271,14 @@ def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: 
     q_ids = [data.query_tokens[data.anchors[ai].query] for ai in anchor_ids]
     docs = list(cols)
     d_ids = [data.doc_tokens[d] for d in docs]
+    q_skip = data.query_skip[[data.anchors[ai].query for ai in anchor_ids]] if data.query_skip is not None else None
     segmented = {}
     if data.segments is not None:  # rows become segments; owner/weight map them back to texts
         for side, texts in (("q", q_ids), ("c", d_ids)):
             segmented[f"{side}_segment_owner"] = torch.tensor([t for t, segs in enumerate(texts) for _ in segs], dtype=torch.long)
             segmented[f"{side}_segment_weight"] = torch.tensor([w for segs in texts for _, w in segs], dtype=torch.float32)
+        if q_skip is not None:  # every segment holds the prompt
+            q_skip = np.repeat(q_skip, [len(segs) for segs in q_ids])
         q_ids = [ids for segs in q_ids for ids, _ in segs]
         d_ids = [ids for segs in d_ids for ids, _ in segs]
     q = model.pad(q_ids)
@@ -277,6 +288,9 @@ def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: 
              "anchor_hash": torch.tensor(data.query_hash[[data.anchors[ai].query for ai in anchor_ids]], dtype=torch.long),
              "candidate_hash": torch.tensor(data.doc_hash[docs] if docs else np.zeros(0, np.int64), dtype=torch.long),
              "n_tokens": torch.tensor(sum(map(len, q_ids)) + sum(map(len, d_ids))), **segmented}
+    if q_skip is not None:
+        batch["q_pool_skip"] = torch.from_numpy(np.ascontiguousarray(q_skip))
+        batch["c_pool_skip"] = torch.full((len(d_ids),), data.doc_skip, dtype=torch.long)
     if d_ids:
         d = model.pad(d_ids)
         batch["c_input_ids"], batch["c_attention_mask"] = d["input_ids"], d["attention_mask"]

@@ -397,11 +397,13 @@ class HMCLTrainer:
         with autocast_for(self.device, self.precision):
             if self._one_forward(batch):
                 rows = batch["q_input_ids"].size(0)
-                units = self._units(*self._joined(batch), n_real=n_q + n_c)
+                ids, mask, skip = self._joined(batch)
+                units = self._units(ids, mask, n_q + n_c, skip)
                 q, c = units[:rows], units[rows:]
             else:
-                q = self._units(batch["q_input_ids"], batch["q_attention_mask"], n_q)
-                c = self._units(batch["c_input_ids"], batch["c_attention_mask"], n_c) if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1)))
+                q = self._units(batch["q_input_ids"], batch["q_attention_mask"], n_q, batch.get("q_pool_skip"))
+                c = (self._units(batch["c_input_ids"], batch["c_attention_mask"], n_c, batch.get("c_pool_skip"))
+                     if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1))))
         loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
         self._backward(loss * scale)
         return loss, parts
@@ -454,12 +456,14 @@ class HMCLTrainer:
         return (f"anchors and candidates in one forward call where that adds at most "
                 f"{ONE_FORWARD_PADDING:.0%} padded tokens to the step, else one per side (train.one_forward auto)")
 
-    def _joined(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both sides' rows as one batch (queries first), padded to the wider side."""
+    def _joined(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Both sides' rows as one batch (queries first), padded to the wider side; and the rows'
+        pooling skips, if any."""
         width = max(batch["q_input_ids"].size(1), batch["c_input_ids"].size(1))
         q = self.model.widen(batch["q_input_ids"], batch["q_attention_mask"], width)
         c = self.model.widen(batch["c_input_ids"], batch["c_attention_mask"], width)
-        return torch.cat([q[0], c[0]]), torch.cat([q[1], c[1]])
+        skip = torch.cat([batch["q_pool_skip"], batch["c_pool_skip"]]) if "q_pool_skip" in batch else None
+        return torch.cat([q[0], c[0]]), torch.cat([q[1], c[1]]), skip
 
     def _step_sizes(self, batch: dict, chunk: Optional[int]) -> Optional[list[list[int]]]:
         """Every process's counts for this step — anchors, candidates, pairs, query rows, candidate
@@ -470,13 +474,15 @@ class HMCLTrainer:
         keys = ("anchor_hash", "candidate_hash", "pair_anchor", "q_input_ids", "c_input_ids")
         return gather_sizes([batch[k].size(0) for k in keys], self.device)
 
-    def _units(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None) -> torch.Tensor:
+    def _units(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None,
+               pool_skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One forward call: the texts' embeddings, or with segments the segments' pooled states
         (float32, before averaging and normalisation, which :meth:`_pair_batch` does). ``n_real``:
-        the call's real tokens, known on the host (unpadded forward calls on a GPU need it)."""
+        the call's real tokens, known on the host (unpadded forward calls on a GPU need it);
+        ``pool_skip``: the rows' leading tokens the pooling leaves out (a prompt's)."""
         if self.data.segments is None:
-            return self.model(input_ids, attention_mask, n_real)
-        return self.model.pooled(input_ids, attention_mask, n_real).float()
+            return self.model(input_ids, attention_mask, n_real, pool_skip)
+        return self.model.pooled(input_ids, attention_mask, n_real, pool_skip).float()
 
     def _texts(self, units: torch.Tensor, batch: dict, side: str, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text embeddings [n, D] from a side's units, and its normalised segment embeddings when
@@ -527,8 +533,9 @@ class HMCLTrainer:
             real = i * chunk < batch[ids_key].size(0)
             (ids, mask), part = ((ids_key, mask_key), slice(i * chunk, (i + 1) * chunk)) if real else (filler, slice(0, 1))
             n_real = int(lengths[mask][part].sum())
+            skip = batch.get(ids.replace("input_ids", "pool_skip"))
             with autocast_for(self.device, self.precision):
-                return self._units(batch[ids][part], batch[mask][part], n_real).float(), real
+                return self._units(batch[ids][part], batch[mask][part], n_real, None if skip is None else skip[part]).float(), real
 
         embs, states = [], []
         with torch.no_grad():
