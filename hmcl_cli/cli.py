@@ -243,19 +243,10 @@ def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
 def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
                     show: bool = typer.Option(False, "--show", help="Print the resolved recipe.")) -> None:
     """Check a recipe (keys, types, references, paths; the model, if it is here) without running anything."""
-    from hmcl_cli.errors import DataError
-    from hmcl_cli.stages import check_model
+    from hmcl_cli.stages import check_inputs, check_model
 
     r = _load(recipe, set_)
-    missing = [i for i, s in enumerate(r.data.sources) if s.path and not r.resolve(s.path).exists()]
-    if missing:
-        keys = [("data", "sources", i, "path") for i in missing]
-        lines = [f"data.sources.{i}.path: {r.data.sources[i].path}"
-                 + (f" ({r.written_as(key)})" if r.written_as(key) else "") for i, key in zip(missing, keys)]
-        env = sorted({name for key in keys for name in r.env_names(key)})
-        raise DataError(f"{recipe}: data source(s) not found:\n  " + "\n  ".join(lines),
-                        hint="paths are relative to the recipe file"
-                        + "".join(f"; export {name}=<folder> to read them elsewhere" for name in env))
+    check_inputs(r, str(recipe))
     model = check_model(r)
     if show:
         console.print(r.to_yaml(), markup=False)

@@ -308,6 +308,66 @@ def check_model(recipe: Recipe) -> str:
             f"{f'at most {limit} tokens per sequence' if limit else 'no position limit'}")
 
 
+def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """The files and folders the recipe's enabled stages will read that are not there: (key, a
+    line saying so) (``hmcl run`` stops on them before the first stage; ``hmcl recipe validate``
+    reports them): data sources, the mine corpus, eval task files, the accelerate config, and
+    local model folders (a hub id is not checked: it may be downloaded)."""
+    from hmcl_cli.modeling.resolve import resolve_model
+
+    out: list[tuple[tuple, str]] = []
+
+    def note(key: tuple, value: str, why: str = "does not exist") -> None:
+        written = recipe.written_as(key)
+        out.append((key, f"{'.'.join(map(str, key))}: {value} {why}" + (f" ({written})" if written else "")))
+
+    for i, src in enumerate(recipe.data.sources):
+        if src.path and not recipe.resolve(src.path).exists():
+            note(("data", "sources", i, "path"), src.path)
+    if recipe.mine.enabled:
+        for i, p in enumerate(recipe.mine.corpus):
+            if not recipe.resolve(p).exists():
+                note(("mine", "corpus", i), p)
+    if recipe.train.accelerate_config and not recipe.resolve(recipe.train.accelerate_config).is_file():
+        note(("train", "accelerate_config"), recipe.train.accelerate_config)
+    if recipe.eval.enabled:
+        splits = {s.split for s in recipe.data.sources}
+        made = {"train": True, "dev": "dev" in splits or recipe.data.dev_fraction > 0,
+                "test": "test" in splits or recipe.data.test_fraction > 0}
+        for i, task in enumerate(recipe.eval.tasks):
+            if not task.path or task.type == "mteb":
+                continue
+            if task.path in made:
+                if recipe.data.sources and not made[task.path]:
+                    note(("eval", "tasks", i, "path"), task.path,
+                         f"names the prepared {task.path} split, which this recipe's data has none of (no source "
+                         f"with split: {task.path}, data.{task.path}_fraction 0)")
+            elif not recipe.resolve(task.path).exists():
+                note(("eval", "tasks", i, "path"), task.path)
+    models = [(("model", "name_or_path"), recipe.model.name_or_path)]
+    if recipe.mine.enabled and recipe.mine.teacher:
+        models.append((("mine", "teacher", "model"), recipe.mine.teacher.model))
+    if recipe.eval.enabled:
+        models += [(("eval", "compare", label), name) for label, name in recipe.eval.compare.items()]
+    for key, name in models:
+        if name.startswith((".", "/", "~")):  # a folder, not a hub id
+            try:
+                resolve_model(name, base_dir=recipe.base_dir, download=False)
+            except ModelNotFoundError:
+                note(key, name, "is not a model folder here")
+    return out
+
+
+def check_inputs(recipe: Recipe, where: str) -> None:
+    """A DataError listing :func:`missing_inputs`, if any."""
+    missing = missing_inputs(recipe)
+    if missing:
+        env = sorted({name for key, _ in missing for name in recipe.env_names(key)})
+        raise DataError(f"{where}: not found:\n  " + "\n  ".join(line for _, line in missing),
+                        hint="paths are relative to the recipe file"
+                        + "".join(f"; export {name}=<folder> to read them elsewhere" for name in env))
+
+
 def check_stage_packages(recipe: Recipe) -> None:
     """Before `hmcl run` starts: the optional packages its enabled stages need, so that a missing
     one stops the run at once rather than after hours of training (mining with faiss, ONNX export)."""
@@ -330,6 +390,7 @@ def check_stage_packages(recipe: Recipe) -> None:
 def run_all(recipe: Recipe, resume: bool = False) -> None:
     """`hmcl run`: every stage the recipe enables, in order."""
     check_stage_packages(recipe)
+    check_inputs(recipe, str(recipe._source or recipe.name))  # before hours of training, not after
     if recipe.data.sources:
         run_prepare(recipe)
     if recipe.mine.enabled:

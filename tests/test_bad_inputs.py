@@ -234,6 +234,15 @@ def eval_missing_file(tmp, model):
     return ["eval", "--model", model, "--sts", tmp / "absent.csv"], DATA, ["absent.csv"]
 
 
+def run_with_a_missing_eval_file(tmp, model):
+    """`hmcl run` stops on a missing eval file (or corpus) before it prepares or trains, not after."""
+    p = write_recipe(tmp, model, eval={"tasks": [{"name": "held", "type": "reranking", "path": "held-out.jsonl"},
+                                                  {"name": "t", "type": "retrieval", "path": "test"}]},
+                     mine={"enabled": True, "corpus": ["docs/corpus.jsonl"]})
+    return ["run", p], DATA, ["eval.tasks.0.path: held-out.jsonl does not exist", "mine.corpus.0: docs/corpus.jsonl",
+                              "eval.tasks.1.path: test names the prepared test split"]
+
+
 def eval_bad_gate(tmp, model):
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "sts.csv").write_text("a,b,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\ncats,kittens,3.5\n")
@@ -297,7 +306,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
-         onnx_export_missing_run, export_unknown_format, eval_missing_file, eval_bad_gate,
+         onnx_export_missing_run, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
 
@@ -312,6 +321,12 @@ def test_bad_input_gives_one_clear_message(case, tmp_path, tiny_bert, capsys, mo
     flat = " ".join(err.split())
     for fragment in fragments:
         assert fragment in flat, (fragment, err)
+
+
+def test_run_stops_on_missing_inputs_before_it_prepares_anything(tmp_path, tiny_bert, capsys, monkeypatch):
+    argv, _, _ = run_with_a_missing_eval_file(tmp_path, tiny_bert)
+    code, out, err = cli(capsys, monkeypatch, *argv)
+    assert code == DATA and "prepare" not in out and not (tmp_path / "run").exists()
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_bert, capsys, monkeypatch):
