@@ -220,3 +220,25 @@ def test_unpadded_plan_follows_the_real_tokens_of_the_step(tmp_path, fixture, re
     assert plan.real_tokens == tokens and "unpadded: at most 187 real tokens" in plan.summary()
     assert plan.activations < 0.6 * padded.activations
     assert 0.85 * total <= plan.activations <= 1.15 * total, (plan.activations, total)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_plan_counts_the_layers_after_the_pooling(tmp_path, tiny_bert, lora):
+    """A sentence-transformers model with a Dense head: the plan counts the head's parameters as
+    trained float32 weights (with LoRA too: the head trains whole), read from the folder; the
+    trainer passes its own, the same number."""
+    from test_st_modules import HEADS, build_st
+
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    folder = build_st(tmp_path / "st", tiny_bert, head=HEADS["dense-identity-layernorm-residual"])
+    head = sum(p.numel() for layer in EmbeddingModel.load(str(folder)).head for p in layer.parameters())
+    assert head == 32 * 24 + 2 * 24 + 24 * 24 + 24
+    cpu = torch.device("cpu")
+    section = {"lora": {"enabled": lora, "r": 4}}
+    plain = plan_memory(load_recipe(write_recipe(tmp_path / "a", tiny_bert, model=section)), cpu)
+    headed = plan_memory(load_recipe(write_recipe(tmp_path / "b", folder, model=section)), cpu)
+    assert (headed.params - plain.params, headed.trainable - plain.trainable) == (head, head)
+    assert headed.weights - plain.weights == 4 * head and headed.optimizer - plain.optimizer == 8 * head
+    given = plan_memory(load_recipe(write_recipe(tmp_path / "b", folder, model=section)), cpu, head_params=head)
+    assert given.params == headed.params

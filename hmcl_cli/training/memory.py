@@ -257,10 +257,25 @@ def predicts_unpadded(recipe: Any, device: torch.device, config: Any) -> bool:
     return half is not None and varlen_takes(config, half, training=True)
 
 
+def _head_params(recipe: Any) -> int:
+    """Parameters of the layers after the pooling (Dense, LayerNorm) of the recipe's model, read
+    from its folder when it is here (no download); 0 otherwise."""
+    from hmcl_cli.errors import ModelNotFoundError
+    from hmcl_cli.modeling.resolve import resolve_model
+    from hmcl_cli.modeling.st_modules import read_pipeline
+
+    m = recipe.model
+    try:
+        folder = resolve_model(m.name_or_path, m.revision, recipe.base_dir, download=False)
+    except ModelNotFoundError:
+        return 0
+    return sum(p.numel() for layer in read_pipeline(folder).head for p in layer.parameters())
+
+
 def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any = None,
                 capacity: Optional[int] = None, longest: Optional[tuple[int, int]] = None,
                 segments: Optional[tuple[int, int]] = None, shards: int = 1,
-                real_tokens: Optional[tuple[int, int]] = None) -> MemoryPlan:
+                real_tokens: Optional[tuple[int, int]] = None, head_params: Optional[int] = None) -> MemoryPlan:
     """Estimate the peak memory per device of ``hmcl train`` for ``recipe`` (see module doc).
 
     ``longest``: the longest query and document of the data in tokens; batches are padded to their
@@ -271,7 +286,9 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     under ``train.fsdp`` (1: every process holds all of them). ``real_tokens``: for a run whose
     forward calls are unpadded (``model.unpad``; see :func:`predicts_unpadded`), the most real
     tokens a step's queries and its candidates can hold (``TrainData.heaviest_step``): activations
-    then follow those tokens instead of every sequence at its padded length."""
+    then follow those tokens instead of every sequence at its padded length. ``head_params``: the
+    parameters of the sentence-transformers layers after the pooling (float32, trained; None: read
+    from the model's folder when it is here, else none)."""
     from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
     from hmcl_cli.modeling.resolve import resolve_transformer
 
@@ -297,6 +314,8 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         if p.ndim == 2 and p.dtype == torch.float32 and "embed" not in name:
             matmul_fp32 += p.numel()
     del full
+    head = head_params if head_params is not None else _head_params(recipe)
+    params, trainable, weight_bytes, train_bytes = params + head, trainable + head, weight_bytes + 4 * head, train_bytes + 4 * head
     q_len = m.query_max_length or m.max_length
     d_len = m.doc_max_length or m.max_length
     if longest is not None:
@@ -344,14 +363,17 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     copies = 2 * matmul_fp32 if act_dtype in (torch.bfloat16, torch.float16) and w_dtype == torch.float32 else 0
     optimizer, gradients = 2 * train_bytes, train_bytes
     if shards > 1:  # FSDP: 1/N of the sharded tensors, plus two whole layers (current + prefetched)
-        sharded = weight_bytes - train_bytes if m.lora.enabled else weight_bytes  # LoRA adapters stay whole
+        # LoRA adapters and the head stay whole on every process
+        sharded = weight_bytes - train_bytes if m.lora.enabled else weight_bytes - 4 * head
         layers = max(1, int(getattr(config, _layers_key(config))))
         # layers are gathered in the compute dtype (FSDP's mixed-precision policy, no autocast
         # copies); counted in the stored dtype, an upper bound
         gathered = min(2 * sharded // layers, sharded - sharded // shards)
         weight_bytes = weight_bytes - sharded + sharded // shards + gathered
         if not m.lora.enabled:
-            optimizer, gradients = optimizer // shards, gradients // shards + sharded // layers
+            whole = 4 * head
+            optimizer = 2 * (train_bytes - whole) // shards + 2 * whole
+            gradients = (train_bytes - whole) // shards + whole + sharded // layers
         copies = 0
     plan = MemoryPlan(
         weights=weight_bytes, optimizer=optimizer, gradients=gradients,

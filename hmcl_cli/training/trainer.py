@@ -291,7 +291,8 @@ class HMCLTrainer:
                 unpadded = predicts_unpadded(self.recipe, self.device, self.model.backbone.config)
             tokens = self.data.heaviest_step(self.cfg.batch_size, self.cfg.group_size) if unpadded else None
             plan = plan_memory(self.recipe, self.device, longest=longest, segments=segments,
-                               shards=self.world if self.sharded else 1, real_tokens=tokens)
+                               shards=self.world if self.sharded else 1, real_tokens=tokens,
+                               head_params=sum(p.numel() for p in self.model.head.parameters()))
         except Exception as e:  # noqa: BLE001 - an estimate must never stop training
             if self.is_main:
                 log(f"memory plan skipped ({type(e).__name__}: {e})")
