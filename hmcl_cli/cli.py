@@ -161,7 +161,8 @@ def _run_model(m: str) -> str:
 
 @app.command(epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
              "hmcl export --model runs/quickstart --format onnx --out exported/\n\n"
-             "hmcl export --model runs/sts --dim 128   # a matryoshka model cut to 128 dimensions")
+             "hmcl export --model runs/sts --dim 128   # a matryoshka model cut to 128 dimensions\n\n"
+             "hmcl export --model runs/quickstart --push-to-hub my-org/support-embedder")
 def export(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe (or use --model)."),
     set_: Optional[List[str]] = SetOpt,
@@ -169,6 +170,9 @@ def export(
     fmt: Optional[List[str]] = typer.Option(None, "--format", "-f", help="merged | onnx | onnx-int8 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
     dim: Optional[int] = typer.Option(None, "--dim", min=1, help="Cut the embeddings to their first N dimensions (matryoshka; export.dim)."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME",
+                                              help="Upload the verified exports to this Hugging Face model repo (export.push_to_hub)."),
+    public: bool = typer.Option(False, "--public", help="With --push-to-hub: create the repo public (default private)."),
 ) -> None:
     """Export a deployable model (merged sentence-transformers folder, ONNX, int8 ONNX), verified."""
     from hmcl_cli.errors import ModelNotFoundError
@@ -190,6 +194,22 @@ def export(
         raise typer.BadParameter("give a RECIPE or --model")
     if dim is not None:
         r.export.dim = dim
+    if push_to_hub:
+        from hmcl_cli.export.hub import check_push_possible
+        from hmcl_cli.recipe import PushConfig
+
+        from pydantic import ValidationError
+
+        from hmcl_cli.errors import RecipeError
+
+        try:
+            r.export.push_to_hub = PushConfig(repo=push_to_hub, private=not public)
+        except ValidationError:
+            raise RecipeError(f"--push-to-hub {push_to_hub!r} is not a model repo id",
+                              hint="give OWNER/NAME, e.g. --push-to-hub my-org/support-embedder") from None
+        check_push_possible(r.export.push_to_hub)
+    elif public:
+        raise typer.BadParameter("--public goes with --push-to-hub")
     run_export(r, formats=fmt or None, model_dir=model_dir, out_dir=out)
 
 

@@ -81,6 +81,13 @@ class StorageError(HmclError):
     kind = "storage error"
 
 
+class PushError(HmclError):
+    """The upload to the Hugging Face Hub (export.push_to_hub) cannot be made or failed."""
+
+    exit_code = 11
+    kind = "push error"
+
+
 MEMORY_HINT = ("lower train.batch_size or train.group_size or model.max_length, set train.grad_cache_chunk "
                "(e.g. 32), enable model.gradient_checkpointing or model.lora.enabled; for mine/eval lower "
                "mine.batch_size / eval.batch_size")

@@ -572,6 +572,24 @@ class EvalConfig(_Section):
 ExportFormat = Literal["merged", "onnx", "onnx-int8"]
 
 
+class PushConfig(_Section):
+    """Upload the verified exports to a Hugging Face model repo (see hmcl_cli/export/hub.py)."""
+
+    repo: str = Field(..., description="Model repo id, e.g. `my-org/support-embedder` (created if missing).")
+    private: bool = Field(True, description="Create the repo private (an existing repo keeps its visibility).")
+    branch: Optional[str] = Field(None, description="Branch to commit to (created from main if missing); unset: main.")
+    token_env: Optional[str] = Field(
+        None, description="Environment variable holding the token; unset: huggingface_hub's own (HF_TOKEN, "
+        "or `hf auth login`).")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", value):
+            raise ValueError(f"{value!r} is not a model repo id (owner/name)")
+        return value
+
+
 class ExportConfig(_Section):
     """Deployable outputs of the trained model."""
 
@@ -592,6 +610,10 @@ class ExportConfig(_Section):
         "model trained with `loss.matryoshka_dims`: a Dense layer in the sentence-transformers folder and "
         "the cut in the ONNX graph, so users get the small vectors without cutting them. Unset: whole.",
     )
+    push_to_hub: Optional[PushConfig] = Field(
+        None, description="After every format is exported and verified, upload them in one commit: the merged "
+        "folder as the repo's root, hmcl's ONNX graphs under hmcl_onnx/; the commit message carries the eval "
+        "results. `hmcl run` checks for a token (and that the hub is not offline) before it trains.")
 
 
 class Recipe(_Section):

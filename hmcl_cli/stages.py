@@ -271,6 +271,18 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
             reports[fmt] = export_onnx(model_dir, out_dir / fmt.replace("-", "_"), quantize=fmt == "onnx-int8",
                                        extra_texts=recipe.export.verify_texts, opset=recipe.export.opset,
                                        dev_examples=dev, dim=recipe.export.dim)
+    if recipe.export.push_to_hub is not None:
+        from hmcl_cli.export.hub import commit_message, push_exports
+
+        eval_file = recipe.run_dir / "eval" / "results.json"
+        try:
+            report = json.loads(eval_file.read_text()) if eval_file.is_file() else None
+        except ValueError:
+            report = None
+        cfg = recipe.export.push_to_hub
+        url = push_exports(out_dir, cfg, commit_message(recipe.name, report))
+        log(f"export pushed -> {cfg.repo}{f' ({cfg.branch})' if cfg.branch else ''}: {url}")
+        reports["push_to_hub"] = {"repo": cfg.repo, "url": url}
     return reports
 
 
@@ -391,6 +403,10 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     """`hmcl run`: every stage the recipe enables, in order."""
     check_stage_packages(recipe)
     check_inputs(recipe, str(recipe._source or recipe.name))  # before hours of training, not after
+    if recipe.export.enabled and recipe.export.push_to_hub is not None:
+        from hmcl_cli.export.hub import check_push_possible
+
+        check_push_possible(recipe.export.push_to_hub)
     if recipe.data.sources:
         run_prepare(recipe)
     if recipe.mine.enabled:

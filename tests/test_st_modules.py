@@ -429,3 +429,28 @@ def test_onnx_export_of_a_model_that_leaves_its_prompt_out_is_refused(tmp_path, 
                                                       "query_prompt": "q: "}, "export": {"formats": ["onnx"]}})
     with pytest.raises(RecipeError, match="include_prompt false"):
         check_stage_packages(recipe)  # before `hmcl run` trains
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_merged_export_of_a_plain_transformers_folder_is_a_sentence_transformers_folder(tmp_path, fixture, request):
+    """A model folder without sentence-transformers files (a transformers save) is exported with
+    the pooling hmcl encodes it with (last token and EOS for a decoder), so sentence-transformers
+    gives hmcl's embeddings; before, the folder was copied as it was and sentence-transformers
+    mean-pooled it."""
+    import warnings
+
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    from hmcl_cli.export.merged import VERIFY_TEXTS, export_merged
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    folder = request.getfixturevalue(fixture)
+    assert not (folder / "modules.json").exists()
+    export_merged(folder, tmp_path / "merged")
+    assert (tmp_path / "merged" / "modules.json").is_file()
+    ours = EmbeddingModel.load(str(folder)).encode(VERIFY_TEXTS[:4], side="doc").numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(VERIFY_TEXTS[:4])
+    assert np.allclose(ours, theirs, atol=1e-5)

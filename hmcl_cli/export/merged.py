@@ -86,9 +86,14 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
     if base_emb is not None:
         base_emb = cut_reference(base_emb, dim, reference.settings.normalize)
     with atomic_path(out, is_dir=True) as tmp:
-        for f in model_dir.iterdir():
-            if f.name != "adapter":
-                (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        if base_emb is None and not (model_dir / "modules.json").is_file():
+            # a transformers folder (not saved by hmcl or sentence-transformers): saved with the
+            # pooling, prompts and EOS hmcl encodes it with, so sentence-transformers encodes it alike
+            reference.save(tmp)
+        else:
+            for f in model_dir.iterdir():
+                if f.name != "adapter":
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         if dim:
             cut = EmbeddingModel.load(str(tmp))
             cut_model(cut, dim, model_dir)
