@@ -210,9 +210,9 @@ class BatchPlan:
         rng = np.random.default_rng([self.seed, epoch])
         n_global = self.batch_size * self.world
         batches: list[list[int]] = []
+        pick = np.random.default_rng([self.seed, epoch, 1])  # fractional weights' draws (apart: unweighted plans stay as they were)
         for group, drawn in zip(self.groups, self.drawn):
             if drawn:  # a fractional source weight: this epoch's share of the group's anchors
-                pick = np.random.default_rng([self.seed, epoch, 1])
                 group = group + [pool[j] for pool, n, copies in drawn
                                  for j in np.sort(pick.choice(len(pool), n, replace=False)) for _ in range(copies)]
             if not group:
