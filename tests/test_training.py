@@ -613,3 +613,43 @@ def test_training_with_the_prompt_left_out_of_the_pooling(tmp_path, tiny_bert, s
     t.cfg.one_forward, t.cfg.grad_cache_chunk = False, None
     loss, _ = t._forward_backward(plain_batch, 1.0)
     assert not torch.allclose(loss.detach(), out["plain"][0], atol=1e-4)
+
+
+def test_resuming_a_finished_run_keeps_its_best_model(tmp_path, tiny_bert, monkeypatch):
+    """`--resume` on a run that already finished (a CI job re-run after a later stage failed) kept
+    the last step's weights as the final model, replacing the best one; it keeps the best now,
+    and a longer resumed run replaces it only with a better step. <run>/final.json says which."""
+    import json
+
+    from safetensors.torch import load_file
+
+    scores = iter([0.5, 0.9, 0.6, 0.4])  # before training, steps 2 (best), 4, 6
+    monkeypatch.setattr(HMCLTrainer, "evaluate", lambda self: {"dev_ndcg@10": next(scores)})
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 6, "eval_steps": 2, "save_steps": 2})
+    t.train()
+    final = t.save_final()
+    best = load_file(str(final / "model.safetensors"))
+    assert json.loads((t.run_dir / "final.json").read_text())["step"] == 2
+
+    def weights():
+        return load_file(str(t.run_dir / "model" / "model.safetensors"))
+
+    again = HMCLTrainer(t.recipe)
+    again.setup(resume=True)
+    again.train()
+    again.save_final()
+    assert all(torch.equal(best[k], v) for k, v in weights().items())  # before: step 6's weights
+    # resumed with more steps: a better step 8 replaces it, a worse one would not
+    scores = iter([0.95])
+    longer = HMCLTrainer(load_recipe_with(t.recipe, "train.max_steps=8"))
+    longer.setup(resume=True)
+    longer.train()
+    longer.save_final()
+    assert json.loads((t.run_dir / "final.json").read_text())["step"] == 8
+    assert not all(torch.equal(best[k], v) for k, v in weights().items())
+
+
+def load_recipe_with(recipe, *overrides):
+    from hmcl_cli.recipe import load_recipe
+
+    return load_recipe(recipe._source, list(overrides))

@@ -55,7 +55,7 @@ from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
 from hmcl_cli.evaluation.graded import evaluate_graded, metric_names, undefined_metrics
-from hmcl_cli.io_utils import atomic_path, file_sha256
+from hmcl_cli.io_utils import atomic_path, file_sha256, write_json_atomic
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.losses.ranking import describe_ranking_pairs
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, resolve_precision, training_dtype
@@ -764,23 +764,38 @@ class HMCLTrainer:
         return EmbeddingModel(backbone.eval(), self.model.tokenizer, self.model.settings, head)
 
     def save_final(self) -> Path:
-        """``<run>/model``: the best dev model when there was a dev set, else the last."""
+        """``<run>/model``: the best dev model when there was a dev set, else the last; which step
+        it holds is recorded in ``<run>/final.json``. A resumed run that evaluates no better step
+        keeps the best model an earlier run of it already moved there (before, the last step's
+        weights replaced it)."""
         final = self.run_dir / "model"
         best = self.run_dir / "best"
+        record_path = self.run_dir / "final.json"
+        record = _read_record(record_path)
         use_best = bool(self.is_main and self.cfg.load_best_at_end and best.is_dir())
+        keep = bool(self.is_main and not use_best and self.cfg.load_best_at_end and self.best_step is not None
+                    and final.is_dir() and record.get("best") and record.get("step") == self.best_step)
         if self.sharded:  # the main process decides; saving the last weights is collective
-            flag = torch.tensor([float(use_best)], device=self.device)
+            flag = torch.tensor([float(use_best) + 2.0 * float(keep)], device=self.device)
             torch.distributed.broadcast(flag, src=0)
-            use_best = bool(flag.item())
-        if not use_best and (self.is_main or self.sharded):
+            use_best, keep = flag.item() == 1.0, flag.item() == 2.0
+        key = self.cfg.metric_for_best
+        if keep:
+            if self.is_main:
+                log(f"final model: unchanged, the best dev {key} {self.best_metric:.4f} at step {self.best_step} "
+                    f"(no later step was better) -> {final}")
+        elif not use_best and (self.is_main or self.sharded):
             self._save_model(final)
             if self.is_main:
+                write_json_atomic(record_path, {"step": self.step, "best": False})
                 log(f"final model -> {final}")
         elif use_best and self.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(best, final)
-            key, start = self.cfg.metric_for_best, self.start_metric
+            write_json_atomic(record_path, {"step": self.best_step, "best": True, "metric": key, "value": self.best_metric,
+                                            "before_training": self.start_metric})
+            start = self.start_metric
             moved = (f" ({start:.4f} before training, {self.best_metric - start:+.4f})"
                      if start is not None and not math.isnan(start) else "")
             log(f"final model: best dev {key} {self.best_metric:.4f} at step {self.best_step}{moved} -> {final}")
@@ -878,6 +893,14 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _read_record(path: Path) -> dict:
+    """``<run>/final.json`` (which step ``<run>/model`` holds), or {} when absent or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _all_rng() -> dict:
