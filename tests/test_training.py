@@ -653,3 +653,27 @@ def load_recipe_with(recipe, *overrides):
     from hmcl_cli.recipe import load_recipe
 
     return load_recipe(recipe._source, list(overrides))
+
+
+def test_a_training_that_does_not_resume_starts_from_nothing(tmp_path, tiny_bert, capsys):
+    """Before, a second `hmcl train` (no --resume) in the same run directory left the first one's
+    checkpoints there; keep_last pruned the new ones by name (step-0000002 < step-0000008) and a
+    later --resume continued the first training. Now its checkpoints and best model go, and its
+    metrics.jsonl is kept as metrics.previous.jsonl."""
+    import json
+
+    first = _trainer(tmp_path, tiny_bert, train={"max_steps": 8, "save_steps": 4, "eval_steps": 4})
+    first.train()
+    first.save_final()
+    assert sorted(p.name for p in first.ckpt_dir.iterdir()) == ["step-0000004", "step-0000008"]
+    second = HMCLTrainer(load_recipe_with(first.recipe, "train.max_steps=4", "train.save_steps=2", "train.eval_steps=2"))
+    second.setup()
+    assert "removed the checkpoints of an earlier training here (step-0000004, step-0000008)" in capsys.readouterr().out
+    second.train()
+    assert sorted(p.name for p in second.ckpt_dir.iterdir()) == ["step-0000002", "step-0000004"]
+    steps = [json.loads(line)["step"] for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and steps.count(4) >= 1 and 8 not in steps
+    assert 8 in [json.loads(line)["step"] for line in (second.run_dir / "metrics.previous.jsonl").read_text().splitlines()]
+    third = HMCLTrainer(second.recipe)
+    third.setup(resume=True)
+    assert third.step == 4  # this training's last checkpoint, not the first one's step 8

@@ -227,6 +227,8 @@ class HMCLTrainer:
         warmup = int(cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _schedule(cfg.scheduler, warmup, self.total_steps))
 
+        if not resume and self.is_main:
+            self._start_over()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main, acc)
         if resume:
             self._resume()
@@ -689,6 +691,22 @@ class HMCLTrainer:
             for old in steps[: -self.cfg.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return target
+
+    def _start_over(self) -> None:
+        """A training that does not resume starts from nothing: the checkpoints and the best model
+        of an earlier training in this run directory are removed (left there, ``keep_last`` pruned
+        the new checkpoints by name and kept the old ones, from which a later ``--resume`` went on
+        with the earlier training's weights), and its metrics.jsonl is kept as
+        metrics.previous.jsonl. ``<run>/model`` stays until this training replaces it."""
+        old = sorted(p.name for p in self.ckpt_dir.glob("*") if p.is_dir()) if self.ckpt_dir.is_dir() else []
+        if old:
+            shutil.rmtree(self.ckpt_dir)
+            log(f"train: starting over (no --resume): removed the checkpoints of an earlier training here "
+                f"({', '.join(old[-3:])}{', ...' if len(old) > 3 else ''}); `--resume` continues one instead")
+        shutil.rmtree(self.run_dir / "best", ignore_errors=True)
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            os.replace(metrics, self.run_dir / "metrics.previous.jsonl")
 
     def _resume(self) -> None:
         for ckpt in sorted(self.ckpt_dir.glob("step-*"), reverse=True):
