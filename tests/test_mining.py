@@ -280,3 +280,32 @@ def test_teacher_max_length_is_held_to_the_teachers_positions(tmp_path, tiny_ber
     long = "refund please " * 300
     scores = teacher.score(["how long does a refund take", long], [long, "refunds take five days"])
     assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_mining_after_a_new_prepare_mines_the_new_data(tmp_path, tiny_bert):
+    """prepare -> mine -> new data -> prepare -> mine (a scheduled `hmcl run` in a kept run
+    directory): the second mine read the first one's train.unmined.jsonl, so it mined the old
+    data and wrote it over the newly prepared train.jsonl. prepare now drops that file."""
+    path = write_recipe(tmp_path, tiny_bert, mine={"range_min": 0, "range_max": 30, "num_negatives": 1,
+                                                    "relative_margin": None})
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    mine(recipe)
+    train = tmp_path / "train.jsonl"
+    lines = train.read_text(encoding="utf-8").splitlines(True)
+    new = [json.dumps({"query": "a question only the new data has", "pos": ["its answer"]}) + "\n"]
+    train.write_text("".join(lines[:40] + new), encoding="utf-8")
+    prepare(recipe, progress=False)
+    assert not (recipe.run_dir / "data/train.unmined.jsonl").exists()
+    mine(recipe)
+    queries = {ex.query for ex in load_graded(recipe.run_dir / "data/train.jsonl")}
+    assert "a question only the new data has" in queries
+    assert queries == {ex.query for ex in load_graded(recipe.run_dir / "data/train.unmined.jsonl")}
+
+
+def test_a_test_split_no_longer_made_is_not_left_behind(tmp_path, tiny_bert):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, data={"sources": [{"path": "train.jsonl"}], "test_fraction": 0.2}))
+    prepare(recipe, progress=False)
+    assert (recipe.run_dir / "data/test.jsonl").is_file()
+    prepare(load_recipe(write_recipe(tmp_path, tiny_bert)), progress=False)
+    assert not (recipe.run_dir / "data/test.jsonl").exists()

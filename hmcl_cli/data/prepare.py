@@ -150,6 +150,12 @@ def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dic
     for split in SPLITS:
         if outputs[split] or split != "test":
             write_jsonl_atomic(out_dir / f"{split}.jsonl", outputs[split])
+        else:  # no test split this time: an earlier one's file would be evaluated as this data's
+            (out_dir / "test.jsonl").unlink(missing_ok=True)
+    # an earlier `hmcl mine` kept the training data it mined from; `mine` would start from it
+    # again, mining the old data over this one: gone with its report
+    for stale in ("train.unmined.jsonl", "mining_report.json"):
+        (out_dir / stale).unlink(missing_ok=True)
     write_json_atomic(out_dir / "stats.json", stats)
     log(f"prepare: wrote {out_dir} (train {len(outputs['train'])}, dev {len(outputs['dev'])}, test {len(outputs['test'])} examples)")
     return stats
