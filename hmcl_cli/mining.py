@@ -30,6 +30,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -267,8 +268,11 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
                                 [t for p in cfg.corpus for t in read_corpus(recipe.resolve(p), cfg.encoding)]))
     if not corpus:
         raise DataError("mine: the corpus is empty")
-    key = hashlib.sha256(json.dumps([recipe.model.name_or_path, model.settings.doc_prompt, model.settings.doc_max_length,
-                                     hashlib.sha256("\n".join(corpus).encode()).hexdigest()]).encode()).hexdigest()[:16]
+    # the weights themselves and every encoding setting: a model folder trained again, another
+    # revision or pooling never reuses embeddings of the one before
+    key = hashlib.sha256(json.dumps([model.weights_digest(), asdict(model.settings),
+                                     hashlib.sha256("\n".join(corpus).encode()).hexdigest()],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
     cache = recipe.run_dir / "cache" / f"corpus-emb-{key}.npy"
     if cache.is_file():
         c = np.load(cache)

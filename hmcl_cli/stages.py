@@ -280,7 +280,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
         except ValueError:
             report = None
         cfg = recipe.export.push_to_hub
-        url = push_exports(out_dir, cfg, commit_message(recipe.name, report))
+        url = push_exports(out_dir, cfg, commit_message(recipe.name, report), formats)
         log(f"export pushed -> {cfg.repo}{f' ({cfg.branch})' if cfg.branch else ''}: {url}")
         reports["push_to_hub"] = {"repo": cfg.repo, "url": url}
     return reports

@@ -309,3 +309,31 @@ def test_a_test_split_no_longer_made_is_not_left_behind(tmp_path, tiny_bert):
     assert (recipe.run_dir / "data/test.jsonl").is_file()
     prepare(load_recipe(write_recipe(tmp_path, tiny_bert)), progress=False)
     assert not (recipe.run_dir / "data/test.jsonl").exists()
+
+
+def test_corpus_embeddings_are_not_reused_for_other_weights_or_settings(tmp_path, tiny_bert, capsys):
+    """The mining cache was keyed by the model's name: a model folder trained again in place (the
+    same path) or another pooling reused the old embeddings. It is keyed by a digest of the
+    weights and every encoding setting now."""
+    import shutil
+
+    import torch
+
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_bert, model_dir)
+    recipe = load_recipe(write_recipe(tmp_path, model_dir, mine={"range_min": 0, "num_negatives": 1}))
+    prepare(recipe, progress=False)
+    mine(recipe)
+    mine(recipe)
+    assert "reused corpus embeddings" in capsys.readouterr().out  # same weights, same settings
+    retrained = EmbeddingModel.load(str(model_dir))
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.add_(0.01)
+    retrained.save(model_dir)  # trained again, in place
+    mine(recipe)
+    assert "reused corpus embeddings" not in capsys.readouterr().out
+    mine(load_recipe(write_recipe(tmp_path, model_dir, model={"pooling": "cls"}, mine={"range_min": 0, "num_negatives": 1})))
+    assert "reused corpus embeddings" not in capsys.readouterr().out

@@ -81,6 +81,10 @@ def test_onnx_graphs_go_under_hmcl_onnx(tmp_path, tiny_bert, hub):
     files = hub.calls[-1][2]
     assert "model.onnx" not in files and "hmcl_onnx/model.onnx" in files and "modules.json" in files
     assert [name for name, _ in repo_files(tmp_path / "run" / "export")] == list(files)
+    # a later export of merged alone does not push the earlier ONNX folder left beside it
+    run_export(recipe, formats=["merged"], model_dir=tiny_bert)
+    assert (tmp_path / "run" / "export" / "onnx").is_dir()
+    assert not [name for name in hub.calls[-1][2] if name.startswith("hmcl_onnx")]
 
 
 def test_a_failed_upload_says_how_to_push_again(tmp_path, tiny_bert, capsys, monkeypatch, hub):

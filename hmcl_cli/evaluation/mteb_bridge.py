@@ -17,7 +17,6 @@ names (``spearman``, ``ndcg@10``, ``map`` ...) together with every metric mteb r
 
 from __future__ import annotations
 
-import hashlib
 import os
 from typing import Any, Optional
 
@@ -168,7 +167,7 @@ class MtebEncoder:
             from mteb.models.model_meta import ModelMeta
 
             self._meta = ModelMeta.create_empty({
-                "name": f"hmcl/{self.label}", "revision": _weights_digest(self.model),
+                "name": f"hmcl/{self.label}", "revision": self.model.weights_digest(),
                 "embed_dim": self.dim or self.model.dim, "similarity_fn_name": self.similarity_name,
                 "framework": ["PyTorch"],
                 "n_parameters": sum(p.numel() for p in self.model.parameters()),
@@ -224,16 +223,6 @@ def pair_scores(a: Any, b: Any, kind: str, every: bool) -> Any:
         return a @ b.T if every else (a * b).sum(-1)
     p = 2 if kind == "euclidean" else 1
     return -torch.cdist(a, b, p=p) if every else -(a - b).norm(p=p, dim=-1)
-
-
-def _weights_digest(model: Any) -> str:
-    """A short content hash of the weights (a sample of every tensor), used as mteb's revision."""
-    h = hashlib.sha256()
-    for name, p in model.state_dict().items():  # the head's layers included
-        flat = p.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def run_mteb(encoder: MtebEncoder, task: Any, kind: str) -> dict[str, float]:

@@ -43,27 +43,29 @@ def _token(cfg: Any) -> Optional[str]:
     return get_token()
 
 
-def repo_files(exports: Path) -> list[tuple[str, Path]]:
-    """(path in the repo, local file) of every file the push uploads, in a stable order."""
-    if not (exports / "merged").is_dir():
+def repo_files(exports: Path, formats: Optional[list[str]] = None) -> list[tuple[str, Path]]:
+    """(path in the repo, local file) of every file the push uploads, in a stable order: the
+    export folders of ``formats`` (those this export wrote; None: every one there)."""
+    if (formats is not None and "merged" not in formats) or not (exports / "merged").is_dir():
         raise PushError(f"{exports}: no merged export to push (the repo's root is the sentence-transformers folder)",
                         hint="add merged to export.formats (or --format merged)")
     out = []
     for folder, prefix in REPO_LAYOUT.items():
         root = exports / folder
-        if not root.is_dir():
-            continue
+        if not root.is_dir() or (formats is not None and folder not in [f.replace("-", "_") for f in formats]):
+            continue  # (an earlier export's folder that this one did not write is not pushed)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             rel = path.relative_to(root).as_posix()
             out.append((f"{prefix}/{rel}" if prefix else rel, path))
     return out
 
 
-def push_exports(exports: Path, cfg: Any, message: str) -> str:
-    """Upload the export folders under ``exports`` to ``cfg.repo`` in one commit; returns its URL."""
+def push_exports(exports: Path, cfg: Any, message: str, formats: Optional[list[str]] = None) -> str:
+    """Upload the export folders of ``formats`` under ``exports`` to ``cfg.repo`` in one commit;
+    returns its URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    files = repo_files(exports)
+    files = repo_files(exports, formats)
     token = _token(cfg)
     api = HfApi(token=token)
     try:

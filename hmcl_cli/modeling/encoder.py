@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import itertools
 import json
 import shutil
@@ -501,6 +502,16 @@ class EmbeddingModel(nn.Module):
         if self.settings.normalize:
             steps.append("L2-normalised")
         return " -> ".join(steps) + (f" ({self.dim} dimensions)" if len(self.head) else "")
+
+    def weights_digest(self) -> str:
+        """A short content hash of the weights (a strided sample of every tensor, the head's layers
+        included): mteb's revision of the model, and part of the mining cache's key."""
+        h = hashlib.sha256()
+        for name, p in self.state_dict().items():
+            flat = p.detach().reshape(-1)
+            h.update(name.encode())
+            h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def device(self) -> torch.device:
