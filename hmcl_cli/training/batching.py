@@ -71,7 +71,8 @@ class TrainData:
         s = model.settings
         key_src = json.dumps({"tok": type(model.tokenizer).__name__, "vocab": len(model.tokenizer),
                               "name": getattr(model.tokenizer, "name_or_path", ""),
-                              "settings": [s.query_prompt, s.doc_prompt, s.query_max_length, s.doc_max_length, s.append_eos],
+                              "settings": [s.query_prompt, s.doc_prompt, s.query_max_length, s.doc_max_length, s.append_eos,
+                                           s.lowercase],
                               "segments": str(self.segments),
                               "data": data_key, "n": [len(self.queries), len(self.docs)]}, sort_keys=True)
         key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
