@@ -400,16 +400,24 @@ def check_stage_packages(recipe: Recipe) -> None:
 
 
 def run_all(recipe: Recipe, resume: bool = False) -> None:
-    """`hmcl run`: every stage the recipe enables, in order."""
+    """`hmcl run`: every stage the recipe enables, in order. With ``resume`` the data stages a
+    run already finished (prepare: ``data/stats.json``; mine: ``data/mining_report.json``) are
+    not run again, so training resumes on the data its checkpoints were trained on."""
     check_stage_packages(recipe)
     check_inputs(recipe, str(recipe._source or recipe.name))  # before hours of training, not after
     if recipe.export.enabled and recipe.export.push_to_hub is not None:
         from hmcl_cli.export.hub import check_push_possible
 
         check_push_possible(recipe.export.push_to_hub)
-    if recipe.data.sources:
+    data = recipe.run_dir / "data"
+    done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
+    if recipe.data.sources and done:
+        log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
+    elif recipe.data.sources:
         run_prepare(recipe)
-    if recipe.mine.enabled:
+    if recipe.mine.enabled and done and (data / "mining_report.json").is_file():
+        log(f"resume: mine finished before ({data / 'mining_report.json'}); not run again")
+    elif recipe.mine.enabled:
         run_mine(recipe)
     if recipe.train.enabled:
         run_train(recipe, resume=resume)

@@ -677,3 +677,34 @@ def test_a_training_that_does_not_resume_starts_from_nothing(tmp_path, tiny_bert
     third = HMCLTrainer(second.recipe)
     third.setup(resume=True)
     assert third.step == 4  # this training's last checkpoint, not the first one's step 8
+
+
+def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, tiny_bert):
+    from hmcl_cli.errors import DataError
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 4, "save_steps": 2})
+    t.train()
+    train = t.run_dir / "data" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(True)[:-1]))  # prepared (or mined) again since
+    again = HMCLTrainer(t.recipe)
+    with pytest.raises(DataError, match="checkpoint step-0000004 was trained on other data"):
+        again.setup(resume=True)
+
+
+def test_run_resume_does_not_prepare_or_mine_again(tmp_path, tiny_bert, capsys, monkeypatch):
+    """`hmcl run --resume` (a CI job re-run after a crash) goes on from where the run stopped: the
+    data it prepared and mined stays as it was, so its checkpoints' data check holds (mining again
+    on a GPU need not give the same bytes)."""
+    from conftest import write_recipe
+    from test_bad_inputs import cli
+
+    recipe = write_recipe(tmp_path, tiny_bert, mine={"enabled": True, "range_min": 0, "num_negatives": 1},
+                          train={"max_steps": 4, "save_steps": 2, "eval_steps": 2})
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    assert code == 0, err
+    train = tmp_path / "run" / "data" / "train.jsonl"
+    mined = train.read_text()
+    code, out, err = cli(capsys, monkeypatch, "run", recipe, "--resume")
+    assert code == 0, err
+    assert "resume: prepare finished before" in out and "resume: mine finished before" in out
+    assert "resumed from" in out and train.read_text() == mined

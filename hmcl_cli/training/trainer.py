@@ -163,7 +163,8 @@ class HMCLTrainer:
         dev_path = self.run_dir / "data" / "dev.jsonl"
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.dev_undefined = self._check_dev_metrics(dev_path) if self.dev else {}
-        self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=file_sha256(train_path))
+        self.data_sha256 = file_sha256(train_path)  # in every checkpoint: --resume checks it trains on the same data
+        self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=self.data_sha256)
         auto_chunk = cfg.grad_cache_chunk == "auto"
         if (self.is_main and built_here) or auto_chunk:  # before the weights go to the device: the worst step
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
@@ -681,7 +682,7 @@ class HMCLTrainer:
                         **({"scaler": self.scaler.state_dict()} if self.scaler else {})}, tmp / "optim.pt")
             torch.save(_all_rng(), tmp / "rng.pt")
             state = {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
-                     "start_metric": self.start_metric,
+                     "start_metric": self.start_metric, "data_sha256": self.data_sha256,
                      "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
@@ -714,6 +715,14 @@ class HMCLTrainer:
             if problem:
                 warn(f"checkpoint {ckpt.name} is unusable ({problem}); trying an older one")
                 continue
+            st = json.loads((ckpt / "trainer_state.json").read_text())
+            if st.get("data_sha256") not in (None, self.data_sha256):
+                raise DataError(
+                    f"--resume: checkpoint {ckpt.name} was trained on other data than "
+                    f"{self.run_dir / 'data' / 'train.jsonl'} holds now (it was prepared or mined again since); "
+                    "resuming would continue one training on two datasets",
+                    hint="train from the beginning (without --resume), or continue from the trained model as a new "
+                    "run: model.name_or_path: <run>/model")
             state = torch.load(ckpt / "model.pt", weights_only=True)
             missing = set(n for n, p in self.model.named_parameters() if p.requires_grad) - set(state)
             if missing:
@@ -730,7 +739,6 @@ class HMCLTrainer:
             if self.scaler and "scaler" in opt:
                 self.scaler.load_state_dict(opt["scaler"])
             _set_all_rng(torch.load(ckpt / "rng.pt", weights_only=False))
-            st = json.loads((ckpt / "trainer_state.json").read_text())
             self.step, self.best_metric, self.best_step = st["step"], st["best_metric"], st["best_step"]
             self.evals_without_improvement = st.get("evals_without_improvement", 0)
             self.start_metric = st.get("start_metric")
