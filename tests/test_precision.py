@@ -81,8 +81,8 @@ def test_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path, tiny_bert):
     path = t.save_checkpoint()
     assert torch.load(path / "optim.pt", weights_only=False)["scaler"]["scale"] == 1024.0
     again = HMCLTrainer(load_recipe(tmp_path / "recipe.yaml"))
-    again.setup()
-    as_fp16(again)
+    again.setup(resume=True)  # (without it, a training starts over: the checkpoint would go)
+    as_fp16(again)  # the CPU has no fp16: the scaler is made here, and the checkpoint read again
     again._resume()
     assert again.scaler.get_scale() == 1024.0
 
