@@ -203,6 +203,22 @@ def text_lines(path: str | Path, encoding: str) -> Iterator[tuple[int, str]]:
         yield lineno + 1, pending
 
 
+def use_cache_entry(entry: Path, keep: int = 2) -> None:
+    """Mark ``entry`` (a cache file just written or reused) as used now, and remove all but the
+    ``keep`` most recently used files of its kind (its name up to the first ``-``) beside it:
+    a run directory kept between scheduled runs would otherwise gather one entry per data or model
+    change (corpus embeddings are gigabytes)."""
+    try:
+        os.utime(entry)
+    except OSError:
+        return
+    kind = entry.name.split("-", 1)[0] + "-"
+    older = sorted((p for p in entry.parent.glob(kind + "*") if p.is_file() and p != entry and ".tmp" not in p.name),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in older[keep - 1:]:
+        stale.unlink(missing_ok=True)
+
+
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -21,8 +21,10 @@ or IVF for very large corpora; GPU when available). Then:
   times cosine / the positive's cosine). Their cosines are summarised in
   ``mining_report.json``.
 
-The original training file is kept as ``train.unmined.jsonl``; re-running starts from it.
-Embeddings are cached by model, prompt, max length and corpus hash.
+The original training file is kept as ``train.unmined.jsonl``; re-running starts from it (until
+``hmcl prepare`` writes new data, which removes it).
+Corpus embeddings are cached by a digest of the weights, the encoding settings and the corpus
+(the two most recently used entries are kept).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from hmcl_cli.data.example import Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import DataError
 from hmcl_cli.evaluation.graded import encode_queries
-from hmcl_cli.io_utils import binary_lines, data_suffix, find_data_file, text_lines, write_json_atomic, write_jsonl_atomic
+from hmcl_cli.io_utils import (binary_lines, data_suffix, find_data_file, text_lines, use_cache_entry, write_json_atomic,
+                               write_jsonl_atomic)
 from hmcl_cli.recipe import Recipe
 
 
@@ -277,11 +280,13 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     if cache.is_file():
         c = np.load(cache)
         log(f"mine: reused corpus embeddings {cache.name}")
+        use_cache_entry(cache)
     else:
         c = model.encode(corpus, side="doc", batch_size=cfg.batch_size, progress=True, description="encode corpus").numpy()
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache.with_suffix(".tmp.npy"), c)
         cache.with_suffix(".tmp.npy").replace(cache)
+        use_cache_entry(cache)
     position = {t: i for i, t in enumerate(corpus)}
     q = query_embeddings(model, examples, position, c, cfg.batch_size)
     dev = model.device

@@ -37,3 +37,24 @@ def test_second_writer_is_refused(tmp_path):
     with RunLock(tmp_path):
         assert (tmp_path / ".lock").read_text() == str(os.getpid())
     assert not (tmp_path / ".lock").exists()
+
+
+def test_cache_keeps_the_two_most_recently_used_entries_of_a_kind(tmp_path):
+    """A kept run directory gathered one cache entry per data or model change (corpus embeddings
+    are gigabytes); each write or reuse now keeps the two most recently used of its kind."""
+    import os
+    import time
+
+    from hmcl_cli.io_utils import use_cache_entry
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    now = time.time()
+    for i, name in enumerate(["tokens-a.pt", "tokens-b.pt", "tokens-c.pt", "corpus-emb-x.npy"]):
+        (cache / name).write_text(name)
+        os.utime(cache / name, (now - 100 + i, now - 100 + i))
+    use_cache_entry(cache / "tokens-a.pt")  # the oldest, reused now: it stays, with the newest other one
+    assert sorted(p.name for p in cache.iterdir()) == ["corpus-emb-x.npy", "tokens-a.pt", "tokens-c.pt"]
+    (cache / "tokens-d.pt").write_text("d")
+    use_cache_entry(cache / "tokens-d.pt")
+    assert sorted(p.name for p in cache.iterdir()) == ["corpus-emb-x.npy", "tokens-a.pt", "tokens-d.pt"]

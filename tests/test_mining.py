@@ -337,3 +337,4 @@ def test_corpus_embeddings_are_not_reused_for_other_weights_or_settings(tmp_path
     assert "reused corpus embeddings" not in capsys.readouterr().out
     mine(load_recipe(write_recipe(tmp_path, model_dir, model={"pooling": "cls"}, mine={"range_min": 0, "num_negatives": 1})))
     assert "reused corpus embeddings" not in capsys.readouterr().out
+    assert len(list((recipe.run_dir / "cache").glob("corpus-emb-*.npy"))) == 2  # three keys, the last two kept

@@ -17,7 +17,7 @@ import torch
 
 from hmcl_cli.console import ProgressBar, log
 from hmcl_cli.data.example import GradedExample
-from hmcl_cli.io_utils import atomic_path
+from hmcl_cli.io_utils import atomic_path, use_cache_entry
 
 
 def text_id(text: str) -> int:
@@ -81,6 +81,7 @@ class TrainData:
             try:
                 blob = torch.load(cache, weights_only=True)
                 log(f"tokens: reused cache {cache.name}")
+                use_cache_entry(cache)
                 return blob["q"], blob["d"]
             except Exception:  # noqa: BLE001 - a broken cache is rebuilt
                 pass
@@ -104,6 +105,7 @@ class TrainData:
         if cache is not None:  # every process of a multi-process run may write it: each its own temp file
             with atomic_path(cache) as tmp:
                 torch.save({"q": q_tokens, "d": d_tokens}, tmp)
+            use_cache_entry(cache)
         return q_tokens, d_tokens
 
     def _tokenize_side(self, model: Any, texts: list[str], side: str) -> list:
