@@ -411,21 +411,74 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
         check_push_possible(recipe.export.push_to_hub)
     data = recipe.run_dir / "data"
     done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
-    if recipe.data.sources and done:
-        log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
-    elif recipe.data.sources:
-        run_prepare(recipe)
-    if recipe.mine.enabled and done and (data / "mining_report.json").is_file():
-        log(f"resume: mine finished before ({data / 'mining_report.json'}); not run again")
-    elif recipe.mine.enabled:
-        run_mine(recipe)
-    if recipe.train.enabled:
-        run_train(recipe, resume=resume)
-    if recipe.eval.enabled and recipe.eval.tasks:
-        with RunLock(recipe.run_dir):
-            run_eval(recipe)
-    if recipe.export.enabled and recipe.export.formats:
-        with RunLock(recipe.run_dir):
-            run_export(recipe)
-    log(f"done: {recipe.run_dir}")
+    summary = RunSummary(recipe)
+    with summary:
+        if recipe.data.sources and done:
+            log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
+            summary.skipped("prepare")
+        elif recipe.data.sources:
+            summary.stage("prepare", run_prepare, recipe)
+        if recipe.mine.enabled and done and (data / "mining_report.json").is_file():
+            log(f"resume: mine finished before ({data / 'mining_report.json'}); not run again")
+            summary.skipped("mine")
+        elif recipe.mine.enabled:
+            summary.stage("mine", run_mine, recipe)
+        if recipe.train.enabled:
+            summary.stage("train", run_train, recipe, resume=resume)
+        if recipe.eval.enabled and recipe.eval.tasks:
+            with RunLock(recipe.run_dir):
+                summary.stage("eval", run_eval, recipe)
+        if recipe.export.enabled and recipe.export.formats:
+            with RunLock(recipe.run_dir):
+                summary.stage("export", run_export, recipe)
+    log(f"done: {recipe.run_dir} ({summary.times()})")
+
+
+class RunSummary:
+    """What `hmcl run` did, for a CI job to read: ``<run>/run.json`` with each stage's seconds
+    (or ``skipped``), and ``status``: ``ok``, or the stage that failed with the error's kind and
+    exit code. Written when the run ends, however it ends."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe, self.stages, self.failed = recipe, {}, None
+
+    def stage(self, name: str, fn, *args, **kwargs):
+        import time
+
+        t0 = time.perf_counter()
+        self.failed = name
+        out = fn(*args, **kwargs)
+        self.stages[name] = round(time.perf_counter() - t0, 1)
+        self.failed = None
+        return out
+
+    def skipped(self, name: str) -> None:
+        self.stages[name] = "skipped"
+
+    def times(self) -> str:
+        return ", ".join(f"{k} {v}{'' if v == 'skipped' else ' s'}" for k, v in self.stages.items())
+
+    def __enter__(self) -> "RunSummary":
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        import datetime
+
+        from hmcl_cli import __version__
+        from hmcl_cli.io_utils import write_json_atomic
+
+        status: dict = {"status": "ok"}
+        if error is not None:
+            mapped = error if isinstance(error, HmclError) else from_system_error(error)
+            status = {"status": "failed", "stage": self.failed,
+                      "error": getattr(mapped, "kind", type(error).__name__),
+                      "exit_code": getattr(mapped, "exit_code", 130 if isinstance(error, KeyboardInterrupt) else 1)}
+        if os.environ.get("RANK", "0") != "0" or not self.recipe.run_dir.is_dir():
+            return
+        try:
+            write_json_atomic(self.recipe.run_dir / "run.json", {
+                **status, "stages": self.stages, "hmcl": __version__,
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        except OSError as e:
+            warn(f"run.json not written ({e})")
 

@@ -177,3 +177,24 @@ def test_a_launched_process_leaves_without_teardown_only_when_done(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     leave_distributed_child(exits.append)
     assert exits == [0]  # one process: nothing to tear down
+
+
+def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys, monkeypatch):
+    """<run>/run.json: each stage's seconds and `ok`, or the stage that failed with its error's
+    kind and exit code."""
+    import json
+
+    from conftest import write_recipe
+    from test_bad_inputs import cli
+
+    recipe = write_recipe(tmp_path, tiny_bert, train={"max_steps": 2, "eval_steps": 2, "save_steps": 2})
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["status"] == "ok" and list(summary["stages"]) == ["prepare", "train", "eval", "export"]
+    assert all(isinstance(v, float) for v in summary["stages"].values())
+    assert f"done: {tmp_path / 'run'} (prepare " in " ".join(out.split())
+    code, out, err = cli(capsys, monkeypatch, "run", recipe, "--set", "train.metric_for_best=dev_spearman/nope")
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert code == 3 and summary["status"] == "failed" and summary["stage"] == "train"
+    assert summary["error"] == "data error" and summary["exit_code"] == 3 and "train" not in summary["stages"]
