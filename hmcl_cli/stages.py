@@ -403,16 +403,11 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     """`hmcl run`: every stage the recipe enables, in order. With ``resume`` the data stages a
     run already finished (prepare: ``data/stats.json``; mine: ``data/mining_report.json``) are
     not run again, so training resumes on the data its checkpoints were trained on."""
-    check_stage_packages(recipe)
-    check_inputs(recipe, str(recipe._source or recipe.name))  # before hours of training, not after
-    if recipe.export.enabled and recipe.export.push_to_hub is not None:
-        from hmcl_cli.export.hub import check_push_possible
-
-        check_push_possible(recipe.export.push_to_hub)
     data = recipe.run_dir / "data"
     done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
     summary = RunSummary(recipe)
-    with summary:
+    with summary:  # (a run.json of an earlier run is replaced even when the checks stop this one)
+        summary.stage("checks", check_run, recipe)
         if recipe.data.sources and done:
             log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
             summary.skipped("prepare")
@@ -432,6 +427,16 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
             with RunLock(recipe.run_dir):
                 summary.stage("export", run_export, recipe)
     log(f"done: {recipe.run_dir} ({summary.times()})")
+
+
+def check_run(recipe: Recipe) -> None:
+    """What `hmcl run` checks before its first stage: packages, inputs, a push's token."""
+    check_stage_packages(recipe)
+    check_inputs(recipe, str(recipe._source or recipe.name))  # before hours of training, not after
+    if recipe.export.enabled and recipe.export.push_to_hub is not None:
+        from hmcl_cli.export.hub import check_push_possible
+
+        check_push_possible(recipe.export.push_to_hub)
 
 
 class RunSummary:
@@ -456,7 +461,7 @@ class RunSummary:
         self.stages[name] = "skipped"
 
     def times(self) -> str:
-        return ", ".join(f"{k} {v}{'' if v == 'skipped' else ' s'}" for k, v in self.stages.items())
+        return ", ".join(f"{k} {v}{'' if v == 'skipped' else ' s'}" for k, v in self.stages.items() if k != "checks")
 
     def __enter__(self) -> "RunSummary":
         return self

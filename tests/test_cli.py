@@ -191,10 +191,14 @@ def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys
     code, out, err = cli(capsys, monkeypatch, "run", recipe)
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert summary["status"] == "ok" and list(summary["stages"]) == ["prepare", "train", "eval", "export"]
+    assert summary["status"] == "ok" and list(summary["stages"]) == ["checks", "prepare", "train", "eval", "export"]
     assert all(isinstance(v, float) for v in summary["stages"].values())
     assert f"done: {tmp_path / 'run'} (prepare " in " ".join(out.split())
     code, out, err = cli(capsys, monkeypatch, "run", recipe, "--set", "train.metric_for_best=dev_spearman/nope")
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert code == 3 and summary["status"] == "failed" and summary["stage"] == "train"
     assert summary["error"] == "data error" and summary["exit_code"] == 3 and "train" not in summary["stages"]
+    (tmp_path / "train.jsonl").unlink()  # stopped by the checks: the earlier run.json does not stay
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert code == 3 and (summary["status"], summary["stage"]) == ("failed", "checks")
