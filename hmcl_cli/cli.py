@@ -78,7 +78,7 @@ def train(
     ctx: typer.Context,
     recipe: Path = RecipeArg,
     set_: Optional[List[str]] = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint (of the same training data); without it a training starts over."),
     launcher: Optional[str] = typer.Option(None, "--launcher", help="auto | none | accelerate (args after --)."),
     plan: bool = typer.Option(False, "--plan", help="Print the memory plan (peak per device, knobs to fit) and exit."),
 ) -> None:
@@ -215,7 +215,7 @@ def export(
 
 @app.command(name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
 def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
-            resume: bool = typer.Option(False, "--resume", help="Resume training from the last checkpoint.")) -> None:
+            resume: bool = typer.Option(False, "--resume", help="Go on from where the run stopped: data it prepared and mined is kept, training continues from its last checkpoint.")) -> None:
     """Run every stage the recipe enables, in order (prepare, mine, train, eval, export)."""
     from hmcl_cli.stages import run_all
 
