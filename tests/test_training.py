@@ -222,7 +222,7 @@ def test_source_weights_up_and_down_sample_a_source(tmp_path, tiny_bert, capsys)
                  train={"batch_size": 4, "max_steps": 2, "positive_repeats": 1})
     out = capsys.readouterr()
     assert "sources per epoch (data.sources[].weight): a.jsonl 10 anchors x 2, b.jsonl 12 anchors x 0.5, " \
-           "c.jsonl 7 anchors x 1 = 33 anchors" in out.out
+           "c.jsonl 7 anchors x 1 = 33 anchors per epoch" in out.out
     assert "data.sources.3.weight 3: no training example comes from source 'dev.jsonl'" in out.err
     source_of = {i: t.data.queries[an.query][1].split()[0] for i, an in enumerate(t.data.anchors)}
     halves = []

@@ -204,7 +204,9 @@ class HMCLTrainer:
         if any(w != 1.0 for w in weights) and self.is_main:
             log("train: sources per epoch (data.sources[].weight): " + ", ".join(
                 f"{name} {n} anchors x {w:g}" for name, n, w in self._source_mix(weights))
-                + f" = {self.plan.anchors_per_epoch} anchors")
+                + f" = {self.plan.anchors_per_epoch} anchors per epoch"
+                + (f" (anchors with a positive listed {self.positive_repeats}x: train.positive_repeats)"
+                   if self.positive_repeats > 1 else ""))
         steps_epoch = self.plan.steps_per_epoch // cfg.gradient_accumulation_steps or 1
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_epoch * cfg.epochs))
         self.eval_every = cfg.eval_steps or steps_epoch
