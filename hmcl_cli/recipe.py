@@ -78,7 +78,7 @@ class ModelConfig(_Section):
     include_prompt: Union[bool, Literal["auto"]] = Field(
         "auto", description="Whether the pooling takes in the prompt's tokens (sentence-transformers' "
         "Pooling `include_prompt`). `false`: mean, max and weighted pooling leave out the instruction "
-        "(and the first special token), as INSTRUCTOR-style models are trained; CLS pooling takes the "
+        "(and the first special token), as the INSTRUCTOR paper pools; CLS pooling takes the "
         "first token after it. `auto`: the model's own setting (true unless its 1_Pooling says false). "
         "Saved with the model; ONNX export refuses a model that leaves out a prompt (the graph pools "
         "every token it is given).")

@@ -232,6 +232,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     """Each export format of the recipe (or ``formats``) of the trained model, verified."""
     import json
 
+    from hmcl_cli.export import export_folder
     from hmcl_cli.export.merged import export_merged
     from hmcl_cli.modeling.encoder import saved_matryoshka_dims
 
@@ -257,7 +258,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     reports = {}
     for fmt in formats:
         if fmt == "merged":
-            reports[fmt] = export_merged(model_dir, out_dir / "merged", recipe.export.verify_texts, card,
+            reports[fmt] = export_merged(model_dir, out_dir / export_folder(fmt), recipe.export.verify_texts, card,
                                          dim=recipe.export.dim)
         else:
             from hmcl_cli.export.onnx import export_onnx
@@ -268,7 +269,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
                 from hmcl_cli.data.prepare import load_graded
 
                 dev = load_graded(dev_file)  # int8 is reported with its metric change on dev
-            reports[fmt] = export_onnx(model_dir, out_dir / fmt.replace("-", "_"), quantize=fmt == "onnx-int8",
+            reports[fmt] = export_onnx(model_dir, out_dir / export_folder(fmt), quantize=fmt == "onnx-int8",
                                        extra_texts=recipe.export.verify_texts, opset=recipe.export.opset,
                                        dev_examples=dev, dim=recipe.export.dim)
     if recipe.export.push_to_hub is not None:

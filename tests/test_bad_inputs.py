@@ -124,7 +124,7 @@ def missing_data_file(tmp, model):
 
 
 def data_path_from_an_unset_env_variable(tmp, model):
-    os.environ.pop("HMCL_TEST_DATA", None)
+    os.environ.pop("HMCL_TEST_DATA", None)  # (the test restores the environment)
     p = write_recipe(tmp, model, data={"sources": [{"path": "${env:HMCL_TEST_DATA:-shared}/absent.jsonl"}]})
     return ["prepare", p], DATA, ["shared/absent.jsonl does not exist", "${env:HMCL_TEST_DATA:-shared}/absent.jsonl",
                                   "HMCL_TEST_DATA is not set, so 'shared' was used", "export HMCL_TEST_DATA=<folder>"]
@@ -314,6 +314,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input_gives_one_clear_message(case, tmp_path, tiny_bert, capsys, monkeypatch):
     (tmp_path / "case").mkdir()
+    monkeypatch.delenv("HMCL_TEST_DATA", raising=False)  # a case may set it: unset again after the test
     argv, expected_code, fragments = case(tmp_path / "case", tiny_bert)
     code, out, err = cli(capsys, monkeypatch, *argv)
     assert code == expected_code, (code, out[-2000:], err[-2000:])

@@ -694,7 +694,7 @@ def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, tiny_bert):
 def test_run_resume_does_not_prepare_or_mine_again(tmp_path, tiny_bert, capsys, monkeypatch):
     """`hmcl run --resume` (a CI job re-run after a crash) goes on from where the run stopped: the
     data it prepared and mined stays as it was, so its checkpoints' data check holds (mining again
-    on a GPU need not give the same bytes)."""
+    where encoding is not bit-exact need not give the same bytes)."""
     from conftest import write_recipe
     from test_bad_inputs import cli
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hmcl_cli.errors import PushError
+from hmcl_cli.export import export_folder
 
-# export folder -> where it goes in the repo
-REPO_LAYOUT = {"merged": "", "onnx": "hmcl_onnx", "onnx_int8": "hmcl_onnx_int8"}
+# export format -> where its folder goes in the repo
+REPO_LAYOUT = {"merged": "", "onnx": "hmcl_onnx", "onnx-int8": "hmcl_onnx_int8"}
 
 
 def check_push_possible(cfg: Any) -> None:
@@ -50,9 +51,9 @@ def repo_files(exports: Path, formats: Optional[list[str]] = None) -> list[tuple
         raise PushError(f"{exports}: no merged export to push (the repo's root is the sentence-transformers folder)",
                         hint="add merged to export.formats (or --format merged)")
     out = []
-    for folder, prefix in REPO_LAYOUT.items():
-        root = exports / folder
-        if not root.is_dir() or (formats is not None and folder not in [f.replace("-", "_") for f in formats]):
+    for fmt, prefix in REPO_LAYOUT.items():
+        root = exports / export_folder(fmt)
+        if not root.is_dir() or (formats is not None and fmt not in formats):
             continue  # (an earlier export's folder that this one did not write is not pushed)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             rel = path.relative_to(root).as_posix()

@@ -142,6 +142,7 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.ModuleList(head or [])
+        self._prompt_skips: dict[str, int] = {}  # prompt -> its length as the pooling skips it (prompt_skip)
         self.tokenizer = tokenizer
         self.settings = settings
         tokenizer.padding_side = settings.padding_side
@@ -335,11 +336,10 @@ class EmbeddingModel(nn.Module):
         prompt = prompt if prompt is not None else (s.query_prompt if side == "query" else s.doc_prompt)
         if s.include_prompt or not prompt:
             return 0
-        cache = self.__dict__.setdefault("_prompt_skips", {})
-        if prompt not in cache:
+        if prompt not in self._prompt_skips:
             ids = self.tokenizer(prompt.lower() if s.lowercase else prompt)["input_ids"]
-            cache[prompt] = len(ids) - (1 if ids and ids[-1] in set(self.tokenizer.all_special_ids) else 0)
-        return cache[prompt]
+            self._prompt_skips[prompt] = len(ids) - (1 if ids and ids[-1] in set(self.tokenizer.all_special_ids) else 0)
+        return self._prompt_skips[prompt]
 
     @property
     def pad_token_id(self) -> int:

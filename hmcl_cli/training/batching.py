@@ -60,12 +60,14 @@ class TrainData:
         self.query_tokens, self.doc_tokens = self._tokenize(model, cache_dir, data_key)
         # leading tokens the pooling leaves out (the prompt's, where the model's pooling does not
         # include it): per query (its own prompt or the side's), one count for the documents
-        default = model.settings.query_prompt
-        self.query_skip: Optional[np.ndarray] = np.array(
-            [model.prompt_skip("query", default if p is None else p) for p, _ in self.queries], dtype=np.int64)
+        self.query_skip: Optional[np.ndarray] = None
         self.doc_skip = model.prompt_skip("doc")
-        if not self.query_skip.any() and not self.doc_skip:
-            self.query_skip = None
+        if not model.settings.include_prompt:
+            default = model.settings.query_prompt
+            skips = np.array([model.prompt_skip("query", default if p is None else p) for p, _ in self.queries],
+                             dtype=np.int64)
+            if skips.any() or self.doc_skip:
+                self.query_skip = skips
 
     def _tokenize(self, model: Any, cache_dir: Optional[Path], data_key: str) -> tuple[list, list]:
         s = model.settings

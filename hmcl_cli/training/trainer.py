@@ -272,10 +272,9 @@ class HMCLTrainer:
         comes from is a warning: its weight would change nothing."""
         from hmcl_cli.data.readers import source_labels
 
-        sources = self.recipe.data.sources
-        by_label = dict(zip(source_labels(sources), (s.weight for s in sources)))
+        by_label = dict(zip(source_labels(self.recipe.data.sources), (s.weight for s in self.recipe.data.sources)))
         present = set(self.data.source_names)
-        for i, (label, w) in enumerate(zip(source_labels(sources), (s.weight for s in sources))):
+        for i, (label, w) in enumerate(by_label.items()):
             if w != 1.0 and label not in present and self.is_main:
                 warn(f"data.sources.{i}.weight {w:g}: no training example comes from source {label!r} (a dev/test "
                      "source, or data prepared before the source was renamed: run hmcl prepare); it changes nothing")
@@ -627,22 +626,26 @@ class HMCLTrainer:
     def _evaluate_at_start(self) -> None:
         """Step 0: the dev metrics of the model as loaded (logged and recorded, not kept as a
         candidate), what the end of training compares the best model with."""
-        scores = self.evaluate() if (self.is_main or self.sharded) else {}
+        scores = self._evaluate_and_record(" (before training)")
         if self.is_main:
-            self.metrics.write({"step": 0, **{k: round(v, 5) for k, v in scores.items()}})
-            log("eval step 0 (before training): {}".format(", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
             self.start_metric = scores.get(self.cfg.metric_for_best)
 
-    def _evaluate_and_keep_best(self) -> bool:
-        """Evaluate on dev; save the best model; return True to stop early. Without sharding the
-        main process evaluates alone; under FSDP every process runs the same forward passes (each
-        holds a shard of the weights). Every process then takes the main process's decision."""
-        runs_here = self.is_main or self.sharded
-        scores = self.evaluate() if runs_here else {}
-        key = self.cfg.metric_for_best  # setup checked that the dev set defines it
+    def _evaluate_and_record(self, note: str = "") -> dict:
+        """Dev metrics at this step, written to metrics.jsonl and the log by the main process.
+        Without sharding the main process evaluates alone (the others get {}); under FSDP every
+        process runs the same forward passes (each holds a shard of the weights)."""
+        scores = self.evaluate() if (self.is_main or self.sharded) else {}
         if self.is_main:
             self.metrics.write({"step": self.step, **{k: round(v, 5) for k, v in scores.items()}})
-            log("eval step {}: {}".format(self.step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
+            log("eval step {}{}: {}".format(self.step, note, ", ".join(f"{k} {v:.4f}" for k, v in scores.items())))
+        return scores
+
+    def _evaluate_and_keep_best(self) -> bool:
+        """Evaluate on dev (:meth:`_evaluate_and_record`); save the best model; return True to stop
+        early. Every process takes the main process's decision."""
+        runs_here = self.is_main or self.sharded
+        scores = self._evaluate_and_record()
+        key = self.cfg.metric_for_best  # setup checked that the dev set defines it
         value = scores.get(key, math.nan)
         if self.world > 1:
             shared = torch.tensor([value], dtype=torch.float64, device=self.device)
