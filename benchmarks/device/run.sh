@@ -2,16 +2,18 @@
 # The GPU checks of the open issues, as one prepared call on the lent machine.
 #
 #   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
-#   device: run(command="bash benchmarks/device/run.sh speed=200 scale=210 encode=60", carry=[".dev"],
-#               timeout_s=520)
+#   device: run(command="bash benchmarks/device/run.sh quick=200 encode=150 long=130", carry=[".dev"],
+#               timeout_s=560)
 #
-# A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), a
-# fresh machine takes 1-2 of them to start, and one command may run 10. Suggested: call 1 as above
-# (the open issues' throughput and memory rows, #9 and #8; the parts take 470 s, the set-up,
-# wheels and model, is not yet timed there); that leaves about 250 s: call 2 at once, while the
-# machine is warm, `long=100 mfu=120` (#11's throughput rows, #9's MFU row; timeout_s 240).
-# `longq=200` (#11's GPU quality rows), `fp16=60` (the loss-scale path, untested on a GPU) and
-# `quality=300` (#12 is resolved on the CPU: its bf16 run) need a later session's time.
+# A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), and one
+# command may run 10. Measured on the H200 of 2026-12-04: a fresh machine started and took the
+# 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s on a warm
+# one. Suggested: call 1 as above (#9's three training ratios, its encoding ratio, #11's
+# throughput rows; parts 480 s); then at once, while the machine is warm (30 s),
+# `mfu=150 longq=130` (#9's MFU row, a first part of #11's GPU quality rows; timeout_s 300), and
+# give the machine back. #8's rows are in (2026-12-04): `scale=210` only to measure them again.
+# `fp16=60` (the loss-scale path, untested on a GPU) and `quality=300` (#12 is resolved on the
+# CPU: its bf16 run) need a later session's time.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
@@ -30,8 +32,9 @@
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   mfu      #9's MFU target (>= 35% for the Qwen3-0.6B shape at its best batch size): hmcl only,
-#            full fine-tuning, batch 128 / 256 / 512 anchors, the largest first (a batch that does
-#            not fit exits 5 with the plan; the next, smaller one still runs).
+#            full fine-tuning, batch 256 / 128 anchors, the largest first (512 ran out of memory on
+#            the H200, as the memory plan had warned: 164 GiB planned; a part that fails still lets
+#            the next, smaller one run).
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
 #   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
 #            (benchmarks/long_text_quality.py).
@@ -41,6 +44,7 @@
 #            check, padded, unpad true, with cuDNN attention, in that order, so that a part cut off
 #            by its limit loses the least telling rows), 50k texts (100k in the H100 row of 2026-11-23: ratios compare, not rates), MiniLM
 #            shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
+#   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
 #
@@ -124,9 +128,15 @@ for spec in "$@"; do
       part scale "$each" python3 $tt --data stsb --shape qwen3-0.6b --lora --checkpointing --batch-size 128 --tools hmcl --steps 10
       part scale "$each" python3 $tt --data stsb --shape qwen3-4b --lora --checkpointing --batch-size 64 --tools hmcl --steps 10
       part scale "$each" python3 $tt --data stsb --shape qwen3-8b --lora --checkpointing --batch-size 64 --tools hmcl --steps 10 ;;
+    quick)
+      # #9's ratios in little time: BERT-base, MiniLM and Qwen3-0.6B shapes, the loop vs hmcl's defaults
+      part quick $((secs * 35 / 100)) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 --tools st,hmcl
+      part quick $((secs * 25 / 100)) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 --tools st,hmcl
+      part quick $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 \
+        --warmup 2 --tools st,hmcl ;;
     mfu)
-      left=3
-      for b in 512 256 128; do  # each gets an equal share of the time still left
+      left=2
+      for b in 256 128; do  # (512 does not fit without checkpointing: out of memory at step 3 on the H200)  # each gets an equal share of the time still left
         part mfu $(((secs - (SECONDS - t0)) / left)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size $b \
           --tools hmcl --steps 10 --warmup 3
         left=$((left - 1))
@@ -147,7 +157,7 @@ for spec in "$@"; do
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, quick, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done
