@@ -47,6 +47,13 @@ def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
     assert "result hmcl train" in out and "LoRA, checkpointing" in out
 
 
+def test_training_throughput_compiled_of_the_compile_part():
+    out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
+               "--batch-size", "4", "--tools", "st,hmcl", "--compile")
+    assert "result sentence-transformers loop" in out and "result hmcl train" in out
+    assert '"compile": true' in out
+
+
 def test_encoding_throughput_with_the_flags_of_the_encode_part():
     out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--batch-size", "64",
                "--padded", "--two-d-mask", "--cudnn-attention", "--pageable", "--sync-audit")

@@ -10,10 +10,10 @@
 # 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s on a warm
 # one. Suggested: call 1 as above (#9's three training ratios, its encoding ratio, #11's
 # throughput rows; parts 480 s); then at once, while the machine is warm (30 s),
-# `mfu=150 longq=130` (#9's MFU row, a first part of #11's GPU quality rows; timeout_s 300), and
-# give the machine back. #8's rows are in (2026-12-04): `scale=210` only to measure them again.
-# `fp16=60` (the loss-scale path, untested on a GPU) and `quality=300` (#12 is resolved on the
-# CPU: its bf16 run) need a later session's time.
+# `compile=150 mfu=120` (#9's compiled rows and MFU row; timeout_s 300), and give the machine
+# back. `longq=200` (#11's GPU quality rows) next. #8's rows are in (2026-12-04): `scale=210`
+# only to measure them again. `fp16=60` (the loss-scale path, untested on a GPU) and
+# `quality=300` (#12 is resolved on the CPU: its bf16 run) need a later session's time.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
@@ -29,6 +29,8 @@
 #            where `model.unpad: auto` keeps BERT-class training padded (attention dropout), padded
 #            where auto unpads Qwen3) and
 #            without cuDNN attention for both; a host-sync audit of hmcl.
+#   compile  #9: BERT-base and MiniLM shapes, the loop vs hmcl with train.compile (never measured
+#            on a GPU yet; the steps are launch-bound there, what compiling is for).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   mfu      #9's MFU target (>= 35% for the Qwen3-0.6B shape at its best batch size): hmcl only,
@@ -134,6 +136,12 @@ for spec in "$@"; do
       part quick $((secs * 25 / 100)) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 --tools st,hmcl
       part quick $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 \
         --warmup 2 --tools st,hmcl ;;
+    compile)
+      # #9: hmcl with train.compile (each layer compiled, dynamic shapes; the compile falls in the
+      # untimed warm-up and warm passes) beside the uncompiled loop
+      part compile $((secs / 2)) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 --tools st,hmcl --compile
+      part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 \
+        --tools st,hmcl --compile ;;
     mfu)
       left=2
       for b in 256 128; do  # (512 does not fit without checkpointing: out of memory at step 3 on the H200)  # each gets an equal share of the time still left
@@ -157,7 +165,7 @@ for spec in "$@"; do
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, quick, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, quick, compile, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done
