@@ -19,7 +19,11 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   sequences of a step (anchors + anchors x group_size candidates; ``grad_cache_chunk``
   sequences with GradCache; with ``model.segments`` every text is as many sequences of at most
   one segment's length as its longest text needs). Attention is counted as a fused kernel keeps it (q, k, v, output,
-  log-sum-exp), as SDPA's flash / memory-efficient kernels do. With gradient checkpointing each
+  log-sum-exp), as SDPA's flash / memory-efficient kernels do. Under bf16 / fp16 autocast the
+  probe runs as autocast would (:class:`AutocastOnMeta`: matmul inputs lowered, norms and
+  softmax in float32, the rest by type promotion), so a float32 model's residual stream and
+  norms are counted in float32, as a GPU keeps them (counted all in bf16, plans were 14-21%
+  under the H200's peaks of 2026-12-04 for full fine-tuning). With gradient checkpointing each
   layer keeps only its input, plus one layer's activations for one forward call (the anchors or
   the candidates, both with ``train.one_forward``, or one GradCache chunk) during recomputation;
   with ``train.one_forward`` both sides are sized at the wider length. A run whose forward calls
@@ -37,6 +41,7 @@ estimate after applying it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -156,16 +161,18 @@ def meta_model(config: Any, layers: Optional[int], dtype: torch.dtype, lora: Any
     return model
 
 
-def saved_bytes(model: torch.nn.Module, run: Any) -> int:
+def saved_bytes(model: torch.nn.Module, run: Any, skip: Optional[set] = None) -> int:
     """Bytes autograd keeps for backward while ``run()`` runs ``model`` (its weights and buffers
-    excluded: they are counted as weights; each storage once)."""
+    excluded: they are counted as weights; each storage once). ``skip``: more storages to leave
+    out (their ``_cdata``), a set ``run`` may still fill (the autocast copies of the weights)."""
     seen: set = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    skip = skip if skip is not None else set()
     total = 0
 
     def pack(t):
         nonlocal total
         key = t.untyped_storage()._cdata
-        if key not in seen:
+        if key not in seen and key not in skip:
             seen.add(key)
             total += t.untyped_storage().nbytes()
         return t
@@ -175,37 +182,104 @@ def saved_bytes(model: torch.nn.Module, run: Any) -> int:
     return total
 
 
-def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor) -> int:
+class AutocastOnMeta(torch.overrides.TorchFunctionMode):
+    """What CUDA autocast does to dtypes, for tensors on the ``meta`` device (where autocast does
+    not run): matrix products take their floating inputs in ``dtype``, the operations autocast
+    runs in float32 (norms, softmax, exp/log/pow/rsqrt) take them in float32, everything else
+    follows type promotion, as under autocast. Applied above autograd, as autocast is, so what a
+    backward keeps comes out in the dtypes a GPU step keeps it in: the residual stream of float32
+    weights stays float32, a layer's matmul inputs are bf16 copies. The bf16 copies of parameters
+    are recorded in ``weight_copies`` (storage ids): the plan counts them apart, once per weight.
+    (The lists are CUDA autocast's, as documented for torch 2.x; an op not named keeps its dtypes.)"""
+
+    F = torch.nn.functional
+    T = torch.Tensor
+    LOWER = {F.linear, F.conv1d, F.conv2d, F.conv3d, torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__,
+             torch.mm, T.mm, torch.bmm, T.bmm, torch.addmm, T.addmm, torch.baddbmm, T.baddbmm, torch.addbmm,
+             torch.mv, T.mv, torch.einsum, torch.addmv, torch.addr}
+    FLOAT32 = {F.layer_norm, F.group_norm, F.softmax, T.softmax, torch.softmax, F.log_softmax, T.log_softmax,
+               torch.log_softmax, torch.exp, T.exp, torch.log, T.log, torch.pow, T.pow, T.__pow__, torch.rsqrt,
+               T.rsqrt, torch.reciprocal, T.reciprocal, F.normalize, torch.cumsum, T.cumsum, F.cosine_similarity,
+               F.softplus, torch.norm, T.norm, F.mse_loss, F.cross_entropy, F.nll_loss}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.weight_copies: set = set()
+        self._held: list = []  # the copies themselves: a freed one's storage id could name a later tensor
+
+    def _cast(self, x: Any, to: torch.dtype, low: bool) -> Any:
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._cast(v, to, low) for v in x)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dtype == to:
+            return x
+        if low and x.dtype != torch.float32:  # autocast lowers float32 only
+            return x
+        out = x.to(to)
+        if isinstance(x, torch.nn.Parameter) or isinstance(x._base, torch.nn.Parameter):  # a weight or its view
+            self.weight_copies.add(out.untyped_storage()._cdata)
+            self._held.append(out)
+        return out
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LOWER or func in self.FLOAT32:
+            low = func in self.LOWER
+            to = self.dtype if low else torch.float32
+            args = tuple(self._cast(a, to, low) for a in args)
+            kwargs = {k: self._cast(v, to, low) for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor,
+                       autocast: Optional[torch.dtype] = None, outputs: Optional[list] = None) -> int:
     """Bytes autograd keeps for backward in one forward of ``model`` in training mode. Works on
-    real tensors and on the ``meta`` device."""
+    real tensors and on the ``meta`` device; ``autocast``: the dtype of an autocast the forward
+    runs under (emulated by :class:`AutocastOnMeta`; the bf16 copies of the weights left out).
+    ``outputs``: a list the model's output is appended to."""
     model.train()
-    return saved_bytes(model, lambda: model(input_ids=input_ids))
+    mode = AutocastOnMeta(autocast) if autocast is not None else None
+
+    def run():
+        with mode if mode is not None else contextlib.nullcontext():
+            out = model(input_ids=input_ids)
+        if outputs is not None:
+            outputs.append(out)
+
+    return saved_bytes(model, run, skip=mode.weight_copies if mode is not None else None)
 
 
-def _layer_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int) -> tuple[int, int]:
-    """(fixed, per layer) activation bytes of one sequence of ``seq_len`` tokens: a 1- and a
-    2-layer copy on the meta device, attention counted as a fused kernel keeps it."""
-    sizes = []
+def _layer_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int,
+                 autocast: Optional[torch.dtype] = None) -> tuple[int, int, int]:
+    """(fixed, per layer) activation bytes of one sequence of ``seq_len`` tokens, and the bytes
+    per element of the hidden states between layers: a 1- and a 2-layer copy with weights in
+    ``dtype`` on the meta device, under an emulated ``autocast`` where given (a float32 model's
+    residual stream stays float32 there), attention counted as a fused kernel keeps it."""
+    sizes, outputs = [], []
     for layers in (1, 2):
         model = meta_model(config, layers, dtype, lora)
         try:
             model.config._attn_implementation = _register_probe()
         except Exception:  # noqa: BLE001 - architectures without the attention interface keep their own
             pass
-        sizes.append(saved_tensor_bytes(model, torch.zeros((1, seq_len), dtype=torch.long, device="meta")))
+        ids = torch.zeros((1, seq_len), dtype=torch.long, device="meta")
+        sizes.append(saved_tensor_bytes(model, ids, autocast=autocast, outputs=outputs))
     one, two = sizes
-    return 2 * one - two, two - one
+    hidden = getattr(outputs[-1], "last_hidden_state", None)
+    stream = hidden.element_size() if isinstance(hidden, torch.Tensor) else torch.tensor([], dtype=dtype).element_size()
+    return 2 * one - two, two - one, stream
 
 
-def _sequence_bytes(config: Any, dtype: torch.dtype, probe: tuple[int, int], seq_len: int, checkpointing: bool) -> int:
+def _sequence_bytes(config: Any, probe: tuple[int, int, int], seq_len: int, checkpointing: bool) -> int:
     """Activations one sequence keeps through the whole model. With gradient checkpointing each
-    layer keeps only its input (the layer being recomputed is added by the caller)."""
-    fixed, per_layer = probe
+    layer keeps only its input, the hidden states between layers (the layer being recomputed is
+    added by the caller)."""
+    fixed, per_layer, stream = probe
     layers = getattr(config, _layers_key(config))
     if not checkpointing:
         return fixed + layers * per_layer
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
-    return fixed + layers * seq_len * hidden * torch.tensor([], dtype=dtype).element_size()
+    return fixed + layers * seq_len * hidden * stream
 
 
 def _padded(n: int, multiple: int = 8) -> int:
@@ -329,13 +403,15 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         n_q, n_d = n_q * per_q, n_d * per_d
         q_len, d_len = min(q_len, _padded(m.segments.length)), min(d_len, _padded(m.segments.length))
     chunk = None if t.grad_cache_chunk == "auto" else t.grad_cache_chunk
-    probes = {n: _layer_bytes(config, act_dtype, m.lora, n) for n in {q_len, d_len}}
+    # under autocast (bf16 / fp16 on a GPU) the probe runs as autocast would have it
+    autocast = act_dtype if precision in ("bf16", "fp16") else None
+    probes = {n: _layer_bytes(config, w_dtype, m.lora, n, autocast=autocast) for n in {q_len, d_len}}
     unpadded = real_tokens is not None and m.segments is None
     mode = one_forward_mode(t.one_forward, device.type, shards > 1)
 
     def activations(ckpt: bool, chunk_size: Optional[int]) -> tuple[int, int]:
-        per_q = _sequence_bytes(config, act_dtype, probes[q_len], q_len, ckpt)
-        per_d = _sequence_bytes(config, act_dtype, probes[d_len], d_len, ckpt)
+        per_q = _sequence_bytes(config, probes[q_len], q_len, ckpt)
+        per_d = _sequence_bytes(config, probes[d_len], d_len, ckpt)
         # recomputation rebuilds one layer of one forward call (one side, or one chunk) at a time
         redo_q, redo_d = (probes[q_len][1], probes[d_len][1]) if ckpt else (0, 0)
         if chunk_size:  # GradCache: one chunk of one side at a time
@@ -352,7 +428,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         # train.one_forward: both sides in one call at the wider length (auto joins only where
         # that adds at most ONE_FORWARD_PADDING of padded tokens, so at most that much more)
         width = max(q_len, d_len)
-        per_w = _sequence_bytes(config, act_dtype, probes[width], width, ckpt)
+        per_w = _sequence_bytes(config, probes[width], width, ckpt)
         one_call = (n_q + n_d) * (per_w + (probes[width][1] if ckpt else 0))
         if mode == "padding":
             one_call = min(one_call, int(two_calls * (1 + ONE_FORWARD_PADDING)))
