@@ -126,7 +126,9 @@ def test_a_model_whose_packed_states_differ_stays_padded(tiny_bert, monkeypatch)
     the model stays padded (its attention back to sdpa), and says why."""
     monkeypatch.setattr(unpad, "position_offset", lambda config: 3)
     model = EmbeddingModel.load(str(tiny_bert))
-    assert "differ" in model.unpad_refusal()
+    reason = model.unpad_refusal()
+    assert "differ (by " in reason and "% of the largest state; 0.01% allowed in float32)" in reason
+    assert float(reason.split("(by ")[1].split("%")[0]) > 0.01  # the size measured, over the line
     assert model.backbone.config._attn_implementation == "sdpa"
     seen = _calls(monkeypatch)
     model.encode(TEXTS)

@@ -116,14 +116,26 @@ def prepared_mask_refusal(model: Any) -> str:
     return reason
 
 
-def same_states(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, half_tolerance: float) -> bool:
-    """Whether two runs' token states ``[B, T, D]`` agree at every real token (``mask``), to 1e-4
-    (float32) or ``half_tolerance`` (bf16/fp16) of the largest state, all finite. Used by probes."""
+def state_difference(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
+    """The largest difference of two runs' token states ``[B, T, D]`` at a real token (``mask``),
+    as a share of the largest reference state; infinite where the shapes differ or ``other`` is
+    not finite."""
     real = mask.bool()
     a, b = reference[real].float(), other[real].float()
-    scale = float(a.abs().max()) or 1.0
-    tolerance = 1e-4 if reference.dtype == torch.float32 else half_tolerance
-    return a.shape == b.shape and bool(torch.isfinite(b).all()) and float((a - b).abs().max()) <= tolerance * scale
+    if a.shape != b.shape or not bool(torch.isfinite(b).all()):
+        return float("inf")
+    return float((a - b).abs().max()) / (float(a.abs().max()) or 1.0)
+
+
+def state_tolerance(reference: torch.Tensor, half_tolerance: float) -> float:
+    """1e-4 for float32 states, ``half_tolerance`` for bf16/fp16 ones (a kernel's rounding)."""
+    return 1e-4 if reference.dtype == torch.float32 else half_tolerance
+
+
+def same_states(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, half_tolerance: float) -> bool:
+    """Whether two runs' token states agree at every real token to :func:`state_tolerance` of
+    the largest state, all finite. Used by probes."""
+    return state_difference(reference, other, mask) <= state_tolerance(reference, half_tolerance)
 
 
 def _reshard(backbone: Any) -> None:
