@@ -331,7 +331,32 @@ def unpad_refusal(model: Any) -> str:
     if diff <= allowed:
         return ""
     set_attention(backbone, "sdpa")
-    # the size, for a user (and a GPU benchmark) to tell rounding just over the line from a wrong pattern
+    # the sizes, for a user (and a GPU benchmark) to tell rounding just over the line from a wrong
+    # pattern: how far the padded batch itself is from each text run alone (no padding at all)
     by = "not finite or of another shape" if diff == float("inf") else f"by {diff:.2%} of the largest state"
-    return (f"packed and padded token states of {type(backbone).__name__} differ ({by}; "
+    noise = _padded_vs_alone(backbone, ids, mask, dev)
+    alone = f"; the padded batch is {noise:.2%} from each text run alone" if noise is not None else ""
+    return (f"packed and padded token states of {type(backbone).__name__} differ ({by}{alone}; "
             f"{allowed:.2%} allowed in {str(padded.dtype).replace('torch.', '')})")
+
+
+def _padded_vs_alone(backbone: Any, ids: torch.Tensor, mask: torch.Tensor, dev: torch.device) -> Optional[float]:
+    """How far a padded batch's token states are from each text's run alone, in one-row calls
+    without padding (the rounding a padded batch already carries); None where that cannot run."""
+    from hmcl_cli.modeling.encoder import autocast_for
+
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.inference_mode(), autocast_for(dev):
+            padded = last_hidden(backbone(input_ids=ids, attention_mask=mask))
+            alone = torch.zeros_like(padded)
+            for i in range(ids.size(0)):
+                real = mask[i].bool()
+                alone[i, real] = last_hidden(backbone(input_ids=ids[i, real][None]))[0]
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return None
+    finally:
+        backbone.train(was_training)
+        _reshard(backbone)
+    return state_difference(alone, padded, mask)
