@@ -334,26 +334,27 @@ def unpad_refusal(model: Any) -> str:
     # the sizes, for a user (and a GPU benchmark) to tell rounding just over the line from a wrong
     # pattern: how far the padded batch itself is from each text run alone (no padding at all)
     by = "not finite or of another shape" if diff == float("inf") else f"by {diff:.2%} of the largest state"
-    noise = _padded_vs_alone(backbone, ids, mask, dev)
+    noise = _padded_vs_alone(model, padded, ids, mask)
     alone = f"; the padded batch is {noise:.2%} from each text run alone" if noise is not None else ""
     return (f"packed and padded token states of {type(backbone).__name__} differ ({by}{alone}; "
             f"{allowed:.2%} allowed in {str(padded.dtype).replace('torch.', '')})")
 
 
-def _padded_vs_alone(backbone: Any, ids: torch.Tensor, mask: torch.Tensor, dev: torch.device) -> Optional[float]:
-    """How far a padded batch's token states are from each text's run alone, in one-row calls
-    without padding (the rounding a padded batch already carries); None where that cannot run."""
+def _padded_vs_alone(model: Any, padded: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Optional[float]:
+    """How far the probe's padded token states are from each text's run alone, in one-row calls
+    without padding, as the probe ran (the rounding a padded batch already carries); None where
+    that cannot run."""
     from hmcl_cli.modeling.encoder import autocast_for
 
+    backbone = model.backbone
     was_training = backbone.training
     backbone.eval()
     try:
-        with torch.inference_mode(), autocast_for(dev):
-            padded = last_hidden(backbone(input_ids=ids, attention_mask=mask))
+        with torch.inference_mode(), autocast_for(model.device), model.attention_backends():
             alone = torch.zeros_like(padded)
             for i in range(ids.size(0)):
                 real = mask[i].bool()
-                alone[i, real] = last_hidden(backbone(input_ids=ids[i, real][None]))[0]
+                alone[i, real] = last_hidden(backbone(input_ids=ids[i, real][None]))[0].to(alone.dtype)
     except Exception:  # noqa: BLE001 - a diagnostic only
         return None
     finally:
