@@ -3,7 +3,9 @@
 A *cross-encoder* (a sequence-classification model with one relevance logit, or two classes
 where class 1 is "relevant") reads query and text together and is the usual choice: its score
 is a sigmoid (or softmax) probability. An *embedder* teacher is a stronger embedding model:
-its score is the cosine of the two embeddings, with its own prompts.
+its score is the product of the two embeddings as the model makes them, with its own prompts:
+the cosine for a model that normalizes its embeddings (most do), the dot product for one that
+does not (a dot-product model, scored as it was trained to score).
 
 Python use::
 
@@ -91,7 +93,8 @@ class CrossEncoderTeacher:
 
 
 class EmbedderTeacher:
-    """Scores pairs by the cosine of a (stronger) embedding model's embeddings."""
+    """Scores pairs by a (stronger) embedding model's similarity: the product of its embeddings
+    (the cosine where it normalizes them, see the module doc)."""
 
     def __init__(self, folder: Path, cfg: Any):
         self.model = EmbeddingModel.load(str(folder), max_length=cfg.max_length, check_lengths=False,
