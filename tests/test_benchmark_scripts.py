@@ -54,6 +54,13 @@ def test_training_throughput_compiled_of_the_compile_part():
     assert '"compile": true' in out
 
 
+def test_unpad_probe_of_the_probe_part():
+    out = _run("unpad_probe.py", "--shapes", "minilm,micro,micro-qwen3", "--lora")
+    lines = [line for line in out.splitlines() if " on cpu: " in line]
+    assert [line.split()[0] for line in lines] == ["minilm", "micro", "micro-qwen3"]
+    assert all(line.endswith(": unpadded") for line in lines)  # float32 on a CPU: the probe passes
+
+
 def test_encoding_throughput_with_the_flags_of_the_encode_part():
     out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--batch-size", "64",
                "--padded", "--two-d-mask", "--cudnn-attention", "--pageable", "--sync-audit")
