@@ -458,3 +458,20 @@ def test_attention_the_kernel_declines_is_said_once(tiny_bert, monkeypatch, caps
     monkeypatch.setattr(torch.distributed, "get_rank", lambda *a: 1)
     model.encode(TEXTS, batch_size=3)
     assert "ran padded" not in capsys.readouterr().err
+
+
+def test_probe_under_autocast_allows_its_rounding_though_the_states_come_out_float32(tiny_qwen, tiny_bert, monkeypatch):
+    """Under bf16 autocast a float32 model computes its matmuls in bf16, yet its token states come
+    out float32 (LayerNorm runs in float32): the probe allowed them float32's 1e-4 and refused
+    unpadding for every float32-weight model on the H200 (BERT-base, MiniLM, Qwen3-0.6B shapes).
+    Simulated here with the CPU's bf16 autocast (0.28% apart, the padded batch as far from each
+    text run alone); a wrong pattern is still refused."""
+    from hmcl_cli.modeling import encoder
+
+    monkeypatch.setattr(encoder, "autocast_for", lambda device, precision="auto": torch.autocast("cpu", dtype=torch.bfloat16))
+    model = EmbeddingModel.load(str(tiny_qwen))  # (the CPU's kernels round Qwen3's packed call otherwise)
+    assert model.unpad_refusal() == ""
+    # positions numbered wrong: rotary attention does not see a shift, absolute position tables do
+    monkeypatch.setattr(unpad, "position_offset", lambda config: 3)
+    wrong = EmbeddingModel.load(str(tiny_bert))
+    assert "differ" in wrong.unpad_refusal()

@@ -98,6 +98,7 @@ def prepared_mask_refusal(model: Any) -> str:
     backbone.eval()
     try:
         with autocast_for(dev), model.attention_backends():
+            lowered = torch.is_autocast_enabled(dev.type)  # bf16/fp16 matmuls, float32 states or not
             plain = last_hidden(backbone(input_ids=ids, attention_mask=mask))
             prepared = last_hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
     except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one
@@ -109,7 +110,7 @@ def prepared_mask_refusal(model: Any) -> str:
         _reshard(backbone)
     # the same mask takes the same kernels, so equal bitwise in practice; the tolerance only
     # allows a kernel's rounding (bf16 under autocast), far below what a wrong mask changes
-    if same_states(plain, prepared, mask, half_tolerance=2e-2):
+    if same_states(plain, prepared, mask, half_tolerance=2e-2, lowered=lowered):
         return ""
     reason = f"a prepared 4D mask changes {type(backbone).__name__}'s output"
     log(f"attention mask: {reason}; the model checks its 2D mask each forward call")
@@ -127,15 +128,18 @@ def state_difference(reference: torch.Tensor, other: torch.Tensor, mask: torch.T
     return float((a - b).abs().max()) / (float(a.abs().max()) or 1.0)
 
 
-def state_tolerance(reference: torch.Tensor, half_tolerance: float) -> float:
-    """1e-4 for float32 states, ``half_tolerance`` for bf16/fp16 ones (a kernel's rounding)."""
-    return 1e-4 if reference.dtype == torch.float32 else half_tolerance
+def state_tolerance(reference: torch.Tensor, half_tolerance: float, lowered: bool = False) -> float:
+    """``half_tolerance`` (a kernel's rounding) for bf16/fp16 states, or for any computed under a
+    bf16/fp16 autocast (``lowered``: its matmuls round so, though a float32 model's states come
+    out float32); else 1e-4."""
+    return half_tolerance if lowered or reference.dtype != torch.float32 else 1e-4
 
 
-def same_states(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, half_tolerance: float) -> bool:
+def same_states(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor, half_tolerance: float,
+                lowered: bool = False) -> bool:
     """Whether two runs' token states agree at every real token to :func:`state_tolerance` of
     the largest state, all finite. Used by probes."""
-    return state_difference(reference, other, mask) <= state_tolerance(reference, half_tolerance)
+    return state_difference(reference, other, mask) <= state_tolerance(reference, half_tolerance, lowered)
 
 
 def _reshard(backbone: Any) -> None:
