@@ -182,7 +182,7 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
     gen = st_batches(rows, group, args.batch_size, 0)
     batches = [next(gen) for _ in range(args.warmup + args.steps)]
     timed = batches[args.warmup:]
-    if getattr(args, "warm_shapes", True):  # the timed batches once untimed first: see --no-warm-shapes
+    if args.warm_shapes:  # the timed batches once untimed first: see --no-warm-shapes
         batches = batches + timed
     tokens = samples = 0
     counting = contextlib.ExitStack()

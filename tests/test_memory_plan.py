@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from hmcl_cli.recipe import load_recipe
-from hmcl_cli.training.memory import FILL, _register_probe, plan_memory, saved_bytes, saved_tensor_bytes
+from hmcl_cli.training.memory import (FILL, _register_probe, plan_memory, real_autocast_saved_bytes, saved_bytes,
+                                      saved_tensor_bytes)
 from conftest import write_recipe
 
 
@@ -41,24 +42,7 @@ def test_plan_matches_real_parameters_and_activations(tmp_path, fixture, lora, r
 def _real_autocast_saved_bytes(backbone, n_seq, seq_len):
     """What autograd keeps for backward under a real bf16 autocast (on the CPU), the bf16 copies
     of the weights left out (the plan counts them apart, as autocast copies)."""
-    backbone.train()
-    shapes = {tuple(p.shape) for p in backbone.parameters() if p.ndim == 2}
-    seen = {t.untyped_storage()._cdata for t in [*backbone.parameters(), *backbone.buffers()]}
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        key = t.untyped_storage()._cdata
-        if key not in seen:
-            seen.add(key)
-            if not (t.dtype == torch.bfloat16 and tuple(t.shape) in shapes):
-                total += t.untyped_storage().nbytes()
-        return t
-
-    ids = torch.randint(5, 90, (n_seq, seq_len))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
-        backbone(input_ids=ids)
-    return total
+    return real_autocast_saved_bytes(backbone, torch.randint(5, 90, (n_seq, seq_len)))
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen", "tiny_llama"])

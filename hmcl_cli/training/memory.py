@@ -249,6 +249,30 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor,
     return saved_bytes(model, run, skip=mode.weight_copies if mode is not None else None)
 
 
+def real_autocast_saved_bytes(model: torch.nn.Module, input_ids: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes autograd keeps for backward in one forward of ``model`` (real tensors) under a real
+    autocast to ``dtype`` on the tensors' device, its copies of 2-D weights left out: the
+    reference :class:`AutocastOnMeta` is checked against (tests, benchmarks/memory_plan_recompute.py).
+    A CPU's autocast keeps LayerNorm in ``dtype`` where CUDA's runs it in float32."""
+    model.train()
+    shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
+    seen = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        key = t.untyped_storage()._cdata
+        if key not in seen:
+            seen.add(key)
+            if not (t.dtype == dtype and tuple(t.shape) in shapes):  # a weight's autocast copy
+                total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(input_ids.device.type, dtype=dtype):
+        model(input_ids=input_ids)
+    return total
+
+
 def _layer_bytes(config: Any, dtype: torch.dtype, lora: Any, seq_len: int,
                  autocast: Optional[torch.dtype] = None) -> tuple[int, int, int]:
     """(fixed, per layer) activation bytes of one sequence of ``seq_len`` tokens, and the bytes
