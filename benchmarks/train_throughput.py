@@ -53,6 +53,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -82,9 +83,10 @@ SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
 H100_BF16_FLOPS = 989e12
 
 
-def build_model(shape: str, folder: Path, positions: int = 512) -> Path:
+def build_model(shape: str, folder: Path, positions: int = 512, dtype: Optional[torch.dtype] = None) -> Path:
     """all-MiniLM-L6-v2 itself, or a random model of ``shape`` with a real tokenizer (BERT shapes
-    with ``positions`` position embeddings)."""
+    with ``positions`` position embeddings), stored in ``dtype`` (default: as the real
+    checkpoints on a GPU, float32 on a CPU)."""
     from hmcl_cli.modeling.resolve import resolve_model
 
     minilm = resolve_model("sentence-transformers/all-MiniLM-L6-v2")
@@ -101,7 +103,8 @@ def build_model(shape: str, folder: Path, positions: int = 512) -> Path:
         tok = _byte_level_tokenizer()
         cfg = Qwen3Config(**kw, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     # stored like the real checkpoints: BERT-class float32, Qwen bf16 (float32 on a CPU, where bf16 is ~100x slower)
-    dtype = torch.bfloat16 if kind == "qwen3" and torch.cuda.is_available() else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if kind == "qwen3" and torch.cuda.is_available() else torch.float32
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModel.from_config(cfg, dtype=dtype)
     model.save_pretrained(folder)

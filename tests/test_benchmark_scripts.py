@@ -57,8 +57,13 @@ def test_training_throughput_compiled_of_the_compile_part():
 def test_unpad_probe_of_the_probe_part():
     out = _run("unpad_probe.py", "--shapes", "minilm,micro,micro-qwen3", "--lora")
     lines = [line for line in out.splitlines() if " on cpu: " in line]
-    assert [line.split()[0] for line in lines] == ["minilm", "micro", "micro-qwen3"]
-    assert all(line.endswith(": unpadded") for line in lines)  # float32 on a CPU: the probe passes
+    assert [line.split()[:2] for line in lines] == [["minilm", "float32"], ["micro", "float32"],
+                                                     ["micro-qwen3", "float32"], ["micro-qwen3", "bfloat16"]]
+    assert all(line.endswith(": unpadded") for line in lines)  # on a CPU each of these passes the probe
+    # the sizes behind each decision; a wrong pattern (the padding attended) moves the decoder far more
+    sizes = [[float(x.split("%")[0]) for x in line.split(" vs padded ")[1].split(", padded vs alone ")] +
+             [float(line.split("padding attended ")[1].split("%")[0])] for line in lines]
+    assert sizes[2][:2] == [0.0, 0.0] and sizes[2][2] > 10 and sizes[3][2] > 10 * max(sizes[3][0], 0.1)
 
 
 def test_encoding_throughput_with_the_flags_of_the_encode_part():

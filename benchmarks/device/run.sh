@@ -10,7 +10,7 @@
 # 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s on a warm
 # one. Suggested: call 1 as above (#9's three training ratios, its encoding ratio, #11's
 # throughput rows; parts 480 s); then at once, while the machine is warm (30 s),
-# `probe=40 compile=140 mfu=110` (why unpadding was refused, #9's compiled rows and MFU row;
+# `probe=60 compile=130 mfu=100` (why unpadding was refused, #9's compiled rows and MFU row;
 # timeout_s 310), and give the machine back. `longq=200` (#11's GPU quality rows) next. #8's rows are in (2026-12-04): `scale=210`
 # only to measure them again. `fp16=60` (the loss-scale path, untested on a GPU) and
 # `quality=300` (#12 is resolved on the CPU: its bf16 run) need a later session's time.
@@ -29,8 +29,10 @@
 #            where `model.unpad: auto` keeps BERT-class training padded (attention dropout), padded
 #            where auto unpads Qwen3) and
 #            without cuDNN attention for both; a host-sync audit of hmcl.
-#   probe    why `model.unpad` kept every H200 training row but one padded: the probe's sizes for
-#            the real all-MiniLM-L6-v2 and random MiniLM, BERT-base and Qwen3-0.6B shapes.
+#   probe    why `model.unpad` kept every H200 training row but one padded: the probe's sizes
+#            (packed vs padded, padded vs each text alone) and decision for the real
+#            all-MiniLM-L6-v2, random MiniLM, BERT-base and Qwen3-0.6B shapes (float32; Qwen also
+#            bf16), and the Qwen3-4B shape in bf16 (refused at 4.96% / 4.50% on the CPU).
 #   compile  #9: BERT-base and MiniLM shapes, the loop vs hmcl with train.compile (never measured
 #            on a GPU yet; the steps are launch-bound there, what compiling is for).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
@@ -139,7 +141,8 @@ for spec in "$@"; do
       part quick $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 \
         --warmup 2 --tools st,hmcl ;;
     probe)
-      part probe "$secs" python3 benchmarks/unpad_probe.py --lora ;;
+      part probe $((secs * 55 / 100)) python3 benchmarks/unpad_probe.py --lora
+      part probe $((secs - (SECONDS - t0))) python3 benchmarks/unpad_probe.py --shapes qwen3-4b --qwen-dtypes bfloat16 ;;
     compile)
       # #9: hmcl with train.compile (each layer compiled, dynamic shapes; the compile falls in the
       # untimed warm-up and warm passes) beside the uncompiled loop

@@ -36,8 +36,15 @@ from typing import Any, Optional
 
 import torch
 
+from hmcl_cli.console import log
 from hmcl_cli.modeling import masks
 from hmcl_cli.modeling.masks import ATTENTION, _reshard, last_hidden, prepared_mask, state_difference, state_tolerance
+
+# the probe's allowance beyond its fixed one: packed states may differ from padded ones by this
+# multiple of how far the padded batch is from each text run alone (the model's own rounding),
+# never by more than the cap
+ROUNDING_FACTOR = 2.0
+ROUNDING_CAP = 0.25
 
 # models that number positions after the padding index (RoBERTa's create_position_ids_from_input_ids)
 PADDING_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod"}
@@ -299,7 +306,10 @@ def unpad_refusal(model: Any) -> str:
 
     Static checks, then a probe: three texts of different lengths through the backbone padded
     and packed, in eval mode on the model's device under the autocast encoding uses (so a GPU
-    probes the flash variable-length kernel), must give the same token states."""
+    probes the flash variable-length kernel), must give the same token states: to 1e-4 of the
+    largest state in float32, 3% in bf16/fp16 or under autocast, or, for a model whose padded
+    batch is itself that far from each text run alone (deep models in bf16), to twice that
+    distance, up to 25%."""
     from hmcl_cli.modeling.encoder import autocast_for
 
     backbone = model.backbone
@@ -333,15 +343,24 @@ def unpad_refusal(model: Any) -> str:
     diff, allowed = state_difference(padded, packed, mask), state_tolerance(padded, 3e-2, lowered)
     if diff <= allowed:
         return ""
+    # a deep model in bf16 rounds more than the fixed allowance even padded: the padded batch is
+    # then as far from each text run alone (random Qwen3-4B shape, CPU bf16: packed 4.96% from
+    # padded, padded 4.50% from alone; a wrong pattern 130-165%). Packed is held to twice that
+    # rounding, up to ROUNDING_CAP, past which the model's own rounding could hide a wrong pattern
+    noise = _padded_vs_alone(model, padded, ids, mask)
+    if noise is not None and diff <= min(ROUNDING_FACTOR * noise, ROUNDING_CAP):
+        log(f"unpadded calls: packed token states of {type(backbone).__name__} are {diff:.2%} from padded ones, "
+            f"as the padded batch is {noise:.2%} from each text run alone (the model's own rounding)")
+        return ""
     set_attention(backbone, "sdpa")
     # the sizes, for a user (and a GPU benchmark) to tell rounding just over the line from a wrong
     # pattern: how far the padded batch itself is from each text run alone (no padding at all)
     by = "not finite or of another shape" if diff == float("inf") else f"by {diff:.2%} of the largest state"
-    noise = _padded_vs_alone(model, padded, ids, mask)
     alone = f"; the padded batch is {noise:.2%} from each text run alone" if noise is not None else ""
     computed = "under autocast" if lowered else f"in {str(padded.dtype).replace('torch.', '')}"
     return (f"packed and padded token states of {type(backbone).__name__} differ ({by}{alone}; "
-            f"{allowed:.2%} allowed {computed})")
+            f"{allowed:.2%} allowed {computed}, or {ROUNDING_FACTOR:g}x the padded batch's own difference "
+            f"up to {ROUNDING_CAP:.0%})")
 
 
 def _padded_vs_alone(model: Any, padded: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Optional[float]:
