@@ -64,6 +64,9 @@ def main() -> None:
                     "20k in the next process: the cause was not isolated)")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rows, print torch.profiler tables of one hmcl encode of the texts, "
+                         "then of one sentence-transformers encode")
     ap.add_argument("--sync-audit", action="store_true",
                     help="then encode once more (hmcl, untimed) printing what made the host wait for the device")
     ap.add_argument("--two-d-mask", action="store_true",
@@ -133,6 +136,17 @@ def main() -> None:
             hm.cudnn_attention = False
         prepared = hm.check_masks()
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
+        if args.profile:  # where each tool's time goes (after the timed rows: the profiler slows them)
+            from train_throughput import profiled
+
+            print("\nprofile: hmcl encode", flush=True)
+            profiled(lambda: hm.encode(texts, batch_size=args.batch_size), torch.device(device))
+            hm.to("cpu")
+            st.to(device, torch.float32)  # the row hmcl is compared with (fp32 weights)
+            print("\nprofile: sentence-transformers encode", flush=True)
+            profiled(st_encode, torch.device(device))
+            st.to("cpu")
+            hm.to(device)
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch
             batches = -(-len(set(texts)) // args.batch_size)
             with _sync_audit(torch.device(device), batches, "batch"):

@@ -83,6 +83,29 @@ SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
 H100_BF16_FLOPS = 989e12
 
 
+def profiled(fn, device: torch.device, rows: int = 25):
+    """``fn()`` under torch.profiler (CUDA activity too on a GPU); prints its operations by
+    device time (CPU time without a GPU) and by host time, each with its calls. Returns fn's
+    output."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        out = fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=rows))
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    print(f"hmcl's ranges (host time in each, whole; {total / 1e3:.1f} ms of host time profiled):")
+    for e in sorted(prof.key_averages(), key=lambda e: -e.cpu_time_total):
+        if e.key.startswith("hmcl."):
+            print(f"  {e.key:<22} {e.count:>6} calls {e.cpu_time_total / 1e3:>10.2f} ms "
+                  f"({e.cpu_time_total / max(total, 1e-9):.0%})")
+    sys.stdout.flush()
+    return out
+
+
 def build_model(shape: str, folder: Path, positions: int = 512, dtype: Optional[torch.dtype] = None) -> Path:
     """all-MiniLM-L6-v2 itself, or a random model of ``shape`` with a real tokenizer (BERT shapes
     with ``positions`` position embeddings), stored in ``dtype`` (default: as the real
@@ -286,15 +309,7 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
     trainer._forward_backward = counting
     t0 = time.perf_counter()
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            trainer.train()
-        _sync(device)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=25))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+        profiled(trainer.train, device)
     elif args.sync_audit:
         with _sync_audit(device, args.steps):
             trainer.train()

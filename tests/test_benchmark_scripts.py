@@ -126,3 +126,16 @@ def test_timed_steps_run_warm_batches_and_write_no_checkpoint(tmp_path, monkeypa
     seen.clear()
     tt.run_hmcl(path, rows[:64], group, q_len, d_len, args, device, tmp_path / "hmcl-cold")
     assert len(seen) == 3
+
+
+def test_profile_part_tables_carry_hmcls_ranges():
+    """The profile part's tables name hmcl's own ranges (the parts of a step, of an encode)."""
+    out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "2", "--warmup", "1",
+               "--batch-size", "4", "--tools", "hmcl", "--profile")
+    ranges = out.split("hmcl's ranges")[1]
+    for name in ("hmcl.collate", "hmcl.to_device", "hmcl.forward", "hmcl.loss", "hmcl.backward", "hmcl.optimizer_step"):
+        assert f"  {name} " in ranges, name
+    out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--profile")
+    hmcl_part, st_part = out.split("profile: hmcl encode")[1].split("profile: sentence-transformers encode")
+    for name in ("hmcl.tokenize", "hmcl.pad", "hmcl.encode_batch"):
+        assert f"  {name} " in hmcl_part.split("hmcl's ranges")[1] and name not in st_part, name

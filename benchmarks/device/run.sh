@@ -37,6 +37,9 @@
 #            on a GPU yet; the steps are launch-bound there, what compiling is for).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
+#   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
+#            an encode of 20,000 texts (beside sentence-transformers'): torch.profiler tables with
+#            hmcl's own ranges (hmcl.collate, hmcl.forward, ...; hmcl.tokenize, hmcl.pad, ...).
 #   mfu      #9's MFU target (>= 35% for the Qwen3-0.6B shape at its best batch size): hmcl only,
 #            full fine-tuning, batch 256 / 128 anchors, the largest first (512 ran out of memory on
 #            the H200, as the memory plan had warned: 164 GiB planned; a part that fails still lets
@@ -149,6 +152,13 @@ for spec in "$@"; do
       part compile $((secs / 2)) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 --tools st,hmcl --compile
       part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 \
         --tools st,hmcl --compile ;;
+    profile)
+      # where a short-text step and an encode spend their time: torch.profiler tables by GPU time
+      # and by host time, with hmcl's ranges (hmcl.collate / forward / loss / backward /
+      # optimizer_step; hmcl.tokenize / pad / encode_batch)
+      part profile $((secs / 2)) python3 $tt --data stsb --shape minilm-shape --steps 10 --warmup 3 --tools hmcl --profile
+      part profile $((secs - (SECONDS - t0))) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 \
+        --warmup 2000 --profile ;;
     mfu)
       left=2
       for b in 256 128; do  # (512 does not fit without checkpointing: out of memory at step 3 on the H200)  # each gets an equal share of the time still left
@@ -172,7 +182,7 @@ for spec in "$@"; do
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, quick, probe, compile, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, quick, probe, compile, profile, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done

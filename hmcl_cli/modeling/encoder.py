@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError, RecipeError
@@ -558,7 +559,8 @@ class EmbeddingModel(nn.Module):
 
     def _encode_plain(self, unique: list[str], side: str, batch_size: int, progress: bool, description: str) -> torch.Tensor:
         """Embeddings [len(unique), D] (float32, on the host), computed longest texts first."""
-        ids = self.tokenize(unique, side)
+        with record_function("hmcl.tokenize"):
+            ids = self.tokenize(unique, side)
         order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
         dev = self.device
         out = HostRows(len(unique), self.dim)
@@ -568,9 +570,10 @@ class EmbeddingModel(nn.Module):
                 idx = order[start:start + batch_size]
                 # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for the
                 # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
-                host = self.pad([ids[i] for i in idx], pool_skip=skip)
-                batch = to_device(host, dev)
-                with autocast_for(dev):
+                with record_function("hmcl.pad"):
+                    host = self.pad([ids[i] for i in idx], pool_skip=skip)
+                    batch = to_device(host, dev)
+                with record_function("hmcl.encode_batch"), autocast_for(dev):
                     out.add(idx, self(**batch, n_real=int(host["attention_mask"].numpy().sum())))
                 bar.update(len(idx))
         return out.collect()

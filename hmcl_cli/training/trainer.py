@@ -50,6 +50,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch.nn.functional import normalize
+from torch.profiler import record_function
 
 from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
@@ -383,7 +384,8 @@ class HMCLTrainer:
         # real tokens per row of each side, by its mask's key, counted on the host that built the
         # batch (unpadded forward calls), in numpy: no tensor op, which on a device batch would wait
         lengths = {key: batch[key].numpy().sum(1) for key in ("q_attention_mask", "c_attention_mask")}
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        with record_function("hmcl.to_device"):
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         chunk = self.chunk
         sizes = self._step_sizes(batch, chunk)
         try:
@@ -399,7 +401,7 @@ class HMCLTrainer:
         if chunk:
             return self._grad_cache_step(batch, chunk, scale, sizes, lengths)
         n_q, n_c = (int(lengths[key].sum()) for key in ("q_attention_mask", "c_attention_mask"))
-        with autocast_for(self.device, self.precision):
+        with record_function("hmcl.forward"), autocast_for(self.device, self.precision):
             if self._one_forward(batch):
                 rows = batch["q_input_ids"].size(0)
                 ids, mask, skip = self._joined(batch)
@@ -409,13 +411,15 @@ class HMCLTrainer:
                 q = self._units(batch["q_input_ids"], batch["q_attention_mask"], n_q, batch.get("q_pool_skip"))
                 c = (self._units(batch["c_input_ids"], batch["c_attention_mask"], n_c, batch.get("c_pool_skip"))
                      if batch["c_input_ids"].size(0) else q.new_zeros((0, q.size(1))))
-        loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
+        with record_function("hmcl.loss"):
+            loss, parts = self.loss_fn(self._pair_batch(q, c, batch, sizes))
         self._backward(loss * scale)
         return loss, parts
 
     def _backward(self, loss: torch.Tensor) -> None:
         """Backward from the loss, scaled by fp16's loss scale (its gradients would underflow)."""
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        with record_function("hmcl.backward"):
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def _loss_scaler(self) -> Optional[Any]:
         """fp16 autocast trains with a dynamic loss scale: the loss is multiplied before the
@@ -565,19 +569,20 @@ class HMCLTrainer:
         return loss, parts
 
     def _optimizer_step(self) -> None:
-        if self.world > 1:
-            average_gradients(self.replicated)
-        if self.scaler:  # the same gradients on every process, so every process skips alike
-            self.scaler.unscale_(self.optimizer)
-        if self.cfg.max_grad_norm:
-            clip_grad_norm(self.trainable, self.cfg.max_grad_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skipped where a gradient overflowed (no host sync when fused)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with record_function("hmcl.optimizer_step"):  # the step's parts as ranges in torch.profiler's tables
+            if self.world > 1:
+                average_gradients(self.replicated)
+            if self.scaler:  # the same gradients on every process, so every process skips alike
+                self.scaler.unscale_(self.optimizer)
+            if self.cfg.max_grad_norm:
+                clip_grad_norm(self.trainable, self.cfg.max_grad_norm)
+            if self.scaler:
+                self.scaler.step(self.optimizer)  # skipped where a gradient overflowed (no host sync when fused)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _check_finite(self, nonfinite_step: torch.Tensor) -> None:
         bad = int(nonfinite_step.item())
