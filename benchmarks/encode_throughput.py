@@ -5,6 +5,7 @@
     python benchmarks/encode_throughput.py --two-d-mask   # also hmcl with the model's own 2D mask check
     python benchmarks/encode_throughput.py --cudnn-attention   # also hmcl with SDPA's cuDNN kernels allowed
     python benchmarks/encode_throughput.py --pageable          # also hmcl copying unpinned batches to the GPU
+    python benchmarks/encode_throughput.py --cuda-graphs       # also hmcl replaying a CUDA graph per padded width
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -46,6 +48,66 @@ def _timed(fn, device, label: str = "", n: int = 0) -> tuple[float, object]:
     if label:
         print(f"result {label}: {n / secs:.0f} sentences/s", flush=True)
     return secs, out
+
+
+def graphed_encode(hm, texts, batch_size: int, bucket: int = 16, capture: bool = True,
+                   graphs: Optional[dict] = None) -> torch.Tensor:
+    """hmcl's encode (padded forward calls) with each batch's kernels replayed from a CUDA graph:
+    rows padded to ``batch_size`` with one-token texts and widths to a multiple of ``bucket``, so
+    one graph per width (a benchmark row, not an hmcl feature: what CUDA graphs are worth where
+    launches bound the step). ``graphs``: the captured graphs by width, kept across calls (a warm
+    pass captures them). ``capture=False`` runs the same static buffers eagerly (a CPU checks the
+    padding and the order with it). Embeddings [len(texts), D] on the host, in order."""
+    import contextlib
+
+    unique = list(dict.fromkeys(texts))
+    ids = hm.tokenize(unique, "doc")
+    order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+    dev = hm.device
+    hm.eval()
+    hm.check_masks()  # its probe reads back: before any capture
+    # autocast's weight-copy cache would keep tensors made while capturing: off
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if dev.type == "cuda" \
+        else contextlib.nullcontext
+    graphs = {} if graphs is None else graphs
+    parts, index = [], []
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            rows = [ids[i] for i in idx]
+            filler = [rows[-1][:1]] * (batch_size - len(rows))  # one-token rows: the width stays the batch's
+            host = hm.pad(rows + filler, multiple_of=bucket)
+            width = host["input_ids"].size(1)
+            if width not in graphs:
+                static = {k: v.to(dev) for k, v in host.items()}
+
+                def run(static=static):
+                    with amp():
+                        return hm(**static)
+                if capture:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        for _ in range(3):  # warm-up off the capture (cuBLAS workspaces, kernel choice)
+                            run()
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = run()
+                    graphs[width] = (static, graph.replay, out, graph)
+                else:
+                    graphs[width] = (static, run, None, None)
+            static, replay, out, _ = graphs[width]
+            for k, v in host.items():
+                static[k].copy_(v.pin_memory() if dev.type == "cuda" else v, non_blocking=True)
+            result = replay()
+            parts.append((out if capture else result)[:len(idx)].clone())
+            index.extend(idx)
+    emb = torch.cat(parts).float().cpu()
+    ordered = torch.empty_like(emb)
+    ordered[torch.tensor(index)] = emb
+    position = {t: i for i, t in enumerate(unique)}
+    return ordered[torch.tensor([position[t] for t in texts])]
 
 
 def main() -> None:
@@ -74,6 +136,9 @@ def main() -> None:
     ap.add_argument("--padded", action="store_true",
                     help="also time hmcl with padded forward calls (model.unpad false), and unpadded ones "
                     "where `auto` keeps them padded (model.unpad true)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time hmcl's padded encode replaying one CUDA graph per padded width (a GPU only; "
+                         "a benchmark row: what removing the launches is worth)")
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="also time hmcl with SDPA's cuDNN attention allowed (model.cudnn_attention)")
     ap.add_argument("--pageable", action="store_true",
@@ -110,6 +175,13 @@ def main() -> None:
         hm = EmbeddingModel.load(str(path), max_length=args.max_length).to(device)
         hm.encode(texts[: args.warmup], batch_size=args.batch_size)
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode", len(texts))
+        if args.cuda_graphs and device == "cuda":
+            captured: dict = {}  # one graph per padded width, captured in the warm pass
+            graphed_encode(hm, texts[: args.warmup], args.batch_size, graphs=captured)
+            results["hmcl encode, CUDA graphs"], graphed = _timed(lambda: graphed_encode(hm, texts, args.batch_size, graphs=captured),
+                                                                 device, "hmcl encode, CUDA graphs", len(texts))
+            same = torch.nn.functional.cosine_similarity(graphed, ours.float().cpu(), dim=-1).mean().item()
+            print(f"hmcl encode, CUDA graphs vs hmcl encode: mean cosine {same:.5f}", flush=True)
         if args.pageable:  # batches copied from pageable memory (encoder.PIN_HOST_BATCHES off)
             from hmcl_cli.modeling import encoder
 

@@ -8,6 +8,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --sdpa no-cudnn    # SDPA backends
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl --sync-audit   # host waits
     python benchmarks/train_throughput.py --data stsb --shape bert-base --compile        # train.compile
+    python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-graphs  # CUDA graphs
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
@@ -411,9 +412,38 @@ def _sync_audit(device, steps: int, unit: str = "step"):
 TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards",
               "hmcl-cudnn": "hmcl train, cuDNN attention", "hmcl-per-tensor-adamw": "hmcl train, per-tensor AdamW",
-              "hmcl-padded": "hmcl train, padded", "hmcl-unpad": "hmcl train, unpadded"}
-TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}}
-TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True}}
+              "hmcl-padded": "hmcl train, padded", "hmcl-unpad": "hmcl train, unpadded",
+              "hmcl-compiled": "hmcl train, compiled", "hmcl-graphs": "hmcl train, CUDA graphs"}
+TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
+              "hmcl-graphs": {"compile": True}}
+TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True},
+              "hmcl-graphs": {"unpad": False}}
+
+
+@contextlib.contextmanager
+def cuda_graph_layers(active: bool):
+    """hmcl with its layers compiled in torch.compile's ``reduce-overhead`` mode (each layer's
+    kernels replayed from a CUDA graph, one per padded width: padded forward calls, since unpadded
+    ones change shape every step), a new graph generation marked at every step. A benchmark row:
+    what removing the launches is worth; on a CPU it compiles without graphs."""
+    from hmcl_cli.modeling.layers import compile_layers
+    from hmcl_cli.training import trainer
+
+    if not active:
+        yield
+        return
+    real_compile, real_step = trainer.compile_layers, trainer.HMCLTrainer._forward_backward
+
+    def step(self, batch, scale):
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
+        return real_step(self, batch, scale)
+
+    trainer.compile_layers = lambda backbone: compile_layers(backbone, mode="reduce-overhead")
+    trainer.HMCLTrainer._forward_backward = step
+    try:
+        yield
+    finally:
+        trainer.compile_layers, trainer.HMCLTrainer._forward_backward = real_compile, real_step
 
 
 @contextlib.contextmanager
@@ -490,7 +520,7 @@ def main() -> None:
                     help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
                     "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention), "
                     "hmcl-per-tensor-adamw (hmcl without its fused AdamW), hmcl-padded / hmcl-unpad (model.unpad "
-                    "false / true)")
+                    "false / true), hmcl-compiled (train.compile), hmcl-graphs (layers compiled with CUDA graphs, padded)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
@@ -528,7 +558,8 @@ def main() -> None:
                 if tool == "st":
                     results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
                 elif tool in TOOL_NAMES:
-                    with two_d_masks(tool == "hmcl-2d-mask"), per_tensor_adamw(tool == "hmcl-per-tensor-adamw"):
+                    with two_d_masks(tool == "hmcl-2d-mask"), per_tensor_adamw(tool == "hmcl-per-tensor-adamw"), \
+                            cuda_graph_layers(tool == "hmcl-graphs"):
                         results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device, tmp / tool,
                                                              model_extra=TOOL_MODEL.get(tool),
                                                              train_extra=TOOL_TRAIN.get(tool))

@@ -33,8 +33,10 @@
 #            (packed vs padded, padded vs each text alone) and decision for the real
 #            all-MiniLM-L6-v2, random MiniLM, BERT-base and Qwen3-0.6B shapes (float32; Qwen also
 #            bf16), and the Qwen3-4B shape in bf16 (refused at 4.96% / 4.50% on the CPU).
-#   compile  #9: BERT-base and MiniLM shapes, the loop vs hmcl with train.compile (never measured
-#            on a GPU yet; the steps are launch-bound there, what compiling is for).
+#   compile  #9: MiniLM then BERT-base shapes, the loop vs hmcl, hmcl with its layers compiled
+#            with CUDA graphs (hmcl-graphs: torch.compile reduce-overhead, padded calls; a benchmark
+#            row) and with train.compile (never measured on a GPU yet; the steps are launch-bound
+#            there, what compiling and CUDA graphs are for).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
@@ -49,7 +51,8 @@
 #            (benchmarks/long_text_quality.py).
 #   fp16     train.precision fp16 (dynamic loss scale) runs on the GPU: BERT-base shape, hmcl and
 #            the loop, both fp16 with a loss scale (a few steps; a check, not a speed row).
-#   encode   #9: hmcl's encoder vs model.encode (then hmcl with unpinned batches, with the 2D mask
+#   encode   #9: hmcl's encoder vs model.encode (then hmcl replaying a CUDA graph per padded width
+#            (a benchmark row: what removing the launches is worth), with unpinned batches, the 2D mask
 #            check, padded, unpad true, with cuDNN attention, in that order, so that a part cut off
 #            by its limit loses the least telling rows), 50k texts (100k in the H100 row of 2026-11-23: ratios compare, not rates), MiniLM
 #            shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
@@ -148,10 +151,11 @@ for spec in "$@"; do
       part probe $((secs - (SECONDS - t0))) python3 benchmarks/unpad_probe.py --shapes qwen3-4b --qwen-dtypes bfloat16 ;;
     compile)
       # #9: hmcl with train.compile (each layer compiled, dynamic shapes; the compile falls in the
-      # untimed warm-up and warm passes) beside the uncompiled loop
-      part compile $((secs / 2)) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 --tools st,hmcl --compile
-      part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 \
-        --tools st,hmcl --compile ;;
+      # untimed warm-up and warm passes) and with CUDA graphs (hmcl-graphs: reduce-overhead, padded)
+      part compile $((secs * 55 / 100)) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 \
+        --tools st,hmcl,hmcl-graphs,hmcl-compiled
+      part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 \
+        --tools st,hmcl-graphs,hmcl-compiled ;;
     profile)
       # where a short-text step and an encode spend their time: torch.profiler tables by GPU time
       # and by host time, with hmcl's ranges (hmcl.collate / forward / loss / backward /
@@ -176,7 +180,7 @@ for spec in "$@"; do
       part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
       part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 50000 \
-        --padded --two-d-mask --cudnn-attention --pageable
+        --cuda-graphs --padded --two-d-mask --cudnn-attention --pageable
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \

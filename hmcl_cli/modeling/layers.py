@@ -3,6 +3,8 @@ checkpointing their activations (``model.gradient_checkpointing``)."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import nn
 
 
@@ -12,15 +14,16 @@ def layer_classes(backbone: nn.Module) -> set[str]:
     return {name for m in backbone.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
 
 
-def compile_layers(backbone: nn.Module) -> int:
+def compile_layers(backbone: nn.Module, mode: Optional[str] = None) -> int:
     """``torch.compile`` every repeated block in place (parameter names and saving unchanged;
     identical blocks share the compiled code); returns how many. Per layer rather than the whole
-    model: shorter compiles, and it composes with FSDP2's per-layer units and checkpointing."""
+    model: shorter compiles, and it composes with FSDP2's per-layer units and checkpointing.
+    ``mode``: torch.compile's (the benchmarks try ``reduce-overhead``, CUDA graphs)."""
     names = layer_classes(backbone)
     # by any class in the MRO: FSDP2 turns a sharded BertLayer into a subclass named FSDPBertLayer
     layers = [m for m in backbone.modules() if any(c.__name__ in names for c in type(m).__mro__)] or [backbone]
     for m in layers:
-        m.compile(dynamic=True)
+        m.compile(dynamic=True, mode=mode)
     return len(layers)
 
 
