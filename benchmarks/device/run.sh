@@ -10,8 +10,9 @@
 # 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s on a warm
 # one. Suggested: call 1 as above (#9's three training ratios, its encoding ratio, #11's
 # throughput rows; parts 480 s); then at once, while the machine is warm (30 s),
-# `probe=60 compile=130 mfu=100` (why unpadding was refused, #9's compiled rows and MFU row;
-# timeout_s 310), and give the machine back. `longq=200` (#11's GPU quality rows) next. #8's rows are in (2026-12-04): `scale=210`
+# `probe=60 compile=140 profile=70` (the unpadding probe's sizes, #9's compiled and CUDA-graph
+# rows, where a step's and an encode's time goes; timeout_s 310), and give the machine back.
+# `mfu=110` (#9's MFU row) and `longq=200` (#11's GPU quality rows) next. #8's rows are in (2026-12-04): `scale=210`
 # only to measure them again. `fp16=60` (the loss-scale path, untested on a GPU) and
 # `quality=300` (#12 is resolved on the CPU: its bf16 run) need a later session's time.
 #
