@@ -25,6 +25,7 @@ import argparse
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -177,11 +178,18 @@ def main() -> None:
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode", len(texts))
         if args.cuda_graphs and device == "cuda":
             captured: dict = {}  # one graph per padded width, captured in the warm pass
-            graphed_encode(hm, texts[: args.warmup], args.batch_size, graphs=captured)
-            results["hmcl encode, CUDA graphs"], graphed = _timed(lambda: graphed_encode(hm, texts, args.batch_size, graphs=captured),
-                                                                 device, "hmcl encode, CUDA graphs", len(texts))
-            same = torch.nn.functional.cosine_similarity(graphed, ours.float().cpu(), dim=-1).mean().item()
-            print(f"hmcl encode, CUDA graphs vs hmcl encode: mean cosine {same:.5f}", flush=True)
+            try:  # never measured yet: a failure is reported and the rows after it still run
+                graphed_encode(hm, texts[: args.warmup], args.batch_size, graphs=captured)
+                results["hmcl encode, CUDA graphs"], graphed = _timed(
+                    lambda: graphed_encode(hm, texts, args.batch_size, graphs=captured), device,
+                    "hmcl encode, CUDA graphs", len(texts))
+                same = torch.nn.functional.cosine_similarity(graphed, ours.float().cpu(), dim=-1).mean().item()
+                print(f"hmcl encode, CUDA graphs vs hmcl encode: mean cosine {same:.5f}", flush=True)
+            except Exception:  # noqa: BLE001 - a benchmark row's failure, printed whole
+                traceback.print_exc()
+                print("result hmcl encode, CUDA graphs: failed (traceback above)", flush=True)
+            captured.clear()
+            torch.cuda.empty_cache()
         if args.pageable:  # batches copied from pageable memory (encoder.PIN_HOST_BATCHES off)
             from hmcl_cli.modeling import encoder
 

@@ -166,3 +166,29 @@ def test_cuda_graph_encode_row_pads_and_orders_as_hmcl_encodes(tiny_bert):
     lengths = sorted((len(x) for x in model.tokenize(list(dict.fromkeys(texts)))), reverse=True)
     widths = {-(-lengths[i] // 16) * 16 for i in range(0, len(lengths), 3)}
     assert sorted(graphs) == sorted(widths) and len(widths) > 1
+
+
+def test_an_experimental_row_that_fails_leaves_the_rows_after_it(monkeypatch, capsys):
+    """A device call must not lose its other rows to a row never run on a GPU (CUDA graphs): the
+    failure is printed and the next tool still runs; a failure of an established row still stops."""
+    import contextlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_throughput
+
+    @contextlib.contextmanager
+    def broken(active):
+        if active:
+            raise RuntimeError("capture failed")
+        yield
+
+    monkeypatch.setattr(train_throughput, "cuda_graph_layers", broken)
+    argv = ["train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
+            "--batch-size", "4", "--tools", "hmcl-graphs,hmcl"]
+    monkeypatch.setattr(sys, "argv", argv)
+    train_throughput.main()
+    out = capsys.readouterr().out
+    assert "result hmcl train, CUDA graphs: failed" in out and "result hmcl train: {" in out
+    monkeypatch.setattr(train_throughput, "EXPERIMENTAL_TOOLS", set())
+    with pytest.raises(RuntimeError, match="capture failed"):
+        train_throughput.main()
