@@ -6,6 +6,7 @@
     python benchmarks/encode_throughput.py --cudnn-attention   # also hmcl with SDPA's cuDNN kernels allowed
     python benchmarks/encode_throughput.py --pageable          # also hmcl copying unpinned batches to the GPU
     python benchmarks/encode_throughput.py --cuda-graphs       # also hmcl replaying a CUDA graph per padded width
+    python benchmarks/encode_throughput.py --big-batch 2048    # also hmcl with 2048 texts per batch
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
 SICK and TrecQA in ../shared/data, padded with numbered variants to ``--texts``), all-MiniLM-L6-v2
@@ -137,6 +138,9 @@ def main() -> None:
     ap.add_argument("--padded", action="store_true",
                     help="also time hmcl with padded forward calls (model.unpad false), and unpadded ones "
                     "where `auto` keeps them padded (model.unpad true)")
+    ap.add_argument("--big-batch", type=int, default=None,
+                    help="also time hmcl encoding this many texts per batch (short texts: fewer launches per text; "
+                         "what a token budget per batch would give)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also time hmcl's padded encode replaying one CUDA graph per padded width (a GPU only; "
                          "a benchmark row: what removing the launches is worth)")
@@ -176,6 +180,10 @@ def main() -> None:
         hm = EmbeddingModel.load(str(path), max_length=args.max_length).to(device)
         hm.encode(texts[: args.warmup], batch_size=args.batch_size)
         results["hmcl encode"], ours = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device, "hmcl encode", len(texts))
+        if args.big_batch:
+            label = f"hmcl encode, batch {args.big_batch}"
+            hm.encode(texts[: args.warmup], batch_size=args.big_batch)
+            results[label], _ = _timed(lambda: hm.encode(texts, batch_size=args.big_batch), device, label, len(texts))
         if args.cuda_graphs and device == "cuda":
             captured: dict = {}  # one graph per padded width, captured in the warm pass
             try:  # never measured yet: a failure is reported and the rows after it still run

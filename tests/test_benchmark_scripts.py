@@ -72,9 +72,10 @@ def test_unpad_probe_of_the_probe_part():
 
 def test_encoding_throughput_with_the_flags_of_the_encode_part():
     out = _run("encode_throughput.py", "--shape", "micro", "--texts", "300", "--warmup", "50", "--batch-size", "64",
-               "--cuda-graphs", "--padded", "--two-d-mask", "--cudnn-attention", "--pageable", "--sync-audit")
+               "--big-batch", "128", "--cuda-graphs", "--padded", "--two-d-mask", "--cudnn-attention", "--pageable",
+               "--sync-audit")
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
-    assert results == ["result sentence-transformers (fp32 weights)", "result hmcl encode",
+    assert results == ["result sentence-transformers (fp32 weights)", "result hmcl encode", "result hmcl encode, batch 128",
                        "result hmcl encode, pageable batches", "result hmcl encode, 2D mask",
                        "result hmcl encode, padded", "result hmcl encode, unpad true",
                        "result hmcl encode, cuDNN attention"]

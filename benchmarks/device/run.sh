@@ -52,8 +52,9 @@
 #            (benchmarks/long_text_quality.py).
 #   fp16     train.precision fp16 (dynamic loss scale) runs on the GPU: BERT-base shape, hmcl and
 #            the loop, both fp16 with a loss scale (a few steps; a check, not a speed row).
-#   encode   #9: hmcl's encoder vs model.encode (then hmcl replaying a CUDA graph per padded width
-#            (a benchmark row: what removing the launches is worth), with unpinned batches, the 2D mask
+#   encode   #9: hmcl's encoder vs model.encode (then hmcl with 2048 texts a batch, hmcl replaying a
+#            CUDA graph per padded width (benchmark rows: what fewer launches per text are worth),
+#            with unpinned batches, the 2D mask
 #            check, padded, unpad true, with cuDNN attention, in that order, so that a part cut off
 #            by its limit loses the least telling rows), 50k texts (100k in the H100 row of 2026-11-23: ratios compare, not rates), MiniLM
 #            shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
@@ -181,7 +182,7 @@ for spec in "$@"; do
       part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
       part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 50000 \
-        --cuda-graphs --padded --two-d-mask --cudnn-attention --pageable
+        --big-batch 2048 --cuda-graphs --padded --two-d-mask --cudnn-attention --pageable
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
