@@ -186,7 +186,7 @@ def test_examples_left_without_enough_candidates_are_counted_and_announced(tmp_p
     assert f"data source {empty} holds no rows" in err
 
 
-def test_leakage_is_reported(tmp_path):
+def test_leakage_is_reported(tmp_path, capsys):
     a = tmp_path / "train.jsonl"
     a.write_text(json.dumps({"query": "q1", "pos": ["shared answer"]}) + "\n", encoding="utf-8")
     b = tmp_path / "dev.jsonl"
@@ -196,6 +196,10 @@ def test_leakage_is_reported(tmp_path):
                     progress=False)
     assert stats["leakage"]["queries_in_several_splits"] == 1
     assert stats["leakage"]["dev_test_texts_also_in_train"] == 2  # "shared answer" and "q1"
+    from hmcl_cli.data.prepare import print_stats
+
+    print_stats(stats)  # what `hmcl prepare` shows: words, not the stats' dict
+    assert "leakage: queries in several splits 1, dev/test texts also in train 2" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------

@@ -271,5 +271,8 @@ def print_stats(stats: dict) -> None:
     console.print(src)
     for side, pct in stats.get("token_lengths", {}).items():
         console.print(f"{side} length in tokens: " + ", ".join(f"{k} {v}" for k, v in pct.items()))
+    leak = stats["leakage"]
     console.print(f"duplicates removed: {stats['duplicates_removed']}; level conflicts: "
-                  f"{stats['conflicts']['count']} (rule: {stats['conflicts']['rule']}); leakage: {stats['leakage']}")
+                  f"{stats['conflicts']['count']} (rule: {stats['conflicts']['rule']}); leakage: queries in "
+                  f"several splits {leak['queries_in_several_splits']}, dev/test texts also in train "
+                  f"{leak['dev_test_texts_also_in_train']}")
