@@ -32,7 +32,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
 
@@ -271,11 +270,10 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
                                 [t for p in cfg.corpus for t in read_corpus(recipe.resolve(p), cfg.encoding)]))
     if not corpus:
         raise DataError("mine: the corpus is empty")
-    # the weights themselves and every encoding setting: a model folder trained again, another
-    # revision or pooling never reuses embeddings of the one before
-    key = hashlib.sha256(json.dumps([model.weights_digest(), asdict(model.settings),
-                                     hashlib.sha256("\n".join(corpus).encode()).hexdigest()],
-                                    sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # the weights themselves, every encoding setting and the device type: a model folder trained
+    # again, another revision, pooling or device never reuses embeddings of the one before
+    key = hashlib.sha256(json.dumps([model.cache_identity(), hashlib.sha256("\n".join(corpus).encode()).hexdigest()])
+                         .encode()).hexdigest()[:16]
     cache = recipe.run_dir / "cache" / f"corpus-emb-{key}.npy"
     if cache.is_file():
         c = np.load(cache)

@@ -556,6 +556,12 @@ class EvalConfig(_Section):
     )
     include_base: bool = Field(True, description="Add the recipe's base model as `base`.")
     batch_size: int = Field(128, ge=1, description="Encoding batch size.")
+    cache_embeddings: bool = Field(
+        True, description="Keep each model's eval embeddings in <run>/cache between calls (a file per model, "
+        "named after its weights and encoding settings): a model evaluated again, such as the base in every "
+        "scheduled run, encodes only texts it has not seen. The files of the call's models and one more are kept; "
+        "a call without a recipe writes none."
+    )
     gate: list[str] = Field(
         default_factory=list,
         description="Quality gate, e.g. `sample:ndcg@10>=base+0.01` or `stsb:spearman>=0.8`; "

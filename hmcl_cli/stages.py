@@ -175,7 +175,8 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         return recipe.resolve(p)
 
     report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe),
-                      dims=_eval_dims(recipe, models))
+                      dims=_eval_dims(recipe, models),
+                      cache_dir=recipe.run_dir / "cache" if cfg.cache_embeddings and in_run_dir else None)
     print_table(report, title=f"evaluation ({recipe.name})")
     subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
     gate_rows = check_gates(report, gates if gates is not None else cfg.gate, subject) if (gates or cfg.gate) else []

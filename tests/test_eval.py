@@ -458,3 +458,50 @@ def test_pair_classification_with_unmapped_labels_says_how_to_map_them(tmp_path,
                     columns={"query": "sentence_A", "candidate": "sentence_B", "label": "entailment_judgment"})
     got = evaluate({"m": EmbeddingModel.load(str(tiny_bert))}, [task], resolve=Path)["results"]["pc"]["m"]
     assert "unknown label 'ENTAILMENT'" in got["error"] and "label_map" in got["error"]
+
+
+def _counting(model, monkeypatch, calls: list):
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda texts, **kw: calls.extend(texts) or encode(texts, **kw))
+    return model
+
+
+def test_a_model_evaluated_again_reuses_its_cached_embeddings(tmp_path, tiny_bert, tiny_qwen, monkeypatch):
+    """eval.cache_embeddings: a second call encodes only texts the model has not seen (none here)
+    and scores the same; another model, or the same weights with another encoding setting, encodes
+    everything; the cache keeps this call's models' files and one more."""
+    _beir(tmp_path / "beir")
+    task = EvalTask(name="fixture", type="retrieval", path=str(tmp_path / "beir"))
+    cache = tmp_path / "cache"
+
+    def run(models: dict) -> tuple[dict, list]:
+        calls: list = []
+        loaded = {k: _counting(EmbeddingModel.load(str(v), **kw), monkeypatch, calls) for k, (v, kw) in models.items()}
+        return evaluate(loaded, [task], resolve=Path, cache_dir=cache), calls
+
+    first, calls = run({"base": (tiny_bert, {})})
+    assert len(calls) == len(DOCS) + len(QUERIES) and len(list(cache.glob("evalemb-*.npz"))) == 1
+    again, calls = run({"base": (tiny_bert, {})})
+    assert calls == []  # every text from the cache file
+    assert again["results"] == first["results"]
+    _, calls = run({"base": (tiny_bert, {"query_prompt": "query: "})})  # another setting: queries differ
+    assert len(calls) == len(DOCS) + len(QUERIES)
+    _, calls = run({"other": (tiny_qwen, {})})
+    assert len(calls) == len(DOCS) + len(QUERIES)
+    assert len(list(cache.glob("evalemb-*.npz"))) == 2  # the most recent, and one more
+    assert not list(cache.glob("*.tmp"))
+
+
+def test_eval_cache_is_off_when_the_recipe_says_so_and_for_a_call_without_a_recipe(tmp_path, tiny_bert):
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_eval
+
+    _beir(tmp_path / "beir")
+    task = {"name": "fixture", "type": "retrieval", "path": str(tmp_path / "beir")}
+    for cached, in_run_dir in ((True, True), (False, True), (True, False)):
+        out = tmp_path / f"run-{cached}-{in_run_dir}"
+        recipe = load_recipe(data={"name": "r", "output_dir": str(out), "model": {"name_or_path": str(tiny_bert)},
+                                   "eval": {"tasks": [task], "cache_embeddings": cached}})
+        run_eval(recipe, json_out=tmp_path / "r.json", in_run_dir=in_run_dir)
+        files = list(out.rglob("evalemb-*.npz"))
+        assert len(files) == (1 if cached and in_run_dir else 0), (cached, in_run_dir)

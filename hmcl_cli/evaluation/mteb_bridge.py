@@ -2,8 +2,9 @@
 
 * :class:`MtebEncoder` wraps an :class:`~hmcl_cli.modeling.encoder.EmbeddingModel` as an mteb
   encoder: query/document sides follow mteb's ``prompt_type``, every distinct text is encoded
-  once per model per call (a cache shared by all tasks), and the model meta carries a name and a
-  revision derived from the weights, so two models are never confused in mteb's bookkeeping.
+  once per model per call (a cache shared by all tasks; with a cache file, once per model across
+  calls: :meth:`MtebEncoder.load` / :meth:`MtebEncoder.save`), and the model meta carries a name
+  and a revision derived from the weights, so two models are never confused in mteb's bookkeeping.
 * :func:`local_task` turns a local task (read with the same readers as ``prepare``) into an mteb
   task object: ``sts`` -> AbsTaskSTS, ``pair_classification`` -> AbsTaskPairClassification,
   ``retrieval`` -> AbsTaskRetrieval (BEIR folders keep their graded qrels; a graded JSONL is
@@ -17,7 +18,9 @@ names (``spearman``, ``ndcg@10``, ``map`` ...) together with every metric mteb r
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -144,13 +147,26 @@ def hub_task(name: str, split: Optional[str] = None) -> Any:
     return task
 
 
+def text_key(side: str, text: str) -> bytes:
+    """A text's key in an encoder's cache: 16 bytes of a hash of its side and itself."""
+    return hashlib.blake2b(f"{side}\0{text}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def cache_file(model: Any, folder: Path) -> Path:
+    """The file in ``folder`` that holds ``model``'s eval embeddings across calls, named after
+    what they depend on (:meth:`EmbeddingModel.cache_identity`)."""
+    return Path(folder) / f"evalemb-{hashlib.sha256(model.cache_identity().encode()).hexdigest()[:16]}.npz"
+
+
 class MtebEncoder:
-    """An hmcl EmbeddingModel seen by mteb (EncoderProtocol), with a per-call text cache."""
+    """An hmcl EmbeddingModel seen by mteb (EncoderProtocol), with a text cache: per call, and
+    across calls where it is loaded from and saved to a cache file."""
 
     def __init__(self, model: Any, label: str, batch_size: int = 128, progress: bool = False):
         self.model, self.label, self.batch_size, self.progress = model, label, batch_size, progress
-        self.cache: dict[tuple[str, str], np.ndarray] = {}
+        self.cache: dict[bytes, np.ndarray] = {}  # text_key -> embedding
         self.encoded = 0  # texts actually run through the model (the rest came from the cache)
+        self.loaded = 0  # embeddings read from a cache file
         self.dim: Optional[int] = None  # embeddings cut to their first `dim` dimensions (matryoshka)
         self._meta = None
 
@@ -182,20 +198,49 @@ class MtebEncoder:
         for batch in inputs:
             texts.extend(batch["text"])
         side = "query" if getattr(prompt_type, "value", prompt_type) == "query" else "doc"
-        missing = list(dict.fromkeys(t for t in texts if (side, t) not in self.cache))
+        keys = [text_key(side, t) for t in texts]
+        missing = list(dict.fromkeys((k, t) for k, t in zip(keys, texts) if k not in self.cache))
         if missing:
-            emb = self.model.encode(missing, side=side, batch_size=self.batch_size, progress=self.progress,
-                                    description=f"encode {self.label}").numpy()
+            emb = self.model.encode([t for _, t in missing], side=side, batch_size=self.batch_size,
+                                    progress=self.progress, description=f"encode {self.label}").numpy()
             self.encoded += len(missing)
-            for t, e in zip(missing, emb):
-                self.cache[(side, t)] = e
+            for (k, _), e in zip(missing, emb):
+                self.cache[k] = e
         if not texts:
             return np.zeros((0, self.dim or self.model.dim), dtype=np.float32)
-        out = np.stack([self.cache[(side, t)] for t in texts])
+        out = np.stack([self.cache[k] for k in keys])
         if self.dim is not None:
             out = out[:, :self.dim]
             out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
+
+    def load(self, path: Path) -> int:
+        """Add the embeddings of a cache file (:meth:`save`) to the text cache; how many (0 where
+        the file is missing, unreadable or of another size of embedding)."""
+        try:
+            with np.load(path) as z:
+                keys, emb = z["keys"], z["emb"]
+        except (OSError, ValueError, KeyError):  # none yet, or cut short: encoded again
+            return 0
+        if emb.ndim != 2 or emb.shape[1] != self.model.dim or keys.shape != (emb.shape[0], 16):
+            return 0
+        self.cache.update(zip((k.tobytes() for k in keys), emb))
+        self.loaded += len(emb)
+        return len(emb)
+
+    def save(self, path: Path) -> None:
+        """Write the text cache to ``path`` (a temporary file renamed: never half written), unless
+        nothing was encoded since it was loaded from there."""
+        if not self.cache or (self.encoded == 0 and Path(path).is_file()):
+            return
+        keys = np.frombuffer(b"".join(self.cache), dtype=np.uint8).reshape(-1, 16)
+        emb = np.stack(list(self.cache.values())).astype(np.float32, copy=False)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, keys=keys, emb=emb)
+        tmp.replace(path)
 
     @property
     def similarity_name(self) -> str:

@@ -98,15 +98,19 @@ def load_task(task: EvalTask, resolve) -> TaskData:
 
 
 def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size: int = 128,
-             loader=None, dims: Sequence[int] = ()) -> dict:
+             loader=None, dims: Sequence[int] = (), cache_dir: Optional[Path] = None) -> dict:
     """Evaluate every model on every task through mteb. ``models``: label -> EmbeddingModel or id/path.
     ``dims``: also evaluate each model with its embeddings cut to these sizes, as ``<label>@<dim>``.
+    ``cache_dir``: keep each model's embeddings there between calls (a file per model, named after
+    its weights, settings and device: :func:`~hmcl_cli.evaluation.mteb_bridge.cache_file`), so a
+    model evaluated again — the base, in every scheduled run — encodes only texts it has not seen.
 
     Returns ``{"tasks": {name: {"type", "main"}}, "models": [...], "results": {task: {model:
     metrics | {"error"}}}}``; each metrics dict has hmcl's short names (``spearman``, ``ndcg@10``,
     ``map``...), ``main_score`` and ``mteb`` (every score mteb reported).
     """
-    from hmcl_cli.evaluation.mteb_bridge import MtebEncoder, local_task, run_mteb
+    from hmcl_cli.evaluation.mteb_bridge import MtebEncoder, cache_file, local_task, run_mteb
+    from hmcl_cli.io_utils import use_cache_entry
 
     results: dict[str, dict[str, dict]] = {t.name: {} for t in tasks}
     labels: list[str] = []  # the models, each followed by its cut sizes
@@ -129,6 +133,9 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
                 labels.append(label)
                 continue
         encoder = MtebEncoder(model, label, batch_size)  # one text cache per model for all tasks
+        stored = cache_file(model, cache_dir) if cache_dir is not None else None
+        if stored is not None:
+            encoder.load(stored)
         views = [(label, encoder)]
         for d in dims:
             if d < model.dim:
@@ -151,7 +158,14 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
                     if from_system_error(e) is not None:
                         raise  # out of memory / disk full: reported as such, with the knobs
                     results[t.name][view_label] = {"error": f"{type(e).__name__}: {e}"}
-        log(f"eval {label}: {sum(v.encoded for _, v in views)} distinct texts encoded")
+        reused = f"; {encoder.loaded} embeddings from {stored.name}" if stored is not None and encoder.loaded else ""
+        log(f"eval {label}: {sum(v.encoded for _, v in views)} distinct texts encoded{reused}")
+        if stored is not None:
+            try:
+                encoder.save(stored)
+                use_cache_entry(stored, keep=len(models) + 1)  # this call's models, and one more
+            except OSError as e:  # a cache only: the results stand
+                warn(f"eval {label}: embeddings not cached ({e})")
         del model, encoder, views
     report = {"tasks": {t.name: {"type": t.type, "main": MAIN_METRIC.get(t.type, "main_score")} for t in tasks},
               "models": labels, "results": results, "dims": list(dims),

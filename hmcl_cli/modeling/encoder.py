@@ -514,6 +514,12 @@ class EmbeddingModel(nn.Module):
             h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def cache_identity(self) -> str:
+        """What a cache of this model's embeddings is keyed by (mining's corpus, eval's texts):
+        its weights (:meth:`weights_digest`), every encoding setting (prompts, lengths, pooling,
+        segments...) and the device type (a GPU encodes under bf16 autocast, a CPU in float32)."""
+        return json.dumps([self.weights_digest(), asdict(self.settings), self.device.type], sort_keys=True, default=str)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
