@@ -505,3 +505,18 @@ def test_eval_cache_is_off_when_the_recipe_says_so_and_for_a_call_without_a_reci
         run_eval(recipe, json_out=tmp_path / "r.json", in_run_dir=in_run_dir)
         files = list(out.rglob("evalemb-*.npz"))
         assert len(files) == (1 if cached and in_run_dir else 0), (cached, in_run_dir)
+
+
+def test_weights_digest_sees_a_change_its_sample_skips(tiny_bert):
+    """The caches' key: a change to one value the strided sample skips (a small training update
+    would touch every value; this is the hard case) still changes the digest; the same weights
+    give the same digest."""
+    import torch
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    before = model.weights_digest()
+    assert EmbeddingModel.load(str(tiny_bert)).weights_digest() == before
+    weight = next(p for p in model.backbone.parameters() if p.numel() >= 256)
+    with torch.no_grad():
+        weight.view(-1)[1] += 1e-3  # the sample takes every (numel // 64)-th value: index 1 is not one
+    assert model.weights_digest() != before

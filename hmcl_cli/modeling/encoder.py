@@ -504,14 +504,20 @@ class EmbeddingModel(nn.Module):
             steps.append("L2-normalised")
         return " -> ".join(steps) + (f" ({self.dim} dimensions)" if len(self.head) else "")
 
+    @torch.no_grad()
     def weights_digest(self) -> str:
-        """A short content hash of the weights (a strided sample of every tensor, the head's layers
-        included): mteb's revision of the model, and part of the mining cache's key."""
+        """A short content hash of the weights, the head's layers included: a strided sample of
+        every tensor, and each floating tensor's sum and norm over all its values, so that a change
+        the sample skips still changes it (unless below float32's rounding of the whole). mteb's
+        revision of the model, and part of the mining and eval caches' key."""
         h = hashlib.sha256()
         for name, p in self.state_dict().items():
             flat = p.detach().reshape(-1)
             h.update(name.encode())
             h.update(flat[:: max(1, flat.numel() // 64)].float().cpu().numpy().tobytes())
+            if flat.is_floating_point() and flat.numel():  # reductions on the device, no copy of the tensor
+                whole = torch.stack([flat.sum(dtype=torch.float32), torch.linalg.vector_norm(flat, dtype=torch.float32)])
+                h.update(whole.cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
     def cache_identity(self) -> str:
