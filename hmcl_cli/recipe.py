@@ -560,7 +560,8 @@ class EvalConfig(_Section):
         True, description="Keep each model's eval embeddings in <run>/cache between calls (a file per model, "
         "named after its weights and encoding settings): a model evaluated again, such as the base in every "
         "scheduled run, encodes only texts it has not seen. The files of the call's models and one more are kept; "
-        "a call without a recipe writes none."
+        "a model's embeddings over 4 GiB (a large hub retrieval corpus) are not cached; a call without a recipe "
+        "writes none."
     )
     gate: list[str] = Field(
         default_factory=list,

@@ -520,3 +520,16 @@ def test_weights_digest_sees_a_change_its_sample_skips(tiny_bert):
     with torch.no_grad():
         weight.view(-1)[1] += 1e-3  # the sample takes every (numel // 64)-th value: index 1 is not one
     assert model.weights_digest() != before
+
+
+def test_eval_embeddings_over_the_cap_are_not_cached(tmp_path, tiny_bert, monkeypatch, capsys):
+    """A large hub corpus must not fill the run directory: over the cap, no file, and the log says why."""
+    from hmcl_cli.evaluation import mteb_bridge
+
+    _beir(tmp_path / "beir")
+    task = EvalTask(name="fixture", type="retrieval", path=str(tmp_path / "beir"))
+    monkeypatch.setattr(mteb_bridge, "CACHE_MAX_BYTES", 100)
+    evaluate({"base": EmbeddingModel.load(str(tiny_bert))}, [task], resolve=Path, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
+    out = capsys.readouterr().out
+    assert "eval base: embeddings not cached (" in out and " GiB cap)" in out

@@ -147,6 +147,10 @@ def hub_task(name: str, split: Optional[str] = None) -> Any:
     return task
 
 
+# the largest eval embedding cache written to a run directory (texts x (16 + 4 x dimensions) bytes)
+CACHE_MAX_BYTES = 4 << 30
+
+
 def text_key(side: str, text: str) -> bytes:
     """A text's key in an encoder's cache: 16 bytes of a hash of its side and itself."""
     return hashlib.blake2b(f"{side}\0{text}".encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -228,19 +232,32 @@ class MtebEncoder:
         self.loaded += len(emb)
         return len(emb)
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> Optional[str]:
         """Write the text cache to ``path`` (a temporary file renamed: never half written), unless
-        nothing was encoded since it was loaded from there."""
-        if not self.cache or (self.encoded == 0 and Path(path).is_file()):
-            return
+        nothing was encoded since it was loaded from there, or it holds more than
+        :data:`CACHE_MAX_BYTES` (a hub retrieval task's corpus can be millions of texts: a run
+        directory must not fill a disk unasked). None where the file holds this cache now, else why
+        not ('' for an empty cache)."""
+        path = Path(path)
+        if not self.cache:
+            return ""
+        if self.encoded == 0 and path.is_file():
+            return None
+        size = len(self.cache) * (16 + 4 * self.model.dim)
+        if size > CACHE_MAX_BYTES:
+            return f"{size / 2 ** 30:.1f} GiB, over the {CACHE_MAX_BYTES / 2 ** 30:g} GiB cap"
         keys = np.frombuffer(b"".join(self.cache), dtype=np.uint8).reshape(-1, 16)
         emb = np.stack(list(self.cache.values())).astype(np.float32, copy=False)
-        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, keys=keys, emb=emb)
-        tmp.replace(path)
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, keys=keys, emb=emb)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return None
 
     @property
     def similarity_name(self) -> str:

@@ -162,8 +162,11 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
         log(f"eval {label}: {sum(v.encoded for _, v in views)} distinct texts encoded{reused}")
         if stored is not None:
             try:
-                encoder.save(stored)
-                use_cache_entry(stored, keep=len(models) + 1)  # this call's models, and one more
+                why_not = encoder.save(stored)
+                if why_not is None:
+                    use_cache_entry(stored, keep=len(models) + 1)  # this call's models, and one more
+                elif why_not:
+                    log(f"eval {label}: embeddings not cached ({why_not})")
             except OSError as e:  # a cache only: the results stand
                 warn(f"eval {label}: embeddings not cached ({e})")
         del model, encoder, views
