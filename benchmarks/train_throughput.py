@@ -7,8 +7,7 @@
     python benchmarks/train_throughput.py --data stsb --shape qwen3-4b --lora --checkpointing --tools hmcl
     python benchmarks/train_throughput.py --data stsb --shape bert-base --sdpa no-cudnn    # SDPA backends
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl --sync-audit   # host waits
-    python benchmarks/train_throughput.py --data stsb --shape bert-base --compile        # train.compile
-    python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-graphs  # CUDA graphs
+    python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-compiled,hmcl-graphs  # compiled
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
@@ -253,7 +252,7 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
 
 
 # what run_hmcl reads beyond batch_size, steps and warmup, for benchmarks whose options are fewer
-RUN_DEFAULTS = dict(lr=2e-5, attn=None, workers=0, compile=False, grad_cache_chunk=None, lora=False,
+RUN_DEFAULTS = dict(lr=2e-5, attn=None, workers=0, grad_cache_chunk=None, lora=False,
                     checkpointing=False, profile=False, sync_audit=False, op_count=False, precision="bf16",
                     warm_shapes=True)
 
@@ -276,7 +275,7 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
         "train": {"max_steps": args.warmup, "batch_size": args.batch_size, "group_size": group,
                   "learning_rate": args.lr, "warmup_ratio": 0.0, "log_steps": 10_000, "save_steps": 100_000,
                   "eval_steps": 100_000, "max_grad_norm": None, "batch_by_source": False,
-                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers, "compile": args.compile,
+                  "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers,
                   "precision": args.precision if device.type == "cuda" else "auto",
                   **(train_extra or {})},
         "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
@@ -527,7 +526,6 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
-    ap.add_argument("--compile", action="store_true", help="hmcl with train.compile (torch.compile per layer)")
     ap.add_argument("--op-count", action="store_true",
                     help="count the ATen operations (views left out) each tool dispatches per timed step")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",

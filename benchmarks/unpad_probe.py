@@ -36,11 +36,8 @@ def probe_sizes(model) -> dict:
     from hmcl_cli.modeling.encoder import autocast_for
     from hmcl_cli.modeling.masks import last_hidden, prepared_mask, state_difference
 
-    texts = ["hmcl checks unpadded attention with three texts of different lengths", "two", "a third text"]
-    batch = model.pad(model.tokenize(texts, "doc"))
     dev, bb, causal = model.device, model.backbone, model.settings.is_decoder
-    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    n_real = int(batch["attention_mask"].sum())
+    ids, mask, n_real = unpad.probe_batch(model)
     right = unpad.packing
 
     def padding_attended(attention_mask, n, c, with_mask=True):

@@ -533,3 +533,24 @@ def test_eval_embeddings_over_the_cap_are_not_cached(tmp_path, tiny_bert, monkey
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
     out = capsys.readouterr().out
     assert "eval base: embeddings not cached (" in out and " GiB cap)" in out
+
+
+def test_eval_cache_file_holds_the_texts_of_the_last_call_that_encoded(tmp_path, tiny_bert, monkeypatch):
+    """The file does not grow with every change of the tasks: a call that encodes new texts keeps
+    only its own texts' embeddings, so texts no task asks for any more drop out."""
+    _beir(tmp_path / "beir")
+    sts = tmp_path / "sts.csv"
+    sts.write_text("a cat sits,a kitten sits,4.5\nstocks fell,rain is expected,0.5\nthe dog runs,a dog running,4.8\n")
+    retrieval = EvalTask(name="fixture", type="retrieval", path=str(tmp_path / "beir"))
+    pairs = EvalTask(name="sts", type="sts", path=str(sts))
+
+    def encoded(task) -> int:
+        calls: list = []
+        model = _counting(EmbeddingModel.load(str(tiny_bert)), monkeypatch, calls)
+        evaluate({"base": model}, [task], resolve=Path, cache_dir=tmp_path / "cache")
+        return len(calls)
+
+    assert encoded(retrieval) == len(DOCS) + len(QUERIES)
+    assert encoded(pairs) == 6  # new texts: the file now holds these alone
+    assert encoded(pairs) == 0
+    assert encoded(retrieval) == len(DOCS) + len(QUERIES)  # dropped from the file

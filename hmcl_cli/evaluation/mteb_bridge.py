@@ -171,6 +171,7 @@ class MtebEncoder:
         self.cache: dict[bytes, np.ndarray] = {}  # text_key -> embedding
         self.encoded = 0  # texts actually run through the model (the rest came from the cache)
         self.loaded = 0  # embeddings read from a cache file
+        self.used: set[bytes] = set()  # the keys of this call's texts: what save() keeps
         self.dim: Optional[int] = None  # embeddings cut to their first `dim` dimensions (matryoshka)
         self._meta = None
 
@@ -178,7 +179,7 @@ class MtebEncoder:
         """The same model with its embeddings cut to the first ``dim`` dimensions and re-normalised;
         it shares this encoder's text cache, so no text is encoded twice."""
         view = MtebEncoder(self.model, label, self.batch_size, self.progress)
-        view.cache, view.dim = self.cache, dim
+        view.cache, view.used, view.dim = self.cache, self.used, dim
         return view
 
     @property
@@ -203,6 +204,7 @@ class MtebEncoder:
             texts.extend(batch["text"])
         side = "query" if getattr(prompt_type, "value", prompt_type) == "query" else "doc"
         keys = [text_key(side, t) for t in texts]
+        self.used.update(keys)
         missing = list(dict.fromkeys((k, t) for k, t in zip(keys, texts) if k not in self.cache))
         if missing:
             emb = self.model.encode([t for _, t in missing], side=side, batch_size=self.batch_size,
@@ -233,21 +235,24 @@ class MtebEncoder:
         return len(emb)
 
     def save(self, path: Path) -> Optional[str]:
-        """Write the text cache to ``path`` (a temporary file renamed: never half written), unless
-        nothing was encoded since it was loaded from there, or it holds more than
+        """Write the embeddings of this call's texts to ``path`` (a temporary file renamed: never
+        half written; texts of earlier calls that this one did not ask for are left out, so the
+        file does not grow with every change of the tasks), unless nothing was encoded since it
+        was loaded from there, or they take more than
         :data:`CACHE_MAX_BYTES` (a hub retrieval task's corpus can be millions of texts: a run
         directory must not fill a disk unasked). None where the file holds this cache now, else why
         not ('' for an empty cache)."""
         path = Path(path)
-        if not self.cache:
+        kept = [k for k in self.cache if k in self.used]
+        if not kept:
             return ""
         if self.encoded == 0 and path.is_file():
             return None
-        size = len(self.cache) * (16 + 4 * self.model.dim)
+        size = len(kept) * (16 + 4 * self.model.dim)
         if size > CACHE_MAX_BYTES:
             return f"{size / 2 ** 30:.1f} GiB, over the {CACHE_MAX_BYTES / 2 ** 30:g} GiB cap"
-        keys = np.frombuffer(b"".join(self.cache), dtype=np.uint8).reshape(-1, 16)
-        emb = np.stack(list(self.cache.values())).astype(np.float32, copy=False)
+        keys = np.frombuffer(b"".join(kept), dtype=np.uint8).reshape(-1, 16)
+        emb = np.stack([self.cache[k] for k in kept]).astype(np.float32, copy=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         try:

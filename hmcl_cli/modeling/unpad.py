@@ -299,6 +299,15 @@ def set_attention(backbone: Any, name: str) -> None:
     backbone.config._attn_implementation = name
 
 
+def probe_batch(model: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The probe's padded batch on the model's device, three texts of different lengths: token
+    ids, mask, and its real-token count (from the host)."""
+    texts = ["hmcl checks unpadded attention with three texts of different lengths", "two", "a third text"]
+    batch = model.pad(model.tokenize(texts, "doc"))
+    dev = model.device
+    return batch["input_ids"].to(dev), batch["attention_mask"].to(dev), int(batch["attention_mask"].sum())
+
+
 @torch.no_grad()
 def unpad_refusal(model: Any) -> str:
     """Why ``model`` (an EmbeddingModel) keeps padded forward passes; '' when it runs unpadded
@@ -316,11 +325,8 @@ def unpad_refusal(model: Any) -> str:
     reason = static_reason(backbone)
     if reason:
         return reason
-    texts = ["hmcl checks unpadded attention with three texts of different lengths", "two", "a third text"]
-    batch = model.pad(model.tokenize(texts, "doc"))
     dev = model.device
-    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    n_real = int(batch["attention_mask"].sum())  # host tensor
+    ids, mask, n_real = probe_batch(model)
     was_training = backbone.training
     backbone.eval()
     set_attention(backbone, register())
@@ -378,7 +384,7 @@ def _padded_vs_alone(model: Any, padded: torch.Tensor, ids: torch.Tensor, mask: 
             for i in range(ids.size(0)):
                 real = mask[i].bool()
                 alone[i, real] = last_hidden(backbone(input_ids=ids[i, real][None]))[0].to(alone.dtype)
-    except Exception:  # noqa: BLE001 - a diagnostic only
+    except Exception:  # noqa: BLE001 - no such size: the probe's fixed allowance alone decides
         return None
     finally:
         backbone.train(was_training)
