@@ -1,7 +1,7 @@
 """Long texts, quality: segments and the local term on and off, TrecQA dev MAP and STS-B dev.
 
     python benchmarks/long_text_quality.py --seeds 1 --jobs 1             # CPU: ~30 min a row
-    python benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 6         # GPU (benchmarks/device)
+    python benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 12        # GPU (benchmarks/device)
 
 Every row is ``recipes/trecqa.yaml`` without mining (93 TrecQA train questions, 8 epochs of
 batch 16 x group 8, the best checkpoint by dev MAP) with STS-B dev added as an eval task; the
@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,17 +77,41 @@ def main() -> None:
         row, seed = args.one
         run_one(row, int(seed), out / f"{row}.{seed}.json", args.set)
         return
-    jobs = [(row, seed) for row in args.rows.split(",") for seed in args.seeds.split(",")
+    # seed-major: a run cut off by a time limit still leaves every row compared on the first seeds
+    jobs = [(row, seed) for seed in args.seeds.split(",") for row in args.rows.split(",")
             if not (out / f"{row}.{seed}.json").is_file()]
-    running: list[subprocess.Popen] = []
-    for row, seed in jobs:
-        while len(running) >= args.jobs:
-            running.pop(0).wait()
-        sets = [a for s in args.set for a in ("--set", s)]
-        running.append(subprocess.Popen([sys.executable, __file__, "--out", str(out), *sets, "--one", row, seed],
-                                        stdout=subprocess.DEVNULL))
-    for p in running:
-        p.wait()
+    # each run's own output in <out>/<row>.<seed>.log; its torch CPU threads share the cores
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))}
+    running: list[tuple[str, float, subprocess.Popen]] = []
+    t0 = time.perf_counter()
+
+    def reap(name: str, started: float, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        print(f"{name}: {'done' if code == 0 else f'failed (exit {code}; see its log)'} in "
+              f"{time.perf_counter() - started:.0f} s ({time.perf_counter() - t0:.0f} s since the start)", flush=True)
+
+    try:
+        for row, seed in jobs:
+            while len(running) >= args.jobs:
+                reap(*running[0])
+                running.pop(0)
+            sets = [a for s in args.set for a in ("--set", s)]
+            with open(out / f"{row}.{seed}.log", "w") as log:  # a Ctrl-C stops us, we stop them:
+                proc = subprocess.Popen([sys.executable, __file__, "--out", str(out), *sets, "--one", row, seed],
+                                        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            running.append((f"{row}.{seed}", time.perf_counter(), proc))
+        while running:
+            reap(*running[0])
+            running.pop(0)
+    except KeyboardInterrupt:  # a time limit (run.sh sends SIGINT): the table of the runs that ended
+        stopped = [(name, proc) for name, _, proc in running if proc.poll() is None]
+        for name, proc in stopped:  # where each had got to, then stopped at once (its results are dropped)
+            lines = (out / f"{name}.log").read_text(errors="replace").replace("\r", "\n").splitlines()
+            last = [ln.strip() for ln in lines if ln.strip()][-2:]
+            proc.kill()
+            proc.wait()
+            print(f"{name}: stopped after {time.perf_counter() - t0:.0f} s; its log ended: " + " | ".join(last))
+        print(f"\ninterrupted: {len(stopped)} runs stopped; the table holds those that ended")
     print(f"\n{out}: " + ", ".join(f"{t} ({m})" for t, m in TASKS.items()) + ", x100, base -> trained")
     print("| row | " + " | ".join(TASKS) + " | seeds |")
     print("|" + " --- |" * (len(TASKS) + 2))

@@ -193,3 +193,27 @@ def test_an_experimental_row_that_fails_leaves_the_rows_after_it(monkeypatch, ca
     monkeypatch.setattr(train_throughput, "EXPERIMENTAL_TOOLS", set())
     with pytest.raises(RuntimeError, match="capture failed"):
         train_throughput.main()
+
+
+def test_long_text_quality_cut_off_by_its_limit_says_where_each_run_got_and_leaves_none_running(tmp_path):
+    """The longq part ran past its limit on the H200 and printed nothing of its 12 runs: each run's
+    output now goes to <out>/<row>.<seed>.log, and a SIGINT (run.sh's limit) prints where each run
+    had got to and stops it."""
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "long_text_quality.py"), "--rows", "whole,seg",
+                             "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)],
+                            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "whole.1.log"
+    deadline = time.time() + 300
+    while time.time() < deadline and "train:" not in (log.read_text() if log.is_file() else ""):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "whole.1: stopped after" in out and "its log ended: " in out and "train" in out.split("its log ended: ")[1]
+    assert "interrupted: 1 runs stopped" in out and "| row | trecqa-dev | stsb-dev | seeds |" in out
+    assert not (tmp_path / "seg.1.log").exists()  # one job at a time: the second never started
+    left = subprocess.run(["pgrep", "-f", f"--out {tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert left == [], "a run was left running"

