@@ -5,7 +5,7 @@
     python benchmarks/encode_throughput.py --two-d-mask   # also hmcl with the model's own 2D mask check
     python benchmarks/encode_throughput.py --cudnn-attention   # also hmcl with SDPA's cuDNN kernels allowed
     python benchmarks/encode_throughput.py --pageable          # also hmcl copying unpinned batches to the GPU
-    python benchmarks/encode_throughput.py --cuda-graphs       # also hmcl replaying a CUDA graph per padded width
+    python benchmarks/encode_throughput.py --graphs-off        # also hmcl without CUDA graphs (model.encode_graphs false)
     python benchmarks/encode_throughput.py --big-batch 2048    # also hmcl with 2048 texts per batch
 
 Same input for both in one run: the mining benchmark's corpus (distinct sentences from STS-B,
@@ -17,7 +17,9 @@ GPU, float32 on CPU), in the CLI's process state (``TOKENIZERS_PARALLELISM`` as 
 sentence-transformers in the caller's (unset: the tokenizers library tokenises on every core, as
 for its users). Reports sentences/s and the ratios; the outputs of both tools are compared
 (mean cosine) so a fast wrong answer cannot pass. Compare ratios across machines, not absolute
-numbers.
+numbers. hmcl's default row replays CUDA graphs on a GPU (``model.encode_graphs: auto``); the
+variant rows (pageable batches, 2D mask, padded, unpad true, cuDNN attention) change the eager
+loop and run without graphs: compare them with the ``--graphs-off`` row.
 """
 
 from __future__ import annotations
@@ -26,9 +28,7 @@ import argparse
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -50,66 +50,6 @@ def _timed(fn, device, label: str = "", n: int = 0) -> tuple[float, object]:
     if label:
         print(f"result {label}: {n / secs:.0f} sentences/s", flush=True)
     return secs, out
-
-
-def graphed_encode(hm, texts, batch_size: int, bucket: int = 16, capture: bool = True,
-                   graphs: Optional[dict] = None) -> torch.Tensor:
-    """hmcl's encode (padded forward calls) with each batch's kernels replayed from a CUDA graph:
-    rows padded to ``batch_size`` with one-token texts and widths to a multiple of ``bucket``, so
-    one graph per width (a benchmark row, not an hmcl feature: what CUDA graphs are worth where
-    launches bound the step). ``graphs``: the captured graphs by width, kept across calls (a warm
-    pass captures them). ``capture=False`` runs the same static buffers eagerly (a CPU checks the
-    padding and the order with it). Embeddings [len(texts), D] on the host, in order."""
-    import contextlib
-
-    unique = list(dict.fromkeys(texts))
-    ids = hm.tokenize(unique, "doc")
-    order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
-    dev = hm.device
-    hm.eval()
-    hm.check_masks()  # its probe reads back: before any capture
-    # autocast's weight-copy cache would keep tensors made while capturing: off
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if dev.type == "cuda" \
-        else contextlib.nullcontext
-    graphs = {} if graphs is None else graphs
-    parts, index = [], []
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            rows = [ids[i] for i in idx]
-            filler = [rows[-1][:1]] * (batch_size - len(rows))  # one-token rows: the width stays the batch's
-            host = hm.pad(rows + filler, multiple_of=bucket)
-            width = host["input_ids"].size(1)
-            if width not in graphs:
-                static = {k: v.to(dev) for k, v in host.items()}
-
-                def run(static=static):
-                    with amp():
-                        return hm(**static)
-                if capture:
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(3):  # warm-up off the capture (cuBLAS workspaces, kernel choice)
-                            run()
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        out = run()
-                    graphs[width] = (static, graph.replay, out, graph)
-                else:
-                    graphs[width] = (static, run, None, None)
-            static, replay, out, _ = graphs[width]
-            for k, v in host.items():
-                static[k].copy_(v.pin_memory() if dev.type == "cuda" else v, non_blocking=True)
-            result = replay()
-            parts.append((out if capture else result)[:len(idx)].clone())
-            index.extend(idx)
-    emb = torch.cat(parts).float().cpu()
-    ordered = torch.empty_like(emb)
-    ordered[torch.tensor(index)] = emb
-    position = {t: i for i, t in enumerate(unique)}
-    return ordered[torch.tensor([position[t] for t in texts])]
 
 
 def main() -> None:
@@ -141,9 +81,9 @@ def main() -> None:
     ap.add_argument("--big-batch", type=int, default=None,
                     help="also time hmcl encoding this many texts per batch (short texts: fewer launches per text; "
                          "what a token budget per batch would give)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="also time hmcl's padded encode replaying one CUDA graph per padded width (a GPU only; "
-                         "a benchmark row: what removing the launches is worth)")
+    ap.add_argument("--graphs-off", action="store_true",
+                    help="also time hmcl without CUDA graphs (model.encode_graphs false; the default row replays "
+                         "them on a GPU): what removing the launches is worth")
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="also time hmcl with SDPA's cuDNN attention allowed (model.cudnn_attention)")
     ap.add_argument("--pageable", action="store_true",
@@ -184,20 +124,17 @@ def main() -> None:
             label = f"hmcl encode, batch {args.big_batch}"
             hm.encode(texts[: args.warmup], batch_size=args.big_batch)
             results[label], _ = _timed(lambda: hm.encode(texts, batch_size=args.big_batch), device, label, len(texts))
-        if args.cuda_graphs and device == "cuda":
-            captured: dict = {}  # one graph per padded width, captured in the warm pass
-            try:  # never measured yet: a failure is reported and the rows after it still run
-                graphed_encode(hm, texts[: args.warmup], args.batch_size, graphs=captured)
-                results["hmcl encode, CUDA graphs"], graphed = _timed(
-                    lambda: graphed_encode(hm, texts, args.batch_size, graphs=captured), device,
-                    "hmcl encode, CUDA graphs", len(texts))
-                same = torch.nn.functional.cosine_similarity(graphed, ours.float().cpu(), dim=-1).mean().item()
-                print(f"hmcl encode, CUDA graphs vs hmcl encode: mean cosine {same:.5f}", flush=True)
-            except Exception:  # noqa: BLE001 - a benchmark row's failure, printed whole
-                traceback.print_exc()
-                print("result hmcl encode, CUDA graphs: failed (traceback above)", flush=True)
-            captured.clear()
-            torch.cuda.empty_cache()
+        if args.graphs_off:  # model.encode_graphs false: every batch queued kernel by kernel
+            hm.encode_graphs = False
+            hm.encode(texts[: args.warmup], batch_size=args.batch_size)
+            results["hmcl encode, no CUDA graphs"], eager = _timed(lambda: hm.encode(texts, batch_size=args.batch_size),
+                                                                   device, "hmcl encode, no CUDA graphs", len(texts))
+            same = torch.nn.functional.cosine_similarity(eager.float(), ours.float(), dim=-1).mean().item()
+            print(f"hmcl encode, no CUDA graphs vs hmcl encode: mean cosine {same:.5f}", flush=True)
+            hm.encode_graphs = "auto"
+        # the variant rows below change the eager loop: they run without CUDA graphs (compare them with
+        # the "no CUDA graphs" row)
+        hm.encode_graphs = False
         if args.pageable:  # batches copied from pageable memory (encoder.PIN_HOST_BATCHES off)
             from hmcl_cli.modeling import encoder
 
@@ -222,6 +159,7 @@ def main() -> None:
             results["hmcl encode, cuDNN attention"], _ = _timed(lambda: hm.encode(texts, batch_size=args.batch_size), device,
                                                                 "hmcl encode, cuDNN attention", len(texts))
             hm.cudnn_attention = False
+        hm.encode_graphs = "auto"
         prepared = hm.check_masks()
         agree = torch.nn.functional.cosine_similarity(ours.float(), ref.float().cpu(), dim=-1).mean().item()
         if args.profile:  # where each tool's time goes (after the timed rows: the profiler slows them)

@@ -122,6 +122,16 @@ class ModelConfig(_Section):
         "2.10, no attention dropout while training), else padded. `true`: also where attention must "
         "run padded (the rest of the model still unpadded). See hmcl_cli/modeling/unpad.py.",
     )
+    encode_graphs: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="Encode (mine, eval, evaluation during training) replaying CUDA graphs: one per "
+        "padded width that at least 3 batches of a call share, so a batch's few hundred kernels are "
+        "one launch (short texts are launch-bound on a GPU: 1.88x on the H200 of 2026-12-04, MiniLM "
+        "shape). `auto`: on a GPU for widths up to 256 tokens; `true`: every width; `false`: never. "
+        "Not with segments, on a CPU, or where the model reads its padding mask on the host; the "
+        "first replay of each call is checked against the eager forward, and a failure turns graphs "
+        "off with a warning. See hmcl_cli/modeling/encode_graphs.py.",
+    )
     segments: Optional[SegmentsConfig] = Field(
         None,
         description="Encode texts longer than one segment as segments (max_length then bounds "

@@ -2,19 +2,19 @@
 # The GPU checks of the open issues, as one prepared call on the lent machine.
 #
 #   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
-#   device: run(command="bash benchmarks/device/run.sh quick=200 encode=150 long=130", carry=[".dev"],
-#               timeout_s=560)
+#   device: run(command="bash benchmarks/device/run.sh gputests=50 encode=110 compile=140",
+#               carry=[".dev"], timeout_s=380); then at once `longq=400` (timeout_s 450)
 #
 # A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), and one
-# command may run 10. Measured on the H200 of 2026-12-04: a fresh machine started and took the
-# 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s on a warm
-# one. Suggested: call 1 as above (#9's three training ratios, its encoding ratio, #11's
-# throughput rows; parts 480 s); then at once, while the machine is warm (30 s),
-# `probe=60 compile=140 profile=70` (the unpadding probe's sizes, #9's compiled and CUDA-graph
-# rows, where a step's and an encode's time goes; timeout_s 310), and give the machine back.
-# `mfu=110` (#9's MFU row) and `longq=200` (#11's GPU quality rows) next. #8's rows are in (2026-12-04): `scale=210`
-# only to measure them again. `fp16=60` (the loss-scale path, untested on a GPU) and
-# `quality=300` (#12 is resolved on the CPU: its bf16 run) need a later session's time.
+# command may run 10. Measured on the H200 of 2026-12-04 (two sessions): a fresh machine started
+# and took the 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s
+# on a warm one; a warm machine was once taken back between calls (the next call started fresh).
+# Suggested next (#9's and #11's rows of 2026-12-04 are in RESULTS.md): call 1 as above (encoding
+# replayed from CUDA graphs: its tests, then its speed beside model.encode; #9's compiled and
+# CUDA-graph training rows), then #11's GPU quality rows (12 runs that did not end in 200 s last
+# time, 12 at once: the log now says where each got); `probe=60 profile=70 quick=150` if time is left.
+# `fp16=60` (the loss-scale path, untested on a GPU), `scale=210` (#8, in) and `quality=300` (#12,
+# resolved on the CPU) only with time to spare.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
@@ -53,12 +53,14 @@
 #            (benchmarks/long_text_quality.py).
 #   fp16     train.precision fp16 (dynamic loss scale) runs on the GPU: BERT-base shape, hmcl and
 #            the loop, both fp16 with a loss scale (a few steps; a check, not a speed row).
-#   encode   #9: hmcl's encoder vs model.encode (then hmcl with 2048 texts a batch, hmcl replaying a
-#            CUDA graph per padded width (benchmark rows: what fewer launches per text are worth),
-#            with unpinned batches, the 2D mask
+#   encode   #9: hmcl's encoder (its default replays a CUDA graph per padded width:
+#            model.encode_graphs auto) vs model.encode (then hmcl with 2048 texts a batch, without
+#            graphs, and without graphs: with unpinned batches, the 2D mask
 #            check, padded, unpad true, with cuDNN attention, in that order, so that a part cut off
 #            by its limit loses the least telling rows), 50k texts (100k in the H100 row of 2026-11-23: ratios compare, not rates), MiniLM
 #            shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
+#   gputests the tests that need a CUDA device (tests/test_encode_graphs.py: graphs captured and
+#            replayed give the eager embeddings, BERT and Qwen3), with the image's pytest.
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -186,13 +188,15 @@ for spec in "$@"; do
       part fp16 "$secs" python3 $tt --data stsb --shape bert-base --steps 10 --warmup 3 --precision fp16 ;;
     encode)
       part encode $((secs * 2 / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 50000 \
-        --big-batch 2048 --cuda-graphs --padded --two-d-mask --cudnn-attention --pageable
+        --big-batch 2048 --graphs-off --padded --two-d-mask --cudnn-attention --pageable
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
+    gputests)
+      part gputests "$secs" python3 -m pytest -q -p no:cacheprovider tests/test_encode_graphs.py ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, quick, probe, compile, profile, scale, mfu, long, longq, fp16, encode, smoke)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, quick, probe, compile, profile, scale, mfu, long, longq, fp16, encode, gputests, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done

@@ -33,7 +33,7 @@ from torch.profiler import record_function
 
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError, RecipeError
-from hmcl_cli.modeling import unpad
+from hmcl_cli.modeling import encode_graphs, unpad
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -151,6 +151,8 @@ class EmbeddingModel(nn.Module):
         self.cudnn_attention = False  # model.cudnn_attention: SDPA's cuDNN kernels allowed (a run-time choice)
         self.unpad: bool | str = "auto"  # model.unpad: forward passes on the real tokens only (modeling/unpad.py)
         self._unpadded: tuple[int, str] = (0, "")  # (id of the backbone probed, why not: '' = it may)
+        self.encode_graphs: bool | str = "auto"  # model.encode_graphs: encode replaying CUDA graphs (modeling/encode_graphs.py)
+        self._graphs_broken = ""  # why graphs were turned off after a capture or its check failed ('' = not)
 
     @property
     def segments(self) -> Any:
@@ -300,6 +302,7 @@ class EmbeddingModel(nn.Module):
         self.check_lengths(model_cfg.name_or_path)
         self.cudnn_attention = model_cfg.cudnn_attention
         self.unpad = model_cfg.unpad
+        self.encode_graphs = model_cfg.encode_graphs
 
     def position_limit(self) -> Optional[int]:
         """The longest sequence the backbone can encode: see :func:`position_limit`."""
@@ -378,14 +381,15 @@ class EmbeddingModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None,
-               pool_skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+               pool_skip: Optional[torch.Tensor] = None, padded: bool = False) -> torch.Tensor:
         """Pooled token states through the head's layers, before normalisation (segments are
         averaged at this stage).
         ``n_real``: the batch's real tokens where the caller knows them without asking the device;
         with it the backbone may run unpadded (``model.unpad``; on a CPU hmcl counts them itself).
         ``pool_skip``: per row, leading real tokens the pooling leaves out (the prompt's, with
-        ``include_prompt`` false; :meth:`prompt_skip`)."""
-        packed = self.packed_tokens(attention_mask, n_real)
+        ``include_prompt`` false; :meth:`prompt_skip`). ``padded``: run the batch as it is
+        (a CUDA graph's fixed shapes), whatever ``model.unpad`` says."""
+        packed = None if padded else self.packed_tokens(attention_mask, n_real)
         with self.attention_backends():
             if packed is not None:
                 hidden = unpad.unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
@@ -483,8 +487,8 @@ class EmbeddingModel(nn.Module):
         return prepared_mask(attention_mask, self.settings.is_decoder)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_real: Optional[int] = None,
-                pool_skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        emb = self.pooled(input_ids, attention_mask, n_real, pool_skip)
+                pool_skip: Optional[torch.Tensor] = None, padded: bool = False) -> torch.Tensor:
+        emb = self.pooled(input_ids, attention_mask, n_real, pool_skip, padded)
         if self.settings.normalize:
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
         return emb
@@ -577,17 +581,29 @@ class EmbeddingModel(nn.Module):
         dev = self.device
         out = HostRows(len(unique), self.dim)
         skip = self.prompt_skip(side)
+        # CUDA graphs for the widths many batches share (model.encode_graphs; modeling/encode_graphs.py)
+        graphs = None if encode_graphs.graph_refusal(self) else encode_graphs.GraphedBatches(self, ids, order, batch_size, skip)
         with ProgressBar(description, len(unique), "texts", enabled=progress) as bar:
-            for start in range(0, len(order), batch_size):
-                idx = order[start:start + batch_size]
-                # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for the
-                # GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
-                with record_function("hmcl.pad"):
-                    host = self.pad([ids[i] for i in idx], pool_skip=skip)
-                    batch = to_device(host, dev)
-                with record_function("hmcl.encode_batch"), autocast_for(dev):
-                    out.add(idx, self(**batch, n_real=int(host["attention_mask"].numpy().sum())))
-                bar.update(len(idx))
+            try:
+                for start in range(0, len(order), batch_size):
+                    idx = order[start:start + batch_size]
+                    emb = None
+                    if graphs is not None:
+                        with record_function("hmcl.encode_graph"):
+                            emb = graphs.encode(idx)
+                    if emb is None:
+                        # host tensors moved without waiting (torch.tensor(..., device=cuda) would wait for
+                        # the GPU to finish the previous batch: no running ahead, a launch-bound loop half idle)
+                        with record_function("hmcl.pad"):
+                            host = self.pad([ids[i] for i in idx], pool_skip=skip)
+                            batch = to_device(host, dev)
+                        with record_function("hmcl.encode_batch"), autocast_for(dev):
+                            emb = self(**batch, n_real=int(host["attention_mask"].numpy().sum()))
+                    out.add(idx, emb)
+                    bar.update(len(idx))
+            finally:
+                if graphs is not None:
+                    graphs.close()
         return out.collect()
 
     # ---------------------------------------------------------------- saving
@@ -823,10 +839,11 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return precision
 
 
-def autocast_for(device: torch.device, precision: str = "auto"):
-    """Autocast for ``precision`` (see :func:`resolve_precision`) on CUDA; nothing on a CPU."""
+def autocast_for(device: torch.device, precision: str = "auto", cache: bool = True):
+    """Autocast for ``precision`` (see :func:`resolve_precision`) on CUDA; nothing on a CPU.
+    ``cache=False``: no cache of the weights' half-precision copies (a CUDA graph's capture)."""
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device.type))
-    return torch.autocast("cuda", dtype=half) if half is not None else contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=half, cache_enabled=cache) if half is not None else contextlib.nullcontext()
 
 
 def training_dtype(model_cfg: Any, device_type: str) -> torch.dtype:

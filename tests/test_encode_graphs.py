@@ -1,0 +1,170 @@
+"""Encoding replayed from CUDA graphs (model.encode_graphs; hmcl_cli/modeling/encode_graphs.py).
+
+A CPU runs the graphs' batches eagerly on their static buffers (encode_graphs.CAPTURE false): the
+widths, the filled rows, the order and the fall-backs are checked here; the capture itself by the
+tests marked for a CUDA device (run on the lent GPU: benchmarks/device/run.sh gputests)."""
+
+import pytest
+import torch
+
+from hmcl_cli.modeling import encode_graphs
+from hmcl_cli.modeling.encode_graphs import MIN_BATCHES, graph_width, plan_graphs
+from hmcl_cli.modeling.encoder import EmbeddingModel
+
+WORDS = "where is my order refund how long does a take to reach card after i return it ship what the".split()
+# lengths from 1 to 40 words, several texts of each, some repeated: batches of 4 share widths
+TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + (i * 13) % 40)) for i in range(60)]
+TEXTS += TEXTS[:5] + [" ".join(WORDS * 4)]  # and one text alone at its width: no graph for it
+
+
+def test_widths_are_few_multiples():
+    assert [graph_width(n) for n in (1, 16, 17, 100, 256, 257, 300, 1000)] == [16, 16, 32, 112, 256, 320, 320, 1024]
+
+
+def test_plan_takes_widths_enough_batches_share():
+    widths = [64] * MIN_BATCHES + [48] * (MIN_BATCHES - 1) + [512] * MIN_BATCHES + [16] * 10
+    assert plan_graphs(widths, "auto") == {64, 16}  # 48: too few batches; 512: past auto's 256 tokens
+    assert plan_graphs(widths, True) == {64, 16, 512}
+
+
+def test_plan_caps_the_number_of_graphs(monkeypatch):
+    monkeypatch.setattr(encode_graphs, "MAX_GRAPHS", 2)
+    assert plan_graphs([16] * 3 + [32] * 3 + [48] * 3, True) == {16, 32}  # the first (widest) ones
+
+
+@pytest.fixture
+def eager_graphs(monkeypatch):
+    """The graph path on a CPU: no capture, no refusal for the device; counts the batches it ran."""
+    monkeypatch.setattr(encode_graphs, "CAPTURE", False)
+    monkeypatch.setattr(encode_graphs, "on_cuda", lambda model: True)
+    runs = []
+    real = encode_graphs._Graph.run
+
+    def counted(self, host):
+        runs.append(tuple(host["input_ids"].shape))
+        return real(self, host)
+    monkeypatch.setattr(encode_graphs._Graph, "run", counted)
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_qwen"])
+def test_graph_batches_give_the_eager_embeddings_in_order(kind, request, eager_graphs):
+    """BERT (right padding, mean pooling) and Qwen3 (left padding, last token): batches padded to
+    the graph widths and filled with copies of their last row give each text its own embedding."""
+    model = EmbeddingModel.load(str(request.getfixturevalue(kind)))
+    model.unpad = False
+    model.encode_graphs = False
+    ref = model.encode(TEXTS, batch_size=4)
+    model.encode_graphs = "auto"
+    got = model.encode(TEXTS, batch_size=4)
+    assert eager_graphs, "no batch took the graph path"
+    assert all(rows == 4 and width % 16 == 0 for rows, width in eager_graphs)  # filled, bucketed
+    assert len(eager_graphs) < -(-len(set(TEXTS)) // 4)  # widths with few batches ran as without graphs
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_prompt_left_out_of_the_pooling_in_graph_batches(tiny_bert, eager_graphs):
+    model = EmbeddingModel.load(str(tiny_bert), doc_prompt="where is ", include_prompt=False)
+    model.unpad = False
+    model.encode_graphs = False
+    ref = model.encode(TEXTS, batch_size=4)
+    model.encode_graphs = "auto"
+    got = model.encode(TEXTS, batch_size=4)
+    assert eager_graphs and torch.allclose(got, ref, atol=1e-5)
+
+
+def test_a_capture_that_fails_encodes_eagerly_and_says_why(tiny_bert, eager_graphs, monkeypatch, capsys):
+    model = EmbeddingModel.load(str(tiny_bert))
+    model.encode_graphs = False
+    ref = model.encode(TEXTS, batch_size=4)
+    model.encode_graphs = "auto"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(encode_graphs, "_Graph", broken)
+    got = model.encode(TEXTS, batch_size=4)
+    assert torch.allclose(got, ref, atol=1e-5)
+    err = capsys.readouterr().err
+    assert "model.encode_graphs: capturing a CUDA graph failed (RuntimeError: operation not permitted" in err
+    assert "without graphs from here on" in err
+    assert "capturing a CUDA graph failed" in encode_graphs.graph_refusal(model)  # off for later calls too
+
+
+def test_a_replay_that_disagrees_with_the_eager_forward_turns_graphs_off(tiny_bert, monkeypatch, capsys):
+    monkeypatch.setattr(encode_graphs, "CAPTURE", False)
+    monkeypatch.setattr(encode_graphs, "on_cuda", lambda model: True)
+    model = EmbeddingModel.load(str(tiny_bert))
+    model.encode_graphs = False
+    ref = model.encode(TEXTS, batch_size=4)
+    model.encode_graphs = "auto"
+    real = encode_graphs._Graph.run
+    monkeypatch.setattr(encode_graphs._Graph, "run", lambda self, host: -real(self, host))  # a wrong replay
+
+    class Checked(encode_graphs.GraphedBatches):  # as if captured: the first replay is checked
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.checked = False
+    monkeypatch.setattr(encode_graphs, "GraphedBatches", Checked)
+    got = model.encode(TEXTS, batch_size=4)
+    assert torch.allclose(got, ref, atol=1e-5)  # the checked batch's eager result, then eager batches
+    assert "a graph's replay disagreed with the eager forward" in capsys.readouterr().err
+    assert model._graphs_broken
+
+
+def test_refusals(tiny_bert):
+    model = EmbeddingModel.load(str(tiny_bert))
+    assert encode_graphs.graph_refusal(model) == "not on a CUDA device"
+    model.encode_graphs = False
+    assert encode_graphs.graph_refusal(model) == "model.encode_graphs false"
+    model.encode_graphs = "auto"
+    encode_graphs.on_cuda, real = (lambda m: True), encode_graphs.on_cuda
+    try:
+        assert encode_graphs.graph_refusal(model) == ""
+        from hmcl_cli.modeling.layers import compile_layers
+
+        compile_layers(model.backbone)  # (compiled on first call: none here)
+        assert encode_graphs.graph_refusal(model) == "layers compiled (train.compile)"
+    finally:
+        encode_graphs.on_cuda = real
+
+
+def test_recipe_key_reaches_the_model(tmp_path, tiny_bert):
+    from conftest import write_recipe
+
+    from hmcl_cli.recipe import load_recipe
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert), overrides=["model.encode_graphs=false"])
+    model = EmbeddingModel.from_recipe(recipe.model, base_dir=tmp_path)
+    assert model.encode_graphs is False
+    with pytest.raises(Exception, match="encode_graphs"):
+        load_recipe(write_recipe(tmp_path, tiny_bert), overrides=["model.encode_graphs=sometimes"])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["tiny_bert", "tiny_qwen"])
+def test_cuda_captured_graphs_give_the_eager_embeddings(kind, request):
+    """On a GPU: graphs are captured and replayed (none left after the call), embeddings as eager."""
+    model = EmbeddingModel.load(str(request.getfixturevalue(kind))).to("cuda")
+    model.encode_graphs = False
+    ref = model.encode(TEXTS, batch_size=4)
+    model.encode_graphs = "auto"
+    captured = []
+    real = encode_graphs._Graph.__init__
+
+    def counted(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        captured.append(self.graph is not None)
+    encode_graphs._Graph.__init__ = counted
+    try:
+        got = model.encode(TEXTS, batch_size=4)
+        again = model.encode(TEXTS, batch_size=4)
+    finally:
+        encode_graphs._Graph.__init__ = real
+    assert captured and all(captured) and not model._graphs_broken
+    cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
+    assert cos.min() > 0.999
+    assert torch.equal(got, again)
