@@ -417,35 +417,8 @@ TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
 # rows never measured on a GPU yet: a failure is printed and the tools after it still run
 EXPERIMENTAL_TOOLS = {"hmcl-graphs", "hmcl-compiled"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
-              "hmcl-graphs": {"compile": True}}
-TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True},
-              "hmcl-graphs": {"unpad": False}}
-
-
-@contextlib.contextmanager
-def cuda_graph_layers(active: bool):
-    """hmcl with its layers compiled in torch.compile's ``reduce-overhead`` mode (each layer's
-    kernels replayed from a CUDA graph, one per padded width: padded forward calls, since unpadded
-    ones change shape every step), a new graph generation marked at every step. A benchmark row:
-    what removing the launches is worth; on a CPU it compiles without graphs."""
-    from hmcl_cli.modeling.layers import compile_layers
-    from hmcl_cli.training import trainer
-
-    if not active:
-        yield
-        return
-    real_compile, real_step = trainer.compile_layers, trainer.HMCLTrainer._forward_backward
-
-    def step(self, batch, scale):
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
-        return real_step(self, batch, scale)
-
-    trainer.compile_layers = lambda backbone: compile_layers(backbone, mode="reduce-overhead")
-    trainer.HMCLTrainer._forward_backward = step
-    try:
-        yield
-    finally:
-        trainer.compile_layers, trainer.HMCLTrainer._forward_backward = real_compile, real_step
+              "hmcl-graphs": {"compile": "cuda-graphs"}}  # (layers in reduce-overhead mode, padded calls)
+TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True}}
 
 
 @contextlib.contextmanager
@@ -522,7 +495,7 @@ def main() -> None:
                     help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
                     "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention), "
                     "hmcl-per-tensor-adamw (hmcl without its fused AdamW), hmcl-padded / hmcl-unpad (model.unpad "
-                    "false / true), hmcl-compiled (train.compile), hmcl-graphs (layers compiled with CUDA graphs, padded)")
+                    "false / true), hmcl-compiled (train.compile), hmcl-graphs (train.compile cuda-graphs: layers replayed from CUDA graphs, padded)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
@@ -560,8 +533,7 @@ def main() -> None:
                     results["sentence-transformers loop"] = run_st(path, rows, group, q_len, d_len, args, device)
                 elif tool in TOOL_NAMES:
                     try:
-                        with two_d_masks(tool == "hmcl-2d-mask"), per_tensor_adamw(tool == "hmcl-per-tensor-adamw"), \
-                                cuda_graph_layers(tool == "hmcl-graphs"):
+                        with two_d_masks(tool == "hmcl-2d-mask"), per_tensor_adamw(tool == "hmcl-per-tensor-adamw"):
                             results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device,
                                                                  tmp / tool, model_extra=TOOL_MODEL.get(tool),
                                                                  train_extra=TOOL_TRAIN.get(tool))

@@ -149,18 +149,17 @@ def test_profile_part_tables_carry_hmcls_ranges():
 def test_an_experimental_row_that_fails_leaves_the_rows_after_it(monkeypatch, capsys):
     """A device call must not lose its other rows to a row never run on a GPU (CUDA graphs): the
     failure is printed and the next tool still runs; a failure of an established row still stops."""
-    import contextlib
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import train_throughput
 
-    @contextlib.contextmanager
-    def broken(active):
-        if active:
-            raise RuntimeError("capture failed")
-        yield
+    real = train_throughput.run_hmcl
 
-    monkeypatch.setattr(train_throughput, "cuda_graph_layers", broken)
+    def broken(*args, train_extra=None, **kwargs):
+        if train_extra == {"compile": "cuda-graphs"}:
+            raise RuntimeError("capture failed")
+        return real(*args, train_extra=train_extra, **kwargs)
+
+    monkeypatch.setattr(train_throughput, "run_hmcl", broken)
     argv = ["train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
             "--batch-size", "4", "--tools", "hmcl-graphs,hmcl"]
     monkeypatch.setattr(sys, "argv", argv)

@@ -148,3 +148,23 @@ def test_encoding_batches_go_to_a_gpu_through_page_locked_memory(tiny_bert, monk
     model.use_segments(segments.SegmentSettings(length=16))
     model.encode([f"text number {i}" for i in range(10)], batch_size=4)
     assert len(calls) == 3  # and of segmented encoding
+
+
+def test_compile_cuda_graphs_compiles_in_reduce_overhead_mode_pads_and_marks_each_step(tmp_path, tiny_bert, monkeypatch):
+    """train.compile: cuda-graphs (a GPU's path; here without compiling): the layers compiled in
+    reduce-overhead mode, forward calls padded (a graph per shape), a graph generation per step."""
+    from hmcl_cli.training import trainer as trainer_module
+
+    modes, marks = [], []
+    monkeypatch.setattr(trainer_module, "compile_layers", lambda backbone, mode=None: modes.append(mode) or 2)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    t = make_trainer(tmp_path, tiny_bert, train={"compile": "cuda-graphs"})
+    assert modes == ["reduce-overhead"] and t.model.unpad is False and t.cuda_graphs
+    batches = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)
+    for i in range(2):
+        t._forward_backward(batches[i], 1.0)
+    assert len(marks) == 2
+    plain = make_trainer(tmp_path / "plain", tiny_bert, train={"compile": True})
+    assert modes[-1] is None and plain.model.unpad == "auto" and not plain.cuda_graphs
+    plain._forward_backward(StepBatches(plain.data, plain.model, plain.plan, 0, 0, plain.cfg.group_size, 0)[0], 1.0)
+    assert len(marks) == 2

@@ -134,11 +134,14 @@ class HMCLTrainer:
 
         self.memory_plan = None
         self.joins_unpadded = False  # set by setup: steps unpadded by the varlen kernel join both sides
+        self.cuda_graphs = False  # train.compile cuda-graphs: a new graph generation marked at every step
         built_here = model is None
         if built_here:
             model = EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
         else:
             model.apply_run_settings(r.model)
+        if cfg.compile == "cuda-graphs":
+            model.unpad = False  # a graph replays one shape: unpadded calls change theirs every step
         self.model = model
         model.settings.matryoshka_dims = list(r.loss.matryoshka_dims)  # saved with it: eval and export read them
         # what the objective trains: cosines of normalised embeddings, else dot products (saved with it)
@@ -186,10 +189,12 @@ class HMCLTrainer:
             # planned unpadded, but the model runs padded: plan again (and grad_cache_chunk auto with it)
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text(), unpadded=False)
         self.joins_unpadded = self.model.trains_with_varlen(self.device.type, self.precision)
+        self.cuda_graphs = cfg.compile == "cuda-graphs"
         if cfg.compile:
-            n = compile_layers(self.model.backbone)
+            n = compile_layers(self.model.backbone, mode="reduce-overhead" if self.cuda_graphs else None)
             if self.is_main:
-                log(f"train.compile: {n} layers compiled on first use (dynamic shapes)")
+                log(f"train.compile: {n} layers compiled on first use (dynamic shapes"
+                    + ("; reduce-overhead: a CUDA graph per input shape, forward calls padded)" if self.cuda_graphs else ")"))
         self.positive_repeats = resolve_positive_repeats(cfg.positive_repeats, self.data.anchors)
         if cfg.positive_repeats == "auto" and self.is_main:
             n, total = with_positive(self.data.anchors), len(self.data.anchors)
@@ -381,6 +386,8 @@ class HMCLTrainer:
 
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
         dev = self.device
+        if self.cuda_graphs:  # a new step: the graphs' outputs of the last one are not read again
+            torch.compiler.cudagraph_mark_step_begin()
         # real tokens per row of each side, by its mask's key, counted on the host that built the
         # batch (unpadded forward calls), in numpy: no tensor op, which on a device batch would wait
         lengths = {key: batch[key].numpy().sum(1) for key in ("q_attention_mask", "c_attention_mask")}
