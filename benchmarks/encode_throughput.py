@@ -174,11 +174,14 @@ def main() -> None:
             st.to("cpu")
             hm.to(device)
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch
-            batches = -(-len(set(texts)) // args.batch_size)
+            from hmcl_cli.modeling.encoder import encode_batches
+
+            unique = list(dict.fromkeys(texts))
+            batches = len(encode_batches(sorted(map(len, hm.tokenize(unique)), reverse=True), args.batch_size))
             with _sync_audit(torch.device(device), batches, "batch"):
-                hm._encode_plain(list(dict.fromkeys(texts)), "doc", args.batch_size, False, "encode")
+                hm._encode_plain(unique, "doc", args.batch_size, False, "encode")
     print(f"\n{args.shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'fp32'}), "
-          f"{len(texts)} texts, batch {args.batch_size}, max length {args.max_length}, SDPA {args.sdpa}; "
+          f"{len(texts)} texts, batch {args.batch_size} (hmcl: of the longest texts; sized by tokens), max length {args.max_length}, SDPA {args.sdpa}; "
           f"hmcl vs sentence-transformers fp32 mean cosine {agree:.5f}; hmcl's attention mask: "
           f"{'prepared 4D' if prepared else 'the 2D padding mask'}")
     base = results["sentence-transformers (fp32 weights)"]

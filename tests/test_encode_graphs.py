@@ -12,9 +12,10 @@ from hmcl_cli.modeling.encode_graphs import MIN_BATCHES, graph_width, plan_graph
 from hmcl_cli.modeling.encoder import EmbeddingModel
 
 WORDS = "where is my order refund how long does a take to reach card after i return it ship what the".split()
-# lengths from 1 to 40 words, several texts of each, some repeated: batches of 4 share widths
-TEXTS = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(1 + (i * 13) % 40)) for i in range(60)]
-TEXTS += TEXTS[:5] + [" ".join(WORDS * 4)]  # and one text alone at its width: no graph for it
+# 200 distinct texts of 1 to 40 words, some repeated, and one long text alone at its width; with
+# batch_size 4, token-sized batches (encoder.encode_batches) give each short width several batches
+TEXTS = [f"{i} " + " ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range((i * 13) % 40)) for i in range(200)]
+TEXTS += TEXTS[:5] + [" ".join(WORDS * 4)]
 
 
 def test_widths_are_few_multiples():
@@ -58,8 +59,10 @@ def test_graph_batches_give_the_eager_embeddings_in_order(kind, request, eager_g
     model.encode_graphs = "auto"
     got = model.encode(TEXTS, batch_size=4)
     assert eager_graphs, "no batch took the graph path"
-    assert all(rows == 4 and width % 16 == 0 for rows, width in eager_graphs)  # filled, bucketed
-    assert len(eager_graphs) < -(-len(set(TEXTS)) // 4)  # widths with few batches ran as without graphs
+    # filled to its width's rows (the first batch's tokens: 4 x 96 for the long text's width), bucketed
+    assert all(width % 16 == 0 and rows == 4 * 96 // width for rows, width in eager_graphs), eager_graphs
+    assert len({w for _, w in eager_graphs}) >= 3
+    assert 96 not in {w for _, w in eager_graphs}  # the long text's batch, alone at its width, ran eagerly
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, atol=1e-5)
 
@@ -168,3 +171,19 @@ def test_cuda_captured_graphs_give_the_eager_embeddings(kind, request):
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     assert cos.min() > 0.999
     assert torch.equal(got, again)
+
+
+def test_encode_batches_are_sized_by_the_first_batchs_tokens():
+    from hmcl_cli.modeling.encoder import GROW, encode_batches
+
+    lengths = sorted([300] * 3 + [40] * 50 + [9] * 2000 + [3] * 40, reverse=True)
+    batches = encode_batches(lengths, 8)
+    assert batches[0] == (0, 8)  # the longest texts: batch_size of them
+    assert [b[0] for b in batches[1:]] == [b[1] for b in batches[:-1]] and batches[-1][1] == len(lengths)
+    budget = 8 * graph_width(300)
+    for start, stop in batches:
+        rows = stop - start
+        assert rows * graph_width(lengths[start]) <= budget  # no batch more padded tokens than the first
+        assert stop == len(lengths) or 8 <= rows <= GROW * 8
+    assert max(stop - start for start, stop in batches) == GROW * 8  # short texts: the cap
+    assert encode_batches([], 8) == [] and encode_batches([5], 8) == [(0, 1)]

@@ -9,9 +9,10 @@ replayed from graphs 48.7k (1.88x; sentence-transformers' ``encode`` 12.4k), emb
 
 A graph replays fixed shapes, so:
 
-* texts are sorted longest first (as the eager loop), and each batch is padded to a width from a
-  short list (:func:`graph_width`: multiples of 16 up to 256 tokens, then of 64), and filled up to
-  the batch size with copies of its last row (their embeddings are dropped);
+* texts are sorted longest first and batched by tokens (as the eager loop: encoder.encode_batches),
+  and each batch is padded to a width from a short list (:func:`graph_width`: multiples of 16 up
+  to 256 tokens, then of 64), and filled up to its width's rows with copies of its last row
+  (their embeddings are dropped);
 * a width gets a graph where at least :data:`MIN_BATCHES` batches share it (a capture costs
   about two eager batches); the other batches, and those of widths past :data:`MAX_GRAPHS`
   graphs, run eagerly as without graphs (unpadded where ``model.unpad`` allows);
@@ -138,11 +139,18 @@ def _autocast(device: torch.device) -> Any:
 class GraphedBatches:
     """A call's batches replayed from graphs: :meth:`encode` gives a batch's embeddings where its
     width has a graph (None: the caller encodes it eagerly, as without graphs). ``ids``: the
-    call's token lists; ``order``: longest first; batches are ``order[start:start + batch_size]``."""
+    call's token lists; ``order``: longest first; ``batches``: (start, stop) spans of ``order``
+    (encoder.encode_batches: as many rows as fit the first batch's tokens at each width, so every
+    full batch of a width has the same rows)."""
 
-    def __init__(self, model: Any, ids: list[list[int]], order: list[int], batch_size: int, skip: int):
-        self.model, self.ids, self.batch_size, self.skip = model, ids, batch_size, skip
-        widths = [graph_width(len(ids[order[s]])) for s in range(0, len(order), batch_size)]
+    def __init__(self, model: Any, ids: list[list[int]], order: list[int], batches: list[tuple[int, int]], skip: int):
+        self.model, self.ids, self.skip = model, ids, skip
+        self.rows: dict[int, int] = {}  # width -> rows of its graph (its largest batch's)
+        widths = []
+        for start, stop in batches:
+            w = graph_width(len(ids[order[start]]))
+            widths.append(w)
+            self.rows[w] = max(self.rows.get(w, 0), stop - start)
         self.planned = plan_graphs(widths, getattr(model, "encode_graphs", "auto"))
         self.capture = CAPTURE
         self.pool = torch.cuda.graph_pool_handle() if self.planned and self.capture else None
@@ -158,7 +166,7 @@ class GraphedBatches:
         width = graph_width(len(rows[0]))
         if width not in self.planned or getattr(self.model, "_graphs_broken", ""):
             return None
-        host = self.model.pad(rows + [rows[-1]] * (self.batch_size - len(rows)), multiple_of=width,
+        host = self.model.pad(rows + [rows[-1]] * (self.rows[width] - len(rows)), multiple_of=width,
                               pool_skip=self.skip)
         if width not in self.graphs:
             self.graphs[width] = _capture(self.model, host, self.capture, self.pool)
