@@ -174,10 +174,11 @@ def main() -> None:
             st.to("cpu")
             hm.to(device)
         if args.sync_audit:  # the loop only (encode's final copy to the host waits by design), per batch
-            from hmcl_cli.modeling.encoder import encode_batches
+            from hmcl_cli.modeling.encoder import batch_growth, encode_batches
 
             unique = list(dict.fromkeys(texts))
-            batches = len(encode_batches(sorted(map(len, hm.tokenize(unique)), reverse=True), args.batch_size))
+            batches = len(encode_batches(sorted(map(len, hm.tokenize(unique)), reverse=True), args.batch_size,
+                                         batch_growth(torch.device(device))))
             with _sync_audit(torch.device(device), batches, "batch"):
                 hm._encode_plain(unique, "doc", args.batch_size, False, "encode")
     print(f"\n{args.shape} on {device} ({torch.cuda.get_device_name() if device == 'cuda' else 'fp32'}), "

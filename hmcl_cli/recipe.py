@@ -311,7 +311,7 @@ class MineConfig(_Section):
         "where the positive has no score). benchmarks/quality.py, 641 CPU steps, 3 seeds: `none` 86.11 mean "
         "(TrecQA MAP 86.09) against `cosine` 85.81 (85.02); `relative` was level with `cosine` (2 seeds).")
     batch_size: int = Field(256, ge=1, description="Encoding batch size: texts in the batch of the "
-                            "longest texts; batches of shorter texts hold as many as fit its tokens (up to 16x).")
+                            "longest texts; on a GPU, batches of shorter texts hold as many as fit its tokens (up to 16x).")
     search: Literal["exact", "faiss"] = Field("exact", description="Top-k search backend.")
     teacher: Optional[TeacherConfig] = Field(
         None,
@@ -571,7 +571,7 @@ class EvalConfig(_Section):
     )
     include_base: bool = Field(True, description="Add the recipe's base model as `base`.")
     batch_size: int = Field(128, ge=1, description="Encoding batch size: texts in the batch of the "
-                            "longest texts; batches of shorter texts hold as many as fit its tokens (up to 16x).")
+                            "longest texts; on a GPU, batches of shorter texts hold as many as fit its tokens (up to 16x).")
     cache_embeddings: bool = Field(
         True, description="Keep each model's eval embeddings in <run>/cache between calls (a file per model, "
         "named after its weights and encoding settings): a model evaluated again, such as the base in every "

@@ -36,8 +36,11 @@ def test_plan_caps_the_number_of_graphs(monkeypatch):
 @pytest.fixture
 def eager_graphs(monkeypatch):
     """The graph path on a CPU: no capture, no refusal for the device; counts the batches it ran."""
+    from hmcl_cli.modeling import encoder
+
     monkeypatch.setattr(encode_graphs, "CAPTURE", False)
     monkeypatch.setattr(encode_graphs, "on_cuda", lambda model: True)
+    monkeypatch.setattr(encoder, "batch_growth", lambda device: encoder.GROW)  # a GPU's batches
     runs = []
     real = encode_graphs._Graph.run
 
@@ -187,3 +190,20 @@ def test_encode_batches_are_sized_by_the_first_batchs_tokens():
         assert stop == len(lengths) or 8 <= rows <= GROW * 8
     assert max(stop - start for start, stop in batches) == GROW * 8  # short texts: the cap
     assert encode_batches([], 8) == [] and encode_batches([5], 8) == [(0, 1)]
+
+
+def test_batches_grow_on_a_gpu_only():
+    from hmcl_cli.modeling.encoder import GROW, batch_growth
+
+    assert batch_growth(torch.device("cpu")) == 1 and batch_growth(torch.device("cuda")) == GROW
+
+
+def test_a_cpu_encodes_batch_size_texts_a_batch(tiny_bert, monkeypatch):
+    from hmcl_cli.modeling import encoder
+
+    model = EmbeddingModel.load(str(tiny_bert))
+    sizes = []
+    real = encoder.HostRows.add
+    monkeypatch.setattr(encoder.HostRows, "add", lambda self, idx, values: sizes.append(len(idx)) or real(self, idx, values))
+    model.encode(TEXTS, batch_size=4)
+    assert set(sizes[:-1]) == {4}
