@@ -127,10 +127,11 @@ class ModelConfig(_Section):
         description="Encode (mine, eval, evaluation during training) replaying CUDA graphs: one per "
         "padded width that at least 3 batches of a call share, so a batch's few hundred kernels are "
         "one launch (short texts are launch-bound on a GPU: 1.88x on the H200 of 2026-12-04, MiniLM "
-        "shape). `auto`: on a GPU for widths up to 256 tokens; `true`: every width; `false`: never. "
-        "Not with segments, on a CPU, or where the model reads its padding mask on the host; the "
-        "first replay of each call is checked against the eager forward, and a failure turns graphs "
-        "off with a warning. See hmcl_cli/modeling/encode_graphs.py.",
+        "shape, the benchmark's own loop of this design; this one not yet run on a GPU). `auto`: on a "
+        "GPU for widths up to 256 tokens; `true`: every width; `false`: never. Not with segments, on a "
+        "CPU, with a sharded backbone or compiled layers, or where the model reads its padding mask on "
+        "the host; the first replay of each call is checked against the eager forward, and a failure "
+        "turns graphs off with a warning. See hmcl_cli/modeling/encode_graphs.py.",
     )
     segments: Optional[SegmentsConfig] = Field(
         None,
