@@ -44,10 +44,10 @@
 #            an encode of 20,000 texts (beside sentence-transformers'): torch.profiler tables with
 #            hmcl's own ranges (hmcl.collate, hmcl.forward, ...; hmcl.tokenize, hmcl.pad, ...).
 #   mfu      #9's MFU target (>= 35% for the Qwen3-0.6B shape at its best batch size): hmcl only,
-#            full fine-tuning, batch 512 / 256 anchors, the largest first (a part that fails still
-#            lets the next, smaller one run). 512 ran out of memory on the H200 of 2026-12-04, padded
-#            (the probe refused unpadding then; fixed since): the plan is ~216 GiB padded, ~87 GiB
-#            unpadded at 30 real tokens a text in the heaviest step, so it fits only unpadded.
+#            full fine-tuning, batch 1024 / 512 anchors, the largest first (a part that fails still
+#            lets the next, smaller one run). Measured on the H200 of 2026-12-04 (second session),
+#            unpadded: 512 11.7% in 62 GiB (plan 67), 256 7.5%; 1024 is ~2x 512's activations
+#            (~125 GiB planned by that scaling, not printed yet: the plan line at run time says).
 #   long     #11: bert-base shape, 512 and 2048 tokens, whole texts vs segments.
 #   longq    #11: TrecQA dev / STS-B dev with segments and the local term on and off, 3 seeds
 #            (benchmarks/long_text_quality.py).
@@ -173,7 +173,7 @@ for spec in "$@"; do
         --warmup 2000 --profile ;;
     mfu)
       left=2
-      for b in 512 256; do  # each gets an equal share of the time still left
+      for b in 1024 512; do  # each gets an equal share of the time still left
         part mfu $(((secs - (SECONDS - t0)) / left)) python3 $tt --data stsb --shape qwen3-0.6b --batch-size $b \
           --tools hmcl --steps 10 --warmup 3
         left=$((left - 1))
