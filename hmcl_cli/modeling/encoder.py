@@ -630,19 +630,19 @@ def batch_growth(device: torch.device) -> int:
 
 def encode_batches(lengths: Sequence[int], batch_size: int, grow: int = GROW) -> list[tuple[int, int]]:
     """Batches (start, stop) over texts of ``lengths`` tokens, longest first, sized by tokens: the
-    first holds ``batch_size`` texts, and each later one as many as fit in the first's tokens at its
-    own width (:func:`encode_graphs.graph_width` of its longest text), between ``batch_size`` and
-    ``grow`` x ``batch_size`` (1: every batch ``batch_size`` texts). No batch holds more (padded) tokens than the first, so none needs
-    more memory than the call's longest texts already do; short texts go in fewer, larger batches
-    (on a GPU each batch is a few hundred kernel launches: on the H200 of 2026-12-04, 2048 short
-    texts a batch encoded 2.04x as fast as 256)."""
+    first holds ``batch_size`` texts, and each later one as many as fit the first's tokens
+    (``batch_size`` x the longest length) at its own padded width (:func:`encode_graphs.graph_width`
+    of its longest text, which no padding of it exceeds), between ``batch_size`` and ``grow`` x
+    ``batch_size`` (1: every batch ``batch_size`` texts). No batch holds more tokens than the first,
+    so none needs more memory than the call's longest texts already do; short texts go in fewer,
+    larger batches (on a GPU each batch is a few hundred kernel launches: on the H200 of
+    2026-12-04, 2048 short texts a batch encoded 2.04x as fast as 256)."""
     if not lengths:
         return []
-    width = encode_graphs.graph_width
-    budget = batch_size * width(lengths[0])
+    budget = batch_size * lengths[0]
     out, start = [], 0
     while start < len(lengths):
-        rows = min(grow * batch_size, max(batch_size, budget // width(lengths[start])))
+        rows = min(grow * batch_size, max(batch_size, budget // encode_graphs.graph_width(lengths[start])))
         out.append((start, min(start + rows, len(lengths))))
         start += rows
     return out
