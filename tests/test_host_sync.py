@@ -168,3 +168,22 @@ def test_compile_cuda_graphs_compiles_in_reduce_overhead_mode_pads_and_marks_eac
     assert modes[-1] is None and plain.model.unpad == "auto" and not plain.cuda_graphs
     plain._forward_backward(StepBatches(plain.data, plain.model, plain.plan, 0, 0, plain.cfg.group_size, 0)[0], 1.0)
     assert len(marks) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_training_steps_give_the_eager_losses(tmp_path, tiny_bert):
+    """On a GPU (benchmarks/device/run.sh gputests): train.compile cuda-graphs records and replays
+    the layers' graphs (two shapes, each seen three times) and gives the eager steps' losses."""
+    losses = {}
+    for mode in (False, "cuda-graphs"):
+        torch._dynamo.reset()
+        t = make_trainer(tmp_path / str(mode), tiny_bert, train={"compile": mode})
+        t.model.eval()  # no dropout: both runs compute the same function
+        steps = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)
+        out = []
+        for i in (0, 1, 0, 1, 0, 1):
+            loss, _ = t._forward_backward(steps[i], 1.0)
+            out.append(float(loss))
+            t.optimizer.zero_grad()
+        losses[mode] = out
+    assert losses["cuda-graphs"] == pytest.approx(losses[False], rel=2e-2)  # bf16 autocast, padded vs unpadded

@@ -2,8 +2,8 @@
 # The GPU checks of the open issues, as one prepared call on the lent machine.
 #
 #   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
-#   device: run(command="bash benchmarks/device/run.sh gputests=50 encode=110 compile=140",
-#               carry=[".dev"], timeout_s=380); then at once `longq=400` (timeout_s 450)
+#   device: run(command="bash benchmarks/device/run.sh gputests=90 encode=110 compile=140",
+#               carry=[".dev"], timeout_s=420); then at once `longq=380` (timeout_s 430)
 #
 # A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), and one
 # command may run 10. Measured on the H200 of 2026-12-04 (two sessions): a fresh machine started
@@ -59,8 +59,9 @@
 #            check, padded, unpad true, with cuDNN attention, in that order, so that a part cut off
 #            by its limit loses the least telling rows), 50k texts (100k in the H100 row of 2026-11-23: ratios compare, not rates), MiniLM
 #            shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
-#   gputests the tests that need a CUDA device (tests/test_encode_graphs.py: graphs captured and
-#            replayed give the eager embeddings, BERT and Qwen3), with the image's pytest.
+#   gputests the tests that need a CUDA device, with the image's pytest: encoding graphs captured
+#            and replayed give the eager embeddings (BERT, Qwen3), and train.compile cuda-graphs
+#            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s).
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -191,7 +192,8 @@ for spec in "$@"; do
         --big-batch 2048 --graphs-off --padded --two-d-mask --cudnn-attention --pageable
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     gputests)
-      part gputests "$secs" python3 -m pytest -q -p no:cacheprovider tests/test_encode_graphs.py ;;
+      part gputests "$secs" python3 -m pytest -q -p no:cacheprovider tests/test_encode_graphs.py \
+        tests/test_host_sync.py -k "cuda or graphs" ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
