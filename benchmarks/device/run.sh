@@ -12,7 +12,7 @@
 # Suggested next (#9's and #11's rows of 2026-12-04 are in RESULTS.md): call 1 as above (encoding
 # replayed from CUDA graphs: its tests, then its speed beside model.encode; #9's compiled and
 # CUDA-graph training rows), then #11's GPU quality rows (12 runs that did not end in 200 s last
-# time, 12 at once: the log now says where each got); `probe=60 profile=70 quick=150` if time is left.
+# time, 12 at once: the log now says where each got); `compileq=120 probe=60 profile=70` if time is left.
 # `fp16=60` (the loss-scale path, untested on a GPU), `scale=210` (#8, in) and `quality=300` (#12,
 # resolved on the CPU) only with time to spare.
 #
@@ -38,6 +38,8 @@
 #            with CUDA graphs (hmcl-graphs: torch.compile reduce-overhead, padded calls; a benchmark
 #            row) and with train.compile (never measured on a GPU yet; the steps are launch-bound
 #            there, what compiling and CUDA graphs are for).
+#   compileq #9: the Qwen3-0.6B shape (batch 32, full fine-tuning), the loop vs hmcl vs hmcl with
+#            train.compile cuda-graphs (hmcl-graphs), as `compile` does for the smaller shapes.
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
@@ -165,6 +167,10 @@ for spec in "$@"; do
         --tools st,hmcl,hmcl-graphs,hmcl-compiled
       part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 \
         --tools st,hmcl-graphs,hmcl-compiled ;;
+    compileq)
+      # #9's Qwen3-0.6B row (>= 3x) with its layers replayed from CUDA graphs (train.compile cuda-graphs)
+      part compileq "$secs" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 --warmup 2 \
+        --tools st,hmcl,hmcl-graphs ;;
     profile)
       # where a short-text step and an encode spend their time: torch.profiler tables by GPU time
       # and by host time, with hmcl's ranges (hmcl.collate / forward / loss / backward /
@@ -198,7 +204,7 @@ for spec in "$@"; do
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json
       part smoke "$secs" python3 $tt --data stsb --shape minilm-shape --batch-size 8 --steps 2 --warmup 1 --sdpa no-cudnn ;;
-    *) echo "unknown part '$name' (quality, speed, quick, probe, compile, profile, scale, mfu, long, longq, fp16, encode, gputests, smoke)" >&2 ;;
+    *) echo "unknown part '$name' (quality, speed, quick, probe, compile, compileq, profile, scale, mfu, long, longq, fp16, encode, gputests, smoke)" >&2 ;;
   esac
   echo "[$name took $((SECONDS - t0)) s]"
 done
