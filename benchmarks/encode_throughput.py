@@ -79,8 +79,8 @@ def main() -> None:
                     help="also time hmcl with padded forward calls (model.unpad false), and unpadded ones "
                     "where `auto` keeps them padded (model.unpad true)")
     ap.add_argument("--big-batch", type=int, default=None,
-                    help="also time hmcl encoding this many texts per batch (short texts: fewer launches per text; "
-                         "what a token budget per batch would give)")
+                    help="also time hmcl with this batch_size (the batch of its longest texts; on a GPU later "
+                         "batches grow by tokens from it): fewer launches per text")
     ap.add_argument("--graphs-off", action="store_true",
                     help="also time hmcl without CUDA graphs (model.encode_graphs false; the default row replays "
                          "them on a GPU): what removing the launches is worth")
@@ -131,7 +131,6 @@ def main() -> None:
                                                                    device, "hmcl encode, no CUDA graphs", len(texts))
             same = torch.nn.functional.cosine_similarity(eager.float(), ours.float(), dim=-1).mean().item()
             print(f"hmcl encode, no CUDA graphs vs hmcl encode: mean cosine {same:.5f}", flush=True)
-            hm.encode_graphs = "auto"
         # the variant rows below change the eager loop: they run without CUDA graphs (compare them with
         # the "no CUDA graphs" row)
         hm.encode_graphs = False

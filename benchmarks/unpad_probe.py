@@ -29,21 +29,27 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def padding_attended(right):
+    """A wrong attention pattern to measure the probe against: ``right`` (unpad.packing) with the
+    padding attended (an all-ones mask in place of each text's own)."""
+    from hmcl_cli.modeling.masks import prepared_mask
+
+    def wrong(attention_mask, n_real, causal, with_mask=True):
+        p = right(attention_mask, n_real, causal, with_mask)
+        return dataclasses.replace(p, mask=prepared_mask(torch.ones_like(attention_mask), causal))
+    return wrong
+
+
 def probe_sizes(model) -> dict:
     """The probe's sizes for ``model`` (an EmbeddingModel), computed as unpad_refusal computes
     them: its three texts, eval mode, the device's autocast."""
     from hmcl_cli.modeling import unpad
     from hmcl_cli.modeling.encoder import autocast_for
-    from hmcl_cli.modeling.masks import last_hidden, prepared_mask, state_difference
+    from hmcl_cli.modeling.masks import last_hidden, state_difference
 
     dev, bb, causal = model.device, model.backbone, model.settings.is_decoder
     ids, mask, n_real = unpad.probe_batch(model)
     right = unpad.packing
-
-    def padding_attended(attention_mask, n, c, with_mask=True):
-        p = right(attention_mask, n, c, with_mask)
-        return dataclasses.replace(p, mask=prepared_mask(torch.ones_like(attention_mask), c))
-
     bb.eval()
     before = bb.config._attn_implementation
     unpad.set_attention(bb, unpad.register())
@@ -53,7 +59,7 @@ def probe_sizes(model) -> dict:
             packed = unpad.unpadded_states(bb, ids, mask, n_real, causal)
             wrong = None
             if not unpad.expects_varlen(bb, dev.type):  # the flash kernel takes no mask to get wrong
-                unpad.packing = padding_attended
+                unpad.packing = padding_attended(right)
                 wrong = state_difference(padded, unpad.unpadded_states(bb, ids, mask, n_real, causal), mask)
     finally:
         unpad.packing = right

@@ -119,21 +119,18 @@ def test_a_replay_that_disagrees_with_the_eager_forward_turns_graphs_off(tiny_be
     assert model._graphs_broken
 
 
-def test_refusals(tiny_bert):
+def test_refusals(tiny_bert, monkeypatch):
     model = EmbeddingModel.load(str(tiny_bert))
     assert encode_graphs.graph_refusal(model) == "not on a CUDA device"
     model.encode_graphs = False
     assert encode_graphs.graph_refusal(model) == "model.encode_graphs false"
     model.encode_graphs = "auto"
-    encode_graphs.on_cuda, real = (lambda m: True), encode_graphs.on_cuda
-    try:
-        assert encode_graphs.graph_refusal(model) == ""
-        from hmcl_cli.modeling.layers import compile_layers
+    monkeypatch.setattr(encode_graphs, "on_cuda", lambda m: True)
+    assert encode_graphs.graph_refusal(model) == ""
+    from hmcl_cli.modeling.layers import compile_layers
 
-        compile_layers(model.backbone)  # (compiled on first call: none here)
-        assert encode_graphs.graph_refusal(model) == "layers compiled (train.compile)"
-    finally:
-        encode_graphs.on_cuda = real
+    compile_layers(model.backbone)  # (compiled on first call: none here)
+    assert encode_graphs.graph_refusal(model) == "layers compiled (train.compile)"
 
 
 def test_recipe_key_reaches_the_model(tmp_path, tiny_bert):
@@ -153,7 +150,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 @pytest.mark.parametrize("kind", ["tiny_bert", "tiny_qwen"])
-def test_cuda_captured_graphs_give_the_eager_embeddings(kind, request):
+def test_cuda_captured_graphs_give_the_eager_embeddings(kind, request, monkeypatch):
     """On a GPU: graphs are captured and replayed (none left after the call), embeddings as eager."""
     model = EmbeddingModel.load(str(request.getfixturevalue(kind))).to("cuda")
     model.encode_graphs = False
@@ -165,12 +162,9 @@ def test_cuda_captured_graphs_give_the_eager_embeddings(kind, request):
     def counted(self, *args, **kwargs):
         real(self, *args, **kwargs)
         captured.append(self.graph is not None)
-    encode_graphs._Graph.__init__ = counted
-    try:
-        got = model.encode(TEXTS, batch_size=4)
-        again = model.encode(TEXTS, batch_size=4)
-    finally:
-        encode_graphs._Graph.__init__ = real
+    monkeypatch.setattr(encode_graphs._Graph, "__init__", counted)
+    got = model.encode(TEXTS, batch_size=4)
+    again = model.encode(TEXTS, batch_size=4)
     assert captured and all(captured) and not model._graphs_broken
     cos = torch.nn.functional.cosine_similarity(got, ref, dim=-1)
     assert cos.min() > 0.999

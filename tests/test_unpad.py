@@ -485,9 +485,11 @@ def test_probe_allows_the_rounding_a_padded_batch_itself_carries_but_not_a_wrong
     (its packed call 0.49% from padded, as the padded batch from each text alone); a wrong
     attention pattern (padding attended: ~65%) is refused, also where the padded batch's own
     difference would be large enough to allow it but for the cap."""
-    import dataclasses
+    import sys
+    from pathlib import Path
 
-    from hmcl_cli.modeling import masks
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from unpad_probe import padding_attended
 
     monkeypatch.setattr(unpad, "state_tolerance", lambda ref, half, lowered=False: 1e-6)
 
@@ -499,13 +501,7 @@ def test_probe_allows_the_rounding_a_padded_batch_itself_carries_but_not_a_wrong
     monkeypatch.setattr(unpad, "ROUNDING_FACTOR", 2.0)
     assert probe() == ""
     assert "from each text run alone (the model's own rounding)" in capsys.readouterr().out
-    right = unpad.packing
-
-    def padding_attended(attention_mask, n_real, causal, with_mask=True):
-        p = right(attention_mask, n_real, causal, with_mask)
-        return dataclasses.replace(p, mask=masks.prepared_mask(torch.ones_like(attention_mask), causal))
-
-    monkeypatch.setattr(unpad, "packing", padding_attended)
+    monkeypatch.setattr(unpad, "packing", padding_attended(unpad.packing))
     assert "differ" in probe()
     monkeypatch.setattr(unpad, "_padded_vs_alone", lambda *a: 0.5)  # 2 x 50% would take the wrong pattern
     reason = probe()

@@ -13,8 +13,8 @@ A graph replays fixed shapes, so:
   and each batch is padded to a width from a short list (:func:`graph_width`: multiples of 16 up
   to 256 tokens, then of 64), and filled up to its width's rows with copies of its last row
   (their embeddings are dropped);
-* a width gets a graph where at least :data:`MIN_BATCHES` batches share it (a capture costs
-  about two eager batches); the other batches, and those of widths past :data:`MAX_GRAPHS`
+* a width gets a graph where at least :data:`MIN_BATCHES` batches share it (a capture runs its
+  first batch twice: a warm-up, then the recorded run); the other batches, and those of widths past :data:`MAX_GRAPHS`
   graphs, run eagerly as without graphs (unpadded where ``model.unpad`` allows);
 * graphs live for one ``encode`` call and share one memory pool (replayed in the order captured:
   widths only shrink), so nothing stays on the GPU between calls — a training run's evaluation
@@ -60,14 +60,13 @@ def graph_width(length: int) -> int:
 
 def graph_refusal(model: Any) -> str:
     """Why ``model`` encodes without CUDA graphs ('' when it may use them)."""
-    setting = getattr(model, "encode_graphs", "auto")
-    if setting is False:
+    if model.encode_graphs is False:
         return "model.encode_graphs false"
     if not on_cuda(model):
         return "not on a CUDA device"
     if model.segments is not None:
         return "model.segments on (segments run eagerly)"
-    if getattr(model, "_graphs_broken", ""):
+    if model._graphs_broken:
         return model._graphs_broken
     from hmcl_cli.training.sharding import is_sharded
 
@@ -151,7 +150,7 @@ class GraphedBatches:
             w = graph_width(len(ids[order[start]]))
             widths.append(w)
             self.rows[w] = max(self.rows.get(w, 0), stop - start)
-        self.planned = plan_graphs(widths, getattr(model, "encode_graphs", "auto"))
+        self.planned = plan_graphs(widths, model.encode_graphs)
         self.capture = CAPTURE
         self.pool = torch.cuda.graph_pool_handle() if self.planned and self.capture else None
         self.graphs: dict[int, Optional[_Graph]] = {}
@@ -164,7 +163,7 @@ class GraphedBatches:
         graph, or None where it has none."""
         rows = [self.ids[i] for i in idx]
         width = graph_width(len(rows[0]))
-        if width not in self.planned or getattr(self.model, "_graphs_broken", ""):
+        if width not in self.planned or self.model._graphs_broken:
             return None
         host = self.model.pad(rows + [rows[-1]] * (self.rows[width] - len(rows)), multiple_of=width,
                               pool_skip=self.skip)

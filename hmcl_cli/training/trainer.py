@@ -134,13 +134,13 @@ class HMCLTrainer:
 
         self.memory_plan = None
         self.joins_unpadded = False  # set by setup: steps unpadded by the varlen kernel join both sides
-        self.cuda_graphs = False  # train.compile cuda-graphs: a new graph generation marked at every step
+        self.cuda_graphs = cfg.compile == "cuda-graphs"  # layers replayed from CUDA graphs: a generation per step
         built_here = model is None
         if built_here:
             model = EmbeddingModel.from_recipe(r.model, r.base_dir, dtype=training_dtype(r.model, self.device.type))
         else:
             model.apply_run_settings(r.model)
-        if cfg.compile == "cuda-graphs":
+        if self.cuda_graphs:
             model.unpad = False  # a graph replays one shape: unpadded calls change theirs every step
         self.model = model
         model.settings.matryoshka_dims = list(r.loss.matryoshka_dims)  # saved with it: eval and export read them
@@ -189,7 +189,6 @@ class HMCLTrainer:
             # planned unpadded, but the model runs padded: plan again (and grad_cache_chunk auto with it)
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text(), unpadded=False)
         self.joins_unpadded = self.model.trains_with_varlen(self.device.type, self.precision)
-        self.cuda_graphs = cfg.compile == "cuda-graphs"
         if cfg.compile:
             n = compile_layers(self.model.backbone, mode="reduce-overhead" if self.cuda_graphs else None)
             if self.is_main:
