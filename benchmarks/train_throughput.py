@@ -9,6 +9,7 @@
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl --sync-audit   # host waits
     python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-compiled,hmcl-graphs  # compiled
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
+    python benchmarks/train_throughput.py --data stsb --shape micro-qwen3-28 --tools st,hmcl,hmcl-unfused-norms --op-count
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl,hmcl-cudnn   # cuDNN attention
@@ -33,7 +34,8 @@ FLOPs, 12 x layers x width x length per token, under 1% at these ~16-token texts
 as is recomputation by gradient checkpointing: a conservative MFU). ``--op-count`` counts the
 ATen operations each tool dispatches per timed step outside the optimizer (and in it, apart),
 views left out: each is at least one kernel launch on a GPU, where short-text steps are
-launch-bound; counted on any device. The memory
+launch-bound; counted on any device (on a CPU with ``F.rms_norm`` one operation, as on a GPU:
+:func:`gpu_norm_kernels_on_cpu`). The memory
 planner's estimate is printed beside hmcl's measured peak. Data: ``quickstart`` =
 recipes/data/support-train.jsonl (graded, group 4, max length 64/96 as the quickstart recipe);
 ``stsb`` = STS-B train pairs with score >= 4 from ../shared/data (group 1: the positive only,
@@ -72,6 +74,9 @@ SHAPES = {  # random-weight shapes (name -> transformers config kwargs)
                            vocab_size=30522)),
     "micro-qwen3": ("qwen3", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                   num_key_value_heads=2, head_dim=8, vocab_size=8000)),  # the decoder path, for smoke tests
+    # Qwen3-0.6B's 28 layers at micro width: the host work of the 0.6B step (launch-bound on a GPU) on a CPU
+    "micro-qwen3-28": ("qwen3", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=28, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=8, vocab_size=8000)),
     "bert-base": ("bert", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                                vocab_size=30522)),
     "qwen3-0.6b": ("qwen3", dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -413,12 +418,34 @@ TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-1fwd": "hmcl train, one forward", "hmcl-2fwd": "hmcl train, two forwards",
               "hmcl-cudnn": "hmcl train, cuDNN attention", "hmcl-per-tensor-adamw": "hmcl train, per-tensor AdamW",
               "hmcl-padded": "hmcl train, padded", "hmcl-unpad": "hmcl train, unpadded",
-              "hmcl-compiled": "hmcl train, compiled", "hmcl-graphs": "hmcl train, CUDA graphs"}
+              "hmcl-compiled": "hmcl train, compiled", "hmcl-graphs": "hmcl train, CUDA graphs",
+              "hmcl-unfused-norms": "hmcl train, unfused norms"}
 # rows never measured on a GPU yet: a failure is printed and the tools after it still run
 EXPERIMENTAL_TOOLS = {"hmcl-graphs", "hmcl-compiled"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
               "hmcl-graphs": {"compile": "cuda-graphs"}}  # (layers in reduce-overhead mode, padded calls)
-TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True}}
+TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True},
+              "hmcl-unfused-norms": {"fused_norms": False}}
+
+
+def gpu_norm_kernels_on_cpu() -> None:
+    """Make ``F.rms_norm`` one operation forward and one backward on a CPU too, as PyTorch's fused
+    kernel (``aten::_fused_rms_norm``, CUDA) makes it on a GPU: CPU kernels for the fused
+    operation and its backward, computed by PyTorch's own decompositions of them. For
+    ``--op-count`` on a CPU, whose count is to stand for a GPU's launches (without this, a CPU's
+    ``F.rms_norm`` is the same ~22 operations as transformers' RMSNorm code). Once per process."""
+    from torch._decomp import decomposition_table
+
+    global _NORM_LIBRARY
+    if _NORM_LIBRARY is not None:
+        return
+    aten = torch.ops.aten
+    _NORM_LIBRARY = torch.library.Library("aten", "IMPL")
+    for op in (aten._fused_rms_norm, aten._fused_rms_norm_backward):
+        _NORM_LIBRARY.impl(op.__name__, decomposition_table[op.default], "CPU")
+
+
+_NORM_LIBRARY = None
 
 
 @contextlib.contextmanager
@@ -495,12 +522,14 @@ def main() -> None:
                     help="comma-separated: st, hmcl, hmcl-2d-mask (hmcl with the model's own 2D mask check), "
                     "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention), "
                     "hmcl-per-tensor-adamw (hmcl without its fused AdamW), hmcl-padded / hmcl-unpad (model.unpad "
-                    "false / true), hmcl-compiled (train.compile), hmcl-graphs (train.compile cuda-graphs: layers replayed from CUDA graphs, padded)")
+                    "false / true), hmcl-compiled (train.compile), hmcl-graphs (train.compile cuda-graphs: layers replayed "
+                    "from CUDA graphs, padded), hmcl-unfused-norms (model.fused_norms false)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
     ap.add_argument("--op-count", action="store_true",
-                    help="count the ATen operations (views left out) each tool dispatches per timed step")
+                    help="count the ATen operations (views left out) each tool dispatches per timed step (on a "
+                    "CPU with F.rms_norm as one operation, as a GPU's fused kernel runs it)")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--no-warm-shapes", dest="warm_shapes", action="store_false",
@@ -515,6 +544,8 @@ def main() -> None:
     args.batch_size = args.batch_size or (32 if args.data == "quickstart" else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(torch.get_num_threads())
+    if args.op_count and device.type == "cpu":
+        gpu_norm_kernels_on_cpu()
     rows, group, q_len, d_len = examples(args.data)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

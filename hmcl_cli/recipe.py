@@ -133,6 +133,15 @@ class ModelConfig(_Section):
         "the host; the first replay of each call is checked against the eager forward, and a failure "
         "turns graphs off with a warning. See hmcl_cli/modeling/encode_graphs.py.",
     )
+    fused_norms: bool = Field(
+        True,
+        description="Compute the backbone's RMSNorm layers (Qwen, Llama, Mistral, ...) with PyTorch's "
+        "F.rms_norm: one fused kernel forward and one backward on a GPU instead of ~20 "
+        "operations (Qwen3 has 4 a layer; short-text steps on a GPU are bound by kernel launches). "
+        "Each class is probed first (same output as its own forward, to rounding) and keeps its own "
+        "forward if it differs (Gemma's 1 + weight, for one). No change on a CPU (float32: "
+        "bit-identical) nor for BERT-class models. See hmcl_cli/modeling/fused_norms.py.",
+    )
     segments: Optional[SegmentsConfig] = Field(
         None,
         description="Encode texts longer than one segment as segments (max_length then bounds "

@@ -63,7 +63,8 @@
 #            shape; then what makes hmcl's encoding loop wait for the GPU, per batch.
 #   gputests the tests that need a CUDA device, with the image's pytest: encoding graphs captured
 #            and replayed give the eager embeddings (BERT, Qwen3), and train.compile cuda-graphs
-#            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s).
+#            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s), and the
+#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms).
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -199,7 +200,7 @@ for spec in "$@"; do
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     gputests)
       part gputests "$secs" python3 -m pytest -q -p no:cacheprovider tests/test_encode_graphs.py \
-        tests/test_host_sync.py -k "cuda or graphs" ;;
+        tests/test_host_sync.py tests/test_fused_norms.py -k "cuda or graphs" ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json

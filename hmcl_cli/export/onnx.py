@@ -96,7 +96,8 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
     from hmcl_cli.modeling.encoder import EmbeddingModel, tokenizer_with_eos
 
     require_onnx()
-    model = EmbeddingModel.load(str(model_dir), attn_implementation="eager")
+    # traced on the CPU: RMSNorm as the model's own code writes it (fusion saves nothing there)
+    model = EmbeddingModel.load(str(model_dir), attn_implementation="eager", fused_norms=False)
     model.eval()
     refuse_prompt_pooling(model, model_dir)
     if model.segments is not None:

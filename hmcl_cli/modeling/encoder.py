@@ -153,6 +153,7 @@ class EmbeddingModel(nn.Module):
         self._unpadded: tuple[int, str] = (0, "")  # (id of the backbone probed, why not: '' = it may)
         self.encode_graphs: bool | str = "auto"  # model.encode_graphs: encode replaying CUDA graphs (modeling/encode_graphs.py)
         self._graphs_broken = ""  # why graphs were turned off after a capture or its check failed ('' = not)
+        self.norm_fusion: Any = None  # model.fused_norms: what fuse_rms_norms did (modeling/fused_norms.py)
 
     @property
     def segments(self) -> Any:
@@ -192,9 +193,11 @@ class EmbeddingModel(nn.Module):
         dtype: Optional[torch.dtype] = None,
         check_lengths: bool = True,
         include_prompt: Optional[bool] = None,
+        fused_norms: bool = True,
     ) -> "EmbeddingModel":
         """Load from a local folder, hub id or offline package (see ``resolve_model``).
-        ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`)."""
+        ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`).
+        ``fused_norms``: RMSNorm layers through F.rms_norm (modeling/fused_norms.py)."""
         from transformers import AutoConfig, AutoTokenizer
 
         from hmcl_cli.modeling.st_modules import read_pipeline
@@ -273,6 +276,7 @@ class EmbeddingModel(nn.Module):
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
         model = cls(backbone, tokenizer, settings, st.head)  # the head stays float32 (it trains; it is small)
+        model.set_fused_norms(fused_norms)
         if check_lengths:
             model.check_lengths(str(name_or_path))
         return model
@@ -303,6 +307,18 @@ class EmbeddingModel(nn.Module):
         self.cudnn_attention = model_cfg.cudnn_attention
         self.unpad = model_cfg.unpad
         self.encode_graphs = model_cfg.encode_graphs
+        self.set_fused_norms(model_cfg.fused_norms)
+
+    def set_fused_norms(self, on: bool) -> None:
+        """RMSNorm layers through F.rms_norm (``model.fused_norms``; modeling/fused_norms.py), or
+        their classes' own forward again; what was done is kept in ``norm_fusion``."""
+        from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_rms_norms
+
+        if on:
+            self.norm_fusion = fuse_rms_norms(self.backbone)
+        else:
+            unfuse_rms_norms(self.backbone)
+            self.norm_fusion = FusionReport()
 
     def position_limit(self) -> Optional[int]:
         """The longest sequence the backbone can encode: see :func:`position_limit`."""
