@@ -205,7 +205,8 @@ for fused in (True, False):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/device/run.sh gputests)")
-def test_cuda_fused_norms_run_the_fused_kernel(tiny_qwen):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # full fine-tuning's weights; LoRA's frozen base
+def test_cuda_fused_norms_run_the_fused_kernel(tiny_qwen, dtype):
     """On a GPU: the fused kernel takes every norm under bf16 autocast, with fewer operations in
     all, and the embeddings and gradients agree with the model's own norms."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -213,7 +214,7 @@ def test_cuda_fused_norms_run_the_fused_kernel(tiny_qwen):
 
     results = {}
     for fused in (True, False):
-        model = EmbeddingModel.load(str(tiny_qwen), fused_norms=fused).cuda()
+        model = EmbeddingModel.load(str(tiny_qwen), fused_norms=fused, dtype=dtype).cuda()
         model.train()
         batch = {k: v.cuda() for k, v in model.pad([model.tokenize([t])[0] for t in TEXTS]).items()
                  if k in ("input_ids", "attention_mask")}

@@ -12,7 +12,8 @@
 # Suggested next (#9's and #11's rows of 2026-12-04 are in RESULTS.md): call 1 as above (encoding
 # replayed from CUDA graphs: its tests, then its speed beside model.encode; #9's compiled and
 # CUDA-graph training rows), then #11's GPU quality rows (12 runs that did not end in 200 s last
-# time, 12 at once: the log now says where each got); `compileq=120 probe=60 profile=70` if time is left.
+# time, 12 at once: the log now says where each got); `compileq=150 probe=60 profile=70` if time is left
+# (compileq: the fused RMSNorm of 2026-12-04, third session, beside unfused; gputests checks its kernel).
 # `fp16=60` (the loss-scale path, untested on a GPU), `scale=210` (#8, in) and `quality=300` (#12,
 # resolved on the CPU) only with time to spare.
 #
@@ -38,8 +39,9 @@
 #            with CUDA graphs (hmcl-graphs: torch.compile reduce-overhead, padded calls; a benchmark
 #            row) and with train.compile (never measured on a GPU yet; the steps are launch-bound
 #            there, what compiling and CUDA graphs are for).
-#   compileq #9: the Qwen3-0.6B shape (batch 32, full fine-tuning), the loop vs hmcl vs hmcl with
-#            train.compile cuda-graphs (hmcl-graphs), as `compile` does for the smaller shapes.
+#   compileq #9: the Qwen3-0.6B shape (batch 32, full fine-tuning), the loop vs hmcl (fused
+#            RMSNorm, model.fused_norms: 6,241 against 10,309 operations a step counted on the CPU)
+#            vs hmcl with unfused norms vs hmcl with train.compile cuda-graphs (hmcl-graphs).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
@@ -169,9 +171,10 @@ for spec in "$@"; do
       part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 \
         --tools st,hmcl-graphs,hmcl-compiled ;;
     compileq)
-      # #9's Qwen3-0.6B row (>= 3x) with its layers replayed from CUDA graphs (train.compile cuda-graphs)
+      # #9's Qwen3-0.6B row (>= 3x): fused RMSNorm (hmcl's default) beside unfused, then the layers
+      # replayed from CUDA graphs (train.compile cuda-graphs)
       part compileq "$secs" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 --warmup 2 \
-        --tools st,hmcl,hmcl-graphs ;;
+        --tools st,hmcl,hmcl-unfused-norms,hmcl-graphs ;;
     profile)
       # where a short-text step and an encode spend their time: torch.profiler tables by GPU time
       # and by host time, with hmcl's ranges (hmcl.collate / forward / loss / backward /

@@ -88,13 +88,20 @@ def fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     in float32 and rounded to the input's dtype before the weight multiplies it — through
     ``F.rms_norm``: one fused operation on a GPU where input and weight share a dtype (the kernel
     computes in float32 and rounds once), the norm alone and a multiplication where they do not
-    (PyTorch's kernel wants one dtype). The output's dtype is the original's (under autocast,
-    which computes ``rms_norm`` in float32, too)."""
+    (PyTorch's kernel wants one dtype). The output's dtype is the original's.
+
+    GPU autocast computes ``rms_norm`` in float32: bf16 input and weight (a LoRA run's frozen bf16
+    base) would be cast up, normed and cast back, four kernels. The fused kernel computes in
+    float32 itself, so for them autocast is held off around it: one kernel, one rounding."""
     weight = self.weight
     shape = (weight.shape[0],)
     eps = _eps(self)
     out_dtype = _promoted(hidden_states.dtype, weight.dtype)
     if weight.dtype == hidden_states.dtype:
+        device = hidden_states.device.type
+        if hidden_states.dtype != torch.float32 and device != "cpu" and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return F.rms_norm(hidden_states, shape, weight, eps)
         y = F.rms_norm(hidden_states, shape, weight, eps)
     else:
         y = weight * F.rms_norm(hidden_states, shape, None, eps).to(hidden_states.dtype)
