@@ -188,20 +188,23 @@ import train_throughput as tt
 from test_fused_norms import _embed_and_grads
 from hmcl_cli.modeling.encoder import EmbeddingModel
 tt.gpu_norm_kernels_on_cpu()
-for fused in (True, False):
-    model = EmbeddingModel.load({str(tiny_qwen)!r}, fused_norms=fused)
-    _embed_and_grads(model)  # the first call runs the mask probes too
-    with tt.OpCounter() as ops:
-        _embed_and_grads(model)
-    print(int(fused), sum(ops.counts.values()), ops.counts["_fused_rms_norm"], ops.counts["_fused_rms_norm_backward"])
+for autocast in (False, True):
+    for fused in (True, False):
+        model = EmbeddingModel.load({str(tiny_qwen)!r}, fused_norms=fused)
+        _embed_and_grads(model)  # the first call runs the mask probes too
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), tt.OpCounter() as ops:
+            _embed_and_grads(model)
+        print(int(autocast), int(fused), sum(ops.counts.values()), ops.counts["_fused_rms_norm"],
+              ops.counts["_fused_rms_norm_backward"])
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {int(f): (int(total), int(fw), int(bw)) for f, total, fw, bw in (line.split() for line in out.stdout.split("\n")
-                                                                          if line[:2] in ("1 ", "0 "))}
+    rows = {(int(a), int(f)): (int(total), int(fw), int(bw))
+            for a, f, total, fw, bw in (line.split() for line in out.stdout.split("\n") if line[:4] in ("0 0 ", "0 1 ", "1 0 ", "1 1 "))}
     norms = 2 * NORMS_PER_LAYER["qwen3"] + 1
-    assert rows[1][1:] == (norms, norms) and rows[0][1:] == (0, 0)
-    assert rows[0][0] - rows[1][0] >= 15 * norms, rows
+    for autocast in (0, 1):  # float32, and bf16 autocast (the q/k norms then get bf16 input and float32 weights)
+        assert rows[autocast, 1][1:] == (norms, norms) and rows[autocast, 0][1:] == (0, 0), rows
+        assert rows[autocast, 0][0] - rows[autocast, 1][0] >= 15 * norms, rows
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/device/run.sh gputests)")

@@ -86,9 +86,10 @@ def candidate_refusal(module: nn.Module) -> str:
 def fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """RMSNorm as transformers' decoders compute it — ``weight * (x / rms(x))``, the norm computed
     in float32 and rounded to the input's dtype before the weight multiplies it — through
-    ``F.rms_norm``: one fused operation on a GPU where input and weight share a dtype (the kernel
-    computes in float32 and rounds once), the norm alone and a multiplication where they do not
-    (PyTorch's kernel wants one dtype). The output's dtype is the original's.
+    ``F.rms_norm``: one fused operation on a GPU (the kernel computes in float32 and rounds once;
+    transformers' code rounds the norm, then the product). PyTorch's kernel wants input and weight
+    in one dtype: where they differ, the one of lower precision is cast to the output's dtype
+    first (one more operation). The output's dtype is the original's.
 
     GPU autocast computes ``rms_norm`` in float32: bf16 input and weight (a LoRA run's frozen bf16
     base) would be cast up, normed and cast back, four kernels. The fused kernel computes in
@@ -103,8 +104,8 @@ def fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device, enabled=False):
                 return F.rms_norm(hidden_states, shape, weight, eps)
         y = F.rms_norm(hidden_states, shape, weight, eps)
-    else:
-        y = weight * F.rms_norm(hidden_states, shape, None, eps).to(hidden_states.dtype)
+    else:  # e.g. bf16 queries (a projection's output under autocast) and a float32 weight (Qwen3's q_norm)
+        y = F.rms_norm(hidden_states.to(out_dtype), shape, weight.to(out_dtype), eps)
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
@@ -126,8 +127,8 @@ PROBE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)
 def probe_refusal(module: nn.Module) -> str:
     """Why ``module``'s class may not take :func:`fused_forward` ('' = it may): a CPU copy with
     random weights, its own forward against the fused one, for each (input, weight) dtype pair of
-    :data:`PROBE_DTYPES`: same output dtype, and values equal to rounding (float32: 1e-5 of the
-    largest output; bf16: 2^-6, a bf16 rounding or two)."""
+    :data:`PROBE_DTYPES`: same output dtype, and values equal to rounding (float32 input and
+    weight: 1e-5 of the largest output; with a bf16 one: 2^-6, a bf16 rounding or two)."""
     gen = torch.Generator().manual_seed(0)
     try:
         probe = copy.deepcopy(module).to("cpu")
@@ -149,7 +150,8 @@ def probe_refusal(module: nn.Module) -> str:
             return "its forward returns something other than one tensor of the input's shape"
         if own.dtype != fused.dtype:
             return f"output dtype {own.dtype} for {x_dtype} input and {w_dtype} weight, the fused one {fused.dtype}"
-        tol = (1e-5 if own.dtype == torch.float32 else 2.0 ** -6) * float(own.float().abs().max())
+        exact = x_dtype == w_dtype == torch.float32  # else a bf16 rounding sits in one of the two
+        tol = (1e-5 if exact else 2.0 ** -6) * float(own.float().abs().max())
         if float((own.float() - fused.float()).abs().max()) > tol:
             return f"its output differs from RMSNorm's ({x_dtype} input, {w_dtype} weight)"
     return ""
