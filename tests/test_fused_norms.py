@@ -234,3 +234,20 @@ def test_cuda_fused_norms_run_the_fused_kernel(tiny_qwen, dtype):
     assert torch.nn.functional.cosine_similarity(results[True][0], results[False][0]).min() > 0.999
     for a, b in zip(results[True][1], results[False][1]):
         assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+
+
+def test_a_fused_backbone_pickles_and_copies_fused(tiny_qwen):
+    """The fused classes are made at run time: pickle (a DataLoader worker started by spawn gets
+    the model pickled) and deepcopy (merged export) must still give fused norms, same output."""
+    import copy
+    import pickle
+
+    model = EmbeddingModel.load(str(tiny_qwen))
+    batch = model.pad([model.tokenize([t])[0] for t in TEXTS])
+    backbone = model.backbone.eval()
+    with torch.no_grad():
+        want = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        for other in (pickle.loads(pickle.dumps(backbone)), copy.deepcopy(backbone)):
+            assert fused_count(other) == fused_count(backbone) > 0
+            got = other(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            assert torch.equal(got, want)

@@ -166,9 +166,21 @@ def fused_class(cls: type) -> type:
     """The subclass of ``cls`` whose forward is :func:`fused_forward` (one per class)."""
     if cls not in _FUSED_CLASSES:
         _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": fused_forward, BASE: cls, "__module__": __name__,
+            "forward": fused_forward, BASE: cls, "__module__": __name__, "__reduce_ex__": _reduce_fused,
             "__doc__": f"{cls.__name__} computed by F.rms_norm (hmcl_cli/modeling/fused_norms.py)."})
     return _FUSED_CLASSES[cls]
+
+
+def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
+    """Pickle (and deepcopy) a fused module by its own class, fused again when loaded: the fused
+    subclass is made at run time, so pickle could not find it by name (a DataLoader worker
+    started by spawn, as on macOS, receives the model pickled)."""
+    return _new_fused, (own_class(self),), self.__getstate__()
+
+
+def _new_fused(cls: type) -> nn.Module:
+    """An empty instance of ``cls``'s fused subclass, for pickle to fill (see :func:`_reduce_fused`)."""
+    return object.__new__(fused_class(cls))
 
 
 def fuse_rms_norms(backbone: nn.Module) -> FusionReport:
