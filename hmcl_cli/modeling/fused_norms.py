@@ -45,6 +45,7 @@ from torch import nn
 EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 BASE = "_hmcl_unfused_class"  # on a fused subclass: the class it fuses
 _FUSED_CLASSES: dict[type, type] = {}  # class -> its fused subclass
+_VERDICTS: dict[type, str] = {}  # class -> probe_refusal's answer (it depends on the class alone)
 
 
 @dataclass
@@ -125,8 +126,8 @@ PROBE_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)
 
 
 def probe_refusal(module: nn.Module) -> str:
-    """Why ``module``'s class may not take :func:`fused_forward` ('' = it may): a CPU copy with
-    random weights, its own forward against the fused one, for each (input, weight) dtype pair of
+    """Why ``module``'s class may not take :func:`fused_forward` ('' = it may; asked once per class
+    and process by :func:`fuse_rms_norms`): a CPU copy with random weights, its own forward against the fused one, for each (input, weight) dtype pair of
     :data:`PROBE_DTYPES`: same output dtype, and values equal to rounding (float32 input and
     weight: 1e-5 of the largest output; with a bf16 one: 2^-6, a bf16 rounding or two)."""
     gen = torch.Generator().manual_seed(0)
@@ -186,16 +187,16 @@ def _new_fused(cls: type) -> nn.Module:
 def fuse_rms_norms(backbone: nn.Module) -> FusionReport:
     """Give every RMSNorm module of ``backbone`` whose class passes :func:`probe_refusal` the fused
     forward (in place: its class becomes :func:`fused_class`); returns what was done. Idempotent."""
-    report, verdicts = FusionReport(), {}
+    report = FusionReport()
     for module in backbone.modules():
         cls = own_class(module)
         if not cls.__name__.lower().endswith("rmsnorm") or isinstance(module, nn.RMSNorm):
             continue
         reason = candidate_refusal(module)
         if not reason:
-            if cls not in verdicts:
-                verdicts[cls] = probe_refusal(module)
-            reason = verdicts[cls]
+            if cls not in _VERDICTS:
+                _VERDICTS[cls] = probe_refusal(module)
+            reason = _VERDICTS[cls]
         if reason:
             report.refused[cls.__name__] = reason
             continue
