@@ -2,7 +2,7 @@
 # The GPU checks of the open issues, as one prepared call on the lent machine.
 #
 #   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
-#   device: run(command="bash benchmarks/device/run.sh gputests=90 encode=110 compile=140",
+#   device: run(command="bash benchmarks/device/run.sh gputests=110 encode=110 compile=120",
 #               carry=[".dev"], timeout_s=420); then at once `longq=380` (timeout_s 430)
 #
 # A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), and one
@@ -66,7 +66,7 @@
 #   gputests the tests that need a CUDA device, with the image's pytest: encoding graphs captured
 #            and replayed give the eager embeddings (BERT, Qwen3), and train.compile cuda-graphs
 #            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s), and the
-#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms).
+#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms; ~10 s more).
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
