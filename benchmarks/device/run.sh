@@ -66,7 +66,7 @@
 #   gputests the tests that need a CUDA device, with the image's pytest: encoding graphs captured
 #            and replayed give the eager embeddings (BERT, Qwen3), and train.compile cuda-graphs
 #            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s), and the
-#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms; ~10 s more).
+#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms; not yet timed there).
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
