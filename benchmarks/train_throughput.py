@@ -433,7 +433,7 @@ def gpu_norm_kernels_on_cpu() -> None:
     kernel (``aten::_fused_rms_norm``, CUDA) makes it on a GPU: CPU kernels for the fused
     operation and its backward, computed by PyTorch's own decompositions of them. For
     ``--op-count`` on a CPU, whose count is to stand for a GPU's launches (without this, a CPU's
-    ``F.rms_norm`` is the same ~22 operations as transformers' RMSNorm code). Once per process."""
+    ``F.rms_norm`` is the same ~20 operations as transformers' RMSNorm code). Once per process."""
     from torch._decomp import decomposition_table
 
     global _NORM_LIBRARY

@@ -91,55 +91,43 @@ def test_recipe_key_turns_fusion_off_and_on(tiny_qwen, tmp_path):
     assert unfuse_rms_norms(model.backbone) == model.norm_fusion.fused
 
 
-class OffsetRMSNorm(nn.Module):
-    """Gemma's RMSNorm: scaled by 1 + weight (weights stored around 0)."""
+class _Norm(nn.Module):
+    """A weight of ones and an epsilon: what every stand-in norm below holds."""
 
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = 1e-6
-
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight.float())).type_as(x)
-
-
-class GatedRMSNorm(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = 1e-6
+        self.variance_epsilon = 1e-6
 
+    def normed(self, x):
+        x32 = x.float()
+        return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+
+class OffsetRMSNorm(_Norm):
+    """Gemma's RMSNorm: scaled by 1 + weight (weights stored around 0)."""
+
+    def forward(self, x):
+        return (self.normed(x) * (1.0 + self.weight.float())).type_as(x)
+
+
+class GatedRMSNorm(_Norm):
     def forward(self, x, gate=None):
         return x
 
 
-class InputDtypeRMSNorm(nn.Module):
+class InputDtypeRMSNorm(_Norm):
     """OLMo-2's: the weight multiplies in float32, the output in the input's dtype."""
 
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = 1e-6
-
     def forward(self, x):
-        x32 = x.float()
-        return (self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))).to(x.dtype)
+        return (self.weight * self.normed(x)).to(x.dtype)
 
 
-class PlainRMSNorm(nn.Module):
+class PlainRMSNorm(_Norm):
     """Llama's RMSNorm, written out."""
 
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.variance_epsilon = 1e-6
-
     def forward(self, hidden_states):
-        dtype = hidden_states.dtype
-        h = hidden_states.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * h.to(dtype)
+        return self.weight * self.normed(hidden_states).to(hidden_states.dtype)
 
 
 def test_probe_keeps_what_is_not_rmsnorm():

@@ -34,6 +34,7 @@ from torch.profiler import record_function
 from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError, RecipeError
 from hmcl_cli.modeling import encode_graphs, unpad
+from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_rms_norms
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -153,7 +154,7 @@ class EmbeddingModel(nn.Module):
         self._unpadded: tuple[int, str] = (0, "")  # (id of the backbone probed, why not: '' = it may)
         self.encode_graphs: bool | str = "auto"  # model.encode_graphs: encode replaying CUDA graphs (modeling/encode_graphs.py)
         self._graphs_broken = ""  # why graphs were turned off after a capture or its check failed ('' = not)
-        self.norm_fusion: Any = None  # model.fused_norms: what fuse_rms_norms did (modeling/fused_norms.py)
+        self.norm_fusion = FusionReport()  # model.fused_norms: what fuse_rms_norms did (modeling/fused_norms.py)
 
     @property
     def segments(self) -> Any:
@@ -312,8 +313,6 @@ class EmbeddingModel(nn.Module):
     def set_fused_norms(self, on: bool) -> None:
         """RMSNorm layers through F.rms_norm (``model.fused_norms``; modeling/fused_norms.py), or
         their classes' own forward again; what was done is kept in ``norm_fusion``."""
-        from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_rms_norms
-
         if on:
             self.norm_fusion = fuse_rms_norms(self.backbone)
         else:

@@ -64,8 +64,11 @@ class FusionReport:
 
 
 def _eps(module: nn.Module) -> Optional[float]:
+    """The module's epsilon, read from its own attributes (a plain dict lookup: this runs in every
+    fused forward, and nn.Module's attribute lookup raises for each name it misses)."""
+    attrs = module.__dict__
     for name in EPS_NAMES:
-        value = getattr(module, name, None)
+        value = attrs.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
@@ -98,16 +101,14 @@ def fused_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     weight = self.weight
     shape = (weight.shape[0],)
     eps = _eps(self)
-    out_dtype = _promoted(hidden_states.dtype, weight.dtype)
-    if weight.dtype == hidden_states.dtype:
-        device = hidden_states.device.type
-        if hidden_states.dtype != torch.float32 and device != "cpu" and torch.is_autocast_enabled(device):
-            with torch.autocast(device, enabled=False):
-                return F.rms_norm(hidden_states, shape, weight, eps)
-        y = F.rms_norm(hidden_states, shape, weight, eps)
-    else:  # e.g. bf16 queries (a projection's output under autocast) and a float32 weight (Qwen3's q_norm)
-        y = F.rms_norm(hidden_states.to(out_dtype), shape, weight.to(out_dtype), eps)
-    return y if y.dtype == out_dtype else y.to(out_dtype)
+    if weight.dtype != hidden_states.dtype:  # e.g. bf16 queries (a projection's output under autocast), Qwen3's fp32 q_norm
+        out_dtype = _promoted(hidden_states.dtype, weight.dtype)  # float32 (autocast keeps it: rms_norm is fp32 there)
+        return F.rms_norm(hidden_states.to(out_dtype), shape, weight.to(out_dtype), eps)
+    device = hidden_states.device.type
+    if hidden_states.dtype != torch.float32 and device != "cpu" and torch.is_autocast_enabled(device):
+        with torch.autocast(device, enabled=False):
+            return F.rms_norm(hidden_states, shape, weight, eps)
+    return F.rms_norm(hidden_states, shape, weight, eps)
 
 
 _PROMOTED: dict = {}

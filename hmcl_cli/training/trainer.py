@@ -260,9 +260,8 @@ class HMCLTrainer:
             log("train: attention mask: " + (f"2D, checked by the model each forward call ({refusal})" if refusal else
                                              "4D, prepared by hmcl (no padding check in the model's forward)"))
             log(f"train: {self.model.unpad_summary(self.device.type, self.precision)}")
-            fusion = self.model.norm_fusion
-            if fusion is not None and (fusion.fused or fusion.refused):
-                log(f"train: norms: {fusion.summary()}")
+            if self.model.norm_fusion.fused or self.model.norm_fusion.refused:
+                log(f"train: norms: {self.model.norm_fusion.summary()}")
             if r.loss.ranking_weight > 0:
                 ranking = describe_ranking_pairs(self.data.anchors, r.loss.ranking_pairs, r.loss.use_scores)
                 if ranking:
