@@ -419,13 +419,15 @@ TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-cudnn": "hmcl train, cuDNN attention", "hmcl-per-tensor-adamw": "hmcl train, per-tensor AdamW",
               "hmcl-padded": "hmcl train, padded", "hmcl-unpad": "hmcl train, unpadded",
               "hmcl-compiled": "hmcl train, compiled", "hmcl-graphs": "hmcl train, CUDA graphs",
-              "hmcl-unfused-norms": "hmcl train, unfused norms"}
+              "hmcl-unfused-norms": "hmcl train, unfused norms", "hmcl-unfused-rotary": "hmcl train, unfused rotary",
+              "hmcl-unfused": "hmcl train, unfused norms and rotary"}
 # rows never measured on a GPU yet: a failure is printed and the tools after it still run
 EXPERIMENTAL_TOOLS = {"hmcl-graphs", "hmcl-compiled"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
               "hmcl-graphs": {"compile": "cuda-graphs"}}  # (layers in reduce-overhead mode, padded calls)
 TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True},
-              "hmcl-unfused-norms": {"fused_norms": False}}
+              "hmcl-unfused-norms": {"fused_norms": False}, "hmcl-unfused-rotary": {"fused_rotary": False},
+              "hmcl-unfused": {"fused_norms": False, "fused_rotary": False}}
 
 
 def gpu_norm_kernels_on_cpu() -> None:
@@ -523,7 +525,8 @@ def main() -> None:
                     "hmcl-1fwd / hmcl-2fwd (train.one_forward true / false), hmcl-cudnn (model.cudnn_attention), "
                     "hmcl-per-tensor-adamw (hmcl without its fused AdamW), hmcl-padded / hmcl-unpad (model.unpad "
                     "false / true), hmcl-compiled (train.compile), hmcl-graphs (train.compile cuda-graphs: layers replayed "
-                    "from CUDA graphs, padded), hmcl-unfused-norms (model.fused_norms false)")
+                    "from CUDA graphs, padded), hmcl-unfused-norms (model.fused_norms false), "
+                    "hmcl-unfused-rotary (model.fused_rotary false), hmcl-unfused (both false)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")

@@ -142,6 +142,15 @@ class ModelConfig(_Section):
         "forward if it differs (Gemma's 1 + weight, for one). No change on a CPU (float32: "
         "bit-identical) nor for BERT-class models. See hmcl_cli/modeling/fused_norms.py.",
     )
+    fused_rotary: bool = Field(
+        True,
+        description="Rotate each attention layer's queries and keys (rotary position embeddings: "
+        "Qwen, Llama, Mistral, ...) as one tensor, with a roll instead of transformers' slices and "
+        "concatenation: the same numbers (outputs and gradients bit-identical, float32 and bf16) in "
+        "about half the operations (short-text steps on a GPU are bound by kernel launches). Each "
+        "model family's rotary function is probed first and kept where it differs. Needs "
+        "a transformers with per-layer rotary handles (5.25 has them). See hmcl_cli/modeling/fused_rotary.py.",
+    )
     segments: Optional[SegmentsConfig] = Field(
         None,
         description="Encode texts longer than one segment as segments (max_length then bounds "

@@ -17,6 +17,7 @@ from torch import nn
 from hmcl_cli.modeling import fused_norms
 from hmcl_cli.modeling.encoder import EmbeddingModel
 from hmcl_cli.modeling.fused_norms import fuse_rms_norms, fused_count, probe_refusal, unfuse_rms_norms
+from hmcl_cli.modeling.fused_rotary import fused_rotary_count
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["where is my order", "a refund takes five days", "how long does shipping take to reach me", "ok"]
@@ -147,8 +148,9 @@ def test_probe_keeps_what_is_not_rmsnorm():
     assert fuse_rms_norms(net).fused == 2 and fused_count(net) == 2  # idempotent
 
 
-def test_onnx_export_traces_the_models_own_norms(monkeypatch, tiny_qwen):
-    """Export loads without fusion: its graph is traced on the CPU, where fusion saves nothing."""
+def test_onnx_export_traces_the_models_own_norms_and_rotary(monkeypatch, tiny_qwen):
+    """Export loads without fusion (norms, rotary): its graph is traced on the CPU, as the model's
+    own code writes it."""
     from hmcl_cli.export import onnx
 
     seen = {}
@@ -156,7 +158,7 @@ def test_onnx_export_traces_the_models_own_norms(monkeypatch, tiny_qwen):
 
     def load(*a, **k):
         model = real(*a, **k)
-        seen["fused"] = fused_count(model.backbone)
+        seen["fused"] = fused_count(model.backbone) + fused_rotary_count(model.backbone)
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(EmbeddingModel, "load", load)
@@ -225,8 +227,9 @@ def test_cuda_fused_norms_run_the_fused_kernel(tiny_qwen, dtype):
 
 
 def test_a_fused_backbone_pickles_and_copies_fused(tiny_qwen):
-    """The fused classes are made at run time: pickle (a DataLoader worker started by spawn gets
-    the model pickled) and deepcopy (merged export) must still give fused norms, same output."""
+    """The fused classes (norms; rotary handles, modeling/fused_rotary.py) are made at run time:
+    pickle (a DataLoader worker started by spawn gets the model pickled) and deepcopy (merged
+    export) must still give fused norms and rotary, same output."""
     import copy
     import pickle
 
@@ -237,5 +240,6 @@ def test_a_fused_backbone_pickles_and_copies_fused(tiny_qwen):
         want = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         for other in (pickle.loads(pickle.dumps(backbone)), copy.deepcopy(backbone)):
             assert fused_count(other) == fused_count(backbone) > 0
+            assert fused_rotary_count(other) == fused_rotary_count(backbone) > 0
             got = other(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             assert torch.equal(got, want)

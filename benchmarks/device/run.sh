@@ -40,8 +40,9 @@
 #            row) and with train.compile (never measured on a GPU yet; the steps are launch-bound
 #            there, what compiling and CUDA graphs are for).
 #   compileq #9: the Qwen3-0.6B shape (batch 32, full fine-tuning), the loop vs hmcl (fused
-#            RMSNorm, model.fused_norms: 6,241 against 10,309 operations a step counted on the CPU)
-#            vs hmcl with unfused norms vs hmcl with train.compile cuda-graphs (hmcl-graphs).
+#            RMSNorm and rotary, model.fused_norms / fused_rotary: 5,461 operations a two-call step
+#            counted on the CPU) vs hmcl with neither (10,309) vs hmcl with train.compile
+#            cuda-graphs (hmcl-graphs).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
@@ -66,7 +67,9 @@
 #   gputests the tests that need a CUDA device, with the image's pytest: encoding graphs captured
 #            and replayed give the eager embeddings (BERT, Qwen3), and train.compile cuda-graphs
 #            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s), and the
-#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms; not yet timed there).
+#            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms; not yet timed there),
+#            and queries and keys rotated together give the same embeddings and gradients, bit for
+#            bit (model.fused_rotary).
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -171,10 +174,10 @@ for spec in "$@"; do
       part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 \
         --tools st,hmcl-graphs,hmcl-compiled ;;
     compileq)
-      # #9's Qwen3-0.6B row (>= 3x): fused RMSNorm (hmcl's default) beside unfused, then the layers
-      # replayed from CUDA graphs (train.compile cuda-graphs)
+      # #9's Qwen3-0.6B row (>= 3x): fused RMSNorm and rotary (hmcl's defaults), norms fused only,
+      # neither, then the layers replayed from CUDA graphs (train.compile cuda-graphs)
       part compileq "$secs" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 --warmup 2 \
-        --tools st,hmcl,hmcl-unfused-norms,hmcl-graphs ;;
+        --tools st,hmcl,hmcl-unfused-rotary,hmcl-unfused,hmcl-graphs ;;
     profile)
       # where a short-text step and an encode spend their time: torch.profiler tables by GPU time
       # and by host time, with hmcl's ranges (hmcl.collate / forward / loss / backward /
@@ -203,7 +206,7 @@ for spec in "$@"; do
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     gputests)
       part gputests "$secs" python3 -m pytest -q -p no:cacheprovider tests/test_encode_graphs.py \
-        tests/test_host_sync.py tests/test_fused_norms.py -k "cuda or graphs" ;;
+        tests/test_host_sync.py tests/test_fused_norms.py tests/test_fused_rotary.py -k "cuda or graphs" ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json

@@ -35,6 +35,7 @@ from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError, RecipeError
 from hmcl_cli.modeling import encode_graphs, unpad
 from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_rms_norms
+from hmcl_cli.modeling.fused_rotary import RotaryReport, fuse_rotary, unfuse_rotary
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -155,6 +156,7 @@ class EmbeddingModel(nn.Module):
         self.encode_graphs: bool | str = "auto"  # model.encode_graphs: encode replaying CUDA graphs (modeling/encode_graphs.py)
         self._graphs_broken = ""  # why graphs were turned off after a capture or its check failed ('' = not)
         self.norm_fusion = FusionReport()  # model.fused_norms: what fuse_rms_norms did (modeling/fused_norms.py)
+        self.rotary_fusion = RotaryReport()  # model.fused_rotary: what fuse_rotary did (modeling/fused_rotary.py)
 
     @property
     def segments(self) -> Any:
@@ -195,10 +197,12 @@ class EmbeddingModel(nn.Module):
         check_lengths: bool = True,
         include_prompt: Optional[bool] = None,
         fused_norms: bool = True,
+        fused_rotary: bool = True,
     ) -> "EmbeddingModel":
         """Load from a local folder, hub id or offline package (see ``resolve_model``).
         ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`).
-        ``fused_norms``: RMSNorm layers through F.rms_norm (modeling/fused_norms.py)."""
+        ``fused_norms``: RMSNorm layers through F.rms_norm (modeling/fused_norms.py).
+        ``fused_rotary``: queries and keys rotated together (modeling/fused_rotary.py)."""
         from transformers import AutoConfig, AutoTokenizer
 
         from hmcl_cli.modeling.st_modules import read_pipeline
@@ -278,6 +282,7 @@ class EmbeddingModel(nn.Module):
         settings.append_eos = resolve_append_eos(append_eos, pool, tokenizer)
         model = cls(backbone, tokenizer, settings, st.head)  # the head stays float32 (it trains; it is small)
         model.set_fused_norms(fused_norms)
+        model.set_fused_rotary(fused_rotary)
         if check_lengths:
             model.check_lengths(str(name_or_path))
         return model
@@ -309,6 +314,7 @@ class EmbeddingModel(nn.Module):
         self.unpad = model_cfg.unpad
         self.encode_graphs = model_cfg.encode_graphs
         self.set_fused_norms(model_cfg.fused_norms)
+        self.set_fused_rotary(model_cfg.fused_rotary)
 
     def set_fused_norms(self, on: bool) -> None:
         """RMSNorm layers through F.rms_norm (``model.fused_norms``; modeling/fused_norms.py), or
@@ -318,6 +324,15 @@ class EmbeddingModel(nn.Module):
         else:
             unfuse_rms_norms(self.backbone)
             self.norm_fusion = FusionReport()
+
+    def set_fused_rotary(self, on: bool) -> None:
+        """Queries and keys rotated together (``model.fused_rotary``; modeling/fused_rotary.py), or
+        the model family's own rotary function again; what was done is kept in ``rotary_fusion``."""
+        if on:
+            self.rotary_fusion = fuse_rotary(self.backbone)
+        else:
+            unfuse_rotary(self.backbone)
+            self.rotary_fusion = RotaryReport()
 
     def position_limit(self) -> Optional[int]:
         """The longest sequence the backbone can encode: see :func:`position_limit`."""
