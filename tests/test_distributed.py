@@ -92,7 +92,6 @@ def _hmcl_train_command(folder, model_dir, batch: int, extra: dict, steps: int =
     command (with `accelerate launch` arguments ``launch``) and its environment."""
     import json
     import os
-    import subprocess
     import sys
 
     from conftest import write_recipe
@@ -103,8 +102,11 @@ def _hmcl_train_command(folder, model_dir, batch: int, extra: dict, steps: int =
     recipe = write_recipe(folder, model_dir, **sections)
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _unique_rows()), encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    if prepare:
-        subprocess.run([sys.executable, "-m", "hmcl_cli", "prepare", str(recipe)], env=env, check=True, capture_output=True)
+    if prepare:  # in this process: a subprocess would spend ~5 s importing transformers' tokenizer code
+        from hmcl_cli.recipe import load_recipe
+        from hmcl_cli.stages import run_prepare
+
+        run_prepare(load_recipe(recipe), progress=False)
     args = [sys.executable, "-m", "hmcl_cli", "train", str(recipe)] + (["--resume"] if resume else [])
     if launch:
         args += ["--launcher", "accelerate", "--", *launch]
