@@ -51,7 +51,7 @@ BASE = "_hmcl_unfused_class"  # on a fused subclass: the class it replaces
 ORIGINAL = "_hmcl_original"  # on a fused subclass: the model family's apply_rotary_pos_emb
 SIGNED = "_hmcl_signed_sin"  # on a sine tensor: (its version, the sine with its first half negated)
 _FUSED_CLASSES: dict[type, type] = {}
-_VERDICTS: dict[type, str] = {}  # handle class (one per model family) -> probe_refusal's answer
+_VERDICTS: dict[tuple, str] = {}  # (handle class: one per model family, head dim) -> probe_refusal's answer
 
 
 @dataclass
@@ -230,10 +230,11 @@ def fuse_rotary(backbone: nn.Module) -> RotaryReport:
         if original is None:
             report.refused[type(module).__name__] = "its rotary handle's function cannot be found"
             continue
-        if cls not in _VERDICTS:
-            _VERDICTS[cls] = probe_refusal(original, _head_dim(module))
-        if _VERDICTS[cls]:
-            report.refused[type(module).__name__] = _VERDICTS[cls]
+        key = (cls, _head_dim(module))
+        if key not in _VERDICTS:
+            _VERDICTS[key] = probe_refusal(original, key[1])
+        if _VERDICTS[key]:
+            report.refused[type(module).__name__] = _VERDICTS[key]
             continue
         handle.__class__ = fused_class(cls, original)
         report.fused += 1
