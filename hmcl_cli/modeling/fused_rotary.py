@@ -126,7 +126,8 @@ def fused_forward(self: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.
             or q.shape[:dim] + q.shape[dim + 1:] != k.shape[:dim] + k.shape[dim + 1:]):
         return _original(self)(q, k, cos, sin, unsqueeze_dim, *args, **kwargs)
     both = torch.cat((q, k), dim=dim)
-    rotated = both * cos.unsqueeze(unsqueeze_dim) + both.roll(width // 2, -1) * signed_sine(sin).unsqueeze(unsqueeze_dim)
+    signed = signed_sine(sin).unsqueeze(unsqueeze_dim)
+    rotated = both * cos.unsqueeze(unsqueeze_dim) + both.roll(width // 2, -1) * signed
     q_out, k_out = rotated.split([q.shape[dim], k.shape[dim]], dim=dim)
     return q_out, k_out
 
@@ -201,7 +202,8 @@ def probe_refusal(original: Callable, head_dim: int) -> str:
         own, fused = results
         for a, b, what in zip(own, fused, ("queries", "keys", "query gradients", "key gradients")):
             if a.dtype != b.dtype or a.shape != b.shape:
-                return f"{what} in {a.dtype} {tuple(a.shape)}, fused {b.dtype} {tuple(b.shape)} ({qk_dtype} q/k, {cs_dtype} cos/sin)"
+                return (f"{what} in {a.dtype} {tuple(a.shape)}, fused {b.dtype} {tuple(b.shape)} "
+                        f"({qk_dtype} q/k, {cs_dtype} cos/sin)")
             if not torch.equal(a, b):
                 return f"its {what} differ from the fused ones ({qk_dtype} q/k, {cs_dtype} cos/sin)"
     return ""
