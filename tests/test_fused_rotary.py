@@ -216,3 +216,16 @@ def test_cuda_fused_rotary_is_bit_identical_with_fewer_operations(tiny_qwen, dty
     assert ca["roll"] == 2 * layers and cb["roll"] == 0
     assert sum(cb.values()) - sum(ca.values()) >= 10 * layers
     assert torch.equal(a, b) and len(ga) == len(gb) > 0 and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_hmcl_train_says_what_it_fused(tmp_path, tiny_qwen, tiny_bert, capsys):
+    from conftest import make_trainer
+
+    trainer = make_trainer(tmp_path / "qwen", tiny_qwen, train={"max_steps": 1})
+    layers = trainer.model.backbone.config.num_hidden_layers
+    out = capsys.readouterr().out
+    assert f"train: rotary: {layers} attention layers rotate queries and keys together" in out
+    assert f"train: norms: {4 * layers + 1} RMSNorm layers fused" in out
+    make_trainer(tmp_path / "bert", tiny_bert, train={"max_steps": 1})
+    out = capsys.readouterr().out
+    assert "train: embedding:" in out and "train: rotary:" not in out and "train: norms:" not in out
