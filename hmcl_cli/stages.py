@@ -293,19 +293,19 @@ def check_model(recipe: Recipe) -> str:
     recipe validate``): its sentence-transformers pipeline is one hmcl reproduces, and the max
     lengths fit its position table. Raises as loading would; returns what it found, or why it
     could not look (a hub model not downloaded yet)."""
-    import torch
-    from transformers import AutoConfig
-
-    from hmcl_cli.modeling.encoder import check_max_lengths, is_decoder_config, position_limit
     from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
-    from hmcl_cli.modeling.st_modules import read_pipeline
-    from hmcl_cli.training.memory import meta_model
 
     m = recipe.model
     try:
         folder = resolve_model(m.name_or_path, m.revision, recipe.base_dir, download=False)
     except ModelNotFoundError:
         return f"{m.name_or_path} not checked (not downloaded yet)"
+    import torch  # only now: a model that is not here needs none of it (validate answers in ~1 s)
+    from transformers import AutoConfig
+
+    from hmcl_cli.modeling.encoder import check_max_lengths, is_decoder_config, position_limit
+    from hmcl_cli.modeling.st_modules import read_pipeline
+    from hmcl_cli.training.memory import meta_model
     pipeline = read_pipeline(folder)
     try:
         config = AutoConfig.from_pretrained(transformer_folder(folder), trust_remote_code=m.trust_remote_code)
