@@ -21,12 +21,10 @@ output dtype, for float32 and bf16 inputs and weights in every combination. A cl
 something else (Gemma's ``1 + weight``, a gated norm, a norm that subtracts the mean) fails the
 probe and keeps its own forward.
 
-A fused module's class becomes a subclass of its own (``Fused<name>``, made once per class) whose
-forward is :func:`fused_forward`: ``isinstance`` checks, parameter names, ``state_dict`` and
-saving are unchanged, and :func:`unfuse_rms_norms` gives the module its own class back. Not an
-instance attribute: transformers >= 5.2x re-applies its hub kernels (the ``kernels`` package) at
-every ``train()`` / ``eval()`` switch, which deletes a forward set on an instance and leaves a
-class's. (Where a hub kernel does take a norm — a user with internet and a GPU — it is fused too,
+A fused module's class becomes a subclass of its own (``Fused<name>``, made once per class,
+:mod:`hmcl_cli.modeling.class_swap`) whose forward is :func:`fused_forward`: ``isinstance`` checks,
+parameter names, ``state_dict`` and saving are unchanged, and :func:`unfuse_rms_norms` gives the
+module its own class back. (Where a hub kernel does take a norm — a user with internet and a GPU — it is fused too,
 and it wins.) ONNX export loads its model without fusion (its graph is traced on the CPU, where
 fusion saves nothing).
 """
@@ -42,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .class_swap import is_swapped, own_class, restore, subclass
+
 EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
-BASE = "_hmcl_unfused_class"  # on a fused subclass: the class it fuses
 _FUSED_CLASSES: dict[type, type] = {}  # class -> its fused subclass
 _VERDICTS: dict[type, str] = {}  # class -> probe_refusal's answer (it depends on the class alone)
 
@@ -159,18 +158,11 @@ def probe_refusal(module: nn.Module) -> str:
     return ""
 
 
-def own_class(module: nn.Module) -> type:
-    """``module``'s class as its model defines it (the class a fused subclass fuses)."""
-    return type(module).__dict__.get(BASE, type(module))
-
-
 def fused_class(cls: type) -> type:
     """The subclass of ``cls`` whose forward is :func:`fused_forward` (one per class)."""
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": fused_forward, BASE: cls, "__module__": __name__, "__reduce_ex__": _reduce_fused,
-            "__doc__": f"{cls.__name__} computed by F.rms_norm (hmcl_cli/modeling/fused_norms.py)."})
-    return _FUSED_CLASSES[cls]
+    return subclass(_FUSED_CLASSES, cls, f"Fused{cls.__name__}", {
+        "forward": fused_forward, "__module__": __name__, "__reduce_ex__": _reduce_fused,
+        "__doc__": f"{cls.__name__} computed by F.rms_norm (hmcl_cli/modeling/fused_norms.py)."})
 
 
 def _reduce_fused(self: nn.Module, protocol: int) -> tuple:
@@ -208,14 +200,9 @@ def fuse_rms_norms(backbone: nn.Module) -> FusionReport:
 
 def unfuse_rms_norms(backbone: nn.Module) -> int:
     """Give every module :func:`fuse_rms_norms` fused its own class back; returns how many."""
-    n = 0
-    for module in backbone.modules():
-        if own_class(module) is not type(module):
-            module.__class__ = own_class(module)
-            n += 1
-    return n
+    return restore(backbone.modules())
 
 
 def fused_count(backbone: nn.Module) -> int:
     """How many modules of ``backbone`` run the fused forward."""
-    return sum(1 for m in backbone.modules() if own_class(m) is not type(m))
+    return sum(1 for m in backbone.modules() if is_swapped(m))

@@ -46,8 +46,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from .class_swap import is_swapped, own_class, restore, subclass
+
 KEY = "rotary_pos_emb"  # the name transformers' kernel mapping gives apply_rotary_pos_emb
-BASE = "_hmcl_unfused_class"  # on a fused subclass: the class it replaces
 ORIGINAL = "_hmcl_original"  # on a fused subclass: the model family's apply_rotary_pos_emb
 SIGNED = "_hmcl_signed_sin"  # on a sine tensor: (its version, the sine with its first half negated)
 _FUSED_CLASSES: dict[type, type] = {}
@@ -132,19 +133,13 @@ def fused_forward(self: nn.Module, q: torch.Tensor, k: torch.Tensor, cos: torch.
     return q_out, k_out
 
 
-def own_class(handle: nn.Module) -> type:
-    """The handle's class as transformers made it (the class a fused subclass replaces)."""
-    return type(handle).__dict__.get(BASE, type(handle))
-
-
 def fused_class(cls: type, original: Callable) -> type:
-    """The subclass of handle class ``cls`` whose forward is :func:`fused_forward` (one per class)."""
-    if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"FusedRotary{cls.__name__}", (cls,), {
-            "forward": fused_forward, BASE: cls, ORIGINAL: staticmethod(original), "__module__": __name__,
-            "__reduce_ex__": _reduce_fused,
-            "__doc__": "apply_rotary_pos_emb, queries and keys together (hmcl_cli/modeling/fused_rotary.py)."})
-    return _FUSED_CLASSES[cls]
+    """The subclass of handle class ``cls`` whose forward is :func:`fused_forward` (one per class,
+    :mod:`hmcl_cli.modeling.class_swap`)."""
+    return subclass(_FUSED_CLASSES, cls, f"FusedRotary{cls.__name__}", {
+        "forward": fused_forward, ORIGINAL: staticmethod(original), "__module__": __name__,
+        "__reduce_ex__": _reduce_fused,
+        "__doc__": "apply_rotary_pos_emb, queries and keys together (hmcl_cli/modeling/fused_rotary.py)."})
 
 
 def _reduce_fused(self: nn.Module, protocol: int):
@@ -248,17 +243,12 @@ def fuse_rotary(backbone: nn.Module) -> RotaryReport:
 
 def unfuse_rotary(backbone: nn.Module) -> int:
     """Give every handle :func:`fuse_rotary` fused its own class back; returns how many."""
-    n = 0
-    for handle in _handles(backbone):
-        if own_class(handle) is not type(handle):
-            handle.__class__ = own_class(handle)
-            n += 1
-    return n
+    return restore(_handles(backbone))
 
 
 def fused_rotary_count(backbone: nn.Module) -> int:
     """How many attention modules of ``backbone`` rotate through :func:`fused_forward`."""
-    return sum(1 for h in _handles(backbone) if own_class(h) is not type(h))
+    return sum(1 for h in _handles(backbone) if is_swapped(h))
 
 
 def _handles(backbone: nn.Module) -> list:
