@@ -2,23 +2,23 @@
 # The GPU checks of the open issues, as one prepared call on the lent machine.
 #
 #   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
-#   device: run(command="bash benchmarks/device/run.sh gputests=110 long=110 compileq=120",
-#               carry=[".dev"], timeout_s=420); then at once `longq=380` (timeout_s 430)
+#   device: run(command="bash benchmarks/device/run.sh gputests=110 compileq=120 encode=110",
+#               carry=[".dev"], timeout_s=420); then, with time left, `longq=380` (timeout_s 430)
 #
 # A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), and one
 # command may run 10. Measured on the H200 of 2026-12-04 (two sessions): a fresh machine started
 # and took the 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s
 # on a warm one; a warm machine was once taken back between calls (the next call started fresh).
-# Suggested next (#9's and #11's rows of 2026-12-04 are in RESULTS.md; 2026-12-04's third and
-# fourth sessions had no GPU): call 1 as above — the tests of what runs by default on a GPU and
-# was never run there (encoding replayed from CUDA graphs, the fused RMSNorm kernel, the fused
-# rotary embeddings), #11's throughput rows at 512 / 2048 tokens (the last ones included a
-# checkpoint write), and #9's Qwen3-0.6B row with both fusions beside norms only and neither
-# (counted on the CPU: 5,461 / 6,241 / 10,309 operations a step) and CUDA-graph layers; then
-# #11's GPU quality rows (12 runs that did not end in 200 s last time, 12 at once: the log now
-# says where each got). `encode=110 compile=120 probe=60 profile=70` if time is left; `fp16=60`
-# (the loss-scale path, untested on a GPU), `scale=210` (#8, in) and `quality=300` (#12, resolved
-# on the CPU) only with time to spare.
+# Suggested next (#9's rows of 2026-12-04 are in RESULTS.md; no GPU since, 2026-12-04's third and
+# fourth sessions and 2026-12-05): call 1 as above — the tests of what runs by default on a GPU
+# and was never run there (encoding replayed from CUDA graphs, the fused RMSNorm kernel, the fused
+# rotary embeddings), #9's Qwen3-0.6B row with both fusions beside norms only and neither
+# (counted on the CPU: 5,461 / 6,241 / 10,309 operations a step) and CUDA-graph layers, and #9's
+# encoding row with graphs on by default; then #11's quality rows in bf16 (#11 was resolved on
+# the CPU rows; its GPU throughput rows, timed without the checkpoint write, are the second H200
+# session's). `compile=120 probe=60 profile=70 long=110` if time is left; `fp16=60` (the
+# loss-scale path, untested on a GPU), `scale=210` (#8, in) and `quality=300` (#12, resolved on
+# the CPU) only with time to spare.
 #
 # Parts run in the order given, each NAME=SECONDS (its own time limit; a part cut off keeps what
 # it finished: quality caches every (row, seed) as it ends). Logs and results land in $OUT (what
