@@ -442,6 +442,9 @@ def gpu_norm_kernels_on_cpu() -> None:
     if _NORM_LIBRARY is not None:
         return
     aten = torch.ops.aten
+    if not hasattr(aten, "_fused_rms_norm") or aten._fused_rms_norm.default not in decomposition_table:
+        raise SystemExit(f"--op-count's stand-in for the fused RMSNorm kernel needs PyTorch's decomposition of "
+                         f"aten::_fused_rms_norm (torch >= 2.10; this is {torch.__version__})")
     _NORM_LIBRARY = torch.library.Library("aten", "IMPL")
     for op in (aten._fused_rms_norm, aten._fused_rms_norm_backward):
         _NORM_LIBRARY.impl(op.__name__, decomposition_table[op.default], "CPU")
