@@ -566,3 +566,17 @@ def test_eval_cache_file_holds_the_texts_of_the_last_call_that_encoded(tmp_path,
     assert encoded(pairs) == 6  # new texts: the file now holds these alone
     assert encoded(pairs) == 0
     assert encoded(retrieval) == len(DOCS) + len(QUERIES)  # dropped from the file
+
+
+@pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean", "manhattan"])
+def test_pair_scores_take_a_single_embedding_as_one_row(kind):
+    """mteb < 2.2x scores reranking candidates against one query embedding (a 1-D vector): it is one
+    row, as sentence-transformers' similarity functions take it (it once failed every reranking
+    task of mteb 2.10-2.20 with 'Dimension out of range')."""
+    from hmcl_cli.evaluation.mteb_bridge import pair_scores
+
+    rng = np.random.default_rng(0)
+    q, docs = rng.normal(size=8).astype(np.float32), rng.normal(size=(5, 8)).astype(np.float32)
+    one = pair_scores(q, docs, kind, every=True)
+    assert tuple(one.shape) == (1, 5)
+    assert np.allclose(one.numpy(), pair_scores(q[None], docs, kind, every=True).numpy())
