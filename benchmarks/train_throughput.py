@@ -430,6 +430,14 @@ TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": 
               "hmcl-unfused": {"fused_norms": False, "fused_rotary": False}}
 
 
+def has_fused_norm_decomposition() -> bool:
+    """Whether PyTorch decomposes its fused RMSNorm kernel (torch >= 2.10), which
+    :func:`gpu_norm_kernels_on_cpu` runs as the kernel's CPU stand-in."""
+    from torch._decomp import decomposition_table
+
+    return hasattr(torch.ops.aten, "_fused_rms_norm") and torch.ops.aten._fused_rms_norm.default in decomposition_table
+
+
 def gpu_norm_kernels_on_cpu() -> None:
     """Make ``F.rms_norm`` one operation forward and one backward on a CPU too, as PyTorch's fused
     kernel (``aten::_fused_rms_norm``, CUDA) makes it on a GPU: CPU kernels for the fused
@@ -442,7 +450,7 @@ def gpu_norm_kernels_on_cpu() -> None:
     if _NORM_LIBRARY is not None:
         return
     aten = torch.ops.aten
-    if not hasattr(aten, "_fused_rms_norm") or aten._fused_rms_norm.default not in decomposition_table:
+    if not has_fused_norm_decomposition():
         raise SystemExit(f"--op-count's stand-in for the fused RMSNorm kernel needs PyTorch's decomposition of "
                          f"aten::_fused_rms_norm (torch >= 2.10; this is {torch.__version__})")
     _NORM_LIBRARY = torch.library.Library("aten", "IMPL")

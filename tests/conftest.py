@@ -178,14 +178,13 @@ needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data is
 
 def has_rotary_handles() -> bool:
     """Whether this transformers gives each decoder attention layer a handle on its rotary function
-    (``_kernel_funcs["rotary_pos_emb"]``: transformers 5.x with the ``kernels`` package, a
-    dependency of transformers since 5.2x). ``model.fused_rotary`` swaps those handles; without
-    them it reports the model and leaves it as it is (test_models_without_handles_are_reported)."""
+    (``_kernel_funcs["rotary_pos_emb"]``: with the ``kernels`` package, which transformers 5.25
+    requires and 5.9 does not). ``model.fused_rotary`` swaps those handles; without them it leaves
+    the model as it is and says so (test_models_without_handles_are_reported)."""
+    from torch import nn
     from transformers import Qwen3Config
     from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention
 
     config = Qwen3Config(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                          intermediate_size=16, num_hidden_layers=1, vocab_size=10)
-    from torch import nn
-
     return isinstance(Qwen3Attention(config, 0).__dict__.get("_kernel_funcs", {}).get("rotary_pos_emb"), nn.Module)

@@ -284,7 +284,7 @@ def pair_scores(a: Any, b: Any, kind: str, every: bool) -> Any:
     import torch
 
     a, b = torch.as_tensor(np.asarray(a)).float(), torch.as_tensor(np.asarray(b)).float()
-    if every:  # a single embedding is one row, as sentence-transformers takes it (mteb < 2.2x passes one query so)
+    if every:  # a single embedding is one row, as sentence-transformers takes it (mteb 2.10-2.20 pass one query so)
         a, b = torch.atleast_2d(a), torch.atleast_2d(b)
     if kind == "cosine":
         a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
