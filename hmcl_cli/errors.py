@@ -120,3 +120,52 @@ class InterruptedRun(HmclError):
 
     exit_code = 130
     kind = "interrupted"
+
+
+def import_optional(module: str, *, need: str, hint: str, error: type[HmclError], pip: str | None = None):
+    """Import an optional package, or raise ``error`` saying what needs it and what to do.
+
+    A package that is not installed and one that is installed but fails to import (built against
+    another numpy, a missing shared library) get different messages: for the second, the install
+    command of ``hint`` would keep the broken version, so the message gives the import's own error
+    and says to upgrade (``pip``: the name pip knows the package by, if not the module's)."""
+    import importlib
+
+    top = module.split(".")[0]
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == top:
+            raise error(f"{need} the {top} package, which is not installed", hint=hint) from None
+        raise error(f"{need} {top}, which is installed but failed to import ({_first_message(e)})",
+                    hint=f"its build may not fit this environment (numpy {_version('numpy')}, Python "
+                         f"{_python()}): pip install --upgrade {pip or top}") from None
+
+
+def _first_message(e: BaseException) -> str:
+    """``Type: message`` of ``e``, or of the first exception it was raised from that has one."""
+    seen = e
+    for _ in range(5):
+        lines = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
+        if lines:
+            return f"{type(seen).__name__}: {lines[-1][:300]}"
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None:
+            break
+        seen = nxt
+    return type(e).__name__
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _python() -> str:
+    import sys
+
+    return ".".join(map(str, sys.version_info[:3]))

@@ -18,7 +18,7 @@ import zlib
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Optional
 
-from hmcl_cli.errors import DataError, RunLockedError
+from hmcl_cli.errors import DataError, RunLockedError, import_optional
 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
 
@@ -149,11 +149,8 @@ def _open_binary(path: Path) -> tuple[IO[bytes], tuple[type[BaseException], ...]
     if kind == ".xz":
         return lzma.open(path, "rb"), (lzma.LZMAError, EOFError)
     if kind == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(f"{path}: reading a .zst file needs the zstandard package",
-                            hint="pip install zstandard, or decompress the file (zstd -d)") from None
+        zstandard = import_optional("zstandard", need=f"{path}: reading a .zst file needs", error=DataError,
+                                    hint="pip install zstandard, or decompress the file (zstd -d)")
         return io.BufferedReader(_ZstdFrames(path, zstandard)), (zstandard.ZstdError, EOFError)
     return open(path, "rb"), ()
 

@@ -41,7 +41,7 @@ import torch
 from hmcl_cli.console import log
 from hmcl_cli.data.example import Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
-from hmcl_cli.errors import DataError
+from hmcl_cli.errors import DataError, import_optional
 from hmcl_cli.evaluation.graded import encode_queries
 from hmcl_cli.io_utils import (binary_lines, data_suffix, find_data_file, text_lines, use_cache_entry, write_json_atomic,
                                write_jsonl_atomic)
@@ -121,12 +121,8 @@ def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096, de
 
 def require_faiss() -> Any:
     """The faiss module, or a DataError saying how to get it."""
-    try:
-        import faiss
-    except ImportError:
-        raise DataError("mine.search: faiss needs the faiss package",
-                        hint="pip install faiss-cpu (or faiss-gpu), or use mine.search: exact") from None
-    return faiss
+    return import_optional("faiss", need="mine.search: faiss needs", error=DataError, pip="faiss-cpu",
+                           hint="pip install faiss-cpu (or faiss-gpu), or use mine.search: exact")
 
 
 def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:

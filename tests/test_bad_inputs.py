@@ -457,18 +457,21 @@ def test_storage_errors_name_the_file_without_guessing_read_or_write():
                                                     ("faiss", {"mine": {"enabled": True, "search": "faiss"}}, DATA)])
 def test_run_stops_at_once_when_a_stage_needs_a_missing_package(tmp_path, tiny_bert, capsys, monkeypatch, missing,
                                                                   sections, code):
-    """Checked before prepare and training, not when the run reaches export (or mining)."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def without(name, *args, **kwargs):
-        if name == missing:
-            raise ImportError(f"no {name}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", without)
+    """Checked before prepare and training, not when the run reaches export (or mining); a package
+    that is installed but fails to import is told apart from one that is missing."""
+    monkeypatch.setitem(sys.modules, missing, None)  # what Python does for a package that is absent
     p = write_recipe(tmp_path, tiny_bert, **sections)
     got, out, err = cli(capsys, monkeypatch, "run", p)
-    assert got == code and "pip install" in err, (got, err)
+    assert got == code and f"the {missing} package, which is not installed" in err and "pip install" in err, (got, err)
     assert not (tmp_path / "run" / "data").exists()  # nothing ran
+
+    fake = tmp_path / "site" / missing  # installed, built for another numpy
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('numpy.core.multiarray failed to import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, missing)
+    got, out, err = cli(capsys, monkeypatch, "run", p)
+    assert got == code and not (tmp_path / "run" / "data").exists(), (got, err)
+    flat = " ".join(err.split())
+    assert f"{missing}, which is installed but failed to import (ImportError: numpy.core.multiarray" in flat, err
+    assert f"pip install --upgrade {'faiss-cpu' if missing == 'faiss' else missing}" in flat, err

@@ -8,7 +8,7 @@ compression (or guesses the format from the last suffix) fails here.
 from __future__ import annotations
 
 import bz2
-import builtins
+import sys
 import gzip
 import json
 import lzma
@@ -142,20 +142,29 @@ def test_not_actually_gzip_is_an_error_not_a_traceback(tmp_path):
         prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)
 
 
-def test_zst_without_zstandard_says_what_to_install(tmp_path, monkeypatch):
+@pytest.mark.parametrize("installed", [False, True])
+def test_zst_without_zstandard_says_what_to_install(tmp_path, monkeypatch, installed):
+    """Not installed: install it. Installed but failing to import (a build for another numpy, a
+    missing library): the import's error, and upgrade it (installing would keep the broken one)."""
     path = tmp_path / "g.jsonl.zst"
     path.write_bytes(b"\x28\xb5\x2f\xfd")
-    real_import = builtins.__import__
-
-    def no_zstandard(name, *args, **kwargs):
-        if name == "zstandard":
-            raise ImportError("no zstandard")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    if installed:
+        fake = tmp_path / "site" / "zstandard"
+        fake.mkdir(parents=True)
+        (fake / "__init__.py").write_text("raise ImportError('zstd backend: libzstd.so.1: cannot open shared object file')\n")
+        monkeypatch.syspath_prepend(str(tmp_path / "site"))
+        monkeypatch.delitem(sys.modules, "zstandard", raising=False)
+    else:
+        monkeypatch.setitem(sys.modules, "zstandard", None)  # what Python does for a package that is absent
     with pytest.raises(DataError) as err:
         prepare(_recipe(tmp_path, [{"path": str(path), "format": "graded", "split": "train"}]), progress=False)
-    assert "zstandard" in str(err.value) and "pip install zstandard" in err.value.hint
+    msg = str(err.value)
+    assert "g.jsonl.zst: reading a .zst file needs" in msg
+    if installed:
+        assert "installed but failed to import (ImportError: zstd backend: libzstd.so.1" in msg, msg
+        assert "pip install --upgrade zstandard" in err.value.hint and "numpy" in err.value.hint
+    else:
+        assert "the zstandard package, which is not installed" in msg and "pip install zstandard" in err.value.hint
 
 
 def test_corpus_text_file_compressed_and_bad_corpus_lines(tmp_path):

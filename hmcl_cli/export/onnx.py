@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from hmcl_cli.console import log
-from hmcl_cli.errors import ExportError
+from hmcl_cli.errors import ExportError, import_optional
 from hmcl_cli.export.merged import VERIFY_TEXTS, cut_model, cut_reference, parity
 from hmcl_cli.io_utils import atomic_path
 
@@ -28,11 +28,8 @@ ONNX_THRESHOLD = 0.9999
 
 def require_onnx() -> None:
     """Raise ExportError unless onnx and onnxruntime can be imported."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise ExportError("ONNX export needs onnx and onnxruntime", hint='pip install "hmcl-cli[onnx]"') from None
+    for module in ("onnx", "onnxruntime"):
+        import_optional(module, need="ONNX export needs", hint='pip install "hmcl-cli[onnx]"', error=ExportError)
 
 
 def refuse_prompt_pooling(model: Any, where: Any) -> None:
