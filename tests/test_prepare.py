@@ -361,3 +361,17 @@ def test_hub_source_uses_the_same_column_mapping(tmp_path, monkeypatch):
     assert calls == [("org/sts", None, "validation", True)]
     rows = {r["query"]: r for r in _written(tmp_path)}
     assert rows["a"]["pos"] == ["b"] and rows["c"]["neg"] == ["d"]
+
+
+def test_an_undecodable_line_reaches_the_csv_reader_without_nul(tmp_path):
+    """The marker an undecodable line becomes passes through csv.reader; Python 3.10's csv refuses
+    any line with NUL in it ("line contains NUL"), which turned every not-UTF-8 row there into a
+    'broken CSV line' (measured on 3.10.13), so the marker must hold none."""
+    from hmcl_cli.data.readers import _decoded_lines
+
+    path = tmp_path / "x.csv"
+    path.write_bytes(b"a,b\nc\xff,d\n")
+    lines = list(_decoded_lines(path))
+    assert lines[0] == "a,b\n" and lines[1] != "c\xff,d\n"  # the second is the marker
+    assert all("\x00" not in line for line in lines), lines
+    assert len(list(csv.reader(lines))) == 2

@@ -85,7 +85,8 @@ def file_type(src: SourceConfig, path: Path) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-_BAD = "\x00hmcl-bad-line\x00"
+# (private-use code points, not NUL: the csv module of Python 3.10 refuses a line with NUL in it)
+_BAD = "\ue000hmcl-bad-line\ue000"
 
 
 def _decoded_lines(path: Path, encoding: str = "utf-8") -> Iterator[str]:
