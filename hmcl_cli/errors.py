@@ -122,27 +122,28 @@ class InterruptedRun(HmclError):
     kind = "interrupted"
 
 
-def import_optional(module: str, *, need: str, hint: str, error: type[HmclError], pip: str | None = None,
+def import_optional(module: str, *, need: str, install: str, error: type[HmclError], pip: str | None = None,
                     instead: str | None = None):
     """Import an optional package, or raise ``error`` saying what needs it and what to do.
 
     A package that is not installed and one that is installed but fails to import (built against
-    another numpy, a missing shared library) get different messages: for the second, the install
-    command of ``hint`` would keep the broken version, so the message gives the import's own error
-    and says to upgrade (``pip``: the name pip knows the package by, if not the module's; ``instead``:
-    a way around the package, kept in that hint too)."""
+    another numpy, a missing shared library) get different messages: for the second, ``install``
+    would keep the broken version, so the message gives the import's own error and says to upgrade
+    (``pip``: the name pip knows the package by, if not the module's). ``instead``: a way around the
+    package, offered in both hints."""
     import importlib
+    import platform
 
     top = module.split(".")[0]
+    around = f", or {instead}" if instead else ""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == top:
-            raise error(f"{need} the {top} package, which is not installed", hint=hint) from None
+            raise error(f"{need} the {top} package, which is not installed", hint=install + around) from None
         raise error(f"{need} {top}, which is installed but failed to import ({_first_message(e)})",
                     hint=f"its build may not fit this environment (numpy {_version('numpy')}, Python "
-                         f"{_python()}): pip install --upgrade {pip or top}"
-                         + (f", or {instead}" if instead else "")) from None
+                         f"{platform.python_version()}): pip install --upgrade {pip or top}{around}") from None
 
 
 def _first_message(e: BaseException) -> str:
@@ -166,9 +167,3 @@ def _version(dist: str) -> str:
         return version(dist)
     except PackageNotFoundError:
         return "not installed"
-
-
-def _python() -> str:
-    import sys
-
-    return ".".join(map(str, sys.version_info[:3]))

@@ -150,8 +150,7 @@ def _open_binary(path: Path) -> tuple[IO[bytes], tuple[type[BaseException], ...]
         return lzma.open(path, "rb"), (lzma.LZMAError, EOFError)
     if kind == ".zst":
         zstandard = import_optional("zstandard", need=f"{path}: reading a .zst file needs", error=DataError,
-                                    hint="pip install zstandard, or decompress the file (zstd -d)",
-                                    instead="decompress the file (zstd -d)")
+                                    install="pip install zstandard", instead="decompress the file (zstd -d)")
         return io.BufferedReader(_ZstdFrames(path, zstandard)), (zstandard.ZstdError, EOFError)
     return open(path, "rb"), ()
 

@@ -122,8 +122,7 @@ def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096, de
 def require_faiss() -> Any:
     """The faiss module, or a DataError saying how to get it."""
     return import_optional("faiss", need="mine.search: faiss needs", error=DataError, pip="faiss-cpu",
-                           hint="pip install faiss-cpu (or faiss-gpu), or use mine.search: exact",
-                           instead="use mine.search: exact")
+                           install="pip install faiss-cpu (or faiss-gpu)", instead="use mine.search: exact")
 
 
 def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:

@@ -570,9 +570,9 @@ def test_eval_cache_file_holds_the_texts_of_the_last_call_that_encoded(tmp_path,
 
 @pytest.mark.parametrize("kind", ["cosine", "dot", "euclidean", "manhattan"])
 def test_pair_scores_take_a_single_embedding_as_one_row(kind):
-    """mteb < 2.2x scores reranking candidates against one query embedding (a 1-D vector): it is one
-    row, as sentence-transformers' similarity functions take it (it once failed every reranking
-    task of mteb 2.10-2.20 with 'Dimension out of range')."""
+    """mteb 2.10-2.20 (measured) score reranking candidates against one query embedding (a 1-D
+    vector): it is one row, as sentence-transformers' similarity functions take it (it once failed
+    every reranking task of those versions with 'Dimension out of range')."""
     from hmcl_cli.evaluation.mteb_bridge import pair_scores
 
     rng = np.random.default_rng(0)

@@ -29,7 +29,7 @@ ONNX_THRESHOLD = 0.9999
 def require_onnx() -> None:
     """Raise ExportError unless onnx and onnxruntime can be imported."""
     for module in ("onnx", "onnxruntime"):
-        import_optional(module, need="ONNX export needs", hint='pip install "hmcl-cli[onnx]"', error=ExportError)
+        import_optional(module, need="ONNX export needs", install='pip install "hmcl-cli[onnx]"', error=ExportError)
 
 
 def refuse_prompt_pooling(model: Any, where: Any) -> None:
