@@ -249,7 +249,8 @@ NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.k
              "eval.cache_embeddings",  # the same embeddings, kept between calls (tests/test_eval.py)
              "model.encode_graphs",  # the same forward replayed (tests/test_encode_graphs.py: equal embeddings)
              "model.fused_norms",  # the same norms (tests/test_fused_norms.py: float32 bit-identical on a CPU)
-             "model.fused_rotary"}  # the same rotation (tests/test_fused_rotary.py: bit-identical, float32 and bf16)
+             "model.fused_rotary",  # the same rotation (tests/test_fused_rotary.py: bit-identical, float32 and bf16)
+             "model.fused_projections"}  # the same products (tests/test_fused_projections.py: equal to float32 rounding)
 # options added after a cache's baseline was written, with the value that trains as before
 NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as every step did before
                  "model.cudnn_attention": True,  # SDPA's cuDNN kernels allowed, as before the option

@@ -10,6 +10,7 @@
     python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-compiled,hmcl-graphs  # compiled
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
     python benchmarks/train_throughput.py --data stsb --shape micro-qwen3-28 --tools st,hmcl,hmcl-unfused-norms --op-count
+    python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-unfused-proj --op-count
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl,hmcl-cudnn   # cuDNN attention
@@ -420,14 +421,16 @@ TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-padded": "hmcl train, padded", "hmcl-unpad": "hmcl train, unpadded",
               "hmcl-compiled": "hmcl train, compiled", "hmcl-graphs": "hmcl train, CUDA graphs",
               "hmcl-unfused-norms": "hmcl train, unfused norms", "hmcl-unfused-rotary": "hmcl train, unfused rotary",
-              "hmcl-unfused": "hmcl train, unfused norms and rotary"}
+              "hmcl-unfused": "hmcl train, unfused norms and rotary",
+              "hmcl-unfused-proj": "hmcl train, unfused projections"}
 # rows never measured on a GPU yet: a failure is printed and the tools after it still run
 EXPERIMENTAL_TOOLS = {"hmcl-graphs", "hmcl-compiled"}
 TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
               "hmcl-graphs": {"compile": "cuda-graphs"}}  # (layers in reduce-overhead mode, padded calls)
 TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True},
               "hmcl-unfused-norms": {"fused_norms": False}, "hmcl-unfused-rotary": {"fused_rotary": False},
-              "hmcl-unfused": {"fused_norms": False, "fused_rotary": False}}
+              "hmcl-unfused": {"fused_norms": False, "fused_rotary": False},
+              "hmcl-unfused-proj": {"fused_projections": False}}
 
 
 def has_fused_norm_decomposition() -> bool:
@@ -537,7 +540,8 @@ def main() -> None:
                     "hmcl-per-tensor-adamw (hmcl without its fused AdamW), hmcl-padded / hmcl-unpad (model.unpad "
                     "false / true), hmcl-compiled (train.compile), hmcl-graphs (train.compile cuda-graphs: layers replayed "
                     "from CUDA graphs, padded), hmcl-unfused-norms (model.fused_norms false), "
-                    "hmcl-unfused-rotary (model.fused_rotary false), hmcl-unfused (both false)")
+                    "hmcl-unfused-rotary (model.fused_rotary false), hmcl-unfused (both false), "
+                    "hmcl-unfused-proj (model.fused_projections false)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")

@@ -95,7 +95,8 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
     require_onnx()
     # traced on the CPU: RMSNorm and rotary embeddings as the model's own code writes them (the
     # graph as before; operation counts are no concern there)
-    model = EmbeddingModel.load(str(model_dir), attn_implementation="eager", fused_norms=False, fused_rotary=False)
+    model = EmbeddingModel.load(str(model_dir), attn_implementation="eager", fused_norms=False, fused_rotary=False,
+                                fused_projections=False)
     model.eval()
     refuse_prompt_pooling(model, model_dir)
     if model.segments is not None:

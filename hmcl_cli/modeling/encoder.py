@@ -35,6 +35,7 @@ from hmcl_cli.console import ProgressBar, warn
 from hmcl_cli.errors import ModelNotFoundError, RecipeError
 from hmcl_cli.modeling import encode_graphs, unpad
 from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_rms_norms
+from hmcl_cli.modeling.fused_projections import ProjectionReport, fuse_projections, unfuse_projections
 from hmcl_cli.modeling.fused_rotary import RotaryReport, fuse_rotary, unfuse_rotary
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
@@ -157,6 +158,7 @@ class EmbeddingModel(nn.Module):
         self._graphs_broken = ""  # why graphs were turned off after a capture or its check failed ('' = not)
         self.norm_fusion = FusionReport()  # model.fused_norms: what fuse_rms_norms did (modeling/fused_norms.py)
         self.rotary_fusion = RotaryReport()  # model.fused_rotary: what fuse_rotary did (modeling/fused_rotary.py)
+        self.projection_fusion = ProjectionReport()  # model.fused_projections (modeling/fused_projections.py)
 
     @property
     def segments(self) -> Any:
@@ -198,11 +200,13 @@ class EmbeddingModel(nn.Module):
         include_prompt: Optional[bool] = None,
         fused_norms: bool = True,
         fused_rotary: bool = True,
+        fused_projections: bool = True,
     ) -> "EmbeddingModel":
         """Load from a local folder, hub id or offline package (see ``resolve_model``).
         ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`).
         ``fused_norms``: RMSNorm layers through F.rms_norm (modeling/fused_norms.py).
-        ``fused_rotary``: queries and keys rotated together (modeling/fused_rotary.py)."""
+        ``fused_rotary``: queries and keys rotated together (modeling/fused_rotary.py).
+        ``fused_projections``: sibling projections as one product (modeling/fused_projections.py)."""
         from transformers import AutoConfig, AutoTokenizer
 
         from hmcl_cli.modeling.st_modules import read_pipeline
@@ -283,6 +287,7 @@ class EmbeddingModel(nn.Module):
         model = cls(backbone, tokenizer, settings, st.head)  # the head stays float32 (it trains; it is small)
         model.set_fused_norms(fused_norms)
         model.set_fused_rotary(fused_rotary)
+        model.set_fused_projections(fused_projections)
         if check_lengths:
             model.check_lengths(str(name_or_path))
         return model
@@ -315,6 +320,7 @@ class EmbeddingModel(nn.Module):
         self.encode_graphs = model_cfg.encode_graphs
         self.set_fused_norms(model_cfg.fused_norms)
         self.set_fused_rotary(model_cfg.fused_rotary)
+        self.set_fused_projections(model_cfg.fused_projections)
 
     def set_fused_norms(self, on: bool) -> None:
         """RMSNorm layers through F.rms_norm (``model.fused_norms``; modeling/fused_norms.py), or
@@ -333,6 +339,16 @@ class EmbeddingModel(nn.Module):
         else:
             unfuse_rotary(self.backbone)
             self.rotary_fusion = RotaryReport()
+
+    def set_fused_projections(self, on: bool) -> None:
+        """Sibling projections of one input as one product while training full weights
+        (``model.fused_projections``; modeling/fused_projections.py), or one product per module
+        again; what was done is kept in ``projection_fusion``."""
+        if on:
+            self.projection_fusion = fuse_projections(self.backbone)
+        else:
+            unfuse_projections(self.backbone)
+            self.projection_fusion = ProjectionReport()
 
     def position_limit(self) -> Optional[int]:
         """The longest sequence the backbone can encode: see :func:`position_limit`."""

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_swap import is_swapped, own_class, restore, subclass
+from .class_swap import own_class, restore, subclass
 
 EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 _FUSED_CLASSES: dict[type, type] = {}  # class -> its fused subclass
@@ -200,9 +200,16 @@ def fuse_rms_norms(backbone: nn.Module) -> FusionReport:
 
 def unfuse_rms_norms(backbone: nn.Module) -> int:
     """Give every module :func:`fuse_rms_norms` fused its own class back; returns how many."""
-    return restore(backbone.modules())
+    return restore(_fused_modules(backbone))
+
+
+def _fused_modules(backbone: nn.Module) -> list[nn.Module]:
+    """The modules of ``backbone`` that run :func:`fused_forward` (other fusions' swapped
+    modules left out)."""
+    fused = set(_FUSED_CLASSES.values())
+    return [m for m in backbone.modules() if type(m) in fused]
 
 
 def fused_count(backbone: nn.Module) -> int:
     """How many modules of ``backbone`` run the fused forward."""
-    return sum(1 for m in backbone.modules() if is_swapped(m))
+    return len(_fused_modules(backbone))

@@ -30,7 +30,12 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   are unpadded (``model.unpad``) is sized by the most real tokens a step can hold instead (the
   longest queries and documents of the data), at the probe's bytes per token;
 * **autocast copies**: under bf16 autocast every float32 weight used in a matmul is cast once per
-  forward and the bf16 copy is kept until the backward pass.
+  forward and the bf16 copy is kept until the backward pass;
+* **fused copies**: with ``model.fused_projections`` each forward call concatenates a layer's
+  trainable sibling projections (query/key/value, gate/up) and autograd keeps the concatenation
+  (in the compute dtype) until the backward pass: one copy of those weights per forward call of a
+  step (with gradient checkpointing, one layer's), where autocast's cached copy counted above
+  serves the first call.
 
 With ``train.fsdp`` over N processes the sharded weights (the frozen base with LoRA), their
 gradients and optimizer state count 1/N, plus two whole layers being gathered.
@@ -81,24 +86,26 @@ class MemoryPlan:
     fitting_chunk: Optional[int] = None
     lengths: tuple[int, int] = (0, 0)  # query and document tokens each sequence is sized at
     real_tokens: Optional[tuple[int, int]] = None  # unpadded: the real tokens of the step it is sized at
+    fused_copies: int = 0  # model.fused_projections: the concatenated weights autograd keeps
 
     @property
     def peak(self) -> int:
-        return self.weights + self.optimizer + self.gradients + self.activations + self.autocast_copies
+        return self.weights + self.optimizer + self.gradients + self.activations + self.autocast_copies + self.fused_copies
 
     @property
     def fits(self) -> bool:
         return self.capacity is None or self.peak <= 0.95 * self.capacity
 
     def as_dict(self) -> dict:
-        keys = ("weights", "optimizer", "gradients", "activations", "autocast_copies", "peak")
+        keys = ("weights", "optimizer", "gradients", "activations", "autocast_copies", "fused_copies", "peak")
         return {**{k: round(getattr(self, k) / GIB, 3) for k in keys}, "params": self.params,
                 "trainable": self.trainable, "sequences": self.sequences, "lengths": list(self.lengths),
                 "capacity": round(self.capacity / GIB, 3) if self.capacity else None, "advice": self.advice}
 
     def summary(self) -> str:
         parts = ", ".join(f"{k} {getattr(self, k) / GIB:.2f}" for k in
-                          ("weights", "optimizer", "gradients", "activations", "autocast_copies") if getattr(self, k))
+                          ("weights", "optimizer", "gradients", "activations", "autocast_copies", "fused_copies")
+                          if getattr(self, k))
         cap = f" of {self.capacity / GIB:.1f} GiB" if self.capacity else ""
         tokens = (f"; unpadded: at most {sum(self.real_tokens):,} real tokens" if self.real_tokens else "")
         return (f"memory plan per device: ~{self.peak / GIB:.2f} GiB{cap} ({parts} GiB; "
@@ -388,6 +395,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     parameters of the sentence-transformers layers after the pooling (float32, trained; None: read
     from the model's folder when it is here, else none)."""
     from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
+    from hmcl_cli.modeling.fused_projections import fused_weight_numel
     from hmcl_cli.modeling.resolve import resolve_transformer
 
     m, t = recipe.model, recipe.train
@@ -411,6 +419,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
             train_bytes += size
         if p.ndim == 2 and p.dtype == torch.float32 and "embed" not in name:
             matmul_fp32 += p.numel()
+    fusable = fused_weight_numel(full) if m.fused_projections else 0
     del full
     head = head_params if head_params is not None else _head_params(recipe)
     params, trainable, weight_bytes, train_bytes = params + head, trainable + head, weight_bytes + 4 * head, train_bytes + 4 * head
@@ -478,7 +487,9 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     plan = MemoryPlan(
         weights=weight_bytes, optimizer=optimizer, gradients=gradients,
         activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs,
-        lengths=(q_len, d_len), real_tokens=real_tokens if unpadded and not chunk else None)
+        lengths=(q_len, d_len), real_tokens=real_tokens if unpadded and not chunk else None,
+        fused_copies=_fused_copies(fusable, config, w_dtype, act_dtype, shards > 1 or not copies,
+                                   1 if chunk or mode == "always" else 2, m.gradient_checkpointing))
     plan.capacity = capacity
     if capacity:
         fixed = plan.peak - plan.activations
@@ -494,6 +505,17 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     if not plan.fits:
         plan.advice = _advice(plan, m, t, activations)
     return plan
+
+
+def _fused_copies(numel: int, config: Any, w_dtype: torch.dtype, act_dtype: torch.dtype, uncached: bool,
+                  calls: int, checkpointing: bool) -> int:
+    """Bytes of the concatenated projection weights autograd keeps (``model.fused_projections``):
+    one copy in the compute dtype per forward call of a step, less the first where autocast's cached
+    copy of the weights (``autocast_copies``) already counts it (``uncached`` False); with gradient
+    checkpointing one layer's at a time."""
+    size = torch.tensor([], dtype=act_dtype if act_dtype != w_dtype else w_dtype).element_size()
+    total = numel * size * (calls if uncached else calls - 1)
+    return total // max(1, int(getattr(config, _layers_key(config)))) if checkpointing else total
 
 
 FILL = 0.8  # share of the device a chosen GradCache chunk may plan to use (the plan was 18% low for MiniLM)
