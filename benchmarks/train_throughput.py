@@ -10,7 +10,7 @@
     python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-compiled,hmcl-graphs  # compiled
     python benchmarks/train_throughput.py --data stsb --shape bert-base --op-count       # ops per step
     python benchmarks/train_throughput.py --data stsb --shape micro-qwen3-28 --tools st,hmcl,hmcl-unfused-norms --op-count
-    python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-unfused-proj --op-count
+    python benchmarks/train_throughput.py --data stsb --shape minilm-shape --tools st,hmcl,hmcl-fused-proj --op-count
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl,hmcl-2d-mask  # masks
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools st,hmcl-1fwd,hmcl-2fwd  # one_forward
     python benchmarks/train_throughput.py --data stsb --shape bert-base --tools hmcl,hmcl-cudnn   # cuDNN attention
@@ -422,15 +422,19 @@ TOOL_NAMES = {"hmcl": "hmcl train", "hmcl-2d-mask": "hmcl train, 2D mask",
               "hmcl-compiled": "hmcl train, compiled", "hmcl-graphs": "hmcl train, CUDA graphs",
               "hmcl-unfused-norms": "hmcl train, unfused norms", "hmcl-unfused-rotary": "hmcl train, unfused rotary",
               "hmcl-unfused": "hmcl train, unfused norms and rotary",
-              "hmcl-unfused-proj": "hmcl train, unfused projections"}
+              "hmcl-unfused-proj": "hmcl train, unfused projections",
+              "hmcl-fused-proj": "hmcl train, fused projections",
+              "hmcl-gpu-defaults": "hmcl train, one forward, fused projections"}
 # rows never measured on a GPU yet: a failure is printed and the tools after it still run
 EXPERIMENTAL_TOOLS = {"hmcl-graphs", "hmcl-compiled"}
-TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
+TOOL_TRAIN = {"hmcl-1fwd": {"one_forward": True}, "hmcl-gpu-defaults": {"one_forward": True}, "hmcl-2fwd": {"one_forward": False}, "hmcl-compiled": {"compile": True},
               "hmcl-graphs": {"compile": "cuda-graphs"}}  # (layers in reduce-overhead mode, padded calls)
 TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": False}, "hmcl-unpad": {"unpad": True},
               "hmcl-unfused-norms": {"fused_norms": False}, "hmcl-unfused-rotary": {"fused_rotary": False},
               "hmcl-unfused": {"fused_norms": False, "fused_rotary": False},
-              "hmcl-unfused-proj": {"fused_projections": False}}
+              "hmcl-unfused-proj": {"fused_projections": False},
+              "hmcl-fused-proj": {"fused_projections": True},  # (a CPU's auto does not join them)
+              "hmcl-gpu-defaults": {"fused_projections": True}}  # a GPU's autos on a CPU, for --op-count
 
 
 def has_fused_norm_decomposition() -> bool:
@@ -541,7 +545,8 @@ def main() -> None:
                     "false / true), hmcl-compiled (train.compile), hmcl-graphs (train.compile cuda-graphs: layers replayed "
                     "from CUDA graphs, padded), hmcl-unfused-norms (model.fused_norms false), "
                     "hmcl-unfused-rotary (model.fused_rotary false), hmcl-unfused (both false), "
-                    "hmcl-unfused-proj (model.fused_projections false)")
+                    "hmcl-unfused-proj / hmcl-fused-proj (model.fused_projections false / true; auto joins on a GPU), "
+                    "hmcl-gpu-defaults (one forward call and joined projections, as a GPU's auto settings)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")

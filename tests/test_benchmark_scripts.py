@@ -50,10 +50,10 @@ def test_training_throughput_decoder_lora_checkpointing_of_the_scale_part():
 
 def test_training_throughput_compiled_of_the_compile_part():
     out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
-               "--batch-size", "4", "--tools", "st,hmcl,hmcl-graphs,hmcl-compiled")
+               "--batch-size", "4", "--tools", "st,hmcl,hmcl-unfused-proj,hmcl-graphs,hmcl-compiled")
     results = [line.split(":")[0] for line in out.splitlines() if line.startswith("result ")]
-    assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, CUDA graphs",
-                       "result hmcl train, compiled"]
+    assert results == ["result sentence-transformers loop", "result hmcl train", "result hmcl train, unfused projections",
+                       "result hmcl train, CUDA graphs", "result hmcl train, compiled"]
     assert out.count("layers compiled on first use") == 2  # the two compiled rows, not the plain one
     assert "forward calls padded (model.unpad false)" in out  # the graphs' row: a fixed width per graph
 
@@ -193,3 +193,12 @@ def test_long_text_quality_cut_off_by_its_limit_says_where_each_run_got_and_leav
     assert not (tmp_path / "seg.1.log").exists()  # one job at a time: the second never started
     left = subprocess.run(["pgrep", "-f", f"--out {tmp_path}"], capture_output=True, text=True).stdout.split()
     assert left == [], "a run was left running"
+
+
+def test_projection_ops_counts_fewer_operations_joined():
+    import json
+
+    out = _run("projection_ops.py", "--shapes", "micro,micro-qwen3", "--batch", "4")
+    rows = json.loads(out.strip().splitlines()[-1])["rows"]
+    assert len(rows) == 4  # two shapes, float32 and bf16 autocast
+    assert all(r["fused"] < r["plain"] and r["groups"] > 0 for r in rows.values())

@@ -156,6 +156,10 @@ CASES = {
     # sharded forward/backward is collective
     "fsdp-gradcache-segments": ("tiny_bert", {"train": {"fsdp": True, "grad_cache_chunk": 3},
                                               "model": {"segments": {"length": 16, "overlap": 2}}}),
+    # sibling projections joined (a GPU's model.fused_projections auto; true on this CPU): under
+    # DDP on a decoder, and under FSDP2, whose gathered weights the join reads
+    "joined-qwen": ("tiny_qwen", {"model": {"fused_projections": True}}),
+    "fsdp-joined": ("tiny_bert", {"train": {"fsdp": True}, "model": {"fused_projections": True}}),
 }
 
 
@@ -176,6 +180,7 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
         assert "forward calls unpadded" in out  # (a CPU: model.unpad auto), sharded too
         if extra.get("train", {}).get("one_forward"):
             assert "one forward call per step" in out
+        assert ("train: projections:" in out) == ("fused_projections" in extra.get("model", {}))
         weights[procs], losses[procs] = _trained(folder)
     assert losses[1] == pytest.approx(losses[2], abs=2e-5) and len(losses[1]) >= 2
     base = load_file(model_dir / "model.safetensors")

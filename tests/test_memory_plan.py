@@ -315,3 +315,37 @@ def test_plan_counts_the_layers_after_the_pooling(tmp_path, tiny_bert, lora):
     assert headed.weights - plain.weights == 4 * head and headed.optimizer - plain.optimizer == 8 * head
     given = plan_memory(load_recipe(write_recipe(tmp_path / "b", folder, model=section)), cpu, head_params=head)
     assert given.params == headed.params
+
+
+@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
+def test_plan_counts_the_joined_projection_weights_autograd_keeps(tmp_path, fixture, request):
+    """model.fused_projections joins each layer's sibling weights in every forward call, and
+    autograd keeps the join: the plan's fused_copies is the joined weights a real forward call
+    keeps, once per call of the step (two on a CPU); none with LoRA (frozen) and none with
+    ``auto`` on a CPU (it joins on a GPU only)."""
+    from transformers import AutoModel
+
+    from hmcl_cli.modeling.fused_projections import fuse_projections
+
+    folder = request.getfixturevalue(fixture)
+    cpu = torch.device("cpu")
+
+    def plan(name, **model):
+        return plan_memory(load_recipe(write_recipe(tmp_path / name, folder, model=model,
+                                                    train={"batch_size": 3, "group_size": 2})), device=cpu)
+
+    joined_plan, auto, off = plan("a", fused_projections=True), plan("b"), plan("c", fused_projections=False)
+    ids = torch.randint(5, 90, (2, 16))
+    real = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
+    plain = saved_tensor_bytes(real, ids)
+    assert fuse_projections(real, cpu=True).groups > 0
+    joined = saved_tensor_bytes(real, ids)
+    weights = sum(m.weight.numel() * 4 for m in real.modules() if type(m).__name__ == "FusedLinear")
+    assert joined_plan.fused_copies == 2 * weights > 0
+    if fixture == "tiny_bert":  # attention keeps queries, keys and values as they come: the join alone
+        assert joined - plain == weights
+    else:  # the CPU's attention copies the values, and the kept query slice holds the joined output
+        values = sum(layer.self_attn.v_proj.out_features for layer in real.layers) * ids.numel() * 4
+        assert joined - plain == weights + values
+    assert auto.fused_copies == off.fused_copies == 0 and joined_plan.peak - off.peak == joined_plan.fused_copies
+    assert plan("d", fused_projections=True, lora={"enabled": True, "r": 4}).fused_copies == 0

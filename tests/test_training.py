@@ -11,8 +11,8 @@ from hmcl_cli.training.trainer import HMCLTrainer
 from conftest import assert_grads_close, make_trainer, write_recipe
 
 
-def _trainer(tmp_path, model, **sections):
-    return make_trainer(tmp_path, model, **sections)
+def _trainer(tmp_path, model_dir, **sections):
+    return make_trainer(tmp_path, model_dir, **sections)
 
 
 def _grads(t):
@@ -20,9 +20,11 @@ def _grads(t):
 
 
 @pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_qwen"])
-def test_grad_cache_gives_same_loss_and_gradients(tmp_path, fixture, request):
-    model = request.getfixturevalue(fixture)
-    t = _trainer(tmp_path, model)
+@pytest.mark.parametrize("joined", [False, True])  # model.fused_projections (a GPU's auto; true on a CPU)
+def test_grad_cache_gives_same_loss_and_gradients(tmp_path, fixture, joined, request):
+    from hmcl_cli.modeling.fused_projections import fused_groups
+
+    t = _trainer(tmp_path, request.getfixturevalue(fixture), model={"fused_projections": joined})
     # float64: the same computation, without fp32 rounding. In fp32 with torch 2.14 the token-type
     # embedding's gradient (one row summing every token's, with cancellation) came out 1.4e-5 of its
     # largest entry apart (6.8e-14 in float64), past assert_grads_close's fp32 allowance
@@ -39,6 +41,8 @@ def test_grad_cache_gives_same_loss_and_gradients(tmp_path, fixture, request):
     g_gc = _grads(t)
     assert torch.allclose(loss_plain, loss_gc, atol=1e-6)
     assert_grads_close(g_plain, g_gc)
+    groups = fused_groups(t.model.backbone)  # joined in the plain step and in each chunk's recomputation
+    assert bool(groups) == joined and all(g.fused_calls > 1 and g.active for g in groups)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path, tiny_bert):

@@ -2,7 +2,7 @@
 # The GPU checks of the open issues, as one prepared call on the lent machine.
 #
 #   here:   python benchmarks/device/pack.py          # .dev/: wheels, the model (fp16), the data
-#   device: run(command="bash benchmarks/device/run.sh gputests=110 compileq=120 encode=110",
+#   device: run(command="bash benchmarks/device/run.sh gputests=110 compileq=140 encode=110",
 #               carry=[".dev"], timeout_s=420); then, with time left, `longq=380` (timeout_s 430)
 #
 # A session has 15 minutes (900 s) of device time (starts, transfers and idle waits count), and one
@@ -12,8 +12,10 @@
 # Suggested next (#9's rows of 2026-12-04 are in RESULTS.md; no GPU since, 2026-12-04's third and
 # fourth sessions and 2026-12-05): call 1 as above — the tests of what runs by default on a GPU
 # and was never run there (encoding replayed from CUDA graphs, the fused RMSNorm kernel, the fused
-# rotary embeddings), #9's Qwen3-0.6B row with both fusions beside norms only and neither
-# (counted on the CPU: 5,461 / 6,241 / 10,309 operations a step) and CUDA-graph layers, and #9's
+# rotary embeddings and projections), #9's Qwen3-0.6B row with all three fusions beside each
+# undone (counted on the CPU, two calls: 4,845 operations a step with all three (hmcl-fused-proj
+# there; a GPU's auto joins projections); 5,461 projections unfused, 5,625 rotary, 9,693 rotary and
+# norms) and CUDA-graph layers, and #9's
 # encoding row with graphs on by default; then #11's quality rows in bf16 (#11 was resolved on
 # the CPU rows; its GPU throughput rows, timed without the checkpoint write, are the second H200
 # session's). `compile=120 probe=60 profile=70 long=110` if time is left; `fp16=60` (the
@@ -43,9 +45,11 @@
 #            row) and with train.compile (never measured on a GPU yet; the steps are launch-bound
 #            there, what compiling and CUDA graphs are for).
 #   compileq #9: the Qwen3-0.6B shape (batch 32, full fine-tuning), the loop vs hmcl (fused
-#            RMSNorm and rotary, model.fused_norms / fused_rotary: 5,461 operations a two-call step
-#            counted on the CPU) vs hmcl with neither (10,309) vs hmcl with train.compile
-#            cuda-graphs (hmcl-graphs).
+#            RMSNorm, rotary and projections, model.fused_norms / fused_rotary / fused_projections:
+#            4,845 operations a two-call step counted on the CPU with hmcl-fused-proj, which a
+#            GPU's auto gives hmcl) vs hmcl with its projections
+#            unfused (5,461), its rotary unfused (5,625), its rotary and norms unfused (9,693) vs
+#            hmcl with train.compile cuda-graphs (hmcl-graphs).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
@@ -72,7 +76,8 @@
 #            the eager steps' losses (tiny BERT; compiles with triton first: allow ~90 s), and the
 #            fused RMSNorm kernel takes every norm of a tiny Qwen3 (model.fused_norms; not yet timed there),
 #            and queries and keys rotated together give the same embeddings and gradients, bit for
-#            bit (model.fused_rotary).
+#            bit (model.fused_rotary), and sibling projections joined give the same embeddings and
+#            gradients under bf16 autocast, in fewer operations (model.fused_projections).
 #   quick    #9's three ratios (BERT-base, MiniLM, Qwen3-0.6B shapes; the loop vs hmcl), fewer steps.
 #   smoke    a few steps of quality and speed: a dry run of this script on a CPU machine, in a
 #            python3.12 venv holding only the image's packages (KINDS.md), before a device call.
@@ -173,14 +178,15 @@ for spec in "$@"; do
       # #9: hmcl with train.compile (each layer compiled, dynamic shapes; the compile falls in the
       # untimed warm-up and warm passes) and with CUDA graphs (hmcl-graphs: reduce-overhead, padded)
       part compile $((secs * 55 / 100)) python3 $tt --data stsb --shape minilm-shape --steps 20 --warmup 3 \
-        --tools st,hmcl,hmcl-graphs,hmcl-compiled
+        --tools st,hmcl,hmcl-unfused-proj,hmcl-graphs,hmcl-compiled
       part compile $((secs - (SECONDS - t0))) python3 $tt --data stsb --shape bert-base --steps 20 --warmup 3 \
         --tools st,hmcl-graphs,hmcl-compiled ;;
     compileq)
-      # #9's Qwen3-0.6B row (>= 3x): fused RMSNorm and rotary (hmcl's defaults), norms fused only,
-      # neither, then the layers replayed from CUDA graphs (train.compile cuda-graphs)
+      # #9's Qwen3-0.6B row (>= 3x): fused RMSNorm, rotary and projections (hmcl's defaults),
+      # projections unfused, norms fused only, neither, then the layers replayed from CUDA graphs
+      # (train.compile cuda-graphs)
       part compileq "$secs" python3 $tt --data stsb --shape qwen3-0.6b --batch-size 32 --steps 8 --warmup 2 \
-        --tools st,hmcl,hmcl-unfused-rotary,hmcl-unfused,hmcl-graphs ;;
+        --tools st,hmcl,hmcl-unfused-proj,hmcl-unfused-rotary,hmcl-unfused,hmcl-graphs ;;
     profile)
       # where a short-text step and an encode spend their time: torch.profiler tables by GPU time
       # and by host time, with hmcl's ranges (hmcl.collate / forward / loss / backward /
@@ -209,7 +215,8 @@ for spec in "$@"; do
       part encode $((secs / 3)) python3 benchmarks/encode_throughput.py --shape minilm-shape --texts 20000 --sync-audit ;;
     gputests)
       part gputests "$secs" python3 -m pytest -q -p no:cacheprovider tests/test_encode_graphs.py \
-        tests/test_host_sync.py tests/test_fused_norms.py tests/test_fused_rotary.py -k "cuda or graphs" ;;
+        tests/test_host_sync.py tests/test_fused_norms.py tests/test_fused_rotary.py tests/test_fused_projections.py \
+        -k "cuda or graphs" ;;
     smoke)
       part smoke "$secs" python3 benchmarks/quality.py --seeds 1 --max-steps 2 --rows hmcl-mined,st-cosent-mnrl-hn \
         --cache /tmp/hmcl-smoke-cache.json

@@ -200,13 +200,14 @@ class EmbeddingModel(nn.Module):
         include_prompt: Optional[bool] = None,
         fused_norms: bool = True,
         fused_rotary: bool = True,
-        fused_projections: bool = True,
+        fused_projections: bool | str = "auto",
     ) -> "EmbeddingModel":
         """Load from a local folder, hub id or offline package (see ``resolve_model``).
         ``check_lengths``: refuse max lengths beyond the position table (see :meth:`check_lengths`).
         ``fused_norms``: RMSNorm layers through F.rms_norm (modeling/fused_norms.py).
         ``fused_rotary``: queries and keys rotated together (modeling/fused_rotary.py).
-        ``fused_projections``: sibling projections as one product (modeling/fused_projections.py)."""
+        ``fused_projections``: sibling projections as one product while training full weights,
+        ``auto`` on a GPU, ``True`` on every device (modeling/fused_projections.py)."""
         from transformers import AutoConfig, AutoTokenizer
 
         from hmcl_cli.modeling.st_modules import read_pipeline
@@ -340,12 +341,13 @@ class EmbeddingModel(nn.Module):
             unfuse_rotary(self.backbone)
             self.rotary_fusion = RotaryReport()
 
-    def set_fused_projections(self, on: bool) -> None:
+    def set_fused_projections(self, on: bool | str) -> None:
         """Sibling projections of one input as one product while training full weights
-        (``model.fused_projections``; modeling/fused_projections.py), or one product per module
-        again; what was done is kept in ``projection_fusion``."""
+        (``model.fused_projections``; modeling/fused_projections.py): ``auto`` for inputs on a GPU,
+        ``True`` on every device; ``False``: one product per module again. What was done is kept
+        in ``projection_fusion``."""
         if on:
-            self.projection_fusion = fuse_projections(self.backbone)
+            self.projection_fusion = fuse_projections(self.backbone, cpu=on is True)
         else:
             unfuse_projections(self.backbone)
             self.projection_fusion = ProjectionReport()

@@ -12,8 +12,11 @@ Computed as one: the group's weights are concatenated (one operation; under auto
 instead of one per weight), one matrix product gives every output, and it is split into views.
 Backward: one concatenation of the outputs' gradients, one product for the input's gradient, one
 for the weights' (whose slices are each weight's gradient, no copy) and one bias sum.
-Counted on the CPU (``benchmarks/RESULTS.md``): a BERT-class layer's query/key/value from 23
-operations to 11 a step, a Qwen3 layer's two groups from 31 to 15.
+Counted on the CPU (``benchmarks/projection_ops.py``, one training forward call and its backward):
+9 operations fewer per query/key/value group in float32, 21 under bf16 autocast (one cast of the
+joined weights, the joined biases and the input instead of one per module, and one cast back of
+each gradient); a MiniLM-shaped forward and backward 0.90x the operations in float32 and 0.85x
+under autocast, a Qwen3-shaped one (28 layers, two groups a layer) 0.87x and 0.80x.
 
 How: the group's first call with an input computes every member's output and keeps the others'
 for their own calls, which must come with the same tensor, unchanged (checked each time: the
@@ -23,9 +26,13 @@ fusing. Each module's class becomes a subclass of ``nn.Linear`` (``FusedLinear``
 :mod:`hmcl_cli.modeling.class_swap`): parameters, ``state_dict``, saving and ``isinstance`` are
 unchanged; :func:`unfuse_projections` gives each its class back.
 
-When: only while gradients are computed for trainable weights (full fine-tuning). Without
-gradients (encoding) the saving is one product of three against a concatenation, and frozen weights
-(LoRA's base) would be copied on each call; both take each module's own product. Not inside
+When: only while gradients are computed for trainable weights (full fine-tuning), and under the
+recipe's ``auto`` (the default) only for inputs on a GPU. A CPU is bound by arithmetic, not
+launches (the quickstart's step ran at the same speed either way), and there the join costs
+memory: the joined weights autograd keeps, and, where attention keeps its own copy of the values
+(the CPU's SDPA), the rest of a joined output that a kept query slice holds. Without gradients
+(encoding) the saving is one product of three against a concatenation, and frozen weights (LoRA's
+base) would be copied on each call; both take each module's own product. Not inside
 ``torch.compile`` (``train.compile``: its compiled layers see plain products). The values are the
 same products in another order of summation: equal to float32 rounding, not bit for bit
 (tests/test_fused_projections.py).
@@ -51,6 +58,7 @@ GROUPS = (
     ("gate_proj", "up_proj"),  # their gated MLPs
     ("q_lin", "k_lin", "v_lin"),  # DistilBERT
     ("q", "k", "v"),  # MPNet, T5
+    ("wi_0", "wi_1"),  # T5's gated MLP
 )
 GROUP = "_hmcl_projection_group"  # on a fused module: its ProjectionGroup
 INDEX = "_hmcl_projection_index"  # on a fused module: its place in the group
@@ -59,13 +67,18 @@ _FUSED_CLASSES: dict[type, type] = {}
 
 @dataclass
 class ProjectionReport:
-    """What :func:`fuse_projections` did: groups fused by their member names."""
+    """What :func:`fuse_projections` did: groups fused by their member names, and on which devices."""
 
     fused: dict[str, int] = field(default_factory=dict)  # "query+key+value" -> groups
+    cpu: bool = False  # also for inputs on a CPU (``model.fused_projections: true``)
 
     @property
     def groups(self) -> int:
         return sum(self.fused.values())
+
+    def active_on(self, device_type: str) -> bool:
+        """Whether training on ``device_type`` computes the groups as one product each."""
+        return self.groups > 0 and (self.cpu or device_type != "cpu")
 
     def summary(self) -> str:
         if not self.fused:
@@ -86,9 +99,10 @@ class _Kept:
 class ProjectionGroup:
     """Sibling ``nn.Linear`` modules computed as one product (see the module's docstring)."""
 
-    def __init__(self, modules: list[nn.Linear], names: tuple[str, ...]) -> None:
+    def __init__(self, modules: list[nn.Linear], names: tuple[str, ...], cpu: bool = False) -> None:
         self.modules = modules
         self.names = names
+        self.cpu = cpu  # fuse inputs on a CPU too
         self.sizes = [m.out_features for m in modules]
         self.kept: Optional[_Kept] = None
         self.active = True
@@ -132,7 +146,7 @@ def fused_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     computed for its trainable weight (outside ``torch.compile``)."""
     group = self.__dict__.get(GROUP)
     if (group is None or not group.active or not torch.is_grad_enabled() or not self.weight.requires_grad
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or (not group.cpu and input.device.type == "cpu")):
         return F.linear(input, self.weight, self.bias)
     return group.forward(self, self.__dict__[INDEX], input)
 
@@ -182,19 +196,24 @@ def find_groups(backbone: nn.Module) -> list[tuple[tuple[str, ...], list[nn.Line
 
 
 def fused_weight_numel(backbone: nn.Module) -> int:
-    """Elements of the trainable weights (and biases) :func:`fuse_projections` would concatenate
-    in each forward call: the memory planner's count of the fused copies autograd keeps."""
-    return sum(p.numel() for _, members in find_groups(backbone) for m in members
-               for p in (m.weight, m.bias) if p is not None and p.requires_grad)
+    """Elements of the trainable weights :func:`fuse_projections` joins in each forward call: the
+    memory planner's count of the joined copies autograd keeps (the product's backward needs the
+    weight; the joined bias it does not keep)."""
+    return sum(m.weight.numel() for _, members in find_groups(backbone) for m in members if m.weight.requires_grad)
 
 
-def fuse_projections(backbone: nn.Module) -> ProjectionReport:
+def fuse_projections(backbone: nn.Module, cpu: bool = False) -> ProjectionReport:
     """Group every set of sibling projections of ``backbone`` named as one of :data:`GROUPS` (in
-    place: each module's class becomes :func:`fused_class`); returns what was done. Idempotent."""
-    report = ProjectionReport()
+    place: each module's class becomes :func:`fused_class`); returns what was done. ``cpu``: for
+    inputs on a CPU too (else they take one product per module). Idempotent; a second call sets
+    ``cpu`` anew."""
+    report = ProjectionReport(cpu=cpu)
     for names, members in find_groups(backbone):
-        if not all(type(m) in _FUSED_CLASSES.values() for m in members):
-            group = ProjectionGroup(members, names)
+        group = members[0].__dict__.get(GROUP)
+        if group is not None and all(m.__dict__.get(GROUP) is group for m in members):
+            group.cpu = cpu
+        else:
+            group = ProjectionGroup(members, names, cpu)
             for i, m in enumerate(members):
                 m.__class__ = fused_class(own_class(m))
                 m.__dict__[GROUP] = group

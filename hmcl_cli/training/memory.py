@@ -31,11 +31,13 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   longest queries and documents of the data), at the probe's bytes per token;
 * **autocast copies**: under bf16 autocast every float32 weight used in a matmul is cast once per
   forward and the bf16 copy is kept until the backward pass;
-* **fused copies**: with ``model.fused_projections`` each forward call concatenates a layer's
-  trainable sibling projections (query/key/value, gate/up) and autograd keeps the concatenation
-  (in the compute dtype) until the backward pass: one copy of those weights per forward call of a
-  step (with gradient checkpointing, one layer's), where autocast's cached copy counted above
-  serves the first call.
+* **fused copies**: with ``model.fused_projections`` (``auto``: on a GPU) each forward call joins
+  a layer's trainable sibling projections (query/key/value, gate/up) and autograd keeps the joined
+  weights (in the compute dtype) until the backward pass: one copy of those weights per forward
+  call of a step (with gradient checkpointing, one layer's), where autocast's cached copy counted
+  above serves the first call. (With ``true`` on a CPU, whose attention keeps a copy of the values,
+  a kept query slice also holds the rest of its joined output: a Qwen3 layer keeps its values'
+  projection twice, which the plan leaves out.)
 
 With ``train.fsdp`` over N processes the sharded weights (the frozen base with LoRA), their
 gradients and optimizer state count 1/N, plus two whole layers being gathered.
@@ -419,7 +421,8 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
             train_bytes += size
         if p.ndim == 2 and p.dtype == torch.float32 and "embed" not in name:
             matmul_fp32 += p.numel()
-    fusable = fused_weight_numel(full) if m.fused_projections else 0
+    joins = m.fused_projections is True or (m.fused_projections == "auto" and device.type != "cpu")
+    fusable = fused_weight_numel(full) if joins else 0
     del full
     head = head_params if head_params is not None else _head_params(recipe)
     params, trainable, weight_bytes, train_bytes = params + head, trainable + head, weight_bytes + 4 * head, train_bytes + 4 * head

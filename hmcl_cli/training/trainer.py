@@ -264,7 +264,7 @@ class HMCLTrainer:
                 log(f"train: norms: {self.model.norm_fusion.summary()}")
             if self.model.rotary_fusion.fused or self.model.rotary_fusion.refused:
                 log(f"train: rotary: {self.model.rotary_fusion.summary()}")
-            if self.model.projection_fusion.groups:
+            if self.model.projection_fusion.active_on(self.device.type):
                 log(f"train: projections: {self.model.projection_fusion.summary()}")
             if r.loss.ranking_weight > 0:
                 ranking = describe_ranking_pairs(self.data.anchors, r.loss.ranking_pairs, r.loss.use_scores)
