@@ -47,12 +47,18 @@ def test_training_step_has_no_host_sync(tmp_path, tiny_bert, tiny_qwen, variant)
     assert not s.events, s.report()
 
 
-def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_bert):
-    """train.compile: every transformer layer compiled in place; same loss and gradients as eager."""
+@pytest.mark.parametrize("joined", [False, True])
+def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_bert, joined):
+    """train.compile: every transformer layer compiled in place; same loss and gradients as eager.
+    With model.fused_projections, eager layers join their projections and compiled ones are traced
+    with one product per module."""
+    from hmcl_cli.modeling.fused_projections import fused_groups
+
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
-        t = make_trainer(tmp_path / str(compiled), tiny_bert, train={"compile": compiled})
+        t = make_trainer(tmp_path / str(compiled), tiny_bert, train={"compile": compiled},
+                         model={"fused_projections": joined})
         t.model.eval()  # no dropout: the two runs must see the same function
         blocks = t.model.backbone.encoder.layer
         assert all((getattr(m, "_compiled_call_impl", None) is not None) == compiled for m in blocks)
@@ -63,6 +69,8 @@ def test_compiled_layers_train_like_eager_layers(tmp_path, tiny_bert):
             out.append((loss.detach(), {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}))
             t.optimizer.zero_grad()
         results.append(out)
+        groups = fused_groups(t.model.backbone)
+        assert bool(groups) == joined and all((g.fused_calls > 0) == (not compiled) for g in groups)
     for (l0, g0), (l1, g1) in zip(*results):
         assert torch.allclose(l0, l1, atol=1e-5)
         # tolerance relative to each tensor's largest gradient, not elementwise: fp32 sums over every

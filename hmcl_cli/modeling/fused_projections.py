@@ -144,9 +144,9 @@ class ProjectionGroup:
 def fused_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward``, through the module's :class:`ProjectionGroup` while gradients are
     computed for its trainable weight (outside ``torch.compile``)."""
-    group = self.__dict__.get(GROUP)
+    group = None if torch.compiler.is_compiling() else self.__dict__.get(GROUP)  # compiled: traced as plain
     if (group is None or not group.active or not torch.is_grad_enabled() or not self.weight.requires_grad
-            or torch.compiler.is_compiling() or (not group.cpu and input.device.type == "cpu")):
+            or (not group.cpu and input.device.type == "cpu")):
         return F.linear(input, self.weight, self.bias)
     return group.forward(self, self.__dict__[INDEX], input)
 
