@@ -1,8 +1,9 @@
 """Give an object a run-time subclass of its own class, and its own class back.
 
 hmcl changes how some modules of a loaded model compute (:mod:`hmcl_cli.modeling.fused_norms`,
-:mod:`hmcl_cli.modeling.fused_rotary`) by swapping the instance's class for a subclass that
-overrides ``forward``, made once per class. Not an instance attribute: transformers >= 5.2x
+:mod:`hmcl_cli.modeling.fused_rotary`, :mod:`hmcl_cli.modeling.fused_projections`) by swapping the
+instance's class for a subclass that overrides ``forward``, made once per class. Each restores
+only the classes it made. Not an instance attribute: transformers >= 5.2x
 re-applies its hub kernels at every ``train()`` / ``eval()`` switch, which deletes a forward set on
 an instance and leaves a class's. ``isinstance`` checks, parameter names and ``state_dict`` are
 unchanged, and :func:`restore` gives each object its own class back.
