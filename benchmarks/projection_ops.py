@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,15 +31,21 @@ import train_throughput as tt  # noqa: E402
 from hmcl_cli.modeling.encoder import EmbeddingModel  # noqa: E402
 
 
-def count(model: EmbeddingModel, texts: list[str], autocast: bool) -> int:
+def count(model: EmbeddingModel, texts: list[str], autocast: bool) -> tuple[Counter, Counter]:
+    """The operations of one training forward call and of its backward, by name."""
     model.train()
     model.zero_grad(set_to_none=True)
     batch = model.pad([model.tokenize([t])[0] for t in texts])
-    with tt.OpCounter() as ops:
+    with tt.OpCounter() as forward:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             emb = model(batch["input_ids"], batch["attention_mask"])
+    with tt.OpCounter() as backward:
         (emb.float() @ emb.float().T).logsumexp(-1).mean().backward()
-    return sum(ops.counts.values())
+    return forward.counts, backward.counts
+
+
+def _changed(plain: Counter, fused: Counter) -> dict:
+    return {k: [plain[k], fused[k]] for k in sorted(set(plain) | set(fused)) if plain[k] != fused[k]}
 
 
 def main() -> None:
@@ -54,19 +61,26 @@ def main() -> None:
                 tt.gpu_norm_kernels_on_cpu()
             folder = tt.build_model(shape, Path(tmp) / shape)
             for autocast in (False, True):
-                counts = {}
+                counts, groups = {}, 0
                 for fused in (False, True):
                     model = EmbeddingModel.load(str(folder), fused_projections=fused)
                     model.unpad = False
                     count(model, texts, autocast)  # the first call also runs hmcl's one-time probes of the model
                     counts[fused] = count(model, texts, autocast)
-                    groups = model.projection_fusion.groups
+                    groups = max(groups, model.projection_fusion.groups)
+                (fwd0, bwd0), (fwd1, bwd1) = counts[False], counts[True]
+                plain, fused = sum((fwd0 + bwd0).values()), sum((fwd1 + bwd1).values())
                 row = f"{shape}, {'bf16 autocast' if autocast else 'float32'}"
-                rows[row] = {"plain": counts[False], "fused": counts[True], "groups": groups,
-                             "saved_per_group": round((counts[False] - counts[True]) / max(1, groups), 1),
-                             "ratio": round(counts[True] / counts[False], 3)}
-                print(f"{row:<36} ops {counts[False]:>6} -> {counts[True]:>6} ({rows[row]['ratio']:.3f}x; "
+                rows[row] = {"plain": plain, "fused": fused, "groups": groups,
+                             "saved_per_group": round((plain - fused) / max(1, groups), 1),
+                             "ratio": round(fused / plain, 3),
+                             "forward": [sum(fwd0.values()), sum(fwd1.values())],
+                             "backward": [sum(bwd0.values()), sum(bwd1.values())],
+                             "forward_changed": _changed(fwd0, fwd1), "backward_changed": _changed(bwd0, bwd1)}
+                print(f"{row:<36} ops {plain:>6} -> {fused:>6} ({rows[row]['ratio']:.3f}x; "
                       f"{groups} groups, {rows[row]['saved_per_group']} fewer each)", flush=True)
+                print(f"  forward {rows[row]['forward']} {rows[row]['forward_changed']}; "
+                      f"backward {rows[row]['backward']} {rows[row]['backward_changed']}", flush=True)
     print(json.dumps({"args": vars(args), "rows": rows}))
 
 

@@ -114,7 +114,7 @@ def _plain(m: Siblings, xq, xk, xv):
 
 def test_siblings_fed_different_inputs_get_their_own_product_and_the_group_stops():
     m = Siblings()
-    assert fuse_projections(m, cpu=True).fused == {"query+key+value": 1}
+    assert fuse_projections(m, setting=True).fused == {"query+key+value": 1}
     (group,) = fused_groups(m)
     x, y, z = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
     for out, want in zip(m(x, x, x), _plain(m, x, x, x)):
@@ -132,7 +132,7 @@ def test_siblings_fed_different_inputs_get_their_own_product_and_the_group_stops
 
 def test_an_input_changed_in_place_between_the_calls_is_projected_again():
     m = Siblings()
-    fuse_projections(m, cpu=True)
+    fuse_projections(m, setting=True)
     x = torch.randn(3, 8)
     q = m.query(x)
     x.mul_(2.0)  # the kept key and value belong to the old x
@@ -159,16 +159,16 @@ def test_fused_modules_pickle_copy_and_unfuse(tiny_bert):
 def test_groups_need_one_input_width_and_plain_linear_layers():
     m = Siblings()
     m.value = nn.Linear(7, 6)
-    assert not fuse_projections(m, cpu=True).fused
+    assert not fuse_projections(m, setting=True).fused
     m = Siblings()
     m.key = type("Quantised", (nn.Linear,), {})(8, 4)
-    assert not fuse_projections(m, cpu=True).fused
+    assert not fuse_projections(m, setting=True).fused
 
 
 
 def test_a_copy_made_between_the_calls_keeps_no_outputs_in_flight():
     m = Siblings()
-    fuse_projections(m, cpu=True)
+    fuse_projections(m, setting=True)
     m.query(torch.randn(3, 8))
     assert fused_groups(m)[0].kept is not None
     for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
@@ -272,7 +272,7 @@ def test_other_families_names_are_joined_and_give_the_same_step(name, groups):
     torch.manual_seed(0)
     plain = _family(name).train()
     fused = copy.deepcopy(plain)
-    assert fuse_projections(fused, cpu=True).groups == groups
+    assert fuse_projections(fused, setting=True).groups == groups
     ids = torch.randint(3, 100, (2, 7))
     grads = []
     for model in (plain, fused):

@@ -338,7 +338,7 @@ def test_plan_counts_the_joined_projection_weights_autograd_keeps(tmp_path, fixt
     ids = torch.randint(5, 90, (2, 16))
     real = AutoModel.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)
     plain = saved_tensor_bytes(real, ids)
-    assert fuse_projections(real, cpu=True).groups > 0
+    assert fuse_projections(real, setting=True).groups > 0
     joined = saved_tensor_bytes(real, ids)
     weights = sum(m.weight.numel() * 4 for m in real.modules() if type(m).__name__ == "FusedLinear")
     assert joined_plan.fused_copies == 2 * weights > 0

@@ -3,7 +3,7 @@
 hmcl changes how some modules of a loaded model compute (:mod:`hmcl_cli.modeling.fused_norms`,
 :mod:`hmcl_cli.modeling.fused_rotary`, :mod:`hmcl_cli.modeling.fused_projections`) by swapping the
 instance's class for a subclass that overrides ``forward``, made once per class. Each restores
-only the classes it made. Not an instance attribute: transformers >= 5.2x
+only the classes it made (:func:`made_by`). Not an instance attribute: transformers >= 5.2x
 re-applies its hub kernels at every ``train()`` / ``eval()`` switch, which deletes a forward set on
 an instance and leaves a class's. ``isinstance`` checks, parameter names and ``state_dict`` are
 unchanged, and :func:`restore` gives each object its own class back.
@@ -30,6 +30,13 @@ def subclass(cache: dict, cls: type, name: str, attrs: dict) -> type:
     if cls not in cache:
         cache[cls] = type(name, (cls,), {**attrs, BASE: cls})
     return cache[cls]
+
+
+def made_by(cache: dict, objects: Iterable[object]) -> list:
+    """The objects among ``objects`` that run a subclass from ``cache`` (one user's swaps; another
+    user's swapped objects left out)."""
+    made = set(cache.values())
+    return [obj for obj in objects if type(obj) in made]
 
 
 def is_swapped(obj: object) -> bool:

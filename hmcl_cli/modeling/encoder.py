@@ -347,7 +347,7 @@ class EmbeddingModel(nn.Module):
         ``True`` on every device; ``False``: one product per module again. What was done is kept
         in ``projection_fusion``."""
         if on:
-            self.projection_fusion = fuse_projections(self.backbone, cpu=on is True)
+            self.projection_fusion = fuse_projections(self.backbone, setting=on)
         else:
             unfuse_projections(self.backbone)
             self.projection_fusion = ProjectionReport()

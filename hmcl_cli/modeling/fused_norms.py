@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_swap import own_class, restore, subclass
+from .class_swap import made_by, own_class, restore, subclass
 
 EPS_NAMES = ("variance_epsilon", "eps", "epsilon")
 _FUSED_CLASSES: dict[type, type] = {}  # class -> its fused subclass
@@ -200,16 +200,9 @@ def fuse_rms_norms(backbone: nn.Module) -> FusionReport:
 
 def unfuse_rms_norms(backbone: nn.Module) -> int:
     """Give every module :func:`fuse_rms_norms` fused its own class back; returns how many."""
-    return restore(_fused_modules(backbone))
-
-
-def _fused_modules(backbone: nn.Module) -> list[nn.Module]:
-    """The modules of ``backbone`` that run :func:`fused_forward` (other fusions' swapped
-    modules left out)."""
-    fused = set(_FUSED_CLASSES.values())
-    return [m for m in backbone.modules() if type(m) in fused]
+    return restore(made_by(_FUSED_CLASSES, backbone.modules()))
 
 
 def fused_count(backbone: nn.Module) -> int:
     """How many modules of ``backbone`` run the fused forward."""
-    return len(_fused_modules(backbone))
+    return len(made_by(_FUSED_CLASSES, backbone.modules()))

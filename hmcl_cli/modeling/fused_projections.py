@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .class_swap import own_class, restore, subclass
+from .class_swap import made_by, own_class, restore, subclass
 
 GROUPS = (
     ("query", "key", "value"),  # BERT, RoBERTa, XLM-R, MiniLM, E5, BGE, ...
@@ -70,7 +70,7 @@ class ProjectionReport:
     """What :func:`fuse_projections` did: groups fused by their member names, and on which devices."""
 
     fused: dict[str, int] = field(default_factory=dict)  # "query+key+value" -> groups
-    cpu: bool = False  # also for inputs on a CPU (``model.fused_projections: true``)
+    setting: bool | str = "auto"  # model.fused_projections: see :func:`joins_on`
 
     @property
     def groups(self) -> int:
@@ -78,7 +78,7 @@ class ProjectionReport:
 
     def active_on(self, device_type: str) -> bool:
         """Whether training on ``device_type`` computes the groups as one product each."""
-        return self.groups > 0 and (self.cpu or device_type != "cpu")
+        return self.groups > 0 and joins_on(self.setting, device_type)
 
     def summary(self) -> str:
         if not self.fused:
@@ -99,10 +99,10 @@ class _Kept:
 class ProjectionGroup:
     """Sibling ``nn.Linear`` modules computed as one product (see the module's docstring)."""
 
-    def __init__(self, modules: list[nn.Linear], names: tuple[str, ...], cpu: bool = False) -> None:
+    def __init__(self, modules: list[nn.Linear], names: tuple[str, ...], setting: bool | str = "auto") -> None:
         self.modules = modules
         self.names = names
-        self.cpu = cpu  # fuse inputs on a CPU too
+        self.setting = setting  # model.fused_projections: on which devices (see joins_on)
         self.sizes = [m.out_features for m in modules]
         self.kept: Optional[_Kept] = None
         self.active = True
@@ -141,12 +141,18 @@ class ProjectionGroup:
         return out
 
 
+def joins_on(setting: bool | str, device_type: str) -> bool:
+    """Whether ``model.fused_projections: setting`` joins the projections of inputs on
+    ``device_type`` (``auto``: anywhere but a CPU; ``True``: everywhere)."""
+    return setting is True or (setting == "auto" and device_type != "cpu")
+
+
 def fused_forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward``, through the module's :class:`ProjectionGroup` while gradients are
     computed for its trainable weight (outside ``torch.compile``)."""
     group = None if torch.compiler.is_compiling() else self.__dict__.get(GROUP)  # compiled: traced as plain
     if (group is None or not group.active or not torch.is_grad_enabled() or not self.weight.requires_grad
-            or (not group.cpu and input.device.type == "cpu")):
+            or not joins_on(group.setting, input.device.type)):
         return F.linear(input, self.weight, self.bias)
     return group.forward(self, self.__dict__[INDEX], input)
 
@@ -202,18 +208,18 @@ def fused_weight_numel(backbone: nn.Module) -> int:
     return sum(m.weight.numel() for _, members in find_groups(backbone) for m in members if m.weight.requires_grad)
 
 
-def fuse_projections(backbone: nn.Module, cpu: bool = False) -> ProjectionReport:
+def fuse_projections(backbone: nn.Module, setting: bool | str = "auto") -> ProjectionReport:
     """Group every set of sibling projections of ``backbone`` named as one of :data:`GROUPS` (in
-    place: each module's class becomes :func:`fused_class`); returns what was done. ``cpu``: for
-    inputs on a CPU too (else they take one product per module). Idempotent; a second call sets
-    ``cpu`` anew."""
-    report = ProjectionReport(cpu=cpu)
+    place: each module's class becomes :func:`fused_class`); returns what was done. ``setting``:
+    on which devices the groups join (:func:`joins_on`). Idempotent; a second call sets
+    ``setting`` anew."""
+    report = ProjectionReport(setting=setting)
     for names, members in find_groups(backbone):
         group = members[0].__dict__.get(GROUP)
         if group is not None and all(m.__dict__.get(GROUP) is group for m in members):
-            group.cpu = cpu
+            group.setting = setting
         else:
-            group = ProjectionGroup(members, names, cpu)
+            group = ProjectionGroup(members, names, setting)
             for i, m in enumerate(members):
                 m.__class__ = fused_class(own_class(m))
                 m.__dict__[GROUP] = group
@@ -223,14 +229,9 @@ def fuse_projections(backbone: nn.Module, cpu: bool = False) -> ProjectionReport
     return report
 
 
-def _fused_modules(backbone: nn.Module) -> list[nn.Module]:
-    fused = set(_FUSED_CLASSES.values())
-    return [m for m in backbone.modules() if type(m) in fused]
-
-
 def unfuse_projections(backbone: nn.Module) -> int:
     """Give every module :func:`fuse_projections` fused its own class back; returns how many."""
-    modules = _fused_modules(backbone)
+    modules = made_by(_FUSED_CLASSES, backbone.modules())
     for m in modules:
         m.__dict__.pop(GROUP, None)
         m.__dict__.pop(INDEX, None)
@@ -240,7 +241,7 @@ def unfuse_projections(backbone: nn.Module) -> int:
 def fused_groups(backbone: nn.Module) -> list[ProjectionGroup]:
     """The groups of ``backbone``'s fused projections, each once."""
     seen: dict[int, ProjectionGroup] = {}
-    for m in _fused_modules(backbone):
+    for m in made_by(_FUSED_CLASSES, backbone.modules()):
         group = m.__dict__.get(GROUP)
         if group is not None:
             seen.setdefault(id(group), group)

@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .class_swap import is_swapped, own_class, restore, subclass
+from .class_swap import made_by, own_class, restore, subclass
 
 KEY = "rotary_pos_emb"  # the name transformers' kernel mapping gives apply_rotary_pos_emb
 ORIGINAL = "_hmcl_original"  # on a fused subclass: the model family's apply_rotary_pos_emb
@@ -243,12 +243,12 @@ def fuse_rotary(backbone: nn.Module) -> RotaryReport:
 
 def unfuse_rotary(backbone: nn.Module) -> int:
     """Give every handle :func:`fuse_rotary` fused its own class back; returns how many."""
-    return restore(_handles(backbone))
+    return restore(made_by(_FUSED_CLASSES, _handles(backbone)))
 
 
 def fused_rotary_count(backbone: nn.Module) -> int:
     """How many attention modules of ``backbone`` rotate through :func:`fused_forward`."""
-    return sum(1 for h in _handles(backbone) if is_swapped(h))
+    return len(made_by(_FUSED_CLASSES, _handles(backbone)))
 
 
 def _handles(backbone: nn.Module) -> list:

@@ -397,7 +397,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     parameters of the sentence-transformers layers after the pooling (float32, trained; None: read
     from the model's folder when it is here, else none)."""
     from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
-    from hmcl_cli.modeling.fused_projections import fused_weight_numel
+    from hmcl_cli.modeling.fused_projections import fused_weight_numel, joins_on
     from hmcl_cli.modeling.resolve import resolve_transformer
 
     m, t = recipe.model, recipe.train
@@ -421,8 +421,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
             train_bytes += size
         if p.ndim == 2 and p.dtype == torch.float32 and "embed" not in name:
             matmul_fp32 += p.numel()
-    joins = m.fused_projections is True or (m.fused_projections == "auto" and device.type != "cpu")
-    fusable = fused_weight_numel(full) if joins else 0
+    fusable = fused_weight_numel(full) if joins_on(m.fused_projections, device.type) else 0
     del full
     head = head_params if head_params is not None else _head_params(recipe)
     params, trainable, weight_bytes, train_bytes = params + head, trainable + head, weight_bytes + 4 * head, train_bytes + 4 * head
@@ -491,7 +490,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         weights=weight_bytes, optimizer=optimizer, gradients=gradients,
         activations=act, autocast_copies=copies, params=params, trainable=trainable, sequences=seqs,
         lengths=(q_len, d_len), real_tokens=real_tokens if unpadded and not chunk else None,
-        fused_copies=_fused_copies(fusable, config, w_dtype, act_dtype, shards > 1 or not copies,
+        fused_copies=_fused_copies(fusable, config, act_dtype, shards > 1 or not copies,
                                    1 if chunk or mode == "always" else 2, m.gradient_checkpointing))
     plan.capacity = capacity
     if capacity:
@@ -510,14 +509,13 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     return plan
 
 
-def _fused_copies(numel: int, config: Any, w_dtype: torch.dtype, act_dtype: torch.dtype, uncached: bool,
-                  calls: int, checkpointing: bool) -> int:
+def _fused_copies(numel: int, config: Any, act_dtype: torch.dtype, uncached: bool, calls: int,
+                  checkpointing: bool) -> int:
     """Bytes of the concatenated projection weights autograd keeps (``model.fused_projections``):
     one copy in the compute dtype per forward call of a step, less the first where autocast's cached
     copy of the weights (``autocast_copies``) already counts it (``uncached`` False); with gradient
     checkpointing one layer's at a time."""
-    size = torch.tensor([], dtype=act_dtype if act_dtype != w_dtype else w_dtype).element_size()
-    total = numel * size * (calls if uncached else calls - 1)
+    total = numel * act_dtype.itemsize * (calls if uncached else calls - 1)
     return total // max(1, int(getattr(config, _layers_key(config)))) if checkpointing else total
 
 
