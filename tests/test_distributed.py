@@ -182,7 +182,8 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
             assert "one forward call per step" in out
         assert ("train: projections:" in out) == ("fused_projections" in extra.get("model", {}))
         weights[procs], losses[procs] = _trained(folder)
-    assert losses[1] == pytest.approx(losses[2], abs=2e-5) and len(losses[1]) >= 2
+    # float32 rounding of the loss (values near 70 here): relative 1e-6, or 2e-5 near zero
+    assert losses[1] == pytest.approx(losses[2], rel=1e-6, abs=2e-5) and len(losses[1]) >= 2
     base = load_file(model_dir / "model.safetensors")
     # AdamW (lr 1e-3) turns float rounding in near-zero gradients into differences far below one step
     tol = 2e-5 if not extra else 1e-4

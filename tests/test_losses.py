@@ -302,3 +302,82 @@ def test_matryoshka_sizes_are_checked():
     cfg = LossConfig(classification_weight=1.0, classifier="linear", matryoshka_dims=[4])
     total, parts = HMCLLoss(cfg, dim=8)(_wide_batch())
     assert torch.isfinite(total) and parts["matryoshka"].item() > 0
+
+
+def test_labels_are_prepared_once_per_batch_for_every_cut_size(monkeypatch):
+    """Targets and masks come from the labels alone: with matryoshka sizes (and the local term's
+    reuse of the contrastive targets) each term builds them once per batch, not once per size."""
+    from collections import Counter
+
+    calls = Counter()
+    for cls in (GradedInfoNCELoss, GradedCoSENTLoss, OrdinalClassificationLoss):
+        def spy(self, b, _orig=cls._prepare, _name=cls.__name__):
+            calls[_name] += 1
+            return _orig(self, b)
+        monkeypatch.setattr(cls, "_prepare", spy)
+    b = _wide_batch()
+    cfg = LossConfig(contrastive_weight=1.0, classification_weight=0.3, ranking_weight=0.5, temperature=0.1,
+                     symmetric=True, matryoshka_dims=[4, 2])
+    total, _ = HMCLLoss(cfg, dim=8)(b)
+    assert calls == {"GradedInfoNCELoss": 1, "GradedCoSENTLoss": 1, "OrdinalClassificationLoss": 1}
+    # and the sum is what fresh batches give, each size's terms computed from scratch
+    plain = HMCLLoss(cfg.model_copy(update={"matryoshka_dims": []}), dim=8)
+    expected = plain(_wide_batch())[0]
+    for d in (4, 2):
+        fresh = _wide_batch()
+        cut = PairBatch(F.normalize(fresh.anchors[:, :d], dim=-1), F.normalize(fresh.candidates[:, :d], dim=-1),
+                        fresh.pair_anchor, fresh.pair_candidate, fresh.pair_level, fresh.pair_score,
+                        fresh.anchor_hash, fresh.candidate_hash)
+        expected = expected + 0.5 * plain(cut)[0]
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_prepared_labels_belong_to_the_loss_that_built_them():
+    """Losses with other settings on one batch each read their own targets (one after the other,
+    as temporaries whose memory the next may reuse)."""
+    b = _wide_batch()
+    for weak in (0.5, 0.0, 0.5):
+        assert GradedInfoNCELoss(0.1, weak)(b).item() == pytest.approx(GradedInfoNCELoss(0.1, weak)(_wide_batch()).item())
+    for margin in (0.0, 0.3):
+        assert GradedCoSENTLoss(20.0, margin)(b).item() == pytest.approx(GradedCoSENTLoss(20.0, margin)(_wide_batch()).item())
+    assert GradedInfoNCELoss(0.1, 0.0)(b).item() != pytest.approx(GradedInfoNCELoss(0.1, 0.5)(b).item())
+
+
+def test_pair_cosines_are_computed_once_per_batch_and_afresh_for_a_cut():
+    b = _wide_batch()
+    assert b.pair_cosines() is b.pair_cosines()
+    cut = b.truncated(2)
+    expected = (F.normalize(b.anchors[:, :2], dim=-1)[b.pair_anchor]
+                * F.normalize(b.candidates[:, :2], dim=-1)[b.pair_candidate]).sum(-1)
+    assert torch.allclose(cut.pair_cosines(), expected) and not torch.allclose(expected, b.pair_cosines())
+    assert cut.prepared is b.prepared  # the labels' tensors are shared
+
+
+def test_learnt_temperature_starts_at_the_fixed_one_and_gets_a_gradient():
+    b = _wide_batch()
+    fixed, learnt = GradedInfoNCELoss(0.1, 0.5), GradedInfoNCELoss(0.1, 0.5, learn_temperature=True)
+    assert not list(fixed.parameters()) and fixed.temperature == 0.1
+    value = learnt(b)
+    assert value.item() == pytest.approx(fixed(b).item(), rel=1e-6)
+    value.backward()
+    assert learnt.log_temperature.grad is not None and learnt.log_temperature.grad.abs().item() > 1e-4
+
+
+def test_loss_ops_benchmark_counts_the_labels_built_once():
+    """benchmarks/loss_ops.py (its figures are in RESULTS.md): kept label tensors save forward
+    operations per matryoshka size and change nothing in the backward pass."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "loss_ops.py"), "--anchors", "8", "--dim", "384"],
+                         capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+    assert all(r["forward, labels ready"] < r["forward"] for r in rows.values() if "forward, labels ready" in r)
+    once, per_cut = rows["matryoshka"], rows["matryoshka, labels per cut size"]
+    labels = once["forward"] - once["forward, labels ready"]  # built once
+    assert per_cut["forward"] - once["forward"] == 4 * labels  # four cut sizes built them again
+    assert per_cut["backward"] == once["backward"]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.functional import normalize
@@ -25,6 +25,8 @@ class PairBatch:
             when texts are encoded as segments (``model.segments``), else None.
         anchor_segment_owner, candidate_segment_owner: [Sa], [Sc] the anchor / candidate row each
             segment belongs to.
+        prepared: what the loss terms built from the labels alone (targets, masks), by term
+            (:func:`prepared_for`): built once per step, shared by the batch's matryoshka cuts.
     """
 
     anchors: torch.Tensor
@@ -39,15 +41,30 @@ class PairBatch:
     anchor_segment_owner: Optional[torch.Tensor] = None
     candidate_segments: Optional[torch.Tensor] = None
     candidate_segment_owner: Optional[torch.Tensor] = None
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
+    _cosines: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
 
     def pair_cosines(self) -> torch.Tensor:
-        """Cosine similarity of each labelled pair, [P]."""
-        return (self.anchors[self.pair_anchor] * self.candidates[self.pair_candidate]).sum(-1)
+        """Cosine similarity of each labelled pair, [P] (computed once: the classification and
+        ranking terms both read it)."""
+        if self._cosines is None:
+            self._cosines = (self.anchors[self.pair_anchor] * self.candidates[self.pair_candidate]).sum(-1)
+        return self._cosines
 
     def truncated(self, dim: int) -> "PairBatch":
         """The batch with every embedding cut to its first ``dim`` dimensions and re-normalised
-        (a matryoshka size); segment embeddings are left out (the local term is full-size only)."""
+        (a matryoshka size); segment embeddings are left out (the local term is full-size only).
+        The labels' prepared tensors are shared: they do not depend on the embeddings."""
         return replace(self, anchors=normalize(self.anchors[:, :dim], dim=-1),
                        candidates=normalize(self.candidates[:, :dim], dim=-1),
                        anchor_segments=None, anchor_segment_owner=None,
                        candidate_segments=None, candidate_segment_owner=None)
+
+
+def prepared_for(term: Any, b: PairBatch, build: Callable[[PairBatch], Any]) -> Any:
+    """``build(b)`` (what ``term`` reads from the batch's labels alone), built on the first call
+    for this batch and its matryoshka cuts and kept in ``b.prepared``. On a GPU each of those
+    small tensor operations is a kernel launch; building them once saves that many per cut size."""
+    if term not in b.prepared:  # keyed by the object itself (modules hash by identity)
+        b.prepared[term] = build(b)
+    return b.prepared[term]

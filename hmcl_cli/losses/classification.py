@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hmcl_cli.losses.batch import PairBatch
+from hmcl_cli.losses.batch import PairBatch, prepared_for
 
 
 class OrdinalClassificationLoss(nn.Module):
@@ -38,8 +38,12 @@ class OrdinalClassificationLoss(nn.Module):
             return b.anchors.sum() * 0.0
         s = b.pair_cosines().float()
         logits = (s[:, None] - self.thresholds()[None, :]) / self.temperature  # [P, 2]
-        targets = torch.stack([b.pair_level >= 1, b.pair_level >= 2], dim=1).float()
+        targets = prepared_for(self, b, self._prepare)
         return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(1).mean()
+
+    def _prepare(self, b: PairBatch) -> torch.Tensor:
+        """[P, 2] targets of the two binary decisions (level >= 1, level >= 2)."""
+        return torch.stack([b.pair_level >= 1, b.pair_level >= 2], dim=1).float()
 
 
 class LinearPairClassificationLoss(nn.Module):

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from hmcl_cli.losses.batch import PairBatch
+from hmcl_cli.losses.batch import PairBatch, prepared_for
 
 
 class GradedInfoNCELoss(nn.Module):
@@ -42,44 +42,63 @@ class GradedInfoNCELoss(nn.Module):
         self.ignore_weak = ignore_weak and weak_weight == 0
         self.ignore_negatives = ignore_negatives
         log_t = torch.tensor(math.log(temperature))
+        self.fixed_temperature = None if learn_temperature else max(temperature, 1e-3)
         if learn_temperature:
             self.log_temperature = nn.Parameter(log_t)
         else:
             self.register_buffer("log_temperature", log_t, persistent=False)
 
     @property
-    def temperature(self) -> torch.Tensor:
+    def temperature(self) -> torch.Tensor | float:
+        """The temperature: a tensor when learnt, else the number (dividing by a number is one
+        operation, by the buffer's exponential three)."""
+        if self.fixed_temperature is not None:
+            return self.fixed_temperature
         return self.log_temperature.exp().clamp(min=1e-3)
 
     def targets_and_mask(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """[A, C] target weights and the mask of candidates that are no negatives of an anchor."""
+        p = self.prepare(b)
+        return p["weight"], p["mask"]
+
+    def prepare(self, b: PairBatch) -> dict[str, torch.Tensor]:
+        """What the loss reads from the batch's labels alone, built once per batch
+        (:func:`prepared_for`): the target weights and no-negative mask, and for each direction
+        the scaled targets of :func:`_nll_labels`."""
+        return prepared_for(self, b, self._prepare)
+
+    def _prepare(self, b: PairBatch) -> dict[str, torch.Tensor]:
         weight, labelled, left_out = self._graded(b)
-        return weight, _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash) | left_out
+        mask = _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash) | left_out
+        out = {"weight": weight, "mask": mask, "forward": _nll_labels(weight, mask)}
+        if self.symmetric:  # candidate -> anchors: each target candidate picks its anchor(s) among all anchors
+            mask_t = _not_negatives(weight.T, labelled.T, b.candidate_hash, b.anchor_hash) | left_out.T
+            out["backward"] = _nll_labels(weight.T, mask_t)
+        return out
 
     def _graded(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[A, C]: target weights, which pairs are labelled, and the labelled pairs left out of the
         softmax (``ignore_weak`` / ``ignore_negatives``)."""
-        A, C = b.anchors.size(0), b.candidates.size(0)
-        dev = b.anchors.device
+        A, C = b.anchor_hash.size(0), b.candidate_hash.size(0)
+        dev = b.pair_level.device
+        level = b.pair_level
         weight = torch.zeros(A, C, device=dev)
-        w = torch.where(b.pair_level == 2, 1.0, torch.where(b.pair_level == 1, self.weak_weight, 0.0)).to(weight.dtype)
-        weight.index_put_((b.pair_anchor, b.pair_candidate), w, accumulate=False)
+        weight[b.pair_anchor, b.pair_candidate] = (level == 2).float() + self.weak_weight * (level == 1).float()
         labelled = torch.zeros(A, C, dtype=torch.bool, device=dev)
         labelled[b.pair_anchor, b.pair_candidate] = True
         left_out = torch.zeros(A, C, dtype=torch.bool, device=dev)
-        left_out[b.pair_anchor, b.pair_candidate] = ((b.pair_level == 1) & self.ignore_weak
-                                                     | (b.pair_level == 0) & self.ignore_negatives)
+        if self.ignore_weak or self.ignore_negatives:
+            left_out[b.pair_anchor, b.pair_candidate] = ((level == 1) & self.ignore_weak
+                                                         | (level == 0) & self.ignore_negatives)
         return weight, labelled, left_out
 
     def forward(self, b: PairBatch) -> torch.Tensor:
-        weight, labelled, left_out = self._graded(b)
+        p = self.prepare(b)
         logits = (b.anchors @ b.candidates.T).float() / self.temperature
-        loss = _mean_nll(logits, weight, _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash) | left_out)
+        loss = _scaled_nll(logits, p["forward"])
         if not self.symmetric:
             return loss
-        # candidate -> anchors: each target candidate picks its anchor(s) among all anchors
-        mask_t = _not_negatives(weight.T, labelled.T, b.candidate_hash, b.anchor_hash) | left_out.T
-        return (loss + _mean_nll(logits.T, weight.T, mask_t)) / 2
+        return (loss + _scaled_nll(logits.T, p["backward"])) / 2
 
 
 def _not_negatives(weight: torch.Tensor, labelled: torch.Tensor, row_hash: torch.Tensor,
@@ -92,9 +111,22 @@ def _not_negatives(weight: torch.Tensor, labelled: torch.Tensor, row_hash: torch
     return (copies_of_target | own_text) & ~labelled
 
 
-def _mean_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    rows, valid = soft_target_nll(logits, weight, mask)
-    return (rows * valid).sum() / valid.sum().clamp(min=1)  # mean over the rows with a target
+def _nll_labels(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The labels' part of the mean of :func:`soft_target_nll` over the rows with a target:
+    (each row's targets normalised to sum 1, divided by the number of rows with a target; the
+    logits to mask; where no target is). The loss is then
+    ``-(scaled * where(no target, 0, log_softmax(logits masked))).sum()`` (:func:`_scaled_nll`)."""
+    mass = weight.sum(1)
+    valid = mass > 0
+    scaled = weight / (torch.where(valid, mass, 1.0) * valid.sum().clamp(min=1))[:, None]
+    # rows without a target keep finite logits (no all -inf row): their loss is 0, gradient 0
+    return scaled, mask & valid[:, None], scaled == 0
+
+
+def _scaled_nll(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    scaled, masked, no_target = labels
+    logp = torch.log_softmax(logits.masked_fill(masked, float("-inf")), dim=1)
+    return -(scaled * logp.masked_fill(no_target, 0.0)).sum()  # -inf * 0 guard
 
 
 def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

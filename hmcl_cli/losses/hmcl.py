@@ -65,17 +65,15 @@ class HMCLLoss(nn.Module):
     def forward(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, parts = self._terms(b, full_size=True)
         if self.matryoshka:
-            cut = b.anchors.new_zeros((), dtype=torch.float32)
-            for d, weight in self.matryoshka:
-                cut = cut + weight * self._terms(b.truncated(d), full_size=False)[0]
+            cut = _weighted_sum((weight, self._terms(b.truncated(d), full_size=False)[0]) for d, weight in self.matryoshka)
             parts["matryoshka"] = cut.detach()
             total = total + cut
         return total, parts
 
     def _terms(self, b: PairBatch, full_size: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = b.anchors.new_zeros((), dtype=torch.float32)
         parts: dict[str, torch.Tensor] = {}
         linear = isinstance(self.classification, LinearPairClassificationLoss)
+        weighted = []
         for name, weight, term in (("contrastive", self.w_con, self.contrastive),
                                    ("classification", self.w_cls if full_size or not linear else 0.0, self.classification),
                                    ("ranking", self.w_rank, self.ranking),
@@ -83,5 +81,17 @@ class HMCLLoss(nn.Module):
             if weight > 0:
                 value = term(b)
                 parts[name] = value.detach()
-                total = total + weight * value
-        return total, parts
+                weighted.append((weight, value))
+        if not weighted:  # only the full size can have a term the cut sizes lack, so this is a cut
+            return b.anchors.new_zeros((), dtype=torch.float32), parts
+        return _weighted_sum(weighted), parts
+
+
+def _weighted_sum(terms) -> torch.Tensor:
+    """``sum(weight * value)`` without a multiplication by 1 or a zero to start from (on a GPU
+    each is a kernel launch per step)."""
+    total = None
+    for weight, value in terms:
+        value = value if weight == 1 else weight * value
+        total = value if total is None else total + value
+    return total

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from hmcl_cli.losses.batch import PairBatch
+from hmcl_cli.losses.batch import PairBatch, prepared_for
 
 
 class GradedCoSENTLoss(nn.Module):
@@ -51,29 +51,40 @@ class GradedCoSENTLoss(nn.Module):
         self.scale, self.margin, self.use_scores, self.pairs = scale, margin, use_scores, pairs
 
     def forward(self, b: PairBatch) -> torch.Tensor:
-        if b.pair_level.numel() < 2:
+        bias = self.prepare(b)
+        if bias is None:
             return b.anchors.sum() * 0.0
         s = b.pair_cosines().float()
+        diff = self.scale * (s[None, :] - s[:, None]) + bias  # [p, q]: scale * (cos_q - cos_p) + margin term
+        return torch.logsumexp(torch.cat([bias.new_zeros(1), diff.flatten()]), dim=0)
+
+    def prepare(self, b: PairBatch) -> Optional[torch.Tensor]:
+        """[P, P], from the labels alone (built once per batch, :func:`prepared_for`):
+        ``scale * margin * level gap`` where pair *p* must score above pair *q*, -inf where not;
+        None with fewer than two pairs."""
+        return prepared_for(self, b, self._prepare)
+
+    def _prepare(self, b: PairBatch) -> Optional[torch.Tensor]:
+        if b.pair_level.numel() < 2:
+            return None
         lvl = b.pair_level.float()
         higher = lvl[:, None] > lvl[None, :]  # [p, q]: p above q
         gap = (lvl[:, None] - lvl[None, :]).clamp(min=0)
         if self.use_scores:
             sc = b.pair_score.float()
-            both = ~torch.isnan(sc)[:, None] & ~torch.isnan(sc)[None, :]
+            has = ~torch.isnan(sc)
+            both = has[:, None] & has[None, :]
             higher = torch.where(both, sc[:, None] > sc[None, :], higher)
-            gap = torch.where(both, torch.zeros_like(gap), gap)
+            gap = gap.masked_fill(both, 0.0)
         if self.pairs == "scored" or (self.pairs == "auto" and self.use_scores):
             keep = ~torch.isnan(b.pair_score)
             if self.pairs == "auto":  # unscored pairs stay where their anchor's positive has no score
                 scored_pos = (keep & (b.pair_level == 2)).float()
-                has_scored_pos = torch.zeros(b.anchors.shape[0], device=keep.device).index_add_(
+                has_scored_pos = torch.zeros(b.anchor_hash.size(0), device=keep.device).index_add_(
                     0, b.pair_anchor, scored_pos) > 0
                 keep = keep | ~has_scored_pos[b.pair_anchor]
             higher = higher & keep[:, None] & keep[None, :]
-        diff = self.scale * (s[None, :] - s[:, None] + self.margin * gap)  # cos_q - cos_p
-        diff = diff.masked_fill(~higher, float("-inf"))
-        zero = torch.zeros(1, device=s.device)
-        return torch.logsumexp(torch.cat([zero, diff.flatten()]), dim=0)
+        return (self.scale * self.margin * gap).masked_fill(~higher, float("-inf"))
 
 
 def describe_ranking_pairs(anchors: Sequence, pairs: str, use_scores: bool) -> Optional[str]:
