@@ -10,7 +10,7 @@
 # and took the 58 MiB working tree in ~30 s; the set-up below took ~35 s on a fresh machine, ~18 s
 # on a warm one; a warm machine was once taken back between calls (the next call started fresh).
 # Suggested next (#9's rows of 2026-12-04 are in RESULTS.md; no GPU since, 2026-12-04's third and
-# fourth sessions and both of 2026-12-05): call 1 as above — the tests of what runs by default on a GPU
+# fourth sessions and the three of 2026-12-05): call 1 as above — the tests of what runs by default on a GPU
 # and was never run there (encoding replayed from CUDA graphs, the fused RMSNorm kernel, the fused
 # rotary embeddings and projections), #9's Qwen3-0.6B row with all three fusions beside each
 # undone (counted on the CPU, two calls: 4,845 operations a step with all three (hmcl-fused-proj

@@ -126,7 +126,7 @@ def _nll_labels(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 def _scaled_nll(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     scaled, masked, no_target = labels
     logp = torch.log_softmax(logits.masked_fill(masked, float("-inf")), dim=1)
-    return -(scaled * logp.masked_fill(no_target, 0.0)).sum()  # -inf * 0 guard
+    return 0.0 - (scaled * logp.masked_fill(no_target, 0.0)).sum()  # -inf * 0 guard; 0, not -0, without targets
 
 
 def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
