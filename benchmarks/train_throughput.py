@@ -260,7 +260,20 @@ def run_st(path: Path, rows, group, q_len, d_len, args, device) -> dict:
 # what run_hmcl reads beyond batch_size, steps and warmup, for benchmarks whose options are fewer
 RUN_DEFAULTS = dict(lr=2e-5, attn=None, workers=0, grad_cache_chunk=None, lora=False,
                     checkpointing=False, profile=False, sync_audit=False, op_count=False, precision="bf16",
-                    warm_shapes=True)
+                    warm_shapes=True, hmcl_loss=[])
+
+
+def _loss_settings(pairs: list[str]) -> dict:
+    """``--hmcl-loss KEY=VALUE`` options as the loss section's keys (values read as YAML)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--hmcl-loss {pair!r}: expected KEY=VALUE, e.g. matryoshka_dims=[256,128]")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, model_extra: dict | None = None,
@@ -284,7 +297,8 @@ def run_hmcl(path: Path, rows, group, q_len, d_len, args, device, tmp: Path, mod
                   "grad_cache_chunk": args.grad_cache_chunk, "num_workers": args.workers,
                   "precision": args.precision if device.type == "cuda" else "auto",
                   **(train_extra or {})},
-        "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05}})
+        "loss": {"contrastive_weight": 1.0, "classification_weight": 0.0, "ranking_weight": 0.0, "temperature": 0.05,
+                 **_loss_settings(args.hmcl_loss)}})
     prepare(recipe, progress=False)
     trainer = HMCLTrainer(recipe)
     trainer.setup()
@@ -561,9 +575,13 @@ def main() -> None:
                     "cuDNN attention plans, run-time compilation; on the H200 of 2026-12-04 the loop measured "
                     "7.1k tokens/s for the MiniLM shape on a machine started minutes before, 25.0k on one that "
                     "had run for minutes: the cause was not isolated)")
+    ap.add_argument("--hmcl-loss", action="append", default=[], metavar="KEY=VALUE",
+                    help="a loss setting for hmcl's rows, repeatable (e.g. matryoshka_dims=[256,128,64,32]); by "
+                    "default hmcl trains the contrastive term alone, as the loop's MultipleNegativesRankingLoss")
     ap.add_argument("--precision", choices=["bf16", "fp16"], default="bf16",
                     help="autocast on a GPU for both tools (fp16 with a loss scale); a CPU runs fp32")
     args = ap.parse_args()
+    _loss_settings(args.hmcl_loss)  # a malformed --hmcl-loss stops here, not after the loop's row
     args.batch_size = args.batch_size or (32 if args.data == "quickstart" else 64)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(torch.get_num_threads())

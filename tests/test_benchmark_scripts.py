@@ -202,3 +202,19 @@ def test_projection_ops_counts_fewer_operations_joined():
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
     assert len(rows) == 4  # two shapes, float32 and bf16 autocast
     assert all(r["fused"] < r["plain"] and r["groups"] > 0 for r in rows.values())
+
+
+def test_training_throughput_hmcl_loss_settings_reach_the_loss():
+    import json
+
+    def ops(*extra: str) -> float:
+        out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro", "--steps", "1", "--warmup", "1",
+                   "--batch-size", "4", "--tools", "hmcl", "--op-count", *extra)
+        return json.loads(out.strip().splitlines()[-1])["results"]["hmcl train"]["ops"]["total"]
+
+    # one matryoshka size adds its cut's terms (the loop's loss alone otherwise)
+    assert ops("--hmcl-loss", "matryoshka_dims=[16]") > ops()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--hmcl-loss", "matryoshka"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "expected KEY=VALUE" in bad.stdout + bad.stderr
