@@ -198,9 +198,14 @@ def test_long_text_quality_cut_off_by_its_limit_says_where_each_run_got_and_leav
 def test_projection_ops_counts_fewer_operations_joined():
     import json
 
-    out = _run("projection_ops.py", "--shapes", "micro,micro-qwen3", "--batch", "4")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import train_throughput as tt
+
+    # the decoder's count needs the stand-in for the fused RMSNorm kernel (torch >= 2.10)
+    shapes = ["micro", "micro-qwen3"] if tt.has_fused_norm_decomposition() else ["micro"]
+    out = _run("projection_ops.py", "--shapes", ",".join(shapes), "--batch", "4")
     rows = json.loads(out.strip().splitlines()[-1])["rows"]
-    assert len(rows) == 4  # two shapes, float32 and bf16 autocast
+    assert len(rows) == 2 * len(shapes)  # float32 and bf16 autocast
     assert all(r["fused"] < r["plain"] and r["groups"] > 0 for r in rows.values())
 
 
