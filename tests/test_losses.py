@@ -372,8 +372,8 @@ def test_loss_ops_benchmark_counts_the_labels_built_once():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "benchmarks" / "loss_ops.py"), "--anchors", "8", "--dim", "384"],
-                         capture_output=True, text=True, timeout=300, cwd=root)
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "loss_ops.py"), "--anchors", "8", "--dim", "384",
+                          "--peak-anchors", "16"], capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = json.loads(out.stdout.strip().splitlines()[-1])["results"]
     assert all(r["forward, labels ready"] < r["forward"] for r in rows.values() if "forward, labels ready" in r)
@@ -381,3 +381,18 @@ def test_loss_ops_benchmark_counts_the_labels_built_once():
     labels = once["forward"] - once["forward, labels ready"]  # built once
     assert per_cut["forward"] - once["forward"] == 4 * labels  # four cut sizes built them again
     assert per_cut["backward"] == once["backward"]
+    # --peak-anchors: each setting's memory and loss, from its own process
+    assert all(r["peak MiB at 16 anchors"] >= 0 and math.isfinite(r["loss at 16 anchors"]) and r["loss at 16 anchors"] > 0
+               for name, r in rows.items() if "per cut" not in name)
+
+
+def test_ranking_keeps_its_pair_order_in_bytes():
+    """The ranking term's [P, P] order lives through the step: a bool mask, and a margin's level
+    gaps as uint8, not floats (at 8,192 pairs a float [P, P] is 256 MiB)."""
+    b = _wide_batch()
+    plain, margin = GradedCoSENTLoss(20.0, 0.0), GradedCoSENTLoss(20.0, 0.3, use_scores=False)
+    plain(b), margin(b)
+    unordered, gap = b.prepared[plain]
+    assert unordered.dtype == torch.bool and unordered.shape == (4, 4) and gap is None
+    unordered, gap = b.prepared[margin]
+    assert gap.dtype == torch.uint8 and gap.max().item() == 2  # positive over negative: two levels

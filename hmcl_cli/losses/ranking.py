@@ -51,31 +51,37 @@ class GradedCoSENTLoss(nn.Module):
         self.scale, self.margin, self.use_scores, self.pairs = scale, margin, use_scores, pairs
 
     def forward(self, b: PairBatch) -> torch.Tensor:
-        bias = self.prepare(b)
-        if bias is None:
+        order = self.prepare(b)
+        if order is None:
             return b.anchors.sum() * 0.0
+        unordered, gap = order
         s = b.pair_cosines().float()
-        diff = self.scale * (s[None, :] - s[:, None]) + bias  # [p, q]: scale * (cos_q - cos_p) + margin term
-        return torch.logsumexp(torch.cat([bias.new_zeros(1), diff.flatten()]), dim=0)
+        diff = self.scale * (s[None, :] - s[:, None])  # [p, q]: scale * (cos_q - cos_p)
+        if gap is not None:
+            diff = diff + gap * (self.scale * self.margin)
+        diff = diff.masked_fill(unordered, float("-inf"))
+        return torch.logsumexp(torch.cat([diff.new_zeros(1), diff.flatten()]), dim=0)
 
-    def prepare(self, b: PairBatch) -> Optional[torch.Tensor]:
-        """[P, P], from the labels alone (built once per batch, :func:`prepared_for`):
-        ``scale * margin * level gap`` where pair *p* must score above pair *q*, -inf where not;
-        None with fewer than two pairs."""
+    def prepare(self, b: PairBatch) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """From the labels alone (built once per batch, :func:`prepared_for`): [P, P] True where
+        pair *p* need not score above pair *q*, and with a ``margin`` the level gaps of the pairs
+        ordered by level (uint8: bytes, not floats, kept through the step). None with fewer
+        than two pairs."""
         return prepared_for(self, b, self._prepare)
 
-    def _prepare(self, b: PairBatch) -> Optional[torch.Tensor]:
+    def _prepare(self, b: PairBatch) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         if b.pair_level.numel() < 2:
             return None
         lvl = b.pair_level.float()
         higher = lvl[:, None] > lvl[None, :]  # [p, q]: p above q
-        gap = (lvl[:, None] - lvl[None, :]).clamp(min=0)
+        # the margin's level gaps (none where two scores order the pair); uint8: levels are 0-2
+        gap = (lvl[:, None] - lvl[None, :]).clamp(min=0).to(torch.uint8) if self.margin else None
         if self.use_scores:
             sc = b.pair_score.float()
             has = ~torch.isnan(sc)
             both = has[:, None] & has[None, :]
             higher = torch.where(both, sc[:, None] > sc[None, :], higher)
-            gap = gap.masked_fill(both, 0.0)
+            gap = None if gap is None else gap.masked_fill(both, 0)
         if self.pairs == "scored" or (self.pairs == "auto" and self.use_scores):
             keep = ~torch.isnan(b.pair_score)
             if self.pairs == "auto":  # unscored pairs stay where their anchor's positive has no score
@@ -84,7 +90,7 @@ class GradedCoSENTLoss(nn.Module):
                     0, b.pair_anchor, scored_pos) > 0
                 keep = keep | ~has_scored_pos[b.pair_anchor]
             higher = higher & keep[:, None] & keep[None, :]
-        return (self.scale * self.margin * gap).masked_fill(~higher, float("-inf"))
+        return ~higher, gap
 
 
 def describe_ranking_pairs(anchors: Sequence, pairs: str, use_scores: bool) -> Optional[str]:
