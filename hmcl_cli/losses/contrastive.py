@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -41,18 +42,14 @@ class GradedInfoNCELoss(nn.Module):
         self.weak_weight = weak_weight
         self.ignore_weak = ignore_weak and weak_weight == 0
         self.ignore_negatives = ignore_negatives
-        log_t = torch.tensor(math.log(temperature))
-        self.fixed_temperature = None if learn_temperature else max(temperature, 1e-3)
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t, persistent=False)
+        # learnt: a parameter (its log); fixed: a number, which divides in one operation
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature))) if learn_temperature else None
+        self.fixed_temperature = max(temperature, 1e-3)
 
     @property
     def temperature(self) -> torch.Tensor | float:
-        """The temperature: a tensor when learnt, else the number (dividing by a number is one
-        operation, by the buffer's exponential three)."""
-        if self.fixed_temperature is not None:
+        """The temperature: a tensor when learnt, else the number."""
+        if self.log_temperature is None:
             return self.fixed_temperature
         return self.log_temperature.exp().clamp(min=1e-3)
 
@@ -69,16 +66,17 @@ class GradedInfoNCELoss(nn.Module):
 
     def _prepare(self, b: PairBatch) -> dict[str, torch.Tensor]:
         weight, labelled, left_out = self._graded(b)
-        mask = _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash) | left_out
+        mask = _not_negatives(weight, labelled, b.anchor_hash, b.candidate_hash)
+        mask = mask if left_out is None else mask | left_out
         out = {"weight": weight, "mask": mask, "forward": _nll_labels(weight, mask)}
         if self.symmetric:  # candidate -> anchors: each target candidate picks its anchor(s) among all anchors
-            mask_t = _not_negatives(weight.T, labelled.T, b.candidate_hash, b.anchor_hash) | left_out.T
-            out["backward"] = _nll_labels(weight.T, mask_t)
+            mask_t = _not_negatives(weight.T, labelled.T, b.candidate_hash, b.anchor_hash)
+            out["backward"] = _nll_labels(weight.T, mask_t if left_out is None else mask_t | left_out.T)
         return out
 
-    def _graded(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _graded(self, b: PairBatch) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """[A, C]: target weights, which pairs are labelled, and the labelled pairs left out of the
-        softmax (``ignore_weak`` / ``ignore_negatives``)."""
+        softmax (``ignore_weak`` / ``ignore_negatives``; None when neither is set)."""
         A, C = b.anchor_hash.size(0), b.candidate_hash.size(0)
         dev = b.pair_level.device
         level = b.pair_level
@@ -86,10 +84,11 @@ class GradedInfoNCELoss(nn.Module):
         weight[b.pair_anchor, b.pair_candidate] = (level == 2).float() + self.weak_weight * (level == 1).float()
         labelled = torch.zeros(A, C, dtype=torch.bool, device=dev)
         labelled[b.pair_anchor, b.pair_candidate] = True
+        if not (self.ignore_weak or self.ignore_negatives):
+            return weight, labelled, None
         left_out = torch.zeros(A, C, dtype=torch.bool, device=dev)
-        if self.ignore_weak or self.ignore_negatives:
-            left_out[b.pair_anchor, b.pair_candidate] = ((level == 1) & self.ignore_weak
-                                                         | (level == 0) & self.ignore_negatives)
+        left_out[b.pair_anchor, b.pair_candidate] = ((level == 1) & self.ignore_weak
+                                                     | (level == 0) & self.ignore_negatives)
         return weight, labelled, left_out
 
     def forward(self, b: PairBatch) -> torch.Tensor:
@@ -111,22 +110,31 @@ def _not_negatives(weight: torch.Tensor, labelled: torch.Tensor, row_hash: torch
     return (copies_of_target | own_text) & ~labelled
 
 
-def _nll_labels(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The labels' part of the mean of :func:`soft_target_nll` over the rows with a target:
-    (each row's targets normalised to sum 1, divided by the number of rows with a target; the
-    logits to mask; where no target is). The loss is then
-    ``-(scaled * where(no target, 0, log_softmax(logits masked))).sum()`` (:func:`_scaled_nll`)."""
+def _row_targets(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's targets normalised to sum 1, the logits to mask, and which rows have a target.
+    Rows without one keep finite logits (no all -inf row): their loss is 0, their gradient 0."""
     mass = weight.sum(1)
     valid = mass > 0
-    scaled = weight / (torch.where(valid, mass, 1.0) * valid.sum().clamp(min=1))[:, None]
-    # rows without a target keep finite logits (no all -inf row): their loss is 0, gradient 0
-    return scaled, mask & valid[:, None], scaled == 0
+    return weight / torch.where(valid, mass, 1.0)[:, None], mask & valid[:, None], valid
+
+
+def _target_log_softmax(logits: torch.Tensor, masked: torch.Tensor, no_target: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the unmasked logits, 0 where no target weighs it (the -inf * 0 guard)."""
+    return torch.log_softmax(logits.masked_fill(masked, float("-inf")), dim=1).masked_fill(no_target, 0.0)
+
+
+def _nll_labels(weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The labels' part of the mean of :func:`soft_target_nll` over the rows with a target, built
+    once per batch: (the row targets divided by the number of rows with one; the logits to mask;
+    where no target is). :func:`_scaled_nll` is the rest."""
+    target, masked, valid = _row_targets(weight, mask)
+    scaled = target / valid.sum().clamp(min=1)
+    return scaled, masked, scaled == 0
 
 
 def _scaled_nll(logits: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     scaled, masked, no_target = labels
-    logp = torch.log_softmax(logits.masked_fill(masked, float("-inf")), dim=1)
-    return 0.0 - (scaled * logp.masked_fill(no_target, 0.0)).sum()  # -inf * 0 guard; 0, not -0, without targets
+    return 0.0 - (scaled * _target_log_softmax(logits, masked, no_target)).sum()  # 0, not -0, without targets
 
 
 def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,11 +142,5 @@ def soft_target_nll(logits: torch.Tensor, weight: torch.Tensor, mask: torch.Tens
     normalised to sum 1. Returns (loss of every row, 0 where the row has no target weight; float
     0/1 mask of the rows that have one). No boolean indexing: the output shapes never depend on
     the data, so nothing waits for the GPU (see training/host_sync.py)."""
-    mass = weight.sum(1)
-    valid = mass > 0
-    target = weight / torch.where(valid, mass, torch.ones_like(mass))[:, None]
-    # rows without a target keep finite logits (no all -inf row): their loss is 0, gradient 0
-    logits = logits.masked_fill(mask & valid[:, None], float("-inf"))
-    logp = torch.log_softmax(logits, dim=1)
-    logp = torch.where(target > 0, logp, torch.zeros_like(logp))  # -inf * 0 guard
-    return -(target * logp).sum(1), valid.to(logits.dtype)
+    target, masked, valid = _row_targets(weight, mask)
+    return -(target * _target_log_softmax(logits, masked, target == 0)).sum(1), valid.to(logits.dtype)

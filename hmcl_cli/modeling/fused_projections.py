@@ -99,9 +99,8 @@ class _Kept:
 class ProjectionGroup:
     """Sibling ``nn.Linear`` modules computed as one product (see the module's docstring)."""
 
-    def __init__(self, modules: list[nn.Linear], names: tuple[str, ...], setting: bool | str = "auto") -> None:
+    def __init__(self, modules: list[nn.Linear], setting: bool | str = "auto") -> None:
         self.modules = modules
-        self.names = names
         self.setting = setting  # model.fused_projections: on which devices (see joins_on)
         self.sizes = [m.out_features for m in modules]
         self.kept: Optional[_Kept] = None
@@ -219,7 +218,7 @@ def fuse_projections(backbone: nn.Module, setting: bool | str = "auto") -> Proje
         if group is not None and all(m.__dict__.get(GROUP) is group for m in members):
             group.setting = setting
         else:
-            group = ProjectionGroup(members, names, setting)
+            group = ProjectionGroup(members, setting)
             for i, m in enumerate(members):
                 m.__class__ = fused_class(own_class(m))
                 m.__dict__[GROUP] = group
