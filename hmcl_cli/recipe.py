@@ -453,7 +453,9 @@ class TrainConfig(_Section):
         "`cuda-graphs`: compiled in torch.compile's reduce-overhead mode, each layer's kernels replayed "
         "from a CUDA graph per input shape (short-text steps are bound by kernel launches on a GPU: "
         "the H200 rows of 2026-12-04 took the same time for 32 and 256 anchors); forward calls run "
-        "padded (unpadded ones change shape every step). Not yet measured on a GPU."
+        "padded (unpadded ones change shape every step), their rows and widths padded to few sizes "
+        "(multiples of 8 up to 128, then 8 per doubling) so that few graphs are recorded; the end of "
+        "training says how many. Not yet measured on a GPU."
     )
     one_forward: Union[bool, Literal["auto"]] = Field(
         "auto",

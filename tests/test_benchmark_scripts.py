@@ -56,6 +56,7 @@ def test_training_throughput_compiled_of_the_compile_part():
                        "result hmcl train, CUDA graphs", "result hmcl train, compiled"]
     assert out.count("layers compiled on first use") == 2  # the two compiled rows, not the plain one
     assert "forward calls padded (model.unpad false)" in out  # the graphs' row: a fixed width per graph
+    assert "input shapes in" in out.split("result hmcl train, CUDA graphs")[0].split("result hmcl train, unfused")[1]
 
 
 def test_unpad_probe_of_the_probe_part():
@@ -223,3 +224,19 @@ def test_training_throughput_hmcl_loss_settings_reach_the_loss():
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--hmcl-loss", "matryoshka"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "expected KEY=VALUE" in bad.stdout + bad.stderr
+
+
+def test_graph_shapes_counts_fewer_shapes_bucketed():
+    """benchmarks/graph_shapes.py: the forward calls' distinct shapes as the batches are and as
+    train.compile cuda-graphs pads them; bucketing can only merge shapes, and costs slots."""
+    import json
+
+    out = _run("graph_shapes.py", "--recipes", "quickstart,trecqa", "--epochs", "2", "--set", "seed=3")
+    results = json.loads(out.strip().splitlines()[-1])["results"]
+    assert [r["recipe"] for r in results] == ["quickstart", "trecqa"]
+    for r in results:
+        assert r["forward_calls"] >= r["steps"] > 0
+        assert 0 < r["shapes"]["bucketed"] < r["shapes"]["as is"]
+        assert sum(r["new_per_epoch"]["as is"]) == r["shapes"]["as is"] and len(r["new_per_epoch"]["as is"]) == 2
+        assert 1.0 < r["token_slots_ratio"] < 1.2
+    assert "| quickstart |" in out

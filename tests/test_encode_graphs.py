@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hmcl_cli.modeling import encode_graphs
-from hmcl_cli.modeling.encode_graphs import MIN_BATCHES, graph_width, plan_graphs
+from hmcl_cli.modeling.encode_graphs import MIN_BATCHES, plan_graphs
+from hmcl_cli.modeling.graph_shapes import graph_width
 from hmcl_cli.modeling.encoder import EmbeddingModel
 
 WORDS = "where is my order refund how long does a take to reach card after i return it ship what the".split()
@@ -202,3 +203,27 @@ def test_a_cpu_encodes_batch_size_texts_a_batch(tiny_bert, monkeypatch):
     monkeypatch.setattr(encoder.HostRows, "add", lambda self, idx, values: sizes.append(len(idx)) or real(self, idx, values))
     model.encode(TEXTS, batch_size=4)
     assert set(sizes[:-1]) == {4}
+
+
+def test_graph_widths_stop_at_the_position_table(tiny_bert, tmp_path, eager_graphs):
+    """A BERT with 40 positions: a batch whose longest text has 36 tokens runs at 40, not at
+    graph_width's 48 (positions 40-47 would index past the table)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModel
+
+    folder = tmp_path / "bert-40"
+    shutil.copytree(tiny_bert, folder)
+    config = AutoConfig.from_pretrained(folder)
+    config.max_position_embeddings = 40
+    AutoModel.from_config(config).save_pretrained(folder)
+    model = EmbeddingModel.load(str(folder), max_length=40)
+    model.unpad = False
+    texts = [f"{i} " + " ".join((WORDS * 2)[: 34 - i % 3]) for i in range(40)]  # 34-37 tokens a text
+    assert max(len(x) for x in model.tokenize(texts)) > 32
+    model.encode_graphs = False
+    ref = model.encode(texts, batch_size=4)
+    model.encode_graphs = "auto"
+    got = model.encode(texts, batch_size=4)
+    assert eager_graphs and {w for _, w in eager_graphs} == {40}
+    assert torch.allclose(got, ref, atol=1e-5)

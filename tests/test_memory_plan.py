@@ -349,3 +349,22 @@ def test_plan_counts_the_joined_projection_weights_autograd_keeps(tmp_path, fixt
         assert joined - plain == weights + values
     assert auto.fused_copies == off.fused_copies == 0 and joined_plan.peak - off.peak == joined_plan.fused_copies
     assert plan("d", fused_projections=True, lora={"enabled": True, "r": 4}).fused_copies == 0
+
+
+def test_cuda_graphs_plan_sizes_calls_at_their_graph_shapes(tmp_path, tiny_bert):
+    """train.compile cuda-graphs pads rows and widths to graph sizes: 12 anchors of up to 20 tokens
+    run as 16 rows of 24 (graph_shapes.graph_size), so the plan's activations are those of 16 x 24."""
+    from transformers import AutoModel
+
+    def plan(compile):
+        recipe = load_recipe(write_recipe(tmp_path, tiny_bert, model={"max_length": 20},
+                                          train={"batch_size": 12, "group_size": 1, "one_forward": False,
+                                                 "compile": compile}))
+        return plan_memory(recipe, device=torch.device("cpu"), capacity=1 << 40)
+
+    plain, graphs = plan(False), plan("cuda-graphs")
+    backbone = AutoModel.from_pretrained(tiny_bert, attn_implementation="sdpa")
+    assert plain.lengths == (20, 20) and graphs.lengths == (24, 24)
+    real = 2 * _real_saved_bytes(backbone, 16, 24)  # two calls (one a side) of 16 rows
+    assert 0.98 * real <= graphs.activations <= 1.02 * real
+    assert graphs.activations > 1.3 * plain.activations

@@ -10,9 +10,9 @@ replayed from graphs 48.7k (1.88x; sentence-transformers' ``encode`` 12.4k), emb
 A graph replays fixed shapes, so:
 
 * texts are sorted longest first and batched by tokens (as the eager loop: encoder.encode_batches),
-  and each batch is padded to a width from a short list (:func:`graph_width`: multiples of 16 up
-  to 256 tokens, then of 64), and filled up to its width's rows with copies of its last row
-  (their embeddings are dropped);
+  and each batch is padded to a width from a short list (:func:`graph_shapes.graph_width`:
+  multiples of 16 up to 256 tokens, then of 64, never past an absolute position table), and
+  filled up to its width's rows with copies of its last row (their embeddings are dropped);
 * a width gets a graph where at least :data:`MIN_BATCHES` batches share it (a capture runs its
   first batch twice: a warm-up, then the recorded run); the other batches, and those of widths past :data:`MAX_GRAPHS`
   graphs, run eagerly as without graphs (unpadded where ``model.unpad`` allows);
@@ -42,20 +42,13 @@ from typing import Any, Optional
 import torch
 
 from hmcl_cli.console import warn
+from hmcl_cli.modeling.graph_shapes import padded_width, width_limit
 
 MIN_BATCHES = 3  # batches sharing a width before it gets a graph
 MAX_GRAPHS = 48  # graphs per call; widths past it run eagerly
 AUTO_MAX_WIDTH = 256  # `auto`: widths up to this many tokens replay graphs
 CHECK_COSINE = 0.999
 CAPTURE = True  # tests on a CPU set False: the same batches run eagerly on the static buffers
-
-
-def graph_width(length: int) -> int:
-    """The padded width a batch whose longest text has ``length`` tokens runs at: a multiple of 16
-    up to 256 tokens, of 64 beyond (few distinct widths, so few graphs; at most 15 padded tokens a
-    row where texts are short)."""
-    step = 16 if length <= 256 else 64
-    return max(step, -(-length // step) * step)
 
 
 def graph_refusal(model: Any) -> str:
@@ -145,9 +138,10 @@ class GraphedBatches:
     def __init__(self, model: Any, ids: list[list[int]], order: list[int], batches: list[tuple[int, int]], skip: int):
         self.model, self.ids, self.skip = model, ids, skip
         self.rows: dict[int, int] = {}  # width -> rows of its graph (its largest batch's)
+        self.limit = width_limit(model.backbone)  # no padding past an absolute position table
         widths = []
         for start, stop in batches:
-            w = graph_width(len(ids[order[start]]))
+            w = padded_width(len(ids[order[start]]), self.limit)
             widths.append(w)
             self.rows[w] = max(self.rows.get(w, 0), stop - start)
         self.planned = plan_graphs(widths, model.encode_graphs)
@@ -162,7 +156,7 @@ class GraphedBatches:
         """Embeddings [len(idx), D] of the batch ``idx`` (positions in ``ids``) from its width's
         graph, or None where it has none."""
         rows = [self.ids[i] for i in idx]
-        width = graph_width(len(rows[0]))
+        width = padded_width(len(rows[0]), self.limit)
         if width not in self.planned or self.model._graphs_broken:
             return None
         host = self.model.pad(rows + [rows[-1]] * (self.rows[width] - len(rows)), multiple_of=width,

@@ -37,6 +37,7 @@ from hmcl_cli.modeling import encode_graphs, unpad
 from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_rms_norms
 from hmcl_cli.modeling.fused_projections import ProjectionReport, fuse_projections, unfuse_projections
 from hmcl_cli.modeling.fused_rotary import RotaryReport, fuse_rotary, unfuse_rotary
+from hmcl_cli.modeling.graph_shapes import graph_width
 from hmcl_cli.modeling.masks import last_hidden, prepared_mask, prepared_mask_refusal
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -679,7 +680,7 @@ def batch_growth(device: torch.device) -> int:
 def encode_batches(lengths: Sequence[int], batch_size: int, grow: int = GROW) -> list[tuple[int, int]]:
     """Batches (start, stop) over texts of ``lengths`` tokens, longest first, sized by tokens: the
     first holds ``batch_size`` texts, and each later one as many as fit the first's tokens
-    (``batch_size`` x the longest length) at its own padded width (:func:`encode_graphs.graph_width`
+    (``batch_size`` x the longest length) at its own padded width (:func:`graph_shapes.graph_width`
     of its longest text, which no padding of it exceeds), between ``batch_size`` and ``grow`` x
     ``batch_size`` (1: every batch ``batch_size`` texts). No batch holds more tokens than the first,
     so none needs more memory than the call's longest texts already do; short texts go in fewer,
@@ -690,7 +691,7 @@ def encode_batches(lengths: Sequence[int], batch_size: int, grow: int = GROW) ->
     budget = batch_size * lengths[0]
     out, start = [], 0
     while start < len(lengths):
-        rows = min(grow * batch_size, max(batch_size, budget // encode_graphs.graph_width(lengths[start])))
+        rows = min(grow * batch_size, max(batch_size, budget // graph_width(lengths[start])))
         out.append((start, min(start + rows, len(lengths))))
         start += rows
     return out

@@ -398,6 +398,7 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
     from the model's folder when it is here, else none)."""
     from hmcl_cli.modeling.encoder import resolve_precision, training_dtype
     from hmcl_cli.modeling.fused_projections import fused_weight_numel, joins_on
+    from hmcl_cli.modeling.graph_shapes import graph_size
     from hmcl_cli.modeling.resolve import resolve_transformer
 
     m, t = recipe.model, recipe.train
@@ -437,6 +438,8 @@ def plan_memory(recipe: Any, device: Optional[torch.device] = None, config: Any 
         per_q, per_d = segments
         n_q, n_d = n_q * per_q, n_d * per_d
         q_len, d_len = min(q_len, _padded(m.segments.length)), min(d_len, _padded(m.segments.length))
+    if t.compile == "cuda-graphs":  # forward calls padded to graph shapes (graph_shapes.GraphShapes)
+        n_q, n_d, q_len, d_len = (graph_size(x) for x in (n_q, n_d, q_len, d_len))
     chunk = None if t.grad_cache_chunk == "auto" else t.grad_cache_chunk
     # under autocast (bf16 / fp16 on a GPU) the probe runs as autocast would have it
     autocast = act_dtype if precision in ("bf16", "fp16") else None

@@ -60,6 +60,7 @@ from hmcl_cli.io_utils import atomic_path, file_sha256, write_json_atomic
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.losses.ranking import describe_ranking_pairs
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, resolve_precision, training_dtype
+from hmcl_cli.modeling.graph_shapes import GraphShapes
 from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
@@ -143,6 +144,8 @@ class HMCLTrainer:
         if self.cuda_graphs:
             model.unpad = False  # a graph replays one shape: unpadded calls change theirs every step
         self.model = model
+        # forward calls padded to few shapes, a graph each (graph_shapes.py); None: as the batch is
+        self.graph_shapes = GraphShapes(model) if self.cuda_graphs else None
         model.settings.matryoshka_dims = list(r.loss.matryoshka_dims)  # saved with it: eval and export read them
         # what the objective trains: cosines of normalised embeddings, else dot products (saved with it)
         model.settings.similarity = "cosine" if model.settings.normalize else "dot"
@@ -193,7 +196,9 @@ class HMCLTrainer:
             n = compile_layers(self.model.backbone, mode="reduce-overhead" if self.cuda_graphs else None)
             if self.is_main:
                 log(f"train.compile: {n} layers compiled on first use (dynamic shapes"
-                    + ("; reduce-overhead: a CUDA graph per input shape, forward calls padded)" if self.cuda_graphs else ")"))
+                    + ("; reduce-overhead: a CUDA graph per input shape, forward calls padded to few shapes: "
+                       "rows and widths of multiples of 8 up to 128, then 8 sizes per doubling)"
+                       if self.cuda_graphs else ")"))
         self.positive_repeats = resolve_positive_repeats(cfg.positive_repeats, self.data.anchors)
         if cfg.positive_repeats == "auto" and self.is_main:
             n, total = with_positive(self.data.anchors), len(self.data.anchors)
@@ -387,6 +392,8 @@ class HMCLTrainer:
                 if self._early_stopped:
                     break
         bar.close()
+        if self.graph_shapes is not None and self.is_main:
+            log(f"train.compile cuda-graphs: {self.graph_shapes.summary()}")
         return {"steps": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
 
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
@@ -481,6 +488,8 @@ class HMCLTrainer:
         """Both sides' rows as one batch (queries first), padded to the wider side; and the rows'
         pooling skips, if any."""
         width = max(batch["q_input_ids"].size(1), batch["c_input_ids"].size(1))
+        if self.graph_shapes is not None:  # at once to the graph's width: no second widening
+            width = self.graph_shapes.width(width)
         q = self.model.widen(batch["q_input_ids"], batch["q_attention_mask"], width)
         c = self.model.widen(batch["c_input_ids"], batch["c_attention_mask"], width)
         skip = torch.cat([batch["q_pool_skip"], batch["c_pool_skip"]]) if "q_pool_skip" in batch else None
@@ -500,10 +509,16 @@ class HMCLTrainer:
         """One forward call: the texts' embeddings, or with segments the segments' pooled states
         (float32, before averaging and normalisation, which :meth:`_pair_batch` does). ``n_real``:
         the call's real tokens, known on the host (unpadded forward calls on a GPU need it);
-        ``pool_skip``: the rows' leading tokens the pooling leaves out (a prompt's)."""
+        ``pool_skip``: the rows' leading tokens the pooling leaves out (a prompt's). With
+        ``train.compile: cuda-graphs`` the call runs at one of few shapes (:class:`GraphShapes`)."""
+        rows = input_ids.size(0)
+        if self.graph_shapes is not None:  # padded calls: n_real is not read
+            input_ids, attention_mask, pool_skip = self.graph_shapes.fill(input_ids, attention_mask, pool_skip)
         if self.data.segments is None:
-            return self.model(input_ids, attention_mask, n_real, pool_skip)
-        return self.model.pooled(input_ids, attention_mask, n_real, pool_skip).float()
+            units = self.model(input_ids, attention_mask, n_real, pool_skip)
+        else:
+            units = self.model.pooled(input_ids, attention_mask, n_real, pool_skip).float()
+        return units[:rows] if units.size(0) != rows else units
 
     def _texts(self, units: torch.Tensor, batch: dict, side: str, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text embeddings [n, D] from a side's units, and its normalised segment embeddings when
