@@ -99,7 +99,9 @@ class GraphShapes:
                 pool_skip = torch.cat([pool_skip, pool_skip[-1:].expand(rows - n)])
         return input_ids, attention_mask, pool_skip
 
-    def summary(self) -> str:
+    def summary(self, graphs: bool = True) -> str:
+        """The shapes run so far, in a line (``graphs``: recorded as CUDA graphs, on a CUDA device)."""
         calls = sum(self.seen.values())
-        return (f"{len(self.seen)} input shapes in {calls} forward calls (a CUDA graph each, per compiled layer): "
+        each = "a CUDA graph each, per compiled layer" if graphs else "no CUDA graphs without a CUDA device"
+        return (f"{len(self.seen)} input shapes in {calls} forward calls ({each}): "
                 + ", ".join(f"{r}x{w}" for r, w in sorted(self.seen)))

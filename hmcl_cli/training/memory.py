@@ -351,13 +351,14 @@ def _segment_overheads(recipe: Any, config: Any) -> tuple[int, int]:
 def predicts_unpadded(recipe: Any, device: torch.device, config: Any) -> bool:
     """Whether ``hmcl train`` will run this recipe's forward calls unpadded (``model.unpad``), as
     far as the recipe, the device and the model config tell before the model is loaded (its probe
-    decides at load: a refusal re-plans padded). Segments are planned padded."""
+    decides at load: a refusal re-plans padded). Segments and ``train.compile: cuda-graphs`` are
+    planned padded."""
     from hmcl_cli.modeling.encoder import resolve_precision
     from hmcl_cli.modeling.unpad import varlen_takes
 
     m = recipe.model
-    if m.unpad is False or m.segments is not None or m.attn_implementation != "sdpa":
-        return False
+    if m.unpad is False or m.segments is not None or m.attn_implementation != "sdpa" or recipe.train.compile == "cuda-graphs":
+        return False  # (cuda-graphs: a graph replays fixed shapes, so its calls run padded)
     if device.type == "cpu" or m.unpad is True:
         return True
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(recipe.train.precision, device.type))

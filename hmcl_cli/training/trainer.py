@@ -146,6 +146,9 @@ class HMCLTrainer:
         self.model = model
         # forward calls padded to few shapes, a graph each (graph_shapes.py); None: as the batch is
         self.graph_shapes = GraphShapes(model) if self.cuda_graphs else None
+        if self.cuda_graphs and self.device.type != "cuda" and self.is_main:
+            warn(f"train.compile cuda-graphs: no CUDA device ({self.device.type}), so no graphs are recorded: the "
+                 "layers are compiled as with `true`, and forward calls still run padded to the graphs' shapes")
         model.settings.matryoshka_dims = list(r.loss.matryoshka_dims)  # saved with it: eval and export read them
         # what the objective trains: cosines of normalised embeddings, else dot products (saved with it)
         model.settings.similarity = "cosine" if model.settings.normalize else "dot"
@@ -393,7 +396,7 @@ class HMCLTrainer:
                     break
         bar.close()
         if self.graph_shapes is not None and self.is_main:
-            log(f"train.compile cuda-graphs: {self.graph_shapes.summary()}")
+            log(f"train.compile cuda-graphs: {self.graph_shapes.summary(self.device.type == 'cuda')}")
         return {"steps": self.step, "best_metric": self.best_metric, "best_step": self.best_step}
 
     def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
