@@ -374,6 +374,12 @@ class OpCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _AS_ONE:  # inside a stand-in for one GPU kernel (see counted_as_one): its first operation
+            region = _AS_ONE[-1]  # is counted under the kernel's name, the others not at all
+            if not region[1]:
+                region[1] = True
+                self.counts[region[0]] += 1
+            return func(*args, **(kwargs or {}))
         if not func.is_view:
             if self._in_step:
                 self.optimizer_ops += 1
@@ -457,6 +463,70 @@ def has_fused_norm_decomposition() -> bool:
     from torch._decomp import decomposition_table
 
     return hasattr(torch.ops.aten, "_fused_rms_norm") and torch.ops.aten._fused_rms_norm.default in decomposition_table
+
+
+_AS_ONE: list = []  # the stand-in regions open, innermost last: [kernel name, counted yet]
+
+
+@contextlib.contextmanager
+def counted_as_one(name: str):
+    """Operations dispatched inside count as one operation ``name`` in :class:`OpCounter` (a CPU
+    stand-in for what a GPU runs as one kernel)."""
+    _AS_ONE.append([name, False])
+    try:
+        yield
+    finally:
+        _AS_ONE.pop()
+
+
+def _attend_per_text(q, k, v, cu, causal: bool, scale):
+    """Packed attention ``[T, H, d]`` computed text by text (``cu``: where each text starts)."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        if stop > start:
+            qs, ks, vs = (x[start:stop].transpose(0, 1) for x in (q, k, v))
+            out[start:stop] = torch.nn.functional.scaled_dot_product_attention(
+                qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=ks.size(0) != qs.size(0)).transpose(0, 1)
+    return out
+
+
+class _VarlenStandIn(torch.autograd.Function):
+    """The flash variable-length kernel's forward and backward as one counted operation each."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, causal, scale):
+        ctx.save_for_backward(q, k, v, cu)
+        ctx.causal, ctx.scale = causal, scale
+        with counted_as_one("varlen_attn"):
+            return _attend_per_text(q, k, v, cu, causal, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu = ctx.saved_tensors
+        with counted_as_one("varlen_attn_backward"), torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = _attend_per_text(*inputs, cu, ctx.causal, ctx.scale)
+            dq, dk, dv = torch.autograd.grad(out, inputs, grad)
+        return dq, dk, dv, None, None, None
+
+
+def _varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's signature (torch >= 2.11), on a CPU."""
+    return _VarlenStandIn.apply(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
+
+
+def varlen_kernel_on_cpu() -> None:
+    """Unpadded decoder calls attend through a stand-in for the flash variable-length kernel on a
+    CPU in float32 too, counted as one operation forward and one backward, as a GPU's bf16 training
+    step runs them (without it a CPU computes packed attention padded: the rows scattered to their
+    padded places and gathered back, operations a GPU's step does not have). For --op-count."""
+    from hmcl_cli.modeling import unpad
+
+    unpad._varlen_kernel = lambda: _varlen_stand_in
+    unpad.varlen_serves = lambda dtype, device_type, head_dim, dropout: dropout == 0.0 and head_dim % 8 == 0
+    unpad._kernel_takes_call = lambda dtype, head_dim, dropout: dropout == 0.0 and head_dim % 8 == 0
 
 
 def gpu_norm_kernels_on_cpu() -> None:
@@ -567,6 +637,10 @@ def main() -> None:
     ap.add_argument("--op-count", action="store_true",
                     help="count the ATen operations (views left out) each tool dispatches per timed step (on a "
                     "CPU with F.rms_norm as one operation, as a GPU's fused kernel runs it)")
+    ap.add_argument("--varlen-stand-in", action="store_true",
+                    help="with --op-count on a CPU: unpadded attention through a stand-in for the flash "
+                    "variable-length kernel, one operation forward and one backward, as a GPU's bf16 step "
+                    "runs it (by default a CPU computes packed attention padded)")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--no-warm-shapes", dest="warm_shapes", action="store_false",
@@ -587,6 +661,10 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     if args.op_count and device.type == "cpu" and args.shape in SHAPES and SHAPES[args.shape][0] != "bert":
         gpu_norm_kernels_on_cpu()  # the decoders' RMSNorm (BERT-class shapes have none)
+    if args.varlen_stand_in:
+        if not (args.op_count and device.type == "cpu"):
+            raise SystemExit("--varlen-stand-in is for --op-count on a CPU (a GPU runs the kernel itself)")
+        varlen_kernel_on_cpu()
     rows, group, q_len, d_len = examples(args.data)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -240,3 +240,16 @@ def test_graph_shapes_counts_fewer_shapes_bucketed():
         assert sum(r["new_per_epoch"]["as is"]) == r["shapes"]["as is"] and len(r["new_per_epoch"]["as is"]) == 2
         assert 1.0 < r["token_slots_ratio"] < 1.2
     assert "| quickstart |" in out
+
+
+def test_op_count_with_the_varlen_stand_in():
+    """--varlen-stand-in: unpadded attention counted as the GPU's one kernel forward and one
+    backward, instead of the CPU's padded computation (rows scattered and gathered back)."""
+    import json
+
+    totals = []
+    for extra in ([], ["--varlen-stand-in"]):
+        out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro-qwen3", "--batch-size", "4", "--steps", "1",
+                   "--warmup", "1", "--tools", "hmcl-gpu-defaults", "--op-count", *extra)
+        totals.append(json.loads(out.strip().splitlines()[-1])["results"]["hmcl train, one forward, fused projections"]["ops"]["total"])
+    assert totals[1] < totals[0] - 5, totals  # per layer: 3 scatters of q/k/v and a gather, and their backward

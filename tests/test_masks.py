@@ -228,3 +228,39 @@ def test_training_says_at_start_which_attention_mask_the_backbone_gets(tmp_path,
         assert "4D, prepared by hmcl" in line
     else:
         assert "2D" in line and "'eager'" in line
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("unpad", [False, True])
+def test_no_key_value_cache_is_filled_in_training_or_encoding(tmp_path, tiny_qwen, monkeypatch, lora, unpad):
+    """A decoder's config says use_cache: without use_cache=False each forward call would copy every
+    layer's keys and values into a DynamicCache nobody reads. Neither a training step (padded or
+    unpadded, full or LoRA) nor encoding fills one."""
+    from transformers import cache_utils
+
+    from conftest import make_trainer
+    from hmcl_cli.modeling.masks import no_cache
+    from hmcl_cli.training.batching import StepBatches
+
+    calls = []
+    real = cache_utils.DynamicCache.update
+    monkeypatch.setattr(cache_utils.DynamicCache, "update", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    t = make_trainer(tmp_path, tiny_qwen, model={"unpad": unpad, "lora": {"enabled": lora}})
+    assert t.model.backbone.config.use_cache  # the decoder asks for a cache by default
+    assert no_cache(t.model.backbone) == {"use_cache": False}
+    batch = StepBatches(t.data, t.model, t.plan, 0, 0, t.cfg.group_size, 0)[0]
+    t._forward_backward(batch, 1.0)
+    t.model.encode(["where is my order", "a refund"])
+    assert not calls
+    t.model.backbone(input_ids=batch["q_input_ids"][:2])  # the spy sees a call left to the default
+    assert calls
+
+
+def test_no_cache_keyword_only_where_the_forward_names_it(tiny_bert):
+    from transformers import AutoModel, DistilBertConfig
+
+    from hmcl_cli.modeling.masks import no_cache
+
+    assert no_cache(AutoModel.from_pretrained(tiny_bert)) == {"use_cache": False}  # BertModel names it
+    distil = AutoModel.from_config(DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32))
+    assert no_cache(distil) == {}  # its forward has no such parameter (it would reach **kwargs)

@@ -342,11 +342,9 @@ def test_plan_counts_the_joined_projection_weights_autograd_keeps(tmp_path, fixt
     joined = saved_tensor_bytes(real, ids)
     weights = sum(m.weight.numel() * 4 for m in real.modules() if type(m).__name__ == "FusedLinear")
     assert joined_plan.fused_copies == 2 * weights > 0
-    if fixture == "tiny_bert":  # attention keeps queries, keys and values as they come: the join alone
-        assert joined - plain == weights
-    else:  # the CPU's attention copies the values, and the kept query slice holds the joined output
-        values = sum(layer.self_attn.v_proj.out_features for layer in real.layers) * ids.numel() * 4
-        assert joined - plain == weights + values
+    # attention keeps queries, keys and values as they come: the join alone (before use_cache=False a
+    # decoder's key/value cache copied the keys and values, and a kept slice held the rest of the join)
+    assert joined - plain == weights
     assert auto.fused_copies == off.fused_copies == 0 and joined_plan.peak - off.peak == joined_plan.fused_copies
     assert plan("d", fused_projections=True, lora={"enabled": True, "r": 4}).fused_copies == 0
 

@@ -29,8 +29,7 @@ unchanged; :func:`unfuse_projections` gives each its class back.
 When: only while gradients are computed for trainable weights (full fine-tuning), and under the
 recipe's ``auto`` (the default) only for inputs on a GPU. A CPU is bound by arithmetic, not
 launches (the quickstart's step ran at the same speed either way), and there the join costs
-memory: the joined weights autograd keeps, and, where attention keeps its own copy of the values
-(the CPU's SDPA), the rest of a joined output that a kept query slice holds. Without gradients
+memory: the joined weights autograd keeps. Without gradients
 (encoding) the saving is one product of three against a concatenation, and frozen weights (LoRA's
 base) would be copied on each call; both take each module's own product. Not inside
 ``torch.compile`` (``train.compile``: its compiled layers see plain products). The values are the

@@ -27,6 +27,8 @@ Only where that is safe, decided once per model (:func:`prepared_mask_refusal`):
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -99,8 +101,9 @@ def prepared_mask_refusal(model: Any) -> str:
     try:
         with autocast_for(dev), model.attention_backends():
             lowered = torch.is_autocast_enabled(dev.type)  # bf16/fp16 matmuls, float32 states or not
-            plain = last_hidden(backbone(input_ids=ids, attention_mask=mask))
-            prepared = last_hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder)))
+            plain = last_hidden(backbone(input_ids=ids, attention_mask=mask, **no_cache(backbone)))
+            prepared = last_hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder),
+                                            **no_cache(backbone)))
     except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one
         reason = f"{type(backbone).__name__} refused a prepared 4D mask ({type(e).__name__})"
         log(f"attention mask: {reason}; the model checks its 2D mask each forward call")
@@ -157,3 +160,17 @@ def _reshard(backbone: Any) -> None:
 def last_hidden(out: Any) -> torch.Tensor:
     """The token states of a backbone's output (a ModelOutput or a tuple)."""
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def no_cache(backbone: Any) -> dict:
+    """The keyword that keeps a backbone from filling a key/value cache: ``use_cache=False`` where
+    its forward (or, under peft, its base model's) names the parameter, else nothing. A decoder's
+    ``config.use_cache`` is true, so each forward call would otherwise copy every layer's keys and
+    values into a cache that an embedding model never reads (two extra copies per layer)."""
+    base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    return {"use_cache": False} if _names_use_cache(type(base)) else {}
+
+
+@functools.lru_cache(maxsize=32)
+def _names_use_cache(cls: type) -> bool:
+    return "use_cache" in inspect.signature(cls.forward).parameters

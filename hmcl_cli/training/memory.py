@@ -35,9 +35,7 @@ the data, ``hmcl train --plan`` assumes every sequence fills its max length):
   a layer's trainable sibling projections (query/key/value, gate/up) and autograd keeps the joined
   weights (in the compute dtype) until the backward pass: one copy of those weights per forward
   call of a step (with gradient checkpointing, one layer's), where autocast's cached copy counted
-  above serves the first call. (With ``true`` on a CPU, whose attention keeps a copy of the values,
-  a kept query slice also holds the rest of its joined output: a Qwen3 layer keeps its values'
-  projection twice, which the plan leaves out.)
+  above serves the first call.
 
 With ``train.fsdp`` over N processes the sharded weights (the frozen base with LoRA), their
 gradients and optimizer state count 1/N, plus two whole layers being gathered.
@@ -53,6 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+
+from hmcl_cli.modeling.masks import no_cache
 
 GIB = 1024 ** 3
 # train.one_forward auto: one forward call when padding both sides to the wider one adds at most
@@ -251,7 +251,7 @@ def saved_tensor_bytes(model: torch.nn.Module, input_ids: torch.Tensor,
 
     def run():
         with mode if mode is not None else contextlib.nullcontext():
-            out = model(input_ids=input_ids)
+            out = model(input_ids=input_ids, **no_cache(model))
         if outputs is not None:
             outputs.append(out)
 
@@ -278,7 +278,7 @@ def real_autocast_saved_bytes(model: torch.nn.Module, input_ids: torch.Tensor, d
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(input_ids.device.type, dtype=dtype):
-        model(input_ids=input_ids)
+        model(input_ids=input_ids, **no_cache(model))
     return total
 
 
