@@ -457,6 +457,19 @@ TOOL_MODEL = {"hmcl-cudnn": {"cudnn_attention": True}, "hmcl-padded": {"unpad": 
               "hmcl-gpu-defaults": {"fused_projections": True}}  # a GPU's autos on a CPU, for --op-count
 
 
+def tool_model(tool: str, config, device: torch.device) -> dict | None:
+    """The model settings of an hmcl row. ``hmcl-gpu-defaults`` on a CPU takes a GPU's ``auto``
+    decisions: projections joined, and calls padded where a GPU's bf16 training would not run the
+    flash variable-length kernel (attention dropout: BERT-class models), else unpadded."""
+    extra = TOOL_MODEL.get(tool)
+    if tool == "hmcl-gpu-defaults" and device.type == "cpu":
+        from hmcl_cli.modeling.unpad import varlen_takes
+
+        if not varlen_takes(config, torch.bfloat16, training=True, device_type="cuda"):
+            extra = {**extra, "unpad": False}
+    return extra
+
+
 def has_fused_norm_decomposition() -> bool:
     """Whether PyTorch decomposes its fused RMSNorm kernel (torch >= 2.10), which
     :func:`gpu_norm_kernels_on_cpu` runs as the kernel's CPU stand-in."""
@@ -471,7 +484,10 @@ _AS_ONE: list = []  # the stand-in regions open, innermost last: [kernel name, c
 @contextlib.contextmanager
 def counted_as_one(name: str):
     """Operations dispatched inside count as one operation ``name`` in :class:`OpCounter` (a CPU
-    stand-in for what a GPU runs as one kernel)."""
+    stand-in for what a GPU runs as one kernel); inside another such region, nothing more."""
+    if _AS_ONE:  # a stand-in computed with another (the varlen one with SDPA's): one operation in all
+        yield
+        return
     _AS_ONE.append([name, False])
     try:
         yield
@@ -515,6 +531,73 @@ def _varlen_stand_in(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, sca
                      enable_gqa=False):
     """torch.nn.attention.varlen.varlen_attn's signature (torch >= 2.11), on a CPU."""
     return _VarlenStandIn.apply(query, key, value, cu_seq_q, tuple(window_size) == (-1, 0), scale)
+
+
+def _attend(q, k, v, mask, keep, dropout: float, scale, causal: bool):
+    """SDPA's arithmetic, written out (``keep``: the dropout's kept weights, or None)."""
+    if k.size(-3) != q.size(-3):  # grouped-query attention
+        k, v = (x.repeat_interleave(q.size(-3) // x.size(-3), dim=-3) for x in (k, v))
+    scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.size(-1) ** -0.5)
+    low = torch.finfo(scores.dtype).min  # not -inf: a padding query that sees no key stays finite
+    if causal:
+        order = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
+        scores = scores.masked_fill(~order, low)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, low) if mask.dtype == torch.bool else scores + mask
+    weights = scores.softmax(-1)
+    if keep is not None:
+        weights = weights * keep / (1.0 - dropout)
+    return weights @ v
+
+
+class _SdpaStandIn(torch.autograd.Function):
+    """SDPA as a GPU runs it in training, dropout included: one counted operation forward (a
+    fused attention kernel) and one backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, dropout, scale, causal):
+        with counted_as_one("scaled_dot_product_attention"):
+            keep = None
+            if dropout > 0:
+                shape = (*q.shape[:-1], k.size(-2))
+                keep = torch.rand(shape, device=q.device) >= dropout
+            out = _attend(q, k, v, mask, keep, dropout, scale, causal)
+            if out.dim() == 4:  # laid out as a GPU's fused kernels write it: [B, L, H, d] in memory
+                out = out.transpose(1, 2).contiguous().transpose(1, 2)
+        ctx.save_for_backward(q, k, v, mask, keep)
+        ctx.dropout, ctx.scale, ctx.causal = dropout, scale, causal
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask, keep = ctx.saved_tensors
+        with counted_as_one("scaled_dot_product_attention_backward"), torch.enable_grad():
+            inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = _attend(*inputs, mask, keep, ctx.dropout, ctx.scale, ctx.causal)
+            dq, dk, dv = torch.autograd.grad(out, inputs, grad)
+        return dq, dk, dv, None, None, None, None
+
+
+def _sdpa_stand_in(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    return _SdpaStandIn.apply(query, key, value, attn_mask, float(dropout_p), scale, bool(is_causal))
+
+
+def _native_dropout(input, p=0.5, training=True, inplace=False):
+    """``F.dropout`` as a GPU runs it: ``native_dropout``, one kernel forward and one backward (a
+    CPU's ``F.dropout`` is empty_like, bernoulli_, div_ and mul)."""
+    if not training or p == 0.0:
+        return input
+    return torch.native_dropout(input, p, True)[0]
+
+
+def gpu_kernels_on_cpu() -> None:
+    """--gpu-kernels: attention and dropout counted as a GPU's training step runs them (both tools):
+    SDPA and unpadded attention through stand-ins counted as one operation forward and one backward
+    (a CPU's SDPA with dropout is its math path, a dozen operations each way, and it computes packed
+    attention padded), dropout as ``native_dropout``. Once per process."""
+    torch.nn.functional.scaled_dot_product_attention = _sdpa_stand_in
+    torch.nn.functional.dropout = _native_dropout
+    varlen_kernel_on_cpu()
 
 
 def varlen_kernel_on_cpu() -> None:
@@ -630,17 +713,20 @@ def main() -> None:
                     "from CUDA graphs, padded), hmcl-unfused-norms (model.fused_norms false), "
                     "hmcl-unfused-rotary (model.fused_rotary false), hmcl-unfused (both false), "
                     "hmcl-unfused-proj / hmcl-fused-proj (model.fused_projections false / true; auto joins on a GPU), "
-                    "hmcl-gpu-defaults (one forward call and joined projections, as a GPU's auto settings)")
+                    "hmcl-gpu-defaults (a GPU's auto settings: one forward call, joined projections, and on a CPU calls "
+                    "padded where a GPU's attention dropout keeps them padded)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler tables of hmcl's timed steps")
     ap.add_argument("--sync-audit", action="store_true",
                     help="print the operations that made the host wait for the device during hmcl's timed steps")
     ap.add_argument("--op-count", action="store_true",
                     help="count the ATen operations (views left out) each tool dispatches per timed step (on a "
                     "CPU with F.rms_norm as one operation, as a GPU's fused kernel runs it)")
-    ap.add_argument("--varlen-stand-in", action="store_true",
-                    help="with --op-count on a CPU: unpadded attention through a stand-in for the flash "
-                    "variable-length kernel, one operation forward and one backward, as a GPU's bf16 step "
-                    "runs it (by default a CPU computes packed attention padded)")
+    ap.add_argument("--gpu-kernels", action="store_true",
+                    help="with --op-count on a CPU: count attention and dropout as a GPU's bf16 training step "
+                    "runs them, one operation forward and one backward each (SDPA's fused kernels, dropout's "
+                    "native_dropout, unpadded attention's flash variable-length kernel, through CPU stand-ins); "
+                    "by default a CPU's SDPA with dropout is its math path, a dropout four operations, and "
+                    "packed attention is computed padded")
     ap.add_argument("--sdpa", choices=["default", "no-cudnn", "efficient", "flash", "math"], default="default",
                     help="restrict SDPA's backends for both tools (torch.nn.attention.sdpa_kernel)")
     ap.add_argument("--no-warm-shapes", dest="warm_shapes", action="store_false",
@@ -661,10 +747,10 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     if args.op_count and device.type == "cpu" and args.shape in SHAPES and SHAPES[args.shape][0] != "bert":
         gpu_norm_kernels_on_cpu()  # the decoders' RMSNorm (BERT-class shapes have none)
-    if args.varlen_stand_in:
+    if args.gpu_kernels:
         if not (args.op_count and device.type == "cpu"):
-            raise SystemExit("--varlen-stand-in is for --op-count on a CPU (a GPU runs the kernel itself)")
-        varlen_kernel_on_cpu()
+            raise SystemExit("--gpu-kernels is for --op-count on a CPU (a GPU runs its kernels itself)")
+        gpu_kernels_on_cpu()
     rows, group, q_len, d_len = examples(args.data)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -685,7 +771,7 @@ def main() -> None:
                     try:
                         with two_d_masks(tool == "hmcl-2d-mask"), per_tensor_adamw(tool == "hmcl-per-tensor-adamw"):
                             results[TOOL_NAMES[tool]] = run_hmcl(path, rows, group, q_len, d_len, args, device,
-                                                                 tmp / tool, model_extra=TOOL_MODEL.get(tool),
+                                                                 tmp / tool, model_extra=tool_model(tool, shaped.config, device),
                                                                  train_extra=TOOL_TRAIN.get(tool))
                     except Exception:  # noqa: BLE001 - an experimental row's failure, printed whole
                         if tool not in EXPERIMENTAL_TOOLS:

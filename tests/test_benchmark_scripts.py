@@ -242,14 +242,85 @@ def test_graph_shapes_counts_fewer_shapes_bucketed():
     assert "| quickstart |" in out
 
 
-def test_op_count_with_the_varlen_stand_in():
-    """--varlen-stand-in: unpadded attention counted as the GPU's one kernel forward and one
-    backward, instead of the CPU's padded computation (rows scattered and gathered back)."""
+def test_op_count_with_gpu_kernels():
+    """--gpu-kernels: attention and dropout counted as the GPU's one kernel forward and one backward,
+    instead of the CPU's own computation (packed attention padded: rows scattered and gathered)."""
     import json
 
     totals = []
-    for extra in ([], ["--varlen-stand-in"]):
+    for extra in ([], ["--gpu-kernels"]):
         out = _run("train_throughput.py", "--data", "stsb", "--shape", "micro-qwen3", "--batch-size", "4", "--steps", "1",
                    "--warmup", "1", "--tools", "hmcl-gpu-defaults", "--op-count", *extra)
         totals.append(json.loads(out.strip().splitlines()[-1])["results"]["hmcl train, one forward, fused projections"]["ops"]["total"])
     assert totals[1] < totals[0] - 5, totals  # per layer: 3 scatters of q/k/v and a gather, and their backward
+
+
+def _bench_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_throughput
+    finally:
+        sys.path.pop(0)
+    return train_throughput
+
+
+@pytest.mark.parametrize("case", ["masked", "causal-gqa"])
+def test_gpu_kernel_stand_ins_compute_attention_and_count_one_operation_each_way(case):
+    tt = _bench_module()
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 6, 8, requires_grad=True)
+    heads = 2 if case == "causal-gqa" else 4
+    k, v = (torch.randn(2, heads, 6, 8, requires_grad=True) for _ in range(2))
+    mask = None
+    if case == "masked":
+        mask = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+        mask[1, :, :, 4:] = False  # the second text's last two tokens are padding
+    options = {"attn_mask": mask, "is_causal": case != "masked", "enable_gqa": heads != 4, "scale": 0.3}
+    grad = torch.randn(2, 4, 6, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, **options)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    with tt.OpCounter() as counter:
+        out = tt._sdpa_stand_in(q, k, v, **options)
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert dict(counter.counts) == {"scaled_dot_product_attention": 1, "scaled_dot_product_attention_backward": 1}
+    assert out.transpose(1, 2).is_contiguous()  # laid out as a GPU's kernels write it
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, ref_grads))
+    # dropout: the forward's kept weights are the backward's (gradients of a fixed function)
+    with tt.OpCounter() as counter:
+        dropped = tt._sdpa_stand_in(q, k, v, **options, dropout_p=0.5)
+        dq = torch.autograd.grad(dropped, q, grad)[0]
+    assert sum(counter.counts.values()) == 2 and not torch.allclose(dropped, ref, atol=1e-3)
+    assert torch.isfinite(dq).all()
+
+
+def test_varlen_stand_in_attends_within_each_text():
+    tt = _bench_module()
+    torch.manual_seed(0)
+    lengths = [3, 5, 2]
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    q, k, v = (torch.randn(10, 4, 8, requires_grad=True) for _ in range(3))
+    grad = torch.randn(10, 4, 8)
+    with tt.OpCounter() as counter:
+        out = tt._varlen_stand_in(q, k, v, cu, cu, 5, 5, scale=None, window_size=(-1, 0))
+        torch.autograd.grad(out, (q, k, v), grad)
+    assert dict(counter.counts) == {"varlen_attn": 1, "varlen_attn_backward": 1}
+    start = 0
+    for n in lengths:  # each text alone, causal
+        part = [x[start:start + n].transpose(0, 1) for x in (q, k, v)]
+        alone = torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True).transpose(0, 1)
+        assert torch.allclose(out[start:start + n], alone, atol=1e-5)
+        start += n
+
+
+def test_native_dropout_stand_in_is_one_operation_each_way():
+    tt = _bench_module()
+    x = torch.randn(64, 32, requires_grad=True)
+    grad = torch.ones(64, 32)
+    with tt.OpCounter() as counter:
+        y = tt._native_dropout(x, 0.25, training=True)
+        torch.autograd.grad(y, x, grad)
+    assert dict(counter.counts) == {"native_dropout": 1, "native_dropout_backward": 1}
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75) and 0.6 < float(kept.float().mean()) < 0.9
+    assert tt._native_dropout(x, 0.25, training=False) is x
