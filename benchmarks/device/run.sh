@@ -13,9 +13,9 @@
 # fourth sessions and the three of 2026-12-05): call 1 as above — the tests of what runs by default on a GPU
 # and was never run there (encoding replayed from CUDA graphs, the fused RMSNorm kernel, the fused
 # rotary embeddings and projections), #9's Qwen3-0.6B row with all three fusions beside each
-# undone (counted on the CPU, two calls: 4,845 operations a step with all three (hmcl-fused-proj
-# there; a GPU's auto joins projections); 5,461 projections unfused, 5,625 rotary, 9,693 rotary and
-# norms) and CUDA-graph layers, and #9's
+# undone (counted on the CPU with --gpu-kernels, two calls: 3,583 operations a step with all three
+# (hmcl-fused-proj there; a GPU's auto joins projections); 4,199 projections unfused, 4,867 rotary,
+# 8,935 rotary and norms) and CUDA-graph layers (calls padded to few shapes), and #9's
 # encoding row with graphs on by default; then #11's quality rows in bf16 (#11 was resolved on
 # the CPU rows; its GPU throughput rows, timed without the checkpoint write, are the second H200
 # session's). `compile=120 probe=60 profile=70 long=110` if time is left; `fp16=60` (the
@@ -41,15 +41,15 @@
 #            all-MiniLM-L6-v2, random MiniLM, BERT-base and Qwen3-0.6B shapes (float32; Qwen also
 #            bf16), and the Qwen3-4B shape in bf16 (refused at 4.96% / 4.50% on the CPU).
 #   compile  #9: MiniLM then BERT-base shapes, the loop vs hmcl, hmcl with its layers compiled
-#            with CUDA graphs (hmcl-graphs: torch.compile reduce-overhead, padded calls; a benchmark
+#            with CUDA graphs (hmcl-graphs: torch.compile reduce-overhead, calls padded to few shapes; a benchmark
 #            row) and with train.compile (never measured on a GPU yet; the steps are launch-bound
 #            there, what compiling and CUDA graphs are for).
 #   compileq #9: the Qwen3-0.6B shape (batch 32, full fine-tuning), the loop vs hmcl (fused
 #            RMSNorm, rotary and projections, model.fused_norms / fused_rotary / fused_projections:
-#            4,845 operations a two-call step counted on the CPU with hmcl-fused-proj, which a
-#            GPU's auto gives hmcl) vs hmcl with its projections
-#            unfused (5,461), its rotary unfused (5,625), its rotary and norms unfused (9,693) vs
-#            hmcl with train.compile cuda-graphs (hmcl-graphs).
+#            3,583 operations a two-call step counted on the CPU with hmcl-fused-proj and
+#            --gpu-kernels, which a GPU's auto gives hmcl) vs hmcl with its projections
+#            unfused (4,199), its rotary unfused (4,867), its rotary and norms unfused (8,935) vs
+#            hmcl with train.compile cuda-graphs (hmcl-graphs; its log ends with the shapes run).
 #   scale    #8: Qwen3-0.6B / 4B / 8B shapes, LoRA + checkpointing, hmcl only: tokens/s, MFU,
 #            peak memory beside the memory plan printed at run time.
 #   profile  #9: where hmcl's time goes on the GPU, a MiniLM-shape training step (10 steps) and
