@@ -29,9 +29,9 @@ unchanged; :func:`unfuse_projections` gives each its class back.
 When: only while gradients are computed for trainable weights (full fine-tuning), and under the
 recipe's ``auto`` (the default) only for inputs on a GPU. A CPU is bound by arithmetic, not
 launches (the quickstart's step ran at the same speed either way), and there the join costs
-memory: the joined weights autograd keeps. Without gradients
-(encoding) the saving is one product of three against a concatenation, and frozen weights (LoRA's
-base) would be copied on each call; both take each module's own product. Not inside
+memory: the joined weights autograd keeps. Without gradients (encoding) the saving is one product
+of three against a concatenation, and frozen weights (LoRA's base) would be copied on each call;
+both take each module's own product. Not inside
 ``torch.compile`` (``train.compile``: its compiled layers see plain products). The values are the
 same products in another order of summation: equal to float32 rounding, not bit for bit
 (tests/test_fused_projections.py).
