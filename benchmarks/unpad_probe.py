@@ -45,7 +45,7 @@ def probe_sizes(model) -> dict:
     them: its three texts, eval mode, the device's autocast."""
     from hmcl_cli.modeling import unpad
     from hmcl_cli.modeling.encoder import autocast_for
-    from hmcl_cli.modeling.masks import last_hidden, state_difference
+    from hmcl_cli.modeling.masks import state_difference, token_states
 
     dev, bb, causal = model.device, model.backbone, model.settings.is_decoder
     ids, mask, n_real = unpad.probe_batch(model)
@@ -55,7 +55,7 @@ def probe_sizes(model) -> dict:
     unpad.set_attention(bb, unpad.register())
     try:
         with torch.inference_mode(), autocast_for(dev), model.attention_backends():
-            padded = last_hidden(bb(input_ids=ids, attention_mask=model.backbone_mask(mask)))
+            padded = token_states(bb, input_ids=ids, attention_mask=model.backbone_mask(mask))
             packed = unpad.unpadded_states(bb, ids, mask, n_real, causal)
             wrong = None
             if not unpad.expects_varlen(bb, dev.type):  # the flash kernel takes no mask to get wrong

@@ -38,7 +38,7 @@ from hmcl_cli.modeling.fused_norms import FusionReport, fuse_rms_norms, unfuse_r
 from hmcl_cli.modeling.fused_projections import ProjectionReport, fuse_projections, unfuse_projections
 from hmcl_cli.modeling.fused_rotary import RotaryReport, fuse_rotary, unfuse_rotary
 from hmcl_cli.modeling.graph_shapes import graph_width
-from hmcl_cli.modeling.masks import last_hidden, no_cache, prepared_mask, prepared_mask_refusal
+from hmcl_cli.modeling.masks import prepared_mask, prepared_mask_refusal, token_states
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 from hmcl_cli.modeling.tokenizing import token_ids
 
@@ -443,8 +443,7 @@ class EmbeddingModel(nn.Module):
             if packed is not None:
                 hidden = unpad.unpadded_states(self.backbone, input_ids, attention_mask, packed, self.settings.is_decoder)
             else:
-                hidden = last_hidden(self.backbone(input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask),
-                                                   **no_cache(self.backbone)))
+                hidden = token_states(self.backbone, input_ids=input_ids, attention_mask=self.backbone_mask(attention_mask))
         emb = pool(hidden, attention_mask, self.settings.pooling, pooled_mask(attention_mask, pool_skip))
         if len(self.head):
             emb = emb.float()  # the head's weights are float32 (under autocast its matmuls run in bf16)

@@ -101,9 +101,8 @@ def prepared_mask_refusal(model: Any) -> str:
     try:
         with autocast_for(dev), model.attention_backends():
             lowered = torch.is_autocast_enabled(dev.type)  # bf16/fp16 matmuls, float32 states or not
-            plain = last_hidden(backbone(input_ids=ids, attention_mask=mask, **no_cache(backbone)))
-            prepared = last_hidden(backbone(input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder),
-                                            **no_cache(backbone)))
+            plain = token_states(backbone, input_ids=ids, attention_mask=mask)
+            prepared = token_states(backbone, input_ids=ids, attention_mask=prepared_mask(mask, model.settings.is_decoder))
     except Exception as e:  # noqa: BLE001 - any refusal of a 4D mask means: keep the 2D one
         reason = f"{type(backbone).__name__} refused a prepared 4D mask ({type(e).__name__})"
         log(f"attention mask: {reason}; the model checks its 2D mask each forward call")
@@ -160,6 +159,12 @@ def _reshard(backbone: Any) -> None:
 def last_hidden(out: Any) -> torch.Tensor:
     """The token states of a backbone's output (a ModelOutput or a tuple)."""
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def token_states(backbone: Any, **inputs: Any) -> torch.Tensor:
+    """The backbone's token states for ``inputs``, every forward call of hmcl's through here:
+    without filling a key/value cache (:func:`no_cache`)."""
+    return last_hidden(backbone(**inputs, **no_cache(backbone)))
 
 
 def no_cache(backbone: Any) -> dict:

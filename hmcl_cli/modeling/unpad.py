@@ -38,8 +38,7 @@ import torch
 
 from hmcl_cli.console import log
 from hmcl_cli.modeling import masks
-from hmcl_cli.modeling.masks import (ATTENTION, _reshard, last_hidden, no_cache, prepared_mask, state_difference,
-                                     state_tolerance)
+from hmcl_cli.modeling.masks import ATTENTION, _reshard, prepared_mask, state_difference, state_tolerance, token_states
 
 # the probe's allowance beyond its fixed one: packed states may differ from padded ones by this
 # multiple of how far the padded batch is from each text run alone (the model's own rounding),
@@ -266,8 +265,7 @@ def unpadded_states(backbone: Any, input_ids: torch.Tensor, attention_mask: torc
     # a 4D mask is returned as given by transformers' mask builders: they build nothing here (left
     # to themselves, they would build one [T, T] for the packed sequence); attention ignores it
     given = p.mask if p.mask is not None else attention_mask.new_ones((1, 1, 1, 1), dtype=torch.bool)
-    out = last_hidden(backbone(input_ids=ids, position_ids=positions, attention_mask=given, hmcl_packing=p,
-                               **no_cache(backbone))).squeeze(0)
+    out = token_states(backbone, input_ids=ids, position_ids=positions, attention_mask=given, hmcl_packing=p).squeeze(0)
     return out.new_zeros((p.rows * p.width, out.size(-1))).index_copy(0, p.flat, out).view(p.rows, p.width, -1)
 
 
@@ -337,7 +335,7 @@ def unpad_refusal(model: Any) -> str:
             # under autocast the matmuls round to bf16/fp16 even where the states come out float32
             # (a float32 model's norms run in float32): the probe allows that rounding
             lowered = torch.is_autocast_enabled(dev.type)
-            padded = last_hidden(backbone(input_ids=ids, attention_mask=model.backbone_mask(mask), **no_cache(backbone)))
+            padded = token_states(backbone, input_ids=ids, attention_mask=model.backbone_mask(mask))
             packed = unpadded_states(backbone, ids, mask, n_real, model.settings.is_decoder)
     except Exception as e:  # noqa: BLE001 - any refusal of the packed call means: stay padded
         set_attention(backbone, "sdpa")
@@ -385,7 +383,7 @@ def _padded_vs_alone(model: Any, padded: torch.Tensor, ids: torch.Tensor, mask: 
             alone = torch.zeros_like(padded)
             for i in range(ids.size(0)):
                 real = mask[i].bool()
-                alone[i, real] = last_hidden(backbone(input_ids=ids[i, real][None], **no_cache(backbone)))[0].to(alone.dtype)
+                alone[i, real] = token_states(backbone, input_ids=ids[i, real][None])[0].to(alone.dtype)
     except Exception:  # noqa: BLE001 - no such size: the probe's fixed allowance alone decides
         return None
     finally:
