@@ -521,7 +521,8 @@ class HMCLTrainer:
             units = self.model(input_ids, attention_mask, n_real, pool_skip)
         else:
             units = self.model.pooled(input_ids, attention_mask, n_real, pool_skip).float()
-        return units[:rows]  # (a view: the filler rows of GraphShapes dropped)
+        # the filler rows of GraphShapes dropped; not sliced otherwise: a slice's backward is a copy
+        return units[:rows] if units.size(0) != rows else units
 
     def _texts(self, units: torch.Tensor, batch: dict, side: str, n: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Text embeddings [n, D] from a side's units, and its normalised segment embeddings when
