@@ -263,16 +263,20 @@ def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
 def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
                     show: bool = typer.Option(False, "--show", help="Print the resolved recipe.")) -> None:
     """Check a recipe (keys, types, references, paths; the model, if it is here) without running anything."""
-    from hmcl_cli.stages import check_inputs, check_model
+    from hmcl_cli.stages import check_inputs, check_mteb_names, check_model, hub_needs
 
     r = _load(recipe, set_)
     check_inputs(r, str(recipe))
+    needs = check_mteb_names(hub_needs(r), str(recipe))
     model = check_model(r)
     if show:
         console.print(r.to_yaml(), markup=False)
     from rich.markup import escape
 
     console.print(f"[green]ok[/green] {escape(str(recipe))} (model {escape(model)})")
+    if needs:  # not an error here: the run may have network where this does not
+        console.print("fetched from the Hugging Face Hub when it runs (network needed then):\n  "
+                      + "\n  ".join(escape(line) for _, line, _ in needs))
 
 
 @recipe_app.command("schema", epilog="Example:  hmcl recipe schema --format json > schema.json")

@@ -372,6 +372,80 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
     return out
 
 
+def hub_needs(recipe: Recipe, prepared: bool = False) -> list[tuple[tuple, str, type]]:
+    """What the recipe's enabled stages would fetch from the Hugging Face Hub, each as (key, a line
+    saying what, the error class of its failure): hub models that are not here (no folder, not in
+    the cache, no package that ships them), hub data sources (streamed from the Hub; not when
+    ``prepared``: a resumed run keeps its data), and MTEB tasks whose dataset is not cached. An
+    MTEB name mteb does not know is a line of its own (``None`` as its class: wrong wherever it runs)."""
+    from hmcl_cli.modeling.resolve import resolve_model
+
+    out: list[tuple[tuple, str, type]] = []
+    models = [(("model", "name_or_path"), recipe.model.name_or_path)] if recipe.train.enabled or recipe.mine.enabled else []
+    if recipe.mine.enabled and recipe.mine.teacher:
+        models.append((("mine", "teacher", "model"), recipe.mine.teacher.model))
+    if recipe.eval.enabled and recipe.eval.tasks:
+        if recipe.eval.include_base and not models:
+            models.append((("model", "name_or_path"), recipe.model.name_or_path))
+        models += [(("eval", "compare", label), name) for label, name in recipe.eval.compare.items()]
+    for key, name in models:
+        if name.startswith((".", "/", "~")):
+            continue  # a folder: missing_inputs says if it is not there
+        try:
+            resolve_model(name, recipe.model.revision if key[0] == "model" else None, recipe.base_dir, download=False)
+        except ModelNotFoundError:
+            out.append((key, f"{'.'.join(map(str, key))}: model {name} (not downloaded yet)", ModelNotFoundError))
+    if not prepared:
+        for i, src in enumerate(recipe.data.sources):
+            if src.hub:
+                out.append((("data", "sources", i, "hub"), f"data.sources.{i}.hub: dataset {src.hub} (read from the Hub)",
+                            DataError))
+    if recipe.eval.enabled:
+        hub_tasks = [(i, t) for i, t in enumerate(recipe.eval.tasks) if t.type == "mteb" and t.mteb_name]
+        if hub_tasks:
+            import mteb
+
+            from hmcl_cli.evaluation.mteb_bridge import hub_task_cached
+
+            for i, t in hub_tasks:
+                key = ("eval", "tasks", i, "mteb_name")
+                try:
+                    task = mteb.get_task(t.mteb_name)
+                except (KeyError, ValueError) as e:
+                    said = str(e.args[0]) if e.args else str(e)
+                    said = said.removeprefix("KeyError: ")  # (mteb's message repeats its class)
+                    out.append((key, f"eval.tasks.{i}.mteb_name: {said}", None))
+                    continue
+                if not hub_task_cached(task):
+                    out.append((key, f"eval.tasks.{i}.mteb_name: MTEB task {t.mteb_name} (its dataset "
+                                     f"{task.metadata.dataset['path']} is not cached)", DataError))
+    return out
+
+
+def check_mteb_names(needs: list[tuple[tuple, str, type]], where: str) -> list[tuple[tuple, str, type]]:
+    """A RecipeError for the MTEB task names among ``needs`` that mteb does not know; the others."""
+    unknown = [line for _, line, kind in needs if kind is None]
+    if unknown:
+        raise RecipeError(f"{where}: unknown MTEB task name:\n  " + "\n  ".join(unknown),
+                          hint="`mteb.get_tasks()` lists the names")
+    return needs
+
+
+def check_hub_needs(recipe: Recipe, where: str, prepared: bool = False) -> None:
+    """Before the first stage: an unknown MTEB task name, or what the run must fetch from the Hub
+    (:func:`hub_needs`) when the Hub is switched off or out of reach, is an error now, not after
+    hours of training (the Hub's clients would retry each request with back-off, then fail)."""
+    from hmcl_cli.hub_access import hub_unreachable
+
+    needs = check_mteb_names(hub_needs(recipe, prepared), where)
+    why = hub_unreachable(datasets=any(kind is DataError for _, _, kind in needs)) if needs else None
+    if why:
+        raise needs[0][2](f"{where}: needs the Hugging Face Hub, which cannot be used: {why}\n  "
+                          + "\n  ".join(line for _, line, _ in needs),
+                          hint="run with network (models and MTEB datasets are then cached for later runs), or "
+                          "point these keys at local folders and files")
+
+
 def check_inputs(recipe: Recipe, where: str) -> None:
     """A DataError listing :func:`missing_inputs`, if any."""
     missing = missing_inputs(recipe)
@@ -409,7 +483,7 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
     summary = RunSummary(recipe)
     with summary:  # (a run.json of an earlier run is replaced even when the checks stop this one)
-        summary.stage("checks", check_run, recipe)
+        summary.stage("checks", check_run, recipe, prepared=bool(recipe.data.sources and done))
         if recipe.data.sources and done:
             log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
             summary.skipped("prepare")
@@ -431,10 +505,13 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     log(f"done: {recipe.run_dir} ({summary.times()})")
 
 
-def check_run(recipe: Recipe) -> None:
-    """What `hmcl run` checks before its first stage: packages, inputs, a push's token."""
+def check_run(recipe: Recipe, prepared: bool = False) -> None:
+    """What `hmcl run` checks before its first stage: packages, inputs, what it fetches from the
+    Hub, a push's token (``prepared``: the data stages will not run again)."""
     check_stage_packages(recipe)
-    check_inputs(recipe, str(recipe._source or recipe.name))  # before hours of training, not after
+    where = str(recipe._source or recipe.name)
+    check_inputs(recipe, where)  # before hours of training, not after
+    check_hub_needs(recipe, where, prepared)
     if recipe.export.enabled and recipe.export.push_to_hub is not None:
         from hmcl_cli.export.hub import check_push_possible
 

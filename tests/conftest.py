@@ -133,6 +133,36 @@ def write_recipe(folder: Path, model_dir: Path, **sections) -> Path:
     return path
 
 
+CLOSED_ENDPOINT = "http://127.0.0.1:9"  # a local port nothing listens on: refused at once
+
+
+def _hub_online(monkeypatch, endpoint: str | None, reachable: bool) -> None:
+    from huggingface_hub import constants
+
+    from hmcl_cli import hub_access
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # (read from the environment at import)
+    if endpoint:
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(hub_access, "_probed", {} if not reachable else {constants.ENDPOINT: None})
+
+
+@pytest.fixture
+def hub_down(monkeypatch):
+    """No offline switch, and the Hub out of reach: its endpoint a closed local port (the probe
+    runs for real)."""
+    _hub_online(monkeypatch, CLOSED_ENDPOINT, reachable=False)
+    return CLOSED_ENDPOINT
+
+
+@pytest.fixture
+def hub_up(monkeypatch):
+    """No offline switch, and the Hub taken as reachable (the test stubs what would be fetched)."""
+    _hub_online(monkeypatch, None, reachable=True)
+
+
 def make_trainer(folder: Path, model_dir: Path, **sections):
     """An HMCLTrainer set up on a prepared small recipe (see write_recipe)."""
     from hmcl_cli.data.prepare import prepare

@@ -190,8 +190,22 @@ def invalid_json(tmp, model):
 
 
 def missing_column(tmp, model):
-    p = recipe_with_train(tmp, model, "a,b\nx,y\n", fmt="sts", name="train.csv")
-    return ["prepare", p], DATA, ["train.csv", "column"]
+    p = recipe_with_train(tmp, model, "a,b\nx,y\n", fmt="sts", name="train.csv")  # no header: a short line
+    return ["prepare", p], DATA, ["train.csv:1: broken line: 2 fields, no field for `score`"]
+
+
+def unknown_column_names(tmp, model):
+    p = recipe_with_train(tmp, model, "a,b,sim\nx,y,3\n", fmt="sts", name="train.csv")  # a header (not a number)
+    return ["prepare", p], DATA, ["train.csv", "format sts: missing a query column for role `query` (named one of: "
+                                  "query, sentence1,", "(columns: a, b, sim)", "map it: `columns: {query: <column name>}`"]
+
+
+def graded_file_as_sts(tmp, model):
+    (tmp / "dev.jsonl").write_text(line("q", ["p"], ["n"]))
+    return (["eval", "--model", model, "--sts", tmp / "dev.jsonl"], DATA,
+            ["dev.jsonl: format sts: missing a candidate column", "(columns: query, pos, neg)",
+             "this is graded data (query, pos, weak, neg), which format sts does not read",
+             "pass it as --reranking or --retrieval"])
 
 
 def train_before_prepare(tmp, model):
@@ -305,6 +319,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
+         unknown_column_names, graded_file_as_sts,
          train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, mine_missing_corpus,
@@ -328,6 +343,59 @@ def test_run_stops_on_missing_inputs_before_it_prepares_anything(tmp_path, tiny_
     argv, _, _ = run_with_a_missing_eval_file(tmp_path, tiny_bert)
     code, out, err = cli(capsys, monkeypatch, *argv)
     assert code == DATA and "prepare" not in out and not (tmp_path / "run").exists()
+
+
+def _hub_recipe(tmp_path, tiny_bert, **sections):
+    recipe = write_recipe(tmp_path, tiny_bert, **sections)
+    r = yaml.safe_load(recipe.read_text())
+    r.setdefault("eval", {})["tasks"] = [{"name": "stsb", "type": "mteb", "mteb_name": "STSBenchmark"}]
+    recipe.write_text(yaml.safe_dump(r, sort_keys=False))
+    return recipe
+
+
+def test_run_stops_before_it_prepares_anything_when_the_hub_it_needs_is_out_of_reach(tmp_path, tiny_bert, capsys,
+                                                                                      monkeypatch, hub_down):
+    """An MTEB task whose dataset is not cached and a model that is not here: listed at once, not
+    found out after training (eval) or after preparing (the model)."""
+    recipe = _hub_recipe(tmp_path, tiny_bert, model={"name_or_path": "some-org/not-here"})
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    flat = " ".join(err.split())
+    assert code == MODEL, err  # the first thing it needs is the model
+    assert f"needs the Hugging Face Hub, which cannot be used: {hub_down} cannot be reached: ConnectError" in flat
+    assert "model.name_or_path: model some-org/not-here (not downloaded yet)" in flat
+    assert "eval.tasks.0.mteb_name: MTEB task STSBenchmark (its dataset mteb/stsbenchmark-sts is not cached)" in flat
+    assert "prepare" not in out and not (tmp_path / "run").exists()
+    # the model here, the dataset not: a data error; with the offline switch the same, saying so
+    recipe = _hub_recipe(tmp_path, tiny_bert)
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    assert code == DATA and "model.name_or_path" not in err and "eval.tasks.0.mteb_name" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    assert code == DATA and "cannot be used: HF_HUB_OFFLINE is set" in err and not (tmp_path / "run").exists()
+
+
+def test_unknown_mteb_task_is_a_recipe_error_before_anything_runs(tmp_path, tiny_bert, capsys, monkeypatch):
+    recipe = _hub_recipe(tmp_path, tiny_bert)
+    for command in ("run", "recipe validate"):
+        code, out, err = cli(capsys, monkeypatch, *command.split(), recipe, "--set", "eval.tasks.0.mteb_name=STSBenchmarkk")
+        flat = " ".join(err.split())
+        assert code == RECIPE and "eval.tasks.0.mteb_name: 'STSBenchmarkk' not found. Did you mean: 'STSBenchmark'?" in flat
+    assert not (tmp_path / "run").exists()
+    code, out, err = cli(capsys, monkeypatch, "recipe", "validate", recipe)  # known, not cached: said, not an error
+    assert code == 0 and "eval.tasks.0.mteb_name: MTEB task STSBenchmark (its dataset" in " ".join(out.split())
+
+
+def test_hub_needs_lists_what_a_run_fetches(tmp_path, tiny_bert):
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import hub_needs
+
+    recipe = write_recipe(tmp_path, tiny_bert, data={"sources": [{"hub": "org/data", "format": "sts", "split": "train"}]},
+                          mine={"enabled": True, "teacher": {"model": "org/teacher"}},
+                          eval={"compare": {"other": "org/other", "local": str(tiny_bert)}})
+    keys = [key for key, _, _ in hub_needs(load_recipe(recipe))]
+    assert keys == [("mine", "teacher", "model"), ("eval", "compare", "other"), ("data", "sources", 0, "hub")]
+    # a resumed run keeps its prepared data: the hub source is not read again
+    assert ("data", "sources", 0, "hub") not in [key for key, _, _ in hub_needs(load_recipe(recipe), prepared=True)]
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_bert, capsys, monkeypatch):

