@@ -122,7 +122,13 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
         except HmclError as e:
             task_objs[t.name] = e
             warn(f"task {t.name}: {_said(e)}")
+    nothing_to_run = all(isinstance(entry, HmclError) for entry in task_objs.values())
     for label, model in models.items():
+        if nothing_to_run:  # every task failed to load: no model is loaded (or encodes) for nothing
+            for t in tasks:
+                results[t.name][label] = {"error": _said(task_objs[t.name])}
+            labels.append(label)
+            continue
         if isinstance(model, (str, Path)):
             try:
                 model = loader(str(model))
@@ -223,10 +229,15 @@ def print_table(report: dict, title: str = "evaluation") -> None:
                     row.append(f"{v - first:+.4f}" if isinstance(v, float) and isinstance(first, float) else "-")
             t.add_row(*row)
     console.print(t)
+    from rich.markup import escape
+
     for task, per_model in report["results"].items():
+        said: dict[str, list[str]] = {}  # one line per task and error, naming every model it hit
         for m, r in per_model.items():
             if "error" in r:
-                console.print(f"[red]{task} / {m}:[/red] {r['error']}")
+                said.setdefault(r["error"], []).append(m)
+        for error, hit in said.items():
+            console.print(f"[red]{escape(task)} / {escape(', '.join(hit))}:[/red] {escape(error)}")
 
 
 _GATE = re.compile(r"^\s*([^:\s]+)\s*:\s*([\w@.\-]+)\s*(>=|>|<=|<)\s*(?:([A-Za-z_][\w\-]*)\s*(?:([+-])\s*([0-9.eE+-]+))?|([0-9.eE+-]+))\s*$")
