@@ -231,9 +231,30 @@ def recipe_ls() -> None:
     from hmcl_cli.recipe import builtin_recipes
 
     for name, path in builtin_recipes().items():
-        first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#") and not ln.startswith("# hmcl")), "")
-        model = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("name_or_path", "")
-        console.print(f"[bold]{name}[/bold]  {model}  [dim]{first}[/dim]")
+        text = path.read_text()
+        model = (yaml.safe_load(text) or {}).get("model", {}).get("name_or_path", "")
+        console.print(f"[bold]{name}[/bold]  {escape(model)}  [dim]{escape(recipe_summary(text))}[/dim]")
+
+
+def recipe_summary(text: str) -> str:
+    """A recipe's first sentence: its header comment after the command line(s) that run it."""
+    words: list[str] = []
+    for ln in text.splitlines():
+        if not ln.startswith("#"):
+            break
+        body = ln[1:].strip()
+        if body.startswith("hmcl ") and not words:
+            continue
+        if not body:
+            if words:
+                break
+            continue
+        words.append(body)
+        joined = " ".join(words)
+        end = joined.find(". ")
+        if end >= 0 or joined.endswith("."):
+            return joined[: end + 1] if end >= 0 else joined
+    return " ".join(words)
 
 
 @recipe_app.command("cp", epilog="Example:  hmcl recipe cp quickstart my-recipe.yaml")
@@ -252,7 +273,13 @@ def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
     if target.exists():
         raise RecipeError(f"{target} already exists", hint="choose another destination or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(recipes[name], target)
+    # the commands in its header comment name the copy (`hmcl run my.yaml`), not the built-in file
+    from hmcl_cli.io_utils import write_text_atomic
+
+    lines = recipes[name].read_text(encoding="utf-8").splitlines(keepends=True)
+    header = next((i for i, ln in enumerate(lines) if not ln.startswith("#")), len(lines))
+    lines[:header] = [ln.replace(f"recipes/{name}.yaml", target.as_posix()) for ln in lines[:header]]
+    write_text_atomic(target, "".join(lines))
     data = recipes[name].parent / "data"
     if data.is_dir() and not (target.parent / "data").exists():
         shutil.copytree(data, target.parent / "data", ignore=shutil.ignore_patterns("__pycache__"))

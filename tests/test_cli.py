@@ -80,9 +80,19 @@ def test_validate_reports_misspelled_key_with_line(tmp_path):
 
 
 def test_recipe_ls_cp_schema(tmp_path):
-    assert "quickstart" in hmcl("recipe", "ls").stdout
+    listed = hmcl("recipe", "ls").stdout
+    # each recipe with its first sentence, whole (its header comment wraps over lines)
+    assert ("quickstart  sentence-transformers/all-MiniLM-L6-v2  Quickstart: adapt all-MiniLM-L6-v2 to customer-service "
+            "consultations (the sample in recipes/data) and compare it with the base model on held-out questions.\n") in listed
     out = hmcl("recipe", "cp", "quickstart", tmp_path)
     assert out.returncode == 0 and (tmp_path / "quickstart.yaml").is_file() and (tmp_path / "data" / "support-train.jsonl").is_file()
+    # the copy's header runs the copy; the rest is the built-in recipe as it is
+    copied = (tmp_path / "quickstart.yaml").read_text().splitlines()
+    builtin = (ROOT / "recipes" / "quickstart.yaml").read_text().splitlines()
+    assert copied[0] == f"# hmcl run {(tmp_path / 'quickstart.yaml').as_posix()}" and copied[1:] == builtin[1:]
+    assert hmcl("recipe", "cp", "qwen-lora", "q.yaml", cwd=tmp_path).returncode == 0
+    header = (tmp_path / "q.yaml").read_text().split("\nname:")[0]
+    assert header.startswith("# hmcl run q.yaml\n") and "hmcl train q.yaml --plan" in header and "recipes/" not in header
     again = hmcl("recipe", "cp", "quikstart", tmp_path / "x.yaml")
     assert again.returncode == 2 and "did you mean 'quickstart'" in again.stderr
     assert "`train.learning_rate`" in hmcl("recipe", "schema").stdout
