@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from hmcl_cli.console import log, warn
-from hmcl_cli.errors import DataError, HmclError, ModelNotFoundError, RecipeError, StorageError, from_system_error
+from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
+                             from_system_error)
 from hmcl_cli.io_utils import RunLock, write_text_atomic
 from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
 
@@ -495,7 +496,12 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
         elif recipe.mine.enabled:
             summary.stage("mine", run_mine, recipe)
         if recipe.train.enabled:
-            summary.stage("train", run_train, recipe, resume=resume)
+            try:
+                summary.stage("train", run_train, recipe, resume=resume)
+            except InterruptedRun as e:  # the command that continues it is this one, not `hmcl train`
+                e.hint = ("continue with `hmcl run RECIPE --resume` (with the same --set options): the prepared "
+                          "data is kept and training goes on from its checkpoint")
+                raise
         if recipe.eval.enabled and recipe.eval.tasks:
             with RunLock(recipe.run_dir):
                 summary.stage("eval", run_eval, recipe)

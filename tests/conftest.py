@@ -45,7 +45,7 @@ def build_tokenizer(kind: str):
                                    pad_token="<|endoftext|>")
 
 
-def build_tiny_model(folder: Path, kind: str = "bert") -> Path:
+def build_tiny_model(folder: Path, kind: str = "bert", dropout: float = 0.0) -> Path:
     import torch
     from transformers import AutoModel, BertConfig, LlamaConfig, Qwen3Config
 
@@ -53,8 +53,8 @@ def build_tiny_model(folder: Path, kind: str = "bert") -> Path:
     tok = build_tokenizer(kind)
     if kind == "bert":
         cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+                         intermediate_size=64, max_position_embeddings=256, hidden_dropout_prob=dropout,
+                         attention_probs_dropout_prob=dropout)
     elif kind == "qwen3":
         cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,

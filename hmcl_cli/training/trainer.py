@@ -346,10 +346,15 @@ class HMCLTrainer:
             micro = self.step * accum
             while self.step < self.total_steps:
                 epoch, start = divmod(micro, steps_epoch)
+                # its own generator: a loader's iterator draws its workers' seed from the generator it
+                # is given, else from the global one, which dropout reads; drawn from that, a run
+                # resumed mid-epoch (a new loader) would go on with other dropout masks than the
+                # uninterrupted run
                 loader = torch.utils.data.DataLoader(
                     StepBatches(self.data, self.model, self.plan, epoch, start, cfg.group_size, self.rank),
                     batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                    pin_memory=self.device.type == "cuda", persistent_workers=False)
+                    pin_memory=self.device.type == "cuda", persistent_workers=False,
+                    generator=torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + epoch))
                 for batch in loader:
                     loss, parts = self._forward_backward(batch, scale=1.0 / accum)
                     tokens += batch["n_tokens"]
@@ -389,7 +394,7 @@ class HMCLTrainer:
                         self.save_checkpoint()
                         raise InterruptedRun(
                             f"training stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved",
-                            hint="continue with `hmcl train RECIPE --resume`")
+                            hint="continue with `hmcl train RECIPE --resume` (with the same --set options)")
                     if self.step >= self.total_steps or self._early_stopped:
                         break
                 if self._early_stopped:
