@@ -117,7 +117,7 @@ def eval_(
     pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", help="[NAME=]FILE of (text, text, 0/1)."),
     mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
     split: str = typer.Option("test", "--split", help="Split of --mteb tasks and BEIR --retrieval folders."),
-    gate: Optional[List[str]] = typer.Option(None, "--gate", help="e.g. 'sts:spearman>=base+0.005' (repeatable)."),
+    gate: Optional[List[str]] = typer.Option(None, "--gate", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Grouped bar chart (PNG)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),

@@ -200,6 +200,15 @@ def unknown_column_names(tmp, model):
                                   "query, sentence1,", "(columns: a, b, sim)", "map it: `columns: {query: <column name>}`"]
 
 
+def sts_task_of_one_score(tmp, model):
+    (tmp / "sts.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t3\nc\td\t3\n")  # (mteb divided by zero)
+    (tmp / "pairs.csv").write_text("s1,s2,label\na,b,1\n")
+    return (["eval", "--model", model, "--sts", tmp / "sts.tsv", "--pair-classification", tmp / "pairs.csv"], DATA,
+            ["sts.tsv: Spearman correlation needs pairs with at least two different scores; it has 2 pair(s), all scored 3",
+             "pairs.csv: average precision needs both positive (1) and negative (0) pairs; it has 1 pair(s), all labelled 1",
+             "2 evaluation(s) failed"])
+
+
 def graded_file_as_sts(tmp, model):
     (tmp / "dev.jsonl").write_text(line("q", ["p"], ["n"]))
     return (["eval", "--model", model, "--sts", tmp / "dev.jsonl"], DATA,
@@ -222,7 +231,7 @@ def model_path_not_a_model(tmp, model):
 def model_path_is_a_file(tmp, model):
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "weights.bin").write_bytes(b"\0" * 10)
-    (tmp / "sts.csv").write_text("a,b,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\ncats,kittens,3.5\n")
+    (tmp / "sts.csv").write_text("sentence1,sentence2,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\ncats,kittens,3.5\n")
     return ["eval", "--model", tmp / "weights.bin", "--sts", tmp / "sts.csv"], MODEL, ["weights.bin", "not a model folder"]
 
 
@@ -319,7 +328,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
-         unknown_column_names, graded_file_as_sts,
+         unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, mine_missing_corpus,

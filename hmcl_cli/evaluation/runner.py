@@ -94,6 +94,13 @@ def load_task(task: EvalTask, resolve) -> TaskData:
             raise DataError(f"task {task.name!r}: {path} has pairs without a score",
                             hint="an STS task needs a score column (map it with `columns: {score: ...}`)")
         data.pairs = (a, b, np.array(gold, dtype=float))
+        distinct = len(set(gold))
+        if distinct < 2:  # the metric is undefined (mteb divides by zero)
+            what = ("Spearman correlation needs pairs with at least two different scores" if task.type == "sts" else
+                    "average precision needs both positive (1) and negative (0) pairs")
+            raise DataError(f"task {task.name!r}: {path}: {what}; it has {len(gold)} pair(s)"
+                            + (f", all {'scored' if task.type == 'sts' else 'labelled'} {gold[0]:g}" if gold else ""),
+                            hint="add pairs with other scores" if task.type == "sts" else "add pairs of the other label")
     return data
 
 
@@ -122,13 +129,7 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
         except HmclError as e:
             task_objs[t.name] = e
             warn(f"task {t.name}: {_said(e)}")
-    nothing_to_run = all(isinstance(entry, HmclError) for entry in task_objs.values())
     for label, model in models.items():
-        if nothing_to_run:  # every task failed to load: no model is loaded (or encodes) for nothing
-            for t in tasks:
-                results[t.name][label] = {"error": _said(task_objs[t.name])}
-            labels.append(label)
-            continue
         if isinstance(model, (str, Path)):
             try:
                 model = loader(str(model))
