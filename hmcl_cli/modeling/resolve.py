@@ -141,8 +141,8 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
             return pkg
     if not download:
         what, reason = "not found", "not downloaded (download=False)"
-    elif hub_unreachable():
-        what, reason = "is not here and cannot be downloaded", hub_unreachable()
+    elif why := hub_unreachable():
+        what, reason = "is not here and cannot be downloaded", why
     else:
         try:
             return _download(name_or_path, revision)
