@@ -216,7 +216,10 @@ def export(
 @app.command(name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
 def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
             resume: bool = typer.Option(False, "--resume", help="Go on from where the run stopped: data it prepared and mined is kept, training continues from its last checkpoint.")) -> None:
-    """Run every stage the recipe enables, in order (prepare, mine, train, eval, export)."""
+    """Run every stage the recipe enables, in order (prepare, mine, train, eval, export).
+
+    Before the first stage it checks the input files, the packages the stages need, MTEB task
+    names and, where the Hugging Face Hub cannot be used, what the run would fetch from it."""
     from hmcl_cli.stages import run_all
 
     run_all(_load(recipe, set_), resume=resume)

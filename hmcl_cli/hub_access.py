@@ -4,7 +4,9 @@ Without network, the Hub's clients (``datasets``, ``huggingface_hub``'s download
 request with back-off before they give up: about 25 s per dataset, with a warning per try, and
 again for every model an evaluation runs. hmcl asks once per process instead, with a short
 timeout (:func:`hub_unreachable`), before it calls them, and fails at once with a message that
-says what was needed and why it cannot be had.
+says what was needed and why it cannot be had. (Not covered: an MTEB dataset that is cached while
+the Hub is out of reach and no offline switch is set still goes through the datasets client,
+retries included, before it reads the cache; set ``HF_HUB_OFFLINE=1`` there.)
 """
 
 from __future__ import annotations
