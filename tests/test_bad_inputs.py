@@ -228,6 +228,13 @@ def model_path_not_a_model(tmp, model):
     return ["train", p], MODEL, ["not-a-model", "not a model"]
 
 
+def run_directory_without_a_model(tmp, model):
+    (tmp / "runs" / "x" / "checkpoints").mkdir(parents=True)  # a training that did not finish
+    (tmp / "sts.csv").write_text("sentence1,sentence2,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\n")
+    return ["eval", "--model", tmp / "runs" / "x", "--sts", tmp / "sts.csv"], MODEL, [
+        "x is an hmcl run directory without a trained model", "hmcl run RECIPE --resume"]
+
+
 def model_path_is_a_file(tmp, model):
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "weights.bin").write_bytes(b"\0" * 10)
@@ -329,7 +336,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
-         train_before_prepare, model_path_not_a_model, model_path_is_a_file, missing_model,
+         train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]

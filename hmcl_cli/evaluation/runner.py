@@ -134,9 +134,9 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             try:
                 model = loader(str(model))
             except HmclError as e:
-                warn(f"model {label}: {e}")
+                warn(f"model {label}: {_said(e)}")
                 for t in tasks:
-                    results[t.name][label] = {"error": f"model failed to load: {e}", "error_class": "model"}
+                    results[t.name][label] = {"error": f"model failed to load: {_said(e)}", "error_class": "model"}
                 labels.append(label)
                 continue
         encoder = MtebEncoder(model, label, batch_size)  # one text cache per model for all tasks

@@ -22,6 +22,7 @@ OFFLINE_PACKAGES: dict[str, str] = {
 _ALIASES = {k.split("/")[-1].lower(): k for k in OFFLINE_PACKAGES} | {k.lower(): k for k in OFFLINE_PACKAGES}
 
 MODEL_MARKERS = ("config.json", "modules.json", "adapter_config.json")
+RUN_MARKERS = ("run.json", "recipe.resolved.yaml", "checkpoints", "metrics.jsonl")  # what an hmcl run directory holds
 
 # files of a hub repo that hmcl never reads: other frameworks' weights and exported copies
 SKIPPED_FILES = ("*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel", "*.gguf", "openvino_model.*")
@@ -105,6 +106,11 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
     for path in candidates:
         if path.is_dir():
             if not any((path / m).is_file() for m in MODEL_MARKERS):
+                if any((path / m).exists() for m in RUN_MARKERS):
+                    raise ModelNotFoundError(
+                        f"{path} is an hmcl run directory without a trained model (no {path / 'model'})",
+                        hint="its training has not finished: `hmcl run RECIPE --resume` (or `hmcl train RECIPE "
+                        "--resume`) goes on from its last checkpoint; or name a model folder")
                 raise ModelNotFoundError(
                     f"{path} is a folder but not a model (no config.json or modules.json)",
                     hint="point model.name_or_path at a transformers / sentence-transformers model folder",
