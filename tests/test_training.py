@@ -76,6 +76,26 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_bert, dropout):
         assert torch.allclose(v, ref[k], atol=1e-6), k
 
 
+def test_dataloader_workers_train_the_same_weights(tmp_path, tiny_bert):
+    """Batches collated in worker processes (train.num_workers) are the batches of the main
+    process, and the workers leave the dropout masks alone: the same weights, across an epoch end."""
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "dropout-bert", "bert", dropout=0.1)
+    weights = []
+    for workers in (0, 2):
+        recipe = load_recipe(write_recipe(tmp_path / f"w{workers}", model, train={
+            "max_steps": 3, "batch_size": 128, "eval_steps": 100, "num_workers": workers, "load_best_at_end": False}))
+        prepare(recipe, progress=False)
+        t = HMCLTrainer(recipe)
+        t.setup()
+        assert t.plan.steps_per_epoch < t.total_steps  # the loader is made again for the second epoch
+        t.train()
+        weights.append({k: v.clone() for k, v in t.model.state_dict().items()})
+    for k, v in weights[0].items():
+        assert torch.allclose(v, weights[1][k], atol=1e-6), k
+
+
 def test_corrupt_checkpoint_is_skipped(tmp_path, tiny_bert):
     sections = {"train": {"max_steps": 4, "save_steps": 2, "eval_steps": 100, "keep_last": 5}}
     recipe = load_recipe(write_recipe(tmp_path, tiny_bert, **sections))
