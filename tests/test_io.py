@@ -58,3 +58,23 @@ def test_cache_keeps_the_two_most_recently_used_entries_of_a_kind(tmp_path):
     (cache / "tokens-d.pt").write_text("d")
     use_cache_entry(cache / "tokens-d.pt")
     assert sorted(p.name for p in cache.iterdir()) == ["corpus-emb-x.npy", "tokens-a.pt", "tokens-d.pt"]
+
+
+def test_gc_paused_turns_the_collector_off_and_back_as_it_was():
+    import gc
+
+    from hmcl_cli.io_utils import gc_paused
+
+    assert gc.isenabled()
+    with pytest.raises(ValueError):
+        with gc_paused():
+            assert not gc.isenabled()
+            raise ValueError  # an error inside still turns it back on
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()

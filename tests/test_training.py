@@ -1,6 +1,7 @@
 """Training loop behaviour: GradCache equivalence, exact resume, best model, LoRA."""
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -331,25 +332,55 @@ def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monke
 
     t = _trainer(tmp_path, tiny_bert, train={"max_steps": 1})
     examples = load_graded(t.run_dir / "data" / "train.jsonl")
-    save, calls = torch.save, []
+    save, calls = batching.np.savez, []
 
-    def interleaved_save(obj, path):
-        save(obj, path)
-        calls.append(path)
+    def interleaved_save(file, **arrays):
+        save(file, **arrays)
+        calls.append(file.name)
         if len(calls) == 1:  # the other process writes and renames now
             batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
 
-    monkeypatch.setattr(batching.torch, "save", interleaved_save)
+    monkeypatch.setattr(batching.np, "savez", interleaved_save)
     data = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
     assert len(calls) == 2 and calls[0] != calls[1]
     left = [p.name for p in (tmp_path / "cache").rglob("*")]
-    assert len(left) == 1 and left[0].startswith("tokens-") and left[0].endswith(".pt")  # no temp file left
-    def no_save(obj, path):
+    assert len(left) == 1 and left[0].startswith("tokens-") and left[0].endswith(".npz")  # no temp file left
+
+    def no_save(file, **arrays):
         raise AssertionError("the cache left behind was not read back")
 
-    monkeypatch.setattr(batching.torch, "save", no_save)  # a third run reads the cache, writes nothing
+    monkeypatch.setattr(batching.np, "savez", no_save)  # a third run reads the cache, writes nothing
     again = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
     assert again.query_tokens == data.query_tokens and again.doc_tokens == data.doc_tokens
+
+
+@pytest.mark.parametrize("segmented", [False, True])
+def test_token_cache_packs_and_unpacks_token_lists_as_they_were(segmented):
+    """The cache holds flat arrays (a pickle of a million Python lists took 43 s to load, longer
+    than tokenising them again); unpacked, they are the same lists, empty ones included."""
+    from hmcl_cli.training.batching import pack_tokens, unpack_tokens
+
+    if segmented:  # each text: a list of (ids, weight) segments
+        tokens = [[([101, 7, 8, 102], 2), ([101, 9, 102], 1)], [([101, 5, 102], 1)], [([], 0)]]
+    else:
+        tokens = [[101, 7, 8, 102], [], [101, 50000, 102], [3]]
+    arrays = pack_tokens(tokens, "d", segmented)
+    assert arrays["d_ids"].dtype == np.int32 and all(a.ndim == 1 for a in arrays.values())
+    unpacked = unpack_tokens(arrays, "d", segmented)
+    assert unpacked == [[(list(ids), w) for ids, w in segs] for segs in tokens] if segmented else unpacked == tokens
+    assert unpack_tokens(pack_tokens([], "q", segmented), "q", segmented) == []
+
+
+def test_token_cache_with_segments_reads_back_what_it_wrote(tmp_path, tiny_bert):
+    from hmcl_cli.data.prepare import load_graded
+    from hmcl_cli.training import batching
+
+    t = _trainer(tmp_path, tiny_bert, model={"segments": {"length": 16, "overlap": 2}}, train={"max_steps": 1})
+    examples = load_graded(t.run_dir / "data" / "train.jsonl")
+    first = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
+    assert any(len(segs) > 1 for segs in first.doc_tokens)  # texts split into several segments
+    again = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
+    assert again.query_tokens == first.query_tokens and again.doc_tokens == first.doc_tokens
 
 
 def test_group_by_length_cuts_batches_from_length_sorted_windows(tmp_path, tiny_bert):

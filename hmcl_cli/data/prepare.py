@@ -20,7 +20,7 @@ from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.data.readers import json_records, read_source, source_labels
 from hmcl_cli.errors import DataError
-from hmcl_cli.io_utils import write_json_atomic, write_jsonl_atomic
+from hmcl_cli.io_utils import gc_paused, write_json_atomic, write_jsonl_atomic
 from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
@@ -49,6 +49,11 @@ class _SourceStats:
 
 def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dict:
     """Run the prepare stage; writes ``<run>/data/{train,dev,test}.jsonl`` and ``stats.json``."""
+    with gc_paused():  # it builds every example of every source (io_utils.gc_paused)
+        return _prepare(recipe, tokenizer, progress)
+
+
+def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     data_cfg = recipe.data
     if not data_cfg.sources:
         raise DataError(
@@ -236,14 +241,15 @@ def load_graded(path: str | Path) -> list[GradedExample]:
     if not path.is_file():
         raise DataError(f"graded dataset {path} does not exist", hint="run `hmcl prepare RECIPE` first")
     out = []
-    for item in json_records(path):
-        if isinstance(item, BadRow):
-            raise DataError(item.located())
-        lineno, obj = item
-        try:
-            out.append(parse_graded(obj))
-        except BadRow as bad:
-            raise DataError(f"{path}:{lineno}: {bad.reason}") from None
+    with gc_paused():
+        for item in json_records(path):
+            if isinstance(item, BadRow):
+                raise DataError(item.located())
+            lineno, obj = item
+            try:
+                out.append(parse_graded(obj))
+            except BadRow as bad:
+                raise DataError(f"{path}:{lineno}: {bad.reason}") from None
     return out
 
 
