@@ -358,7 +358,7 @@ def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monke
 def test_token_cache_packs_and_unpacks_token_lists_as_they_were(segmented):
     """The cache holds flat arrays (a pickle of a million Python lists took 43 s to load, longer
     than tokenising them again); unpacked, they are the same lists, empty ones included."""
-    from hmcl_cli.training.batching import pack_tokens, unpack_tokens
+    from hmcl_cli.training.batching import TokenLists, pack_tokens, unpack_tokens
 
     if segmented:  # each text: a list of (ids, weight) segments
         tokens = [[([101, 7, 8, 102], 2), ([101, 9, 102], 1)], [([101, 5, 102], 1)], [([], 0)]]
@@ -367,8 +367,29 @@ def test_token_cache_packs_and_unpacks_token_lists_as_they_were(segmented):
     arrays = pack_tokens(tokens, "d", segmented)
     assert arrays["d_ids"].dtype == np.int32 and all(a.ndim == 1 for a in arrays.values())
     unpacked = unpack_tokens(arrays, "d", segmented)
-    assert unpacked == [[(list(ids), w) for ids, w in segs] for segs in tokens] if segmented else unpacked == tokens
-    assert unpack_tokens(pack_tokens([], "q", segmented), "q", segmented) == []
+    if segmented:
+        assert unpacked == [[(list(ids), w) for ids, w in segs] for segs in tokens]
+    else:  # a TokenLists: each item a view of the flat ids
+        assert isinstance(unpacked, TokenLists) and [x.tolist() for x in unpacked] == tokens
+        assert unpacked.lengths().tolist() == [4, 0, 3, 1] and pack_tokens(unpacked, "d", False)["d_ids"] is unpacked.ids
+    assert len(unpack_tokens(pack_tokens([], "q", segmented), "q", segmented)) == 0
+
+
+def test_token_lists_join_chunks_and_pad_as_lists_do(tiny_bert):
+    """Candidates are tokenised in chunks, each a TokenLists, joined; a batch of their views pads
+    to the same tensors as the same ids given as lists."""
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+    from hmcl_cli.training.batching import TokenLists
+
+    chunks = [[[5, 6, 7], [8]], [], [[9, 10], [], [11, 12, 13, 14]]]
+    joined = TokenLists.joined([TokenLists.of(c) for c in chunks])
+    flat = [ids for c in chunks for ids in c]
+    assert len(joined) == 5 and [x.tolist() for x in joined] == flat
+    model = EmbeddingModel.load(str(tiny_bert))
+    for side in ("right", "left"):
+        model.settings.padding_side = side
+        views, lists = model.pad([joined[i] for i in (3, 0, 4)]), model.pad([flat[i] for i in (3, 0, 4)])
+        assert all(torch.equal(views[k], lists[k]) for k in lists) and views.keys() == lists.keys()
 
 
 def test_token_cache_with_segments_reads_back_what_it_wrote(tmp_path, tiny_bert):

@@ -421,7 +421,10 @@ class EmbeddingModel(nn.Module):
         else:
             filled = positions < lengths[:, None]
         ids = np.full((len(batch), width), pad_id, dtype=np.int64)
-        ids[filled] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
+        if batch and all(isinstance(row, np.ndarray) for row in batch):  # views of a TokenLists
+            ids[filled] = np.concatenate(batch)
+        else:
+            ids[filled] = np.fromiter(itertools.chain.from_iterable(batch), dtype=np.int64, count=int(lengths.sum()))
         out = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(filled.astype(np.int64))}
         skips = np.broadcast_to(np.asarray(pool_skip, dtype=np.int64), (len(batch),))
         if skips.any():

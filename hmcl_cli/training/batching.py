@@ -9,9 +9,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,28 +37,76 @@ class Anchor:
     source: int = 0  # which data source the example came from (batches can be kept per source)
 
 
-def pack_tokens(tokens: list, name: str, segmented: bool) -> dict[str, np.ndarray]:
-    """Token id lists as flat arrays, for a cache file that loads in about a second (a pickle of
-    a million Python lists took longer to load than tokenising them again): ``<name>_ids`` every
-    id in order, ``<name>_ends`` where each list ends; with segments (each text a list of (ids,
-    weight)) each segment is one list, with ``<name>_weights`` per segment and ``<name>_texts``
-    where each text's segments end."""
-    lists = [ids for segs in tokens for ids, _ in segs] if segmented else tokens
-    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-    out = {f"{name}_ids": np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int32),
-           f"{name}_ends": np.cumsum(lengths)}
-    if segmented:
-        out[f"{name}_weights"] = np.array([w for segs in tokens for _, w in segs], dtype=np.int64)
-        out[f"{name}_texts"] = np.cumsum(np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens)))
-    return out
+class TokenLists(Sequence):
+    """Token id lists held as one flat int32 array and where each list ends: item ``i`` is a view
+    of its ids (no copy). A Python list of lists takes ~36 bytes a token (an int object and a
+    pointer each), this 4: a million candidate texts of ~25 tokens, ~0.9 GB -> 0.1 GB, and the
+    token cache loads as two arrays."""
+
+    def __init__(self, ids: np.ndarray, ends: np.ndarray):
+        self.ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self.ends = np.ascontiguousarray(ends, dtype=np.int64)
+        self.starts = np.concatenate([np.zeros(1, np.int64), self.ends[:-1]])
+
+    @classmethod
+    def of(cls, lists: Sequence[Sequence[int]]) -> "TokenLists":
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        return cls(np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int32), np.cumsum(lengths))
+
+    @classmethod
+    def joined(cls, parts: Sequence["TokenLists"]) -> "TokenLists":
+        offsets = np.cumsum([0] + [p.ends[-1] if len(p) else 0 for p in parts[:-1]])
+        return cls(np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int32),
+                   np.concatenate([p.ends + o for p, o in zip(parts, offsets)]) if parts else np.zeros(0, np.int64))
+
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.ids[self.starts[i]:self.ends[i]]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, TokenLists):
+            return np.array_equal(self.ids, other.ids) and np.array_equal(self.ends, other.ends)
+        return NotImplemented
+
+    __hash__ = None
 
 
-def unpack_tokens(arrays: Any, name: str, segmented: bool) -> list:
-    """The token id lists :func:`pack_tokens` packed, as they were."""
-    ids, ends = arrays[f"{name}_ids"].tolist(), arrays[f"{name}_ends"].tolist()
-    lists = [ids[a:b] for a, b in zip([0] + ends[:-1], ends)]
+def lengths_of(tokens: Sequence) -> np.ndarray:
+    """Each token list's length (a TokenLists knows them; otherwise counted)."""
+    if isinstance(tokens, TokenLists):
+        return tokens.lengths()
+    return np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+
+
+def pack_tokens(tokens: Sequence, name: str, segmented: bool) -> dict[str, np.ndarray]:
+    """Token id lists as flat arrays for the token cache (a pickle of a million Python lists took
+    longer to load than tokenising them again): ``<name>_ids`` every id in order, ``<name>_ends``
+    where each list ends; with segments (each text a list of (ids, weight)) each segment is one
+    list, with ``<name>_weights`` per segment and ``<name>_texts`` where each text's segments end."""
     if not segmented:
-        return lists
+        flat = tokens if isinstance(tokens, TokenLists) else TokenLists.of(tokens)
+        return {f"{name}_ids": flat.ids, f"{name}_ends": flat.ends}
+    flat = TokenLists.of([ids for segs in tokens for ids, _ in segs])
+    return {f"{name}_ids": flat.ids, f"{name}_ends": flat.ends,
+            f"{name}_weights": np.array([w for segs in tokens for _, w in segs], dtype=np.int64),
+            f"{name}_texts": np.cumsum(np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens)))}
+
+
+def unpack_tokens(arrays: Any, name: str, segmented: bool) -> Sequence:
+    """What :func:`pack_tokens` packed: a :class:`TokenLists`, or with segments each text's list
+    of (ids, weight) as it was."""
+    flat = TokenLists(arrays[f"{name}_ids"], arrays[f"{name}_ends"])
+    if not segmented:
+        return flat
+    ids, ends = flat.ids.tolist(), flat.ends.tolist()
+    lists = [ids[a:b] for a, b in zip([0] + ends[:-1], ends)]
     weights, texts = arrays[f"{name}_weights"].tolist(), arrays[f"{name}_texts"].tolist()
     pairs = list(zip(lists, weights))
     return [pairs[a:b] for a, b in zip([0] + texts[:-1], texts)]
@@ -102,7 +151,7 @@ class TrainData:
             if skips.any() or self.doc_skip:
                 self.query_skip = skips
 
-    def _tokenize(self, model: Any, cache_dir: Optional[Path], data_key: str) -> tuple[list, list]:
+    def _tokenize(self, model: Any, cache_dir: Optional[Path], data_key: str) -> tuple[Sequence, Sequence]:
         s = model.settings
         key_src = json.dumps({"tok": type(model.tokenizer).__name__, "vocab": len(model.tokenizer),
                               "name": getattr(model.tokenizer, "name_or_path", ""),
@@ -127,7 +176,7 @@ class TrainData:
         by_prompt: dict = {}
         for i, (prompt, _) in enumerate(self.queries):
             by_prompt.setdefault(prompt, []).append(i)
-        q_tokens: list = [None] * len(self.queries)
+        q_tokens: Sequence = [None] * len(self.queries)
         default = s.query_prompt
         try:
             for prompt, idx in by_prompt.items():
@@ -136,11 +185,15 @@ class TrainData:
                     q_tokens[i] = ids
         finally:
             s.query_prompt = default
-        d_tokens: list = []
+        parts: list = []  # without segments: a TokenLists per chunk, joined (the lists are not all kept)
         with ProgressBar("tokenize candidates", len(self.docs), "texts", enabled=len(self.docs) > 20000) as bar:
             for s0 in range(0, len(self.docs), 10000):
-                d_tokens.extend(self._tokenize_side(model, self.docs[s0:s0 + 10000], "doc"))
+                chunk = self._tokenize_side(model, self.docs[s0:s0 + 10000], "doc")
+                parts.append(chunk if segmented else TokenLists.of(chunk))
                 bar.update(min(10000, len(self.docs) - s0))
+        d_tokens: Sequence = [t for chunk in parts for t in chunk] if segmented else TokenLists.joined(parts)
+        if not segmented:
+            q_tokens = TokenLists.of(q_tokens)
         if cache is not None:  # every process of a multi-process run may write it: each its own temp file
             with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **pack_tokens(q_tokens, "q", segmented), **pack_tokens(d_tokens, "d", segmented))
@@ -163,9 +216,10 @@ class TrainData:
 
     def longest(self) -> tuple[int, int]:
         """Longest query and document in tokens (segments: the longest segment), for the planner."""
-        def side(tokens: list) -> int:
+        def side(tokens: Sequence) -> int:
             if self.segments is None:
-                return max(map(len, tokens), default=1)
+                lengths = lengths_of(tokens)
+                return int(lengths.max()) if lengths.size else 1
             return max((len(ids) for segs in tokens for ids, _ in segs), default=1)
         return side(self.query_tokens), side(self.doc_tokens)
 
@@ -173,8 +227,8 @@ class TrainData:
         """The most real tokens one step's queries and candidates can hold: the ``batch_size``
         longest queries and the ``batch_size x group_size`` longest documents of the data (an
         upper bound of any batch; for the planner of unpadded runs)."""
-        def top(tokens: list, k: int) -> int:
-            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
+        def top(tokens: Sequence, k: int) -> int:
+            lengths = lengths_of(tokens)
             k = min(k, lengths.size)
             return int(np.partition(lengths, lengths.size - k)[lengths.size - k:].sum()) if k else 0
         return top(self.query_tokens, batch_size), top(self.doc_tokens, batch_size * group_size)
