@@ -373,6 +373,8 @@ def test_token_cache_packs_and_unpacks_token_lists_as_they_were(segmented):
         assert isinstance(unpacked, TokenLists) and [x.tolist() for x in unpacked] == tokens
         assert unpacked.lengths().tolist() == [4, 0, 3, 1] and pack_tokens(unpacked, "d", False)["d_ids"] is unpacked.ids
     assert len(unpack_tokens(pack_tokens([], "q", segmented), "q", segmented)) == 0
+    if not segmented:
+        assert TokenLists.of([]).starts.shape == (0,) and TokenLists.of([]).lengths().shape == (0,)
 
 
 def test_token_lists_join_chunks_and_pad_as_lists_do(tiny_bert):

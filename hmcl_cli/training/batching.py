@@ -46,7 +46,7 @@ class TokenLists(Sequence):
     def __init__(self, ids: np.ndarray, ends: np.ndarray):
         self.ids = np.ascontiguousarray(ids, dtype=np.int32)
         self.ends = np.ascontiguousarray(ends, dtype=np.int64)
-        self.starts = np.concatenate([np.zeros(1, np.int64), self.ends[:-1]])
+        self.starts = np.concatenate([np.zeros(1, np.int64), self.ends[:-1]])[:len(self.ends)]
 
     @classmethod
     def of(cls, lists: Sequence[Sequence[int]]) -> "TokenLists":
