@@ -206,7 +206,7 @@ def gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while a block builds millions of long-lived objects
     (examples, token id lists): each collection walks every object made so far, so reading data
     slowed as it grew. Measured on 200,000 graded examples (1.2M texts): reading the prepared
-    file 5.3 s -> 2.9 s; a million token lists rebuilt from the cache 4.3 s -> 0.4 s."""
+    file 5.3 s -> 2.9 s; a million lists sliced from one list of token ids 4.3 s -> 0.37 s."""
     was = gc.isenabled()
     gc.disable()
     try:

@@ -359,18 +359,29 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
                          f"with split: {task.path}, data.{task.path}_fraction 0)")
             elif not recipe.resolve(task.path).exists():
                 note(("eval", "tasks", i, "path"), task.path)
-    models = [(("model", "name_or_path"), recipe.model.name_or_path)]
-    if recipe.mine.enabled and recipe.mine.teacher:
-        models.append((("mine", "teacher", "model"), recipe.mine.teacher.model))
-    if recipe.eval.enabled:
-        models += [(("eval", "compare", label), name) for label, name in recipe.eval.compare.items()]
-    for key, name in models:
-        if name.startswith((".", "/", "~")):  # a folder, not a hub id
+    for key, name in recipe_models(recipe):
+        if is_folder(name):
             try:
                 resolve_model(name, base_dir=recipe.base_dir, download=False)
             except ModelNotFoundError:
                 note(key, name, "is not a model folder here")
     return out
+
+
+def recipe_models(recipe: Recipe) -> list[tuple[tuple, str]]:
+    """(key, name) of every model the recipe's enabled stages load: the model, the mining teacher,
+    the models eval compares."""
+    models = [(("model", "name_or_path"), recipe.model.name_or_path)]
+    if recipe.mine.enabled and recipe.mine.teacher:
+        models.append((("mine", "teacher", "model"), recipe.mine.teacher.model))
+    if recipe.eval.enabled:
+        models += [(("eval", "compare", label), name) for label, name in recipe.eval.compare.items()]
+    return models
+
+
+def is_folder(name: str) -> bool:
+    """A model named as a folder (relative, absolute or home path), not a hub id."""
+    return name.startswith((".", "/", "~"))
 
 
 def hub_needs(recipe: Recipe, prepared: bool = False) -> list[tuple[tuple, str, type]]:
@@ -382,16 +393,9 @@ def hub_needs(recipe: Recipe, prepared: bool = False) -> list[tuple[tuple, str, 
     from hmcl_cli.modeling.resolve import resolve_model
 
     out: list[tuple[tuple, str, type]] = []
-    models = [(("model", "name_or_path"), recipe.model.name_or_path)] if recipe.train.enabled or recipe.mine.enabled else []
-    if recipe.mine.enabled and recipe.mine.teacher:
-        models.append((("mine", "teacher", "model"), recipe.mine.teacher.model))
-    if recipe.eval.enabled and recipe.eval.tasks:
-        if recipe.eval.include_base and not models:
-            models.append((("model", "name_or_path"), recipe.model.name_or_path))
-        models += [(("eval", "compare", label), name) for label, name in recipe.eval.compare.items()]
-    for key, name in models:
-        if name.startswith((".", "/", "~")):
-            continue  # a folder: missing_inputs says if it is not there
+    for key, name in recipe_models(recipe):
+        if is_folder(name):
+            continue  # missing_inputs says if it is not there
         try:
             resolve_model(name, recipe.model.revision if key[0] == "model" else None, recipe.base_dir, download=False)
         except ModelNotFoundError:

@@ -394,7 +394,7 @@ def test_token_lists_join_chunks_and_pad_as_lists_do(tiny_bert):
         assert all(torch.equal(views[k], lists[k]) for k in lists) and views.keys() == lists.keys()
 
 
-def test_token_cache_with_segments_reads_back_what_it_wrote(tmp_path, tiny_bert):
+def test_token_cache_with_segments_reads_back_what_it_wrote(tmp_path, tiny_bert, monkeypatch):
     from hmcl_cli.data.prepare import load_graded
     from hmcl_cli.training import batching
 
@@ -402,6 +402,8 @@ def test_token_cache_with_segments_reads_back_what_it_wrote(tmp_path, tiny_bert)
     examples = load_graded(t.run_dir / "data" / "train.jsonl")
     first = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
     assert any(len(segs) > 1 for segs in first.doc_tokens)  # texts split into several segments
+    # read back from the cache, not tokenised again (a cache that fails to load is rebuilt silently)
+    monkeypatch.setattr(batching.TrainData, "_tokenize_side", lambda *a: pytest.fail("tokenised again"))
     again = batching.TrainData(examples, t.model, tmp_path / "cache", data_key="k")
     assert again.query_tokens == first.query_tokens and again.doc_tokens == first.doc_tokens
 

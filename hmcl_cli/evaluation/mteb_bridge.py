@@ -134,14 +134,6 @@ def hub_task_cached(task: Any) -> bool:
     return os.path.isdir(os.path.join(HF_HUB_CACHE, "datasets--" + repo.replace("/", "--")))
 
 
-def hub_task_unavailable(task: Any) -> Optional[str]:
-    """Why an MTEB task's data cannot be had here (not cached, and the Hub offline or out of
-    reach), or None."""
-    from hmcl_cli.hub_access import hub_unreachable
-
-    return None if hub_task_cached(task) else hub_unreachable(datasets=True)
-
-
 def hub_task(name: str, split: Optional[str] = None) -> Any:
     """An MTEB task by name (only ``split`` when given); its data is downloaded on first use."""
     import mteb
@@ -150,7 +142,9 @@ def hub_task(name: str, split: Optional[str] = None) -> Any:
         task = mteb.get_task(name, eval_splits=[split] if split else None)
     except (KeyError, ValueError) as e:
         raise DataError(f"unknown MTEB task {name!r}: {e}", hint="see `mteb.get_tasks()` for names") from None
-    why = hub_task_unavailable(task)
+    from hmcl_cli.hub_access import hub_unreachable
+
+    why = None if hub_task_cached(task) else hub_unreachable(datasets=True)
     if why:
         raise DataError(f"MTEB task {name!r} needs the dataset {task.metadata.dataset['path']!r}, which is not in "
                         f"the local cache and cannot be downloaded: {why}",

@@ -29,10 +29,10 @@ def check_push_possible(cfg: Any) -> None:
     """Before a run trains: a push needs the hub (no offline switch, and in reach) and a token."""
     from hmcl_cli.hub_access import hub_unreachable, offline
 
-    why = hub_unreachable()
+    why, switch = hub_unreachable(), offline()
     if why:
         raise PushError(f"export.push_to_hub {cfg.repo}: nothing can be uploaded: {why}",
-                        hint=f"unset {offline()} for this run, or remove export.push_to_hub" if offline() else
+                        hint=f"unset {switch} for this run, or remove export.push_to_hub" if switch else
                         "run where the Hub can be reached, or remove export.push_to_hub")
     if _token(cfg) is None:
         raise PushError(f"export.push_to_hub {cfg.repo}: no Hugging Face token"
