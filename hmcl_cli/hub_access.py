@@ -2,17 +2,17 @@
 
 Without network, the Hub's clients (``datasets``, ``huggingface_hub``'s downloads) retry each
 request with back-off before they give up: about 25 s per dataset, with a warning per try, and
-again for every model an evaluation runs. hmcl asks once per process instead, with a short
-timeout (:func:`hub_unreachable`), before it calls them, and fails at once with a message that
-says what was needed and why it cannot be had. (Not covered: an MTEB dataset that is cached while
-the Hub is out of reach and no offline switch is set still goes through the datasets client,
-retries included, before it reads the cache; set ``HF_HUB_OFFLINE=1`` there.)
+again for every model an evaluation runs, even for a dataset they then read from their cache.
+hmcl asks once per process instead, with a short timeout (:func:`hub_unreachable`), before it
+calls them: what is not cached fails at once with a message that says what was needed and why it
+cannot be had; what is cached is read in the clients' offline mode (:func:`offline_mode`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 _TRUE = ("1", "true", "yes", "on")
 PROBE_TIMEOUT_S = 5.0
@@ -50,3 +50,19 @@ def hub_unreachable(datasets: bool = False, timeout: float = PROBE_TIMEOUT_S) ->
             said = str(e).splitlines()[0] if str(e) else ""
             _probed[endpoint] = f"{endpoint} cannot be reached: {type(e).__name__}" + (f": {said}" if said else "")
     return _probed[endpoint]
+
+
+@contextmanager
+def offline_mode() -> Iterator[None]:
+    """The Hub's clients (``huggingface_hub``, ``datasets``) in their offline mode for the block:
+    they read their caches and send no request. (Both read the switch from the environment once, at
+    import; the block sets their copies of it and puts them back after.)"""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved

@@ -144,6 +144,10 @@ def _hub_online(monkeypatch, endpoint: str | None, reachable: bool) -> None:
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # (read from the environment at import)
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # (the same)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
     if endpoint:
         monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     monkeypatch.setattr(hub_access, "_probed", {} if not reachable else {constants.ENDPOINT: None})
@@ -161,6 +165,37 @@ def hub_down(monkeypatch):
 def hub_up(monkeypatch):
     """No offline switch, and the Hub taken as reachable (the test stubs what would be fetched)."""
     _hub_online(monkeypatch, None, reachable=True)
+
+
+STS_ROWS = [("a cat sits on the mat", "a cat is sitting on a mat", 4.8), ("a man plays a guitar", "a person plays music", 3.4),
+            ("the sky is blue", "stocks fell sharply today", 0.2), ("a dog runs in the park", "a puppy is running", 4.1),
+            ("rain is expected tomorrow", "it will be sunny all week", 1.2), ("she reads a book", "a woman is reading", 3.9),
+            ("the train was late", "my refund has not arrived", 0.6), ("kids play football", "children are playing a game", 3.0)]
+
+
+def cache_mteb_sts(cache: Path, rows=STS_ROWS) -> Path:
+    """A ``datasets`` cache (HF_DATASETS_CACHE) that holds MTEB's STSBenchmark test split as
+    ``rows``, laid out as ``datasets`` leaves a dataset it downloaded from the Hub: the datasets
+    client's own builder writes the arrow file, named and placed as the Hub dataset's."""
+    import json
+    import shutil
+
+    import datasets
+
+    scratch = cache.parent / (cache.name + "-scratch")
+    scratch.mkdir(parents=True, exist_ok=True)
+    source = scratch / "rows.jsonl"
+    source.write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n" for a, b, s in rows))
+    datasets.load_dataset("json", data_files={"test": str(source)}, cache_dir=str(scratch / "c"))
+    (built,) = (scratch / "c" / "json").glob("default-*/0.0.0/*/")
+    folder = cache / "mteb___stsbenchmark-sts" / "default" / "0.0.0" / "0123abcd"
+    folder.mkdir(parents=True)
+    shutil.copy(built / "json-test.arrow", folder / "stsbenchmark-sts-test.arrow")
+    info = json.loads((built / "dataset_info.json").read_text())
+    info.update(config_name="default", dataset_name="stsbenchmark-sts")
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    shutil.rmtree(scratch)
+    return cache
 
 
 def make_trainer(folder: Path, model_dir: Path, **sections):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -388,6 +390,26 @@ def test_run_stops_before_it_prepares_anything_when_the_hub_it_needs_is_out_of_r
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, out, err = cli(capsys, monkeypatch, "run", recipe)
     assert code == DATA and "cannot be used: HF_HUB_OFFLINE is set" in err and not (tmp_path / "run").exists()
+
+
+def test_run_with_the_hub_out_of_reach_evaluates_a_cached_mteb_dataset(tmp_path, tiny_bert, capsys, monkeypatch,
+                                                                       hub_down):
+    """The MTEB dataset cached by an earlier run with network: nothing to fetch, so the preflight
+    lets the run go on, and eval reads the cache without asking the Hub."""
+    import datasets.config
+    from conftest import cache_mteb_sts
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache_mteb_sts(tmp_path / "datasets-cache")))
+    recipe = _hub_recipe(tmp_path, tiny_bert)
+    code, out, err = cli(capsys, monkeypatch, "recipe", "validate", recipe)
+    assert code == 0 and "Hub" not in out + err, out + err
+    t0 = time.perf_counter()
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    assert code == 0, err
+    assert time.perf_counter() - t0 < 35  # 10 s here; with the datasets client retrying the Hub: 57 s
+    report = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
+    assert all(math.isfinite(r["main_score"]) for r in report["results"]["stsb"].values())
+    assert "reading the cached copy of mteb/stsbenchmark-sts" in out
 
 
 def test_unknown_mteb_task_is_a_recipe_error_before_anything_runs(tmp_path, tiny_bert, capsys, monkeypatch):

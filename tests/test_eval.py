@@ -239,6 +239,48 @@ def test_offline_hub_task_and_missing_file_are_reported_and_others_still_run(tmp
     assert "2 evaluation(s) failed" in out.stderr
 
 
+def test_cached_hub_task_without_network_reads_the_cache_at_once(tmp_path, tiny_bert):
+    """A cached MTEB dataset, the Hub out of reach and no offline switch: read from the cache
+    without the datasets client's retries (~25 s a model before), and the numbers are those of the
+    same rows given as a local file."""
+    from conftest import CLOSED_ENDPOINT, STS_ROWS, cache_mteb_sts
+
+    cache = cache_mteb_sts(tmp_path / "datasets-cache")
+    with open(tmp_path / "same.csv", "w", newline="") as f:
+        csv.writer(f).writerows(STS_ROWS)
+    t0 = time.perf_counter()
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--model", f"n={tiny_bert}", "--mteb", "STSBenchmark",
+                "--sts", f"same={tmp_path / 'same.csv'}", "--json", tmp_path / "r.json",
+                env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": CLOSED_ENDPOINT, "HF_DATASETS_CACHE": str(cache)})
+    took = time.perf_counter() - t0
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    for m in ("m", "n"):
+        assert res["STSBenchmark"][m]["main_score"] == pytest.approx(res["same"][m]["spearman"], abs=1e-6)
+    assert "Retrying" not in out.stderr and "latest cached version" not in out.stderr
+    assert out.stdout.count(f"STSBenchmark: reading the cached copy of mteb/stsbenchmark-sts ({CLOSED_ENDPOINT} "
+                            "cannot be reached") == 2  # once for each model
+    assert took < 40, took
+
+
+def test_offline_mode_switches_both_clients_and_puts_them_back(monkeypatch):
+    import datasets.config
+    from huggingface_hub import constants
+
+    from hmcl_cli.hub_access import offline_mode
+
+    for where, name in ((constants, "HF_HUB_OFFLINE"), (datasets.config, "HF_HUB_OFFLINE"),
+                        (datasets.config, "HF_DATASETS_OFFLINE")):
+        monkeypatch.setattr(where, name, False)
+    before = (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE)
+    with pytest.raises(RuntimeError):
+        with offline_mode():
+            assert constants.is_offline_mode() and datasets.config.HF_HUB_OFFLINE
+            raise RuntimeError
+    assert (constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE) == before
+    assert before == (False, False, False)
+
+
 def test_hub_task_without_network_fails_at_once_for_every_model(tmp_path, tiny_bert):
     """No offline switch and no network (the Hub's address a closed port): one quick probe, not
     the datasets client's retries with back-off for each model (~23 s a model, measured before)."""

@@ -10,8 +10,9 @@
   ``retrieval`` -> AbsTaskRetrieval (BEIR folders keep their graded qrels; a graded JSONL is
   pooled into one corpus with gains pos 2 / weak 1), ``reranking`` -> AbsTaskRetrieval with
   ``top_ranked`` (each query's own candidates; positives relevant), mteb's current way.
-* :func:`hub_task` loads a task by its MTEB name (needs network or a cached copy; without either, an
-  immediate, clear error: :mod:`hmcl_cli.hub_access`).
+* :func:`hub_task` finds a task by its MTEB name; it needs network or a cached copy of its
+  dataset (without either, an immediate, clear error: :mod:`hmcl_cli.hub_access`). With the Hub
+  out of reach, a cached copy is read without asking the Hub (:func:`load_hub_data`).
 
 :func:`run_mteb` evaluates one model on one task and returns the main metrics under hmcl's short
 names (``spearman``, ``ndcg@10``, ``map`` ...) together with every metric mteb reports.
@@ -127,15 +128,22 @@ def _retrieval_split(data: Any, Dataset: Any) -> dict:
 
 
 def hub_task_cached(task: Any) -> bool:
-    """Whether an MTEB task's dataset is in the Hugging Face cache (downloaded before)."""
-    from huggingface_hub.constants import HF_HUB_CACHE
+    """Whether an MTEB task's dataset is in the ``datasets`` cache (prepared before, with network):
+    the copy that ``datasets`` reads when the Hub cannot be asked."""
+    import glob
 
-    repo = task.metadata.dataset["path"]
-    return os.path.isdir(os.path.join(HF_HUB_CACHE, "datasets--" + repo.replace("/", "--")))
+    from datasets import config
+    from datasets.naming import camelcase_to_snakecase
+
+    parts = task.metadata.dataset["path"].split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])  # (the datasets client's own folder naming)
+    root = os.path.join(os.path.expanduser(str(config.HF_DATASETS_CACHE)), "___".join(parts))
+    return any(os.path.isdir(p) for p in glob.glob(os.path.join(glob.escape(root), "*", "*", "*")))
 
 
 def hub_task(name: str, split: Optional[str] = None) -> Any:
-    """An MTEB task by name (only ``split`` when given); its data is downloaded on first use."""
+    """An MTEB task by name (only ``split`` when given); its data is downloaded on first use
+    (:func:`load_hub_data`). A DataError when it is neither cached nor downloadable."""
     import mteb
 
     try:
@@ -144,12 +152,39 @@ def hub_task(name: str, split: Optional[str] = None) -> Any:
         raise DataError(f"unknown MTEB task {name!r}: {e}", hint="see `mteb.get_tasks()` for names") from None
     from hmcl_cli.hub_access import hub_unreachable
 
-    why = None if hub_task_cached(task) else hub_unreachable(datasets=True)
-    if why:
+    why = hub_unreachable(datasets=True)
+    if why and not hub_task_cached(task):
         raise DataError(f"MTEB task {name!r} needs the dataset {task.metadata.dataset['path']!r}, which is not in "
                         f"the local cache and cannot be downloaded: {why}",
                         hint="run once with network to cache it, or evaluate a local file (--sts/--retrieval/...)")
     return task
+
+
+def load_hub_data(task: Any) -> bool:
+    """Load a hub task's data unless it is loaded; True when this call loaded it. With the Hub out
+    of reach the cached copy is read in offline mode: the datasets client would otherwise retry
+    the Hub with back-off (~25 s, measured) before it falls back to the same cache."""
+    if task.data_loaded:
+        return False
+    from hmcl_cli.hub_access import hub_unreachable, offline_mode
+
+    why = hub_unreachable(datasets=True)
+    if not why:
+        task.load_data()
+        return True
+    import datasets
+
+    from hmcl_cli.console import log
+
+    log(f"{task.metadata.name}: reading the cached copy of {task.metadata.dataset['path']} ({why})")
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity_error()  # (its "using the latest cached version" lines, said above)
+    try:
+        with offline_mode():
+            task.load_data()
+    finally:
+        datasets.logging.set_verbosity(level)
+    return True
 
 
 # the largest eval embedding cache written to a run directory (texts x (16 + 4 x dimensions) bytes)
@@ -308,8 +343,13 @@ def run_mteb(encoder: MtebEncoder, task: Any, kind: str) -> dict[str, float]:
 
     logging.getLogger("mteb").setLevel(logging.ERROR)
     datasets.disable_progress_bars()
-    result = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
-                           encode_kwargs={"batch_size": encoder.batch_size, "show_progress_bar": False})
+    loaded = kind == "mteb" and load_hub_data(task)
+    try:
+        result = mteb.evaluate(encoder, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
+                               encode_kwargs={"batch_size": encoder.batch_size, "show_progress_bar": False})
+    finally:
+        if loaded:
+            task.unload_data()  # as mteb does with what it loads: one task's data in memory at a time
     (task_result,) = result.task_results
     split = next(iter(task_result.scores))
     scores = task_result.scores[split][0]
