@@ -83,7 +83,7 @@ def test_recipe_ls_cp_schema(tmp_path):
     listed = hmcl("recipe", "ls").stdout
     # each recipe with its first sentence, whole (its header comment wraps over lines)
     assert ("quickstart  sentence-transformers/all-MiniLM-L6-v2  Quickstart: adapt all-MiniLM-L6-v2 to customer-service "
-            "consultations (the sample in recipes/data) and compare it with the base model on held-out questions.\n") in listed
+            "consultations (the sample in data/ next to this file) and compare it with the base model on held-out questions.\n") in listed
     out = hmcl("recipe", "cp", "quickstart", tmp_path)
     assert out.returncode == 0 and (tmp_path / "quickstart.yaml").is_file() and (tmp_path / "data" / "support-train.jsonl").is_file()
     # the copy's header runs the copy; the rest is the built-in recipe as it is

@@ -586,10 +586,12 @@ def test_progress_line_of_a_log_step_shows_that_steps_loss(tmp_path, tiny_bert, 
     out = capsys.readouterr().out
     logged = {r["step"]: r["loss"] for r in map(json.loads, (t.run_dir / "metrics.jsonl").read_text().splitlines())
               if "loss" in r}
-    shown = {int(m[1]): float(m[2]) for m in re.finditer(r"train: (\d+)/10 steps \(.*?\) loss ([\d.]+)", out)}
+    shown = {int(m[1]): (float(m[2]), int(m[3]))
+             for m in re.finditer(r"train: (\d+)/10 steps \(.*?\) loss ([\d.]+) \(step (\d+)\)", out)}
     assert 5 in shown and logged[5] != logged[10]
-    assert shown[5] == pytest.approx(logged[5], abs=1e-4)
-    last = re.search(r"train: 10 steps in [\d.]+s loss ([\d.]+)", out)
+    assert shown[5] == (pytest.approx(logged[5], abs=1e-4), 5)
+    assert shown[6] == (pytest.approx(logged[5], abs=1e-4), 5)  # between log steps: the last one's, saying so
+    last = re.search(r"train: 10 steps in [\d.]+s loss ([\d.]+) \(step 10\)", out)
     assert float(last[1]) == pytest.approx(logged[10], abs=1e-4)
 
 

@@ -382,7 +382,7 @@ class HMCLTrainer:
                             th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
                             record["thresholds"] = [round(x, 4) for x in th]
                         self.metrics.write(record)
-                        postfix = f"loss {record['loss']:.4f}"
+                        postfix = f"loss {record['loss']:.4f} (step {self.step})"  # shown until the next log step
                         running, tokens, t_log = {}, torch.zeros((), dtype=torch.long), time.perf_counter()
                     bar.update(1, postfix=postfix)
                     if self.dev and (self.step % self.eval_every == 0 or self.step == self.total_steps):
