@@ -123,7 +123,7 @@ def evaluate_model(model_or_path, extra_multilingual: bool) -> dict:
             tasks.append(EvalTask(name=f"stsb-{lang}-dev", type="sts", score_range=(0, 5),
                                   path=str(SHARED / "stsb-multi" / f"stsb-{lang}-dev.csv")))
     report = evaluate({"m": model_or_path}, tasks, lambda p: Path(p), 256,
-                      loader=lambda name: __import__("hmcl_cli.modeling.encoder", fromlist=["x"]).EmbeddingModel.load(name))
+                      loader=lambda name, label=None: __import__("hmcl_cli.modeling.encoder", fromlist=["x"]).EmbeddingModel.load(name))
     out = {}
     for t in tasks:
         r = report["results"][t.name]["m"]

@@ -645,3 +645,57 @@ def test_pair_scores_take_a_single_embedding_as_one_row(kind):
     one = pair_scores(q, docs, kind, every=True)
     assert tuple(one.shape) == (1, 5)
     assert np.allclose(one.numpy(), pair_scores(q[None], docs, kind, every=True).numpy())
+
+
+def test_the_recipes_base_is_evaluated_with_the_recipes_model_settings(tmp_path, tiny_qwen):
+    """The `base` row of a recipe's eval is the model training starts from: the recipe's pooling,
+    instruction and lengths, so it equals the dev score logged at step 0. A model named with
+    `eval.compare` is evaluated as saved."""
+    from conftest import make_trainer
+
+    from hmcl_cli.stages import run_eval
+
+    model = {"name_or_path": str(tiny_qwen), "pooling": "last_token", "max_length": 40,
+             "query_prompt": "Instruct: find the answer that resolves the question\nQuery: "}
+    t = make_trainer(tmp_path, tiny_qwen, model=model, train={"max_steps": 2, "eval_steps": 2, "eval_at_start": True},
+                     eval={"compare": {"plain": str(tiny_qwen)}})
+    t.train()
+    t.save_final()
+    start = next(json.loads(line) for line in (t.run_dir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["step"] == 0)
+    report = run_eval(t.recipe)
+    got = report["results"]["dev-retrieval"]
+    assert got["base"]["ndcg@10"] == pytest.approx(start["dev_ndcg@10"], abs=1e-4)
+    assert abs(got["plain"]["ndcg@10"] - got["base"]["ndcg@10"]) > 1e-3  # without the instruction: another embedder
+
+
+def test_graded_jsonl_retrieval_ranks_against_every_candidate_negatives_included(tmp_path, tiny_bert):
+    """A graded JSONL retrieval task pools every candidate into the corpus: a hard negative that is
+    no query's positive is a document to rank against (it was left out, which scored retrieval
+    higher than training's dev metric of the same file). Checked against an independent nDCG@10
+    (gains pos 2, weak 1) and against that dev metric."""
+    from hmcl_cli.data.prepare import load_graded
+    from hmcl_cli.evaluation.graded import evaluate_graded
+
+    rows = [{"query": q, "pos": [p], "weak": [w], "neg": negs} for q, p, w, negs in [
+        ("how long does a refund take", DOCS["d1"], DOCS["d2"], ["refunds are never paid", "your card was charged twice"]),
+        ("how long does delivery take", DOCS["d6"], DOCS["d3"], ["delivery is free over fifty euros", "we ship by boat"]),
+        ("i forgot my password", DOCS["d4"], DOCS["d5"], ["passwords must have eight letters", "the login page is down"]),
+    ]]
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = EmbeddingModel.load(str(tiny_bert))
+    got = evaluate({"m": model}, [EvalTask(name="dev", type="retrieval", path=str(path))], resolve=Path)
+    got = got["results"]["dev"]["m"]["ndcg@10"]
+    corpus = list(dict.fromkeys(t for r in rows for t in [*r["pos"], *r["weak"], *r["neg"]]))
+    assert len(corpus) == 12
+    docs = model.encode(corpus).numpy()
+    scores = []
+    for r in rows:
+        gains = {r["pos"][0]: 2, r["weak"][0]: 1}
+        sims = docs @ model.encode([r["query"]], side="query").numpy()[0]
+        ranking = [corpus[i] for i in np.argsort(-sims)][:10]
+        dcg = sum(gains.get(d, 0) / math.log2(k + 2) for k, d in enumerate(ranking))
+        scores.append(dcg / (2 + 1 / math.log2(3)))
+    assert got == pytest.approx(float(np.mean(scores)), abs=1e-4)
+    assert got == pytest.approx(evaluate_graded(model, load_graded(path))["ndcg@10"], abs=1e-4)

@@ -113,6 +113,8 @@ def _retrieval_split(data: Any, Dataset: Any) -> dict:
         elif data.fmt == "qrels":
             judged = {did(t): int(round(c.score)) for t, c in ex.candidates.items() if c.score and c.score > 0}
         else:
+            for t in ex.candidates:
+                did(t)  # the negatives too: every candidate of the file is a document of the corpus
             judged = {did(t): int(c.level) for t, c in ex.candidates.items() if c.level > 0}
         if not judged:
             continue

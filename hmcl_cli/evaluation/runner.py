@@ -106,7 +106,8 @@ def load_task(task: EvalTask, resolve) -> TaskData:
 
 def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size: int = 128,
              loader=None, dims: Sequence[int] = (), cache_dir: Optional[Path] = None) -> dict:
-    """Evaluate every model on every task through mteb. ``models``: label -> EmbeddingModel or id/path.
+    """Evaluate every model on every task through mteb. ``models``: label -> EmbeddingModel or id/path
+    (loaded one at a time with ``loader(name, label)``).
     ``dims``: also evaluate each model with its embeddings cut to these sizes, as ``<label>@<dim>``.
     ``cache_dir``: keep each model's embeddings there between calls (a file per model, named after
     its weights, settings and device: :func:`~hmcl_cli.evaluation.mteb_bridge.cache_file`), so a
@@ -132,7 +133,7 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
     for label, model in models.items():
         if isinstance(model, (str, Path)):
             try:
-                model = loader(str(model))
+                model = loader(str(model), label)
             except HmclError as e:
                 warn(f"model {label}: {_said(e)}")
                 for t in tasks:
