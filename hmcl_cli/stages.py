@@ -259,12 +259,13 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
                                  hint="run `hmcl train RECIPE` first, or pass --model")
     out_dir = out_dir or recipe.run_dir / "export"
     card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml(),
-            "matryoshka_dims": saved_matryoshka_dims(model_dir)}
+            "matryoshka_dims": saved_matryoshka_dims(model_dir),
+            "repo": recipe.export.push_to_hub.repo if recipe.export.push_to_hub is not None else None}
     for name, key in (("data", recipe.run_dir / "data" / "stats.json"), ("eval", recipe.run_dir / "eval" / "results.json")):
         if key.is_file():
             try:
                 blob = json.loads(key.read_text())
-                card[name] = blob.get("splits", blob.get("results", blob))
+                card[name] = blob.get("splits", blob) if name == "data" else blob
             except ValueError:
                 pass
     reports = {}

@@ -127,6 +127,71 @@ def test_onnx_export_matches_torch_for_encoder_and_decoder(tmp_path, tiny_bert, 
         assert np.allclose(got, model.encode(texts).numpy(), atol=1e-4), name
 
 
+def _code_block(readme, folder):
+    """The python block of an export's README.md, pointed at ``folder``, run; its names."""
+    text = readme.read_text(encoding="utf-8")
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "PATH" in code
+    names = {}
+    exec(compile(code.replace("PATH", str(folder)), str(readme), "exec"), names)  # noqa: S102 - our own README
+    return names
+
+
+TEXTS = ["refund", "how long does shipping take to canada and europe " * 12, "Ok ok OK"]  # one past max length
+
+
+def _prompted(tmp_path, name, folder):
+    """``folder`` saved as an hmcl model with an instruction on queries, a prefix on documents and
+    short lengths (decoders: last-token pooling, left padding, EOS appended)."""
+    from hmcl_cli.modeling.encoder import EmbeddingModel
+
+    decoder = name == "qwen"
+    model = EmbeddingModel.load(str(folder), query_prompt="Instruct: find the answer\nQuery: ", doc_prompt="passage: ",
+                                query_max_length=24, doc_max_length=20, pooling="last_token" if decoder else "mean")
+    assert model.settings.padding_side == ("left" if decoder else "right") and model.settings.append_eos == decoder
+    model.save(tmp_path / f"{name}-model")
+    return EmbeddingModel.load(str(tmp_path / f"{name}-model")), tmp_path / f"{name}-model"
+
+
+def test_the_onnx_readme_code_gives_the_models_embeddings(tmp_path, tiny_bert, tiny_qwen):
+    """A deployment that follows the ONNX export's README (onnxruntime + tokenizers, no hmcl) gets
+    the trained model's query and document embeddings: prompts, truncation, padding side, EOS."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from hmcl_cli.export.onnx import export_onnx
+
+    for name, folder in (("bert", tiny_bert), ("qwen", tiny_qwen)):
+        model, saved = _prompted(tmp_path, name, folder)
+        export_onnx(saved, tmp_path / f"{name}-onnx")
+        embed = _code_block(tmp_path / f"{name}-onnx" / "README.md", tmp_path / f"{name}-onnx")["embed"]
+        for side, readme_side in (("query", "query"), ("doc", "document")):
+            want = model.encode(TEXTS, side=side).numpy()
+            assert np.allclose(embed(TEXTS, readme_side), want, atol=1e-5), (name, side)
+        assert not np.allclose(embed(TEXTS, "query"), embed(TEXTS, "document"), atol=1e-3)  # the sides differ
+
+
+def test_the_model_cards_usage_code_gives_the_models_embeddings(tmp_path, tiny_qwen):
+    """The merged export's model card: its usage code (sentence-transformers) encodes queries with
+    the instruction the model was trained with, and says what that instruction is."""
+    import numpy as np
+    import pytest
+
+    pytest.importorskip("sentence_transformers")
+    from hmcl_cli.export.merged import export_merged
+
+    model, saved = _prompted(tmp_path, "qwen", tiny_qwen)
+    export_merged(saved, tmp_path / "merged", card={"name": "t", "base_model": str(tiny_qwen)})
+    card = tmp_path / "merged" / "README.md"
+    names = _code_block(card, tmp_path / "merged")
+    assert np.allclose(names["queries"], model.encode(["How long does a refund take?"], side="query").numpy(), atol=1e-5)
+    assert np.allclose(names["documents"], model.encode(["Refunds reach your card within five days."]).numpy(),
+                       atol=1e-5)
+    assert "`encode_query` puts the query instruction the model was trained with before each text" in card.read_text()
+    assert "'Instruct: find the answer\\nQuery: '" in card.read_text()
+
+
 def test_export_of_missing_run_is_a_clear_error(tmp_path):
     out = hmcl("export", "--model", tmp_path / "no-run", "--format", "onnx", "--out", tmp_path / "x")
     assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr

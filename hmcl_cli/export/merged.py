@@ -63,7 +63,7 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
                   threshold: float = 0.99999, dim: Optional[int] = None) -> dict:
     """Copy/merge ``model_dir`` into a sentence-transformers folder ``out`` and verify it; with
     ``dim`` the folder outputs the embeddings cut to their first ``dim`` values (see cut_model)."""
-    from dataclasses import replace
+    from dataclasses import asdict, replace
 
     from hmcl_cli.modeling.encoder import EmbeddingModel, write_st_config
 
@@ -100,7 +100,8 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
             write_st_config(tmp, replace(cut.settings, append_eos=False), int(cut.backbone.config.hidden_size), cut.head)
         loaded = EmbeddingModel.load(str(tmp))
         if card is not None:
-            info = {**card, "dim": dim, "pipeline": loaded.describe(), "head": len(loaded.head) > 0}
+            info = {**card, "dim": dim, "pipeline": loaded.describe(), "head": len(loaded.head) > 0,
+                    "settings": asdict(loaded.settings)}
             (tmp / "README.md").write_text(model_card(info), encoding="utf-8")
         exported = loaded.encode(texts, side="doc").numpy()
         report = parity(ref, exported)
@@ -120,27 +121,60 @@ def export_merged(model_dir: Path, out: Path, extra_texts: Optional[list[str]] =
     return report
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def _eval_rows(report: dict) -> tuple[list[str], list[list[str]]]:
+    """The model card's evaluation table: a row per task and hmcl metric (the task's main metric
+    first), a column per model; every mteb score stays in the run's eval/results.json."""
+    results, tasks = report.get("results", {}), report.get("tasks", {})
+    models = list(dict.fromkeys(m for per in results.values() for m in per))
+    rows = []
+    for task, per in results.items():
+        main = tasks.get(task, {}).get("main")
+        names = list(dict.fromkeys(k for r in per.values() for k, v in r.items() if isinstance(v, (int, float))))
+        names = [n for n in names if n != "main_score" and not n.startswith("delta")] or ["main_score"]
+        names.sort(key=lambda n: n != main)
+        for n in names:
+            rows.append([task, n, *(f"{per[m][n]:.4f}" if isinstance(per.get(m, {}).get(n), (int, float))
+                                    else ("error" if "error" in per.get(m, {}) else "") for m in models)])
+    return ["task", "metric", *models], rows
+
+
 def model_card(info: dict) -> str:
-    lines = ["---", "library_name: sentence-transformers", "tags: [sentence-transformers, hmcl, embeddings]",
-             f"base_model: {info.get('base_model', '')}", "---", "",
+    """The merged folder's README.md: how to use the model (its prompts included), what it was
+    trained on, how it scored, and the recipe that reproduces it. ``info``: name, base_model,
+    repo (where it is pushed), settings (EncoderSettings as a dict), pipeline, head, data (stats
+    splits), eval (the eval report), recipe (YAML), dim, matryoshka_dims."""
+    where = info.get("repo") or "PATH"
+    settings = info.get("settings") or {}
+    query_prompt, doc_prompt = settings.get("query_prompt") or "", settings.get("doc_prompt") or ""
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags: [sentence-transformers, hmcl, embeddings]", f"base_model: {info.get('base_model', '')}", "---", "",
              f"# {info.get('name', 'hmcl model')}", "",
              f"Fine-tuned from `{info.get('base_model', '')}` with hmcl (Hierarchical Multilevel Contrastive Learning).", ""]
-    if info.get("data"):
-        lines += ["## Training data", "", "```json", json.dumps(info["data"], indent=2), "```", ""]
-    if info.get("eval"):
-        lines += ["## Evaluation", "", "```json", json.dumps(info["eval"], indent=2), "```", ""]
-    if info.get("recipe"):
-        lines += ["## Recipe", "", "```yaml", info["recipe"].rstrip(), "```", ""]
-    lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer",
-              "model = SentenceTransformer('PATH')", "emb = model.encode(['How long does a refund take?'])", "```", ""]
+    lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+              f"model = SentenceTransformer({where!r})",
+              "queries = model.encode_query([\"How long does a refund take?\"])",
+              "documents = model.encode_document([\"Refunds reach your card within five days.\"])",
+              "print(model.similarity(queries, documents))", "```", ""]
+    for side, prompt in (("query", query_prompt), ("document", doc_prompt)):
+        if prompt:
+            lines += [f"`encode_{side}` puts the {side} instruction the model was trained with before each text "
+                      f"(`prompts` in config_sentence_transformers.json): `{prompt!r}`. Plain `model.encode` does not; "
+                      f"with it, pass `prompt_name={('query' if side == 'query' else 'document')!r}`.", ""]
     if info.get("pipeline"):
         lines += [f"Embedding: {info['pipeline']}.", ""]
     if info.get("head"):
         lines += ["transformers alone does not apply the layers after the pooling (`modules.json`): use "
                   "sentence-transformers, or the ONNX export, which has them in its graph.", ""]
     else:
-        lines += ["transformers: load with `AutoModel`, pool as `1_Pooling/config.json` says, then L2-normalise.", ""]
-    lines += ["mteb: `mteb.get_model('PATH')` or wrap the SentenceTransformer above.", ""]
+        lines += ["transformers: load with `AutoModel`, " + ("put the instruction above before each text, " if
+                  query_prompt or doc_prompt else "") + "pool as `1_Pooling/config.json` says, then L2-normalise.", ""]
+    lines += [f"mteb: `mteb.get_model({where!r})` or wrap the SentenceTransformer above. hmcl's ONNX export of the "
+              "model has a README of its own with the same steps for onnxruntime.", ""]
     if info.get("dim"):
         lines += ["## Embedding size", "",
                   f"Exported cut to its first {info['dim']} dimensions (a Dense layer keeps them, before the "
@@ -149,8 +183,20 @@ def model_card(info: dict) -> str:
         dims = ", ".join(map(str, info["matryoshka_dims"]))
         lines += ["## Smaller embeddings (matryoshka)", "",
                   f"Trained to be cut to its first {dims} dimensions as well as used whole. Cut with "
-                  "`SentenceTransformer('PATH', truncate_dim=N)` and compare with cosine similarity "
+                  f"`SentenceTransformer({where!r}, truncate_dim=N)` and compare with cosine similarity "
                   "(`model.similarity`), or keep the first N values of each embedding and L2-normalise them.", ""]
+    if info.get("eval", {}).get("results"):
+        header, rows = _eval_rows(info["eval"])
+        lines += ["## Evaluation", "", "Scored with mteb by hmcl (`base`: the base model encoded as the recipe "
+                  "trains it; `fine-tuned`: this model).", "", *_table(header, rows)]
+    if info.get("data"):
+        splits = {k: v for k, v in info["data"].items() if isinstance(v, dict) and v.get("examples")}
+        lines += ["## Training data", "", "Graded examples: a query with positive, weak-positive and negative "
+                  "candidates.", "", *_table(["split", "examples", "positives", "weak-positives", "negatives"],
+                                              [[k, *(str(v.get(c, 0)) for c in ("examples", "pos", "weak", "neg"))]
+                                               for k, v in splits.items()])]
+    if info.get("recipe"):
+        lines += ["## Recipe", "", "What it was trained with (`hmcl run recipe.yaml`, the data at these paths):", "", "```yaml", info["recipe"].rstrip(), "```", ""]
     return "\n".join(lines)
 
 

@@ -85,6 +85,47 @@ class OnnxEmbedder:
         return result if to_numpy else torch.from_numpy(result)
 
 
+def onnx_readme(model: Any, file: str) -> str:
+    """The export folder's README.md: what the graph takes and gives, and a snippet (onnxruntime,
+    tokenizers and numpy only) that prepares texts as hmcl does (prompt, lower-casing, truncation,
+    padding side) for each side, so a deployment gets the trained model's embeddings."""
+    s, tok = model.settings, model.tokenizer
+    pad_id = model.pad_token_id
+    pad_token = tok.pad_token if tok.pad_token is not None else tok.convert_ids_to_tokens(pad_id)
+    text = "(PROMPTS[side] + t).lower()" if s.lowercase else "PROMPTS[side] + t"
+    compare = ("cosine similarity: the embeddings are L2-normalised" if s.normalize and s.similarity == "cosine"
+               else f"the model compares embeddings by {s.similarity}" if s.similarity != "cosine"
+               else "cosine similarity needs the embeddings L2-normalised first")
+    lines = [
+        f"# ONNX export ({file})", "",
+        "Inputs `input_ids` and `attention_mask` (int64, batch x sequence); output `sentence_embedding` "
+        f"(float32, batch x {model.dim}), pooled{' and L2-normalised' if s.normalize else ''} inside the graph.",
+        "Texts must be prepared as the model was trained: the side's instruction before the text, "
+        f"at most the side's token count, padded on the {s.padding_side}"
+        + (", with the end-of-text token that tokenizer.json appends" if s.append_eos else "") + ":", "",
+        "```python", "import numpy as np", "import onnxruntime as ort", "from tokenizers import Tokenizer", "",
+        'FOLDER = "PATH"  # this folder',
+        f'session = ort.InferenceSession(f"{{FOLDER}}/{file}")',
+        'tokenizer = Tokenizer.from_file(f"{FOLDER}/tokenizer.json")',
+        f"tokenizer.enable_padding(direction={s.padding_side!r}, pad_id={pad_id}, pad_token={pad_token!r})",
+        f"PROMPTS = {{'query': {s.query_prompt!r}, 'document': {s.doc_prompt!r}}}",
+        f"MAX_TOKENS = {{'query': {s.query_max_length}, 'document': {s.doc_max_length}}}", "", "",
+        'def embed(texts, side="document"):',
+        f"    tokenizer.enable_truncation(MAX_TOKENS[side], direction={getattr(tok, 'truncation_side', 'right')!r})",
+        f"    batch = tokenizer.encode_batch([{text} for t in texts])",
+        "    ids = np.array([e.ids for e in batch], dtype=np.int64)",
+        "    mask = np.array([e.attention_mask for e in batch], dtype=np.int64)",
+        '    return session.run(None, {"input_ids": ids, "attention_mask": mask})[0]', "", "",
+        'queries = embed(["How long does a refund take?"], "query")',
+        'documents = embed(["Refunds reach your card within five days."])',
+        f"print(queries @ documents.T)  # {compare}", "```", "",
+    ]
+    if s.segment_length:
+        lines += [f"The trained model encodes long texts as segments; the graph encodes one sequence, so texts "
+                  f"past {s.doc_max_length} tokens are cut.", ""]
+    return "\n".join(lines)
+
+
 def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts: Optional[list[str]] = None,
                 opset: int = 17, dev_examples: Optional[list] = None, dim: Optional[int] = None) -> dict:
     """Export ``model_dir`` as an ONNX graph (int8 with ``quantize``) in the folder ``out`` and verify
@@ -131,6 +172,8 @@ def export_onnx(model_dir: Path, out: Path, quantize: bool = False, extra_texts:
         (tokenizer_with_eos(model.tokenizer) if model.settings.append_eos else model.tokenizer).save_pretrained(tmp)
         settings = {**asdict(model.settings), "append_eos": False}  # the saved tokenizer appends EOS itself
         (tmp / "hmcl_config.json").write_text(json.dumps(settings, indent=2))
+        if (tmp / "tokenizer.json").is_file():
+            (tmp / "README.md").write_text(onnx_readme(model, final.name), encoding="utf-8")
         got = onnx_encode(final, model, texts)
         report = parity(reference, got)
         report["file"] = final.name
