@@ -356,6 +356,8 @@ def run_mteb(encoder: MtebEncoder, task: Any, kind: str) -> dict[str, float]:
     split = next(iter(task_result.scores))
     scores = task_result.scores[split][0]
     raw = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if kind == "mteb":  # a hub task: hmcl's short names of its type (STS: spearman, ...) as well
+        kind = {v: k for k, v in _MTEB_TYPE.items()}.get(task.metadata.type, kind)
     out = {short: raw[key] for short, key in METRIC_NAMES.get(kind, {}).items() if key in raw}
     out["main_score"] = raw.get("main_score", float("nan"))
     out["mteb"] = raw
