@@ -159,7 +159,9 @@ def model_card(info: dict) -> str:
               f"model = SentenceTransformer({where!r})",
               "queries = model.encode_query([\"How long does a refund take?\"])",
               "documents = model.encode_document([\"Refunds reach your card within five days.\"])",
-              "print(model.similarity(queries, documents))", "```", ""]
+              "print(model.similarity(queries, documents))", "```", "",
+              "(`encode_query` and `encode_document` are sentence-transformers 5 or later; with an older one, "
+              "`model.encode(texts, prompt_name=\"query\")` for queries where the model has a query prompt.)", ""]
     for side, prompt in (("query", query_prompt), ("document", doc_prompt)):
         if prompt:
             lines += [f"`encode_{side}` puts the {side} instruction the model was trained with before each text "
