@@ -13,7 +13,7 @@ import sys
 import tempfile
 import typing
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from hmcl_cli.console import log, warn
 from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
@@ -497,7 +497,10 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     not run again, so training resumes on the data its checkpoints were trained on."""
     data = recipe.run_dir / "data"
     done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
-    summary = RunSummary(recipe)
+    summary = RunSummary(recipe, planned=[name for name, on in (
+        ("prepare", bool(recipe.data.sources)), ("mine", recipe.mine.enabled), ("train", recipe.train.enabled),
+        ("eval", recipe.eval.enabled and bool(recipe.eval.tasks)),
+        ("export", recipe.export.enabled and bool(recipe.export.formats))) if on])
     with summary:  # (a run.json of an earlier run is replaced even when the checks stop this one)
         summary.stage("checks", check_run, recipe, prepared=bool(recipe.data.sources and done))
         if recipe.data.sources and done:
@@ -542,10 +545,11 @@ def check_run(recipe: Recipe, prepared: bool = False) -> None:
 class RunSummary:
     """What `hmcl run` did, for a CI job to read: ``<run>/run.json`` with each stage's seconds
     (or ``skipped``), and ``status``: ``ok``, or the stage that failed with the error's kind and
-    exit code. Written when the run ends, however it ends."""
+    exit code and the ``planned`` stages that did not run (also said in the log). Written when the
+    run ends, however it ends."""
 
-    def __init__(self, recipe: Recipe):
-        self.recipe, self.stages, self.failed = recipe, {}, None
+    def __init__(self, recipe: Recipe, planned: Sequence[str] = ()):
+        self.recipe, self.stages, self.failed, self.planned = recipe, {}, None, list(planned)
 
     def stage(self, name: str, fn, *args, **kwargs):
         import time
@@ -575,10 +579,17 @@ class RunSummary:
         status: dict = {"status": "ok"}
         if error is not None:
             mapped = error if isinstance(error, HmclError) else from_system_error(error)
+            not_run = [name for name in self.planned if name not in self.stages and name != self.failed]
             status = {"status": "failed", "stage": self.failed,
                       "error": getattr(mapped, "kind", type(error).__name__),
-                      "exit_code": getattr(mapped, "exit_code", 130 if isinstance(error, KeyboardInterrupt) else 1)}
-        if os.environ.get("RANK", "0") != "0" or not self.recipe.run_dir.is_dir():
+                      "exit_code": getattr(mapped, "exit_code", 130 if isinstance(error, KeyboardInterrupt) else 1),
+                      "not_run": not_run}
+        if os.environ.get("RANK", "0") != "0":
+            return
+        if error is not None and self.failed:
+            where = "before its first stage" if self.failed == "checks" else f"in {self.failed}"
+            warn(f"hmcl run stopped {where}" + (f"; not run: {', '.join(status['not_run'])}" if status["not_run"] else ""))
+        if not self.recipe.run_dir.is_dir():
             return
         try:
             write_json_atomic(self.recipe.run_dir / "run.json", {

@@ -278,7 +278,11 @@ def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert code == 3 and summary["status"] == "failed" and summary["stage"] == "train"
     assert summary["error"] == "data error" and summary["exit_code"] == 3 and "train" not in summary["stages"]
+    assert summary["not_run"] == ["eval", "export"]
+    assert "hmcl run stopped in train; not run: eval, export" in " ".join(err.split())
     (tmp_path / "train.jsonl").unlink()  # stopped by the checks: the earlier run.json does not stay
     code, out, err = cli(capsys, monkeypatch, "run", recipe)
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert code == 3 and (summary["status"], summary["stage"]) == ("failed", "checks")
+    assert summary["not_run"] == ["prepare", "train", "eval", "export"]
+    assert "hmcl run stopped before its first stage; not run: prepare, train, eval, export" in " ".join(err.split())

@@ -218,7 +218,7 @@ def test_two_models_in_one_cli_call_with_delta_and_gate(tmp_path, tiny_bert, tin
              "--retrieval", f"fx={tmp_path / 'beir'}"]
     failing = _hmcl("eval", *order, "--gate", f"fx:ndcg@10>={better}+0.0")
     assert failing.returncode == 6, failing.stdout + failing.stderr
-    assert "quality gate failed" in failing.stderr and f"fx:ndcg@10>={better}+0.0" in failing.stderr
+    assert "1 of 1 quality gate(s) not met" in failing.stderr and f"fx:ndcg@10>={better}+0.0" in failing.stderr
     work = tmp_path / "cwd"
     work.mkdir()
     passing = _hmcl("eval", *order, "--gate", f"fx:ndcg@10>={better}-1", cwd=work)

@@ -295,7 +295,7 @@ def enforce_gates(rows: list[dict]) -> None:
         console.print(f"gate {mark}: {r['gate']} ({r['model']}: {v}, needs {th})")
     failed = [r for r in rows if not r["passed"]]
     if failed:
-        raise GateFailedError("quality gate failed: " + "; ".join(
+        raise GateFailedError(f"{len(failed)} of {len(rows)} quality gate(s) not met: " + "; ".join(
             f"{r['gate']} ({r['value'] if r['value'] is None else round(r['value'], 4)} vs {r['threshold'] if r['threshold'] is None else round(r['threshold'], 4)})"
             for r in failed), hint="the model was not good enough to ship; see the table above")
 
