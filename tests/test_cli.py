@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, write_recipe
+from conftest import ROOT, needs_minilm, write_recipe
 
 
 def hmcl(*args, cwd=None, timeout=600):
@@ -286,3 +286,20 @@ def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys
     assert code == 3 and (summary["status"], summary["stage"]) == ("failed", "checks")
     assert summary["not_run"] == ["prepare", "train", "eval", "export"]
     assert "hmcl run stopped before its first stage; not run: prepare, train, eval, export" in " ".join(err.split())
+
+
+@needs_minilm
+def test_the_readmes_python_block_runs(tmp_path, monkeypatch, capsys):
+    """README.md's Python section, as written (run in a scratch directory, the recipe path made
+    absolute): it trains, evaluates and encodes, and what it prints is what it says."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    code = readme.split("## Python", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(code.replace('"recipes/quickstart.yaml"', repr(str(ROOT / "recipes" / "quickstart.yaml"))),  # noqa: S102
+                 "README.md", "exec"), names)
+    assert names["model_dir"].resolve() == tmp_path.resolve() / "runs" / "py" / "model"
+    assert (tmp_path / "runs" / "py" / "eval" / "results.json").is_file()
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert float(printed[-2]) == names["report"]["results"]["support-dev-retrieval"]["fine-tuned"]["ndcg@10"]
+    assert names["queries"].shape == (1, 384) and 0.3 < float(names["queries"] @ names["documents"].T) < 1
