@@ -220,3 +220,17 @@ def test_position_limit_counts_roberta_offset(tmp_path):
     model.settings.doc_max_length = 66  # past the check: the forward pass itself fails
     with pytest.raises(Exception, match="index|out of range"):
         model.encode(["refund " * 200])
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+def test_an_attention_kernel_that_cannot_be_had_is_said_not_swapped_silently(tiny_qwen, capsys):
+    """model.attn_implementation flash_attention_2 without the flash-attn package: the model loads
+    with another kernel, and the user is told which, once."""
+    for _ in range(2):
+        model = EmbeddingModel.load(str(tiny_qwen), attn_implementation="flash_attention_2")
+    err = " ".join(capsys.readouterr().err.split())
+    assert model.backbone.config._attn_implementation == "sdpa"
+    assert err.count("model.attn_implementation flash_attention_2: not available for") == 1
+    assert "it runs with sdpa attention" in err
+    EmbeddingModel.load(str(tiny_qwen))  # sdpa, as asked: nothing to say
+    assert "attn_implementation" not in capsys.readouterr().err

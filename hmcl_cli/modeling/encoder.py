@@ -254,6 +254,12 @@ class EmbeddingModel(nn.Module):
                 ) from None
         if backbone is None:
             raise ModelNotFoundError(f"{folder}: could not build the model: {last_error}")
+        if attn_implementation and last_error is not None:  # the kernel asked for could not be had
+            used = getattr(backbone.config, "_attn_implementation", None) or "its default"
+            said = str(last_error).splitlines()[0] if str(last_error) else type(last_error).__name__
+            warn_once((folder, attn_implementation),
+                      f"model.attn_implementation {attn_implementation}: not available for {name_or_path} here "
+                      f"({said[:200]}); it runs with {used} attention")
 
         default_pool = "last_token" if decoder else "mean"
         own = saved.get("pooling", st.pooling)  # the pooling the model was trained with, if its folder says
