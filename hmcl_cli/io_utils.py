@@ -241,33 +241,73 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 class RunLock:
-    """An exclusive lock on a run directory (``<run>/.lock`` holding the owner's pid).
-
-    A lock left by a dead process is taken over; a live owner makes the second run refuse.
+    """An exclusive lock on a run directory: an OS lock (``flock``) on ``<run>/.lock``, a file that
+    names the owner's pid for the message. The OS lets go of the lock when its process ends,
+    however it ends (SIGKILL, a stopped container), so a lock file left behind never blocks a later
+    run, whatever pid it names: judged by the pid alone, a killed CI job's lock refused every later
+    job whose container happened to run some other process under that pid (containers reuse low
+    pids). Where ``flock`` cannot be had (Windows, a file system without locks) the pid named is
+    checked instead. Re-entrant within one process.
     """
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
         self.held = False
+        self.fd: Optional[int] = None
+
+    def _refuse(self, pid: int) -> RunLockedError:
+        return RunLockedError(
+            f"run directory {self.path.parent} is in use by " + (f"process {pid}" if pid else "another process"),
+            hint="wait for that run to finish, or choose another `name`/`output_dir` (e.g. --set name=other)",
+        )
+
+    def _owner(self) -> int:
+        try:
+            return int(self.path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            import fcntl
+        except ImportError:
+            return self._enter_by_pid()
+        while True:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                pid = self._owner()
+                if pid == os.getpid():
+                    return self  # this process holds it already
+                raise self._refuse(pid) from None
+            except OSError:  # no locks on this file system
+                os.close(fd)
+                return self._enter_by_pid()
+            try:  # still the file at the path? (an owner removes it as it lets go)
+                current = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self.fd, self.held = fd, True
+            return self
+
+    def _enter_by_pid(self) -> "RunLock":
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and pid != os.getpid() and _pid_alive(pid):
-                    raise RunLockedError(
-                        f"run directory {self.path.parent} is in use by process {pid}",
-                        hint="wait for that run to finish, or choose another `name`/`output_dir` "
-                        "(e.g. --set name=other)",
-                    )
+                pid = self._owner()
                 if pid == os.getpid():
                     return self  # re-entrant within one process
+                if pid and _pid_alive(pid):
+                    raise self._refuse(pid) from None
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 continue
@@ -279,7 +319,10 @@ class RunLock:
     def __exit__(self, *exc) -> None:
         if self.held:
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                self.path.unlink()  # (before the lock goes: a waiting opener then sees another file)
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
             self.held = False
 
 

@@ -28,7 +28,44 @@ def test_interrupted_directory_write(tmp_path):
     assert (target / "w").read_text() == "v1" and len(list(tmp_path.iterdir())) == 1
 
 
-def test_second_writer_is_refused(tmp_path):
+def test_second_writer_is_refused_and_a_killed_owners_lock_is_not(tmp_path):
+    """A live owner (another process) makes a second run refuse, naming it; killed with SIGKILL it
+    leaves its lock file, which blocks nothing. Nor does a left lock file naming some live process
+    that is not a run (a container reuses pids)."""
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from hmcl_cli.io_utils import RunLock\n"
+        f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockedError, match=f"in use by process {holder.pid}"):
+            with RunLock(tmp_path):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (tmp_path / ".lock").read_text() == str(holder.pid)  # left behind by the killed owner
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+        with RunLock(tmp_path):  # re-entrant in one process
+            pass
+        assert (tmp_path / ".lock").exists()
+    assert not (tmp_path / ".lock").exists()
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process, but not a run holding it
+    with RunLock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+
+
+def test_without_os_locks_the_pid_named_is_checked(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "fcntl" else real_import(name, *a, **k))
     (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds it
     with pytest.raises(RunLockedError, match="in use by process"):
         with RunLock(tmp_path):
