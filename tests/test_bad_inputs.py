@@ -162,7 +162,7 @@ def label_out_of_range(tmp, model):
 def unknown_nli_label(tmp, model):
     rows = "premise\thypothesis\tlabel\n" + "".join(f"a{i}\tb{i}\tentailment\n" for i in range(10)) + "a\tb\tmaybe\n"
     p = recipe_with_train(tmp, model, rows, fmt="nli", name="train.tsv")
-    return ["prepare", p], DATA, ["train.tsv:12", "maybe"]
+    return ["prepare", p], DATA, ["train.tsv:12", "maybe", "map the file's labels to levels with the source's `label_map`"]
 
 
 def pair_label_out_of_range(tmp, model):

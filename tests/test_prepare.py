@@ -388,3 +388,27 @@ def test_an_undecodable_line_reaches_the_csv_reader_without_nul(tmp_path):
     assert lines[0] == "a,b\n" and lines[1] != "c\xff,d\n"  # the second is the marker
     assert all("\x00" not in line for line in lines), lines
     assert len(list(csv.reader(lines))) == 2
+
+
+def test_labels_written_as_floats_read_as_their_integers(tmp_path, tiny_bert):
+    """A CSV written from a float column (pandas writes 1.0 where a column had a gap): `1.0` and
+    `0.0` are the labels 1 and 0, for pairs and answer selection alike; `1.5` is still unknown."""
+    from conftest import write_recipe
+
+    from hmcl_cli.data.prepare import load_graded, prepare
+    from hmcl_cli.errors import DataError
+    from hmcl_cli.recipe import load_recipe
+
+    (tmp_path / "f.csv").write_text("question,answer,label\nhow do refunds work,five days,1.0\n"
+                                    "how do refunds work,we ship to canada,0.0\nreset password,the login page,1\n"
+                                    "reset password,sellers are paid,0.00\n")
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, data={"sources": [
+        {"path": "f.csv", "format": "answer_selection", "split": "train"}]}))
+    prepare(recipe, progress=False)
+    got = {ex.query: ({t for t, c in ex.candidates.items() if c.level == 2}, {t for t, c in ex.candidates.items() if c.level == 0})
+           for ex in load_graded(recipe.run_dir / "data" / "train.jsonl")}
+    assert got == {"how do refunds work": ({"five days"}, {"we ship to canada"}),
+                   "reset password": ({"the login page"}, {"sellers are paid"})}
+    (tmp_path / "f.csv").write_text("question,answer,label\nq,a,1.5\n")
+    with pytest.raises(DataError, match="unknown label '1.5'"):
+        prepare(recipe, progress=False)

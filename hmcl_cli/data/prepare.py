@@ -189,10 +189,11 @@ def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optiona
 
 def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
     if on_error == "fail":
-        raise DataError(
-            bad.located(),
-            hint="fix the row, or set data.on_error: skip to drop bad rows (they are counted in stats.json)",
-        )
+        hint = "fix the row, or set data.on_error: skip to drop bad rows (they are counted in stats.json)"
+        if bad.kind == "unknown label":
+            hint = ("map the file's labels to levels with the source's `label_map` (e.g. {entailment: pos, "
+                    "neutral: weak, contradiction: neg}), or " + hint)
+        raise DataError(bad.located(), hint=hint)
     st.rejected[bad.kind] += 1
     if len(st.first_errors) < 20:
         st.first_errors.append(bad.located())

@@ -432,6 +432,13 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
     if isinstance(value, float) and value.is_integer():
         key = str(int(value))
     lowered = {str(k).lower(): v for k, v in mapping.items()}
+    if key.lower() not in lowered:  # "1.0" for 1: a CSV written from a float column (pandas, with a gap)
+        try:
+            number = float(key)
+            if number.is_integer() and str(int(number)) in lowered:
+                key = str(int(number))
+        except ValueError:
+            pass
     if key.lower() not in lowered:
         raise BadRow(
             f"unknown label {key!r} (known: {', '.join(map(str, mapping))})", kind="unknown label"
