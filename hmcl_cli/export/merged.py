@@ -177,6 +177,12 @@ def model_card(info: dict) -> str:
                   query_prompt or doc_prompt else "") + "pool as `1_Pooling/config.json` says, then L2-normalise.", ""]
     lines += [f"mteb: `mteb.get_model({where!r})` or wrap the SentenceTransformer above. hmcl's ONNX export of the "
               "model has a README of its own with the same steps for onnxruntime.", ""]
+    if settings.get("segment_length"):
+        lines += [f"Long texts: hmcl encodes a text past {settings['segment_length']} tokens as segments "
+                  f"(overlap {settings.get('segment_overlap', 0)}) and averages them, as the model was trained "
+                  "(`hmcl_cli.modeling.encoder.EmbeddingModel.load` on this folder, settings in hmcl_config.json); "
+                  f"sentence-transformers, transformers and the ONNX export cut such a text to "
+                  f"{settings.get('doc_max_length')} tokens instead.", ""]
     if info.get("dim"):
         lines += ["## Embedding size", "",
                   f"Exported cut to its first {info['dim']} dimensions (a Dense layer keeps them, before the "
