@@ -772,6 +772,12 @@ def test_a_training_that_does_not_resume_starts_from_nothing(tmp_path, tiny_bert
     third = HMCLTrainer(second.recipe)
     third.setup(resume=True)
     assert third.step == 4  # this training's last checkpoint, not the first one's step 8
+    before = (second.run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    third.train()  # resumed at its end: says so, and neither trains nor evaluates again
+    out = capsys.readouterr().out
+    assert "train: finished before (4 of 4 steps in the checkpoint); nothing to train" in out
+    assert "train: 4 steps in" not in out and (second.run_dir / "metrics.jsonl").read_text() == before
 
 
 def test_resume_refuses_a_checkpoint_trained_on_other_data(tmp_path, tiny_bert):

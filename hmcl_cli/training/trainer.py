@@ -336,7 +336,10 @@ class HMCLTrainer:
         tokens = torch.zeros((), dtype=torch.long)
         nonfinite_step = torch.full((), -1, dtype=torch.long, device=self.device)
         t_log = time.perf_counter()
-        bar = ProgressBar("train", self.total_steps, "steps", enabled=self.is_main)
+        finished = self.step >= self.total_steps  # resumed from the last checkpoint of a finished training
+        if finished and self.is_main:
+            log(f"train: finished before ({self.step} of {self.total_steps} steps in the checkpoint); nothing to train")
+        bar = ProgressBar("train", self.total_steps, "steps", enabled=self.is_main and not finished)
         bar.update(self.step)
         if self.dev and self.step == 0 and cfg.eval_at_start:
             self._evaluate_at_start()
