@@ -303,3 +303,25 @@ def test_the_readmes_python_block_runs(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert float(printed[-2]) == names["report"]["results"]["support-dev-retrieval"]["fine-tuned"]["ndcg@10"]
     assert names["queries"].shape == (1, 384) and 0.3 < float(names["queries"] @ names["documents"].T) < 1
+
+
+def test_the_model_cards_evaluation_table():
+    """hmcl's metrics per task and model, the task's main metric first, without the delta column
+    or mteb's full score list; a failed model shows `error`; a cut export names its column."""
+    from hmcl_cli.export.merged import model_card
+
+    report = {"tasks": {"sts": {"type": "sts", "main": "spearman"}, "rr": {"type": "reranking", "main": "map"}},
+              "results": {
+                  "sts": {"base": {"pearson": 0.5, "spearman": 0.61234, "main_score": 0.61234, "mteb": {"x": 1.0}},
+                          "fine-tuned": {"pearson": 0.6, "spearman": 0.7, "main_score": 0.7, "delta_vs_base": 0.09},
+                          "fine-tuned@64": {"pearson": 0.55, "spearman": 0.69, "main_score": 0.69}},
+                  "rr": {"base": {"mrr@10": 0.8, "map": 0.75, "main_score": 0.75},
+                         "fine-tuned": {"error": "boom"}, "fine-tuned@64": {"error": "boom"}}}}
+    card = model_card({"name": "m", "base_model": "b", "eval": report, "dim": 64})
+    table = [line for line in card.splitlines() if line.startswith("| ")]
+    assert table == ["| task | metric | base | fine-tuned | fine-tuned@64 |",
+                     "| sts | spearman | 0.6123 | 0.7000 | 0.6900 |",
+                     "| sts | pearson | 0.5000 | 0.6000 | 0.5500 |",
+                     "| rr | map | 0.7500 | error | error |",
+                     "| rr | mrr@10 | 0.8000 | error | error |"]
+    assert "this model is `fine-tuned@64`" in card and "mteb" not in "\n".join(table)

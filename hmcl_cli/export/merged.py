@@ -195,8 +195,13 @@ def model_card(info: dict) -> str:
                   "(`model.similarity`), or keep the first N values of each embedding and L2-normalise them.", ""]
     if info.get("eval", {}).get("results"):
         header, rows = _eval_rows(info["eval"])
+        this = "this model"
+        if info.get("dim"):
+            cut = f"fine-tuned@{info['dim']}"
+            this = f"the model before the cut to {info['dim']} dimensions" + (
+                f"; this model is `{cut}`" if cut in header else "; it was not evaluated cut")
         lines += ["## Evaluation", "", "Scored with mteb by hmcl (`base`: the base model encoded as the recipe "
-                  "trains it; `fine-tuned`: this model).", "", *_table(header, rows)]
+                  f"trains it; `fine-tuned`: {this}).", "", *_table(header, rows)]
     if info.get("data"):
         splits = {k: v for k, v in info["data"].items() if isinstance(v, dict) and v.get("examples")}
         lines += ["## Training data", "", "Graded examples: a query with positive, weak-positive and negative "
