@@ -258,6 +258,8 @@ def test_cached_hub_task_without_network_reads_the_cache_at_once(tmp_path, tiny_
     for m in ("m", "n"):
         assert res["STSBenchmark"][m]["main_score"] == pytest.approx(res["same"][m]["spearman"], abs=1e-6)
         assert res["STSBenchmark"][m]["spearman"] == res["STSBenchmark"][m]["main_score"]  # hmcl's name too
+    assert json.loads((tmp_path / "r.json").read_text())["tasks"]["STSBenchmark"]["main"] == "spearman"
+    assert "│ STSBenchmark │ spearman │" in out.stdout  # the table's row
     assert "Retrying" not in out.stderr and "latest cached version" not in out.stderr
     assert out.stdout.count(f"STSBenchmark: reading the cached copy of mteb/stsbenchmark-sts ({CLOSED_ENDPOINT} "
                             "cannot be reached") == 2  # once for each model
@@ -700,3 +702,15 @@ def test_graded_jsonl_retrieval_ranks_against_every_candidate_negatives_included
         scores.append(dcg / (2 + 1 / math.log2(3)))
     assert got == pytest.approx(float(np.mean(scores)), abs=1e-4)
     assert got == pytest.approx(evaluate_graded(model, load_graded(path))["ndcg@10"], abs=1e-4)
+
+
+def test_hub_tasks_main_metric_has_hmcls_name_where_there_is_one():
+    import mteb
+
+    from hmcl_cli.evaluation.mteb_bridge import hub_main_metric
+
+    got = {n: hub_main_metric(mteb.get_task(n)) for n in ("STSBenchmark", "SciFact", "AskUbuntuDupQuestions",
+                                                           "SprintDuplicateQuestions", "Banking77Classification")}
+    assert got == {"STSBenchmark": "spearman", "SciFact": "ndcg@10", "AskUbuntuDupQuestions": "map",
+                   "SprintDuplicateQuestions": "main_score",  # max_ap: no short name of hmcl's
+                   "Banking77Classification": "main_score"}

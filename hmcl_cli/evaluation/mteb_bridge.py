@@ -162,6 +162,18 @@ def hub_task(name: str, split: Optional[str] = None) -> Any:
     return task
 
 
+def hub_kind(task: Any) -> Optional[str]:
+    """The hmcl task kind of a hub task's MTEB type (``STS`` -> ``sts``, ...), or None."""
+    return {v: k for k, v in _MTEB_TYPE.items()}.get(task.metadata.type)
+
+
+def hub_main_metric(task: Any) -> str:
+    """hmcl's short name of a hub task's main score (STSBenchmark: ``spearman``), else
+    ``main_score`` (mteb's own name for it)."""
+    short = {key: name for name, key in METRIC_NAMES.get(hub_kind(task) or "", {}).items()}
+    return short.get(task.metadata.main_score, "main_score")
+
+
 def load_hub_data(task: Any) -> bool:
     """Load a hub task's data unless it is loaded; True when this call loaded it. With the Hub out
     of reach the cached copy is read in offline mode: the datasets client would otherwise retry
@@ -357,7 +369,7 @@ def run_mteb(encoder: MtebEncoder, task: Any, kind: str) -> dict[str, float]:
     scores = task_result.scores[split][0]
     raw = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if kind == "mteb":  # a hub task: hmcl's short names of its type (STS: spearman, ...) as well
-        kind = {v: k for k, v in _MTEB_TYPE.items()}.get(task.metadata.type, kind)
+        kind = hub_kind(task) or kind
     out = {short: raw[key] for short, key in METRIC_NAMES.get(kind, {}).items() if key in raw}
     out["main_score"] = raw.get("main_score", float("nan"))
     out["mteb"] = raw

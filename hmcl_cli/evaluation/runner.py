@@ -178,7 +178,15 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
             except OSError as e:  # a cache only: the results stand
                 warn(f"eval {label}: embeddings not cached ({e})")
         del model, encoder, views
-    report = {"tasks": {t.name: {"type": t.type, "main": MAIN_METRIC.get(t.type, "main_score")} for t in tasks},
+    def main_metric(t: EvalTask) -> str:
+        entry = task_objs[t.name]
+        if t.type == "mteb" and not isinstance(entry, HmclError):
+            from hmcl_cli.evaluation.mteb_bridge import hub_main_metric
+
+            return hub_main_metric(entry[0])
+        return MAIN_METRIC.get(t.type, "main_score")
+
+    report = {"tasks": {t.name: {"type": t.type, "main": main_metric(t)} for t in tasks},
               "models": labels, "results": results, "dims": list(dims),
               "cut": {f"{m}@{d}": [m, d] for m in models for d in dims if f"{m}@{d}" in labels}}
     first = next(iter(models), None)
