@@ -714,3 +714,15 @@ def test_hub_tasks_main_metric_has_hmcls_name_where_there_is_one():
     assert got == {"STSBenchmark": "spearman", "SciFact": "ndcg@10", "AskUbuntuDupQuestions": "map",
                    "SprintDuplicateQuestions": "main_score",  # max_ap: no short name of hmcl's
                    "Banking77Classification": "main_score"}
+
+
+def test_a_gate_that_would_judge_a_model_against_itself_fails(capsys):
+    """A recipe's eval before any training has only the base: `task:map>=base` held it against
+    itself and passed; it fails now, saying why. An absolute threshold still judges the base."""
+    report = {"models": ["base"], "results": {"t": {"base": {"map": 0.8}}}}
+    rows = check_gates(report, ["t:map>=base", "t:map>=0.5"], "base")
+    assert [r["passed"] for r in rows] == [False, True]
+    with pytest.raises(GateFailedError, match=r"1 of 2 quality gate\(s\) not met: t:map>=base \(it would compare base "
+                                              "with itself"):
+        enforce_gates(rows)
+    assert "gate FAIL: t:map>=base (it would compare base with itself" in " ".join(capsys.readouterr().out.split())

@@ -291,7 +291,10 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
             threshold = float(number)
         ok = (isinstance(value, float) and threshold is not None and not math.isnan(value)
               and {">=": value >= threshold, ">": value > threshold, "<=": value <= threshold, "<": value < threshold}[op])
-        rows.append({"gate": g, "model": subject, "value": value, "threshold": threshold, "passed": bool(ok)})
+        row = {"gate": g, "model": subject, "value": value, "threshold": threshold, "passed": bool(ok)}
+        if ref_model == subject:  # e.g. a recipe's eval before any training: the base judged against itself
+            row.update(passed=False, why=f"it would compare {subject} with itself: no other model to judge was evaluated")
+        rows.append(row)
     return rows
 
 
@@ -300,12 +303,21 @@ def enforce_gates(rows: list[dict]) -> None:
         mark = "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"
         v = f"{r['value']:.4f}" if isinstance(r["value"], float) else "missing"
         th = f"{r['threshold']:.4f}" if isinstance(r["threshold"], float) else "missing"
-        console.print(f"gate {mark}: {r['gate']} ({r['model']}: {v}, needs {th})")
+        said = r.get("why") or f"{r['model']}: {v}, needs {th}"
+        console.print(f"gate {mark}: {r['gate']} ({said})")
     failed = [r for r in rows if not r["passed"]]
     if failed:
+        hint = "the model was not good enough to ship; see the table above"
+        if any(r.get("why") for r in failed):
+            hint = ("train the recipe first (its run directory has no model/ to evaluate), or name the model to "
+                    "judge with --model")
         raise GateFailedError(f"{len(failed)} of {len(rows)} quality gate(s) not met: " + "; ".join(
-            f"{r['gate']} ({r['value'] if r['value'] is None else round(r['value'], 4)} vs {r['threshold'] if r['threshold'] is None else round(r['threshold'], 4)})"
-            for r in failed), hint="the model was not good enough to ship; see the table above")
+            f"{r['gate']} ({r.get('why') or _versus(r)})" for r in failed), hint=hint)
+
+
+def _versus(row: dict) -> str:
+    value, threshold = row["value"], row["threshold"]
+    return f"{value if value is None else round(value, 4)} vs {threshold if threshold is None else round(threshold, 4)}"
 
 
 def save_report(report: dict, path: Path) -> None:
