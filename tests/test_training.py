@@ -614,6 +614,10 @@ def test_start_line_says_how_many_candidates_the_data_fills(tmp_path, tiny_bert,
     capsys.readouterr()
     _trainer(tmp_path / "full", tiny_bert)  # groups of 3: filled, nothing more said
     assert "the data fills" not in capsys.readouterr().out
+    t = _trainer(tmp_path / "few", tiny_bert, train={"batch_size": 512})  # fewer anchors than a batch holds
+    n = len(t.data.anchors)
+    assert n < 512 and (f"up to {n * 3} ({n} anchors x 3 candidates x 1 process(es); the data has only {n} anchors)"
+                        in " ".join(capsys.readouterr().out.split()))
 
 
 def test_matryoshka_training_logs_its_term_and_saves_its_sizes(tmp_path, tiny_bert):

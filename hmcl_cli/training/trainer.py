@@ -248,7 +248,8 @@ class HMCLTrainer:
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", self.is_main, acc)
         if resume:
             self._resume()
-        n_cand = cfg.batch_size * self.world * cfg.group_size
+        per_device = min(cfg.batch_size, max(1, len(self.data.anchors) // self.world))  # less data than a batch
+        n_cand = per_device * self.world * cfg.group_size
         if self.is_main:
             log(f"train: {len(self.data.anchors)} anchors, {len(self.data.docs)} distinct candidates, "
                 f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}"
@@ -259,7 +260,8 @@ class HMCLTrainer:
             short = (f"; the data fills {filled:.1f} of the {cfg.group_size} per anchor on average, so about "
                      f"{round(n_cand * filled / cfg.group_size)} (more with `hmcl mine`)" if filled < cfg.group_size - 0.05 else "")
             log(f"train: in-batch candidates per anchor: up to {n_cand} "
-                f"({cfg.batch_size} anchors x {cfg.group_size} candidates x {self.world} process(es)"
+                f"({per_device} anchors x {cfg.group_size} candidates x {self.world} process(es)"
+                f"{f'; the data has only {len(self.data.anchors)} anchors' if per_device < cfg.batch_size else ''}"
                 f"{', gathered across devices' if self.world > 1 and r.loss.gather_across_devices else ''}){short}")
             calls = self._forward_calls()
             if calls:
