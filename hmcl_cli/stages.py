@@ -137,7 +137,7 @@ def run_train(recipe: Recipe, resume: bool = False) -> Path:
 
 def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
     """How eval loads a model given by name: as saved (its own pooling, prompts and lengths), with
-    the recipe's segments. The label ``recipe_base`` is the recipe's base model: loaded with the
+    the recipe's segments; an ONNX export folder runs its graph (:class:`~hmcl_cli.export.onnx.OnnxModel`). The label ``recipe_base`` is the recipe's base model: loaded with the
     recipe's model settings, as training starts from it (the step-0 dev score) and as mining encodes
     with it, so its row is the model before training, not another embedder. (A decoder LLM's own
     defaults have no instruction and other lengths: a tiny Qwen with the qwen-lora recipe scored
@@ -149,6 +149,14 @@ def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
         base_dir = recipe.base_dir if recipe._source else None
         if label is not None and label == recipe_base:
             return EmbeddingModel.from_recipe(recipe.model, base_dir, name_or_path=name)
+        from hmcl_cli.export.onnx import OnnxModel, is_onnx_export
+
+        here = Path(os.path.expanduser(name))
+        for folder in (here, *([Path(base_dir) / name] if base_dir is not None and not here.is_absolute() else [])):
+            if is_onnx_export(folder):  # an export judged on the tasks beside the torch model
+                model = OnnxModel(folder)
+                model.use_segments(recipe.model.segments)
+                return model
         model = EmbeddingModel.load(name, base_dir=base_dir, trust_remote_code=recipe.model.trust_remote_code)
         model.use_segments(recipe.model.segments)  # the recipe's segmentation applies to every model compared
         return model

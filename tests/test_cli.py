@@ -325,3 +325,28 @@ def test_the_model_cards_evaluation_table():
                      "| rr | map | 0.7500 | error | error |",
                      "| rr | mrr@10 | 0.8000 | error | error |"]
     assert "this model is `fine-tuned@64`" in card and "mteb" not in "\n".join(table)
+
+
+def test_eval_takes_an_onnx_export_as_a_model(tmp_path, tiny_qwen, capsys, monkeypatch):
+    """`hmcl eval --model <onnx export folder>`: the graph encodes (prompts, lengths, padding as
+    the export's settings say) and scores as the torch model it came from; int8 is its own row."""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from test_bad_inputs import cli
+
+    from hmcl_cli.export.onnx import export_onnx
+
+    _, saved = _prompted(tmp_path, "qwen", tiny_qwen)
+    export_onnx(saved, tmp_path / "onnx")
+    export_onnx(saved, tmp_path / "int8", quantize=True)
+    dev = ROOT / "recipes" / "data" / "support-dev.jsonl"
+    code, out, err = cli(capsys, monkeypatch, "eval", "--model", f"torch={saved}", "--model", f"onnx={tmp_path / 'onnx'}",
+                         "--model", f"int8={tmp_path / 'int8'}", "--retrieval", f"dev={dev}", "--reranking", f"rr={dev}",
+                         "--json", tmp_path / "r.json")
+    assert code == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    for task, metric in (("dev", "ndcg@10"), ("rr", "map")):
+        assert res[task]["onnx"][metric] == pytest.approx(res[task]["torch"][metric], abs=2e-5), task
+    # the quantized graph, not the torch model: some of mteb's many scores move
+    assert any(v != res[t]["torch"]["mteb"][k] for t in ("dev", "rr") for k, v in res[t]["int8"]["mteb"].items())

@@ -85,6 +85,80 @@ class OnnxEmbedder:
         return result if to_numpy else torch.from_numpy(result)
 
 
+def is_onnx_export(folder: Any) -> bool:
+    """Whether ``folder`` is an ONNX export of hmcl's (a graph, its tokenizer and hmcl_config.json)."""
+    folder = Path(folder)
+    return folder.is_dir() and (folder / "hmcl_config.json").is_file() and any(folder.glob("*.onnx"))
+
+
+class OnnxModel:
+    """An ONNX export folder that encodes like the model it was exported from, for ``hmcl eval
+    --model <folder>``: the fp32 or int8 graph judged on your own tasks beside the torch model.
+    Texts are prepared by the export's tokenizer and settings (prompts, lengths, padding) as its
+    README does; the graph runs on the CPU with onnxruntime. Segments are torch-only: a model
+    trained with them is encoded here as its graph does, one sequence per text."""
+
+    def __init__(self, folder: str | Path, threads: Optional[int] = None):
+        import hashlib
+
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        from hmcl_cli.modeling.encoder import EmbeddingModel, EncoderSettings
+
+        require_onnx()
+        folder = Path(folder)
+        (self.file,) = sorted(folder.glob("*.onnx"))[:1]
+        saved = json.loads((folder / "hmcl_config.json").read_text())
+        known = EncoderSettings.__dataclass_fields__
+        self.settings = EncoderSettings(**{k: v for k, v in saved.items() if k in known})
+        self.settings.segment_length = 0
+        # tokenize() and pad() of an EmbeddingModel without a backbone: the same preparation
+        self._texts = EmbeddingModel(None, AutoTokenizer.from_pretrained(str(folder)), self.settings)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.file), opts, providers=["CPUExecutionProvider"])
+        h = hashlib.sha256()
+        with open(self.file, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        self.digest = h.hexdigest()[:16]
+        self.dim = int(self.encode(["a"], to_numpy=True).shape[1])
+
+    def use_segments(self, seg: Any) -> None:
+        if seg is not None:
+            from hmcl_cli.console import warn
+
+            warn(f"{self.file.parent}: an ONNX graph encodes one sequence per text; model.segments does not apply")
+
+    def weights_digest(self) -> str:
+        return self.digest
+
+    def parameters(self):
+        return iter(())
+
+    def cache_identity(self) -> str:
+        return json.dumps([self.digest, asdict(self.settings), "onnx"], sort_keys=True, default=str)
+
+    def encode(self, texts: Sequence[str], side: str = "doc", batch_size: int = 128, progress: bool = False,
+               description: str = "encode", to_numpy: bool = False) -> Any:
+        unique = list(dict.fromkeys(texts))
+        ids = self._texts.tokenize(unique, side)
+        order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+        parts = {}
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = self._texts.pad([ids[i] for i in idx])
+            got = self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
+                                          "attention_mask": batch["attention_mask"].numpy()})[0]
+            parts.update(zip(idx, got))
+        out = np.stack([parts[i] for i in range(len(unique))]).astype(np.float32) if unique else np.zeros((0, 0), np.float32)
+        pos = {t: i for i, t in enumerate(unique)}
+        result = out[[pos[t] for t in texts]] if texts else out
+        return result if to_numpy else torch.from_numpy(np.ascontiguousarray(result))
+
+
 def onnx_readme(model: Any, file: str) -> str:
     """The export folder's README.md: what the graph takes and gives, and a snippet (onnxruntime,
     tokenizers and numpy only) that prepares texts as hmcl does (prompt, lower-casing, truncation,
