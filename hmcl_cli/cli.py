@@ -110,7 +110,7 @@ def train(
 def eval_(
     recipe: Optional[Path] = typer.Argument(None, help="Recipe (optional when tasks and models are given as flags)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="[LABEL=]MODEL (path, run dir or hub id); repeatable."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="[LABEL=]MODEL (path, run dir, hub id or ONNX export folder); repeatable."),
     sts: Optional[List[str]] = typer.Option(None, "--sts", help="[NAME=]FILE of (text, text, score)."),
     reranking: Optional[List[str]] = typer.Option(None, "--reranking", help="[NAME=]graded JSONL file."),
     retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", help="[NAME=]graded JSONL or BEIR folder."),
