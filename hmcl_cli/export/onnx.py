@@ -21,7 +21,7 @@ import torch
 from hmcl_cli.console import log
 from hmcl_cli.errors import ExportError, import_optional
 from hmcl_cli.export.merged import VERIFY_TEXTS, cut_model, cut_reference, parity
-from hmcl_cli.io_utils import atomic_path
+from hmcl_cli.io_utils import atomic_path, file_sha256
 
 ONNX_THRESHOLD = 0.9999
 
@@ -61,28 +61,43 @@ class OnnxEmbedder:
     """
 
     def __init__(self, path: Path, like: Any, threads: Optional[int] = None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads)
         self.like, self.dim, self.settings = like, like.dim, like.settings
 
     def encode(self, texts: Sequence[str], side: str = "doc", batch_size: int = 128, progress: bool = False,
                description: str = "encode", to_numpy: bool = False) -> Any:
-        unique = list(dict.fromkeys(texts))
-        ids = self.like.tokenize(unique, side)
-        order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
-        out = np.zeros((len(unique), self.dim), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = self.like.pad([ids[i] for i in idx])
-            out[idx] = self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
-                                               "attention_mask": batch["attention_mask"].numpy()})[0]
-        pos = {t: i for i, t in enumerate(unique)}
-        result = out[[pos[t] for t in texts]]
-        return result if to_numpy else torch.from_numpy(result)
+        return run_graph(self.session, self.like, texts, side, batch_size, to_numpy)
+
+
+def cpu_session(path: Path, threads: Optional[int] = None) -> Any:
+    """An onnxruntime session of the graph at ``path`` on the CPU (``threads``: intra-op threads)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_graph(session: Any, preparer: Any, texts: Sequence[str], side: str, batch_size: int, to_numpy: bool) -> Any:
+    """Embeddings of ``texts`` from an ONNX ``session``, the texts prepared by ``preparer``'s
+    ``tokenize`` and ``pad`` (an EmbeddingModel's), each distinct text once, longest first."""
+    unique = list(dict.fromkeys(texts))
+    ids = preparer.tokenize(unique, side)
+    order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+    out: Optional[np.ndarray] = None
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = preparer.pad([ids[i] for i in idx])
+        got = session.run(None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()})[0]
+        if out is None:
+            out = np.zeros((len(unique), got.shape[1]), dtype=np.float32)
+        out[idx] = got
+    if out is None:
+        out = np.zeros((0, 0), dtype=np.float32)
+    pos = {t: i for i, t in enumerate(unique)}
+    result = out[[pos[t] for t in texts]]
+    return result if to_numpy else torch.from_numpy(result)
 
 
 def is_onnx_export(folder: Any) -> bool:
@@ -99,9 +114,6 @@ class OnnxModel:
     trained with them is encoded here as its graph does, one sequence per text."""
 
     def __init__(self, folder: str | Path, threads: Optional[int] = None):
-        import hashlib
-
-        import onnxruntime as ort
         from transformers import AutoTokenizer
 
         from hmcl_cli.modeling.encoder import EmbeddingModel, EncoderSettings
@@ -115,15 +127,8 @@ class OnnxModel:
         self.settings.segment_length = 0
         # tokenize() and pad() of an EmbeddingModel without a backbone: the same preparation
         self._texts = EmbeddingModel(None, AutoTokenizer.from_pretrained(str(folder)), self.settings)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.file), opts, providers=["CPUExecutionProvider"])
-        h = hashlib.sha256()
-        with open(self.file, "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-        self.digest = h.hexdigest()[:16]
+        self.session = cpu_session(self.file, threads)
+        self.digest = file_sha256(self.file)[:16]
         self.dim = int(self.encode(["a"], to_numpy=True).shape[1])
 
     def use_segments(self, seg: Any) -> None:
@@ -143,20 +148,7 @@ class OnnxModel:
 
     def encode(self, texts: Sequence[str], side: str = "doc", batch_size: int = 128, progress: bool = False,
                description: str = "encode", to_numpy: bool = False) -> Any:
-        unique = list(dict.fromkeys(texts))
-        ids = self._texts.tokenize(unique, side)
-        order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
-        parts = {}
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = self._texts.pad([ids[i] for i in idx])
-            got = self.session.run(None, {"input_ids": batch["input_ids"].numpy(),
-                                          "attention_mask": batch["attention_mask"].numpy()})[0]
-            parts.update(zip(idx, got))
-        out = np.stack([parts[i] for i in range(len(unique))]).astype(np.float32) if unique else np.zeros((0, 0), np.float32)
-        pos = {t: i for i, t in enumerate(unique)}
-        result = out[[pos[t] for t in texts]] if texts else out
-        return result if to_numpy else torch.from_numpy(np.ascontiguousarray(result))
+        return run_graph(self.session, self._texts, texts, side, batch_size, to_numpy)
 
 
 def onnx_readme(model: Any, file: str) -> str:
