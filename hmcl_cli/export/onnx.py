@@ -186,6 +186,10 @@ def onnx_readme(model: Any, file: str) -> str:
         'documents = embed(["Refunds reach your card within five days."])',
         f"print(queries @ documents.T)  # {compare}", "```", "",
     ]
+    lines += ["To score this graph on your own tasks beside the torch model: `hmcl eval --model torch=<model folder> "
+              "--model onnx=<this folder> --retrieval dev=<file>` (any task flag)"
+              + (" — int8 weights (dynamic quantization of the matrix products) move scores a little." if "int8" in file
+                 else "."), ""]
     if s.segment_length:
         lines += [f"The trained model encodes long texts as segments; the graph encodes one sequence, so texts "
                   f"past {s.doc_max_length} tokens are cut.", ""]
