@@ -11,7 +11,6 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from hmcl_cli import __version__
 from hmcl_cli.console import console, err_console
 from hmcl_cli.errors import HmclError, InterruptedRun, from_system_error
 
@@ -34,13 +33,15 @@ RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"hmcl {__version__}")
+        from hmcl_cli.environment import environment, environment_lines
+
+        console.print("\n".join(environment_lines(environment())), highlight=False)
         raise typer.Exit()
 
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version, with Python's, the device and the packages' (for a bug report)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
 ) -> None:
     STATE["debug"] = debug

@@ -161,9 +161,6 @@ def _first_message(e: BaseException) -> str:
 
 
 def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from hmcl_cli.environment import package_version
 
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
+    return package_version(dist) or "not installed"

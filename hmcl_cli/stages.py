@@ -582,6 +582,7 @@ class RunSummary:
         import datetime
 
         from hmcl_cli import __version__
+        from hmcl_cli.environment import environment
         from hmcl_cli.io_utils import write_json_atomic
 
         status: dict = {"status": "ok"}
@@ -601,7 +602,7 @@ class RunSummary:
             return
         try:
             write_json_atomic(self.recipe.run_dir / "run.json", {
-                **status, "stages": self.stages, "hmcl": __version__,
+                **status, "stages": self.stages, "hmcl": __version__, "environment": environment(),
                 "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         except OSError as e:
             warn(f"run.json not written ({e})")

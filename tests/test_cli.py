@@ -20,7 +20,14 @@ def test_help_lists_subcommands_and_each_has_an_example():
     for cmd in (["prepare"], ["mine"], ["train"], ["eval"], ["export"], ["run"], ["recipe", "validate"], ["recipe", "cp"]):
         h = hmcl(*cmd, "--help")
         assert h.returncode == 0 and "Example" in h.stdout, cmd
-    assert hmcl("--version").stdout.startswith("hmcl ")
+    version = hmcl("--version").stdout.splitlines()
+    import torch
+    import transformers
+
+    from hmcl_cli import __version__
+
+    assert version[0] == f"hmcl {__version__}" and version[2].startswith("device ")
+    assert f"torch {torch.__version__}" in version and f"transformers {transformers.__version__}" in version
 
 
 def test_run_end_to_end_on_tiny_model(tmp_path, tiny_bert):
@@ -272,6 +279,10 @@ def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys
     assert code == 0, err
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["status"] == "ok" and list(summary["stages"]) == ["checks", "prepare", "train", "eval", "export"]
+    import torch
+
+    env = summary["environment"]  # what it ran on, for a scheduled run whose numbers moved
+    assert env["packages"]["torch"] == torch.__version__ and env["device"].startswith("cpu")
     assert all(isinstance(v, float) for v in summary["stages"].values())
     assert f"done: {tmp_path / 'run'} (prepare " in " ".join(out.split())
     code, out, err = cli(capsys, monkeypatch, "run", recipe, "--set", "train.metric_for_best=dev_spearman/nope")
