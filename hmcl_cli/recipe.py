@@ -623,6 +623,21 @@ class EvalConfig(_Section):
     )
 
 
+    @model_validator(mode="after")
+    def _gates_name_what_is_evaluated(self) -> "EvalConfig":
+        """A gate's form, task, metric and compared model, checked when the recipe loads: a typo
+        there failed only after training, when the gate was first read."""
+        if not self.gate or not self.tasks:  # (tasks given on the command line: checked by eval)
+            return self
+        from hmcl_cli.evaluation.gates import gate_problems
+
+        models = (["base"] if self.include_base else []) + list(self.compare) + ["fine-tuned"]
+        problems = gate_problems(self.gate, {t.name: None if t.type == "mteb" else t.type for t in self.tasks}, models)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 ExportFormat = Literal["merged", "onnx", "onnx-int8"]
 
 

@@ -193,12 +193,20 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
+    gates = gates if gates is not None else cfg.gate
+    dims = _eval_dims(recipe, models)
+    if gates:  # before the evaluation, not after it
+        from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, gate_problems
+
+        problems = gate_problems(gates, {t.name: None if t.type == "mteb" else t.type for t in tasks}, models, dims)
+        if problems:
+            raise RecipeError("\n  ".join(["quality gate:", *problems]), hint=f"a gate is {SYNTAX}, {EXAMPLE}")
     report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe, recipe_base),
-                      dims=_eval_dims(recipe, models),
+                      dims=dims,
                       cache_dir=recipe.run_dir / "cache" if cfg.cache_embeddings and in_run_dir else None)
     print_table(report, title=f"evaluation ({recipe.name})")
     subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
-    gate_rows = check_gates(report, gates if gates is not None else cfg.gate, subject) if (gates or cfg.gate) else []
+    gate_rows = check_gates(report, gates, subject) if gates else []
     report["gates"] = gate_rows
     out = json_out or (recipe.run_dir / "eval" / "results.json" if in_run_dir else None)
     if out is not None:

@@ -282,6 +282,26 @@ def eval_bad_gate(tmp, model):
         "sts spearman is good"]
 
 
+def gate_naming_a_task_that_is_not_there(tmp, model):
+    """A typo in a recipe's gate: refused when the recipe loads (it failed only after training)."""
+    p = write_recipe(tmp, model, eval={"gate": ["dev-retrievl:ndcg@10>=base"]})
+    return ["run", p], RECIPE, ["recipe.yaml:", "gate 'dev-retrievl:ndcg@10>=base': no task named 'dev-retrievl'",
+                                "did you mean 'dev-retrieval'"]
+
+
+def gate_naming_a_model_not_evaluated(tmp, model):
+    p = write_recipe(tmp, model, eval={"gate": ["dev-retrieval:ndcg@10>=base"], "include_base": False})
+    return ["recipe", "validate", p], RECIPE, ["no model named 'base' (models: fine-tuned)"]
+
+
+def eval_gate_with_a_misspelt_metric(tmp, model):
+    """`hmcl eval --gate`: checked before any model is loaded or text encoded."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sts.csv").write_text("a,b,score\nthe cat,a cat,4.0\nthe dog,stocks fell,0.5\ncats,kittens,3.5\n")
+    return ["eval", "--model", f"m={model}", "--sts", f"s={tmp / 'sts.csv'}", "--gate", "s:spearmn>=0.5"], RECIPE, [
+        "gate 's:spearmn>=0.5': 'spearmn' is not a metric of a sts task — did you mean 'spearman'?"]
+
+
 def eval_json_where_it_cannot_be_written(tmp, model):
     """Refused before the evaluation (it was an internal error after it)."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -340,7 +360,8 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
-         eval_json_where_it_cannot_be_written, mine_missing_corpus,
+         eval_json_where_it_cannot_be_written, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
+         eval_gate_with_a_misspelt_metric, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
 
 

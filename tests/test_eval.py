@@ -726,3 +726,23 @@ def test_a_gate_that_would_judge_a_model_against_itself_fails(capsys):
                                               "with itself"):
         enforce_gates(rows)
     assert "gate FAIL: t:map>=base (it would compare base with itself" in " ".join(capsys.readouterr().out.split())
+
+
+def test_gate_problems_are_found_before_anything_runs():
+    from hmcl_cli.evaluation.gates import gate_problems
+
+    tasks = {"stsb": "sts", "dev": "retrieval", "hub": None}
+    models = ["base", "fine-tuned"]
+    ok = ["stsb:spearman>=base+0.005", "stsb:cosine_spearman>=0.8", "dev:ndcg@10>=base-0.01", "dev:main_score>0.1",
+          "dev:ndcg_at_10>=base", "hub:anything_mteb_says>=0.5", "hub:spearman>=base", "dev@64:ndcg@10>=base",
+          "dev:ndcg@10>=base-0.01"]
+    assert gate_problems(ok, tasks, models, dims=[64]) == []
+    bad = {"dev:spearman>=base": "'spearman' is not a metric of a retrieval task",
+           "dev:ndgc@10>=base": "did you mean 'ndcg@10'",
+           "stsb:spearman>=fine_tuned": "no model named 'fine_tuned' — did you mean 'fine-tuned'?",
+           "stbs:spearman>=0.8": "no task named 'stbs' — did you mean 'stsb'?",
+           "dev@32:ndcg@10>=base": "not evaluated cut to 32 dimensions",
+           "stsb spearman good": "is not of the form"}
+    for gate, said in bad.items():
+        (problem,) = gate_problems([gate], tasks, models, dims=[64])
+        assert said in problem, (gate, problem)

@@ -250,23 +250,21 @@ def print_table(report: dict, title: str = "evaluation") -> None:
             console.print(f"[red]{escape(task)} / {escape(', '.join(hit))}:[/red] {escape(error)}")
 
 
-_GATE = re.compile(r"^\s*([^:\s]+)\s*:\s*([\w@.\-]+)\s*(>=|>|<=|<)\s*(?:([A-Za-z_][\w\-]*)\s*(?:([+-])\s*([0-9.eE+-]+))?|([0-9.eE+-]+))\s*$")
-
-
 def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> list[dict]:
     """Evaluate gate expressions on ``model`` (default: the first model). Returns one row each."""
+    from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, parse_gate
+
     model = model or report["models"][0]
     rows = []
     for g in gates:
-        m = _GATE.match(g)
-        if not m:
-            raise RecipeError(f"gate {g!r} is not of the form TASK:METRIC>=NUMBER or TASK:METRIC>=MODEL+NUMBER",
-                              hint="e.g. 'stsb:spearman>=base+0.005' or 'sample:ndcg@10>=0.7'")
-        task, metric, op, ref_model, sign, delta, number = m.groups()
+        parsed = parse_gate(g)
+        if parsed is None:
+            raise RecipeError(f"gate {g!r} is not of the form {SYNTAX}", hint=EXAMPLE)
+        task, metric, op, ref_model, sign, delta, number = (parsed.task, parsed.metric, parsed.op, parsed.ref_model,
+                                                            parsed.sign, parsed.delta, parsed.number)
         subject, size = model, None
-        cut = re.fullmatch(r"(.+)@(\d+)", task)  # `stsb@64:spearman>=...`: the models cut to 64 dimensions
-        if task not in report["results"] and cut and cut.group(1) in report["results"]:
-            task, size = cut.group(1), int(cut.group(2))
+        if task not in report["results"] and parsed.cut[0] in report["results"] and parsed.cut[1] is not None:
+            task, size = parsed.cut  # `stsb@64:spearman>=...`: the models cut to 64 dimensions
             subject = f"{model}@{size}"
         res = report["results"].get(task)
         if res is None:
