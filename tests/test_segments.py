@@ -68,7 +68,7 @@ def test_the_model_card_of_a_segmented_model_says_other_loaders_cut_long_texts(t
     m.save(tmp_path / "saved")
     export_merged(tmp_path / "saved", tmp_path / "merged", card={"name": "s", "base_model": str(tiny_bert)})
     card = " ".join((tmp_path / "merged" / "README.md").read_text().split())
-    assert (f"Long texts: hmcl encodes a text past 32 tokens as segments (overlap 4) and averages them" in card
+    assert ("Long texts: hmcl encodes a text past 32 tokens as segments (overlap 4) and averages them" in card
             and f"cut such a text to {m.settings.doc_max_length} tokens instead" in card)
     export_merged(tiny_bert, tmp_path / "plain", card={"name": "p", "base_model": str(tiny_bert)})
     assert "Long texts" not in (tmp_path / "plain" / "README.md").read_text()

@@ -38,6 +38,17 @@ class Gate:
         return (m.group(1), int(m.group(2))) if m else (self.task, None)
 
 
+    def reference(self, models: Iterable[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:
+        """The compared model, sign and delta, with ``base-0.01`` (no spaces: read as one name)
+        split where ``base`` is one of ``models``."""
+        models = set(models)
+        if self.ref_model and self.ref_model not in models and not self.sign:
+            split = re.fullmatch(r"(.+?)([+-])(\d[\d.]*(?:[eE][+-]?\d+)?)", self.ref_model)
+            if split and split.group(1) in models:
+                return split.group(1), split.group(2), split.group(3)
+        return self.ref_model, self.sign, self.delta
+
+
 def parse_gate(text: str) -> Optional[Gate]:
     """The gate ``text`` parsed, or None when it is not of the gate form."""
     m = _GATE.match(text)
@@ -94,10 +105,9 @@ def gate_problems(gates: Iterable[str], tasks: dict[str, Optional[str]], models:
         why = metric_problem(g.metric, tasks[task])
         if why:
             out.append(f"gate {text!r}: {why}")
-        if g.ref_model and g.ref_model not in models:
-            split = re.fullmatch(r"(.+?)([+-])(\d[\d.]*(?:[eE][+-]?\d+)?)", g.ref_model)  # `base-0.01`
-            if not (split and split.group(1) in models):
-                close = suggest(g.ref_model, models)
-                out.append(f"gate {text!r}: no model named {g.ref_model!r}" + (f" — did you mean {close!r}?" if close
-                           else "") + f" (models: {', '.join(models) or 'none'})")
+        ref_model = g.reference(models)[0]
+        if ref_model and ref_model not in models:
+            close = suggest(ref_model, models)
+            out.append(f"gate {text!r}: no model named {ref_model!r}" + (f" — did you mean {close!r}?" if close
+                       else "") + f" (models: {', '.join(models) or 'none'})")
     return out

@@ -10,7 +10,6 @@ model or task is reported in the table and the others still run.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -260,8 +259,7 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
         parsed = parse_gate(g)
         if parsed is None:
             raise RecipeError(f"gate {g!r} is not of the form {SYNTAX}", hint=EXAMPLE)
-        task, metric, op, ref_model, sign, delta, number = (parsed.task, parsed.metric, parsed.op, parsed.ref_model,
-                                                            parsed.sign, parsed.delta, parsed.number)
+        task, metric, op, number = parsed.task, parsed.metric, parsed.op, parsed.number
         subject, size = model, None
         if task not in report["results"] and parsed.cut[0] in report["results"] and parsed.cut[1] is not None:
             task, size = parsed.cut  # `stsb@64:spearman>=...`: the models cut to 64 dimensions
@@ -274,10 +272,7 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
                               hint=f"add {size} to eval.dims (or `--dim {size}`)")
         got = res.get(subject, {})
         value = got.get(metric, got.get("mteb", {}).get(metric))  # hmcl's short name, or mteb's
-        if ref_model and ref_model not in res and not sign:
-            split = re.fullmatch(r"(.+?)([+-])(\d[\d.]*(?:[eE][+-]?\d+)?)", ref_model)  # `base-0.01`
-            if split and split.group(1) in res:
-                ref_model, sign, delta = split.groups()
+        ref_model, sign, delta = parsed.reference(res)
         if ref_model and size is not None:
             ref_model = f"{ref_model}@{size}"  # compared at the same size
         if ref_model:
