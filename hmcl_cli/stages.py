@@ -137,9 +137,11 @@ def run_train(recipe: Recipe, resume: bool = False) -> Path:
 
 def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
     """How eval loads a model given by name: as saved (its own pooling, prompts and lengths), with
-    the recipe's segments; an ONNX export folder runs its graph (:class:`~hmcl_cli.export.onnx.OnnxModel`). The label ``recipe_base`` is the recipe's base model: loaded with the
-    recipe's model settings, as training starts from it (the step-0 dev score) and as mining encodes
-    with it, so its row is the model before training, not another embedder. (A decoder LLM's own
+    the recipe's segments; a run directory is its trained model, an ONNX export folder runs its
+    graph (:func:`local_model`, :class:`~hmcl_cli.export.onnx.OnnxModel`). The label
+    ``recipe_base`` is the recipe's base model: loaded with the recipe's model settings, as
+    training starts from it (the step-0 dev score) and as mining encodes with it, so its row is
+    the model before training, not another embedder. (A decoder LLM's own
     defaults have no instruction and other lengths: a tiny Qwen with the qwen-lora recipe scored
     0.1136 nDCG@10 on dev before training and 0.1415 as loaded plainly, which made a trained
     model that had gained look worse than the base.)"""
@@ -151,13 +153,12 @@ def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
             return EmbeddingModel.from_recipe(recipe.model, base_dir, name_or_path=name)
         from hmcl_cli.export.onnx import OnnxModel, is_onnx_export
 
-        here = Path(os.path.expanduser(name))
-        for folder in (here, *([Path(base_dir) / name] if base_dir is not None and not here.is_absolute() else [])):
-            if is_onnx_export(folder):  # an export judged on the tasks beside the torch model
-                model = OnnxModel(folder)
-                model.use_segments(recipe.model.segments)
-                return model
-        model = EmbeddingModel.load(name, base_dir=base_dir, trust_remote_code=recipe.model.trust_remote_code)
+        folder = local_model(name, base_dir)
+        if folder is not None and is_onnx_export(folder):  # an export judged on the tasks beside the torch model
+            model = OnnxModel(folder)
+        else:
+            model = EmbeddingModel.load(str(folder) if folder is not None else name, base_dir=base_dir,
+                                        trust_remote_code=recipe.model.trust_remote_code)
         model.use_segments(recipe.model.segments)  # the recipe's segmentation applies to every model compared
         return model
 
@@ -387,9 +388,14 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
             elif not recipe.resolve(task.path).exists():
                 note(("eval", "tasks", i, "path"), task.path)
     for key, name in recipe_models(recipe):
-        if is_folder(name):
+        if is_folder(name, recipe.base_dir):
+            from hmcl_cli.export.onnx import is_onnx_export
+
+            folder = local_model(name, recipe.base_dir)
+            if folder is not None and is_onnx_export(folder):
+                continue
             try:
-                resolve_model(name, base_dir=recipe.base_dir, download=False)
+                resolve_model(str(folder) if folder is not None else name, base_dir=recipe.base_dir, download=False)
             except ModelNotFoundError:
                 note(key, name, "is not a model folder here")
     return out
@@ -406,9 +412,25 @@ def recipe_models(recipe: Recipe) -> list[tuple[tuple, str]]:
     return models
 
 
-def is_folder(name: str) -> bool:
-    """A model named as a folder (relative, absolute or home path), not a hub id."""
-    return name.startswith((".", "/", "~"))
+def local_model(name: str, base_dir: Optional[Path] = None) -> Optional[Path]:
+    """The folder a model reference names here (relative to the current directory, else to
+    ``base_dir``), or None (a hub id, or nothing there). An hmcl run directory stands for its
+    trained ``model/``; an ONNX export folder is itself (eval runs its graph)."""
+    from hmcl_cli.modeling.resolve import RUN_MARKERS
+
+    here = Path(os.path.expanduser(name))
+    for folder in (here, *([Path(base_dir) / name] if base_dir is not None and not here.is_absolute() else [])):
+        if folder.is_dir():
+            if (folder / "model").is_dir() and any((folder / m).exists() for m in RUN_MARKERS):
+                return folder / "model"
+            return folder
+    return None
+
+
+def is_folder(name: str, base_dir: Optional[Path] = None) -> bool:
+    """A model named as a folder: a path written as one (``./``, ``/``, ``~``), or one that is
+    there (:func:`local_model`); else a hub id."""
+    return name.startswith((".", "/", "~")) or local_model(name, base_dir) is not None
 
 
 def hub_needs(recipe: Recipe, prepared: bool = False) -> list[tuple[tuple, str, type]]:
@@ -421,7 +443,7 @@ def hub_needs(recipe: Recipe, prepared: bool = False) -> list[tuple[tuple, str, 
 
     out: list[tuple[tuple, str, type]] = []
     for key, name in recipe_models(recipe):
-        if is_folder(name):
+        if is_folder(name, recipe.base_dir):
             continue  # missing_inputs says if it is not there
         try:
             resolve_model(name, recipe.model.revision if key[0] == "model" else None, recipe.base_dir, download=False)

@@ -746,3 +746,27 @@ def test_gate_problems_are_found_before_anything_runs():
     for gate, said in bad.items():
         (problem,) = gate_problems([gate], tasks, models, dims=[64])
         assert said in problem, (gate, problem)
+
+
+def test_a_recipe_compares_with_a_run_directory_and_an_onnx_export(tmp_path, tiny_bert, hub_down):
+    """`eval.compare` names a run directory (its trained model) or an ONNX export folder, written
+    relative to the recipe without `./`: neither is taken for a hub id to download, and each
+    scores as the model it holds."""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from conftest import make_trainer
+
+    from hmcl_cli.export.onnx import export_onnx
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import hub_needs, missing_inputs, run_eval
+
+    t = make_trainer(tmp_path, tiny_bert, train={"max_steps": 2, "eval_steps": 2})
+    t.train()
+    t.save_final()
+    export_onnx(t.run_dir / "model", tmp_path / "onnx")
+    recipe = load_recipe(tmp_path / "recipe.yaml", overrides=["eval.compare.prev=run", "eval.compare.graph=onnx"])
+    assert missing_inputs(recipe) == [] and hub_needs(recipe) == []
+    got = run_eval(recipe)["results"]["dev-retrieval"]
+    assert got["prev"]["ndcg@10"] == got["fine-tuned"]["ndcg@10"]
+    assert got["graph"]["ndcg@10"] == pytest.approx(got["fine-tuned"]["ndcg@10"], abs=2e-5)
