@@ -598,7 +598,9 @@ class EvalConfig(_Section):
     tasks: list[EvalTask] = Field(default_factory=list)
     compare: dict[str, str] = Field(
         default_factory=dict,
-        description="Extra models to compare, label -> model (e.g. base: <base model id>).",
+        description="Extra models to compare, label -> a model folder, an hmcl run directory (its trained model), "
+        "an ONNX export folder (its graph) or a hub id, relative to the recipe file (e.g. previous: runs/last-week; "
+        "gate `TASK:METRIC>=previous`).",
     )
     include_base: bool = Field(True, description="Add the recipe's base model as `base`.")
     batch_size: int = Field(128, ge=1, description="Encoding batch size: texts in the batch of the "
