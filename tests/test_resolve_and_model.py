@@ -234,3 +234,18 @@ def test_an_attention_kernel_that_cannot_be_had_is_said_not_swapped_silently(tin
     assert "it runs with sdpa attention" in err
     EmbeddingModel.load(str(tiny_qwen))  # sdpa, as asked: nothing to say
     assert "attn_implementation" not in capsys.readouterr().err
+
+
+def test_a_run_directory_names_its_trained_model(tmp_path, tiny_bert):
+    """`model.name_or_path: runs/earlier` (train on from it), `--model runs/x`: the run's model/."""
+    import shutil
+
+    run = tmp_path / "runs" / "earlier"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    shutil.copytree(tiny_bert, run / "model")
+    assert resolve_model(str(run)) == (run / "model").resolve()
+    assert resolve_model("runs/earlier", base_dir=tmp_path) == (run / "model").resolve()
+    shutil.rmtree(run / "model")
+    with pytest.raises(ModelNotFoundError, match="run directory without a trained model"):
+        resolve_model(str(run))

@@ -96,7 +96,8 @@ def resolve_transformer(name_or_path: str, revision: Optional[str] = None, base_
 def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None,
                   download: bool = True) -> Path:
     """Return a local folder holding the model ``name_or_path`` (``download=False``: only one
-    already here: a folder, the cache or a package).
+    already here: a folder, the cache or a package). An hmcl run directory stands for its trained
+    ``model/`` (training on from an earlier run, exporting or evaluating it).
 
     Raises :class:`ModelNotFoundError` (with how to get the model) when it cannot be found.
     """
@@ -107,6 +108,8 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
         if path.is_dir():
             if not any((path / m).is_file() for m in MODEL_MARKERS):
                 if any((path / m).exists() for m in RUN_MARKERS):
+                    if any((path / "model" / m).is_file() for m in MODEL_MARKERS):
+                        return (path / "model").resolve()  # a run directory: its trained model
                     raise ModelNotFoundError(
                         f"{path} is an hmcl run directory without a trained model (no {path / 'model'})",
                         hint="its training has not finished: `hmcl run RECIPE --resume` (or `hmcl train RECIPE "
