@@ -145,7 +145,7 @@ def eval_(
         models = {}
         for item in model:
             label, _, m = item.rpartition("=")
-            models[label or Path(m).name or m] = _run_model(m)
+            models[label or Path(m).name or m] = m
     if batch_size:
         r.eval.batch_size = batch_size
     if dim:
@@ -153,11 +153,6 @@ def eval_(
     # a flag-only call (no recipe) writes a file only when asked with --json
     run_eval(r, models=models, json_out=json_out, gates=gate, plot=plot, tasks=tasks or None,
              in_run_dir=recipe is not None)
-
-
-def _run_model(m: str) -> str:
-    p = Path(m)
-    return str(p / "model") if (p / "model" / "modules.json").is_file() or (p / "model" / "config.json").is_file() else m
 
 
 @app.command(epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
@@ -188,7 +183,7 @@ def export(
     model_dir = None
     if model:
         try:
-            model_dir = resolve_model(_run_model(model))
+            model_dir = resolve_model(model)  # (a run directory: its model/)
         except ModelNotFoundError as e:
             raise ModelNotFoundError(f"--model {model}: {e}", hint=e.hint) from None
     elif recipe is None:

@@ -631,10 +631,10 @@ class EvalConfig(_Section):
         there failed only after training, when the gate was first read."""
         if not self.gate or not self.tasks:  # (tasks given on the command line: checked by eval)
             return self
-        from hmcl_cli.evaluation.gates import gate_problems
+        from hmcl_cli.evaluation.gates import gate_problems, task_kinds
 
         models = (["base"] if self.include_base else []) + list(self.compare) + ["fine-tuned"]
-        problems = gate_problems(self.gate, {t.name: None if t.type == "mteb" else t.type for t in self.tasks}, models)
+        problems = gate_problems(self.gate, task_kinds(self.tasks), models)
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -151,14 +151,14 @@ def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
         base_dir = recipe.base_dir if recipe._source else None
         if label is not None and label == recipe_base:
             return EmbeddingModel.from_recipe(recipe.model, base_dir, name_or_path=name)
-        from hmcl_cli.export.onnx import OnnxModel, is_onnx_export
+        from hmcl_cli.export import is_onnx_export
+        from hmcl_cli.export.onnx import OnnxModel
 
         folder = local_model(name, base_dir)
         if folder is not None and is_onnx_export(folder):  # an export judged on the tasks beside the torch model
             model = OnnxModel(folder)
-        else:
-            model = EmbeddingModel.load(str(folder) if folder is not None else name, base_dir=base_dir,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+        else:  # (a run directory: resolve_model takes its model/)
+            model = EmbeddingModel.load(name, base_dir=base_dir, trust_remote_code=recipe.model.trust_remote_code)
         model.use_segments(recipe.model.segments)  # the recipe's segmentation applies to every model compared
         return model
 
@@ -197,9 +197,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     gates = gates if gates is not None else cfg.gate
     dims = _eval_dims(recipe, models)
     if gates:  # before the evaluation, not after it
-        from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, gate_problems
+        from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, gate_problems, task_kinds
 
-        problems = gate_problems(gates, {t.name: None if t.type == "mteb" else t.type for t in tasks}, models, dims)
+        problems = gate_problems(gates, task_kinds(tasks), models, dims)
         if problems:
             raise RecipeError("\n  ".join(["quality gate:", *problems]), hint=f"a gate is {SYNTAX}, {EXAMPLE}")
     report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe, recipe_base),
@@ -387,17 +387,15 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
                          f"with split: {task.path}, data.{task.path}_fraction 0)")
             elif not recipe.resolve(task.path).exists():
                 note(("eval", "tasks", i, "path"), task.path)
-    for key, name in recipe_models(recipe):
-        if is_folder(name, recipe.base_dir):
-            from hmcl_cli.export.onnx import is_onnx_export
+    from hmcl_cli.export import is_onnx_export
 
-            folder = local_model(name, recipe.base_dir)
-            if folder is not None and is_onnx_export(folder):
-                continue
-            try:
-                resolve_model(str(folder) if folder is not None else name, base_dir=recipe.base_dir, download=False)
-            except ModelNotFoundError:
-                note(key, name, "is not a model folder here")
+    for key, name in recipe_models(recipe):
+        if not is_folder(name, recipe.base_dir) or is_onnx_export(local_model(name, recipe.base_dir) or name):
+            continue  # a hub id (hub_needs), or an ONNX export eval runs
+        try:
+            resolve_model(name, base_dir=recipe.base_dir, download=False)  # (a run directory: its model/)
+        except ModelNotFoundError:
+            note(key, name, "is not a model folder here")
     return out
 
 
@@ -414,15 +412,10 @@ def recipe_models(recipe: Recipe) -> list[tuple[tuple, str]]:
 
 def local_model(name: str, base_dir: Optional[Path] = None) -> Optional[Path]:
     """The folder a model reference names here (relative to the current directory, else to
-    ``base_dir``), or None (a hub id, or nothing there). An hmcl run directory stands for its
-    trained ``model/``; an ONNX export folder is itself (eval runs its graph)."""
-    from hmcl_cli.modeling.resolve import RUN_MARKERS
-
+    ``base_dir``, as ``resolve_model`` looks), or None (a hub id, or nothing there)."""
     here = Path(os.path.expanduser(name))
     for folder in (here, *([Path(base_dir) / name] if base_dir is not None and not here.is_absolute() else [])):
         if folder.is_dir():
-            if (folder / "model").is_dir() and any((folder / m).exists() for m in RUN_MARKERS):
-                return folder / "model"
             return folder
     return None
 
@@ -535,33 +528,33 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     not run again, so training resumes on the data its checkpoints were trained on."""
     data = recipe.run_dir / "data"
     done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
-    summary = RunSummary(recipe, planned=[name for name, on in (
-        ("prepare", bool(recipe.data.sources)), ("mine", recipe.mine.enabled), ("train", recipe.train.enabled),
-        ("eval", recipe.eval.enabled and bool(recipe.eval.tasks)),
-        ("export", recipe.export.enabled and bool(recipe.export.formats))) if on])
+    enabled = {"prepare": bool(recipe.data.sources), "mine": recipe.mine.enabled, "train": recipe.train.enabled,
+               "eval": recipe.eval.enabled and bool(recipe.eval.tasks),
+               "export": recipe.export.enabled and bool(recipe.export.formats)}
+    summary = RunSummary(recipe, planned=[name for name, on in enabled.items() if on])
     with summary:  # (a run.json of an earlier run is replaced even when the checks stop this one)
-        summary.stage("checks", check_run, recipe, prepared=bool(recipe.data.sources and done))
-        if recipe.data.sources and done:
+        summary.stage("checks", check_run, recipe, prepared=enabled["prepare"] and done)
+        if enabled["prepare"] and done:
             log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
             summary.skipped("prepare")
-        elif recipe.data.sources:
+        elif enabled["prepare"]:
             summary.stage("prepare", run_prepare, recipe)
-        if recipe.mine.enabled and done and (data / "mining_report.json").is_file():
+        if enabled["mine"] and done and (data / "mining_report.json").is_file():
             log(f"resume: mine finished before ({data / 'mining_report.json'}); not run again")
             summary.skipped("mine")
-        elif recipe.mine.enabled:
+        elif enabled["mine"]:
             summary.stage("mine", run_mine, recipe)
-        if recipe.train.enabled:
+        if enabled["train"]:
             try:
                 summary.stage("train", run_train, recipe, resume=resume)
             except InterruptedRun as e:  # the command that continues it is this one, not `hmcl train`
                 e.hint = ("continue with `hmcl run RECIPE --resume` (with the same --set options): the prepared "
                           "data is kept and training goes on from its checkpoint")
                 raise
-        if recipe.eval.enabled and recipe.eval.tasks:
+        if enabled["eval"]:
             with RunLock(recipe.run_dir):
                 summary.stage("eval", run_eval, recipe)
-        if recipe.export.enabled and recipe.export.formats:
+        if enabled["export"]:
             with RunLock(recipe.run_dir):
                 summary.stage("export", run_export, recipe)
     log(f"done: {recipe.run_dir} ({summary.times()})")

@@ -55,6 +55,11 @@ def parse_gate(text: str) -> Optional[Gate]:
     return Gate(text, *m.groups()) if m else None
 
 
+def task_kinds(tasks: Iterable) -> dict[str, Optional[str]]:
+    """Eval tasks (EvalTask) as name -> kind; None for a hub task, whose kind its data says."""
+    return {t.name: None if t.type == "mteb" else t.type for t in tasks}
+
+
 def short_metrics() -> dict[str, list[str]]:
     """hmcl's short metric names, per task kind."""
     from hmcl_cli.evaluation.mteb_bridge import METRIC_NAMES

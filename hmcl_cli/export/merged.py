@@ -166,7 +166,7 @@ def model_card(info: dict) -> str:
         if prompt:
             lines += [f"`encode_{side}` puts the {side} instruction the model was trained with before each text "
                       f"(`prompts` in config_sentence_transformers.json): `{prompt!r}`. Plain `model.encode` does not; "
-                      f"with it, pass `prompt_name={('query' if side == 'query' else 'document')!r}`.", ""]
+                      f"with it, pass `prompt_name={side!r}`.", ""]
     if info.get("pipeline"):
         lines += [f"Embedding: {info['pipeline']}.", ""]
     if info.get("head"):

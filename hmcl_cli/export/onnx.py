@@ -100,12 +100,6 @@ def run_graph(session: Any, preparer: Any, texts: Sequence[str], side: str, batc
     return result if to_numpy else torch.from_numpy(result)
 
 
-def is_onnx_export(folder: Any) -> bool:
-    """Whether ``folder`` is an ONNX export of hmcl's (a graph, its tokenizer and hmcl_config.json)."""
-    folder = Path(folder)
-    return folder.is_dir() and (folder / "hmcl_config.json").is_file() and any(folder.glob("*.onnx"))
-
-
 class OnnxModel:
     """An ONNX export folder that encodes like the model it was exported from, for ``hmcl eval
     --model <folder>``: the fp32 or int8 graph judged on your own tasks beside the torch model.
