@@ -177,7 +177,7 @@ def hub_main_metric(task: Any) -> str:
 def load_hub_data(task: Any) -> bool:
     """Load a hub task's data unless it is loaded; True when this call loaded it. With the Hub out
     of reach the cached copy is read in offline mode: the datasets client would otherwise retry
-    the Hub with back-off (~25 s, measured) before it falls back to the same cache."""
+    the Hub with back-off (1+2+4+8+8 s, seen in its log) before it falls back to the same cache."""
     if task.data_loaded:
         return False
     from hmcl_cli.hub_access import hub_unreachable, offline_mode
