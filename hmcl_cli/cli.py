@@ -70,7 +70,7 @@ def mine(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
 
 
 @app.command(
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    context_settings={"allow_extra_args": True},
     epilog="Examples:  hmcl train recipes/quickstart.yaml --set train.max_steps=50\n\n"
     "hmcl train recipes/qwen-lora.yaml --plan\n\n"
     "hmcl train recipes/qwen-lora.yaml --launcher accelerate -- --num_processes 8",
@@ -86,6 +86,7 @@ def train(
     """Train with the HMCL objective (relaunches under `accelerate launch` on several GPUs)."""
     from hmcl_cli.stages import maybe_relaunch, run_train
 
+    launcher_args = _after_separator(list(ctx.args))
     r = _load(recipe, set_)
     if plan:
         from hmcl_cli.training.memory import plan_memory
@@ -95,10 +96,24 @@ def train(
         for line in p.advice:
             console.print(f"  to fit: {line}", markup=False)
         return
-    code = maybe_relaunch(r, str(recipe), set_ or [], resume, launcher, list(ctx.args))
+    code = maybe_relaunch(r, str(recipe), set_ or [], resume, launcher, launcher_args)
     if code is not None:
         raise typer.Exit(code)
     run_train(r, resume=resume)
+
+
+def _after_separator(extra: list[str]) -> list[str]:
+    """The arguments for ``accelerate launch``: those after ``--``. Anything else left over (a
+    second recipe, a stray word) is a usage error, not an argument handed to the launcher, which
+    would start a multi-process launch for a typo."""
+    argv = sys.argv[1:]
+    tail = argv[argv.index("--") + 1:] if "--" in argv else []
+    if extra and extra != tail[len(tail) - len(extra):]:
+        stray = extra[: len(extra) - len(tail)] if tail else extra
+        raise typer.BadParameter(
+            f"unexpected argument(s) {' '.join(stray)!r}: `hmcl train` takes one recipe; options "
+            "for `accelerate launch` go after `--` (hmcl train RECIPE --launcher accelerate -- --num_processes 8)")
+    return extra
 
 
 @app.command(
@@ -312,6 +327,8 @@ def recipe_schema(fmt: str = typer.Option("markdown", "--format", help="markdown
 
     from hmcl_cli.recipe import Recipe, schema_markdown
 
+    if fmt not in ("markdown", "json"):
+        raise typer.BadParameter(f"{fmt!r} is not a schema format: markdown or json", param_hint="'--format'")
     if fmt == "json":
         console.print(json.dumps(Recipe.model_json_schema(), indent=2), markup=False)
     else:
@@ -354,10 +371,8 @@ def main() -> None:
         sys.exit(e.exit_code)
     except typer.Abort:
         sys.exit(1)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        if isinstance(e, _usage_errors()):  # a misspelt command or option, a missing argument
             e.show()
             sys.exit(e.exit_code)
         if debug:
@@ -365,6 +380,21 @@ def main() -> None:
         err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
         sys.exit(1)
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """The exception classes of a command-line usage error: click's, and those of the click that
+    typer 0.29 and later carry inside (``typer._click``), which are not click's classes."""
+    import click
+
+    kinds: list[type] = [click.exceptions.ClickException]
+    try:
+        from typer._click.exceptions import ClickException as TyperClickException
+    except ImportError:
+        pass
+    else:
+        kinds.append(TyperClickException)
+    return tuple(kinds)
 
 
 def leave_distributed_child(exit_now=os._exit) -> None:

@@ -116,6 +116,30 @@ def test_errors_have_distinct_exit_codes(tmp_path, tiny_bert):
     assert bad_model.returncode == 4 and "does not exist" in bad_model.stderr
 
 
+def test_usage_errors_say_what_is_wrong_with_exit_code_2(tmp_path):
+    """A misspelt command or option, a missing argument, a stray word: click's usage message and
+    exit code 2, never an 'internal error' (typer 0.29 carries its own click, whose exceptions
+    are not click's), and a stray word after the recipe is not handed to `accelerate launch`."""
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    cases = [
+        ((), "Commands"),
+        (("trian",), "No such command 'trian'"),
+        (("recipe", "lst"), "No such command 'lst'"),
+        (("train",), "Missing argument"),
+        (("eval", "--bogus"), "No such option: --bogus"),
+        (("train", recipe, "--resum"), "No such option: --resum"),
+        (("train", recipe, "extra", "--plan"), "unexpected argument(s) 'extra'"),
+        (("train", recipe, "extra", "--plan", "--", "--num_processes", "2"), "unexpected argument(s) 'extra'"),
+        (("recipe", "schema", "--format", "yaml"), "'yaml' is not a schema format"),
+    ]
+    for args, message in cases:
+        out = hmcl(*args, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stdout + out.stderr, (args, out.stdout[-300:], out.stderr)
+        assert "internal error" not in out.stderr, args
+    launch = hmcl("train", recipe, "--plan", "--", "--num_processes", "2", cwd=tmp_path)
+    assert launch.returncode == 0 and "memory plan per device" in launch.stdout, launch.stderr
+
+
 def test_onnx_export_matches_torch_for_encoder_and_decoder(tmp_path, tiny_bert, tiny_qwen):
     import pytest
 
