@@ -164,6 +164,9 @@ def test_mixed_sources_merge_by_query_and_conflicts_follow_the_rule(tmp_path):
         assert "y" in row[y_level] and row["weak"] == ["z"] and "x" in row["pos"]
         assert stats["conflicts"] == {"count": 1, "rule": rule}
         assert stats["duplicates_removed"] == 1  # (q, x) given twice at the same level
+        # 4 examples in (1 row of a, 3 of b), all of query q: one out, 3 joined to it
+        assert sum(s["examples"] for s in stats["sources"].values()) == 4
+        assert stats["splits"]["train"]["examples"] == 1 and stats["combined_same_query"] == 3
 
 
 def test_examples_left_without_enough_candidates_are_counted_and_announced(tmp_path, capsys):

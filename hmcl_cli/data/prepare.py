@@ -101,7 +101,11 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
         if st.rows == 0:
             warn(f"data source {path or label} holds no rows: is it the source you meant?")
 
-    stats: dict[str, Any] = {"sources": {}, "splits": {}, "duplicates_removed": totals["duplicate"],
+    # rows of one query (within a split, across sources too) make one example: the sources'
+    # example counts add up to the splits' only with these
+    combined = sum(st.examples_in for st in per_source.values()) - sum(len(m) for m in merged.values())
+    stats: dict[str, Any] = {"sources": {}, "splits": {}, "combined_same_query": combined,
+                             "duplicates_removed": totals["duplicate"],
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
     for label, st in per_source.items():
         stats["sources"][label] = {
@@ -279,7 +283,9 @@ def print_stats(stats: dict) -> None:
     for side, pct in stats.get("token_lengths", {}).items():
         console.print(f"{side} length in tokens: " + ", ".join(f"{k} {v}" for k, v in pct.items()))
     leak = stats["leakage"]
-    console.print(f"duplicates removed: {stats['duplicates_removed']}; level conflicts: "
+    combined = stats.get("combined_same_query", 0)
+    console.print((f"examples of a query seen before, joined to it: {combined}; " if combined else "")
+                  + f"duplicates removed: {stats['duplicates_removed']}; level conflicts: "
                   f"{stats['conflicts']['count']} (rule: {stats['conflicts']['rule']}); leakage: queries in "
                   f"several splits {leak['queries_in_several_splits']}, dev/test texts also in train "
                   f"{leak['dev_test_texts_also_in_train']}")
