@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -275,29 +274,12 @@ def recipe_summary(text: str) -> str:
 def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
               dest: Path = typer.Argument(..., help="Destination file or folder.")) -> None:
     """Copy a built-in recipe (and the sample data it uses) to DEST."""
-    from hmcl_cli.errors import RecipeError
-    from hmcl_cli.recipe import builtin_recipes, suggest
+    from hmcl_cli.recipe import copy_builtin_recipe
 
-    recipes = builtin_recipes()
-    if name not in recipes:
-        s = suggest(name, list(recipes))
-        raise RecipeError(f"no built-in recipe {name!r}" + (f" — did you mean {s!r}?" if s else ""),
-                          hint=f"available: {', '.join(recipes)}")
-    target = dest / f"{name}.yaml" if dest.is_dir() else dest
-    if target.exists():
-        raise RecipeError(f"{target} already exists", hint="choose another destination or remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # the commands in its header comment name the copy (`hmcl run my.yaml`), not the built-in file
-    from hmcl_cli.io_utils import write_text_atomic
-
-    lines = recipes[name].read_text(encoding="utf-8").splitlines(keepends=True)
-    header = next((i for i, ln in enumerate(lines) if not ln.startswith("#")), len(lines))
-    lines[:header] = [ln.replace(f"recipes/{name}.yaml", target.as_posix()) for ln in lines[:header]]
-    write_text_atomic(target, "".join(lines))
-    data = recipes[name].parent / "data"
-    if data.is_dir() and not (target.parent / "data").exists():
-        shutil.copytree(data, target.parent / "data", ignore=shutil.ignore_patterns("__pycache__"))
-    console.print(f"copied {name} -> {target}")
+    target, notes = copy_builtin_recipe(name, dest)
+    console.print(f"copied {name} -> {target}", markup=False)
+    for note in notes:
+        console.print(f"  {note}", markup=False)
 
 
 @recipe_app.command("validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")

@@ -17,6 +17,7 @@ import codecs
 import difflib
 import os
 import re
+import shutil
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -1033,6 +1034,66 @@ def builtin_recipes() -> dict[str, Path]:
 
     folder = Path(str(resources.files("hmcl_cli.recipes")))
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+_ENV_DEFAULT = re.compile(r"\$\{\s*env:(\w+):-([^}]*)\}")
+
+
+def copy_builtin_recipe(name: str, dest: Path) -> tuple[Path, list[str]]:
+    """Copy the built-in recipe ``name`` to ``dest`` (a file, or a folder to copy into) with the
+    sample data beside it; returns the copy and notes for the user.
+
+    The copy's header commands name the copy. A data folder the recipe reads through an
+    environment variable's default relative to the built-in file (``${env:HMCL_DATA:-../../shared/data}``)
+    would name another folder from the copy: where that folder exists, the copy's default names
+    it (absolute), else a note says which variable to set. A ``data/`` folder already beside the
+    destination is kept; a note names the sample files the copy then lacks."""
+    recipes = builtin_recipes()
+    if name not in recipes:
+        s = suggest(name, list(recipes))
+        raise RecipeError(f"no built-in recipe {name!r}" + (f" — did you mean {s!r}?" if s else ""),
+                          hint=f"available: {', '.join(recipes)}")
+    source = recipes[name]
+    target = dest / f"{name}.yaml" if dest.is_dir() else dest
+    if target.exists():
+        raise RecipeError(f"{target} already exists", hint="choose another destination or remove it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    lines = source.read_text(encoding="utf-8").splitlines(keepends=True)
+    header = next((i for i, ln in enumerate(lines) if not ln.startswith("#")), len(lines))
+    lines[:header] = [ln.replace(f"recipes/{name}.yaml", target.as_posix()) for ln in lines[:header]]
+    text = "".join(lines)
+
+    def relocate(m: re.Match) -> str:
+        var, default = m.group(1), m.group(2)
+        if not default or Path(default).expanduser().is_absolute():
+            return m.group(0)
+        folder = (source.parent / default).resolve()
+        if folder.is_dir():
+            return "${env:%s:-%s}" % (var, folder.as_posix())
+        notes.append(f"it reads its data from ${var}, whose default ({default}, beside the built-in recipe) "
+                     f"is not here: export {var}=<folder> before running it")
+        return m.group(0)
+
+    text = _ENV_DEFAULT.sub(relocate, text)
+    for var, folder in sorted({(m.group(1), m.group(2)) for m in _ENV_DEFAULT.finditer(text)}):
+        if Path(folder).is_absolute() and Path(folder).is_dir():
+            notes.append(f"its data: ${var}, or where that is not set, {folder}")
+    from hmcl_cli.io_utils import write_text_atomic
+
+    write_text_atomic(target, text)
+    data = source.parent / "data"
+    if data.is_dir():
+        mine = target.parent / "data"
+        if not mine.exists():
+            shutil.copytree(data, mine, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            used = sorted({m.group(1) for m in re.finditer(r"\bdata/([\w.-]+)", text)})
+            lacking = [f for f in used if (data / f).is_file() and not (mine / f).exists()]
+            if lacking:
+                notes.append(f"{mine}/ exists and was kept; the sample file(s) the recipe reads are not in it: "
+                             f"{', '.join(lacking)} (copy them from {data})")
+    return target, notes
 
 
 def read_recipe_file(path: Path, chain: tuple = ()) -> tuple[dict, dict]:

@@ -127,3 +127,46 @@ def test_every_schema_key_has_a_description():
     assert {len(c) for c in cells} == {4}
     bare = [c[0] for c in cells if not c[3]]
     assert not bare, f"keys without a description: {bare}"
+
+
+def test_recipe_cp_keeps_the_data_folder_an_env_default_names(tmp_path, monkeypatch):
+    """A built-in recipe reads data through ``${env:HMCL_DATA:-<relative folder>}``; relative to a
+    copy elsewhere that default would name another folder. The copy names the same folder (when
+    it exists), says which variable to set when it does not, and says which sample files a kept
+    data/ folder beside the destination lacks."""
+    import hmcl_cli.recipe as recipe_module
+
+    shipped = tmp_path / "pkg" / "recipes"
+    (shipped / "data").mkdir(parents=True)
+    (shipped / "data" / "sample.jsonl").write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
+    shared = tmp_path / "pkg" / "shared"
+    shared.mkdir()
+    (shared / "train.jsonl").write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
+    body = ("model: {name_or_path: some/model}\n"
+            "data:\n  sources:\n    - path: ${env:HMCL_DATA:-%s}/train.jsonl\n    - path: data/sample.jsonl\n")
+    (shipped / "here.yaml").write_text("# hmcl run recipes/here.yaml\nname: here\n" + body % "../shared")
+    (shipped / "gone.yaml").write_text("# hmcl run recipes/gone.yaml\nname: gone\n" + body % "../absent")
+    monkeypatch.setattr(recipe_module, "builtin_recipes",
+                        lambda: {p.stem: p for p in sorted(shipped.glob("*.yaml"))})
+    monkeypatch.delenv("HMCL_DATA", raising=False)
+
+    dest = tmp_path / "team" / "deep"
+    target, notes = recipe_module.copy_builtin_recipe("here", dest / "mine.yaml")
+    text = target.read_text()
+    assert text.startswith(f"# hmcl run {target.as_posix()}\n")
+    assert f"${{env:HMCL_DATA:-{shared.resolve().as_posix()}}}/train.jsonl" in text
+    r = load_recipe(target)
+    assert r.resolve(r.data.sources[0].path) == shared.resolve() / "train.jsonl"
+    assert (dest / "data" / "sample.jsonl").is_file() and notes == [
+        f"its data: $HMCL_DATA, or where that is not set, {shared.resolve().as_posix()}"]
+    monkeypatch.setenv("HMCL_DATA", str(tmp_path))  # the variable still wins
+    assert load_recipe(target).data.sources[0].path == f"{tmp_path}/train.jsonl"
+
+    (tmp_path / "other" / "data").mkdir(parents=True)  # the user's own data/ folder is kept
+    target, notes = recipe_module.copy_builtin_recipe("gone", tmp_path / "other")
+    assert target == tmp_path / "other" / "gone.yaml"
+    assert "${env:HMCL_DATA:-../absent}/train.jsonl" in target.read_text()
+    assert "export HMCL_DATA=<folder>" in notes[0]
+    assert "sample.jsonl" in notes[1] and not (tmp_path / "other" / "data" / "sample.jsonl").exists()
+    with pytest.raises(RecipeError, match="already exists"):
+        recipe_module.copy_builtin_recipe("gone", tmp_path / "other")
