@@ -728,6 +728,23 @@ def test_a_gate_that_would_judge_a_model_against_itself_fails(capsys):
     assert "gate FAIL: t:map>=base (it would compare base with itself" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_gate_above_the_metrics_maximum_says_it_cannot_be_met(capsys):
+    """`ndcg@10>=base+0.01` with the base at 0.9904 needs 1.0004: no model can pass it, and the
+    failure says so instead of "not good enough to ship"."""
+    report = {"models": ["fine-tuned", "base"],
+              "results": {"t": {"base": {"ndcg@10": 0.9904}, "fine-tuned": {"ndcg@10": 0.9904}}}}
+    rows = check_gates(report, ["t:ndcg@10>=base+0.01", "t:ndcg@10>=base+0.005"])
+    assert [r.get("unreachable", False) for r in rows] == [True, False] and not any(r["passed"] for r in rows)
+    with pytest.raises(GateFailedError) as e:
+        enforce_gates(rows)
+    assert "more than ndcg@10 can be (at most 1)" in str(e.value) and "lower the margin" in e.value.hint
+    assert "needs 1.0004, more than ndcg@10 can be" in " ".join(capsys.readouterr().out.split())
+    one = check_gates(report, ["t:ndcg@10>=base+0.005"])
+    with pytest.raises(GateFailedError) as e:
+        enforce_gates(one)
+    assert e.value.hint == "the model was not good enough to ship; see the table above"
+
+
 def test_gate_problems_are_found_before_anything_runs():
     from hmcl_cli.evaluation.gates import gate_problems
 
@@ -735,14 +752,16 @@ def test_gate_problems_are_found_before_anything_runs():
     models = ["base", "fine-tuned"]
     ok = ["stsb:spearman>=base+0.005", "stsb:cosine_spearman>=0.8", "dev:ndcg@10>=base-0.01", "dev:main_score>0.1",
           "dev:ndcg_at_10>=base", "hub:anything_mteb_says>=0.5", "hub:spearman>=base", "dev@64:ndcg@10>=base",
-          "dev:ndcg@10>=base-0.01"]
+          "dev:ndcg@10>=base-0.01", "dev:ndcg@10>=1", "stsb:cosine_spearman>=1.5"]
     assert gate_problems(ok, tasks, models, dims=[64]) == []
     bad = {"dev:spearman>=base": "'spearman' is not a metric of a retrieval task",
            "dev:ndgc@10>=base": "did you mean 'ndcg@10'",
            "stsb:spearman>=fine_tuned": "no model named 'fine_tuned' — did you mean 'fine-tuned'?",
            "stbs:spearman>=0.8": "no task named 'stbs' — did you mean 'stsb'?",
            "dev@32:ndcg@10>=base": "not evaluated cut to 32 dimensions",
-           "stsb spearman good": "is not of the form"}
+           "stsb spearman good": "is not of the form",
+           "dev:ndcg@10>=1.02": "no model can pass it: ndcg@10 is at most 1",
+           "stsb:spearman>1": "no model can pass it"}
     for gate, said in bad.items():
         (problem,) = gate_problems([gate], tasks, models, dims=[64])
         assert said in problem, (gate, problem)

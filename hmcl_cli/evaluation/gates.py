@@ -84,6 +84,14 @@ def metric_problem(metric: str, kind: Optional[str]) -> Optional[str]:
             + f" (hmcl's: {', '.join(own)}; or any mteb score name)")
 
 
+def beyond_maximum(metric: str, op: str, threshold: Optional[float]) -> bool:
+    """Whether ``METRIC OP threshold`` asks more than any model can score: each of hmcl's
+    metrics is at most 1."""
+    bounded = {n for names in short_metrics().values() for n in names}
+    return (metric in bounded and isinstance(threshold, float)
+            and (threshold > 1 if op == ">=" else threshold >= 1 if op == ">" else False))
+
+
 def gate_problems(gates: Iterable[str], tasks: dict[str, Optional[str]], models: Iterable[str],
                   dims: Optional[Iterable[int]] = None) -> list[str]:
     """What is wrong with each gate against an evaluation of ``tasks`` (name -> kind; None: a kind
@@ -111,6 +119,8 @@ def gate_problems(gates: Iterable[str], tasks: dict[str, Optional[str]], models:
         if why:
             out.append(f"gate {text!r}: {why}")
         ref_model = g.reference(models)[0]
+        if g.number is not None and beyond_maximum(g.metric, g.op, float(g.number)):
+            out.append(f"gate {text!r}: no model can pass it: {g.metric} is at most 1")
         if ref_model and ref_model not in models:
             close = suggest(ref_model, models)
             out.append(f"gate {text!r}: no model named {ref_model!r}" + (f" — did you mean {close!r}?" if close

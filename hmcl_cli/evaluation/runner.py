@@ -251,7 +251,7 @@ def print_table(report: dict, title: str = "evaluation") -> None:
 
 def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> list[dict]:
     """Evaluate gate expressions on ``model`` (default: the first model). Returns one row each."""
-    from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, parse_gate
+    from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, beyond_maximum, parse_gate
 
     model = model or report["models"][0]
     rows = []
@@ -287,21 +287,29 @@ def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> 
         row = {"gate": g, "model": subject, "value": value, "threshold": threshold, "passed": bool(ok)}
         if ref_model == subject:  # e.g. a recipe's eval before any training: the base judged against itself
             row.update(passed=False, why=f"it would compare {subject} with itself: no other model to judge was evaluated")
+        elif not ok and beyond_maximum(metric, op, threshold):  # `>=base+0.01` with the base at 0.9904
+            row.update(unreachable=True, why=f"{subject}: {_num(value)}, needs {_num(threshold)}, more than {metric} "
+                                              "can be (at most 1)")
         rows.append(row)
     return rows
+
+
+def _num(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "missing"
 
 
 def enforce_gates(rows: list[dict]) -> None:
     for r in rows:
         mark = "[green]pass[/green]" if r["passed"] else "[red]FAIL[/red]"
-        v = f"{r['value']:.4f}" if isinstance(r["value"], float) else "missing"
-        th = f"{r['threshold']:.4f}" if isinstance(r["threshold"], float) else "missing"
-        said = r.get("why") or f"{r['model']}: {v}, needs {th}"
+        said = r.get("why") or f"{r['model']}: {_num(r['value'])}, needs {_num(r['threshold'])}"
         console.print(f"gate {mark}: {r['gate']} ({said})")
     failed = [r for r in rows if not r["passed"]]
     if failed:
         hint = "the model was not good enough to ship; see the table above"
-        if any(r.get("why") for r in failed):
+        if any(r.get("unreachable") for r in failed):
+            hint = ("no model can pass a gate above its metric's maximum: the model it compares with is already "
+                    "near 1 there; lower the margin (e.g. >=base) or give a threshold of at most 1")
+        elif any(r.get("why") for r in failed):
             hint = ("train the recipe first (its run directory has no model/ to evaluate), or name the model to "
                     "judge with --model")
         raise GateFailedError(f"{len(failed)} of {len(rows)} quality gate(s) not met: " + "; ".join(
