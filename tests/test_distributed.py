@@ -182,8 +182,12 @@ def test_hmcl_train_with_two_processes_equals_one_process_with_doubled_batch(tmp
             assert "one forward call per step" in out
         assert ("train: projections:" in out) == ("fused_projections" in extra.get("model", {}))
         weights[procs], losses[procs] = _trained(folder)
-    # float32 rounding of the loss (values near 70 here): relative 1e-6, or 2e-5 near zero
-    assert losses[1] == pytest.approx(losses[2], rel=1e-6, abs=2e-5) and len(losses[1]) >= 2
+    # float32 rounding of the loss (values near 70 here): relative 1e-6, or 2e-5 near zero, while
+    # the weights are still those both runs started from; after a few AdamW steps the rounding of
+    # near-zero gradients has grown (the tiny Qwen under DDP, joined or not, 42.3101 vs 42.3096 at
+    # step 5, torch 2.14.1): relative 1e-4 there, the weights' own bound below
+    assert losses[1][0] == pytest.approx(losses[2][0], rel=1e-6, abs=2e-5) and len(losses[1]) >= 2
+    assert losses[1] == pytest.approx(losses[2], rel=1e-6 if not extra else 1e-4, abs=2e-5)
     base = load_file(model_dir / "model.safetensors")
     # AdamW (lr 1e-3) turns float rounding in near-zero gradients into differences far below one step
     tol = 2e-5 if not extra else 1e-4
