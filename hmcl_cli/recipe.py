@@ -225,11 +225,13 @@ class SourceConfig(_Section):
     )
     thresholds: Optional[dict[str, float]] = Field(
         None,
-        description="sts: minimum score for `pos` and `weak` (below weak = neg), "
-        "default {pos: 4.0, weak: 2.0}.",
+        description="sts: minimum score for `pos` and `weak` (below weak = neg); default {pos: 4.0, "
+        "weak: 2.0} (STS-B's 0-5 scale), or with `score_range` [lo, hi] the same points of that range "
+        "(80% and 40% of the way: {pos: 0.8, weak: 0.4} for [0, 1]). A level not given keeps its default.",
     )
     score_range: Optional[tuple[float, float]] = Field(
-        None, description="sts: declared score range; scores outside it are bad rows."
+        None, description="sts: declared score range; scores outside it are bad rows. Without "
+        "`thresholds` it also places the default thresholds."
     )
     label_map: Optional[dict[str, Literal["pos", "weak", "neg"]]] = Field(
         None,
@@ -258,6 +260,38 @@ class SourceConfig(_Section):
         if not self.path and not self.hub:
             raise ValueError("a source needs `path` (local file) or `hub` (dataset name)")
         return self
+
+    @field_validator("thresholds")
+    @classmethod
+    def _threshold_levels(cls, v: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
+        for level in v or {}:
+            if level not in ("pos", "weak"):
+                close = "pos" if level.lower().startswith("pos") else suggest(level, ["pos", "weak"])
+                raise ValueError(f"unknown level {level!r} in thresholds" + (f" — did you mean {close!r}?" if close
+                                 else "") + " (thresholds are given for pos and weak; below weak is neg)")
+        return v
+
+    @field_validator("score_range")
+    @classmethod
+    def _ordered_range(cls, v: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError(f"score_range {list(v)} must be [low, high] with low < high")
+        return v
+
+    @model_validator(mode="after")
+    def _thresholds_in_order(self) -> "SourceConfig":
+        th = self.level_thresholds()
+        if th["pos"] < th["weak"]:
+            given = ", ".join(f"{k} {v:g}" for k, v in (self.thresholds or {}).items())
+            raise ValueError(f"thresholds: pos {th['pos']:g} is below weak {th['weak']:g} (given: {given}; "
+                             "a level not given keeps its default): set both, pos >= weak")
+        return self
+
+    def level_thresholds(self) -> dict[str, float]:
+        """The sts scores at which a pair becomes ``pos`` and ``weak``: ``thresholds`` where given,
+        else 4.0 and 2.0 (a 0-5 scale), or 80% and 40% of the way through ``score_range``."""
+        lo, hi = self.score_range or (0.0, 5.0)
+        return {"pos": lo + 0.8 * (hi - lo), "weak": lo + 0.4 * (hi - lo), **(self.thresholds or {})}
 
 
 class DataConfig(_Section):

@@ -415,3 +415,25 @@ def test_labels_written_as_floats_read_as_their_integers(tmp_path, tiny_bert):
     (tmp_path / "f.csv").write_text("question,answer,label\nq,a,1.5\n")
     with pytest.raises(DataError, match="unknown label '1.5'"):
         prepare(recipe, progress=False)
+
+
+def test_sts_thresholds_follow_a_declared_score_range(tmp_path, capsys):
+    """The default thresholds (4 and 2 on 0-5) sit at 80% and 40% of a declared score_range; the
+    same pairs scored 0-5 and 0-1 grade alike. Given thresholds win, a level at a time."""
+    five = tmp_path / "five.csv"
+    five.write_text("".join(f"a{i},b{i},{i / 4:g}\n" for i in range(21)), encoding="utf-8")  # 0, 0.25, ... 5
+    one = tmp_path / "one.csv"
+    one.write_text("".join(f"a{i},b{i},{i / 20:g}\n" for i in range(21)), encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(five), "format": "sts", "split": "train"}]), progress=False)
+    graded_five = _output_levels(_written(tmp_path))
+    assert graded_five == Counter(pos=5, weak=8, neg=8)  # >= 4: 5 pairs; [2, 4): 8
+    prepare(_recipe(tmp_path, [{"path": str(one), "format": "sts", "split": "train", "score_range": [0, 1]}]),
+            progress=False)
+    assert _output_levels(_written(tmp_path)) == graded_five
+    prepare(_recipe(tmp_path, [{"path": str(one), "format": "sts", "split": "train", "score_range": [0, 1],
+                                "thresholds": {"pos": 0.9}}]), progress=False)
+    assert _output_levels(_written(tmp_path)) == Counter(pos=3, weak=10, neg=8)
+    # thresholds given on another scale than the scores: a warning, the data as asked
+    prepare(_recipe(tmp_path, [{"path": str(one), "format": "sts", "split": "train",
+                                "thresholds": {"pos": 4, "weak": 3}}], min_candidates=1), progress=False)
+    assert "all 21 pairs are graded neg" in capsys.readouterr().err

@@ -45,6 +45,11 @@ class _SourceStats:
         self.first_errors: list[str] = []
         self.levels: Counter = Counter()
         self.splits: Counter = Counter()
+        self.scores: list[float] = []  # lowest and highest candidate score seen
+
+    def saw_score(self, score: Optional[float]) -> None:
+        if score is not None:
+            self.scores = [min(score, self.scores[0]), max(score, self.scores[1])] if self.scores else [score, score]
 
 
 def prepare(recipe: Recipe, tokenizer: Any = None, progress: bool = True) -> dict:
@@ -65,7 +70,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     totals: Counter = Counter()
     per_source: dict[str, _SourceStats] = {}
 
-    for src, label in zip(data_cfg.sources, source_labels(data_cfg.sources)):
+    for index, (src, label) in enumerate(zip(data_cfg.sources, source_labels(data_cfg.sources))):
         st = per_source[label] = _SourceStats()
         path = _source_path(recipe, src, st)
         if path is False:
@@ -94,12 +99,14 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                     target = merged[split][key] = GradedExample(ex.query, prompt=ex.prompt, source=ex.source or label)
                 for cand in ex.candidates.values():
                     st.levels[LEVEL_NAMES[cand.level]] += 1
+                    st.saw_score(cand.score)
                     totals[add_candidate(target, cand.text, cand.level, cand.score, data_cfg.conflict)] += 1
         finally:
             bar.update(st.rows % 1000)
             bar.close()
         if st.rows == 0:
             warn(f"data source {path or label} holds no rows: is it the source you meant?")
+        _check_sts_scale(src, label, st, index)
 
     # rows of one query (within a split, across sources too) make one example: the sources'
     # example counts add up to the splits' only with these
@@ -189,6 +196,26 @@ def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optiona
     env = "".join(f", or export {name}=<folder>" for name in recipe.env_names(key))
     raise DataError(msg + (f" (data.sources.{i}.path {written})" if written else ""),
                     hint=f"fix data.sources.{i}.path (relative to the recipe file) or --set it{env}")
+
+
+def _check_sts_scale(src: SourceConfig, label: str, st: _SourceStats, index: int) -> None:
+    """An sts source none of whose pairs reached ``weak``: its scores are on another scale than the
+    thresholds (sentence-transformers' STS-B copies score 0-1, the defaults are for 0-5), and every
+    pair would train as a negative. An error with the default thresholds, a warning with given ones."""
+    if src.format != "sts" or not st.scores or st.levels["pos"] or st.levels["weak"]:
+        return
+    th = src.level_thresholds()
+    lo, hi = st.scores
+    said = (f"data source {label}: all {st.levels['neg']} pairs are graded neg: its scores run from {lo:g} to "
+            f"{hi:g}, all below the weak threshold {th['weak']:g} (pos {th['pos']:g})")
+    key = f"data.sources.{index}"
+    if src.thresholds:
+        warn(f"{said}; is {key}.thresholds on the scale of its scores?")
+        return
+    span = f"[{lo:g}, {1 if hi <= 1 else hi:g}]"
+    raise DataError(said + " — the default thresholds are for scores from 0 to 5",
+                    hint=f"declare the scale, e.g. {key}.score_range: {span} (the thresholds follow it: "
+                         f"pos from 80% of the way, weak from 40%), or set {key}.thresholds: {{pos: ..., weak: ...}}")
 
 
 def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:

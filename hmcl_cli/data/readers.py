@@ -518,7 +518,7 @@ def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExamp
                 f"[{src.score_range[0]:g}, {src.score_range[1]:g}]",
                 kind="score out of range",
             )
-        th = {"pos": 4.0, "weak": 2.0, **(src.thresholds or {})}
+        th = src.level_thresholds()
         level = 2 if score >= th["pos"] else 1 if score >= th["weak"] else 0
     else:
         default = NLI_DEFAULT if fmt == "nli" else BINARY_DEFAULT
