@@ -323,12 +323,12 @@ def main() -> None:
 
     quiet_forks()  # forks stay quiet; hmcl's own tokenising still runs on every core
     _quiet_libraries()
-    debug = "--debug" in sys.argv
+    args, debug = _debug_first(sys.argv[1:])
     _sigterm_is_interrupt()
     try:
         try:
             # without standalone mode typer *returns* the exit code of typer.Exit and of Ctrl-C (130)
-            code = app(standalone_mode=False)
+            code = app(args=args, standalone_mode=False)
             if code == InterruptedRun.exit_code:
                 raise KeyboardInterrupt
             if isinstance(code, int) and code:
@@ -362,6 +362,17 @@ def main() -> None:
         err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
         sys.exit(1)
+
+
+def _debug_first(argv: list[str]) -> tuple[list[str], bool]:
+    """The arguments with ``--debug`` moved in front of the command, and whether it was given.
+    Errors say "rerun with --debug", and a rerun adds it at the end (``hmcl train r.yaml --debug``),
+    where the command's own options are read; what follows ``--`` (the launcher's) stays as it is."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    head, tail = argv[:cut], argv[cut:]
+    if "--debug" not in head:
+        return argv, False
+    return ["--debug", *(a for a in head if a != "--debug"), *tail], True
 
 
 def _usage_errors() -> tuple[type, ...]:

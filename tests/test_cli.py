@@ -138,6 +138,16 @@ def test_usage_errors_say_what_is_wrong_with_exit_code_2(tmp_path):
         assert "internal error" not in out.stderr, args
     launch = hmcl("train", recipe, "--plan", "--", "--num_processes", "2", cwd=tmp_path)
     assert launch.returncode == 0 and "memory plan per device" in launch.stdout, launch.stderr
+    # "rerun with --debug": after the command too, where a rerun puts it
+    for args in (("--debug", "prepare", "nope.yaml"), ("prepare", "nope.yaml", "--debug")):
+        out = hmcl(*args, cwd=tmp_path)
+        assert out.returncode != 0 and "RecipeError: recipe file nope.yaml does not exist" in out.stderr, out.stderr
+        assert "Traceback" in out.stderr or "│" in out.stderr, out.stderr  # rich's traceback
+    from hmcl_cli.cli import _debug_first
+
+    assert _debug_first(["train", "r.yaml", "--debug", "--", "--debug"]) == (
+        ["--debug", "train", "r.yaml", "--", "--debug"], True)
+    assert _debug_first(["train", "r.yaml", "--", "--debug"]) == (["train", "r.yaml", "--", "--debug"], False)
 
 
 def test_onnx_export_matches_torch_for_encoder_and_decoder(tmp_path, tiny_bert, tiny_qwen):
