@@ -26,8 +26,8 @@ recipe_app = typer.Typer(help="List, copy, validate and document recipes.", no_a
 app.add_typer(recipe_app, name="recipe")
 
 STATE = {"debug": False}
-SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key, e.g. --set train.epochs=2 (repeatable).")
-RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set train.epochs=2 (repeatable).")
+RecipeArg = typer.Argument(..., metavar="RECIPE", help="Recipe YAML file.", show_default=False)
 
 
 def _version(value: bool) -> None:
@@ -40,8 +40,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version, with Python's, the device and the packages' (for a bug report)."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="", help="Print the version, with Python's, the device and the packages' (for a bug report)."),
+    debug: bool = typer.Option(False, "--debug", metavar="", help="Show tracebacks on errors."),
 ) -> None:
     STATE["debug"] = debug
 
@@ -78,9 +78,9 @@ def train(
     ctx: typer.Context,
     recipe: Path = RecipeArg,
     set_: Optional[List[str]] = SetOpt,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the last good checkpoint (of the same training data); without it a training starts over."),
-    launcher: Optional[str] = typer.Option(None, "--launcher", help="auto | none | accelerate (args after --)."),
-    plan: bool = typer.Option(False, "--plan", help="Print the memory plan (peak per device, knobs to fit) and exit."),
+    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue from the last good checkpoint (of the same training data); without it a training starts over."),
+    launcher: Optional[str] = typer.Option(None, "--launcher", metavar="auto|none|accelerate", help="Run under `accelerate launch` (its arguments after --), or not; auto: with several GPUs."),
+    plan: bool = typer.Option(False, "--plan", metavar="", help="Print the memory plan (peak per device, knobs to fit) and exit."),
 ) -> None:
     """Train with the HMCL objective (relaunches under `accelerate launch` on several GPUs)."""
     from hmcl_cli.stages import maybe_relaunch, run_train
@@ -123,20 +123,20 @@ def _after_separator(extra: list[str]) -> list[str]:
     "hmcl eval --model runs/x --sts dev.csv --dim 128 --dim 64   (also scored cut to 128 and 64 dimensions)",
 )
 def eval_(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe (optional when tasks and models are given as flags)."),
+    recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", help="[LABEL=]MODEL (path, run dir, hub id or ONNX export folder); repeatable."),
-    sts: Optional[List[str]] = typer.Option(None, "--sts", help="[NAME=]FILE of (text, text, score)."),
-    reranking: Optional[List[str]] = typer.Option(None, "--reranking", help="[NAME=]graded JSONL file."),
-    retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", help="[NAME=]graded JSONL or BEIR folder."),
-    pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", help="[NAME=]FILE of (text, text, 0/1)."),
-    mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
-    split: str = typer.Option("test", "--split", help="Split of --mteb tasks and BEIR --retrieval folders."),
-    gate: Optional[List[str]] = typer.Option(None, "--gate", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all results here."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Grouped bar chart (PNG)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled; repeatable."),
+    sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows, optionally named."),
+    reranking: Optional[List[str]] = typer.Option(None, "--reranking", metavar="[NAME=]FILE", help="A reranking task: a graded JSONL file, optionally named."),
+    retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", metavar="[NAME=]PATH", help="A retrieval task: a graded JSONL file or a BEIR folder, optionally named."),
+    pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", metavar="[NAME=]FILE", help="A pair-classification task: a file of (text, text, 0/1) rows, optionally named."),
+    mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", metavar="TASK", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
+    split: str = typer.Option("test", "--split", metavar="SPLIT", help="Split of --mteb tasks and BEIR --retrieval folders."),
+    gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails."),
+    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Grouped bar chart (PNG)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help="Encoding batch size (default: the recipe's eval.batch_size, else 128)."),
+    dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, metavar="N", help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
 ) -> None:
     """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
     from hmcl_cli.io_utils import data_stem
@@ -174,15 +174,15 @@ def eval_(
              "hmcl export --model runs/sts --dim 128   # a matryoshka model cut to 128 dimensions\n\n"
              "hmcl export --model runs/quickstart --push-to-hub my-org/support-embedder")
 def export(
-    recipe: Optional[Path] = typer.Argument(None, help="Recipe (or use --model)."),
+    recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (or use --model)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[str] = typer.Option(None, "--model", help="Run dir, model dir or model id."),
-    fmt: Optional[List[str]] = typer.Option(None, "--format", "-f", help="merged | onnx | onnx-int8 (repeatable)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder."),
-    dim: Optional[int] = typer.Option(None, "--dim", min=1, help="Cut the embeddings to their first N dimensions (matryoshka; export.dim)."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", help="Run dir, model dir or model id."),
+    fmt: Optional[List[str]] = typer.Option(None, "--format", "-f", metavar="FORMAT", help="merged | onnx | onnx-int8 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output folder."),
+    dim: Optional[int] = typer.Option(None, "--dim", min=1, metavar="N", help="Cut the embeddings to their first N dimensions (matryoshka; export.dim)."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", metavar="OWNER/NAME",
                                               help="Upload the verified exports to this Hugging Face model repo (export.push_to_hub)."),
-    public: bool = typer.Option(False, "--public", help="With --push-to-hub: create the repo public (default private)."),
+    public: bool = typer.Option(False, "--public", metavar="", help="With --push-to-hub: create the repo public (default private)."),
 ) -> None:
     """Export a deployable model (merged sentence-transformers folder, ONNX, int8 ONNX), verified."""
     from hmcl_cli.errors import ModelNotFoundError
@@ -225,7 +225,7 @@ def export(
 
 @app.command(name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
 def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
-            resume: bool = typer.Option(False, "--resume", help="Go on from where the run stopped: data it prepared and mined is kept, training continues from its last checkpoint.")) -> None:
+            resume: bool = typer.Option(False, "--resume", metavar="", help="Go on from where the run stopped: data it prepared and mined is kept, training continues from its last checkpoint.")) -> None:
     """Run every stage the recipe enables, in order (prepare, mine, train, eval, export).
 
     Before the first stage it checks the input files, the packages the stages need, MTEB task
@@ -271,8 +271,8 @@ def recipe_summary(text: str) -> str:
 
 
 @recipe_app.command("cp", epilog="Example:  hmcl recipe cp quickstart my-recipe.yaml")
-def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
-              dest: Path = typer.Argument(..., help="Destination file or folder.")) -> None:
+def recipe_cp(name: str = typer.Argument(..., metavar="NAME", help="Built-in recipe name (`hmcl recipe ls`)."),
+              dest: Path = typer.Argument(..., metavar="DEST", help="Destination file or folder.")) -> None:
     """Copy a built-in recipe (and the sample data it uses) to DEST."""
     from hmcl_cli.recipe import copy_builtin_recipe
 
@@ -284,7 +284,7 @@ def recipe_cp(name: str = typer.Argument(..., help="Built-in recipe name."),
 
 @recipe_app.command("validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")
 def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
-                    show: bool = typer.Option(False, "--show", help="Print the resolved recipe.")) -> None:
+                    show: bool = typer.Option(False, "--show", metavar="", help="Print the resolved recipe.")) -> None:
     """Check a recipe (keys, types, references, paths; the model, if it is here) without running anything."""
     from hmcl_cli.stages import check_inputs, check_mteb_names, check_model, hub_needs
 
@@ -303,7 +303,7 @@ def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt
 
 
 @recipe_app.command("schema", epilog="Example:  hmcl recipe schema --format json > schema.json")
-def recipe_schema(fmt: str = typer.Option("markdown", "--format", help="markdown | json")) -> None:
+def recipe_schema(fmt: str = typer.Option("markdown", "--format", metavar="markdown|json", help="markdown | json")) -> None:
     """Print every recipe key with its type, default and meaning."""
     import json
 

@@ -20,6 +20,11 @@ def test_help_lists_subcommands_and_each_has_an_example():
     for cmd in (["prepare"], ["mine"], ["train"], ["eval"], ["export"], ["run"], ["recipe", "validate"], ["recipe", "cp"]):
         h = hmcl(*cmd, "--help")
         assert h.returncode == 0 and "Example" in h.stdout, cmd
+    # flags read as flags (typer 0.29 labels an option's type, `--resume <bool>`, as if it took a value)
+    run_help = hmcl("run", "--help").stdout
+    (resume,) = [ln for ln in run_help.splitlines() if "--resume" in ln]
+    (set_,) = [ln for ln in run_help.splitlines() if "--set" in ln]
+    assert "bool" not in resume and "KEY=VALUE" in set_ and "RECIPE" in run_help
     version = hmcl("--version").stdout.splitlines()
     import torch
     import transformers
