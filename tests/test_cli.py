@@ -22,8 +22,8 @@ def test_help_lists_subcommands_and_each_has_an_example():
         assert h.returncode == 0 and "Example" in h.stdout, cmd
     # flags read as flags (typer 0.29 labels an option's type, `--resume <bool>`, as if it took a value)
     run_help = hmcl("run", "--help").stdout
-    (resume,) = [ln for ln in run_help.splitlines() if "--resume" in ln]
-    (set_,) = [ln for ln in run_help.splitlines() if "--set" in ln]
+    (resume,) = [ln for ln in run_help.splitlines() if ln.lstrip("│ ").startswith("--resume")]
+    (set_,) = [ln for ln in run_help.splitlines() if ln.lstrip("│ ").startswith("--set")]
     assert "bool" not in resume and "KEY=VALUE" in set_ and "RECIPE" in run_help
     version = hmcl("--version").stdout.splitlines()
     import torch
