@@ -194,6 +194,17 @@ ENCODING_HELP = ("Text encoding of the file(s): e.g. cp1252 or latin-1 for a CSV
                  "Python codec name).")
 
 
+def _one_character(v: Optional[str]) -> Optional[str]:
+    if v is not None and len(v) != 1:
+        raise ValueError(f"a delimiter is one character (got {v!r}); a tab is written \"\\t\" in YAML")
+    return v
+
+
+Delimiter = Annotated[str, AfterValidator(_one_character)]
+DELIMITER_HELP = ("CSV/TSV field separator; unset: `,` for csv, a tab for tsv. A CSV saved by a European "
+                  "Excel is separated by `;`: with `;`, a score written with a decimal comma (`4,5`) reads as 4.5.")
+
+
 class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
@@ -217,6 +228,7 @@ class SourceConfig(_Section):
     header: Optional[bool] = Field(
         None, description="CSV/TSV has a header row; unset = detect from the column names."
     )
+    delimiter: Optional[Delimiter] = Field(None, description=DELIMITER_HELP)
     encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
     columns: dict[str, Union[str, int]] = Field(
         default_factory=dict,
@@ -622,6 +634,7 @@ class EvalTask(_Section):
         "pair is 1, any other 0; default {1: pos, 0: neg}; e.g. {entailment: pos, neutral: neg, "
         "contradiction: neg} for NLI-labelled pairs).")
     encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
+    delimiter: Optional[Delimiter] = Field(None, description=DELIMITER_HELP)
     mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
     split: str = Field("test", description="Split to evaluate for hub/BEIR tasks.")
 

@@ -437,3 +437,19 @@ def test_sts_thresholds_follow_a_declared_score_range(tmp_path, capsys):
     prepare(_recipe(tmp_path, [{"path": str(one), "format": "sts", "split": "train",
                                 "thresholds": {"pos": 4, "weak": 3}}], min_candidates=1), progress=False)
     assert "all 21 pairs are graded neg" in capsys.readouterr().err
+
+
+def test_a_semicolon_separated_csv_with_decimal_commas(tmp_path):
+    """`delimiter: ';'` (a European Excel CSV): fields split at `;`, a quoted field keeps its `;`, a
+    score `4,5` is 4.5; an eval task reads the same file alike."""
+    from hmcl_cli.evaluation.runner import load_task
+    from hmcl_cli.recipe import EvalTask
+
+    f = tmp_path / "excel.csv"
+    f.write_text('sentence1;sentence2;score\n"a; b";c;4,5\nd;e;1,25\nf;g;3\n', encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(f), "format": "sts", "split": "train", "delimiter": ";"}]), progress=False)
+    rows = {r["query"]: r for r in _written(tmp_path)}
+    assert rows["a; b"]["pos"] == ["c"] and rows["a; b"]["pos_scores"] == [4.5]
+    assert rows["d"]["neg_scores"] == [1.25] and rows["f"]["weak_scores"] == [3.0]
+    task = load_task(EvalTask(name="x", type="sts", path=str(f), delimiter=";"), lambda p: Path(p))
+    assert sorted(task.pairs[2]) == [1.25, 3.0, 4.5] and "a; b" in task.pairs[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -109,7 +110,7 @@ def _bad_utf8(path: Path, line: int, marker: str) -> BadRow:
 
 
 def _records_delimited(path: Path, delimiter: str, encoding: str = "utf-8") -> Iterator[Union[tuple[int, list], BadRow]]:
-    quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # Excel quotes a field holding its separator
     reader = csv.reader(_decoded_lines(path, encoding), delimiter=delimiter, quoting=quoting, strict=True)
     while True:
         start = reader.line_num + 1
@@ -300,7 +301,19 @@ def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int
     elif kind == "parquet":
         yield from _records_parquet(path)
     else:
-        yield from _records_delimited(path, "\t" if kind == "tsv" else ",", src.encoding)
+        yield from _records_delimited(path, delimiter_of(src, kind), src.encoding)
+
+
+def delimiter_of(src: SourceConfig, kind: str) -> str:
+    """The field separator of a csv/tsv source: its ``delimiter``, else `,` or a tab."""
+    return src.delimiter or ("\t" if kind == "tsv" else ",")
+
+
+def _as_float(raw: Any, src: SourceConfig) -> float:
+    """A score as a number; with `;` between fields (a European Excel CSV) `4,5` is 4.5."""
+    if isinstance(raw, str) and src.delimiter == ";" and re.fullmatch(r"\s*[-+]?\d*,\d+\s*", raw):
+        raw = raw.replace(",", ".")
+    return float(raw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,7 +347,7 @@ class Columns:
             cells = {c.strip() for c in first}
             is_header = bool(cells & configured) or (
                 sum(c.lower() in known for c in cells) >= 2
-            ) or (self.fmt == "sts" and len(first) > 2 and not _is_number(first[DEFAULT_INDEX["sts"]["score"]]))
+            ) or (self.fmt == "sts" and len(first) > 2 and not _is_number(first[DEFAULT_INDEX["sts"]["score"]], self.src))
         if is_header:
             self.header = [c.strip() for c in first]
             for role in roles:
@@ -403,16 +416,27 @@ class Columns:
             if required:
                 n = len(rec) if isinstance(rec, list) else "?"
                 raise BadRow(
-                    f"broken line: {n} fields, no field for `{role}` (column {col})",
+                    f"broken line: {n} fields, no field for `{role}` (column {col})" + _other_separator(rec, self.src.delimiter),
                     kind="broken CSV line",
                 ) from None
             return None
         return value
 
 
-def _is_number(x: Any) -> bool:
+def _other_separator(rec: Any, delimiter: Optional[str]) -> str:
+    """A hint for a line read as one field that another separator would split."""
+    if not (isinstance(rec, list) and len(rec) == 1 and isinstance(rec[0], str)):
+        return ""
+    for sep, name in ((";", "';'"), ("\t", "a tab"), (",", "','"), ("|", "'|'")):
+        if sep in rec[0] and sep != delimiter:
+            written = '"\\t"' if sep == "\t" else f"'{sep}'"
+            return f"; the line holds {name}: for a file separated by {name}, set the source's `delimiter: {written}`"
+    return ""
+
+
+def _is_number(x: Any, src: Optional[SourceConfig] = None) -> bool:
     try:
-        float(x)
+        _as_float(x, src) if src is not None else float(x)
         return True
     except (TypeError, ValueError):
         return False
@@ -507,7 +531,7 @@ def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExamp
     if fmt == "sts":
         raw = cols.get(rec, "score")
         try:
-            score = float(raw)
+            score = _as_float(raw, src)
         except (TypeError, ValueError):
             raise BadRow(f"score {raw!r} is not a number", kind="bad score") from None
         if not math.isfinite(score):
@@ -524,8 +548,8 @@ def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExamp
         default = NLI_DEFAULT if fmt == "nli" else BINARY_DEFAULT
         level = _level_from_label(cols.get(rec, "label"), src.label_map or default)
         raw = cols.get(rec, "score", required=False)
-        if raw not in (None, "") and _is_number(raw):
-            score = float(raw)
+        if raw not in (None, "") and _is_number(raw, src):
+            score = _as_float(raw, src)
             if src.score_range and not (src.score_range[0] <= score <= src.score_range[1]):
                 raise BadRow(
                     f"score {score:g} outside the declared range "

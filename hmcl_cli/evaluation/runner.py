@@ -57,6 +57,7 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     if not exists:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
     src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range, encoding=task.encoding,
+                       delimiter=task.delimiter,
                        qrels_split=task.split if fmt == "qrels" else "train",
                        label_map=task.label_map or ({"1": "pos", "0": "neg"} if task.type == "pair_classification" and fmt == "pairs"
                                                      else None))
