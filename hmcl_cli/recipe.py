@@ -233,7 +233,7 @@ class SourceConfig(_Section):
     columns: dict[str, Union[str, int]] = Field(
         default_factory=dict,
         description="Role -> column name or index. Roles: query, candidate, score, label, "
-        "positive, negative (triplets), prompt.",
+        "positive, negative (triplets: optional; negative_1, negative_2, ... columns are negatives too), prompt.",
     )
     thresholds: Optional[dict[str, float]] = Field(
         None,

@@ -453,3 +453,25 @@ def test_a_semicolon_separated_csv_with_decimal_commas(tmp_path):
     assert rows["d"]["neg_scores"] == [1.25] and rows["f"]["weak_scores"] == [3.0]
     task = load_task(EvalTask(name="x", type="sts", path=str(f), delimiter=";"), lambda p: Path(p))
     assert sorted(task.pairs[2]) == [1.25, 3.0, 4.5] and "a; b" in task.pairs[0]
+
+
+def test_triplets_take_no_one_or_several_negatives(tmp_path):
+    """Triplets as sentence-transformers' data sets come: (anchor, positive) pairs alone,
+    negative_1..negative_n columns (some rows with fewer), a JSON list of negatives, keys that
+    differ between JSON lines, and a file without a header whose rows have any number of fields
+    after the positive. No negative is dropped and none is made up."""
+    def run(name, text):
+        f = tmp_path / name
+        f.write_text(text, encoding="utf-8")
+        prepare(_recipe(tmp_path, [{"path": str(f), "format": "triplets", "split": "train"}]), progress=False)
+        return {r["query"]: (r["pos"], r["neg"]) for r in _written(tmp_path)}
+
+    assert run("pairs.csv", "anchor,positive\nq1,p1\nq2,p2\n") == {"q1": (["p1"], []), "q2": (["p2"], [])}
+    assert run("many.csv", "query,positive,negative_1,negative_2,negative_3\nq1,p1,n1,n2,n3\nq2,p2,n4,,\n") == {
+        "q1": (["p1"], ["n1", "n2", "n3"]), "q2": (["p2"], ["n4"])}
+    lines = [{"anchor": "q0", "positive": "p0"}, {"anchor": "q1", "positive": "p1", "negative": ["n1", "n2"]},
+             {"anchor": "q2", "positive": "p2", "neg": "n3", "negative_2": None, "negative_3": "n4"}]
+    assert run("t.jsonl", "".join(json.dumps(x) + "\n" for x in lines)) == {
+        "q0": (["p0"], []), "q1": (["p1"], ["n1", "n2"]), "q2": (["p2"], ["n3", "n4"])}
+    assert run("bare.csv", "q1,p1,n1,n2\nq2,p2\nq3,p3,n5\n") == {
+        "q1": (["p1"], ["n1", "n2"]), "q2": (["p2"], []), "q3": (["p3"], ["n5"])}

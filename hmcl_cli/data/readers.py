@@ -45,8 +45,10 @@ REQUIRED = {
     "nli": ["query", "candidate", "label"],
     "pairs": ["query", "candidate", "label"],
     "answer_selection": ["query", "candidate", "label"],
-    "triplets": ["query", "positive", "negative"],
+    "triplets": ["query", "positive"],  # and negatives: none (in-batch ones only), one or several
 }
+# triplets: more negatives beside `negative` (sentence-transformers' hard-negative sets: negative_1, ...)
+_MORE_NEGATIVES = re.compile(r"(?:negative|neg)[_\s-]?\d+", re.IGNORECASE)
 NLI_DEFAULT = {"entailment": "pos", "neutral": "weak", "contradiction": "neg",
                "0": "pos", "1": "weak", "2": "neg"}
 BINARY_DEFAULT = {"1": "pos", "0": "neg"}
@@ -328,10 +330,11 @@ class Columns:
         self.src, self.fmt, self.where = src, fmt, where
         self.index: dict[str, Union[int, str]] = {}
         self.header: Optional[list[str]] = None
+        self.more_negatives: list[Union[int, str]] = []  # triplets: negative_1, negative_2, ... columns
 
     def bind_header(self, first: Any) -> bool:
         """Look at the first record; return True when it is a header row to skip."""
-        roles = REQUIRED.get(self.fmt, []) + ["score", "label", "prompt"]
+        roles = REQUIRED.get(self.fmt, []) + ["score", "label", "prompt"] + (["negative"] if self.fmt == "triplets" else [])
         if isinstance(first, dict):
             keys = list(first)
             for role in roles:
@@ -339,6 +342,7 @@ class Columns:
                 if col is not None:
                     self.index[role] = col
             self._check_required(keys)
+            self._find_more_negatives(keys, keys)
             return False
         is_header = self.src.header
         if is_header is None:
@@ -355,6 +359,7 @@ class Columns:
                 if col is not None:
                     self.index[role] = self.header.index(col)
             self._check_required(self.header)
+            self._find_more_negatives(self.header, list(range(len(self.header))))
         else:
             for role, col in self.src.columns.items():
                 if isinstance(col, str):
@@ -367,6 +372,32 @@ class Columns:
             for role, idx in DEFAULT_INDEX.get(self.fmt, {}).items():
                 self.index.setdefault(role, idx)
         return bool(is_header)
+
+    def _find_more_negatives(self, names: list, keys: list) -> None:
+        if self.fmt == "triplets" and "negative" not in self.src.columns:
+            self.more_negatives = [k for name, k in zip(names, keys)
+                                   if _MORE_NEGATIVES.fullmatch(str(name).strip()) and k != self.index.get("negative")]
+
+    def negatives(self, rec: Any) -> list[Any]:
+        """A triplets row's negatives: its `negative` column and the negative_1, negative_2, ...
+        beside it (one left empty or null skipped: such sets give rows different numbers), or,
+        in a file without a header, every field after the positive. None: the positive pair alone
+        (in-batch negatives only)."""
+        if self.header is None and isinstance(rec, list) and "negative" not in self.src.columns:
+            return list(rec[self.index["negative"]:])
+        if isinstance(rec, dict):  # JSON lines: keys may differ from row to row
+            key = self._choose("negative", list(rec))
+            self.index.pop("negative", None)
+            if key is not None:
+                self.index["negative"] = key
+            self._find_more_negatives(list(rec), list(rec))
+        first = self.get(rec, "negative", required=False) if "negative" in self.index else None
+        out = list(first) if isinstance(first, (list, tuple)) else [] if first is None else [first]  # a list: several
+        for k in self.more_negatives:
+            value = rec[k] if (k < len(rec) if isinstance(k, int) else k in rec) else None
+            if value is not None and str(value).strip():
+                out.append(value)
+        return out
 
     def _choose(self, role: str, keys: list[str]) -> Optional[str]:
         if role in self.src.columns:
@@ -490,6 +521,12 @@ def read_source(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             continue
         line, rec = item
         if src.format == "graded":
+            if isinstance(rec, list):  # a CSV/TSV row: graded data are JSON objects
+                raise DataError(
+                    f"{where}: format graded reads JSON lines (or a JSON array, or parquet) of objects with "
+                    f"query, pos, weak, neg; this file is read as {file_type(src, path)} (first row: {rec[:4]})",
+                    hint="set the source's (or eval task's) `format` to what its columns hold: sts (text, text, score), nli, pairs "
+                         "(text, text, label), answer_selection or triplets (anchor, positive[, negatives])")
             try:
                 ex = parse_graded(rec)
                 if src.prompt and not ex.prompt:
@@ -522,7 +559,8 @@ def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExamp
         q = _text(cols.get(rec, "query"), "query")
         ex = GradedExample(q, prompt=prompt)
         add_candidate(ex, _text(cols.get(rec, "positive"), "positive"), 2, None, "highest")
-        add_candidate(ex, _text(cols.get(rec, "negative"), "negative"), 0, None, "highest")
+        for negative in cols.negatives(rec):
+            add_candidate(ex, _text(negative, "negative"), 0, None, "highest")
         yield ex
         return
     q = _text(cols.get(rec, "query"), "query")
