@@ -378,15 +378,12 @@ def _debug_first(argv: list[str]) -> tuple[list[str], bool]:
 def _usage_errors() -> tuple[type, ...]:
     """The exception classes of a command-line usage error: click's, and those of the click that
     typer 0.29 and later carry inside (``typer._click``), which are not click's classes."""
-    import click
-
-    kinds: list[type] = [click.exceptions.ClickException]
-    try:
-        from typer._click.exceptions import ClickException as TyperClickException
-    except ImportError:
-        pass
-    else:
-        kinds.append(TyperClickException)
+    kinds: list[type] = []
+    for module in ("typer._click.exceptions", "click.exceptions"):  # typer 0.29 needs no click installed
+        try:
+            kinds.append(__import__(module, fromlist=["ClickException"]).ClickException)
+        except ImportError:
+            pass
     return tuple(kinds)
 
 
