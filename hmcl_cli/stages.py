@@ -194,6 +194,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
+    unknown = [f"{tasks[i].name}: {said}" for i, said, _ in mteb_needs(tasks, cached=False)]
+    if unknown:  # before any model is loaded
+        raise RecipeError("unknown MTEB task name:\n  " + "\n  ".join(unknown), hint="`mteb.get_tasks()` lists the names")
     gates = gates if gates is not None else cfg.gate
     dims = _eval_dims(recipe, models)
     if gates:  # before the evaluation, not after it
@@ -219,7 +222,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     if failed:
         only_models = all(r.get("error_class") == "model" for per in report["results"].values()
                           for r in per.values() if "error" in r)
-        where = f" (the other results are in {out})" if out else " (the other results are in the table)"
+        total = sum(len(per) for per in report["results"].values())
+        where = ("" if len(failed) == total else
+                 f" (the other results are in {out})" if out else " (the other results are in the table)")
         raise (ModelNotFoundError if only_models else DataError)(
             f"{len(failed)} evaluation(s) failed: {', '.join(failed)}{where}", hint="see the errors under the table")
     return report
@@ -448,24 +453,32 @@ def hub_needs(recipe: Recipe, prepared: bool = False) -> list[tuple[tuple, str, 
                 out.append((("data", "sources", i, "hub"), f"data.sources.{i}.hub: dataset {src.hub} (read from the Hub)",
                             DataError))
     if recipe.eval.enabled:
-        hub_tasks = [(i, t) for i, t in enumerate(recipe.eval.tasks) if t.type == "mteb" and t.mteb_name]
-        if hub_tasks:
-            import mteb
+        for i, said, kind in mteb_needs(recipe.eval.tasks):
+            out.append((("eval", "tasks", i, "mteb_name"), f"eval.tasks.{i}.mteb_name: {said}", kind))
+    return out
 
-            from hmcl_cli.evaluation.mteb_bridge import hub_task_cached
 
-            for i, t in hub_tasks:
-                key = ("eval", "tasks", i, "mteb_name")
-                try:
-                    task = mteb.get_task(t.mteb_name)
-                except (KeyError, ValueError) as e:
-                    said = str(e.args[0]) if e.args else str(e)
-                    said = said.removeprefix("KeyError: ")  # (mteb's message repeats its class)
-                    out.append((key, f"eval.tasks.{i}.mteb_name: {said}", None))
-                    continue
-                if not hub_task_cached(task):
-                    out.append((key, f"eval.tasks.{i}.mteb_name: MTEB task {t.mteb_name} (its dataset "
-                                     f"{task.metadata.dataset['path']} is not cached)", DataError))
+def mteb_needs(tasks: list[EvalTask], cached: bool = True) -> list[tuple[int, str, Optional[type]]]:
+    """The MTEB hub tasks among ``tasks`` that mteb does not know (None as the class: wrong wherever
+    it runs) or, with ``cached``, whose dataset is not in the local cache (DataError): (index, what)."""
+    hub_tasks = [(i, t) for i, t in enumerate(tasks) if t.type == "mteb" and t.mteb_name]
+    if not hub_tasks:
+        return []
+    import mteb
+
+    from hmcl_cli.evaluation.mteb_bridge import hub_task_cached
+
+    out: list[tuple[int, str, Optional[type]]] = []
+    for i, t in hub_tasks:
+        try:
+            task = mteb.get_task(t.mteb_name)
+        except (KeyError, ValueError) as e:
+            said = str(e.args[0]) if e.args else str(e)
+            out.append((i, said.removeprefix("KeyError: "), None))  # (mteb's message repeats its class)
+            continue
+        if cached and not hub_task_cached(task):
+            out.append((i, f"MTEB task {t.mteb_name} (its dataset {task.metadata.dataset['path']} is not cached)",
+                        DataError))
     return out
 
 

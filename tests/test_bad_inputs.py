@@ -181,6 +181,12 @@ def graded_format_on_a_csv(tmp, model):
                                   "triplets (anchor, positive[, negatives])"]
 
 
+def eval_unknown_mteb_task(tmp, model):
+    """A misspelt --mteb name is found before any model loads (it failed after loading them)."""
+    return ["eval", "--model", model, "--mteb", "STSBenchmrk"], RECIPE, [
+        "unknown MTEB task name", "STSBenchmrk: 'STSBenchmrk' not found. Did you mean: 'STSBenchmark'?"]
+
+
 def sts_threshold_of_an_unknown_level(tmp, model):
     p = recipe_with_train(tmp, model, "s,t,0.5\n", fmt="sts", name="train.csv", thresholds={"positive": 0.8})
     return ["prepare", p], RECIPE, ["recipe.yaml:", "unknown level 'positive' in thresholds — did you mean 'pos'?"]
@@ -388,7 +394,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
-         sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
+         sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, eval_unknown_mteb_task, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
