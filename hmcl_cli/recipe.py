@@ -1067,7 +1067,9 @@ def _where(loc: tuple, file: str, lines: dict, origins: dict) -> str:
             return origins[loc[:n]]
         if loc[:n] in lines:
             return f"{file}:{lines[loc[:n]]}"
-    return file
+    # a section only a --set wrote (`--set trian.epochs=2`: the unknown key is `trian`)
+    below = [origin for path, origin in origins.items() if loc and path[:len(loc)] == loc]
+    return below[0] if below else file
 
 
 # --------------------------------------------------------------------------------------------

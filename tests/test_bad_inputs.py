@@ -89,6 +89,12 @@ def wrong_type_set(tmp, model):
         "--set train.learning_rate=fast", "number"]
 
 
+def unknown_section_set(tmp, model):
+    """The unknown key came from --set, not from the recipe file: the message says so."""
+    return ["prepare", write_recipe(tmp, model), "--set", "trian.epochs=2"], RECIPE, [
+        "--set trian.epochs=2: unknown key 'trian' — did you mean 'train'?"]
+
+
 def out_of_range_value(tmp, model):
     return ["train", write_recipe(tmp, model), "--set", "train.group_size=0"], RECIPE, ["train.group_size", "0"]
 
@@ -390,7 +396,7 @@ def metric_for_best_undefined_on_dev(tmp, model):
     return ["train", p], DATA, ["'dev_map' cannot be computed on", "dev.jsonl", "dev_ndcg@10"]
 
 
-CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, out_of_range_value,
+CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
