@@ -674,6 +674,23 @@ def test_a_run_that_does_not_beat_its_start_is_warned_about(tmp_path, tiny_bert,
     assert "training did not improve dev dev_ndcg@10" in " ".join(err.split())
 
 
+def test_a_dev_set_at_its_maximum_before_training_is_named_as_the_cause(tmp_path, tiny_bert, capsys):
+    """A dev set whose queries each find their positive first already before training (here one
+    query, one candidate) cannot show a gain: the warning says that, not "lower the learning rate"."""
+    import json
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "easy.jsonl").write_text(json.dumps({"query": "a question", "pos": ["its answer"]}) + "\n")
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 2, "eval_steps": 2},
+                 data={"sources": [{"path": "train.jsonl", "split": "train"}, {"path": "easy.jsonl", "split": "dev"}]})
+    t.train()
+    t.save_final()
+    err = " ".join(capsys.readouterr().err.split())
+    assert t.start_metric == 1.0
+    assert "dev dev_ndcg@10 was already 1.0000 before training, its maximum: this dev set cannot show a gain" in err
+    assert "training did not improve" not in err
+
+
 @pytest.mark.parametrize("segments", [None, {"length": 24}])
 def test_training_with_the_prompt_left_out_of_the_pooling(tmp_path, tiny_bert, segments):
     """model.include_prompt false: every row of a step carries its prompt's length (a per-example

@@ -876,7 +876,12 @@ class HMCLTrainer:
             moved = (f" ({start:.4f} before training, {self.best_metric - start:+.4f})"
                      if start is not None and not math.isnan(start) else "")
             log(f"final model: best dev {key} {self.best_metric:.4f} at step {self.best_step}{moved} -> {final}")
-            if moved and not self.best_metric > start:
+            if moved and start >= 1.0 - 1e-9:  # every dev metric is at most 1
+                warn(f"dev {key} was already {start:.4f} before training, its maximum: this dev set cannot show a "
+                     "gain (each dev query finds its positive first among the dev candidates), so no step can be "
+                     "chosen over another on it; use a harder dev set (more candidates per query: hard negatives, "
+                     "a larger pool) or another train.metric_for_best")
+            elif moved and not self.best_metric > start:
                 warn(f"training did not improve dev {key}: the best step ({self.best_step}: {self.best_metric:.4f}) is "
                      f"no better than the model before training ({start:.4f}), so the final model is no better on dev "
                      "than the one training started from; try a lower train.learning_rate or fewer steps, or check "
