@@ -131,8 +131,10 @@ def test_usage_errors_say_what_is_wrong_with_exit_code_2(tmp_path):
         (("trian",), "No such command 'trian'"),
         (("recipe", "lst"), "No such command 'lst'"),
         (("train",), "Missing argument"),
-        (("eval", "--bogus"), "No such option: --bogus"),
-        (("train", recipe, "--resum"), "No such option: --resum"),
+        (("eval", "--bogus"), "No such option"),  # (click 8.5: "No such option: --bogus"; older: "'--bogus'.")
+        (("eval", "--bogus"), "--bogus"),
+        (("train", recipe, "--resum"), "No such option"),
+        (("train", recipe, "--resum"), "--resum"),
         (("train", recipe, "extra", "--plan"), "unexpected argument(s) 'extra'"),
         (("train", recipe, "extra", "--plan", "--", "--num_processes", "2"), "unexpected argument(s) 'extra'"),
         (("recipe", "schema", "--format", "yaml"), "'yaml' is not a schema format"),
