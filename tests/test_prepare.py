@@ -475,3 +475,16 @@ def test_triplets_take_no_one_or_several_negatives(tmp_path):
         "q0": (["p0"], []), "q1": (["p1"], ["n1", "n2"]), "q2": (["p2"], ["n3", "n4"])}
     assert run("bare.csv", "q1,p1,n1,n2\nq2,p2\nq3,p3,n5\n") == {
         "q1": (["p1"], ["n1", "n2"]), "q2": (["p2"], []), "q3": (["p3"], ["n5"])}
+
+
+def test_common_column_names_are_recognised(tmp_path):
+    """Quora's duplicate questions (question1, question2, is_duplicate) and text_a/text_b,
+    sentence_1/sentence_2 headers need no `columns` mapping; an id column beside them is ignored."""
+    f = tmp_path / "quora.csv"
+    f.write_text("id,qid1,qid2,question1,question2,is_duplicate\n1,1,2,a?,b?,1\n2,3,4,c?,d?,0\n", encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(f), "format": "pairs", "split": "train"}]), progress=False)
+    assert {r["query"]: (r["pos"], r["neg"]) for r in _written(tmp_path)} == {"a?": (["b?"], []), "c?": ([], ["d?"])}
+    g = tmp_path / "ab.tsv"
+    g.write_text("sentence_1\tsentence_2\tsimilarity_score\nx\ty\t4.5\nu\tv\t1\n", encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(g), "format": "sts", "split": "train"}]), progress=False)
+    assert {r["query"]: (r["pos"], r["neg"]) for r in _written(tmp_path)} == {"x": (["y"], []), "u": ([], ["v"])}

@@ -22,12 +22,12 @@ from hmcl_cli.recipe import SourceConfig
 Row = Union[tuple[Any, GradedExample], BadRow]
 
 ROLE_ALIASES: dict[str, list[str]] = {
-    "query": ["query", "sentence1", "sentence_A", "sentence_a", "text1", "premise", "question",
-              "qtext", "anchor", "s1"],
-    "candidate": ["candidate", "sentence2", "sentence_B", "sentence_b", "text2", "hypothesis",
-                  "answer", "atext", "document", "passage", "s2"],
-    "score": ["score", "similarity", "relatedness_score"],
-    "label": ["label", "entailment_judgment", "gold_label", "relevance"],
+    "query": ["query", "sentence1", "sentence_A", "sentence_a", "sentence_1", "text1", "text_a", "premise",
+              "question", "question1", "qtext", "anchor", "s1"],
+    "candidate": ["candidate", "sentence2", "sentence_B", "sentence_b", "sentence_2", "text2", "text_b",
+                  "hypothesis", "question2", "answer", "atext", "document", "passage", "s2"],
+    "score": ["score", "similarity", "similarity_score", "relatedness_score"],
+    "label": ["label", "entailment_judgment", "gold_label", "is_duplicate", "relevance"],
     "positive": ["positive", "pos"],
     "negative": ["negative", "neg"],
     "prompt": ["prompt", "instruction"],
