@@ -488,3 +488,15 @@ def test_common_column_names_are_recognised(tmp_path):
     g.write_text("sentence_1\tsentence_2\tsimilarity_score\nx\ty\t4.5\nu\tv\t1\n", encoding="utf-8")
     prepare(_recipe(tmp_path, [{"path": str(g), "format": "sts", "split": "train"}]), progress=False)
     assert {r["query"]: (r["pos"], r["neg"]) for r in _written(tmp_path)} == {"x": (["y"], []), "u": ([], ["v"])}
+
+
+def test_json_lines_need_not_share_their_optional_keys(tmp_path):
+    """A score or prompt key missing from the first JSON line is still read on the lines that have
+    it (the keys were bound from the first line, and later lines' score and prompt dropped)."""
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"sentence1": "a", "sentence2": "b", "label": 1}) + "\n"
+                 + json.dumps({"sentence1": "c", "sentence2": "d", "label": 0, "score": 0.3, "prompt": "P: "}) + "\n",
+                 encoding="utf-8")
+    prepare(_recipe(tmp_path, [{"path": str(f), "format": "pairs", "split": "train"}]), progress=False)
+    rows = {r["query"]: r for r in _written(tmp_path)}
+    assert rows["c"]["neg_scores"] == [0.3] and rows["c"]["prompt"] == "P: " and "prompt" not in rows["a"]

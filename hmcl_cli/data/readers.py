@@ -331,12 +331,14 @@ class Columns:
         self.index: dict[str, Union[int, str]] = {}
         self.header: Optional[list[str]] = None
         self.more_negatives: list[Union[int, str]] = []  # triplets: negative_1, negative_2, ... columns
+        self.first_keys: set = set()  # the keys of the first JSON record, whose roles are bound
 
     def bind_header(self, first: Any) -> bool:
         """Look at the first record; return True when it is a header row to skip."""
         roles = REQUIRED.get(self.fmt, []) + ["score", "label", "prompt"] + (["negative"] if self.fmt == "triplets" else [])
         if isinstance(first, dict):
             keys = list(first)
+            self.first_keys = set(keys)
             for role in roles:
                 col = self._choose(role, keys)
                 if col is not None:
@@ -436,6 +438,12 @@ class Columns:
                 )
 
     def get(self, rec: Any, role: str, required: bool = True) -> Any:
+        if isinstance(rec, dict) and self.index.get(role) not in rec and rec.keys() != self.first_keys:
+            # JSON lines (and hub rows) need not share keys: an optional key (score, prompt, ...)
+            # absent from the first line is looked up on each line that lacks the bound one
+            found = self._choose(role, list(rec))
+            if found is not None:
+                return rec[found]
         if role not in self.index:
             if required:
                 raise BadRow(f"no {role} column", kind="missing column")
