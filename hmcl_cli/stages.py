@@ -54,9 +54,27 @@ def run_prepare(recipe: Recipe, progress: bool = True) -> dict:
 def run_mine(recipe: Recipe) -> dict:
     from hmcl_cli.mining import mine
 
+    check_prepared(recipe)
     with RunLock(recipe.run_dir):
         _start(recipe)
         return mine(recipe)
+
+
+def check_prepared(recipe: Recipe, resumed: bool = False) -> None:
+    """A DataError when the run's prepared data was made from other data than the recipe names
+    now (its data settings, or a source file changed since ``hmcl prepare``): mining or training
+    would use the old data without a word (:mod:`hmcl_cli.data.origin`)."""
+    from hmcl_cli.data.origin import origin_changes
+
+    stats = recipe.run_dir / "data" / "stats.json"
+    changes = origin_changes(recipe, stats) if stats.is_file() else None
+    if not changes:
+        return
+    shown = changes[:8] + ([f"... and {len(changes) - 8} more"] if len(changes) > 8 else [])
+    hint = ("run it without --resume: the data is prepared again and training starts over" if resumed else
+            "run `hmcl prepare RECIPE` (with the same --set options) to prepare it again, or `hmcl run RECIPE`")
+    raise DataError(f"{stats.parent} was prepared from other data than the recipe names now:\n  " + "\n  ".join(shown),
+                    hint=hint)
 
 
 def under_launcher() -> bool:
@@ -124,6 +142,8 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
 
 def run_train(recipe: Recipe, resume: bool = False) -> Path:
     from hmcl_cli.training.trainer import HMCLTrainer
+
+    check_prepared(recipe)
 
     trainer = HMCLTrainer(recipe)
     main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` only rank 0 owns the run dir
@@ -548,6 +568,7 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
     with summary:  # (a run.json of an earlier run is replaced even when the checks stop this one)
         summary.stage("checks", check_run, recipe, prepared=enabled["prepare"] and done)
         if enabled["prepare"] and done:
+            check_prepared(recipe, resumed=True)
             log(f"resume: prepare finished before ({data / 'stats.json'}); not run again")
             summary.skipped("prepare")
         elif enabled["prepare"]:

@@ -500,3 +500,44 @@ def test_json_lines_need_not_share_their_optional_keys(tmp_path):
     prepare(_recipe(tmp_path, [{"path": str(f), "format": "pairs", "split": "train"}]), progress=False)
     rows = {r["query"]: r for r in _written(tmp_path)}
     assert rows["c"]["neg_scores"] == [0.3] and rows["c"]["prompt"] == "P: " and "prompt" not in rows["a"]
+
+
+def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny_bert):
+    """The prepared data records what it was made from; `hmcl mine`, `hmcl train` and `hmcl run
+    --resume` stop when the recipe names other data now (a setting or a source file changed),
+    instead of using the old data without a word. A training-only setting (a source's weight)
+    and an untouched file pass; data prepared before the record existed is not checked."""
+    import os
+
+    import pytest
+
+    from conftest import write_recipe
+    from hmcl_cli.errors import DataError
+    from hmcl_cli.stages import check_prepared, run_all, run_mine, run_train
+
+    path = write_recipe(tmp_path, tiny_bert)
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    stats = tmp_path / "run" / "data" / "stats.json"
+    check_prepared(recipe)  # as prepared
+    check_prepared(load_recipe(path, overrides=["data.sources.0.weight=2"]))  # sampling only
+    os.utime(tmp_path / "train.jsonl")  # touched, same content: hashed, unchanged
+    check_prepared(recipe)
+    for overrides, said in ((["data.dev_fraction=0.3"], "data.dev_fraction: 0.1 then, 0.3 now"),
+                            (["seed=8"], "seed: 7 then, 8 now"),
+                            (["data.sources.1.path=train.jsonl"], "data.sources.1.path")):
+        changed = load_recipe(path, overrides=overrides)
+        for stage in (run_mine, run_train):
+            with pytest.raises(DataError, match="was prepared from other data than the recipe names now") as e:
+                stage(changed)
+            assert said in str(e.value) and "hmcl prepare RECIPE" in e.value.hint
+    train = tmp_path / "train.jsonl"
+    lines = train.read_text().splitlines(True)
+    train.write_text("".join(lines[1:] + lines[:1]))  # same size, other order: other content
+    with pytest.raises(DataError, match=r"train.jsonl: its content changed \(same size\)") as e:
+        run_all(recipe, resume=True)
+    assert "without --resume" in e.value.hint
+    record = json.loads(stats.read_text())
+    del record["made_from"]
+    stats.write_text(json.dumps(record))
+    check_prepared(recipe)  # no record: not checked

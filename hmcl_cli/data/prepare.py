@@ -111,6 +111,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     # rows of one query (within a split, across sources too) make one example: the sources'
     # example counts add up to the splits' only with these
     combined = sum(st.examples_in for st in per_source.values()) - sum(len(m) for m in merged.values())
+    from hmcl_cli.data.origin import made_from
+
     stats: dict[str, Any] = {"sources": {}, "splits": {}, "combined_same_query": combined,
                              "duplicates_removed": totals["duplicate"],
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
@@ -172,6 +174,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     # again, mining the old data over this one: gone with its report
     for stale in ("train.unmined.jsonl", "mining_report.json"):
         (out_dir / stale).unlink(missing_ok=True)
+    stats["made_from"] = made_from(recipe)  # what mine, train and run --resume check the recipe against
     write_json_atomic(out_dir / "stats.json", stats)
     log(f"prepare: wrote {out_dir} (train {len(outputs['train'])}, dev {len(outputs['dev'])}, test {len(outputs['test'])} examples)")
     return stats
