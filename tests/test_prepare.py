@@ -523,9 +523,15 @@ def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny
     check_prepared(load_recipe(path, overrides=["data.sources.0.weight=2"]))  # sampling only
     os.utime(tmp_path / "train.jsonl")  # touched, same content: hashed, unchanged
     check_prepared(recipe)
+    moved = tmp_path / "elsewhere"  # the same files at another path (a checkout on another machine)
+    moved.mkdir()
+    for name in ("train.jsonl", "dev.jsonl"):
+        (moved / name).write_bytes((tmp_path / name).read_bytes())
+    check_prepared(load_recipe(path, overrides=["data.sources.0.path=elsewhere/train.jsonl",
+                                                "data.sources.1.path=elsewhere/dev.jsonl"]))
     for overrides, said in ((["data.dev_fraction=0.3"], "data.dev_fraction: 0.1 then, 0.3 now"),
                             (["seed=8"], "seed: 7 then, 8 now"),
-                            (["data.sources.1.path=train.jsonl"], "data.sources.1.path")):
+                            (["data.sources.1.path=train.jsonl"], "data.sources.1: " + str(tmp_path / "train.jsonl"))):
         changed = load_recipe(path, overrides=overrides)
         for stage in (run_mine, run_train):
             with pytest.raises(DataError, match="was prepared from other data than the recipe names now") as e:
@@ -534,7 +540,7 @@ def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny
     train = tmp_path / "train.jsonl"
     lines = train.read_text().splitlines(True)
     train.write_text("".join(lines[1:] + lines[:1]))  # same size, other order: other content
-    with pytest.raises(DataError, match=r"train.jsonl: its content changed \(same size\)") as e:
+    with pytest.raises(DataError, match=r"data.sources.0: .*train.jsonl: its content changed \(same size\)") as e:
         run_all(recipe, resume=True)
     assert "without --resume" in e.value.hint
     record = json.loads(stats.read_text())

@@ -1,12 +1,17 @@
 """What a run's prepared data was made from, and whether the recipe still asks for that data.
 
 ``hmcl prepare`` records in ``stats.json`` (``made_from``) the recipe's data settings (the
-``data`` section without the training-only ``weight``, and ``seed``, which draws the dev split)
-and, for each local source file, its size, modification time and SHA-256. ``hmcl mine``,
-``hmcl train`` and ``hmcl run --resume`` read the prepared files rather than the sources; if the
-recipe's data settings or a source file changed since, they would train on the old data without
-a word. :func:`origin_changes` says what changed, so they can stop with a pointer to ``hmcl
-prepare`` instead. Data prepared before this record existed is not checked.
+``data`` section without the training-only ``weight`` and without the sources' paths, and
+``seed``, which draws the dev split) and, per source, the files it read: each one's size,
+modification time and SHA-256. ``hmcl mine``, ``hmcl train`` and ``hmcl run --resume`` read the
+prepared files rather than the sources; if the recipe's data settings or a source's content
+changed since, they would use the old data without a word. :func:`origin_changes` says what
+changed, so they stop with a pointer to ``hmcl prepare`` instead.
+
+Files are compared by content, not by where they are: a run directory restored on another machine
+(another checkout path, another ``$HMCL_DATA``) with the same files passes; a file whose time
+changed is hashed again, so one that was only touched passes too. Data prepared before this
+record existed is not checked.
 """
 
 from __future__ import annotations
@@ -18,25 +23,25 @@ from typing import Any, Optional
 
 from hmcl_cli.recipe import Recipe
 
-TRAINING_ONLY = {"weight"}  # source keys that shape the sampling of prepared data, not the data
+NOT_COMPARED = {"weight", "path"}  # sampling only; where the files are (their content is compared)
 
 
 def data_settings(recipe: Recipe) -> dict:
-    """The settings ``prepare``'s output depends on."""
+    """The settings ``prepare``'s output depends on, besides the files' content."""
     data = recipe.data.model_dump(mode="json")
-    data["sources"] = [{k: v for k, v in src.items() if k not in TRAINING_ONLY} for src in data["sources"]]
-    for src, cfg in zip(data["sources"], recipe.data.sources):
-        if cfg.path:  # where it is, not how the recipe spells it
-            src["path"] = str(recipe.resolve(cfg.path).resolve())
+    data["sources"] = [{k: v for k, v in src.items() if k not in NOT_COMPARED} for src in data["sources"]]
     return {"data": data, "seed": recipe.seed}
 
 
-def _files(recipe: Recipe) -> list[Path]:
+def _source_files(recipe: Recipe) -> list[list[Path]]:
+    """Per source, the local files it reads (a BEIR folder: every file in it), sorted."""
     out = []
     for src in recipe.data.sources:
+        files: list[Path] = []
         if src.path:
             path = recipe.resolve(src.path).resolve()
-            out += sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        out.append(files)
     return out
 
 
@@ -50,10 +55,10 @@ def _sha256(path: Path) -> str:
 
 def made_from(recipe: Recipe) -> dict:
     """The record ``prepare`` keeps of what it read."""
-    files = {}
-    for p in _files(recipe):
-        st = p.stat()
-        files[str(p)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(p)}
+    files = []
+    for source in _source_files(recipe):
+        files.append([{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns,
+                       "sha256": _sha256(p)} for p in source])
     return {**data_settings(recipe), "files": files}
 
 
@@ -70,27 +75,34 @@ def _differences(old: Any, new: Any, where: str, out: list[str]) -> None:
         out.append(f"{where}: {json.dumps(old)} then, {json.dumps(new)} now")
 
 
+def _same_file(then: dict, path: Path) -> Optional[str]:
+    """None when ``path`` holds what ``then`` recorded, else how it differs."""
+    st = path.stat()
+    if st.st_size != then.get("size"):
+        return f"{then.get('size'):,} bytes then, {st.st_size:,} now"
+    if str(path) == then.get("path") and st.st_mtime_ns == then.get("mtime_ns"):
+        return None
+    return None if _sha256(path) == then.get("sha256") else "its content changed (same size)"
+
+
 def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
     """What differs between the data ``stats_path``'s prepare read and what the recipe reads now
-    (settings, then files); None when the stats hold no record (data prepared before it existed)."""
+    (settings, then each source's files); None when the stats hold no record (data prepared
+    before it existed)."""
     try:
         record = json.loads(stats_path.read_text(encoding="utf-8")).get("made_from")
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict):
+    if not isinstance(record, dict) or not isinstance(record.get("files"), list):
         return None
     changes: list[str] = []
     _differences({k: record.get(k) for k in ("data", "seed")}, data_settings(recipe), "", changes)
-    then = record.get("files", {})
-    now = {str(p): p for p in _files(recipe)}
-    for name in sorted(set(then) | set(now)):
-        old, path = then.get(name), now.get(name)
-        if old is None or path is None:
-            changes.append(f"{name}: {'read then, not now' if path is None else 'read now, not then'}")
+    for i, (then, now) in enumerate(zip(record["files"], _source_files(recipe))):
+        if len(then) != len(now):
+            changes.append(f"data.sources.{i}: {len(then)} file(s) read then, {len(now)} now")
             continue
-        st = path.stat()
-        if st.st_size != old.get("size"):
-            changes.append(f"{name}: {old.get('size'):,} bytes then, {st.st_size:,} now")
-        elif st.st_mtime_ns != old.get("mtime_ns") and _sha256(path) != old.get("sha256"):
-            changes.append(f"{name}: its content changed (same size)")
+        for old, path in zip(then, now):
+            why = _same_file(old, path)
+            if why:
+                changes.append(f"data.sources.{i}: {path}: {why}")
     return changes
