@@ -214,6 +214,14 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
+    if any(t.path in ("dev", "test", "train") for t in tasks):
+        from hmcl_cli.data.origin import origin_changes
+
+        stats = run_data / "stats.json"
+        changes = origin_changes(recipe, stats) if stats.is_file() else None
+        if changes:  # a warning: the evaluation itself is sound, on the data as it was prepared
+            warn(f"eval reads the prepared splits in {run_data}, made from other data than the recipe names now ("
+                 + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "") + "); `hmcl prepare` to renew them")
     unknown = [f"{tasks[i].name}: {said}" for i, said, _ in mteb_needs(tasks, cached=False)]
     if unknown:  # before any model is loaded
         raise RecipeError("unknown MTEB task name:\n  " + "\n  ".join(unknown), hint="`mteb.get_tasks()` lists the names")

@@ -502,7 +502,7 @@ def test_json_lines_need_not_share_their_optional_keys(tmp_path):
     assert rows["c"]["neg_scores"] == [0.3] and rows["c"]["prompt"] == "P: " and "prompt" not in rows["a"]
 
 
-def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny_bert):
+def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny_bert, capsys):
     """The prepared data records what it was made from; `hmcl mine`, `hmcl train` and `hmcl run
     --resume` stop when the recipe names other data now (a setting or a source file changed),
     instead of using the old data without a word. A training-only setting (a source's weight)
@@ -537,6 +537,11 @@ def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny
             with pytest.raises(DataError, match="was prepared from other data than the recipe names now") as e:
                 stage(changed)
             assert said in str(e.value) and "hmcl prepare RECIPE" in e.value.hint
+    from hmcl_cli.stages import run_eval
+
+    capsys.readouterr()
+    run_eval(load_recipe(path, overrides=["seed=8"]), in_run_dir=False)  # eval of the dev split: a warning
+    assert "eval reads the prepared splits" in capsys.readouterr().err
     train = tmp_path / "train.jsonl"
     lines = train.read_text().splitlines(True)
     train.write_text("".join(lines[1:] + lines[:1]))  # same size, other order: other content
