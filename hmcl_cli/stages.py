@@ -60,6 +60,19 @@ def run_mine(recipe: Recipe) -> dict:
         return mine(recipe)
 
 
+def _check_mined(recipe: Recipe) -> None:
+    """A warning when the training data was mined with other settings than the recipe's now (a
+    mine or model setting edited after `hmcl mine`): training uses the candidates mined then."""
+    from hmcl_cli.data.origin import mining_changes
+
+    report = recipe.run_dir / "data" / "mining_report.json"
+    changes = mining_changes(recipe, report) if report.is_file() else None
+    if changes:
+        warn(f"the training data in {report.parent} was mined with other settings than the recipe's now ("
+             + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "")
+             + "): its mined candidates are those; `hmcl prepare` then `hmcl mine` to mine them again")
+
+
 def check_prepared(recipe: Recipe, resumed: bool = False) -> None:
     """A DataError when the run's prepared data was made from other data than the recipe names
     now (its data settings, or a source file changed since ``hmcl prepare``): mining or training
@@ -144,6 +157,7 @@ def run_train(recipe: Recipe, resume: bool = False) -> Path:
     from hmcl_cli.training.trainer import HMCLTrainer
 
     check_prepared(recipe)
+    _check_mined(recipe)
 
     trainer = HMCLTrainer(recipe)
     main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` only rank 0 owns the run dir

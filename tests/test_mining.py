@@ -338,3 +338,25 @@ def test_corpus_embeddings_are_not_reused_for_other_weights_or_settings(tmp_path
     mine(load_recipe(write_recipe(tmp_path, model_dir, model={"pooling": "cls"}, mine={"range_min": 0, "num_negatives": 1})))
     assert "reused corpus embeddings" not in capsys.readouterr().out
     assert len(list((recipe.run_dir / "cache").glob("corpus-emb-*.npy"))) == 2  # three keys, the last two kept
+
+
+def test_training_on_data_mined_with_other_settings_is_warned_about(tmp_path, tiny_bert, capsys):
+    """`hmcl mine`, then a mine (or encoding model) setting edited, then `hmcl train`: training
+    uses the candidates mined then; it says so. Not for the setting that only says whether `hmcl
+    run` mines (mine.enabled), nor when nothing changed."""
+    from hmcl_cli.stages import _check_mined
+
+    path = write_recipe(tmp_path, tiny_bert, mine={"range_min": 0, "range_max": 30, "num_negatives": 1,
+                                                    "relative_margin": None})
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    mine(recipe)
+    capsys.readouterr()
+    _check_mined(recipe)
+    _check_mined(load_recipe(path, overrides=["mine.enabled=true"]))
+    assert "mined with other settings" not in capsys.readouterr().err
+    for override, said in (("mine.num_negatives=3", "mine.num_negatives: 1 then, 3 now"),
+                           ("model.max_length=32", "model.max_length: 48 then, 32 now")):
+        _check_mined(load_recipe(path, overrides=[override]))
+        err = " ".join(capsys.readouterr().err.split())
+        assert "was mined with other settings than the recipe's now" in err and said in err, err

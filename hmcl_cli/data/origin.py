@@ -106,3 +106,27 @@ def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
             if why:
                 changes.append(f"data.sources.{i}: {path}: {why}")
     return changes
+
+
+def mining_settings(recipe: Recipe) -> dict:
+    """The settings ``hmcl mine``'s candidates depend on: the mine section (less ``enabled``, which
+    only says whether ``hmcl run`` mines) and the model that encodes."""
+    mine = recipe.mine.model_dump(mode="json")
+    mine.pop("enabled", None)
+    return {"mine": mine, "model": recipe.model.model_dump(mode="json", include={
+        "name_or_path", "revision", "pooling", "include_prompt", "normalize", "max_length", "query_max_length",
+        "doc_max_length", "query_prompt", "doc_prompt", "segments"})}
+
+
+def mining_changes(recipe: Recipe, report_path: Path) -> Optional[list[str]]:
+    """What differs between the settings the training data was mined with and the recipe's now;
+    None without a record."""
+    try:
+        record = json.loads(report_path.read_text(encoding="utf-8")).get("made_with")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    changes: list[str] = []
+    _differences(record, mining_settings(recipe), "", changes)
+    return changes
