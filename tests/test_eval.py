@@ -789,3 +789,26 @@ def test_a_recipe_compares_with_a_run_directory_and_an_onnx_export(tmp_path, tin
     got = run_eval(recipe)["results"]["dev-retrieval"]
     assert got["prev"]["ndcg@10"] == got["fine-tuned"]["ndcg@10"]
     assert got["graph"]["ndcg@10"] == pytest.approx(got["fine-tuned"]["ndcg@10"], abs=2e-5)
+
+
+def test_a_table_of_pairs_or_triplets_is_a_reranking_task_without_a_format(tmp_path):
+    """`hmcl eval --reranking pairs.csv` (the CLI has no format flag): a table whose columns name a
+    label reads as labelled pairs (TrecQA's qtext/label/atext: the base MAP equals the trecqa
+    recipe's answer_selection reading, 0.8346), one naming a positive as triplets; JSON lines stay
+    graded."""
+    from pathlib import Path
+
+    from hmcl_cli.evaluation.runner import load_task
+    from hmcl_cli.recipe import EvalTask
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("question1,question2,is_duplicate\na?,b?,1\na?,c?,0\n", encoding="utf-8")
+    triplets = tmp_path / "t.csv"
+    triplets.write_text("anchor,positive,negative\nq,p,n\n", encoding="utf-8")
+    graded = tmp_path / "g.jsonl"
+    graded.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n", encoding="utf-8")
+    for path, fmt in ((pairs, "pairs"), (triplets, "triplets"), (graded, "graded")):
+        data = load_task(EvalTask(name="x", type="reranking", path=str(path)), lambda p: Path(p))
+        assert data.fmt == fmt
+        (ex,) = data.examples
+        assert {c.level for c in ex.candidates.values()} == {0, 2}

@@ -318,6 +318,24 @@ def _as_float(raw: Any, src: SourceConfig) -> float:
     return float(raw)
 
 
+def ranking_format(src: SourceConfig, path: Path) -> Optional[str]:
+    """For a reranking or retrieval file given without a format: a table (CSV/TSV/parquet) whose
+    columns name a positive is ``triplets``, one whose columns name a label is ``pairs`` (label 1:
+    relevant); None otherwise (read as graded JSON lines)."""
+    if file_type(src, path) == "jsonl":
+        return None
+    for item in records(src, path):
+        if isinstance(item, BadRow):
+            return None
+        cells = item[1] if isinstance(item[1], (list, dict)) else []
+        names = {str(c).strip().lower() for c in cells}
+        for fmt, role in (("triplets", "positive"), ("pairs", "label")):
+            if names & {a.lower() for a in ROLE_ALIASES[role]}:
+                return fmt
+        return None
+    return None
+
+
 # --------------------------------------------------------------------------------------------
 # column mapping
 # --------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     fmt = task.format or {"sts": "sts", "pair_classification": "pairs"}.get(task.type, "graded")
     if task.type == "retrieval" and path.is_dir():
         fmt = "qrels"
+    elif not task.format and fmt == "graded" and path.is_file():  # a table of pairs or triplets
+        from hmcl_cli.data.readers import ranking_format
+
+        fmt = ranking_format(SourceConfig(path=str(path), encoding=task.encoding, delimiter=task.delimiter),
+                             path) or fmt
     exists = path.is_dir() if fmt == "qrels" else path.is_file()
     if not exists:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
