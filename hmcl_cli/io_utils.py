@@ -19,9 +19,22 @@ import zlib
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Optional
 
-from hmcl_cli.errors import DataError, RunLockedError, import_optional
+from hmcl_cli.errors import DataError, RunLockedError, StorageError, from_system_error, import_optional
 
 COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst")
+
+
+def ensure_dir(path: Path) -> None:
+    """``mkdir -p``, with a clear error when the folder cannot be made (under /proc, below a file, no
+    permission, a full disk) instead of the OSError's traceback."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        mapped = from_system_error(e)
+        if mapped is not None:
+            raise mapped from None
+        raise StorageError(f"cannot create the folder {path}: {e.strerror or e}",
+                           hint="choose another output folder (for a run: --set output_dir=...)") from None
 
 
 @contextlib.contextmanager
@@ -32,7 +45,7 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
     ``target`` keeps its previous content, so no reader ever sees a half-written output.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     out = tmp if is_dir else tmp / target.name
     try:
@@ -268,7 +281,7 @@ class RunLock:
             return 0
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_dir(self.path.parent)
         try:
             import fcntl
         except ImportError:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from hmcl_cli.console import log, warn
 from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
                              from_system_error)
-from hmcl_cli.io_utils import RunLock, write_text_atomic
+from hmcl_cli.io_utils import RunLock, ensure_dir, write_text_atomic
 from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
 
 EXPORT_FORMATS = typing.get_args(ExportFormat)
@@ -26,7 +26,7 @@ EXPORT_FORMATS = typing.get_args(ExportFormat)
 
 def _start(recipe: Recipe) -> None:
     run = recipe.run_dir
-    run.mkdir(parents=True, exist_ok=True)
+    ensure_dir(run)
     write_text_atomic(run / "recipe.resolved.yaml", recipe.to_yaml())
 
 

@@ -193,6 +193,14 @@ def eval_unknown_mteb_task(tmp, model):
         "unknown MTEB task name", "STSBenchmrk: 'STSBenchmrk' not found. Did you mean: 'STSBenchmark'?"]
 
 
+def output_dir_below_a_file(tmp, model):
+    """A run directory that cannot be made (below a file; under /proc alike): a storage error, not
+    an internal error with an OSError."""
+    p = write_recipe(tmp, model)
+    return ["prepare", p, "--set", f"output_dir={p}/run"], 10, [f"cannot create the folder {p}/run: Not a directory",
+                                                                "--set output_dir="]
+
+
 def sts_threshold_of_an_unknown_level(tmp, model):
     p = recipe_with_train(tmp, model, "s,t,0.5\n", fmt="sts", name="train.csv", thresholds={"positive": 0.8})
     return ["prepare", p], RECIPE, ["recipe.yaml:", "unknown level 'positive' in thresholds — did you mean 'pos'?"]
@@ -400,7 +408,8 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
-         sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, eval_unknown_mteb_task, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
+         sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, eval_unknown_mteb_task,
+         output_dir_below_a_file, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
