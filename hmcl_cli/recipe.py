@@ -1154,6 +1154,9 @@ def read_recipe_file(path: Path, chain: tuple = ()) -> tuple[dict, dict]:
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     data, lines = load_yaml_with_lines(text, file)
+    if not data:
+        raise RecipeError(f"{file} is empty: a recipe needs at least model.name_or_path and data.sources",
+                          hint="`hmcl recipe cp quickstart my.yaml` copies a complete one to start from")
     if not isinstance(data, dict):
         raise RecipeError(f"{file}: a recipe must be a mapping of sections (name, model, data, ...)")
     where = {k: f"{file}:{line}" for k, line in lines.items()}
@@ -1292,7 +1295,8 @@ def load_recipe(
         file = str(p)
         if not p.is_file():
             hint = "`hmcl recipe ls` lists the built-in recipes; `hmcl recipe cp NAME DEST` copies one"
-            raise RecipeError(f"recipe file {p} does not exist", hint=hint)
+            raise RecipeError(f"recipe file {p} " + ("is a folder, not a file" if p.is_dir() else "does not exist"),
+                              hint=hint)
         data, origins = read_recipe_file(p)
     data = {} if data is None else data
     if not isinstance(data, dict):

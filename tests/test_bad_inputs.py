@@ -126,6 +126,22 @@ def missing_recipe(tmp, model):
     return ["run", tmp / "nope.yaml"], RECIPE, ["nope.yaml", "does not exist"]
 
 
+def empty_recipe(tmp, model):
+    (tmp / "empty.yaml").write_text("# nothing yet\n")
+    return ["run", tmp / "empty.yaml"], RECIPE, ["empty.yaml is empty", "hmcl recipe cp quickstart"]
+
+
+def recipe_is_a_folder(tmp, model):
+    return ["prepare", tmp], RECIPE, [f"recipe file {tmp} is a folder, not a file"]
+
+
+def data_source_is_a_folder(tmp, model):
+    p = recipe_with_train(tmp, model, "")
+    (tmp / "train.jsonl").unlink()
+    (tmp / "train.jsonl").mkdir()
+    return ["prepare", p], DATA, ["train.jsonl is a folder; format graded reads a file", "format: qrels"]
+
+
 def missing_data_file(tmp, model):
     p = write_recipe(tmp, model, data={"sources": [{"path": "absent.jsonl"}]})
     return ["prepare", p], DATA, ["absent.jsonl does not exist", "relative to the recipe file"]
@@ -406,6 +422,7 @@ def metric_for_best_undefined_on_dev(tmp, model):
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
+         empty_recipe, recipe_is_a_folder, data_source_is_a_folder,
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, eval_unknown_mteb_task,

@@ -188,6 +188,11 @@ def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optiona
     if exists:
         return path
     msg = f"data source {path} does not exist"
+    if path.is_dir():  # (a qrels source is a folder; every other format reads a file)
+        msg = (f"data source {path} is a folder; format {src.format} reads a file (a BEIR folder of corpus, "
+               "queries and qrels reads with format: qrels)")
+    elif path.is_file():
+        msg = f"data source {path} is a file; format qrels reads a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)"
     if recipe.data.on_error == "skip":
         warn(msg + " (skipped, on_error: skip)")
         st.rejected["missing file"] += 1
