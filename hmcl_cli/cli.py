@@ -144,14 +144,21 @@ def eval_(
     from hmcl_cli.stages import run_eval
 
     r = _load(recipe, set_) if recipe else load_recipe(data={"name": "eval", "output_dir": ".", "model": {"name_or_path": "none"}, "eval": {"include_base": False}}, overrides=set_ or [])
-    tasks = []
+    tasks, missing = [], []
     for kind, items in (("sts", sts), ("reranking", reranking), ("retrieval", retrieval), ("pair_classification", pair_classification)):
         for item in items or []:
             name, _, path = item.rpartition("=")
+            if not Path(path).exists():  # before any model loads
+                missing.append(f"--{kind.replace('_', '-')} {item}: {Path(path).resolve()} does not exist")
             name = name or data_stem(path)
             if any(t.name == name for t in tasks):
                 name = f"{name}-{kind}"  # the same file as two kinds of task
             tasks.append(EvalTask(name=name, type=kind, path=str(Path(path).resolve()), split=split))
+    if missing:
+        from hmcl_cli.errors import DataError
+
+        raise DataError("\n  ".join(["evaluation file(s) not found:", *missing]),
+                        hint="paths are relative to the current folder")
     for name in mteb_task or []:
         tasks.append(EvalTask(name=name, type="mteb", mteb_name=name, split=split))
     models = None

@@ -236,6 +236,15 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         if changes:  # a warning: the evaluation itself is sound, on the data as it was prepared
             warn(f"eval reads the prepared splits in {run_data}, made from other data than the recipe names now ("
                  + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "") + "); `hmcl prepare` to renew them")
+    absent = [t for t in tasks if t.type != "mteb" and t.path and not resolve(t.path).exists()]
+    if absent:  # before any model loads (each task failed per model, after loading them)
+        splits = [t for t in absent if t.path in ("dev", "test", "train")]
+        hint = "; ".join((["a task with path dev or test reads the run's prepared split: run `hmcl prepare RECIPE` "
+                           "first"] if splits else [])
+                         + (["fix eval.tasks[].path (relative to the recipe file)"] if len(splits) < len(absent) else []))
+        raise DataError("\n  ".join(["evaluation file(s) not found:",
+                                      *(f"task {t.name!r}: {resolve(t.path)} does not exist" for t in absent)]),
+                        hint=hint)
     unknown = [f"{tasks[i].name}: {said}" for i, said, _ in mteb_needs(tasks, cached=False)]
     if unknown:  # before any model is loaded
         raise RecipeError("unknown MTEB task name:\n  " + "\n  ".join(unknown), hint="`mteb.get_tasks()` lists the names")

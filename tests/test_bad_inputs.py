@@ -331,7 +331,19 @@ def export_unknown_format(tmp, model):
 
 
 def eval_missing_file(tmp, model):
-    return ["eval", "--model", model, "--sts", tmp / "absent.csv"], DATA, ["absent.csv"]
+    """Found before any model loads (it failed per model after loading them), with its flag."""
+    return ["eval", "--model", model, "--sts", tmp / "absent.csv"], DATA, [
+        "evaluation file(s) not found:", f"--sts {tmp / 'absent.csv'}: {tmp / 'absent.csv'} does not exist"]
+
+
+def eval_recipe_task_file_missing(tmp, model):
+    """A recipe's eval task file, and the prepared split before `hmcl prepare`: found before any
+    model loads (each failed per model after loading them)."""
+    p = write_recipe(tmp, model, eval={"tasks": [{"name": "s", "type": "sts", "path": "nothere.csv"},
+                                                 {"name": "d", "type": "retrieval", "path": "dev"}]})
+    return ["eval", p], DATA, ["evaluation file(s) not found:", f"task 's': {tmp / 'nothere.csv'} does not exist",
+                               f"task 'd': {tmp / 'run' / 'data' / 'dev.jsonl'} does not exist",
+                               "run `hmcl prepare RECIPE` first; fix eval.tasks[].path"]
 
 
 def run_with_a_missing_eval_file(tmp, model):
@@ -426,7 +438,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          missing_data_file, data_path_from_an_unset_env_variable,
          validate_data_path_from_an_env_variable, empty_dataset, blank_lines_only, all_negative_dataset, label_out_of_range,
          sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, eval_unknown_mteb_task,
-         output_dir_below_a_file, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
+         output_dir_below_a_file, eval_recipe_task_file_missing, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
