@@ -232,7 +232,7 @@ def export(
 
 @app.command(name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
 def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
-            resume: bool = typer.Option(False, "--resume", metavar="", help="Go on from where the run stopped: data it prepared and mined is kept, training continues from its last checkpoint.")) -> None:
+            resume: bool = typer.Option(False, "--resume", metavar="", help="Go on from where the run stopped: data it prepared and mined is kept (an error if the recipe's data or a source file changed since), training continues from its last checkpoint.")) -> None:
     """Run every stage the recipe enables, in order (prepare, mine, train, eval, export).
 
     Before the first stage it checks the input files, the packages the stages need, MTEB task
