@@ -77,6 +77,34 @@ def test_resume_equals_uninterrupted_run(tmp_path, tiny_bert, dropout):
         assert torch.allclose(v, ref[k], atol=1e-6), k
 
 
+def test_resuming_with_other_training_settings_says_so(tmp_path, tiny_bert, capsys):
+    """--resume with a setting that changes the training's course (learning rate, batch size, a
+    loss weight) warns with what changed; the same settings, or a knob that computes the same steps
+    another way (model.unpad, train.log_steps), do not."""
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    path = write_recipe(tmp_path, tiny_bert, train={"max_steps": 3, "save_steps": 3, "eval_steps": 3})
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    t = HMCLTrainer(recipe)
+    t.setup()
+    t.train()
+    for overrides, said in ((["model.unpad=false", "train.log_steps=1"], None),
+                            (["train.learning_rate=0.01", "loss.ranking_weight=2"],
+                             ("train.learning_rate: 0.001 then, 0.01 now", "loss.ranking_weight: 1.0 then, 2.0 now")),
+                            (["train.batch_size=4"], ("train.batch_size: 8 then, 4 now",))):
+        capsys.readouterr()
+        again = HMCLTrainer(load_recipe(path, overrides))
+        again.setup(resume=True)
+        assert again.step == 3
+        err = " ".join(capsys.readouterr().err.split())
+        if said is None:
+            assert "other settings" not in err, err
+        else:
+            assert "was trained with other settings than the recipe's now" in err and all(x in err for x in said), err
+
+
 def test_dataloader_workers_train_the_same_weights(tmp_path, tiny_bert):
     """Batches collated in worker processes (train.num_workers) are the batches of the main
     process, and the workers leave the dropout masks alone: the same weights, across an epoch end."""

@@ -85,6 +85,13 @@ def _same_file(then: dict, path: Path) -> Optional[str]:
     return None if _sha256(path) == then.get("sha256") else "its content changed (same size)"
 
 
+def differences(old: Any, new: Any) -> list[str]:
+    """Each leaf that differs between two settings records: ``key: <then> then, <now> now``."""
+    out: list[str] = []
+    _differences(old, new, "", out)
+    return out
+
+
 def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
     """What differs between the data ``stats_path``'s prepare read and what the recipe reads now
     (settings, then each source's files); None when the stats hold no record (data prepared

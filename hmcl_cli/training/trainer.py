@@ -88,6 +88,25 @@ class MetricsLog:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
 
+TRAJECTORY_KEYS = {
+    "train": ("epochs", "max_steps", "batch_size", "group_size", "learning_rate", "head_learning_rate", "weight_decay",
+              "warmup_ratio", "scheduler", "max_grad_norm", "gradient_accumulation_steps", "batch_by_source",
+              "positive_repeats", "group_by_length", "precision"),
+    "model": ("name_or_path", "revision", "pooling", "include_prompt", "normalize", "max_length", "query_max_length",
+              "doc_max_length", "query_prompt", "doc_prompt", "padding_side", "append_eos", "lora", "segments", "dtype"),
+}
+
+
+def trajectory_settings(recipe) -> dict:
+    """The settings a training's course depends on (kept in each checkpoint, compared on
+    ``--resume``): the loss, the seed, the sources' weights and the model and optimisation keys of
+    TRAJECTORY_KEYS; not the knobs that compute the same steps another way (unpad, fused kernels,
+    GradCache, compile) nor logging, evaluation and checkpoint cadence."""
+    dump = recipe.model_dump(mode="json")
+    out = {section: {k: dump[section][k] for k in keys} for section, keys in TRAJECTORY_KEYS.items()}
+    return {**out, "loss": dump["loss"], "seed": recipe.seed, "weights": [s.weight for s in recipe.data.sources]}
+
+
 class HMCLTrainer:
     """Trains an embedding model with the HMCL objective as one recipe describes."""
 
@@ -734,7 +753,8 @@ class HMCLTrainer:
             torch.save(_all_rng(), tmp / "rng.pt")
             state = {"step": self.step, "best_metric": self.best_metric, "best_step": self.best_step,
                      "start_metric": self.start_metric, "data_sha256": self.data_sha256,
-                     "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps}
+                     "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps,
+                     "settings": trajectory_settings(self.recipe)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -774,6 +794,14 @@ class HMCLTrainer:
                     "resuming would continue one training on two datasets",
                     hint="train from the beginning (without --resume), or continue from the trained model as a new "
                     "run: model.name_or_path: <run>/model")
+            if self.is_main and isinstance(st.get("settings"), dict):
+                from hmcl_cli.data.origin import differences
+
+                changed = differences(st["settings"], trajectory_settings(self.recipe))
+                if changed:
+                    warn(f"--resume: checkpoint {ckpt.name} was trained with other settings than the recipe's now ("
+                         + "; ".join(changed[:4]) + (" ..." if len(changed) > 4 else "") + f"); training goes on "
+                         f"from step {st['step']} with the new ones, which neither setting alone would have given")
             state = torch.load(ckpt / "model.pt", weights_only=True)
             missing = set(n for n, p in self.model.named_parameters() if p.requires_grad) - set(state)
             if missing:
