@@ -362,7 +362,7 @@ class Columns:
                 if col is not None:
                     self.index[role] = col
             self._check_required(keys)
-            self._find_more_negatives(keys, keys)
+            self.more_negatives = self._more_negatives(keys, keys)
             return False
         is_header = self.src.header
         if is_header is None:
@@ -379,7 +379,7 @@ class Columns:
                 if col is not None:
                     self.index[role] = self.header.index(col)
             self._check_required(self.header)
-            self._find_more_negatives(self.header, list(range(len(self.header))))
+            self.more_negatives = self._more_negatives(self.header, list(range(len(self.header))))
         else:
             for role, col in self.src.columns.items():
                 if isinstance(col, str):
@@ -393,27 +393,25 @@ class Columns:
                 self.index.setdefault(role, idx)
         return bool(is_header)
 
-    def _find_more_negatives(self, names: list, keys: list) -> None:
-        if self.fmt == "triplets" and "negative" not in self.src.columns:
-            self.more_negatives = [k for name, k in zip(names, keys)
-                                   if _MORE_NEGATIVES.fullmatch(str(name).strip()) and k != self.index.get("negative")]
+    def _more_negatives(self, names: list, keys: list) -> list:
+        """The negative_1, negative_2, ... columns among ``names`` (their ``keys``: names or positions)."""
+        if self.fmt != "triplets" or "negative" in self.src.columns:
+            return []
+        return [k for name, k in zip(names, keys) if _MORE_NEGATIVES.fullmatch(str(name).strip())]
 
     def negatives(self, rec: Any) -> list[Any]:
-        """A triplets row's negatives: its `negative` column and the negative_1, negative_2, ...
-        beside it (one left empty or null skipped: such sets give rows different numbers), or,
-        in a file without a header, every field after the positive. None: the positive pair alone
-        (in-batch negatives only)."""
+        """A triplets row's negatives: its `negative` column (a list: several) and the negative_1,
+        negative_2, ... beside it (one left empty or null skipped: such sets give rows different
+        numbers), or, in a file without a header, every field after the positive. None: the
+        positive pair alone (in-batch negatives only). JSON lines are read with their own keys."""
         if self.header is None and isinstance(rec, list) and "negative" not in self.src.columns:
             return list(rec[self.index["negative"]:])
-        if isinstance(rec, dict):  # JSON lines: keys may differ from row to row
-            key = self._choose("negative", list(rec))
-            self.index.pop("negative", None)
-            if key is not None:
-                self.index["negative"] = key
-            self._find_more_negatives(list(rec), list(rec))
-        first = self.get(rec, "negative", required=False) if "negative" in self.index else None
-        out = list(first) if isinstance(first, (list, tuple)) else [] if first is None else [first]  # a list: several
-        for k in self.more_negatives:
+        first = self.get(rec, "negative", required=False)
+        out = list(first) if isinstance(first, (list, tuple)) else [] if first is None else [first]
+        more = self.more_negatives
+        if isinstance(rec, dict) and rec.keys() != self.first_keys:
+            more = self._more_negatives(list(rec), list(rec))
+        for k in more:
             value = rec[k] if (k < len(rec) if isinstance(k, int) else k in rec) else None
             if value is not None and str(value).strip():
                 out.append(value)
