@@ -60,34 +60,45 @@ def run_mine(recipe: Recipe) -> dict:
         return mine(recipe)
 
 
+def _listed(changes: list[str], most: int) -> str:
+    """The first ``most`` changes, joined, with how many more there are."""
+    return "; ".join(changes[:most]) + (f"; ... and {len(changes) - most} more" if len(changes) > most else "")
+
+
+def _data_changes(recipe: Recipe) -> list[str]:
+    """What changed in the recipe's data since its run's prepare (:mod:`hmcl_cli.data.origin`);
+    empty when nothing did or when there is no record to compare with."""
+    from hmcl_cli.data.origin import origin_changes
+
+    stats = recipe.run_dir / "data" / "stats.json"
+    return (origin_changes(recipe, stats) if stats.is_file() else None) or []
+
+
 def _check_mined(recipe: Recipe) -> None:
     """A warning when the training data was mined with other settings than the recipe's now (a
     mine or model setting edited after `hmcl mine`): training uses the candidates mined then."""
     from hmcl_cli.data.origin import mining_changes
 
     report = recipe.run_dir / "data" / "mining_report.json"
-    changes = mining_changes(recipe, report) if report.is_file() else None
+    changes = (mining_changes(recipe, report) if report.is_file() else None) or []
     if changes:
-        warn(f"the training data in {report.parent} was mined with other settings than the recipe's now ("
-             + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "")
-             + "): its mined candidates are those; `hmcl prepare` then `hmcl mine` to mine them again")
+        warn(f"the training data in {report.parent} was mined with other settings than the recipe's now "
+             f"({_listed(changes, 3)}): its mined candidates are those; `hmcl prepare` then `hmcl mine` to mine "
+             "them again")
 
 
 def check_prepared(recipe: Recipe, resumed: bool = False) -> None:
     """A DataError when the run's prepared data was made from other data than the recipe names
     now (its data settings, or a source file changed since ``hmcl prepare``): mining or training
     would use the old data without a word (:mod:`hmcl_cli.data.origin`)."""
-    from hmcl_cli.data.origin import origin_changes
-
-    stats = recipe.run_dir / "data" / "stats.json"
-    changes = origin_changes(recipe, stats) if stats.is_file() else None
+    changes = _data_changes(recipe)
     if not changes:
         return
     shown = changes[:8] + ([f"... and {len(changes) - 8} more"] if len(changes) > 8 else [])
     hint = ("run it without --resume: the data is prepared again and training starts over" if resumed else
             "run `hmcl prepare RECIPE` (with the same --set options) to prepare it again, or `hmcl run RECIPE`")
-    raise DataError(f"{stats.parent} was prepared from other data than the recipe names now:\n  " + "\n  ".join(shown),
-                    hint=hint)
+    raise DataError(f"{recipe.run_dir / 'data'} was prepared from other data than the recipe names now:\n  "
+                    + "\n  ".join(shown), hint=hint)
 
 
 def under_launcher() -> bool:
@@ -228,14 +239,10 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             return run_data / f"{p}.jsonl"
         return recipe.resolve(p)
 
-    if any(t.path in ("dev", "test", "train") for t in tasks):
-        from hmcl_cli.data.origin import origin_changes
-
-        stats = run_data / "stats.json"
-        changes = origin_changes(recipe, stats) if stats.is_file() else None
-        if changes:  # a warning: the evaluation itself is sound, on the data as it was prepared
-            warn(f"eval reads the prepared splits in {run_data}, made from other data than the recipe names now ("
-                 + "; ".join(changes[:3]) + (" ..." if len(changes) > 3 else "") + "); `hmcl prepare` to renew them")
+    changes = _data_changes(recipe) if any(t.path in ("dev", "test", "train") for t in tasks) else []
+    if changes:  # a warning: the evaluation itself is sound, on the data as it was prepared
+        warn(f"eval reads the prepared splits in {run_data}, made from other data than the recipe names now "
+             f"({_listed(changes, 3)}); `hmcl prepare` to renew them")
     absent = [t for t in tasks if t.type != "mteb" and t.path and not resolve(t.path).exists()]
     if absent:  # before any model loads (each task failed per model, after loading them)
         splits = [t for t in absent if t.path in ("dev", "test", "train")]

@@ -115,14 +115,17 @@ def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
     return changes
 
 
+# the model keys that decide what a text encodes to (mining's candidates, a training's course)
+ENCODING_KEYS = ("name_or_path", "revision", "pooling", "include_prompt", "normalize", "max_length", "query_max_length",
+                 "doc_max_length", "query_prompt", "doc_prompt", "padding_side", "append_eos", "segments")
+
+
 def mining_settings(recipe: Recipe) -> dict:
     """The settings ``hmcl mine``'s candidates depend on: the mine section (less ``enabled``, which
-    only says whether ``hmcl run`` mines) and the model that encodes."""
+    only says whether ``hmcl run`` mines) and the model's :data:`ENCODING_KEYS`."""
     mine = recipe.mine.model_dump(mode="json")
     mine.pop("enabled", None)
-    return {"mine": mine, "model": recipe.model.model_dump(mode="json", include={
-        "name_or_path", "revision", "pooling", "include_prompt", "normalize", "max_length", "query_max_length",
-        "doc_max_length", "query_prompt", "doc_prompt", "segments"})}
+    return {"mine": mine, "model": recipe.model.model_dump(mode="json", include=set(ENCODING_KEYS))}
 
 
 def mining_changes(recipe: Recipe, report_path: Path) -> Optional[list[str]]:

@@ -37,7 +37,6 @@ class Gate:
         m = re.fullmatch(r"(.+)@(\d+)", self.task)
         return (m.group(1), int(m.group(2))) if m else (self.task, None)
 
-
     def reference(self, models: Iterable[str]) -> tuple[Optional[str], Optional[str], Optional[str]]:
         """The compared model, sign and delta, with ``base-0.01`` (no spaces: read as one name)
         split where ``base`` is one of ``models``."""

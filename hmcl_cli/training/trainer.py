@@ -88,23 +88,23 @@ class MetricsLog:
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
 
-TRAJECTORY_KEYS = {
-    "train": ("epochs", "max_steps", "batch_size", "group_size", "learning_rate", "head_learning_rate", "weight_decay",
-              "warmup_ratio", "scheduler", "max_grad_norm", "gradient_accumulation_steps", "batch_by_source",
-              "positive_repeats", "group_by_length", "precision"),
-    "model": ("name_or_path", "revision", "pooling", "include_prompt", "normalize", "max_length", "query_max_length",
-              "doc_max_length", "query_prompt", "doc_prompt", "padding_side", "append_eos", "lora", "segments", "dtype"),
-}
+TRAJECTORY_KEYS = ("epochs", "max_steps", "batch_size", "group_size", "learning_rate", "head_learning_rate",
+                   "weight_decay", "warmup_ratio", "scheduler", "max_grad_norm", "gradient_accumulation_steps",
+                   "batch_by_source", "positive_repeats", "group_by_length", "precision")
 
 
 def trajectory_settings(recipe) -> dict:
     """The settings a training's course depends on (kept in each checkpoint, compared on
-    ``--resume``): the loss, the seed, the sources' weights and the model and optimisation keys of
-    TRAJECTORY_KEYS; not the knobs that compute the same steps another way (unpad, fused kernels,
-    GradCache, compile) nor logging, evaluation and checkpoint cadence."""
+    ``--resume``): the loss, the seed, the sources' weights, the train keys of TRAJECTORY_KEYS and
+    the model's encoding keys with its LoRA and dtype; not the knobs that compute the same steps
+    another way (unpad, fused kernels, GradCache, compile) nor logging, evaluation and checkpoint
+    cadence."""
+    from hmcl_cli.data.origin import ENCODING_KEYS
+
     dump = recipe.model_dump(mode="json")
-    out = {section: {k: dump[section][k] for k in keys} for section, keys in TRAJECTORY_KEYS.items()}
-    return {**out, "loss": dump["loss"], "seed": recipe.seed, "weights": [s.weight for s in recipe.data.sources]}
+    return {"train": {k: dump["train"][k] for k in TRAJECTORY_KEYS},
+            "model": {k: dump["model"][k] for k in (*ENCODING_KEYS, "lora", "dtype")},
+            "loss": dump["loss"], "seed": recipe.seed, "weights": [s.weight for s in recipe.data.sources]}
 
 
 class HMCLTrainer:
