@@ -13,7 +13,45 @@ from rich.markup import escape
 from hmcl_cli.console import console, err_console
 from hmcl_cli.errors import HmclError, InterruptedRun, from_system_error
 
+
+
+def _reflowed(text: str | None) -> str | None:
+    """Help text with each paragraph's source line breaks joined: typer's rich help keeps a
+    docstring's single line breaks after its first paragraph, so a wrapped sentence printed
+    broken in the middle of a line. A paragraph whose lines are indented (an example) keeps them."""
+    if not text:
+        return text
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(p if any(ln.startswith(" ") for ln in p.splitlines()[1:]) else " ".join(p.split("\n"))
+                       for p in paragraphs)
+
+
+class _HelpFlag:
+    """Help as a flag with no value (typer 0.29 labels it `--help <bool>`), and reflowed help text."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = _reflowed(self.help)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_HelpFlag, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_HelpFlag, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="hmcl",
     help="Adapt text-embedding models to your task with Hierarchical Multilevel Contrastive Learning.\n\n"
     "Quickstart:  hmcl run recipes/quickstart.yaml",
@@ -22,7 +60,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = typer.Typer(help="List, copy, validate and document recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(cls=_Group, help="List, copy, validate and document recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
 STATE = {"debug": False}
@@ -52,7 +90,7 @@ def _load(recipe: Path, overrides: Optional[List[str]]):
     return load_recipe(recipe, overrides or [])
 
 
-@app.command(epilog="Example:  hmcl prepare recipes/sts-nli-en.yaml --set data.dev_fraction=0.05")
+@app.command(cls=_Command, epilog="Example:  hmcl prepare recipes/sts-nli-en.yaml --set data.dev_fraction=0.05")
 def prepare(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
     """Turn the recipe's data sources into graded train/dev(/test) JSONL + stats.json."""
     from hmcl_cli.stages import run_prepare
@@ -60,7 +98,7 @@ def prepare(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> Non
     run_prepare(_load(recipe, set_))
 
 
-@app.command(epilog="Example:  hmcl mine recipes/quickstart.yaml --set mine.num_negatives=5")
+@app.command(cls=_Command, epilog="Example:  hmcl mine recipes/quickstart.yaml --set mine.num_negatives=5")
 def mine(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
     """Mine hard negatives and weak-positives for the prepared data with the recipe's model."""
     from hmcl_cli.stages import run_mine
@@ -69,6 +107,7 @@ def mine(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt) -> None:
 
 
 @app.command(
+    cls=_Command,
     context_settings={"allow_extra_args": True},
     epilog="Examples:  hmcl train recipes/quickstart.yaml --set train.max_steps=50\n\n"
     "hmcl train recipes/qwen-lora.yaml --plan\n\n"
@@ -116,6 +155,7 @@ def _after_separator(extra: list[str]) -> list[str]:
 
 
 @app.command(
+    cls=_Command,
     name="eval",
     epilog="Examples:  hmcl eval recipes/quickstart.yaml\n\n"
     "hmcl eval --model runs/x/model --model base=sentence-transformers/all-MiniLM-L6-v2 "
@@ -176,7 +216,7 @@ def eval_(
              in_run_dir=recipe is not None)
 
 
-@app.command(epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
+@app.command(cls=_Command, epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
              "hmcl export --model runs/quickstart --format onnx --out exported/\n\n"
              "hmcl export --model runs/sts --dim 128   # a matryoshka model cut to 128 dimensions\n\n"
              "hmcl export --model runs/quickstart --push-to-hub my-org/support-embedder")
@@ -230,7 +270,7 @@ def export(
     run_export(r, formats=fmt or None, model_dir=model_dir, out_dir=out)
 
 
-@app.command(name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
+@app.command(cls=_Command, name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")
 def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
             resume: bool = typer.Option(False, "--resume", metavar="", help="Go on from where the run stopped: data it prepared and mined is kept (an error if the recipe's data or a source file changed since), training continues from its last checkpoint.")) -> None:
     """Run every stage the recipe enables, in order (prepare, mine, train, eval, export).
@@ -243,7 +283,7 @@ def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
 
 
 # ----------------------------------------------------------------------------- recipes
-@recipe_app.command("ls", epilog="Example:  hmcl recipe ls")
+@recipe_app.command(cls=_Command, name="ls", epilog="Example:  hmcl recipe ls")
 def recipe_ls() -> None:
     """List the built-in recipes."""
     import yaml
@@ -277,7 +317,7 @@ def recipe_summary(text: str) -> str:
     return " ".join(words)
 
 
-@recipe_app.command("cp", epilog="Example:  hmcl recipe cp quickstart my-recipe.yaml")
+@recipe_app.command(cls=_Command, name="cp", epilog="Example:  hmcl recipe cp quickstart my-recipe.yaml")
 def recipe_cp(name: str = typer.Argument(..., metavar="NAME", help="Built-in recipe name (`hmcl recipe ls`)."),
               dest: Path = typer.Argument(..., metavar="DEST", help="Destination file or folder.")) -> None:
     """Copy a built-in recipe (and the sample data it uses) to DEST."""
@@ -289,7 +329,7 @@ def recipe_cp(name: str = typer.Argument(..., metavar="NAME", help="Built-in rec
         console.print(f"  {note}", markup=False)
 
 
-@recipe_app.command("validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")
+@recipe_app.command(cls=_Command, name="validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")
 def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
                     show: bool = typer.Option(False, "--show", metavar="", help="Print the resolved recipe.")) -> None:
     """Check a recipe (keys, types, references, paths; the model, if it is here) without running anything."""
@@ -309,7 +349,7 @@ def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt
                       + "\n  ".join(escape(line) for _, line, _ in needs))
 
 
-@recipe_app.command("schema", epilog="Example:  hmcl recipe schema --format json > schema.json")
+@recipe_app.command(cls=_Command, name="schema", epilog="Example:  hmcl recipe schema --format json > schema.json")
 def recipe_schema(fmt: str = typer.Option("markdown", "--format", metavar="markdown|json", help="markdown | json")) -> None:
     """Print every recipe key with its type, default and meaning."""
     import json

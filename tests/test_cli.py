@@ -25,6 +25,11 @@ def test_help_lists_subcommands_and_each_has_an_example():
     (resume,) = [ln for ln in run_help.splitlines() if ln.lstrip("│ ").startswith("--resume")]
     (set_,) = [ln for ln in run_help.splitlines() if ln.lstrip("│ ").startswith("--set")]
     assert "bool" not in resume and "KEY=VALUE" in set_ and "RECIPE" in run_help
+    for cmd in ([], ["run"], ["recipe"], ["recipe", "cp"]):
+        (help_,) = [ln for ln in hmcl(*cmd, "--help").stdout.splitlines() if ln.lstrip("│ ").startswith("--help")]
+        assert "bool" not in help_, cmd
+    # a docstring's wrapped lines are one paragraph on the help page, not lines broken mid-sentence
+    assert "the packages the stages need, MTEB task names and, where" in run_help
     version = hmcl("--version").stdout.splitlines()
     import torch
     import transformers
