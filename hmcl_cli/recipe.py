@@ -861,9 +861,14 @@ def load_yaml_with_lines(text: str, file: str = "<recipe>") -> tuple[Any, dict]:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{file}:{mark.line + 1}" if mark else file
-        raise RecipeError(
-            f"{where}: malformed YAML: {e.problem or e}", hint="fix the YAML syntax"
-        ) from None
+        line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
+        shown = f"\n  {line}\n  {' ' * mark.column}^" if line.strip() else ""
+        hint = "fix the YAML syntax"
+        if "${" in line and any(c in line for c in "{["):
+            # YAML reads the `{` of an unquoted reference as the start of a mapping inside { } or [ ]
+            hint = ("quote a ${...} reference inside { } or [ ], e.g. train: {epochs: '${env:EPOCHS}'} "
+                    "(the value still reads as a number)")
+        raise RecipeError(f"{where}: malformed YAML: {e.problem or e}{shown}", hint=hint) from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{file}: malformed YAML: {e}") from None
     finally:
@@ -937,7 +942,15 @@ def _lookup(data: Any, dotted: str) -> Any:
 
 def resolve_references(data: Any, root: Any = None, path: tuple = (), depth: int = 0) -> Any:
     """Replace ``${a.b}`` with the value of key a.b and ``${env:NAME}`` with an env variable."""
-    root = data if root is None else root
+    try:
+        return _resolved(data, data if root is None else root, path, depth)
+    except RecipeError as e:
+        if not hasattr(e, "key"):
+            e.key = path  # the innermost key whose value failed: its file and line are looked up
+        raise
+
+
+def _resolved(data: Any, root: Any, path: tuple, depth: int) -> Any:
     if depth > 20:
         raise RecipeError(f"{_dotted(path)}: references nest too deeply (a cycle?)")
     if isinstance(data, dict):
@@ -962,8 +975,19 @@ def resolve_references(data: Any, root: Any = None, path: tuple = (), depth: int
         try:
             val = _lookup(root, ref)
         except KeyError:
+            try:
+                return _schema_default(ref)  # a key the recipe leaves at its default
+            except KeyError:
+                pass
+            keys = set(_schema_keys(Recipe))
+            if ref in keys:
+                raise RecipeError(f"{_dotted(path)}: reference ${{{ref}}}: the recipe does not set {ref}, "
+                                  "which has no default", hint=f"write {ref} in the recipe (or --set {ref}=...)")
+            close = suggest(ref, sorted((keys | set(_dotted_keys(root))) - {_dotted(path)}))
             raise RecipeError(
                 f"{_dotted(path)}: reference ${{{ref}}} names no key in the recipe"
+                + (f" — did you mean ${{{close}}}?" if close else ""),
+                hint="`hmcl recipe schema` lists the keys",
             ) from None
         return resolve_references(val, root, path, depth + 1)
 
@@ -971,6 +995,48 @@ def resolve_references(data: Any, root: Any = None, path: tuple = (), depth: int
     if whole:
         return value_of(whole.group(1))
     return _REF.sub(lambda m: str(value_of(m.group(1))), data)
+
+
+def _schema_default(dotted: str) -> Any:
+    """The default of recipe key ``dotted`` (``train.batch_size``), for a reference to a key the
+    recipe does not write; KeyError when it is no key, a section, or has no default value."""
+    cls: Any = Recipe
+    parts = dotted.strip().split(".")
+    for i, part in enumerate(parts):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            raise KeyError(dotted)
+        field = cls.model_fields[part]
+        if i < len(parts) - 1:
+            cls = _unwrap(field.annotation)
+            continue
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        if value is None or isinstance(value, (BaseModel, list, dict)):
+            raise KeyError(dotted)
+        return value
+    raise KeyError(dotted)
+
+
+def _dotted_keys(data: Any, prefix: str = ""):
+    """The key path of every value in a recipe's data, dotted (``data.sources.0.path``)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            yield from _dotted_keys(v, f"{prefix}{k}.")
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            yield from _dotted_keys(v, f"{prefix}{i}.")
+    elif prefix:
+        yield prefix[:-1]
+
+
+def _schema_keys(cls: type[BaseModel], prefix: str = ""):
+    """Every value key of the schema, dotted; keys inside lists of sections are left out."""
+    for name, field in cls.model_fields.items():
+        sub = _unwrap(field.annotation)
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            if typing.get_origin(field.annotation) is not list:
+                yield from _schema_keys(sub, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -1313,7 +1379,15 @@ def load_recipe(
         origins[key_path] = f"--set {item}"
     data.setdefault("output_dir", "runs/${name}")
     templates = {k: v for k, v in _keyed_strings(data) if "${" in v}
-    data = resolve_references(data)
+    try:
+        data = resolve_references(data)
+    except RecipeError as e:
+        # name the file and line (or the --set) that wrote the key: `output_dir: reference ...`
+        key = getattr(e, "key", None)
+        at = _where(key, file, lines, origins) if key else None
+        if at and at != file:
+            e.args = (f"{at}: {e.args[0]}",)
+        raise
     if path is not None:
         _rebase_inherited_paths(data, origins, Path(path).parent)
     try:

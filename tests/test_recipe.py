@@ -68,10 +68,37 @@ def test_unknown_reference_and_env(tmp_path, monkeypatch):
     f = tmp_path / "r.yaml"
     f.write_text("name: ${env:RUN_NAME}\nmodel: {name_or_path: m}\noutput_dir: out/${nmae}\n")
     monkeypatch.setenv("RUN_NAME", "nightly")
-    with pytest.raises(RecipeError, match=r"\$\{nmae\} names no key"):
+    with pytest.raises(RecipeError, match=r"r.yaml:3: output_dir: reference \$\{nmae\} names no key.*"
+                                          r"did you mean \$\{name\}"):
         load_recipe(f)
     f.write_text("name: ${env:RUN_NAME}\nmodel: {name_or_path: m}\n")
     assert load_recipe(f).output_dir == "runs/nightly"
+    # a key the recipe leaves at its default is referred to with that default
+    f.write_text("name: x\nmodel: {name_or_path: m}\noutput_dir: runs/bs${train.batch_size}-${loss.temperature}\n")
+    from hmcl_cli.recipe import Recipe
+
+    defaults = Recipe.model_validate({"name": "x", "model": {"name_or_path": "m"}})
+    assert load_recipe(f).output_dir == f"runs/bs{defaults.train.batch_size}-{defaults.loss.temperature}"
+    # an unset variable is named with the file and line that refer to it; so is a --set
+    monkeypatch.delenv("RUN_NAME")
+    f.write_text("model: {name_or_path: m}\nname: ${env:RUN_NAME}\n")
+    with pytest.raises(RecipeError, match="r.yaml:2: name: environment variable 'RUN_NAME' is not set"):
+        load_recipe(f)
+    with pytest.raises(RecipeError, match=r"--set output_dir=\$\{model.name_or_pth\}: .*did you mean \$\{model.name_or_path\}"):
+        load_recipe(f, overrides=["name=x", "output_dir=${model.name_or_pth}"])
+    # a reference to a required key the recipe lacks says to write it
+    f.write_text("model: {name_or_path: m}\n")
+    with pytest.raises(RecipeError, match=r"reference \$\{name\}: the recipe does not set name") as e:
+        load_recipe(f)
+    assert "--set name=" in e.value.hint
+
+
+def test_unquoted_reference_in_flow_yaml_says_to_quote_it(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("name: x\nmodel: {name_or_path: m}\ntrain: {epochs: ${env:EPOCHS}}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:3: malformed YAML.*\n  train: \{epochs: \$\{env:EPOCHS\}\}\n +\^") as e:
+        load_recipe(f)
+    assert "quote a ${...} reference" in e.value.hint
 
 
 def test_lines_are_recorded():
