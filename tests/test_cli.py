@@ -178,6 +178,12 @@ def test_onnx_export_matches_torch_for_encoder_and_decoder(tmp_path, tiny_bert, 
         import numpy as np
 
         assert np.allclose(got, model.encode(texts).numpy(), atol=1e-4), name
+        # the export folder encodes as the torch model does, one string to one embedding
+        from hmcl_cli.export.onnx import OnnxModel
+
+        exported = OnnxModel(tmp_path / name)
+        assert np.allclose(exported.encode(texts, to_numpy=True), got, atol=1e-5), name
+        assert np.allclose(exported.encode(texts[1], to_numpy=True), got[1], atol=1e-5), name
 
 
 def _code_block(readme, folder):

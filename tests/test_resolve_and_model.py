@@ -249,3 +249,20 @@ def test_a_run_directory_names_its_trained_model(tmp_path, tiny_bert):
     shutil.rmtree(run / "model")
     with pytest.raises(ModelNotFoundError, match="run directory without a trained model"):
         resolve_model(str(run))
+
+
+def test_encode_takes_one_string_and_names_bad_input(tiny_bert):
+    """One string is one embedding, as in sentence-transformers (it was read as a list of its
+    characters: one row per character); a side other than query/doc or a text that is no string is
+    a clear error, not the tokenizer's own words or the doc side by default."""
+    m = EmbeddingModel.load(str(tiny_bert))
+    one = m.encode("a refund takes five days", side="query")
+    assert one.shape == (m.dim,)
+    assert torch.equal(one, m.encode(["a refund takes five days"], side="query")[0])
+    assert m.encode("x", to_numpy=True).shape == (m.dim,)
+    with pytest.raises(ValueError, match="side must be 'query' or 'doc', not 'document'"):
+        m.encode(["a"], side="document")
+    with pytest.raises(TypeError, match=r"texts\[1\] is NoneType, not a string"):
+        m.encode(["a", None])
+    with pytest.raises(TypeError, match="give a list of strings"):
+        m.tokenize("abc")

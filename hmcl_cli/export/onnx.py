@@ -81,7 +81,10 @@ def cpu_session(path: Path, threads: Optional[int] = None) -> Any:
 
 def run_graph(session: Any, preparer: Any, texts: Sequence[str], side: str, batch_size: int, to_numpy: bool) -> Any:
     """Embeddings of ``texts`` from an ONNX ``session``, the texts prepared by ``preparer``'s
-    ``tokenize`` and ``pad`` (an EmbeddingModel's), each distinct text once, longest first."""
+    ``tokenize`` and ``pad`` (an EmbeddingModel's), each distinct text once, longest first; one
+    string -> one embedding [D]."""
+    if isinstance(texts, str):
+        return run_graph(session, preparer, [texts], side, batch_size, to_numpy)[0]
     unique = list(dict.fromkeys(texts))
     ids = preparer.tokenize(unique, side)
     order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))

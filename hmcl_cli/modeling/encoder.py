@@ -136,6 +136,18 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _check_texts(texts: Sequence[str], side: str) -> None:
+    """A clear error for input the tokenizer would reject with its own words, or read wrongly
+    (one string read as a list of characters)."""
+    if side not in ("query", "doc"):
+        raise ValueError(f"side must be 'query' or 'doc', not {side!r}")
+    if isinstance(texts, str):
+        raise TypeError("texts: give a list of strings (one string would be read as its characters)")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"texts[{i}] is {type(text).__name__}, not a string: {text!r:.60}")
+
+
 class EmbeddingModel(nn.Module):
     """Backbone + pooling + head + normalisation. ``forward(input_ids, attention_mask) -> [B, D]``.
 
@@ -372,6 +384,7 @@ class EmbeddingModel(nn.Module):
     # ---------------------------------------------------------------- tokenising
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:
         """Token ids (prompt included, truncated, EOS appended if configured); no padding."""
+        _check_texts(texts, side)
         s = self.settings
         prompt = s.query_prompt if side == "query" else s.doc_prompt
         max_len = s.query_max_length if side == "query" else s.doc_max_length
@@ -610,7 +623,15 @@ class EmbeddingModel(nn.Module):
         to_numpy: bool = False,
     ) -> Any:
         """Embed texts; each distinct text once, longest first, bf16 autocast on GPU. With
-        ``self.segments`` set, long texts are encoded as segments (see modeling/segments.py)."""
+        ``self.segments`` set, long texts are encoded as segments (see modeling/segments.py).
+
+        ``texts``: a list of strings -> [len(texts), D]; one string -> [D] (as
+        sentence-transformers). ``side``: "query" or "doc" (which prompt and max length apply).
+        L2-normalised float32 on the host: a torch tensor, or numpy with ``to_numpy``."""
+        if isinstance(texts, str):
+            one = self.encode([texts], side, batch_size, progress, description, to_numpy)
+            return one[0]
+        _check_texts(texts, side)
         was_training = self.training
         self.eval()
         unique = list(dict.fromkeys(texts))
