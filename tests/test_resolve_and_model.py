@@ -14,6 +14,17 @@ def test_local_folder_and_not_a_model(tmp_path, tiny_bert):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         resolve_model("./no/such/model")
+    # an ONNX export folder or a checkpoint is named as what it is, with where the model is
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="not a model") as e:
+        resolve_model(str(tmp_path / "onnx"))
+    assert "ONNX export" in e.value.hint and "OnnxModel" in e.value.hint
+    (tmp_path / "step-0000030").mkdir()
+    (tmp_path / "step-0000030" / "model.pt").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="not a model") as e:
+        resolve_model(str(tmp_path / "step-0000030"))
+    assert "checkpoint is read by --resume" in e.value.hint
 
 
 def test_offline_unknown_hub_id_explains_how_to_get_it(monkeypatch):

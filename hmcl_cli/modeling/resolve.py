@@ -114,10 +114,16 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
                         f"{path} is an hmcl run directory without a trained model (no {path / 'model'})",
                         hint="its training has not finished: `hmcl run RECIPE --resume` (or `hmcl train RECIPE "
                         "--resume`) goes on from its last checkpoint; or name a model folder")
+                hint = "point model.name_or_path at a transformers / sentence-transformers model folder"
+                if any(path.glob("*.onnx")):
+                    hint = ("it holds an ONNX export, which `hmcl eval --model FOLDER` scores (in Python: "
+                            "hmcl_cli.export.onnx.OnnxModel(FOLDER)); to train or export, name the model it was "
+                            "exported from (a run's model/ or export/merged/)")
+                elif (path / "model.pt").is_file() or path.name == "checkpoints":
+                    hint = ("a training checkpoint is read by --resume; the trained model is the run's model/ folder "
+                            "(give the run directory)")
                 raise ModelNotFoundError(
-                    f"{path} is a folder but not a model (no config.json or modules.json)",
-                    hint="point model.name_or_path at a transformers / sentence-transformers model folder",
-                )
+                    f"{path} is a folder but not a model (no config.json or modules.json)", hint=hint)
             return path.resolve()
         if path.exists():
             raise ModelNotFoundError(
