@@ -552,3 +552,29 @@ def test_mine_train_and_resume_stop_on_data_changed_since_prepare(tmp_path, tiny
     del record["made_from"]
     stats.write_text(json.dumps(record))
     check_prepared(recipe)  # no record: not checked
+
+
+def test_question_answer_pairs_read_as_triplets_and_as_pairs_get_a_hint(tmp_path):
+    """A file of matching (question, answer) pairs with no label is the most common training file
+    there is: read as triplets, the second text is the positive; read as labelled pairs, the error
+    says how to read it."""
+    f = tmp_path / "qa.csv"
+    f.write_text("question,answer\nhow long is a refund?,five days\nwhere do you ship?,to 40 countries\n")
+    prepare(_recipe(tmp_path, [{"path": str(f), "format": "triplets", "split": "train"}]), progress=False)
+    rows = _written(tmp_path)
+    assert {(r["query"], tuple(r["pos"])) for r in rows} == {("how long is a refund?", ("five days",)),
+                                                             ("where do you ship?", ("to 40 countries",))}
+    with pytest.raises(DataError, match="missing a label column") as e:
+        prepare(_recipe(tmp_path, [{"path": str(f), "format": "pairs", "split": "train"}]), progress=False)
+    assert "`format: triplets`" in e.value.hint
+
+
+def test_a_small_drawn_dev_split_is_announced(tmp_path, capsys):
+    f = tmp_path / "qa.csv"
+    f.write_text("question,answer\n" + "".join(f"question {i}?,answer {i}\n" for i in range(60)))
+    prepare(_recipe(tmp_path, [{"path": str(f), "format": "triplets"}], dev_fraction=0.1), progress=False)
+    dev = len(_written(tmp_path, "dev"))
+    err = " ".join(capsys.readouterr().err.split())
+    assert dev < 20 and f"dev: {dev} examples of 60 queries" in err and "raise data.dev_fraction" in err
+    prepare(_recipe(tmp_path, [{"path": str(f), "format": "triplets"}], dev_fraction=0.5), progress=False)
+    assert len(_written(tmp_path, "dev")) >= 20 and "dev:" not in capsys.readouterr().err

@@ -25,6 +25,7 @@ from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
 SPLITS = ("train", "dev", "test")
+SMALL_DEV = 20  # fewer dev queries drawn than this: a warning that checkpoint choice rests on few
 
 
 def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
@@ -148,6 +149,12 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                         "dev_test_texts_also_in_train": leaked_texts}
     if leaked_queries:
         warn(f"{leaked_queries} queries appear in more than one split (given by the sources' `split`)")
+    drawn = sum(len(m) for m in merged.values())
+    if (data_cfg.dev_fraction > 0 and len(outputs["dev"]) < SMALL_DEV
+            and any(src.split is None for src in data_cfg.sources)):
+        warn(f"dev: {len(outputs['dev'])} examples of {drawn} queries (data.dev_fraction {data_cfg.dev_fraction:g} "
+             "draws each query by a seeded hash): the dev metrics that pick the best checkpoint rest on them; "
+             "raise data.dev_fraction or give a dev source (`split: dev`)")
 
     if not outputs["train"]:
         raise DataError(

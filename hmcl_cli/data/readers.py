@@ -427,6 +427,9 @@ class Columns:
         for alias in ROLE_ALIASES.get(role, []):
             if alias.lower() in lowered:
                 return lowered[alias.lower()]
+        if role == "positive" and self.fmt == "triplets" and "candidate" not in self.src.columns:
+            # (question, answer) or (sentence1, sentence2) pairs: the second text is the positive
+            return self._choose("candidate", keys)
         return None
 
     def _check_required(self, keys: list[str]) -> None:
@@ -442,6 +445,10 @@ class Columns:
                 else:
                     hint = (f"name the column so, or map it: `columns: {{{role}: <column name>}}` in the recipe's "
                             "source or eval task")
+                    if self.fmt == "pairs" and role == "label" and len(keys) == 2:
+                        hint = ("rows that are all matching (query, positive) pairs, without a label, train as "
+                                "`format: triplets` (its negative column is optional; `hmcl mine` adds hard "
+                                "negatives); else " + hint)
                 raise DataError(
                     f"{self.where}: format {self.fmt}: missing {what} for role `{role}`{names} "
                     f"(columns: {', '.join(map(str, keys))})", hint=hint)
