@@ -902,10 +902,12 @@ def _apply_override(data: dict, path: tuple, value: Any, item: str) -> None:
     cur: Any = data
     for i, part in enumerate(path[:-1]):
         if isinstance(part, int):
-            if not isinstance(cur, list) or part >= len(cur):
-                raise RecipeError(
-                    f"--set {item}: index {part} does not exist at {_dotted(path[:i + 1])}"
-                )
+            if isinstance(cur, list) and part == len(cur):
+                cur.append({})  # --set data.sources.2.path=more.csv beside two sources: a third
+            if not isinstance(cur, list) or part > len(cur):
+                have = (f"{_dotted(path[:i])} has {len(cur)} items (0-{len(cur) - 1}; index {len(cur)} adds one)"
+                        if isinstance(cur, list) and cur else f"{_dotted(path[:i])} is not a list with items")
+                raise RecipeError(f"--set {item}: index {part} does not exist: {have}")
             cur = cur[part]
         else:
             if not isinstance(cur, dict):
@@ -914,7 +916,9 @@ def _apply_override(data: dict, path: tuple, value: Any, item: str) -> None:
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(cur, list) or last > len(cur):
-            raise RecipeError(f"--set {item}: index {last} does not exist")
+            have = (f"{_dotted(path[:-1])} has {len(cur)} items (0-{len(cur) - 1}; index {len(cur)} adds one)"
+                    if isinstance(cur, list) and cur else f"{_dotted(path[:-1])} is not a list with items")
+            raise RecipeError(f"--set {item}: index {last} does not exist: {have}")
         if last == len(cur):
             cur.append(value)
         else:
@@ -1118,6 +1122,13 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
                 messages[i] = head + text + got
                 continue
             text = e["msg"].removeprefix("Value error, ")  # a validator's own message names the value
+            section = _model_at(loc + ("*",))
+            if e["type"] == "model_type" and section is not None:
+                keys = list(section.model_fields)
+                text = (f"a section, not a value: set its keys ({', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}), "
+                        f"e.g. {key}.{keys[0]}: ... in the file or --set {key}.{keys[0]}=...")
+            elif e["type"] == "list_type" and isinstance(e.get("input"), str) and "," in e["input"]:
+                text += f"; a list is written in brackets: [{e['input']}]"
             union_head[head] = (len(messages), text)
             msg = head + text + ("" if e["type"] == "value_error" else got)
         messages.append(msg)

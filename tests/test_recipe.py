@@ -23,6 +23,21 @@ def test_overrides_are_typed():
     assert r.loss.learn_temperature is True
     assert r.output_dir == "runs/other"  # references resolve after overrides
     assert r.data.sources[0].split == "dev"
+    # the index past the last item adds one (a third source from the command line)
+    r = load_recipe(QUICKSTART, ["data.sources.2.path=data/support-dev.jsonl", "data.sources.2.split=test"])
+    assert [s.split for s in r.data.sources] == ["train", "dev", "test"]
+    with pytest.raises(RecipeError, match=r"index 3 does not exist: data.sources has 2 items \(0-1; index 2 adds one\)"):
+        load_recipe(QUICKSTART, ["data.sources.3.path=x.csv"])
+
+
+def test_a_section_or_list_given_as_a_value_says_how_to_write_it():
+    with pytest.raises(RecipeError, match=r"model.lora: a section, not a value: set its keys \(enabled, r, .*"
+                                          r"--set model.lora.enabled=") as e:
+        load_recipe(QUICKSTART, ["model.lora=true"])
+    assert "dictionary or instance" not in str(e.value)
+    with pytest.raises(RecipeError, match=r"loss.matryoshka_dims: .*a list is written in brackets: \[64,128\]"):
+        load_recipe(QUICKSTART, ["loss.matryoshka_dims=64,128"])
+    assert load_recipe(QUICKSTART, ["loss.matryoshka_dims=[64,128]"]).loss.matryoshka_dims == [64, 128]
 
 
 def test_misspelled_key_names_key_line_and_suggestion(tmp_path):
