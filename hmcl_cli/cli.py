@@ -172,7 +172,7 @@ def eval_(
     pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", metavar="[NAME=]FILE", help="A pair-classification task: a file of (text, text, 0/1) rows, optionally named."),
     mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", metavar="TASK", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="Split of --mteb tasks and BEIR --retrieval folders."),
-    gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails."),
+    gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails. It judges the first --model not labelled base (one it compares with: the first other)."),
     json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Grouped bar chart (PNG)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help="Encoding batch size (default: the recipe's eval.batch_size, else 128)."),

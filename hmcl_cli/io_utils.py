@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import lzma
 import os
 import shutil
@@ -70,8 +71,26 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float as None: JSON has no NaN, and Python's ``NaN``
+    token fails strict readers (JavaScript's JSON.parse, Go, serde, ``jq`` before 1.7) of the
+    results a CI job reads (mteb reports NaN for a few scores of tiny or one-sided tasks)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_text(obj: Any, indent: Optional[int] = None) -> str:
+    """Standard JSON of ``obj`` (non-finite floats as null)."""
+    return json.dumps(json_safe(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json_text(obj, indent=2) + "\n")
 
 
 def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:

@@ -216,7 +216,8 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks.
 
     Results go to ``json_out``, else (``in_run_dir``) to ``<run>/eval/results.json``."""
-    from hmcl_cli.evaluation.runner import check_gates, enforce_gates, evaluate, plot_report, print_table, save_report
+    from hmcl_cli.evaluation.runner import (check_gates, enforce_gates, evaluate, judged_model, plot_report,
+                                             print_table, save_report)
 
     _check_eval_outputs(json_out, plot)
     cfg = recipe.eval
@@ -267,7 +268,7 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
                       dims=dims,
                       cache_dir=recipe.run_dir / "cache" if cfg.cache_embeddings and in_run_dir else None)
     print_table(report, title=f"evaluation ({recipe.name})")
-    subject = "fine-tuned" if "fine-tuned" in report["models"] else report["models"][0]
+    subject = judged_model(report["models"])
     gate_rows = check_gates(report, gates, subject) if gates else []
     report["gates"] = gate_rows
     out = json_out or (recipe.run_dir / "eval" / "results.json" if in_run_dir else None)

@@ -729,6 +729,25 @@ def test_a_gate_that_would_judge_a_model_against_itself_fails(capsys):
     assert "gate FAIL: t:map>=base (it would compare base with itself" in " ".join(capsys.readouterr().out.split())
 
 
+def test_a_gate_judges_the_model_other_than_the_base_whichever_comes_first(capsys):
+    """`hmcl eval --model base=BASE --model runs/x --gate 'dev:map>=base'` (the base named first)
+    judged the base against itself and failed "no other model to judge was evaluated"; an absolute
+    gate judged the base. Both judge runs/x now, and the table's Δ columns are against the base."""
+    from hmcl_cli.evaluation.runner import print_table
+
+    report = {"models": ["base", "x", "y"], "tasks": {"dev": {"type": "reranking", "main": "map"}},
+              "results": {"dev": {"base": {"map": 0.8}, "x": {"map": 0.9}, "y": {"map": 0.7}}}}
+    rows = check_gates(report, ["dev:map>=base", "dev:map>=0.85", "dev:map>=y+0.1", "dev:map>=x"])
+    assert [(r["model"], r["passed"]) for r in rows] == [("x", True), ("x", True), ("x", True), ("base", False)]
+    report["models"] = ["x", "base", "y"]  # `--model runs/x --model base=BASE --model y`
+    print_table(report)
+    out = capsys.readouterr().out
+    header = [c.strip() for c in next(ln for ln in out.splitlines() if "metric" in ln).split("┃")[1:-1]]
+    cells = [c.strip() for c in next(ln for ln in out.splitlines() if "dev" in ln).split("│")[1:-1]]
+    assert header == ["task", "metric", "x", "Δ vs base", "base", "y", "Δ vs base"]
+    assert cells == ["dev", "map", "0.9000", "+0.1000", "0.8000", "0.7000", "-0.1000"]
+
+
 def test_a_gate_above_the_metrics_maximum_says_it_cannot_be_met(capsys):
     """`ndcg@10>=base+0.01` with the base at 0.9904 needs 1.0004: no model can pass it, and the
     failure says so instead of "not good enough to ship"."""

@@ -115,3 +115,26 @@ def test_gc_paused_turns_the_collector_off_and_back_as_it_was():
         assert not gc.isenabled()  # off before: left off
     finally:
         gc.enable()
+
+
+def test_json_outputs_are_standard_json_without_nan(tmp_path):
+    """mteb reports NaN for some scores of small or one-sided tasks; Python wrote them as `NaN`,
+    which JavaScript's JSON.parse, Go and jq 1.6 reject: the results a CI job reads were
+    unreadable there. They are null now, in results/stats files and in metrics.jsonl."""
+    import json
+    import math
+
+    from hmcl_cli.io_utils import write_json_atomic
+    from hmcl_cli.training.trainer import MetricsLog
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+
+    report = {"results": {"t": {"m": {"map": 0.5, "mteb": {"nauc_recall_at_3_max": math.nan, "x": [math.inf, 1.0]}}}}}
+    write_json_atomic(tmp_path / "r.json", report)
+    assert strict((tmp_path / "r.json").read_text())["results"]["t"]["m"] == {
+        "map": 0.5, "mteb": {"nauc_recall_at_3_max": None, "x": [None, 1.0]}}
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 3, "loss": math.nan, "dev_map": 0.25})
+    line = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["loss"] is None and line["dev_map"] == 0.25 and line["step"] == 3

@@ -194,15 +194,15 @@ def evaluate(models: dict[str, Any], tasks: list[EvalTask], resolve, batch_size:
     report = {"tasks": {t.name: {"type": t.type, "main": main_metric(t)} for t in tasks},
               "models": labels, "results": results, "dims": list(dims),
               "cut": {f"{m}@{d}": [m, d] for m in models for d in dims if f"{m}@{d}" in labels}}
-    first = next(iter(models), None)
-    for t in tasks:  # the main metric of every model against the first one (cut to the same size)
+    reference = reference_model(list(models)) if models else None
+    for t in tasks:  # the main metric of every model against the base or first one (cut to the same size)
         main, per = report["tasks"][t.name]["main"], results[t.name]
         for label, r in per.items():
             size = report["cut"].get(label, [None, None])[1]
-            ref_label = first if size is None else f"{first}@{size}"
+            ref_label = reference if size is None else f"{reference}@{size}"
             ref = per.get(ref_label, {}).get(main)
             if label != ref_label and isinstance(ref, float) and isinstance(r.get(main), float):
-                r[f"delta_vs_{first}"] = r[main] - ref
+                r[f"delta_vs_{reference}"] = r[main] - ref
     return report
 
 
@@ -213,7 +213,8 @@ def _said(error: HmclError) -> str:
 
 def print_table(report: dict, title: str = "evaluation") -> None:
     """One row per task (and per cut size when models were also evaluated cut, `size`), one column
-    per model, each after the first with its difference from the first at the same size."""
+    per model, each but the reference (`base`, else the first) with its difference from the
+    reference at the same size."""
     from rich.table import Table
 
     cut = report.get("cut", {})
@@ -224,23 +225,24 @@ def print_table(report: dict, title: str = "evaluation") -> None:
     t.add_column("metric")
     if cut:
         t.add_column("size", justify="right")
+    ref = models.index(reference_model(models))
     for i, m in enumerate(models):
         t.add_column(m, justify="right")
-        if i > 0:
-            t.add_column(f"Δ vs {models[0]}", justify="right")
+        if i != ref:
+            t.add_column(f"Δ vs {models[ref]}", justify="right")
     for task, per_model in report["results"].items():
         metric = report["tasks"][task]["main"]
         for size in sizes if cut else [None]:
             labels = [m if size is None else f"{m}@{size}" for m in models]
             if size is not None and not any(label in per_model for label in labels):
                 continue  # no model was cut to this size (all narrower)
-            first = per_model.get(labels[0], {}).get(metric)
+            first = per_model.get(labels[ref], {}).get(metric)
             row = [task, metric] + (["full" if size is None else str(size)] if cut else [])
             for i, label in enumerate(labels):
                 r = per_model.get(label, {})
                 v = r.get(metric)
                 row.append("error" if "error" in r else f"{v:.4f}" if isinstance(v, float) else "-")
-                if i > 0:
+                if i != ref:
                     row.append(f"{v - first:+.4f}" if isinstance(v, float) and isinstance(first, float) else "-")
             t.add_row(*row)
     console.print(t)
@@ -255,17 +257,37 @@ def print_table(report: dict, title: str = "evaluation") -> None:
             console.print(f"[red]{escape(task)} / {escape(', '.join(hit))}:[/red] {escape(error)}")
 
 
+def judged_model(models: list[str]) -> str:
+    """The model a gate judges unless it compares with that one: the recipe's trained model
+    (`fine-tuned`), else the first model not labelled `base`, else the first."""
+    if "fine-tuned" in models:
+        return "fine-tuned"
+    return next((m for m in models if m != "base" and "@" not in m), models[0])
+
+
+def reference_model(models: list[str]) -> str:
+    """The model the table's Δ columns and the JSON's ``delta_vs_<model>`` compare with: the one
+    labelled `base` if any (`--model runs/x --model base=...`), else the first."""
+    return "base" if "base" in models else models[0]
+
+
 def check_gates(report: dict, gates: list[str], model: Optional[str] = None) -> list[dict]:
-    """Evaluate gate expressions on ``model`` (default: the first model). Returns one row each."""
+    """Evaluate gate expressions on ``model`` (default: :func:`judged_model`), or on the first other
+    model where a gate compares with that one. Returns one row each."""
     from hmcl_cli.evaluation.gates import EXAMPLE, SYNTAX, beyond_maximum, parse_gate
 
-    model = model or report["models"][0]
+    preferred = model or judged_model(report["models"])
+    whole = [m for m in report["models"] if m not in report.get("cut", {})]
     rows = []
     for g in gates:
         parsed = parse_gate(g)
         if parsed is None:
             raise RecipeError(f"gate {g!r} is not of the form {SYNTAX}", hint=EXAMPLE)
         task, metric, op, number = parsed.task, parsed.metric, parsed.op, parsed.number
+        # the model judged: the preferred one, unless the gate compares with it (`--model base=...
+        # --model runs/x --gate 'dev:map>=base'`): then the first other model
+        named = parsed.reference(report["models"])[0]
+        model = next((m for m in whole if m != named), preferred) if named == preferred else preferred
         subject, size = model, None
         if task not in report["results"] and parsed.cut[0] in report["results"] and parsed.cut[1] is not None:
             task, size = parsed.cut  # `stsb@64:spearman>=...`: the models cut to 64 dimensions

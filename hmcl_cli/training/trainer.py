@@ -56,7 +56,7 @@ from hmcl_cli.console import ProgressBar, log, warn
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
 from hmcl_cli.evaluation.graded import evaluate_graded, metric_names, undefined_metrics
-from hmcl_cli.io_utils import atomic_path, file_sha256, write_json_atomic
+from hmcl_cli.io_utils import atomic_path, file_sha256, json_text, write_json_atomic
 from hmcl_cli.losses import HMCLLoss, PairBatch
 from hmcl_cli.losses.ranking import describe_ranking_pairs
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, resolve_precision, training_dtype
@@ -82,7 +82,7 @@ class MetricsLog:
             return
         record = {"time": round(time.time(), 3), **record}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json_text(record) + "\n")  # a NaN (a diverged loss) as null: standard JSON
         if self.accelerator is not None and self.accelerator.trackers:
             step = record.get("step")
             self.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
