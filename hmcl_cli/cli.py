@@ -165,7 +165,7 @@ def _after_separator(extra: list[str]) -> list[str]:
 def eval_(
     recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled; repeatable."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable."),
     sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows, optionally named."),
     reranking: Optional[List[str]] = typer.Option(None, "--reranking", metavar="[NAME=]FILE", help="A reranking task: a graded JSONL file, optionally named."),
     retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", metavar="[NAME=]PATH", help="A retrieval task: a graded JSONL file or a BEIR folder, optionally named."),
@@ -179,6 +179,7 @@ def eval_(
     dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, metavar="N", help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
 ) -> None:
     """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
+    from hmcl_cli.evaluation.runner import labelled_models
     from hmcl_cli.io_utils import data_stem
     from hmcl_cli.recipe import EvalTask, load_recipe
     from hmcl_cli.stages import run_eval
@@ -201,12 +202,7 @@ def eval_(
                         hint="paths are relative to the current folder")
     for name in mteb_task or []:
         tasks.append(EvalTask(name=name, type="mteb", mteb_name=name, split=split))
-    models = None
-    if model:
-        models = {}
-        for item in model:
-            label, _, m = item.rpartition("=")
-            models[label or Path(m).name or m] = m
+    models = labelled_models(model) if model else None
     if batch_size:
         r.eval.batch_size = batch_size
     if dim:

@@ -832,3 +832,19 @@ def test_a_table_of_pairs_or_triplets_is_a_reranking_task_without_a_format(tmp_p
         assert data.fmt == fmt
         (ex,) = data.examples
         assert {c.level for c in ex.candidates.values()} == {0, 2}
+
+
+def test_models_without_labels_get_distinct_names_and_a_label_twice_is_an_error():
+    """`--model runs/a/model --model runs/b/model` were both labelled `model`: one replaced the
+    other in the evaluation, silently."""
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.evaluation.runner import labelled_models
+
+    assert labelled_models(["runs/a/model", "runs/b/model"]) == {"a": "runs/a/model", "b": "runs/b/model"}
+    assert labelled_models(["x/ckpt", "y/ckpt", "base=org/m"]) == {"x/ckpt": "x/ckpt", "y/ckpt": "y/ckpt", "base": "org/m"}
+    assert labelled_models(["runs/quickstart", "sentence-transformers/all-MiniLM-L6-v2"]) == {
+        "quickstart": "runs/quickstart", "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+    assert list(labelled_models(["base=x", "q/base"])) == ["base", "q/base"]
+    assert len(labelled_models(["a/m", "a/m"])) == 2
+    with pytest.raises(RecipeError, match="label 'a' is given to more than one model"):
+        labelled_models(["a=x", "a=y"])

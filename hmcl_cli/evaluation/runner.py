@@ -257,6 +257,41 @@ def print_table(report: dict, title: str = "evaluation") -> None:
             console.print(f"[red]{escape(task)} / {escape(', '.join(hit))}:[/red] {escape(error)}")
 
 
+def labelled_models(items: list[str]) -> dict[str, str]:
+    """``--model [LABEL=]MODEL`` values as label -> model. An unlabelled model is named after its
+    folder (a run's ``model/`` after the run), with as many parent folders as it takes to tell it
+    from the others (``runs/a/model`` and ``runs/b/model``: ``a`` and ``b``; two ``ckpt`` folders:
+    ``x/ckpt`` and ``y/ckpt``); a label given twice is an error, not a model silently dropped."""
+    given = [(label or None, m) for label, _, m in (item.rpartition("=") for item in items)]
+    explicit = [label for label, _ in given if label]
+    twice = sorted({label for label in explicit if explicit.count(label) > 1})
+    if twice:
+        raise RecipeError(f"--model: label {twice[0]!r} is given to more than one model",
+                          hint="give each --model its own label (LABEL=MODEL)")
+
+    def name(m: str, depth: int) -> str:
+        parts = [p for p in Path(m).parts if p not in ("", ".", "/")] or [m]
+        if parts[-1] == "model" and len(parts) > 1:
+            parts = parts[:-1]  # runs/x/model: the run's name
+        return "/".join(parts[-depth:])
+
+    labels = {i: label for i, (label, _) in enumerate(given) if label}
+    unnamed = [i for i, (label, _) in enumerate(given) if not label]
+    for depth in range(1, 64):
+        names = {i: name(given[i][1], depth) for i in unnamed}
+        taken = list(names.values()) + explicit
+        if all(taken.count(n) == 1 for n in names.values()) or depth == 63:
+            break
+    used = set(explicit)
+    for i in unnamed:  # the same path twice, or a path named as another model's label
+        n = names[i]
+        while n in used:
+            n += "'"
+        used.add(n)
+        labels[i] = n
+    return {labels[i]: m for i, (_, m) in enumerate(given)}
+
+
 def judged_model(models: list[str]) -> str:
     """The model a gate judges unless it compares with that one: the recipe's trained model
     (`fine-tuned`), else the first model not labelled `base`, else the first."""
