@@ -179,22 +179,21 @@ def eval_(
     dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, metavar="N", help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
 ) -> None:
     """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
-    from hmcl_cli.evaluation.runner import labelled_models
-    from hmcl_cli.io_utils import data_stem
+    from hmcl_cli.evaluation.runner import labelled_models, task_names
     from hmcl_cli.recipe import EvalTask, load_recipe
     from hmcl_cli.stages import run_eval
 
     r = _load(recipe, set_) if recipe else load_recipe(data={"name": "eval", "output_dir": ".", "model": {"name_or_path": "none"}, "eval": {"include_base": False}}, overrides=set_ or [])
-    tasks, missing = [], []
+    given, missing = [], []
     for kind, items in (("sts", sts), ("reranking", reranking), ("retrieval", retrieval), ("pair_classification", pair_classification)):
         for item in items or []:
             name, _, path = item.rpartition("=")
             if not Path(path).exists():  # before any model loads
                 missing.append(f"--{kind.replace('_', '-')} {item}: {Path(path).resolve()} does not exist")
-            name = name or data_stem(path)
-            if any(t.name == name for t in tasks):
-                name = f"{name}-{kind}"  # the same file as two kinds of task
-            tasks.append(EvalTask(name=name, type=kind, path=str(Path(path).resolve()), split=split))
+            given.append((kind, name or None, path))
+    names = task_names(given)
+    tasks = [EvalTask(name=n, type=kind, path=str(Path(path).resolve()), split=split)
+             for n, (kind, _, path) in zip(names, given)]
     if missing:
         from hmcl_cli.errors import DataError
 

@@ -673,6 +673,26 @@ class EvalConfig(_Section):
     )
 
 
+    @field_validator("tasks")
+    @classmethod
+    def _one_task_a_name(cls, tasks: list[EvalTask]) -> list[EvalTask]:
+        """Results are kept by task name: a second task of one name replaced the first's, unseen."""
+        seen: dict[str, int] = {}
+        for i, t in enumerate(tasks):
+            if t.name in seen:
+                raise ValueError(f"tasks {seen[t.name]} and {i} are both named {t.name!r}: give each task its own name")
+            seen[t.name] = i
+        return tasks
+
+    @model_validator(mode="after")
+    def _compared_models_keep_their_own_labels(self) -> "EvalConfig":
+        taken = (["base"] if self.include_base else []) + ["fine-tuned"]
+        for label in self.compare:
+            if label in taken:
+                what = "the recipe's base model (eval.include_base)" if label == "base" else "the model this recipe trains"
+                raise ValueError(f"compare: {label!r} labels {what}: give this model another label")
+        return self
+
     @model_validator(mode="after")
     def _gates_name_what_is_evaluated(self) -> "EvalConfig":
         """A gate's form, task, metric and compared model, checked when the recipe loads: a typo

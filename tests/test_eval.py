@@ -846,5 +846,22 @@ def test_models_without_labels_get_distinct_names_and_a_label_twice_is_an_error(
         "quickstart": "runs/quickstart", "all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
     assert list(labelled_models(["base=x", "q/base"])) == ["base", "q/base"]
     assert len(labelled_models(["a/m", "a/m"])) == 2
-    with pytest.raises(RecipeError, match="label 'a' is given to more than one model"):
+    with pytest.raises(RecipeError, match="--model: the name 'a' is given twice"):
         labelled_models(["a=x", "a=y"])
+
+
+def test_task_flags_of_files_with_one_stem_get_distinct_names():
+    """`--sts x/dev.csv --sts y/dev.csv --sts z/dev.csv` were named `dev`, `dev-sts` and `dev-sts`:
+    the third's results replaced the second's, unseen."""
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.evaluation.runner import task_names
+
+    assert task_names([("sts", None, "x/dev.csv"), ("sts", None, "y/dev.csv"), ("sts", None, "x/dev.csv")]) == [
+        "x/dev", "y/dev", "x/dev'"]
+    assert task_names([("sts", None, "/a/b/dev.csv"), ("pair_classification", None, "/a/b/dev.csv")]) == [
+        "dev-sts", "dev-pair_classification"]
+    assert task_names([("sts", None, "dev.csv"), ("reranking", None, "dev.jsonl.gz")]) == ["dev.csv", "dev.jsonl.gz"]
+    assert task_names([("sts", "dev", "a.csv"), ("reranking", None, "q/dev.jsonl"), ("sts", None, "b.csv.gz")]) == [
+        "dev", "q/dev", "b"]
+    with pytest.raises(RecipeError, match="--sts/--reranking: the name 'd' is given twice"):
+        task_names([("sts", "d", "a.csv"), ("reranking", "d", "b.jsonl")])

@@ -212,3 +212,19 @@ def test_recipe_cp_keeps_the_data_folder_an_env_default_names(tmp_path, monkeypa
     assert "sample.jsonl" in notes[1] and not (tmp_path / "other" / "data" / "sample.jsonl").exists()
     with pytest.raises(RecipeError, match="already exists"):
         recipe_module.copy_builtin_recipe("gone", tmp_path / "other")
+
+
+def test_eval_tasks_and_compared_models_keep_their_own_names(tmp_path):
+    """Results are kept by task name and model label: a second task named `dev` replaced the
+    first's results, and `compare: {base: ...}` replaced the recipe's base, without a word."""
+    f = tmp_path / "r.yaml"
+    f.write_text("name: x\nmodel: {name_or_path: m}\neval:\n  tasks:\n    - {name: dev, type: sts, path: a.csv}\n"
+                 "    - {name: dev, type: sts, path: b.csv}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:4: eval.tasks: tasks 0 and 1 are both named 'dev'"):
+        load_recipe(f)
+    f.write_text("name: x\nmodel: {name_or_path: m}\neval:\n  compare: {base: runs/old}\n")
+    with pytest.raises(RecipeError, match="'base' labels the recipe's base model"):
+        load_recipe(f)
+    assert load_recipe(f, ["eval.include_base=false"]).eval.compare == {"base": "runs/old"}
+    with pytest.raises(RecipeError, match="'fine-tuned' labels the model this recipe trains"):
+        load_recipe(f, ["eval.compare={fine-tuned: runs/old}"])

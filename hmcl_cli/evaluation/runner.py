@@ -257,39 +257,88 @@ def print_table(report: dict, title: str = "evaluation") -> None:
             console.print(f"[red]{escape(task)} / {escape(', '.join(hit))}:[/red] {escape(error)}")
 
 
+def _path_parts(path: str) -> list[str]:
+    return [p for p in Path(path).parts if p not in ("", ".", "/")] or [path]
+
+
+def _shortest_names(paths: list[str], named, reserved: list[str]) -> list[str]:
+    """``named(path, depth)`` for each path, each with the smallest depth that tells it from the
+    other paths and from the ``reserved`` names (the same path twice shares its name)."""
+    depth = [1] * len(paths)
+    names: list[str] = []
+    for _ in range(64):
+        names = [named(p, d) for p, d in zip(paths, depth)]
+        clash = [i for i, n in enumerate(names)
+                 if n in reserved or any(m == n and q != paths[i] for m, q in zip(names, paths))]
+        if not clash:
+            break
+        for i in clash:
+            depth[i] += 1
+    return names
+
+
+def _given_names(given: list[tuple[Optional[str], str]], flag: str) -> list[str]:
+    """The names given (NAME=...) to a repeatable flag's values; one given twice is an error."""
+    explicit = [n for n, _ in given if n]
+    twice = sorted({n for n in explicit if explicit.count(n) > 1})
+    if twice:
+        raise RecipeError(f"{flag}: the name {twice[0]!r} is given twice", hint=f"give each {flag} its own (NAME=...)")
+    return explicit
+
+
+def _primed(names: list[str], taken: list[str]) -> list[str]:
+    """``names`` with a ``'`` added to each one already used (the same value given twice)."""
+    used, out = set(taken), []
+    for n in names:
+        while n in used:
+            n += "'"
+        used.add(n)
+        out.append(n)
+    return out
+
+
 def labelled_models(items: list[str]) -> dict[str, str]:
     """``--model [LABEL=]MODEL`` values as label -> model. An unlabelled model is named after its
     folder (a run's ``model/`` after the run), with as many parent folders as it takes to tell it
     from the others (``runs/a/model`` and ``runs/b/model``: ``a`` and ``b``; two ``ckpt`` folders:
     ``x/ckpt`` and ``y/ckpt``); a label given twice is an error, not a model silently dropped."""
     given = [(label or None, m) for label, _, m in (item.rpartition("=") for item in items)]
-    explicit = [label for label, _ in given if label]
-    twice = sorted({label for label in explicit if explicit.count(label) > 1})
-    if twice:
-        raise RecipeError(f"--model: label {twice[0]!r} is given to more than one model",
-                          hint="give each --model its own label (LABEL=MODEL)")
+    explicit = _given_names(given, "--model")
 
-    def name(m: str, depth: int) -> str:
-        parts = [p for p in Path(m).parts if p not in ("", ".", "/")] or [m]
+    def named(m: str, depth: int) -> str:
+        parts = _path_parts(m)
         if parts[-1] == "model" and len(parts) > 1:
             parts = parts[:-1]  # runs/x/model: the run's name
         return "/".join(parts[-depth:])
 
-    labels = {i: label for i, (label, _) in enumerate(given) if label}
-    unnamed = [i for i, (label, _) in enumerate(given) if not label]
-    for depth in range(1, 64):
-        names = {i: name(given[i][1], depth) for i in unnamed}
-        taken = list(names.values()) + explicit
-        if all(taken.count(n) == 1 for n in names.values()) or depth == 63:
-            break
-    used = set(explicit)
-    for i in unnamed:  # the same path twice, or a path named as another model's label
-        n = names[i]
-        while n in used:
-            n += "'"
-        used.add(n)
-        labels[i] = n
-    return {labels[i]: m for i, (_, m) in enumerate(given)}
+    unnamed = [m for label, m in given if not label]
+    names = iter(_primed(_shortest_names(unnamed, named, explicit), explicit))
+    return {label or next(names): m for label, m in given}
+
+
+def task_names(given: list[tuple[str, Optional[str], str]]) -> list[str]:
+    """Names of ``hmcl eval``'s task flags, ``(kind, NAME or None, path)`` each: a file is named
+    after its stem (``dev.csv.gz`` -> ``dev``), with parent folders where two files share it
+    (``x/dev``, ``y/dev``), and ``-<kind>`` where one file is two kinds of task."""
+    from hmcl_cli.io_utils import data_stem
+
+    flag = "--" + "/--".join(dict.fromkeys(k.replace("_", "-") for k, _, _ in given))
+    explicit = _given_names([(name, path) for _, name, path in given], flag)
+    unnamed = [(kind, path) for kind, name, path in given if not name]
+
+    def named(path: str, depth: int) -> str:
+        parts = _path_parts(path)
+        if depth > len(parts):  # dev.csv beside dev.jsonl: the whole file names
+            return "/".join(parts)
+        return "/".join((parts[:-1] + [data_stem(path)])[-depth:])
+
+    base = _shortest_names([path for _, path in unnamed], named, explicit)
+    kinds: dict[str, set] = {}
+    for (kind, path), n in zip(unnamed, base):
+        kinds.setdefault(path, set()).add(kind)
+    names = iter(_primed([n + (f"-{kind}" if len(kinds[path]) > 1 else "") for (kind, path), n in zip(unnamed, base)],
+                         explicit))
+    return [name or next(names) for _, name, _ in given]
 
 
 def judged_model(models: list[str]) -> str:
