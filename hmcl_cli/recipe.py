@@ -884,7 +884,7 @@ def load_yaml_with_lines(text: str, file: str = "<recipe>") -> tuple[Any, dict]:
         line = text.splitlines()[mark.line] if mark and mark.line < len(text.splitlines()) else ""
         shown = f"\n  {line}\n  {' ' * mark.column}^" if line.strip() else ""
         hint = "fix the YAML syntax"
-        if "${" in line and any(c in line for c in "{["):
+        if "${" in line and any(c in _REF.sub("", line) for c in "{["):
             # YAML reads the `{` of an unquoted reference as the start of a mapping inside { } or [ ]
             hint = ("quote a ${...} reference inside { } or [ ], e.g. train: {epochs: '${env:EPOCHS}'} "
                     "(the value still reads as a number)")
@@ -1000,7 +1000,7 @@ def _resolved(data: Any, root: Any, path: tuple, depth: int) -> Any:
             val = _lookup(root, ref)
         except KeyError:
             try:
-                return _schema_default(ref)  # a key the recipe leaves at its default
+                return _schema_default(ref, root)  # a key the recipe leaves at its default
             except KeyError:
                 pass
             keys = set(_schema_keys(Recipe))
@@ -1021,12 +1021,16 @@ def _resolved(data: Any, root: Any, path: tuple, depth: int) -> Any:
     return _REF.sub(lambda m: str(value_of(m.group(1))), data)
 
 
-def _schema_default(dotted: str) -> Any:
-    """The default of recipe key ``dotted`` (``train.batch_size``), for a reference to a key the
-    recipe does not write; KeyError when it is no key, a section, or has no default value."""
+def _schema_default(dotted: str, root: Any) -> Any:
+    """The default of recipe key ``dotted`` (``train.batch_size``, ``data.sources.0.weight``), for
+    a reference to a key the recipe (``root``) does not write; KeyError when it is no key, a
+    section, an item the list does not have, or has no default value."""
     cls: Any = Recipe
     parts = dotted.strip().split(".")
     for i, part in enumerate(parts):
+        if part.isdigit() and i < len(parts) - 1:
+            _lookup(root, ".".join(parts[:i + 1]))  # the item exists (KeyError if not)
+            continue
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
             raise KeyError(dotted)
         field = cls.model_fields[part]

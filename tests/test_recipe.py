@@ -94,6 +94,10 @@ def test_unknown_reference_and_env(tmp_path, monkeypatch):
 
     defaults = Recipe.model_validate({"name": "x", "model": {"name_or_path": "m"}})
     assert load_recipe(f).output_dir == f"runs/bs{defaults.train.batch_size}-{defaults.loss.temperature}"
+    f.write_text("name: x\nmodel: {name_or_path: m}\ndata: {sources: [{path: a.csv}]}\noutput_dir: w${data.sources.0.weight}\n")
+    assert load_recipe(f).output_dir == "w1.0"
+    with pytest.raises(RecipeError, match=r"reference \$\{data.sources.3.weight\} names no key"):
+        load_recipe(f, ["output_dir=w${data.sources.3.weight}"])
     # an unset variable is named with the file and line that refer to it; so is a --set
     monkeypatch.delenv("RUN_NAME")
     f.write_text("model: {name_or_path: m}\nname: ${env:RUN_NAME}\n")
@@ -114,6 +118,10 @@ def test_unquoted_reference_in_flow_yaml_says_to_quote_it(tmp_path):
     with pytest.raises(RecipeError, match=r"r.yaml:3: malformed YAML.*\n  train: \{epochs: \$\{env:EPOCHS\}\}\n +\^") as e:
         load_recipe(f)
     assert "quote a ${...} reference" in e.value.hint
+    f.write_text("name: ${env:RUN}: x\nmodel: {name_or_path: m}\n")  # a reference, but no { } or [ ] around it
+    with pytest.raises(RecipeError, match="r.yaml:1: malformed YAML") as e:
+        load_recipe(f)
+    assert e.value.hint == "fix the YAML syntax"
 
 
 def test_lines_are_recorded():
