@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 import torch
 
-from hmcl_cli.console import log
+from hmcl_cli.console import log, warn
 from hmcl_cli.data.example import Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.errors import DataError, import_optional
@@ -309,7 +309,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         relative = [dict(zip(g, r)) if r is not None else None for g, r in zip(graded, rel)]
         del teacher
     added = {"weak": 0, "neg": 0}
-    removed_total = by_teacher = 0
+    removed_total = by_teacher = short = 0
     for (qi, known, pos_texts, ranked), rel in zip(jobs, relative):
         ex = examples[qi]
         pos_cos = {t: float(q[qi] @ c[position[t]]) for t in pos_texts}
@@ -319,6 +319,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         picks = grade_candidates(pos_score, ranked, known, cfg, rng, teacher=rel)
         removed_total += picks.removed_by_margin
         by_teacher += picks.removed_by_teacher
+        short += len(picks.negatives) < cfg.num_negatives
         new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
         for level, name, chosen in ((1, "weak", picks.weak), (0, "neg", picks.negatives)):
             for i, s in chosen:
@@ -331,7 +332,8 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     if source.name == "train.jsonl":
         (data_dir / "train.jsonl").replace(data_dir / "train.unmined.jsonl")
     write_jsonl_atomic(data_dir / "train.jsonl", out)
-    report = {"queries": len(examples), "queries_without_positive": skipped, "corpus": len(corpus),
+    report = {"queries": len(examples), "queries_without_positive": skipped,
+              "queries_short_of_negatives": short, "corpus": len(corpus),
               "added": added, "removed_by_margin": removed_total,
               "teacher": None if cfg.teacher is None else {
                   "model": cfg.teacher.model, "queries_graded": sum(r is not None for r in relative),
@@ -345,4 +347,11 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     guard = f", {by_teacher} more by the teacher" if cfg.teacher is not None else ""
     log(f"mine: +{added['weak']} weak, +{added['neg']} negatives over {len(examples)} queries "
         f"({removed_total} candidates removed by the margin{guard}) -> {data_dir / 'train.jsonl'}")
+    if skipped:
+        warn(f"mine: {skipped} of {len(examples)} queries have no positive, which mining measures candidates "
+             "against: nothing was mined for them")
+    if short and cfg.num_negatives:
+        warn(f"mine: {short} of {len(jobs)} queries got fewer than mine.num_negatives {cfg.num_negatives} "
+             f"negatives: ranks {cfg.range_min}-{cfg.range_max} of the top {cfg.top_k} of a corpus of {len(corpus)} "
+             "texts held too few past the margin; a larger corpus (mine.corpus) or a lower mine.range_min finds more")
     return report

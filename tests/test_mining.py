@@ -360,3 +360,29 @@ def test_training_on_data_mined_with_other_settings_is_warned_about(tmp_path, ti
         _check_mined(load_recipe(path, overrides=[override]))
         err = " ".join(capsys.readouterr().err.split())
         assert "was mined with other settings than the recipe's now" in err and said in err, err
+
+
+def test_queries_mined_short_or_not_at_all_are_announced(tmp_path, tiny_bert, capsys):
+    """`+N negatives over M queries` alone did not say that some queries got fewer than asked (a
+    small corpus, ranks past range_min) or none (no positive to measure against)."""
+    free = {"range_min": 0, "range_max": 30, "relative_margin": None}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={**free, "num_negatives": 2}))
+    prepare(recipe, progress=False)
+    capsys.readouterr()
+    report = mine(recipe)
+    err = " ".join(capsys.readouterr().err.split())
+    assert report["queries_short_of_negatives"] == 0 and "fewer than" not in err
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={**free, "num_negatives": 500}))
+    report = mine(recipe)
+    err = " ".join(capsys.readouterr().err.split())
+    short = report["queries_short_of_negatives"]
+    assert short == report["queries"] - report["queries_without_positive"] > 0
+    assert f"{short} of {short} queries got fewer than mine.num_negatives 500 negatives" in err
+    graded = [json.loads(line) for line in (recipe.run_dir / "data/train.unmined.jsonl").read_text().splitlines()]
+    for row in graded[:3]:
+        row["pos"] = []  # three queries without a positive
+    (recipe.run_dir / "data/train.unmined.jsonl").write_text("".join(json.dumps(r) + "\n" for r in graded))
+    report = mine(recipe)
+    assert report["queries_without_positive"] >= 3
+    assert f"{report['queries_without_positive']} of {report['queries']} queries have no positive" in " ".join(
+        capsys.readouterr().err.split())
