@@ -702,6 +702,20 @@ def test_a_run_that_does_not_beat_its_start_is_warned_about(tmp_path, tiny_bert,
     assert "training did not improve dev dev_ndcg@10" in " ".join(err.split())
 
 
+def test_a_final_model_that_is_the_last_step_says_why(tmp_path, tiny_bert, capsys):
+    """Without a dev split (or with load_best_at_end off) `model/` holds the last step; the log said
+    only `final model -> runs/x/model`, as if a best step had been chosen."""
+    t = _trainer(tmp_path / "nodev", tiny_bert, train={"max_steps": 2},
+                 data={"sources": [{"path": "train.jsonl", "split": "train"}]})
+    t.train()
+    t.save_final()
+    assert "final model: the last step's (2; no dev split to choose a step by)" in capsys.readouterr().out
+    t = _trainer(tmp_path / "off", tiny_bert, train={"max_steps": 2, "load_best_at_end": False})
+    t.train()
+    t.save_final()
+    assert "final model: the last step's (2; train.load_best_at_end is off)" in capsys.readouterr().out
+
+
 def test_a_dev_set_at_its_maximum_before_training_is_named_as_the_cause(tmp_path, tiny_bert, capsys):
     """A dev set whose queries each find their positive first already before training (here one
     query, one candidate) cannot show a gain: the warning says that, not "lower the learning rate"."""

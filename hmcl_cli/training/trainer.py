@@ -893,7 +893,9 @@ class HMCLTrainer:
             self._save_model(final)
             if self.is_main:
                 write_json_atomic(record_path, {"step": self.step, "best": False})
-                log(f"final model -> {final}")
+                why = ("no dev split to choose a step by" if not self.dev
+                       else "train.load_best_at_end is off" if not self.cfg.load_best_at_end else "no dev evaluation ran")
+                log(f"final model: the last step's ({self.step}; {why}) -> {final}")
         elif use_best and self.is_main:
             if final.exists():
                 shutil.rmtree(final)
