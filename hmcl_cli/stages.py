@@ -320,6 +320,21 @@ def _eval_dims(recipe: Recipe, models: dict) -> list[int]:
     return sorted(found, reverse=True)
 
 
+def _check_export_target(target: Path) -> None:
+    """An export replaces its folder whole (written aside, then renamed): a folder there that is
+    not an earlier export (no hmcl_export.json) holds someone's files, which would go with it."""
+    if target.exists() and not target.is_dir():
+        raise StorageError(f"export: {target} is a file, where the export writes a folder",
+                           hint="choose another --out (export.formats name the folders under it)")
+    if target.is_dir() and not (target / "hmcl_export.json").is_file():
+        found = sorted(p.name for p in target.iterdir())
+        if found:
+            raise StorageError(
+                f"export: {target} holds files that are not an hmcl export ({', '.join(found[:3])}"
+                f"{', ...' if len(found) > 3 else ''}), and an export replaces its folder whole",
+                hint=f"choose another --out, or move those files out of {target}")
+
+
 def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: Optional[Path] = None,
                out_dir: Optional[Path] = None) -> dict:
     """Each export format of the recipe (or ``formats``) of the trained model, verified."""
@@ -339,6 +354,8 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
         raise ModelNotFoundError(f"no trained model at {model_dir}",
                                  hint="run `hmcl train RECIPE` first, or pass --model")
     out_dir = out_dir or recipe.run_dir / "export"
+    for fmt in formats:
+        _check_export_target(out_dir / export_folder(fmt))
     card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml(),
             "matryoshka_dims": saved_matryoshka_dims(model_dir),
             "repo": recipe.export.push_to_hub.repo if recipe.export.push_to_hub is not None else None}
@@ -640,6 +657,11 @@ def check_run(recipe: Recipe, prepared: bool = False) -> None:
     where = str(recipe._source or recipe.name)
     check_inputs(recipe, where)  # before hours of training, not after
     check_hub_needs(recipe, where, prepared)
+    if recipe.export.enabled:
+        from hmcl_cli.export import export_folder
+
+        for fmt in recipe.export.formats:
+            _check_export_target(recipe.run_dir / "export" / export_folder(fmt))
     if recipe.export.enabled and recipe.export.push_to_hub is not None:
         from hmcl_cli.export.hub import check_push_possible
 

@@ -326,6 +326,13 @@ def onnx_export_missing_run(tmp, model):
         "no-run", "does not exist"]
 
 
+def export_over_someone_elses_folder(tmp, model):
+    (tmp / "x" / "merged").mkdir(parents=True)
+    (tmp / "x" / "merged" / "mine.txt").write_text("not an export")
+    return ["export", "--model", model, "--format", "merged", "--out", tmp / "x"], STORAGE, [
+        "x/merged holds files that are not an hmcl export (mine.txt)", "move those files out"]
+
+
 def export_unknown_format(tmp, model):
     return ["export", write_recipe(tmp, model), "--format", "tflite"], RECIPE, ["tflite", "onnx"]
 
@@ -442,7 +449,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
-         onnx_export_missing_run, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
+         onnx_export_missing_run, export_over_someone_elses_folder, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
          eval_gate_with_a_misspelt_metric, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
@@ -465,6 +472,17 @@ def test_run_stops_on_missing_inputs_before_it_prepares_anything(tmp_path, tiny_
     argv, _, _ = run_with_a_missing_eval_file(tmp_path, tiny_bert)
     code, out, err = cli(capsys, monkeypatch, *argv)
     assert code == DATA and "prepare" not in out and not (tmp_path / "run").exists()
+
+
+def test_run_stops_before_training_when_its_export_would_replace_someone_elses_files(tmp_path, tiny_bert, capsys,
+                                                                                      monkeypatch):
+    recipe = write_recipe(tmp_path, tiny_bert)
+    (tmp_path / "run" / "export" / "merged").mkdir(parents=True)
+    (tmp_path / "run" / "export" / "merged" / "notes.md").write_text("mine")
+    code, out, err = cli(capsys, monkeypatch, "run", recipe)
+    assert code == STORAGE and "holds files that are not an hmcl export (notes.md)" in " ".join(err.split())
+    assert "prepare" not in out and not (tmp_path / "run" / "data").exists()
+    assert (tmp_path / "run" / "export" / "merged" / "notes.md").read_text() == "mine"
 
 
 def _hub_recipe(tmp_path, tiny_bert, **sections):
