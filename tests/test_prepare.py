@@ -578,3 +578,17 @@ def test_a_small_drawn_dev_split_is_announced(tmp_path, capsys):
     assert dev < 20 and f"dev: {dev} examples of 60 queries" in err and "raise data.dev_fraction" in err
     prepare(_recipe(tmp_path, [{"path": str(f), "format": "triplets"}], dev_fraction=0.5), progress=False)
     assert len(_written(tmp_path, "dev")) >= 20 and "dev:" not in capsys.readouterr().err
+
+
+def test_a_source_that_is_a_file_prepare_writes_is_refused(tmp_path):
+    """`output_dir: .` beside a `data/train.jsonl` source: prepare overwrote the user's file with
+    its graded output (a triplets file lost for good)."""
+    (tmp_path / "data").mkdir()
+    src = tmp_path / "data" / "train.jsonl"
+    src.write_text(json.dumps({"anchor": "q", "positive": "p", "negative": "n"}) + "\n")
+    before = src.read_text()
+    recipe = load_recipe(data={"name": "x", "output_dir": str(tmp_path), "model": {"name_or_path": "unused"},
+                               "data": {"sources": [{"path": str(src), "format": "triplets"}]}})
+    with pytest.raises(DataError, match=r"data.sources.0.path .*train.jsonl is .*, a file prepare writes") as e:
+        prepare(recipe, progress=False)
+    assert "output_dir" in e.value.hint and src.read_text() == before

@@ -66,6 +66,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
             "the recipe has no data sources (data.sources is empty)",
             hint="add at least one source: data: {sources: [{path: train.jsonl, format: graded}]}",
         )
+    _check_outputs_are_not_sources(recipe)
     merged: dict[str, dict[tuple, GradedExample]] = {s: {} for s in SPLITS}
     origin_split: dict[tuple, set] = defaultdict(set)
     totals: Counter = Counter()
@@ -185,6 +186,24 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     write_json_atomic(out_dir / "stats.json", stats)
     log(f"prepare: wrote {out_dir} (train {len(outputs['train'])}, dev {len(outputs['dev'])}, test {len(outputs['test'])} examples)")
     return stats
+
+
+# what prepare and mine write under <run>/data
+DATA_OUTPUTS = tuple(f"{split}.jsonl" for split in SPLITS) + ("stats.json", "train.unmined.jsonl", "mining_report.json")
+
+
+def _check_outputs_are_not_sources(recipe: Recipe) -> None:
+    """A source that is one of the files prepare (or mine) writes: with ``output_dir: .`` beside a
+    ``data/train.jsonl`` source, prepare replaced the user's own file with its graded output."""
+    out = recipe.run_dir / "data"
+    written = {(out / name).resolve(): name for name in DATA_OUTPUTS}
+    for i, src in enumerate(recipe.data.sources):
+        if src.path and recipe.resolve(src.path).resolve() in written:
+            raise DataError(
+                f"data.sources.{i}.path {src.path} is {out / written[recipe.resolve(src.path).resolve()]}, a file "
+                f"prepare writes (a run's prepared data goes to <output_dir>/data/, here {out}): preparing would "
+                "overwrite your source",
+                hint="set output_dir to a folder of its own (the default is runs/${name}), or rename the source file")
 
 
 def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optional[Path] | bool:
