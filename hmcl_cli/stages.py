@@ -164,9 +164,37 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     return subprocess.call(cmd)
 
 
+def check_base_is_not_an_output(recipe: Recipe) -> None:
+    """The base model must not live where the run writes: with ``output_dir: .`` and
+    ``model.name_or_path: ./model``, training replaced the user's base model folder with the trained
+    one (and the eval's `base` column became the trained model)."""
+    from hmcl_cli.export import export_folder
+    from hmcl_cli.modeling.resolve import RUN_MARKERS
+
+    name = recipe.model.name_or_path
+    run = recipe.run_dir.resolve()
+    written = {run / "model": "the trained model", run / "best": "the best checkpoint's model",
+               run / "checkpoints": "checkpoints"}
+    written.update({run / "export" / export_folder(f): f"the {f} export" for f in EXPORT_FORMATS})
+    for candidate in {Path(os.path.expanduser(name)), recipe.resolve(name)}:
+        if not candidate.is_dir():
+            continue
+        here = candidate.resolve()
+        if here == run or any((here / m).exists() for m in RUN_MARKERS):
+            here = here / "model"  # a run directory as the base: its trained model
+        hit = next((what for folder, what in written.items() if here == folder or folder in here.parents), None)
+        if hit:
+            raise RecipeError(
+                f"model.name_or_path {name} is where this run writes {hit} ({here}): training would replace the "
+                "model it starts from",
+                hint="set output_dir to another folder (the default is runs/${name}), or copy the base model "
+                     "out of the run directory")
+
+
 def run_train(recipe: Recipe, resume: bool = False) -> Path:
     from hmcl_cli.training.trainer import HMCLTrainer
 
+    check_base_is_not_an_output(recipe)
     check_prepared(recipe)
     _check_mined(recipe)
 
@@ -654,6 +682,8 @@ def check_run(recipe: Recipe, prepared: bool = False) -> None:
     """What `hmcl run` checks before its first stage: packages, inputs, what it fetches from the
     Hub, a push's token (``prepared``: the data stages will not run again)."""
     check_stage_packages(recipe)
+    if recipe.train.enabled:
+        check_base_is_not_an_output(recipe)
     where = str(recipe._source or recipe.name)
     check_inputs(recipe, where)  # before hours of training, not after
     check_hub_needs(recipe, where, prepared)

@@ -333,6 +333,22 @@ def export_over_someone_elses_folder(tmp, model):
         "x/merged holds files that are not an hmcl export (mine.txt)", "move those files out"]
 
 
+def base_model_inside_the_run_directory(tmp, model):
+    import shutil
+
+    shutil.copytree(model, tmp / "run" / "model")  # output_dir is tmp/run: training would replace its base
+    return ["train", write_recipe(tmp, tmp / "run" / "model")], RECIPE, [
+        "is where this run writes the trained model", "would replace the model it starts from", "output_dir"]
+
+
+def base_model_is_this_run_directory(tmp, model):
+    import shutil
+
+    shutil.copytree(model, tmp / "run" / "model")
+    (tmp / "run" / "metrics.jsonl").write_text("")
+    return ["run", write_recipe(tmp, tmp / "run")], RECIPE, ["is where this run writes the trained model"]
+
+
 def export_unknown_format(tmp, model):
     return ["export", write_recipe(tmp, model), "--format", "tflite"], RECIPE, ["tflite", "onnx"]
 
@@ -449,7 +465,8 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
-         onnx_export_missing_run, export_over_someone_elses_folder, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
+         onnx_export_missing_run, export_over_someone_elses_folder, base_model_inside_the_run_directory,
+         base_model_is_this_run_directory, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
          eval_gate_with_a_misspelt_metric, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
