@@ -14,7 +14,6 @@ from hmcl_cli.console import console, err_console
 from hmcl_cli.errors import HmclError, InterruptedRun, from_system_error
 
 
-
 def _reflowed(text: str | None) -> str | None:
     """Help text with each paragraph's source line breaks joined: typer's rich help keeps a
     docstring's single line breaks after its first paragraph, so a wrapped sentence printed

@@ -11,8 +11,8 @@ import hashlib
 import io
 import itertools
 import json
-import math
 import lzma
+import math
 import os
 import shutil
 import tempfile
