@@ -453,6 +453,15 @@ def check_model(recipe: Recipe) -> str:
     pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if is_decoder_config(config) else "mean")
     check_max_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
                   m.segments.length if m.segments else 0, m.name_or_path)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    if hidden:  # the embedding size: the hidden size, or the last Dense layer's
+        from hmcl_cli.modeling.st_modules import head_dim
+
+        dim = head_dim(pipeline.head, int(hidden))
+        too_wide = [d for d in recipe.loss.matryoshka_dims if d >= dim]
+        if too_wide:
+            raise RecipeError(f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim} "
+                              f"of {m.name_or_path}", hint="fix the loss section of the recipe")
     layers = f", then {' -> '.join(layer.kind for layer in pipeline.head)}" if pipeline.head else ""
     if not (pipeline.include_prompt if m.include_prompt == "auto" else m.include_prompt):
         layers = " (prompt tokens left out)" + layers

@@ -72,6 +72,10 @@ def test_validate_checks_the_model_when_it_is_here(tmp_path, tiny_bert_dense):
     assert out.returncode == 2 and "model.max_length 300" in out.stderr and "at most 256" in out.stderr
     ok = hmcl("recipe", "validate", recipe, "--set", "model.max_length=300", "--set", "model.segments.length=128")
     assert ok.returncode == 0, ok.stderr
+    # matryoshka sizes against the embedding size: 16 after the Dense layer, not the hidden 32
+    wide = hmcl("recipe", "validate", recipe, "--set", "loss.matryoshka_dims=[24,8]")
+    assert wide.returncode == 2 and "loss.matryoshka_dims [24] must be smaller than the embedding size 16" in wide.stderr
+    assert hmcl("recipe", "validate", recipe, "--set", "loss.matryoshka_dims=[8]").returncode == 0
     # ... and answers without importing torch (~4 s of a 5 s command before)
     hub = subprocess.run([sys.executable, "-X", "importtime", "-m", "hmcl_cli", "recipe", "validate", str(recipe),
                           "--set", "model.name_or_path=some-org/not-downloaded"], capture_output=True, text=True,
