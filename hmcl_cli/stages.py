@@ -693,6 +693,8 @@ def check_run(recipe: Recipe, prepared: bool = False) -> None:
     check_stage_packages(recipe)
     if recipe.train.enabled:
         check_base_is_not_an_output(recipe)
+    if recipe.train.enabled or recipe.mine.enabled:
+        check_model(recipe)  # its pipeline, lengths and matryoshka sizes: before the data stages, not after
     where = str(recipe._source or recipe.name)
     check_inputs(recipe, where)  # before hours of training, not after
     check_hub_needs(recipe, where, prepared)

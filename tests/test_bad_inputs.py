@@ -502,6 +502,18 @@ def test_run_stops_before_training_when_its_export_would_replace_someone_elses_f
     assert (tmp_path / "run" / "export" / "merged" / "notes.md").read_text() == "mine"
 
 
+def test_run_stops_before_it_prepares_anything_when_the_model_settings_cannot_work(tmp_path, tiny_bert, capsys,
+                                                                                     monkeypatch):
+    """A max length past the model's position table, or a matryoshka size past its embedding, was
+    found when training started: after prepare (and mining)."""
+    recipe = write_recipe(tmp_path, tiny_bert)
+    for setting, said in (("model.max_length=300", "model.max_length 300"),
+                          ("loss.matryoshka_dims=[64]", "must be smaller than the embedding size 32")):
+        code, out, err = cli(capsys, monkeypatch, "run", recipe, "--set", setting)
+        assert code == RECIPE and said in " ".join(err.split()), err
+        assert "prepare" not in out and not (tmp_path / "run" / "data").exists()
+
+
 def _hub_recipe(tmp_path, tiny_bert, **sections):
     recipe = write_recipe(tmp_path, tiny_bert, **sections)
     r = yaml.safe_load(recipe.read_text())
