@@ -281,6 +281,15 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         raise DataError("\n  ".join(["evaluation file(s) not found:",
                                       *(f"task {t.name!r}: {resolve(t.path)} does not exist" for t in absent)]),
                         hint=hint)
+    from hmcl_cli.modeling.resolve import missing_local_model
+
+    base_dir = recipe.base_dir if recipe._source else None
+    lost = [(label, name) for label, name in models.items() if missing_local_model(name, base_dir)]
+    if lost:  # before any other model is loaded and evaluated
+        raise ModelNotFoundError("\n  ".join(["model folder(s) not found:",
+                                               *(f"{label}: {name} does not exist" for label, name in lost)]),
+                                 hint="check the path (relative to the recipe file)" if base_dir is not None
+                                 else "check the path (relative to the current folder)")
     unknown = [f"{tasks[i].name}: {said}" for i, said, _ in mteb_needs(tasks, cached=False)]
     if unknown:  # before any model is loaded
         raise RecipeError("unknown MTEB task name:\n  " + "\n  ".join(unknown), hint="`mteb.get_tasks()` lists the names")

@@ -93,6 +93,20 @@ def resolve_transformer(name_or_path: str, revision: Optional[str] = None, base_
     return transformer_folder(resolve_model(name_or_path, revision, base_dir))
 
 
+def looks_like_path(name_or_path: str) -> bool:
+    """A model name that can only be a local path (``./m``, ``/abs/m``, ``~/m``, ``runs/x/model``),
+    not a hub id (``org/name``)."""
+    return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+
+
+def missing_local_model(name_or_path: str, base_dir: Optional[Path] = None) -> bool:
+    """A path-like model name that names nothing on disk (checked before any model loads)."""
+    if not looks_like_path(name_or_path):
+        return False
+    here = Path(os.path.expanduser(name_or_path))
+    return not (here.exists() or (base_dir is not None and not here.is_absolute() and (Path(base_dir) / here).exists()))
+
+
 def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: Optional[Path] = None,
                   download: bool = True) -> Path:
     """Return a local folder holding the model ``name_or_path`` (``download=False``: only one
@@ -130,10 +144,10 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
                 f"{path} is a file, not a model folder",
                 hint="point model.name_or_path at the folder that holds config.json",
             )
-    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_like_path:
+    if looks_like_path(name_or_path):
         raise ModelNotFoundError(f"model folder {name_or_path} does not exist",
-                                 hint="check the path (relative paths are relative to the recipe file)")
+                                 hint="check the path (relative to the recipe file)" if base_dir is not None
+                                 else "check the path (relative to the current folder)")
 
     from huggingface_hub import snapshot_download
 
