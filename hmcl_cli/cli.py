@@ -164,7 +164,7 @@ def _after_separator(extra: list[str]) -> list[str]:
 def eval_(
     recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable. With a recipe: besides its base and trained model."),
     sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows, optionally named."),
     reranking: Optional[List[str]] = typer.Option(None, "--reranking", metavar="[NAME=]FILE", help="A reranking task: a graded JSONL file, optionally named."),
     retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", metavar="[NAME=]PATH", help="A retrieval task: a graded JSONL file or a BEIR folder, optionally named."),
@@ -206,8 +206,9 @@ def eval_(
     if dim:
         r.eval.dims = list(dim)
     # a flag-only call (no recipe) writes a file only when asked with --json
-    run_eval(r, models=models, json_out=json_out, gates=gate, plot=plot, tasks=tasks or None,
-             in_run_dir=recipe is not None)
+    # with a recipe, --model adds to its models (base, eval.compare, fine-tuned): its gates still apply
+    run_eval(r, models=None if recipe else models, more_models=models if recipe else None, json_out=json_out,
+             gates=gate, plot=plot, tasks=tasks or None, in_run_dir=recipe is not None)
 
 
 @app.command(cls=_Command, epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"

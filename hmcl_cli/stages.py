@@ -240,8 +240,10 @@ def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
 
 def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: Optional[Path] = None,
              gates: Optional[list[str]] = None, plot: Optional[Path] = None,
-             tasks: Optional[list[EvalTask]] = None, in_run_dir: bool = True) -> dict:
-    """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks.
+             tasks: Optional[list[EvalTask]] = None, in_run_dir: bool = True,
+             more_models: Optional[dict[str, str]] = None) -> dict:
+    """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks;
+    ``models`` instead of those, or ``more_models`` beside them (a label of theirs replaces theirs).
 
     Results go to ``json_out``, else (``in_run_dir``) to ``<run>/eval/results.json``."""
     from hmcl_cli.evaluation.runner import (check_gates, enforce_gates, evaluate, judged_model, plot_report,
@@ -261,6 +263,10 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         trained = recipe.run_dir / "model"
         if trained.is_dir():
             models["fine-tuned"] = str(trained)
+        for label, name in (more_models or {}).items():
+            if label == recipe_base:
+                recipe_base = None  # a base named on the command line is loaded as saved
+            models[label] = name
     run_data = recipe.run_dir / "data"
 
     def resolve(p: str) -> Path:

@@ -865,3 +865,20 @@ def test_task_flags_of_files_with_one_stem_get_distinct_names():
         "dev", "q/dev", "b"]
     with pytest.raises(RecipeError, match="--sts/--reranking: the name 'd' is given twice"):
         task_names([("sts", "d", "a.csv"), ("reranking", "d", "b.jsonl")])
+
+
+def test_models_named_beside_a_recipe_join_its_models(tmp_path, tiny_bert, tiny_qwen):
+    """`hmcl eval RECIPE --model other=X` evaluated X alone: the recipe's base and trained model
+    left the table and the recipe's own gate (`>=base+...`) failed with "no model named 'base'"."""
+    from conftest import write_recipe
+
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_eval
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert), ["eval.gate=[dev-retrieval:ndcg@10>=base-1]"])
+    prepare(recipe, progress=False)
+    report = run_eval(recipe, more_models={"other": str(tiny_qwen)})
+    assert report["models"] == ["base", "other"] and report["gates"][0]["model"] == "other"
+    assert report["results"]["dev-retrieval"]["other"]["delta_vs_base"] == pytest.approx(
+        report["results"]["dev-retrieval"]["other"]["ndcg@10"] - report["results"]["dev-retrieval"]["base"]["ndcg@10"])
