@@ -162,7 +162,7 @@ def _after_separator(extra: list[str]) -> list[str]:
     "hmcl eval --model runs/x --sts dev.csv --dim 128 --dim 64   (also scored cut to 128 and 64 dimensions)",
 )
 def eval_(
-    recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags)."),
+    recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags; with one, flags add to its tasks and models)."),
     set_: Optional[List[str]] = SetOpt,
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable. With a recipe: besides its base and trained model."),
     sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows, optionally named."),
@@ -190,7 +190,8 @@ def eval_(
             if not Path(path).exists():  # before any model loads
                 missing.append(f"--{kind.replace('_', '-')} {item}: {Path(path).resolve()} does not exist")
             given.append((kind, name or None, path))
-    names = task_names(given)
+    # with a recipe, task flags add to its tasks (so its gates still find theirs)
+    names = task_names(given, taken=[t.name for t in r.eval.tasks] if recipe else ())
     tasks = [EvalTask(name=n, type=kind, path=str(Path(path).resolve()), split=split)
              for n, (kind, _, path) in zip(names, given)]
     if missing:
@@ -200,6 +201,8 @@ def eval_(
                         hint="paths are relative to the current folder")
     for name in mteb_task or []:
         tasks.append(EvalTask(name=name, type="mteb", mteb_name=name, split=split))
+    if recipe and tasks:
+        tasks = list(r.eval.tasks) + tasks
     models = labelled_models(model) if model else None
     if batch_size:
         r.eval.batch_size = batch_size

@@ -882,3 +882,13 @@ def test_models_named_beside_a_recipe_join_its_models(tmp_path, tiny_bert, tiny_
     assert report["models"] == ["base", "other"] and report["gates"][0]["model"] == "other"
     assert report["results"]["dev-retrieval"]["other"]["delta_vs_base"] == pytest.approx(
         report["results"]["dev-retrieval"]["other"]["ndcg@10"] - report["results"]["dev-retrieval"]["base"]["ndcg@10"])
+    # on the command line: models and task files beside the recipe's; a file may not take a recipe task's name
+    sts = tmp_path / "extra.csv"
+    sts.write_text("a cat,a kitten,4.5\na dog,a car,0.5\nrain,snow,2.5\nsun,light,3.0\n")
+    out = _hmcl("eval", recipe._source, "--set", "eval.gate=[dev-retrieval:ndcg@10>=base-1]",
+                "--model", f"other={tiny_qwen}", "--sts", sts, "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    both = json.loads((tmp_path / "r.json").read_text())
+    assert list(both["results"]) == ["dev-retrieval", "extra"] and both["models"] == ["base", "other"]
+    clash = _hmcl("eval", recipe._source, "--sts", f"dev-retrieval={sts}")
+    assert clash.returncode == 2 and "'dev-retrieval' names a task of the recipe" in clash.stderr

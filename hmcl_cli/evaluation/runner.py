@@ -316,14 +316,19 @@ def labelled_models(items: list[str]) -> dict[str, str]:
     return {label or next(names): m for label, m in given}
 
 
-def task_names(given: list[tuple[str, Optional[str], str]]) -> list[str]:
+def task_names(given: list[tuple[str, Optional[str], str]], taken: Sequence[str] = ()) -> list[str]:
     """Names of ``hmcl eval``'s task flags, ``(kind, NAME or None, path)`` each: a file is named
     after its stem (``dev.csv.gz`` -> ``dev``), with parent folders where two files share it
-    (``x/dev``, ``y/dev``), and ``-<kind>`` where one file is two kinds of task."""
+    (``x/dev``, ``y/dev``), and ``-<kind>`` where one file is two kinds of task; none is one of
+    ``taken`` (the recipe's tasks)."""
     from hmcl_cli.io_utils import data_stem
 
     flag = "--" + "/--".join(dict.fromkeys(k.replace("_", "-") for k, _, _ in given))
     explicit = _given_names([(name, path) for _, name, path in given], flag)
+    clash = sorted(set(explicit) & set(taken))
+    if clash:
+        raise RecipeError(f"{flag}: {clash[0]!r} names a task of the recipe", hint="give the file another name (NAME=FILE)")
+    explicit += list(taken)
     unnamed = [(kind, path) for kind, name, path in given if not name]
 
     def named(path: str, depth: int) -> str:
