@@ -267,6 +267,11 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
             if label == recipe_base:
                 recipe_base = None  # a base named on the command line is loaded as saved
             models[label] = name
+    if not models:
+        raise RecipeError("no models to evaluate" + (f": {recipe.run_dir / 'model'} is not trained yet and "
+                                                     "eval.include_base is off" if in_run_dir else ""),
+                          hint="name one with --model (a model folder, a run directory or a hub id)"
+                          + (", or train the recipe first" if in_run_dir else ""))
     run_data = recipe.run_dir / "data"
 
     def resolve(p: str) -> Path:

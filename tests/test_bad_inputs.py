@@ -367,6 +367,12 @@ def eval_model_folder_that_is_not_there(tmp, model):
         "model folder(s) not found:", f"typo: {tmp / 'runs' / 'typo'} does not exist", "relative to the current folder"]
 
 
+def eval_without_a_model(tmp, model):
+    """Task flags and no model: it was "internal error: IndexError"."""
+    (tmp / "dev.csv").write_text("a cat,a kitten,4.5\na dog,a car,0.5\nrain,snow,2.5\n")
+    return ["eval", "--sts", tmp / "dev.csv"], RECIPE, ["no models to evaluate", "name one with --model"]
+
+
 def eval_recipe_task_file_missing(tmp, model):
     """A recipe's eval task file, and the prepared split before `hmcl prepare`: found before any
     model loads (each failed per model after loading them)."""
@@ -473,7 +479,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
-         onnx_export_missing_run, eval_model_folder_that_is_not_there, export_over_someone_elses_folder, base_model_inside_the_run_directory,
+         onnx_export_missing_run, eval_model_folder_that_is_not_there, eval_without_a_model, export_over_someone_elses_folder, base_model_inside_the_run_directory,
          base_model_is_this_run_directory, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
          eval_gate_with_a_misspelt_metric, mine_missing_corpus,
