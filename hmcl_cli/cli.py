@@ -133,7 +133,9 @@ def train(
         for line in p.advice:
             console.print(f"  to fit: {line}", markup=False)
         return
-    code = maybe_relaunch(r, str(recipe), set_ or [], resume, launcher, launcher_args)
+    if launcher not in (None, "auto", "none", "accelerate"):
+        raise typer.BadParameter(f"{launcher!r} is not one of auto, none, accelerate", param_hint="--launcher")
+    code = maybe_relaunch(r, str(recipe), set_ or [], resume, launcher, launcher_args, debug=STATE["debug"])
     if code is not None:
         raise typer.Exit(code)
     run_train(r, resume=resume)
@@ -377,7 +379,7 @@ def main() -> None:
             if code == InterruptedRun.exit_code:
                 raise KeyboardInterrupt
             if isinstance(code, int) and code:
-                sys.exit(code)
+                _exit(code)
             leave_distributed_child()
         except (MemoryError, OSError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError
             mapped = from_system_error(e)
@@ -390,23 +392,32 @@ def main() -> None:
         err_console.print(f"[bold red]{e.kind}:[/bold red] {escape(str(e))}", markup=True, highlight=False)
         if e.hint:
             err_console.print(f"[dim]hint:[/dim] {escape(str(e.hint))}")
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red] (finished outputs are intact; the unfinished one was discarded)")
-        sys.exit(InterruptedRun.exit_code)
+        _exit(InterruptedRun.exit_code)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        _exit(e.exit_code)
     except typer.Abort:
-        sys.exit(1)
+        _exit(1)
     except Exception as e:
         if isinstance(e, _usage_errors()):  # a misspelt command or option, a missing argument
             e.show()
-            sys.exit(e.exit_code)
+            _exit(e.exit_code)
         if debug:
             raise
         err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
-        sys.exit(1)
+        _exit(1)
+
+
+def _exit(code: int) -> None:
+    """Exit with ``code``, left for the parent first where `hmcl train` relaunched this process."""
+    if code:
+        from hmcl_cli.stages import record_exit_code
+
+        record_exit_code(code)
+    sys.exit(code)
 
 
 def _debug_first(argv: list[str]) -> tuple[list[str], bool]:

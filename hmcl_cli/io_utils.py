@@ -47,7 +47,12 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
     """
     target = Path(target)
     ensure_dir(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:  # a folder that takes no files (/proc), no permission, a full disk
+        raise (from_system_error(e) or StorageError(
+            f"cannot write {target}: {e.strerror or e} (in {target.parent})",
+            hint="choose another destination, or a folder you can write to")) from None
     out = tmp if is_dir else tmp / target.name
     try:
         yield out

@@ -106,7 +106,7 @@ def under_launcher() -> bool:
 
 
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
-                     config_file: Optional[str], num_processes: int) -> list[str]:
+                     config_file: Optional[str], num_processes: int, quiet: bool = True) -> list[str]:
     """The `accelerate launch` command that runs this `hmcl train` in ``num_processes`` processes
     per machine (the GPUs here), unless the user's arguments or config file say otherwise.
 
@@ -125,6 +125,8 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and (total or 1) > 1:
         # accelerate's torchrun path; on a CPU-only machine the processes form a gloo group
         cmd.append("--multi_gpu")
+    if quiet and not any(a in ("--quiet", "-q", "--debug") for a in launcher_args):
+        cmd.append("--quiet")  # the launcher's traceback of a failed child only repeats its error
     cmd += list(launcher_args) + ["-m", "hmcl_cli", "train", recipe_path]
     for o in overrides:
         cmd += ["--set", o]
@@ -148,7 +150,7 @@ def _as_int(value: Optional[str]) -> Optional[int]:
 
 
 def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[str], resume: bool,
-                   launcher: Optional[str], launcher_args: list[str]) -> Optional[int]:
+                   launcher: Optional[str], launcher_args: list[str], debug: bool = False) -> Optional[int]:
     """Relaunch `hmcl train` under `accelerate launch` when asked or when several GPUs exist."""
     if under_launcher() or recipe_path is None:
         return None
@@ -159,9 +161,42 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     if mode == "none" or (mode == "auto" and n_gpus < 2 and not launcher_args):
         return None
     cfg = str(recipe.resolve(recipe.train.accelerate_config)) if recipe.train.accelerate_config else None
-    cmd = relaunch_command(recipe_path, overrides, resume, launcher_args, cfg, max(1, n_gpus))
+    cmd = relaunch_command(recipe_path, overrides, resume, launcher_args, cfg, max(1, n_gpus), quiet=not debug)
     log("relaunching: " + " ".join(cmd[1:]))
-    return subprocess.call(cmd)
+    if debug:
+        cmd.insert(cmd.index("hmcl_cli") + 1, "--debug")
+    fd, exit_file = tempfile.mkstemp(prefix="hmcl-exit-")
+    os.close(fd)
+    os.unlink(exit_file)
+    try:
+        code = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: exit_file})
+        if code and os.path.isfile(exit_file):  # the launcher exits 1 whatever the training's error was
+            try:
+                code = int(Path(exit_file).read_text().strip() or code)
+            except ValueError:
+                pass
+        return code
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(exit_file)
+
+
+EXIT_FILE_ENV = "HMCL_EXIT_FILE"  # where a relaunched `hmcl train` leaves its exit code for its parent
+
+
+def record_exit_code(code: int) -> None:
+    """In a process that `hmcl train` relaunched: leave the exit code (2 recipe, 3 data, 5 out of
+    memory...) for the parent, which `accelerate launch` would otherwise hand exit code 1 alone
+    (a CI job could not tell a data error from a diverged loss). The first process to fail wins."""
+    path = os.environ.get(EXIT_FILE_ENV)
+    if not path or not code:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(str(code))
 
 
 def check_base_is_not_an_output(recipe: Recipe) -> None:

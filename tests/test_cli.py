@@ -417,3 +417,16 @@ def test_eval_takes_an_onnx_export_as_a_model(tmp_path, tiny_qwen, capsys, monke
         assert res[task]["onnx"][metric] == pytest.approx(res[task]["torch"][metric], abs=2e-5), task
     # the quantized graph, not the torch model: some of mteb's many scores move
     assert any(v != res[t]["torch"]["mteb"][k] for t in ("dev", "rr") for k, v in res[t]["int8"]["mteb"].items())
+
+
+def test_a_relaunched_training_exits_with_its_own_code_and_no_launcher_traceback(tmp_path, tiny_bert):
+    """Under `accelerate launch` a failed training's exit code became the launcher's 1 (a CI job
+    could not tell a data error, 3, from anything else), after the launcher's traceback of the
+    child's command. Now the code is the training's, and the message is the training's alone."""
+    recipe = write_recipe(tmp_path, tiny_bert)  # not prepared: a data error in the relaunched process
+    out = hmcl("train", recipe, "--launcher", "accelerate")
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "relaunching: -m accelerate.commands.launch" in out.stdout and "--quiet" in out.stdout
+    assert "data error:" in out.stderr and "Traceback" not in out.stderr and "CalledProcessError" not in out.stderr
+    bad = hmcl("train", recipe, "--launcher", "xyz")
+    assert bad.returncode == 2 and "'xyz' is not one of auto, none, accelerate" in bad.stderr

@@ -308,4 +308,8 @@ def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(la
 
     cmd = relaunch_command("r.yaml", ["train.epochs=2"], False, launcher_args, config, 4)
     launch = cmd.index("accelerate.commands.launch")
+    assert cmd.count("--quiet") == 1  # a failed child's error is the child's own, without the launcher's traceback
+    cmd.remove("--quiet")
     assert cmd[launch + 1:] == [*expected, "-m", "hmcl_cli", "train", "r.yaml", "--set", "train.epochs=2"]
+    assert "--quiet" not in relaunch_command("r.yaml", [], False, launcher_args, config, 4, quiet=False)
+    assert "--quiet" not in relaunch_command("r.yaml", [], False, [*launcher_args, "--debug"], config, 4)
