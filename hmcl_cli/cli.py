@@ -189,6 +189,8 @@ def eval_(
     for kind, items in (("sts", sts), ("reranking", reranking), ("retrieval", retrieval), ("pair_classification", pair_classification)):
         for item in items or []:
             name, _, path = item.rpartition("=")
+            if not path.strip():
+                raise typer.BadParameter(f"{item!r}: no file given", param_hint=f"--{kind.replace('_', '-')}")
             if not Path(path).exists():  # before any model loads
                 missing.append(f"--{kind.replace('_', '-')} {item}: {Path(path).resolve()} does not exist")
             given.append((kind, name or None, path))

@@ -428,5 +428,9 @@ def test_a_relaunched_training_exits_with_its_own_code_and_no_launcher_traceback
     assert out.returncode == 3, out.stdout + out.stderr
     assert "relaunching: -m accelerate.commands.launch" in out.stdout and "--quiet" in out.stdout
     assert "data error:" in out.stderr and "Traceback" not in out.stderr and "CalledProcessError" not in out.stderr
+    for args, said in ((["--model", "=", "--sts", recipe], "--model '=': no model given"),
+                       (["--model", tiny_bert, "--sts", "a="], "'a=': no file given")):
+        empty = hmcl("eval", *args)
+        assert empty.returncode == 2 and said in empty.stderr, empty.stderr
     bad = hmcl("train", recipe, "--launcher", "xyz")
     assert bad.returncode == 2 and "'xyz' is not one of auto, none, accelerate" in bad.stderr

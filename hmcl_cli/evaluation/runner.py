@@ -303,6 +303,9 @@ def labelled_models(items: list[str]) -> dict[str, str]:
     from the others (``runs/a/model`` and ``runs/b/model``: ``a`` and ``b``; two ``ckpt`` folders:
     ``x/ckpt`` and ``y/ckpt``); a label given twice is an error, not a model silently dropped."""
     given = [(label or None, m) for label, _, m in (item.rpartition("=") for item in items)]
+    empty = [item for item, (_, m) in zip(items, given) if not m.strip()]
+    if empty:
+        raise RecipeError(f"--model {empty[0]!r}: no model given", hint="--model [LABEL=]MODEL, e.g. --model runs/x")
     explicit = _given_names(given, "--model")
 
     def named(m: str, depth: int) -> str:
