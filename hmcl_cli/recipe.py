@@ -1220,12 +1220,16 @@ def copy_builtin_recipe(name: str, dest: Path) -> tuple[Path, list[str]]:
             return m.group(0)
         folder = (source.parent / default).resolve()
         if folder.is_dir():
+            relocated[var] = folder.as_posix()
             return "${env:%s:-%s}" % (var, folder.as_posix())
         notes.append(f"it reads its data from ${var}, whose default ({default}, beside the built-in recipe) "
                      f"is not here: export {var}=<folder> before running it")
         return m.group(0)
 
+    relocated: dict[str, str] = {}
     text = _ENV_DEFAULT.sub(relocate, text)
+    for var, folder in relocated.items():  # the header's words for the default, as the copy has it
+        text = re.sub(r"(?m)^(#.*\$%s \(default: )[^)]*\)" % re.escape(var), lambda m: f"{m.group(1)}{folder})", text)
     for var, folder in sorted({(m.group(1), m.group(2)) for m in _ENV_DEFAULT.finditer(text)}):
         if Path(folder).is_absolute() and Path(folder).is_dir():
             notes.append(f"its data: ${var}, or where that is not set, {folder}")

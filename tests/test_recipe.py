@@ -194,7 +194,8 @@ def test_recipe_cp_keeps_the_data_folder_an_env_default_names(tmp_path, monkeypa
     (shared / "train.jsonl").write_text('{"query": "q", "pos": ["p"], "neg": ["n"]}\n')
     body = ("model: {name_or_path: some/model}\n"
             "data:\n  sources:\n    - path: ${env:HMCL_DATA:-%s}/train.jsonl\n    - path: data/sample.jsonl\n")
-    (shipped / "here.yaml").write_text("# hmcl run recipes/here.yaml\nname: here\n" + body % "../shared")
+    (shipped / "here.yaml").write_text("# hmcl run recipes/here.yaml\n# Data from $HMCL_DATA (default: ../shared beside "
+                                       "the project).\nname: here\n" + body % "../shared")
     (shipped / "gone.yaml").write_text("# hmcl run recipes/gone.yaml\nname: gone\n" + body % "../absent")
     monkeypatch.setattr(recipe_module, "builtin_recipes",
                         lambda: {p.stem: p for p in sorted(shipped.glob("*.yaml"))})
@@ -203,7 +204,8 @@ def test_recipe_cp_keeps_the_data_folder_an_env_default_names(tmp_path, monkeypa
     dest = tmp_path / "team" / "deep"
     target, notes = recipe_module.copy_builtin_recipe("here", dest / "mine.yaml")
     text = target.read_text()
-    assert text.startswith(f"# hmcl run {target.as_posix()}\n")
+    assert text.startswith(f"# hmcl run {target.as_posix()}\n# Data from $HMCL_DATA (default: "
+                           f"{shared.resolve().as_posix()}).\n")  # the header says the copy's default
     assert f"${{env:HMCL_DATA:-{shared.resolve().as_posix()}}}/train.jsonl" in text
     r = load_recipe(target)
     assert r.resolve(r.data.sources[0].path) == shared.resolve() / "train.jsonl"
