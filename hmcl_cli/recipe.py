@@ -918,6 +918,13 @@ def parse_override(item: str) -> tuple[tuple, Any]:
     return path, value
 
 
+def _no_index(item: str, index: int, at: tuple, cur: Any) -> RecipeError:
+    """`--set` of a list index that is not there: how many items the list has (the next index adds one)."""
+    have = (f"{_dotted(at)} has {len(cur)} items (0-{len(cur) - 1}; index {len(cur)} adds one)"
+            if isinstance(cur, list) and cur else f"{_dotted(at)} is not a list with items")
+    return RecipeError(f"--set {item}: index {index} does not exist: {have}")
+
+
 def _apply_override(data: dict, path: tuple, value: Any, item: str) -> None:
     cur: Any = data
     for i, part in enumerate(path[:-1]):
@@ -925,9 +932,7 @@ def _apply_override(data: dict, path: tuple, value: Any, item: str) -> None:
             if isinstance(cur, list) and part == len(cur):
                 cur.append({})  # --set data.sources.2.path=more.csv beside two sources: a third
             if not isinstance(cur, list) or part > len(cur):
-                have = (f"{_dotted(path[:i])} has {len(cur)} items (0-{len(cur) - 1}; index {len(cur)} adds one)"
-                        if isinstance(cur, list) and cur else f"{_dotted(path[:i])} is not a list with items")
-                raise RecipeError(f"--set {item}: index {part} does not exist: {have}")
+                raise _no_index(item, part, path[:i], cur)
             cur = cur[part]
         else:
             if not isinstance(cur, dict):
@@ -936,9 +941,7 @@ def _apply_override(data: dict, path: tuple, value: Any, item: str) -> None:
     last = path[-1]
     if isinstance(last, int):
         if not isinstance(cur, list) or last > len(cur):
-            have = (f"{_dotted(path[:-1])} has {len(cur)} items (0-{len(cur) - 1}; index {len(cur)} adds one)"
-                    if isinstance(cur, list) and cur else f"{_dotted(path[:-1])} is not a list with items")
-            raise RecipeError(f"--set {item}: index {last} does not exist: {have}")
+            raise _no_index(item, last, path[:-1], cur)
         if last == len(cur):
             cur.append(value)
         else:
@@ -1025,23 +1028,16 @@ def _schema_default(dotted: str, root: Any) -> Any:
     """The default of recipe key ``dotted`` (``train.batch_size``, ``data.sources.0.weight``), for
     a reference to a key the recipe (``root``) does not write; KeyError when it is no key, a
     section, an item the list does not have, or has no default value."""
-    cls: Any = Recipe
-    parts = dotted.strip().split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit() and i < len(parts) - 1:
-            _lookup(root, ".".join(parts[:i + 1]))  # the item exists (KeyError if not)
-            continue
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
-            raise KeyError(dotted)
-        field = cls.model_fields[part]
-        if i < len(parts) - 1:
-            cls = _unwrap(field.annotation)
-            continue
-        value = None if field.is_required() else field.get_default(call_default_factory=True)
-        if value is None or isinstance(value, (BaseModel, list, dict)):
-            raise KeyError(dotted)
-        return value
-    raise KeyError(dotted)
+    parts = tuple(int(p) if p.isdigit() else p for p in dotted.strip().split("."))
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(part, int):
+            _lookup(root, ".".join(map(str, parts[:i + 1])))  # the item exists (KeyError if not)
+    cls = _model_at(parts)
+    field = cls.model_fields.get(parts[-1]) if cls is not None and isinstance(parts[-1], str) else None
+    value = None if field is None or field.is_required() else field.get_default(call_default_factory=True)
+    if value is None or isinstance(value, (BaseModel, list, dict)):
+        raise KeyError(dotted)
+    return value
 
 
 def _dotted_keys(data: Any, prefix: str = ""):
@@ -1056,15 +1052,23 @@ def _dotted_keys(data: Any, prefix: str = ""):
         yield prefix[:-1]
 
 
-def _schema_keys(cls: type[BaseModel], prefix: str = ""):
-    """Every value key of the schema, dotted; keys inside lists of sections are left out."""
+def _schema_fields(cls: type[BaseModel], prefix: str = ""):
+    """Every key of the schema, dotted, in order: ``(key, field, section class or None, in a list)``;
+    a section's keys follow it (those of a list of sections as ``data.sources[].path``)."""
     for name, field in cls.model_fields.items():
+        key = f"{prefix}{name}"
         sub = _unwrap(field.annotation)
         if isinstance(sub, type) and issubclass(sub, BaseModel):
-            if typing.get_origin(field.annotation) is not list:
-                yield from _schema_keys(sub, f"{prefix}{name}.")
+            list_like = typing.get_origin(field.annotation) is list
+            yield key, field, sub, list_like
+            yield from _schema_fields(sub, key + ("[]." if list_like else "."))
         else:
-            yield f"{prefix}{name}"
+            yield key, field, None, False
+
+
+def _schema_keys(cls: type[BaseModel]) -> list[str]:
+    """Every value key of the schema, dotted; keys inside lists of sections are left out."""
+    return [key for key, _, sub, _ in _schema_fields(cls) if sub is None and "[]" not in key]
 
 
 # --------------------------------------------------------------------------------------------
@@ -1454,21 +1458,12 @@ def _keyed_strings(data: Any, prefix: tuple = ()):
 def schema_markdown() -> str:
     """Every recipe key with type, default and description, as a markdown table."""
     rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-
-    def walk(cls: type[BaseModel], prefix: str) -> None:
-        for name, field in cls.model_fields.items():
-            key = f"{prefix}{name}"
-            sub = _unwrap(field.annotation)
-            if isinstance(sub, type) and issubclass(sub, BaseModel):
-                list_like = typing.get_origin(field.annotation) is list
-                rows.append(f"| `{key}` | {'list of ' if list_like else ''}section | | {sub.__doc__.strip().splitlines()[0]} |")
-                walk(sub, key + ("[].") if list_like else key + ".")
-                continue
-            tp = _type_name(field.annotation)
-            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-            rows.append(f"| `{key}` | {tp} | {_cell(default)} | {_cell(field.description or '')} |")
-
-    walk(Recipe, "")
+    for key, field, sub, list_like in _schema_fields(Recipe):
+        if sub is not None:
+            rows.append(f"| `{key}` | {'list of ' if list_like else ''}section | | {sub.__doc__.strip().splitlines()[0]} |")
+            continue
+        default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_cell(default)} | {_cell(field.description or '')} |")
     return "\n".join(rows)
 
 

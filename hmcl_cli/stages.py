@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from hmcl_cli.console import log, warn
 from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
                              from_system_error)
+from hmcl_cli.data.origin import listed
 from hmcl_cli.io_utils import RunLock, ensure_dir, write_text_atomic
 from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
 
@@ -60,11 +61,6 @@ def run_mine(recipe: Recipe) -> dict:
         return mine(recipe)
 
 
-def _listed(changes: list[str], most: int) -> str:
-    """The first ``most`` changes, joined, with how many more there are."""
-    return "; ".join(changes[:most]) + (f"; ... and {len(changes) - most} more" if len(changes) > most else "")
-
-
 def _data_changes(recipe: Recipe) -> list[str]:
     """What changed in the recipe's data since its run's prepare (:mod:`hmcl_cli.data.origin`);
     empty when nothing did or when there is no record to compare with."""
@@ -83,7 +79,7 @@ def _check_mined(recipe: Recipe) -> None:
     changes = (mining_changes(recipe, report) if report.is_file() else None) or []
     if changes:
         warn(f"the training data in {report.parent} was mined with other settings than the recipe's now "
-             f"({_listed(changes, 3)}): its mined candidates are those; `hmcl prepare` then `hmcl mine` to mine "
+             f"({listed(changes, 3)}): its mined candidates are those; `hmcl prepare` then `hmcl mine` to mine "
              "them again")
 
 
@@ -94,11 +90,10 @@ def check_prepared(recipe: Recipe, resumed: bool = False) -> None:
     changes = _data_changes(recipe)
     if not changes:
         return
-    shown = changes[:8] + ([f"... and {len(changes) - 8} more"] if len(changes) > 8 else [])
     hint = ("run it without --resume: the data is prepared again and training starts over" if resumed else
             "run `hmcl prepare RECIPE` (with the same --set options) to prepare it again, or `hmcl run RECIPE`")
     raise DataError(f"{recipe.run_dir / 'data'} was prepared from other data than the recipe names now:\n  "
-                    + "\n  ".join(shown), hint=hint)
+                    + listed(changes, 8, "\n  "), hint=hint)
 
 
 def under_launcher() -> bool:
@@ -106,12 +101,14 @@ def under_launcher() -> bool:
 
 
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
-                     config_file: Optional[str], num_processes: int, quiet: bool = True) -> list[str]:
+                     config_file: Optional[str], num_processes: int, debug: bool = False) -> list[str]:
     """The `accelerate launch` command that runs this `hmcl train` in ``num_processes`` processes
     per machine (the GPUs here), unless the user's arguments or config file say otherwise.
 
     accelerate's ``--num_processes`` counts the processes of all machines: with ``--num_machines
-    M`` and no ``--num_processes``, it is ``num_processes x M``."""
+    M`` and no ``--num_processes``, it is ``num_processes x M``. The launcher runs ``--quiet`` (a
+    failed child's error is its own, without the launcher's traceback), except with ``debug``,
+    which the relaunched `hmcl train` gets too."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
@@ -125,9 +122,9 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and (total or 1) > 1:
         # accelerate's torchrun path; on a CPU-only machine the processes form a gloo group
         cmd.append("--multi_gpu")
-    if quiet and not any(a in ("--quiet", "-q", "--debug") for a in launcher_args):
+    if not debug and not any(a in ("--quiet", "-q", "--debug") for a in launcher_args):
         cmd.append("--quiet")  # the launcher's traceback of a failed child only repeats its error
-    cmd += list(launcher_args) + ["-m", "hmcl_cli", "train", recipe_path]
+    cmd += list(launcher_args) + ["-m", "hmcl_cli", *(["--debug"] if debug else []), "train", recipe_path]
     for o in overrides:
         cmd += ["--set", o]
     if resume:
@@ -161,24 +158,15 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     if mode == "none" or (mode == "auto" and n_gpus < 2 and not launcher_args):
         return None
     cfg = str(recipe.resolve(recipe.train.accelerate_config)) if recipe.train.accelerate_config else None
-    cmd = relaunch_command(recipe_path, overrides, resume, launcher_args, cfg, max(1, n_gpus), quiet=not debug)
+    cmd = relaunch_command(recipe_path, overrides, resume, launcher_args, cfg, max(1, n_gpus), debug=debug)
     log("relaunching: " + " ".join(cmd[1:]))
-    if debug:
-        cmd.insert(cmd.index("hmcl_cli") + 1, "--debug")
-    fd, exit_file = tempfile.mkstemp(prefix="hmcl-exit-")
-    os.close(fd)
-    os.unlink(exit_file)
-    try:
-        code = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: exit_file})
-        if code and os.path.isfile(exit_file):  # the launcher exits 1 whatever the training's error was
-            try:
-                code = int(Path(exit_file).read_text().strip() or code)
-            except ValueError:
-                pass
+    with tempfile.TemporaryDirectory(prefix="hmcl-launch-") as folder:
+        exit_file = Path(folder) / "exit-code"
+        code = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file)})
+        if code and exit_file.is_file():  # the launcher exits 1 whatever the training's error was
+            with contextlib.suppress(ValueError):
+                code = int(exit_file.read_text())
         return code
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(exit_file)
 
 
 EXIT_FILE_ENV = "HMCL_EXIT_FILE"  # where a relaunched `hmcl train` leaves its exit code for its parent
@@ -204,26 +192,23 @@ def check_base_is_not_an_output(recipe: Recipe) -> None:
     ``model.name_or_path: ./model``, training replaced the user's base model folder with the trained
     one (and the eval's `base` column became the trained model)."""
     from hmcl_cli.export import export_folder
-    from hmcl_cli.modeling.resolve import RUN_MARKERS
+    from hmcl_cli.modeling.resolve import resolve_model
 
-    name = recipe.model.name_or_path
+    try:  # where the base is (a run directory stands for its model/), if it is here
+        here = resolve_model(recipe.model.name_or_path, recipe.model.revision, recipe.base_dir, download=False)
+    except ModelNotFoundError:
+        return  # not here yet (a hub model), or not a model: loading it says so
     run = recipe.run_dir.resolve()
     written = {run / "model": "the trained model", run / "best": "the best checkpoint's model",
                run / "checkpoints": "checkpoints"}
     written.update({run / "export" / export_folder(f): f"the {f} export" for f in EXPORT_FORMATS})
-    for candidate in {Path(os.path.expanduser(name)), recipe.resolve(name)}:
-        if not candidate.is_dir():
-            continue
-        here = candidate.resolve()
-        if here == run or any((here / m).exists() for m in RUN_MARKERS):
-            here = here / "model"  # a run directory as the base: its trained model
-        hit = next((what for folder, what in written.items() if here == folder or folder in here.parents), None)
-        if hit:
-            raise RecipeError(
-                f"model.name_or_path {name} is where this run writes {hit} ({here}): training would replace the "
-                "model it starts from",
-                hint="set output_dir to another folder (the default is runs/${name}), or copy the base model "
-                     "out of the run directory")
+    hit = next((what for folder, what in written.items() if here == folder or folder in here.parents), None)
+    if hit:
+        raise RecipeError(
+            f"model.name_or_path {recipe.model.name_or_path} is where this run writes {hit} ({here}): training "
+            "would replace the model it starts from",
+            hint="set output_dir to another folder (the default is runs/${name}), or copy the base model "
+                 "out of the run directory")
 
 
 def run_train(recipe: Recipe, resume: bool = False) -> Path:
@@ -317,7 +302,7 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     changes = _data_changes(recipe) if any(t.path in ("dev", "test", "train") for t in tasks) else []
     if changes:  # a warning: the evaluation itself is sound, on the data as it was prepared
         warn(f"eval reads the prepared splits in {run_data}, made from other data than the recipe names now "
-             f"({_listed(changes, 3)}); `hmcl prepare` to renew them")
+             f"({listed(changes, 3)}); `hmcl prepare` to renew them")
     absent = [t for t in tasks if t.type != "mteb" and t.path and not resolve(t.path).exists()]
     if absent:  # before any model loads (each task failed per model, after loading them)
         splits = [t for t in absent if t.path in ("dev", "test", "train")]
@@ -327,15 +312,14 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         raise DataError("\n  ".join(["evaluation file(s) not found:",
                                       *(f"task {t.name!r}: {resolve(t.path)} does not exist" for t in absent)]),
                         hint=hint)
-    from hmcl_cli.modeling.resolve import missing_local_model
+    from hmcl_cli.modeling.resolve import missing_local_model, path_hint
 
     base_dir = recipe.base_dir if recipe._source else None
     lost = [(label, name) for label, name in models.items() if missing_local_model(name, base_dir)]
     if lost:  # before any other model is loaded and evaluated
         raise ModelNotFoundError("\n  ".join(["model folder(s) not found:",
                                                *(f"{label}: {name} does not exist" for label, name in lost)]),
-                                 hint="check the path (relative to the recipe file)" if base_dir is not None
-                                 else "check the path (relative to the current folder)")
+                                 hint=path_hint(base_dir))
     unknown = [f"{tasks[i].name}: {said}" for i, said, _ in mteb_needs(tasks, cached=False)]
     if unknown:  # before any model is loaded
         raise RecipeError("unknown MTEB task name:\n  " + "\n  ".join(unknown), hint="`mteb.get_tasks()` lists the names")

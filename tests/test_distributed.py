@@ -311,5 +311,6 @@ def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(la
     assert cmd.count("--quiet") == 1  # a failed child's error is the child's own, without the launcher's traceback
     cmd.remove("--quiet")
     assert cmd[launch + 1:] == [*expected, "-m", "hmcl_cli", "train", "r.yaml", "--set", "train.epochs=2"]
-    assert "--quiet" not in relaunch_command("r.yaml", [], False, launcher_args, config, 4, quiet=False)
+    debug = relaunch_command("r.yaml", [], False, launcher_args, config, 4, debug=True)
+    assert "--quiet" not in debug and debug[-4:] == ["hmcl_cli", "--debug", "train", "r.yaml"]
     assert "--quiet" not in relaunch_command("r.yaml", [], False, [*launcher_args, "--debug"], config, 4)

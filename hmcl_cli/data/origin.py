@@ -92,19 +92,29 @@ def differences(old: Any, new: Any) -> list[str]:
     return out
 
 
+def listed(changes: list[str], most: int, sep: str = "; ") -> str:
+    """The first ``most`` changes joined by ``sep``, with how many more there are."""
+    return sep.join(changes[:most] + ([f"... and {len(changes) - most} more"] if len(changes) > most else []))
+
+
+def _record(path: Path, key: str) -> Optional[dict]:
+    """The settings record ``key`` of a JSON file hmcl wrote, or None (no file, no record)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
     """What differs between the data ``stats_path``'s prepare read and what the recipe reads now
     (settings, then each source's files); None when the stats hold no record (data prepared
     before it existed)."""
-    try:
-        record = json.loads(stats_path.read_text(encoding="utf-8")).get("made_from")
-    except (OSError, ValueError):
+    record = _record(stats_path, "made_from")
+    if record is None or not isinstance(record.get("files"), list):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("files"), list):
-        return None
-    changes: list[str] = []
-    _differences({k: record.get(k) for k in ("data", "seed")}, data_settings(recipe), "", changes)
-    for i, (then, now) in enumerate(zip(record["files"], _source_files(recipe))):
+    changes = differences({k: record.get(k) for k in ("data", "seed")}, data_settings(recipe))
+    for i,  (then, now) in enumerate(zip(record["files"], _source_files(recipe))):
         if len(then) != len(now):
             changes.append(f"data.sources.{i}: {len(then)} file(s) read then, {len(now)} now")
             continue
@@ -131,12 +141,5 @@ def mining_settings(recipe: Recipe) -> dict:
 def mining_changes(recipe: Recipe, report_path: Path) -> Optional[list[str]]:
     """What differs between the settings the training data was mined with and the recipe's now;
     None without a record."""
-    try:
-        record = json.loads(report_path.read_text(encoding="utf-8")).get("made_with")
-    except (OSError, ValueError):
-        return None
-    if not isinstance(record, dict):
-        return None
-    changes: list[str] = []
-    _differences(record, mining_settings(recipe), "", changes)
-    return changes
+    record = _record(report_path, "made_with")
+    return None if record is None else differences(record, mining_settings(recipe))

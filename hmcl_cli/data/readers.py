@@ -58,16 +58,21 @@ def source_label(src: SourceConfig) -> str:
     return src.name or (Path(src.path).name if src.path else f"{src.hub}")
 
 
+def primed(names: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
+    """``names`` with a ``'`` added to each one already used (by an earlier name or ``taken``)."""
+    used, out = set(taken), []
+    for n in names:
+        while n in used:
+            n += "'"
+        used.add(n)
+        out.append(n)
+    return out
+
+
 def source_labels(sources: Sequence[SourceConfig]) -> list[str]:
     """The label each source's examples carry (``source`` in the prepared data): its name, a
     repeated one marked with a prime per earlier use."""
-    labels: list[str] = []
-    for src in sources:
-        label = source_label(src)
-        while label in labels:
-            label += "'"
-        labels.append(label)
-    return labels
+    return primed([source_label(src) for src in sources])
 
 
 def file_type(src: SourceConfig, path: Path) -> str:

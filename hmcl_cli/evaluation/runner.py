@@ -18,7 +18,7 @@ import numpy as np
 
 from hmcl_cli.console import console, log, warn
 from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
-from hmcl_cli.data.readers import read_source
+from hmcl_cli.data.readers import primed, read_source
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
 from hmcl_cli.io_utils import write_json_atomic
 from hmcl_cli.recipe import EvalTask, SourceConfig
@@ -286,17 +286,6 @@ def _given_names(given: list[tuple[Optional[str], str]], flag: str) -> list[str]
     return explicit
 
 
-def _primed(names: list[str], taken: list[str]) -> list[str]:
-    """``names`` with a ``'`` added to each one already used (the same value given twice)."""
-    used, out = set(taken), []
-    for n in names:
-        while n in used:
-            n += "'"
-        used.add(n)
-        out.append(n)
-    return out
-
-
 def labelled_models(items: list[str]) -> dict[str, str]:
     """``--model [LABEL=]MODEL`` values as label -> model. An unlabelled model is named after its
     folder (a run's ``model/`` after the run), with as many parent folders as it takes to tell it
@@ -315,7 +304,7 @@ def labelled_models(items: list[str]) -> dict[str, str]:
         return "/".join(parts[-depth:])
 
     unnamed = [m for label, m in given if not label]
-    names = iter(_primed(_shortest_names(unnamed, named, explicit), explicit))
+    names = iter(primed(_shortest_names(unnamed, named, explicit), explicit))
     return {label or next(names): m for label, m in given}
 
 
@@ -344,7 +333,7 @@ def task_names(given: list[tuple[str, Optional[str], str]], taken: Sequence[str]
     kinds: dict[str, set] = {}
     for (kind, path), n in zip(unnamed, base):
         kinds.setdefault(path, set()).add(kind)
-    names = iter(_primed([n + (f"-{kind}" if len(kinds[path]) > 1 else "") for (kind, path), n in zip(unnamed, base)],
+    names = iter(primed([n + (f"-{kind}" if len(kinds[path]) > 1 else "") for (kind, path), n in zip(unnamed, base)],
                          explicit))
     return [name or next(names) for _, name, _ in given]
 

@@ -385,6 +385,10 @@ class EmbeddingModel(nn.Module):
     def tokenize(self, texts: Sequence[str], side: str = "doc") -> list[list[int]]:
         """Token ids (prompt included, truncated, EOS appended if configured); no padding."""
         _check_texts(texts, side)
+        return self._token_ids(texts, side)
+
+    def _token_ids(self, texts: Sequence[str], side: str) -> list[list[int]]:
+        """:meth:`tokenize` of texts already checked (encode checks its input once)."""
         s = self.settings
         prompt = s.query_prompt if side == "query" else s.doc_prompt
         max_len = s.query_max_length if side == "query" else s.doc_max_length
@@ -655,7 +659,7 @@ class EmbeddingModel(nn.Module):
     def _encode_plain(self, unique: list[str], side: str, batch_size: int, progress: bool, description: str) -> torch.Tensor:
         """Embeddings [len(unique), D] (float32, on the host), computed longest texts first."""
         with record_function("hmcl.tokenize"):
-            ids = self.tokenize(unique, side)
+            ids = self._token_ids(unique, side)
         order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
         dev = self.device
         out = HostRows(len(unique), self.dim)

@@ -99,6 +99,11 @@ def looks_like_path(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
 
 
+def path_hint(base_dir: Optional[Path]) -> str:
+    """What a relative model path is read relative to: the recipe's folder, else the current one."""
+    return f"check the path (relative to {'the recipe file' if base_dir is not None else 'the current folder'})"
+
+
 def missing_local_model(name_or_path: str, base_dir: Optional[Path] = None) -> bool:
     """A path-like model name that names nothing on disk (checked before any model loads)."""
     if not looks_like_path(name_or_path):
@@ -145,9 +150,7 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
                 hint="point model.name_or_path at the folder that holds config.json",
             )
     if looks_like_path(name_or_path):
-        raise ModelNotFoundError(f"model folder {name_or_path} does not exist",
-                                 hint="check the path (relative to the recipe file)" if base_dir is not None
-                                 else "check the path (relative to the current folder)")
+        raise ModelNotFoundError(f"model folder {name_or_path} does not exist", hint=path_hint(base_dir))
 
     from huggingface_hub import snapshot_download
 

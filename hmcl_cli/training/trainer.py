@@ -795,12 +795,12 @@ class HMCLTrainer:
                     hint="train from the beginning (without --resume), or continue from the trained model as a new "
                     "run: model.name_or_path: <run>/model")
             if self.is_main and isinstance(st.get("settings"), dict):
-                from hmcl_cli.data.origin import differences
+                from hmcl_cli.data.origin import differences, listed
 
                 changed = differences(st["settings"], trajectory_settings(self.recipe))
                 if changed:
                     warn(f"--resume: checkpoint {ckpt.name} was trained with other settings than the recipe's now ("
-                         + "; ".join(changed[:4]) + (" ..." if len(changed) > 4 else "") + f"); training goes on "
+                         + listed(changed, 4) + f"); training goes on "
                          f"from step {st['step']} with the new ones, which neither setting alone would have given")
             state = torch.load(ckpt / "model.pt", weights_only=True)
             missing = set(n for n, p in self.model.named_parameters() if p.requires_grad) - set(state)
