@@ -21,6 +21,25 @@ def log(message: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/dim] {message}")
 
 
+_WHOLE = 16  # a cell of one word up to this long keeps its line on a narrow terminal
+
+
+def show_table(table) -> None:
+    """A rich table whose cells are never cut short. On a terminal a cell too wide for its column
+    wraps (a number, or any one word up to 16 characters, keeps its line). In a log (no terminal,
+    where rich would fit the table to 80 columns and end model names, task names, even numbers,
+    with an ellipsis) the table is printed at its natural width."""
+    for column in table.columns:
+        column.overflow = "fold"
+        words = [len(c) for c in column.cells if isinstance(c, str) and len(c) <= _WHOLE and not c.split()[1:]]
+        column.min_width = max([column.min_width or 0, *words])  # a number or metric is never split over lines
+    if console.is_terminal:
+        console.print(table, crop=False)  # (past a terminal's width the terminal wraps, rather than rich cut)
+        return
+    width = console.measure(table, options=console.options.update_width(1 << 16)).maximum
+    Console(width=max(width, console.width), highlight=False).print(table)
+
+
 def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {message}")
 

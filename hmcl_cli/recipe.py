@@ -465,10 +465,12 @@ class TrainConfig(_Section):
     )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     metric_for_best: str = Field(
-        "dev_ndcg@10",
+        "auto",
         description="Dev metric selecting the best model (higher is better): "
         + ", ".join(f"`dev_{m}`" for m in DEV_METRICS)
-        + ", or `dev_spearman/<source>` when dev mixes sources. Checked against the dev set before training.",
+        + ", or `dev_spearman/<source>` when dev mixes sources. `auto`: `dev_spearman` where every dev pair "
+        "has a score (STS-style data, graded by its scores), else `dev_ndcg@10` (else the first metric the dev "
+        "set defines); `hmcl train` says which. Checked against the dev set before training.",
     )
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop after this many evals without improvement."
@@ -518,11 +520,11 @@ class TrainConfig(_Section):
     @classmethod
     def _known_metric(cls, value: str) -> str:
         names = [f"dev_{m}" for m in DEV_METRICS]
-        if value in names or (value.startswith("dev_spearman/") and len(value) > len("dev_spearman/")):
+        if value == "auto" or value in names or (value.startswith("dev_spearman/") and len(value) > len("dev_spearman/")):
             return value
         close = suggest(value, names)
         raise ValueError(f"unknown dev metric {value!r}" + (f" — did you mean {close!r}?" if close else "")
-                         + f" (dev metrics: {', '.join(names)}, dev_spearman/<source>)")
+                         + f" (dev metrics: auto, {', '.join(names)}, dev_spearman/<source>)")
 
 
 class LossConfig(_Section):

@@ -407,6 +407,39 @@ def test_table_puts_cut_sizes_in_rows_with_deltas_at_the_same_size(capsys):
                      ["sts", "spearman", "64", "0.7000", "0.8000", "+0.1000"]]
 
 
+def test_table_cells_are_never_cut_short_in_a_log_or_on_a_narrow_terminal(capsys, monkeypatch):
+    """In a CI log (no terminal) rich fitted the table to 80 columns and cut model names, task names
+    and numbers with an ellipsis ("fine-tun…", "1406/2570/17…"), so a log could not say which column
+    was which model. A log gets the table at its natural width; a narrow terminal wraps a cell."""
+    import io
+
+    from rich.console import Console
+
+    from hmcl_cli import console as console_module
+    from hmcl_cli.evaluation.runner import print_table
+
+    models = ["base", "fine-tuned-on-the-support-data", "the-teams-previous-release-model"]
+    report = {"tasks": {"support-dev-retrieval-with-a-long-name": {"type": "retrieval", "main": "ndcg@10"}},
+              "models": models, "results": {"support-dev-retrieval-with-a-long-name": {
+                  m: {"ndcg@10": v} for m, v in zip(models, (0.71234, 0.83456, 0.79012))}}}
+    monkeypatch.delenv("COLUMNS", raising=False)
+    print_table(report)
+    out = capsys.readouterr().out
+    assert "…" not in out
+    for text in (*models, "support-dev-retrieval-with-a-long-name", "0.8346", "+0.1222", "+0.0778"):
+        assert text in out, text
+    assert max(len(line) for line in out.splitlines()) > 80
+    narrow = Console(file=io.StringIO(), force_terminal=True, width=60, color_system=None)
+    monkeypatch.setattr(console_module, "console", narrow)
+    print_table(report)
+    shown = narrow.file.getvalue()
+    assert "…" not in shown
+    for number in ("0.7123", "0.8346", "+0.1222", "0.7901", "+0.0778"):  # whole, on one line
+        assert any(number in line for line in shown.splitlines()), number
+    header = [line.split("┃")[4].strip() for line in shown.splitlines() if line.startswith("┃")]
+    assert "".join(header) == "fine-tuned-on-the-support-data"  # wrapped in its column, whole
+
+
 def test_gate_on_a_cut_size_compares_at_that_size():
     res = {"base": 0.80, "base@64": 0.70, "ft": 0.85, "ft@64": 0.74}
     report = {"tasks": {"sts": {"type": "sts", "main": "spearman"}}, "models": list(res), "dims": [64],

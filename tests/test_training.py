@@ -1,6 +1,7 @@
 """Training loop behaviour: GradCache equivalence, exact resume, best model, LoRA."""
 
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -892,3 +893,32 @@ def test_run_resume_does_not_prepare_or_mine_again(tmp_path, tiny_bert, capsys, 
     assert code == 0, err
     assert "resume: prepare finished before" in out and "resume: mine finished before" in out
     assert "resumed from" in out and train.read_text() == mined
+
+
+def test_metric_for_best_auto_is_spearman_on_scored_dev_data_and_ndcg_otherwise(tmp_path, tiny_bert, capsys):
+    """A recipe of STS pairs left `train.metric_for_best` at nDCG@10 and kept the step that
+    retrieved best, not the one that scored the pairs' similarity best (German STS-B: the final
+    model's Spearman 0.7465 where a later step reached 0.7510). `auto` picks Spearman where every
+    dev pair has a score, and says so; level-only data keeps nDCG@10."""
+    from conftest import STS_ROWS
+
+    t = _trainer(tmp_path / "graded", tiny_bert)
+    assert t.best_key == "dev_ndcg@10"
+    assert "metric_for_best auto: dev_ndcg@10 (dev pairs without a score)" in capsys.readouterr().out
+    sts = tmp_path / "sts"
+    sts.mkdir()
+    (sts / "pairs.csv").write_text("".join(f"{a},{b},{s}\n" for a, b, s in STS_ROWS))
+    source = {"path": "pairs.csv", "format": "sts", "score_range": [0, 5]}
+    t = _trainer(sts, tiny_bert, data={"sources": [{**source, "split": "train"}, {**source, "split": "dev"}]},
+                 eval={"tasks": [{"name": "dev", "type": "sts", "path": "pairs.csv"}]},
+                 train={"max_steps": 2, "eval_steps": 2, "save_steps": 2})
+    assert t.best_key == "dev_spearman"
+    assert "metric_for_best auto: dev_spearman (every dev pair has a score)" in capsys.readouterr().out
+    t.train()
+    t.save_final()
+    assert json.loads((t.run_dir / "final.json").read_text())["metric"] == "dev_spearman"
+    # a metric named in the recipe is kept as it is
+    t = _trainer(tmp_path / "named", tiny_bert, data={"sources": [{**source, "path": str(sts / "pairs.csv"), "split": s}
+                                                                   for s in ("train", "dev")]},
+                 train={"metric_for_best": "dev_mrr@10"})
+    assert t.best_key == "dev_mrr@10"

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from hmcl_cli.console import ProgressBar, log, warn
+from hmcl_cli.console import ProgressBar, log, show_table, warn
 from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.data.readers import json_records, read_source, source_labels
 from hmcl_cli.errors import DataError
@@ -330,7 +330,7 @@ def print_stats(stats: dict) -> None:
     for split, s in stats["splits"].items():
         t.add_row(split, *(str(s[k]) for k in ("examples", "pos", "weak", "neg")),
                   str(s.get("dropped_too_few_candidates", 0)))
-    console.print(t)
+    show_table(t)
     src = Table(title="sources")
     for col in ("source", "rows", "examples", "train/dev/test", "pos/weak/neg", "rejected"):
         src.add_column(col)
@@ -340,7 +340,7 @@ def print_stats(stats: dict) -> None:
         per_level = "/".join(str(s["candidates_per_level"].get(k, 0)) for k in ("pos", "weak", "neg"))
         src.add_row(name, str(s["rows"]), str(s["examples"]), per_split, per_level,
                     f"{s['rejected']}" + (f" ({reasons})" if reasons else ""))
-    console.print(src)
+    show_table(src)
     for side, pct in stats.get("token_lengths", {}).items():
         console.print(f"{side} length in tokens: " + ", ".join(f"{k} {v}" for k, v in pct.items()))
     leak = stats["leakage"]

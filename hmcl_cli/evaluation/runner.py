@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from hmcl_cli.console import console, log, warn
+from hmcl_cli.console import console, log, show_table, warn
 from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
 from hmcl_cli.data.readers import primed, read_source
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
@@ -245,7 +245,7 @@ def print_table(report: dict, title: str = "evaluation") -> None:
                 if i != ref:
                     row.append(f"{v - first:+.4f}" if isinstance(v, float) and isinstance(first, float) else "-")
             t.add_row(*row)
-    console.print(t)
+    show_table(t)
     from rich.markup import escape
 
     for task, per_model in report["results"].items():

@@ -119,6 +119,7 @@ class HMCLTrainer:
         self.best_metric: Optional[float] = None
         self.best_step: Optional[int] = None
         self.start_metric: Optional[float] = None  # metric_for_best before the first step
+        self.best_key = self.cfg.metric_for_best  # `auto` is resolved against the dev set in setup
         self.evals_without_improvement = 0
         self._early_stopped = False
         self._stop_signal: Optional[int] = None
@@ -664,10 +665,10 @@ class HMCLTrainer:
         """Before training: ``train.metric_for_best`` must be a dev metric this dev set defines (a
         metric it cannot compute would be NaN at every eval, and the first eval's model kept as
         best). Returns the undefined metrics (left out of the evals), announced once."""
-        key = self.cfg.metric_for_best
         names = [f"dev_{m}" for m in metric_names(self.dev)]
         undefined = {f"dev_{m}": why for m, why in undefined_metrics(self.dev).items()}
         defined = [n for n in names if n not in undefined]
+        key = self.best_key = self._auto_metric(defined) if self.cfg.metric_for_best == "auto" else self.cfg.metric_for_best
         if key not in names:
             close = suggest(key, names)
             raise DataError(f"train.metric_for_best {key!r} is not a dev metric of {dev_path}"
@@ -683,6 +684,21 @@ class HMCLTrainer:
                 + "; ".join(f"{', '.join(names_)} ({why})" for why, names_ in reasons.items()))
         return undefined
 
+    def _auto_metric(self, defined: list[str]) -> str:
+        """``metric_for_best: auto``: Spearman where every dev pair has a score (data graded by its
+        scores, such as STS pairs, which the score orders finer than the levels), else nDCG@10,
+        else the first metric this dev set defines (announced)."""
+        scored = all(c.score is not None for ex in self.dev for c in ex.candidates.values())
+        if scored and "dev_spearman" in defined:
+            key, why = "dev_spearman", "every dev pair has a score"
+        elif "dev_ndcg@10" in defined:
+            key, why = "dev_ndcg@10", "dev pairs without a score" if not scored else "the dev scores are all one value"
+        else:
+            key, why = (defined[0] if defined else "dev_ndcg@10"), "the one this dev set defines first"
+        if self.is_main:
+            log(f"train.metric_for_best auto: {key} ({why})")
+        return key
+
     def evaluate(self) -> dict:
         scores = evaluate_graded(self.model, self.dev, batch_size=max(32, self.cfg.batch_size * 2))
         self.model.train()
@@ -693,7 +709,7 @@ class HMCLTrainer:
         candidate), what the end of training compares the best model with."""
         scores = self._evaluate_and_record(" (before training)")
         if self.is_main:
-            self.start_metric = scores.get(self.cfg.metric_for_best)
+            self.start_metric = scores.get(self.best_key)
 
     def _evaluate_and_record(self, note: str = "") -> dict:
         """Dev metrics at this step, written to metrics.jsonl and the log by the main process.
@@ -710,7 +726,7 @@ class HMCLTrainer:
         early. Every process takes the main process's decision."""
         runs_here = self.is_main or self.sharded
         scores = self._evaluate_and_record()
-        key = self.cfg.metric_for_best  # setup checked that the dev set defines it
+        key = self.best_key  # setup checked that the dev set defines it
         value = scores.get(key, math.nan)
         if self.world > 1:
             shared = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -884,7 +900,7 @@ class HMCLTrainer:
             flag = torch.tensor([float(use_best) + 2.0 * float(keep)], device=self.device)
             torch.distributed.broadcast(flag, src=0)
             use_best, keep = flag.item() == 1.0, flag.item() == 2.0
-        key = self.cfg.metric_for_best
+        key = self.best_key
         if keep:
             if self.is_main:
                 log(f"final model: unchanged, the best dev {key} {self.best_metric:.4f} at step {self.best_step} "
