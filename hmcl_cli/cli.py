@@ -174,7 +174,7 @@ def eval_(
     mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", metavar="TASK", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="Split of --mteb tasks and BEIR --retrieval folders."),
     gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails. It judges the first --model not labelled base (one it compares with: the first other)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here (`-`: standard output, the table and log then go to stderr)."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Grouped bar chart (PNG)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help="Encoding batch size (default: the recipe's eval.batch_size, else 128)."),
     dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, metavar="N", help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
@@ -214,8 +214,12 @@ def eval_(
         r.eval.dims = list(dim)
     # a flag-only call (no recipe) writes a file only when asked with --json
     # with a recipe, --model adds to its models (base, eval.compare, fine-tuned): its gates still apply
-    run_eval(r, models=None if recipe else models, more_models=models if recipe else None, json_out=json_out,
-             gates=gate, plot=plot, tasks=tasks or None, in_run_dir=recipe is not None)
+    from hmcl_cli.console import output_on_stderr
+    from hmcl_cli.io_utils import writes_stdout
+
+    with output_on_stderr(writes_stdout(json_out) or writes_stdout(plot)):  # stdout holds the data alone
+        run_eval(r, models=None if recipe else models, more_models=models if recipe else None, json_out=json_out,
+                 gates=gate, plot=plot, tasks=tasks or None, in_run_dir=recipe is not None)
 
 
 @app.command(cls=_Command, epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from typing import Optional
@@ -37,7 +38,22 @@ def show_table(table) -> None:
         console.print(table, crop=False)  # (past a terminal's width the terminal wraps, rather than rich cut)
         return
     width = console.measure(table, options=console.options.update_width(1 << 16)).maximum
-    Console(width=max(width, console.width), highlight=False).print(table)
+    Console(file=console.file, width=max(width, console.width), highlight=False).print(table)
+
+
+@contextlib.contextmanager
+def output_on_stderr(active: bool = True):
+    """While a command writes its data to standard output (``hmcl eval --json -``), its tables and
+    log lines go to stderr, so that ``| jq`` reads the data alone."""
+    if not active:
+        yield
+        return
+    before = console._file  # None: whatever sys.stdout is at each print
+    console.file = sys.stderr
+    try:
+        yield
+    finally:
+        console._file = before
 
 
 def warn(message: str) -> None:

@@ -15,6 +15,8 @@ import lzma
 import math
 import os
 import shutil
+import stat
+import sys
 import tempfile
 import zlib
 from pathlib import Path
@@ -44,8 +46,16 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
 
     On any exception (including KeyboardInterrupt) the temporary output is removed and
     ``target`` keeps its previous content, so no reader ever sees a half-written output.
+    A ``target`` that is a symbolic link is written where the link points (the link stays);
+    one that is a stream (see :func:`is_stream`) is written to directly: renaming a file onto
+    ``/dev/stdout`` would replace the device's link with a file (as root, for every later process).
     """
     target = Path(target)
+    if not is_dir and is_stream(target):  # /dev/stdout, /dev/null, a pipe: no file to replace
+        yield target
+        return
+    if target.is_symlink():  # write where the link points, and keep the link
+        target = Path(os.path.realpath(target))
     ensure_dir(target.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -71,7 +81,38 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_stream(path: str | Path) -> bool:
+    """``-`` (standard output), or an existing path that is neither a regular file nor a folder:
+    a terminal, a pipe (``/dev/stdout`` in a pipeline), ``/dev/null``, a named pipe."""
+    if str(path) == "-":
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def writes_stdout(path: str | Path | None) -> bool:
+    """Whether writing ``path`` writes this process's standard output (``-``, ``/dev/stdout``,
+    ``/proc/self/fd/1``, or the file or pipe stdout is)."""
+    if path is None:
+        return False
+    if str(path) == "-":
+        return True
+    try:
+        here, there = os.fstat(sys.stdout.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
+    """``text`` to ``path`` through :func:`atomic_path`; ``-`` is standard output."""
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 

@@ -19,7 +19,7 @@ from hmcl_cli.console import log, warn
 from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
                              from_system_error)
 from hmcl_cli.data.origin import listed
-from hmcl_cli.io_utils import RunLock, ensure_dir, write_text_atomic
+from hmcl_cli.io_utils import RunLock, ensure_dir, is_stream, write_text_atomic
 from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
 
 EXPORT_FORMATS = typing.get_args(ExportFormat)
@@ -364,7 +364,7 @@ def _check_eval_outputs(json_out: Optional[Path], plot: Optional[Path]) -> None:
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise HmclError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib, or leave out --plot")
     for target in (json_out, plot):
-        if target is not None:
+        if target is not None and not is_stream(target):
             try:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 tempfile.NamedTemporaryFile(dir=Path(target).parent, prefix=".hmcl-write-check-").close()

@@ -227,6 +227,40 @@ def test_two_models_in_one_cli_call_with_delta_and_gate(tmp_path, tiny_bert, tin
     assert f"gate pass: fx:ndcg@10>={better}-1" in passing.stdout
 
 
+def test_results_to_standard_output_leave_it_to_the_json(tmp_path, tiny_bert):
+    """`hmcl eval ... --json - | jq`: `-` wrote a file named "-", and /dev/stdout got the table and
+    log lines before the JSON (and, as root, its link replaced by a file). Both now put the JSON
+    alone on stdout, the table and log on stderr. (/proc/self/fd/1 is /dev/stdout's target: a
+    regression there fails to write instead of replacing a device's link.)"""
+    from conftest import STS_ROWS
+
+    path = tmp_path / "pairs.csv"
+    path.write_text("".join(f"{a},{b},{s}\n" for a, b, s in STS_ROWS))
+    for target in ("-", "/proc/self/fd/1"):
+        out = _hmcl("eval", "--model", f"m={tiny_bert}", "--sts", f"pairs={path}", "--json", target, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        report = json.loads(out.stdout)
+        assert report["models"] == ["m"] and 0 <= abs(report["results"]["pairs"]["m"]["spearman"]) <= 1
+        assert "spearman" in out.stderr and "eval results ->" in out.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.csv"]
+
+
+def test_plot_is_a_png_written_whole_or_to_standard_output(tmp_path, capsysbinary):
+    """`--plot` (untested before) writes a PNG through a temporary name, or to stdout for `-`."""
+    pytest.importorskip("matplotlib")
+    from hmcl_cli.evaluation.runner import plot_report
+
+    report = {"tasks": {"sts": {"type": "sts", "main": "spearman"}, "qa": {"type": "reranking", "main": "map"}},
+              "models": ["base", "ft"], "results": {"sts": {"base": {"spearman": 0.81}, "ft": {"spearman": 0.84}},
+                                                    "qa": {"base": {"map": 0.7}, "ft": {"error": "failed to load"}}}}
+    plot_report(report, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]
+    capsysbinary.readouterr()
+    plot_report(report, "-")
+    assert capsysbinary.readouterr().out[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_offline_hub_task_is_reported_and_others_still_run(tmp_path, tiny_bert):
     """A hub task that cannot be fetched fails alone; the other tasks' results are written. (A
     missing local file is found before anything runs: test_bad_inputs' eval_missing_file.)"""

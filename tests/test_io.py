@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -138,3 +139,32 @@ def test_json_outputs_are_standard_json_without_nan(tmp_path):
     log.write({"step": 3, "loss": math.nan, "dev_map": 0.25})
     line = strict((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert line["loss"] is None and line["dev_map"] == 0.25 and line["step"] == 3
+
+
+def test_a_written_link_keeps_its_link_and_a_stream_is_written_through(tmp_path):
+    """`hmcl eval --json /dev/stdout` renamed its temporary file onto /dev/stdout: as root it
+    replaced the device's link with a regular file for every later process of the machine (the
+    JSON never reached the pipe). A path that is a link is now written where it points (the link
+    stays), and a stream (a pipe, a device) is written to as it is."""
+    import stat
+    import threading
+
+    from hmcl_cli.io_utils import is_stream, write_json_atomic, write_text_atomic
+
+    real = tmp_path / "shared" / "latest.json"
+    real.parent.mkdir()
+    real.write_text("{}")
+    link = tmp_path / "results.json"
+    link.symlink_to(real)
+    write_json_atomic(link, {"a": 1})
+    assert link.is_symlink() and json.loads(real.read_text()) == {"a": 1}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    write_text_atomic(fifo, "through the pipe\n")
+    reader.join(timeout=10)
+    assert got == ["through the pipe\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "results.json", "shared"]  # no temp left
+    assert is_stream("-") and is_stream(fifo) and not is_stream(real) and not is_stream(tmp_path)

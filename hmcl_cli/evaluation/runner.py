@@ -10,6 +10,7 @@ model or task is reported in the table and the others still run.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,7 +21,7 @@ from hmcl_cli.console import console, log, show_table, warn
 from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
 from hmcl_cli.data.readers import primed, read_source
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
-from hmcl_cli.io_utils import write_json_atomic
+from hmcl_cli.io_utils import atomic_path, write_json_atomic
 from hmcl_cli.recipe import EvalTask, SourceConfig
 
 MAIN_METRIC = {"sts": "spearman", "reranking": "map", "retrieval": "ndcg@10", "pair_classification": "ap"}
@@ -432,10 +433,13 @@ def _versus(row: dict) -> str:
 
 def save_report(report: dict, path: Path) -> None:
     write_json_atomic(path, report)
-    log(f"eval results -> {path}")
+    log(f"eval results -> {'standard output' if str(path) == '-' else path}")
 
 
 def plot_report(report: dict, path: Path) -> None:
+    """A grouped bar chart of each task's main metric, one bar per model (cut sizes included),
+    each bar labelled with its value (models a few thousandths apart look alike as bars), the
+    legend beside the axes; PNG (or the format of ``path``'s suffix), ``-`` for standard output."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -444,12 +448,23 @@ def plot_report(report: dict, path: Path) -> None:
     tasks = list(report["results"])
     models = report["models"]
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(4, 1.5 * len(tasks) * len(models)), 3.5))
-    for i, m in enumerate(models):
-        vals = [report["results"][t].get(m, {}).get(report["tasks"][t]["main"], float("nan")) for t in tasks]
-        ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=m)
-    ax.set_xticks(np.arange(len(tasks)) + width * (len(models) - 1) / 2)
-    ax.set_xticklabels([f"{t}\n{report['tasks'][t]['main']}" for t in tasks])
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(tasks) * len(models) + 1.0), 3.5))
+    try:
+        for i, m in enumerate(models):
+            vals = [report["results"][t].get(m, {}).get(report["tasks"][t]["main"], float("nan")) for t in tasks]
+            vals = [v if isinstance(v, (int, float)) else float("nan") for v in vals]
+            bars = ax.bar(np.arange(len(tasks)) + i * width, vals, width, label=m)
+            ax.bar_label(bars, labels=["" if math.isnan(v) else f"{v:.4f}" for v in vals], fontsize=7,
+                         rotation=90, padding=2)
+        ax.margins(y=0.25)  # room for the labels
+        ax.set_xticks(np.arange(len(tasks)) + width * (len(models) - 1) / 2)
+        ax.set_xticklabels([f"{t}\n{report['tasks'][t]['main']}" for t in tasks])
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        if str(path) == "-":
+            fig.savefig(sys.stdout.buffer, format="png", bbox_inches="tight")
+            sys.stdout.flush()
+        else:
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, bbox_inches="tight")
+    finally:
+        plt.close(fig)
