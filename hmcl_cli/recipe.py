@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hmcl_cli.errors import RecipeError
 from hmcl_cli.evaluation.metrics import DEV_METRICS
@@ -201,6 +201,25 @@ def _one_character(v: Optional[str]) -> Optional[str]:
 
 
 Delimiter = Annotated[str, AfterValidator(_one_character)]
+
+
+def _label_keys(value: Any) -> Any:
+    """A label map's keys as the labels' text: YAML reads `{0: neg, 1: pos}` with number keys,
+    which a file's labels `0` and `1` are (a float key `1.0` as `1`, a boolean `true` as `true`)."""
+    if not isinstance(value, dict):
+        return value
+
+    def text(key: Any) -> Any:
+        if isinstance(key, bool):
+            return str(key).lower()
+        if isinstance(key, float) and key.is_integer():
+            return str(int(key))
+        return str(key) if isinstance(key, (int, float)) else key
+
+    return {text(k): v for k, v in value.items()}
+
+
+LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
 DELIMITER_HELP = ("CSV/TSV field separator; unset: `,` for csv, a tab for tsv. A CSV saved by a European "
                   "Excel is separated by `;`: with `;`, a score written with a decimal comma (`4,5`) reads as 4.5.")
 
@@ -209,11 +228,13 @@ class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
     path: Optional[str] = Field(
-        None, description="Local file or folder (relative to the recipe file)."
+        None, description="Local file or folder (relative to the recipe file): a data file, a folder saved by "
+        "`datasets`' `save_to_disk`, or (format qrels) a BEIR folder."
     )
     hub: Optional[str] = Field(None, description="Hub dataset name (needs network).")
     hub_config: Optional[str] = Field(None, description="Hub dataset config name.")
-    hub_split: Optional[str] = Field(None, description="Hub dataset split, e.g. `train`.")
+    hub_split: Optional[str] = Field(None, description="Split of the Hub dataset, e.g. `train`; also the split "
+                                     "to read of a dataset dict folder saved by `datasets` (`save_to_disk`).")
     format: SourceFormat = Field("graded", description="How rows map to graded examples.")
     name: Optional[str] = Field(None, description="Label used in stats (default: file name).")
     split: Optional[Literal["train", "dev", "test"]] = Field(
@@ -221,9 +242,10 @@ class SourceConfig(_Section):
         description="Put every example of this source into this split; unset = split by "
         "`data.dev_fraction`/`data.test_fraction`.",
     )
-    file_type: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = Field(
+    file_type: Literal["auto", "jsonl", "csv", "tsv", "parquet", "datasets"] = Field(
         "auto", description="`auto` guesses from the extension (.txt is read as tsv; past a "
-        ".gz/.bz2/.xz/.zst suffix: `a.jsonl.gz` is jsonl)."
+        ".gz/.bz2/.xz/.zst suffix: `a.jsonl.gz` is jsonl); a folder saved by `datasets`' `save_to_disk` "
+        "is `datasets` (a ClassLabel column reads as its names: `entailment`, ...)."
     )
     header: Optional[bool] = Field(
         None, description="CSV/TSV has a header row; unset = detect from the column names."
@@ -245,7 +267,7 @@ class SourceConfig(_Section):
         None, description="sts: declared score range; scores outside it are bad rows. Without "
         "`thresholds` it also places the default thresholds."
     )
-    label_map: Optional[dict[str, Literal["pos", "weak", "neg"]]] = Field(
+    label_map: Optional[LabelMap] = Field(
         None,
         description="nli/pairs/answer_selection: label value -> level. nli default: "
         "entailment->pos, neutral->weak, contradiction->neg.",
@@ -631,7 +653,7 @@ class EvalTask(_Section):
         default_factory=dict, description="Role -> column name or index, as for data sources.")
     score_range: Optional[tuple[float, float]] = Field(
         None, description="sts: declared score range; scores outside it are bad rows.")
-    label_map: Optional[dict[str, Literal["pos", "weak", "neg"]]] = Field(
+    label_map: Optional[LabelMap] = Field(
         None, description="Label value -> level, as for data sources (pair_classification: a `pos` "
         "pair is 1, any other 0; default {1: pos, 0: neg}; e.g. {entailment: pos, neutral: neg, "
         "contradiction: neg} for NLI-labelled pairs).")
@@ -839,6 +861,24 @@ _SAFE_TAGS = {
 }
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """Safe YAML with YAML 1.2's booleans: only ``true``/``false`` (any case) are booleans, so a
+    label ``yes`` or ``no`` (``label_map: {yes: pos, no: neg}``) or a name ``off`` stays a word, where
+    YAML 1.1 reads them as booleans. A boolean key still reads them (``enabled: yes``)."""
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML value as a recipe reads it (:class:`RecipeLoader`)."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader
+
+
 def _node_to_python(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, lines: dict, file: str):
     line = node.start_mark.line + 1
     if node.tag not in _SAFE_TAGS:
@@ -873,7 +913,7 @@ def _node_to_python(node: yaml.Node, loader: yaml.SafeLoader, path: tuple, lines
 
 def load_yaml_with_lines(text: str, file: str = "<recipe>") -> tuple[Any, dict]:
     """Parse YAML safely; return (data, {key path tuple: line number})."""
-    loader = yaml.SafeLoader(text)
+    loader = RecipeLoader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -914,7 +954,7 @@ def parse_override(item: str) -> tuple[tuple, Any]:
         raise RecipeError(f"--set {item!r}: empty key segment", hint="e.g. --set train.epochs=2")
     path = tuple(int(p) if p.isdigit() else p for p in key.split("."))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return path, value

@@ -261,6 +261,26 @@ def test_plot_is_a_png_written_whole_or_to_standard_output(tmp_path, capsysbinar
     assert capsysbinary.readouterr().out[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_an_eval_task_reads_a_folder_saved_by_datasets_at_its_split(tmp_path, tiny_bert):
+    """`--sts FOLDER` of `datasets`' save_to_disk: one dataset as it is; a dataset dict at `--split`
+    (default test), its splits named when the split is not there."""
+    import datasets
+
+    from conftest import STS_ROWS
+
+    ds = datasets.Dataset.from_dict({"sentence1": [a for a, _, _ in STS_ROWS], "sentence2": [b for _, b, _ in STS_ROWS],
+                                     "score": [s for *_, s in STS_ROWS]})
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "pairs.csv").write_text("".join(f"{a},{b},{s}\n" for a, b, s in STS_ROWS))
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--sts", f"saved={tmp_path / 'dd'}", "--sts", f"csv={tmp_path / 'pairs.csv'}",
+                "--split", "validation", "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert res["saved"]["m"]["spearman"] == pytest.approx(res["csv"]["m"]["spearman"])
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--sts", f"saved={tmp_path / 'dd'}")
+    assert out.returncode == 3 and "has no split 'test' (its splits: validation)" in out.stdout + out.stderr
+
+
 def test_offline_hub_task_is_reported_and_others_still_run(tmp_path, tiny_bert):
     """A hub task that cannot be fetched fails alone; the other tasks' results are written. (A
     missing local file is found before anything runs: test_bad_inputs' eval_missing_file.)"""

@@ -592,3 +592,48 @@ def test_a_source_that_is_a_file_prepare_writes_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"data.sources.0.path .*train.jsonl is .*, a file prepare writes") as e:
         prepare(recipe, progress=False)
     assert "output_dir" in e.value.hint and src.read_text() == before
+
+
+def test_a_folder_saved_by_datasets_is_a_source_with_its_splits_and_class_names(tmp_path):
+    """A folder from `datasets`' save_to_disk (what a `datasets` pipeline leaves) was "a folder;
+    format sts reads a file". It is read now: one dataset as it is, a dataset dict's split named by
+    `hub_split` (two sources: train and dev), and a ClassLabel column by its names, so that the nli
+    format's default labels apply whatever the order of the classes (a label map written with the
+    numbers works too)."""
+    import datasets
+
+    from hmcl_cli.errors import DataError
+
+    rows = {"sentence1": ["a cat sits", "a man sings", "it rains", "kids play"],
+            "sentence2": ["a cat is sitting", "a person sings", "stocks fell", "children play"],
+            "score": [4.8, 3.0, 0.4, 4.5]}
+    single = datasets.Dataset.from_dict(rows)
+    single.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": single, "validation": single.select(range(2))}).save_to_disk(str(tmp_path / "dd"))
+    prepare(_recipe(tmp_path, [{"path": str(tmp_path / "one"), "format": "sts", "split": "train"}]), progress=False)
+    got = {r["query"]: r for r in _written(tmp_path)}
+    assert got["a cat sits"]["pos"] == ["a cat is sitting"] and got["it rains"]["neg"] == ["stocks fell"]
+    assert got["a man sings"]["weak_scores"] == [3.0]
+    both = [{"path": str(tmp_path / "dd"), "format": "sts", "hub_split": s, "split": to}
+            for s, to in (("train", "train"), ("validation", "dev"))]
+    prepare(_recipe(tmp_path, both), progress=False)
+    assert len(_written(tmp_path)) == 4 and [r["query"] for r in _written(tmp_path, "dev")] == ["a cat sits", "a man sings"]
+    with pytest.raises(DataError, match=r"holds several splits \(its splits: train, validation\)") as err:
+        prepare(_recipe(tmp_path, [{"path": str(tmp_path / "dd"), "format": "sts"}]), progress=False)
+    assert "hub_split" in err.value.hint
+    with pytest.raises(DataError, match="has no split 'test'"):
+        prepare(_recipe(tmp_path, [{**both[0], "hub_split": "test"}]), progress=False)
+    names = ["contradiction", "neutral", "entailment"]  # (the numbers alone would grade 0 as entailment)
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=names)})
+    datasets.Dataset.from_dict({"premise": ["a dog runs", "a dog runs", "a dog runs"],
+                                "hypothesis": ["an animal moves", "the dog is brown", "the dog sleeps"],
+                                "label": [2, 1, 0]}, features=features).save_to_disk(str(tmp_path / "nli"))
+    nli = {"path": str(tmp_path / "nli"), "format": "nli", "columns": {"query": "premise", "candidate": "hypothesis"},
+           "split": "train"}
+    prepare(_recipe(tmp_path, [nli]), progress=False)
+    (row,) = _written(tmp_path)
+    assert (row["pos"], row["weak"], row["neg"]) == (["an animal moves"], ["the dog is brown"], ["the dog sleeps"])
+    prepare(_recipe(tmp_path, [{**nli, "label_map": {2: "pos", 1: "neg", 0: "neg"}}]), progress=False)
+    (row,) = _written(tmp_path)
+    assert row["pos"] == ["an animal moves"] and sorted(row["neg"]) == ["the dog is brown", "the dog sleeps"]

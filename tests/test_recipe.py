@@ -238,3 +238,23 @@ def test_eval_tasks_and_compared_models_keep_their_own_names(tmp_path):
     assert load_recipe(f, ["eval.include_base=false"]).eval.compare == {"base": "runs/old"}
     with pytest.raises(RecipeError, match="'fine-tuned' labels the model this recipe trains"):
         load_recipe(f, ["eval.compare={fine-tuned: runs/old}"])
+
+
+def test_yes_and_no_are_labels_and_number_keys_are_label_text(tmp_path):
+    """YAML 1.1 read `label_map: {yes: pos, no: neg}` as booleans and `{0: neg, 1: pos}` as
+    numbers, and the schema refused both ("Input should be a valid string"); a file whose labels are
+    yes/no or 0/1 could not be mapped. Only true/false are booleans now (YAML 1.2), number keys
+    read as the labels' text, and a boolean key still reads yes/no."""
+    (tmp_path / "pairs.csv").write_text("q,c,label\n")
+    path = tmp_path / "r.yaml"
+    path.write_text("name: no\nmodel: {name_or_path: m}\ndata:\n  sources:\n"
+                    "    - {path: pairs.csv, format: pairs, label_map: {yes: pos, no: neg}}\n"
+                    "    - {path: pairs.csv, format: nli, label_map: {0: pos, 1.0: weak, 2: neg}}\n"
+                    "train: {enabled: yes, one_forward: no, compile: off}\n")
+    r = load_recipe(path)
+    assert r.name == "no"
+    assert r.data.sources[0].label_map == {"yes": "pos", "no": "neg"}
+    assert r.data.sources[1].label_map == {"0": "pos", "1": "weak", "2": "neg"}
+    assert r.train.enabled is True and r.train.one_forward is False and r.train.compile is False
+    again = load_recipe(path, overrides=["data.sources.0.label_map={on: pos, off: neg}", "train.enabled=no"])
+    assert again.data.sources[0].label_map == {"on": "pos", "off": "neg"} and again.train.enabled is False

@@ -18,7 +18,7 @@ import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, show_table, warn
 from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
-from hmcl_cli.data.readers import json_records, read_source, source_labels
+from hmcl_cli.data.readers import is_saved_dataset, json_records, read_source, source_labels
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import gc_paused, write_json_atomic, write_jsonl_atomic
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -153,7 +153,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     drawn = sum(len(m) for m in merged.values())
     if (data_cfg.dev_fraction > 0 and len(outputs["dev"]) < SMALL_DEV
             and any(src.split is None for src in data_cfg.sources)):
-        warn(f"dev: {len(outputs['dev'])} examples of {drawn} queries (data.dev_fraction {data_cfg.dev_fraction:g} "
+        n_dev = len(outputs["dev"])
+        warn(f"dev: {n_dev} example{'' if n_dev == 1 else 's'} of {drawn} queries (data.dev_fraction {data_cfg.dev_fraction:g} "
              "draws each query by a seeded hash): the dev metrics that pick the best checkpoint rest on them; "
              "raise data.dev_fraction or give a dev source (`split: dev`)")
 
@@ -210,12 +211,13 @@ def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optiona
     if not src.path:
         return None
     path = recipe.resolve(src.path)
-    exists = path.is_dir() if src.format == "qrels" else path.is_file()
+    exists = path.is_dir() if src.format == "qrels" else (path.is_file() or is_saved_dataset(path))
     if exists:
         return path
     msg = f"data source {path} does not exist"
-    if path.is_dir():  # (a qrels source is a folder; every other format reads a file)
-        msg = (f"data source {path} is a folder; format {src.format} reads a file (a BEIR folder of corpus, "
+    if path.is_dir():  # (a qrels source is a folder; every other format reads a file or a saved dataset)
+        msg = (f"data source {path} is a folder; format {src.format} reads a file, or a folder saved by `datasets`' "
+               "save_to_disk (with state.json or dataset_dict.json), which this is not (a BEIR folder of corpus, "
                "queries and qrels reads with format: qrels)")
     elif path.is_file():
         msg = f"data source {path} is a file; format qrels reads a BEIR folder (corpus.jsonl, queries.jsonl, qrels/)"

@@ -75,9 +75,17 @@ def source_labels(sources: Sequence[SourceConfig]) -> list[str]:
     return primed([source_label(src) for src in sources])
 
 
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by ``datasets``' ``save_to_disk``: one dataset (``state.json``) or a
+    dataset dict of splits (``dataset_dict.json``)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
 def file_type(src: SourceConfig, path: Path) -> str:
     if src.file_type != "auto":
         return src.file_type
+    if is_saved_dataset(path):
+        return "datasets"
     suffix = data_suffix(path)  # data.jsonl.gz reads as jsonl
     if suffix in (".jsonl", ".json", ".ndjson"):
         return "jsonl"
@@ -294,8 +302,72 @@ def _records_hub(src: SourceConfig) -> Iterator[tuple[int, dict]]:
             f"hub dataset {src.hub!r} could not be loaded: {type(e).__name__}: {e}",
             hint="check the name/config/split and your network, or use a local `path`",
         ) from None
-    for i, row in enumerate(ds, 1):
-        yield i, row
+    yield from _dataset_rows(ds)
+
+
+class _ClassName(str):
+    """A class label of a ``datasets`` ClassLabel column, read as its name (``entailment``, which
+    the nli format's default label map knows), keeping its number for a label map written with
+    numbers (``{0: pos}``)."""
+
+    class_index: int
+
+    def __new__(cls, name: str, index: int) -> "_ClassName":
+        out = super().__new__(cls, name)
+        out.class_index = index
+        return out
+
+
+def _dataset_rows(ds: Any) -> Iterator[tuple[int, dict]]:
+    """(row number, row) of a ``datasets`` dataset, read in batches; a ClassLabel column's values
+    as their names (:class:`_ClassName`)."""
+    import datasets
+
+    features = getattr(ds, "features", None) or {}
+    classes = {name: f for name, f in features.items() if isinstance(f, datasets.ClassLabel)}
+
+    def named(col: str, value: Any) -> Any:
+        feature = classes.get(col)
+        if feature is None or not isinstance(value, int) or not 0 <= value < feature.num_classes:
+            return value
+        return _ClassName(feature.int2str(value), value)
+
+    n = 0
+    if isinstance(ds, datasets.Dataset):
+        for batch in ds.iter(batch_size=4096):
+            cols = list(batch)
+            for j in range(len(batch[cols[0]]) if cols else 0):
+                n += 1
+                yield n, {c: named(c, batch[c][j]) for c in cols}
+        return
+    for row in ds:  # a streamed (hub) dataset
+        n += 1
+        yield n, {c: named(c, v) for c, v in row.items()}
+
+
+def _records_saved_dataset(src: SourceConfig, path: Path) -> Iterator[tuple[int, dict]]:
+    """Rows of a folder saved by ``datasets``' ``save_to_disk``; of a dataset dict, the split
+    ``hub_split`` names (or its only split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
+        raise DataError(f"{path}: cannot be read as a dataset saved by `datasets` (save_to_disk): {type(e).__name__}: {e}",
+                        hint="save it again with `dataset.save_to_disk(folder)`, or export it to jsonl/csv/parquet") from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        if src.hub_split is None and len(splits) == 1:
+            ds = ds[splits[0]]
+        elif src.hub_split in ds:
+            ds = ds[src.hub_split]
+        else:
+            said = f"has no split {src.hub_split!r}" if src.hub_split else "holds several splits"
+            raise DataError(f"{path} (a dataset dict saved by `datasets`) {said} (its splits: {', '.join(splits)})",
+                            hint=f"name the split to read: a data source's `hub_split` (e.g. hub_split: {splits[0]}; "
+                                 "a second source of the same folder can read another split, with `split: dev`), "
+                                 "an eval task's `split` (`--split` with task flags)")
+    yield from _dataset_rows(ds)
 
 
 def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int, Any], BadRow]]:
@@ -307,6 +379,8 @@ def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int
         yield from json_records(path, src.encoding)
     elif kind == "parquet":
         yield from _records_parquet(path)
+    elif kind == "datasets":
+        yield from _records_saved_dataset(src, path)
     else:
         yield from _records_delimited(path, delimiter_of(src, kind), src.encoding)
 
@@ -530,6 +604,9 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
                 key = str(int(number))
         except ValueError:
             pass
+    index = getattr(value, "class_index", None)  # a ClassLabel's name, whose number the map may name
+    if key.lower() not in lowered and index is not None and str(index) in lowered:
+        key = str(index)
     if key.lower() not in lowered:
         raise BadRow(
             f"unknown label {key!r} (known: {', '.join(map(str, mapping))})", kind="unknown label"

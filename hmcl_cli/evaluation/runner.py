@@ -19,7 +19,7 @@ import numpy as np
 
 from hmcl_cli.console import console, log, show_table, warn
 from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
-from hmcl_cli.data.readers import primed, read_source
+from hmcl_cli.data.readers import is_saved_dataset, primed, read_source
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
 from hmcl_cli.io_utils import atomic_path, write_json_atomic
 from hmcl_cli.recipe import EvalTask, SourceConfig
@@ -52,18 +52,19 @@ def load_task(task: EvalTask, resolve) -> TaskData:
         raise RecipeError(f"eval task {task.name!r} needs `path`")
     path = resolve(task.path)
     fmt = task.format or {"sts": "sts", "pair_classification": "pairs"}.get(task.type, "graded")
-    if task.type == "retrieval" and path.is_dir():
+    saved = is_saved_dataset(path)  # a folder of `datasets`' save_to_disk: of a dataset dict, task.split
+    if task.type == "retrieval" and path.is_dir() and not saved:
         fmt = "qrels"
-    elif not task.format and fmt == "graded" and path.is_file():  # a table of pairs or triplets
+    elif not task.format and fmt == "graded" and (path.is_file() or saved):  # a table of pairs or triplets
         from hmcl_cli.data.readers import ranking_format
 
-        fmt = ranking_format(SourceConfig(path=str(path), encoding=task.encoding, delimiter=task.delimiter),
-                             path) or fmt
-    exists = path.is_dir() if fmt == "qrels" else path.is_file()
+        fmt = ranking_format(SourceConfig(path=str(path), encoding=task.encoding, delimiter=task.delimiter,
+                                          hub_split=task.split if saved else None), path) or fmt
+    exists = path.is_dir() if fmt == "qrels" else (path.is_file() or saved)
     if not exists:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
     src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range, encoding=task.encoding,
-                       delimiter=task.delimiter,
+                       delimiter=task.delimiter, hub_split=task.split if saved else None,
                        qrels_split=task.split if fmt == "qrels" else "train",
                        label_map=task.label_map or ({"1": "pos", "0": "neg"} if task.type == "pair_classification" and fmt == "pairs"
                                                      else None))
