@@ -599,7 +599,7 @@ def test_a_folder_saved_by_datasets_is_a_source_with_its_splits_and_class_names(
     format sts reads a file". It is read now: one dataset as it is, a dataset dict's split named by
     `hub_split` (two sources: train and dev), and a ClassLabel column by its names, so that the nli
     format's default labels apply whatever the order of the classes (a label map written with the
-    numbers works too)."""
+    numbers works too). So does a parquet file `datasets` wrote."""
     import datasets
 
     from hmcl_cli.errors import DataError
@@ -637,3 +637,8 @@ def test_a_folder_saved_by_datasets_is_a_source_with_its_splits_and_class_names(
     prepare(_recipe(tmp_path, [{**nli, "label_map": {2: "pos", 1: "neg", 0: "neg"}}]), progress=False)
     (row,) = _written(tmp_path)
     assert row["pos"] == ["an animal moves"] and sorted(row["neg"]) == ["the dog is brown", "the dog sleeps"]
+    # the same exported to parquet by `datasets`, which records the class names in the file
+    datasets.load_from_disk(str(tmp_path / "nli")).to_parquet(str(tmp_path / "nli.parquet"))
+    prepare(_recipe(tmp_path, [{**nli, "path": str(tmp_path / "nli.parquet")}]), progress=False)
+    (row,) = _written(tmp_path)
+    assert (row["pos"], row["weak"], row["neg"]) == (["an animal moves"], ["the dog is brown"], ["the dog sleeps"])

@@ -278,10 +278,25 @@ def _records_parquet(path: Path) -> Iterator[tuple[int, dict]]:
                         hint="decompress the file, or set the source's file_type if it is not parquet")
 
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+    file = pq.ParquetFile(path)
+    named = _class_names(_parquet_features(file))
+    for batch in file.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
             n += 1
-            yield n, row
+            yield n, ({c: named(c, v) for c, v in row.items()} if named else row)
+
+
+def _parquet_features(file: Any) -> Any:
+    """The ``datasets`` features a parquet file written by ``datasets`` (``to_parquet``, the Hub's
+    parquet files) records in its metadata, for its ClassLabel names; None for another file."""
+    if b"huggingface" not in (file.schema_arrow.metadata or {}):
+        return None
+    try:
+        import datasets
+
+        return datasets.Features.from_arrow_schema(file.schema_arrow)
+    except Exception:  # noqa: BLE001 - metadata of another version: the numbers as they are
+        return None
 
 
 def _records_hub(src: SourceConfig) -> Iterator[tuple[int, dict]]:
@@ -318,13 +333,15 @@ class _ClassName(str):
         return out
 
 
-def _dataset_rows(ds: Any) -> Iterator[tuple[int, dict]]:
-    """(row number, row) of a ``datasets`` dataset, read in batches; a ClassLabel column's values
-    as their names (:class:`_ClassName`)."""
+def _class_names(features: Any):
+    """``named(column, value)``: a ClassLabel column's value as its name (:class:`_ClassName`), any
+    other value as it is; ``features`` are a ``datasets`` dataset's (None: none known). None where
+    no column is a ClassLabel."""
     import datasets
 
-    features = getattr(ds, "features", None) or {}
-    classes = {name: f for name, f in features.items() if isinstance(f, datasets.ClassLabel)}
+    classes = {name: f for name, f in (features or {}).items() if isinstance(f, datasets.ClassLabel)}
+    if not classes:
+        return None
 
     def named(col: str, value: Any) -> Any:
         feature = classes.get(col)
@@ -332,17 +349,26 @@ def _dataset_rows(ds: Any) -> Iterator[tuple[int, dict]]:
             return value
         return _ClassName(feature.int2str(value), value)
 
+    return named
+
+
+def _dataset_rows(ds: Any) -> Iterator[tuple[int, dict]]:
+    """(row number, row) of a ``datasets`` dataset, read in batches; a ClassLabel column's values
+    as their names."""
+    import datasets
+
+    named = _class_names(getattr(ds, "features", None))
     n = 0
     if isinstance(ds, datasets.Dataset):
         for batch in ds.iter(batch_size=4096):
             cols = list(batch)
             for j in range(len(batch[cols[0]]) if cols else 0):
                 n += 1
-                yield n, {c: named(c, batch[c][j]) for c in cols}
+                yield n, {c: named(c, batch[c][j]) if named else batch[c][j] for c in cols}
         return
     for row in ds:  # a streamed (hub) dataset
         n += 1
-        yield n, {c: named(c, v) for c, v in row.items()}
+        yield n, ({c: named(c, v) for c, v in row.items()} if named else row)
 
 
 def _records_saved_dataset(src: SourceConfig, path: Path) -> Iterator[tuple[int, dict]]:
