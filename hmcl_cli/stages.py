@@ -363,7 +363,10 @@ def _check_eval_outputs(json_out: Optional[Path], plot: Optional[Path]) -> None:
 
     if plot and importlib.util.find_spec("matplotlib") is None:
         raise HmclError("--plot needs matplotlib, which is not installed", hint="pip install matplotlib, or leave out --plot")
-    for target in (json_out, plot):
+    for flag, target, name in (("--json", json_out, "results.json"), ("--plot", plot, "results.png")):
+        if target is not None and Path(target).is_dir():
+            raise StorageError(f"cannot write {flag} {target}: it is a folder, and {flag} takes a file",
+                               hint=f"give a file path, e.g. {flag} {Path(target) / name}")
         if target is not None and not is_stream(target):
             try:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)

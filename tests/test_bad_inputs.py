@@ -428,6 +428,15 @@ def eval_json_where_it_cannot_be_written(tmp, model):
         "cannot write", "a-file/out.json"]
 
 
+def eval_json_to_a_folder(tmp, model):
+    """Refused before the evaluation (it was an internal error, IsADirectoryError, after it)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "sts.csv").write_text("the cat,a cat,4.0\nthe dog,stocks fell,0.5\n")
+    (tmp / "out").mkdir()
+    return ["eval", "--model", model, "--sts", tmp / "sts.csv", "--json", tmp / "out"], STORAGE, [
+        "--json", "is a folder", "out/results.json"]
+
+
 def mine_missing_corpus(tmp, model):
     p = write_recipe(tmp, model, mine={"corpus": ["corpus.jsonl"]})
     from hmcl_cli.data.prepare import prepare
@@ -481,7 +490,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, eval_model_folder_that_is_not_there, eval_without_a_model, export_over_someone_elses_folder, base_model_inside_the_run_directory,
          base_model_is_this_run_directory, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
-         eval_json_where_it_cannot_be_written, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
+         eval_json_where_it_cannot_be_written, eval_json_to_a_folder, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
          eval_gate_with_a_misspelt_metric, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
 
