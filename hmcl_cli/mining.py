@@ -48,14 +48,59 @@ from hmcl_cli.io_utils import (binary_lines, data_suffix, find_data_file, text_l
 from hmcl_cli.recipe import Recipe
 
 
+def _table_texts(columns: dict[str, list], where: Path) -> list[str]:
+    """The documents of a table (parquet, a saved dataset): its ``text`` column, each after its
+    ``title`` where there is one (as a JSONL corpus reads); without ``text``, its one column of
+    strings. A table with several such columns is an error naming them (its first column, an id,
+    was read as the documents)."""
+    key = "text" if "text" in columns else None
+    if key is None:
+        strings = [name for name, values in columns.items()
+                   if any(v is not None for v in values[:1000])
+                   and all(isinstance(v, str) or v is None for v in values[:1000])]
+        if len(strings) != 1:
+            raise DataError(f"mine.corpus: {where} has no `text` column to read the documents from (its columns: "
+                            f"{', '.join(columns) or 'none'})",
+                            hint="name the documents' column `text` (an optional `title` column goes before each)")
+        key = strings[0]
+    titles = columns.get("title") if key == "text" else None
+    texts = []
+    for i, value in enumerate(columns[key]):
+        text = "" if value is None else str(value).strip()
+        title = str(titles[i]).strip() if titles and titles[i] is not None else ""
+        texts.append(f"{title} {text}".strip() if title else text)
+    return [t for t in texts if t]
+
+
+def _saved_dataset_columns(path: Path) -> dict[str, list]:
+    """The columns of a folder saved by ``datasets``' ``save_to_disk`` (of a dataset dict, its only split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
+        raise DataError(f"mine.corpus: {path} cannot be read as a dataset saved by `datasets`: {type(e).__name__}: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(f"mine.corpus: {path} is a dataset dict of several splits ({', '.join(ds)})",
+                            hint="save the corpus split alone (`dataset_dict[split].save_to_disk(folder)`)")
+        ds = next(iter(ds.values()))
+    return ds.to_dict()
+
+
 def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
     """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file (or a .json array) of
-    ``{"title", "text"}`` objects, a parquet file's ``text`` column or a text file of one document
+    ``{"title", "text"}`` objects, a parquet file's or saved dataset's ``text`` (and ``title``)
+    columns (:func:`_table_texts`) or a text file of one document
     per line (the JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``, and
     in another text ``encoding`` than UTF-8)."""
     from hmcl_cli.data.example import BadRow
     from hmcl_cli.data.readers import json_records
 
+    from hmcl_cli.data.readers import is_saved_dataset
+
+    if is_saved_dataset(path):
+        return _table_texts(_saved_dataset_columns(path), path)
     if path.is_dir():
         path = find_data_file(path, "corpus.jsonl") or path / "corpus.jsonl"
     if not path.is_file():
@@ -65,9 +110,7 @@ def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        col = pq.read_table(path).to_pydict()
-        key = "text" if "text" in col else next(iter(col))
-        return [str(t) for t in col[key] if str(t).strip()]
+        return _table_texts(pq.read_table(path).to_pydict(), path)
     if suffix in (".jsonl", ".json"):
         for item in json_records(path, encoding):
             if isinstance(item, BadRow):

@@ -386,3 +386,27 @@ def test_queries_mined_short_or_not_at_all_are_announced(tmp_path, tiny_bert, ca
     assert report["queries_without_positive"] >= 3
     assert f"{report['queries_without_positive']} of {report['queries']} queries have no positive" in " ".join(
         capsys.readouterr().err.split())
+
+
+def test_a_corpus_table_is_read_by_its_text_column_never_by_its_first(tmp_path):
+    """A parquet corpus without a `text` column was read by its first column: with `doc_id, body`
+    the ids were mined as documents, silently. A table's documents are its `text` column (after
+    its `title`, as in a JSONL corpus), else its one column of strings; several are an error naming
+    them. A folder saved by `datasets` reads alike."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hmcl_cli.errors import DataError
+    from hmcl_cli.mining import read_corpus
+
+    docs = ["Refunds take five days.", "We ship worldwide."]
+    pq.write_table(pa.table({"doc_id": ["d1", "d2"], "body": docs}), tmp_path / "ids.parquet")
+    with pytest.raises(DataError, match=r"has no `text` column .*\(its columns: doc_id, body\)"):
+        read_corpus(tmp_path / "ids.parquet")
+    pq.write_table(pa.table({"n": [1, 2], "body": docs}), tmp_path / "body.parquet")
+    assert read_corpus(tmp_path / "body.parquet") == docs
+    pq.write_table(pa.table({"title": ["Refunds", None], "text": ["take five days.", docs[1]]}), tmp_path / "titled.parquet")
+    assert read_corpus(tmp_path / "titled.parquet") == docs
+    datasets.Dataset.from_dict({"doc_id": ["d1", "d2"], "text": docs}).save_to_disk(str(tmp_path / "saved"))
+    assert read_corpus(tmp_path / "saved") == docs
