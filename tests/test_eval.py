@@ -979,3 +979,33 @@ def test_models_named_beside_a_recipe_join_its_models(tmp_path, tiny_bert, tiny_
     assert list(both["results"]) == ["dev-retrieval", "extra"] and both["models"] == ["base", "other"]
     clash = _hmcl("eval", recipe._source, "--sts", f"dev-retrieval={sts}")
     assert clash.returncode == 2 and "'dev-retrieval' names a task of the recipe" in clash.stderr
+
+
+def test_a_graded_table_as_a_ranking_task_keeps_its_lists_of_texts(tmp_path):
+    """A parquet file of graded rows (query, pos: [...], neg: [...]) given as `--reranking` was taken
+    for triplets (it has a `pos` column) and each positive list was scored as one text,
+    "['refunds take five days']". It reads as graded now; a list where one text belongs is an error,
+    and a triplets table's `positive` list gives several positives."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hmcl_cli.evaluation.runner import load_task
+    from hmcl_cli.recipe import EvalTask
+
+    pq.write_table(pa.table({"query": ["how long does a refund take", "do you ship abroad"],
+                             "pos": [["refunds take five days"], ["we ship worldwide"]],
+                             "neg": [["we ship worldwide", "call us"], ["refunds take five days"]]}), tmp_path / "g.parquet")
+    expected = {"how long does a refund take": {"refunds take five days": 2, "we ship worldwide": 0, "call us": 0},
+                "do you ship abroad": {"we ship worldwide": 2, "refunds take five days": 0}}
+    for kind in ("reranking", "retrieval"):
+        data = load_task(EvalTask(name="g", type=kind, path=str(tmp_path / "g.parquet")), Path)
+        assert data.fmt == "graded"
+        assert {e.query: {t: c.level for t, c in e.candidates.items()} for e in data.examples} == expected
+    triplets = load_task(EvalTask(name="g", type="reranking", path=str(tmp_path / "g.parquet"), format="triplets",
+                                  columns={"positive": "pos", "negative": "neg"}), Path)
+    assert {e.query: {t: c.level for t, c in e.candidates.items()} for e in triplets.examples} == expected
+    pq.write_table(pa.table({"query": [["two", "queries"]], "positive": ["a text"]}), tmp_path / "bad.parquet")
+    from hmcl_cli.errors import DataError
+
+    with pytest.raises(DataError, match=r"bad.parquet:1: `query` holds a list, not a text"):
+        load_task(EvalTask(name="b", type="reranking", path=str(tmp_path / "bad.parquet")), Path)

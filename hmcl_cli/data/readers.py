@@ -433,6 +433,8 @@ def ranking_format(src: SourceConfig, path: Path) -> Optional[str]:
         if isinstance(item, BadRow):
             return None
         cells = item[1] if isinstance(item[1], (list, dict)) else []
+        if isinstance(cells, dict) and any(isinstance(cells.get(k), (list, tuple)) for k in ("pos", "weak", "neg")):
+            return None  # a graded table (parquet, a saved dataset): lists of candidates per query
         names = {str(c).strip().lower() for c in cells}
         for fmt, role in (("triplets", "positive"), ("pairs", "label")):
             if names & {a.lower() for a in ROLE_ALIASES[role]}:
@@ -612,6 +614,10 @@ def _is_number(x: Any, src: Optional[SourceConfig] = None) -> bool:
 def _text(value: Any, role: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         raise BadRow(f"empty text in `{role}`", kind="empty text")
+    if isinstance(value, (list, tuple, dict)):  # (str() of it would be trained and scored as a text)
+        raise BadRow(f"`{role}` holds a {type(value).__name__}, not a text: {str(value)[:80]}"
+                     + (" (a graded table, with lists of pos/neg texts, reads with format: graded)"
+                        if isinstance(value, (list, tuple)) else ""), kind="not a text")
     text = str(value)
     if not text.strip():
         raise BadRow(f"empty text in `{role}`", kind="empty text")
@@ -697,7 +703,9 @@ def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExamp
     if fmt == "triplets":
         q = _text(cols.get(rec, "query"), "query")
         ex = GradedExample(q, prompt=prompt)
-        add_candidate(ex, _text(cols.get(rec, "positive"), "positive"), 2, None, "highest")
+        positive = cols.get(rec, "positive")
+        for text in (positive if isinstance(positive, (list, tuple)) and positive else [positive]):  # a list: several
+            add_candidate(ex, _text(text, "positive"), 2, None, "highest")
         for negative in cols.negatives(rec):
             add_candidate(ex, _text(negative, "negative"), 0, None, "highest")
         yield ex
