@@ -985,7 +985,7 @@ def test_a_graded_table_as_a_ranking_task_keeps_its_lists_of_texts(tmp_path):
     """A parquet file of graded rows (query, pos: [...], neg: [...]) given as `--reranking` was taken
     for triplets (it has a `pos` column) and each positive list was scored as one text,
     "['refunds take five days']". It reads as graded now; a list where one text belongs is an error,
-    and a triplets table's `positive` list gives several positives."""
+    and a triplets table's `positive` list gives several positives. A null list is an empty one."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -994,16 +994,18 @@ def test_a_graded_table_as_a_ranking_task_keeps_its_lists_of_texts(tmp_path):
 
     pq.write_table(pa.table({"query": ["how long does a refund take", "do you ship abroad"],
                              "pos": [["refunds take five days"], ["we ship worldwide"]],
+                             "weak": [None, ["we deliver to 40 countries"]],  # (null: none)
                              "neg": [["we ship worldwide", "call us"], ["refunds take five days"]]}), tmp_path / "g.parquet")
     expected = {"how long does a refund take": {"refunds take five days": 2, "we ship worldwide": 0, "call us": 0},
-                "do you ship abroad": {"we ship worldwide": 2, "refunds take five days": 0}}
+                "do you ship abroad": {"we ship worldwide": 2, "we deliver to 40 countries": 1, "refunds take five days": 0}}
     for kind in ("reranking", "retrieval"):
         data = load_task(EvalTask(name="g", type=kind, path=str(tmp_path / "g.parquet")), Path)
         assert data.fmt == "graded"
         assert {e.query: {t: c.level for t, c in e.candidates.items()} for e in data.examples} == expected
     triplets = load_task(EvalTask(name="g", type="reranking", path=str(tmp_path / "g.parquet"), format="triplets",
                                   columns={"positive": "pos", "negative": "neg"}), Path)
-    assert {e.query: {t: c.level for t, c in e.candidates.items()} for e in triplets.examples} == expected
+    assert {e.query: {t: c.level for t, c in e.candidates.items() if c.level != 1} for e in triplets.examples} == {
+        q: {t: level for t, level in c.items() if level != 1} for q, c in expected.items()}
     pq.write_table(pa.table({"query": [["two", "queries"]], "positive": ["a text"]}), tmp_path / "bad.parquet")
     from hmcl_cli.errors import DataError
 

@@ -95,7 +95,9 @@ def parse_graded(obj: object) -> GradedExample:
     source = obj.get("source")
     ex = GradedExample(query=query, prompt=prompt or None, source=str(source) if source else None)
     for name, level in LEVELS.items():
-        texts = obj.get(name, [])
+        texts = obj.get(name)
+        if texts is None:  # left out, or null (a parquet table's list column without a value)
+            texts = []
         if isinstance(texts, str):
             texts = [texts]
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
