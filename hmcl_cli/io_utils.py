@@ -82,10 +82,9 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
 
 
 def is_stream(path: str | Path) -> bool:
-    """``-`` (standard output), or an existing path that is neither a regular file nor a folder:
-    a terminal, a pipe (``/dev/stdout`` in a pipeline), ``/dev/null``, a named pipe."""
-    if str(path) == "-":
-        return True
+    """An existing path that is neither a regular file nor a folder: a terminal, a pipe
+    (``/dev/stdout`` in a pipeline), ``/dev/null``, a named pipe. (``-`` for standard output is
+    the caller's: :func:`write_text_atomic` takes it.)"""
     try:
         mode = os.stat(path).st_mode
     except OSError:

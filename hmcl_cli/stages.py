@@ -367,7 +367,7 @@ def _check_eval_outputs(json_out: Optional[Path], plot: Optional[Path]) -> None:
         if target is not None and Path(target).is_dir():
             raise StorageError(f"cannot write {flag} {target}: it is a folder, and {flag} takes a file",
                                hint=f"give a file path, e.g. {flag} {Path(target) / name}")
-        if target is not None and not is_stream(target):
+        if target is not None and str(target) != "-" and not is_stream(target):
             try:
                 Path(target).parent.mkdir(parents=True, exist_ok=True)
                 tempfile.NamedTemporaryFile(dir=Path(target).parent, prefix=".hmcl-write-check-").close()

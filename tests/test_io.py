@@ -167,4 +167,4 @@ def test_a_written_link_keeps_its_link_and_a_stream_is_written_through(tmp_path)
     reader.join(timeout=10)
     assert got == ["through the pipe\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "results.json", "shared"]  # no temp left
-    assert is_stream("-") and is_stream(fifo) and not is_stream(real) and not is_stream(tmp_path)
+    assert is_stream(fifo) and not is_stream(real) and not is_stream(tmp_path) and not is_stream(tmp_path / "none")
