@@ -661,7 +661,7 @@ class EvalTask(_Section):
     encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
     delimiter: Optional[Delimiter] = Field(None, description=DELIMITER_HELP)
     mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
-    split: str = Field("test", description="Split to evaluate for hub/BEIR tasks.")
+    split: str = Field("test", description="Split to evaluate for hub and BEIR tasks, and of a dataset dict saved by `datasets`.")
 
 
 class EvalConfig(_Section):
