@@ -491,9 +491,9 @@ class TrainConfig(_Section):
         "auto",
         description="Dev metric selecting the best model (higher is better): "
         + ", ".join(f"`dev_{m}`" for m in DEV_METRICS)
-        + ", or `dev_spearman/<source>` when dev mixes sources. `auto`: `dev_spearman` where every dev pair "
-        "has a score (STS-style data, graded by its scores), else `dev_ndcg@10` (else the first metric the dev "
-        "set defines); `hmcl train` says which. Checked against the dev set before training.",
+        + ", or `dev_spearman/<source>` when dev mixes sources. `auto`: `dev_spearman` where the dev data are "
+        "pairs of format sts (graded by their scores), else `dev_ndcg@10` (else the first metric the dev set "
+        "defines); `hmcl train` says which. Checked against the dev set before training.",
     )
     early_stopping_patience: Optional[int] = Field(
         None, ge=1, description="Stop after this many evals without improvement."

@@ -898,13 +898,14 @@ def test_run_resume_does_not_prepare_or_mine_again(tmp_path, tiny_bert, capsys, 
 def test_metric_for_best_auto_is_spearman_on_scored_dev_data_and_ndcg_otherwise(tmp_path, tiny_bert, capsys):
     """A recipe of STS pairs left `train.metric_for_best` at nDCG@10 and kept the step that
     retrieved best, not the one that scored the pairs' similarity best (German STS-B: the final
-    model's Spearman 0.7465 where a later step reached 0.7510). `auto` picks Spearman where every
-    dev pair has a score, and says so; level-only data keeps nDCG@10."""
+    model's Spearman 0.7465 where a later step reached 0.7510). `auto` picks Spearman where the dev
+    data are sts pairs, and says so; other data keep nDCG@10, scored ones too (a retrieval set's
+    relevance grades are scores: the first version of `auto` chose Spearman for BEIR qrels)."""
     from conftest import STS_ROWS
 
     t = _trainer(tmp_path / "graded", tiny_bert)
     assert t.best_key == "dev_ndcg@10"
-    assert "metric_for_best auto: dev_ndcg@10 (dev pairs without a score)" in capsys.readouterr().out
+    assert "metric_for_best auto: dev_ndcg@10 (the dev data are not sts pairs)" in capsys.readouterr().out
     sts = tmp_path / "sts"
     sts.mkdir()
     (sts / "pairs.csv").write_text("".join(f"{a},{b},{s}\n" for a, b, s in STS_ROWS))
@@ -913,10 +914,19 @@ def test_metric_for_best_auto_is_spearman_on_scored_dev_data_and_ndcg_otherwise(
                  eval={"tasks": [{"name": "dev", "type": "sts", "path": "pairs.csv"}]},
                  train={"max_steps": 2, "eval_steps": 2, "save_steps": 2})
     assert t.best_key == "dev_spearman"
-    assert "metric_for_best auto: dev_spearman (every dev pair has a score)" in capsys.readouterr().out
+    assert "metric_for_best auto: dev_spearman (the dev data are sts pairs, graded by their scores)" in \
+        capsys.readouterr().out
     t.train()
     t.save_final()
     assert json.loads((t.run_dir / "final.json").read_text())["metric"] == "dev_spearman"
+    # relevance grades as scores on every pair (qrels, or graded rows with scores): still ranking data
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    rows = [{"query": a, "pos": [b], "neg": [c], "pos_scores": [1], "neg_scores": [0]}
+            for (a, b, _), (_, c, _) in zip(STS_ROWS, STS_ROWS[1:] + STS_ROWS[:1])]
+    (scored / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = _trainer(scored, tiny_bert, data={"sources": [{"path": "rows.jsonl", "split": s} for s in ("train", "dev")]})
+    assert t.best_key == "dev_ndcg@10"
     # a metric named in the recipe is kept as it is
     t = _trainer(tmp_path / "named", tiny_bert, data={"sources": [{**source, "path": str(sts / "pairs.csv"), "split": s}
                                                                    for s in ("train", "dev")]},

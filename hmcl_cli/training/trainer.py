@@ -685,14 +685,19 @@ class HMCLTrainer:
         return undefined
 
     def _auto_metric(self, defined: list[str]) -> str:
-        """``metric_for_best: auto``: Spearman where every dev pair has a score (data graded by its
-        scores, such as STS pairs, which the score orders finer than the levels), else nDCG@10,
-        else the first metric this dev set defines (announced)."""
-        scored = all(c.score is not None for ex in self.dev for c in ex.candidates.values())
-        if scored and "dev_spearman" in defined:
-            key, why = "dev_spearman", "every dev pair has a score"
+        """``metric_for_best: auto``: Spearman where every dev example comes from a source graded
+        by its scores (format sts: the score orders pairs finer than the levels), else nDCG@10 (a
+        retrieval dataset's relevance grades are scores too, but what it is for is ranking), else
+        the first metric this dev set defines (announced)."""
+        from hmcl_cli.data.readers import source_labels
+
+        formats = dict(zip(source_labels(self.recipe.data.sources), (s.format for s in self.recipe.data.sources)))
+        graded_by_score = all(formats.get(ex.source) == "sts" for ex in self.dev)
+        if graded_by_score and "dev_spearman" in defined:
+            key, why = "dev_spearman", "the dev data are sts pairs, graded by their scores"
         elif "dev_ndcg@10" in defined:
-            key, why = "dev_ndcg@10", "dev pairs without a score" if not scored else "the dev scores are all one value"
+            key, why = "dev_ndcg@10", ("the dev data are not sts pairs" if not graded_by_score
+                                       else "the dev scores are all one value")
         else:
             key, why = (defined[0] if defined else "dev_ndcg@10"), "the one this dev set defines first"
         if self.is_main:
