@@ -81,6 +81,18 @@ def atomic_path(target: str | Path, is_dir: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def folder_stamp(path: str | Path) -> str:
+    """An identity of a folder's files as they were written (each file's path, size and
+    modification time, hashed; no file is read): a model trained again, or another model, gets
+    another. A copy that does not keep the times gets another too (on the safe side)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def is_stream(path: str | Path) -> bool:
     """An existing path that is neither a regular file nor a folder: a terminal, a pipe
     (``/dev/stdout`` in a pipeline), ``/dev/null``, a named pipe. (``-`` for standard output is

@@ -780,6 +780,9 @@ class ExportConfig(_Section):
         "results. `hmcl run` checks for a token (and that the hub is not offline) before it trains.")
 
 
+TRAINED_RECIPE = "hmcl_recipe.yaml"  # in a model folder hmcl trained: the recipe it was trained with
+
+
 class Recipe(_Section):
     """A complete, reproducible hmcl run."""
 

@@ -7,6 +7,7 @@ recipe there, and can be re-run alone.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from hmcl_cli.console import log, warn
 from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
                              from_system_error)
 from hmcl_cli.data.origin import listed
-from hmcl_cli.io_utils import RunLock, ensure_dir, is_stream, write_text_atomic
-from hmcl_cli.recipe import EvalTask, ExportFormat, Recipe
+from hmcl_cli.io_utils import RunLock, ensure_dir, folder_stamp, is_stream, write_text_atomic
+from hmcl_cli.recipe import TRAINED_RECIPE, EvalTask, ExportFormat, Recipe
 
 EXPORT_FORMATS = typing.get_args(ExportFormat)
 
@@ -334,6 +335,8 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     report = evaluate(models, tasks, resolve, cfg.batch_size, loader=model_loader(recipe, recipe_base),
                       dims=dims,
                       cache_dir=recipe.run_dir / "cache" if cfg.cache_embeddings and in_run_dir else None)
+    if in_run_dir and models.get("fine-tuned") == str(recipe.run_dir / "model"):  # which training it scored
+        report["fine_tuned_stamp"] = folder_stamp(recipe.run_dir / "model")
     print_table(report, title=f"evaluation ({recipe.name})")
     subject = judged_model(report["models"])
     gate_rows = check_gates(report, gates, subject) if gates else []
@@ -408,8 +411,6 @@ def _check_export_target(target: Path) -> None:
 def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: Optional[Path] = None,
                out_dir: Optional[Path] = None) -> dict:
     """Each export format of the recipe (or ``formats``) of the trained model, verified."""
-    import json
-
     from hmcl_cli.export import export_folder
     from hmcl_cli.export.merged import export_merged
     from hmcl_cli.modeling.encoder import saved_matryoshka_dims
@@ -426,16 +427,20 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     out_dir = out_dir or recipe.run_dir / "export"
     for fmt in formats:
         _check_export_target(out_dir / export_folder(fmt))
-    card = {"name": recipe.name, "base_model": recipe.model.name_or_path, "recipe": recipe.to_yaml(),
+    trained_with = model_dir / TRAINED_RECIPE  # the recipe the model was trained with, not this call's
+    card = {"name": recipe.name, "base_model": recipe.model.name_or_path,
+            "recipe": trained_with.read_text(encoding="utf-8") if trained_with.is_file() else recipe.to_yaml(),
             "matryoshka_dims": saved_matryoshka_dims(model_dir),
             "repo": recipe.export.push_to_hub.repo if recipe.export.push_to_hub is not None else None}
-    for name, key in (("data", recipe.run_dir / "data" / "stats.json"), ("eval", recipe.run_dir / "eval" / "results.json")):
-        if key.is_file():
-            try:
-                blob = json.loads(key.read_text())
-                card[name] = blob.get("splits", blob) if name == "data" else blob
-            except ValueError:
-                pass
+    stats = recipe.run_dir / "data" / "stats.json"
+    if stats.is_file():
+        try:
+            card["data"] = json.loads(stats.read_text()).get("splits")
+        except ValueError:
+            pass
+    report = scored_report(recipe, model_dir)
+    if report is not None:
+        card["eval"] = report
     reports = {}
     for fmt in formats:
         if fmt == "merged":
@@ -456,16 +461,30 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     if recipe.export.push_to_hub is not None:
         from hmcl_cli.export.hub import commit_message, push_exports
 
-        eval_file = recipe.run_dir / "eval" / "results.json"
-        try:
-            report = json.loads(eval_file.read_text()) if eval_file.is_file() else None
-        except ValueError:
-            report = None
         cfg = recipe.export.push_to_hub
         url = push_exports(out_dir, cfg, commit_message(recipe.name, report), formats)
         log(f"export pushed -> {cfg.repo}{f' ({cfg.branch})' if cfg.branch else ''}: {url}")
         reports["push_to_hub"] = {"repo": cfg.repo, "url": url}
     return reports
+
+
+def scored_report(recipe: Recipe, model_dir: Path) -> Optional[dict]:
+    """The run's eval results (``eval/results.json``) where they scored the model in ``model_dir``
+    as it is now (:func:`folder_stamp`), for its model card and Hub commit; else None, with a
+    warning saying why (trained again since, another model, no results)."""
+    path = recipe.run_dir / "eval" / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        return None
+    if report.get("fine_tuned_stamp") != folder_stamp(model_dir):
+        warn(f"the model card leaves out {path}: it did not score {model_dir} as it is now (trained again since, "
+             "or another model, or no fine-tuned model among those it scored); run `hmcl eval RECIPE` before "
+             "exporting to include it")
+        return None
+    return report
 
 
 def check_model(recipe: Recipe) -> str:

@@ -932,3 +932,30 @@ def test_metric_for_best_auto_is_spearman_on_scored_dev_data_and_ndcg_otherwise(
                                                                    for s in ("train", "dev")]},
                  train={"metric_for_best": "dev_mrr@10"})
     assert t.best_key == "dev_mrr@10"
+
+
+def test_the_model_card_shows_the_eval_and_recipe_of_the_model_it_ships(tmp_path, tiny_bert, capsys):
+    """`hmcl train` again (another --set), then `hmcl export` without `hmcl eval`: the card showed
+    the earlier model's scores (0.7465 for a model that scored 0.7111) and the export call's
+    recipe as "what it was trained with". The card now takes eval/results.json only where it scored
+    the model folder as it is, and the recipe the model was trained with (kept in the folder)."""
+    from hmcl_cli.stages import run_eval, run_export
+
+    path = write_recipe(tmp_path, tiny_bert, train={"max_steps": 2, "eval_steps": 2, "save_steps": 2},
+                        eval={"include_base": False})
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    run_train(recipe)
+    run_eval(recipe)
+    run_export(recipe, formats=["merged"])
+    card = recipe.run_dir / "export" / "merged" / "README.md"
+    assert "## Evaluation" in card.read_text() and "max_steps: 2" in card.read_text()
+    capsys.readouterr()
+    run_train(load_recipe(path, overrides=["train.max_steps=3"]))
+    run_export(recipe, formats=["merged"])  # (this call's recipe says 2 steps)
+    text = card.read_text()
+    assert "## Evaluation" not in text and "max_steps: 3" in text and "max_steps: 2" not in text
+    assert "the model card leaves out" in capsys.readouterr().err
+    run_eval(recipe)
+    run_export(recipe, formats=["merged"])
+    assert "## Evaluation" in card.read_text()

@@ -64,7 +64,7 @@ from hmcl_cli.modeling.graph_shapes import GraphShapes
 from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
-from hmcl_cli.recipe import Recipe, suggest
+from hmcl_cli.recipe import TRAINED_RECIPE, Recipe, suggest
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, group_fill, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
@@ -862,6 +862,7 @@ class HMCLTrainer:
                 EmbeddingModel(merged, model.tokenizer, model.settings, model.head).save(tmp)
             else:
                 model.save(tmp)
+            (tmp / TRAINED_RECIPE).write_text(self.recipe.to_yaml(), encoding="utf-8")  # (its model card's recipe)
             if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
                 th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
                 (tmp / "hmcl_thresholds.json").write_text(json.dumps({"weak": th[0], "pos": th[1]}, indent=2))
