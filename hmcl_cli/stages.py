@@ -518,11 +518,11 @@ def check_model(recipe: Recipe) -> str:
     if hidden:  # the embedding size: the hidden size, or the last Dense layer's
         from hmcl_cli.modeling.st_modules import head_dim
 
-        dim = head_dim(pipeline.head, int(hidden))
-        too_wide = [d for d in recipe.loss.matryoshka_dims if d >= dim]
-        if too_wide:
-            raise RecipeError(f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim} "
-                              f"of {m.name_or_path}", hint="fix the loss section of the recipe")
+        from hmcl_cli.losses.hmcl import matryoshka_too_wide
+
+        wide = matryoshka_too_wide(recipe.loss.matryoshka_dims, head_dim(pipeline.head, int(hidden)))
+        if wide:
+            raise RecipeError(f"{wide} of {m.name_or_path}", hint="fix the loss section of the recipe")
     layers = f", then {' -> '.join(layer.kind for layer in pipeline.head)}" if pipeline.head else ""
     if not (pipeline.include_prompt if m.include_prompt == "auto" else m.include_prompt):
         layers = " (prompt tokens left out)" + layers

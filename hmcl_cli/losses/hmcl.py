@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -12,6 +12,13 @@ from hmcl_cli.losses.classification import LinearPairClassificationLoss, Ordinal
 from hmcl_cli.losses.contrastive import GradedInfoNCELoss
 from hmcl_cli.losses.local import SegmentInfoNCELoss
 from hmcl_cli.losses.ranking import GradedCoSENTLoss
+
+
+def matryoshka_too_wide(dims, dim: int) -> Optional[str]:
+    """What is wrong with matryoshka sizes ``dims`` for embeddings of ``dim`` values (each must be
+    smaller), or None: the one rule training and the checks before it (``stages.check_model``) share."""
+    too_wide = [d for d in dims if d >= dim]
+    return f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim}" if too_wide else None
 
 
 class HMCLLoss(nn.Module):
@@ -57,9 +64,9 @@ class HMCLLoss(nn.Module):
         dims = list(cfg.matryoshka_dims)
         # by default the cut sizes together weigh as much as the full size (benchmarks/RESULTS.md)
         weights = cfg.matryoshka_weights or [1.0 / max(1, len(dims))] * len(dims)
-        too_wide = [d for d in dims if d >= dim]
-        if too_wide:
-            raise ValueError(f"loss.matryoshka_dims {too_wide} must be smaller than the embedding size {dim}")
+        wide = matryoshka_too_wide(dims, dim)
+        if wide:
+            raise ValueError(wide)
         self.matryoshka = [(d, w) for d, w in zip(dims, weights) if w > 0]
 
     def forward(self, b: PairBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
