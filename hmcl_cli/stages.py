@@ -432,12 +432,13 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
             "recipe": trained_with.read_text(encoding="utf-8") if trained_with.is_file() else recipe.to_yaml(),
             "matryoshka_dims": saved_matryoshka_dims(model_dir),
             "repo": recipe.export.push_to_hub.repo if recipe.export.push_to_hub is not None else None}
-    stats = recipe.run_dir / "data" / "stats.json"
-    if stats.is_file():
-        try:
-            card["data"] = json.loads(stats.read_text()).get("splits")
-        except ValueError:
-            pass
+    from hmcl_cli.data.prepare import prepared_counts
+
+    try:  # the data as training read it (mined candidates included), not stats.json's count before mining
+        card["data"] = prepared_counts(recipe.run_dir / "data")
+        card["mined"] = (recipe.run_dir / "data" / "train.unmined.jsonl").is_file()
+    except (OSError, ValueError):
+        pass
     report = scored_report(recipe, model_dir)
     if report is not None:
         card["eval"] = report

@@ -938,7 +938,9 @@ def test_the_model_card_shows_the_eval_and_recipe_of_the_model_it_ships(tmp_path
     """`hmcl train` again (another --set), then `hmcl export` without `hmcl eval`: the card showed
     the earlier model's scores (0.7465 for a model that scored 0.7111) and the export call's
     recipe as "what it was trained with". The card now takes eval/results.json only where it scored
-    the model folder as it is, and the recipe the model was trained with (kept in the folder)."""
+    the model folder as it is, and the recipe the model was trained with (kept in the folder). Its
+    data table counted stats.json, written before `hmcl mine` added candidates; it counts the
+    prepared files as training read them."""
     from hmcl_cli.stages import run_eval, run_export
 
     path = write_recipe(tmp_path, tiny_bert, train={"max_steps": 2, "eval_steps": 2, "save_steps": 2},
@@ -959,3 +961,17 @@ def test_the_model_card_shows_the_eval_and_recipe_of_the_model_it_ships(tmp_path
     run_eval(recipe)
     run_export(recipe, formats=["merged"])
     assert "## Evaluation" in card.read_text()
+    # the training data table counts what training read: mined candidates too (stats.json is before mining)
+    data = recipe.run_dir / "data"
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    (data / "train.unmined.jsonl").write_text((data / "train.jsonl").read_text())
+    for row in rows:
+        row["neg"] = row["neg"] + [f"a mined negative for {row['query']}"]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = json.loads((data / "stats.json").read_text())["splits"]["train"]
+    run_export(recipe, formats=["merged"])
+    text = card.read_text()
+    neg = sum(len(r["neg"]) for r in rows)
+    assert neg == stats["neg"] + len(rows)
+    assert f"| train | {len(rows)} | {stats['pos']} | {stats['weak']} | {neg} |" in text
+    assert "includes the hard negatives and weak-positives `hmcl mine` added" in text

@@ -10,6 +10,7 @@ Python use::
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -270,6 +271,27 @@ def _texts(row: dict) -> Iterable[str]:
     yield row["query"]
     for k in ("pos", "weak", "neg"):
         yield from row.get(k, [])
+
+
+def prepared_counts(data_dir: Path) -> dict[str, dict]:
+    """Examples and candidates per level of each prepared split file as it is now (the training
+    split with what `hmcl mine` added), read line by line: what a model trained on this data saw,
+    where stats.json counts what `hmcl prepare` wrote."""
+    out: dict[str, dict] = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.jsonl"
+        if not path.is_file():
+            continue
+        counts = dict.fromkeys(("examples", "pos", "weak", "neg"), 0)
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    counts["examples"] += 1
+                    for level in ("pos", "weak", "neg"):
+                        counts[level] += len(row.get(level) or [])
+        out[split] = counts
+    return out
 
 
 def _split_stats(rows: list[dict]) -> dict:

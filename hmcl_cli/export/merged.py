@@ -204,8 +204,10 @@ def model_card(info: dict) -> str:
                   f"trains it; `fine-tuned`: {this}).", "", *_table(header, rows)]
     if info.get("data"):
         splits = {k: v for k, v in info["data"].items() if isinstance(v, dict) and v.get("examples")}
+        mined = " The training split includes the hard negatives and weak-positives `hmcl mine` added." \
+            if info.get("mined") else ""
         lines += ["## Training data", "", "Graded examples: a query with positive, weak-positive and negative "
-                  "candidates.", "", *_table(["split", "examples", "positives", "weak-positives", "negatives"],
+                  f"candidates.{mined}", "", *_table(["split", "examples", "positives", "weak-positives", "negatives"],
                                               [[k, *(str(v.get(c, 0)) for c in ("examples", "pos", "weak", "neg"))]
                                                for k, v in splits.items()])]
     if info.get("recipe"):
