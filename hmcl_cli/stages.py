@@ -73,10 +73,15 @@ def _data_changes(recipe: Recipe) -> list[str]:
 
 def _check_mined(recipe: Recipe) -> None:
     """A warning when the training data was mined with other settings than the recipe's now (a
-    mine or model setting edited after `hmcl mine`): training uses the candidates mined then."""
+    mine or model setting edited after `hmcl mine`): training uses the candidates mined then; or
+    not mined at all while the recipe enables mining."""
     from hmcl_cli.data.origin import mining_changes
 
     report = recipe.run_dir / "data" / "mining_report.json"
+    if recipe.mine.enabled and not report.is_file() and (report.parent / "train.jsonl").is_file():
+        warn(f"the recipe enables mine, but the training data in {report.parent} is not mined (`hmcl prepare` wrote "
+             "it after the last `hmcl mine`, or mining never ran): training goes on without mined hard negatives; "
+             "`hmcl mine RECIPE` first adds them (`hmcl run` runs every stage in order)")
     changes = (mining_changes(recipe, report) if report.is_file() else None) or []
     if changes:
         warn(f"the training data in {report.parent} was mined with other settings than the recipe's now "

@@ -410,3 +410,23 @@ def test_a_corpus_table_is_read_by_its_text_column_never_by_its_first(tmp_path):
     assert read_corpus(tmp_path / "titled.parquet") == docs
     datasets.Dataset.from_dict({"doc_id": ["d1", "d2"], "text": docs}).save_to_disk(str(tmp_path / "saved"))
     assert read_corpus(tmp_path / "saved") == docs
+
+
+def test_training_unmined_data_of_a_recipe_that_mines_is_warned_about(tmp_path, tiny_bert, capsys):
+    """`hmcl prepare` then `hmcl train` (the mine step forgotten, or `hmcl prepare` run again after
+    it, which removes the mined data) trained without the hard negatives the recipe asks for, and
+    said nothing."""
+    from hmcl_cli.stages import _check_mined
+
+    path = write_recipe(tmp_path, tiny_bert, mine={"enabled": True, "range_min": 0, "range_max": 30,
+                                                    "num_negatives": 1, "relative_margin": None})
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    capsys.readouterr()
+    _check_mined(recipe)
+    assert "the recipe enables mine, but the training data" in " ".join(capsys.readouterr().err.split())
+    _check_mined(load_recipe(path, overrides=["mine.enabled=false"]))  # a recipe that does not mine: no word
+    mine(recipe)
+    capsys.readouterr()
+    _check_mined(recipe)
+    assert "not mined" not in capsys.readouterr().err
