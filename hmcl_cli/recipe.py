@@ -868,11 +868,12 @@ _SAFE_TAGS = {
 class RecipeLoader(yaml.SafeLoader):
     """Safe YAML with YAML 1.2's booleans: only ``true``/``false`` (any case) are booleans, so a
     label ``yes`` or ``no`` (``label_map: {yes: pos, no: neg}``) or a name ``off`` stays a word, where
-    YAML 1.1 reads them as booleans. A boolean key still reads them (``enabled: yes``)."""
+    YAML 1.1 reads them as booleans. A boolean key still reads them (``enabled: yes``). A date stays
+    text (``name: 2026-12-06``, a scheduled run's name; YAML 1.1 makes it a date, which no key takes)."""
 
 
 RecipeLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:timestamp")]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                    list("tTfF"))
@@ -1203,6 +1204,9 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
                         f"e.g. {key}.{keys[0]}: ... in the file or --set {key}.{keys[0]}=...")
             elif e["type"] == "list_type" and isinstance(e.get("input"), str) and "," in e["input"]:
                 text += f"; a list is written in brackets: [{e['input']}]"
+            elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float)) and not isinstance(e["input"], bool):
+                text += ("; YAML reads an unquoted number as a number: quote it as written (`'1.10'` stays 1.10, "
+                         "where `1.10` reads as 1.1)")
             union_head[head] = (len(messages), text)
             msg = head + text + ("" if e["type"] == "value_error" else got)
         messages.append(msg)

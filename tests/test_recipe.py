@@ -258,3 +258,20 @@ def test_yes_and_no_are_labels_and_number_keys_are_label_text(tmp_path):
     assert r.train.enabled is True and r.train.one_forward is False and r.train.compile is False
     again = load_recipe(path, overrides=["data.sources.0.label_map={on: pos, off: neg}", "train.enabled=no"])
     assert again.data.sources[0].label_map == {"on": "pos", "off": "neg"} and again.train.enabled is False
+
+
+def test_a_date_is_a_name_and_a_number_where_text_belongs_says_to_quote_it(tmp_path):
+    """`name: 2026-12-06` (a scheduled run named by its date) was a date, which no key takes
+    ("Input should be a valid string (got datetime.date(2026, 12, 6))"); it is text now. A number
+    where text belongs cannot be read back as written (1.10 is 1.1): the error says to quote it."""
+    path = tmp_path / "r.yaml"
+    path.write_text("name: 2026-12-06\nmodel: {name_or_path: m}\n")
+    r = load_recipe(path)
+    assert r.name == "2026-12-06" and r.output_dir.endswith("runs/2026-12-06")
+    assert load_recipe(path, overrides=["name=2026-12-07"]).name == "2026-12-07"
+    with pytest.raises(RecipeError, match=r"r.yaml:2: model.revision: Input should be a valid string; .*quote it") as err:
+        path.write_text("name: nightly\nmodel: {name_or_path: m, revision: 1.10}\n")
+        load_recipe(path)
+    assert "`'1.10'` stays 1.10" in str(err.value)
+    path.write_text("name: nightly\nmodel: {name_or_path: m, revision: '1.10'}\n")
+    assert load_recipe(path).model.revision == "1.10"
