@@ -642,3 +642,14 @@ def test_a_folder_saved_by_datasets_is_a_source_with_its_splits_and_class_names(
     prepare(_recipe(tmp_path, [{**nli, "path": str(tmp_path / "nli.parquet")}]), progress=False)
     (row,) = _written(tmp_path)
     assert (row["pos"], row["weak"], row["neg"]) == (["an animal moves"], ["the dog is brown"], ["the dog sleeps"])
+
+
+def test_an_sts_table_whose_score_column_is_named_label_reads_it(tmp_path):
+    """GLUE's STS-B (sentence1, sentence2, label: its 0-5 score) stopped at "missing a score
+    column"; an sts table without a score column reads its `label` column as the score."""
+    (tmp_path / "glue.csv").write_text("sentence1,sentence2,label,idx\na cat sits,a cat is sitting,4.8,0\n"
+                                       "it rains,stocks fell,0.4,1\na man sings,a person sings,3.0,2\n")
+    prepare(_recipe(tmp_path, [{"path": str(tmp_path / "glue.csv"), "format": "sts", "split": "train"}]), progress=False)
+    got = {r["query"]: r for r in _written(tmp_path)}
+    assert got["a cat sits"]["pos_scores"] == [4.8] and got["it rains"]["neg_scores"] == [0.4]
+    assert got["a man sings"]["weak_scores"] == [3.0]

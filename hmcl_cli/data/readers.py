@@ -537,6 +537,9 @@ class Columns:
         if role == "positive" and self.fmt == "triplets" and "candidate" not in self.src.columns:
             # (question, answer) or (sentence1, sentence2) pairs: the second text is the positive
             return self._choose("candidate", keys)
+        if role == "score" and self.fmt == "sts" and "label" not in self.src.columns:
+            # GLUE's STS-B (sentence1, sentence2, label): an sts pair's label is its score
+            return next((lowered[a] for a in ("label", "labels") if a in lowered), None)
         return None
 
     def _check_required(self, keys: list[str]) -> None:
