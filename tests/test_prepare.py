@@ -653,3 +653,18 @@ def test_an_sts_table_whose_score_column_is_named_label_reads_it(tmp_path):
     got = {r["query"]: r for r in _written(tmp_path)}
     assert got["a cat sits"]["pos_scores"] == [4.8] and got["it rains"]["neg_scores"] == [0.4]
     assert got["a man sings"]["weak_scores"] == [3.0]
+
+
+def test_a_boolean_label_reads_as_1_and_0(tmp_path):
+    """A parquet (or JSON) label column of booleans (is_duplicate: true/false) was "unknown label
+    'True' (known: 1, 0)" under the pairs format's default map."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question1": ["how do I reset my password", "how do I reset my password"],
+                             "question2": ["I forgot my password, what now", "where is my parcel"],
+                             "is_duplicate": [True, False]}), tmp_path / "qqp.parquet")
+    prepare(_recipe(tmp_path, [{"path": str(tmp_path / "qqp.parquet"), "format": "pairs", "split": "train"}]),
+            progress=False)
+    (row,) = _written(tmp_path)
+    assert row["pos"] == ["I forgot my password, what now"] and row["neg"] == ["where is my parcel"]

@@ -640,6 +640,8 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
         except ValueError:
             pass
     index = getattr(value, "class_index", None)  # a ClassLabel's name, whose number the map may name
+    if isinstance(value, bool):  # a boolean column (parquet, JSON true/false): 1 and 0 where the map has no true
+        index = int(value)
     if key.lower() not in lowered and index is not None and str(index) in lowered:
         key = str(index)
     if key.lower() not in lowered:
