@@ -72,6 +72,28 @@ def _table_texts(columns: dict[str, list], where: Path) -> list[str]:
     return [t for t in texts if t]
 
 
+def _delimited_columns(path: Path, delimiter: str, encoding: str) -> dict[str, list]:
+    """The columns of a CSV/TSV corpus by its header row; a file of one column may have none."""
+    from hmcl_cli.data.example import BadRow
+    from hmcl_cli.data.readers import _records_delimited
+
+    rows = []
+    for item in _records_delimited(path, delimiter, encoding):
+        if isinstance(item, BadRow):
+            raise DataError(item.located())
+        rows.append(item[1])
+    if not rows:
+        return {}
+    width = max(len(r) for r in rows)
+    header = [c.strip() for c in rows[0]]
+    if width == 1 and "text" not in header:  # one document per row, no header
+        return {"text": [r[0] if r else None for r in rows]}
+    if len(header) != width or len(set(header)) != width:
+        raise DataError(f"mine.corpus: {path} is a table of {width} columns without a header row naming them",
+                        hint="add a header row with a `text` column (and an optional `title`)")
+    return {name: [r[i] if i < len(r) else None for r in rows[1:]] for i, name in enumerate(header)}
+
+
 def _saved_dataset_columns(path: Path) -> dict[str, list]:
     """The columns of a folder saved by ``datasets``' ``save_to_disk`` (of a dataset dict, its only split)."""
     import datasets
@@ -90,8 +112,8 @@ def _saved_dataset_columns(path: Path) -> dict[str, list]:
 
 def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
     """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file (or a .json array) of
-    ``{"title", "text"}`` objects, a parquet file's or saved dataset's ``text`` (and ``title``)
-    columns (:func:`_table_texts`) or a text file of one document
+    ``{"title", "text"}`` objects, a parquet, CSV or TSV file's or saved dataset's ``text`` (and
+    ``title``) columns (:func:`_table_texts`) or a text file of one document
     per line (the JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``, and
     in another text ``encoding`` than UTF-8)."""
     from hmcl_cli.data.example import BadRow
@@ -111,6 +133,8 @@ def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
         import pyarrow.parquet as pq
 
         return _table_texts(pq.read_table(path).to_pydict(), path)
+    if suffix in (".csv", ".tsv"):  # a table: its text column, never its lines (ids, commas and header included)
+        return _table_texts(_delimited_columns(path, "\t" if suffix == ".tsv" else ",", encoding), path)
     if suffix in (".jsonl", ".json"):
         for item in json_records(path, encoding):
             if isinstance(item, BadRow):

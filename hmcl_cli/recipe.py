@@ -378,9 +378,10 @@ class MineConfig(_Section):
     enabled: bool = Field(False, description="Run the mine stage in `hmcl run`.")
     corpus: list[str] = Field(
         default_factory=list,
-        description="Extra corpus files (jsonl, a .json array, txt, parquet, a folder saved by `datasets` or a BEIR "
-        "folder; jsonl/txt may be .gz/.bz2/.xz/.zst) besides the dataset's own candidates. A table's documents are "
-        "its `text` column (after its `title`), else its one column of strings.",
+        description="Extra corpus files (jsonl, a .json array, txt: a document per line, csv/tsv with a header, "
+        "parquet, a folder saved by `datasets` or a BEIR folder; jsonl/txt may be .gz/.bz2/.xz/.zst) besides the "
+        "dataset's own candidates. A table's documents are its `text` column (after its `title`), else its one "
+        "column of strings.",
     )
     encoding: Encoding = Field("utf-8", description="Text encoding of the `corpus` files (jsonl, json, txt): e.g. "
                                "cp1252 or latin-1, utf-16 (any Python codec name).")

@@ -392,7 +392,7 @@ def test_a_corpus_table_is_read_by_its_text_column_never_by_its_first(tmp_path):
     """A parquet corpus without a `text` column was read by its first column: with `doc_id, body`
     the ids were mined as documents, silently. A table's documents are its `text` column (after
     its `title`, as in a JSONL corpus), else its one column of strings; several are an error naming
-    them. A folder saved by `datasets` reads alike."""
+    them. A folder saved by `datasets` reads alike, and so do CSV and TSV files."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -410,6 +410,13 @@ def test_a_corpus_table_is_read_by_its_text_column_never_by_its_first(tmp_path):
     assert read_corpus(tmp_path / "titled.parquet") == docs
     datasets.Dataset.from_dict({"doc_id": ["d1", "d2"], "text": docs}).save_to_disk(str(tmp_path / "saved"))
     assert read_corpus(tmp_path / "saved") == docs
+    # a CSV/TSV corpus was read line by line: its header and ids became documents, quotes kept
+    (tmp_path / "docs.csv").write_text('id,text\nd1,"Refunds take five days, usually."\nd2,We ship worldwide.\n')
+    assert read_corpus(tmp_path / "docs.csv") == ["Refunds take five days, usually.", docs[1]]
+    (tmp_path / "docs.tsv").write_text("title\ttext\nRefunds\ttake five days.\n\tWe ship worldwide.\n")
+    assert read_corpus(tmp_path / "docs.tsv") == docs
+    (tmp_path / "one.csv").write_text("".join(f"{d}\n" for d in docs))  # one column, no header
+    assert read_corpus(tmp_path / "one.csv") == docs
 
 
 def test_training_unmined_data_of_a_recipe_that_mines_is_warned_about(tmp_path, tiny_bert, capsys):
