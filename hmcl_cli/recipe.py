@@ -228,7 +228,8 @@ class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
     path: Optional[str] = Field(
-        None, description="Local file or folder (relative to the recipe file): a data file, a folder saved by "
+        None, description="Local file or folder (relative to the recipe file): a data file, a pattern of files "
+        "(`shards/train-*.parquet`: those it matches, by name, `max_rows` over them all), a folder saved by "
         "`datasets`' `save_to_disk`, or (format qrels) a BEIR folder."
     )
     hub: Optional[str] = Field(None, description="Hub dataset name (needs network).")

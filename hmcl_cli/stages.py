@@ -549,8 +549,13 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
         written = recipe.written_as(key)
         out.append((key, f"{'.'.join(map(str, key))}: {value} {why}" + (f" ({written})" if written else "")))
 
+    from hmcl_cli.data.readers import is_pattern, source_files
+
     for i, src in enumerate(recipe.data.sources):
-        if src.path and not recipe.resolve(src.path).exists():
+        if src.path and is_pattern(src.path):
+            if not source_files(recipe.resolve(src.path)):
+                note(("data", "sources", i, "path"), src.path, "matches no file")
+        elif src.path and not recipe.resolve(src.path).exists():
             note(("data", "sources", i, "path"), src.path)
     if recipe.mine.enabled:
         for i, p in enumerate(recipe.mine.corpus):

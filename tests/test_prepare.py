@@ -668,3 +668,33 @@ def test_a_boolean_label_reads_as_1_and_0(tmp_path):
             progress=False)
     (row,) = _written(tmp_path)
     assert row["pos"] == ["I forgot my password, what now"] and row["neg"] == ["where is my parcel"]
+
+
+def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):
+    """A data set downloaded as shards (train-00000-of-00003.csv, ...) needed one source per file. A
+    pattern reads the files it matches, by name, each with its own header; `max_rows` counts over
+    them all; a pattern matching nothing is an error; a shard added later is a change of the data
+    (training stops, as for an edited file)."""
+    from hmcl_cli.stages import check_prepared
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = [(f"query {i}", f"text {i}", 4.5 if i % 2 else 0.5) for i in range(6)]
+    for k in range(3):
+        (shards / f"train-{k:05d}-of-00003.csv").write_text(
+            "sentence1,sentence2,score\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows[2 * k:2 * k + 2]))
+    (shards / "test-00000-of-00001.csv").write_text("sentence1,sentence2,score\nnot,this,1.0\n")
+    source = {"path": str(shards / "train-*.csv"), "format": "sts", "split": "train"}
+    recipe = _recipe(tmp_path, [source])
+    stats = prepare(recipe, progress=False)
+    assert sorted(r["query"] for r in _written(tmp_path)) == [a for a, _, _ in rows]
+    assert stats["sources"]["train-*.csv"]["rows"] == 6
+    prepare(_recipe(tmp_path, [{**source, "max_rows": 3}]), progress=False)
+    assert sorted(r["query"] for r in _written(tmp_path)) == ["query 0", "query 1", "query 2"]
+    with pytest.raises(DataError, match=r"train-\*.tsv matches no file"):
+        prepare(_recipe(tmp_path, [{**source, "path": str(shards / "train-*.tsv")}]), progress=False)
+    prepare(recipe, progress=False)
+    check_prepared(recipe)  # nothing changed
+    (shards / "train-00003-of-00004.csv").write_text("sentence1,sentence2,score\nquery 9,text 9,4.0\n")
+    with pytest.raises(DataError, match="prepared from other data"):
+        check_prepared(recipe)

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from hmcl_cli.data.readers import is_pattern, source_files
 from hmcl_cli.recipe import Recipe
 
 NOT_COMPARED = {"weight", "path"}  # sampling only; where the files are (their content is compared)
@@ -38,7 +39,9 @@ def _source_files(recipe: Recipe) -> list[list[Path]]:
     out = []
     for src in recipe.data.sources:
         files: list[Path] = []
-        if src.path:
+        if src.path and is_pattern(src.path):  # the files it matches now (one more or fewer is a change)
+            files = [p.resolve() for p in source_files(recipe.resolve(src.path))]
+        elif src.path:
             path = recipe.resolve(src.path).resolve()
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
         out.append(files)

@@ -19,7 +19,7 @@ import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, show_table, warn
 from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
-from hmcl_cli.data.readers import is_saved_dataset, json_records, read_source, source_labels
+from hmcl_cli.data.readers import is_pattern, is_saved_dataset, json_records, read_source, source_files, source_labels
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import gc_paused, write_json_atomic, write_jsonl_atomic
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -200,9 +200,11 @@ def _check_outputs_are_not_sources(recipe: Recipe) -> None:
     out = recipe.run_dir / "data"
     written = {(out / name).resolve(): name for name in DATA_OUTPUTS}
     for i, src in enumerate(recipe.data.sources):
-        if src.path and recipe.resolve(src.path).resolve() in written:
+        hit = next((f.resolve() for f in source_files(recipe.resolve(src.path)) if f.resolve() in written), None) \
+            if src.path else None
+        if hit is not None:
             raise DataError(
-                f"data.sources.{i}.path {src.path} is {out / written[recipe.resolve(src.path).resolve()]}, a file "
+                f"data.sources.{i}.path {src.path} {'matches' if is_pattern(src.path) else 'is'} {out / written[hit]}, a file "
                 f"prepare writes (a run's prepared data goes to <output_dir>/data/, here {out}): preparing would "
                 "overwrite your source",
                 hint="set output_dir to a folder of its own (the default is runs/${name}), or rename the source file")
@@ -212,10 +214,13 @@ def _source_path(recipe: Recipe, src: SourceConfig, st: _SourceStats) -> Optiona
     if not src.path:
         return None
     path = recipe.resolve(src.path)
-    exists = path.is_dir() if src.format == "qrels" else (path.is_file() or is_saved_dataset(path))
+    if src.format != "qrels" and is_pattern(path):
+        exists = bool(source_files(path))
+    else:
+        exists = path.is_dir() if src.format == "qrels" else (path.is_file() or is_saved_dataset(path))
     if exists:
         return path
-    msg = f"data source {path} does not exist"
+    msg = f"data source {path} {'matches no file' if is_pattern(path) else 'does not exist'}"
     if path.is_dir():  # (a qrels source is a folder; every other format reads a file or a saved dataset)
         msg = (f"data source {path} is a folder; format {src.format} reads a file, or a folder saved by `datasets`' "
                "save_to_disk (with state.json or dataset_dict.json), which this is not (a BEIR folder of corpus, "

@@ -8,6 +8,7 @@ Files are streamed row by row, so a large source never sits in memory whole.
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import math
 import re
@@ -656,15 +657,43 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def is_pattern(path: Union[str, Path, None]) -> bool:
+    """A source path that is a glob pattern (``shards/train-*.parquet``): it names several files."""
+    return path is not None and any(c in str(path) for c in "*?[")
+
+
+def source_files(path: Path) -> list[Path]:
+    """The files a source path reads: itself, or the files a pattern matches, by name."""
+    if not is_pattern(path):
+        return [path]
+    return sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+
+
 def read_source(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
-    """Stream ``(line, GradedExample)`` items and ``BadRow`` items from one source."""
+    """Stream ``(line, GradedExample)`` items and ``BadRow`` items from one source. A pattern
+    (``shards/train-*.parquet``) reads the files it matches one after another (each with its own
+    header), ``max_rows`` counting over them all; their lines are then (file number, line)."""
     if src.format == "qrels":
         yield from _read_qrels(src, path)
         return
+    if not is_pattern(path):
+        yield from _read_file(src, path, [0])
+        return
+    rows = [0]
+    for i, file in enumerate(source_files(path)):
+        for item in _read_file(src, file, rows):
+            if not isinstance(item, BadRow):
+                item = ((i, item[0]), item[1])
+            yield item
+        if src.max_rows and rows[0] >= src.max_rows:
+            return
+
+
+def _read_file(src: SourceConfig, path: Optional[Path], rows: list[int]) -> Iterator[Row]:
+    """:func:`read_source` of one file (or hub dataset); ``rows[0]`` counts the rows read."""
     where = str(path) if path else f"hub:{src.hub}"
     cols = Columns(src, src.format, where)
     first = True
-    count = 0
     for item in records(src, path):
         if isinstance(item, BadRow):
             yield item
@@ -696,8 +725,8 @@ def read_source(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             except BadRow as bad:
                 bad.file, bad.line = where, line
                 yield bad
-        count += 1
-        if src.max_rows and count >= src.max_rows:
+        rows[0] += 1
+        if src.max_rows and rows[0] >= src.max_rows:
             return
 
 
