@@ -174,7 +174,7 @@ def eval_(
     mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", metavar="TASK", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="Split of --mteb tasks, BEIR --retrieval folders and dataset dicts saved by `datasets`."),
     gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails. It judges the first --model not labelled base (one it compares with: the first other)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here (`-`: standard output, the table and log then go to stderr)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here (with a recipe, also to its run's eval/results.json; `-`: standard output, the table and log then go to stderr)."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Grouped bar chart of each task's main metric (PNG; `-`: standard output)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help="Encoding batch size (default: the recipe's eval.batch_size, else 128)."),
     dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, metavar="N", help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),

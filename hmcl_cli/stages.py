@@ -271,7 +271,7 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     """Evaluate the run's model (and the base, and any extra models) on the recipe's tasks;
     ``models`` instead of those, or ``more_models`` beside them (a label of theirs replaces theirs).
 
-    Results go to ``json_out``, else (``in_run_dir``) to ``<run>/eval/results.json``."""
+    Results go to ``<run>/eval/results.json`` (``in_run_dir``), and to ``json_out`` too."""
     from hmcl_cli.evaluation.runner import (check_gates, enforce_gates, evaluate, judged_model, plot_report,
                                              print_table, save_report)
 
@@ -346,9 +346,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     subject = judged_model(report["models"])
     gate_rows = check_gates(report, gates, subject) if gates else []
     report["gates"] = gate_rows
-    out = json_out or (recipe.run_dir / "eval" / "results.json" if in_run_dir else None)
-    if out is not None:
-        save_report(report, out)
+    run_results = recipe.run_dir / "eval" / "results.json"
+    for out in ([run_results] if in_run_dir else []) + ([json_out] if json_out and Path(json_out) != run_results else []):
+        save_report(report, out)  # (with a recipe, the run's results are its latest eval's whatever --json says)
     if plot:
         plot_report(report, plot)
     enforce_gates(gate_rows)

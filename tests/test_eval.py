@@ -673,6 +673,9 @@ def test_eval_cache_is_off_when_the_recipe_says_so_and_for_a_call_without_a_reci
         run_eval(recipe, json_out=tmp_path / "r.json", in_run_dir=in_run_dir)
         files = list(out.rglob("evalemb-*.npz"))
         assert len(files) == (1 if cached and in_run_dir else 0), (cached, in_run_dir)
+        # --json beside a recipe: the run's results are this eval's too (its model card reads them)
+        assert (tmp_path / "r.json").is_file() and (out / "eval" / "results.json").is_file() == in_run_dir
+        (tmp_path / "r.json").unlink()
 
 
 def test_weights_digest_sees_a_change_its_sample_skips(tiny_bert):
