@@ -41,6 +41,7 @@ import torch
 from hmcl_cli.console import log, warn
 from hmcl_cli.data.example import Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
+from hmcl_cli.data.readers import source_files
 from hmcl_cli.errors import DataError, import_optional
 from hmcl_cli.evaluation.graded import encode_queries
 from hmcl_cli.io_utils import (binary_lines, data_suffix, find_data_file, text_lines, use_cache_entry, write_json_atomic,
@@ -330,7 +331,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     model = model or EmbeddingModel.from_recipe(recipe.model, recipe.base_dir)
     model.to(best_device())
     corpus = list(dict.fromkeys([t for ex in examples for t in ex.candidates] +
-                                [t for p in cfg.corpus for t in read_corpus(recipe.resolve(p), cfg.encoding)]))
+                                [t for p in cfg.corpus for f in source_files(recipe.resolve(p)) for t in read_corpus(f, cfg.encoding)]))
     if not corpus:
         raise DataError("mine: the corpus is empty")
     # the weights themselves, every encoding setting and the device type: a model folder trained

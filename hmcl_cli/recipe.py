@@ -380,7 +380,8 @@ class MineConfig(_Section):
     corpus: list[str] = Field(
         default_factory=list,
         description="Extra corpus files (jsonl, a .json array, txt: a document per line, csv/tsv with a header, "
-        "parquet, a folder saved by `datasets` or a BEIR folder; jsonl/txt may be .gz/.bz2/.xz/.zst) besides the "
+        "parquet, a folder saved by `datasets` or a BEIR folder; jsonl/txt may be .gz/.bz2/.xz/.zst; a pattern such "
+        "as `docs/part-*.csv` adds the files it matches) besides the "
         "dataset's own candidates. A table's documents are its `text` column (after its `title`), else its one "
         "column of strings.",
     )

@@ -559,7 +559,9 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
             note(("data", "sources", i, "path"), src.path)
     if recipe.mine.enabled:
         for i, p in enumerate(recipe.mine.corpus):
-            if not recipe.resolve(p).exists():
+            if is_pattern(p) and not source_files(recipe.resolve(p)):
+                note(("mine", "corpus", i), p, "matches no file")
+            elif not is_pattern(p) and not recipe.resolve(p).exists():
                 note(("mine", "corpus", i), p)
     if recipe.train.accelerate_config and not recipe.resolve(recipe.train.accelerate_config).is_file():
         note(("train", "accelerate_config"), recipe.train.accelerate_config)

@@ -437,3 +437,27 @@ def test_training_unmined_data_of_a_recipe_that_mines_is_warned_about(tmp_path, 
     capsys.readouterr()
     _check_mined(recipe)
     assert "not mined" not in capsys.readouterr().err
+
+
+def test_mine_corpus_entries_may_be_patterns(tmp_path, tiny_bert):
+    """`mine.corpus: [docs/part-*.csv]` (a corpus in shards) was "does not exist"; a pattern adds
+    the files it matches, and one matching nothing is named before mining."""
+    from hmcl_cli.stages import missing_inputs
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for k in range(2):
+        (docs / f"part-{k}.csv").write_text("text\n" + "".join(f"extra document {k}-{i}\n" for i in range(5)))
+    free = {"range_min": 0, "range_max": 30, "relative_margin": None, "num_negatives": 1}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={**free, "enabled": True, "corpus": ["docs/part-*.csv"]}))
+    prepare(recipe, progress=False)
+    alone = load_recipe(write_recipe(tmp_path / "alone", tiny_bert, mine={**free, "enabled": True}))
+    prepare(alone, progress=False)
+    assert not missing_inputs(recipe)
+    mine(recipe)
+    mine(alone)
+    report = json.loads((recipe.run_dir / "data" / "mining_report.json").read_text())
+    without = json.loads((alone.run_dir / "data" / "mining_report.json").read_text())
+    assert report["corpus"] == without["corpus"] + 10
+    missing = missing_inputs(load_recipe(write_recipe(tmp_path, tiny_bert, mine={"enabled": True, "corpus": ["docs/x-*.csv"]})))
+    assert [line for _, line in missing] == ["mine.corpus.0: docs/x-*.csv matches no file"]
