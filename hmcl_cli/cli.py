@@ -10,7 +10,7 @@ from typing import List, Optional
 import typer
 from rich.markup import escape
 
-from hmcl_cli.console import console, err_console
+from hmcl_cli.console import console, err_console, output_on_stderr
 from hmcl_cli.errors import HmclError, InterruptedRun, from_system_error
 
 
@@ -214,7 +214,6 @@ def eval_(
         r.eval.dims = list(dim)
     # a flag-only call (no recipe) writes a file only when asked with --json
     # with a recipe, --model adds to its models (base, eval.compare, fine-tuned): its gates still apply
-    from hmcl_cli.console import output_on_stderr
     from hmcl_cli.io_utils import writes_stdout
 
     with output_on_stderr(writes_stdout(json_out) or writes_stdout(plot)):  # stdout holds the data alone

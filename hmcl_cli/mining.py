@@ -39,9 +39,9 @@ import numpy as np
 import torch
 
 from hmcl_cli.console import log, warn
-from hmcl_cli.data.example import Candidate, GradedExample
+from hmcl_cli.data.example import BadRow, Candidate, GradedExample
 from hmcl_cli.data.prepare import load_graded
-from hmcl_cli.data.readers import source_files
+from hmcl_cli.data.readers import delimited_records, is_saved_dataset, json_records, saved_dataset, source_files
 from hmcl_cli.errors import DataError, import_optional
 from hmcl_cli.evaluation.graded import encode_queries
 from hmcl_cli.io_utils import (binary_lines, data_suffix, find_data_file, text_lines, use_cache_entry, write_json_atomic,
@@ -50,7 +50,7 @@ from hmcl_cli.recipe import Recipe
 
 
 def _table_texts(columns: dict[str, list], where: Path) -> list[str]:
-    """The documents of a table (parquet, a saved dataset): its ``text`` column, each after its
+    """The documents of a table (parquet, CSV/TSV, a saved dataset): its ``text`` column, each after its
     ``title`` where there is one (as a JSONL corpus reads); without ``text``, its one column of
     strings. A table with several such columns is an error naming them (its first column, an id,
     was read as the documents)."""
@@ -75,11 +75,8 @@ def _table_texts(columns: dict[str, list], where: Path) -> list[str]:
 
 def _delimited_columns(path: Path, delimiter: str, encoding: str) -> dict[str, list]:
     """The columns of a CSV/TSV corpus by its header row; a file of one column may have none."""
-    from hmcl_cli.data.example import BadRow
-    from hmcl_cli.data.readers import _records_delimited
-
     rows = []
-    for item in _records_delimited(path, delimiter, encoding):
+    for item in delimited_records(path, delimiter, encoding):
         if isinstance(item, BadRow):
             raise DataError(item.located())
         rows.append(item[1])
@@ -95,35 +92,15 @@ def _delimited_columns(path: Path, delimiter: str, encoding: str) -> dict[str, l
     return {name: [r[i] if i < len(r) else None for r in rows[1:]] for i, name in enumerate(header)}
 
 
-def _saved_dataset_columns(path: Path) -> dict[str, list]:
-    """The columns of a folder saved by ``datasets``' ``save_to_disk`` (of a dataset dict, its only split)."""
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
-        raise DataError(f"mine.corpus: {path} cannot be read as a dataset saved by `datasets`: {type(e).__name__}: {e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if len(ds) != 1:
-            raise DataError(f"mine.corpus: {path} is a dataset dict of several splits ({', '.join(ds)})",
-                            hint="save the corpus split alone (`dataset_dict[split].save_to_disk(folder)`)")
-        ds = next(iter(ds.values()))
-    return ds.to_dict()
-
-
 def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
     """Texts of a corpus: a BEIR folder's corpus.jsonl, a JSONL file (or a .json array) of
     ``{"title", "text"}`` objects, a parquet, CSV or TSV file's or saved dataset's ``text`` (and
     ``title``) columns (:func:`_table_texts`) or a text file of one document
     per line (the JSONL and text files may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``, and
     in another text ``encoding`` than UTF-8)."""
-    from hmcl_cli.data.example import BadRow
-    from hmcl_cli.data.readers import json_records
-
-    from hmcl_cli.data.readers import is_saved_dataset
-
-    if is_saved_dataset(path):
-        return _table_texts(_saved_dataset_columns(path), path)
+    if is_saved_dataset(path):  # (a dataset dict: its only split)
+        corpus = saved_dataset(path, None, hint="save the corpus split alone (`dataset_dict[split].save_to_disk(folder)`)")
+        return _table_texts(corpus.to_dict(), path)
     if path.is_dir():
         path = find_data_file(path, "corpus.jsonl") or path / "corpus.jsonl"
     if not path.is_file():

@@ -201,6 +201,8 @@ def _one_character(v: Optional[str]) -> Optional[str]:
 
 
 Delimiter = Annotated[str, AfterValidator(_one_character)]
+DELIMITER_HELP = ("CSV/TSV field separator; unset: `,` for csv, a tab for tsv. A CSV saved by a European "
+                  "Excel is separated by `;`: with `;`, a score written with a decimal comma (`4,5`) reads as 4.5.")
 
 
 def _label_keys(value: Any) -> Any:
@@ -220,8 +222,6 @@ def _label_keys(value: Any) -> Any:
 
 
 LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
-DELIMITER_HELP = ("CSV/TSV field separator; unset: `,` for csv, a tab for tsv. A CSV saved by a European "
-                  "Excel is separated by `;`: with `;`, a score written with a decimal comma (`4,5`) reads as 4.5.")
 
 
 class SourceConfig(_Section):

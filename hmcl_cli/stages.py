@@ -346,9 +346,12 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     subject = judged_model(report["models"])
     gate_rows = check_gates(report, gates, subject) if gates else []
     report["gates"] = gate_rows
-    run_results = recipe.run_dir / "eval" / "results.json"
-    for out in ([run_results] if in_run_dir else []) + ([json_out] if json_out and Path(json_out) != run_results else []):
-        save_report(report, out)  # (with a recipe, the run's results are its latest eval's whatever --json says)
+    # with a recipe, the run's results are its latest eval's whatever --json says (its model card reads them)
+    outs = [recipe.run_dir / "eval" / "results.json"] if in_run_dir else []
+    if json_out is not None and Path(json_out) not in outs:
+        outs.append(json_out)
+    for out in outs:
+        save_report(report, out)
     if plot:
         plot_report(report, plot)
     enforce_gates(gate_rows)
@@ -551,18 +554,17 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
 
     from hmcl_cli.data.readers import is_pattern, source_files
 
+    def note_absent(key: tuple, value: str) -> None:  # a path, or a pattern of files (shards/train-*.parquet)
+        path = recipe.resolve(value)
+        if not (source_files(path) if is_pattern(path) else path.exists()):
+            note(key, value, "matches no file" if is_pattern(path) else "does not exist")
+
     for i, src in enumerate(recipe.data.sources):
-        if src.path and is_pattern(src.path):
-            if not source_files(recipe.resolve(src.path)):
-                note(("data", "sources", i, "path"), src.path, "matches no file")
-        elif src.path and not recipe.resolve(src.path).exists():
-            note(("data", "sources", i, "path"), src.path)
+        if src.path:
+            note_absent(("data", "sources", i, "path"), src.path)
     if recipe.mine.enabled:
         for i, p in enumerate(recipe.mine.corpus):
-            if is_pattern(p) and not source_files(recipe.resolve(p)):
-                note(("mine", "corpus", i), p, "matches no file")
-            elif not is_pattern(p) and not recipe.resolve(p).exists():
-                note(("mine", "corpus", i), p)
+            note_absent(("mine", "corpus", i), p)
     if recipe.train.accelerate_config and not recipe.resolve(recipe.train.accelerate_config).is_file():
         note(("train", "accelerate_config"), recipe.train.accelerate_config)
     if recipe.eval.enabled:

@@ -674,7 +674,7 @@ def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):
     """A data set downloaded as shards (train-00000-of-00003.csv, ...) needed one source per file. A
     pattern reads the files it matches, by name, each with its own header; `max_rows` counts over
     them all; a pattern matching nothing is an error; a shard added later is a change of the data
-    (training stops, as for an edited file)."""
+    (training stops, as for an edited file). A file named `pairs[1].csv` is still that file."""
     from hmcl_cli.stages import check_prepared
 
     shards = tmp_path / "shards"
@@ -698,3 +698,7 @@ def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):
     (shards / "train-00003-of-00004.csv").write_text("sentence1,sentence2,score\nquery 9,text 9,4.0\n")
     with pytest.raises(DataError, match="prepared from other data"):
         check_prepared(recipe)
+    # a file whose name holds a pattern character is that file, not a pattern
+    (tmp_path / "pairs[1].csv").write_text("sentence1,sentence2,score\nbracketed,file,4.5\n")
+    prepare(_recipe(tmp_path, [{**source, "path": str(tmp_path / "pairs[1].csv")}]), progress=False)
+    assert [r["query"] for r in _written(tmp_path)] == ["bracketed"]

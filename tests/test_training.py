@@ -936,7 +936,7 @@ def test_metric_for_best_auto_is_spearman_on_scored_dev_data_and_ndcg_otherwise(
 
 def test_the_model_card_shows_the_eval_and_recipe_of_the_model_it_ships(tmp_path, tiny_bert, capsys):
     """`hmcl train` again (another --set), then `hmcl export` without `hmcl eval`: the card showed
-    the earlier model's scores (0.7465 for a model that scored 0.7111) and the export call's
+    the earlier model's scores (0.7465, for a model whose dev Spearman was 0.7111) and the export call's
     recipe as "what it was trained with". The card now takes eval/results.json only where it scored
     the model folder as it is, and the recipe the model was trained with (kept in the folder). Its
     data table counted stats.json, written before `hmcl mine` added candidates; it counts the

@@ -39,10 +39,10 @@ def _source_files(recipe: Recipe) -> list[list[Path]]:
     out = []
     for src in recipe.data.sources:
         files: list[Path] = []
-        if src.path and is_pattern(src.path):  # the files it matches now (one more or fewer is a change)
-            files = [p.resolve() for p in source_files(recipe.resolve(src.path))]
-        elif src.path:
-            path = recipe.resolve(src.path).resolve()
+        path = recipe.resolve(src.path).resolve() if src.path else None
+        if is_pattern(path):  # the files it matches now (one more or fewer is a change)
+            files = [p.resolve() for p in source_files(path)]
+        elif path is not None:
             files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
         out.append(files)
     return out
@@ -117,7 +117,7 @@ def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
     if record is None or not isinstance(record.get("files"), list):
         return None
     changes = differences({k: record.get(k) for k in ("data", "seed")}, data_settings(recipe))
-    for i,  (then, now) in enumerate(zip(record["files"], _source_files(recipe))):
+    for i, (then, now) in enumerate(zip(record["files"], _source_files(recipe))):
         if len(then) != len(now):
             changes.append(f"data.sources.{i}: {len(then)} file(s) read then, {len(now)} now")
             continue

@@ -200,11 +200,11 @@ def _check_outputs_are_not_sources(recipe: Recipe) -> None:
     out = recipe.run_dir / "data"
     written = {(out / name).resolve(): name for name in DATA_OUTPUTS}
     for i, src in enumerate(recipe.data.sources):
-        hit = next((f.resolve() for f in source_files(recipe.resolve(src.path)) if f.resolve() in written), None) \
-            if src.path else None
+        path = recipe.resolve(src.path) if src.path else None
+        hit = next((f.resolve() for f in source_files(path) if f.resolve() in written), None) if path else None
         if hit is not None:
             raise DataError(
-                f"data.sources.{i}.path {src.path} {'matches' if is_pattern(src.path) else 'is'} {out / written[hit]}, a file "
+                f"data.sources.{i}.path {src.path} {'matches' if is_pattern(path) else 'is'} {out / written[hit]}, a file "
                 f"prepare writes (a run's prepared data goes to <output_dir>/data/, here {out}): preparing would "
                 "overwrite your source",
                 hint="set output_dir to a folder of its own (the default is runs/${name}), or rename the source file")

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.errors import DataError
@@ -125,7 +125,7 @@ def _bad_utf8(path: Path, line: int, marker: str) -> BadRow:
                   "source's `encoding`, e.g. cp1252)", str(path), line, kind="not UTF-8")
 
 
-def _records_delimited(path: Path, delimiter: str, encoding: str = "utf-8") -> Iterator[Union[tuple[int, list], BadRow]]:
+def delimited_records(path: Path, delimiter: str, encoding: str = "utf-8") -> Iterator[Union[tuple[int, list], BadRow]]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL  # Excel quotes a field holding its separator
     reader = csv.reader(_decoded_lines(path, encoding), delimiter=delimiter, quoting=quoting, strict=True)
     while True:
@@ -280,11 +280,11 @@ def _records_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
     n = 0
     file = pq.ParquetFile(path)
-    named = _class_names(_parquet_features(file))
+    name = _class_namer(_parquet_features(file)) or (lambda row: row)
     for batch in file.iter_batches(batch_size=4096):
         for row in batch.to_pylist():
             n += 1
-            yield n, ({c: named(c, v) for c, v in row.items()} if named else row)
+            yield n, name(row)
 
 
 def _parquet_features(file: Any) -> Any:
@@ -334,47 +334,47 @@ class _ClassName(str):
         return out
 
 
-def _class_names(features: Any):
-    """``named(column, value)``: a ClassLabel column's value as its name (:class:`_ClassName`), any
-    other value as it is; ``features`` are a ``datasets`` dataset's (None: none known). None where
-    no column is a ClassLabel."""
+def _class_namer(features: Any) -> Optional[Callable[[dict], dict]]:
+    """``name(row)``: the row with each ClassLabel column's number as its name (:class:`_ClassName`),
+    for ``features`` (a ``datasets`` dataset's; None: none known); None where no column is one."""
+    if not features:
+        return None
     import datasets
 
-    classes = {name: f for name, f in (features or {}).items() if isinstance(f, datasets.ClassLabel)}
+    classes = {col: f for col, f in features.items() if isinstance(f, datasets.ClassLabel)}
     if not classes:
         return None
 
-    def named(col: str, value: Any) -> Any:
-        feature = classes.get(col)
-        if feature is None or not isinstance(value, int) or not 0 <= value < feature.num_classes:
-            return value
-        return _ClassName(feature.int2str(value), value)
+    def name(row: dict) -> dict:
+        for col, feature in classes.items():
+            value = row.get(col)
+            if isinstance(value, int) and 0 <= value < feature.num_classes:
+                row[col] = _ClassName(feature.int2str(value), value)
+        return row
 
-    return named
+    return name
 
 
 def _dataset_rows(ds: Any) -> Iterator[tuple[int, dict]]:
-    """(row number, row) of a ``datasets`` dataset, read in batches; a ClassLabel column's values
-    as their names."""
+    """(row number, row) of a ``datasets`` dataset (in batches) or stream; a ClassLabel column's
+    values as their names."""
     import datasets
 
-    named = _class_names(getattr(ds, "features", None))
-    n = 0
+    name = _class_namer(getattr(ds, "features", None)) or (lambda row: row)
+    rows: Iterator[dict] = ds
     if isinstance(ds, datasets.Dataset):
-        for batch in ds.iter(batch_size=4096):
-            cols = list(batch)
-            for j in range(len(batch[cols[0]]) if cols else 0):
-                n += 1
-                yield n, {c: named(c, batch[c][j]) if named else batch[c][j] for c in cols}
-        return
-    for row in ds:  # a streamed (hub) dataset
-        n += 1
-        yield n, ({c: named(c, v) for c, v in row.items()} if named else row)
+        rows = (dict(zip(batch, values)) for batch in ds.iter(batch_size=4096) for values in zip(*batch.values()))
+    for n, row in enumerate(rows, 1):
+        yield n, name(row)
 
 
-def _records_saved_dataset(src: SourceConfig, path: Path) -> Iterator[tuple[int, dict]]:
-    """Rows of a folder saved by ``datasets``' ``save_to_disk``; of a dataset dict, the split
-    ``hub_split`` names (or its only split)."""
+SPLIT_HINT = ("name the split to read: a data source's `hub_split` (a second source of the same folder can read "
+              "another split, with `split: dev`), an eval task's `split` (`--split` with task flags)")
+
+
+def saved_dataset(path: Path, split: Optional[str], hint: str = SPLIT_HINT) -> Any:
+    """The dataset of a folder saved by ``datasets``' ``save_to_disk``; of a dataset dict, its
+    ``split`` (or its only split), its splits named in the error where that is not there."""
     import datasets
 
     try:
@@ -382,19 +382,14 @@ def _records_saved_dataset(src: SourceConfig, path: Path) -> Iterator[tuple[int,
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
         raise DataError(f"{path}: cannot be read as a dataset saved by `datasets` (save_to_disk): {type(e).__name__}: {e}",
                         hint="save it again with `dataset.save_to_disk(folder)`, or export it to jsonl/csv/parquet") from None
-    if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds)
-        if src.hub_split is None and len(splits) == 1:
-            ds = ds[splits[0]]
-        elif src.hub_split in ds:
-            ds = ds[src.hub_split]
-        else:
-            said = f"has no split {src.hub_split!r}" if src.hub_split else "holds several splits"
-            raise DataError(f"{path} (a dataset dict saved by `datasets`) {said} (its splits: {', '.join(splits)})",
-                            hint=f"name the split to read: a data source's `hub_split` (e.g. hub_split: {splits[0]}; "
-                                 "a second source of the same folder can read another split, with `split: dev`), "
-                                 "an eval task's `split` (`--split` with task flags)")
-    yield from _dataset_rows(ds)
+    if not isinstance(ds, datasets.DatasetDict):
+        return ds
+    if split is None and len(ds) == 1:
+        return next(iter(ds.values()))
+    if split in ds:
+        return ds[split]
+    said = f"has no split {split!r}" if split else "holds several splits"
+    raise DataError(f"{path} (a dataset dict saved by `datasets`) {said} (its splits: {', '.join(ds)})", hint=hint)
 
 
 def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int, Any], BadRow]]:
@@ -407,9 +402,9 @@ def records(src: SourceConfig, path: Optional[Path]) -> Iterator[Union[tuple[int
     elif kind == "parquet":
         yield from _records_parquet(path)
     elif kind == "datasets":
-        yield from _records_saved_dataset(src, path)
+        yield from _dataset_rows(saved_dataset(path, src.hub_split))
     else:
-        yield from _records_delimited(path, delimiter_of(src, kind), src.encoding)
+        yield from delimited_records(path, delimiter_of(src, kind), src.encoding)
 
 
 def delimiter_of(src: SourceConfig, kind: str) -> str:
@@ -629,6 +624,8 @@ def _text(value: Any, role: str) -> str:
 
 
 def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
+    if isinstance(value, bool):  # a boolean column (parquet, JSON true/false): true/false, else 1/0, in the map
+        value = _ClassName(str(value).lower(), int(value))
     key = str(value).strip()
     if isinstance(value, float) and value.is_integer():
         key = str(int(value))
@@ -641,8 +638,6 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
         except ValueError:
             pass
     index = getattr(value, "class_index", None)  # a ClassLabel's name, whose number the map may name
-    if isinstance(value, bool):  # a boolean column (parquet, JSON true/false): 1 and 0 where the map has no true
-        index = int(value)
     if key.lower() not in lowered and index is not None and str(index) in lowered:
         key = str(index)
     if key.lower() not in lowered:
@@ -657,9 +652,10 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def is_pattern(path: Union[str, Path, None]) -> bool:
-    """A source path that is a glob pattern (``shards/train-*.parquet``): it names several files."""
-    return path is not None and any(c in str(path) for c in "*?[")
+def is_pattern(path: Optional[Path]) -> bool:
+    """A (resolved) source path that is a glob pattern (``shards/train-*.parquet``): it names
+    several files. A file that exists under the name (``pairs[1].csv``) is that file."""
+    return path is not None and any(c in str(path) for c in "*?[") and not path.exists()
 
 
 def source_files(path: Path) -> list[Path]:
@@ -798,7 +794,7 @@ def _read_qrels(src: SourceConfig, path: Optional[Path]) -> Iterator[Row]:
             )
     corpus_file, queries_file, qrels_file = found.values()
     judgments: dict[str, dict[str, int]] = {}
-    for item in _records_delimited(qrels_file, "\t", src.encoding):
+    for item in delimited_records(qrels_file, "\t", src.encoding):
         if isinstance(item, BadRow):
             yield item
             continue
