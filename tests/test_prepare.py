@@ -702,3 +702,26 @@ def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):
     (tmp_path / "pairs[1].csv").write_text("sentence1,sentence2,score\nbracketed,file,4.5\n")
     prepare(_recipe(tmp_path, [{**source, "path": str(tmp_path / "pairs[1].csv")}]), progress=False)
     assert [r["query"] for r in _written(tmp_path)] == ["bracketed"]
+
+
+def test_token_lengths_are_measured_over_all_sources_not_the_first_rows():
+    """Prepared data run source by source: a long source after a short one must show in the
+    lengths and the truncation warning even where only a sample of the texts is measured."""
+    from conftest import build_tokenizer
+
+    from hmcl_cli.data.prepare import token_length_stats, truncation_warning
+
+    tok = build_tokenizer("bert")
+    short = [{"query": "refund", "pos": ["refund card"], "weak": [], "neg": ["ship"]} for _ in range(300)]
+    long_ = [{"query": "refund", "pos": [" ".join(["refund"] * 80)], "weak": [], "neg": ["ship"]} for _ in range(100)]
+    st = token_length_stats(tok, short + long_, {"query": 16, "candidate": 16}, limit=200)
+    cand = st["candidate"]
+    assert (cand["texts"], cand["all_texts"]) == (200, 800)
+    # 100 of the 800 candidates are long: about 25 of 200 drawn, never 0
+    assert 10 <= cand["over_max_length"] <= 45 and cand["max"] == 82
+    said = truncation_warning("candidate", cand)
+    assert "of 800 candidate texts" in said and "drawn at random" in said and "longer than 16 tokens" in said
+    # every text measured when there are no more than the limit: exact counts, no "about"
+    exact = token_length_stats(tok, short + long_, {"query": 16, "candidate": 16}, limit=1000)["candidate"]
+    assert (exact["texts"], exact["over_max_length"]) == (800, 100)
+    assert truncation_warning("candidate", exact).startswith("100 of 800 candidate texts are longer than 16")

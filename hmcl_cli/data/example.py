@@ -15,10 +15,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, TypeVar
+
+T = TypeVar("T")
 
 LEVELS = {"pos": 2, "weak": 1, "neg": 0}
 LEVEL_NAMES = {v: k for k, v in LEVELS.items()}
+
+
+def spread_sample(items: Sequence[T], limit: int, seed: int = 0) -> list[T]:
+    """At most ``limit`` of ``items``, in their order: all of them when there are no more, else a
+    seeded uniform draw. Never the first ``limit``: prepared data run source by source, so the
+    head of a list of short texts followed by long ones says nothing about the long ones."""
+    if len(items) <= limit:
+        return list(items)
+    import numpy as np
+
+    picked = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[int(i)] for i in picked]
 
 
 class BadRow(ValueError):

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Optional
 import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, show_table, warn
-from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded
+from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded, spread_sample
 from hmcl_cli.data.readers import is_pattern, is_saved_dataset, json_records, read_source, source_files, source_labels
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import gc_paused, write_json_atomic, write_jsonl_atomic
@@ -172,8 +172,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
             "query": m.query_max_length or m.max_length, "candidate": m.doc_max_length or m.max_length})
         for side, st in stats["token_lengths"].items():
             if st["over_max_length"]:
-                warn(f"{st['over_max_length']} of {st['texts']} {side} texts are longer than {st['max_length']} "
-                     f"tokens and will be truncated (longest: {st['max']} tokens)")
+                warn(truncation_warning(side, st))
 
     for split in SPLITS:
         if outputs[split] or split != "test":
@@ -313,20 +312,33 @@ def _split_stats(rows: list[dict]) -> dict:
 
 def token_length_stats(tokenizer: Any, rows: list[dict], max_length: Optional[dict] = None,
                        limit: int = 20000) -> dict:
-    """Token-length percentiles of queries and candidates (a sample of at most ``limit`` texts),
-    and how many of them exceed ``max_length[side]`` (they will be truncated)."""
+    """Token-length percentiles of queries and candidates, and how many exceed
+    ``max_length[side]`` (they will be truncated). Measured on every text where a side has at
+    most ``limit``, else on a seeded uniform sample of ``limit`` (``texts`` measured of
+    ``all_texts``), so a long source after a short one is seen."""
     out = {}
     for side, texts in (("query", [r["query"] for r in rows]),
                         ("candidate", [t for r in rows for k in ("pos", "weak", "neg") for t in r[k]])):
-        texts = texts[:limit]
-        if not texts:
+        measured = spread_sample(texts, limit)
+        if not measured:
             continue
-        lengths = np.array([len(ids) for ids in token_ids(tokenizer, texts)])
+        lengths = np.array([len(ids) for ids in token_ids(tokenizer, measured)])
         out[side] = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} | {"max": int(lengths.max())}
+        out[side] |= {"texts": len(measured), "all_texts": len(texts)}
         if max_length:
-            out[side] |= {"texts": len(texts), "max_length": max_length[side],
+            out[side] |= {"max_length": max_length[side],
                           "over_max_length": int((lengths > max_length[side]).sum())}
     return out
+
+
+def truncation_warning(side: str, st: dict) -> str:
+    """What :func:`token_length_stats` found over max_length on one side, in words."""
+    over, measured, total = st["over_max_length"], st["texts"], st.get("all_texts", st["texts"])
+    if measured >= total:
+        return (f"{over} of {total} {side} texts are longer than {st['max_length']} tokens and will be "
+                f"truncated (longest: {st['max']} tokens)")
+    return (f"about {over / measured:.1%} of {total} {side} texts ({over} of {measured} drawn at random) are "
+            f"longer than {st['max_length']} tokens and will be truncated (longest drawn: {st['max']} tokens)")
 
 
 def load_graded(path: str | Path) -> list[GradedExample]:
@@ -370,8 +382,11 @@ def print_stats(stats: dict) -> None:
         src.add_row(name, str(s["rows"]), str(s["examples"]), per_split, per_level,
                     f"{s['rejected']}" + (f" ({reasons})" if reasons else ""))
     show_table(src)
-    for side, pct in stats.get("token_lengths", {}).items():
-        console.print(f"{side} length in tokens: " + ", ".join(f"{k} {v}" for k, v in pct.items()))
+    for side, st in stats.get("token_lengths", {}).items():
+        measured, total = st.get("texts"), st.get("all_texts")
+        drawn = f" ({measured} of {total} texts drawn at random)" if measured and total and measured < total else ""
+        console.print(f"{side} length in tokens{drawn}: " + ", ".join(
+            f"{k} {v}" for k, v in st.items() if k not in (("texts", "all_texts") if drawn else ("all_texts",))))
     leak = stats["leakage"]
     combined = stats.get("combined_same_query", 0)
     console.print((f"examples of a query seen before, joined to it: {combined}; " if combined else "")

@@ -282,10 +282,12 @@ def _without_preprocessing_advice():
 
 
 def _dev_delta(model: Any, quantized: OnnxEmbedder, examples: list, limit: int = 1000) -> dict:
-    """The in-loop dev metrics of the torch model and of the int8 ONNX model, and their difference."""
+    """The in-loop dev metrics of the torch model and of the int8 ONNX model, and their difference
+    (on at most ``limit`` dev examples, drawn at random over all of them)."""
+    from hmcl_cli.data.example import spread_sample
     from hmcl_cli.evaluation.graded import evaluate_graded
 
-    examples = examples[:limit]
+    examples = spread_sample(examples, limit)
     ref = evaluate_graded(model, examples)
     got = evaluate_graded(quantized, examples)
     keys = [k for k in ("ndcg@10", "map", "spearman") if k in ref and not np.isnan(ref[k])]
