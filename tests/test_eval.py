@@ -389,6 +389,51 @@ def test_in_loop_spearman_is_per_source_then_averaged(tiny_bert):
     assert got["spearman"] == pytest.approx((expected["a"] + expected["b"]) / 2, abs=1e-6)
 
 
+def test_in_loop_dev_evaluation_memory_grows_with_the_split_not_its_square():
+    """A dev split of 100,000 queries over 200,000 texts (10% of a million triplets, the default
+    dev_fraction) asked for an 80 GB cosine matrix and stopped training as out of memory. The
+    cosines are made a block of queries at a time now, with the same metrics."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    import torch
+
+    from hmcl_cli.data.example import GradedExample, add_candidate
+    from hmcl_cli.evaluation.graded import evaluate_graded
+    from hmcl_cli.evaluation.metrics import retrieval_scores, retrieval_scores_of
+
+    n, dim = 3000, 8
+    rng = np.random.default_rng(0)
+    vectors = {}
+
+    def encode(texts, side="doc", **_):
+        return torch.tensor(np.stack([vectors.setdefault(t, rng.standard_normal(dim).astype(np.float32)) for t in texts]))
+
+    model = SimpleNamespace(dim=dim, encode=encode, settings=SimpleNamespace(query_prompt=None))
+    examples = []
+    for i in range(n):
+        ex = GradedExample(f"query {i}")
+        add_candidate(ex, f"answer {i}", 2, None, "highest")
+        add_candidate(ex, f"other {i}", 0, None, "highest")
+        examples.append(ex)
+    evaluate_graded(model, examples[:10])  # numpy and scipy set up outside the measurement
+    tracemalloc.start()
+    got = evaluate_graded(model, examples)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    whole = n * 2 * n * 4  # the [3000, 6000] float32 cosines: 72 MB
+    assert peak < whole / 3, (peak, whole)
+    # the same numbers as the whole matrix gives
+    q = np.stack([vectors[ex.query] for ex in examples])
+    corpus = [t for ex in examples for t in ex.candidates]
+    c = np.stack([vectors[t] for t in corpus])
+    qrels = [{2 * i: 2.0} for i in range(n)]
+    whole_matrix = retrieval_scores(q @ c.T, qrels)
+    assert retrieval_scores_of(q, c, qrels, rows=7) == pytest.approx(whole_matrix, abs=1e-9)
+    assert got["ndcg@10"] == pytest.approx(whole_matrix["ndcg@10"], abs=1e-9)
+    assert got["recall@100"] == pytest.approx(whole_matrix["recall@100"], abs=1e-9)
+
+
 W = {"q1": "how do refunds work", "q2": "reset my password", "q3": "where is my parcel",
      "a1": "refunds reach your card", "b1": "we ship to canada", "a2": "the login page", "a3": "express delivery"}
 DEV_SHAPES = {

@@ -423,6 +423,37 @@ def test_token_lists_join_chunks_and_pad_as_lists_do(tiny_bert):
         assert all(torch.equal(views[k], lists[k]) for k in lists) and views.keys() == lists.keys()
 
 
+@pytest.mark.parametrize("segmented", [False, True])
+def test_queries_with_their_prompts_are_tokenised_in_chunks_in_their_order(tmp_path, tiny_bert, monkeypatch, segmented):
+    """Queries are tokenised a chunk at a time (all at once, a million queries' Python token
+    lists took gigabytes), grouped by prompt: each query still gets its own text's ids, with its
+    own prompt, in its own place."""
+    from hmcl_cli.data.example import parse_graded
+    from hmcl_cli.training import batching
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 1},
+                 model={"query_prompt": "query: ", **({"segments": {"length": 16}} if segmented else {})})
+    prompts = [None, "question: ", None, "represent this: ", "question: ", None, None, "question: "]
+    examples = [parse_graded({"query": f"refund number {i} " + "card " * i, "pos": [f"answer {i}"],
+                              **({"prompt": p} if p else {})}) for i, p in enumerate(prompts)]
+    monkeypatch.setattr(batching.TrainData, "TOKENIZE_CHUNK", 2)
+    seen = []
+    tokenize = batching.TrainData._tokenize_side
+    monkeypatch.setattr(batching.TrainData, "_tokenize_side",
+                        lambda self, model, texts, side: seen.append(len(texts)) or tokenize(self, model, texts, side))
+    data = batching.TrainData(examples, t.model)
+    assert max(seen) == 2  # never more than a chunk at a time
+    fresh = batching.TrainData.__new__(batching.TrainData)
+    fresh.segments = data.segments
+    for i, (ex, prompt) in enumerate(zip(examples, prompts)):
+        t.model.settings.query_prompt = prompt or "query: "
+        want = fresh._tokenize_side(t.model, [ex.query], "query")[0]
+        got = data.query_tokens[i]
+        assert (got == want) if segmented else (got.tolist() == list(want))
+    t.model.settings.query_prompt = "query: "
+    assert [list(d) for d in data.doc_tokens] == [list(x) for x in fresh._tokenize_side(t.model, data.docs, "doc")]
+
+
 def test_token_cache_with_segments_reads_back_what_it_wrote(tmp_path, tiny_bert, monkeypatch):
     from hmcl_cli.data.prepare import load_graded
     from hmcl_cli.training import batching

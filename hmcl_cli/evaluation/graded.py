@@ -10,35 +10,42 @@ Three views of one graded split:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from scipy.stats import spearmanr
 
 from hmcl_cli.data.example import GradedExample
-from hmcl_cli.evaluation.metrics import DEV_METRICS, RERANK_METRICS, RETRIEVAL_METRICS, rerank_scores, retrieval_scores
+from hmcl_cli.evaluation.metrics import DEV_METRICS, RERANK_METRICS, RETRIEVAL_METRICS, rerank_scores, retrieval_scores_of
 
 
-def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: int = 128, progress: bool = False) -> dict[str, float]:
+def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: int = 128,
+                    progress: Optional[bool] = None) -> dict[str, float]:
+    """The dev metrics of ``model`` on ``examples``. ``progress``: show the encoding's progress
+    (``None``: where the split has more than 20,000 texts, whose encoding can take minutes on a
+    CPU). Memory grows with the split, not with its square: the retrieval cosines are made a
+    block of queries at a time."""
     if not examples:
         return {}
     queries = [ex.query for ex in examples]
     prompts = [ex.prompt for ex in examples]
     corpus = list(dict.fromkeys(t for ex in examples for t in ex.candidates))
+    if progress is None:
+        progress = len(queries) + len(corpus) > 20000
     q = encode_queries(model, queries, prompts, batch_size, progress)
     c = model.encode(corpus, side="doc", batch_size=batch_size, progress=progress, description="encode dev candidates").numpy()
     pos_of = {t: i for i, t in enumerate(corpus)}
-    sim = q @ c.T
     qrels = [{pos_of[t]: float(cand.level) for t, cand in ex.candidates.items() if cand.level > 0} for ex in examples]
-    ret = retrieval_scores(sim, qrels, ks=(10, 100))
+    ret = retrieval_scores_of(q, c, qrels, ks=(10, 100))
     groups = []
     pairs: dict = {}  # source -> (cosines, levels, scores)
     for qi, ex in enumerate(examples):
         idx = np.array([pos_of[t] for t in ex.candidates])
         grades = np.array([c_.level for c_ in ex.candidates.values()])
-        groups.append((sim[qi, idx], grades))
+        own = c[idx] @ q[qi] if idx.size else np.zeros(0, np.float32)
+        groups.append((own, grades))
         sims, levels, scores = pairs.setdefault(ex.source, ([], [], []))
-        sims.extend(sim[qi, idx])
+        sims.extend(own)
         levels.extend(grades)
         scores.extend(c_.score for c_ in ex.candidates.values())
     rr = rerank_scores(groups, min_relevant=2)

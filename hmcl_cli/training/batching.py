@@ -62,6 +62,15 @@ class TokenLists(Sequence):
     def lengths(self) -> np.ndarray:
         return self.ends - self.starts
 
+    def take(self, order: np.ndarray) -> "TokenLists":
+        """The lists in ``order`` (indices), as a new TokenLists."""
+        order = np.asarray(order, dtype=np.int64)
+        lengths = self.lengths()[order]
+        ends = np.cumsum(lengths)
+        # every id's position in self.ids: its list's start, plus its place in the list
+        at = np.repeat(self.starts[order] - (ends - lengths), lengths) + np.arange(int(ends[-1]) if ends.size else 0)
+        return TokenLists(self.ids[at], ends)
+
     def __len__(self) -> int:
         return len(self.ends)
 
@@ -176,29 +185,50 @@ class TrainData:
         by_prompt: dict = {}
         for i, (prompt, _) in enumerate(self.queries):
             by_prompt.setdefault(prompt, []).append(i)
-        q_tokens: Sequence = [None] * len(self.queries)
         default = s.query_prompt
+        parts = []
         try:
-            for prompt, idx in by_prompt.items():
-                s.query_prompt = prompt if prompt is not None else default
-                for i, ids in zip(idx, self._tokenize_side(model, [self.queries[i][1] for i in idx], "query")):
-                    q_tokens[i] = ids
+            with ProgressBar("tokenize queries", len(self.queries), "texts", enabled=len(self.queries) > 20000) as bar:
+                for prompt, idx in by_prompt.items():
+                    s.query_prompt = prompt if prompt is not None else default
+                    parts.append(self._tokenize_many(model, [self.queries[i][1] for i in idx], "query", bar))
         finally:
             s.query_prompt = default
-        parts: list = []  # without segments: a TokenLists per chunk, joined (the lists are not all kept)
+        # the prompts' groups in the queries' order
+        asked = np.concatenate([np.asarray(idx, dtype=np.int64) for idx in by_prompt.values()]) if by_prompt \
+            else np.zeros(0, np.int64)
+        if segmented:
+            q_tokens: Sequence = [None] * len(self.queries)
+            for i, ids in zip(asked.tolist(), (t for part in parts for t in part)):
+                q_tokens[i] = ids
+        else:
+            q_tokens = TokenLists.joined(parts)
+            if not np.array_equal(asked, np.arange(len(asked))):
+                q_tokens = q_tokens.take(np.argsort(asked, kind="stable"))
         with ProgressBar("tokenize candidates", len(self.docs), "texts", enabled=len(self.docs) > 20000) as bar:
-            for s0 in range(0, len(self.docs), 10000):
-                chunk = self._tokenize_side(model, self.docs[s0:s0 + 10000], "doc")
-                parts.append(chunk if segmented else TokenLists.of(chunk))
-                bar.update(min(10000, len(self.docs) - s0))
-        d_tokens: Sequence = [t for chunk in parts for t in chunk] if segmented else TokenLists.joined(parts)
-        if not segmented:
-            q_tokens = TokenLists.of(q_tokens)
+            d_tokens: Sequence = self._tokenize_many(model, self.docs, "doc", bar)
         if cache is not None:  # every process of a multi-process run may write it: each its own temp file
             with atomic_path(cache) as tmp, open(tmp, "wb") as f:
                 np.savez(f, **pack_tokens(q_tokens, "q", segmented), **pack_tokens(d_tokens, "d", segmented))
             use_cache_entry(cache)
         return q_tokens, d_tokens
+
+    TOKENIZE_CHUNK = 10000  # texts tokenised at a time
+
+    def _tokenize_many(self, model: Any, texts: list[str], side: str, bar: ProgressBar) -> Sequence:
+        """``texts`` tokenised ``TOKENIZE_CHUNK`` at a time, each chunk packed before the next is made: the
+        tokenizer's Python lists of a million texts at once (ids, mask and type ids, ~36 bytes a
+        token) took gigabytes more than the packed ids. With segments, a list of each text's
+        segments."""
+        parts: list = []
+        chunk = self.TOKENIZE_CHUNK
+        for start in range(0, len(texts), chunk):
+            got = self._tokenize_side(model, texts[start:start + chunk], side)
+            parts.append(got if self.segments is not None else TokenLists.of(got))
+            bar.update(len(got))
+        if self.segments is not None:
+            return [t for part in parts for t in part]
+        return TokenLists.joined(parts)
 
     def _tokenize_side(self, model: Any, texts: list[str], side: str) -> list:
         if self.segments is None:
