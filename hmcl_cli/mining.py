@@ -385,9 +385,9 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
                   "removed_as_positive_like_or_ambiguous": by_teacher},
               "score_percentiles": {k: {f"p{p}": round(float(np.percentile(v, p)), 4) for p in (10, 50, 90)}
                                     for k, v in dist.items() if v}}
-    from hmcl_cli.data.origin import mining_settings
+    from hmcl_cli.data.origin import mined_from
 
-    report["made_with"] = mining_settings(recipe)  # what train compares the recipe with
+    report["made_with"] = mined_from(recipe)  # what train compares the recipe and the corpus files with
     write_json_atomic(data_dir / "mining_report.json", report)
     guard = f", {by_teacher} more by the teacher" if cfg.teacher is not None else ""
     log(f"mine: +{added['weak']} weak, +{added['neg']} negatives over {len(examples)} queries "

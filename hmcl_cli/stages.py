@@ -72,9 +72,9 @@ def _data_changes(recipe: Recipe) -> list[str]:
 
 
 def _check_mined(recipe: Recipe) -> None:
-    """A warning when the training data was mined with other settings than the recipe's now (a
-    mine or model setting edited after `hmcl mine`): training uses the candidates mined then; or
-    not mined at all while the recipe enables mining."""
+    """A warning when the training data was mined with other settings or corpus files than the
+    recipe's now (a mine or model setting, or a ``mine.corpus`` file, edited after `hmcl mine`):
+    training uses the candidates mined then; or not mined at all while the recipe enables mining."""
     from hmcl_cli.data.origin import mining_changes
 
     report = recipe.run_dir / "data" / "mining_report.json"
@@ -84,7 +84,7 @@ def _check_mined(recipe: Recipe) -> None:
              "`hmcl mine RECIPE` first adds them (`hmcl run` runs every stage in order)")
     changes = (mining_changes(recipe, report) if report.is_file() else None) or []
     if changes:
-        warn(f"the training data in {report.parent} was mined with other settings than the recipe's now "
+        warn(f"the training data in {report.parent} was mined with other settings or corpus files than the recipe's now "
              f"({listed(changes, 3)}): its mined candidates are those; `hmcl prepare` then `hmcl mine` to mine "
              "them again")
 

@@ -359,7 +359,7 @@ def test_training_on_data_mined_with_other_settings_is_warned_about(tmp_path, ti
                            ("model.max_length=32", "model.max_length: 48 then, 32 now")):
         _check_mined(load_recipe(path, overrides=[override]))
         err = " ".join(capsys.readouterr().err.split())
-        assert "was mined with other settings than the recipe's now" in err and said in err, err
+        assert "was mined with other settings or corpus files than the recipe's now" in err and said in err, err
 
 
 def test_queries_mined_short_or_not_at_all_are_announced(tmp_path, tiny_bert, capsys):
@@ -461,3 +461,36 @@ def test_mine_corpus_entries_may_be_patterns(tmp_path, tiny_bert):
     assert report["corpus"] == without["corpus"] + 10
     missing = missing_inputs(load_recipe(write_recipe(tmp_path, tiny_bert, mine={"enabled": True, "corpus": ["docs/x-*.csv"]})))
     assert [line for _, line in missing] == ["mine.corpus.0: docs/x-*.csv matches no file"]
+
+
+def test_training_on_data_mined_from_a_corpus_edited_since_is_warned_about(tmp_path, tiny_bert, capsys):
+    """`hmcl mine` with a `mine.corpus` file, the file edited (or a shard added), then `hmcl train`:
+    the mined candidates come from the old corpus; training says so, naming the file. Touching
+    the file without changing it, or moving the run's checkout, is no change."""
+    import os
+
+    from hmcl_cli.stages import _check_mined
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "part-0.csv").write_text("text\n" + "".join(f"extra document {i}\n" for i in range(5)))
+    (tmp_path / "more.jsonl").write_text('{"text": "a document of its own"}\n')
+    free = {"range_min": 0, "range_max": 30, "relative_margin": None, "num_negatives": 1}
+    path = write_recipe(tmp_path, tiny_bert, mine={**free, "corpus": ["docs/part-*.csv", "more.jsonl"]})
+    recipe = load_recipe(path)
+    prepare(recipe, progress=False)
+    mine(recipe)
+    capsys.readouterr()
+    _check_mined(recipe)
+    os.utime(tmp_path / "more.jsonl", ns=(1, 1))  # touched: same content
+    _check_mined(recipe)
+    assert "mined" not in capsys.readouterr().err
+    (tmp_path / "more.jsonl").write_text('{"text": "a document of its own"}\n'.replace("own", "OWN"))
+    _check_mined(recipe)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "was mined with other settings or corpus files than the recipe's now" in err
+    assert f"mine.corpus.1: {tmp_path / 'more.jsonl'}: its content changed (same size)" in err, err
+    (docs / "part-1.csv").write_text("text\nanother document\n")
+    _check_mined(recipe)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "mine.corpus.0: 1 file(s) read then, 2 now" in err, err

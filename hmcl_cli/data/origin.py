@@ -6,7 +6,9 @@
 modification time and SHA-256. ``hmcl mine``, ``hmcl train`` and ``hmcl run --resume`` read the
 prepared files rather than the sources; if the recipe's data settings or a source's content
 changed since, they would use the old data without a word. :func:`origin_changes` says what
-changed, so they stop with a pointer to ``hmcl prepare`` instead.
+changed, so they stop with a pointer to ``hmcl prepare`` instead. ``hmcl mine`` keeps the like
+of its settings and ``mine.corpus`` files (:func:`mined_from`), which ``hmcl train`` compares
+(:func:`mining_changes`).
 
 Files are compared by content, not by where they are: a run directory restored on another machine
 (another checkout path, another ``$HMCL_DATA``) with the same files passes; a file whose time
@@ -34,18 +36,24 @@ def data_settings(recipe: Recipe) -> dict:
     return {"data": data, "seed": recipe.seed}
 
 
+def _files_of(path: Optional[Path]) -> list[Path]:
+    """The local files a data path reads: the files a pattern matches now (one more or fewer is a
+    change), every file of a folder (BEIR, `save_to_disk`), sorted, or the file itself."""
+    if path is None:
+        return []
+    if is_pattern(path):
+        return [p.resolve() for p in source_files(path)]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+
+
 def _source_files(recipe: Recipe) -> list[list[Path]]:
-    """Per source, the local files it reads (a BEIR folder: every file in it), sorted."""
-    out = []
-    for src in recipe.data.sources:
-        files: list[Path] = []
-        path = recipe.resolve(src.path).resolve() if src.path else None
-        if is_pattern(path):  # the files it matches now (one more or fewer is a change)
-            files = [p.resolve() for p in source_files(path)]
-        elif path is not None:
-            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-        out.append(files)
-    return out
+    """Per source, the local files it reads."""
+    return [_files_of(recipe.resolve(src.path).resolve() if src.path else None) for src in recipe.data.sources]
+
+
+def _corpus_files(recipe: Recipe) -> list[list[Path]]:
+    """Per ``mine.corpus`` entry, the files it reads."""
+    return [_files_of(recipe.resolve(entry).resolve()) for entry in recipe.mine.corpus]
 
 
 def _sha256(path: Path) -> str:
@@ -56,13 +64,28 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_records(groups: list[list[Path]]) -> list[list[dict]]:
+    return [[{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns, "sha256": _sha256(p)}
+             for p in files] for files in groups]
+
+
 def made_from(recipe: Recipe) -> dict:
     """The record ``prepare`` keeps of what it read."""
-    files = []
-    for source in _source_files(recipe):
-        files.append([{"path": str(p), "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns,
-                       "sha256": _sha256(p)} for p in source])
-    return {**data_settings(recipe), "files": files}
+    return {**data_settings(recipe), "files": _file_records(_source_files(recipe))}
+
+
+def _file_changes(then: list, now: list[list[Path]], where: str) -> list[str]:
+    """How the files read now (per entry of ``where``) differ from the record of those read then."""
+    changes = []
+    for i, (old_files, files) in enumerate(zip(then, now)):
+        if len(old_files) != len(files):
+            changes.append(f"{where}.{i}: {len(old_files)} file(s) read then, {len(files)} now")
+            continue
+        for old, path in zip(old_files, files):
+            why = _same_file(old, path)
+            if why:
+                changes.append(f"{where}.{i}: {path}: {why}")
+    return changes
 
 
 def _differences(old: Any, new: Any, where: str, out: list[str]) -> None:
@@ -117,15 +140,7 @@ def origin_changes(recipe: Recipe, stats_path: Path) -> Optional[list[str]]:
     if record is None or not isinstance(record.get("files"), list):
         return None
     changes = differences({k: record.get(k) for k in ("data", "seed")}, data_settings(recipe))
-    for i, (then, now) in enumerate(zip(record["files"], _source_files(recipe))):
-        if len(then) != len(now):
-            changes.append(f"data.sources.{i}: {len(then)} file(s) read then, {len(now)} now")
-            continue
-        for old, path in zip(then, now):
-            why = _same_file(old, path)
-            if why:
-                changes.append(f"data.sources.{i}: {path}: {why}")
-    return changes
+    return changes + _file_changes(record["files"], _source_files(recipe), "data.sources")
 
 
 # the model keys that decide what a text encodes to (mining's candidates, a training's course)
@@ -141,8 +156,20 @@ def mining_settings(recipe: Recipe) -> dict:
     return {"mine": mine, "model": recipe.model.model_dump(mode="json", include=set(ENCODING_KEYS))}
 
 
+def mined_from(recipe: Recipe) -> dict:
+    """The record ``hmcl mine`` keeps: :func:`mining_settings` and the ``mine.corpus`` files it read
+    (each one's size, time and SHA-256), so a corpus edited since is told apart."""
+    return {**mining_settings(recipe), "corpus_files": _file_records(_corpus_files(recipe))}
+
+
 def mining_changes(recipe: Recipe, report_path: Path) -> Optional[list[str]]:
-    """What differs between the settings the training data was mined with and the recipe's now;
-    None without a record."""
+    """What differs between what the training data was mined with (settings, corpus files) and
+    what the recipe names now; None without a record."""
     record = _record(report_path, "made_with")
-    return None if record is None else differences(record, mining_settings(recipe))
+    if record is None:
+        return None
+    then_files = record.pop("corpus_files", None)
+    changes = differences(record, mining_settings(recipe))
+    if isinstance(then_files, list):
+        changes += _file_changes(then_files, _corpus_files(recipe), "mine.corpus")
+    return changes
