@@ -167,10 +167,10 @@ def eval_(
     recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags; with one, flags add to its tasks and models)."),
     set_: Optional[List[str]] = SetOpt,
     model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable. With a recipe: besides its base and trained model."),
-    sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows (or a folder saved by `datasets`), optionally named."),
-    reranking: Optional[List[str]] = typer.Option(None, "--reranking", metavar="[NAME=]FILE", help="A reranking task: a graded JSONL file, a table (CSV/TSV/parquet) of labelled pairs or triplets, or a folder saved by `datasets`, optionally named."),
+    sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows (a pattern of such files, or a folder saved by `datasets`), optionally named."),
+    reranking: Optional[List[str]] = typer.Option(None, "--reranking", metavar="[NAME=]FILE", help="A reranking task: a graded JSONL file, a table (CSV/TSV/parquet) of labelled pairs or triplets (or a pattern of such files), or a folder saved by `datasets`, optionally named."),
     retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", metavar="[NAME=]PATH", help="A retrieval task: as --reranking (its candidates pooled into a corpus), or a BEIR folder, optionally named."),
-    pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", metavar="[NAME=]FILE", help="A pair-classification task: a file of (text, text, 0/1) rows (or a folder saved by `datasets`), optionally named."),
+    pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", metavar="[NAME=]FILE", help="A pair-classification task: a file of (text, text, 0/1) rows (a pattern of such files, or a folder saved by `datasets`), optionally named."),
     mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", metavar="TASK", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="Split of --mteb tasks, BEIR --retrieval folders and dataset dicts saved by `datasets`."),
     gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails. It judges the first --model not labelled base (one it compares with: the first other)."),
@@ -180,6 +180,7 @@ def eval_(
     dim: Optional[List[int]] = typer.Option(None, "--dim", min=1, metavar="N", help="Also evaluate each model cut to this many dimensions (matryoshka), as <model>@<dim>; repeatable."),
 ) -> None:
     """Evaluate models side by side (STS, reranking, retrieval, pair classification) with a gate."""
+    from hmcl_cli.data.readers import absent
     from hmcl_cli.evaluation.runner import labelled_models, task_names
     from hmcl_cli.recipe import EvalTask, load_recipe
     from hmcl_cli.stages import run_eval
@@ -191,8 +192,9 @@ def eval_(
             name, _, path = item.rpartition("=")
             if not path.strip():
                 raise typer.BadParameter(f"{item!r}: no file given", param_hint=f"--{kind.replace('_', '-')}")
-            if not Path(path).exists():  # before any model loads
-                missing.append(f"--{kind.replace('_', '-')} {item}: {Path(path).resolve()} does not exist")
+            why = absent(Path(path).resolve())
+            if why:  # before any model loads
+                missing.append(f"--{kind.replace('_', '-')} {item}: {Path(path).resolve()} {why}")
             given.append((kind, name or None, path))
     # with a recipe, task flags add to its tasks (so its gates still find theirs)
     names = task_names(given, taken=[t.name for t in r.eval.tasks] if recipe else ())

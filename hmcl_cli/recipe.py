@@ -647,8 +647,8 @@ class EvalTask(_Section):
     )
     path: Optional[str] = Field(
         None,
-        description="File or folder (relative to the recipe); `dev`/`test` = the prepared "
-        "split of this run.",
+        description="File, pattern of files (`test/part-*.parquet`) or folder (relative to the recipe); "
+        "`dev`/`test` = the prepared split of this run.",
     )
     format: Optional[SourceFormat] = Field(
         None, description="Reader for `path` (same as data sources); default by task type."

@@ -309,14 +309,16 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     if changes:  # a warning: the evaluation itself is sound, on the data as it was prepared
         warn(f"eval reads the prepared splits in {run_data}, made from other data than the recipe names now "
              f"({listed(changes, 3)}); `hmcl prepare` to renew them")
-    absent = [t for t in tasks if t.type != "mteb" and t.path and not resolve(t.path).exists()]
-    if absent:  # before any model loads (each task failed per model, after loading them)
-        splits = [t for t in absent if t.path in ("dev", "test", "train")]
+    from hmcl_cli.data.readers import absent
+
+    missing = [(t, why) for t in tasks if t.type != "mteb" and t.path for why in [absent(resolve(t.path))] if why]
+    if missing:  # before any model loads (each task failed per model, after loading them)
+        splits = [t for t, _ in missing if t.path in ("dev", "test", "train")]
         hint = "; ".join((["a task with path dev or test reads the run's prepared split: run `hmcl prepare RECIPE` "
                            "first"] if splits else [])
-                         + (["fix eval.tasks[].path (relative to the recipe file)"] if len(splits) < len(absent) else []))
+                         + (["fix eval.tasks[].path (relative to the recipe file)"] if len(splits) < len(missing) else []))
         raise DataError("\n  ".join(["evaluation file(s) not found:",
-                                      *(f"task {t.name!r}: {resolve(t.path)} does not exist" for t in absent)]),
+                                      *(f"task {t.name!r}: {resolve(t.path)} {why}" for t, why in missing)]),
                         hint=hint)
     from hmcl_cli.modeling.resolve import missing_local_model, path_hint
 
@@ -552,12 +554,12 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
         written = recipe.written_as(key)
         out.append((key, f"{'.'.join(map(str, key))}: {value} {why}" + (f" ({written})" if written else "")))
 
-    from hmcl_cli.data.readers import is_pattern, source_files
+    from hmcl_cli.data.readers import absent
 
     def note_absent(key: tuple, value: str) -> None:  # a path, or a pattern of files (shards/train-*.parquet)
-        path = recipe.resolve(value)
-        if not (source_files(path) if is_pattern(path) else path.exists()):
-            note(key, value, "matches no file" if is_pattern(path) else "does not exist")
+        why = absent(recipe.resolve(value))
+        if why:
+            note(key, value, why)
 
     for i, src in enumerate(recipe.data.sources):
         if src.path:
@@ -579,8 +581,8 @@ def missing_inputs(recipe: Recipe) -> list[tuple[tuple, str]]:
                     note(("eval", "tasks", i, "path"), task.path,
                          f"names the prepared {task.path} split, which this recipe's data has none of (no source "
                          f"with split: {task.path}, data.{task.path}_fraction 0)")
-            elif not recipe.resolve(task.path).exists():
-                note(("eval", "tasks", i, "path"), task.path)
+            else:
+                note_absent(("eval", "tasks", i, "path"), task.path)
     from hmcl_cli.export import is_onnx_export
 
     for key, name in recipe_models(recipe):

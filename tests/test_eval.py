@@ -281,6 +281,32 @@ def test_an_eval_task_reads_a_folder_saved_by_datasets_at_its_split(tmp_path, ti
     assert out.returncode == 3 and "has no split 'test' (its splits: validation)" in out.stdout + out.stderr
 
 
+def test_an_eval_task_may_be_a_pattern_of_shards(tmp_path, tiny_bert):
+    """`--sts 'shards/part-*.csv'` (a test split in shards) scored as the shards' rows together, named
+    after the pattern's stem; a recipe task's pattern too, and one matching nothing is named before
+    anything runs."""
+    from conftest import STS_ROWS, write_recipe
+
+    (tmp_path / "shards").mkdir()
+    half = len(STS_ROWS) // 2
+    for k, rows in enumerate((STS_ROWS[:half], STS_ROWS[half:])):
+        (tmp_path / "shards" / f"part-{k}.csv").write_text("sentence1,sentence2,score\n" + "".join(f"{a},{b},{s}\n" for a, b, s in rows))
+    (tmp_path / "all.csv").write_text("sentence1,sentence2,score\n" + "".join(f"{a},{b},{s}\n" for a, b, s in STS_ROWS))
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--sts", "shards/part-*.csv", "--sts", "all.csv",
+                "--json", "r.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    res = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert set(res) == {"part", "all"}
+    assert res["part"]["m"]["spearman"] == pytest.approx(res["all"]["m"]["spearman"])
+    recipe = write_recipe(tmp_path / "r", tiny_bert, eval={"tasks": [{"name": "t", "type": "sts", "path": "../shards/*.csv"}]})
+    out = _hmcl("eval", recipe, "--model", f"m={tiny_bert}", "--json", tmp_path / "r2.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads((tmp_path / "r2.json").read_text())["results"]["t"]["m"]["spearman"] == pytest.approx(
+        res["all"]["m"]["spearman"])
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--sts", "shards/other-*.csv", cwd=tmp_path)
+    assert out.returncode == 3 and "shards/other-*.csv matches no file" in " ".join((out.stdout + out.stderr).split())
+
+
 def test_offline_hub_task_is_reported_and_others_still_run(tmp_path, tiny_bert):
     """A hub task that cannot be fetched fails alone; the other tasks' results are written. (A
     missing local file is found before anything runs: test_bad_inputs' eval_missing_file.)"""

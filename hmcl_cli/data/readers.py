@@ -658,6 +658,13 @@ def is_pattern(path: Optional[Path]) -> bool:
     return path is not None and any(c in str(path) for c in "*?[") and not path.exists()
 
 
+def absent(path: Path) -> Optional[str]:
+    """Why ``path`` names nothing to read (``does not exist``; a pattern: ``matches no file``), or None."""
+    if is_pattern(path):
+        return None if source_files(path) else "matches no file"
+    return None if path.exists() else "does not exist"
+
+
 def source_files(path: Path) -> list[Path]:
     """The files a source path reads: itself, or the files a pattern matches, by name."""
     if not is_pattern(path):

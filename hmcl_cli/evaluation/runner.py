@@ -10,6 +10,7 @@ model or task is reported in the table and the others still run.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from hmcl_cli.console import console, log, show_table, warn
 from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
-from hmcl_cli.data.readers import is_saved_dataset, primed, read_source
+from hmcl_cli.data.readers import is_pattern, is_saved_dataset, primed, read_source, source_files
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
 from hmcl_cli.io_utils import atomic_path, write_json_atomic
 from hmcl_cli.recipe import EvalTask, SourceConfig
@@ -53,14 +54,18 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     path = resolve(task.path)
     fmt = task.format or {"sts": "sts", "pair_classification": "pairs"}.get(task.type, "graded")
     saved = is_saved_dataset(path)  # a folder of `datasets`' save_to_disk: of a dataset dict, task.split
+    shards = source_files(path) if is_pattern(path) else None  # a pattern of files: read one after another
+    if shards == []:
+        raise DataError(f"task {task.name!r}: {path} matches no file", hint="fix eval.tasks[].path")
+    first = shards[0] if shards else path
     if task.type == "retrieval" and path.is_dir() and not saved:
         fmt = "qrels"
-    elif not task.format and fmt == "graded" and (path.is_file() or saved):  # a table of pairs or triplets
+    elif not task.format and fmt == "graded" and (first.is_file() or saved):  # a table of pairs or triplets
         from hmcl_cli.data.readers import ranking_format
 
-        fmt = ranking_format(SourceConfig(path=str(path), encoding=task.encoding, delimiter=task.delimiter,
-                                          hub_split=task.split if saved else None), path) or fmt
-    exists = path.is_dir() if fmt == "qrels" else (path.is_file() or saved)
+        fmt = ranking_format(SourceConfig(path=str(first), encoding=task.encoding, delimiter=task.delimiter,
+                                          hub_split=task.split if saved else None), first) or fmt
+    exists = path.is_dir() if fmt == "qrels" else (first.is_file() or saved)
     if not exists:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
     src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range, encoding=task.encoding,
@@ -329,7 +334,12 @@ def task_names(given: list[tuple[str, Optional[str], str]], taken: Sequence[str]
         parts = _path_parts(path)
         if depth > len(parts):  # dev.csv beside dev.jsonl: the whole file names
             return "/".join(parts)
-        return "/".join((parts[:-1] + [data_stem(path)])[-depth:])
+        stem = data_stem(path)
+        if any(c in stem for c in "*?["):  # a pattern of files: test-*.parquet -> test, */part-*.csv -> its folder's
+            stem = re.split(r"[*?\[]", stem)[0].rstrip("-_. ")
+            if not stem:
+                parts, stem = parts[:-1] or ["files"], (parts[-2] if len(parts) > 1 else "files")
+        return "/".join((parts[:-1] + [stem])[-depth:])
 
     base = _shortest_names([path for _, path in unnamed], named, explicit)
     kinds: dict[str, set] = {}
