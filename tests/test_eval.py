@@ -417,8 +417,8 @@ def test_in_loop_spearman_is_per_source_then_averaged(tiny_bert):
 
 def test_in_loop_dev_evaluation_memory_grows_with_the_split_not_its_square():
     """A dev split of 100,000 queries over 200,000 texts (10% of a million triplets, the default
-    dev_fraction) asked for an 80 GB cosine matrix and stopped training as out of memory. The
-    cosines are made a block of queries at a time now, with the same metrics."""
+    dev_fraction) asked for an 80 GB cosine matrix and stopped training as out of memory. Each
+    query's best texts come from a top-k search a block at a time now, with the same metrics."""
     import tracemalloc
     from types import SimpleNamespace
 
@@ -426,7 +426,8 @@ def test_in_loop_dev_evaluation_memory_grows_with_the_split_not_its_square():
 
     from hmcl_cli.data.example import GradedExample, add_candidate
     from hmcl_cli.evaluation.graded import evaluate_graded
-    from hmcl_cli.evaluation.metrics import retrieval_scores, retrieval_scores_of
+    from hmcl_cli.evaluation.metrics import ranked_retrieval_scores, retrieval_scores
+    from hmcl_cli.mining import top_k_search
 
     n, dim = 3000, 8
     rng = np.random.default_rng(0)
@@ -455,7 +456,9 @@ def test_in_loop_dev_evaluation_memory_grows_with_the_split_not_its_square():
     c = np.stack([vectors[t] for t in corpus])
     qrels = [{2 * i: 2.0} for i in range(n)]
     whole_matrix = retrieval_scores(q @ c.T, qrels)
-    assert retrieval_scores_of(q, c, qrels, rows=7) == pytest.approx(whole_matrix, abs=1e-9)
+    _, ranked = top_k_search(torch.from_numpy(q), torch.from_numpy(c), 100, chunk=7, block_bytes=1000 * dim * 4)
+    assert ranked_retrieval_scores(ranked, qrels) == pytest.approx(whole_matrix, abs=1e-9)
+    assert whole_matrix["queries"] == n and 0 < whole_matrix["recall@100"] < 1
     assert got["ndcg@10"] == pytest.approx(whole_matrix["ndcg@10"], abs=1e-9)
     assert got["recall@100"] == pytest.approx(whole_matrix["recall@100"], abs=1e-9)
 

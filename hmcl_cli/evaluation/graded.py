@@ -13,18 +13,18 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 from hmcl_cli.data.example import GradedExample
-from hmcl_cli.evaluation.metrics import DEV_METRICS, RERANK_METRICS, RETRIEVAL_METRICS, rerank_scores, retrieval_scores_of
+from hmcl_cli.evaluation.metrics import DEV_METRICS, RERANK_METRICS, RETRIEVAL_METRICS, ranked_retrieval_scores, rerank_scores
 
 
 def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: int = 128,
                     progress: Optional[bool] = None) -> dict[str, float]:
     """The dev metrics of ``model`` on ``examples``. ``progress``: show the encoding's progress
     (``None``: where the split has more than 20,000 texts, whose encoding can take minutes on a
-    CPU). Memory grows with the split, not with its square: the retrieval cosines are made a
-    block of queries at a time."""
+    CPU). Memory grows with the split, not with its square."""
     if not examples:
         return {}
     queries = [ex.query for ex in examples]
@@ -36,7 +36,13 @@ def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: i
     c = model.encode(corpus, side="doc", batch_size=batch_size, progress=progress, description="encode dev candidates").numpy()
     pos_of = {t: i for i, t in enumerate(corpus)}
     qrels = [{pos_of[t]: float(cand.level) for t, cand in ex.candidates.items() if cand.level > 0} for ex in examples]
-    ret = retrieval_scores_of(q, c, qrels, ks=(10, 100))
+    # each query's best 100 of the split's texts, on the model's device, 512 queries at a time:
+    # never the whole [queries, texts] matrix (100,000 x 200,000 cosines are 80 GB)
+    from hmcl_cli.mining import top_k_search
+
+    _, ranked = top_k_search(torch.from_numpy(q), torch.from_numpy(c), 100, chunk=512,
+                             device=getattr(model, "device", None) or "cpu", block_bytes=1 << 28)
+    ret = ranked_retrieval_scores(ranked, qrels, ks=(10, 100))
     groups = []
     pairs: dict = {}  # source -> (cosines, levels, scores)
     for qi, ex in enumerate(examples):

@@ -74,33 +74,20 @@ def rerank_scores(groups: list[tuple[np.ndarray, np.ndarray]], min_relevant: int
 
 def retrieval_scores(sim: np.ndarray, qrels: list[dict[int, float]], ks: Sequence[int] = (10, 100)) -> dict[str, float]:
     """``sim``: [Q, N] query-corpus cosines; ``qrels``: per query {doc index: grade > 0}."""
-    return _means(_retrieval_rows(sim, qrels, ks, {}))
+    k = min(max(ks), sim.shape[1])
+    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
+    return ranked_retrieval_scores(np.take_along_axis(top, order, axis=1), qrels, ks)
 
 
-def retrieval_scores_of(queries: np.ndarray, corpus: np.ndarray, qrels: list[dict[int, float]],
-                        ks: Sequence[int] = (10, 100), rows: int = 512) -> dict[str, float]:
-    """:func:`retrieval_scores` of ``queries @ corpus.T`` (embeddings [Q, D], [N, D]), the cosines
-    made ``rows`` queries at a time: a dev split of 100,000 queries over 200,000 texts would
-    otherwise hold 80 GB of them at once."""
+def ranked_retrieval_scores(ranked: np.ndarray, qrels: list[dict[int, float]], ks: Sequence[int] = (10, 100)) -> dict[str, float]:
+    """:func:`retrieval_scores` from each query's best documents, best first (``ranked``: [Q, k]
+    corpus indices, k at least ``max(ks)`` or the corpus size), as a top-k search gives them."""
     out: dict[str, list[float]] = {}
-    for start in range(0, len(qrels), rows):
-        if any(qrels[start:start + rows]):
-            _retrieval_rows(queries[start:start + rows] @ corpus.T, qrels[start:start + rows], ks, out)
-    return _means(out)
-
-
-def _retrieval_rows(sim: np.ndarray, qrels: list[dict[int, float]], ks: Sequence[int],
-                    out: dict[str, list[float]]) -> dict[str, list[float]]:
-    """Each judged query's metrics appended to ``out`` (metric -> values)."""
-    top = max(ks)
     for qi, judged in enumerate(qrels):
         if not judged:
             continue
-        row = sim[qi]
-        k_eff = min(top, row.size)
-        idx = np.argpartition(-row, k_eff - 1)[:k_eff]
-        idx = idx[np.argsort(-row[idx], kind="stable")]
-        grades = np.array([judged.get(int(i), 0.0) for i in idx])
+        grades = np.array([judged.get(int(i), 0.0) for i in ranked[qi]])
         relevant = grades > 0
         n_rel = sum(1 for g in judged.values() if g > 0)
         for k in ks:
@@ -108,10 +95,6 @@ def _retrieval_rows(sim: np.ndarray, qrels: list[dict[int, float]], ks: Sequence
             out.setdefault(f"recall@{k}", []).append(recall_at_k(relevant, n_rel, k))
         out.setdefault("mrr@10", []).append(reciprocal_rank(relevant, 10))
         out.setdefault("map@100", []).append(average_precision(relevant[:100], n_rel))
-    return out
-
-
-def _means(out: dict[str, list[float]]) -> dict[str, float]:
     res = {k: float(np.mean(v)) for k, v in out.items()}
     res["queries"] = len(out.get("mrr@10", []))
     return res
