@@ -256,6 +256,7 @@ NEUTRAL: dict = {"train.one_forward": False,  # one forward call per side, as ev
                  "model.cudnn_attention": True,  # SDPA's cuDNN kernels allowed, as before the option
                  "loss.matryoshka_dims": [], "loss.matryoshka_weights": None,  # no matryoshka sizes
                  "mine.encoding": "utf-8",  # mine.corpus files read as UTF-8, as before the option
+                 "data.dev_max_queries": None,  # every drawn dev query kept, as before the option
                  "model.include_prompt": "auto"}  # the model's own pooling (MiniLM: prompt included), as before
 
 

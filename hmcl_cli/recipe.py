@@ -334,6 +334,11 @@ class DataConfig(_Section):
 
     sources: list[SourceConfig] = Field(default_factory=list)
     dev_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Share of queries for dev.")
+    dev_max_queries: Optional[int] = Field(
+        None, ge=1, description="At most this many dev queries drawn by `dev_fraction` (those first by the "
+        "seeded hash that draws them); the others train. Every in-loop dev evaluation encodes all dev texts: "
+        "10% of a million queries are 100,000 queries and their texts each time. Not a cap on `split: dev` "
+        "sources.")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of queries for test.")
     on_error: Literal["fail", "skip"] = Field(
         "fail", description="Bad rows: stop with file/line/reason, or skip and count them."

@@ -725,3 +725,38 @@ def test_token_lengths_are_measured_over_all_sources_not_the_first_rows():
     exact = token_length_stats(tok, short + long_, {"query": 16, "candidate": 16}, limit=1000)["candidate"]
     assert (exact["texts"], exact["over_max_length"]) == (800, 100)
     assert truncation_warning("candidate", exact).startswith("100 of 800 candidate texts are longer than 16")
+
+
+def test_dev_max_queries_caps_the_drawn_dev_split_and_the_others_train(tmp_path, capsys):
+    """10% of a million queries is a 100,000-query dev split, encoded at every dev evaluation.
+    `data.dev_max_queries` keeps the first of the drawn ones by the seeded hash that drew them (a
+    smaller cap keeps a subset of a larger one's); the others train, whole, with their sources'
+    counts. A `split: dev` source's queries are never moved."""
+    from hmcl_cli.data.prepare import _draw
+
+    (tmp_path / "a.jsonl").write_text("".join(
+        json.dumps({"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"other {i}", f"third {i}"]}) + "\n"
+        for i in range(300)))
+    (tmp_path / "given-dev.jsonl").write_text("".join(
+        json.dumps({"query": f"held out {i}", "pos": [f"kept {i}"]}) + "\n" for i in range(4)))
+    sources = [{"path": str(tmp_path / "a.jsonl"), "format": "graded"},
+               {"path": str(tmp_path / "given-dev.jsonl"), "format": "graded", "split": "dev"}]
+    prepare(_recipe(tmp_path, sources, dev_fraction=0.5), progress=False)
+    uncapped = {r["query"] for r in _written(tmp_path, "dev")}
+    drawn = uncapped - {f"held out {i}" for i in range(4)}
+    assert len(drawn) > 100
+    kept = {}
+    for cap in (30, 60):
+        stats = prepare(_recipe(tmp_path, sources, dev_fraction=0.5, dev_max_queries=cap), progress=False)
+        dev, train = _written(tmp_path, "dev"), _written(tmp_path, "train")
+        kept[cap] = {r["query"] for r in dev} - {f"held out {i}" for i in range(4)}
+        assert len(kept[cap]) == cap and {f"held out {i}" for i in range(4)} <= {r["query"] for r in dev}
+        assert kept[cap] == set(sorted(drawn, key=lambda q: _draw(q, 42))[:cap])
+        moved = [r for r in train if r["query"] in drawn - kept[cap]]
+        assert len(moved) == len(drawn) - cap and all(len(r["neg"]) == 2 for r in moved)  # whole examples
+        assert len(train) + len(kept[cap]) == 300
+        assert stats["dev_capped"] == len(drawn) - cap
+        assert stats["sources"]["a.jsonl"]["examples_per_split"] == {"train": 300 - cap, "dev": cap}
+    assert kept[30] < kept[60]
+    assert f"dev: {len(drawn) - 60} of {len(drawn)} queries drawn for dev train instead (data.dev_max_queries 60)" in \
+        " ".join(capsys.readouterr().out.split())

@@ -29,14 +29,55 @@ SPLITS = ("train", "dev", "test")
 SMALL_DEV = 20  # fewer dev queries drawn than this: a warning that checkpoint choice rests on few
 
 
+def _draw(query: str, seed: int) -> float:
+    """A query's seeded hash in [0, 1): what draws its split."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0{query}".encode()).digest()[:8], "big") / 2**64
+
+
 def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
     """Deterministic split of a query by a seeded hash: the same query always lands in one split."""
-    h = int.from_bytes(hashlib.sha256(f"{seed}\0{query}".encode()).digest()[:8], "big") / 2**64
+    h = _draw(query, seed)
     if h < test_fraction:
         return "test"
     if h < test_fraction + dev_fraction:
         return "dev"
     return "train"
+
+
+LARGE_DEV = 20000  # more dev queries drawn than this, without data.dev_max_queries: a note that it caps them
+
+
+def _cap_dev(recipe: Recipe, merged: dict, drawn_dev: dict, given_dev: set, origin_split: dict,
+             per_source: dict, totals: Counter) -> int:
+    """``data.dev_max_queries``: the drawn dev queries beyond it (the last by the seeded hash that
+    drew them) go to train, with their rows' per-source counts; returns how many moved. A query
+    that a ``split: dev`` source also holds stays (and counts). Without a cap, a note where the
+    draw made a dev split large enough to slow every dev evaluation."""
+    cap = recipe.data.dev_max_queries
+    if cap is None:
+        if len(drawn_dev) > LARGE_DEV:
+            log(f"dev: {len(drawn_dev)} queries drawn by data.dev_fraction {recipe.data.dev_fraction:g}; every dev "
+                "evaluation encodes them and their texts: data.dev_max_queries caps them (the others train)")
+        return 0
+    if len(drawn_dev) <= cap:
+        return 0
+    movable = sorted((k for k in drawn_dev if k not in given_dev), key=lambda k: _draw(k[1], recipe.seed))
+    keep = max(0, cap - (len(drawn_dev) - len(movable)))
+    for key in movable[keep:]:
+        ex = merged["dev"].pop(key)
+        target = merged["train"].get(key)
+        if target is None:
+            merged["train"][key] = ex
+        else:
+            for cand in ex.candidates.values():
+                totals[add_candidate(target, cand.text, cand.level, cand.score, recipe.data.conflict)] += 1
+        origin_split[key] = (origin_split[key] - {"dev"}) | {"train"}
+        for label, rows in drawn_dev[key].items():
+            per_source[label].splits["dev"] -= rows
+            per_source[label].splits["train"] += rows
+    moved = len(movable) - keep
+    log(f"dev: {moved} of {len(drawn_dev)} queries drawn for dev train instead (data.dev_max_queries {cap})")
+    return moved
 
 
 class _SourceStats:
@@ -72,6 +113,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     origin_split: dict[tuple, set] = defaultdict(set)
     totals: Counter = Counter()
     per_source: dict[str, _SourceStats] = {}
+    drawn_dev: dict[tuple, Counter] = defaultdict(Counter)  # dev queries drawn by dev_fraction: rows per source
+    given_dev: set[tuple] = set()  # queries of `split: dev` sources
 
     for index, (src, label) in enumerate(zip(data_cfg.sources, source_labels(data_cfg.sources))):
         st = per_source[label] = _SourceStats()
@@ -96,6 +139,11 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                 split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction)
                 key = (ex.prompt or "", ex.query)
                 origin_split[key].add(split)
+                if split == "dev":
+                    if src.split:
+                        given_dev.add(key)
+                    else:
+                        drawn_dev[key][label] += 1
                 st.splits[split] += 1
                 target = merged[split].get(key)
                 if target is None:
@@ -111,13 +159,14 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
             warn(f"data source {path or label} holds no rows: is it the source you meant?")
         _check_sts_scale(src, label, st, index)
 
+    capped = _cap_dev(recipe, merged, drawn_dev, given_dev, origin_split, per_source, totals)
     # rows of one query (within a split, across sources too) make one example: the sources'
     # example counts add up to the splits' only with these
     combined = sum(st.examples_in for st in per_source.values()) - sum(len(m) for m in merged.values())
     from hmcl_cli.data.origin import made_from
 
     stats: dict[str, Any] = {"sources": {}, "splits": {}, "combined_same_query": combined,
-                             "duplicates_removed": totals["duplicate"],
+                             "duplicates_removed": totals["duplicate"], "dev_capped": capped,
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
     for label, st in per_source.items():
         stats["sources"][label] = {
