@@ -1312,6 +1312,21 @@ def copy_builtin_recipe(name: str, dest: Path) -> tuple[Path, list[str]]:
     return target, notes
 
 
+DATA_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".jsonl", ".ndjson", ".parquet")
+
+
+def _refuse_data_file(path: Path) -> None:
+    """A data file given where a recipe goes: most often the second file of a pattern a shell
+    expanded (`hmcl eval --sts shards/part-*.csv` passes part-1.csv as the recipe)."""
+    from hmcl_cli.io_utils import data_suffix
+
+    suffix = data_suffix(path)
+    if suffix in DATA_SUFFIXES:
+        raise RecipeError(f"{path} is a data file ({suffix}), not a recipe (a YAML file)",
+                          hint="where a shell expanded a pattern into several files (--sts shards/part-*.csv), "
+                          "quote the pattern so hmcl reads it: --sts 'shards/part-*.csv'")
+
+
 def read_recipe_file(path: Path, chain: tuple = ()) -> tuple[dict, dict]:
     """A recipe file's data with its ``extends`` parents merged in, and where each key was set:
     ({key path: "file:line"}). Parents are read first, in order; this file's keys win."""
@@ -1464,6 +1479,7 @@ def load_recipe(
             hint = "`hmcl recipe ls` lists the built-in recipes; `hmcl recipe cp NAME DEST` copies one"
             raise RecipeError(f"recipe file {p} " + ("is a folder, not a file" if p.is_dir() else "does not exist"),
                               hint=hint)
+        _refuse_data_file(p)
         data, origins = read_recipe_file(p)
     data = {} if data is None else data
     if not isinstance(data, dict):

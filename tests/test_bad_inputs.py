@@ -359,6 +359,17 @@ def eval_missing_file(tmp, model):
         "evaluation file(s) not found:", f"--sts {tmp / 'absent.csv'}: {tmp / 'absent.csv'} does not exist"]
 
 
+def eval_pattern_expanded_by_the_shell(tmp, model):
+    """`--sts shards/part-*.csv` unquoted: the shell passes part-1.csv as the recipe, which was
+    "a recipe must be a mapping of sections"; it says what happened and to quote the pattern."""
+    (tmp / "shards").mkdir()
+    for k in range(2):
+        (tmp / "shards" / f"part-{k}.csv").write_text("a cat,a kitten,4.5\na dog,a car,0.5\n")
+    return ["eval", "--model", model, "--sts", tmp / "shards" / "part-0.csv", tmp / "shards" / "part-1.csv"], RECIPE, [
+        f"{tmp / 'shards' / 'part-1.csv'} is a data file (.csv), not a recipe (a YAML file)",
+        "quote the pattern so hmcl reads it: --sts 'shards/part-*.csv'"]
+
+
 def eval_model_folder_that_is_not_there(tmp, model):
     """A mistyped model path stops the call before any model is evaluated (it failed after the
     others had been, with a hint about a recipe file the call did not have)."""
@@ -489,7 +500,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, eval_model_folder_that_is_not_there, eval_without_a_model, export_over_someone_elses_folder, base_model_inside_the_run_directory,
-         base_model_is_this_run_directory, export_unknown_format, eval_missing_file, run_with_a_missing_eval_file, eval_bad_gate,
+         base_model_is_this_run_directory, export_unknown_format, eval_missing_file, eval_pattern_expanded_by_the_shell, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, eval_json_to_a_folder, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
          eval_gate_with_a_misspelt_metric, mine_missing_corpus,
          mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
