@@ -168,3 +168,33 @@ def test_a_written_link_keeps_its_link_and_a_stream_is_written_through(tmp_path)
     assert got == ["through the pipe\n"] and stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe", "results.json", "shared"]  # no temp left
     assert is_stream(fifo) and not is_stream(real) and not is_stream(tmp_path) and not is_stream(tmp_path / "none")
+
+
+def test_folder_stamp_follows_content_not_file_times(tmp_path):
+    """What the model card's eval results are matched with: the same files copied without their
+    times keep the stamp (a CI artifact); a changed byte of a small file, or in the blocks read
+    of a big one (a training rewrites every weight), changes it; a big file is not read whole."""
+    import os
+
+    from hmcl_cli.io_utils import folder_stamp
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"a": 1}')
+    weights = bytearray(os.urandom(3 << 20))
+    (tmp_path / "m" / "model.bin").write_bytes(weights)
+    small = dict(whole_below=1 << 20, blocks=8, block=4096)
+    before = folder_stamp(tmp_path / "m", **small)
+    for f in (tmp_path / "m").iterdir():
+        f.write_bytes(f.read_bytes())
+        os.utime(f, ns=(10**18, 10**18))
+    assert folder_stamp(tmp_path / "m", **small) == before
+    (tmp_path / "m" / "config.json").write_text('{"a": 2}')
+    assert folder_stamp(tmp_path / "m", **small) != before
+    (tmp_path / "m" / "config.json").write_text('{"a": 1}')
+    weights[-1] ^= 1  # the last block is read
+    (tmp_path / "m" / "model.bin").write_bytes(weights)
+    assert folder_stamp(tmp_path / "m", **small) != before
+    weights[-1] ^= 1
+    weights[len(weights) // 2 + 1000] ^= 1  # between two blocks read: not seen (nor read)
+    (tmp_path / "m" / "model.bin").write_bytes(weights)
+    assert folder_stamp(tmp_path / "m", **small) == before
