@@ -489,6 +489,20 @@ def metric_for_best_undefined_on_dev(tmp, model):
     return ["train", p], DATA, ["'dev_map' cannot be computed on", "dev.jsonl", "dev_ndcg@10"]
 
 
+def dev_that_defines_no_metric(tmp, model):
+    """A dev split of negatives only: with metric_for_best auto it said "auto: dev_ndcg@10 (the one
+    this dev set defines first)", then that dev_ndcg@10 cannot be computed, "choose one that can
+    (none)". It says no dev metric can be computed, why, and how to train without dev."""
+    p = recipe_with_train(tmp, model, good_lines(20))
+    (tmp / "dev.jsonl").write_text("".join(line(f"dev question {i}", [], [f"dev answer {i}"]) for i in range(6)))
+    from hmcl_cli.data.prepare import prepare
+    from hmcl_cli.recipe import load_recipe
+
+    prepare(load_recipe(p), progress=False)
+    return ["train", p], DATA, ["no dev metric can be computed on", "(6 queries): no query has a positive",
+                                "or train without dev: data.dev_fraction 0 and no `split: dev` source"]
+
+
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          empty_recipe, recipe_is_a_folder, data_source_is_a_folder,
@@ -503,7 +517,8 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          base_model_is_this_run_directory, export_unknown_format, eval_missing_file, eval_pattern_expanded_by_the_shell, run_with_a_missing_eval_file, eval_bad_gate,
          eval_json_where_it_cannot_be_written, eval_json_to_a_folder, gate_naming_a_task_that_is_not_there, gate_naming_a_model_not_evaluated,
          eval_gate_with_a_misspelt_metric, mine_missing_corpus,
-         mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev]
+         mine_teacher_not_a_model, bad_metric_for_best, metric_for_best_undefined_on_dev,
+         dev_that_defines_no_metric]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])

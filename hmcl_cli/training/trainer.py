@@ -668,6 +668,12 @@ class HMCLTrainer:
         names = [f"dev_{m}" for m in metric_names(self.dev)]
         undefined = {f"dev_{m}": why for m, why in undefined_metrics(self.dev).items()}
         defined = [n for n in names if n not in undefined]
+        if not defined:  # whatever metric_for_best says: no checkpoint could be told from another
+            reasons = "; ".join(dict.fromkeys(undefined.values()))
+            raise DataError(f"no dev metric can be computed on {dev_path} ({len(self.dev)} queries): {reasons}",
+                            hint="give the dev data positive candidates (with a lower candidate beside them for "
+                            "reranking), or train without dev: data.dev_fraction 0 and no `split: dev` source (the "
+                            "last step's model is kept)")
         key = self.best_key = self._auto_metric(defined) if self.cfg.metric_for_best == "auto" else self.cfg.metric_for_best
         if key not in names:
             close = suggest(key, names)
