@@ -173,6 +173,7 @@ def eval_(
     pair_classification: Optional[List[str]] = typer.Option(None, "--pair-classification", metavar="[NAME=]FILE", help="A pair-classification task: a file of (text, text, 0/1) rows (a pattern of such files, or a folder saved by `datasets`), optionally named."),
     mteb_task: Optional[List[str]] = typer.Option(None, "--mteb", metavar="TASK", help="MTEB task by name, e.g. STSBenchmark (needs network or a cached dataset)."),
     split: str = typer.Option("test", "--split", metavar="SPLIT", help="Split of --mteb tasks, BEIR --retrieval folders and dataset dicts saved by `datasets`."),
+    max_queries: Optional[int] = typer.Option(None, "--max-queries", min=1, metavar="N", help="Evaluate N queries of each --retrieval and --reranking task (the first by a fixed seeded hash; a retrieval corpus keeps every document)."),
     gate: Optional[List[str]] = typer.Option(None, "--gate", metavar="GATE", help="TASK:METRIC>=MODEL+DELTA or >=VALUE, e.g. sts:spearman>=base+0.005 (repeatable); exit 6 when one fails. It judges the first --model not labelled base (one it compares with: the first other)."),
     json_out: Optional[Path] = typer.Option(None, "--json", metavar="FILE", help="Write all results here (with a recipe, also to its run's eval/results.json; `-`: standard output, the table and log then go to stderr)."),
     plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE", help="Grouped bar chart of each task's main metric (PNG; `-`: standard output)."),
@@ -198,7 +199,10 @@ def eval_(
             given.append((kind, name or None, path))
     # with a recipe, task flags add to its tasks (so its gates still find theirs)
     names = task_names(given, taken=[t.name for t in r.eval.tasks] if recipe else ())
-    tasks = [EvalTask(name=n, type=kind, path=str(Path(path).resolve()), split=split)
+    if max_queries is not None and not (reranking or retrieval):
+        raise typer.BadParameter("it applies to --retrieval and --reranking tasks, and none is given", param_hint="--max-queries")
+    tasks = [EvalTask(name=n, type=kind, path=str(Path(path).resolve()), split=split,
+                      max_queries=max_queries if kind in ("retrieval", "reranking") else None)
              for n, (kind, _, path) in zip(names, given)]
     if missing:
         from hmcl_cli.errors import DataError

@@ -54,3 +54,16 @@ def environment_lines(env: dict) -> list[str]:
     lines = [f"hmcl {env['hmcl']}", f"python {env['python']} ({env['platform']})", f"device {env['device']}"]
     lines += [f"{name} {v}" for name, v in env["packages"].items() if v is not None]
     return lines
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of host memory available to a new allocation now (Linux: ``MemAvailable``), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

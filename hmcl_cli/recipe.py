@@ -670,6 +670,16 @@ class EvalTask(_Section):
     delimiter: Optional[Delimiter] = Field(None, description=DELIMITER_HELP)
     mteb_name: Optional[str] = Field(None, description="MTEB task name for type `mteb`.")
     split: str = Field("test", description="Split to evaluate for hub and BEIR tasks, and of a dataset dict saved by `datasets`.")
+    max_queries: Optional[int] = Field(
+        None, ge=1, description="retrieval and reranking: evaluate this many of the queries (the first by a "
+        "fixed seeded hash of their text, the same every call); a retrieval corpus keeps every document. "
+        "mteb keeps the best 1000 documents of each query: 100,000 queries need tens of GB.")
+
+    @model_validator(mode="after")
+    def _queries_of_ranking_tasks(self) -> "EvalTask":
+        if self.max_queries is not None and self.type not in ("retrieval", "reranking"):
+            raise ValueError(f"max_queries is for retrieval and reranking tasks, not {self.type}")
+        return self
 
 
 class EvalConfig(_Section):

@@ -1088,3 +1088,65 @@ def test_a_graded_table_as_a_ranking_task_keeps_its_lists_of_texts(tmp_path):
 
     with pytest.raises(DataError, match=r"bad.parquet:1: `query` holds a list, not a text"):
         load_task(EvalTask(name="b", type="reranking", path=str(tmp_path / "bad.parquet")), Path)
+
+
+def test_max_queries_samples_the_queries_and_keeps_every_document(tmp_path, tiny_bert):
+    """`max_queries`: the same queries every call (first by a seeded hash of their text), a
+    retrieval corpus with every document of the file (the queries left out keep theirs), and the
+    flag form for `hmcl eval`'s task flags, refused where no ranking task takes it."""
+    from datasets import Dataset
+
+    from hmcl_cli.evaluation.mteb_bridge import _retrieval_split
+    from hmcl_cli.evaluation.runner import load_task
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"other {i}"]}) + "\n"
+                            for i in range(50)))
+    split = {}
+    for kind in ("retrieval", "reranking"):
+        data = load_task(EvalTask(name="qa", type=kind, path=str(path), max_queries=10), Path)
+        split[kind] = _retrieval_split(data, Dataset)
+    assert len(split["retrieval"]["queries"]) == 10 and len(split["retrieval"]["corpus"]) == 100
+    assert list(split["retrieval"]["queries"]["text"]) == list(split["reranking"]["queries"]["text"])
+    again = _retrieval_split(load_task(EvalTask(name="qa", type="retrieval", path=str(path), max_queries=10), Path), Dataset)
+    assert list(again["queries"]["text"]) == list(split["retrieval"]["queries"]["text"])
+    assert len(split["reranking"]["corpus"]) == 20  # each query's own candidates
+    whole = _retrieval_split(load_task(EvalTask(name="qa", type="retrieval", path=str(path)), Path), Dataset)
+    assert len(whole["queries"]) == 50 and len(whole["corpus"]) == 100
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--retrieval", path, "--max-queries", "10",
+                "--json", tmp_path / "r.json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["qa"]["m"]["mteb"]["main_score"] >= 0
+    assert "qa: 10 of 50 queries (max_queries)" in out.stdout
+    sts = tmp_path / "pairs.csv"
+    sts.write_text("a cat,a kitten,4.5\na dog,a car,0.5\n")
+    out = _hmcl("eval", "--model", f"m={tiny_bert}", "--sts", sts, "--max-queries", "10")
+    assert out.returncode == 2 and "applies to --retrieval and --reranking tasks" in " ".join(out.stderr.split())
+    with pytest.raises(Exception, match="max_queries is for retrieval and reranking tasks, not sts"):
+        EvalTask(name="s", type="sts", path="x.csv", max_queries=3)
+
+
+def test_a_retrieval_search_too_big_for_host_memory_is_refused_before_mteb_runs(tmp_path, monkeypatch):
+    """100,000 queries over 200,000 documents: mteb's search took the machine's memory and the
+    system killed `hmcl eval` without a word. It stops with the task, the sizes, the memory and
+    a max_queries that fits, before any model is loaded."""
+    from datasets import Dataset
+
+    from hmcl_cli.errors import DataError
+    from hmcl_cli.evaluation import mteb_bridge
+    from hmcl_cli.evaluation.runner import load_task
+
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"query": f"question {i}", "pos": [f"answer {i}"]}) + "\n" for i in range(200)))
+    task = EvalTask(name="qa", type="retrieval", path=str(path))
+    need = mteb_bridge.search_memory(200, 200)
+    monkeypatch.setattr("hmcl_cli.environment.available_memory", lambda: need // 4)
+    with pytest.raises(DataError) as e:
+        mteb_bridge._retrieval_split(load_task(task, Path), Dataset)
+    said = str(e.value) + " " + (e.value.hint or "")
+    assert "task 'qa': mteb's retrieval search of 200 queries over 200 documents needs about" in said
+    assert "`max_queries: 35` on the task in eval.tasks (`--max-queries 35`" in said  # 200 x 1/4 x 0.7
+    monkeypatch.setattr("hmcl_cli.environment.available_memory", lambda: need)
+    assert len(mteb_bridge._retrieval_split(load_task(task, Path), Dataset)["queries"]) == 200
+    monkeypatch.setattr("hmcl_cli.environment.available_memory", lambda: None)  # unknown: not checked
+    assert len(mteb_bridge._retrieval_split(load_task(task, Path), Dataset)["queries"]) == 200

@@ -92,6 +92,38 @@ def local_task(data: Any) -> Any:
     return cls()
 
 
+# what mteb's retrieval search holds (mteb 2.26, measured with hmcl eval on a CPU: peaks of 1.4,
+# 2.9 and 6.2 GB at 2,000 / 10,000 / 20,000 queries over twice as many documents, 10.1 GB at 20,000
+# over 200,000): each query's best MTEB_TOP_K documents on heaps (~80 B each), and the cosines of
+# every query with a chunk of MTEB_CHUNK documents (float32, and as much again for topk and copies)
+MTEB_TOP_K, MTEB_CHUNK, HEAP_ENTRY_BYTES = 1000, 50_000, 80
+
+
+def search_memory(queries: int, docs: int) -> int:
+    """Bytes of host memory mteb's retrieval search of ``queries`` over ``docs`` documents takes
+    (an estimate, besides the model and its embeddings)."""
+    return queries * min(docs, MTEB_TOP_K) * HEAP_ENTRY_BYTES + queries * min(docs, MTEB_CHUNK) * 4 * 2
+
+
+def _check_search_memory(task: Any, queries: int, docs: int) -> None:
+    """A DataError, before any model loads, where mteb's search would take more host memory than
+    is available (the system's out-of-memory killer ended `hmcl eval` without a word: 100,000
+    queries over 200,000 documents)."""
+    from hmcl_cli.environment import available_memory
+
+    need, free = search_memory(queries, docs), available_memory()
+    if free is None or need <= free:
+        return
+    fit = max(1, int(queries * free / need * 0.7))
+    raise DataError(
+        f"task {task.name!r}: mteb's retrieval search of {queries:,} queries over {docs:,} documents needs about "
+        f"{need / 2**30:.0f} GiB of host memory ({MTEB_TOP_K} best documents kept per query, every query scored "
+        f"against {MTEB_CHUNK:,} documents at a time); {free / 2**30:.0f} GiB are available",
+        hint=f"evaluate a sample of the queries: `max_queries: {fit}` on the task in eval.tasks (`--max-queries "
+        f"{fit}` with the task flags of `hmcl eval`)" + ("; for the prepared dev split, `data.dev_max_queries` "
+                                                          "keeps it smaller" if task.path == "dev" else ""))
+
+
 def _retrieval_split(data: Any, Dataset: Any) -> dict:
     docs: dict[str, str] = {}
     doc_id: dict[str, str] = {}
@@ -124,6 +156,8 @@ def _retrieval_split(data: Any, Dataset: Any) -> dict:
         did(text)
     if not queries:
         raise DataError(f"task {data.task.name!r}: no query has a relevant candidate")
+    if data.kind == "retrieval":
+        _check_search_memory(data.task, len(queries), len(docs))
     corpus = Dataset.from_list([{"id": k, "text": v, "title": ""} for k, v in docs.items()])
     return {"queries": Dataset.from_list(queries), "corpus": corpus, "relevant_docs": qrels,
             "top_ranked": top or None}

@@ -91,11 +91,22 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     examples = list(merged.values())
     if not examples:
         raise DataError(f"task {task.name!r}: {path} holds no examples")
+    left_out: list = []
+    if task.max_queries is not None and len(examples) > task.max_queries:
+        from hmcl_cli.data.prepare import _draw
+
+        order = sorted(range(len(examples)), key=lambda i: _draw(examples[i].query, 0))
+        kept = set(order[:task.max_queries])
+        left_out = [ex for i, ex in enumerate(examples) if i not in kept]
+        examples = [ex for i, ex in enumerate(examples) if i in kept]
+        log(f"task {task.name}: {len(examples)} of {len(examples) + len(left_out)} queries (max_queries)")
     data = TaskData(task, task.type, fmt, examples=examples)
     if fmt == "qrels":
         from hmcl_cli.mining import read_corpus
 
         data.corpus = read_corpus(path, task.encoding)  # judged and unjudged documents alike, as MTEB retrieves
+    elif task.type == "retrieval":  # the queries left out keep their candidates in the corpus
+        data.corpus = [t for ex in left_out for t in ex.candidates]
     if task.type in ("sts", "pair_classification"):
         a, b, gold = [], [], []
         for query, text, cand in pairs:
