@@ -139,16 +139,19 @@ def read_corpus(path: Path, encoding: str = "utf-8") -> list[str]:
 
 
 def top_k_search(q: torch.Tensor, c: torch.Tensor, k: int, chunk: int = 4096, device: Optional[torch.device] = None,
-                 block_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
+                 block_bytes: int = 1 << 30, sim_bytes: int = 1 << 30) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by cosine (inputs normalised): (scores [Q, k], indices [Q, k]).
 
     ``q`` and ``c`` may stay on the host: the corpus goes to ``device`` (default: where ``c`` is)
-    a block of about ``block_bytes`` at a time, each block once, the queries ``chunk`` rows at a
-    time, and each query keeps a running top-k over the blocks seen. The device holds one block,
-    one chunk and their similarities, not the corpus (1M texts x 4096 dimensions are 16 GiB)."""
+    a block at a time, each block once, the queries ``chunk`` rows at a time, and each query keeps
+    a running top-k over the blocks seen. The device holds one block (at most ``block_bytes``),
+    one chunk and their similarities (at most ``sim_bytes``), not the corpus (1M texts x 4096
+    dimensions are 16 GiB); a block of narrow embeddings is as long as the similarities allow
+    (a block of 1 GiB of 32-dimension embeddings was 8M texts: 4096 x 8M similarities, 128 GiB)."""
     device = torch.device(device) if device is not None else c.device
     k = min(k, c.size(0))
-    rows = max(k, block_bytes // max(1, c.size(1) * c.element_size()))
+    chunk = max(1, min(chunk, q.size(0)))
+    rows = max(k, min(block_bytes // max(1, c.size(1) * c.element_size()), sim_bytes // (chunk * 4)))
     best_v = torch.full((q.size(0), k), -torch.inf, dtype=torch.float32)
     best_i = torch.zeros((q.size(0), k), dtype=torch.long)
     for b in range(0, c.size(0), rows):

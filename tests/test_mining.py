@@ -35,6 +35,25 @@ def test_exact_search_in_corpus_blocks_equals_brute_force():
     assert small[1].shape == (37, 7) and (small[1] == np.argsort(-sims[:, :7], axis=1)).all()
 
 
+def test_exact_search_bounds_its_similarities_whatever_the_width(monkeypatch):
+    """A block of 1 GiB of narrow embeddings (32 dimensions) was 8M texts: a chunk of 4096 queries
+    against it, 128 GiB of similarities. The block is cut so one chunk's similarities stay within
+    ``sim_bytes``; the answer is the brute-force one."""
+    g = torch.Generator().manual_seed(5)
+    q, c = F.normalize(torch.randn(100, 8, generator=g), dim=-1), F.normalize(torch.randn(5000, 8, generator=g), dim=-1)
+    widest, topk = [], torch.topk
+
+    def watched(x, *a, **kw):
+        widest.append(x.numel())
+        return topk(x, *a, **kw)
+
+    monkeypatch.setattr(torch, "topk", watched)
+    scores, idx = top_k_search(q, c, k=10, chunk=50, sim_bytes=50 * 1000 * 4)
+    assert max(widest) <= 50 * (1000 + 10)  # a chunk's similarities (or a merge of two top-k lists)
+    sims = (q @ c.T).numpy()
+    assert (idx == np.argsort(-sims, axis=1)[:, :10]).all()
+
+
 def test_faiss_search_equals_brute_force_flat_and_ivf():
     import pytest
 

@@ -41,7 +41,7 @@ def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: i
     from hmcl_cli.mining import top_k_search
 
     _, ranked = top_k_search(torch.from_numpy(q), torch.from_numpy(c), 100, chunk=512,
-                             device=getattr(model, "device", None) or "cpu", block_bytes=1 << 28)
+                             device=getattr(model, "device", None) or "cpu", block_bytes=1 << 28, sim_bytes=1 << 28)
     ret = ranked_retrieval_scores(ranked, qrels, ks=(10, 100))
     groups = []
     pairs: dict = {}  # source -> (cosines, levels, scores)
