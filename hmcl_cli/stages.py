@@ -749,6 +749,8 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
             summary.skipped("mine")
         elif enabled["mine"]:
             summary.stage("mine", run_mine, recipe)
+        if enabled["train"] and enabled["eval"]:
+            check_prepared_eval_tasks(recipe)
         if enabled["train"]:
             try:
                 summary.stage("train", run_train, recipe, resume=resume)
@@ -763,6 +765,23 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
             with RunLock(recipe.run_dir):
                 summary.stage("export", run_export, recipe)
     log(f"done: {recipe.run_dir} ({summary.times()})")
+
+
+def check_prepared_eval_tasks(recipe: Recipe) -> None:
+    """`hmcl run`, once the data is prepared: a retrieval task on a prepared split too big for
+    mteb's search in this machine's memory stops the run before training, not after it."""
+    from hmcl_cli.evaluation.mteb_bridge import retrieval_parts
+    from hmcl_cli.evaluation.runner import load_task
+
+    for task in recipe.eval.tasks:
+        split = recipe.run_dir / "data" / f"{task.path}.jsonl"
+        if task.type != "retrieval" or task.path not in ("dev", "test", "train") or not split.is_file():
+            continue
+        try:
+            retrieval_parts(load_task(task, lambda _: split))
+        except DataError as e:
+            raise DataError(f"{e} (checked before training, which would otherwise end in this failed "
+                            "evaluation)", hint=e.hint) from None
 
 
 def check_run(recipe: Recipe, prepared: bool = False) -> None:

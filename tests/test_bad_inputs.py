@@ -783,3 +783,25 @@ def test_run_stops_at_once_when_a_stage_needs_a_missing_package(tmp_path, tiny_b
     assert f"pip install --upgrade {'faiss-cpu' if missing == 'faiss' else missing}" in flat, err
     if missing == "faiss":  # the way around it stays in the hint
         assert "pip install --upgrade faiss-cpu, or use mine.search: exact" in flat, err
+
+
+def test_run_stops_before_training_where_a_dev_retrieval_task_would_not_fit(tmp_path, tiny_bert, capsys, monkeypatch):
+    """`hmcl run` with a retrieval task on the prepared dev split: where mteb's search of that split
+    would not fit in host memory, the run stops once the data is prepared, before training (it
+    trained, then failed at eval)."""
+    from hmcl_cli.evaluation.mteb_bridge import search_memory
+
+    p = recipe_with_train(tmp_path, tiny_bert, good_lines(20))
+    r = yaml.safe_load(p.read_text())
+    r["eval"] = {"include_base": False, "tasks": [{"name": "dev-ret", "type": "retrieval", "path": "dev"}]}
+    r["export"] = {"enabled": False}
+    p.write_text(yaml.safe_dump(r, sort_keys=False))
+    monkeypatch.setattr("hmcl_cli.environment.available_memory", lambda: search_memory(2, 4) // 10)
+    code, out, err = cli(capsys, monkeypatch, "run", p)
+    flat = " ".join(err.split())
+    assert code == DATA and "task 'dev-ret': mteb's retrieval search of" in flat
+    assert "(checked before training, which would otherwise end in this failed evaluation)" in flat
+    assert (tmp_path / "run" / "data" / "dev.jsonl").is_file() and not (tmp_path / "run" / "model").exists()
+    monkeypatch.setattr("hmcl_cli.environment.available_memory", lambda: None)
+    code, out, err = cli(capsys, monkeypatch, "run", p, "--set", "train.max_steps=1")
+    assert code == 0, err

@@ -125,6 +125,18 @@ def _check_search_memory(task: Any, queries: int, docs: int) -> None:
 
 
 def _retrieval_split(data: Any, Dataset: Any) -> dict:
+    """A local retrieval or reranking task as mteb's split data (queries, corpus, qrels, and for
+    reranking each query's own candidates), checked by :func:`retrieval_parts`."""
+    docs, queries, qrels, top = retrieval_parts(data)
+    corpus = Dataset.from_list([{"id": k, "text": v, "title": ""} for k, v in docs.items()])
+    return {"queries": Dataset.from_list(queries), "corpus": corpus, "relevant_docs": qrels,
+            "top_ranked": top or None}
+
+
+def retrieval_parts(data: Any) -> tuple[dict, list, dict, dict]:
+    """(documents by id, queries, qrels, reranking's candidates per query) of a local task; a
+    DataError where no query has a relevant candidate, or where a retrieval search of this size
+    would not fit in host memory."""
     docs: dict[str, str] = {}
     doc_id: dict[str, str] = {}
 
@@ -158,9 +170,7 @@ def _retrieval_split(data: Any, Dataset: Any) -> dict:
         raise DataError(f"task {data.task.name!r}: no query has a relevant candidate")
     if data.kind == "retrieval":
         _check_search_memory(data.task, len(queries), len(docs))
-    corpus = Dataset.from_list([{"id": k, "text": v, "title": ""} for k, v in docs.items()])
-    return {"queries": Dataset.from_list(queries), "corpus": corpus, "relevant_docs": qrels,
-            "top_ranked": top or None}
+    return docs, queries, qrels, top
 
 
 def hub_task_cached(task: Any) -> bool:
