@@ -732,7 +732,7 @@ def test_dev_max_queries_caps_the_drawn_dev_split_and_the_others_train(tmp_path,
     `data.dev_max_queries` keeps the first of the drawn ones by the seeded hash that drew them (a
     smaller cap keeps a subset of a larger one's); the others train, whole, with their sources'
     counts. A `split: dev` source's queries are never moved."""
-    from hmcl_cli.data.prepare import _draw
+    from hmcl_cli.data.prepare import seeded_draw
 
     (tmp_path / "a.jsonl").write_text("".join(
         json.dumps({"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"other {i}", f"third {i}"]}) + "\n"
@@ -751,7 +751,7 @@ def test_dev_max_queries_caps_the_drawn_dev_split_and_the_others_train(tmp_path,
         dev, train = _written(tmp_path, "dev"), _written(tmp_path, "train")
         kept[cap] = {r["query"] for r in dev} - {f"held out {i}" for i in range(4)}
         assert len(kept[cap]) == cap and {f"held out {i}" for i in range(4)} <= {r["query"] for r in dev}
-        assert kept[cap] == set(sorted(drawn, key=lambda q: _draw(q, 42))[:cap])
+        assert kept[cap] == set(sorted(drawn, key=lambda q: seeded_draw(q, 42))[:cap])
         moved = [r for r in train if r["query"] in drawn - kept[cap]]
         assert len(moved) == len(drawn) - cap and all(len(r["neg"]) == 2 for r in moved)  # whole examples
         assert len(train) + len(kept[cap]) == 300

@@ -6,9 +6,9 @@
 modification time and SHA-256. ``hmcl mine``, ``hmcl train`` and ``hmcl run --resume`` read the
 prepared files rather than the sources; if the recipe's data settings or a source's content
 changed since, they would use the old data without a word. :func:`origin_changes` says what
-changed, so they stop with a pointer to ``hmcl prepare`` instead. ``hmcl mine`` keeps the like
-of its settings and ``mine.corpus`` files (:func:`mined_from`), which ``hmcl train`` compares
-(:func:`mining_changes`).
+changed, so they stop with a pointer to ``hmcl prepare`` instead. ``hmcl mine`` records its
+settings and the ``mine.corpus`` files it read (:func:`mined_from`), which ``hmcl train``
+compares with the recipe's now (:func:`mining_changes`).
 
 Files are compared by content, not by where they are: a run directory restored on another machine
 (another checkout path, another ``$HMCL_DATA``) with the same files passes; a file whose time

@@ -29,14 +29,14 @@ SPLITS = ("train", "dev", "test")
 SMALL_DEV = 20  # fewer dev queries drawn than this: a warning that checkpoint choice rests on few
 
 
-def _draw(query: str, seed: int) -> float:
+def seeded_draw(query: str, seed: int) -> float:
     """A query's seeded hash in [0, 1): what draws its split."""
     return int.from_bytes(hashlib.sha256(f"{seed}\0{query}".encode()).digest()[:8], "big") / 2**64
 
 
 def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
     """Deterministic split of a query by a seeded hash: the same query always lands in one split."""
-    h = _draw(query, seed)
+    h = seeded_draw(query, seed)
     if h < test_fraction:
         return "test"
     if h < test_fraction + dev_fraction:
@@ -61,7 +61,7 @@ def _cap_dev(recipe: Recipe, merged: dict, drawn_dev: dict, given_dev: set, orig
         return 0
     if len(drawn_dev) <= cap:
         return 0
-    movable = sorted((k for k in drawn_dev if k not in given_dev), key=lambda k: _draw(k[1], recipe.seed))
+    movable = sorted((k for k in drawn_dev if k not in given_dev), key=lambda k: seeded_draw(k[1], recipe.seed))
     keep = max(0, cap - (len(drawn_dev) - len(movable)))
     for key in movable[keep:]:
         ex = merged["dev"].pop(key)

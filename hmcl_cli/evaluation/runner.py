@@ -93,9 +93,9 @@ def load_task(task: EvalTask, resolve) -> TaskData:
         raise DataError(f"task {task.name!r}: {path} holds no examples")
     left_out: list = []
     if task.max_queries is not None and len(examples) > task.max_queries:
-        from hmcl_cli.data.prepare import _draw
+        from hmcl_cli.data.prepare import seeded_draw
 
-        order = sorted(range(len(examples)), key=lambda i: _draw(examples[i].query, 0))
+        order = sorted(range(len(examples)), key=lambda i: seeded_draw(examples[i].query, 0))
         kept = set(order[:task.max_queries])
         left_out = [ex for i, ex in enumerate(examples) if i not in kept]
         examples = [ex for i, ex in enumerate(examples) if i in kept]
