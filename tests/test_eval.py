@@ -1150,3 +1150,34 @@ def test_a_retrieval_search_too_big_for_host_memory_is_refused_before_mteb_runs(
     assert len(mteb_bridge._retrieval_split(load_task(task, Path), Dataset)["queries"]) == 200
     monkeypatch.setattr("hmcl_cli.environment.available_memory", lambda: None)  # unknown: not checked
     assert len(mteb_bridge._retrieval_split(load_task(task, Path), Dataset)["queries"]) == 200
+
+
+@pytest.mark.parametrize("corpus", [300, 40])
+def test_retrieval_metrics_of_all_queries_at_once_equal_the_per_query_definitions(corpus):
+    """The in-loop retrieval metrics are computed for every query at once; they equal nDCG,
+    recall, MRR@10 and MAP@100 computed query by query (graded gains, queries without judged
+    documents left out, a corpus smaller than 100)."""
+    from hmcl_cli.evaluation.metrics import (average_precision, ndcg_at_k, ranked_retrieval_scores, recall_at_k,
+                                             reciprocal_rank)
+
+    rng = np.random.default_rng(7)
+    ranked = np.stack([rng.permutation(corpus)[:100] for _ in range(60)])
+    qrels = [{} if i % 7 == 3 else {int(d): float(rng.choice([1, 2])) for d in rng.choice(corpus, rng.integers(1, 6), replace=False)}
+             for i in range(60)]
+    want: dict[str, list] = defaultdict(list)
+    for row, judged in zip(ranked, qrels):
+        if not judged:
+            continue
+        grades = np.array([judged.get(int(d), 0.0) for d in row])
+        rel = grades > 0
+        for k in (10, 100):
+            want[f"ndcg@{k}"].append(ndcg_at_k(grades[:k], list(judged.values()), k))
+            want[f"recall@{k}"].append(recall_at_k(rel, len(judged), k))
+        want["mrr@10"].append(reciprocal_rank(rel, 10))
+        want["map@100"].append(average_precision(rel[:100], len(judged)))
+    got = ranked_retrieval_scores(ranked, qrels)
+    assert got["queries"] == sum(1 for j in qrels if j) == len(want["mrr@10"])
+    for name, values in want.items():
+        assert got[name] == pytest.approx(float(np.mean(values)), abs=1e-12), name
+    assert 0 < got["ndcg@10"] < 1 and 0 < got["map@100"] < 1
+    assert ranked_retrieval_scores(ranked, [{}] * 60) == {"queries": 0}
