@@ -169,6 +169,11 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
     return n
 
 
+# a data file's format by its suffix past any compression (``data.jsonl.gz``: jsonl); any other reads as csv
+DATA_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+                ".tsv": "tsv", ".txt": "tsv", ".tab": "tsv", ".csv": "csv"}
+
+
 def compression_of(path: str | Path) -> Optional[str]:
     """The compression suffix of a data file (``.gz``, ``.bz2``, ``.xz``, ``.zst``) or None."""
     suffix = Path(path).suffix.lower()

@@ -1322,16 +1322,14 @@ def copy_builtin_recipe(name: str, dest: Path) -> tuple[Path, list[str]]:
     return target, notes
 
 
-DATA_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".jsonl", ".ndjson", ".parquet")
-
-
 def _refuse_data_file(path: Path) -> None:
     """A data file given where a recipe goes: most often the second file of a pattern a shell
-    expanded (`hmcl eval --sts shards/part-*.csv` passes part-1.csv as the recipe)."""
-    from hmcl_cli.io_utils import data_suffix
+    expanded (`hmcl eval --sts shards/part-*.csv` passes part-1.csv as the recipe). (A .json file
+    may be a recipe: YAML reads JSON.)"""
+    from hmcl_cli.io_utils import DATA_FORMATS, data_suffix
 
     suffix = data_suffix(path)
-    if suffix in DATA_SUFFIXES:
+    if suffix in DATA_FORMATS and suffix != ".json":
         raise RecipeError(f"{path} is a data file ({suffix}), not a recipe (a YAML file)",
                           hint="where a shell expanded a pattern into several files (--sts shards/part-*.csv), "
                           "quote the pattern so hmcl reads it: --sts 'shards/part-*.csv'")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.errors import DataError
-from hmcl_cli.io_utils import binary_lines, compression_of, data_suffix, find_data_file, is_utf8, text_lines
+from hmcl_cli.io_utils import DATA_FORMATS, binary_lines, compression_of, data_suffix, find_data_file, is_utf8, text_lines
 from hmcl_cli.recipe import SourceConfig
 
 Row = Union[tuple[Any, GradedExample], BadRow]
@@ -87,14 +87,7 @@ def file_type(src: SourceConfig, path: Path) -> str:
         return src.file_type
     if is_saved_dataset(path):
         return "datasets"
-    suffix = data_suffix(path)  # data.jsonl.gz reads as jsonl
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        return "jsonl"
-    if suffix == ".parquet":
-        return "parquet"
-    if suffix in (".tsv", ".txt", ".tab"):
-        return "tsv"
-    return "csv"
+    return DATA_FORMATS.get(data_suffix(path), "csv")
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,20 +72,13 @@ def rerank_scores(groups: list[tuple[np.ndarray, np.ndarray]], min_relevant: int
             "queries": len(aps)}
 
 
-def retrieval_scores(sim: np.ndarray, qrels: list[dict[int, float]], ks: Sequence[int] = (10, 100)) -> dict[str, float]:
-    """``sim``: [Q, N] query-corpus cosines; ``qrels``: per query {doc index: grade > 0}."""
-    k = min(max(ks), sim.shape[1])
-    top = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(sim, top, axis=1), axis=1, kind="stable")
-    return ranked_retrieval_scores(np.take_along_axis(top, order, axis=1), qrels, ks)
-
-
 def ranked_retrieval_scores(ranked: np.ndarray, qrels: list[dict[int, float]], ks: Sequence[int] = (10, 100)) -> dict[str, float]:
-    """:func:`retrieval_scores` from each query's best documents, best first (``ranked``: [Q, k]
-    corpus indices, k at least ``max(ks)`` or the corpus size), as a top-k search gives them.
-    Computed for all queries at once (query by query, 100,000 dev queries took 5.2 s an
-    evaluation on 2 CPU cores, 8x this); per query it is :func:`ndcg_at_k`, :func:`recall_at_k`, :func:`reciprocal_rank`
-    and :func:`average_precision` (MAP@100)."""
+    """Retrieval metrics from each query's best documents, best first (``ranked``: [Q, k] corpus
+    indices, k at least ``max(ks)`` or the corpus size, as a top-k search gives them; ``qrels``:
+    per query {doc index: grade > 0}). Computed for all queries at once (query by query, 100,000
+    dev queries took 5.2 s an evaluation on 2 CPU cores, 8x this); per query it is
+    :func:`ndcg_at_k`, :func:`recall_at_k`, :func:`reciprocal_rank` and :func:`average_precision`
+    (MAP@100)."""
     rows = [i for i, judged in enumerate(qrels) if judged]
     if not rows:
         return {"queries": 0}

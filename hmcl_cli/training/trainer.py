@@ -704,8 +704,8 @@ class HMCLTrainer:
         elif "dev_ndcg@10" in defined:
             key, why = "dev_ndcg@10", ("the dev data are not sts pairs" if not graded_by_score
                                        else "the dev scores are all one value")
-        else:
-            key, why = (defined[0] if defined else "dev_ndcg@10"), "the one this dev set defines first"
+        else:  # (a dev set that defines none stopped before: _check_dev_metrics)
+            key, why = defined[0], "the one this dev set defines first"
         if self.is_main:
             log(f"train.metric_for_best auto: {key} ({why})")
         return key
