@@ -175,7 +175,9 @@ def require_faiss() -> Any:
 
 def faiss_search(q: np.ndarray, c: np.ndarray, k: int, exact_below: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product with faiss: exact (flat) for corpora up to ``exact_below`` texts, an
-    IVF index (nlist ~ 4 sqrt(N), 32 probes) beyond; on the GPUs when faiss was built with them."""
+    IVF index (nlist ~ 4 sqrt(N), 32 probes) beyond; on the GPUs when faiss was built with them.
+    Where the IVF lists probed for a query hold fewer than ``k`` texts, its last indices are -1
+    (score -3.4e38): no text."""
     faiss = require_faiss()
     q = np.ascontiguousarray(q, dtype=np.float32)
     c = np.ascontiguousarray(c, dtype=np.float32)
@@ -337,29 +339,37 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
     else:
         scores, idx = top_k_search(torch.from_numpy(q), torch.from_numpy(c), cfg.top_k, device=dev)
     rng = np.random.default_rng(recipe.seed)
-    jobs = []  # (example index, known corpus indices, positive texts, ranked (index, score))
-    out: list = [ex.to_json() for ex in examples]
+
+    def job(qi: int) -> tuple[set, list, list]:
+        """Example ``qi``'s known corpus indices, positive texts and ranked (index, score) list,
+        made when it is mined: Python tuples of every query's top_k at once took ~1 GB a 100,000
+        queries (top_k 100)."""
+        ex = examples[qi]
+        # faiss's IVF index answers -1 where the lists it probed held fewer than top_k texts
+        ranked = [(i, s) for i, s in zip(idx[qi].tolist(), scores[qi].tolist()) if i >= 0 and corpus[i] != ex.query]
+        return {position[t] for t in ex.candidates}, [t for t, x in ex.candidates.items() if x.level == 2], ranked
+
+    jobs = [qi for qi, ex in enumerate(examples) if any(x.level == 2 for x in ex.candidates.values())]
+    out: list[GradedExample] = list(examples)  # each mined example replaces its own
     dist: dict[str, list[float]] = {"pos": [], "weak": [], "neg": []}
-    for qi, ex in enumerate(examples):
-        pos_texts = [t for t, x in ex.candidates.items() if x.level == 2]
-        if pos_texts:
-            ranked = [(int(i), float(s)) for i, s in zip(idx[qi], scores[qi]) if corpus[int(i)] != ex.query]
-            jobs.append((qi, {position[t] for t in ex.candidates}, pos_texts, ranked))
     relative: list = [None] * len(jobs)
     if cfg.teacher is not None:
         from hmcl_cli.teacher import load_teacher
 
         teacher = load_teacher(cfg.teacher, recipe.base_dir)
-        graded = [[i for i, _ in ranked[: cfg.range_max] if i not in known] for _, known, _, ranked in jobs]
-        rel = teacher_relative_scores(
-            teacher, [(examples[qi].query, pos, [corpus[i] for i in g]) for (qi, _, pos, _), g in zip(jobs, graded)],
-            progress=True)
+        graded, asked = [], []
+        for qi in jobs:
+            known, pos, ranked = job(qi)
+            graded.append([i for i, _ in ranked[: cfg.range_max] if i not in known])
+            asked.append((examples[qi].query, pos, [corpus[i] for i in graded[-1]]))
+        rel = teacher_relative_scores(teacher, asked, progress=True)
         relative = [dict(zip(g, r)) if r is not None else None for g, r in zip(graded, rel)]
-        del teacher
+        del teacher, asked
     added = {"weak": 0, "neg": 0}
     removed_total = by_teacher = short = 0
-    for (qi, known, pos_texts, ranked), rel in zip(jobs, relative):
+    for qi, rel in zip(jobs, relative):
         ex = examples[qi]
+        known, pos_texts, ranked = job(qi)
         pos_cos = {t: float(q[qi] @ c[position[t]]) for t in pos_texts}
         best_pos = max(pos_texts, key=pos_cos.__getitem__)
         pos_score = pos_cos[best_pos]
@@ -375,11 +385,11 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
                                                       mined_score(cfg.scores, s, pos_score, ex.candidates[best_pos].score))
                 added[name] += 1
                 dist[name].append(s)
-        out[qi] = new.to_json()
+        out[qi] = new
     skipped = len(examples) - len(jobs)
     if source.name == "train.jsonl":
         (data_dir / "train.jsonl").replace(data_dir / "train.unmined.jsonl")
-    write_jsonl_atomic(data_dir / "train.jsonl", out)
+    write_jsonl_atomic(data_dir / "train.jsonl", (ex.to_json() for ex in out))
     report = {"queries": len(examples), "queries_without_positive": skipped,
               "queries_short_of_negatives": short, "corpus": len(corpus),
               "added": added, "removed_by_margin": removed_total,

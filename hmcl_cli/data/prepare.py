@@ -13,12 +13,12 @@ import hashlib
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, show_table, warn
-from hmcl_cli.data.example import LEVEL_NAMES, BadRow, GradedExample, add_candidate, parse_graded, spread_sample
+from hmcl_cli.data.example import LEVEL_NAMES, LEVELS, BadRow, GradedExample, add_candidate, parse_graded, spread_sample
 from hmcl_cli.data.readers import is_pattern, is_saved_dataset, json_records, read_source, source_files, source_labels
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import gc_paused, write_json_atomic, write_jsonl_atomic
@@ -26,6 +26,8 @@ from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
 SPLITS = ("train", "dev", "test")
+LENGTH_CHUNK = 1000  # texts tokenised at once for the token-length stats
+SPLIT_BIT = {"train": 1, "dev": 2, "test": 4}  # the splits a query was drawn or given to, as bits of one int
 SMALL_DEV = 20  # fewer dev queries drawn than this: a warning that checkpoint choice rests on few
 
 
@@ -71,7 +73,7 @@ def _cap_dev(recipe: Recipe, merged: dict, drawn_dev: dict, given_dev: set, orig
         else:
             for cand in ex.candidates.values():
                 totals[add_candidate(target, cand.text, cand.level, cand.score, recipe.data.conflict)] += 1
-        origin_split[key] = (origin_split[key] - {"dev"}) | {"train"}
+        origin_split[key] = origin_split[key] & ~SPLIT_BIT["dev"] | SPLIT_BIT["train"]
         for label, rows in drawn_dev[key].items():
             per_source[label].splits["dev"] -= rows
             per_source[label].splits["train"] += rows
@@ -110,7 +112,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
         )
     _check_outputs_are_not_sources(recipe)
     merged: dict[str, dict[tuple, GradedExample]] = {s: {} for s in SPLITS}
-    origin_split: dict[tuple, set] = defaultdict(set)
+    origin_split: dict[tuple, int] = defaultdict(int)  # SPLIT_BIT of each split a query went to
+    pool: dict[str, str] = {}  # each candidate text once: corpus-drawn negatives repeat across rows
     totals: Counter = Counter()
     per_source: dict[str, _SourceStats] = {}
     drawn_dev: dict[tuple, Counter] = defaultdict(Counter)  # dev queries drawn by dev_fraction: rows per source
@@ -138,7 +141,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                 st.examples_in += 1
                 split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction)
                 key = (ex.prompt or "", ex.query)
-                origin_split[key].add(split)
+                origin_split[key] |= SPLIT_BIT[split]
                 if split == "dev":
                     if src.split:
                         given_dev.add(key)
@@ -151,7 +154,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                 for cand in ex.candidates.values():
                     st.levels[LEVEL_NAMES[cand.level]] += 1
                     st.saw_score(cand.score)
-                    totals[add_candidate(target, cand.text, cand.level, cand.score, data_cfg.conflict)] += 1
+                    text = pool.setdefault(cand.text, cand.text)
+                    totals[add_candidate(target, text, cand.level, cand.score, data_cfg.conflict)] += 1
         finally:
             bar.update(st.rows % 1000)
             bar.close()
@@ -159,6 +163,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
             warn(f"data source {path or label} holds no rows: is it the source you meant?")
         _check_sts_scale(src, label, st, index)
 
+    del pool
     capped = _cap_dev(recipe, merged, drawn_dev, given_dev, origin_split, per_source, totals)
     # rows of one query (within a split, across sources too) make one example: the sources'
     # example counts add up to the splits' only with these
@@ -177,30 +182,36 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
         }
 
     out_dir = recipe.run_dir / "data"
-    outputs: dict[str, list[dict]] = {}
+    # the kept examples of each split, written one JSON line at a time below (rows of a million
+    # examples as dicts took ~450 MB more)
+    outputs: dict[str, list[GradedExample]] = {}
     need = max(1, data_cfg.min_candidates)
     for split in SPLITS:
-        rows, dropped = [], 0
+        kept, dropped = [], 0
         for ex in merged[split].values():
-            ex.candidates = {t: c for t, c in ex.candidates.items() if c.level >= 0}
+            if any(c.level < 0 for c in ex.candidates.values()):  # dropped by conflict: drop
+                ex.candidates = {t: c for t, c in ex.candidates.items() if c.level >= 0}
             if len(ex.candidates) >= need:
-                rows.append(ex.to_json())
+                kept.append(ex)
             else:
                 dropped += 1
-        outputs[split] = rows
-        stats["splits"][split] = {**_split_stats(rows), "dropped_too_few_candidates": dropped}
+        outputs[split] = kept
+        merged[split] = {}
+        stats["splits"][split] = {**_split_stats(kept), "dropped_too_few_candidates": dropped}
         if dropped:
-            warn(f"{split}: {dropped} of {dropped + len(rows)} examples have fewer than {need} candidate(s) "
+            warn(f"{split}: {dropped} of {dropped + len(kept)} examples have fewer than {need} candidate(s) "
                  f"(after conflicts were resolved) and are left out; data.min_candidates sets the bound")
 
-    leaked_queries = sum(1 for s in origin_split.values() if len(s) > 1)
-    train_texts = {t for r in outputs["train"] for t in _texts(r)}
-    leaked_texts = sum(1 for r in outputs["dev"] + outputs["test"] for t in set(_texts(r)) if t in train_texts)
+    leaked_queries = sum(1 for s in origin_split.values() if s & (s - 1))  # more than one split's bit
+    train_texts = {t for ex in outputs["train"] for t in _texts(ex)}
+    leaked_texts = sum(1 for ex in outputs["dev"] + outputs["test"] for t in set(_texts(ex)) if t in train_texts)
+    del train_texts
     stats["leakage"] = {"queries_in_several_splits": leaked_queries,
                         "dev_test_texts_also_in_train": leaked_texts}
     if leaked_queries:
         warn(f"{leaked_queries} queries appear in more than one split (given by the sources' `split`)")
-    drawn = sum(len(m) for m in merged.values())
+    drawn = sum(stats["splits"][split]["examples"] + stats["splits"][split]["dropped_too_few_candidates"]
+                for split in SPLITS)
     if (data_cfg.dev_fraction > 0 and len(outputs["dev"]) < SMALL_DEV
             and any(src.split is None for src in data_cfg.sources)):
         n_dev = len(outputs["dev"])
@@ -217,15 +228,17 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
         )
     if tokenizer is not None:
         m = recipe.model
-        stats["token_lengths"] = token_length_stats(tokenizer, outputs["train"], {
-            "query": m.query_max_length or m.max_length, "candidate": m.doc_max_length or m.max_length})
+        train = outputs["train"]
+        stats["token_lengths"] = token_length_stats(
+            tokenizer, {"query": [ex.query for ex in train], "candidate": [t for ex in train for t in ex.candidates]},
+            {"query": m.query_max_length or m.max_length, "candidate": m.doc_max_length or m.max_length})
         for side, st in stats["token_lengths"].items():
             if st["over_max_length"]:
                 warn(truncation_warning(side, st))
 
     for split in SPLITS:
         if outputs[split] or split != "test":
-            write_jsonl_atomic(out_dir / f"{split}.jsonl", outputs[split])
+            write_jsonl_atomic(out_dir / f"{split}.jsonl", (ex.to_json() for ex in outputs[split]))
         else:  # no test split this time: an earlier one's file would be evaluated as this data's
             (out_dir / "test.jsonl").unlink(missing_ok=True)
     # an earlier `hmcl mine` kept the training data it mined from; `mine` would start from it
@@ -320,10 +333,9 @@ def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
         st.first_errors.append(bad.located())
 
 
-def _texts(row: dict) -> Iterable[str]:
-    yield row["query"]
-    for k in ("pos", "weak", "neg"):
-        yield from row.get(k, [])
+def _texts(ex: GradedExample) -> Iterable[str]:
+    yield ex.query
+    yield from ex.candidates
 
 
 def prepared_counts(data_dir: Path) -> dict[str, dict]:
@@ -347,33 +359,32 @@ def prepared_counts(data_dir: Path) -> dict[str, dict]:
     return out
 
 
-def _split_stats(rows: list[dict]) -> dict:
-    return {
-        "examples": len(rows),
-        "pos": sum(len(r["pos"]) for r in rows),
-        "weak": sum(len(r["weak"]) for r in rows),
-        "neg": sum(len(r["neg"]) for r in rows),
-        "with_pos": sum(1 for r in rows if r["pos"]),
-        "with_weak": sum(1 for r in rows if r["weak"]),
-        "with_neg": sum(1 for r in rows if r["neg"]),
-    }
+def _split_stats(examples: list[GradedExample]) -> dict:
+    count: Counter = Counter()
+    for ex in examples:
+        levels = Counter(c.level for c in ex.candidates.values())
+        for name, level in LEVELS.items():
+            count[name] += levels[level]
+            count[f"with_{name}"] += levels[level] > 0
+    return {"examples": len(examples), **{k: count[k] for k in ("pos", "weak", "neg", "with_pos", "with_weak", "with_neg")}}
 
 
-def token_length_stats(tokenizer: Any, rows: list[dict], max_length: Optional[dict] = None,
+def token_length_stats(tokenizer: Any, texts: dict[str, Sequence[str]], max_length: Optional[dict] = None,
                        limit: int = 20000) -> dict:
-    """Token-length percentiles of queries and candidates, and how many exceed
-    ``max_length[side]`` (they will be truncated). Measured on every text where a side has at
-    most ``limit``, else on a seeded uniform sample of ``limit`` (``texts`` measured of
-    ``all_texts``), so a long source after a short one is seen."""
+    """Token-length percentiles of each side's texts (``{"query": [...], "candidate": [...]}``),
+    and how many exceed ``max_length[side]`` (they will be truncated). Measured on every text
+    where a side has at most ``limit``, else on a seeded uniform sample of ``limit`` (``texts``
+    measured of ``all_texts``), so a long source after a short one is seen."""
     out = {}
-    for side, texts in (("query", [r["query"] for r in rows]),
-                        ("candidate", [t for r in rows for k in ("pos", "weak", "neg") for t in r[k]])):
-        measured = spread_sample(texts, limit)
+    for side, side_texts in texts.items():
+        measured = spread_sample(side_texts, limit)
         if not measured:
             continue
-        lengths = np.array([len(ids) for ids in token_ids(tokenizer, measured)])
+        # tokenised a chunk at a time, lengths kept: 20,000 tokenizer encodings at once took ~400 MB
+        lengths = np.concatenate([[len(ids) for ids in token_ids(tokenizer, measured[i:i + LENGTH_CHUNK])]
+                                  for i in range(0, len(measured), LENGTH_CHUNK)])
         out[side] = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} | {"max": int(lengths.max())}
-        out[side] |= {"texts": len(measured), "all_texts": len(texts)}
+        out[side] |= {"texts": len(measured), "all_texts": len(side_texts)}
         if max_length:
             out[side] |= {"max_length": max_length[side],
                           "over_max_length": int((lengths > max_length[side]).sum())}
@@ -397,13 +408,14 @@ def load_graded(path: str | Path) -> list[GradedExample]:
     if not path.is_file():
         raise DataError(f"graded dataset {path} does not exist", hint="run `hmcl prepare RECIPE` first")
     out = []
+    pool: dict[str, str] = {}  # a candidate text once, however many rows list it
     with gc_paused():
         for item in json_records(path):
             if isinstance(item, BadRow):
                 raise DataError(item.located())
             lineno, obj = item
             try:
-                out.append(parse_graded(obj))
+                out.append(parse_graded(obj, pool))
             except BadRow as bad:
                 raise DataError(f"{path}:{lineno}: {bad.reason}") from None
     return out

@@ -40,7 +40,7 @@ from hmcl_cli.modeling.fused_rotary import RotaryReport, fuse_rotary, unfuse_rot
 from hmcl_cli.modeling.graph_shapes import graph_width
 from hmcl_cli.modeling.masks import prepared_mask, prepared_mask_refusal, token_states
 from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
-from hmcl_cli.modeling.tokenizing import token_ids
+from hmcl_cli.modeling.tokenizing import TokenLists, token_ids
 
 DECODER_TYPES = {"qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "llama", "mistral", "mixtral", "gemma",
                  "gemma2", "gemma3", "gemma3_text", "phi", "phi3", "gpt2", "gpt_neox", "falcon",
@@ -659,12 +659,14 @@ class EmbeddingModel(nn.Module):
     def _encode_plain(self, unique: list[str], side: str, batch_size: int, progress: bool, description: str) -> torch.Tensor:
         """Embeddings [len(unique), D] (float32, on the host), computed longest texts first."""
         with record_function("hmcl.tokenize"):
-            ids = self._token_ids(unique, side)
-        order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+            # packed a chunk at a time: a corpus's token ids as Python lists take ~36 bytes a token
+            ids = TokenLists.tokenized(lambda part: self._token_ids(part, side), unique, TOKENIZE_CHUNK)
+        lengths = ids.lengths()
+        order = np.argsort(-lengths, kind="stable").tolist()  # longest first, ties in their order
         dev = self.device
         out = HostRows(len(unique), self.dim)
         skip = self.prompt_skip(side)
-        batches = encode_batches([len(ids[i]) for i in order], batch_size, batch_growth(dev))
+        batches = encode_batches(lengths[order].tolist(), batch_size, batch_growth(dev))
         # CUDA graphs for the widths many batches share (model.encode_graphs; modeling/encode_graphs.py)
         graphs = None if encode_graphs.graph_refusal(self) else encode_graphs.GraphedBatches(self, ids, order, batches, skip)
         with ProgressBar(description, len(unique), "texts", enabled=progress) as bar:
@@ -701,6 +703,7 @@ class EmbeddingModel(nn.Module):
         write_st_config(folder, replace(self.settings, append_eos=False), int(self.backbone.config.hidden_size), self.head)
 
 
+TOKENIZE_CHUNK = 10000  # texts tokenised (and packed) at a time by encode
 GROW = 16  # encode_batches: a batch of short texts holds at most this many times batch_size texts
 
 

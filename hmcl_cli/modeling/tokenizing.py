@@ -18,11 +18,16 @@ on several GPUs inherit the CLI's false as if the user had set it, so each token
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
 
 _ENV = "TOKENIZERS_PARALLELISM"
+ENCODE_CHUNK = 4096  # texts per call of the Rust tokenizer's batch encoding
 _own_default = False  # the "false" in the environment is hmcl's (quiet_forks), not the user's
 
 
@@ -68,6 +73,73 @@ def token_ids(tokenizer: Any, texts: Sequence[str], max_length: Optional[int] = 
     split = bool(getattr(tokenizer, "split_special_tokens", False))
     if getattr(backend, "encode_special_tokens", split) != split:
         backend.encode_special_tokens = split
+    out: list[list[int]] = []
     with _parallel():
-        encodings = backend.encode_batch(texts, add_special_tokens=add_special_tokens)
-    return [e.ids for e in encodings]
+        # a chunk at a time: the backend's encodings (offsets, tokens, masks: ~4.5 KB a text of
+        # ~35 tokens) of a whole corpus at once took gigabytes for a moment
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            out.extend(e.ids for e in backend.encode_batch(texts[start:start + ENCODE_CHUNK],
+                                                           add_special_tokens=add_special_tokens))
+    return out
+
+
+class TokenLists(Sequence):
+    """Token id lists held as one flat int32 array and where each list ends: item ``i`` is a view
+    of its ids (no copy). A Python list of lists takes ~36 bytes a token (an int object and a
+    pointer each), this 4 (measured: 200,000 graded examples, 1.2M texts, the peak memory of `hmcl
+    train` 4.26 GB -> 3.27 GB), and the token cache loads as two arrays."""
+
+    def __init__(self, ids: np.ndarray, ends: np.ndarray):
+        self.ids = np.ascontiguousarray(ids, dtype=np.int32)
+        self.ends = np.ascontiguousarray(ends, dtype=np.int64)
+        self.starts = np.concatenate([np.zeros(1, np.int64), self.ends[:-1]])[:len(self.ends)]
+
+    @classmethod
+    def of(cls, lists: Sequence[Sequence[int]]) -> "TokenLists":
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        return cls(np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int32), np.cumsum(lengths))
+
+    @classmethod
+    def tokenized(cls, tokenize: Callable[[list[str]], Sequence[Sequence[int]]], texts: Sequence[str],
+                  chunk: int = 10000, done: Optional[Callable[[int], Any]] = None) -> "TokenLists":
+        """``tokenize(texts)`` a chunk at a time, each chunk packed before the next is made (the
+        tokenizer's Python lists of a whole corpus at once take ~36 bytes a token); ``done(n)``
+        after each chunk of ``n`` texts (a progress bar's update)."""
+        parts = []
+        for start in range(0, len(texts), chunk):
+            got = tokenize(list(texts[start:start + chunk]))
+            parts.append(cls.of(got))
+            if done is not None:
+                done(len(got))
+        return cls.joined(parts)
+
+    @classmethod
+    def joined(cls, parts: Sequence["TokenLists"]) -> "TokenLists":
+        offsets = np.cumsum([0] + [p.ends[-1] if len(p) else 0 for p in parts[:-1]])
+        return cls(np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int32),
+                   np.concatenate([p.ends + o for p, o in zip(parts, offsets)]) if parts else np.zeros(0, np.int64))
+
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+    def take(self, order: np.ndarray) -> "TokenLists":
+        """The lists in ``order`` (indices), as a new TokenLists."""
+        order = np.asarray(order, dtype=np.int64)
+        lengths = self.lengths()[order]
+        ends = np.cumsum(lengths)
+        # every id's position in self.ids: its list's start, plus its place in the list
+        at = np.repeat(self.starts[order] - (ends - lengths), lengths) + np.arange(int(ends[-1]) if ends.size else 0)
+        return TokenLists(self.ids[at], ends)
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.ids[self.starts[i]:self.ends[i]]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, TokenLists):
+            return np.array_equal(self.ids, other.ids) and np.array_equal(self.ends, other.ends)
+        return NotImplemented
+
+    __hash__ = None

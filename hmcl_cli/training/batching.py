@@ -7,7 +7,6 @@ exactly the batches an uninterrupted run would have seen.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from torch.profiler import record_function
 from hmcl_cli.console import ProgressBar, log
 from hmcl_cli.data.example import GradedExample
 from hmcl_cli.io_utils import atomic_path, gc_paused, use_cache_entry
+from hmcl_cli.modeling.tokenizing import TokenLists
 
 
 def text_id(text: str) -> int:
@@ -28,61 +28,13 @@ def text_id(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
-@dataclass
+@dataclass(slots=True)  # one per training example: millions
 class Anchor:
     query: int  # index into TrainData.query_tokens
     pos: list[tuple[int, Optional[float]]]
     weak: list[tuple[int, Optional[float]]]
     neg: list[tuple[int, Optional[float]]]
     source: int = 0  # which data source the example came from (batches can be kept per source)
-
-
-class TokenLists(Sequence):
-    """Token id lists held as one flat int32 array and where each list ends: item ``i`` is a view
-    of its ids (no copy). A Python list of lists takes ~36 bytes a token (an int object and a
-    pointer each), this 4 (measured: 200,000 graded examples, 1.2M texts, the peak memory of `hmcl
-    train` 4.26 GB -> 3.27 GB), and the token cache loads as two arrays."""
-
-    def __init__(self, ids: np.ndarray, ends: np.ndarray):
-        self.ids = np.ascontiguousarray(ids, dtype=np.int32)
-        self.ends = np.ascontiguousarray(ends, dtype=np.int64)
-        self.starts = np.concatenate([np.zeros(1, np.int64), self.ends[:-1]])[:len(self.ends)]
-
-    @classmethod
-    def of(cls, lists: Sequence[Sequence[int]]) -> "TokenLists":
-        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        return cls(np.array(list(itertools.chain.from_iterable(lists)), dtype=np.int32), np.cumsum(lengths))
-
-    @classmethod
-    def joined(cls, parts: Sequence["TokenLists"]) -> "TokenLists":
-        offsets = np.cumsum([0] + [p.ends[-1] if len(p) else 0 for p in parts[:-1]])
-        return cls(np.concatenate([p.ids for p in parts]) if parts else np.zeros(0, np.int32),
-                   np.concatenate([p.ends + o for p, o in zip(parts, offsets)]) if parts else np.zeros(0, np.int64))
-
-    def lengths(self) -> np.ndarray:
-        return self.ends - self.starts
-
-    def take(self, order: np.ndarray) -> "TokenLists":
-        """The lists in ``order`` (indices), as a new TokenLists."""
-        order = np.asarray(order, dtype=np.int64)
-        lengths = self.lengths()[order]
-        ends = np.cumsum(lengths)
-        # every id's position in self.ids: its list's start, plus its place in the list
-        at = np.repeat(self.starts[order] - (ends - lengths), lengths) + np.arange(int(ends[-1]) if ends.size else 0)
-        return TokenLists(self.ids[at], ends)
-
-    def __len__(self) -> int:
-        return len(self.ends)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.ids[self.starts[i]:self.ends[i]]
-
-    def __eq__(self, other) -> bool:
-        if isinstance(other, TokenLists):
-            return np.array_equal(self.ids, other.ids) and np.array_equal(self.ends, other.ends)
-        return NotImplemented
-
-    __hash__ = None
 
 
 def lengths_of(tokens: Sequence) -> np.ndarray:
@@ -220,15 +172,15 @@ class TrainData:
         tokenizer's Python lists of a million texts at once (ids, mask and type ids, ~36 bytes a
         token) took gigabytes more than the packed ids. With segments, a list of each text's
         segments."""
-        parts: list = []
         chunk = self.TOKENIZE_CHUNK
+        if self.segments is None:
+            return TokenLists.tokenized(lambda part: self._tokenize_side(model, part, side), texts, chunk, bar.update)
+        out: list = []
         for start in range(0, len(texts), chunk):
             got = self._tokenize_side(model, texts[start:start + chunk], side)
-            parts.append(got if self.segments is not None else TokenLists.of(got))
+            out.extend(got)
             bar.update(len(got))
-        if self.segments is not None:
-            return [t for part in parts for t in part]
-        return TokenLists.joined(parts)
+        return out
 
     def _tokenize_side(self, model: Any, texts: list[str], side: str) -> list:
         if self.segments is None:
