@@ -26,7 +26,7 @@ from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
 SPLITS = ("train", "dev", "test")
-LENGTH_CHUNK = 1000  # texts tokenised at once for the token-length stats
+LENGTH_CHUNK = 4096  # texts tokenised at once for the token-length stats
 SPLIT_BIT = {"train": 1, "dev": 2, "test": 4}  # the splits a query was drawn or given to, as bits of one int
 SMALL_DEV = 20  # fewer dev queries drawn than this: a warning that checkpoint choice rests on few
 
@@ -360,13 +360,16 @@ def prepared_counts(data_dir: Path) -> dict[str, dict]:
 
 
 def _split_stats(examples: list[GradedExample]) -> dict:
-    count: Counter = Counter()
+    per_level, with_level = [0, 0, 0], [0, 0, 0]  # by level: neg 0, weak 1, pos 2
     for ex in examples:
-        levels = Counter(c.level for c in ex.candidates.values())
-        for name, level in LEVELS.items():
-            count[name] += levels[level]
-            count[f"with_{name}"] += levels[level] > 0
-    return {"examples": len(examples), **{k: count[k] for k in ("pos", "weak", "neg", "with_pos", "with_weak", "with_neg")}}
+        seen = [0, 0, 0]
+        for c in ex.candidates.values():
+            seen[c.level] += 1
+        for level in (0, 1, 2):
+            per_level[level] += seen[level]
+            with_level[level] += seen[level] > 0
+    return {"examples": len(examples), **{name: per_level[level] for name, level in LEVELS.items()},
+            **{f"with_{name}": with_level[level] for name, level in LEVELS.items()}}
 
 
 def token_length_stats(tokenizer: Any, texts: dict[str, Sequence[str]], max_length: Optional[dict] = None,
