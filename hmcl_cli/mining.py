@@ -44,8 +44,8 @@ from hmcl_cli.data.prepare import load_graded
 from hmcl_cli.data.readers import delimited_records, is_saved_dataset, json_records, saved_dataset, source_files
 from hmcl_cli.errors import DataError, import_optional
 from hmcl_cli.evaluation.graded import encode_queries
-from hmcl_cli.io_utils import (binary_lines, data_suffix, find_data_file, text_lines, use_cache_entry, write_json_atomic,
-                               write_jsonl_atomic)
+from hmcl_cli.io_utils import (atomic_path, binary_lines, data_suffix, find_data_file, text_lines, use_cache_entry,
+                               write_json_atomic)
 from hmcl_cli.recipe import Recipe
 
 
@@ -387,9 +387,14 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
                 dist[name].append(s)
         out[qi] = new
     skipped = len(examples) - len(jobs)
-    if source.name == "train.jsonl":
-        (data_dir / "train.jsonl").replace(data_dir / "train.unmined.jsonl")
-    write_jsonl_atomic(data_dir / "train.jsonl", (ex.to_json() for ex in out))
+    with atomic_path(data_dir / "train.jsonl") as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for ex in out:
+                f.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        # the data as prepared is kept once the mined file is whole (stopped while writing it,
+        # train.jsonl is the file it was)
+        if source.name == "train.jsonl":
+            (data_dir / "train.jsonl").replace(data_dir / "train.unmined.jsonl")
     report = {"queries": len(examples), "queries_without_positive": skipped,
               "queries_short_of_negatives": short, "corpus": len(corpus),
               "added": added, "removed_by_margin": removed_total,

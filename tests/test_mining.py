@@ -564,3 +564,32 @@ def test_mining_holds_one_query_s_ranking_at_a_time(tmp_path, tiny_bert):
         tracemalloc.stop()
     assert report["queries"] == 64 and report["corpus"] > 3000
     assert peak < 10e6, peak
+
+
+def test_mining_stopped_while_writing_leaves_the_training_file_as_it_was(tmp_path, tiny_bert, monkeypatch):
+    """The prepared file was renamed to train.unmined.jsonl before the mined one was written: a
+    stop while writing left no train.jsonl. It is renamed once the mined file is whole."""
+    from hmcl_cli.data import example
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={"range_min": 0, "range_max": 30, "num_negatives": 2,
+                                                               "relative_margin": None}))
+    prepare(recipe, progress=False)
+    data = recipe.run_dir / "data"
+    prepared = (data / "train.jsonl").read_bytes()
+    real, calls = example.GradedExample.to_json, []
+
+    def stopped(self):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(example.GradedExample, "to_json", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        mine(recipe)
+    assert (data / "train.jsonl").read_bytes() == prepared
+    assert not (data / "train.unmined.jsonl").exists()
+    assert not any(p.name.endswith(".tmp") for p in data.iterdir())
+    monkeypatch.setattr(example.GradedExample, "to_json", real)
+    report = mine(recipe)  # and again, whole
+    assert (data / "train.unmined.jsonl").read_bytes() == prepared and report["added"]["neg"] > 0
