@@ -203,6 +203,7 @@ class Picks(NamedTuple):
     negatives: list[tuple[int, float]]
     removed_by_margin: int
     removed_by_teacher: int = 0
+    examined: int = 0  # candidates in ranks range_min..range_max not known or taken as weak
 
 
 def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: set[int], cfg: Any,
@@ -241,7 +242,20 @@ def grade_candidates(pos_score: float, ranked: list[tuple[int, float]], known: s
         negs = [kept[p] for p in pick]
     else:
         negs = kept[: cfg.num_negatives]
-    return Picks(weak, negs, removed, by_teacher)
+    return Picks(weak, negs, removed, by_teacher, len(window))
+
+
+def _margin_words(cfg: Any) -> str:
+    """The false-negative margin's settings, as a sentence fragment."""
+    parts = []
+    if cfg.relative_margin is not None:
+        parts.append(f"mine.relative_margin {cfg.relative_margin:g}: texts above {1 - cfg.relative_margin:g}x "
+                     "the positive's score are left out")
+    if cfg.absolute_margin is not None:
+        parts.append(f"mine.absolute_margin {cfg.absolute_margin:g}: texts within {cfg.absolute_margin:g} of it")
+    if cfg.max_score is not None:
+        parts.append(f"mine.max_score {cfg.max_score:g}: texts above {cfg.max_score:g}")
+    return "; ".join(parts)
 
 
 def mined_score(mode: str, cosine: float, pos_cosine: float, pos_data_score: Optional[float]) -> Optional[float]:
@@ -366,7 +380,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         relative = [dict(zip(g, r)) if r is not None else None for g, r in zip(graded, rel)]
         del teacher, asked
     added = {"weak": 0, "neg": 0}
-    removed_total = by_teacher = short = 0
+    removed_total = by_teacher = short = examined = 0
     for qi, rel in zip(jobs, relative):
         ex = examples[qi]
         known, pos_texts, ranked = job(qi)
@@ -376,6 +390,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         dist["pos"].append(pos_score)
         picks = grade_candidates(pos_score, ranked, known, cfg, rng, teacher=rel)
         removed_total += picks.removed_by_margin
+        examined += picks.examined
         by_teacher += picks.removed_by_teacher
         short += len(picks.negatives) < cfg.num_negatives
         new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
@@ -414,7 +429,14 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         warn(f"mine: {skipped} of {len(examples)} queries have no positive, which mining measures candidates "
              "against: nothing was mined for them")
     if short and cfg.num_negatives:
-        warn(f"mine: {short} of {len(jobs)} queries got fewer than mine.num_negatives {cfg.num_negatives} "
-             f"negatives: ranks {cfg.range_min}-{cfg.range_max} of the top {cfg.top_k} of a corpus of {len(corpus)} "
-             "texts held too few past the margin; a larger corpus (mine.corpus) or a lower mine.range_min finds more")
+        said = f"mine: {short} of {len(jobs)} queries got fewer than mine.num_negatives {cfg.num_negatives} negatives"
+        window = f"ranks {cfg.range_min}-{cfg.range_max} of the top {cfg.top_k}"
+        if examined and removed_total >= examined / 2:  # the margin, not the corpus, left them short
+            warn(f"{said}: the false-negative margin ({_margin_words(cfg)}) removed {removed_total} of the {examined} "
+                 f"candidates at {window}: the model scores most of them close to or above the query's positive "
+                 "(a model far from this task, or positives that are not the best match). A teacher (mine.teacher) "
+                 "grades them instead; a higher mine.top_k and mine.range_max reach texts ranked below the positives")
+        else:
+            warn(f"{said}: {window} of a corpus of {len(corpus)} texts held too few past the margin; a larger corpus "
+                 "(mine.corpus) or a lower mine.range_min finds more")
     return report

@@ -397,6 +397,15 @@ def test_queries_mined_short_or_not_at_all_are_announced(tmp_path, tiny_bert, ca
     short = report["queries_short_of_negatives"]
     assert short == report["queries"] - report["queries_without_positive"] > 0
     assert f"{short} of {short} queries got fewer than mine.num_negatives 500 negatives" in err
+    assert "a larger corpus (mine.corpus)" in err and "false-negative margin" not in err
+    # short because the margin left out (nearly) every candidate: it says so, not "a larger corpus"
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={**free, "num_negatives": 2, "max_score": -1.0}))
+    report = mine(recipe)
+    err = " ".join(capsys.readouterr().err.split())
+    assert report["added"]["neg"] == 0 and report["removed_by_margin"] > 0
+    assert (f"the false-negative margin (mine.max_score -1: texts above -1) removed {report['removed_by_margin']} of "
+            f"the {report['removed_by_margin']} candidates at ranks 0-30 of the top 100") in err, err
+    assert "a larger corpus" not in err
     graded = [json.loads(line) for line in (recipe.run_dir / "data/train.unmined.jsonl").read_text().splitlines()]
     for row in graded[:3]:
         row["pos"] = []  # three queries without a positive
