@@ -78,7 +78,8 @@ def test_margin_removes_near_duplicate_and_band_picks_paraphrase():
               (1, 0.79),   # near-duplicate of the positive: above (1 - 0.05) * 0.8 = 0.76
               (2, 0.72),   # paraphrase: 0.9 x positive, inside the weak band
               (3, 0.60), (4, 0.50), (5, 0.40), (6, 0.30)]
-    weak, negs, removed, _ = grade_candidates(pos, ranked, known={0}, cfg=cfg, rng=np.random.default_rng(0))
+    weak, negs, removed, _, examined = grade_candidates(pos, ranked, known={0}, cfg=cfg, rng=np.random.default_rng(0))
+    assert examined == 5  # ranks 0-9 less the known positive and the text taken as weak
     assert weak == [(2, 0.72)]
     assert [i for i, _ in negs] == [3, 4] and removed == 1
     assert 1 not in {i for i, _ in weak + negs}

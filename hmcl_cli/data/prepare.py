@@ -189,7 +189,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     for split in SPLITS:
         kept, dropped = [], 0
         for ex in merged[split].values():
-            if any(c.level < 0 for c in ex.candidates.values()):  # dropped by conflict: drop
+            if any(c.level < 0 for c in ex.candidates.values()):  # marked by conflict: "drop"
                 ex.candidates = {t: c for t, c in ex.candidates.items() if c.level >= 0}
             if len(ex.candidates) >= need:
                 kept.append(ex)
