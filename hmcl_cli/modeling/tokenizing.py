@@ -1,7 +1,9 @@
 """Token ids of many texts at once: the Rust tokenizer's batch call, on every core.
 
-hmcl tokenises whole corpora in one call (``hmcl mine`` and ``hmcl eval`` encode every distinct
-text once; ``hmcl train`` pre-tokenises its data). Two costs dominate such a call where the
+hmcl tokenises whole corpora (``hmcl mine`` and ``hmcl eval`` encode every distinct text once;
+``hmcl train`` pre-tokenises its data), :data:`ENCODE_CHUNK` texts per call and the ids packed
+into a :class:`TokenLists` a chunk at a time, so memory follows the ids (4 bytes a token), not
+the tokenizer's encodings or Python lists of a whole corpus. Two costs dominate a call where the
 model itself is fast (a GPU, short texts): the tokenizer's own work, which the ``tokenizers``
 library spreads over the cores unless ``TOKENIZERS_PARALLELISM`` is false, and transformers'
 conversion of each text's encoding into a dict of lists (offsets, masks, type ids), of which
@@ -75,8 +77,8 @@ def token_ids(tokenizer: Any, texts: Sequence[str], max_length: Optional[int] = 
         backend.encode_special_tokens = split
     out: list[list[int]] = []
     with _parallel():
-        # a chunk at a time: the backend's encodings (offsets, tokens, masks: ~4.5 KB a text of
-        # ~35 tokens) of a whole corpus at once took gigabytes for a moment
+        # a chunk at a time: the backend's encodings (offsets, token strings, masks) of a whole
+        # corpus at once took gigabytes for a moment
         for start in range(0, len(texts), ENCODE_CHUNK):
             out.extend(e.ids for e in backend.encode_batch(texts[start:start + ENCODE_CHUNK],
                                                            add_special_tokens=add_special_tokens))
