@@ -159,14 +159,19 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     write_text_atomic(path, json_text(obj, indent=2) + "\n")
 
 
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    """``rows`` as JSON lines at ``path`` (a temporary path of :func:`atomic_path`); how many."""
     n = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n
+
+
+def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
+    with atomic_path(path) as tmp:
+        return write_jsonl(tmp, rows)
 
 
 # a data file's format by its suffix past any compression (``data.jsonl.gz``: jsonl); any other reads as csv

@@ -705,7 +705,7 @@ def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):
     assert [r["query"] for r in _written(tmp_path)] == ["bracketed"]
 
 
-def test_token_lengths_are_measured_over_all_sources_not_the_first_rows(monkeypatch):
+def test_token_lengths_are_measured_over_all_sources_not_the_first_rows():
     """Prepared data run source by source: a long source after a short one must show in the
     lengths and the truncation warning even where only a sample of the texts is measured."""
     from conftest import build_tokenizer
@@ -727,11 +727,6 @@ def test_token_lengths_are_measured_over_all_sources_not_the_first_rows(monkeypa
     exact = token_length_stats(tok, texts, {"query": 16, "candidate": 16}, limit=1000)["candidate"]
     assert (exact["texts"], exact["over_max_length"]) == (800, 100)
     assert truncation_warning("candidate", exact).startswith("100 of 800 candidate texts are longer than 16")
-    # tokenised a chunk at a time (the tokenizer's encodings of 20,000 texts at once took ~400 MB): same counts
-    import hmcl_cli.data.prepare as prepare_module
-
-    monkeypatch.setattr(prepare_module, "LENGTH_CHUNK", 7)
-    assert token_length_stats(tok, texts, {"query": 16, "candidate": 16}, limit=1000)["candidate"] == exact
 
 
 def test_dev_max_queries_caps_the_drawn_dev_split_and_the_others_train(tmp_path, capsys):
@@ -813,7 +808,6 @@ def test_prepare_and_training_hold_a_repeated_candidate_text_once(tmp_path):
     recipe = _recipe(tmp_path, [{"path": str(tmp_path / "mined.jsonl"), "format": "graded"}], dev_fraction=0.0)
     peak, _ = _traced_peak(lambda: prepare(recipe, progress=False))
     assert peak < 0.4 * size, (peak, size)
-    examples: list = []
     peak, examples = _traced_peak(lambda: load_graded(tmp_path / "run" / "data" / "train.jsonl"))
     assert len(examples) == 600 and sum(len(ex.candidates) for ex in examples) == 600 * 11
     assert peak < 0.4 * size, (peak, size)

@@ -88,14 +88,13 @@ def test_encode_tokenises_a_chunk_at_a_time_and_keeps_the_ids_packed(tiny_bert, 
 
     import torch
 
-    from hmcl_cli.modeling import encoder
     from hmcl_cli.modeling.encoder import EmbeddingModel
 
     model = EmbeddingModel.load(str(tiny_bert))
     rng = random.Random(0)
     words = ["refund", "card", "ship", "order", "late", "parcel", "bank", "fee", "help", "account", "where"]
     texts = [" ".join(rng.choice(words) for _ in range(rng.randrange(5, 40))) + f" {i}" for i in range(20000)]
-    monkeypatch.setattr(encoder, "TOKENIZE_CHUNK", 1000)
+    monkeypatch.setattr(tokenizing, "PACK_CHUNK", 1000)
     tracemalloc.start()
     try:
         emb = model.encode(texts, batch_size=256)

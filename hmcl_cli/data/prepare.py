@@ -26,7 +26,6 @@ from hmcl_cli.modeling.tokenizing import token_ids
 from hmcl_cli.recipe import Recipe, SourceConfig
 
 SPLITS = ("train", "dev", "test")
-LENGTH_CHUNK = 4096  # texts tokenised at once for the token-length stats
 SPLIT_BIT = {"train": 1, "dev": 2, "test": 4}  # the splits a query was drawn or given to, as bits of one int
 SMALL_DEV = 20  # fewer dev queries drawn than this: a warning that checkpoint choice rests on few
 
@@ -383,9 +382,7 @@ def token_length_stats(tokenizer: Any, texts: dict[str, Sequence[str]], max_leng
         measured = spread_sample(side_texts, limit)
         if not measured:
             continue
-        # tokenised a chunk at a time, lengths kept: 20,000 tokenizer encodings at once took ~400 MB
-        lengths = np.concatenate([[len(ids) for ids in token_ids(tokenizer, measured[i:i + LENGTH_CHUNK])]
-                                  for i in range(0, len(measured), LENGTH_CHUNK)])
+        lengths = np.array([len(ids) for ids in token_ids(tokenizer, measured)])
         out[side] = {f"p{p}": int(np.percentile(lengths, p)) for p in (50, 90, 99)} | {"max": int(lengths.max())}
         out[side] |= {"texts": len(measured), "all_texts": len(side_texts)}
         if max_length:

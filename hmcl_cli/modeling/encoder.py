@@ -660,7 +660,7 @@ class EmbeddingModel(nn.Module):
         """Embeddings [len(unique), D] (float32, on the host), computed longest texts first."""
         with record_function("hmcl.tokenize"):
             # packed a chunk at a time: a corpus's token ids as Python lists take ~36 bytes a token
-            ids = TokenLists.tokenized(lambda part: self._token_ids(part, side), unique, TOKENIZE_CHUNK)
+            ids = TokenLists.tokenized(lambda part: self._token_ids(part, side), unique)
         lengths = ids.lengths()
         order = np.argsort(-lengths, kind="stable").tolist()  # longest first, ties in their order
         dev = self.device
@@ -703,7 +703,6 @@ class EmbeddingModel(nn.Module):
         write_st_config(folder, replace(self.settings, append_eos=False), int(self.backbone.config.hidden_size), self.head)
 
 
-TOKENIZE_CHUNK = 10000  # texts tokenised (and packed) at a time by encode
 GROW = 16  # encode_batches: a batch of short texts holds at most this many times batch_size texts
 
 

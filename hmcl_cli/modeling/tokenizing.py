@@ -30,6 +30,7 @@ import numpy as np
 
 _ENV = "TOKENIZERS_PARALLELISM"
 ENCODE_CHUNK = 4096  # texts per call of the Rust tokenizer's batch encoding
+PACK_CHUNK = 10000  # texts tokenised, then packed, at a time by TokenLists.tokenized
 _own_default = False  # the "false" in the environment is hmcl's (quiet_forks), not the user's
 
 
@@ -103,10 +104,12 @@ class TokenLists(Sequence):
 
     @classmethod
     def tokenized(cls, tokenize: Callable[[list[str]], Sequence[Sequence[int]]], texts: Sequence[str],
-                  chunk: int = 10000, done: Optional[Callable[[int], Any]] = None) -> "TokenLists":
+                  chunk: Optional[int] = None, done: Optional[Callable[[int], Any]] = None) -> "TokenLists":
         """``tokenize(texts)`` a chunk at a time, each chunk packed before the next is made (the
         tokenizer's Python lists of a whole corpus at once take ~36 bytes a token); ``done(n)``
-        after each chunk of ``n`` texts (a progress bar's update)."""
+        after each chunk of ``n`` texts (a progress bar's update). ``chunk``: :data:`PACK_CHUNK`
+        unless given."""
+        chunk = chunk or PACK_CHUNK
         parts = []
         for start in range(0, len(texts), chunk):
             got = tokenize(list(texts[start:start + chunk]))

@@ -20,7 +20,7 @@ from torch.profiler import record_function
 from hmcl_cli.console import ProgressBar, log
 from hmcl_cli.data.example import GradedExample
 from hmcl_cli.io_utils import atomic_path, gc_paused, use_cache_entry
-from hmcl_cli.modeling.tokenizing import TokenLists
+from hmcl_cli.modeling.tokenizing import PACK_CHUNK, TokenLists
 
 
 def text_id(text: str) -> int:
@@ -165,7 +165,7 @@ class TrainData:
             use_cache_entry(cache)
         return q_tokens, d_tokens
 
-    TOKENIZE_CHUNK = 10000  # texts tokenised at a time
+    TOKENIZE_CHUNK = PACK_CHUNK  # texts tokenised at a time
 
     def _tokenize_many(self, model: Any, texts: list[str], side: str, bar: ProgressBar) -> Sequence:
         """``texts`` tokenised ``TOKENIZE_CHUNK`` at a time, each chunk packed before the next is made: the
