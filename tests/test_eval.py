@@ -463,6 +463,40 @@ def test_in_loop_dev_evaluation_memory_grows_with_the_split_not_its_square():
     assert got["recall@100"] == pytest.approx(whole_matrix["recall@100"], abs=1e-9)
 
 
+def test_a_collapsed_model_earns_nothing_from_its_ties(recwarn):
+    """A model that gives every text one embedding (training collapsed, a too high learning rate)
+    ranks nothing. Ties were ranked in the file's order, positives first, so its dev_map and
+    dev_rerank_mrr@10 were 1.0, and `metric_for_best: dev_map` kept it as the best step; its
+    Spearman printed scipy's ConstantInputWarning. Now ties rank lowest grade first: the worst
+    ranking, computed here by hand, and Spearman is NaN, quietly."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from hmcl_cli.data.example import GradedExample, add_candidate
+    from hmcl_cli.evaluation.graded import evaluate_graded
+
+    def encode(texts, side="doc", **_):
+        return torch.nn.functional.normalize(torch.ones(len(texts), 4), dim=1)
+
+    model = SimpleNamespace(dim=4, encode=encode, settings=SimpleNamespace(query_prompt=None))
+    examples = []
+    for i in range(30):
+        ex = GradedExample(f"query {i}")
+        add_candidate(ex, f"answer {i}", 2, None, "highest")  # listed first, as prepared files list them
+        add_candidate(ex, f"close {i}", 1, None, "highest")
+        for j in range(3):
+            add_candidate(ex, f"other {i} {j}", 0, None, "highest")
+        examples.append(ex)
+    got = evaluate_graded(model, examples)
+    # each query's positive ranked after its 4 other candidates: AP = RR = 1/5
+    assert got["map"] == pytest.approx(0.2) and got["rerank_mrr@10"] == pytest.approx(0.2)
+    # retrieval among the 150 texts: the 100 found tie, and the query's own two come last among them
+    assert got["ndcg@10"] == 0.0 and got["mrr@10"] == 0.0
+    assert math.isnan(got["spearman"])
+    assert not [w for w in recwarn if "constant" in str(w.message).lower()]
+
+
 W = {"q1": "how do refunds work", "q2": "reset my password", "q3": "where is my parcel",
      "a1": "refunds reach your card", "b1": "we ship to canada", "a2": "the login page", "a3": "express delivery"}
 DEV_SHAPES = {

@@ -192,18 +192,46 @@ def test_examples_left_without_enough_candidates_are_counted_and_announced(tmp_p
 
 def test_leakage_is_reported(tmp_path, capsys):
     a = tmp_path / "train.jsonl"
-    a.write_text(json.dumps({"query": "q1", "pos": ["shared answer"]}) + "\n", encoding="utf-8")
+    a.write_text(json.dumps({"query": "q1", "pos": ["shared answer"]}) + "\n"
+                 + json.dumps({"query": "q3", "pos": ["a pair"], "neg": ["q4"]}) + "\n", encoding="utf-8")
     b = tmp_path / "dev.jsonl"
     b.write_text(json.dumps({"query": "q2", "pos": ["shared answer"]}) + "\n"
-                 + json.dumps({"query": "q1", "pos": ["other"]}) + "\n", encoding="utf-8")
+                 + json.dumps({"query": "q1", "pos": ["other"]}) + "\n"
+                 # the train pair (q3, "a pair") the other way round, and q4: a train candidate as a query
+                 + json.dumps({"query": "a pair", "pos": ["q3"]}) + "\n"
+                 + json.dumps({"query": "q4", "pos": ["new"]}) + "\n", encoding="utf-8")
     stats = prepare(_recipe(tmp_path, [{"path": str(a), "split": "train"}, {"path": str(b), "split": "dev"}]),
                     progress=False)
-    assert stats["leakage"]["queries_in_several_splits"] == 1
-    assert stats["leakage"]["dev_test_texts_also_in_train"] == 2  # "shared answer" and "q1"
+    leak = stats["leakage"]
+    assert leak["queries_in_several_splits"] == 1  # q1
+    assert leak["dev_test_pairs_in_train"] == 1  # ("a pair", "q3")
+    assert leak["dev_test_queries_in_train"] == 3  # q1, "a pair", q4
+    assert (leak["dev_test_candidates_in_train"], leak["dev_test_candidates"]) == (2, 4)  # "shared answer", q3
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 dev/test (query, candidate) pairs are also train pairs" in err
     from hmcl_cli.data.prepare import print_stats
 
     print_stats(stats)  # what `hmcl prepare` shows: words, not the stats' dict
-    assert "leakage: queries in several splits 1, dev/test texts also in train 2" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("leakage: queries in several splits 1, dev/test pairs also train pairs 1, "
+            "dev/test queries that are train texts 3") in out
+    assert "dev/test candidates that are also train texts: 2 of 4 (normal where" in out
+
+
+def test_a_shared_document_collection_is_not_called_leakage(tmp_path, capsys):
+    """Dev queries new, their answers drawn from the collection train uses: no warning, and the shared
+    candidates are told apart from leaked pairs."""
+    rows = [{"query": f"question {i}", "pos": [f"answer {i % 3}"], "neg": [f"answer {(i + 1) % 3}"]} for i in range(40)]
+    a = tmp_path / "train.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in rows[:30]), encoding="utf-8")
+    b = tmp_path / "dev.jsonl"
+    b.write_text("".join(json.dumps(r) + "\n" for r in rows[30:]), encoding="utf-8")
+    stats = prepare(_recipe(tmp_path, [{"path": str(a), "split": "train"}, {"path": str(b), "split": "dev"}]),
+                    progress=False)
+    leak = stats["leakage"]
+    assert leak == {"queries_in_several_splits": 0, "dev_test_pairs_in_train": 0, "dev_test_queries_in_train": 0,
+                    "dev_test_candidates_in_train": 20, "dev_test_candidates": 20}
+    assert "pairs are also train pairs" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------

@@ -202,13 +202,14 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                  f"(after conflicts were resolved) and are left out; data.min_candidates sets the bound")
 
     leaked_queries = sum(1 for s in origin_split.values() if s & (s - 1))  # more than one split's bit
-    train_texts = {t for ex in outputs["train"] for t in _texts(ex)}
-    leaked_texts = sum(1 for ex in outputs["dev"] + outputs["test"] for t in set(_texts(ex)) if t in train_texts)
-    del train_texts
-    stats["leakage"] = {"queries_in_several_splits": leaked_queries,
-                        "dev_test_texts_also_in_train": leaked_texts}
+    stats["leakage"] = {"queries_in_several_splits": leaked_queries, **_held_out_overlap(outputs)}
     if leaked_queries:
         warn(f"{leaked_queries} queries appear in more than one split (given by the sources' `split`)")
+    if stats["leakage"]["dev_test_pairs_in_train"]:
+        warn(f"{stats['leakage']['dev_test_pairs_in_train']} dev/test (query, candidate) pairs are also train pairs "
+             "(in either order): the model is trained on them, so the dev/test metrics on them measure recall of "
+             "training data, not generalisation. They are kept (a published dev set compares whole); leave them out "
+             "of dev/test sources of your own")
     drawn = sum(stats["splits"][split]["examples"] + stats["splits"][split]["dropped_too_few_candidates"]
                 for split in SPLITS)
     if (data_cfg.dev_fraction > 0 and len(outputs["dev"]) < SMALL_DEV
@@ -332,6 +333,39 @@ def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
         st.first_errors.append(bad.located())
 
 
+def _pair_key(a: str, b: str) -> int:
+    """One key for the pair of texts ``a`` and ``b`` in either order."""
+    return hash((a, b) if a <= b else (b, a))
+
+
+def _held_out_overlap(outputs: dict[str, list[GradedExample]]) -> dict[str, int]:
+    """What the dev and test splits share with train, in three counts that mean different things:
+
+    * ``dev_test_pairs_in_train``: (query, candidate) pairs of dev/test that train also holds, in either
+      order — leakage: the dev metrics on them measure what training saw;
+    * ``dev_test_queries_in_train``: dev/test queries that are a train text (query or candidate): the
+      model has seen the query, not necessarily with the candidates it is scored on;
+    * ``dev_test_candidates_in_train`` of ``dev_test_candidates``: candidates also train texts, per
+      example — normal where the splits draw on one collection of documents (retrieval from a fixed
+      corpus), so told, not warned about.
+
+    Train's pairs are kept as a sorted array of 64-bit keys (8 bytes a pair, not a set of tuples)."""
+    train = outputs["train"]
+    train_texts = {t for ex in train for t in _texts(ex)}
+    keys = np.fromiter((_pair_key(ex.query, t) for ex in train for t in ex.candidates), dtype=np.int64,
+                       count=sum(len(ex.candidates) for ex in train))
+    keys.sort()
+    held = outputs["dev"] + outputs["test"]
+    pairs = np.fromiter((_pair_key(ex.query, t) for ex in held for t in ex.candidates), dtype=np.int64,
+                        count=sum(len(ex.candidates) for ex in held))
+    at = np.minimum(np.searchsorted(keys, pairs), max(keys.size - 1, 0))
+    pairs_in_train = int((keys[at] == pairs).sum()) if keys.size else 0
+    return {"dev_test_pairs_in_train": pairs_in_train,
+            "dev_test_queries_in_train": sum(1 for ex in held if ex.query in train_texts),
+            "dev_test_candidates_in_train": sum(1 for ex in held for t in ex.candidates if t in train_texts),
+            "dev_test_candidates": int(pairs.size)}
+
+
 def _texts(ex: GradedExample) -> Iterable[str]:
     yield ex.query
     yield from ex.candidates
@@ -453,5 +487,9 @@ def print_stats(stats: dict) -> None:
     console.print((f"examples of a query seen before, joined to it: {combined}; " if combined else "")
                   + f"duplicates removed: {stats['duplicates_removed']}; level conflicts: "
                   f"{stats['conflicts']['count']} (rule: {stats['conflicts']['rule']}); leakage: queries in "
-                  f"several splits {leak['queries_in_several_splits']}, dev/test texts also in train "
-                  f"{leak['dev_test_texts_also_in_train']}")
+                  f"several splits {leak['queries_in_several_splits']}, dev/test pairs also train pairs "
+                  f"{leak['dev_test_pairs_in_train']}, dev/test queries that are train texts "
+                  f"{leak['dev_test_queries_in_train']}")
+    if leak["dev_test_candidates"]:
+        console.print(f"dev/test candidates that are also train texts: {leak['dev_test_candidates_in_train']} of "
+                      f"{leak['dev_test_candidates']} (normal where the splits share one document collection)")

@@ -40,9 +40,9 @@ def evaluate_graded(model: Any, examples: Sequence[GradedExample], batch_size: i
     # never the whole [queries, texts] matrix (100,000 x 200,000 cosines are 80 GB)
     from hmcl_cli.mining import top_k_search
 
-    _, ranked = top_k_search(torch.from_numpy(q), torch.from_numpy(c), 100, chunk=512,
+    found, ranked = top_k_search(torch.from_numpy(q), torch.from_numpy(c), 100, chunk=512,
                              device=getattr(model, "device", None) or "cpu", block_bytes=1 << 28, sim_bytes=1 << 28)
-    ret = ranked_retrieval_scores(ranked, qrels, ks=(10, 100))
+    ret = ranked_retrieval_scores(ranked, qrels, ks=(10, 100), scores=found)
     groups = []
     pairs: dict = {}  # source -> (cosines, levels, scores)
     for qi, ex in enumerate(examples):
@@ -73,7 +73,10 @@ def _gold(levels: list, scores: list) -> list:
 
 def _spearman(sims: list, levels: list, scores: list) -> float:
     gold = _gold(levels, scores)
-    return float(spearmanr(sims, gold).statistic) if len(set(gold)) > 1 else float("nan")
+    # undefined where either side is constant (a collapsed model's cosines): NaN, without scipy's warning
+    if len(set(gold)) < 2 or np.ptp(np.asarray(sims, dtype=np.float64)) == 0:
+        return float("nan")
+    return float(spearmanr(sims, gold).statistic)
 
 
 def metric_names(examples: Sequence[GradedExample]) -> list[str]:
