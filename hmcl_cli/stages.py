@@ -363,7 +363,7 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
                           for r in per.values() if "error" in r)
         total = sum(len(per) for per in report["results"].values())
         where = ("" if len(failed) == total else
-                 f" (the other results are in {out})" if out else " (the other results are in the table)")
+                 f" (the other results are in {outs[-1]})" if outs else " (the other results are in the table)")
         raise (ModelNotFoundError if only_models else DataError)(
             f"{len(failed)} evaluation(s) failed: {', '.join(failed)}{where}", hint="see the errors under the table")
     return report

@@ -707,17 +707,20 @@ NLI_ROWS = [("a man is playing a guitar", "a person plays an instrument", "ENTAI
             ("kids swim in a lake", "the lake is frozen", "NEUTRAL")]
 
 
-@pytest.mark.parametrize("how", ["label_map", "format nli"])
-def test_pair_classification_of_nli_labelled_pairs_equals_sklearn(tmp_path, tiny_bert, how):
+@pytest.mark.parametrize("how", ["label_map", "format nli", "neither"])
+def test_pair_classification_of_nli_labelled_pairs_equals_sklearn(tmp_path, tiny_bert, how, capsys):
     """A pair-classification file labelled with NLI labels: the task's `label_map` (or `format:
-    nli`, entailment 1) says which pairs are positive; AP as sklearn computes it on the cosines."""
+    nli`, entailment 1) says which pairs are positive; AP as sklearn computes it on the cosines.
+    With neither (`hmcl eval --pair-classification SICK_trial.txt`, which cannot give a map), NLI's
+    label names are read as `format: nli` reads them, and the log says so: the task failed with
+    "unknown label 'CONTRADICTION'" and a hint only a recipe could follow."""
     from sklearn.metrics import average_precision_score
 
     path = tmp_path / "sick.tsv"
     path.write_text("sentence_A\tsentence_B\tentailment_judgment\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in NLI_ROWS))
     columns = {"query": "sentence_A", "candidate": "sentence_B", "label": "entailment_judgment"}
     extra = ({"label_map": {"entailment": "pos", "neutral": "neg", "contradiction": "neg"}} if how == "label_map"
-             else {"format": "nli"})
+             else {"format": "nli"} if how == "format nli" else {})
     task = EvalTask(name="pc", type="pair_classification", path=str(path), columns=columns, **extra)
     model = EmbeddingModel.load(str(tiny_bert))
     got = evaluate({"m": model}, [task], resolve=Path)["results"]["pc"]["m"]
@@ -725,15 +728,18 @@ def test_pair_classification_of_nli_labelled_pairs_equals_sklearn(tmp_path, tiny
     b = model.encode([r[1] for r in NLI_ROWS]).numpy()
     labels = [int(r[2] == "ENTAILMENT") for r in NLI_ROWS]
     assert got["ap"] == pytest.approx(average_precision_score(labels, (a * b).sum(1)), abs=1e-4)
+    said = "its labels are NLI's: entailment read as the positive class (1)" in " ".join(capsys.readouterr().out.split())
+    assert said == (how == "neither")
 
 
 def test_pair_classification_with_unmapped_labels_says_how_to_map_them(tmp_path, tiny_bert):
-    path = tmp_path / "sick.tsv"
-    path.write_text("sentence_A\tsentence_B\tentailment_judgment\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in NLI_ROWS))
+    path = tmp_path / "pairs.tsv"
+    rows = [(a, b, "PARAPHRASE" if y == "ENTAILMENT" else "DIFFERENT") for a, b, y in NLI_ROWS]
+    path.write_text("sentence_A\tsentence_B\tjudgment\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in rows))
     task = EvalTask(name="pc", type="pair_classification", path=str(path),
-                    columns={"query": "sentence_A", "candidate": "sentence_B", "label": "entailment_judgment"})
+                    columns={"query": "sentence_A", "candidate": "sentence_B", "label": "judgment"})
     got = evaluate({"m": EmbeddingModel.load(str(tiny_bert))}, [task], resolve=Path)["results"]["pc"]["m"]
-    assert "unknown label 'ENTAILMENT'" in got["error"] and "label_map" in got["error"]
+    assert "unknown label 'PARAPHRASE'" in got["error"] and "label_map" in got["error"]
 
 
 def _counting(model, monkeypatch, calls: list):

@@ -53,6 +53,10 @@ _MORE_NEGATIVES = re.compile(r"(?:negative|neg)[_\s-]?\d+", re.IGNORECASE)
 NLI_DEFAULT = {"entailment": "pos", "neutral": "weak", "contradiction": "neg",
                "0": "pos", "1": "weak", "2": "neg"}
 BINARY_DEFAULT = {"1": "pos", "0": "neg"}
+# a pair-classification task's reading of NLI labels, where it gives no label map: entailment is the
+# positive class (MTEB's NLI pair tasks' too); neutral counts with contradiction as negative
+NLI_AS_BINARY = {**BINARY_DEFAULT, "entailment": "pos", "neutral": "neg", "contradiction": "neg",
+                 "not_entailment": "neg"}
 
 
 def source_label(src: SourceConfig) -> str:
@@ -634,9 +638,9 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
     if key.lower() not in lowered and index is not None and str(index) in lowered:
         key = str(index)
     if key.lower() not in lowered:
-        raise BadRow(
-            f"unknown label {key!r} (known: {', '.join(map(str, mapping))})", kind="unknown label"
-        )
+        bad = BadRow(f"unknown label {key!r} (known: {', '.join(map(str, mapping))})", kind="unknown label")
+        bad.label = key
+        raise bad
     return LEVELS[lowered[key.lower()]]
 
 

@@ -39,6 +39,35 @@ class TaskData:
     hub: Any = None  # an mteb task object (type mteb)
 
 
+class _NliLabels(Exception):
+    """A pair-classification file read with the 0/1 default holds NLI's label names."""
+
+
+def _read_task_rows(task: EvalTask, src: SourceConfig, path: Path) -> tuple[dict, list]:
+    """A task file's rows: (its examples by (prompt, query), every (query, text, candidate) pair as given)."""
+    from hmcl_cli.data.readers import NLI_AS_BINARY
+
+    merged: dict[tuple, GradedExample] = {}  # rows of one query (answer selection, pairs) -> one example
+    pairs: list[tuple[str, str, Any]] = []  # sts / pair classification keep every row as given
+    guess_nli = task.type == "pair_classification" and not task.label_map and not task.format
+    for item in read_source(src, path):
+        if isinstance(item, BadRow):
+            hint = None
+            if item.kind == "unknown label":
+                if guess_nli and src.label_map != NLI_AS_BINARY and str(getattr(item, "label", "")).lower() in NLI_AS_BINARY:
+                    raise _NliLabels()
+                hint = ("map the file's labels with the task's `label_map` in a recipe's eval.tasks (e.g. "
+                        "{entailment: pos, neutral: neg, contradiction: neg}), or `format: nli` for NLI labels")
+            raise DataError(f"task {task.name!r}: {item.located()}", hint=hint)
+        ex = item[1]
+        for text, cand in ex.candidates.items():
+            pairs.append((ex.query, text, cand))
+        target = merged.setdefault((ex.prompt or "", ex.query), GradedExample(ex.query, prompt=ex.prompt))
+        for cand in ex.candidates.values():
+            add_candidate(target, cand.text, cand.level, cand.score, "highest")
+    return merged, pairs
+
+
 def load_task(task: EvalTask, resolve) -> TaskData:
     """Read a task's file(s) with the same readers as ``prepare`` (or find an MTEB hub task)."""
     if task.type == "mteb":
@@ -73,21 +102,15 @@ def load_task(task: EvalTask, resolve) -> TaskData:
                        qrels_split=task.split if fmt == "qrels" else "train",
                        label_map=task.label_map or ({"1": "pos", "0": "neg"} if task.type == "pair_classification" and fmt == "pairs"
                                                      else None))
-    merged: dict[tuple, GradedExample] = {}  # rows of one query (answer selection, pairs) -> one example
-    pairs: list[tuple[str, str, Any]] = []  # sts / pair classification keep every row as given
-    for item in read_source(src, path):
-        if isinstance(item, BadRow):
-            hint = None
-            if item.kind == "unknown label":
-                hint = ("map the file's labels with the task's `label_map` in a recipe's eval.tasks (e.g. "
-                        "{entailment: pos, neutral: neg, contradiction: neg}), or `format: nli` for NLI labels")
-            raise DataError(f"task {task.name!r}: {item.located()}", hint=hint)
-        ex = item[1]
-        for text, cand in ex.candidates.items():
-            pairs.append((ex.query, text, cand))
-        target = merged.setdefault((ex.prompt or "", ex.query), GradedExample(ex.query, prompt=ex.prompt))
-        for cand in ex.candidates.values():
-            add_candidate(target, cand.text, cand.level, cand.score, "highest")
+    try:
+        merged, pairs = _read_task_rows(task, src, path)
+    except _NliLabels:  # 0/1 expected, NLI's label names found, and no label map given: read them as NLI's
+        from hmcl_cli.data.readers import NLI_AS_BINARY
+
+        src.label_map = dict(NLI_AS_BINARY)
+        merged, pairs = _read_task_rows(task, src, path)
+        log(f"task {task.name}: its labels are NLI's: entailment read as the positive class (1), neutral and "
+            "contradiction as negative (0); a recipe's eval task sets another reading with `label_map`")
     examples = list(merged.values())
     if not examples:
         raise DataError(f"task {task.name!r}: {path} holds no examples")
