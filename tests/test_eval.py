@@ -256,7 +256,7 @@ def test_plot_is_a_png_written_whole_or_to_standard_output(tmp_path, capsysbinar
     plot_report(report, tmp_path / "chart.png")
     assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]
-    capsysbinary.readouterr()
+    assert f"eval plot -> {tmp_path / 'chart.png'}" in " ".join(capsysbinary.readouterr().out.decode().split())
     plot_report(report, "-")
     assert capsysbinary.readouterr().out[:8] == b"\x89PNG\r\n\x1a\n"
 

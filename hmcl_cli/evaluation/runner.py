@@ -511,5 +511,6 @@ def plot_report(report: dict, path: Path) -> None:
         else:
             with atomic_path(path) as tmp:
                 fig.savefig(tmp, bbox_inches="tight")
+            log(f"eval plot -> {path}")  # as the results file is told
     finally:
         plt.close(fig)

