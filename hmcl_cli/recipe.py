@@ -393,8 +393,8 @@ class MineConfig(_Section):
     encoding: Encoding = Field("utf-8", description="Text encoding of the `corpus` files (jsonl, json, txt): e.g. "
                                "cp1252 or latin-1, utf-16 (any Python codec name).")
     top_k: int = Field(100, ge=1, description="Candidates retrieved per query.")
-    range_min: int = Field(10, ge=0, description="Skip this many top-ranked candidates.")
-    range_max: int = Field(50, ge=1, description="Sample negatives only above this rank.")
+    range_min: int = Field(10, ge=0, description="Skip this many top-ranked candidates (below range_max).")
+    range_max: int = Field(50, ge=1, description="Sample negatives only above this rank (at most top_k).")
     relative_margin: Optional[float] = Field(
         0.05,
         description="Drop a candidate scoring above (1 - margin) x the positive's score.",
@@ -426,6 +426,22 @@ class MineConfig(_Section):
         "weak-positives come from its band, and what it scores as positive-like is never a "
         "negative.",
     )
+
+    @model_validator(mode="after")
+    def _rank_window(self) -> "MineConfig":
+        """Negatives come from ranks [range_min, range_max) of the top_k found: a window that holds
+        no rank mined nothing, and the warning after it read "ranks 10-10 of the top 5"."""
+        if self.weak_band[0] > self.weak_band[1]:
+            raise ValueError(f"weak_band must be (lo, hi) with lo <= hi (got {list(self.weak_band)})")
+        if self.num_negatives == 0:
+            return self
+        if self.range_min >= self.range_max:
+            raise ValueError(f"range_min ({self.range_min}) must be below range_max ({self.range_max}): negatives "
+                             f"are drawn from the ranks range_min to range_max - 1")
+        if self.range_max > self.top_k:
+            raise ValueError(f"range_max ({self.range_max}) is beyond top_k ({self.top_k}), the candidates found per "
+                             f"query: raise top_k to {self.range_max} or more, or lower range_max")
+        return self
 
 
 class TrainConfig(_Section):

@@ -99,6 +99,17 @@ def out_of_range_value(tmp, model):
     return ["train", write_recipe(tmp, model), "--set", "train.group_size=0"], RECIPE, ["train.group_size", "0"]
 
 
+def mining_window_past_top_k(tmp, model):
+    # ran, mined no negative, and warned of "ranks 10-10 of the top 5"
+    return ["mine", write_recipe(tmp, model, mine={"top_k": 20}), "--set", "mine.range_max=30"], RECIPE, [
+        "mine: range_max (30) is beyond top_k (20), the candidates found per query: raise top_k to 30 or more"]
+
+
+def mining_window_empty(tmp, model):
+    return ["mine", write_recipe(tmp, model, mine={"range_min": 40, "range_max": 40})], RECIPE, [
+        "recipe.yaml", "range_min (40) must be below range_max (40)"]
+
+
 def python_object_tag(tmp, model):
     p = write_recipe(tmp, model)
     p.write_text(p.read_text() + "evil: !!python/object/apply:os.system ['echo pwned']\n")
@@ -513,6 +524,7 @@ def dev_that_defines_no_metric(tmp, model):
 
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
+         mining_window_past_top_k, mining_window_empty,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          empty_recipe, recipe_is_a_folder, data_source_is_a_folder,
          missing_data_file, data_path_from_an_unset_env_variable,
