@@ -255,6 +255,21 @@ def graded_unknown_field(tmp, model):
     return ["prepare", recipe_with_train(tmp, model, text)], DATA, ["train.jsonl:6", "unknown field(s) ['candidates']"]
 
 
+def sentence_transformers_triplets_as_graded(tmp, model):
+    # sentence-transformers' JSON lines (anchor, positive, negative) read with the default format
+    text = "".join(json.dumps({"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"}) + "\n" for i in range(5))
+    return ["prepare", recipe_with_train(tmp, model, text)], DATA, [
+        "train.jsonl:1", "unknown field(s) ['anchor', 'negative', 'positive']",
+        "these are the fields of rows of `format: triplets`; set the source's `format: triplets`",
+        "hint: fix the file or the source's `format` as the message says"]
+
+
+def graded_field_misspelt(tmp, model):
+    text = good_lines(3) + json.dumps({"query": "q", "pos": ["p"], "negs": ["n"]}) + "\n"
+    return ["prepare", recipe_with_train(tmp, model, text)], DATA, [
+        "train.jsonl:4", "unknown field(s) ['negs']", "('negs': did you mean 'neg'?)"]
+
+
 def empty_text(tmp, model):
     return ["prepare", recipe_with_train(tmp, model, good_lines(5) + line(query="  "))], DATA, [
         "train.jsonl:6", "empty"]
@@ -524,7 +539,7 @@ def dev_that_defines_no_metric(tmp, model):
 
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
-         mining_window_past_top_k, mining_window_empty,
+         mining_window_past_top_k, mining_window_empty, sentence_transformers_triplets_as_graded, graded_field_misspelt,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          empty_recipe, recipe_is_a_folder, data_source_is_a_folder,
          missing_data_file, data_path_from_an_unset_env_variable,

@@ -1018,8 +1018,9 @@ def test_a_recipe_compares_with_a_run_directory_and_an_onnx_export(tmp_path, tin
 def test_a_table_of_pairs_or_triplets_is_a_reranking_task_without_a_format(tmp_path):
     """`hmcl eval --reranking pairs.csv` (the CLI has no format flag): a table whose columns name a
     label reads as labelled pairs (TrecQA's qtext/label/atext: the base MAP equals the trecqa
-    recipe's answer_selection reading, 0.8346), one naming a positive as triplets; JSON lines stay
-    graded."""
+    recipe's answer_selection reading, 0.8346), one naming a positive as triplets; graded JSON lines
+    stay graded, even one whose `pos` is a single string, and sentence-transformers' JSON lines
+    (anchor, positive, negative) are triplets (they failed as graded rows with unknown fields)."""
     from pathlib import Path
 
     from hmcl_cli.evaluation.runner import load_task
@@ -1031,7 +1032,12 @@ def test_a_table_of_pairs_or_triplets_is_a_reranking_task_without_a_format(tmp_p
     triplets.write_text("anchor,positive,negative\nq,p,n\n", encoding="utf-8")
     graded = tmp_path / "g.jsonl"
     graded.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n", encoding="utf-8")
-    for path, fmt in ((pairs, "pairs"), (triplets, "triplets"), (graded, "graded")):
+    st_lines = tmp_path / "st.jsonl"
+    st_lines.write_text(json.dumps({"anchor": "q", "positive": "p", "negative": "n"}) + "\n", encoding="utf-8")
+    one_pos = tmp_path / "one.jsonl"
+    one_pos.write_text(json.dumps({"query": "q", "pos": "p", "neg": "n"}) + "\n", encoding="utf-8")
+    for path, fmt in ((pairs, "pairs"), (triplets, "triplets"), (graded, "graded"), (st_lines, "triplets"),
+                      (one_pos, "graded")):
         data = load_task(EvalTask(name="x", type="reranking", path=str(path)), lambda p: Path(p))
         assert data.fmt == fmt
         (ex,) = data.examples

@@ -327,6 +327,8 @@ def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
         if bad.kind == "unknown label":
             hint = ("map the file's labels to levels with the source's `label_map` (e.g. {entailment: pos, "
                     "neutral: weak, contradiction: neg}), or " + hint)
+        elif bad.kind == "unknown field":  # every row of the file is likely to have it: skipping drops them all
+            hint = "fix the file or the source's `format` as the message says"
         raise DataError(bad.located(), hint=hint)
     st.rejected[bad.kind] += 1
     if len(st.first_errors) < 20:

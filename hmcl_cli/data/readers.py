@@ -419,15 +419,16 @@ def _as_float(raw: Any, src: SourceConfig) -> float:
 def ranking_format(src: SourceConfig, path: Path) -> Optional[str]:
     """For a reranking or retrieval file given without a format: a table (CSV/TSV/parquet) whose
     columns name a positive is ``triplets``, one whose columns name a label is ``pairs`` (label 1:
-    relevant); None otherwise (read as graded JSON lines)."""
-    if file_type(src, path) == "jsonl":
-        return None
+    relevant); None otherwise (read as graded JSON lines). JSON lines are looked at too: those of
+    sentence-transformers (anchor, positive, negative) are triplets."""
     for item in records(src, path):
         if isinstance(item, BadRow):
             return None
         cells = item[1] if isinstance(item[1], (list, dict)) else []
         if isinstance(cells, dict) and any(isinstance(cells.get(k), (list, tuple)) for k in ("pos", "weak", "neg")):
             return None  # a graded table (parquet, a saved dataset): lists of candidates per query
+        if isinstance(cells, dict) and file_type(src, path) == "jsonl" and set(cells) & {"pos", "weak", "neg"}:
+            return None  # a graded JSON line (whatever its values: the graded reader says what is wrong)
         names = {str(c).strip().lower() for c in cells}
         for fmt, role in (("triplets", "positive"), ("pairs", "label")):
             if names & {a.lower() for a in ROLE_ALIASES[role]}:
