@@ -381,6 +381,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         del teacher, asked
     added = {"weak": 0, "neg": 0}
     removed_total = by_teacher = short = examined = 0
+    short_window = {"examined": 0, "margin": 0, "teacher": 0}  # the short queries' own rank windows
     for qi, rel in zip(jobs, relative):
         ex = examples[qi]
         known, pos_texts, ranked = job(qi)
@@ -392,7 +393,11 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         removed_total += picks.removed_by_margin
         examined += picks.examined
         by_teacher += picks.removed_by_teacher
-        short += len(picks.negatives) < cfg.num_negatives
+        if len(picks.negatives) < cfg.num_negatives:
+            short += 1
+            short_window["examined"] += picks.examined
+            short_window["margin"] += picks.removed_by_margin
+            short_window["teacher"] += picks.removed_by_teacher
         new = GradedExample(ex.query, dict(ex.candidates), ex.prompt, ex.source)
         for level, name, chosen in ((1, "weak", picks.weak), (0, "neg", picks.negatives)):
             for i, s in chosen:
@@ -427,14 +432,40 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         warn(f"mine: {skipped} of {len(examples)} queries have no positive, which mining measures candidates "
              "against: nothing was mined for them")
     if short and cfg.num_negatives:
-        said = f"mine: {short} of {len(jobs)} queries got fewer than mine.num_negatives {cfg.num_negatives} negatives"
-        window = f"ranks {cfg.range_min}-{cfg.range_max} of the top {cfg.top_k}"
-        if examined and removed_total >= examined / 2:  # the margin, not the corpus, left them short
-            warn(f"{said}: the false-negative margin ({_margin_words(cfg)}) removed {removed_total} of the {examined} "
-                 f"candidates at {window}: the model scores most of them close to or above the query's positive "
-                 "(a model far from this task, or positives that are not the best match). A teacher (mine.teacher) "
-                 "grades them instead; a higher mine.top_k and mine.range_max reach texts ranked below the positives")
-        else:
-            warn(f"{said}: {window} of a corpus of {len(corpus)} texts held too few past the margin; a larger corpus "
-                 "(mine.corpus) or a lower mine.range_min finds more")
+        warn(_short_mining_words(cfg, short, len(jobs), len(corpus), examined, removed_total, short_window))
     return report
+
+
+def _short_mining_words(cfg: Any, short: int, queries: int, corpus: int, examined: int, removed: int,
+                        short_window: dict[str, int]) -> str:
+    """The warning for queries mined short of negatives: what left them short (the margin over all
+    queries, the teacher in their own windows, else too few texts in the window) and the settings
+    that would change it: no advice a setting already at its limit makes void (a lower range_min
+    where it is 0, a higher range_max where it already reaches the whole corpus)."""
+    said = f"mine: {short} of {queries} queries got fewer than mine.num_negatives {cfg.num_negatives} negatives"
+    reach = min(cfg.top_k, corpus)
+    window = f"ranks {cfg.range_min}-{cfg.range_max} of the top {reach}"
+    deeper = f"a higher mine.range_max{' and mine.top_k' if cfg.range_max >= cfg.top_k else ''}"
+    if examined and removed >= examined / 2:  # the margin, not the corpus, left them short
+        return (f"{said}: the false-negative margin ({_margin_words(cfg)}) removed {removed} of the {examined} "
+                f"candidates at {window}: the model scores most of them close to or above the query's positive "
+                "(a model far from this task, or positives that are not the best match). A teacher (mine.teacher) "
+                "grades them instead" + (f"; {deeper} reaches texts ranked below the positives"
+                                         if cfg.range_max < corpus else ""))
+    seen = short_window["examined"]
+    fixes = ["a larger corpus (mine.corpus)"]
+    if cfg.range_min > 0:
+        fixes.append("a lower mine.range_min")
+    if cfg.range_max < corpus:
+        fixes.append(deeper)
+    either = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
+    if cfg.teacher is not None and seen and short_window["teacher"] >= seen / 2:
+        lo, hi = cfg.teacher.band
+        return (f"{said}: in their windows ({window}) the teacher kept {short_window['teacher']} of {seen} candidates "
+                f"from being negatives (its score at or above mine.teacher.band's low end {lo:g} of the positive's: "
+                f"above {hi:g} positive-like, between them weak or left out); a higher band low end lets closer texts "
+                f"be negatives, and {either} offers more texts the teacher calls unrelated")
+    removed_words = (f"the margin removed {short_window['margin']}" + (f" and the teacher {short_window['teacher']}"
+                     if cfg.teacher is not None else "") + f" of their {seen} candidates")
+    return (f"{said}: their windows ({window} of a corpus of {corpus} texts, less the data's own candidates) held "
+            f"too few ({removed_words}); {either} finds more")

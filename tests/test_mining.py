@@ -399,14 +399,24 @@ def test_queries_mined_short_or_not_at_all_are_announced(tmp_path, tiny_bert, ca
     assert short == report["queries"] - report["queries_without_positive"] > 0
     assert f"{short} of {short} queries got fewer than mine.num_negatives 500 negatives" in err
     assert "a larger corpus (mine.corpus)" in err and "false-negative margin" not in err
+    # advice a setting at its limit makes void is left out: range_min is 0 already; range_max 30 of 64 texts
+    assert report["corpus"] > 30 and "a higher mine.range_max" in err and "range_min" not in err
     # short because the margin left out (nearly) every candidate: it says so, not "a larger corpus"
     recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={**free, "num_negatives": 2, "max_score": -1.0}))
     report = mine(recipe)
     err = " ".join(capsys.readouterr().err.split())
     assert report["added"]["neg"] == 0 and report["removed_by_margin"] > 0
     assert (f"the false-negative margin (mine.max_score -1: texts above -1) removed {report['removed_by_margin']} of "
-            f"the {report['removed_by_margin']} candidates at ranks 0-30 of the top 100") in err, err
+            f"the {report['removed_by_margin']} candidates at ranks 0-30 of the top {min(100, report['corpus'])}") in err, err
     assert "a larger corpus" not in err
+    # short because the teacher keeps every candidate from being a negative: its band says why
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, mine={**free, "num_negatives": 2, "teacher": {
+        "model": str(tiny_bert), "kind": "embedder", "band": [-1e9, 0.9]}}))
+    report = mine(recipe)
+    err = " ".join(capsys.readouterr().err.split())
+    assert report["added"]["neg"] == 0 and report["teacher"]["removed_as_positive_like_or_ambiguous"] > 0
+    assert ("in their windows (ranks 0-30 of the top" in err and "the teacher kept" in err
+            and "mine.teacher.band's low end -1e+09" in err and "a higher band low end lets closer texts" in err), err
     graded = [json.loads(line) for line in (recipe.run_dir / "data/train.unmined.jsonl").read_text().splitlines()]
     for row in graded[:3]:
         row["pos"] = []  # three queries without a positive
