@@ -524,7 +524,9 @@ def check_model(recipe: Recipe) -> str:
         return f"{m.name_or_path}: config not read ({type(e).__name__}); lengths not checked"
     pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if is_decoder_config(config) else "mean")
     check_max_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
-                  m.segments.length if m.segments else 0, m.name_or_path)
+                      m.segments.length if m.segments else 0, m.name_or_path,
+                      keys=("model.query_max_length" if m.query_max_length else "model.max_length",
+                            "model.doc_max_length" if m.doc_max_length else "model.max_length"))
     hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
     if hidden:  # the embedding size: the hidden size, or the last Dense layer's
         from hmcl_cli.modeling.st_modules import head_dim

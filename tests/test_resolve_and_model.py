@@ -229,6 +229,18 @@ def test_max_length_beyond_the_position_table_is_a_recipe_error(tmp_path, tiny_b
     with pytest.raises(RecipeError, match=r"model.segments.length 300"):
         model.check_lengths("tiny")
 
+    # the recipe's check names the key the user set: max_length with a doc_max_length of its own was
+    # told as "model.query_max_length 1000", a key the recipe did not have
+    from conftest import write_recipe
+
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import check_model
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_bert, model={"max_length": 1000, "doc_max_length": 96}))
+    with pytest.raises(RecipeError, match=r"^model.max_length 1000: .* at most 256 tokens") as e:
+        check_model(recipe)
+    assert "set model.max_length to 256 or less" in e.value.hint
+
 
 def test_position_limit_counts_roberta_offset(tmp_path):
     from transformers import RobertaConfig, RobertaModel

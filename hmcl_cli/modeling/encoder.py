@@ -102,10 +102,12 @@ def warn_once(key: Any, message: str) -> None:
         warn(message)
 
 
-def check_max_lengths(limit: Optional[int], query_len: int, doc_len: int, segment_length: int, name: str) -> None:
+def check_max_lengths(limit: Optional[int], query_len: int, doc_len: int, segment_length: int, name: str,
+                      keys: tuple[str, str] = ("model.query_max_length", "model.doc_max_length")) -> None:
     """A RecipeError when a sequence of the lengths asked (each segment's, with segments) is longer
     than the model's position table (``limit``, see :func:`position_limit`): the forward pass
-    would fail on the first long text (on a GPU as a device-side assert)."""
+    would fail on the first long text (on a GPU as a device-side assert). ``keys``: the recipe keys
+    the query and document lengths came from (``model.max_length`` where a side has none of its own)."""
     if limit is None:
         return
     if segment_length:
@@ -113,7 +115,7 @@ def check_max_lengths(limit: Optional[int], query_len: int, doc_len: int, segmen
     elif query_len == doc_len:
         asked = {"model.max_length": query_len}
     else:
-        asked = {"model.query_max_length": query_len, "model.doc_max_length": doc_len}
+        asked = {keys[0]: query_len, keys[1]: doc_len}
     over = {k: v for k, v in asked.items() if v > limit}
     if over:
         key, value = next(iter(over.items()))
