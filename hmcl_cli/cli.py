@@ -199,6 +199,9 @@ def eval_(
             given.append((kind, name or None, path))
     # with a recipe, task flags add to its tasks (so its gates still find theirs)
     names = task_names(given, taken=[t.name for t in r.eval.tasks] if recipe else ())
+    if json_out is not None and plot is not None and str(json_out) == "-" and str(plot) == "-":
+        raise typer.BadParameter("--json - and --plot - would both write to standard output (the JSON and the PNG "
+                                 "one after the other, neither readable): give one of them a file", param_hint="--plot")
     if max_queries is not None and not (reranking or retrieval):
         raise typer.BadParameter("it applies to --retrieval and --reranking tasks, and none is given", param_hint="--max-queries")
     tasks = [EvalTask(name=n, type=kind, path=str(Path(path).resolve()), split=split,

@@ -314,6 +314,13 @@ def one_of_two_eval_tasks_failing_without_json(tmp, model):
             ["1 evaluation(s) failed: pairs/", "(the other results are in the table)"])
 
 
+def json_and_plot_both_to_standard_output(tmp, model):
+    # both were written to stdout, the PNG after the JSON: neither readable by what reads the pipe
+    (tmp / "sts.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t3\nc\td\t1\n")
+    return (["eval", "--model", model, "--sts", tmp / "sts.tsv", "--json", "-", "--plot", "-"], RECIPE,
+            ["--json - and --plot - would both write to standard output", "give one of them a file"])
+
+
 def graded_file_as_sts(tmp, model):
     (tmp / "dev.jsonl").write_text(line("q", ["p"], ["n"]))
     return (["eval", "--model", model, "--sts", tmp / "dev.jsonl"], DATA,
@@ -548,6 +555,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          output_dir_below_a_file, eval_recipe_task_file_missing, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
          unknown_column_names, graded_file_as_sts, sts_task_of_one_score, one_of_two_eval_tasks_failing_without_json,
+         json_and_plot_both_to_standard_output,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, eval_model_folder_that_is_not_there, eval_without_a_model, export_over_someone_elses_folder, base_model_inside_the_run_directory,
          base_model_is_this_run_directory, export_unknown_format, eval_missing_file, eval_pattern_expanded_by_the_shell, run_with_a_missing_eval_file, eval_bad_gate,
