@@ -425,7 +425,7 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
     from hmcl_cli.export.merged import export_merged
     from hmcl_cli.modeling.encoder import saved_matryoshka_dims
 
-    formats = formats or list(recipe.export.formats)
+    formats = list(dict.fromkeys(formats or recipe.export.formats))  # each once: `-f onnx -f onnx` exported twice
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise RecipeError(f"unknown export format(s) {', '.join(map(repr, unknown))}",

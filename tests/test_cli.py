@@ -255,6 +255,19 @@ def test_the_model_cards_usage_code_gives_the_models_embeddings(tmp_path, tiny_q
     assert "'Instruct: find the answer\\nQuery: '" in card.read_text()
 
 
+def test_a_format_named_twice_is_exported_once(tmp_path, tiny_bert, monkeypatch):
+    """`hmcl export -f onnx -f onnx` exported (and verified) the same folder twice."""
+    import hmcl_cli.export.merged as merged
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_export
+
+    calls = []
+    monkeypatch.setattr(merged, "export_merged", lambda model_dir, out, *a, **k: calls.append(out) or {"ok": True})
+    reports = run_export(load_recipe(write_recipe(tmp_path, tiny_bert)), formats=["merged", "merged"],
+                         model_dir=tiny_bert, out_dir=tmp_path / "out")
+    assert calls == [tmp_path / "out" / "merged"] and list(reports) == ["merged"]
+
+
 def test_export_of_missing_run_is_a_clear_error(tmp_path):
     out = hmcl("export", "--model", tmp_path / "no-run", "--format", "onnx", "--out", tmp_path / "x")
     assert out.returncode == 4 and "does not exist" in out.stderr and "Traceback" not in out.stderr
