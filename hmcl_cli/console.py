@@ -60,14 +60,31 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/yellow] {message}")
 
 
+def duration(seconds: float) -> str:
+    """A time span as people read it: 45s, 12m05s, 3h07m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes, secs = divmod(seconds, 60)
+    if minutes < 120:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
 class ProgressBar:
-    """A progress bar with ETA; on a non-terminal, a plain line every ~10% (and at the end)."""
+    """A progress bar with ETA; on a non-terminal, a plain line every ~10%, and at least every
+    ``LINE_SECONDS`` (a CI job that hears nothing for 10 minutes is killed as hung by some CI
+    services; 10% of a long training can be an hour), and at the end."""
+
+    LINE_SECONDS = 300.0
 
     def __init__(self, description: str, total: Optional[int] = None, unit: str = "it", enabled: bool = True):
         self.description, self.total, self.unit, self.enabled = description, total, unit, enabled
         self.n = 0
         self.start = time.perf_counter()
         self._next_report = 0.1
+        self._last_line = self.start
         self._rich = None
         self.postfix = ""
         if enabled and interactive():
@@ -90,10 +107,12 @@ class ProgressBar:
             self._rich.update(self._task, advance=n, postfix=self.postfix)
         elif self.enabled and self.total:
             frac = self.n / self.total
-            if frac >= self._next_report and self.n < self.total:
-                elapsed = time.perf_counter() - self.start
+            now = time.perf_counter()
+            if (frac >= self._next_report or now - self._last_line >= self.LINE_SECONDS) and self.n < self.total:
+                elapsed = now - self.start
                 eta = elapsed / frac * (1 - frac)
-                log(f"{self.description}: {self.n}/{self.total} {self.unit} ({frac:.0%}, eta {eta:.0f}s) {self.postfix}")
+                log(f"{self.description}: {self.n}/{self.total} {self.unit} ({frac:.0%}, eta {duration(eta)}) {self.postfix}")
+                self._last_line = now
                 while self._next_report <= frac:
                     self._next_report += 0.1
 
@@ -103,7 +122,8 @@ class ProgressBar:
             self._rich = None
         elif self.enabled:
             elapsed = time.perf_counter() - self.start
-            log(f"{self.description}: {self.n} {self.unit} in {elapsed:.1f}s {self.postfix}")
+            took = f"{elapsed:.1f}s" + (f" ({duration(elapsed)})" if elapsed >= 120 else "")
+            log(f"{self.description}: {self.n} {self.unit} in {took} {self.postfix}")
             self.enabled = False
 
     def __enter__(self) -> "ProgressBar":

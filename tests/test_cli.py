@@ -447,3 +447,31 @@ def test_a_relaunched_training_exits_with_its_own_code_and_no_launcher_traceback
         assert empty.returncode == 2 and said in empty.stderr, empty.stderr
     bad = hmcl("train", recipe, "--launcher", "xyz")
     assert bad.returncode == 2 and "'xyz' is not one of auto, none, accelerate" in bad.stderr
+
+
+def test_progress_lines_in_a_log_come_at_least_every_five_minutes(capsys, monkeypatch):
+    """On a non-terminal (a CI log) progress was a line every 10%: 10% of a long training can be an
+    hour of silence, and some CI services stop a job that prints nothing for 10 minutes. A line now
+    also comes when 5 minutes have passed since the last, and long times read as hours and minutes."""
+    import hmcl_cli.console as console_module
+    from hmcl_cli.console import ProgressBar, duration
+
+    assert [duration(s) for s in (45, 119.6, 725, 7199, 11220)] == ["45s", "2m00s", "12m05s", "119m59s", "3h07m"]
+    clock = [1000.0]
+    monkeypatch.setattr(console_module.time, "perf_counter", lambda: clock[0])
+    capsys.readouterr()
+    bar = ProgressBar("train", total=1000, unit="steps")
+    for _ in range(3):  # 0.3% of the steps, 301 s each
+        clock[0] += 301.0
+        bar.update(1)
+    bar.close()
+    lines = [" ".join(line.split()) for line in capsys.readouterr().out.splitlines() if "train:" in line]
+    assert len(lines) == 4, lines
+    assert "train: 1/1000 steps (0%, eta 83h31m)" in lines[0]
+    assert "train: 3 steps in 903.0s (15m03s)" in lines[-1]
+    bar = ProgressBar("encode", total=1000, unit="texts")  # a fast loop: a line per 10% as before
+    for _ in range(1000):
+        clock[0] += 0.01
+        bar.update(1)
+    bar.close()
+    assert sum("encode:" in line for line in capsys.readouterr().out.splitlines()) == 10
