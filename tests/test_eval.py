@@ -466,7 +466,7 @@ def test_in_loop_dev_evaluation_memory_grows_with_the_split_not_its_square():
 def test_a_collapsed_model_earns_nothing_from_its_ties(recwarn):
     """A model that gives every text one embedding (training collapsed, a too high learning rate)
     ranks nothing. Ties were ranked in the file's order, positives first, so its dev_map and
-    dev_rerank_mrr@10 were 1.0, and `metric_for_best: dev_map` kept it as the best step; its
+    dev_rerank_mrr@10 were 1.0, and `metric_for_best: dev_map` would keep it as the best step; its
     Spearman printed scipy's ConstantInputWarning. Now ties rank lowest grade first: the worst
     ranking, computed here by hand, and Spearman is NaN, quietly."""
     from types import SimpleNamespace
@@ -1019,7 +1019,7 @@ def test_a_table_of_pairs_or_triplets_is_a_reranking_task_without_a_format(tmp_p
     """`hmcl eval --reranking pairs.csv` (the CLI has no format flag): a table whose columns name a
     label reads as labelled pairs (TrecQA's qtext/label/atext: the base MAP equals the trecqa
     recipe's answer_selection reading, 0.8346), one naming a positive as triplets; graded JSON lines
-    stay graded, even one whose `pos` is a single string, and sentence-transformers' JSON lines
+    stay graded, even one whose `pos` and `neg` are single strings, and sentence-transformers' JSON lines
     (anchor, positive, negative) are triplets (they failed as graded rows with unknown fields)."""
     from pathlib import Path
 
