@@ -394,7 +394,7 @@ class MineConfig(_Section):
                                "cp1252 or latin-1, utf-16 (any Python codec name).")
     top_k: int = Field(100, ge=1, description="Candidates retrieved per query.")
     range_min: int = Field(10, ge=0, description="Skip this many top-ranked candidates (below range_max).")
-    range_max: int = Field(50, ge=1, description="Sample negatives only above this rank (at most top_k).")
+    range_max: int = Field(50, ge=1, description="Sample negatives only above this rank (the window ends at top_k).")
     relative_margin: Optional[float] = Field(
         0.05,
         description="Drop a candidate scoring above (1 - margin) x the positive's score.",
@@ -429,8 +429,9 @@ class MineConfig(_Section):
 
     @model_validator(mode="after")
     def _rank_window(self) -> "MineConfig":
-        """Negatives come from ranks [range_min, range_max) of the top_k found: a window that holds
-        no rank mined nothing, and the warning after it read "ranks 10-10 of the top 5"."""
+        """Negatives come from ranks [range_min, min(range_max, top_k)) of the top_k found: a window
+        that holds no rank mined nothing, and the warning after it read "ranks 10-10 of the top 5".
+        A range_max past top_k is no error: the window ends at top_k."""
         if self.weak_band[0] > self.weak_band[1]:
             raise ValueError(f"weak_band must be (lo, hi) with lo <= hi (got {list(self.weak_band)})")
         if self.num_negatives == 0:
@@ -438,9 +439,10 @@ class MineConfig(_Section):
         if self.range_min >= self.range_max:
             raise ValueError(f"range_min ({self.range_min}) must be below range_max ({self.range_max}): negatives "
                              f"are drawn from the ranks range_min to range_max - 1")
-        if self.range_max > self.top_k:
-            raise ValueError(f"range_max ({self.range_max}) is beyond top_k ({self.top_k}), the candidates found per "
-                             f"query: raise top_k to {self.range_max} or more, or lower range_max")
+        if self.range_min >= self.top_k:
+            raise ValueError(f"range_min ({self.range_min}) is at or beyond top_k ({self.top_k}), the candidates found "
+                             f"per query: no rank is left to draw negatives from; raise top_k above {self.range_min} "
+                             "or lower range_min")
         return self
 
 

@@ -101,8 +101,9 @@ def out_of_range_value(tmp, model):
 
 def mining_window_past_top_k(tmp, model):
     # ran, mined no negative, and warned of "ranks 10-10 of the top 5"
-    return ["mine", write_recipe(tmp, model, mine={"top_k": 20}), "--set", "mine.range_max=30"], RECIPE, [
-        "mine: range_max (30) is beyond top_k (20), the candidates found per query: raise top_k to 30 or more"]
+    return ["mine", write_recipe(tmp, model), "--set", "mine.top_k=5"], RECIPE, [
+        "mine: range_min (10) is at or beyond top_k (5), the candidates found per query: no rank is left",
+        "raise top_k above 10 or lower range_min"]
 
 
 def mining_window_empty(tmp, model):

@@ -30,6 +30,16 @@ def test_overrides_are_typed():
         load_recipe(QUICKSTART, ["data.sources.3.path=x.csv"])
 
 
+def test_a_mining_window_is_refused_only_where_it_holds_no_rank():
+    """range_max past top_k ends the window at top_k (it mined before the check came, and still
+    does); a window with no rank in it (range_min at or past range_max or top_k) is refused."""
+    assert load_recipe(QUICKSTART, ["mine.top_k=30"]).mine.range_max == 50  # ranks 10-29
+    assert load_recipe(QUICKSTART, ["mine.top_k=5", "mine.num_negatives=0"]).mine.top_k == 5  # weak only
+    for bad in (["mine.top_k=10"], ["mine.range_min=50"], ["mine.range_min=3", "mine.range_max=3"]):
+        with pytest.raises(RecipeError, match="range_min"):
+            load_recipe(QUICKSTART, bad)
+
+
 def test_a_section_or_list_given_as_a_value_says_how_to_write_it():
     with pytest.raises(RecipeError, match=r"model.lora: a section, not a value: set its keys \(enabled, r, .*"
                                           r"--set model.lora.enabled=") as e:
