@@ -998,6 +998,10 @@ def parse_override(item: str) -> tuple[tuple, Any]:
         value = yaml_value(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (dict, list)) and not raw.lstrip().startswith(("[", "{")):
+        # YAML's block style on one line is text here: E5's `query: ` prompt read as the mapping
+        # {query: null} and failed as "not a valid string"; lists and mappings are written [...] / {...}
+        value = raw
     return path, value
 
 
@@ -1240,6 +1244,8 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
                         f"e.g. {key}.{keys[0]}: ... in the file or --set {key}.{keys[0]}=...")
             elif e["type"] == "list_type" and isinstance(e.get("input"), str) and "," in e["input"]:
                 text += f"; a list is written in brackets: [{e['input']}]"
+            elif e["type"] == "dict_type" and isinstance(e.get("input"), str) and ": " in e["input"]:
+                text += f"; a mapping is written in braces: {{{e['input'].strip()}}}"
             elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float)) and not isinstance(e["input"], bool):
                 text += ("; YAML reads an unquoted number as a number: quote it as written (`'1.10'` stays 1.10, "
                          "where `1.10` reads as 1.1)")

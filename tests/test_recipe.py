@@ -40,6 +40,20 @@ def test_a_mining_window_is_refused_only_where_it_holds_no_rank():
             load_recipe(QUICKSTART, bad)
 
 
+def test_a_prompt_with_a_colon_is_text_on_the_command_line():
+    """`--set "model.query_prompt=query: "` (E5's prompt, BGE's ends alike) was read by YAML as the
+    mapping {query: null} and failed as "not a valid string". A one-line value in YAML's block style
+    is the text as typed, its trailing space kept; lists and mappings are written [...] / {...}."""
+    r = load_recipe(QUICKSTART, ["model.query_prompt=query: ",
+                                 "model.doc_prompt=Represent this sentence for searching relevant passages: "])
+    assert r.model.query_prompt == "query: "
+    assert r.model.doc_prompt == "Represent this sentence for searching relevant passages: "
+    r = load_recipe(QUICKSTART, ["data.sources.0.columns={query: q}", "loss.matryoshka_dims=[128, 64]"])
+    assert r.data.sources[0].columns == {"query": "q"} and r.loss.matryoshka_dims == [128, 64]
+    with pytest.raises(RecipeError, match=r"a mapping is written in braces: \{query: q\}"):
+        load_recipe(QUICKSTART, ["data.sources.0.columns=query: q"])
+
+
 def test_a_section_or_list_given_as_a_value_says_how_to_write_it():
     with pytest.raises(RecipeError, match=r"model.lora: a section, not a value: set its keys \(enabled, r, .*"
                                           r"--set model.lora.enabled=") as e:
