@@ -1002,6 +1002,8 @@ def parse_override(item: str) -> tuple[tuple, Any]:
         # YAML's block style on one line is text here: E5's `query: ` prompt read as the mapping
         # {query: null} and failed as "not a valid string"; lists and mappings are written [...] / {...}
         value = raw
+    elif value is None and raw.strip().startswith("#"):  # a YAML comment, not null: `--set x=#1 ` is text
+        value = raw
     return path, value
 
 

@@ -48,6 +48,7 @@ def test_a_prompt_with_a_colon_is_text_on_the_command_line():
                                  "model.doc_prompt=Represent this sentence for searching relevant passages: "])
     assert r.model.query_prompt == "query: "
     assert r.model.doc_prompt == "Represent this sentence for searching relevant passages: "
+    assert load_recipe(QUICKSTART, ["model.query_prompt=#question "]).model.query_prompt == "#question "
     r = load_recipe(QUICKSTART, ["data.sources.0.columns={query: q}", "loss.matryoshka_dims=[128, 64]"])
     assert r.data.sources[0].columns == {"query": "q"} and r.loss.matryoshka_dims == [128, 64]
     with pytest.raises(RecipeError, match=r"a mapping is written in braces: \{query: q\}"):
