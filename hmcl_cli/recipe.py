@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import json
 import os
 import re
 import shutil
@@ -971,6 +972,10 @@ def load_yaml_with_lines(text: str, file: str = "<recipe>") -> tuple[Any, dict]:
             # YAML reads the `{` of an unquoted reference as the start of a mapping inside { } or [ ]
             hint = ("quote a ${...} reference inside { } or [ ], e.g. train: {epochs: '${env:EPOCHS}'} "
                     "(the value still reads as a number)")
+        elif e.problem == "mapping values are not allowed here" and ": " in line.lstrip():
+            key, _, value = line.lstrip().partition(": ")  # the value as typed, its trailing space too
+            quoted = json.dumps(value.lstrip())
+            hint = f"a value holding ': ' (a prompt such as \"query: \") is written in quotes: {key}: {quoted}"
         raise RecipeError(f"{where}: malformed YAML: {e.problem or e}{shown}", hint=hint) from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{file}: malformed YAML: {e}") from None

@@ -111,6 +111,14 @@ def mining_window_empty(tmp, model):
         "recipe.yaml", "range_min (40) must be below range_max (40)"]
 
 
+def prompt_with_a_colon_unquoted(tmp, model):
+    # E5's prompt written as it reads: YAML's "mapping values are not allowed here", hint "fix the syntax"
+    p = write_recipe(tmp, model)
+    p.write_text(p.read_text().replace("model:\n", "model:\n  query_prompt: query: \n", 1))
+    return ["prepare", p], RECIPE, ["recipe.yaml:", "mapping values are not allowed here",
+                                    'is written in quotes: query_prompt: "query: "']
+
+
 def python_object_tag(tmp, model):
     p = write_recipe(tmp, model)
     p.write_text(p.read_text() + "evil: !!python/object/apply:os.system ['echo pwned']\n")
@@ -547,7 +555,7 @@ def dev_that_defines_no_metric(tmp, model):
 
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
-         mining_window_past_top_k, mining_window_empty, sentence_transformers_triplets_as_graded, graded_field_misspelt,
+         mining_window_past_top_k, mining_window_empty, prompt_with_a_colon_unquoted, sentence_transformers_triplets_as_graded, graded_field_misspelt,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          empty_recipe, recipe_is_a_folder, data_source_is_a_folder,
          missing_data_file, data_path_from_an_unset_env_variable,
