@@ -146,6 +146,12 @@ def test_unquoted_reference_in_flow_yaml_says_to_quote_it(tmp_path):
     f.write_text("name: ${env:RUN}: x\nmodel: {name_or_path: m}\n")  # a reference, but no { } or [ ] around it
     with pytest.raises(RecipeError, match="r.yaml:1: malformed YAML") as e:
         load_recipe(f)
+    # not the reference's hint: the value holds ': ', and quoting it is what helps
+    assert "quote a ${...} reference" not in e.value.hint
+    assert e.value.hint.endswith('is written in quotes: name: "${env:RUN}: x"')
+    f.write_text("name: x\nmodel: {name_or_path: m\n")  # other broken YAML: the plain hint
+    with pytest.raises(RecipeError, match="malformed YAML") as e:
+        load_recipe(f)
     assert e.value.hint == "fix the YAML syntax"
 
 
