@@ -380,7 +380,7 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         relative = [dict(zip(g, r)) if r is not None else None for g, r in zip(graded, rel)]
         del teacher, asked
     added = {"weak": 0, "neg": 0}
-    removed_total = by_teacher = short = examined = 0
+    removed_total = by_teacher = short = 0
     short_window = {"examined": 0, "margin": 0, "teacher": 0}  # the short queries' own rank windows
     for qi, rel in zip(jobs, relative):
         ex = examples[qi]
@@ -391,7 +391,6 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         dist["pos"].append(pos_score)
         picks = grade_candidates(pos_score, ranked, known, cfg, rng, teacher=rel)
         removed_total += picks.removed_by_margin
-        examined += picks.examined
         by_teacher += picks.removed_by_teacher
         if len(picks.negatives) < cfg.num_negatives:
             short += 1
@@ -432,40 +431,40 @@ def mine(recipe: Recipe, model: Any = None) -> dict:
         warn(f"mine: {skipped} of {len(examples)} queries have no positive, which mining measures candidates "
              "against: nothing was mined for them")
     if short and cfg.num_negatives:
-        warn(_short_mining_words(cfg, short, len(jobs), len(corpus), examined, removed_total, short_window))
+        warn(_short_mining_words(cfg, short, len(jobs), len(corpus), short_window))
     return report
 
 
-def _short_mining_words(cfg: Any, short: int, queries: int, corpus: int, examined: int, removed: int,
-                        short_window: dict[str, int]) -> str:
-    """The warning for queries mined short of negatives: what left them short (the margin over all
-    queries, the teacher in their own windows, else too few texts in the window) and the settings
-    that would change it: no advice a setting already at its limit makes void (a lower range_min
-    where it is 0, a higher range_max where it already reaches the whole corpus)."""
+def _short_mining_words(cfg: Any, short: int, queries: int, corpus: int, short_window: dict[str, int]) -> str:
+    """The warning for queries mined short of negatives: what left them short, counted in their own
+    rank windows (``short_window``: candidates examined, removed by the margin, kept by the teacher):
+    the margin, the teacher, else too few texts; and the settings that would change it, with no
+    advice a setting already at its limit makes void (a lower range_min where it is 0, a higher
+    range_max where it already reaches the whole corpus)."""
     said = f"mine: {short} of {queries} queries got fewer than mine.num_negatives {cfg.num_negatives} negatives"
     reach = min(cfg.top_k, corpus)
     window = f"ranks {cfg.range_min}-{cfg.range_max} of the top {reach}"
     deeper = f"a higher mine.range_max{' and mine.top_k' if cfg.range_max >= cfg.top_k else ''}"
-    if examined and removed >= examined / 2:  # the margin, not the corpus, left them short
-        return (f"{said}: the false-negative margin ({_margin_words(cfg)}) removed {removed} of the {examined} "
-                f"candidates at {window}: the model scores most of them close to or above the query's positive "
-                "(a model far from this task, or positives that are not the best match). A teacher (mine.teacher) "
-                "grades them instead" + (f"; {deeper} reaches texts ranked below the positives"
-                                         if cfg.range_max < corpus else ""))
-    seen = short_window["examined"]
+    seen, margin, teacher = short_window["examined"], short_window["margin"], short_window["teacher"]
+    if seen and margin >= seen / 2:  # the margin, not the corpus, left them short
+        return (f"{said}: in their windows the false-negative margin ({_margin_words(cfg)}) removed {margin} of the "
+                f"{seen} candidates at {window}: the model scores most of them close to or above the query's "
+                "positive (a model far from this task, or positives that are not the best match). A teacher "
+                "(mine.teacher) grades them instead" + (f"; {deeper} reaches texts ranked below the positives"
+                                                        if cfg.range_max < corpus else ""))
     fixes = ["a larger corpus (mine.corpus)"]
     if cfg.range_min > 0:
         fixes.append("a lower mine.range_min")
     if cfg.range_max < corpus:
         fixes.append(deeper)
     either = ", ".join(fixes[:-1]) + " or " + fixes[-1] if len(fixes) > 1 else fixes[0]
-    if cfg.teacher is not None and seen and short_window["teacher"] >= seen / 2:
+    if cfg.teacher is not None and seen and teacher >= seen / 2:
         lo, hi = cfg.teacher.band
-        return (f"{said}: in their windows ({window}) the teacher kept {short_window['teacher']} of {seen} candidates "
+        return (f"{said}: in their windows ({window}) the teacher kept {teacher} of {seen} candidates "
                 f"from being negatives (its score at or above mine.teacher.band's low end {lo:g} of the positive's: "
                 f"above {hi:g} positive-like, between them weak or left out); a higher band low end lets closer texts "
                 f"be negatives, and {either} offers more texts the teacher calls unrelated")
-    removed_words = (f"the margin removed {short_window['margin']}" + (f" and the teacher {short_window['teacher']}"
+    removed_words = (f"the margin removed {margin}" + (f" and the teacher {teacher}"
                      if cfg.teacher is not None else "") + f" of their {seen} candidates")
     return (f"{said}: their windows ({window} of a corpus of {corpus} texts, less the data's own candidates) held "
             f"too few ({removed_words}); {either} finds more")

@@ -94,33 +94,37 @@ def _graded_field_advice(obj: dict, unknown: set) -> str:
     """What a row with fields the graded format does not know most likely is: the rows of a table
     format (sentence-transformers' anchor/positive/negative JSON lines are `format: triplets`), or a
     misspelt graded field."""
-    import difflib
-
-    from hmcl_cli.data.readers import ROLE_ALIASES
+    from hmcl_cli.recipe import suggest
 
     names = {str(k).lower() for k in obj}
-
-    def has(role: str) -> bool:
-        return bool(names & {a.lower() for a in ROLE_ALIASES[role]})
-
-    fmt = None
-    if names & {"pos", "weak", "neg"}:  # a graded row with a field too many (or misspelt)
-        pass
-    elif has("query") and has("positive"):
-        fmt = "triplets"
-    elif has("query") and has("candidate") and has("score"):
-        fmt = "sts"
-    elif has("query") and has("candidate") and has("label"):
-        fmt = "nli" if names & {"premise", "hypothesis", "entailment_judgment", "gold_label"} else "pairs"
+    fmt = None if names & {"pos", "weak", "neg"} else _table_format(names)  # with them: a graded row
     if fmt is not None:
         return (f": these are the fields of rows of `format: {fmt}`; set the source's `format: {fmt}` (and "
                 "`columns` where a role's name is not one it knows)")
-    typos = {k: difflib.get_close_matches(str(k), GRADED_FIELDS, n=1, cutoff=0.6) for k in sorted(unknown, key=str)}
-    said = [f"{k!r}: did you mean {m[0]!r}?" for k, m in typos.items() if m]
+    said = [f"{k!r}: did you mean {close!r}?" for k in sorted(unknown, key=str)
+            if (close := suggest(str(k), list(GRADED_FIELDS)))]
     if said:
         return f" ({'; '.join(said)})"
     return ("; a graded row holds only these (and id, type, query_id, meta): leave the others out of the file, or "
             "read it with a table format (`format: pairs`, `triplets`, `sts`, `nli`) and its `columns`")
+
+
+def _table_format(names: set[str]) -> Optional[str]:
+    """The table format whose roles the (lower-cased) field names fill, if one does."""
+    from hmcl_cli.data.readers import ROLE_ALIASES
+
+    def has(role: str) -> bool:
+        return bool(names & {a.lower() for a in ROLE_ALIASES[role]})
+
+    if not has("query"):
+        return None
+    if has("positive"):
+        return "triplets"
+    if has("candidate") and has("score"):
+        return "sts"
+    if has("candidate") and has("label"):
+        return "nli" if names & {"premise", "hypothesis", "entailment_judgment", "gold_label"} else "pairs"
+    return None
 
 
 def parse_graded(obj: object, pool: Optional[dict[str, str]] = None) -> GradedExample:

@@ -54,7 +54,8 @@ NLI_DEFAULT = {"entailment": "pos", "neutral": "weak", "contradiction": "neg",
                "0": "pos", "1": "weak", "2": "neg"}
 BINARY_DEFAULT = {"1": "pos", "0": "neg"}
 # a pair-classification task's reading of NLI labels, where it gives no label map: entailment is the
-# positive class (MTEB's NLI pair tasks' too); neutral counts with contradiction as negative
+# positive class, as in MTEB's NLI pair tasks (XNLI, KorNLI); those leave neutral pairs out, hmcl counts
+# them negative with contradiction, as a task of `format: nli` does
 NLI_AS_BINARY = {**BINARY_DEFAULT, "entailment": "pos", "neutral": "neg", "contradiction": "neg",
                  "not_entailment": "neg"}
 

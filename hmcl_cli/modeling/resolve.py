@@ -182,13 +182,13 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
             what, reason = "not found", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     folder = _local_owner_folder(name_or_path, base_dir)
     if folder is not None:  # `runs/x`: a hub id's shape, but runs/ is a folder here: a path was meant
-        import difflib
+        from hmcl_cli.recipe import suggest
 
         held = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        close = difflib.get_close_matches(name_or_path.split("/")[1], held, n=1)
+        close = suggest(name_or_path.split("/")[1], held)
         raise ModelNotFoundError(
             f"model {name_or_path!r}: {folder} is a folder here, but it holds no {name_or_path.split('/')[1]!r}"
-            + (f" (did you mean {folder.name}/{close[0]}?)" if close else "")
+            + (f" (did you mean {folder.name}/{close}?)" if close else "")
             + f"; as a hub id it {'was ' if what == 'not found' else ''}{what}: {reason}",
             hint=(f"{folder} holds {', '.join(held[:12])}{', ...' if len(held) > 12 else ''}; " if held else "")
             + path_hint(base_dir))
