@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
@@ -363,19 +364,37 @@ def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt
                       + "\n  ".join(escape(line) for _, line, _ in needs))
 
 
-@recipe_app.command(cls=_Command, name="schema", epilog="Example:  hmcl recipe schema --format json > schema.json")
-def recipe_schema(fmt: str = typer.Option("markdown", "--format", metavar="markdown|json", help="markdown | json")) -> None:
-    """Print every recipe key with its type, default and meaning."""
+@recipe_app.command(cls=_Command, name="schema",
+                    epilog="Examples:  hmcl recipe schema mine   ·   hmcl recipe schema batch_size   ·   "
+                           "hmcl recipe schema --format json > hmcl-recipe.schema.json")
+def recipe_schema(key: Optional[str] = typer.Argument(None, metavar="KEY", help=(
+                      "Only this key and the keys under it (`mine`, `train.learning_rate`), or every key it ends "
+                      "(`batch_size`).")),
+                  fmt: str = typer.Option("markdown", "--format", metavar="markdown|json", help=(
+                      "markdown: a table of every key; json: the recipes' JSON Schema, for an editor to check and "
+                      "complete recipes with (README: Recipes)."))) -> None:
+    """Print every recipe key with its type, default and meaning (or the keys KEY names)."""
     import json
 
-    from hmcl_cli.recipe import Recipe, schema_markdown
+    from hmcl_cli.recipe import editor_json_schema, schema_lookup, schema_markdown
 
     if fmt not in ("markdown", "json"):
         raise typer.BadParameter(f"{fmt!r} is not a schema format: markdown or json", param_hint="'--format'")
     if fmt == "json":
-        console.print(json.dumps(Recipe.model_json_schema(), indent=2), markup=False)
-    else:
+        if key is not None:
+            raise typer.BadParameter("the JSON Schema is printed whole (an editor reads all of it); leave out KEY, "
+                                     "or look KEY up without --format json", param_hint="'KEY'")
+        console.print(json.dumps(editor_json_schema(), indent=2), markup=False)
+    elif key is None:
         console.print(schema_markdown(), markup=False)
+    else:
+        for name, tp, default, text in schema_lookup(key):
+            console.print(f"[bold]{escape(name)}[/bold]  {escape(tp)}"
+                          + (f"  (default {escape(default)})" if default and default != "required"
+                             else "  (required)" if default else ""))
+            if text:
+                console.print(textwrap.indent(textwrap.fill(text, width=max(40, min(console.width, 100) - 2)), "  "),
+                              markup=False, highlight=False)
 
 
 def main() -> None:

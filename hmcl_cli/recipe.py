@@ -1568,16 +1568,92 @@ def _keyed_strings(data: Any, prefix: tuple = ()):
         yield prefix, data
 
 
-def schema_markdown() -> str:
-    """Every recipe key with type, default and description, as a markdown table."""
-    rows = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+def schema_rows() -> list[tuple[str, str, str, str]]:
+    """Every recipe key in schema order as (key, type, default, meaning); a section's row has the
+    type ``section`` (``list of section``: its keys read ``data.sources[].path``) and no default."""
+    rows = []
     for key, field, sub, list_like in _schema_fields(Recipe):
         if sub is not None:
-            rows.append(f"| `{key}` | {'list of ' if list_like else ''}section | | {sub.__doc__.strip().splitlines()[0]} |")
+            rows.append((key, f"{'list of ' if list_like else ''}section", "", sub.__doc__.strip().splitlines()[0]))
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-        rows.append(f"| `{key}` | {_type_name(field.annotation)} | {_cell(default)} | {_cell(field.description or '')} |")
-    return "\n".join(rows)
+        rows.append((key, _type_name(field.annotation), default, field.description or ""))
+    return rows
+
+
+def schema_markdown(rows: Optional[list[tuple[str, str, str, str]]] = None) -> str:
+    """Every recipe key (or ``rows`` of :func:`schema_rows`) with type, default and description,
+    as a markdown table."""
+    lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{key}` | {tp} | {_cell(default)} | {_cell(text)} |"
+              for key, tp, default, text in (schema_rows() if rows is None else rows)]
+    return "\n".join(lines)
+
+
+def schema_lookup(query: str) -> list[tuple[str, str, str, str]]:
+    """The rows of :func:`schema_rows` that ``query`` names: a key and every key under it
+    (``mine``, ``train.learning_rate``; ``data.sources.0.path`` reads as ``data.sources[].path``),
+    else every key whose last part it is (``batch_size``: train's, mine's and eval's). A name that
+    is neither is a :class:`RecipeError` with the closest key."""
+    rows = schema_rows()
+    key = re.sub(r"\.(\d+)(?=\.|$)", "[]", query.strip().strip("."))  # data.sources.0.path -> data.sources[].path
+    found = [r for r in rows if r[0] == key or r[0].startswith((key + ".", key + "[]."))]
+    if not found:
+        found = [r for r in rows if _last_part(r[0]) == key]
+    if found:
+        return found
+    options = sorted({r[0] for r in rows} | {_last_part(r[0]) for r in rows})
+    close = suggest(key, options)
+    named = [r[0] for r in rows if close in (r[0], _last_part(r[0]))] if close else []
+    mean = (f" — did you mean {named[0]!r}?" if len(named) == 1
+            else f" — did you mean {close!r} ({', '.join(named)})?" if named else "")
+    raise RecipeError(f"no recipe key {query!r}{mean}", hint="`hmcl recipe schema` lists every key")
+
+
+def _last_part(key: str) -> str:
+    return re.split(r"\.|\[\]\.", key)[-1]
+
+
+# a `${section.key}` or `${env:NAME}` reference, which a recipe may give for any value
+_REFERENCE_SCHEMA = {"type": "string", "pattern": r"\$\{[^}]+\}",
+                     "description": "A reference: ${section.key} (another key's value) or ${env:NAME} (an environment "
+                                    "variable), resolved when the recipe loads."}
+
+
+def editor_json_schema() -> dict[str, Any]:
+    """The recipes' JSON Schema (draft 2020-12), for editors that check and complete YAML
+    against one: every key with its type, default and meaning, unknown keys refused, and a
+    ``${...}`` reference taken for any value but a section, as :func:`load_recipe` takes it. No key is required
+    here: a recipe that ``extends:`` another sets only what differs, so required keys, what
+    references resolve to and paths are left to ``hmcl recipe validate``."""
+    schema = Recipe.model_json_schema()
+    for node in (schema, *schema.get("$defs", {}).values()):
+        node.pop("required", None)
+        props = node.get("properties", {})
+        for name, prop in props.items():
+            if not (_takes_any_string(prop) or _is_section(prop)):  # a section wrapped would hide its key errors
+                props[name] = _or_reference(prop)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _takes_any_string(prop: dict) -> bool:
+    if prop.get("type") == "string" and not any(k in prop for k in ("enum", "const", "pattern")):
+        return True
+    return any(_takes_any_string(branch) for branch in prop.get("anyOf", []))
+
+
+def _is_section(prop: dict) -> bool:
+    """A section, or a list of sections (``data.sources``), optional or not."""
+    return ("$ref" in prop or ("items" in prop and _is_section(prop["items"]))
+            or any(_is_section(branch) for branch in prop.get("anyOf", [])))
+
+
+def _or_reference(prop: dict) -> dict:
+    """``prop`` taking a reference too; its title, default and description stay outside the
+    branches, where editors show them."""
+    outer = {k: prop.pop(k) for k in ("title", "description", "default") if k in prop}
+    branches = prop["anyOf"] if list(prop) == ["anyOf"] else [prop]
+    return {**outer, "anyOf": [*branches, _REFERENCE_SCHEMA]}
 
 
 def _cell(text: str) -> str:

@@ -119,6 +119,31 @@ def test_recipe_ls_cp_schema(tmp_path):
     assert "`train.learning_rate`" in hmcl("recipe", "schema").stdout
 
 
+def test_recipe_schema_looks_up_a_key():
+    """`hmcl recipe schema KEY`: a key, a section's keys, every key of a last part, a list item's
+    keys by index; a misspelt name gets the key(s) it may mean; the JSON Schema is the editor's."""
+    def keys(out: str) -> list[str]:
+        return [line.split()[0] for line in out.splitlines() if line and not line.startswith(" ")]
+
+    one = hmcl("recipe", "schema", "train.learning_rate")
+    assert one.returncode == 0 and keys(one.stdout) == ["train.learning_rate"]
+    assert "(default 2e-05)\n  Peak learning rate" in one.stdout  # its meaning, indented under it
+    section = keys(hmcl("recipe", "schema", "mine").stdout)
+    assert section[0] == "mine" and "mine.top_k" in section and all(k.startswith("mine") for k in section)
+    assert keys(hmcl("recipe", "schema", "batch_size").stdout) == [
+        "mine.batch_size", "mine.teacher.batch_size", "train.batch_size", "eval.batch_size"]
+    assert keys(hmcl("recipe", "schema", "data.sources.0.path").stdout) == ["data.sources[].path"]
+    assert "(required)" in hmcl("recipe", "schema", "model.name_or_path").stdout
+    typo = hmcl("recipe", "schema", "lerning_rate")
+    assert typo.returncode == 2 and "did you mean 'train.learning_rate'?" in typo.stderr
+    several = hmcl("recipe", "schema", "bach_size")
+    assert several.returncode == 2 and "did you mean 'batch_size' (mine.batch_size, " in several.stderr
+    schema = json.loads(hmcl("recipe", "schema", "--format", "json").stdout)
+    assert schema["$schema"].endswith("/2020-12/schema") and "required" not in schema
+    both = hmcl("recipe", "schema", "mine", "--format", "json")
+    assert both.returncode == 2 and "printed whole" in both.stderr
+
+
 def test_errors_have_distinct_exit_codes(tmp_path, tiny_bert):
     missing = hmcl("prepare", tmp_path / "nope.yaml")
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +165,58 @@ def test_schema_documents_every_section():
     md = schema_markdown()
     for key in ("model.name_or_path", "train.learning_rate", "loss.weak_weight", "eval.gate", "data.sources[].format"):
         assert f"`{key}`" in md
+
+
+def test_the_editor_schema_judges_recipes_as_load_recipe_does(tmp_path, monkeypatch):
+    """`hmcl recipe schema --format json` is for editors that check YAML against a JSON Schema:
+    the built-in recipes, a recipe that only extends one, and references on typed keys pass; a
+    misspelt key (at any depth), a wrong type and a value outside a choice are flagged, as
+    load_recipe flags them."""
+    import jsonschema
+    import yaml
+
+    from hmcl_cli.recipe import editor_json_schema
+
+    schema = editor_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    check = jsonschema.Draft202012Validator(schema)
+
+    def errors(text: str) -> list[str]:
+        return [f"{'.'.join(map(str, e.path))}: {e.message}" for e in check.iter_errors(yaml.safe_load(text))]
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        assert errors(path.read_text()) == [], path.name
+    good = {"child": "extends: quickstart\ntrain: {epochs: 2}\nmodel: {max_length: 256}\n",
+            "references": "name: r\nmodel: {name_or_path: m, max_length: '${env:LEN}', pooling: '${env:POOL}'}\n"
+                          "train: {batch_size: '${env:BS:-16}', enabled: '${env:TRAIN}'}\n"
+                          "data: {sources: [{path: a.jsonl}]}\n"}
+    for name, text in good.items():
+        assert errors(text) == [], name
+    monkeypatch.setenv("LEN", "96"), monkeypatch.setenv("POOL", "cls"), monkeypatch.setenv("TRAIN", "false")
+    (tmp_path / "r.yaml").write_text(good["references"])
+    r = load_recipe(tmp_path / "r.yaml")  # what the schema lets through, hmcl reads
+    assert (r.model.max_length, r.model.pooling, r.train.batch_size, r.train.enabled) == (96, "cls", 16, False)
+    bad = [  # (recipe text, the editor's error, the key hmcl's error names)
+        ("train: {lerning_rate: 1.0e-4}", "train: Additional properties are not allowed ('lerning_rate'", "train.lerning_rate"),
+        ("data: {sources: [{path: a.csv, formt: sts}]}", "data.sources.0: Additional properties are not allowed ('formt'",
+         "data.sources.0.formt"),
+        ("eval: {tasks: [{name: a, type: sts, paht: x}]}", "eval.tasks.0: Additional properties are not allowed ('paht'",
+         "eval.tasks.0.paht"),
+        ("trian: {epochs: 1}", ": Additional properties are not allowed ('trian'", "'trian'"),
+        ("train: {epochs: three}", "train.epochs: ", "train.epochs"),
+        ("model: {pooling: avg}", "model.pooling: ", "model.pooling"),
+        ("train: {batch_size: 0}", "train.batch_size: ", "train.batch_size"),
+    ]
+    for text, expected, key in bad:
+        found = errors(text)
+        assert len(found) == 1 and found[0].startswith(expected), (text, found)
+        recipe = {"name": "x", "model": {"name_or_path": "m"}, "data": {"sources": [{"path": "a.jsonl"}]}}
+        for section, value in yaml.safe_load(text).items():
+            recipe[section] = {**recipe.get(section, {}), **value}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+        with pytest.raises(RecipeError) as refused:  # hmcl refuses it too, for that key
+            load_recipe(tmp_path / "bad.yaml")
+        assert key in str(refused.value), str(refused.value)
 
 
 def test_every_builtin_recipe_validates_and_opens_with_its_command():
