@@ -367,13 +367,13 @@ def recipe_validate(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt
 @recipe_app.command(cls=_Command, name="schema",
                     epilog="Examples:  hmcl recipe schema mine   ·   hmcl recipe schema batch_size   ·   "
                            "hmcl recipe schema --format json > hmcl-recipe.schema.json")
-def recipe_schema(key: Optional[str] = typer.Argument(None, metavar="KEY", help=(
-                      "Only this key and the keys under it (`mine`, `train.learning_rate`), or every key it ends "
-                      "(`batch_size`).")),
+def recipe_schema(keys: Optional[List[str]] = typer.Argument(None, metavar="KEY", help=(
+                      "Only these keys and the keys under them (`mine`, `train.learning_rate`), or every key "
+                      "a name ends (`batch_size`).")),
                   fmt: str = typer.Option("markdown", "--format", metavar="markdown|json", help=(
                       "markdown: a table of every key; json: the recipes' JSON Schema, for an editor to check and "
                       "complete recipes with (README: Recipes)."))) -> None:
-    """Print every recipe key with its type, default and meaning (or the keys KEY names)."""
+    """Print every recipe key with its type, default and meaning (or the keys each KEY names)."""
     import json
 
     from hmcl_cli.recipe import editor_json_schema, schema_lookup, schema_markdown
@@ -381,14 +381,15 @@ def recipe_schema(key: Optional[str] = typer.Argument(None, metavar="KEY", help=
     if fmt not in ("markdown", "json"):
         raise typer.BadParameter(f"{fmt!r} is not a schema format: markdown or json", param_hint="'--format'")
     if fmt == "json":
-        if key is not None:
+        if keys:
             raise typer.BadParameter("the JSON Schema is printed whole (an editor reads all of it); leave out KEY, "
                                      "or look KEY up without --format json", param_hint="'KEY'")
         console.print(json.dumps(editor_json_schema(), indent=2), markup=False)
-    elif key is None:
+    elif not keys:
         console.print(schema_markdown(), markup=False)
     else:
-        for name, tp, default, text in schema_lookup(key):
+        rows = [row for key in keys for row in schema_lookup(key)]  # every KEY looked up before any is printed
+        for name, tp, default, text in dict.fromkeys(rows):
             console.print(f"[bold]{escape(name)}[/bold]  {escape(tp)}"
                           + (f"  (default {escape(default)})" if default and default != "required"
                              else "  (required)" if default else ""))

@@ -133,9 +133,10 @@ def test_recipe_schema_looks_up_a_key():
     assert keys(hmcl("recipe", "schema", "batch_size").stdout) == [
         "mine.batch_size", "mine.teacher.batch_size", "train.batch_size", "eval.batch_size"]
     assert keys(hmcl("recipe", "schema", "data.sources.0.path").stdout) == ["data.sources[].path"]
+    assert keys(hmcl("recipe", "schema", "mine.corpus", "mine.top_k", "mine.corpus").stdout) == ["mine.corpus", "mine.top_k"]
     assert "(required)" in hmcl("recipe", "schema", "model.name_or_path").stdout
-    typo = hmcl("recipe", "schema", "lerning_rate")
-    assert typo.returncode == 2 and "did you mean 'train.learning_rate'?" in typo.stderr
+    typo = hmcl("recipe", "schema", "mine", "lerning_rate")
+    assert typo.returncode == 2 and "did you mean 'train.learning_rate'?" in typo.stderr and not typo.stdout
     several = hmcl("recipe", "schema", "bach_size")
     assert several.returncode == 2 and "did you mean 'batch_size' (mine.batch_size, " in several.stderr
     schema = json.loads(hmcl("recipe", "schema", "--format", "json").stdout)
