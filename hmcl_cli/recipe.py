@@ -1226,9 +1226,13 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
         if e["type"] == "extra_forbidden":
             cls = _model_at(loc)
             options = list(cls.model_fields) if cls else []
-            hint = suggest(loc[-1], options) if options else None
+            # a key of another section (`train.temperature`: loss's) is named before a near spelling here
+            elsewhere = [k for k, *_ in schema_rows() if _last_part(k) == str(loc[-1])]
+            hint = suggest(loc[-1], options) if options and not elsewhere else None
             msg = f"{where}: unknown key {key!r}"
-            if hint:
+            if elsewhere:
+                msg += f" — did you mean {' or '.join(map(repr, elsewhere))}?"
+            elif hint:
                 msg += f" — did you mean {_dotted(loc[:-1] + (hint,))!r}?"
             elif options:
                 msg += f" (valid keys here: {', '.join(options)})"
@@ -1266,14 +1270,22 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
 
 
 def _where(loc: tuple, file: str, lines: dict, origins: dict) -> str:
-    for n in range(len(loc), 0, -1):
+    """Where the value at ``loc`` was written: the ``--set`` or the file's line of the key, else of
+    what a ``--set`` wrote below it (`--set trian.epochs=2`, `--set train.lora.r=8`: the unknown key
+    is ``trian``, ``train.lora``), else of the closest section above it in the file."""
+    if loc in origins:
+        return origins[loc]
+    if loc in lines:
+        return f"{file}:{lines[loc]}"
+    below = [origin for path, origin in origins.items() if loc and path[:len(loc)] == loc]
+    if below:
+        return below[0]
+    for n in range(len(loc) - 1, 0, -1):
         if loc[:n] in origins:
             return origins[loc[:n]]
         if loc[:n] in lines:
             return f"{file}:{lines[loc[:n]]}"
-    # a section only a --set wrote (`--set trian.epochs=2`: the unknown key is `trian`)
-    below = [origin for path, origin in origins.items() if loc and path[:len(loc)] == loc]
-    return below[0] if below else file
+    return file
 
 
 # --------------------------------------------------------------------------------------------

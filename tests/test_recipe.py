@@ -86,6 +86,30 @@ def test_unknown_key_in_set_override():
     assert "did you mean 'train'" in str(e.value)
 
 
+def test_a_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_path):
+    """`train.temperature` is loss's, `train.num_negatives` mine's: said so, not a near spelling
+    of the wrong section (it was 'train.num_workers', and 'loss.learn_temperature' for
+    loss.learning_rate); a key --set wrote under an unknown section is told as that --set, not as
+    the file line of the section above it."""
+    cases = {"train.temperature=0.02": "did you mean 'loss.temperature'?",
+             "train.num_negatives=5": "did you mean 'mine.num_negatives'?",
+             "loss.learning_rate=1e-4": "did you mean 'train.learning_rate'?",
+             "temperature=0.02": "did you mean 'loss.temperature'?",
+             "model.batch_size=8": "did you mean 'mine.batch_size' or 'mine.teacher.batch_size' or 'train.batch_size' or "
+                                   "'eval.batch_size'?",
+             "train.lerning_rate=1e-4": "did you mean 'train.learning_rate'?",  # a near spelling where none is elsewhere
+             "train.lora.r=8": "--set train.lora.r=8: unknown key 'train.lora' — did you mean 'model.lora'?"}
+    for override, expected in cases.items():
+        with pytest.raises(RecipeError) as e:
+            load_recipe(QUICKSTART, [override])
+        assert expected in str(e.value) and f"--set {override}" in str(e.value), (override, str(e.value))
+    text = QUICKSTART.read_text().replace("  learning_rate: 5.0e-5", "  learning_rate: 5.0e-5\n  temperature: 0.02")
+    (tmp_path / "r.yaml").write_text(text)
+    line = text.splitlines().index("  temperature: 0.02") + 1
+    with pytest.raises(RecipeError, match=rf"r.yaml:{line}: unknown key 'train.temperature' — did you mean 'loss.temperature'\?"):
+        load_recipe(tmp_path / "r.yaml")
+
+
 def test_wrong_type_and_missing_key(tmp_path):
     with pytest.raises(RecipeError, match=r"train.batch_size.*(integer|int)"):
         load_recipe(QUICKSTART, ["train.batch_size=many"])
