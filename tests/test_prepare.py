@@ -209,6 +209,9 @@ def test_leakage_is_reported(tmp_path, capsys):
     assert (leak["dev_test_candidates_in_train"], leak["dev_test_candidates"]) == (2, 4)  # "shared answer", q3
     err = " ".join(capsys.readouterr().err.split())
     assert "1 dev/test (query, candidate) pairs are also train pairs" in err
+    # which query, where, what it does to the metrics and what would hold it out
+    assert ("1 queries are in more than one split (the sources' `split` put them there; e.g. 'q1' in train and dev): "
+            "the model trains on these queries, so the dev/test metrics on them are partly on training data") in err
     from hmcl_cli.data.prepare import print_stats
 
     print_stats(stats)  # what `hmcl prepare` shows: words, not the stats' dict

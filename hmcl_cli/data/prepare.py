@@ -204,7 +204,11 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     leaked_queries = sum(1 for s in origin_split.values() if s & (s - 1))  # more than one split's bit
     stats["leakage"] = {"queries_in_several_splits": leaked_queries, **_held_out_overlap(outputs)}
     if leaked_queries:
-        warn(f"{leaked_queries} queries appear in more than one split (given by the sources' `split`)")
+        (_, query), bits = next((k, s) for k, s in origin_split.items() if s & (s - 1))
+        splits = " and ".join(split for split in SPLITS if bits & SPLIT_BIT[split])
+        warn(f"{leaked_queries} queries are in more than one split (the sources' `split` put them there; "
+             f"e.g. {_clip(query)!r} in {splits}): the model trains on these queries, so the dev/test metrics on them "
+             "are partly on training data. Kept; for held-out figures leave them out of one of those sources")
     if stats["leakage"]["dev_test_pairs_in_train"]:
         warn(f"{stats['leakage']['dev_test_pairs_in_train']} dev/test (query, candidate) pairs are also train pairs "
              "(in either order): the model is trained on them, so the dev/test metrics on them measure recall of "
@@ -435,6 +439,11 @@ def truncation_warning(side: str, st: dict) -> str:
                 f"truncated (longest: {st['max']} tokens)")
     return (f"about {over / measured:.1%} of {total} {side} texts ({over} of {measured} drawn at random) are "
             f"longer than {st['max_length']} tokens and will be truncated (longest drawn: {st['max']} tokens)")
+
+
+def _clip(text: str, width: int = 80) -> str:
+    """``text`` for a message: at most ``width`` characters, the cut marked."""
+    return text if len(text) <= width else text[:width - 1] + "…"
 
 
 def load_graded(path: str | Path) -> list[GradedExample]:
