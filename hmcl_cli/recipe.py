@@ -225,6 +225,18 @@ def _label_keys(value: Any) -> Any:
 LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
 
 
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty (an unset shell variable in `--set KEY=$VAR`, or `${env:VAR}` of an empty "
+                         "variable?): give it a value")
+    return value
+
+
+# a name or folder that must be given: an empty one is a slip (runs/${name} with name "" is runs/
+# itself; output_dir "" wrote the run into the current directory)
+Given = Annotated[str, AfterValidator(_not_empty)]
+
+
 class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
@@ -665,7 +677,7 @@ class LossConfig(_Section):
 class EvalTask(_Section):
     """One evaluation task."""
 
-    name: str = Field(..., description="Row label in the results table.")
+    name: Given = Field(..., description="Row label in the results table.")
     type: Literal["sts", "reranking", "retrieval", "pair_classification", "mteb"] = Field(
         ..., description="Task kind; `mteb` = a hub task by MTEB name (needs network)."
     )
@@ -830,10 +842,10 @@ class Recipe(_Section):
         "file's values win; a list (data.sources, eval.tasks, ...) or a scalar is replaced whole. A "
         "relative path a parent sets stays relative to the parent's file. `hmcl recipe validate "
         "--show` prints the merged recipe.")
-    name: str = Field(..., description="Run name; outputs go to `output_dir`.")
+    name: Given = Field(..., description="Run name; outputs go to `output_dir`.")
     seed: int = Field(42, description="Seed for splits, sampling and initialisation.")
-    output_dir: str = Field(
-        "runs/${name}", description="Run directory (relative to the current directory)."
+    output_dir: Given = Field(
+        "runs/${name}", description="Run directory (relative to the current directory; `.`: the current directory)."
     )
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)

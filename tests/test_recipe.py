@@ -110,6 +110,17 @@ def test_a_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_path):
         load_recipe(tmp_path / "r.yaml")
 
 
+def test_an_empty_name_or_output_dir_is_refused(monkeypatch):
+    """`--set output_dir=$RUN_DIR` with the variable unset wrote the run into the current
+    directory, and an empty name made the run directory `runs/` itself: both are refused, with
+    the likely cause. `.` still names the current directory."""
+    monkeypatch.setenv("EMPTY", "")
+    for override in ("output_dir=", "name=", "name= ", "output_dir=${env:EMPTY}", "eval.tasks.0.name="):
+        with pytest.raises(RecipeError, match=r"is empty \(an unset shell variable"):
+            load_recipe(QUICKSTART, [override])
+    assert load_recipe(QUICKSTART, ["output_dir=."]).run_dir.resolve() == Path.cwd().resolve()
+
+
 def test_wrong_type_and_missing_key(tmp_path):
     with pytest.raises(RecipeError, match=r"train.batch_size.*(integer|int)"):
         load_recipe(QUICKSTART, ["train.batch_size=many"])
