@@ -237,7 +237,6 @@ def _label_keys(value: Any) -> Any:
 LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
 
 
-
 class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
@@ -1609,12 +1608,10 @@ def schema_rows() -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def schema_markdown(rows: Optional[list[tuple[str, str, str, str]]] = None) -> str:
-    """Every recipe key (or ``rows`` of :func:`schema_rows`) with type, default and description,
-    as a markdown table."""
+def schema_markdown() -> str:
+    """Every recipe key with type, default and description, as a markdown table."""
     lines = ["| key | type | default | description |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{key}` | {tp} | {_cell(default)} | {_cell(text)} |"
-              for key, tp, default, text in (schema_rows() if rows is None else rows)]
+    lines += [f"| `{key}` | {tp} | {_cell(default)} | {_cell(text)} |" for key, tp, default, text in schema_rows()]
     return "\n".join(lines)
 
 
@@ -1651,9 +1648,9 @@ _REFERENCE_SCHEMA = {"type": "string", "pattern": r"\$\{[^}]+\}",
 def editor_json_schema() -> dict[str, Any]:
     """The recipes' JSON Schema (draft 2020-12), for editors that check and complete YAML
     against one: every key with its type, default and meaning, unknown keys refused, and a
-    ``${...}`` reference taken for any value but a section, as :func:`load_recipe` takes it. No key is required
-    here: a recipe that ``extends:`` another sets only what differs, so required keys, what
-    references resolve to and paths are left to ``hmcl recipe validate``."""
+    ``${...}`` reference taken for any value but a section, as :func:`load_recipe` takes it. No
+    key is required here: a recipe that ``extends:`` another sets only what differs, so required
+    keys, what references resolve to and paths are left to ``hmcl recipe validate``."""
     schema = Recipe.model_json_schema()
     for node in (schema, *schema.get("$defs", {}).values()):
         node.pop("required", None)
