@@ -305,6 +305,14 @@ def unknown_column_names(tmp, model):
                                   "query, sentence1,", "(columns: a, b, sim)", "map it: `columns: {query: <column name>}`"]
 
 
+def column_named_in_another_case(tmp, model):
+    """`columns: {query: question}` for a file whose header says Question: the column it means."""
+    p = recipe_with_train(tmp, model, "Question,Answer,Label\nq,a,1\n", fmt="pairs", name="train.csv",
+                          columns={"query": "question", "candidate": "Answer", "label": "Label"})
+    return ["prepare", p], DATA, ["train.csv: format pairs: missing column 'question' for role `query` — did you mean "
+                                  "'Question'? (column names are matched as written) (columns: Question, Answer, Label)"]
+
+
 def sts_task_of_one_score(tmp, model):
     (tmp / "sts.tsv").write_text("sentence1\tsentence2\tscore\na\tb\t3\nc\td\t3\n")  # (mteb divided by zero)
     (tmp / "pairs.csv").write_text("s1,s2,label\na,b,1\n")
@@ -563,7 +571,7 @@ CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_se
          sts_scores_on_another_scale, semicolon_separated_csv, graded_format_on_a_csv, eval_unknown_mteb_task,
          output_dir_below_a_file, eval_recipe_task_file_missing, sts_threshold_of_an_unknown_level, sts_thresholds_out_of_order,
          unknown_nli_label, pair_label_out_of_range, graded_unknown_field, empty_text, non_utf8, invalid_json, missing_column,
-         unknown_column_names, graded_file_as_sts, sts_task_of_one_score, one_of_two_eval_tasks_failing_without_json,
+         unknown_column_names, column_named_in_another_case, graded_file_as_sts, sts_task_of_one_score, one_of_two_eval_tasks_failing_without_json,
          json_and_plot_both_to_standard_output,
          train_before_prepare, model_path_not_a_model, run_directory_without_a_model, model_path_is_a_file, missing_model,
          onnx_export_missing_run, eval_model_folder_that_is_not_there, eval_without_a_model, export_over_someone_elses_folder, base_model_inside_the_run_directory,

@@ -688,8 +688,8 @@ def test_an_sts_table_whose_score_column_is_named_label_reads_it(tmp_path):
 
 
 def test_a_boolean_label_reads_as_1_and_0(tmp_path):
-    """A parquet (or JSON) label column of booleans (is_duplicate: true/false) was "unknown label
-    'True' (known: 1, 0)" under the pairs format's default map."""
+    """A parquet (or JSON) label column of booleans (is_duplicate: true/false), or its CSV (True,
+    False), was "unknown label 'True' (known: 1, 0)" under the pairs format's default map."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -700,6 +700,17 @@ def test_a_boolean_label_reads_as_1_and_0(tmp_path):
             progress=False)
     (row,) = _written(tmp_path)
     assert row["pos"] == ["I forgot my password, what now"] and row["neg"] == ["where is my parcel"]
+    # the same column in a CSV (pandas writes True/False): read alike; other words are still unknown
+    (tmp_path / "qqp.csv").write_text("question1,question2,is_duplicate\nhow do I reset my password,I forgot my "
+                                      "password,True\nhow do I reset my password,where is my parcel,false\n")
+    prepare(_recipe(tmp_path, [{"path": str(tmp_path / "qqp.csv"), "format": "pairs", "split": "train"}]),
+            progress=False)
+    (row,) = _written(tmp_path)
+    assert row["pos"] == ["I forgot my password"] and row["neg"] == ["where is my parcel"]
+    (tmp_path / "qqp.csv").write_text("question1,question2,is_duplicate\nq,a,yes\n")
+    with pytest.raises(DataError, match="unknown label 'yes'"):
+        prepare(_recipe(tmp_path, [{"path": str(tmp_path / "qqp.csv"), "format": "pairs", "split": "train"}]),
+                progress=False)
 
 
 def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):

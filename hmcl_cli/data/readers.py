@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 from hmcl_cli.data.example import LEVELS, BadRow, GradedExample, add_candidate, parse_graded
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import DATA_FORMATS, binary_lines, compression_of, data_suffix, find_data_file, is_utf8, text_lines
-from hmcl_cli.recipe import SourceConfig
+from hmcl_cli.recipe import SourceConfig, suggest
 
 Row = Union[tuple[Any, GradedExample], BadRow]
 
@@ -555,12 +555,12 @@ class Columns:
                                 "`format: triplets` (its negative column is optional; `hmcl mine` adds hard "
                                 "negatives); else " + hint)
                 raise DataError(
-                    f"{self.where}: format {self.fmt}: missing {what} for role `{role}`{names} "
-                    f"(columns: {', '.join(map(str, keys))})", hint=hint)
+                    f"{self.where}: format {self.fmt}: missing {what} for role `{role}`{names}"
+                    f"{_column_meant(given, keys)} (columns: {', '.join(map(str, keys))})", hint=hint)
         for role, col in self.src.columns.items():
             if role not in self.index:
                 raise DataError(
-                    f"{self.where}: missing column {col!r} for role `{role}` "
+                    f"{self.where}: missing column {col!r} for role `{role}`{_column_meant(col, keys)} "
                     f"(columns: {', '.join(map(str, keys))})",
                     hint="fix the column name in the recipe's `columns`",
                 )
@@ -588,6 +588,13 @@ class Columns:
                 ) from None
             return None
         return value
+
+
+def _column_meant(given: Any, keys: list) -> str:
+    """" — did you mean 'Question'?" where a column named in ``columns`` is not among ``keys`` but
+    one is close (names are matched as written: case counts)."""
+    close = suggest(given, [str(k) for k in keys]) if isinstance(given, str) else None
+    return f" — did you mean {close!r}? (column names are matched as written)" if close else ""
 
 
 def _other_separator(rec: Any, delimiter: Optional[str]) -> str:
@@ -636,6 +643,10 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
                 key = str(int(number))
         except ValueError:
             pass
+    if key.lower() not in lowered and key.lower() in ("true", "false"):  # a CSV of a boolean column (pandas)
+        as_number = "1" if key.lower() == "true" else "0"
+        if as_number in lowered:
+            key = as_number
     index = getattr(value, "class_index", None)  # a ClassLabel's name, whose number the map may name
     if key.lower() not in lowered and index is not None and str(index) in lowered:
         key = str(index)
