@@ -717,7 +717,10 @@ def test_pair_classification_of_nli_labelled_pairs_equals_sklearn(tmp_path, tiny
     from sklearn.metrics import average_precision_score
 
     path = tmp_path / "sick.tsv"
-    path.write_text("sentence_A\tsentence_B\tentailment_judgment\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in NLI_ROWS))
+    # first a pair without a gold label (SNLI's '-'): left out, before NLI's label names are met too
+    unagreed = [("a dog sleeps", "an animal rests", "-")]
+    path.write_text("sentence_A\tsentence_B\tentailment_judgment\n"
+                    + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in unagreed + NLI_ROWS))
     columns = {"query": "sentence_A", "candidate": "sentence_B", "label": "entailment_judgment"}
     extra = ({"label_map": {"entailment": "pos", "neutral": "neg", "contradiction": "neg"}} if how == "label_map"
              else {"format": "nli"} if how == "format nli" else {})
@@ -728,8 +731,9 @@ def test_pair_classification_of_nli_labelled_pairs_equals_sklearn(tmp_path, tiny
     b = model.encode([r[1] for r in NLI_ROWS]).numpy()
     labels = [int(r[2] == "ENTAILMENT") for r in NLI_ROWS]
     assert got["ap"] == pytest.approx(average_precision_score(labels, (a * b).sum(1)), abs=1e-4)
-    said = "its labels are NLI's: entailment read as the positive class (1)" in " ".join(capsys.readouterr().out.split())
-    assert said == (how == "neither")
+    out = " ".join(capsys.readouterr().out.split())
+    assert ("its labels are NLI's: entailment read as the positive class (1)" in out) == (how == "neither")
+    assert "task pc: 1 pair(s) without a gold label (SNLI's and MultiNLI's '-'" in out
 
 
 def test_pair_classification_with_unmapped_labels_says_how_to_map_them(tmp_path, tiny_bert):
@@ -740,6 +744,11 @@ def test_pair_classification_with_unmapped_labels_says_how_to_map_them(tmp_path,
                     columns={"query": "sentence_A", "candidate": "sentence_B", "label": "judgment"})
     got = evaluate({"m": EmbeddingModel.load(str(tiny_bert))}, [task], resolve=Path)["results"]["pc"]["m"]
     assert "unknown label 'PARAPHRASE'" in got["error"] and "label_map" in got["error"]
+    # -1/1 labels are no NLI labels: -1 is unknown, not a pair "without a gold label"
+    path.write_text("s1\ts2\tlabel\na\tb\t-1\nc\td\t1\ne\tf\t0\n")
+    task = EvalTask(name="pc", type="pair_classification", path=str(path))
+    got = evaluate({"m": EmbeddingModel.load(str(tiny_bert))}, [task], resolve=Path)["results"]["pc"]["m"]
+    assert "pairs.tsv:2: unknown label '-1' (known: 1, 0)" in got["error"], got
 
 
 def _counting(model, monkeypatch, calls: list):

@@ -713,6 +713,40 @@ def test_a_boolean_label_reads_as_1_and_0(tmp_path):
                 progress=False)
 
 
+def test_nli_pairs_without_a_gold_label_are_left_out_and_counted(tmp_path, capsys):
+    """SNLI's and MultiNLI's `-` (the Hub copies' -1: the annotators did not agree) stopped prepare
+    with "unknown label '-'": such pairs carry no label, so they are left out whatever
+    data.on_error says, counted in stats.json and the log. A label map that names `-` reads it;
+    under another format `-` is still an unknown label."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "snli.jsonl").write_text("".join(json.dumps({"sentence1": a, "sentence2": b, "gold_label": y}) + "\n" for a, b, y in [
+        ("a man plays", "a person plays", "entailment"), ("a man plays", "nobody plays", "contradiction"),
+        ("a dog runs", "an animal runs", "-"), ("a dog runs", "a cat sleeps", "neutral")]))
+    pq.write_table(pa.table({"premise": ["a girl sings", "a girl sings"], "hypothesis": ["she is silent", "a child sings"],
+                             "label": [-1, 0]}), tmp_path / "hub.parquet")
+    stats = prepare(_recipe(tmp_path, [{"path": str(tmp_path / "snli.jsonl"), "format": "nli", "split": "train"},
+                                       {"path": str(tmp_path / "hub.parquet"), "format": "nli", "split": "train"}]),
+                    progress=False)
+    assert stats["sources"]["snli.jsonl"]["rejected_by_reason"] == {"no gold label": 1}
+    assert stats["sources"]["hub.parquet"]["rejected_by_reason"] == {"no gold label": 1}
+    assert stats["sources"]["snli.jsonl"]["first_rejections"] == [
+        f"{tmp_path / 'snli.jsonl'}:3: no gold label ('-': the annotators did not agree)"]
+    rows = {r["query"]: r for r in _written(tmp_path)}
+    assert rows["a dog runs"]["weak"] == ["a cat sleeps"] and "an animal runs" not in json.dumps(rows)
+    assert rows["a girl sings"]["pos"] == ["a child sings"] and "she is silent" not in json.dumps(rows)
+    assert "prepare snli.jsonl: 1 pair(s) without a gold label" in " ".join(capsys.readouterr().out.split())
+    mapped = {"entailment": "pos", "neutral": "weak", "contradiction": "neg", "-": "weak"}
+    prepare(_recipe(tmp_path, [{"path": str(tmp_path / "snli.jsonl"), "format": "nli", "split": "train",
+                                "label_map": mapped}]), progress=False)
+    assert {r["query"]: r for r in _written(tmp_path)}["a dog runs"]["weak"] == ["an animal runs", "a cat sleeps"]
+    (tmp_path / "pairs.csv").write_text("question,answer,label\na,b,-\n")
+    with pytest.raises(DataError, match="unknown label '-'"):
+        prepare(_recipe(tmp_path, [{"path": str(tmp_path / "pairs.csv"), "format": "pairs", "split": "train"}]),
+                progress=False)
+
+
 def test_a_source_path_may_be_a_pattern_of_shards(tmp_path):
     """A data set downloaded as shards (train-00000-of-00003.csv, ...) needed one source per file. A
     pattern reads the files it matches, by name, each with its own header; `max_rows` counts over

@@ -19,7 +19,8 @@ import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, show_table, warn
 from hmcl_cli.data.example import LEVEL_NAMES, LEVELS, BadRow, GradedExample, add_candidate, parse_graded, spread_sample
-from hmcl_cli.data.readers import is_pattern, is_saved_dataset, json_records, read_source, source_files, source_labels
+from hmcl_cli.data.readers import (NO_GOLD_LABEL, is_pattern, is_saved_dataset, json_records, read_source, source_files,
+                                   source_labels)
 from hmcl_cli.errors import DataError
 from hmcl_cli.io_utils import gc_paused, write_json_atomic, write_jsonl_atomic
 from hmcl_cli.modeling.tokenizing import token_ids
@@ -160,6 +161,9 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
             bar.close()
         if st.rows == 0:
             warn(f"data source {path or label} holds no rows: is it the source you meant?")
+        if st.rejected.get(NO_GOLD_LABEL):
+            log(f"prepare {label}: {st.rejected[NO_GOLD_LABEL]} pair(s) without a gold label (SNLI's and MultiNLI's "
+                "'-', the Hub copies' -1: the annotators did not agree) left out")
         _check_sts_scale(src, label, st, index)
 
     del pool
@@ -326,7 +330,7 @@ def _check_sts_scale(src: SourceConfig, label: str, st: _SourceStats, index: int
 
 
 def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
-    if on_error == "fail":
+    if on_error == "fail" and bad.kind != NO_GOLD_LABEL:
         hint = "fix the row, or set data.on_error: skip to drop bad rows (they are counted in stats.json)"
         if bad.kind == "unknown label":
             hint = ("map the file's labels to levels with the source's `label_map` (e.g. {entailment: pos, "

@@ -60,6 +60,11 @@ NLI_AS_BINARY = {**BINARY_DEFAULT, "entailment": "pos", "neutral": "neg", "contr
                  "not_entailment": "neg"}
 
 
+# an NLI pair whose annotators did not agree: SNLI's and MultiNLI's gold label `-`, the Hub copies' -1.
+# Such rows carry no label to learn or score; they are left out (counted) whatever data.on_error says
+NO_GOLD_LABEL = "no gold label"
+
+
 def source_label(src: SourceConfig) -> str:
     return src.name or (Path(src.path).name if src.path else f"{src.hub}")
 
@@ -650,6 +655,8 @@ def _level_from_label(value: Any, mapping: dict[str, str]) -> int:
     index = getattr(value, "class_index", None)  # a ClassLabel's name, whose number the map may name
     if key.lower() not in lowered and index is not None and str(index) in lowered:
         key = str(index)
+    if key.lower() not in lowered and key in ("-", "-1") and "entailment" in lowered:
+        raise BadRow(f"no gold label ({key!r}: the annotators did not agree)", kind=NO_GOLD_LABEL)
     if key.lower() not in lowered:
         bad = BadRow(f"unknown label {key!r} (known: {', '.join(map(str, mapping))})", kind="unknown label")
         bad.label = key

@@ -45,19 +45,29 @@ class _NliLabels(Exception):
 
 def _read_task_rows(task: EvalTask, src: SourceConfig, path: Path) -> tuple[dict, list]:
     """A task file's rows: (its examples by (prompt, query), every (query, text, candidate) pair as given)."""
-    from hmcl_cli.data.readers import NLI_AS_BINARY
+    from hmcl_cli.data.readers import NLI_AS_BINARY, NO_GOLD_LABEL
 
     merged: dict[tuple, GradedExample] = {}  # rows of one query (answer selection, pairs) -> one example
     pairs: list[tuple[str, str, Any]] = []  # sts / pair classification keep every row as given
     guess_nli = task.type == "pair_classification" and not task.label_map and not task.format
+    label_hint = ("map the file's labels with the task's `label_map` in a recipe's eval.tasks (e.g. "
+                  "{entailment: pos, neutral: neg, contradiction: neg}), or `format: nli` for NLI labels")
+    no_gold, deferred = 0, None
     for item in read_source(src, path):
         if isinstance(item, BadRow):
+            if item.kind == NO_GOLD_LABEL:  # NLI pairs the annotators did not agree on: no label to score
+                no_gold += 1
+                continue
             hint = None
             if item.kind == "unknown label":
-                if guess_nli and src.label_map != NLI_AS_BINARY and str(getattr(item, "label", "")).lower() in NLI_AS_BINARY:
-                    raise _NliLabels()
-                hint = ("map the file's labels with the task's `label_map` in a recipe's eval.tasks (e.g. "
-                        "{entailment: pos, neutral: neg, contradiction: neg}), or `format: nli` for NLI labels")
+                label = str(getattr(item, "label", "")).lower()
+                if guess_nli and src.label_map != NLI_AS_BINARY:
+                    if label in NLI_AS_BINARY:
+                        raise _NliLabels()
+                    if label in ("-", "-1"):  # NLI's "no gold label" where NLI's label names follow
+                        deferred = deferred or item
+                        continue
+                hint = label_hint
             raise DataError(f"task {task.name!r}: {item.located()}", hint=hint)
         ex = item[1]
         for text, cand in ex.candidates.items():
@@ -65,6 +75,11 @@ def _read_task_rows(task: EvalTask, src: SourceConfig, path: Path) -> tuple[dict
         target = merged.setdefault((ex.prompt or "", ex.query), GradedExample(ex.query, prompt=ex.prompt))
         for cand in ex.candidates.values():
             add_candidate(target, cand.text, cand.level, cand.score, "highest")
+    if deferred is not None:  # no NLI label name followed: an unknown label after all
+        raise DataError(f"task {task.name!r}: {deferred.located()}", hint=label_hint)
+    if no_gold:
+        log(f"task {task.name}: {no_gold} pair(s) without a gold label (SNLI's and MultiNLI's '-', the Hub copies' -1: "
+            "the annotators did not agree) left out")
     return merged, pairs
 
 
