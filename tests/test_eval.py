@@ -886,6 +886,29 @@ def test_the_recipes_base_is_evaluated_with_the_recipes_model_settings(tmp_path,
     assert abs(got["plain"]["ndcg@10"] - got["base"]["ndcg@10"]) > 1e-3  # without the instruction: another embedder
 
 
+def test_queries_without_a_relevant_candidate_are_left_out_and_said(tmp_path, tiny_bert, capsys):
+    """A query with no positive has no MAP and no nDCG: MTEB's scoring leaves it out, and the metrics
+    are over the other queries. That was silent (a dev file half without positives was scored on its
+    other half without a word); the log says how many, per task. Reranking's MAP equals that of the
+    file without the query."""
+    rows = [{"query": "how do refunds work", "pos": ["refunds take five days"], "neg": ["we ship worldwide", "call us"]},
+            {"query": "where is my parcel", "neg": ["track it online", "we ship worldwide"]},
+            {"query": "reset password", "pos": ["use the login page"], "neg": ["account settings", "call us"]},
+            {"query": "opening hours", "weak": ["we open at nine"], "neg": ["call us"]}]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "judged.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if "pos" in r))
+    model = EmbeddingModel.load(str(tiny_bert))
+    tasks = [EvalTask(name="rr", type="reranking", path=str(tmp_path / "all.jsonl")),
+             EvalTask(name="ret", type="retrieval", path=str(tmp_path / "all.jsonl")),
+             EvalTask(name="rr-judged", type="reranking", path=str(tmp_path / "judged.jsonl"))]
+    got = evaluate({"m": model}, tasks, resolve=Path)["results"]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "task rr: 2 of 4 queries have no relevant candidate (a positive) and are left out of its metrics" in out
+    assert "task ret: 1 of 4 queries have no relevant candidate (a positive or weak-positive)" in out
+    assert "task rr-judged:" not in out
+    assert got["rr"]["m"]["map"] == pytest.approx(got["rr-judged"]["m"]["map"], abs=1e-9)
+
+
 def test_graded_jsonl_retrieval_ranks_against_every_candidate_negatives_included(tmp_path, tiny_bert):
     """A graded JSONL retrieval task pools every candidate into the corpus: a hard negative that is
     no query's positive is a document to rank against (it was left out, which scored retrieval

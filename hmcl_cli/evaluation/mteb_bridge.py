@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from hmcl_cli.console import log
 from hmcl_cli.errors import DataError
 
 # hmcl metric name -> mteb score key, per task kind
@@ -128,6 +129,10 @@ def _retrieval_split(data: Any, Dataset: Any) -> dict:
     """A local retrieval or reranking task as mteb's split data (queries, corpus, qrels, and for
     reranking each query's own candidates), checked by :func:`retrieval_parts`."""
     docs, queries, qrels, top = retrieval_parts(data)
+    if len(queries) < len(data.examples):  # as MTEB scores them; said, since the metrics are over the others
+        relevant = "a positive" if data.kind == "reranking" else "a positive or weak-positive"
+        log(f"task {data.task.name}: {len(data.examples) - len(queries)} of {len(data.examples)} queries have no "
+            f"relevant candidate ({relevant}) and are left out of its metrics")
     corpus = Dataset.from_list([{"id": k, "text": v, "title": ""} for k, v in docs.items()])
     return {"queries": Dataset.from_list(queries), "corpus": corpus, "relevant_docs": qrels,
             "top_ranked": top or None}
