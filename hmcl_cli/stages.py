@@ -519,9 +519,14 @@ def check_model(recipe: Recipe) -> str:
     pipeline = read_pipeline(folder)
     try:
         config = AutoConfig.from_pretrained(transformer_folder(folder), trust_remote_code=m.trust_remote_code)
-        limit = position_limit(meta_model(config, None, torch.float32))
+        skeleton = meta_model(config, None, torch.float32)
+        limit = position_limit(skeleton)
     except Exception as e:  # noqa: BLE001 - loading itself reports it; validate says it could not look
         return f"{m.name_or_path}: config not read ({type(e).__name__}); lengths not checked"
+    if m.lora.enabled and m.lora.target_modules != "auto":
+        from hmcl_cli.modeling.lora import check_target_modules
+
+        check_target_modules(skeleton, list(m.lora.target_modules), m.name_or_path)
     pooling = m.pooling if m.pooling != "auto" else pipeline.pooling or ("last_token" if is_decoder_config(config) else "mean")
     check_max_lengths(limit, m.query_max_length or m.max_length, m.doc_max_length or m.max_length,
                       m.segments.length if m.segments else 0, m.name_or_path,

@@ -99,6 +99,22 @@ def out_of_range_value(tmp, model):
     return ["train", write_recipe(tmp, model), "--set", "train.group_size=0"], RECIPE, ["train.group_size", "0"]
 
 
+def lora_target_modules_not_in_the_model(tmp, model):
+    """Decoder names on a BERT model: "internal error: NoMatchingPeftModuleError" when training
+    began; now the layers it has, from `recipe validate` (and `hmcl run` before its first stage),
+    which check it on the model's skeleton."""
+    return ["recipe", "validate", write_recipe(tmp, model), "--set", "model.lora.enabled=true", "--set",
+            "model.lora.target_modules=[q_proj,valeu]"], RECIPE, [
+        "model.lora.target_modules: 'q_proj', 'valeu' are no layer of", "(its linear layers: dense, key, query, value)",
+        "did you mean 'value' for 'valeu'?", "write `auto`"]
+
+
+def lora_target_modules_misspelt_beside_a_good_one(tmp, model):
+    """peft adapted `query` and left the misspelt one out without a word."""
+    return ["train", write_recipe(tmp, model), "--set", "model.lora.enabled=true", "--set",
+            "model.lora.target_modules=[query,valeu]"], RECIPE, ["'valeu' is no layer of", "did you mean 'value'"]
+
+
 def mining_window_past_top_k(tmp, model):
     # ran, mined no negative, and warned of "ranks 10-10 of the top 5"
     return ["mine", write_recipe(tmp, model), "--set", "mine.top_k=5"], RECIPE, [
@@ -563,7 +579,7 @@ def dev_that_defines_no_metric(tmp, model):
 
 
 CASES = [malformed_yaml, unknown_key, unknown_section, wrong_type, wrong_type_set, unknown_section_set, out_of_range_value,
-         mining_window_past_top_k, mining_window_empty, prompt_with_a_colon_unquoted, sentence_transformers_triplets_as_graded, graded_field_misspelt,
+         lora_target_modules_not_in_the_model, lora_target_modules_misspelt_beside_a_good_one, mining_window_past_top_k, mining_window_empty, prompt_with_a_colon_unquoted, sentence_transformers_triplets_as_graded, graded_field_misspelt,
          python_object_tag, python_name_tag, import_path_in_recipe, import_path_as_value, missing_recipe,
          empty_recipe, recipe_is_a_folder, data_source_is_a_folder,
          missing_data_file, data_path_from_an_unset_env_variable,

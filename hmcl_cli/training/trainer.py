@@ -175,7 +175,7 @@ class HMCLTrainer:
         if r.model.gradient_checkpointing:
             enable_checkpointing(self.model.backbone)
         if r.model.lora.enabled and not is_peft(self.model.backbone):
-            self.model.backbone = apply_lora(self.model.backbone, r.model.lora)
+            self.model.backbone = apply_lora(self.model.backbone, r.model.lora, r.model.name_or_path)
         try:
             self.loss_fn = HMCLLoss(r.loss, self.model.dim).to(self.device)
         except ValueError as e:
@@ -885,7 +885,7 @@ class HMCLTrainer:
         with torch.device("meta"):  # FSDP2's FSDP<Class>.__new__ builds the plain class
             backbone = type(base)(base.config)
             if is_peft(live):
-                backbone = apply_lora(backbone, self.recipe.model.lora)
+                backbone = apply_lora(backbone, self.recipe.model.lora, self.recipe.model.name_or_path)
         backbone.load_state_dict(weights, strict=True, assign=True)
         for name, buf in live.named_buffers():  # non-persistent buffers (rotary tables, position ids)
             owner, _, leaf = name.rpartition(".")
