@@ -103,7 +103,13 @@ def check_prepared(recipe: Recipe, resumed: bool = False) -> None:
 
 
 def under_launcher() -> bool:
-    return "LOCAL_RANK" in os.environ or "ACCELERATE_PROCESS_ID" in os.environ
+    """Whether this process runs under a launcher: torchrun's (several processes), accelerate's, or
+    hmcl's own relaunch (accelerate's one-process launch sets neither rank variable: `train.launcher:
+    accelerate` on one device relaunched itself without end)."""
+    return any(v in os.environ for v in ("LOCAL_RANK", "ACCELERATE_PROCESS_ID", RELAUNCHED_ENV))
+
+
+RELAUNCHED_ENV = "HMCL_RELAUNCHED"  # set for the `hmcl train` that `accelerate launch` runs for hmcl
 
 
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
@@ -128,6 +134,9 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and (total or 1) > 1:
         # accelerate's torchrun path; on a CPU-only machine the processes form a gloo group
         cmd.append("--multi_gpu")
+    if not config_file:  # accelerate's defaults, given: it warns of each one it has to assume
+        cmd += [flag for name, value in (("--num_machines", "1"), ("--mixed_precision", "no"), ("--dynamo_backend", "no"))
+                if _launcher_value(launcher_args, name) is None for flag in (name, value)]
     if not debug and not any(a in ("--quiet", "-q", "--debug") for a in launcher_args):
         cmd.append("--quiet")  # the launcher's traceback of a failed child only repeats its error
     cmd += list(launcher_args) + ["-m", "hmcl_cli", *(["--debug"] if debug else []), "train", recipe_path]
@@ -168,7 +177,7 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     log("relaunching: " + " ".join(cmd[1:]))
     with tempfile.TemporaryDirectory(prefix="hmcl-launch-") as folder:
         exit_file = Path(folder) / "exit-code"
-        code = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file)})
+        code = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: "1"})
         if code and exit_file.is_file():  # the launcher exits 1 whatever the training's error was
             with contextlib.suppress(ValueError):
                 code = int(exit_file.read_text())

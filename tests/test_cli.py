@@ -458,6 +458,30 @@ def test_eval_takes_an_onnx_export_as_a_model(tmp_path, tiny_qwen, capsys, monke
     assert any(v != res[t]["torch"]["mteb"][k] for t in ("dev", "rr") for k, v in res[t]["int8"]["mteb"].items())
 
 
+def test_a_training_relaunched_in_one_process_runs_once(tmp_path, tiny_bert):
+    """`train.launcher: accelerate` on one device: accelerate's one-process launch sets no rank
+    variable, so the relaunched `hmcl train` relaunched itself again, without end. It relaunches
+    once now, trains, and accelerate does not warn of values it had to assume."""
+    import os
+    import signal
+
+    recipe = write_recipe(tmp_path, tiny_bert, train={"max_steps": 1, "launcher": "accelerate", "eval_at_start": False})
+    assert hmcl("prepare", recipe).returncode == 0
+    # its own process group: a chain of relaunches is ended whole, not only its first process
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
+    try:
+        said, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, said
+    assert said.count("relaunching: ") == 1 and "final model:" in said
+    assert "were not passed to `accelerate launch`" not in said
+
+
 def test_a_relaunched_training_exits_with_its_own_code_and_no_launcher_traceback(tmp_path, tiny_bert):
     """Under `accelerate launch` a failed training's exit code became the launcher's 1 (a CI job
     could not tell a data error, 3, from anything else), after the launcher's traceback of the

@@ -291,16 +291,20 @@ def test_every_process_ends_the_process_group_together(tmp_path, tiny_bert, main
     assert (final / "model.safetensors").is_file() == main  # only the main process writes the model
 
 
+DEFAULTS = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # (else accelerate warns)
+
+
 @pytest.mark.parametrize("launcher_args, config, expected", [
-    ([], None, ["--num_processes", "4", "--multi_gpu"]),  # every GPU here
+    ([], None, ["--num_processes", "4", "--multi_gpu", *DEFAULTS]),  # every GPU here
     # several machines: accelerate counts all their processes
     (["--num_machines", "2", "--machine_rank", "1"], None,
-     ["--num_processes", "8", "--multi_gpu", "--num_machines", "2", "--machine_rank", "1"]),
-    (["--num_machines=3"], None, ["--num_processes", "12", "--multi_gpu", "--num_machines=3"]),
-    (["--num_processes=2"], None, ["--multi_gpu", "--num_processes=2"]),  # the user's count is kept
-    (["--num_processes", "1"], None, ["--num_processes", "1"]),  # one process: no multi-GPU mode
-    (["--num_processes=x"], None, ["--num_processes=x"]),  # not a number: kept, for accelerate to report
-    (["--cpu"], None, ["--num_processes", "4", "--cpu"]),  # the user's mode is kept
+     ["--num_processes", "8", "--multi_gpu", *DEFAULTS[2:], "--num_machines", "2", "--machine_rank", "1"]),
+    (["--num_machines=3"], None, ["--num_processes", "12", "--multi_gpu", *DEFAULTS[2:], "--num_machines=3"]),
+    (["--num_processes=2"], None, ["--multi_gpu", *DEFAULTS, "--num_processes=2"]),  # the user's count is kept
+    (["--num_processes", "1"], None, [*DEFAULTS, "--num_processes", "1"]),  # one process: no multi-GPU mode
+    (["--num_processes=x"], None, [*DEFAULTS, "--num_processes=x"]),  # not a number: kept, for accelerate to report
+    (["--cpu", "--mixed_precision=bf16"], None, ["--num_processes", "4", "--num_machines", "1", "--dynamo_backend", "no",
+                                                 "--cpu", "--mixed_precision=bf16"]),  # the user's mode and values are kept
     ([], "acc.yaml", ["--config_file", "acc.yaml"]),  # the config file says it all
 ])
 def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(launcher_args, config, expected):
