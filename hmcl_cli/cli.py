@@ -294,7 +294,7 @@ def run_cmd(recipe: Path = RecipeArg, set_: Optional[List[str]] = SetOpt,
     names and, where the Hugging Face Hub cannot be used, what the run would fetch from it."""
     from hmcl_cli.stages import run_all
 
-    run_all(_load(recipe, set_), resume=resume)
+    run_all(_load(recipe, set_), resume=resume, launch=(str(recipe), set_ or [], STATE["debug"]))
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -122,6 +122,22 @@ class InterruptedRun(HmclError):
     kind = "interrupted"
 
 
+def error_of_exit_code(code: int, message: str, hint: str | None = None) -> HmclError:
+    """The error class whose exit code is ``code`` (a relaunched process's, which printed its own
+    message), holding ``message``; a plain :class:`HmclError` with that code for any other."""
+    classes, seen = [HmclError], []
+    while classes:
+        cls = classes.pop()
+        seen.append(cls)
+        classes.extend(cls.__subclasses__())
+    match = next((cls for cls in seen if cls.exit_code == code), None)
+    if match is not None:
+        return match(message, hint=hint)
+    error = HmclError(message, hint=hint)
+    error.exit_code = code
+    return error
+
+
 def import_optional(module: str, *, need: str, install: str, error: type[HmclError], pip: str | None = None,
                     instead: str | None = None):
     """Import an optional package, or raise ``error`` saying what needs it and what to do.

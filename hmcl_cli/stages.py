@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 from hmcl_cli.console import log, warn
 from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
-                             from_system_error)
+                             error_of_exit_code, from_system_error)
 from hmcl_cli.data.origin import listed
 from hmcl_cli.io_utils import RunLock, ensure_dir, folder_stamp, is_stream, write_text_atomic
 from hmcl_cli.recipe import TRAINED_RECIPE, EvalTask, ExportFormat, Recipe
@@ -742,10 +742,12 @@ def check_stage_packages(recipe: Recipe) -> None:
                               "model.include_prompt true")
 
 
-def run_all(recipe: Recipe, resume: bool = False) -> None:
+def run_all(recipe: Recipe, resume: bool = False, launch: Optional[tuple[str, list[str], bool]] = None) -> None:
     """`hmcl run`: every stage the recipe enables, in order. With ``resume`` the data stages a
     run already finished (prepare: ``data/stats.json``; mine: ``data/mining_report.json``) are
-    not run again, so training resumes on the data its checkpoints were trained on."""
+    not run again, so training resumes on the data its checkpoints were trained on. ``launch``
+    (the recipe file, its ``--set`` overrides, ``--debug``) lets training run under `accelerate
+    launch` as `hmcl train` does (several GPUs, or ``train.launcher: accelerate``)."""
     data = recipe.run_dir / "data"
     done = resume and (data / "train.jsonl").is_file() and (data / "stats.json").is_file()
     enabled = {"prepare": bool(recipe.data.sources), "mine": recipe.mine.enabled, "train": recipe.train.enabled,
@@ -769,7 +771,7 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
             check_prepared_eval_tasks(recipe)
         if enabled["train"]:
             try:
-                summary.stage("train", run_train, recipe, resume=resume)
+                summary.stage("train", _train_stage, recipe, resume, launch)
             except InterruptedRun as e:  # the command that continues it is this one, not `hmcl train`
                 e.hint = ("continue with `hmcl run RECIPE --resume` (with the same --set options): the prepared "
                           "data is kept and training goes on from its checkpoint")
@@ -781,6 +783,21 @@ def run_all(recipe: Recipe, resume: bool = False) -> None:
             with RunLock(recipe.run_dir):
                 summary.stage("export", run_export, recipe)
     log(f"done: {recipe.run_dir} ({summary.times()})")
+
+
+def _train_stage(recipe: Recipe, resume: bool, launch: Optional[tuple[str, list[str], bool]]) -> Path:
+    """`hmcl run`'s training: relaunched under `accelerate launch` where `hmcl train` would be
+    (on several GPUs `hmcl run` trained in one process, on one GPU), else in this process."""
+    if launch is not None:
+        path, overrides, debug = launch
+        code = maybe_relaunch(recipe, path, overrides, resume, None, [], debug=debug)
+        if code:  # the relaunched training printed its error; its exit code stays the run's
+            raise error_of_exit_code(code, f"training, relaunched under accelerate launch, failed (exit code {code}; "
+                                           "its error is above)",
+                                     hint="continue with `hmcl run RECIPE --resume` once it is fixed" if code == 130 else None)
+        if code == 0:
+            return recipe.run_dir / "model"
+    return run_train(recipe, resume=resume)
 
 
 def check_prepared_eval_tasks(recipe: Recipe) -> None:

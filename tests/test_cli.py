@@ -394,6 +394,27 @@ def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys
     assert "hmcl run stopped before its first stage; not run: prepare, train, eval, export" in " ".join(err.split())
 
 
+def test_run_trains_under_the_launcher_as_train_does(tmp_path, tiny_bert):
+    """`hmcl run` trained in its own process whatever the machine: on several GPUs, one of them.
+    Its training is relaunched under `accelerate launch` where `hmcl train`'s is (here
+    `train.launcher: accelerate`: one CPU process), the stages after it run, and a failure of the
+    relaunched training is the run's, with its exit code, in run.json too."""
+    recipe = write_recipe(tmp_path, tiny_bert, train={"max_steps": 2, "launcher": "accelerate"})
+    out = hmcl("run", recipe, timeout=400)
+    said = out.stdout + out.stderr
+    assert out.returncode == 0, said
+    assert said.count("relaunching: -m accelerate.commands.launch") == 1 and "train " in said.split("relaunching:")[1]
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["status"] == "ok" and list(summary["stages"]) == ["checks", "prepare", "train", "eval", "export"]
+    assert (tmp_path / "run" / "export" / "merged").is_dir()
+    failed = hmcl("run", recipe, "--set", "train.metric_for_best=dev_spearman/nope", timeout=400)
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert failed.returncode == 3, failed.stdout + failed.stderr
+    assert (summary["status"], summary["stage"], summary["error"], summary["exit_code"]) == ("failed", "train", "data error", 3)
+    assert "relaunched under accelerate launch, failed (exit code 3; its error is above)" in failed.stderr
+    assert failed.stderr.count("dev_spearman/nope") >= 1
+
+
 @needs_minilm
 def test_the_readmes_python_block_runs(tmp_path, monkeypatch, capsys):
     """README.md's Python section, as written (run in a scratch directory, the recipe path made
