@@ -177,11 +177,96 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     log("relaunching: " + " ".join(cmd[1:]))
     with tempfile.TemporaryDirectory(prefix="hmcl-launch-") as folder:
         exit_file = Path(folder) / "exit-code"
-        code = subprocess.call(cmd, env={**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: "1"})
+        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: "1", PID_DIR_ENV: folder}
+        if os.name == "posix":
+            code, signalled = _wait_passing_on_signals(subprocess.Popen(cmd, env=env, start_new_session=True), Path(folder))
+        else:
+            code, signalled = subprocess.call(cmd, env=env), False
         if code and exit_file.is_file():  # the launcher exits 1 whatever the training's error was
             with contextlib.suppress(ValueError):
                 code = int(exit_file.read_text())
+        elif code and signalled:  # the launcher itself was stopped (torchrun: 254), not a training
+            code = InterruptedRun.exit_code
         return code
+
+
+def _wait_passing_on_signals(proc: subprocess.Popen, pid_dir: Path) -> tuple[int, bool]:
+    """Wait for the launcher ``proc`` (started in a session of its own) and the training
+    processes it started (each leaves its pid in ``pid_dir``: :func:`register_relaunched`);
+    return the launcher's exit code and whether a signal was passed on.
+
+    A Ctrl-C or SIGTERM reaches hmcl alone (the launcher's session has no terminal). hmcl passes
+    it on as SIGINT to the training processes themselves, which finish their step and save a
+    checkpoint (a second: they stop at once; a third kills them and the launcher), and waits for
+    them. Not to the launcher: accelerate's one-process launcher answers a signal by terminating
+    its trainer and killing it 5 s later, mid-save. Before, a SIGTERM to hmcl (a CI job
+    cancelled) ended hmcl alone and left the training running on without it, holding the run
+    directory."""
+    import signal
+    import time
+
+    signals = 0
+    while True:
+        try:
+            code = proc.wait()
+            while _running(_registered(pid_dir)):  # a training process the launcher did not wait for
+                time.sleep(0.2)
+            return code, signals > 0
+        except KeyboardInterrupt:
+            signals += 1
+            trainers = _registered(pid_dir)
+            for pid in trainers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL if signals >= 3 else signal.SIGINT)
+            if signals >= 3 or not trainers:  # (none started yet: the launcher's group goes as a whole)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL if signals >= 3 else signal.SIGTERM)
+            if signals == 1 and trainers:
+                warn("stop requested: the relaunched training finishes its step and saves a checkpoint "
+                     "(again to stop it at once)")
+
+
+PID_DIR_ENV = "HMCL_PID_DIR"  # where each process of a relaunched training leaves its pid for hmcl
+
+
+def register_relaunched() -> None:
+    """In a training process hmcl relaunched: leave this process's pid where the waiting hmcl
+    passes signals on to it (:func:`_wait_passing_on_signals`)."""
+    folder = os.environ.get(PID_DIR_ENV)
+    if folder and os.path.isdir(folder):
+        import atexit
+
+        mark = Path(folder, f"pid-{os.getpid()}")
+        with contextlib.suppress(OSError):
+            mark.touch()
+            atexit.register(mark.unlink, missing_ok=True)  # gone with the process: its pid may be reused
+
+
+def _registered(pid_dir: Path) -> list[int]:
+    return [int(p.name[4:]) for p in pid_dir.glob("pid-*") if p.name[4:].isdigit()]
+
+
+def _running(pids: list[int]) -> bool:
+    """Whether any of ``pids`` still runs (a zombie, which only waits for its parent to reap it,
+    does not count)."""
+    for pid in pids:
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.parent.parent.is_dir():
+            try:
+                state = stat.read_text().rsplit(")", 1)[1].split()[0]  # after "pid (command name)"
+            except (OSError, IndexError):
+                continue  # gone
+            if state not in ("Z", "X"):
+                return True
+            continue
+        try:  # no /proc (macOS)
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return True
+    return False
 
 
 EXIT_FILE_ENV = "HMCL_EXIT_FILE"  # where a relaunched `hmcl train` leaves its exit code for its parent
@@ -233,6 +318,7 @@ def run_train(recipe: Recipe, resume: bool = False) -> Path:
     check_prepared(recipe)
     _check_mined(recipe)
 
+    register_relaunched()
     trainer = HMCLTrainer(recipe)
     main = os.environ.get("RANK", "0") == "0"  # under `accelerate launch` only rank 0 owns the run dir
     with RunLock(recipe.run_dir) if main else contextlib.nullcontext():

@@ -77,3 +77,44 @@ def test_sigterm_during_prepare_leaves_previous_outputs_and_no_temp_files(tmp_pa
     assert "interrupted" in err and "Traceback" not in err
     assert {p.name: p.read_bytes() for p in data.iterdir()} == before
     assert not [p for p in recipe.run_dir.rglob("*") if ".tmp" in p.name or "lock" in p.name]
+
+
+def _running_with(text: str) -> list[int]:
+    """Processes whose command line holds ``text``."""
+    found = []
+    for cmdline in __import__("pathlib").Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigterm_reaches_a_relaunched_training_and_is_waited_for(tmp_path, tiny_bert):
+    """A CI job cancelled: SIGTERM to `hmcl train` that relaunched itself under `accelerate launch`
+    ended hmcl alone (exit 130 at once) and left the training running on without it, holding the
+    run directory. hmcl now passes the signal on and waits: the training saves its checkpoint,
+    hmcl exits 130 after it, and no process of the training is left."""
+    train = {"train": {**TRAIN["train"], "launcher": "accelerate"}}
+    recipe_path = write_recipe(tmp_path, tiny_bert, **train)
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        metrics = recipe.run_dir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # to hmcl alone, as a CI runner or `kill` sends it
+        said, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 130, said
+        assert "relaunching: " in said and "checkpoint saved" in said
+        assert said.index("checkpoint saved") < said.rindex("interrupted")  # hmcl's own word comes after the training's
+        ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
+        assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
+        assert _running_with(str(recipe_path)) == []  # nothing of the training left behind
+    finally:
+        for pid in _running_with(str(recipe_path)):
+            os.kill(pid, signal.SIGKILL)
