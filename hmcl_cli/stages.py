@@ -249,11 +249,11 @@ def _registered(pid_dir: Path) -> list[int]:
 def _running(pids: list[int]) -> bool:
     """Whether any of ``pids`` still runs (a zombie, which only waits for its parent to reap it,
     does not count)."""
+    have_proc = Path("/proc").is_dir()
     for pid in pids:
-        stat = Path(f"/proc/{pid}/stat")
-        if stat.parent.parent.is_dir():
+        if have_proc:
             try:
-                state = stat.read_text().rsplit(")", 1)[1].split()[0]  # after "pid (command name)"
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]  # after "pid (name)"
             except (OSError, IndexError):
                 continue  # gone
             if state not in ("Z", "X"):
