@@ -423,12 +423,15 @@ def main() -> None:
     except HmclError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]{e.kind}:[/bold red] {escape(str(e))}", markup=True, highlight=False)
-        if e.hint:
-            err_console.print(f"[dim]hint:[/dim] {escape(str(e.hint))}")
+        if not _said_by_local_rank_0(e.exit_code):
+            err_console.print(f"[bold red]{e.kind}:[/bold red] {escape(str(e))}", markup=True, highlight=False)
+            if e.hint:
+                err_console.print(f"[dim]hint:[/dim] {escape(str(e.hint))}")
         _exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/bold red] (finished outputs are intact; the unfinished one was discarded)")
+        if not _said_by_local_rank_0(InterruptedRun.exit_code):
+            err_console.print("[bold red]interrupted[/bold red] (finished outputs are intact; the unfinished one was "
+                              "discarded)")
         _exit(InterruptedRun.exit_code)
     except typer.Exit as e:
         _exit(e.exit_code)
@@ -443,6 +446,18 @@ def main() -> None:
         err_console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {escape(str(e))}")
         err_console.print("[dim]hint:[/dim] rerun with --debug for the traceback, and please report it")
         _exit(1)
+
+
+def _said_by_local_rank_0(code: int) -> bool:
+    """Whether another process of this machine's training says this error: a recipe, data or
+    model error, or an interrupt, is the same in every process of a machine (they read the same
+    files), so only local rank 0 prints it (eight GPUs printed it eight times). An out-of-memory
+    or any other error may be one process's own: every process prints those."""
+    from hmcl_cli.errors import DataError, ModelNotFoundError, RecipeError
+
+    same_everywhere = {RecipeError.exit_code, DataError.exit_code, ModelNotFoundError.exit_code,
+                       InterruptedRun.exit_code}
+    return os.environ.get("LOCAL_RANK", "0") != "0" and code in same_everywhere
 
 
 def _exit(code: int) -> None:

@@ -516,6 +516,9 @@ def test_a_relaunched_training_exits_with_its_own_code_and_no_launcher_traceback
                        (["--model", tiny_bert, "--sts", "a="], "'a=': no file given")):
         empty = hmcl("eval", *args)
         assert empty.returncode == 2 and said in empty.stderr, empty.stderr
+    # two processes: the same data error once (each process printed it), with the training's exit code
+    two = hmcl("train", recipe, "--launcher", "accelerate", "--", "--num_processes", "2")
+    assert two.returncode == 3 and two.stderr.count("data error:") == 1, two.stdout + two.stderr
     bad = hmcl("train", recipe, "--launcher", "xyz")
     assert bad.returncode == 2 and "'xyz' is not one of auto, none, accelerate" in bad.stderr
 
