@@ -109,7 +109,13 @@ def under_launcher() -> bool:
     return any(v in os.environ for v in ("LOCAL_RANK", "ACCELERATE_PROCESS_ID", RELAUNCHED_ENV))
 
 
-RELAUNCHED_ENV = "HMCL_RELAUNCHED"  # set for the `hmcl train` that `accelerate launch` runs for hmcl
+# set for the `hmcl train` that `accelerate launch` runs for hmcl: the command the user ran (train, run)
+RELAUNCHED_ENV = "HMCL_RELAUNCHED"
+
+
+def user_command() -> str:
+    """The hmcl command the user ran to train (`train`, or `run` that relaunched its training)."""
+    return "run" if os.environ.get(RELAUNCHED_ENV) == "run" else "train"
 
 
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
@@ -162,8 +168,11 @@ def _as_int(value: Optional[str]) -> Optional[int]:
 
 
 def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[str], resume: bool,
-                   launcher: Optional[str], launcher_args: list[str], debug: bool = False) -> Optional[int]:
-    """Relaunch `hmcl train` under `accelerate launch` when asked or when several GPUs exist."""
+                   launcher: Optional[str], launcher_args: list[str], debug: bool = False,
+                   command: str = "train") -> Optional[int]:
+    """Relaunch `hmcl train` under `accelerate launch` when asked or when several GPUs exist.
+    ``command``: the hmcl command the user ran (`train`, `run`), which an interrupted training
+    names to continue with."""
     if under_launcher() or recipe_path is None:
         return None
     mode = launcher or recipe.train.launcher
@@ -177,7 +186,7 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     log("relaunching: " + " ".join(cmd[1:]))
     with tempfile.TemporaryDirectory(prefix="hmcl-launch-") as folder:
         exit_file = Path(folder) / "exit-code"
-        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: "1", PID_DIR_ENV: folder}
+        env = {**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: command, PID_DIR_ENV: folder}
         if os.name == "posix":
             code, signalled = _wait_passing_on_signals(subprocess.Popen(cmd, env=env, start_new_session=True), Path(folder))
         else:
@@ -876,11 +885,11 @@ def _train_stage(recipe: Recipe, resume: bool, launch: Optional[tuple[str, list[
     (on several GPUs `hmcl run` trained in one process, on one GPU), else in this process."""
     if launch is not None:
         path, overrides, debug = launch
-        code = maybe_relaunch(recipe, path, overrides, resume, None, [], debug=debug)
+        code = maybe_relaunch(recipe, path, overrides, resume, None, [], debug=debug, command="run")
         if code:  # the relaunched training printed its error; its exit code stays the run's
-            raise error_of_exit_code(code, f"training, relaunched under accelerate launch, failed (exit code {code}; "
-                                           "its error is above)",
-                                     hint="continue with `hmcl run RECIPE --resume` once it is fixed" if code == 130 else None)
+            raise error_of_exit_code(code, "training, relaunched under accelerate launch, "
+                                     + ("stopped (its message is above)" if code == InterruptedRun.exit_code
+                                        else f"failed (exit code {code}; its error is above)"))
         if code == 0:
             return recipe.run_dir / "model"
     return run_train(recipe, resume=resume)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -91,16 +92,18 @@ def _running_with(text: str) -> list[int]:
     return found
 
 
-def test_sigterm_reaches_a_relaunched_training_and_is_waited_for(tmp_path, tiny_bert):
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_sigterm_reaches_a_relaunched_training_and_is_waited_for(tmp_path, tiny_bert, command):
     """A CI job cancelled: SIGTERM to `hmcl train` that relaunched itself under `accelerate launch`
     ended hmcl alone (exit 130 at once) and left the training running on without it, holding the
     run directory. hmcl now passes the signal on and waits: the training saves its checkpoint,
-    hmcl exits 130 after it, and no process of the training is left."""
+    hmcl exits 130 after it, and no process of the training is left. Under `hmcl run` the
+    training's hint names `hmcl run --resume`, the command that goes on (not `hmcl train`)."""
     train = {"train": {**TRAIN["train"], "launcher": "accelerate"}}
     recipe_path = write_recipe(tmp_path, tiny_bert, **train)
     recipe = load_recipe(recipe_path)
     prepare(recipe, progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", command, str(recipe_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         metrics = recipe.run_dir / "metrics.jsonl"
@@ -112,6 +115,8 @@ def test_sigterm_reaches_a_relaunched_training_and_is_waited_for(tmp_path, tiny_
         assert proc.returncode == 130, said
         assert "relaunching: " in said and "checkpoint saved" in said
         assert said.index("checkpoint saved") < said.rindex("interrupted")  # hmcl's own word comes after the training's
+        assert f"continue with `hmcl {command} RECIPE --resume`" in said
+        assert ("hmcl train RECIPE" in said) == (command == "train")
         ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
         assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
         assert _running_with(str(recipe_path)) == []  # nothing of the training left behind

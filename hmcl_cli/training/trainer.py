@@ -417,9 +417,11 @@ class HMCLTrainer:
                         self.save_checkpoint()
                     if self._stop_signal is not None:
                         self.save_checkpoint()
+                        from hmcl_cli.stages import user_command
+
                         raise InterruptedRun(
                             f"training stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved",
-                            hint="continue with `hmcl train RECIPE --resume` (with the same --set options)")
+                            hint=f"continue with `hmcl {user_command()} RECIPE --resume` (with the same --set options)")
                     if self.step >= self.total_steps or self._early_stopped:
                         break
                 if self._early_stopped:
