@@ -127,8 +127,11 @@ def test_training_with_segments_longer_than_every_text_equals_plain_training(tmp
         assert (a - b).abs().max() <= 1e-4 * a.abs().max() + 1e-7  # (1-thread CPU: 1.7e-5)
 
 
-def test_segment_batch_averages_segments_into_the_text_embedding(tmp_path, tiny_bert):
+def test_segment_batch_averages_segments_into_the_text_embedding(tmp_path, tiny_bert, monkeypatch):
     from hmcl_cli.modeling.segments import encode_segmented
+    from hmcl_cli.training.batching import TrainData
+
+    monkeypatch.setattr(TrainData, "KEEP_TEXTS", True)  # (the batch's texts are looked up by their hash)
 
     t = _trainer(tmp_path, tiny_bert, model={"segments": {"length": 16, "overlap": 2}})
     batch = _first_batch(t)

@@ -248,10 +248,12 @@ def test_nonfinite_loss_stops_naming_the_step_after_saving(tmp_path, tiny_bert):
     assert all(torch.isfinite(p).all() for p in t2.model.parameters())
 
 
-def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert):
+def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert, monkeypatch):
     import json
 
-    from hmcl_cli.training.batching import BatchPlan
+    from hmcl_cli.training.batching import BatchPlan, TrainData
+
+    monkeypatch.setattr(TrainData, "KEEP_TEXTS", True)  # (the source is read off each query's text)
 
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text("".join(json.dumps({"query": f"question {i}", "pos": [f"answer {i}"]}) + "\n" for i in range(20)))
@@ -270,14 +272,16 @@ def test_batches_hold_one_source_each_and_cover_every_anchor(tmp_path, tiny_bert
     assert any(len({source_of[i] for i in batch}) == 2 for batch in mixed)
 
 
-def test_source_weights_up_and_down_sample_a_source(tmp_path, tiny_bert, capsys):
+def test_source_weights_up_and_down_sample_a_source(tmp_path, tiny_bert, capsys, monkeypatch):
     """data.sources[].weight: 2 lists each anchor of a source twice per epoch; 0.5 a random half
     of them, another half next epoch; the epoch's length is what the plan says; 1 everywhere is
     the unweighted plan, batch for batch."""
     import collections
     import json
 
-    from hmcl_cli.training.batching import BatchPlan
+    from hmcl_cli.training.batching import BatchPlan, TrainData
+
+    monkeypatch.setattr(TrainData, "KEEP_TEXTS", True)  # (the source is read off each query's text)
 
     a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
     a.write_text("".join(json.dumps({"query": f"question {i}", "pos": [f"answer {i}"]}) + "\n" for i in range(10)))
@@ -351,6 +355,24 @@ def test_positive_repeats_auto_repeats_only_where_few_anchors_have_a_positive(tm
     t, counts = plan_counts("most", most)  # 6 of 11: once
     assert t.positive_repeats == 1 and counts == {(True, 1), (False, 1)}
     assert t.plan.steps_per_epoch == -(-11 // 4)
+
+
+def test_training_data_lets_its_texts_go_once_tokenised(tmp_path, tiny_bert):
+    """Training reads token ids; the texts as Python strings were 0.9 GB of the 2.6 GB that 900k
+    anchors' training data held in every process. They are dropped once tokenised and hashed;
+    their counts stay, and the trainer (which says them) trains on."""
+    from hmcl_cli.data.prepare import load_graded
+    from hmcl_cli.training import batching
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 1})
+    examples = load_graded(t.run_dir / "data" / "train.jsonl")
+    data = batching.TrainData(examples, t.model)
+    assert data.queries is None and data.docs is None
+    assert data.n_queries == len({ex.query for ex in examples}) == len(data.query_tokens)
+    assert data.n_docs == len({c for ex in examples for c in ex.candidates}) == len(data.doc_tokens)
+    assert t.data.docs is None and t.data.n_docs == data.n_docs
+    t.train()
+    assert t.step == 1
 
 
 def test_token_cache_survives_two_writers_interleaved(tmp_path, tiny_bert, monkeypatch):
@@ -442,6 +464,7 @@ def test_queries_with_their_prompts_are_tokenised_in_chunks_in_their_order(tmp_p
     tokenize = batching.TrainData._tokenize_side
     monkeypatch.setattr(batching.TrainData, "_tokenize_side",
                         lambda self, model, texts, side: seen.append(len(texts)) or tokenize(self, model, texts, side))
+    monkeypatch.setattr(batching.TrainData, "KEEP_TEXTS", True)  # (the texts are tokenised again below)
     data = batching.TrainData(examples, t.model)
     assert max(seen) == 2  # never more than a chunk at a time
     fresh = batching.TrainData.__new__(batching.TrainData)

@@ -271,7 +271,7 @@ class HMCLTrainer:
         per_device = min(cfg.batch_size, max(1, len(self.data.anchors) // self.world))  # less data than a batch
         n_cand = per_device * self.world * cfg.group_size
         if self.is_main:
-            log(f"train: {len(self.data.anchors)} anchors, {len(self.data.docs)} distinct candidates, "
+            log(f"train: {len(self.data.anchors)} anchors, {self.data.n_docs} distinct candidates, "
                 f"{self.total_steps} steps, {self.world} process(es) on {self.device.type}, {self.precision}"
                 f"{' with a dynamic loss scale' if self.scaler else ''}")
             log(f"train: embedding: {self.model.describe()}"
