@@ -451,7 +451,7 @@ def main() -> None:
 def _said_by_local_rank_0(code: int) -> bool:
     """Whether another process of this machine's training says this error: a recipe, data or
     model error, or an interrupt, is the same in every process of a machine (they read the same
-    files), so only local rank 0 prints it (eight GPUs printed it eight times). An out-of-memory
+    files), so only local rank 0 prints it (two processes printed it twice). An out-of-memory
     or any other error may be one process's own: every process prints those."""
     from hmcl_cli.errors import DataError, ModelNotFoundError, RecipeError
 

@@ -1239,7 +1239,7 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
             cls = _model_at(loc)
             options = list(cls.model_fields) if cls else []
             # a key of another section (`train.temperature`: loss's) is named before a near spelling here
-            elsewhere = [k for k, *_ in schema_rows() if _last_part(k) == str(loc[-1])]
+            elsewhere = keys_named(str(loc[-1]))
             hint = suggest(loc[-1], options) if options and not elsewhere else None
             msg = f"{where}: unknown key {key!r}"
             if elsewhere:
@@ -1252,6 +1252,8 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
             msg = f"{where}: missing required key {key!r}"
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
+            if e.get("input") == "":  # said once, after every branch of a union (a value_error says it itself)
+                got = "; it is empty (an unset shell variable in `--set KEY=$VAR`?)"
             head = f"{where}: {key}: "
             if union_head.get(head) is not None:  # another failed branch of a union (an int or 'auto')
                 i, text = union_head[head]
@@ -1269,9 +1271,6 @@ def _format_errors(err: ValidationError, file: str, lines: dict, origins: dict) 
                 text += f"; a list is written in brackets: [{e['input']}]"
             elif e["type"] == "dict_type" and isinstance(e.get("input"), str) and ": " in e["input"]:
                 text += f"; a mapping is written in braces: {{{e['input'].strip()}}}"
-            elif e.get("input") == "" and e["type"] != "value_error":  # (a value_error's own message says it)
-                text += "; it is empty (an unset shell variable in `--set KEY=$VAR`?)"
-                got = ""
             elif e["type"] == "string_type" and isinstance(e.get("input"), (int, float)) and not isinstance(e["input"], bool):
                 text += ("; YAML reads an unquoted number as a number: quote it as written (`'1.10'` stays 1.10, "
                          "where `1.10` reads as 1.1)")
@@ -1624,7 +1623,8 @@ def schema_lookup(query: str) -> list[tuple[str, str, str, str]]:
     key = re.sub(r"\.(\d+)(?=\.|$)", "[]", query.strip().strip("."))  # data.sources.0.path -> data.sources[].path
     found = [r for r in rows if r[0] == key or r[0].startswith((key + ".", key + "[]."))]
     if not found:
-        found = [r for r in rows if _last_part(r[0]) == key]
+        named = set(keys_named(key))
+        found = [r for r in rows if r[0] in named]
     if found:
         return found
     options = sorted({r[0] for r in rows} | {_last_part(r[0]) for r in rows})
@@ -1637,6 +1637,12 @@ def schema_lookup(query: str) -> list[tuple[str, str, str, str]]:
 
 def _last_part(key: str) -> str:
     return re.split(r"\.|\[\]\.", key)[-1]
+
+
+def keys_named(name: str) -> list[str]:
+    """Every recipe key whose last part is ``name`` (``batch_size``: mine's, the teacher's, train's
+    and eval's), in schema order."""
+    return [key for key, *_ in schema_rows() if _last_part(key) == name]
 
 
 # a `${section.key}` or `${env:NAME}` reference, which a recipe may give for any value

@@ -22,6 +22,7 @@ from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFound
 from hmcl_cli.data.origin import listed
 from hmcl_cli.io_utils import RunLock, ensure_dir, folder_stamp, is_stream, write_text_atomic
 from hmcl_cli.recipe import TRAINED_RECIPE, EvalTask, ExportFormat, Recipe
+from hmcl_cli.training import RELAUNCHED_ENV
 
 EXPORT_FORMATS = typing.get_args(ExportFormat)
 
@@ -109,13 +110,7 @@ def under_launcher() -> bool:
     return any(v in os.environ for v in ("LOCAL_RANK", "ACCELERATE_PROCESS_ID", RELAUNCHED_ENV))
 
 
-# set for the `hmcl train` that `accelerate launch` runs for hmcl: the command the user ran (train, run)
-RELAUNCHED_ENV = "HMCL_RELAUNCHED"
 
-
-def user_command() -> str:
-    """The hmcl command the user ran to train (`train`, or `run` that relaunched its training)."""
-    return "run" if os.environ.get(RELAUNCHED_ENV) == "run" else "train"
 
 
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
@@ -130,17 +125,21 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if config_file:
         cmd += ["--config_file", config_file]
+    # a config file of the user's (the recipe's, or one among the launcher's arguments) sets the counts
+    configured = bool(config_file) or _launcher_value(launcher_args, "--config_file") is not None
     machines = _as_int(_launcher_value(launcher_args, "--num_machines")) or 1
     given = _launcher_value(launcher_args, "--num_processes")
     total = _as_int(given)
-    if not config_file and given is None:
+    if not configured and given is None:
         total = num_processes * machines
         cmd += ["--num_processes", str(total)]
     modes = ("--multi_gpu", "--cpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm", "--tpu", "--config_file")
-    if not config_file and not any(a.split("=")[0] in modes for a in launcher_args) and (total or 1) > 1:
+    if not configured and not any(a.split("=")[0] in modes for a in launcher_args) and (total or 1) > 1:
         # accelerate's torchrun path; on a CPU-only machine the processes form a gloo group
         cmd.append("--multi_gpu")
-    if not config_file:  # accelerate's defaults, given: it warns of each one it has to assume
+    if not (configured or accelerate_default_config()):
+        # accelerate's defaults, given (it warns of each one it assumes), where no config file of the
+        # user's (named, or accelerate's default one) sets them: given, they would override it
         cmd += [flag for name, value in (("--num_machines", "1"), ("--mixed_precision", "no"), ("--dynamo_backend", "no"))
                 if _launcher_value(launcher_args, name) is None for flag in (name, value)]
     if not debug and not any(a in ("--quiet", "-q", "--debug") for a in launcher_args):
@@ -151,6 +150,15 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     if resume:
         cmd.append("--resume")
     return cmd
+
+
+def accelerate_default_config() -> bool:
+    """Whether `accelerate config` left a default config file, which `accelerate launch` reads."""
+    try:
+        from accelerate.commands.config import default_config_file
+    except ImportError:
+        return False
+    return os.path.isfile(default_config_file)
 
 
 def _launcher_value(launcher_args: list[str], name: str) -> Optional[str]:

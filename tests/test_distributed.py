@@ -306,9 +306,16 @@ DEFAULTS = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend"
     (["--cpu", "--mixed_precision=bf16"], None, ["--num_processes", "4", "--num_machines", "1", "--dynamo_backend", "no",
                                                  "--cpu", "--mixed_precision=bf16"]),  # the user's mode and values are kept
     ([], "acc.yaml", ["--config_file", "acc.yaml"]),  # the config file says it all
+    # a config file among the user's arguments says it all too: no count or default of ours overrides it
+    # (the process count of this machine's GPUs did, a 2-machine config's 16 processes becoming 4)
+    (["--config_file", "two-nodes.yaml"], None, ["--config_file", "two-nodes.yaml"]),
 ])
-def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(launcher_args, config, expected):
+def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(launcher_args, config, expected,
+                                                                             monkeypatch):
+    import hmcl_cli.stages
     from hmcl_cli.stages import relaunch_command
+
+    monkeypatch.setattr(hmcl_cli.stages, "accelerate_default_config", lambda: False)  # (this machine's own aside)
 
     cmd = relaunch_command("r.yaml", ["train.epochs=2"], False, launcher_args, config, 4)
     launch = cmd.index("accelerate.commands.launch")
@@ -318,3 +325,6 @@ def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(la
     debug = relaunch_command("r.yaml", [], False, launcher_args, config, 4, debug=True)
     assert "--quiet" not in debug and debug[-4:] == ["hmcl_cli", "--debug", "train", "r.yaml"]
     assert "--quiet" not in relaunch_command("r.yaml", [], False, [*launcher_args, "--debug"], config, 4)
+    # `accelerate config` left a default config, which accelerate reads: it is not overridden either
+    monkeypatch.setattr(hmcl_cli.stages, "accelerate_default_config", lambda: True)
+    assert not {"--mixed_precision", "--dynamo_backend"} & set(relaunch_command("r.yaml", [], False, launcher_args, config, 4))

@@ -120,7 +120,8 @@ def test_an_empty_name_or_output_dir_is_refused(monkeypatch):
                      "model.name_or_path="):
         with pytest.raises(RecipeError, match=r"is empty \(an unset shell variable"):
             load_recipe(QUICKSTART, [override])
-    for override in ("train.epochs=", "train.precision="):  # any typed key given nothing: said so
+    for override in ("train.epochs=", "train.precision=", "train.grad_cache_chunk="):  # any typed key given nothing
+        # (said once, after a union's branches: it came between them, "... integer; it is empty ... or 'auto'")
         with pytest.raises(RecipeError, match=r"; it is empty \(an unset shell variable in `--set KEY=\$VAR`\?\)$"):
             load_recipe(QUICKSTART, [override])
     assert load_recipe(QUICKSTART, ["output_dir=."]).run_dir.resolve() == Path.cwd().resolve()

@@ -41,7 +41,7 @@ def check_target_modules(model: nn.Module, targets: list[str], model_name: str) 
         return
     linear = sorted({full.rsplit(".", 1)[-1] for full, m in model.named_modules()
                      if isinstance(m, nn.Linear) and not any(part in SKIP for part in full.split("."))})
-    meant = [f"{suggest(t, linear)!r} for {t!r}" for t in missing if suggest(t, linear)]
+    meant = [f"{close!r} for {t!r}" for t in missing if (close := suggest(t, linear))]
     raise RecipeError(
         f"model.lora.target_modules: {', '.join(map(repr, missing))} {'is' if len(missing) == 1 else 'are'} no layer of "
         f"{model_name} (its linear layers: {', '.join(linear)})" + (f" — did you mean {', '.join(meant)}?" if meant else ""),

@@ -65,6 +65,7 @@ from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import TRAINED_RECIPE, Recipe, suggest
+from hmcl_cli.training import user_command
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, group_fill, resolve_positive_repeats, with_positive
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
@@ -417,8 +418,6 @@ class HMCLTrainer:
                         self.save_checkpoint()
                     if self._stop_signal is not None:
                         self.save_checkpoint()
-                        from hmcl_cli.stages import user_command
-
                         raise InterruptedRun(
                             f"training stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved",
                             hint=f"continue with `hmcl {user_command()} RECIPE --resume` (with the same --set options)")
