@@ -234,11 +234,12 @@ def eval_(
 @app.command(cls=_Command, epilog="Examples:  hmcl export recipes/quickstart.yaml\n\n"
              "hmcl export --model runs/quickstart --format onnx --out exported/\n\n"
              "hmcl export --model runs/sts --dim 128   # a matryoshka model cut to 128 dimensions\n\n"
+             "hmcl export --model runs/sts/checkpoints/step-0000400 -f merged   # the model at a checkpoint\n\n"
              "hmcl export --model runs/quickstart --push-to-hub my-org/support-embedder")
 def export(
     recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (or use --model)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", help="Run dir, model dir or model id."),
+    model: Optional[str] = typer.Option(None, "--model", metavar="MODEL", help="Run dir, model dir, model id or a training checkpoint (RUN/checkpoints/step-N: exported to RUN/export/step-N unless --out)."),
     fmt: Optional[List[str]] = typer.Option(None, "--format", "-f", metavar="FORMAT", help="merged | onnx | onnx-int8 (repeatable)."),
     out: Optional[Path] = typer.Option(None, "--out", metavar="DIR", help="Output folder."),
     dim: Optional[int] = typer.Option(None, "--dim", min=1, metavar="N", help="Cut the embeddings to their first N dimensions (matryoshka; export.dim)."),
@@ -252,17 +253,21 @@ def export(
     from hmcl_cli.recipe import load_recipe
     from hmcl_cli.stages import run_export
 
-    run_dir = Path(model) if model and (Path(model) / "data").is_dir() else None  # --model RUN_DIR: its dev data
+    from hmcl_cli.training.saved_model import is_checkpoint
+
+    checkpoint = Path(model) if model and is_checkpoint(Path(model)) else None
+    # --model RUN_DIR (or one of its checkpoints): its dev data
+    run_dir = checkpoint.parent.parent if checkpoint else Path(model) if model and (Path(model) / "data").is_dir() else None
     r = _load(recipe, set_) if recipe else load_recipe(data={
-        "name": "export", "model": {"name_or_path": model or "none"},
+        "name": checkpoint.parent.parent.name if checkpoint else "export", "model": {"name_or_path": model or "none"},
         **({"output_dir": str(run_dir)} if run_dir else {})})
     model_dir = None
-    if model:
+    if model and not checkpoint:
         try:
             model_dir = resolve_model(model)  # (a run directory: its model/)
         except ModelNotFoundError as e:
             raise ModelNotFoundError(f"--model {model}: {e}", hint=e.hint) from None
-    elif recipe is None:
+    elif recipe is None and not checkpoint:
         raise typer.BadParameter("give a RECIPE or --model")
     if dim is not None:
         r.export.dim = dim
@@ -282,7 +287,7 @@ def export(
         check_push_possible(r.export.push_to_hub)
     elif public:
         raise typer.BadParameter("--public goes with --push-to-hub")
-    run_export(r, formats=fmt or None, model_dir=model_dir, out_dir=out)
+    run_export(r, formats=fmt or None, model_dir=model_dir, out_dir=out, checkpoint=checkpoint)
 
 
 @app.command(cls=_Command, name="run", epilog="Example:  hmcl run recipes/quickstart.yaml --set train.epochs=2")

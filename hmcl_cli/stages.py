@@ -349,7 +349,8 @@ def run_train(recipe: Recipe, resume: bool = False) -> Path:
 def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
     """How eval loads a model given by name: as saved (its own pooling, prompts and lengths), with
     the recipe's segments; a run directory is its trained model, an ONNX export folder runs its
-    graph (:func:`local_model`, :class:`~hmcl_cli.export.onnx.OnnxModel`). The label
+    graph (:func:`local_model`, :class:`~hmcl_cli.export.onnx.OnnxModel`), a training checkpoint
+    is the model training had at its step (:mod:`hmcl_cli.training.saved_model`). The label
     ``recipe_base`` is the recipe's base model: loaded with the recipe's model settings, as
     training starts from it (the step-0 dev score) and as mining encodes with it, so its row is
     the model before training, not another embedder. (A decoder LLM's own
@@ -364,10 +365,13 @@ def model_loader(recipe: Recipe, recipe_base: Optional[str] = None):
             return EmbeddingModel.from_recipe(recipe.model, base_dir, name_or_path=name)
         from hmcl_cli.export import is_onnx_export
         from hmcl_cli.export.onnx import OnnxModel
+        from hmcl_cli.training.saved_model import checkpoint_model, is_checkpoint
 
         folder = local_model(name, base_dir)
         if folder is not None and is_onnx_export(folder):  # an export judged on the tasks beside the torch model
             model = OnnxModel(folder)
+        elif folder is not None and is_checkpoint(folder):  # the model training had at that step
+            model = checkpoint_model(folder)
         else:  # (a run directory: resolve_model takes its model/)
             model = EmbeddingModel.load(name, base_dir=base_dir, trust_remote_code=recipe.model.trust_remote_code)
         model.use_segments(recipe.model.segments)  # the recipe's segmentation applies to every model compared
@@ -509,8 +513,12 @@ def _eval_dims(recipe: Recipe, models: dict) -> list[int]:
     from hmcl_cli.modeling.encoder import saved_matryoshka_dims
 
     found = set(recipe.loss.matryoshka_dims)
+    from hmcl_cli.training.saved_model import checkpoint_recipe, is_checkpoint
+
     for m in models.values():
-        if isinstance(m, (str, Path)) and Path(m).is_dir():
+        if isinstance(m, (str, Path)) and is_checkpoint(Path(m)):
+            found.update(checkpoint_recipe(Path(m)).loss.matryoshka_dims)
+        elif isinstance(m, (str, Path)) and Path(m).is_dir():
             found.update(saved_matryoshka_dims(m))
     return sorted(found, reverse=True)
 
@@ -531,26 +539,57 @@ def _check_export_target(target: Path) -> None:
 
 
 def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: Optional[Path] = None,
-               out_dir: Optional[Path] = None) -> dict:
-    """Each export format of the recipe (or ``formats``) of the trained model, verified."""
-    from hmcl_cli.export import export_folder
-    from hmcl_cli.export.merged import export_merged
-    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+               out_dir: Optional[Path] = None, checkpoint: Optional[Path] = None) -> dict:
+    """Each export format of the recipe (or ``formats``) of the trained model, verified; or of the
+    model at a training ``checkpoint`` (written aside beside ``out_dir``, by default
+    ``<run>/export/step-N``, then exported as the trained model is)."""
+    if checkpoint is not None:
+        from hmcl_cli.training.saved_model import checkpoint_state, save_checkpoint_model
 
-    formats = list(dict.fromkeys(formats or recipe.export.formats))  # each once: `-f onnx -f onnx` exported twice
+        checkpoint = Path(checkpoint)
+        out_dir = Path(out_dir or checkpoint.parent.parent / "export" / checkpoint.name)
+        _check_formats(formats or recipe.export.formats, out_dir)
+        ensure_dir(out_dir.parent)
+        state = checkpoint_state(checkpoint)
+        with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{checkpoint.name}-model-") as aside:
+            log(f"export: building the model of checkpoint {checkpoint} (step {state.get('step', '?')} of "
+                f"{state.get('total_steps', '?')})")
+            made = save_checkpoint_model(checkpoint, Path(aside) / "model")
+            return _export(recipe, formats, made, out_dir,
+                           {"step": state.get("step"), "total_steps": state.get("total_steps"), "path": str(checkpoint)})
+    return _export(recipe, formats, model_dir, out_dir)
+
+
+def _check_formats(formats: list[str], out_dir: Optional[Path] = None) -> list[str]:
+    """The formats, each once and known; with ``out_dir``, each's folder under it one an export may
+    replace (:func:`_check_export_target`)."""
+    from hmcl_cli.export import export_folder
+
+    formats = list(dict.fromkeys(formats))  # each once: `-f onnx -f onnx` exported twice
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown:
         raise RecipeError(f"unknown export format(s) {', '.join(map(repr, unknown))}",
                           hint=f"choose from {', '.join(EXPORT_FORMATS)}")
+    for fmt in formats if out_dir is not None else []:
+        _check_export_target(out_dir / export_folder(fmt))
+    return formats
+
+
+def _export(recipe: Recipe, formats: Optional[list[str]], model_dir: Optional[Path], out_dir: Optional[Path],
+            checkpoint: Optional[dict] = None) -> dict:
+    from hmcl_cli.export import export_folder
+    from hmcl_cli.export.merged import export_merged
+    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+
+    formats = _check_formats(formats or recipe.export.formats)
     model_dir = model_dir or recipe.run_dir / "model"
     if not model_dir.is_dir():
         raise ModelNotFoundError(f"no trained model at {model_dir}",
                                  hint="run `hmcl train RECIPE` first, or pass --model")
     out_dir = out_dir or recipe.run_dir / "export"
-    for fmt in formats:
-        _check_export_target(out_dir / export_folder(fmt))
+    _check_formats(formats, out_dir)
     trained_with = model_dir / TRAINED_RECIPE  # the recipe the model was trained with, not this call's
-    card = {"name": recipe.name, "base_model": recipe.model.name_or_path,
+    card = {"name": recipe.name, "base_model": _base_model_of(model_dir) or recipe.model.name_or_path,
             "recipe": trained_with.read_text(encoding="utf-8") if trained_with.is_file() else recipe.to_yaml(),
             "matryoshka_dims": saved_matryoshka_dims(model_dir),
             "repo": recipe.export.push_to_hub.repo if recipe.export.push_to_hub is not None else None}
@@ -561,9 +600,11 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
         card["mined"] = (recipe.run_dir / "data" / "train.unmined.jsonl").is_file()
     except (OSError, ValueError):
         pass
-    report = scored_report(recipe, model_dir)
+    report = scored_report(recipe, model_dir) if checkpoint is None else None  # (eval scores the final model)
     if report is not None:
         card["eval"] = report
+    if checkpoint is not None:
+        card["checkpoint"] = checkpoint
     reports = {}
     for fmt in formats:
         if fmt == "merged":
@@ -589,6 +630,15 @@ def run_export(recipe: Recipe, formats: Optional[list[str]] = None, model_dir: O
         log(f"export pushed -> {cfg.repo}{f' ({cfg.branch})' if cfg.branch else ''}: {url}")
         reports["push_to_hub"] = {"repo": cfg.repo, "url": url}
     return reports
+
+
+def _base_model_of(model_dir: Path) -> Optional[str]:
+    """The model a folder hmcl trained was trained from (its hmcl_config.json), else None."""
+    try:
+        base = json.loads((model_dir / "hmcl_config.json").read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return base if isinstance(base, str) and base else None
 
 
 def scored_report(recipe: Recipe, model_dir: Path) -> Optional[dict]:

@@ -24,7 +24,7 @@ def test_local_folder_and_not_a_model(tmp_path, tiny_bert):
     (tmp_path / "step-0000030" / "model.pt").write_bytes(b"")
     with pytest.raises(ModelNotFoundError, match="not a model") as e:
         resolve_model(str(tmp_path / "step-0000030"))
-    assert "checkpoint is read by --resume" in e.value.hint
+    assert "training checkpoint" in e.value.hint and "hmcl export --model" in e.value.hint
 
 
 def test_offline_unknown_hub_id_explains_how_to_get_it(monkeypatch):

@@ -346,7 +346,8 @@ def labelled_models(items: list[str]) -> dict[str, str]:
     """``--model [LABEL=]MODEL`` values as label -> model. An unlabelled model is named after its
     folder (a run's ``model/`` after the run), with as many parent folders as it takes to tell it
     from the others (``runs/a/model`` and ``runs/b/model``: ``a`` and ``b``; two ``ckpt`` folders:
-    ``x/ckpt`` and ``y/ckpt``); a label given twice is an error, not a model silently dropped."""
+    ``x/ckpt`` and ``y/ckpt``; a training checkpoint ``runs/a/checkpoints/step-N``: ``step-N``,
+    or ``a/step-N``); a label given twice is an error, not a model silently dropped."""
     given = [(label or None, m) for label, _, m in (item.rpartition("=") for item in items)]
     empty = [item for item, (_, m) in zip(items, given) if not m.strip()]
     if empty:
@@ -357,6 +358,8 @@ def labelled_models(items: list[str]) -> dict[str, str]:
         parts = _path_parts(m)
         if parts[-1] == "model" and len(parts) > 1:
             parts = parts[:-1]  # runs/x/model: the run's name
+        elif len(parts) > 1 and parts[-2] == "checkpoints":
+            parts = parts[:-2] + parts[-1:]  # runs/x/checkpoints/step-N: step-N, else x/step-N
         return "/".join(parts[-depth:])
 
     unnamed = [m for label, m in given if not label]

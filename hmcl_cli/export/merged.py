@@ -147,7 +147,8 @@ def model_card(info: dict) -> str:
     """The merged folder's README.md: how to use the model (its prompts included), what it was
     trained on, how it scored, and the recipe that reproduces it. ``info``: name, base_model,
     repo (where it is pushed), settings (EncoderSettings as a dict), pipeline, head, data (stats
-    splits), eval (the eval report), recipe (YAML), dim, matryoshka_dims."""
+    splits), eval (the eval report), recipe (YAML), dim, matryoshka_dims, checkpoint (step,
+    total_steps, path: a checkpoint's model)."""
     where = info.get("repo") or "PATH"
     settings = info.get("settings") or {}
     query_prompt, doc_prompt = settings.get("query_prompt") or "", settings.get("doc_prompt") or ""
@@ -155,6 +156,10 @@ def model_card(info: dict) -> str:
              "tags: [sentence-transformers, hmcl, embeddings]", f"base_model: {info.get('base_model', '')}", "---", "",
              f"# {info.get('name', 'hmcl model')}", "",
              f"Fine-tuned from `{info.get('base_model', '')}` with hmcl (Hierarchical Multilevel Contrastive Learning).", ""]
+    if info.get("checkpoint"):
+        at = info["checkpoint"]
+        lines += [f"This is the model at training step {at.get('step')} of {at.get('total_steps')} (checkpoint "
+                  f"`{Path(str(at.get('path'))).name}`), not the model the training chose at its end.", ""]
     lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
               f"model = SentenceTransformer({where!r})",
               "queries = model.encode_query([\"How long does a refund take?\"])",

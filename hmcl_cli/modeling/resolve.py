@@ -138,9 +138,13 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
                     hint = ("it holds an ONNX export, which `hmcl eval --model FOLDER` scores (in Python: "
                             "hmcl_cli.export.onnx.OnnxModel(FOLDER)); to train or export, name the model it was "
                             "exported from (a run's model/ or export/merged/)")
-                elif (path / "model.pt").is_file() or path.name == "checkpoints":
-                    hint = ("a training checkpoint is read by --resume; the trained model is the run's model/ folder "
-                            "(give the run directory)")
+                elif (path / "model.pt").is_file():
+                    hint = (f"it is a training checkpoint: `hmcl eval --model {path}` scores it and `hmcl export "
+                            f"--model {path}` makes a model folder of it (to train on from it, name that folder); "
+                            "--resume goes on with its training; the trained model is the run's model/ folder")
+                elif path.name == "checkpoints":
+                    hint = ("it holds training checkpoints: name one (step-N) to evaluate or export it, or give the "
+                            "run directory for the trained model (its model/ folder)")
                 raise ModelNotFoundError(
                     f"{path} is a folder but not a model (no config.json or modules.json)", hint=hint)
             return path.resolve()

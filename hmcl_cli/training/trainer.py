@@ -64,9 +64,10 @@ from hmcl_cli.modeling.graph_shapes import GraphShapes
 from hmcl_cli.modeling.layers import compile_layers, enable_checkpointing
 from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
-from hmcl_cli.recipe import TRAINED_RECIPE, Recipe, suggest
+from hmcl_cli.recipe import Recipe, suggest
 from hmcl_cli.training import user_command
 from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, group_fill, resolve_positive_repeats, with_positive
+from hmcl_cli.training.saved_model import CHECKPOINT_RECIPE, checkpoint_recipe_yaml, write_trained_model
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
 from hmcl_cli.training.sharding import clip_grad_norm, full_state, is_sharded, like, load_optimizer_state, optimizer_state_full
@@ -784,6 +785,7 @@ class HMCLTrainer:
                      "evals_without_improvement": self.evals_without_improvement, "total_steps": self.total_steps,
                      "settings": trajectory_settings(self.recipe)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            (tmp / CHECKPOINT_RECIPE).write_text(checkpoint_recipe_yaml(self.recipe), encoding="utf-8")
             manifest = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if tag is None:
@@ -862,17 +864,11 @@ class HMCLTrainer:
         model = self._unsharded_model() if self.sharded else self.model
         if model is None or not self.is_main:
             return
+        thresholds = None
+        if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
+            thresholds = self.loss_fn.classification.thresholds().detach().cpu().tolist()
         with atomic_path(folder, is_dir=True) as tmp:
-            if is_peft(model.backbone):
-                model.backbone.save_pretrained(tmp / "adapter")
-                merged = _merged_copy(model.backbone)
-                EmbeddingModel(merged, model.tokenizer, model.settings, model.head).save(tmp)
-            else:
-                model.save(tmp)
-            (tmp / TRAINED_RECIPE).write_text(self.recipe.to_yaml(), encoding="utf-8")  # (its model card's recipe)
-            if self.recipe.loss.classifier == "ordinal" and self.recipe.loss.classification_weight > 0:
-                th = self.loss_fn.classification.thresholds().detach().cpu().tolist()
-                (tmp / "hmcl_thresholds.json").write_text(json.dumps({"weak": th[0], "pos": th[1]}, indent=2))
+            write_trained_model(model, tmp, self.recipe, thresholds)
 
     def _unsharded_model(self) -> Optional[EmbeddingModel]:
         """On the main process, a CPU copy of the sharded model with whole weights (None elsewhere).
@@ -974,12 +970,6 @@ class HMCLTrainer:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-
-
-def _merged_copy(peft_model: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(peft_model).merge_and_unload()
 
 
 def _verify_checkpoint(ckpt: Path) -> Optional[str]:
