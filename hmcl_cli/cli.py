@@ -167,7 +167,7 @@ def _after_separator(extra: list[str]) -> list[str]:
 def eval_(
     recipe: Optional[Path] = typer.Argument(None, metavar="RECIPE", help="Recipe (optional when tasks and models are given as flags; with one, flags add to its tasks and models)."),
     set_: Optional[List[str]] = SetOpt,
-    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable. With a recipe: besides its base and trained model."),
+    model: Optional[List[str]] = typer.Option(None, "--model", "-m", metavar="[LABEL=]MODEL", help="A model to evaluate (folder, run dir, training checkpoint (RUN/checkpoints/step-N), hub id or ONNX export folder), optionally labelled (else named after its folder, or its run's); repeatable. With a recipe: besides its base and trained model."),
     sts: Optional[List[str]] = typer.Option(None, "--sts", metavar="[NAME=]FILE", help="An STS task: a file of (text, text, score) rows (a pattern of such files, or a folder saved by `datasets`), optionally named."),
     reranking: Optional[List[str]] = typer.Option(None, "--reranking", metavar="[NAME=]FILE", help="A reranking task: a graded JSONL file, a table (CSV/TSV/parquet) of labelled pairs or triplets (or a pattern of such files), or a folder saved by `datasets`, optionally named."),
     retrieval: Optional[List[str]] = typer.Option(None, "--retrieval", metavar="[NAME=]PATH", help="A retrieval task: as --reranking (its candidates pooled into a corpus), or a BEIR folder, optionally named."),

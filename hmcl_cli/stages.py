@@ -110,9 +110,6 @@ def under_launcher() -> bool:
     return any(v in os.environ for v in ("LOCAL_RANK", "ACCELERATE_PROCESS_ID", RELAUNCHED_ENV))
 
 
-
-
-
 def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launcher_args: list[str],
                      config_file: Optional[str], num_processes: int, debug: bool = False) -> list[str]:
     """The `accelerate launch` command that runs this `hmcl train` in ``num_processes`` processes
@@ -405,6 +402,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         trained = recipe.run_dir / "model"
         if trained.is_dir():
             models["fine-tuned"] = str(trained)
+        elif in_run_dir and (last := _last_checkpoint(recipe.run_dir)) is not None:
+            warn(f"{trained} does not exist: its training has not finished (last checkpoint: {last.name}); "
+                 f"`--model {last}` scores the model at that checkpoint")
         for label, name in (more_models or {}).items():
             if label == recipe_base:
                 recipe_base = None  # a base named on the command line is loaded as saved
@@ -483,6 +483,14 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         raise (ModelNotFoundError if only_models else DataError)(
             f"{len(failed)} evaluation(s) failed: {', '.join(failed)}{where}", hint="see the errors under the table")
     return report
+
+
+def _last_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The run's latest training checkpoint (``checkpoints/step-N``), or None."""
+    from hmcl_cli.training.saved_model import is_checkpoint
+
+    found = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if is_checkpoint(p))
+    return found[-1] if found else None
 
 
 def _check_eval_outputs(json_out: Optional[Path], plot: Optional[Path]) -> None:

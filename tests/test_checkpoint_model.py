@@ -80,6 +80,11 @@ def test_eval_and_export_take_a_checkpoint(tmp_path, tiny_bert):
     assert [p.name for p in (run / "export").iterdir()] == ["step-0000003"]  # nothing left aside
     st = SentenceTransformer(str(merged), device="cpu")
     np.testing.assert_allclose(st.encode(TEXTS), _emb(checkpoint_model(ckpts[0])), atol=2e-5)
+    # a training that has not finished: eval of the recipe says which checkpoint it can score
+    shutil.rmtree(run / "model")
+    out = hmcl("eval", str(recipe), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"last checkpoint: step-0000006); `--model {ckpts[-1]}` scores" in " ".join(out.stderr.split())
 
 
 def test_a_checkpoint_without_its_own_recipe_is_rebuilt_with_its_runs(tmp_path, tiny_bert, capsys):
