@@ -35,6 +35,7 @@ from hmcl_cli.recipe import TRAINED_RECIPE
 
 CHECKPOINT_RECIPE = "recipe.yaml"  # in a checkpoint: the recipe it was trained with
 THRESHOLDS = "hmcl_thresholds.json"  # in a model folder: the ordinal classifier's thresholds
+MODEL_FILES = ("model.pt", "loss.pt", "trainer_state.json", CHECKPOINT_RECIPE)  # what rebuilding its model reads
 _WARNED: set = set()  # checkpoints whose run recipe was said to differ from their settings
 
 
@@ -114,12 +115,16 @@ def checkpoint_model(ckpt: Path, device_type: Optional[str] = None, merge: bool 
     from hmcl_cli.training.trainer import _verify_checkpoint
 
     ckpt = Path(ckpt)
-    problem = _verify_checkpoint(ckpt)
+    unusable = "choose another checkpoint of the run (its checkpoints/ folder lists them)"
+    problem = _verify_checkpoint(ckpt, only=MODEL_FILES)
     if problem:
-        raise ModelNotFoundError(f"checkpoint {ckpt} is unusable: {problem}",
-                                 hint="choose another checkpoint of the run (its checkpoints/ folder lists them)")
+        raise ModelNotFoundError(f"checkpoint {ckpt} is unusable: {problem}", hint=unusable)
     recipe = recipe if recipe is not None else checkpoint_recipe(ckpt)
-    state = torch.load(ckpt / "model.pt", weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(ckpt / "model.pt", weights_only=True, map_location="cpu")
+    except FileNotFoundError:  # checked a moment ago: a running training removed it since
+        raise ModelNotFoundError(f"checkpoint {ckpt} was removed while it was read (a running training keeps only "
+                                 "its last train.keep_last checkpoints)", hint=unusable) from None
     dtype = training_dtype(recipe.model, device_type or best_device().type)
     base = recipe.model.name_or_path
     try:

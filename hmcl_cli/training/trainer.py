@@ -972,7 +972,9 @@ class HMCLTrainer:
                 signal.signal(s, h)
 
 
-def _verify_checkpoint(ckpt: Path) -> Optional[str]:
+def _verify_checkpoint(ckpt: Path, only: Optional[tuple[str, ...]] = None) -> Optional[str]:
+    """Why the checkpoint cannot be used (a file missing or not as written), or None; ``only``:
+    check these of its files alone (the model's: not the optimizer state, twice the weights)."""
     manifest = ckpt / "manifest.json"
     if not manifest.is_file():
         return "no manifest.json (partial write)"
@@ -981,6 +983,8 @@ def _verify_checkpoint(ckpt: Path) -> Optional[str]:
     except ValueError:
         return "manifest.json is corrupt"
     for name, digest in expected.items():
+        if only is not None and name not in only:
+            continue
         f = ckpt / name
         if not f.is_file():
             return f"{name} missing"
