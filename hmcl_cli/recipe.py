@@ -525,6 +525,11 @@ class TrainConfig(_Section):
     save_steps: Optional[int] = Field(
         None, ge=1, description="Checkpoint every N steps (default: once per epoch)."
     )
+    save_minutes: Optional[float] = Field(
+        30, gt=0, description="Also checkpoint when this many minutes have passed since the last "
+        "checkpoint (checked at each log step), so a training killed without warning (a node lost, a "
+        "time limit's kill) loses at most about that much; null: by save_steps only.",
+    )
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     metric_for_best: str = Field(
         "auto",

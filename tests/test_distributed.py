@@ -248,8 +248,12 @@ def test_fsdp_resume_equals_uninterrupted_run(tmp_path, tiny_bert):
     assert "exp_avg" in str(torch.load(run / "checkpoints" / "step-0000003" / "optim.pt", weights_only=False)["optimizer"]["state"][0])
     shutil.rmtree(run / "checkpoints" / "step-0000006")
     shutil.rmtree(run / "model")
-    out = _hmcl_train(folder, tiny_bert, 2, 4, extra, steps=6, save_steps=3, resume=True, prepare=False)
+    # resumed with a checkpoint at each step by train.save_minutes (the main process's clock, which
+    # both follow: under FSDP they write each checkpoint together)
+    timed = {"train": {"fsdp": True, "log_steps": 1, "save_minutes": 1e-6, "keep_last": 5}}
+    out = _hmcl_train(folder, tiny_bert, 2, 4, timed, steps=6, save_steps=3, resume=True, prepare=False)
     assert "resumed from" in out and "(step 3)" in out
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step-000000{i}" for i in (3, 4, 5, 6)]
     again = load_file(run / "model" / "model.safetensors")
     for name, w in done.items():
         assert torch.allclose(w, again[name], atol=1e-6), name

@@ -1038,3 +1038,17 @@ def test_the_model_card_shows_the_eval_and_recipe_of_the_model_it_ships(tmp_path
     assert neg == stats["neg"] + len(rows)
     assert f"| train | {len(rows)} | {stats['pos']} | {stats['weak']} | {neg} |" in text
     assert "includes the hard negatives and weak-positives `hmcl mine` added" in text
+
+
+@pytest.mark.parametrize("minutes,steps", [(None, [8]), (0.75, [4, 8]), (0.5, [2, 4, 6, 8])])
+def test_save_minutes_checkpoints_by_time_between_save_steps(tmp_path, tiny_bert, monkeypatch, minutes, steps):
+    """train.save_minutes: a checkpoint at the first log step that far past the last one (a clock
+    that moves 20 s a step; log steps 2, 4, 6, 8; save_steps past the end), counted from the last
+    checkpoint (45 s: at step 4, not again at step 6)."""
+    from hmcl_cli.training import trainer as trainer_module
+
+    t = _trainer(tmp_path, tiny_bert, train={"max_steps": 8, "log_steps": 2, "save_steps": 100, "eval_steps": 100,
+                                             "keep_last": 10, "save_minutes": minutes})
+    monkeypatch.setattr(trainer_module.time, "monotonic", lambda: t.step * 20.0)
+    t.train()
+    assert sorted(int(p.name[5:]) for p in (t.run_dir / "checkpoints").glob("step-*")) == steps

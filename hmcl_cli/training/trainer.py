@@ -21,9 +21,9 @@ What a step does:
    with warmup + decay (backbone at ``learning_rate``, loss parameters at ``head_learning_rate``).
 
 Every ``eval_steps`` the dev split is scored (retrieval nDCG@10, reranking MAP, Spearman) and
-the best model kept; every ``save_steps`` a checkpoint (weights, optimizer, scheduler, RNG and
-data position, with a checksum manifest) is written atomically, so ``--resume`` continues
-exactly. Ctrl-C / SIGTERM saves a checkpoint before exiting. Metrics go to ``metrics.jsonl``
+the best model kept; every ``save_steps`` (and when ``save_minutes`` have passed since the last
+one) a checkpoint (weights, optimizer, scheduler, RNG and data position, with a checksum
+manifest) is written atomically, so ``--resume`` continues exactly. Ctrl-C / SIGTERM saves a checkpoint before exiting. Metrics go to ``metrics.jsonl``
 and any accelerate trackers named in the recipe.
 
 Python use::
@@ -125,6 +125,7 @@ class HMCLTrainer:
         self.evals_without_improvement = 0
         self._early_stopped = False
         self._stop_signal: Optional[int] = None
+        self._saved_at = time.monotonic()  # when the last checkpoint was written (train.save_minutes)
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume: bool = False, model: Optional[EmbeddingModel] = None) -> None:
@@ -369,6 +370,7 @@ class HMCLTrainer:
             self._evaluate_at_start()
         self.model.train()
         self.loss_fn.train()
+        self._saved_at = time.monotonic()
         with self._signals():
             micro = self.step * accum
             while self.step < self.total_steps:
@@ -397,8 +399,10 @@ class HMCLTrainer:
                     self._optimizer_step()
                     self.step += 1
                     postfix = None  # the progress line of a log step shows that step's record, not the last one
+                    timed = False  # train.save_minutes passed since the last checkpoint
                     if self.step % cfg.log_steps == 0 or self.step == self.total_steps:
                         self._check_finite(nonfinite_step)
+                        timed = self._save_due()
                         elapsed = time.perf_counter() - t_log
                         n = cfg.log_steps if self.step % cfg.log_steps == 0 else self.step % cfg.log_steps
                         record = {"step": self.step, "epoch": round(micro / steps_epoch, 3),
@@ -415,7 +419,7 @@ class HMCLTrainer:
                     if self.dev and (self.step % self.eval_every == 0 or self.step == self.total_steps):
                         if self._evaluate_and_keep_best():
                             break
-                    if self.step % self.save_every == 0 or self.step == self.total_steps:
+                    if self.step % self.save_every == 0 or self.step == self.total_steps or timed:
                         self.save_checkpoint()
                     if self._stop_signal is not None:
                         self.save_checkpoint()
@@ -764,8 +768,23 @@ class HMCLTrainer:
         """Trainable weights, whole (gathered from the shards under FSDP: every process calls it)."""
         return full_state(self.model, only=[n for n, p in self.model.named_parameters() if p.requires_grad])
 
+    def _save_due(self) -> bool:
+        """Whether ``train.save_minutes`` have passed since the last checkpoint, by the main
+        process's clock, which every process follows (under FSDP all write a checkpoint together;
+        one broadcast per log step)."""
+        minutes = self.cfg.save_minutes
+        if not minutes:
+            return False
+        due = time.monotonic() - self._saved_at >= 60 * minutes
+        if self.world > 1:
+            flag = torch.tensor([float(due)], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
     def save_checkpoint(self, tag: Optional[str] = None) -> Optional[Path]:
         """Write a resumable checkpoint atomically, with a sha256 manifest; keep the last K."""
+        self._saved_at = time.monotonic()
         if not (self.is_main or self.sharded):
             return None
         # under FSDP gathering the shards is collective: every process takes part
