@@ -123,3 +123,44 @@ def test_sigterm_reaches_a_relaunched_training_and_is_waited_for(tmp_path, tiny_
     finally:
         for pid in _running_with(str(recipe_path)):
             os.kill(pid, signal.SIGKILL)
+
+
+def _rank_of(pid: int) -> str:
+    """The RANK a process was started with ('' for none)."""
+    try:
+        env = __import__("pathlib").Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), "")
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_path, tiny_bert, fsdp):
+    """The processes of a training agree each step whether one was asked to stop. A SIGINT to the
+    second process alone (as any drift between their host loops makes of one to all) stopped it
+    alone: the main process waited in the next step's collective for it, and no checkpoint was
+    written. Now both stop after the same step and the checkpoint is saved (under FSDP by both)."""
+    train = {"train": {**TRAIN["train"], "fsdp": fsdp}}
+    recipe_path = write_recipe(tmp_path, tiny_bert, **train)
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path), "--launcher", "accelerate",
+                             "--", "--num_processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = recipe.run_dir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        second = [pid for pid in _running_with(str(recipe_path)) if _rank_of(pid) == "1"]
+        assert len(second) == 1
+        os.kill(second[0], signal.SIGINT)
+        said, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, said
+        assert "training stopped by signal 2" in said and "checkpoint saved" in said
+        ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
+        assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
+        assert _running_with(str(recipe_path)) == []
+    finally:
+        for pid in _running_with(str(recipe_path)):
+            os.kill(pid, signal.SIGKILL)

@@ -125,6 +125,7 @@ class HMCLTrainer:
         self.evals_without_improvement = 0
         self._early_stopped = False
         self._stop_signal: Optional[int] = None
+        self._signal_group: Any = None  # several processes: where they agree to stop (_stop_agreed)
         self._saved_at = time.monotonic()  # when the last checkpoint was written (train.save_minutes)
 
     # ------------------------------------------------------------------ setup
@@ -144,6 +145,8 @@ class HMCLTrainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         self.sharded = (cfg.fsdp or fsdp_config) and self.world > 1
+        # a CPU group for the stop flag (_stop_agreed): no device sync to read it
+        self._signal_group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
         if cfg.fsdp and self.world == 1 and self.is_main:
             log("train.fsdp: one process, nothing to shard (it takes effect with several)")
         if fsdp_config and self.is_main:
@@ -421,7 +424,7 @@ class HMCLTrainer:
                             break
                     if self.step % self.save_every == 0 or self.step == self.total_steps or timed:
                         self.save_checkpoint()
-                    if self._stop_signal is not None:
+                    if self._stop_agreed():
                         self.save_checkpoint()
                         raise InterruptedRun(
                             f"training stopped by signal {self._stop_signal} at step {self.step}; checkpoint saved",
@@ -767,6 +770,21 @@ class HMCLTrainer:
     def _trainable_state(self) -> dict:
         """Trainable weights, whole (gathered from the shards under FSDP: every process calls it)."""
         return full_state(self.model, only=[n for n, p in self.model.named_parameters() if p.requires_grad])
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop after this step: a Ctrl-C or SIGTERM reached this process or, with several,
+        any of them. They agree each step (one small all-reduce on the CPU, no device sync), so all
+        stop after the same step: a process that stopped alone left the others waiting in the next
+        step's collective (no checkpoint: the main process writes it), and processes that stopped a
+        step apart under FSDP (a GPU's host loop runs ahead of its device, each by its own amount)
+        would gather their shards for the checkpoint against another step's collectives."""
+        if self._signal_group is None:
+            return self._stop_signal is not None
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._signal_group)
+        if flag.item() and self._stop_signal is None:
+            self._stop_signal = int(flag.item())  # another process's
+        return self._stop_signal is not None
 
     def _save_due(self) -> bool:
         """Whether ``train.save_minutes`` have passed since the last checkpoint, by the main
