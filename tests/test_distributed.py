@@ -332,3 +332,53 @@ def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(la
     # `accelerate config` left a default config, which accelerate reads: it is not overridden either
     monkeypatch.setattr(hmcl_cli.stages, "accelerate_default_config", lambda: True)
     assert not {"--mixed_precision", "--dynamo_backend"} & set(relaunch_command("r.yaml", [], False, launcher_args, config, 4))
+
+
+def _diverging_worker(rank, port, recipe_path, out):
+    import os
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    from hmcl_cli.errors import TrainingDivergedError
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    t = HMCLTrainer(load_recipe(recipe_path))
+    t.setup()
+    forward, calls = t.loss_fn.forward, []
+
+    def poisoned(batch):  # the second process's loss alone turns NaN at step 4, a log step
+        total, parts = forward(batch)
+        calls.append(1)
+        return (total * float("nan") if rank == 1 and len(calls) == 4 else total), parts
+
+    t.loss_fn.forward = poisoned
+    try:
+        t.train()
+        out[rank] = "finished"
+    except TrainingDivergedError as e:
+        out[rank] = str(e)
+
+
+def test_a_loss_nan_in_one_process_stops_every_process_at_the_same_step(tmp_path, tiny_bert):
+    """One process's loss turned NaN at a log step (the others' a step later, once the averaged
+    gradients made their weights NaN): it stopped alone and the main process trained on, waiting in
+    the next step's collective. The first bad step of any process now stops all, and the main
+    process saves the diverged state."""
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_prepare
+
+    from conftest import write_recipe
+
+    recipe_path = write_recipe(tmp_path, tiny_bert, train={"max_steps": 8, "log_steps": 4, "save_steps": 2,
+                                                           "eval_steps": 100, "keep_last": 5})
+    run_prepare(load_recipe(recipe_path), progress=False)
+    out = mp.Manager().dict()
+    ctx = mp.spawn(_diverging_worker, args=(_free_port(), str(recipe_path), out), nprocs=2, join=False)
+    deadline = __import__("time").time() + 240
+    while not ctx.join(timeout=1):
+        assert __import__("time").time() < deadline, f"a process did not stop: {dict(out)}"
+    for rank in (0, 1):
+        assert "NaN/inf at step 4" in out[rank] and "last good checkpoint: step-0000002" in out[rank], (rank, dict(out))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["diverged", "step-0000002"]

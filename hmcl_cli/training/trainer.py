@@ -656,6 +656,12 @@ class HMCLTrainer:
 
     def _check_finite(self, nonfinite_step: torch.Tensor) -> None:
         bad = int(nonfinite_step.item())
+        if self._signal_group is not None:  # the first bad step of any process: all save and stop together
+            # (a process's own loss can turn NaN a step before the others', whose weights the averaged
+            # gradients make NaN a step later: at a log step between the two, it alone stopped)
+            worst = torch.tensor([bad if bad >= 0 else 2**31 - 1], dtype=torch.int64)
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MIN, group=self._signal_group)
+            bad = int(worst.item()) if worst.item() < 2**31 - 1 else -1
         if bad >= 0:
             path = self.save_checkpoint(tag="diverged")
             if self.is_main:  # checkpoints written after the bad step hold NaN weights: keep them out of --resume
