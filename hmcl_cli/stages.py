@@ -519,10 +519,9 @@ def _eval_dims(recipe: Recipe, models: dict) -> list[int]:
     if recipe.eval.dims != "auto":
         return list(recipe.eval.dims)
     from hmcl_cli.modeling.encoder import saved_matryoshka_dims
-
-    found = set(recipe.loss.matryoshka_dims)
     from hmcl_cli.training.saved_model import checkpoint_recipe, is_checkpoint
 
+    found = set(recipe.loss.matryoshka_dims)
     for m in models.values():
         if isinstance(m, (str, Path)) and is_checkpoint(Path(m)):
             found.update(checkpoint_recipe(Path(m)).loss.matryoshka_dims)
@@ -585,6 +584,8 @@ def _check_formats(formats: list[str], out_dir: Optional[Path] = None) -> list[s
 
 def _export(recipe: Recipe, formats: Optional[list[str]], model_dir: Optional[Path], out_dir: Optional[Path],
             checkpoint: Optional[dict] = None) -> dict:
+    """:func:`run_export` of a model folder; ``checkpoint`` (step, total_steps, path) where it was
+    made from one (its model card says so, and has no eval table: eval scores the final model)."""
     from hmcl_cli.export import export_folder
     from hmcl_cli.export.merged import export_merged
     from hmcl_cli.modeling.encoder import saved_matryoshka_dims

@@ -136,3 +136,13 @@ def test_checkpoints_are_labelled_by_step_then_run():
     assert list(labelled_models(["runs/a/checkpoints/step-0000003"])) == ["step-0000003"]
     assert list(labelled_models(["runs/a/checkpoints/step-0000003", "runs/b/checkpoints/step-0000003"])) == [
         "a/step-0000003", "b/step-0000003"]
+
+
+def test_eval_scores_a_checkpoint_at_the_matryoshka_sizes_it_was_trained_for(tmp_path, tiny_bert):
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import _eval_dims
+
+    run, ckpts = _trained(tmp_path / "m", tiny_bert, loss={"matryoshka_dims": [16]})
+    plain = load_recipe(data={"name": "x", "model": {"name_or_path": str(tiny_bert)}})
+    assert _eval_dims(plain, {"c": str(ckpts[-1])}) == [16]
+    assert _eval_dims(plain, {"m": str(run / "model")}) == [16]  # as its trained model
