@@ -242,7 +242,7 @@ def job_list(args, rows: list[str], seeds: list[int], common: dict, baseline: di
 # names a setting's current value keys as the default does.
 BASELINE_KEY = "hmcl-baseline"
 # what cannot change the trained model (quality.py's own arguments are keyed through ``common``)
-NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.keep_last", "train.trackers",
+NOT_KEYED = {"train.log_steps", "train.eval_steps", "train.save_steps", "train.save_minutes", "train.keep_last", "train.trackers",
              "data.sources",
              "train.eval_at_start",  # a dev evaluation before step 0 (tests/test_training.py: the same losses)
              "model.unpad",  # the same computation (tests/test_unpad.py: equal losses and gradients; dropout masks aside)

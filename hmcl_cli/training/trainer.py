@@ -125,7 +125,7 @@ class HMCLTrainer:
         self.evals_without_improvement = 0
         self._early_stopped = False
         self._stop_signal: Optional[int] = None
-        self._signal_group: Any = None  # several processes: where they agree to stop (_stop_agreed)
+        self._cpu_group: Any = None  # several processes: where they agree (_stop_agreed, _check_finite, _save_due)
         self._saved_at = time.monotonic()  # when the last checkpoint was written (train.save_minutes)
 
     # ------------------------------------------------------------------ setup
@@ -145,8 +145,9 @@ class HMCLTrainer:
         self.rank, self.world = acc.process_index, acc.num_processes
         self.is_main = acc.is_main_process
         self.sharded = (cfg.fsdp or fsdp_config) and self.world > 1
-        # a CPU group for the stop flag (_stop_agreed): no device sync to read it
-        self._signal_group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
+        # a CPU group for what the processes must agree on each step or log step (_stop_agreed,
+        # _check_finite, _save_due): no device sync to read it
+        self._cpu_group = torch.distributed.new_group(backend="gloo") if self.world > 1 else None
         if cfg.fsdp and self.world == 1 and self.is_main:
             log("train.fsdp: one process, nothing to shard (it takes effect with several)")
         if fsdp_config and self.is_main:
@@ -656,11 +657,11 @@ class HMCLTrainer:
 
     def _check_finite(self, nonfinite_step: torch.Tensor) -> None:
         bad = int(nonfinite_step.item())
-        if self._signal_group is not None:  # the first bad step of any process: all save and stop together
+        if self._cpu_group is not None:  # the first bad step of any process: all save and stop together
             # (a process's own loss can turn NaN a step before the others', whose weights the averaged
             # gradients make NaN a step later: at a log step between the two, it alone stopped)
             worst = torch.tensor([bad if bad >= 0 else 2**31 - 1], dtype=torch.int64)
-            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MIN, group=self._signal_group)
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MIN, group=self._cpu_group)
             bad = int(worst.item()) if worst.item() < 2**31 - 1 else -1
         if bad >= 0:
             path = self.save_checkpoint(tag="diverged")
@@ -784,10 +785,10 @@ class HMCLTrainer:
         step's collective (no checkpoint: the main process writes it), and processes that stopped a
         step apart under FSDP (a GPU's host loop runs ahead of its device, each by its own amount)
         would gather their shards for the checkpoint against another step's collectives."""
-        if self._signal_group is None:
+        if self._cpu_group is None:
             return self._stop_signal is not None
         flag = torch.tensor([self._stop_signal or 0], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._signal_group)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group)
         if flag.item() and self._stop_signal is None:
             self._stop_signal = int(flag.item())  # another process's
         return self._stop_signal is not None
@@ -795,14 +796,14 @@ class HMCLTrainer:
     def _save_due(self) -> bool:
         """Whether ``train.save_minutes`` have passed since the last checkpoint, by the main
         process's clock, which every process follows (under FSDP all write a checkpoint together;
-        one broadcast per log step)."""
+        one broadcast on the CPU per log step)."""
         minutes = self.cfg.save_minutes
         if not minutes:
             return False
         due = time.monotonic() - self._saved_at >= 60 * minutes
-        if self.world > 1:
-            flag = torch.tensor([float(due)], device=self.device)
-            torch.distributed.broadcast(flag, src=0)
+        if self._cpu_group is not None:
+            flag = torch.tensor([int(due)], dtype=torch.int32)  # on the CPU: no device sync
+            torch.distributed.broadcast(flag, src=0, group=self._cpu_group)
             due = bool(flag.item())
         return due
 
