@@ -65,12 +65,14 @@ def test_eval_and_export_take_a_checkpoint(tmp_path, tiny_bert):
 
     run, ckpts = _trained(tmp_path, tiny_bert)
     recipe = tmp_path / "recipe.yaml"
-    out = hmcl("eval", str(recipe), "--model", str(ckpts[-1]), "--model", f"early={ckpts[0]}", "--json",
-               str(tmp_path / "r.json"), cwd=tmp_path)
+    out = hmcl("eval", str(recipe), "--model", str(ckpts[-1]), "--model", f"early={ckpts[0]}", "--model",
+               f"all={run / 'checkpoints'}", "--json", str(tmp_path / "r.json"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     scores = json.loads((tmp_path / "r.json").read_text())["results"]["dev-retrieval"]
+    assert list(scores) == ["base", "fine-tuned", "step-0000006", "early", "all/step-0000003", "all/step-0000006"]
     assert scores["step-0000006"]["main_score"] == pytest.approx(scores["fine-tuned"]["main_score"], abs=1e-6)
     assert scores["early"]["main_score"] != scores["fine-tuned"]["main_score"]
+    assert scores["all/step-0000003"]["main_score"] == scores["early"]["main_score"]
     # exported beside the run's own export, with a card that says which step it is
     out = hmcl("export", "--model", str(ckpts[0]), "-f", "merged", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -130,12 +132,25 @@ def test_a_checkpoint_finds_a_base_named_relative_to_its_recipe_and_says_when_it
         checkpoint_model(ckpts[0])
 
 
-def test_checkpoints_are_labelled_by_step_then_run():
+def test_checkpoints_are_labelled_by_step_then_run(tmp_path, monkeypatch):
     from hmcl_cli.evaluation.runner import labelled_models
 
     assert list(labelled_models(["runs/a/checkpoints/step-0000003"])) == ["step-0000003"]
     assert list(labelled_models(["runs/a/checkpoints/step-0000003", "runs/b/checkpoints/step-0000003"])) == [
         "a/step-0000003", "b/step-0000003"]
+    # a folder of checkpoints is each of them
+    monkeypatch.chdir(tmp_path)
+    for run in ("a", "b"):
+        for step in ("step-0000010", "step-0000020"):
+            (tmp_path / run / "checkpoints" / step).mkdir(parents=True)
+            for f in ("model.pt", "trainer_state.json"):
+                (tmp_path / run / "checkpoints" / step / f).touch()
+    assert labelled_models(["a/checkpoints"]) == {"step-0000010": "a/checkpoints/step-0000010",
+                                                  "step-0000020": "a/checkpoints/step-0000020"}
+    assert list(labelled_models(["a/checkpoints", "b/checkpoints"])) == [
+        "a/step-0000010", "a/step-0000020", "b/step-0000010", "b/step-0000020"]
+    assert list(labelled_models(["x=a/checkpoints"])) == ["x/step-0000010", "x/step-0000020"]
+    assert list(labelled_models(["a"])) == ["a"]  # a run directory: its trained model, not its checkpoints
 
 
 def test_eval_scores_a_checkpoint_at_the_matryoshka_sizes_it_was_trained_for(tmp_path, tiny_bert):

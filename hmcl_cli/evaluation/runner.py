@@ -342,16 +342,30 @@ def _given_names(given: list[tuple[Optional[str], str]], flag: str) -> list[str]
     return explicit
 
 
+def _each_checkpoint(label: Optional[str], model: str) -> list[tuple[Optional[str], str]]:
+    """A folder of training checkpoints (``runs/x/checkpoints``) as each of them, oldest first
+    (labelled ``LABEL/step-N`` where it was labelled); any other model as it is."""
+    from hmcl_cli.training.saved_model import is_checkpoint
+
+    folder = Path(model).expanduser()
+    if not folder.is_dir() or is_checkpoint(folder) or (folder / "config.json").is_file():
+        return [(label, model)]
+    steps = sorted(p for p in folder.iterdir() if p.is_dir() and is_checkpoint(p))
+    return [(f"{label}/{p.name}" if label else None, str(p)) for p in steps] or [(label, model)]
+
+
 def labelled_models(items: list[str]) -> dict[str, str]:
     """``--model [LABEL=]MODEL`` values as label -> model. An unlabelled model is named after its
     folder (a run's ``model/`` after the run), with as many parent folders as it takes to tell it
     from the others (``runs/a/model`` and ``runs/b/model``: ``a`` and ``b``; two ``ckpt`` folders:
     ``x/ckpt`` and ``y/ckpt``; a training checkpoint ``runs/a/checkpoints/step-N``: ``step-N``,
-    or ``a/step-N``); a label given twice is an error, not a model silently dropped."""
+    or ``a/step-N``; a folder of checkpoints is each of them); a label given twice is an error, not a
+    model silently dropped."""
     given = [(label or None, m) for label, _, m in (item.rpartition("=") for item in items)]
     empty = [item for item, (_, m) in zip(items, given) if not m.strip()]
     if empty:
         raise RecipeError(f"--model {empty[0]!r}: no model given", hint="--model [LABEL=]MODEL, e.g. --model runs/x")
+    given = [each for label, m in given for each in _each_checkpoint(label, m)]
     explicit = _given_names(given, "--model")
 
     def named(m: str, depth: int) -> str:

@@ -143,8 +143,8 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
                             f"--model {path}` makes a model folder of it (to train on from it, name that folder); "
                             "--resume goes on with its training; the trained model is the run's model/ folder")
                 elif path.name == "checkpoints":
-                    hint = ("it holds training checkpoints: name one (step-N) to evaluate or export it, or give the "
-                            "run directory for the trained model (its model/ folder)")
+                    hint = ("it holds training checkpoints: `hmcl eval --model` scores each of them, `hmcl export "
+                            "--model` one (step-N); the run directory stands for the trained model (its model/ folder)")
                 raise ModelNotFoundError(
                     f"{path} is a folder but not a model (no config.json or modules.json)", hint=hint)
             return path.resolve()
