@@ -149,6 +149,20 @@ def relaunch_command(recipe_path: str, overrides: list[str], resume: bool, launc
     return cmd
 
 
+def default_config_note(launcher_args: list[str], config_file: Optional[str], num_processes: int) -> str:
+    """What a relaunch says where `accelerate config` left a default config that accelerate reads
+    and hmcl's process count overrides ('' where none does): the count there may be another."""
+    if config_file or not accelerate_default_config() or any(
+            _launcher_value(launcher_args, name) is not None for name in ("--config_file", "--num_processes")):
+        return ""
+    from accelerate.commands.config import default_config_file
+
+    machines = _as_int(_launcher_value(launcher_args, "--num_machines")) or 1
+    return (f"accelerate's default config ({default_config_file}) is read for its other settings; the process count "
+            f"is hmcl's: {num_processes * machines} (every GPU here; `-- --num_processes N` or train.accelerate_config "
+            "for another)")
+
+
 def accelerate_default_config() -> bool:
     """Whether `accelerate config` left a default config file, which `accelerate launch` reads."""
     try:
@@ -189,6 +203,9 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     cfg = str(recipe.resolve(recipe.train.accelerate_config)) if recipe.train.accelerate_config else None
     cmd = relaunch_command(recipe_path, overrides, resume, launcher_args, cfg, max(1, n_gpus), debug=debug)
     log("relaunching: " + " ".join(cmd[1:]))
+    note = default_config_note(launcher_args, cfg, max(1, n_gpus))
+    if note:
+        log(note)
     with tempfile.TemporaryDirectory(prefix="hmcl-launch-") as folder:
         exit_file = Path(folder) / "exit-code"
         env = {**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: command, PID_DIR_ENV: folder}

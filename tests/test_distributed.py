@@ -332,6 +332,12 @@ def test_relaunch_command_passes_accelerate_the_process_count_of_all_machines(la
     # `accelerate config` left a default config, which accelerate reads: it is not overridden either
     monkeypatch.setattr(hmcl_cli.stages, "accelerate_default_config", lambda: True)
     assert not {"--mixed_precision", "--dynamo_backend"} & set(relaunch_command("r.yaml", [], False, launcher_args, config, 4))
+    # and where hmcl's process count overrides the one it may hold, the relaunch says so
+    note = hmcl_cli.stages.default_config_note(launcher_args, config, 4)
+    overridden = "--num_processes" in expected[:1]
+    assert bool(note) == overridden
+    if overridden:
+        assert f"the process count is hmcl's: {expected[1]} (every GPU here" in note
 
 
 def _diverging_worker(rank, port, recipe_path, out):
