@@ -81,8 +81,8 @@ def checkpoint_recipe(ckpt: Path) -> Any:
     if not path.is_file():
         raise ModelNotFoundError(
             f"checkpoint {ckpt}: no recipe to rebuild its model with (neither {own.name} in it nor {run_recipe})",
-            hint="a checkpoint is rebuilt from the recipe it was trained with; copy the run's recipe.resolved.yaml "
-            f"to {run_recipe}")
+            hint=f"a checkpoint is rebuilt from the recipe it was trained with: copy that recipe (with any --set "
+            f"options written in) to {run_recipe}")
     try:
         recipe = load_recipe(path)
     except RecipeError as e:
