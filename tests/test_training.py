@@ -683,13 +683,14 @@ def test_start_line_says_how_many_candidates_the_data_fills(tmp_path, tiny_bert,
     """The sample's anchors each have 1 positive, 2 weak and 3 negatives: groups of 8 hold 6."""
     import numpy as np
 
-    from hmcl_cli.training.batching import Anchor, group_fill, sample_group
+    from hmcl_cli.training.batching import Anchor, AnchorTable, group_fill, sample_group
 
     anchors = [Anchor(0, [(1, None), (2, None)], [], []), Anchor(1, [], [(3, None)], [(4, None), (5, None)]),
                Anchor(2, [(6, None)], [(7, None)] * 5, [(8, None)] * 5)]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8):  # what sample_group takes, counted
         assert group_fill(anchors, size) == pytest.approx(np.mean([len(sample_group(a, size, rng)) for a in anchors]))
+        assert group_fill(AnchorTable.of(anchors), size) == group_fill(anchors, size)  # (counted from its arrays)
     capsys.readouterr()
     t = _trainer(tmp_path, tiny_bert, train={"group_size": 8})
     out = " ".join(capsys.readouterr().out.split())
@@ -1052,3 +1053,38 @@ def test_save_minutes_checkpoints_by_time_between_save_steps(tmp_path, tiny_bert
     monkeypatch.setattr(trainer_module.time, "monotonic", lambda: t.step * 20.0)
     t.train()
     assert sorted(int(p.name[5:]) for p in (t.run_dir / "checkpoints").glob("step-*")) == steps
+
+
+def test_the_anchor_table_gives_back_each_anchor_as_built():
+    """TrainData keeps its anchors as arrays (AnchorTable): each reads back as the Anchor it was,
+    its candidates per level in their order, a score or None, its source; and what the trainer
+    counts from the arrays (positives, sources, sizes) is what the anchors say."""
+    from hmcl_cli.training.batching import Anchor, AnchorTable, BatchPlan, with_positive
+
+    anchors = [Anchor(3, [(10, 4.5), (11, None)], [(12, 2.25)], [(13, None), (14, 0.0)], 1),
+               Anchor(0, [], [], [(13, 1.0)], 0), Anchor(7, [], [(2, None)], [], 2), Anchor(2, [(0, 3)], [], [], 0)]
+    table = AnchorTable.of(anchors)
+    assert len(table) == 4 and list(table) == anchors and table[-1] == anchors[-1]
+    assert table[3].pos == [(0, 3.0)]  # (an int score reads back as a float)
+    with pytest.raises(IndexError):
+        table[4]
+    assert with_positive(table) == with_positive(anchors) == 2
+    assert [a.tolist() for a in table.sizes()] == [[2, 0, 0, 1], [1, 0, 1, 0], [2, 1, 0, 0]]
+    from hmcl_cli.losses.ranking import describe_ranking_pairs
+
+    for more in ([], [Anchor(5, [(1, 1.0)], [(2, None)], [(3, None)], 0)]):  # a positive with a score: left out
+        for pairs in ("auto", "all", "scored"):
+            assert describe_ranking_pairs(AnchorTable.of(anchors + more), pairs, True) == describe_ranking_pairs(
+                anchors + more, pairs, True)
+    assert "2 left to InfoNCE" in describe_ranking_pairs(AnchorTable.of(anchors + more), "auto", True)
+
+    class Data:  # what BatchPlan reads of TrainData
+        def __init__(self, anchors):
+            self.anchors = anchors
+
+        def anchor_length(self, i):
+            return 5
+
+    for kw in ({}, {"positive_repeats": 2, "source_weights": [1.0, 2.0, 0.5]}):
+        by_table, by_list = BatchPlan(Data(table), 2, 0, **kw), BatchPlan(Data(anchors), 2, 0, **kw)
+        assert by_table.groups == by_list.groups and by_table.drawn == by_list.drawn

@@ -98,10 +98,13 @@ def describe_ranking_pairs(anchors: Sequence, pairs: str, use_scores: bool) -> O
     that carry no score (None when every pair has one).
 
     ``anchors``: objects with ``pos``, ``weak``, ``neg`` lists of ``(doc, score or None)``, as
-    :class:`~hmcl_cli.training.batching.Anchor`. Under ``auto`` a pair counts as left out where
+    :class:`~hmcl_cli.training.batching.Anchor` (or an ``AnchorTable`` of them). Under ``auto`` a pair counts as left out where
     every positive of its query has a score (the batch samples one positive per query).
     """
     total = unscored = left_out = 0
+    if hasattr(anchors, "unscored_counts"):  # training's AnchorTable counts them from its arrays
+        total, unscored, left_out = anchors.unscored_counts()
+        anchors = ()
     for a in anchors:
         items = [*a.pos, *a.weak, *a.neg]
         n_unscored = sum(1 for _, s in items if s is None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -35,6 +35,97 @@ class Anchor:
     weak: list[tuple[int, Optional[float]]]
     neg: list[tuple[int, Optional[float]]]
     source: int = 0  # which data source the example came from (batches can be kept per source)
+
+
+class AnchorTable(Sequence):
+    """The training anchors as flat arrays, an :class:`Anchor` made on access (``table[i]``).
+
+    One Anchor object per example, with its lists of (doc, score) tuples, took about 600 bytes:
+    0.54 GB of a process's memory at 899,842 triplet anchors (measured: resident memory with the
+    anchors and without them), held by every process of a training. Here an anchor is its query
+    and source, and each candidate a doc index and a score (NaN: none; scores are finite), its
+    positives, weak-positives and negatives in that order, each in the order the example lists
+    them: ``table[i]`` equals the Anchor it was built from."""
+
+    def __init__(self, query: np.ndarray, source: np.ndarray, ends: np.ndarray, n_pos: np.ndarray,
+                 n_weak: np.ndarray, docs: np.ndarray, scores: np.ndarray):
+        self.query, self.source, self.ends = query, source, ends  # ends[i]: where anchor i's candidates end
+        self.n_pos, self.n_weak, self.docs, self.scores = n_pos, n_weak, docs, scores
+
+    @classmethod
+    def of(cls, anchors: Sequence[Anchor]) -> "AnchorTable":
+        build = AnchorTableBuilder()
+        for a in anchors:
+            build.add(a.query, a.pos, a.weak, a.neg, a.source)
+        return build.table()
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    def __getitem__(self, i: int) -> Anchor:  # (an int: the table is read one anchor at a time)
+        n = len(self.query)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"anchor {i} of {n}")
+        start, end = (int(self.ends[i - 1]) if i else 0), int(self.ends[i])
+        p, w = start + int(self.n_pos[i]), start + int(self.n_pos[i]) + int(self.n_weak[i])
+        items = list(zip(self.docs[start:end].tolist(),
+                         [None if s != s else s for s in self.scores[start:end].tolist()]))  # NaN: no score
+        return Anchor(int(self.query[i]), items[: p - start], items[p - start: w - start], items[w - start:],
+                      int(self.source[i]))
+
+    def has_positive(self) -> np.ndarray:
+        return self.n_pos > 0
+
+    def unscored_counts(self) -> tuple[int, int, int]:
+        """(pairs, pairs without a score, those of anchors whose every positive has a score): what
+        :func:`~hmcl_cli.losses.ranking.describe_ranking_pairs` counts, from the arrays."""
+        before = np.concatenate([[0], np.cumsum(np.isnan(self.scores), dtype=np.int64)])
+        starts = self.ends - np.diff(self.ends, prepend=0)
+        unscored = before[self.ends] - before[starts]
+        pos_scored = (self.n_pos > 0) & (before[starts + self.n_pos] == before[starts])
+        return int(self.ends[-1]) if len(self.ends) else 0, int(unscored.sum()), int(unscored[pos_scored].sum())
+
+    def sizes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Positives, weak-positives and negatives per anchor."""
+        total = np.diff(self.ends, prepend=0)
+        return self.n_pos, self.n_weak, total - self.n_pos - self.n_weak
+
+
+class AnchorTableBuilder:
+    """An :class:`AnchorTable` built one anchor at a time, in compact buffers (no object per anchor)."""
+
+    def __init__(self) -> None:
+        import array
+
+        self._query, self._source = array.array("q"), array.array("q")
+        self._ends, self._n_pos, self._n_weak = array.array("q"), array.array("q"), array.array("q")
+        self._docs, self._scores = array.array("q"), array.array("d")
+
+    def add(self, query: int, pos: Sequence, weak: Sequence, neg: Sequence, source: int = 0) -> None:
+        """One anchor: its query index, its (doc, score or None) candidates per level, its source."""
+        nan = float("nan")
+        for items in (pos, weak, neg):
+            for doc, score in items:
+                self._docs.append(doc)
+                self._scores.append(nan if score is None else score)
+        self._query.append(query)
+        self._source.append(source)
+        self._n_pos.append(len(pos))
+        self._n_weak.append(len(weak))
+        self._ends.append(len(self._docs))
+
+    def __len__(self) -> int:
+        return len(self._query)
+
+    def table(self) -> AnchorTable:
+        def arr(buf: Any, dtype: Any) -> np.ndarray:
+            return np.frombuffer(buf, dtype=np.int64 if buf.typecode == "q" else np.float64).astype(dtype)
+
+        return AnchorTable(arr(self._query, np.int64), arr(self._source, np.int32), arr(self._ends, np.int64),
+                           arr(self._n_pos, np.int32), arr(self._n_weak, np.int32), arr(self._docs, np.int64),
+                           arr(self._scores, np.float64))
 
 
 def lengths_of(tokens: Sequence) -> np.ndarray:
@@ -79,27 +170,36 @@ class TrainData:
     Once tokenised and hashed the texts themselves are let go (``queries`` and ``docs`` are None,
     ``n_queries`` and ``n_docs`` count them): training reads token ids, and every process of a
     training held them all as Python strings (899,842 anchors, a tiny model: 2.57 GB resident once
-    built, 1.66 GB without the texts). ``KEEP_TEXTS`` keeps them (tests that look texts up)."""
+    built, 1.66 GB without the texts). ``KEEP_TEXTS`` keeps them (tests that look texts up). The
+    anchors are an :class:`AnchorTable` (arrays), and the examples are read as they come: with both,
+    1.23 GB resident once built, 1.99 GB at the peak (2.68 GB before)."""
 
     KEEP_TEXTS = False
 
-    def __init__(self, examples: Sequence[GradedExample], model: Any, cache_dir: Optional[Path] = None, data_key: str = ""):
+    def __init__(self, examples: Iterable[GradedExample], model: Any, cache_dir: Optional[Path] = None, data_key: str = "",
+                 check: Optional[Callable[[list[Anchor]], None]] = None):
+        """``examples``: read once, in order (an iterator: :func:`~hmcl_cli.data.prepare.iter_graded`
+        keeps none of them). ``check``: called with the anchors before the texts are tokenised (a
+        problem with the data is then said before that work)."""
         with gc_paused():  # millions of token lists (io_utils.gc_paused)
-            self._build(examples, model, cache_dir, data_key)
+            self._build(examples, model, cache_dir, data_key, check)
 
-    def _build(self, examples: Sequence[GradedExample], model: Any, cache_dir: Optional[Path], data_key: str) -> None:
+    def _build(self, examples: Iterable[GradedExample], model: Any, cache_dir: Optional[Path], data_key: str,
+               check: Optional[Callable[[list[Anchor]], None]] = None) -> None:
         query_index: dict[tuple, int] = {}
         doc_index: dict[str, int] = {}
-        self.anchors: list[Anchor] = []
+        build = AnchorTableBuilder()
         sources: dict[Optional[str], int] = {}  # label -> Anchor.source
         for ex in examples:
             qi = query_index.setdefault((ex.prompt, ex.query), len(query_index))
             groups: dict[int, list] = {2: [], 1: [], 0: []}
             for text, cand in ex.candidates.items():
                 groups[cand.level].append((doc_index.setdefault(text, len(doc_index)), cand.score))
-            self.anchors.append(Anchor(qi, groups[2], groups[1], groups[0],
-                                       sources.setdefault(ex.source, len(sources))))
+            build.add(qi, groups[2], groups[1], groups[0], sources.setdefault(ex.source, len(sources)))
+        self.anchors: AnchorTable = build.table()
         self.source_names = list(sources)  # Anchor.source -> the examples' `source` label (None: none)
+        if check is not None:
+            check(self.anchors)
         self.queries = list(query_index)
         self.docs = list(doc_index)
         self.query_hash = np.array([text_id(q) for _, q in self.queries], dtype=np.int64)
@@ -232,11 +332,14 @@ class TrainData:
         return (max(map(len, self.query_tokens), default=1), max(map(len, self.doc_tokens), default=1))
 
     def anchor_length(self, i: int) -> int:
-        return self.token_count("query", self.anchors[i].query)
+        return self.token_count("query", int(self.anchors.query[i]) if isinstance(self.anchors, AnchorTable)
+                                else self.anchors[i].query)
 
 
 def with_positive(anchors: Sequence[Anchor]) -> int:
     """How many of ``anchors`` have a positive."""
+    if isinstance(anchors, AnchorTable):
+        return int(anchors.has_positive().sum())
     return sum(1 for a in anchors if a.pos)
 
 
@@ -273,14 +376,19 @@ class BatchPlan:
         groups: dict[int, list[int]] = {}
         # a weight's fraction: per (group, source, copies) the anchors one is drawn from, each epoch
         drawn: dict[tuple, list[int]] = {}
-        for i, a in enumerate(data.anchors):
-            copies = positive_repeats if a.pos else 1
-            weight = source_weights[a.source] if a.source < len(source_weights) else 1.0
+        anchors = data.anchors
+        if isinstance(anchors, AnchorTable):  # (without an Anchor made for each)
+            has_pos, anchor_sources = anchors.has_positive().tolist(), anchors.source.tolist()
+        else:
+            has_pos, anchor_sources = [bool(a.pos) for a in anchors], [a.source for a in anchors]
+        for i, (pos, source) in enumerate(zip(has_pos, anchor_sources)):
+            copies = positive_repeats if pos else 1
+            weight = source_weights[source] if source < len(source_weights) else 1.0
             whole, fraction = int(weight), weight - int(weight)
-            group = a.source if by_source else 0
+            group = source if by_source else 0
             groups.setdefault(group, []).extend([i] * (whole * copies))
             if fraction > 1e-9:
-                drawn.setdefault((group, a.source, copies, fraction), []).append(i)
+                drawn.setdefault((group, source, copies, fraction), []).append(i)
         keys = list(groups)
         self.groups = [groups[k] for k in keys]
         # per group: (anchors, how many of them are drawn per epoch, copies of each)
@@ -340,8 +448,11 @@ def sample_group(anchor: Anchor, group_size: int, rng: np.random.Generator) -> l
 
 def group_fill(anchors: Sequence[Anchor], group_size: int) -> float:
     """Mean candidates per anchor that :func:`sample_group` can take (one positive at most)."""
-    if not anchors:
+    if not len(anchors):
         return 0.0
+    if isinstance(anchors, AnchorTable):
+        pos, weak, neg = anchors.sizes()
+        return float(np.mean(np.minimum(group_size, np.minimum(1, pos) + weak + neg)))
     return float(np.mean([min(group_size, min(1, len(a.pos)) + len(a.weak) + len(a.neg)) for a in anchors]))
 
 
@@ -349,17 +460,19 @@ def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: 
     """Token tensors for the batch's anchors and distinct candidates, plus the labelled pairs."""
     cols: dict[int, int] = {}
     pa, pc, pl, ps = [], [], [], []
-    for row, ai in enumerate(anchor_ids):
-        for doc, level, score in sample_group(data.anchors[ai], group_size, rng):
+    anchors = [data.anchors[ai] for ai in anchor_ids]
+    queries = [a.query for a in anchors]
+    for row, anchor in enumerate(anchors):
+        for doc, level, score in sample_group(anchor, group_size, rng):
             col = cols.setdefault(doc, len(cols))
             pa.append(row)
             pc.append(col)
             pl.append(level)
             ps.append(float("nan") if score is None else score)
-    q_ids = [data.query_tokens[data.anchors[ai].query] for ai in anchor_ids]
+    q_ids = [data.query_tokens[q] for q in queries]
     docs = list(cols)
     d_ids = [data.doc_tokens[d] for d in docs]
-    q_skip = data.query_skip[[data.anchors[ai].query for ai in anchor_ids]] if data.query_skip is not None else None
+    q_skip = data.query_skip[queries] if data.query_skip is not None else None
     segmented = {}
     if data.segments is not None:  # rows become segments; owner/weight map them back to texts
         for side, texts in (("q", q_ids), ("c", d_ids)):
@@ -373,7 +486,7 @@ def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: 
     batch = {"q_input_ids": q["input_ids"], "q_attention_mask": q["attention_mask"],
              "pair_anchor": torch.tensor(pa, dtype=torch.long), "pair_candidate": torch.tensor(pc, dtype=torch.long),
              "pair_level": torch.tensor(pl, dtype=torch.long), "pair_score": torch.tensor(ps, dtype=torch.float32),
-             "anchor_hash": torch.tensor(data.query_hash[[data.anchors[ai].query for ai in anchor_ids]], dtype=torch.long),
+             "anchor_hash": torch.tensor(data.query_hash[queries], dtype=torch.long),
              "candidate_hash": torch.tensor(data.doc_hash[docs] if docs else np.zeros(0, np.int64), dtype=torch.long),
              "n_tokens": torch.tensor(sum(map(len, q_ids)) + sum(map(len, d_ids))), **segmented}
     if q_skip is not None:

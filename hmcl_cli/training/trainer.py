@@ -53,7 +53,7 @@ from torch.nn.functional import normalize
 from torch.profiler import record_function
 
 from hmcl_cli.console import ProgressBar, log, warn
-from hmcl_cli.data.prepare import load_graded
+from hmcl_cli.data.prepare import iter_graded, load_graded
 from hmcl_cli.errors import MEMORY_HINT, DataError, InterruptedRun, OutOfMemoryError, RecipeError, TrainingDivergedError
 from hmcl_cli.evaluation.graded import evaluate_graded, metric_names, undefined_metrics
 from hmcl_cli.io_utils import atomic_path, file_sha256, json_text, write_json_atomic
@@ -66,7 +66,7 @@ from hmcl_cli.modeling.lora import apply_lora, is_peft
 from hmcl_cli.modeling.segments import aggregate
 from hmcl_cli.recipe import Recipe, suggest
 from hmcl_cli.training import user_command
-from hmcl_cli.training.batching import BatchPlan, StepBatches, TrainData, group_fill, resolve_positive_repeats, with_positive
+from hmcl_cli.training.batching import AnchorTable, BatchPlan, StepBatches, TrainData, group_fill, resolve_positive_repeats, with_positive
 from hmcl_cli.training.saved_model import CHECKPOINT_RECIPE, checkpoint_recipe_yaml, write_trained_model
 from hmcl_cli.training.distributed import average_gradients, gather_plain, gather_sizes, gather_with_grad
 from hmcl_cli.training.memory import ONE_FORWARD_PADDING, one_forward_mode, plan_memory, predicts_unpadded, resolve_chunk
@@ -189,19 +189,13 @@ class HMCLTrainer:
             raise RecipeError(str(e), hint="fix the loss section of the recipe") from None
 
         train_path = self.run_dir / "data" / "train.jsonl"
-        examples = load_graded(train_path)
-        if not examples:
-            raise DataError(f"{train_path} holds no examples", hint="check the data sources and `hmcl prepare` stats")
-        if r.loss.contrastive_weight > 0 and not any(c.level > 0 for ex in examples for c in ex.candidates.values()):
-            raise DataError(
-                f"{train_path}: every candidate is a negative; the contrastive term needs positives or weak-positives",
-                hint="check the level mapping (thresholds / label_map), or set loss.contrastive_weight: 0",
-            )
+        examples = iter_graded(train_path)  # read as the training data is built: never all held at once
         dev_path = self.run_dir / "data" / "dev.jsonl"
         self.dev = load_graded(dev_path) if dev_path.is_file() else []
         self.dev_undefined = self._check_dev_metrics(dev_path) if self.dev else {}
         self.data_sha256 = file_sha256(train_path)  # in every checkpoint: --resume checks it trains on the same data
-        self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=self.data_sha256)
+        self.data = TrainData(examples, self.model, self.run_dir / "cache", data_key=self.data_sha256,
+                              check=lambda anchors: self._check_anchors(train_path, anchors))
         auto_chunk = cfg.grad_cache_chunk == "auto"
         if (self.is_main and built_here) or auto_chunk:  # before the weights go to the device: the worst step
             self._print_memory_plan(self.data.longest(), self.data.segments_per_text())
@@ -331,8 +325,8 @@ class HMCLTrainer:
     def _source_mix(self, weights: list[float]) -> list[tuple[str, int, float]]:
         """(source label, its training anchors, weight) for the start-of-training line."""
         counts: dict[int, int] = {}
-        for a in self.data.anchors:
-            counts[a.source] = counts.get(a.source, 0) + 1
+        for source in self.data.anchors.source.tolist():
+            counts[source] = counts.get(source, 0) + 1
         return [(str(name), counts.get(i, 0), weights[i]) for i, name in enumerate(self.data.source_names)]
 
     def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int], unpadded: Optional[bool] = None) -> None:
@@ -677,6 +671,17 @@ class HMCLTrainer:
                 "`--resume` continues from the last good step-* checkpoint (never the diverged one)")
 
     # ------------------------------------------------------------------ eval
+    def _check_anchors(self, train_path: Path, anchors: AnchorTable) -> None:
+        """The training data can train the objective (before its texts are tokenised)."""
+        if not len(anchors):
+            raise DataError(f"{train_path} holds no examples", hint="check the data sources and `hmcl prepare` stats")
+        pos, weak, _ = anchors.sizes()
+        if self.recipe.loss.contrastive_weight > 0 and not (pos.any() or weak.any()):
+            raise DataError(
+                f"{train_path}: every candidate is a negative; the contrastive term needs positives or weak-positives",
+                hint="check the level mapping (thresholds / label_map), or set loss.contrastive_weight: 0",
+            )
+
     def _check_dev_metrics(self, dev_path: Path) -> dict[str, str]:
         """Before training: ``train.metric_for_best`` must be a dev metric this dev set defines (a
         metric it cannot compute would be NaN at every eval, and the first eval's model kept as
