@@ -145,6 +145,10 @@ def test_checkpoints_are_labelled_by_step_then_run(tmp_path, monkeypatch):
             (tmp_path / run / "checkpoints" / step).mkdir(parents=True)
             for f in ("model.pt", "trainer_state.json"):
                 (tmp_path / run / "checkpoints" / step / f).touch()
+    for odd in ("diverged", ".step-0000030.tmp"):  # a diverged training's state, one being written
+        (tmp_path / "a" / "checkpoints" / odd).mkdir()
+        for f in ("model.pt", "trainer_state.json"):
+            (tmp_path / "a" / "checkpoints" / odd / f).touch()
     assert labelled_models(["a/checkpoints"]) == {"step-0000010": "a/checkpoints/step-0000010",
                                                   "step-0000020": "a/checkpoints/step-0000020"}
     assert list(labelled_models(["a/checkpoints", "b/checkpoints"])) == [

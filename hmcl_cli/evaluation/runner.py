@@ -350,7 +350,8 @@ def _each_checkpoint(label: Optional[str], model: str) -> list[tuple[Optional[st
     folder = Path(model).expanduser()
     if not folder.is_dir() or is_checkpoint(folder) or (folder / "config.json").is_file():
         return [(label, model)]
-    steps = sorted(p for p in folder.iterdir() if p.is_dir() and is_checkpoint(p))
+    # (step-N only: not one being written, nor the state a diverged training saved)
+    steps = sorted(p for p in folder.glob("step-*") if is_checkpoint(p))
     return [(f"{label}/{p.name}" if label else None, str(p)) for p in steps] or [(label, model)]
 
 
