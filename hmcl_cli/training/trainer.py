@@ -25,8 +25,9 @@ the best model kept; every ``save_steps`` (and when ``save_minutes`` have passed
 one) a checkpoint (weights, optimizer, scheduler, RNG and data position, with a checksum
 manifest) is written atomically, so ``--resume`` continues exactly; it keeps the recipe too, and
 is the model at its step for ``hmcl eval --model`` and ``hmcl export --model``
-(:mod:`hmcl_cli.training.saved_model`). Several processes agree each step whether to stop. Ctrl-C / SIGTERM saves a checkpoint before exiting. Metrics go to ``metrics.jsonl``
-and any accelerate trackers named in the recipe.
+(:mod:`hmcl_cli.training.saved_model`). Ctrl-C / SIGTERM saves a checkpoint before exiting (with
+several processes, all after the same step: they agree each step whether to stop). Metrics go to
+``metrics.jsonl`` and any accelerate trackers named in the recipe.
 
 Python use::
 
