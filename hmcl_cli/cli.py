@@ -256,10 +256,13 @@ def export(
     from hmcl_cli.training.saved_model import is_checkpoint
 
     checkpoint = Path(model) if model and is_checkpoint(Path(model)) else None
-    # --model RUN_DIR (or one of its checkpoints): its dev data
-    run_dir = checkpoint.parent.parent if checkpoint else Path(model) if model and (Path(model) / "data").is_dir() else None
+    run_dir = None  # --model RUN_DIR (or one of its checkpoints): its dev data
+    if checkpoint:
+        run_dir = checkpoint.parent.parent
+    elif model and (Path(model) / "data").is_dir():
+        run_dir = Path(model)
     r = _load(recipe, set_) if recipe else load_recipe(data={
-        "name": checkpoint.parent.parent.name if checkpoint else "export", "model": {"name_or_path": model or "none"},
+        "name": run_dir.name if checkpoint else "export", "model": {"name_or_path": model or "none"},
         **({"output_dir": str(run_dir)} if run_dir else {})})
     model_dir = None
     if model and not checkpoint:

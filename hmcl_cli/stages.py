@@ -404,6 +404,7 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     Results go to ``<run>/eval/results.json`` (``in_run_dir``), and to ``json_out`` too."""
     from hmcl_cli.evaluation.runner import (check_gates, enforce_gates, evaluate, judged_model, plot_report,
                                              print_table, save_report)
+    from hmcl_cli.training.saved_model import checkpoints_in
 
     _check_eval_outputs(json_out, plot)
     cfg = recipe.eval
@@ -419,9 +420,9 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
         trained = recipe.run_dir / "model"
         if trained.is_dir():
             models["fine-tuned"] = str(trained)
-        elif in_run_dir and (last := _last_checkpoint(recipe.run_dir)) is not None:
-            warn(f"{trained} does not exist: its training has not finished (last checkpoint: {last.name}); "
-                 f"`--model {last}` scores the model at that checkpoint")
+        elif in_run_dir and (found := checkpoints_in(recipe.run_dir / "checkpoints")):
+            warn(f"{trained} does not exist: its training has not finished (last checkpoint: {found[-1].name}); "
+                 f"`--model {found[-1]}` scores the model at that checkpoint")
         for label, name in (more_models or {}).items():
             if label == recipe_base:
                 recipe_base = None  # a base named on the command line is loaded as saved
@@ -502,14 +503,6 @@ def run_eval(recipe: Recipe, models: Optional[dict[str, str]] = None, json_out: 
     return report
 
 
-def _last_checkpoint(run_dir: Path) -> Optional[Path]:
-    """The run's latest training checkpoint (``checkpoints/step-N``), or None."""
-    from hmcl_cli.training.saved_model import is_checkpoint
-
-    found = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if is_checkpoint(p))
-    return found[-1] if found else None
-
-
 def _check_eval_outputs(json_out: Optional[Path], plot: Optional[Path]) -> None:
     """Before the evaluation, not after it: --plot needs matplotlib, and --json / --plot a place
     that can be written."""
@@ -541,7 +534,7 @@ def _eval_dims(recipe: Recipe, models: dict) -> list[int]:
     found = set(recipe.loss.matryoshka_dims)
     for m in models.values():
         if isinstance(m, (str, Path)) and is_checkpoint(Path(m)):
-            found.update(checkpoint_recipe(Path(m)).loss.matryoshka_dims)
+            found.update(checkpoint_recipe(Path(m), say_differences=False).loss.matryoshka_dims)  # (said on loading)
         elif isinstance(m, (str, Path)) and Path(m).is_dir():
             found.update(saved_matryoshka_dims(m))
     return sorted(found, reverse=True)
@@ -605,7 +598,7 @@ def _export(recipe: Recipe, formats: Optional[list[str]], model_dir: Optional[Pa
     made from one (its model card says so, and has no eval table: eval scores the final model)."""
     from hmcl_cli.export import export_folder
     from hmcl_cli.export.merged import export_merged
-    from hmcl_cli.modeling.encoder import saved_matryoshka_dims
+    from hmcl_cli.modeling.encoder import saved_config, saved_matryoshka_dims
 
     formats = _check_formats(formats or recipe.export.formats)
     model_dir = model_dir or recipe.run_dir / "model"
@@ -615,7 +608,8 @@ def _export(recipe: Recipe, formats: Optional[list[str]], model_dir: Optional[Pa
     out_dir = out_dir or recipe.run_dir / "export"
     _check_formats(formats, out_dir)
     trained_with = model_dir / TRAINED_RECIPE  # the recipe the model was trained with, not this call's
-    card = {"name": recipe.name, "base_model": _base_model_of(model_dir) or recipe.model.name_or_path,
+    base = saved_config(model_dir).get("base_model")  # what it was trained from (not a run directory's name)
+    card = {"name": recipe.name, "base_model": base if isinstance(base, str) and base else recipe.model.name_or_path,
             "recipe": trained_with.read_text(encoding="utf-8") if trained_with.is_file() else recipe.to_yaml(),
             "matryoshka_dims": saved_matryoshka_dims(model_dir),
             "repo": recipe.export.push_to_hub.repo if recipe.export.push_to_hub is not None else None}
@@ -656,15 +650,6 @@ def _export(recipe: Recipe, formats: Optional[list[str]], model_dir: Optional[Pa
         log(f"export pushed -> {cfg.repo}{f' ({cfg.branch})' if cfg.branch else ''}: {url}")
         reports["push_to_hub"] = {"repo": cfg.repo, "url": url}
     return reports
-
-
-def _base_model_of(model_dir: Path) -> Optional[str]:
-    """The model a folder hmcl trained was trained from (its hmcl_config.json), else None."""
-    try:
-        base = json.loads((model_dir / "hmcl_config.json").read_text(encoding="utf-8")).get("base_model")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return base if isinstance(base, str) and base else None
 
 
 def scored_report(recipe: Recipe, model_dir: Path) -> Optional[dict]:

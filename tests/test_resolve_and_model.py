@@ -294,7 +294,8 @@ def test_a_run_directory_names_its_trained_model(tmp_path, tiny_bert):
     assert "checkpoint" not in e.value.hint.split("last checkpoint")[1]
     for step in ("step-0000004", "step-0000008"):  # an unfinished training's checkpoints: the last named
         (run / "checkpoints" / step).mkdir(parents=True)
-        (run / "checkpoints" / step / "model.pt").touch()
+        for f in ("model.pt", "trainer_state.json"):
+            (run / "checkpoints" / step / f).touch()
     with pytest.raises(ModelNotFoundError, match="run directory without a trained model") as e:
         resolve_model(str(run))
     assert f"or its checkpoint {run / 'checkpoints' / 'step-0000008'}, the model at that step" in e.value.hint

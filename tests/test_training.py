@@ -689,8 +689,8 @@ def test_start_line_says_how_many_candidates_the_data_fills(tmp_path, tiny_bert,
                Anchor(2, [(6, None)], [(7, None)] * 5, [(8, None)] * 5)]
     rng = np.random.default_rng(0)
     for size in (1, 3, 8):  # what sample_group takes, counted
-        assert group_fill(anchors, size) == pytest.approx(np.mean([len(sample_group(a, size, rng)) for a in anchors]))
-        assert group_fill(AnchorTable.of(anchors), size) == group_fill(anchors, size)  # (counted from its arrays)
+        assert group_fill(AnchorTable.of(anchors), size) == pytest.approx(  # (counted from the table's arrays)
+            np.mean([len(sample_group(a, size, rng)) for a in anchors]))
     capsys.readouterr()
     t = _trainer(tmp_path, tiny_bert, train={"group_size": 8})
     out = " ".join(capsys.readouterr().out.split())
@@ -1058,7 +1058,8 @@ def test_save_minutes_checkpoints_by_time_between_save_steps(tmp_path, tiny_bert
 def test_the_anchor_table_gives_back_each_anchor_as_built():
     """TrainData keeps its anchors as arrays (AnchorTable): each reads back as the Anchor it was,
     its candidates per level in their order, a score or None, its source; and what the trainer
-    counts from the arrays (positives, sources, sizes) is what the anchors say."""
+    counts from the arrays (positives, sizes, unscored pairs, batches per source) is what the
+    anchors say."""
     from hmcl_cli.training.batching import Anchor, AnchorTable, BatchPlan, with_positive
 
     anchors = [Anchor(3, [(10, 4.5), (11, None)], [(12, 2.25)], [(13, None), (14, 0.0)], 1),
@@ -1085,6 +1086,8 @@ def test_the_anchor_table_gives_back_each_anchor_as_built():
         def anchor_length(self, i):
             return 5
 
-    for kw in ({}, {"positive_repeats": 2, "source_weights": [1.0, 2.0, 0.5]}):
-        by_table, by_list = BatchPlan(Data(table), 2, 0, **kw), BatchPlan(Data(anchors), 2, 0, **kw)
-        assert by_table.groups == by_list.groups and by_table.drawn == by_list.drawn
+    plan = BatchPlan(Data(table), 2, 0)  # a group per source, in the order met
+    assert plan.groups == [[0], [1, 3], [2]] and plan.drawn == [[], [], []]
+    # anchors with a positive twice; source 1 twice over; half of source 2's drawn each epoch
+    plan = BatchPlan(Data(table), 2, 0, positive_repeats=2, source_weights=[1.0, 2.0, 0.5])
+    assert plan.groups == [[0, 0, 0, 0], [1, 3, 3], []] and plan.drawn == [[], [], [([2], 0, 1)]]

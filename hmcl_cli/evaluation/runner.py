@@ -345,13 +345,12 @@ def _given_names(given: list[tuple[Optional[str], str]], flag: str) -> list[str]
 def _each_checkpoint(label: Optional[str], model: str) -> list[tuple[Optional[str], str]]:
     """A folder of training checkpoints (``runs/x/checkpoints``) as each of them, oldest first
     (labelled ``LABEL/step-N`` where it was labelled); any other model as it is."""
-    from hmcl_cli.training.saved_model import is_checkpoint
+    from hmcl_cli.training.saved_model import checkpoints_in, is_checkpoint
 
     folder = Path(model).expanduser()
     if not folder.is_dir() or is_checkpoint(folder) or (folder / "config.json").is_file():
         return [(label, model)]
-    # (step-N only: not one being written, nor the state a diverged training saved)
-    steps = sorted(p for p in folder.glob("step-*") if is_checkpoint(p))
+    steps = checkpoints_in(folder)
     return [(f"{label}/{p.name}" if label else None, str(p)) for p in steps] or [(label, model)]
 
 

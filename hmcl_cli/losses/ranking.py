@@ -98,20 +98,21 @@ def describe_ranking_pairs(anchors: Sequence, pairs: str, use_scores: bool) -> O
     that carry no score (None when every pair has one).
 
     ``anchors``: objects with ``pos``, ``weak``, ``neg`` lists of ``(doc, score or None)``, as
-    :class:`~hmcl_cli.training.batching.Anchor` (or an ``AnchorTable`` of them). Under ``auto`` a pair counts as left out where
-    every positive of its query has a score (the batch samples one positive per query).
+    :class:`~hmcl_cli.training.batching.Anchor`, or training's ``AnchorTable``, which counts them
+    from its arrays. Under ``auto`` a pair counts as left out where every positive of its query
+    has a score (the batch samples one positive per query).
     """
-    total = unscored = left_out = 0
-    if hasattr(anchors, "unscored_counts"):  # training's AnchorTable counts them from its arrays
+    if hasattr(anchors, "unscored_counts"):
         total, unscored, left_out = anchors.unscored_counts()
-        anchors = ()
-    for a in anchors:
-        items = [*a.pos, *a.weak, *a.neg]
-        n_unscored = sum(1 for _, s in items if s is None)
-        total += len(items)
-        unscored += n_unscored
-        if a.pos and all(s is not None for _, s in a.pos):
-            left_out += n_unscored
+    else:
+        total = unscored = left_out = 0
+        for a in anchors:
+            items = [*a.pos, *a.weak, *a.neg]
+            n_unscored = sum(1 for _, s in items if s is None)
+            total += len(items)
+            unscored += n_unscored
+            if a.pos and all(s is not None for _, s in a.pos):
+                left_out += n_unscored
     if unscored == 0:
         return None
     head = f"loss.ranking_pairs {pairs}: {unscored} of {total} pairs have no score;"

@@ -71,14 +71,21 @@ class EncoderSettings:
     include_prompt: bool = True  # False: the pooling leaves the prompt's tokens out (sentence-transformers' Pooling)
 
 
-def saved_matryoshka_dims(folder: str | Path) -> list[int]:
-    """The matryoshka sizes an hmcl model folder (or run directory) was trained for, read from
-    its hmcl_config.json without loading the model; [] for anything else."""
+def saved_config(folder: str | Path) -> dict:
+    """The hmcl_config.json of an hmcl model folder (or a run directory's model), read without
+    loading the model; {} for anything else."""
     folder = Path(folder)
     for candidate in (folder / HMCL_CONFIG, folder / "model" / HMCL_CONFIG):
         if candidate.is_file():
-            return [int(d) for d in _read_json(candidate).get("matryoshka_dims", [])]
-    return []
+            saved = _read_json(candidate)
+            return saved if isinstance(saved, dict) else {}
+    return {}
+
+
+def saved_matryoshka_dims(folder: str | Path) -> list[int]:
+    """The matryoshka sizes an hmcl model folder (or run directory) was trained for (its
+    hmcl_config.json); [] for anything else."""
+    return [int(d) for d in saved_config(folder).get("matryoshka_dims", [])]
 
 
 def position_limit(model: nn.Module) -> Optional[int]:

@@ -129,12 +129,14 @@ def resolve_model(name_or_path: str, revision: Optional[str] = None, base_dir: O
                 if any((path / m).exists() for m in RUN_MARKERS):
                     if any((path / "model" / m).is_file() for m in MODEL_MARKERS):
                         return (path / "model").resolve()  # a run directory: its trained model
-                    steps = sorted(p.name for p in (path / "checkpoints").glob("step-*") if (p / "model.pt").is_file())
+                    from hmcl_cli.training.saved_model import checkpoints_in
+
+                    steps = checkpoints_in(path / "checkpoints")
                     raise ModelNotFoundError(
                         f"{path} is an hmcl run directory without a trained model (no {path / 'model'})",
                         hint="its training has not finished: `hmcl run RECIPE --resume` (or `hmcl train RECIPE "
                         "--resume`) goes on from its last checkpoint; or name a model folder"
-                        + (f"; or its checkpoint {path / 'checkpoints' / steps[-1]}, the model at that step (`hmcl "
+                        + (f"; or its checkpoint {steps[-1]}, the model at that step (`hmcl "
                            f"eval --model {path / 'checkpoints'}` scores each)" if steps else ""))
                 hint = "point model.name_or_path at a transformers / sentence-transformers model folder"
                 if any(path.glob("*.onnx")):

@@ -116,9 +116,6 @@ class AnchorTableBuilder:
         self._n_weak.append(len(weak))
         self._ends.append(len(self._docs))
 
-    def __len__(self) -> int:
-        return len(self._query)
-
     def table(self) -> AnchorTable:
         def arr(buf: Any, dtype: Any) -> np.ndarray:
             return np.frombuffer(buf, dtype=np.int64 if buf.typecode == "q" else np.float64).astype(dtype)
@@ -177,7 +174,7 @@ class TrainData:
     KEEP_TEXTS = False
 
     def __init__(self, examples: Iterable[GradedExample], model: Any, cache_dir: Optional[Path] = None, data_key: str = "",
-                 check: Optional[Callable[[list[Anchor]], None]] = None):
+                 check: Optional[Callable[[AnchorTable], None]] = None):
         """``examples``: read once, in order (an iterator: :func:`~hmcl_cli.data.prepare.iter_graded`
         keeps none of them). ``check``: called with the anchors before the texts are tokenised (a
         problem with the data is then said before that work)."""
@@ -185,7 +182,7 @@ class TrainData:
             self._build(examples, model, cache_dir, data_key, check)
 
     def _build(self, examples: Iterable[GradedExample], model: Any, cache_dir: Optional[Path], data_key: str,
-               check: Optional[Callable[[list[Anchor]], None]] = None) -> None:
+               check: Optional[Callable[[AnchorTable], None]] = None) -> None:
         query_index: dict[tuple, int] = {}
         doc_index: dict[str, int] = {}
         build = AnchorTableBuilder()
@@ -332,8 +329,7 @@ class TrainData:
         return (max(map(len, self.query_tokens), default=1), max(map(len, self.doc_tokens), default=1))
 
     def anchor_length(self, i: int) -> int:
-        return self.token_count("query", int(self.anchors.query[i]) if isinstance(self.anchors, AnchorTable)
-                                else self.anchors[i].query)
+        return self.token_count("query", int(self.anchors.query[i]))
 
 
 def with_positive(anchors: Sequence[Anchor]) -> int:
@@ -376,11 +372,7 @@ class BatchPlan:
         groups: dict[int, list[int]] = {}
         # a weight's fraction: per (group, source, copies) the anchors one is drawn from, each epoch
         drawn: dict[tuple, list[int]] = {}
-        anchors = data.anchors
-        if isinstance(anchors, AnchorTable):  # (without an Anchor made for each)
-            has_pos, anchor_sources = anchors.has_positive().tolist(), anchors.source.tolist()
-        else:
-            has_pos, anchor_sources = [bool(a.pos) for a in anchors], [a.source for a in anchors]
+        has_pos, anchor_sources = data.anchors.has_positive().tolist(), data.anchors.source.tolist()
         for i, (pos, source) in enumerate(zip(has_pos, anchor_sources)):
             copies = positive_repeats if pos else 1
             weight = source_weights[source] if source < len(source_weights) else 1.0
@@ -446,14 +438,12 @@ def sample_group(anchor: Anchor, group_size: int, rng: np.random.Generator) -> l
     return out
 
 
-def group_fill(anchors: Sequence[Anchor], group_size: int) -> float:
+def group_fill(anchors: AnchorTable, group_size: int) -> float:
     """Mean candidates per anchor that :func:`sample_group` can take (one positive at most)."""
     if not len(anchors):
         return 0.0
-    if isinstance(anchors, AnchorTable):
-        pos, weak, neg = anchors.sizes()
-        return float(np.mean(np.minimum(group_size, np.minimum(1, pos) + weak + neg)))
-    return float(np.mean([min(group_size, min(1, len(a.pos)) + len(a.weak) + len(a.neg)) for a in anchors]))
+    pos, weak, neg = anchors.sizes()
+    return float(np.mean(np.minimum(group_size, np.minimum(1, pos) + weak + neg)))
 
 
 def collate(data: TrainData, model: Any, anchor_ids: Sequence[int], group_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -36,7 +36,6 @@ from hmcl_cli.recipe import TRAINED_RECIPE
 CHECKPOINT_RECIPE = "recipe.yaml"  # in a checkpoint: the recipe it was trained with
 THRESHOLDS = "hmcl_thresholds.json"  # in a model folder: the ordinal classifier's thresholds
 MODEL_FILES = ("model.pt", "loss.pt", "trainer_state.json", CHECKPOINT_RECIPE)  # what rebuilding its model reads
-_WARNED: set = set()  # checkpoints whose run recipe was said to differ from their settings
 
 
 def is_checkpoint(folder: Path) -> bool:
@@ -58,6 +57,12 @@ def checkpoint_recipe_yaml(recipe: Any) -> str:
     return yaml.safe_dump(dump, sort_keys=False, allow_unicode=True)
 
 
+def checkpoints_in(folder: Path) -> list[Path]:
+    """The training checkpoints in a run's ``checkpoints`` folder, oldest first: ``step-N`` only
+    (not one being written, nor the state a diverged training saved)."""
+    return sorted(p for p in Path(folder).glob("step-*") if is_checkpoint(p))
+
+
 def checkpoint_state(ckpt: Path) -> dict:
     """The checkpoint's trainer_state.json ({} where it cannot be read)."""
     try:
@@ -67,9 +72,10 @@ def checkpoint_state(ckpt: Path) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def checkpoint_recipe(ckpt: Path) -> Any:
+def checkpoint_recipe(ckpt: Path, say_differences: bool = True) -> Any:
     """The recipe ``ckpt`` was trained with: its own, else its run's ``recipe.resolved.yaml``
-    (checked against the settings the checkpoint recorded: a warning where they differ)."""
+    (checked against the settings the checkpoint recorded: with ``say_differences``, a warning
+    where they differ)."""
     from hmcl_cli.console import warn
     from hmcl_cli.errors import RecipeError
     from hmcl_cli.recipe import load_recipe
@@ -88,13 +94,12 @@ def checkpoint_recipe(ckpt: Path) -> Any:
     except RecipeError as e:
         raise ModelNotFoundError(f"checkpoint {ckpt}: its recipe {path} does not load: {e}", hint=e.hint) from None
     recorded = checkpoint_state(ckpt).get("settings")
-    if path == run_recipe and isinstance(recorded, dict):
+    if say_differences and path == run_recipe and isinstance(recorded, dict):
         from hmcl_cli.data.origin import differences, listed
         from hmcl_cli.training.trainer import trajectory_settings
 
         changed = differences(recorded, trajectory_settings(recipe))
-        if changed and ckpt.resolve() not in _WARNED:
-            _WARNED.add(ckpt.resolve())
+        if changed:
             warn(f"checkpoint {ckpt.name} was trained with other settings than {run_recipe} says now "
                  f"({listed(changed, 4)}); it is rebuilt with that recipe")
     return recipe

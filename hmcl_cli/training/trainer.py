@@ -657,9 +657,10 @@ class HMCLTrainer:
         if self._cpu_group is not None:  # the first bad step of any process: all save and stop together
             # (a process's own loss can turn NaN a step before the others', whose weights the averaged
             # gradients make NaN a step later: at a log step between the two, it alone stopped)
-            worst = torch.tensor([bad if bad >= 0 else 2**31 - 1], dtype=torch.int64)
-            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MIN, group=self._cpu_group)
-            bad = int(worst.item()) if worst.item() < 2**31 - 1 else -1
+            none = torch.iinfo(torch.int64).max  # (no bad step here)
+            first = torch.tensor([bad if bad >= 0 else none], dtype=torch.int64)
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN, group=self._cpu_group)
+            bad = -1 if first.item() == none else int(first.item())
         if bad >= 0:
             path = self.save_checkpoint(tag="diverged")
             if self.is_main:  # checkpoints written after the bad step hold NaN weights: keep them out of --resume
