@@ -366,6 +366,64 @@ def _diverging_worker(rank, port, recipe_path, out):
         out[rank] = str(e)
 
 
+def _late_signal_worker(rank, port, recipe_path, out):
+    import os
+    import signal
+
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    from hmcl_cli.errors import HmclError
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.training.trainer import HMCLTrainer
+
+    t = HMCLTrainer(load_recipe(recipe_path))
+    t.setup()
+    all_reduce, agreements = dist.all_reduce, []
+
+    def signal_after_the_third_agreement(tensor, op=dist.ReduceOp.SUM, group=None, **kw):
+        work = all_reduce(tensor, op=op, group=group, **kw)
+        if group is t._cpu_group and op == dist.ReduceOp.MAX:  # the stop agreement
+            agreements.append(1)
+            if rank == 1 and len(agreements) == 3:
+                t._stop_signal = signal.SIGINT  # a Ctrl-C whose handler ran just after the all-reduce
+        return work
+
+    dist.all_reduce = signal_after_the_third_agreement
+    try:
+        t.train()
+        out[rank] = "finished"
+    except HmclError as e:
+        out[rank] = str(e)
+
+
+def test_a_signal_landing_after_the_stop_agreement_stops_every_process_a_step_later(tmp_path, tiny_bert):
+    """A signal whose handler ran just after a step's stop agreement (any time can be that time)
+    stopped its process alone at that step: it had agreed with the others not to stop and then
+    read its own flag. Under FSDP it gathered its shards for the checkpoint while the main
+    process gathered them for the next step's forward ("Received data size doesn't match expected
+    size"). The reduced flag decides now, and the signal counts at the next step's agreement."""
+    from hmcl_cli.recipe import load_recipe
+    from hmcl_cli.stages import run_prepare
+
+    from conftest import write_recipe
+
+    recipe_path = write_recipe(tmp_path, tiny_bert, train={"max_steps": 8, "log_steps": 1, "save_steps": 100,
+                                                           "eval_steps": 100, "fsdp": True})
+    run_prepare(load_recipe(recipe_path), progress=False)
+    out = mp.Manager().dict()
+    ctx = mp.spawn(_late_signal_worker, args=(_free_port(), str(recipe_path), out), nprocs=2, join=False)
+    deadline = __import__("time").time() + 240
+    try:
+        while not ctx.join(timeout=1):
+            assert __import__("time").time() < deadline, f"a process did not stop: {dict(out)}"
+    finally:
+        for p in ctx.processes:
+            p.kill()
+    for rank in (0, 1):
+        assert "training stopped by signal 2 at step 4; checkpoint saved" in out.get(rank, ""), (rank, dict(out))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000004"]
+
+
 def test_a_loss_nan_in_one_process_stops_every_process_at_the_same_step(tmp_path, tiny_bert):
     """One process's loss turned NaN at a log step (the others' a step later, once the averaged
     gradients made their weights NaN): it stopped alone and the main process trained on, waiting in

@@ -134,14 +134,14 @@ def _rank_of(pid: int) -> str:
     return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), "")
 
 
-def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_path, tiny_bert):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_path, tiny_bert, fsdp):
     """The processes of a training agree each step whether one was asked to stop. A SIGINT to the
     second process alone (as any drift between their host loops makes of one to all) stopped it
     alone: the main process waited in the next step's collective for it, and no checkpoint was
-    written. Now both stop after the same step and the checkpoint is saved. (Data-parallel only:
-    with train.fsdp it passed 8 runs here and failed once in CI with a collective mismatch, cause
-    not found.)"""
-    train = {"train": {**TRAIN["train"]}}
+    written. Now both stop after the same step and the checkpoint is saved. (A signal landing just
+    after a step's agreement: test_distributed's late-signal test.)"""
+    train = {"train": {**TRAIN["train"], "fsdp": fsdp}}
     recipe_path = write_recipe(tmp_path, tiny_bert, **train)
     recipe = load_recipe(recipe_path)
     prepare(recipe, progress=False)

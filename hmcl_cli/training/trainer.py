@@ -793,14 +793,18 @@ class HMCLTrainer:
         stop after the same step: a process that stopped alone left the others waiting in the next
         step's collective (no checkpoint: the main process writes it), and processes that stopped a
         step apart under FSDP (a GPU's host loop runs ahead of its device, each by its own amount)
-        would gather their shards for the checkpoint against another step's collectives."""
+        would gather their shards for the checkpoint against another step's collectives.
+
+        The reduced flag alone decides: a signal whose handler runs just after the all-reduce
+        (between any two bytecodes) counts at the next step's, not at this one in this process only."""
         if self._cpu_group is None:
             return self._stop_signal is not None
         flag = torch.tensor([self._stop_signal or 0], dtype=torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._cpu_group)
-        if flag.item() and self._stop_signal is None:
-            self._stop_signal = int(flag.item())  # another process's
-        return self._stop_signal is not None
+        agreed = int(flag.item())
+        if agreed and self._stop_signal is None:
+            self._stop_signal = agreed  # another process's
+        return bool(agreed)
 
     def _save_due(self) -> bool:
         """Whether ``train.save_minutes`` have passed since the last checkpoint, by the main
