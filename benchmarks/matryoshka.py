@@ -59,7 +59,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         jobs = {(r, s, m): pool.submit(run, r, s, dims, m, Path(tmp), weights) for r in recipes for s in seeds for m in (False, True)}
         reports = {k: f.result() for k, f in jobs.items()}
-    print(f"| recipe / task (metric) | size | base | plain | matryoshka | matryoshka - plain |")
+    print("| recipe / task (metric) | size | base | plain | matryoshka | matryoshka - plain |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in recipes:
         sample = reports[(r, seeds[0], False)]

@@ -81,7 +81,6 @@ def pack_model(dest: Path) -> dict:
 
 def widen(folder: Path) -> None:
     """float16 weights -> ``model.safetensors`` in float32 (what run.sh calls on the device)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     half = load_file(folder / "model.fp16.safetensors")
