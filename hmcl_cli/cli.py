@@ -518,6 +518,9 @@ def leave_distributed_child(exit_now=os._exit) -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
+    from hmcl_cli.stages import unregister_relaunched
+
+    unregister_relaunched()  # (atexit's handlers do not run)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

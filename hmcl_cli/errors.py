@@ -88,6 +88,23 @@ class PushError(HmclError):
     kind = "push error"
 
 
+class ProcessLostError(HmclError):
+    """A process of a multi-process training ended without finishing (killed, crashed), so the
+    others could not go on."""
+
+    exit_code = 12
+    kind = "process lost"
+
+
+PROCESS_LOST_HINT = ("a process that ends without a message was killed by a signal it cannot catch: SIGKILL from "
+                     "the kernel's out-of-memory killer when the machine's RAM runs out (`dmesg` says so), or a job "
+                     "scheduler's hard kill; `--resume` continues from the last checkpoint")
+
+# what the communication layers say when a peer process is gone (gloo, NCCL)
+_PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker crashing",
+              "remote process exited", "communicator was aborted")
+
+
 MEMORY_HINT = ("lower train.batch_size or train.group_size or model.max_length, set train.grad_cache_chunk "
                "(e.g. 32), enable model.gradient_checkpointing or model.lora.enabled; for mine/eval lower "
                "mine.batch_size / eval.batch_size")
@@ -96,6 +113,7 @@ MEMORY_HINT = ("lower train.batch_size or train.group_size or model.max_length, 
 def from_system_error(e: BaseException) -> HmclError | None:
     """Map an out-of-memory or a failed write from any stage to its user-facing error (else None)."""
     import errno
+    import os
     import sys
 
     torch = sys.modules.get("torch")
@@ -104,6 +122,12 @@ def from_system_error(e: BaseException) -> HmclError | None:
                                 hint=MEMORY_HINT)
     if isinstance(e, MemoryError):
         return OutOfMemoryError("out of host memory (RAM)", hint=MEMORY_HINT)
+    if (isinstance(e, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            and any(m in str(e).lower() for m in _PEER_GONE)):
+        rank = os.environ.get("RANK", "?")
+        return ProcessLostError(f"process rank {rank}: another process of this training ended before it (its message, "
+                                "or the launcher's report of it, is nearby) and this one cannot go on alone",
+                                hint=PROCESS_LOST_HINT)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
         what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}[e.errno]

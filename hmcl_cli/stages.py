@@ -16,9 +16,11 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence
 
-from hmcl_cli.console import log, warn
-from hmcl_cli.errors import (DataError, HmclError, InterruptedRun, ModelNotFoundError, RecipeError, StorageError,
-                             error_of_exit_code, from_system_error)
+from rich.markup import escape
+
+from hmcl_cli.console import err_console, log, warn
+from hmcl_cli.errors import (PROCESS_LOST_HINT, DataError, HmclError, InterruptedRun, ModelNotFoundError,
+                             ProcessLostError, RecipeError, StorageError, error_of_exit_code, from_system_error)
 from hmcl_cli.data.origin import listed
 from hmcl_cli.io_utils import RunLock, ensure_dir, folder_stamp, is_stream, write_text_atomic
 from hmcl_cli.recipe import TRAINED_RECIPE, EvalTask, ExportFormat, Recipe
@@ -218,7 +220,25 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
                 code = int(exit_file.read_text())
         elif code and signalled:  # the launcher itself was stopped (torchrun: 254), not a training
             code = InterruptedRun.exit_code
+        lost = lost_processes(Path(folder)) if code and not signalled else []
+        if lost:  # the others said "another process ended"; this says which, and what ends a process so
+            say_lost(lost, recipe)
+            if code in (1, ProcessLostError.exit_code):  # (not a first process's own error, such as 9 diverged)
+                code = ProcessLostError.exit_code
         return code
+
+
+def say_lost(lost: list[tuple[str, int]], recipe: Recipe) -> None:
+    """The closing words on training processes that ended without a word (:func:`lost_processes`)."""
+    from hmcl_cli.training.saved_model import checkpoints_in
+
+    which = ", ".join(f"rank {rank} (pid {pid})" for rank, pid in lost)
+    ckpts = checkpoints_in(recipe.run_dir / "checkpoints")
+    last = f"; the last checkpoint is {ckpts[-1].name}" if ckpts else "; no checkpoint was written yet"
+    err_console.print(f"[bold red]{ProcessLostError.kind}:[/bold red] training process {escape(which)} ended without a "
+                      f"message: killed by a signal it cannot catch, or crashed in native code{last}",
+                      highlight=False)
+    err_console.print(f"[dim]hint:[/dim] {escape(PROCESS_LOST_HINT)}", highlight=False)
 
 
 def _wait_passing_on_signals(proc: subprocess.Popen, pid_dir: Path) -> tuple[int, bool]:
@@ -262,15 +282,36 @@ PID_DIR_ENV = "HMCL_PID_DIR"  # where each process of a relaunched training leav
 
 def register_relaunched() -> None:
     """In a training process hmcl relaunched: leave this process's pid where the waiting hmcl
-    passes signals on to it (:func:`_wait_passing_on_signals`)."""
+    passes signals on to it (:func:`_wait_passing_on_signals`).
+    The mark holds the process's rank and goes when it exits through Python (an error too): one
+    left behind by a process no longer running names a process that was killed or crashed
+    (:func:`lost_processes`)."""
     folder = os.environ.get(PID_DIR_ENV)
     if folder and os.path.isdir(folder):
         import atexit
 
         mark = Path(folder, f"pid-{os.getpid()}")
         with contextlib.suppress(OSError):
-            mark.touch()
-            atexit.register(mark.unlink, missing_ok=True)  # gone with the process: its pid may be reused
+            mark.write_text(os.environ.get("RANK", "?"))
+            atexit.register(unregister_relaunched)  # gone with the process: its pid may be reused
+
+
+def unregister_relaunched() -> None:
+    """This process ends as it should (atexit, and an exit that skips atexit): its mark goes."""
+    folder = os.environ.get(PID_DIR_ENV)
+    if folder:
+        Path(folder, f"pid-{os.getpid()}").unlink(missing_ok=True)
+
+
+def lost_processes(pid_dir: Path) -> list[tuple[str, int]]:
+    """(rank, pid) of each training process that left its mark and no longer runs: it ended
+    without Python's exit (SIGKILL, a crash in native code)."""
+    lost = []
+    for pid in sorted(_registered(pid_dir)):
+        if not _running([pid]):
+            with contextlib.suppress(OSError):
+                lost.append((Path(pid_dir, f"pid-{pid}").read_text().strip() or "?", pid))
+    return sorted(lost)
 
 
 def _registered(pid_dir: Path) -> list[int]:

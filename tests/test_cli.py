@@ -335,7 +335,7 @@ def test_minilm_onnx_and_int8_export_with_dev_delta(tmp_path, caplog):
     assert abs(d["delta"]["ndcg@10"]) < 0.05
 
 
-def test_a_launched_process_leaves_without_teardown_only_when_done(monkeypatch):
+def test_a_launched_process_leaves_without_teardown_only_when_done(monkeypatch, tmp_path):
     """`hmcl train` under `accelerate launch`: each process, its group destroyed and its outputs
     written, exits at once (os._exit) instead of through the interpreter's teardown, where gloo's
     leftovers can abort it; a process outside a launch, or with its group alive, ends normally."""
@@ -354,11 +354,47 @@ def test_a_launched_process_leaves_without_teardown_only_when_done(monkeypatch):
     leave_distributed_child(exits.append)
     assert exits == []  # its process group is still alive
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    from hmcl_cli.stages import PID_DIR_ENV, lost_processes, register_relaunched
+
+    monkeypatch.setenv(PID_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    register_relaunched()
+    assert [p.read_text() for p in tmp_path.iterdir()] == ["1"]
     leave_distributed_child(exits.append)
     assert exits == [0]
+    assert list(tmp_path.iterdir()) == [] and lost_processes(tmp_path) == []  # it ended as it should: no mark
     monkeypatch.setenv("WORLD_SIZE", "1")
     leave_distributed_child(exits.append)
     assert exits == [0]  # one process: nothing to tear down
+
+
+def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_they_stop(tmp_path, monkeypatch):
+    """A mark left by a process that no longer runs (SIGKILL, a native crash: no atexit) names it
+    with its rank; a running one's is not lost. The processes left behind turn the communication
+    layer's "connection closed by peer" into a clear error with its own exit code (12), not an
+    internal error to report; outside a multi-process training such a message is not theirs."""
+    import os
+    import subprocess
+
+    from hmcl_cli.errors import ProcessLostError, from_system_error
+    from hmcl_cli.stages import lost_processes
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (tmp_path / f"pid-{gone.pid}").write_text("3")
+    (tmp_path / f"pid-{os.getpid()}").write_text("0")
+    assert lost_processes(tmp_path) == [("3", gone.pid)]
+    peer = RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9602. This is "
+                        "typically caused by a remote worker crashing.")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    mapped = from_system_error(peer)
+    assert isinstance(mapped, ProcessLostError) and mapped.exit_code == 12
+    assert str(mapped).startswith("process rank 0: another process of this training ended")
+    assert "out-of-memory killer" in mapped.hint and "--resume" in mapped.hint
+    assert from_system_error(RuntimeError("shape mismatch")) is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert from_system_error(peer) is None
 
 
 def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys, monkeypatch):

@@ -165,3 +165,33 @@ def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_pa
     finally:
         for pid in _running_with(str(recipe_path)):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_training_process_killed_without_a_word_is_named_with_exit_code_12(tmp_path, tiny_bert):
+    """SIGKILL to one of two processes (the out-of-memory killer's signal): the other said
+    "internal error ... please report it" (gloo's lost connection) and the launcher exited 1. Now
+    it says another process ended, hmcl names the lost one by rank and pid, says whether a
+    checkpoint is there to resume, and exits 12."""
+    recipe_path = write_recipe(tmp_path, tiny_bert, **TRAIN)
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path), "--launcher", "accelerate",
+                             "--", "--num_processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = recipe.run_dir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        second = [pid for pid in _running_with(str(recipe_path)) if _rank_of(pid) == "1"]
+        assert len(second) == 1
+        os.kill(second[0], signal.SIGKILL)
+        said, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 12, said
+        assert "process rank 0: another process of this training ended" in said
+        assert f"training process rank 1 (pid {second[0]}) ended without a message" in said
+        assert "no checkpoint was written yet" in said and "internal error" not in said
+        assert _running_with(str(recipe_path)) == []
+    finally:
+        for pid in _running_with(str(recipe_path)):
+            os.kill(pid, signal.SIGKILL)
