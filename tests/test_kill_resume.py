@@ -134,6 +134,32 @@ def _rank_of(pid: int) -> str:
     return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), "")
 
 
+def _signal_the_second_of_two(tmp_path, model, train: dict, signum: int):
+    """Start a 2-process training, send ``signum`` to its second process (rank 1) once it trains
+    (2 metrics records); return (exit code, output, recipe, that pid) once hmcl has ended."""
+    recipe_path = write_recipe(tmp_path, model, **train)
+    recipe = load_recipe(recipe_path)
+    prepare(recipe, progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path), "--launcher", "accelerate",
+                             "--", "--num_processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    try:
+        metrics = recipe.run_dir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            time.sleep(0.05)
+        second = [pid for pid in _running_with(str(recipe_path)) if _rank_of(pid) == "1"]
+        assert len(second) == 1
+        os.kill(second[0], signum)
+        said, _ = proc.communicate(timeout=120)
+        assert _running_with(str(recipe_path)) == []  # nothing of the training left behind
+        return proc.returncode, said, recipe, second[0]
+    finally:
+        proc.kill()
+        for pid in _running_with(str(recipe_path)):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_path, tiny_bert, fsdp):
     """The processes of a training agree each step whether one was asked to stop. A SIGINT to the
@@ -141,30 +167,12 @@ def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_pa
     alone: the main process waited in the next step's collective for it, and no checkpoint was
     written. Now both stop after the same step and the checkpoint is saved. (A signal landing just
     after a step's agreement: test_distributed's late-signal test.)"""
-    train = {"train": {**TRAIN["train"], "fsdp": fsdp}}
-    recipe_path = write_recipe(tmp_path, tiny_bert, **train)
-    recipe = load_recipe(recipe_path)
-    prepare(recipe, progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path), "--launcher", "accelerate",
-                             "--", "--num_processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    try:
-        metrics = recipe.run_dir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-            time.sleep(0.05)
-        second = [pid for pid in _running_with(str(recipe_path)) if _rank_of(pid) == "1"]
-        assert len(second) == 1
-        os.kill(second[0], signal.SIGINT)
-        said, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 130, said
-        assert "training stopped by signal 2" in said and "checkpoint saved" in said
-        ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
-        assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
-        assert _running_with(str(recipe_path)) == []
-    finally:
-        for pid in _running_with(str(recipe_path)):
-            os.kill(pid, signal.SIGKILL)
+    code, said, recipe, _ = _signal_the_second_of_two(tmp_path, tiny_bert, {"train": {**TRAIN["train"], "fsdp": fsdp}},
+                                                      signal.SIGINT)
+    assert code == 130, said
+    assert "training stopped by signal 2" in said and "checkpoint saved" in said
+    ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
 
 
 def test_a_training_process_killed_without_a_word_is_named_with_exit_code_12(tmp_path, tiny_bert):
@@ -172,26 +180,8 @@ def test_a_training_process_killed_without_a_word_is_named_with_exit_code_12(tmp
     "internal error ... please report it" (gloo's lost connection) and the launcher exited 1. Now
     it says another process ended, hmcl names the lost one by rank and pid, says whether a
     checkpoint is there to resume, and exits 12."""
-    recipe_path = write_recipe(tmp_path, tiny_bert, **TRAIN)
-    recipe = load_recipe(recipe_path)
-    prepare(recipe, progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path), "--launcher", "accelerate",
-                             "--", "--num_processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
-    try:
-        metrics = recipe.run_dir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-            time.sleep(0.05)
-        second = [pid for pid in _running_with(str(recipe_path)) if _rank_of(pid) == "1"]
-        assert len(second) == 1
-        os.kill(second[0], signal.SIGKILL)
-        said, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 12, said
-        assert "process rank 0: another process of this training ended" in said
-        assert f"training process rank 1 (pid {second[0]}) ended without a message" in said
-        assert "no checkpoint was written yet" in said and "internal error" not in said
-        assert _running_with(str(recipe_path)) == []
-    finally:
-        for pid in _running_with(str(recipe_path)):
-            os.kill(pid, signal.SIGKILL)
+    code, said, _, pid = _signal_the_second_of_two(tmp_path, tiny_bert, TRAIN, signal.SIGKILL)
+    assert code == 12, said
+    assert "process rank 0: another process of this training ended" in said
+    assert f"training process rank 1 (pid {pid}) ended without a message" in said
+    assert "no checkpoint was written yet" in said and "internal error" not in said
