@@ -130,6 +130,14 @@ def test_a_checkpoint_finds_a_base_named_relative_to_its_recipe_and_says_when_it
     (ckpts[0] / "model.pt").write_bytes(b"garbage")
     with pytest.raises(ModelNotFoundError, match="is unusable: model.pt checksum mismatch"):
         checkpoint_model(ckpts[0])
+    # removed between its check and the read of its weights (a running training's keep_last)
+    import hmcl_cli.training.saved_model as saved_model
+
+    read_recipe = saved_model.checkpoint_recipe
+    monkeypatch.setattr(saved_model, "checkpoint_recipe",
+                        lambda ckpt, **kw: (read_recipe(ckpt, **kw), shutil.rmtree(ckpt))[0])
+    with pytest.raises(ModelNotFoundError, match="was removed while it was read"):
+        checkpoint_model(ckpts[-1])
 
 
 def test_checkpoints_are_labelled_by_step_then_run(tmp_path, monkeypatch):
