@@ -283,6 +283,7 @@ PID_DIR_ENV = "HMCL_PID_DIR"  # where each process of a relaunched training leav
 def register_relaunched() -> None:
     """In a training process hmcl relaunched: leave this process's pid where the waiting hmcl
     passes signals on to it (:func:`_wait_passing_on_signals`).
+
     The mark holds the process's rank and goes when it exits through Python (an error too): one
     left behind by a process no longer running names a process that was killed or crashed
     (:func:`lost_processes`)."""
@@ -311,7 +312,7 @@ def lost_processes(pid_dir: Path) -> list[tuple[str, int]]:
         if not _running([pid]):
             with contextlib.suppress(OSError):
                 lost.append((Path(pid_dir, f"pid-{pid}").read_text().strip() or "?", pid))
-    return sorted(lost)
+    return sorted(lost, key=lambda lp: (int(lp[0]) if lp[0].isdigit() else 1 << 30, lp[1]))  # rank 2 before 10
 
 
 def _registered(pid_dir: Path) -> list[int]:

@@ -384,6 +384,8 @@ def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_
     (tmp_path / f"pid-{gone.pid}").write_text("3")
     (tmp_path / f"pid-{os.getpid()}").write_text("0")
     assert lost_processes(tmp_path) == [("3", gone.pid)]
+    (tmp_path / f"pid-{gone.pid + 100_000_000}").write_text("10")  # (no such pid)
+    assert lost_processes(tmp_path) == [("3", gone.pid), ("10", gone.pid + 100_000_000)]  # by rank, as numbers
     peer = RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:9602. This is "
                         "typically caused by a remote worker crashing.")
     monkeypatch.setenv("WORLD_SIZE", "2")
