@@ -232,7 +232,7 @@ def say_lost(lost: list[tuple[str, int]], recipe: Recipe) -> None:
     """The closing words on training processes that ended without a word (:func:`lost_processes`)."""
     from hmcl_cli.training.saved_model import checkpoints_in
 
-    which = ", ".join(f"rank {rank} (pid {pid})" if rank != "?" else f"pid {pid}" for rank, pid in lost)  # (one: no rank)
+    which = ", ".join(f"rank {rank} (pid {pid})" if rank != "?" else f"(pid {pid})" for rank, pid in lost)  # (one: no rank)
     ckpts = checkpoints_in(recipe.run_dir / "checkpoints")
     last = f"; the last checkpoint is {ckpts[-1].name}" if ckpts else "; no checkpoint was written yet"
     err_console.print(f"[bold red]{ProcessLostError.kind}:[/bold red] training process {escape(which)} ended without a "
