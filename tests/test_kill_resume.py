@@ -1,10 +1,12 @@
 """SIGTERM during `hmcl train` saves a checkpoint; `--resume` ends with the same weights."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +85,7 @@ def test_sigterm_during_prepare_leaves_previous_outputs_and_no_temp_files(tmp_pa
 def _running_with(text: str) -> list[int]:
     """Processes whose command line holds ``text``."""
     found = []
-    for cmdline in __import__("pathlib").Path("/proc").glob("[0-9]*/cmdline"):
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                 found.append(int(cmdline.parent.name))
@@ -100,60 +102,55 @@ def test_sigterm_reaches_a_relaunched_training_and_is_waited_for(tmp_path, tiny_
     hmcl exits 130 after it, and no process of the training is left. Under `hmcl run` the
     training's hint names `hmcl run --resume`, the command that goes on (not `hmcl train`)."""
     train = {"train": {**TRAIN["train"], "launcher": "accelerate"}}
-    recipe_path = write_recipe(tmp_path, tiny_bert, **train)
-    recipe = load_recipe(recipe_path)
-    prepare(recipe, progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", command, str(recipe_path)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    try:
-        metrics = recipe.run_dir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # to hmcl alone, as a CI runner or `kill` sends it
-        said, _ = proc.communicate(timeout=180)
-        assert proc.returncode == 130, said
-        assert "relaunching: " in said and "checkpoint saved" in said
-        assert said.index("checkpoint saved") < said.rindex("interrupted")  # hmcl's own word comes after the training's
-        assert f"continue with `hmcl {command} RECIPE --resume`" in said
-        assert ("hmcl train RECIPE" in said) == (command == "train")
-        ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
-        assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
-        assert _running_with(str(recipe_path)) == []  # nothing of the training left behind
-    finally:
-        for pid in _running_with(str(recipe_path)):
-            os.kill(pid, signal.SIGKILL)
+    # to hmcl alone, as a CI runner or `kill` sends it
+    code, said, recipe, _ = _signal_a_training(tmp_path, tiny_bert, train, signal.SIGTERM, "hmcl", [command])
+    assert code == 130, said
+    assert "relaunching: " in said and "checkpoint saved" in said
+    assert said.index("checkpoint saved") < said.rindex("interrupted")  # hmcl's own word comes after the training's
+    assert f"continue with `hmcl {command} RECIPE --resume`" in said
+    assert ("hmcl train RECIPE" in said) == (command == "train")
+    ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and 3 <= int(ckpts[0].name.split("-")[1]) < 120
 
 
-def _rank_of(pid: int) -> str:
-    """The RANK a process was started with ('' for none)."""
+def _env_of(pid: int) -> dict[str, str]:
     try:
-        env = __import__("pathlib").Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
-        return ""
-    return next((v[5:].decode() for v in env if v.startswith(b"RANK=")), "")
+        return {}
+    return dict(v.decode(errors="replace").split("=", 1) for v in env if b"=" in v)
 
 
-def _signal_the_second_of_two(tmp_path, model, train: dict, signum: int):
-    """Start a 2-process training, send ``signum`` to its second process (rank 1) once it trains
-    (2 metrics records); return (exit code, output, recipe, that pid) once hmcl has ended."""
+TWO = ["train", "--launcher", "accelerate", "--", "--num_processes", "2"]
+
+
+def _signal_a_training(tmp_path, model, train: dict, signum: int, whom: str, command=TWO):
+    """Start `hmcl COMMAND RECIPE` and, once it trains (2 metrics records), send ``signum`` to
+    ``whom``: "hmcl" (the command itself), "rank 1" (the second of its relaunched training
+    processes) or "trainer" (its one relaunched process). Return (exit code, output, recipe, the
+    pid signalled) once hmcl has ended, nothing of the training left running."""
     recipe_path = write_recipe(tmp_path, model, **train)
     recipe = load_recipe(recipe_path)
     prepare(recipe, progress=False)
-    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", "train", str(recipe_path), "--launcher", "accelerate",
-                             "--", "--num_processes", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "hmcl_cli", command[0], str(recipe_path), *command[1:]],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     try:
         metrics = recipe.run_dir / "metrics.jsonl"
         deadline = time.time() + 180
         while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
             time.sleep(0.05)
-        second = [pid for pid in _running_with(str(recipe_path)) if _rank_of(pid) == "1"]
-        assert len(second) == 1
-        os.kill(second[0], signum)
-        said, _ = proc.communicate(timeout=120)
+        if whom == "hmcl":
+            target = [proc.pid]
+        else:  # a training process: hmcl's relaunch gave it HMCL_PID_DIR (the launcher has it too)
+            target = [pid for pid in _running_with(str(recipe_path)) if "HMCL_PID_DIR" in _env_of(pid)
+                      and "accelerate" not in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+                      and _env_of(pid).get("RANK") == ("1" if whom == "rank 1" else None)]
+        assert len(target) == 1
+        os.kill(target[0], signum)
+        said, _ = proc.communicate(timeout=180)
         assert _running_with(str(recipe_path)) == []  # nothing of the training left behind
-        return proc.returncode, said, recipe, second[0]
+        return proc.returncode, said, recipe, target[0]
     finally:
         proc.kill()
         for pid in _running_with(str(recipe_path)):
@@ -167,8 +164,8 @@ def test_a_signal_to_one_of_two_training_processes_stops_both_at_one_step(tmp_pa
     alone: the main process waited in the next step's collective for it, and no checkpoint was
     written. Now both stop after the same step and the checkpoint is saved. (A signal landing just
     after a step's agreement: test_distributed's late-signal test.)"""
-    code, said, recipe, _ = _signal_the_second_of_two(tmp_path, tiny_bert, {"train": {**TRAIN["train"], "fsdp": fsdp}},
-                                                      signal.SIGINT)
+    code, said, recipe, _ = _signal_a_training(tmp_path, tiny_bert, {"train": {**TRAIN["train"], "fsdp": fsdp}},
+                                               signal.SIGINT, "rank 1")
     assert code == 130, said
     assert "training stopped by signal 2" in said and "checkpoint saved" in said
     ckpts = sorted((recipe.run_dir / "checkpoints").glob("step-*"))
@@ -180,8 +177,21 @@ def test_a_training_process_killed_without_a_word_is_named_with_exit_code_12(tmp
     "internal error ... please report it" (gloo's lost connection) and the launcher exited 1. Now
     it says another process ended, hmcl names the lost one by rank and pid, says whether a
     checkpoint is there to resume, and exits 12."""
-    code, said, _, pid = _signal_the_second_of_two(tmp_path, tiny_bert, TRAIN, signal.SIGKILL)
+    code, said, _, pid = _signal_a_training(tmp_path, tiny_bert, TRAIN, signal.SIGKILL, "rank 1")
     assert code == 12, said
     assert "process rank 0: another process of this training ended" in said
     assert f"training process rank 1 (pid {pid}) ended without a message" in said
     assert "no checkpoint was written yet" in said and "internal error" not in said
+
+
+def test_the_one_relaunched_training_process_killed_is_named_and_run_json_says_so(tmp_path, tiny_bert):
+    """`hmcl run` whose training hmcl relaunched as one process (train.launcher: accelerate): that
+    process killed made hmcl exit 1 without a word. Now it is named, the last checkpoint too, and
+    run.json says what a CI job reads: the train stage, `process lost`, exit code 12."""
+    train = {"train": {**TRAIN["train"], "launcher": "accelerate", "save_steps": 1},
+             "eval": {"tasks": []}, "export": {"enabled": False}}
+    code, said, recipe, pid = _signal_a_training(tmp_path, tiny_bert, train, signal.SIGKILL, "trainer", ["run"])
+    assert code == 12, said
+    assert f"training process (pid {pid}) ended without a message" in said and "the last checkpoint is step-" in said
+    summary = json.loads((recipe.run_dir / "run.json").read_text())
+    assert (summary["stage"], summary["error"], summary["exit_code"]) == ("train", "process lost", 12)
