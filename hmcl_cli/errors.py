@@ -100,7 +100,8 @@ PROCESS_LOST_HINT = ("a process that ends without a message was killed by a sign
                      "the kernel's out-of-memory killer when the machine's RAM runs out (`dmesg` says so), or a job "
                      "scheduler's hard kill; `--resume` continues from the last checkpoint")
 
-# what the communication layers say when a peer process is gone (gloo, NCCL)
+# what the communication layers say when a peer process is gone or out of reach (gloo; NCCL's
+# ncclRemoteError, and torch's words once its watchdog aborted a communicator)
 _PEER_GONE = ("connection closed by peer", "connection reset by peer", "remote worker crashing",
               "remote process exited", "communicator was aborted")
 
@@ -125,8 +126,9 @@ def from_system_error(e: BaseException) -> HmclError | None:
     if (isinstance(e, RuntimeError) and int(os.environ.get("WORLD_SIZE", "1")) > 1
             and any(m in str(e).lower() for m in _PEER_GONE)):
         rank = os.environ.get("RANK", "?")
-        return ProcessLostError(f"process rank {rank}: another process of this training ended before it (its message, "
-                                "or the launcher's report of it, is nearby) and this one cannot go on alone",
+        return ProcessLostError(f"process rank {rank}: lost its connection to another process of this training, which "
+                                "ended (its message, or the launcher's report of it, is nearby) or could not be reached "
+                                "(the network between machines; a collective past its timeout); this one cannot go on alone",
                                 hint=PROCESS_LOST_HINT)
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
         what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",

@@ -392,7 +392,7 @@ def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_
     monkeypatch.setenv("RANK", "0")
     mapped = from_system_error(peer)
     assert isinstance(mapped, ProcessLostError) and mapped.exit_code == 12
-    assert str(mapped).startswith("process rank 0: another process of this training ended")
+    assert str(mapped).startswith("process rank 0: lost its connection to another process of this training, which ended")
     assert "out-of-memory killer" in mapped.hint and "--resume" in mapped.hint
     assert from_system_error(RuntimeError("shape mismatch")) is None
     monkeypatch.setenv("WORLD_SIZE", "1")

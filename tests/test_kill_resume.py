@@ -179,7 +179,7 @@ def test_a_training_process_killed_without_a_word_is_named_with_exit_code_12(tmp
     checkpoint is there to resume, and exits 12."""
     code, said, _, pid = _signal_a_training(tmp_path, tiny_bert, TRAIN, signal.SIGKILL, "rank 1")
     assert code == 12, said
-    assert "process rank 0: another process of this training ended" in said
+    assert "process rank 0: lost its connection to another process of this training, which ended" in said
     assert f"training process rank 1 (pid {pid}) ended without a message" in said
     assert "no checkpoint was written yet" in said and "internal error" not in said
 
