@@ -209,36 +209,52 @@ def maybe_relaunch(recipe: Recipe, recipe_path: Optional[str], overrides: list[s
     if note:
         log(note)
     with tempfile.TemporaryDirectory(prefix="hmcl-launch-") as folder:
-        exit_file = Path(folder) / "exit-code"
+        exit_file = Path(folder) / EXIT_FILE_NAME
         env = {**os.environ, EXIT_FILE_ENV: str(exit_file), RELAUNCHED_ENV: command, PID_DIR_ENV: folder}
         if os.name == "posix":
             code, signalled = _wait_passing_on_signals(subprocess.Popen(cmd, env=env, start_new_session=True), Path(folder))
         else:
             code, signalled = subprocess.call(cmd, env=env), False
-        if code and exit_file.is_file():  # the launcher exits 1 whatever the training's error was
-            with contextlib.suppress(ValueError):
-                code = int(exit_file.read_text())
-        elif code and signalled:  # the launcher itself was stopped (torchrun: 254), not a training
-            code = InterruptedRun.exit_code
-        lost = lost_processes(Path(folder)) if code and not signalled else []
-        if lost:  # the others said "another process ended"; this says which, and what ends a process so
-            say_lost(lost, recipe)
-            if code in (1, ProcessLostError.exit_code):  # (not a first process's own error, such as 9 diverged)
-                code = ProcessLostError.exit_code
-        return code
+        return relaunch_exit_code(code, signalled, Path(folder), recipe)
 
 
-def say_lost(lost: list[tuple[str, int]], recipe: Recipe) -> None:
-    """The closing words on training processes that ended without a word (:func:`lost_processes`)."""
+def relaunch_exit_code(code: int, signalled: bool, folder: Path, recipe: Recipe) -> int:
+    """The exit code of a relaunched training, from the launcher's (``code``; ``signalled``: hmcl
+    passed a signal on) and what its processes left in ``folder``: the exit code the first one to
+    fail wrote (:func:`record_exit_code`), and the marks of those that ended without a word
+    (:func:`lost_processes`), which are named here."""
+    exit_file = folder / EXIT_FILE_NAME
+    if code and exit_file.is_file():  # the launcher exits 1 whatever the training's error was
+        with contextlib.suppress(ValueError):
+            code = int(exit_file.read_text())
+    elif code and signalled:  # the launcher itself was stopped (torchrun: 254), not a training
+        code = InterruptedRun.exit_code
+    lost = lost_processes(folder) if code and not signalled else []
+    if lost:  # the others said they lost one; this says which, and what ends a process so
+        reported = code not in (1, ProcessLostError.exit_code)  # a first process's own error, such as 5 or 9
+        say_lost(lost, recipe, code if reported else None)
+        if not reported:
+            code = ProcessLostError.exit_code
+    return code
+
+
+def say_lost(lost: list[tuple[str, int]], recipe: Recipe, reported: Optional[int] = None) -> None:
+    """The closing words on training processes that ended without a word (:func:`lost_processes`);
+    ``reported``: the exit code of an error another process said first (out of memory on its GPU,
+    say), which the launcher answers by stopping the others, killing those it cannot stop (a
+    process waiting on its device for a collective with the failed one)."""
     from hmcl_cli.training.saved_model import checkpoints_in
 
     which = ", ".join(f"rank {rank} (pid {pid})" if rank != "?" else f"(pid {pid})" for rank, pid in lost)  # (one: no rank)
     ckpts = checkpoints_in(recipe.run_dir / "checkpoints")
     last = f"; the last checkpoint is {ckpts[-1].name}" if ckpts else "; no checkpoint was written yet"
+    why = (f" after another process's error (exit code {reported}, its message is above): the launcher stops the other "
+           "processes once one fails, and kills those that do not stop" if reported is not None
+           else ": killed by a signal it cannot catch, or crashed in native code")
     err_console.print(f"[bold red]{ProcessLostError.kind}:[/bold red] training process {escape(which)} ended without a "
-                      f"message: killed by a signal it cannot catch, or crashed in native code{last}",
-                      highlight=False)
-    err_console.print(f"[dim]hint:[/dim] {escape(PROCESS_LOST_HINT)}", highlight=False)
+                      f"message{why}{last}", highlight=False)
+    if reported is None:
+        err_console.print(f"[dim]hint:[/dim] {escape(PROCESS_LOST_HINT)}", highlight=False)
 
 
 def _wait_passing_on_signals(proc: subprocess.Popen, pid_dir: Path) -> tuple[int, bool]:
@@ -342,6 +358,7 @@ def _running(pids: list[int]) -> bool:
     return False
 
 
+EXIT_FILE_NAME = "exit-code"  # in the relaunch's folder
 EXIT_FILE_ENV = "HMCL_EXIT_FILE"  # where a relaunched `hmcl train` leaves its exit code for its parent
 
 

@@ -368,7 +368,7 @@ def test_a_launched_process_leaves_without_teardown_only_when_done(monkeypatch, 
     assert exits == [0]  # one process: nothing to tear down
 
 
-def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_they_stop(tmp_path, monkeypatch):
+def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_they_stop(tmp_path, monkeypatch, capsys):
     """A mark left by a process that no longer runs (SIGKILL, a native crash: no atexit) names it
     with its rank; a running one's is not lost. The processes left behind turn the communication
     layer's "connection closed by peer" into a clear error with its own exit code (12), not an
@@ -397,6 +397,34 @@ def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_
     assert from_system_error(RuntimeError("shape mismatch")) is None
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert from_system_error(peer) is None
+    # hmcl's closing words: killed without a word, or stopped by the launcher after another's error
+    from hmcl_cli.recipe import Recipe
+    from hmcl_cli.stages import say_lost
+
+    recipe = Recipe.model_validate({"name": "x", "model": {"name_or_path": "m"}, "output_dir": str(tmp_path / "run")})
+    (tmp_path / "run" / "checkpoints" / "step-0000004").mkdir(parents=True)
+    for name in ("model.pt", "trainer_state.json"):
+        (tmp_path / "run" / "checkpoints" / "step-0000004" / name).write_text("{}")
+    say_lost([("1", 42)], recipe)
+    said = capsys.readouterr().err
+    assert "training process rank 1 (pid 42) ended without a message: killed by a signal" in said
+    assert "the last checkpoint is step-0000004" in said and "out-of-memory killer" in said
+    # the exit code: a lost process alone (the launcher's 1) is 12; the error a first process wrote
+    # (5: out of memory on its GPU) stays, and the lost one was the launcher's doing
+    from hmcl_cli.stages import EXIT_FILE_NAME, relaunch_exit_code
+
+    assert relaunch_exit_code(1, False, tmp_path, recipe) == 12
+    said = capsys.readouterr().err
+    assert "training process rank 3 (pid" in said and "killed by a signal it cannot catch" in said
+    (tmp_path / EXIT_FILE_NAME).write_text("5")
+    assert relaunch_exit_code(1, False, tmp_path, recipe) == 5
+    said = capsys.readouterr().err
+    assert "rank 3 (pid" in said and "after another process's error (exit code 5, its message is above)" in said
+    assert "killed by a signal" not in said and "out-of-memory killer" not in said
+    assert relaunch_exit_code(254, True, tmp_path, recipe) == 5 and capsys.readouterr().err == ""  # (Ctrl-C: no loss)
+    (tmp_path / EXIT_FILE_NAME).unlink()
+    assert relaunch_exit_code(254, True, tmp_path, recipe) == 130 and capsys.readouterr().err == ""
+    assert relaunch_exit_code(0, False, tmp_path, recipe) == 0 and capsys.readouterr().err == ""
 
 
 def test_run_writes_a_summary_for_ci_however_it_ends(tmp_path, tiny_bert, capsys, monkeypatch):
