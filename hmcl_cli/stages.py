@@ -223,15 +223,15 @@ def relaunch_exit_code(code: int, signalled: bool, folder: Path, recipe: Recipe)
     passed a signal on) and what its processes left in ``folder``: the exit code the first one to
     fail wrote (:func:`record_exit_code`), and the marks of those that ended without a word
     (:func:`lost_processes`), which are named here."""
-    exit_file = folder / EXIT_FILE_NAME
+    exit_file, written = folder / EXIT_FILE_NAME, None
     if code and exit_file.is_file():  # the launcher exits 1 whatever the training's error was
         with contextlib.suppress(ValueError):
-            code = int(exit_file.read_text())
+            code = written = int(exit_file.read_text())
     elif code and signalled:  # the launcher itself was stopped (torchrun: 254), not a training
         code = InterruptedRun.exit_code
     lost = lost_processes(folder) if code and not signalled else []
     if lost:  # the others said they lost one; this says which, and what ends a process so
-        reported = code not in (1, ProcessLostError.exit_code)  # a first process's own error, such as 5 or 9
+        reported = written not in (None, ProcessLostError.exit_code)  # a first process's own error (5, 9, 1...)
         say_lost(lost, recipe, code if reported else None)
         if not reported:
             code = ProcessLostError.exit_code

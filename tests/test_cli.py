@@ -421,7 +421,10 @@ def test_a_training_process_gone_without_a_word_is_named_and_the_others_say_why_
     said = capsys.readouterr().err
     assert "rank 3 (pid" in said and "after another process's error (exit code 5, its message is above)" in said
     assert "killed by a signal" not in said and "out-of-memory killer" not in said
-    assert relaunch_exit_code(254, True, tmp_path, recipe) == 5 and capsys.readouterr().err == ""  # (Ctrl-C: no loss)
+    (tmp_path / EXIT_FILE_NAME).write_text("1")  # a first process's internal error, not the launcher's 1
+    assert relaunch_exit_code(1, False, tmp_path, recipe) == 1
+    assert "after another process's error (exit code 1," in capsys.readouterr().err
+    assert relaunch_exit_code(254, True, tmp_path, recipe) == 1 and capsys.readouterr().err == ""  # (Ctrl-C: no loss)
     (tmp_path / EXIT_FILE_NAME).unlink()
     assert relaunch_exit_code(254, True, tmp_path, recipe) == 130 and capsys.readouterr().err == ""
     assert relaunch_exit_code(0, False, tmp_path, recipe) == 0 and capsys.readouterr().err == ""
