@@ -291,10 +291,15 @@ def trained_with(row: str, sets: list[str], args) -> dict:
 
 
 @functools.lru_cache(maxsize=1)
-def _anchors() -> list:
-    """The training anchors, as far as ``resolve_positive_repeats`` looks at them (mining adds no
-    positive, and relabelling weak pairs negative neither)."""
-    return [argparse.Namespace(pos=r["pos"]) for r in graded_rows(raw_pairs(), False)]
+def _anchors():
+    """The training anchors, as far as ``resolve_positive_repeats`` looks at them (their
+    positives: mining adds none, and relabelling weak pairs negative neither)."""
+    from hmcl_cli.training.batching import AnchorTableBuilder
+
+    build = AnchorTableBuilder()
+    for r in graded_rows(raw_pairs(), False):
+        build.add(0, [(0, None)] * len(r["pos"]), [], [])
+    return build.table()
 
 
 def setting_changes(settings: dict, baseline: dict) -> dict:

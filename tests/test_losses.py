@@ -240,16 +240,20 @@ def test_local_term_equals_contrastive_term_with_one_segment_per_text():
 def test_describe_ranking_pairs_counts_what_auto_leaves_out():
     """The start-of-training line: under `auto`, unscored pairs of a query whose positive has a
     score are left to InfoNCE; those of a level-only query (or one without a positive) are ordered."""
-    from types import SimpleNamespace as A
-    anchors = [A(pos=[(0, 0.9)], weak=[(1, None)], neg=[(2, None), (3, 0.1)]),  # scored positive: 2 left out
-               A(pos=[(4, None)], weak=[], neg=[(5, None)]),                    # level only: 2 ordered
-               A(pos=[], weak=[], neg=[(6, None)])]                             # no positive: 1 ordered
+    from hmcl_cli.training.batching import Anchor, AnchorTable
+
+    def A(pos, weak, neg):
+        return Anchor(0, pos, weak, neg)
+
+    anchors = AnchorTable.of([A(pos=[(0, 0.9)], weak=[(1, None)], neg=[(2, None), (3, 0.1)]),  # scored positive: 2 left out
+                              A(pos=[(4, None)], weak=[], neg=[(5, None)]),                    # level only: 2 ordered
+                              A(pos=[], weak=[], neg=[(6, None)])])                            # no positive: 1 ordered
     line = describe_ranking_pairs(anchors, "auto", True)
     assert line == ("loss.ranking_pairs auto: 5 of 7 pairs have no score; 2 left to InfoNCE "
                     "(their query's positive has a score), 3 ordered by level")
     assert "all are left to the other terms" in describe_ranking_pairs(anchors, "scored", True)
     assert "all are ordered by level (loss.use_scores false)" in describe_ranking_pairs(anchors, "auto", False)
-    assert describe_ranking_pairs([A(pos=[(0, 0.9)], weak=[], neg=[(1, 0.2)])], "auto", True) is None
+    assert describe_ranking_pairs(AnchorTable.of([A(pos=[(0, 0.9)], weak=[], neg=[(1, 0.2)])]), "auto", True) is None
 
 
 def _wide_batch(dim: int = 8, seed: int = 0) -> PairBatch:

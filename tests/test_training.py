@@ -1069,15 +1069,14 @@ def test_the_anchor_table_gives_back_each_anchor_as_built():
     assert table[3].pos == [(0, 3.0)]  # (an int score reads back as a float)
     with pytest.raises(IndexError):
         table[4]
-    assert with_positive(table) == with_positive(anchors) == 2
+    assert with_positive(table) == 2
     assert [a.tolist() for a in table.sizes()] == [[2, 0, 0, 1], [1, 0, 1, 0], [2, 1, 0, 0]]
-    from hmcl_cli.losses.ranking import describe_ranking_pairs
-
-    for more in ([], [Anchor(5, [(1, 1.0)], [(2, None)], [(3, None)], 0)]):  # a positive with a score: left out
-        for pairs in ("auto", "all", "scored"):
-            assert describe_ranking_pairs(AnchorTable.of(anchors + more), pairs, True) == describe_ranking_pairs(
-                anchors + more, pairs, True)
-    assert "2 left to InfoNCE" in describe_ranking_pairs(AnchorTable.of(anchors + more), "auto", True)
+    # (pairs, unscored, unscored of anchors whose every positive is scored): the first anchor's
+    # second positive has no score, so its 2 unscored pairs are not left out
+    assert table.unscored_counts() == (8, 3, 0)
+    scored_positive = Anchor(5, [(1, 1.0)], [(2, None)], [(3, None)], 0)  # its 2 unscored pairs: left out
+    assert AnchorTable.of(anchors + [scored_positive]).unscored_counts() == (11, 5, 2)
+    assert AnchorTable.of([]).unscored_counts() == (0, 0, 0)
 
     class Data:  # what BatchPlan reads of TrainData
         def __init__(self, anchors):

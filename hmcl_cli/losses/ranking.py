@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from hmcl_cli.losses.batch import PairBatch, prepared_for
+
+if TYPE_CHECKING:
+    from hmcl_cli.training.batching import AnchorTable
 
 
 class GradedCoSENTLoss(nn.Module):
@@ -93,26 +96,14 @@ class GradedCoSENTLoss(nn.Module):
         return ~higher, gap
 
 
-def describe_ranking_pairs(anchors: Sequence, pairs: str, use_scores: bool) -> Optional[str]:
+def describe_ranking_pairs(anchors: "AnchorTable", pairs: str, use_scores: bool) -> Optional[str]:
     """One line for the start of training: what the ranking term does with the data's pairs
-    that carry no score (None when every pair has one).
-
-    ``anchors``: objects with ``pos``, ``weak``, ``neg`` lists of ``(doc, score or None)``, as
-    :class:`~hmcl_cli.training.batching.Anchor`, or training's ``AnchorTable``, which counts them
-    from its arrays. Under ``auto`` a pair counts as left out where every positive of its query
-    has a score (the batch samples one positive per query).
+    that carry no score (None when every pair has one), counted by the training anchors'
+    :meth:`~hmcl_cli.training.batching.AnchorTable.unscored_counts`. Under ``auto`` a pair
+    counts as left out where every positive of its query has a score (the batch samples one
+    positive per query).
     """
-    if hasattr(anchors, "unscored_counts"):
-        total, unscored, left_out = anchors.unscored_counts()
-    else:
-        total = unscored = left_out = 0
-        for a in anchors:
-            items = [*a.pos, *a.weak, *a.neg]
-            n_unscored = sum(1 for _, s in items if s is None)
-            total += len(items)
-            unscored += n_unscored
-            if a.pos and all(s is not None for _, s in a.pos):
-                left_out += n_unscored
+    total, unscored, left_out = anchors.unscored_counts()
     if unscored == 0:
         return None
     head = f"loss.ranking_pairs {pairs}: {unscored} of {total} pairs have no score;"

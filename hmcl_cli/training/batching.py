@@ -332,14 +332,12 @@ class TrainData:
         return self.token_count("query", int(self.anchors.query[i]))
 
 
-def with_positive(anchors: Sequence[Anchor]) -> int:
+def with_positive(anchors: AnchorTable) -> int:
     """How many of ``anchors`` have a positive."""
-    if isinstance(anchors, AnchorTable):
-        return int(anchors.has_positive().sum())
-    return sum(1 for a in anchors if a.pos)
+    return int(anchors.has_positive().sum())
 
 
-def resolve_positive_repeats(setting: int | str, anchors: Sequence[Anchor]) -> int:
+def resolve_positive_repeats(setting: int | str, anchors: AnchorTable) -> int:
     """``train.positive_repeats`` as a number: ``auto`` is 2 where fewer than half of the anchors
     have a positive (graded STS/NLI-style data, where InfoNCE sees few rows per step), else 1
     (retrieval-style data, where nearly every anchor has one and repeats would only lengthen the

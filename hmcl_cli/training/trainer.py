@@ -327,10 +327,8 @@ class HMCLTrainer:
 
     def _source_mix(self, weights: list[float]) -> list[tuple[str, int, float]]:
         """(source label, its training anchors, weight) for the start-of-training line."""
-        counts: dict[int, int] = {}
-        for source in self.data.anchors.source.tolist():
-            counts[source] = counts.get(source, 0) + 1
-        return [(str(name), counts.get(i, 0), weights[i]) for i, name in enumerate(self.data.source_names)]
+        counts = np.bincount(self.data.anchors.source, minlength=len(self.data.source_names)).tolist()
+        return [(str(name), counts[i], weights[i]) for i, name in enumerate(self.data.source_names)]
 
     def _print_memory_plan(self, longest: tuple[int, int], segments: tuple[int, int], unpadded: Optional[bool] = None) -> None:
         """The memory plan of this run (``unpadded``: whether forward calls are; None: as predicted
