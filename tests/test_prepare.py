@@ -902,3 +902,96 @@ def test_prepare_memory_is_a_small_multiple_of_its_data(tmp_path):
     peak, stats = _traced_peak(lambda: prepare(recipe, progress=False))
     assert stats["splits"]["train"]["examples"] + stats["splits"]["dev"]["examples"] == 20000
     assert peak < 3.2 * size, (peak / size)
+
+
+def _held_out_shares(tmp_path) -> tuple[set, set, set]:
+    """The train and dev splits' unordered pairs, and the texts both splits hold."""
+    def pairs(rows):
+        return {frozenset((r["query"], t)) for r in rows for level in ("pos", "weak", "neg") for t in r[level]}
+
+    def texts(rows):
+        return {r["query"] for r in rows} | {t for r in rows for level in ("pos", "weak", "neg") for t in r[level]}
+
+    train, dev = _written(tmp_path, "train"), _written(tmp_path, "dev")
+    return pairs(train), pairs(dev), texts(train) & texts(dev)
+
+
+def test_a_drawn_symmetric_source_keeps_both_directions_of_each_pair_and_its_group_in_one_split(tmp_path, capsys):
+    """`symmetric: true` yields a -> b and b -> a from one row. Drawn by their queries, the two
+    halves landed in different splits about as often as not (STS-B German train: 1,019 of 1,136 dev
+    pairs were train pairs the other way round), so dev scored what training saw. Texts linked by
+    pairs (a-b, b-c, ...) form a group drawn whole: no pair and no text is in two splits, and the
+    dev share stays near data.dev_fraction."""
+    rows = []
+    for g in range(200):  # 200 chains of 3 texts in 2 rows, the second row listed later in the file
+        rows.append(f"first {g},second {g},{g % 6}")
+    for g in range(200):
+        rows.append(f"third {g},second {g},{(g + 3) % 6}")
+    path = tmp_path / "sts.csv"
+    path.write_text("\n".join(rows) + "\n")
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True}], dev_fraction=0.3),
+                    progress=False)
+    train, dev, shared_texts = _held_out_shares(tmp_path)
+    assert not train & dev and not shared_texts
+    assert 40 <= len(dev) // 2 <= 80  # ~60 of 200 groups of 2 pairs
+    assert stats["leakage"]["dev_test_pairs_in_train"] == 0 and stats["leakage"]["dev_test_queries_in_train"] == 0
+    assert "600 texts of symmetric pairs in 200 groups (largest 3 texts)" in " ".join(capsys.readouterr().out.split())
+    dev_queries = {r["query"] for r in _written(tmp_path, "dev")}
+    for g in range(200):  # each chain whole, in one split
+        assert len({f"first {g}", f"second {g}", f"third {g}"} & dev_queries) in (0, 3)
+    # a source that is not symmetric is drawn by query as before; a source with a split is not drawn
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts"}], dev_fraction=0.3), progress=False)
+    assert "pair groups" not in capsys.readouterr().out
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True, "split": "train"}]),
+                    progress=False)
+    assert "pair groups" not in capsys.readouterr().out and stats["splits"]["dev"]["examples"] == 0
+
+
+def test_the_dev_cap_moves_a_pair_group_whole(tmp_path, capsys):
+    """`data.dev_max_queries` moves the last drawn dev queries by their draw to train; a pair
+    group's queries share one draw and move together (or stay together), so the cap does not put
+    a pair's two directions in two splits. A group can make it keep fewer than the cap, never more."""
+    rows = [f"left {g},right {g},4" for g in range(150)] + [f"middle {g},right {g},1" for g in range(150)]
+    path = tmp_path / "sts.csv"
+    path.write_text("\n".join(rows) + "\n")
+    for cap in (10, 25, 40):
+        stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True}],
+                                dev_fraction=0.5, dev_max_queries=cap), progress=False)
+        train, dev, shared_texts = _held_out_shares(tmp_path)
+        assert not train & dev and not shared_texts
+        kept = len(_written(tmp_path, "dev"))
+        assert cap - 2 <= kept <= cap and kept % 3 == 0  # whole groups of 3 queries
+        assert stats["dev_capped"] > 0
+    # a group one of whose queries a `split: dev` source also holds stays in dev whole
+    prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True}], dev_fraction=0.5),
+            progress=False)
+    drawn = {r["query"] for r in _written(tmp_path, "dev")}
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True}],
+                            dev_fraction=0.5, dev_max_queries=10), progress=False)
+    capped = {r["query"] for r in _written(tmp_path, "dev")}
+    moved = next(g for g in range(150) if f"left {g}" in drawn - capped)
+    (tmp_path / "given.jsonl").write_text(json.dumps({"query": f"middle {moved}", "pos": ["a dev answer"]}) + "\n")
+    prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True},
+                               {"path": str(tmp_path / "given.jsonl"), "format": "graded", "split": "dev"}],
+                    dev_fraction=0.5, dev_max_queries=10), progress=False)
+    dev_queries = {r["query"] for r in _written(tmp_path, "dev")}
+    assert {f"left {moved}", f"middle {moved}", f"right {moved}"} <= dev_queries
+    train, dev, _ = _held_out_shares(tmp_path)
+    assert not train & dev
+
+
+def test_one_large_pair_group_is_warned_about(tmp_path, capsys):
+    """A chain that links most texts lands in one split whole: the split sizes then cannot follow
+    data.dev_fraction, and prepare says so (and what gives a dev split of a chosen size)."""
+    rows = [f"text {i},text {i + 1},3" for i in range(60)] + [f"alone {i},partner {i},3" for i in range(20)]
+    path = tmp_path / "sts.csv"
+    path.write_text("\n".join(rows) + "\n")
+    prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True}], dev_fraction=0.2),
+            progress=False)
+    said = capsys.readouterr()
+    out = " ".join((said.out + said.err).split())
+    assert "61 of the 101 texts of symmetric pairs (60%) are linked by their pairs into one group" in out
+    chain = {f"text {i}" for i in range(61)}
+    for split in ("train", "dev"):
+        queries = {r["query"] for r in _written(tmp_path, split)}
+        assert chain <= queries or not chain & queries

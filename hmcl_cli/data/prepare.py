@@ -19,6 +19,7 @@ import numpy as np
 
 from hmcl_cli.console import ProgressBar, log, show_table, warn
 from hmcl_cli.data.example import LEVEL_NAMES, LEVELS, BadRow, GradedExample, add_candidate, parse_graded, spread_sample
+from hmcl_cli.data.pair_groups import PairGroups
 from hmcl_cli.data.readers import (NO_GOLD_LABEL, is_pattern, is_saved_dataset, json_records, read_source, source_files,
                                    source_labels)
 from hmcl_cli.errors import DataError
@@ -36,9 +37,11 @@ def seeded_draw(query: str, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{query}".encode()).digest()[:8], "big") / 2**64
 
 
-def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float) -> str:
-    """Deterministic split of a query by a seeded hash: the same query always lands in one split."""
-    h = seeded_draw(query, seed)
+def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float, h: Optional[float] = None) -> str:
+    """Deterministic split of a query by a seeded hash: the same query always lands in one split
+    (``h``: the draw to use instead of the query's own, a pair group's)."""
+    if h is None:
+        h = seeded_draw(query, seed)
     if h < test_fraction:
         return "test"
     if h < test_fraction + dev_fraction:
@@ -50,11 +53,13 @@ LARGE_DEV = 20000  # more dev queries drawn than this, without data.dev_max_quer
 
 
 def _cap_dev(recipe: Recipe, merged: dict, drawn_dev: dict, given_dev: set, origin_split: dict,
-             per_source: dict, totals: Counter) -> int:
+             per_source: dict, totals: Counter, draw_of: Any) -> int:
     """``data.dev_max_queries``: the drawn dev queries beyond it (the last by the seeded hash that
-    drew them) go to train, with their rows' per-source counts; returns how many moved. A query
-    that a ``split: dev`` source also holds stays (and counts). Without a cap, a note where the
-    draw made a dev split large enough to slow every dev evaluation."""
+    drew them, ``draw_of(key)``) go to train, with their rows' per-source counts; returns how many
+    moved. A query that a ``split: dev`` source also holds stays (and counts), and so does the rest
+    of its pair group. A pair group (queries with one draw) moves whole or stays whole, so the cap
+    may keep a few fewer than it allows. Without a cap, a note where the draw made a dev split
+    large enough to slow every dev evaluation."""
     cap = recipe.data.dev_max_queries
     if cap is None:
         if len(drawn_dev) > LARGE_DEV:
@@ -63,8 +68,12 @@ def _cap_dev(recipe: Recipe, merged: dict, drawn_dev: dict, given_dev: set, orig
         return 0
     if len(drawn_dev) <= cap:
         return 0
-    movable = sorted((k for k in drawn_dev if k not in given_dev), key=lambda k: seeded_draw(k[1], recipe.seed))
+    draws = {k: draw_of(k) for k in drawn_dev}
+    held = {draws[k] for k in drawn_dev if k in given_dev}  # a given dev query's group stays with it
+    movable = sorted((k for k in drawn_dev if draws[k] not in held), key=lambda k: (draws[k], k))
     keep = max(0, cap - (len(drawn_dev) - len(movable)))
+    while 0 < keep < len(movable) and draws[movable[keep - 1]] == draws[movable[keep]]:
+        keep -= 1  # not through a pair group: its pairs would be in two splits
     for key in movable[keep:]:
         ex = merged["dev"].pop(key)
         target = merged["train"].get(key)
@@ -118,6 +127,11 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     per_source: dict[str, _SourceStats] = {}
     drawn_dev: dict[tuple, Counter] = defaultdict(Counter)  # dev queries drawn by dev_fraction: rows per source
     given_dev: set[tuple] = set()  # queries of `split: dev` sources
+    groups = _pair_groups(recipe, progress)
+
+    def draw_of(key: tuple) -> float:
+        group_draw = groups.draw(key) if groups is not None else None
+        return seeded_draw(key[1], recipe.seed) if group_draw is None else group_draw
 
     for index, (src, label) in enumerate(zip(data_cfg.sources, source_labels(data_cfg.sources))):
         st = per_source[label] = _SourceStats()
@@ -139,8 +153,9 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                     if st.rows % 1000 == 0:
                         bar.update(1000)
                 st.examples_in += 1
-                split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction)
                 key = (ex.prompt or "", ex.query)
+                split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction,
+                                              groups.draw(key) if groups is not None else None)
                 origin_split[key] |= SPLIT_BIT[split]
                 if split == "dev":
                     if src.split:
@@ -167,7 +182,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
         _check_sts_scale(src, label, st, index)
 
     del pool
-    capped = _cap_dev(recipe, merged, drawn_dev, given_dev, origin_split, per_source, totals)
+    capped = _cap_dev(recipe, merged, drawn_dev, given_dev, origin_split, per_source, totals, draw_of)
+    groups = None  # freed: draw_of is not used after the cap
     # rows of one query (within a split, across sources too) make one example: the sources'
     # example counts add up to the splits' only with these
     combined = sum(st.examples_in for st in per_source.values()) - sum(len(m) for m in merged.values())
@@ -327,6 +343,52 @@ def _check_sts_scale(src: SourceConfig, label: str, st: _SourceStats, index: int
     raise DataError(said + " — the default thresholds are for scores from 0 to 5",
                     hint=f"declare the scale, e.g. {key}.score_range: {span} (the thresholds follow it: "
                          f"pos from 80% of the way, weak from 40%), or set {key}.thresholds: {{pos: ..., weak: ...}}")
+
+
+SYMMETRIC_FORMATS = ("sts", "nli", "pairs")  # the formats `symmetric: true` reads in both directions
+
+
+def _pair_groups(recipe: Recipe, progress: bool) -> Optional[PairGroups]:
+    """The groups of texts that the drawn symmetric sources pair (:mod:`hmcl_cli.data.pair_groups`),
+    read in a first pass over those sources; ``None`` where no source is both. Bad rows and missing
+    files are left to the main pass, which reports them."""
+    data_cfg = recipe.data
+    drawn = [(src, label) for src, label in zip(data_cfg.sources, source_labels(data_cfg.sources))
+             if src.symmetric and src.split is None and src.format in SYMMETRIC_FORMATS]
+    if not drawn or data_cfg.dev_fraction + data_cfg.test_fraction <= 0:
+        return None
+    groups = PairGroups(recipe.seed, lambda text: seeded_draw(text, recipe.seed))
+    for src, label in drawn:
+        path = recipe.resolve(src.path) if src.path else None
+        if path is not None and not (source_files(path) if is_pattern(path) else path.exists()):
+            continue
+        bar = ProgressBar(f"prepare {label}: pair groups", None, "rows", enabled=progress)
+        rows, last_line = 0, None
+        try:
+            for item in read_source(src, path):
+                if isinstance(item, BadRow):
+                    continue
+                line, ex = item
+                if line != last_line:
+                    last_line = line
+                    rows += 1
+                    if rows % 1000 == 0:
+                        bar.update(1000)
+                    groups.link((ex.prompt or "", ex.query), ((ex.prompt or "", t) for t in ex.candidates))
+        finally:
+            bar.update(rows % 1000)
+            bar.close()
+    if groups.groups:
+        log(f"prepare: {len(groups)} texts of symmetric pairs in {groups.groups} groups (largest {groups.largest()} "
+            "texts); each group's split is drawn whole, so no pair is in two splits")
+        share = groups.largest() / len(groups)
+        drawn_share = min(f for f in (data_cfg.dev_fraction, data_cfg.test_fraction) if f > 0)
+        if share > drawn_share / 2 and groups.largest() > SMALL_DEV:
+            warn(f"{groups.largest()} of the {len(groups)} texts of symmetric pairs ({share:.0%}) are linked by their "
+                 "pairs into one group, which lands in one split whole: the splits' sizes may be far from "
+                 f"data.dev_fraction {data_cfg.dev_fraction:g} (test_fraction {data_cfg.test_fraction:g}). A dev "
+                 "source of its own (`split: dev`) gives a dev split of the size it holds")
+    return groups
 
 
 def _reject(bad: BadRow, on_error: str, st: _SourceStats) -> None:
