@@ -21,7 +21,7 @@ import re
 import shutil
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -237,6 +237,36 @@ def _label_keys(value: Any) -> Any:
 LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
 
 
+# the source keys that only some formats read (a key not here is read by every format)
+FORMAT_KEYS: dict[str, tuple[str, ...]] = {
+    "thresholds": ("sts",),
+    "score_range": ("sts", "nli", "pairs", "answer_selection"),
+    "label_map": ("nli", "pairs", "answer_selection"),
+    "grade_map": ("qrels",),
+    "qrels_split": ("qrels",),
+    "symmetric": ("sts", "nli", "pairs"),
+    "columns": ("sts", "nli", "pairs", "answer_selection", "triplets"),
+}
+FORMAT_READS = {  # how each format grades, for the message
+    "graded": "reads JSON objects with query, pos, weak and neg",
+    "sts": "grades a pair by its score and `thresholds`",
+    "nli": "grades a pair by its label",
+    "pairs": "grades a pair by its label",
+    "answer_selection": "grades a question's answers by their labels",
+    "triplets": "reads an anchor, its positive and negatives",
+    "qrels": "reads a BEIR folder and grades by its relevance grades",
+}
+
+
+def _yaml_text(value: Any) -> str:
+    """A default as ``--set`` writes it: null, false, {}, train."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _and(items: Sequence[str]) -> str:
+    return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else items[0]
+
+
 class SourceConfig(_Section):
     """One data source. Several sources are merged; examples with the same query combine."""
 
@@ -307,6 +337,23 @@ class SourceConfig(_Section):
     def _one_location(self) -> "SourceConfig":
         if not self.path and not self.hub:
             raise ValueError("a source needs `path` (local file) or `hub` (dataset name)")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_of_its_format(self) -> "SourceConfig":
+        """A key the source's format does not read is an error, not a setting dropped without a
+        word (`thresholds` on an nli source, `symmetric: true` on triplets); its default (null,
+        false, {}; `qrels_split: train`) is no setting."""
+        fields = type(self).model_fields
+        unread = [key for key, formats in FORMAT_KEYS.items() if self.format not in formats
+                  and getattr(self, key) != fields[key].get_default(call_default_factory=True)]
+        if unread:
+            said = "; ".join(f"`{key}` is for {_and(FORMAT_KEYS[key])}" for key in unread)
+            unset = " ".join(f"--set ...{key}={_yaml_text(fields[key].get_default(call_default_factory=True))}"
+                             for key in unread)
+            raise ValueError(f"format {self.format} ({FORMAT_READS[self.format]}) does not read "
+                             f"{_and([f'`{k}`' for k in unread])} ({said}): leave {'it' if len(unread) == 1 else 'them'} "
+                             f"out (or unset: {unset}), or set the source's `format` to its rows' format")
         return self
 
     @field_validator("thresholds")
@@ -1669,7 +1716,23 @@ def editor_json_schema() -> dict[str, Any]:
         for name, prop in props.items():
             if not (_takes_any_string(prop) or _is_section(prop)):  # a section wrapped would hide its key errors
                 props[name] = _or_reference(prop)
+    schema["$defs"]["SourceConfig"]["allOf"] = _format_key_rules()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def _format_key_rules() -> list[dict]:
+    """SourceConfig's keys that its format does not read (:data:`FORMAT_KEYS`), for editors: set,
+    each is flagged as ``load_recipe`` refuses it (a source without `format` is graded)."""
+    unset = {"symmetric": {"const": False}, "columns": {"maxProperties": 0}, "qrels_split": {"const": "train"}}
+    rules = []
+    for fmt in FORMAT_READS:
+        unread = [key for key, formats in FORMAT_KEYS.items() if fmt not in formats]
+        when = {"properties": {"format": {"const": fmt}}, "required": ["format"]}
+        if fmt == "graded":
+            when = {"anyOf": [when, {"not": {"required": ["format"]}}]}
+        rules.append({"if": when, "then": {"properties": {
+            key: {"anyOf": [unset.get(key, {"type": "null"}), _REFERENCE_SCHEMA]} for key in unread}}})
+    return rules
 
 
 def _takes_any_string(prop: dict) -> bool:

@@ -50,10 +50,11 @@ def test_a_prompt_with_a_colon_is_text_on_the_command_line():
     assert r.model.query_prompt == "query: "
     assert r.model.doc_prompt == "Represent this sentence for searching relevant passages: "
     assert load_recipe(QUICKSTART, ["model.query_prompt=#question "]).model.query_prompt == "#question "
-    r = load_recipe(QUICKSTART, ["data.sources.0.columns={query: q}", "loss.matryoshka_dims=[128, 64]"])
+    r = load_recipe(QUICKSTART, ["data.sources.0.format=sts", "data.sources.0.columns={query: q}",
+                                 "loss.matryoshka_dims=[128, 64]"])
     assert r.data.sources[0].columns == {"query": "q"} and r.loss.matryoshka_dims == [128, 64]
     with pytest.raises(RecipeError, match=r"a mapping is written in braces: \{query: q\}"):
-        load_recipe(QUICKSTART, ["data.sources.0.columns=query: q"])
+        load_recipe(QUICKSTART, ["data.sources.0.format=sts", "data.sources.0.columns=query: q"])
 
 
 def test_a_section_or_list_given_as_a_value_says_how_to_write_it():
@@ -247,6 +248,11 @@ def test_the_editor_schema_judges_recipes_as_load_recipe_does(tmp_path, monkeypa
         ("train: {epochs: three}", "train.epochs: ", "train.epochs"),
         ("model: {pooling: avg}", "model.pooling: ", "model.pooling"),
         ("train: {batch_size: 0}", "train.batch_size: ", "train.batch_size"),
+        ("data: {sources: [{path: a.csv, format: nli, thresholds: {pos: 4.0}}]}", "data.sources.0.thresholds: ",
+         "does not read `thresholds`"),
+        ("data: {sources: [{path: a.jsonl, symmetric: true}]}", "data.sources.0.symmetric: ", "does not read `symmetric`"),
+        ("data: {sources: [{path: a.csv, format: sts, qrels_split: dev}]}", "data.sources.0.qrels_split: ",
+         "does not read `qrels_split`"),
     ]
     for text, expected, key in bad:
         found = errors(text)
@@ -400,3 +406,36 @@ def test_a_date_is_a_name_and_a_number_where_text_belongs_says_to_quote_it(tmp_p
     assert "`'1.10'` stays 1.10" in str(err.value)
     path.write_text("name: nightly\nmodel: {name_or_path: m, revision: '1.10'}\n")
     assert load_recipe(path).model.revision == "1.10"
+
+
+def test_a_source_key_its_format_does_not_read_is_refused(tmp_path):
+    """`thresholds` on an nli source, `symmetric: true` on a graded one (the default format) or
+    `label_map` on an sts one were dropped without a word: the source graded as if they were not
+    there. Each is refused, naming the source's line, every such key, the formats that read them
+    and how to unset one a base recipe sets; an explicit null (false, {}) is no setting."""
+    (tmp_path / "r.yaml").write_text(
+        "name: r\nmodel: {name_or_path: m}\ndata:\n  sources:\n"
+        "    - {path: a.tsv, format: nli, thresholds: {pos: 4.0}, grade_map: {1: pos}}\n"
+        "    - {path: b.jsonl, symmetric: true}\n"
+        "    - {path: c.csv, format: sts, label_map: {a: pos}, symmetric: true, score_range: [0, 1]}\n")
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(tmp_path / "r.yaml")
+    said = " ".join(str(refused.value).split())
+    assert ("r.yaml:5: data.sources.0: format nli (grades a pair by its label) does not read `thresholds` and "
+            "`grade_map` (`thresholds` is for sts; `grade_map` is for qrels): leave them out (or unset: --set "
+            "...thresholds=null --set ...grade_map=null)") in said
+    assert "r.yaml:6: data.sources.1: format graded" in said and "--set ...symmetric=false" in said
+    assert "r.yaml:7: data.sources.2: format sts" in said and "does not read `label_map` (" in said
+    assert "`symmetric`" not in said.split("data.sources.2")[1] and "score_range" not in said  # read by sts
+    unset = ["data.sources.0.thresholds=null", "data.sources.0.grade_map=null", "data.sources.1.symmetric=false",
+             "data.sources.2.label_map=null"]
+    r = load_recipe(tmp_path / "r.yaml", [f"{item}" for item in unset])
+    assert [s.format for s in r.data.sources] == ["nli", "graded", "sts"]
+    # the built-in recipe's note: SICK graded by its labels, its sts thresholds unset
+    builtin = Path(__file__).resolve().parents[1] / "recipes" / "sts-nli-en.yaml"
+    nli = ["data.sources.1.format=nli", "data.sources.3.format=nli"]
+    with pytest.raises(RecipeError, match="does not read `thresholds`"):
+        load_recipe(builtin, nli)
+    r = load_recipe(builtin, nli + ["data.sources.1.thresholds=null", "data.sources.3.thresholds=null"])
+    assert [s.format for s in r.data.sources] == ["sts", "nli", "sts", "nli"]
+    assert "--set data.sources.1.thresholds=null" in builtin.read_text()
