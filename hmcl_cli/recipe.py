@@ -258,6 +258,20 @@ FORMAT_READS = {  # how each format grades, for the message
 }
 
 
+def unread_keys_problem(fmt: str, values: dict[str, Any]) -> Optional[str]:
+    """What is wrong where ``values`` (source key -> value) set a key that format ``fmt`` does not
+    read (:data:`FORMAT_KEYS`) to other than its default, with how to mend it; None where nothing."""
+    fields = SourceConfig.model_fields
+    defaults = {key: fields[key].get_default(call_default_factory=True) for key in values}
+    unread = [key for key, value in values.items() if fmt not in FORMAT_KEYS[key] and value != defaults[key]]
+    if not unread:
+        return None
+    said = "; ".join(f"`{key}` is for {_and(FORMAT_KEYS[key])}" for key in unread)
+    unset = " ".join(f"--set ...{key}={_yaml_text(defaults[key])}" for key in unread)
+    return (f"format {fmt} ({FORMAT_READS[fmt]}) does not read {_and([f'`{k}`' for k in unread])} ({said}): leave "
+            f"{'it' if len(unread) == 1 else 'them'} out (or unset: {unset}), or set the `format` its rows are in")
+
+
 def _yaml_text(value: Any) -> str:
     """A default as ``--set`` writes it: null, false, {}, train."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
@@ -344,16 +358,9 @@ class SourceConfig(_Section):
         """A key the source's format does not read is an error, not a setting dropped without a
         word (`thresholds` on an nli source, `symmetric: true` on triplets); its default (null,
         false, {}; `qrels_split: train`) is no setting."""
-        fields = type(self).model_fields
-        unread = [key for key, formats in FORMAT_KEYS.items() if self.format not in formats
-                  and getattr(self, key) != fields[key].get_default(call_default_factory=True)]
-        if unread:
-            said = "; ".join(f"`{key}` is for {_and(FORMAT_KEYS[key])}" for key in unread)
-            unset = " ".join(f"--set ...{key}={_yaml_text(fields[key].get_default(call_default_factory=True))}"
-                             for key in unread)
-            raise ValueError(f"format {self.format} ({FORMAT_READS[self.format]}) does not read "
-                             f"{_and([f'`{k}`' for k in unread])} ({said}): leave {'it' if len(unread) == 1 else 'them'} "
-                             f"out (or unset: {unset}), or set the source's `format` to its rows' format")
+        problem = unread_keys_problem(self.format, {key: getattr(self, key) for key in FORMAT_KEYS})
+        if problem:
+            raise ValueError(problem)
         return self
 
     @field_validator("thresholds")

@@ -1259,3 +1259,28 @@ def test_retrieval_metrics_of_all_queries_at_once_equal_the_per_query_definition
         assert got[name] == pytest.approx(float(np.mean(values)), abs=1e-12), name
     assert 0 < got["ndcg@10"] < 1 and 0 < got["map@100"] < 1
     assert ranked_retrieval_scores(ranked, [{}] * 60) == {"queries": 0}
+
+
+def test_an_eval_task_key_its_file_format_does_not_read_is_refused(tmp_path):
+    """An eval task's `score_range`, `label_map` or `columns` go to the reader of its file's format,
+    known when the file is read (a reranking task's table may read as pairs or triplets): one that
+    format does not read is an error naming the task, the file and the key, not dropped (nor an
+    internal error from the reader's settings)."""
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.evaluation.runner import load_task
+    from hmcl_cli.recipe import EvalTask
+
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"query": "q", "pos": ["a"], "neg": ["b"]}) + "\n")
+    with pytest.raises(RecipeError) as refused:
+        load_task(EvalTask(name="r", type="reranking", path=str(path), score_range=(0, 5), label_map={"1": "pos"}),
+                  Path)
+    said = " ".join(str(refused.value).split())
+    assert f"eval task 'r' (reranking), {path}: format graded" in said
+    assert "does not read `score_range` and `label_map`" in said
+    assert len(load_task(EvalTask(name="r", type="reranking", path=str(path)), Path).examples) == 1
+    sts = tmp_path / "s.csv"
+    sts.write_text("a,b,4.5\nc,d,1.0\n")
+    with pytest.raises(RecipeError, match="format sts .* does not read `label_map`"):
+        load_task(EvalTask(name="s", type="sts", path=str(sts), label_map={"1": "pos"}), Path)
+    assert len(load_task(EvalTask(name="s", type="sts", path=str(sts), score_range=(0, 5)), Path).pairs[0]) == 2

@@ -23,7 +23,7 @@ from hmcl_cli.data.example import BadRow, GradedExample, add_candidate
 from hmcl_cli.data.readers import is_pattern, is_saved_dataset, primed, read_source, source_files
 from hmcl_cli.errors import DataError, GateFailedError, HmclError, RecipeError, from_system_error
 from hmcl_cli.io_utils import atomic_path, write_json_atomic
-from hmcl_cli.recipe import EvalTask, SourceConfig
+from hmcl_cli.recipe import EvalTask, SourceConfig, unread_keys_problem
 
 MAIN_METRIC = {"sts": "spearman", "reranking": "map", "retrieval": "ndcg@10", "pair_classification": "ap"}
 
@@ -112,6 +112,10 @@ def load_task(task: EvalTask, resolve) -> TaskData:
     exists = path.is_dir() if fmt == "qrels" else (first.is_file() or saved)
     if not exists:
         raise DataError(f"task {task.name!r}: {path} does not exist", hint="fix eval.tasks[].path")
+    problem = unread_keys_problem(fmt, {"columns": task.columns, "score_range": task.score_range,
+                                        "label_map": task.label_map})
+    if problem:  # (a task's format can be the one its file's columns say: known only now)
+        raise RecipeError(f"eval task {task.name!r} ({task.type}), {path}: {problem}")
     src = SourceConfig(path=str(path), format=fmt, columns=task.columns, score_range=task.score_range, encoding=task.encoding,
                        delimiter=task.delimiter, hub_split=task.split if saved else None,
                        qrels_split=task.split if fmt == "qrels" else "train",
