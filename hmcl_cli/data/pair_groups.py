@@ -16,8 +16,13 @@ two splits. STS-B's groups are small (English train: 4,863 groups of 10,536 text
 texts), so the splits' sizes stay close to their fractions; :meth:`PairGroups.largest` says when one
 group is large enough to tilt them.
 
-Memory: two dicts of integers and floats per text (Python's own string hash names a text within
-the process; the texts themselves are not kept).
+Data that grows between runs (a scheduled retraining on appended rows) keeps each group's split
+as long as no new row links two groups: the joined group is drawn by one member, so the texts of
+the other may change split (a query-level draw never moves a query).
+
+Memory: an integer per text and a size and a draw per group (Python's own hash of a ``(prompt,
+text)`` names a text within the process; the texts themselves are not kept): +40 MB of 921 MB for
+`hmcl prepare` of 200,000 symmetric rows.
 """
 
 from __future__ import annotations
