@@ -236,6 +236,25 @@ def _label_keys(value: Any) -> Any:
 
 LabelMap = Annotated[dict[str, Literal["pos", "weak", "neg"]], BeforeValidator(_label_keys)]
 
+COLUMN_ROLES = ("query", "candidate", "score", "label", "positive", "negative", "prompt")  # what `columns` maps
+
+
+def _known_roles(value: dict) -> dict:
+    """`columns: {querry: question}` was read as no mapping at all: the query column then came from
+    the file's header names, or from the first column, without a word."""
+    said = []
+    for role in value:
+        if role not in COLUMN_ROLES:
+            close = suggest(str(role), list(COLUMN_ROLES))
+            said.append(f"unknown role {role!r}" + (f" — did you mean {close!r}?" if close else ""))
+    if said:
+        raise ValueError("; ".join(said) + f" (the roles: {', '.join(COLUMN_ROLES)}; each maps to a column's name "
+                         "or index)")
+    return value
+
+
+Columns = Annotated[dict[str, Union[str, int]], AfterValidator(_known_roles)]
+
 
 # the source keys that only some formats read (a key not here is read by every format)
 FORMAT_KEYS: dict[str, tuple[str, ...]] = {
@@ -310,8 +329,8 @@ class SourceConfig(_Section):
     )
     delimiter: Optional[Delimiter] = Field(None, description=DELIMITER_HELP)
     encoding: Encoding = Field("utf-8", description=ENCODING_HELP)
-    columns: dict[str, Union[str, int]] = Field(
-        default_factory=dict,
+    columns: Columns = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"enum": list(COLUMN_ROLES)}},
         description="Role -> column name or index. Roles: query, candidate, score, label, "
         "positive, negative (triplets: optional; negative_1, negative_2, ... columns are negatives too), prompt.",
     )
@@ -748,8 +767,9 @@ class EvalTask(_Section):
     format: Optional[SourceFormat] = Field(
         None, description="Reader for `path` (same as data sources); default by task type."
     )
-    columns: dict[str, Union[str, int]] = Field(
-        default_factory=dict, description="Role -> column name or index, as for data sources.")
+    columns: Columns = Field(
+        default_factory=dict, json_schema_extra={"propertyNames": {"enum": list(COLUMN_ROLES)}},
+        description="Role -> column name or index, as for data sources.")
     score_range: Optional[tuple[float, float]] = Field(
         None, description="sts: declared score range; scores outside it are bad rows.")
     label_map: Optional[LabelMap] = Field(

@@ -253,6 +253,8 @@ def test_the_editor_schema_judges_recipes_as_load_recipe_does(tmp_path, monkeypa
         ("data: {sources: [{path: a.jsonl, symmetric: true}]}", "data.sources.0.symmetric: ", "does not read `symmetric`"),
         ("data: {sources: [{path: a.csv, format: sts, qrels_split: dev}]}", "data.sources.0.qrels_split: ",
          "does not read `qrels_split`"),
+        ("data: {sources: [{path: a.csv, format: sts, columns: {querry: q}}]}", "data.sources.0.columns: ",
+         "unknown role 'querry' — did you mean 'query'?"),
     ]
     for text, expected, key in bad:
         found = errors(text)
@@ -439,3 +441,27 @@ def test_a_source_key_its_format_does_not_read_is_refused(tmp_path):
     r = load_recipe(builtin, nli + ["data.sources.1.thresholds=null", "data.sources.3.thresholds=null"])
     assert [s.format for s in r.data.sources] == ["sts", "nli", "sts", "nli"]
     assert "--set data.sources.1.thresholds=null" in builtin.read_text()
+
+
+def test_an_unknown_column_role_is_refused_with_the_closest_role(tmp_path):
+    """`columns: {querry: question}` was no mapping at all: the query came from the header's names
+    or the first column without a word. Each unknown role is named, with the closest role; a role's
+    column may be a name or an index (sources and eval tasks alike)."""
+    from hmcl_cli.data.readers import ROLE_ALIASES
+    from hmcl_cli.recipe import COLUMN_ROLES
+
+    assert set(COLUMN_ROLES) == set(ROLE_ALIASES)  # the roles the readers know
+    (tmp_path / "r.yaml").write_text(
+        "name: r\nmodel: {name_or_path: m}\ndata:\n  sources:\n"
+        "    - {path: a.csv, format: sts, columns: {querry: q, candidate: 1, scroe: s, zzz: c}}\n"
+        "eval:\n  tasks:\n    - {name: t, type: sts, path: b.csv, columns: {labels: l}}\n")
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(tmp_path / "r.yaml")
+    said = " ".join(str(refused.value).split())
+    assert ("r.yaml:5: data.sources.0.columns: unknown role 'querry' — did you mean 'query'?; unknown role 'scroe' — "
+            "did you mean 'score'?; unknown role 'zzz' (the roles: query, candidate, score, label, positive, "
+            "negative, prompt;") in said
+    assert "eval.tasks.0.columns: unknown role 'labels' — did you mean 'label'?" in said
+    ok = load_recipe(tmp_path / "r.yaml", ["data.sources.0.columns={query: q, candidate: 1, score: s}",
+                                            "eval.tasks.0.columns={label: l}"])
+    assert ok.data.sources[0].columns == {"query": "q", "candidate": 1, "score": "s"}
