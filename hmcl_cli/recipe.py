@@ -791,6 +791,33 @@ class EvalTask(_Section):
             raise ValueError(f"max_queries is for retrieval and reranking tasks, not {self.type}")
         return self
 
+    @model_validator(mode="after")
+    def _keys_of_its_type(self) -> "EvalTask":
+        """A hub task (type mteb) reads its MTEB dataset, not a file: `path` and the file's reading
+        keys beside it were dropped without a word, as `mteb_name` on a task of a file was."""
+        fields = type(self).model_fields
+        if self.type == "mteb":
+            unread = [key for key in FILE_TASK_KEYS
+                      if getattr(self, key) != fields[key].get_default(call_default_factory=True)]
+            if unread:
+                raise ValueError(f"a task of type mteb evaluates the MTEB task `mteb_name` names, from its own "
+                                 f"dataset: it reads no file, so {_and([f'`{k}`' for k in unread])} would do nothing; "
+                                 f"leave {'it' if len(unread) == 1 else 'them'} out, or give the file a task of its own type (sts, reranking, "
+                                 "retrieval, pair_classification)")
+            if not self.mteb_name:
+                raise ValueError("a task of type mteb needs `mteb_name`: the MTEB task's name, e.g. STSBenchmark")
+        else:
+            if self.mteb_name:
+                raise ValueError(f"`mteb_name` is read by tasks of type mteb; this task ({self.type}) reads `path`: "
+                                 f"leave it out, or set `type: mteb` (without `path`) for the hub task {self.mteb_name}")
+            if not self.path:
+                raise ValueError(f"a task of type {self.type} reads a file: it needs `path` (a file, pattern or folder "
+                                 "relative to the recipe, or `dev`/`test`: this run's prepared split)")
+        return self
+
+
+FILE_TASK_KEYS = ("path", "format", "columns", "score_range", "label_map", "encoding", "delimiter")  # not for mteb
+
 
 class EvalConfig(_Section):
     """Evaluation after training: tasks, models compared, and the quality gate."""

@@ -465,3 +465,26 @@ def test_an_unknown_column_role_is_refused_with_the_closest_role(tmp_path):
     ok = load_recipe(tmp_path / "r.yaml", ["data.sources.0.columns={query: q, candidate: 1, score: s}",
                                             "eval.tasks.0.columns={label: l}"])
     assert ok.data.sources[0].columns == {"query": "q", "candidate": 1, "score": "s"}
+
+
+def test_an_eval_task_key_its_type_does_not_read_is_refused(tmp_path):
+    """A hub task (type mteb) with a `path` evaluated the hub's dataset, the file unread; a file's
+    task with `mteb_name` evaluated the file. Both are refused when the recipe loads, as are an mteb
+    task without `mteb_name` and a file's task without `path` (found only at evaluation before)."""
+    (tmp_path / "r.yaml").write_text(
+        "name: r\nmodel: {name_or_path: m}\ndata: {sources: [{path: a.jsonl}]}\neval:\n  tasks:\n"
+        "    - {name: a, type: sts, path: dev.csv, mteb_name: STSBenchmark}\n"
+        "    - {name: b, type: mteb, mteb_name: STSBenchmark, path: dev.csv, score_range: [0, 5]}\n"
+        "    - {name: c, type: mteb}\n"
+        "    - {name: d, type: reranking}\n")
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(tmp_path / "r.yaml")
+    said = " ".join(str(refused.value).split())
+    assert "r.yaml:6: eval.tasks.0: `mteb_name` is read by tasks of type mteb; this task (sts) reads `path`" in said
+    assert "r.yaml:7: eval.tasks.1: a task of type mteb" in said and "`path` and `score_range` would do nothing" in said
+    assert "r.yaml:8: eval.tasks.2: a task of type mteb needs `mteb_name`" in said
+    assert "r.yaml:9: eval.tasks.3: a task of type reranking reads a file: it needs `path`" in said
+    ok = load_recipe(tmp_path / "r.yaml", ["eval.tasks.0.mteb_name=null", "eval.tasks.1.path=null",
+                                            "eval.tasks.1.score_range=null", "eval.tasks.2.mteb_name=SICK-R",
+                                            "eval.tasks.3.path=dev"])
+    assert [t.type for t in ok.eval.tasks] == ["sts", "mteb", "mteb", "reranking"]
