@@ -410,6 +410,13 @@ def test_a_date_is_a_name_and_a_number_where_text_belongs_says_to_quote_it(tmp_p
     assert load_recipe(path).model.revision == "1.10"
 
 
+def _refused(recipe_file: Path) -> str:
+    """The error load_recipe raises for the file, on one line."""
+    with pytest.raises(RecipeError) as refused:
+        load_recipe(recipe_file)
+    return " ".join(str(refused.value).split())
+
+
 def test_a_source_key_its_format_does_not_read_is_refused(tmp_path):
     """`thresholds` on an nli source, `symmetric: true` on a graded one (the default format) or
     `label_map` on an sts one were dropped without a word: the source graded as if they were not
@@ -420,9 +427,7 @@ def test_a_source_key_its_format_does_not_read_is_refused(tmp_path):
         "    - {path: a.tsv, format: nli, thresholds: {pos: 4.0}, grade_map: {1: pos}}\n"
         "    - {path: b.jsonl, symmetric: true}\n"
         "    - {path: c.csv, format: sts, label_map: {a: pos}, symmetric: true, score_range: [0, 1]}\n")
-    with pytest.raises(RecipeError) as refused:
-        load_recipe(tmp_path / "r.yaml")
-    said = " ".join(str(refused.value).split())
+    said = _refused(tmp_path / "r.yaml")
     assert ("r.yaml:5: data.sources.0: format nli (grades a pair by its label) does not read `thresholds` and "
             "`grade_map` (`thresholds` is for sts; `grade_map` is for qrels): leave them out (or unset: --set "
             "...thresholds=null --set ...grade_map=null)") in said
@@ -455,9 +460,7 @@ def test_an_unknown_column_role_is_refused_with_the_closest_role(tmp_path):
         "name: r\nmodel: {name_or_path: m}\ndata:\n  sources:\n"
         "    - {path: a.csv, format: sts, columns: {querry: q, candidate: 1, scroe: s, zzz: c}}\n"
         "eval:\n  tasks:\n    - {name: t, type: sts, path: b.csv, columns: {labels: l}}\n")
-    with pytest.raises(RecipeError) as refused:
-        load_recipe(tmp_path / "r.yaml")
-    said = " ".join(str(refused.value).split())
+    said = _refused(tmp_path / "r.yaml")
     assert ("r.yaml:5: data.sources.0.columns: unknown role 'querry' — did you mean 'query'?; unknown role 'scroe' — "
             "did you mean 'score'?; unknown role 'zzz' (the roles: query, candidate, score, label, positive, "
             "negative, prompt;") in said
@@ -477,9 +480,7 @@ def test_an_eval_task_key_its_type_does_not_read_is_refused(tmp_path):
         "    - {name: b, type: mteb, mteb_name: STSBenchmark, path: dev.csv, score_range: [0, 5]}\n"
         "    - {name: c, type: mteb}\n"
         "    - {name: d, type: reranking}\n")
-    with pytest.raises(RecipeError) as refused:
-        load_recipe(tmp_path / "r.yaml")
-    said = " ".join(str(refused.value).split())
+    said = _refused(tmp_path / "r.yaml")
     assert "r.yaml:6: eval.tasks.0: `mteb_name` is read by tasks of type mteb; this task (sts) reads `path`" in said
     assert "r.yaml:7: eval.tasks.1: a task of type mteb" in said and "`path` and `score_range` would do nothing" in said
     assert "r.yaml:8: eval.tasks.2: a task of type mteb needs `mteb_name`" in said
