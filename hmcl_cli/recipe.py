@@ -463,6 +463,22 @@ class TeacherConfig(_Section):
             raise ValueError("band must be (lo, hi) with lo <= hi")
         return self
 
+    @model_validator(mode="after")
+    def _prompts_of_an_embedder(self) -> "TeacherConfig":
+        if self.kind == "cross-encoder" and self.prompts():
+            raise ValueError(cross_encoder_prompts_problem(self.prompts()))
+        return self
+
+    def prompts(self) -> list[str]:
+        """The prompt keys set (an embedder's; a cross-encoder reads the pair as it is)."""
+        return [key for key in ("query_prompt", "doc_prompt") if getattr(self, key)]
+
+
+def cross_encoder_prompts_problem(keys: list[str]) -> str:
+    return (f"{_and([f'`{k}`' for k in keys])} {'is' if len(keys) == 1 else 'are'} for an embedder teacher, which "
+            "encodes queries and texts apart; a cross-encoder reads each (query, text) pair as its model was trained "
+            "to: leave them out, or set `kind: embedder` for an embedding model")
+
 
 class MineConfig(_Section):
     """Mine negatives and weak-positives with the model (see `hmcl mine`)."""

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from hmcl_cli.console import ProgressBar, log
-from hmcl_cli.errors import ModelNotFoundError
+from hmcl_cli.errors import ModelNotFoundError, RecipeError
 from hmcl_cli.modeling.encoder import EmbeddingModel, autocast_for, best_device, position_limit
 from hmcl_cli.modeling.resolve import resolve_model
+from hmcl_cli.recipe import cross_encoder_prompts_problem
 
 
 def teacher_kind(folder: Path) -> str:
@@ -116,5 +117,8 @@ def load_teacher(cfg: Any, base_dir: Optional[Path] = None) -> Any:
     folder = resolve_model(cfg.model, base_dir=base_dir)
     kind = teacher_kind(folder) if cfg.kind == "auto" else cfg.kind
     if kind == "cross-encoder":
+        if cfg.prompts():  # (`kind: auto`: known only now)
+            raise RecipeError(f"mine.teacher: {cfg.model} is a cross-encoder (a sequence-classification model): "
+                              + cross_encoder_prompts_problem(cfg.prompts()))
         return CrossEncoderTeacher(folder, cfg.max_length, cfg.batch_size)
     return EmbedderTeacher(folder, cfg)

@@ -614,3 +614,22 @@ def test_mining_stopped_while_writing_leaves_the_training_file_as_it_was(tmp_pat
     monkeypatch.setattr(example.GradedExample, "to_json", real)
     report = mine(recipe)  # and again, whole
     assert (data / "train.unmined.jsonl").read_bytes() == prepared and report["added"]["neg"] > 0
+
+
+def test_prompts_given_to_a_cross_encoder_teacher_are_refused(tmp_path, tiny_bert):
+    """`mine.teacher.query_prompt`/`doc_prompt` are an embedder's: a cross-encoder teacher scored
+    the pairs without them, and without a word. With `kind: cross-encoder` the recipe is refused
+    when it loads; with `kind: auto` when the teacher loads and turns out to be one."""
+    from pydantic import ValidationError
+
+    from hmcl_cli.errors import RecipeError
+    from hmcl_cli.teacher import load_teacher
+
+    with pytest.raises(ValidationError, match="`query_prompt` is for an embedder teacher"):
+        MineConfig(teacher={"model": "m", "kind": "cross-encoder", "query_prompt": "query: "})
+    folder = str(_teacher_model(tmp_path / "t", tiny_bert, "cross-encoder"))
+    with pytest.raises(RecipeError, match="is a cross-encoder .*`query_prompt` and `doc_prompt` are for an embedder"):
+        load_teacher(MineConfig(teacher={"model": folder, "query_prompt": "q: ", "doc_prompt": "d: "}).teacher)
+    assert load_teacher(MineConfig(teacher={"model": folder}).teacher).batch_size == 64
+    embedder = str(_teacher_model(tmp_path / "e", tiny_bert, "embedder"))
+    assert load_teacher(MineConfig(teacher={"model": embedder, "query_prompt": "q: "}).teacher) is not None
