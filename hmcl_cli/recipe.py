@@ -357,7 +357,8 @@ class SourceConfig(_Section):
     qrels_split: str = Field("train", description="qrels: which qrels/<split>.tsv to read.")
     symmetric: bool = Field(
         False,
-        description="sts/nli/pairs: also add the reversed pair (text2 as the query).",
+        description="sts/nli/pairs: also add the reversed pair (text2 as the query). Drawn by `dev_fraction`, "
+        "the texts such pairs link are drawn into one split together (no pair in two splits).",
     )
     prompt: Optional[str] = Field(None, description="Instruction stored on every example.")
     max_rows: Optional[int] = Field(None, ge=1, description="Read at most this many rows.")
