@@ -936,6 +936,7 @@ def test_a_drawn_symmetric_source_keeps_both_directions_of_each_pair_and_its_gro
     assert 40 <= len(dev) // 2 <= 80  # ~60 of 200 groups of 2 pairs
     assert stats["leakage"]["dev_test_pairs_in_train"] == 0 and stats["leakage"]["dev_test_queries_in_train"] == 0
     assert "600 texts of symmetric pairs in 200 groups (largest 3 texts)" in " ".join(capsys.readouterr().out.split())
+    assert stats["pair_groups"] == {"texts": 600, "groups": 200, "largest": 3}
     dev_queries = {r["query"] for r in _written(tmp_path, "dev")}
     for g in range(200):  # each chain whole, in one split
         assert len({f"first {g}", f"second {g}", f"third {g}"} & dev_queries) in (0, 3)
@@ -945,6 +946,7 @@ def test_a_drawn_symmetric_source_keeps_both_directions_of_each_pair_and_its_gro
     stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True, "split": "train"}]),
                     progress=False)
     assert "pair groups" not in capsys.readouterr().out and stats["splits"]["dev"]["examples"] == 0
+    assert "pair_groups" not in stats
 
 
 def test_the_dev_cap_moves_a_pair_group_whole(tmp_path, capsys):

@@ -183,6 +183,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
 
     del pool
     capped = _cap_dev(recipe, merged, drawn_dev, given_dev, origin_split, per_source, totals, draw_of)
+    pair_groups = {"texts": len(groups), "groups": groups.groups, "largest": groups.largest()} if groups else None
     groups = None  # freed: draw_of is not used after the cap
     # rows of one query (within a split, across sources too) make one example: the sources'
     # example counts add up to the splits' only with these
@@ -192,6 +193,8 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
     stats: dict[str, Any] = {"sources": {}, "splits": {}, "combined_same_query": combined,
                              "duplicates_removed": totals["duplicate"], "dev_capped": capped,
                              "conflicts": {"count": totals["conflict"], "rule": data_cfg.conflict}}
+    if pair_groups:  # the drawn symmetric sources' texts, drawn by group (data/pair_groups.py)
+        stats["pair_groups"] = pair_groups
     for label, st in per_source.items():
         stats["sources"][label] = {
             "rows": st.rows, "examples": st.examples_in, "examples_per_split": dict(st.splits),
