@@ -232,7 +232,8 @@ def test_a_shared_document_collection_is_not_called_leakage(tmp_path, capsys):
     stats = prepare(_recipe(tmp_path, [{"path": str(a), "split": "train"}, {"path": str(b), "split": "dev"}]),
                     progress=False)
     leak = stats["leakage"]
-    assert leak == {"queries_in_several_splits": 0, "dev_test_pairs_in_train": 0, "dev_test_queries_in_train": 0,
+    assert leak == {"queries_in_several_splits": 0, "dev_test_pairs_in_train": 0, "drawn_dev_test_pairs_in_train": 0,
+                    "dev_test_queries_in_train": 0,
                     "dev_test_candidates_in_train": 20, "dev_test_candidates": 20}
     assert "pairs are also train pairs" not in capsys.readouterr().err
 
@@ -997,3 +998,34 @@ def test_one_large_pair_group_is_warned_about(tmp_path, capsys):
     for split in ("train", "dev"):
         queries = {r["query"] for r in _written(tmp_path, split)}
         assert chain <= queries or not chain & queries
+
+
+def test_a_pair_listed_both_ways_and_drawn_into_two_splits_is_said_to_be_the_draws_doing(tmp_path, capsys):
+    """A pair file that lists each pair in both orders, split by data.dev_fraction without
+    `symmetric`, draws each direction by its own query: the warning about dev pairs that train
+    holds said to leave them out of "dev sources of your own", where there were none. It now says
+    the draw put them there and what keeps them together; a given dev source keeps the old advice."""
+    rows = []
+    for i in range(200):
+        rows += [f"text {i} a,text {i} b,{i % 6}", f"text {i} b,text {i} a,{i % 6}"]
+    path = tmp_path / "both.csv"
+    path.write_text("\n".join(rows) + "\n")
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts"}], dev_fraction=0.3), progress=False)
+    leak = stats["leakage"]
+    assert leak["dev_test_pairs_in_train"] > 20 and leak["drawn_dev_test_pairs_in_train"] == leak["dev_test_pairs_in_train"]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"{leak['dev_test_pairs_in_train']} dev/test (query, candidate) pairs are also train pairs" in said
+    assert "All of them are in examples that data.dev_fraction drew" in said and "`symmetric: true`" in said
+    assert "dev/test sources of your own" not in said
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "symmetric": True}], dev_fraction=0.3),
+                    progress=False)
+    assert stats["leakage"]["dev_test_pairs_in_train"] == 0
+    capsys.readouterr()
+    # pairs a `split: dev` source shares with train: the user's split, the old advice
+    (tmp_path / "dev.csv").write_text("text 1 a,text 1 b,3\ntext 2 b,text 2 a,4\n")
+    stats = prepare(_recipe(tmp_path, [{"path": str(path), "format": "sts", "split": "train"},
+                                       {"path": str(tmp_path / "dev.csv"), "format": "sts", "split": "dev"}]),
+                    progress=False)
+    assert stats["leakage"]["dev_test_pairs_in_train"] == 2 and stats["leakage"]["drawn_dev_test_pairs_in_train"] == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "dev/test sources of your own" in said and "data.dev_fraction drew" not in said

@@ -225,18 +225,27 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                  f"(after conflicts were resolved) and are left out; data.min_candidates sets the bound")
 
     leaked_queries = sum(1 for s in origin_split.values() if s & (s - 1))  # more than one split's bit
-    stats["leakage"] = {"queries_in_several_splits": leaked_queries, **_held_out_overlap(outputs)}
+    drawn_labels = {label for src, label in zip(data_cfg.sources, source_labels(data_cfg.sources)) if src.split is None}
+    stats["leakage"] = {"queries_in_several_splits": leaked_queries, **_held_out_overlap(outputs, drawn_labels)}
     if leaked_queries:
         (_, query), bits = next((k, s) for k, s in origin_split.items() if s & (s - 1))
         splits = " and ".join(split for split in SPLITS if bits & SPLIT_BIT[split])
         warn(f"{leaked_queries} queries are in more than one split (the sources' `split` put them there; "
              f"e.g. {_clip(query)!r} in {splits}): the model trains on these queries, so the dev/test metrics on them "
              "are partly on training data. Kept; for held-out figures leave them out of one of those sources")
-    if stats["leakage"]["dev_test_pairs_in_train"]:
-        warn(f"{stats['leakage']['dev_test_pairs_in_train']} dev/test (query, candidate) pairs are also train pairs "
-             "(in either order): the model is trained on them, so the dev/test metrics on them measure recall of "
-             "training data, not generalisation. They are kept (a published dev set compares whole); leave them out "
-             "of dev/test sources of your own")
+    leak = stats["leakage"]
+    if leak["dev_test_pairs_in_train"]:
+        drawn = leak["drawn_dev_test_pairs_in_train"]
+        why = ("They are kept (a published dev set compares whole); leave them out of dev/test sources of your own"
+               if not drawn else
+               f"{'All' if drawn == leak['dev_test_pairs_in_train'] else drawn} of them are in examples that "
+               "data.dev_fraction drew: the data also holds each such pair the other way round (text2 -> text1), "
+               "and each direction was drawn by its own query. Read such a source with `symmetric: true` (each row "
+               "both ways, the texts its pairs link drawn into one split together; a pair listed in both orders is "
+               "then a duplicate, merged), or give a dev source (`split: dev`)")
+        warn(f"{leak['dev_test_pairs_in_train']} dev/test (query, candidate) pairs are also train pairs (in either "
+             "order): the model is trained on them, so the dev/test metrics on them measure recall of training data, "
+             f"not generalisation. {why}")
     drawn = sum(stats["splits"][split]["examples"] + stats["splits"][split]["dropped_too_few_candidates"]
                 for split in SPLITS)
     if (data_cfg.dev_fraction > 0 and len(outputs["dev"]) < SMALL_DEV
@@ -413,11 +422,12 @@ def _pair_key(a: str, b: str) -> int:
     return hash((a, b) if a <= b else (b, a))
 
 
-def _held_out_overlap(outputs: dict[str, list[GradedExample]]) -> dict[str, int]:
+def _held_out_overlap(outputs: dict[str, list[GradedExample]], drawn_labels: set = frozenset()) -> dict[str, int]:
     """What the dev and test splits share with train, in three counts that mean different things:
 
     * ``dev_test_pairs_in_train``: (query, candidate) pairs of dev/test that train also holds, in either
-      order — leakage: the dev metrics on them measure what training saw;
+      order — leakage: the dev metrics on them measure what training saw (``drawn_...``: of them, those in
+      examples of sources whose split ``dev_fraction`` drew, ``drawn_labels``: hmcl's split, not the user's);
     * ``dev_test_queries_in_train``: dev/test queries that are a train text (query or candidate): the
       model has seen the query, not necessarily with the candidates it is scored on;
     * ``dev_test_candidates_in_train`` of ``dev_test_candidates``: candidates also train texts, per
@@ -433,9 +443,10 @@ def _held_out_overlap(outputs: dict[str, list[GradedExample]]) -> dict[str, int]
     held = outputs["dev"] + outputs["test"]
     pairs = np.fromiter((_pair_key(ex.query, t) for ex in held for t in ex.candidates), dtype=np.int64,
                         count=sum(len(ex.candidates) for ex in held))
+    drawn = np.fromiter((ex.source in drawn_labels for ex in held for _ in ex.candidates), dtype=bool, count=pairs.size)
     at = np.minimum(np.searchsorted(keys, pairs), max(keys.size - 1, 0))
-    pairs_in_train = int((keys[at] == pairs).sum()) if keys.size else 0
-    return {"dev_test_pairs_in_train": pairs_in_train,
+    found = keys[at] == pairs if keys.size else np.zeros(pairs.size, dtype=bool)
+    return {"dev_test_pairs_in_train": int(found.sum()), "drawn_dev_test_pairs_in_train": int((found & drawn).sum()),
             "dev_test_queries_in_train": sum(1 for ex in held if ex.query in train_texts),
             "dev_test_candidates_in_train": sum(1 for ex in held for t in ex.candidates if t in train_texts),
             "dev_test_candidates": int(pairs.size)}
