@@ -21,7 +21,7 @@ import re
 import shutil
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence, Union
+from typing import Annotated, Any, Iterable, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -280,8 +280,7 @@ FORMAT_READS = {  # how each format grades, for the message
 def unread_keys_problem(fmt: str, values: dict[str, Any]) -> Optional[str]:
     """What is wrong where ``values`` (source key -> value) set a key that format ``fmt`` does not
     read (:data:`FORMAT_KEYS`) to other than its default, with how to mend it; None where nothing."""
-    fields = SourceConfig.model_fields
-    defaults = {key: fields[key].get_default(call_default_factory=True) for key in values}
+    defaults = _defaults(SourceConfig, values)
     unread = [key for key, value in values.items() if fmt not in FORMAT_KEYS[key] and value != defaults[key]]
     if not unread:
         return None
@@ -289,6 +288,11 @@ def unread_keys_problem(fmt: str, values: dict[str, Any]) -> Optional[str]:
     unset = " ".join(f"--set ...{key}={_yaml_text(defaults[key])}" for key in unread)
     return (f"format {fmt} ({FORMAT_READS[fmt]}) does not read {_and([f'`{k}`' for k in unread])} ({said}): leave "
             f"{'it' if len(unread) == 1 else 'them'} out (or unset: {unset}), or set the `format` its rows are in")
+
+
+def _defaults(cls: type[BaseModel], keys: Iterable[str]) -> dict[str, Any]:
+    """Each key's default in ``cls``: a value equal to it is no setting."""
+    return {key: cls.model_fields[key].get_default(call_default_factory=True) for key in keys}
 
 
 def _yaml_text(value: Any) -> str:
@@ -812,10 +816,8 @@ class EvalTask(_Section):
     def _keys_of_its_type(self) -> "EvalTask":
         """A hub task (type mteb) reads its MTEB dataset, not a file: `path` and the file's reading
         keys beside it were dropped without a word, as `mteb_name` on a task of a file was."""
-        fields = type(self).model_fields
         if self.type == "mteb":
-            unread = [key for key in FILE_TASK_KEYS
-                      if getattr(self, key) != fields[key].get_default(call_default_factory=True)]
+            unread = [key for key, default in _defaults(type(self), FILE_TASK_KEYS).items() if getattr(self, key) != default]
             if unread:
                 raise ValueError(f"a task of type mteb evaluates the MTEB task `mteb_name` names, from its own "
                                  f"dataset: it reads no file, so {_and([f'`{k}`' for k in unread])} would do nothing; "

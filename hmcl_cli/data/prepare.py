@@ -37,11 +37,9 @@ def seeded_draw(query: str, seed: int) -> float:
     return int.from_bytes(hashlib.sha256(f"{seed}\0{query}".encode()).digest()[:8], "big") / 2**64
 
 
-def split_of(query: str, seed: int, dev_fraction: float, test_fraction: float, h: Optional[float] = None) -> str:
-    """Deterministic split of a query by a seeded hash: the same query always lands in one split
-    (``h``: the draw to use instead of the query's own, a pair group's)."""
-    if h is None:
-        h = seeded_draw(query, seed)
+def split_of(h: float, dev_fraction: float, test_fraction: float) -> str:
+    """The split a draw in [0, 1) lands in: a query's :func:`seeded_draw`, or its pair group's
+    (the same query always lands in one split)."""
     if h < test_fraction:
         return "test"
     if h < test_fraction + dev_fraction:
@@ -154,8 +152,7 @@ def _prepare(recipe: Recipe, tokenizer: Any, progress: bool) -> dict:
                         bar.update(1000)
                 st.examples_in += 1
                 key = (ex.prompt or "", ex.query)
-                split = src.split or split_of(ex.query, recipe.seed, data_cfg.dev_fraction, data_cfg.test_fraction,
-                                              groups.draw(key) if groups is not None else None)
+                split = src.split or split_of(draw_of(key), data_cfg.dev_fraction, data_cfg.test_fraction)
                 origin_split[key] |= SPLIT_BIT[split]
                 if split == "dev":
                     if src.split:
@@ -357,16 +354,13 @@ def _check_sts_scale(src: SourceConfig, label: str, st: _SourceStats, index: int
                          f"pos from 80% of the way, weak from 40%), or set {key}.thresholds: {{pos: ..., weak: ...}}")
 
 
-SYMMETRIC_FORMATS = ("sts", "nli", "pairs")  # the formats `symmetric: true` reads in both directions
-
-
 def _pair_groups(recipe: Recipe, progress: bool) -> Optional[PairGroups]:
     """The groups of texts that the drawn symmetric sources pair (:mod:`hmcl_cli.data.pair_groups`),
     read in a first pass over those sources; ``None`` where no source is both. Bad rows and missing
     files are left to the main pass, which reports them."""
     data_cfg = recipe.data
     drawn = [(src, label) for src, label in zip(data_cfg.sources, source_labels(data_cfg.sources))
-             if src.symmetric and src.split is None and src.format in SYMMETRIC_FORMATS]
+             if src.symmetric and src.split is None]  # (the recipe allows `symmetric` on sts, nli, pairs)
     if not drawn or data_cfg.dev_fraction + data_cfg.test_fraction <= 0:
         return None
     groups = PairGroups(recipe.seed, lambda text: seeded_draw(text, recipe.seed))
@@ -374,21 +368,17 @@ def _pair_groups(recipe: Recipe, progress: bool) -> Optional[PairGroups]:
         path = recipe.resolve(src.path) if src.path else None
         if path is not None and not (source_files(path) if is_pattern(path) else path.exists()):
             continue
-        bar = ProgressBar(f"prepare {label}: pair groups", None, "rows", enabled=progress)
-        rows, last_line = 0, None
+        bar = ProgressBar(f"prepare {label}: pair groups", None, "examples", enabled=progress)
+        n = 0
         try:
-            for item in read_source(src, path):
-                if isinstance(item, BadRow):
-                    continue
-                line, ex = item
-                if line != last_line:
-                    last_line = line
-                    rows += 1
-                    if rows % 1000 == 0:
-                        bar.update(1000)
+            for n, item in enumerate(read_source(src, path), 1):  # (a row's reversed example links the same texts)
+                if not isinstance(item, BadRow):
+                    ex = item[1]
                     groups.link((ex.prompt or "", ex.query), ((ex.prompt or "", t) for t in ex.candidates))
+                if n % 1000 == 0:
+                    bar.update(1000)
         finally:
-            bar.update(rows % 1000)
+            bar.update(n % 1000)
             bar.close()
     if groups.groups:
         log(f"prepare: {len(groups)} texts of symmetric pairs in {groups.groups} groups (largest {groups.largest()} "
@@ -422,7 +412,7 @@ def _pair_key(a: str, b: str) -> int:
     return hash((a, b) if a <= b else (b, a))
 
 
-def _held_out_overlap(outputs: dict[str, list[GradedExample]], drawn_labels: set = frozenset()) -> dict[str, int]:
+def _held_out_overlap(outputs: dict[str, list[GradedExample]], drawn_labels: set) -> dict[str, int]:
     """What the dev and test splits share with train, in three counts that mean different things:
 
     * ``dev_test_pairs_in_train``: (query, candidate) pairs of dev/test that train also holds, in either

@@ -798,7 +798,7 @@ def _convert(src: SourceConfig, cols: Columns, rec: Any) -> Iterator[GradedExamp
     ex = GradedExample(q, prompt=prompt)
     add_candidate(ex, c, level, score, "highest")
     yield ex
-    if src.symmetric and fmt in ("sts", "nli", "pairs"):
+    if src.symmetric:  # (the recipe allows it on sts, nli and pairs only)
         rev = GradedExample(c, prompt=prompt)
         add_candidate(rev, q, level, score, "highest")
         yield rev
