@@ -60,7 +60,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = typer.Typer(cls=_Group, help="List, copy, validate and document recipes.", no_args_is_help=True)
+recipe_app = typer.Typer(cls=_Group, help="List, copy, write (from your data), validate and document recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
 STATE = {"debug": False}
@@ -350,6 +350,36 @@ def recipe_cp(name: str = typer.Argument(..., metavar="NAME", help="Built-in rec
     console.print(f"copied {name} -> {target}", markup=False)
     for note in notes:
         console.print(f"  {note}", markup=False)
+
+
+@recipe_app.command(cls=_Command, name="new",
+                    epilog="Examples:  hmcl recipe new data/faq-train.csv --dev data/faq-dev.csv   ·   "
+                           "hmcl recipe new pairs.parquet --model BAAI/bge-small-en-v1.5 --out search.yaml")
+def recipe_new(train: List[Path] = typer.Argument(..., metavar="TRAIN...", show_default=False, help=(
+                   "Training data: files (csv, tsv, jsonl, json, parquet; compressed too), a folder saved by "
+                   "`datasets` or a BEIR folder.")),
+               dev: Optional[List[Path]] = typer.Option(None, "--dev", metavar="FILE", help=(
+                   "Dev data (repeatable); without it dev queries are drawn from the training data.")),
+               model: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2", "--model", metavar="MODEL",
+                                         help="Base model: a folder or hub id."),
+               name: Optional[str] = typer.Option(None, "--name", metavar="NAME",
+                                                  help="The recipe's name (its run folder); default: the first file's."),
+               out: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FILE",
+                                                  help="Where to write it (default: NAME.yaml here)."),
+               lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", metavar="", show_default=False, help=(
+                   "Train LoRA adapters instead of every weight (default: where the model is here and is a "
+                   "decoder LLM).")),
+               force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing file.")) -> None:
+    """Write a recipe for your data files: each file's format, columns and scale are read from the
+    file itself, each guess is commented in the recipe with its reason, and the recipe is checked
+    before it is written."""
+    from hmcl_cli.new_recipe import new_recipe
+
+    path, said = new_recipe(train, dev or [], model=model, name=name, out=out, force=force, lora=lora)
+    for line in said:
+        console.print(line, markup=False, highlight=False)
+    console.print(f"wrote {path}: check its guesses (comments beside each data source), then\n  hmcl run {path}",
+                  markup=False, highlight=False)
 
 
 @recipe_app.command(cls=_Command, name="validate", epilog="Example:  hmcl recipe validate my-recipe.yaml --set train.epochs=3")

@@ -17,7 +17,8 @@ def test_help_lists_subcommands_and_each_has_an_example():
     assert out.returncode == 0
     for cmd in ("prepare", "mine", "train", "eval", "export", "run", "recipe"):
         assert cmd in out.stdout
-    for cmd in (["prepare"], ["mine"], ["train"], ["eval"], ["export"], ["run"], ["recipe", "validate"], ["recipe", "cp"]):
+    for cmd in (["prepare"], ["mine"], ["train"], ["eval"], ["export"], ["run"], ["recipe", "validate"], ["recipe", "cp"],
+                ["recipe", "new"]):
         h = hmcl(*cmd, "--help")
         assert h.returncode == 0 and "Example" in h.stdout, cmd
     # flags read as flags (typer 0.29 labels an option's type, `--resume <bool>`, as if it took a value)

@@ -1,0 +1,265 @@
+"""`hmcl recipe new`: a recipe written from data files (hmcl_cli/data/sniff.py, hmcl_cli/new_recipe.py)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hmcl_cli.data.prepare import prepare
+from hmcl_cli.data.sniff import guess_source
+from hmcl_cli.errors import DataError, RecipeError
+from hmcl_cli.new_recipe import new_recipe
+from hmcl_cli.recipe import load_recipe
+
+from test_cli import hmcl
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma".split()
+
+
+def _sentence(i: int, n: int = 7) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n)) + f" number {i}"
+
+
+def _csv(path: Path, rows: list, delimiter: str = ",") -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f, delimiter=delimiter).writerows(rows)
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _read_all(guess, path: Path) -> int:
+    """Examples the guessed source gives when prepare's reader reads the whole file (rejects fail)."""
+    from hmcl_cli.data.readers import read_source
+
+    n = 0
+    for item in read_source(guess.source(), path):
+        assert not hasattr(item, "reason"), item
+        n += 1
+    return n
+
+
+def test_scored_pairs_with_a_header_are_sts_on_their_own_scale_and_read_both_ways(tmp_path):
+    f = _csv(tmp_path / "sim.csv", [["sentence1", "sentence2", "score"]]
+             + [[_sentence(i), _sentence(i + 1), f"{(i % 11) / 10:.1f}"] for i in range(60)])
+    g = guess_source(f)
+    assert (g.format, g.columns, g.score_range, g.symmetric) == ("sts", {}, (0.0, 1.0), True)
+    assert g.rows == 60 and g.levels["pos"] and g.levels["neg"] and not g.rejected
+    assert "scores 0 to 1" in g.reasons[0]
+    assert _read_all(g, f) == 120  # each row both ways
+
+
+def test_headerless_scored_pairs_and_columns_in_another_order(tmp_path):
+    plain = _csv(tmp_path / "plain.csv", [[_sentence(i), _sentence(i + 2), str(i % 6)] for i in range(40)])
+    g = guess_source(plain)
+    assert (g.format, g.columns, g.score_range) == ("sts", {}, (0.0, 5.0))
+    moved = _csv(tmp_path / "moved.csv", [[str(i % 6), _sentence(i), _sentence(i + 2)] for i in range(40)])
+    g = guess_source(moved)
+    assert g.format == "sts" and g.columns == {"score": 0, "query": 1, "candidate": 2}
+    assert g.header_key is False  # the reader alone would take the first row for a header (a text third)
+    assert _read_all(g, moved) == 80
+
+
+def test_labelled_pairs_nli_answer_selection_and_duplicates(tmp_path):
+    nli = _jsonl(tmp_path / "nli.jsonl", [{"premise": _sentence(i), "hypothesis": _sentence(i + 1),
+                                           "label": ("entailment", "neutral", "contradiction")[i % 3]} for i in range(30)])
+    g = guess_source(nli)
+    assert (g.format, g.symmetric) == ("nli", False) and set(g.levels) == {"pos", "weak", "neg"}
+    qa = _csv(tmp_path / "qa.csv", [["question", "answer", "label"]]
+              + [[_sentence(i // 5), _sentence(100 + i), int(i % 5 == 0)] for i in range(50)])
+    g = guess_source(qa)
+    assert g.format == "answer_selection" and g.queries == 10 and "5.0 rows per question" in g.reasons[0]
+    dup = _csv(tmp_path / "dup.csv", [["question1", "question2", "is_duplicate"]]
+               + [[_sentence(i), _sentence(i + 50), i % 2] for i in range(30)])
+    g = guess_source(dup)
+    assert (g.format, g.symmetric) == ("pairs", True)
+
+
+def test_triplets_and_unlabelled_pairs(tmp_path):
+    trip = _csv(tmp_path / "trip.csv", [["anchor", "positive", "negative"]]
+                + [[_sentence(i), _sentence(i + 1), _sentence(i + 9)] for i in range(20)])
+    g = guess_source(trip)
+    assert g.format == "triplets" and g.levels["pos"] == 20 and g.levels["neg"] == 20
+    pairs = _jsonl(tmp_path / "pairs.jsonl", [{"question": _sentence(i), "answer": _sentence(i + 3)} for i in range(20)])
+    g = guess_source(pairs)
+    assert g.format == "triplets" and g.levels["pos"] == 20 and not g.levels["neg"]
+
+
+def test_columns_of_unknown_names_are_guessed_from_what_they_hold(tmp_path):
+    f = _csv(tmp_path / "mine.csv", [["id", "title", "body", "relevant"]]
+             + [[i, _sentence(i, 4), _sentence(i + 7, 12), i % 2] for i in range(30)])
+    g = guess_source(f)
+    assert g.format == "pairs"
+    assert g.columns == {"query": "title", "candidate": "body", "label": "relevant"}
+    assert any("guessed from what the columns hold" in r for r in g.reasons)
+    assert _read_all(g, f) == 30
+
+
+def test_semicolon_csv_with_decimal_commas(tmp_path):
+    f = _csv(tmp_path / "excel.csv", [["sentence1", "sentence2", "score"]]
+             + [[_sentence(i), _sentence(i + 1), f"{i % 5},5"] for i in range(20)], delimiter=";")
+    g = guess_source(f)
+    assert (g.format, g.delimiter, g.score_range) == ("sts", ";", (0.0, 5.0))
+    assert _read_all(g, f) == 40
+
+
+def test_two_word_labels_get_a_label_map_and_unclear_ones_are_refused(tmp_path):
+    yes = _csv(tmp_path / "yes.csv", [["query", "document", "relevance"]]
+               + [[_sentence(i), _sentence(i + 5), ("Yes", "No")[i % 2]] for i in range(20)])
+    g = guess_source(yes)
+    assert g.format == "pairs" and g.label_map == {"Yes": "pos", "No": "neg"}
+    assert _read_all(g, yes) == 20
+    ab = _csv(tmp_path / "ab.csv", [["query", "document", "relevance"]]
+              + [[_sentence(i), _sentence(i + 5), ("A", "B")[i % 2]] for i in range(20)])
+    with pytest.raises(DataError, match=r"column relevance holds labels a, b: which level each means"):
+        guess_source(ab)
+
+
+def test_data_that_fits_no_format_is_refused_with_what_was_found(tmp_path):
+    one = _csv(tmp_path / "one.csv", [["text"]] + [[_sentence(i)] for i in range(10)])
+    with pytest.raises(DataError, match=r"columns text: cannot tell which column is the query"):
+        guess_source(one)
+    with pytest.raises(DataError, match="does not exist"):
+        guess_source(tmp_path / "nope.csv")
+
+
+def test_graded_jsonl_and_a_beir_folder(tmp_path):
+    graded = _jsonl(tmp_path / "g.jsonl", [{"query": _sentence(i), "pos": [_sentence(i + 1)], "neg": [_sentence(i + 2)]}
+                                           for i in range(10)])
+    assert guess_source(graded).format == "graded"
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    _jsonl(beir / "corpus.jsonl", [{"_id": f"d{i}", "text": _sentence(i)} for i in range(10)])
+    _jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": _sentence(i + 30)} for i in range(5)])
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(5)))
+    g = guess_source(beir)
+    assert (g.format, g.qrels_split, g.queries) == ("qrels", "test", 5)
+
+
+def _written(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def test_new_recipe_loads_prepares_every_row_and_suits_the_data(tmp_path, monkeypatch, tiny_bert):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    train = _csv(tmp_path / "data" / "faq-train.csv", [["question", "answer", "label"]]
+                 + [[_sentence(i // 4), _sentence(200 + i), int(i % 4 == 0)] for i in range(400)])
+    dev = _csv(tmp_path / "data" / "faq-dev.csv", [["question", "answer", "label"]]
+               + [[_sentence(1000 + i // 4), _sentence(300 + i), int(i % 4 == 0)] for i in range(80)])
+    import os
+
+    model = os.path.relpath(tiny_bert, tmp_path)
+    out, said = new_recipe([Path("data/faq-train.csv")], dev=[Path("data/faq-dev.csv")], out=Path("recipes/faq.yaml"),
+                           model=model)
+    assert out == Path("recipes/faq.yaml") and "answer_selection" in said[0]
+    r = _written(out)
+    assert r["name"] == "faq"  # the file's name without "-train"
+    assert [s["path"] for s in r["data"]["sources"]] == ["../data/faq-train.csv", "../data/faq-dev.csv"]  # from its folder
+    assert r["model"]["name_or_path"] == os.path.join("..", model)  # a local model folder too
+    assert [s.get("split") for s in r["data"]["sources"]] == ["train", "dev"]
+    assert r["eval"]["gate"] == ["dev-reranking:map>=base"] and r["train"]["metric_for_best"] == "dev_map"
+    assert r["mine"]["enabled"] is False and r["train"]["epochs"] == 10  # 100 queries: 4 steps an epoch
+    assert "group_size" not in r["train"] and "eval_steps" not in r["train"]  # 4 candidates a query; 10 evals
+    assert "# columns question, answer, label: labels 0, 1" in out.read_text()
+    stats = prepare(load_recipe(out), progress=False)
+    assert stats["sources"]["faq-train"]["rows"] == 400 and stats["sources"]["faq-dev"]["rows"] == 80
+    assert stats["sources"]["faq-train"]["rejected"] == 0
+    assert stats["splits"]["train"]["examples"] == 100 and stats["splits"]["dev"]["examples"] == 20
+    with pytest.raises(RecipeError, match="exists"):
+        new_recipe([train], out=out)
+    assert _written(out)["data"]["sources"][1]["split"] == "dev"  # untouched
+    new_recipe([train.resolve()], out=out, force=True)  # an absolute path stays absolute
+    r = _written(out)
+    assert r["data"]["sources"][0]["path"] == str(train.resolve()) and "split" not in r["data"]["sources"][0]
+    assert r["data"]["dev_fraction"] == 0.25  # 100 queries: a drawn dev split of 10% would be 10
+    assert not list(out.parent.glob(".*tmp"))
+
+
+def test_new_recipe_for_scored_pairs_and_for_pairs_without_negatives(tmp_path):
+    sim = _csv(tmp_path / "sim.csv", [[_sentence(i), _sentence(i + 5000), str(i % 6)] for i in range(3000)])
+    out, _ = new_recipe([sim], out=tmp_path / "sim.yaml", sample=500)
+    r = _written(out)
+    assert "# 500 rows read of 3,000: 1,000 queries" in out.read_text()  # (each row both ways)
+    # 6,000 queries less 600 drawn for dev: 169 steps of 32, one epoch, dev five times in it
+    assert (r["train"]["epochs"], r["train"]["eval_steps"]) == (1, 33)
+    assert r["eval"]["tasks"] == [{"name": "dev-sts", "type": "sts", "path": "dev", "format": "graded"}]
+    assert r["eval"]["gate"] == ["dev-sts:spearman>=base"] and r["train"]["metric_for_best"] == "dev_spearman"
+    assert r["data"]["sources"][0]["symmetric"] is True and r["data"]["dev_fraction"] == 0.1
+    assert r["mine"]["enabled"] is False
+    dev = _csv(tmp_path / "sim-dev.csv", [[_sentence(i), _sentence(i + 7000), str(i % 6)] for i in range(9000, 9100)])
+    out, _ = new_recipe([sim], dev=[dev], out=tmp_path / "sim2.yaml")
+    r = _written(out)
+    assert [s.get("symmetric") for s in r["data"]["sources"]] == [True, None]  # dev pairs count once
+    assert r["eval"]["tasks"] == [{"name": "sim-dev-sts", "type": "sts", "path": str(dev), "score_range": [0, 5]}]
+    assert r["eval"]["gate"] == ["sim-dev-sts:spearman>=base"]
+    pairs = _jsonl(tmp_path / "qa.jsonl", [{"query": _sentence(i), "positive": _sentence(i + 5)} for i in range(50)])
+    out, said = new_recipe([pairs], out=tmp_path / "qa.yaml")
+    r = _written(out)
+    assert r["mine"]["enabled"] is True and "mine: on" in " ".join(said)
+    assert [t["type"] for t in r["eval"]["tasks"]] == ["retrieval"] and r["eval"]["gate"] == ["dev-retrieval:ndcg@10>=base"]
+
+
+def test_a_decoder_llm_trains_lora_adapters(tmp_path, tiny_qwen, tiny_bert):
+    f = _jsonl(tmp_path / "g.jsonl", [{"query": _sentence(i), "pos": [_sentence(i + 1)]} for i in range(10)])
+    out, said = new_recipe([f], model=str(tiny_qwen), out=tmp_path / "q.yaml")
+    m = load_recipe(out).model
+    assert m.lora.enabled and m.gradient_checkpointing and "a decoder LLM" in out.read_text()
+    assert any("LoRA (a decoder LLM)" in s for s in said)
+    out, said = new_recipe([f], model=str(tiny_bert), out=tmp_path / "b.yaml")
+    assert not load_recipe(out).model.lora.enabled and not any("LoRA" in s for s in said)
+    out, said = new_recipe([f], model=str(tiny_bert), out=tmp_path / "b2.yaml", lora=True)
+    assert load_recipe(out).model.lora.enabled
+    out, said = new_recipe([f], model="someone/not-downloaded", out=tmp_path / "h.yaml")
+    assert not load_recipe(out).model.lora.enabled and any("add --lora" in s for s in said)
+
+
+def test_a_recipe_that_would_not_load_is_not_written(tmp_path, monkeypatch):
+    import hmcl_cli.new_recipe as nr
+
+    f = _jsonl(tmp_path / "g.jsonl", [{"query": _sentence(i), "pos": [_sentence(i + 1)]} for i in range(10)])
+    real = nr.recipe_text
+    monkeypatch.setattr(nr, "recipe_text", lambda *a: (real(*a)[0].replace("batch_size:", "batch_sise:"), []))
+    with pytest.raises(RecipeError, match="batch_sise"):
+        new_recipe([f], out=tmp_path / "g.yaml")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl"]  # neither the recipe nor a temporary file
+
+
+def test_cli_recipe_new_then_run(tmp_path, tiny_bert):
+    """The written recipe runs end to end (prepare, train, eval with its gate) with a tiny model."""
+    train = _jsonl(tmp_path / "support-train.jsonl", [{"query": _sentence(i), "pos": [_sentence(i + 40)],
+                                                       "neg": [_sentence(i + 80)]} for i in range(64)])
+    out = hmcl("recipe", "new", train, "--model", tiny_bert, "--out", tmp_path / "s.yaml", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "format graded" in out.stdout and "hmcl run" in out.stdout
+    run = hmcl("run", tmp_path / "s.yaml", "--set", "train.epochs=1", "--set", "export.enabled=false", cwd=tmp_path)
+    assert run.returncode in (0, 6), run.stderr[-3000:]  # 6: the random model did not pass the gate
+    results = json.loads((tmp_path / "runs" / "support" / "eval" / "results.json").read_text())
+    assert {"dev-retrieval", "dev-reranking"} <= set(json.dumps(results).replace('"', " ").split())
+    again = hmcl("recipe", "new", train, "--out", tmp_path / "s.yaml", cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_the_shared_data_sets_are_read_as_the_built_in_recipes_read_them():
+    stsb = guess_source(DATA / "stsb" / "stsb-en-train.csv")
+    assert (stsb.format, stsb.score_range, stsb.symmetric, stsb.rows) == ("sts", (0.0, 5.0), True, 5749)
+    sick = guess_source(DATA / "sick" / "SICK_train.txt")
+    assert (sick.format, sick.score_range, sick.symmetric, sick.columns) == ("sts", (1.0, 5.0), True, {})
+    assert any("entailment_judgment holds NLI labels" in r for r in sick.reasons)
+    trec = guess_source(DATA / "trecqa" / "trecqa-train.csv")
+    assert (trec.format, trec.queries, trec.rejected) == ("answer_selection", 93, [])
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_a_recipe_for_trecqa_takes_more_candidates_a_step_and_gates_on_map(tmp_path):
+    out, _ = new_recipe([DATA / "trecqa" / "trecqa-train.csv"], dev=[DATA / "trecqa" / "trecqa-dev.csv"],
+                        out=tmp_path / "t.yaml")
+    r = _written(out)
+    assert r["train"]["group_size"] == 8 and r["eval"]["gate"] == ["dev-reranking:map>=base"]
