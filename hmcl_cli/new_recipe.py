@@ -144,8 +144,8 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
         model = _rel(Path(model), folder)
     lines += _model_lines(model, kind, lora, said) + ["", "data:", "  sources:"]
     labels = _unique([data_stem(g.path) if g.path.is_file() else g.path.name for g in guesses + dev_guesses])
-    for g, label in zip(guesses + dev_guesses, labels):
-        split = "dev" if g in dev_guesses else ("train" if dev_guesses else None)
+    for i, (g, label) in enumerate(zip(guesses + dev_guesses, labels)):
+        split = "dev" if i >= len(guesses) else ("train" if dev_guesses else None)
         for reason in g.reasons:
             lines += [f"    # {ln}" for ln in _wrapped(reason, 92)]
         rows = f"{g.rows:,} rows read" + (f" of {g.total_rows:,}" if g.total_rows else " (first rows)" if g.more_rows else "")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,21 @@ def test_columns_of_unknown_names_are_guessed_from_what_they_hold(tmp_path):
     assert _read_all(g, f) == 30
 
 
+def test_a_row_number_column_is_no_score(tmp_path):
+    """pandas' to_csv writes its index as a first column without a name (here with repeats, as after
+    a concatenation): not a score; nor is a column of distinct whole numbers (a row number)."""
+    import pandas as pd
+
+    f = tmp_path / "pandas.csv"
+    pd.DataFrame({"text_a": [_sentence(i) for i in range(40)],
+                  "text_b": [_sentence(i + 100) for i in range(40)]}, index=[i % 6 for i in range(40)]).to_csv(f)
+    g = guess_source(f)
+    assert g.format == "triplets" and g.score_range is None and g.levels["pos"] == 40
+    numbered = _csv(tmp_path / "numbered.csv", [["n", "first", "second"]]
+                    + [[i, _sentence(i), _sentence(i + 100)] for i in range(40)])
+    assert guess_source(numbered).format == "triplets"
+
+
 def test_semicolon_csv_with_decimal_commas(tmp_path):
     f = _csv(tmp_path / "excel.csv", [["sentence1", "sentence2", "score"]]
              + [[_sentence(i), _sentence(i + 1), f"{i % 5},5"] for i in range(20)], delimiter=";")
@@ -117,7 +133,7 @@ def test_two_word_labels_get_a_label_map_and_unclear_ones_are_refused(tmp_path):
     assert _read_all(g, yes) == 20
     ab = _csv(tmp_path / "ab.csv", [["query", "document", "relevance"]]
               + [[_sentence(i), _sentence(i + 5), ("A", "B")[i % 2]] for i in range(20)])
-    with pytest.raises(DataError, match=r"column relevance holds labels a, b: which level each means"):
+    with pytest.raises(DataError, match=r"column relevance holds labels A, B: which level each means"):
         guess_source(ab)
 
 
@@ -151,10 +167,8 @@ def test_new_recipe_loads_prepares_every_row_and_suits_the_data(tmp_path, monkey
     (tmp_path / "data").mkdir()
     train = _csv(tmp_path / "data" / "faq-train.csv", [["question", "answer", "label"]]
                  + [[_sentence(i // 4), _sentence(200 + i), int(i % 4 == 0)] for i in range(400)])
-    dev = _csv(tmp_path / "data" / "faq-dev.csv", [["question", "answer", "label"]]
-               + [[_sentence(1000 + i // 4), _sentence(300 + i), int(i % 4 == 0)] for i in range(80)])
-    import os
-
+    _csv(tmp_path / "data" / "faq-dev.csv", [["question", "answer", "label"]]
+         + [[_sentence(1000 + i // 4), _sentence(300 + i), int(i % 4 == 0)] for i in range(80)])
     model = os.path.relpath(tiny_bert, tmp_path)
     out, said = new_recipe([Path("data/faq-train.csv")], dev=[Path("data/faq-dev.csv")], out=Path("recipes/faq.yaml"),
                            model=model)
@@ -180,6 +194,9 @@ def test_new_recipe_loads_prepares_every_row_and_suits_the_data(tmp_path, monkey
     assert r["data"]["sources"][0]["path"] == str(train.resolve()) and "split" not in r["data"]["sources"][0]
     assert r["data"]["dev_fraction"] == 0.25  # 100 queries: a drawn dev split of 10% would be 10
     assert not list(out.parent.glob(".*tmp"))
+    new_recipe([train], dev=[train], out=out, force=True)  # one file named twice: two sources, each its split
+    assert [(s["name"], s["split"]) for s in _written(out)["data"]["sources"]] == [("faq-train", "train"),
+                                                                                   ("faq-train-2", "dev")]
 
 
 def test_new_recipe_for_scored_pairs_and_for_pairs_without_negatives(tmp_path):
@@ -241,7 +258,9 @@ def test_cli_recipe_new_then_run(tmp_path, tiny_bert):
     run = hmcl("run", tmp_path / "s.yaml", "--set", "train.epochs=1", "--set", "export.enabled=false", cwd=tmp_path)
     assert run.returncode in (0, 6), run.stderr[-3000:]  # 6: the random model did not pass the gate
     results = json.loads((tmp_path / "runs" / "support" / "eval" / "results.json").read_text())
-    assert {"dev-retrieval", "dev-reranking"} <= set(json.dumps(results).replace('"', " ").split())
+    assert list(results["tasks"]) == ["dev-retrieval", "dev-reranking"] and list(results["models"]) == ["base", "fine-tuned"]
+    assert [g["gate"] for g in results["gates"]] == ["dev-retrieval:ndcg@10>=base"]
+    assert run.returncode == (0 if results["gates"][0]["passed"] else 6)
     again = hmcl("recipe", "new", train, "--out", tmp_path / "s.yaml", cwd=tmp_path)
     assert again.returncode == 2 and "exists" in again.stderr and "--force" in again.stderr
 

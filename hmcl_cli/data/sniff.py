@@ -31,6 +31,7 @@ from hmcl_cli.recipe import SourceConfig
 SAMPLE_ROWS = 50000
 NLI_NAMES = {"entailment", "neutral", "contradiction"}
 BINARY = {"0", "1", "true", "false"}
+ID_NAMES = {"id", "_id", "idx", "index", "qid", "pid", "docid", "doc_id"}
 # two-valued labels whose meaning is plain: which of them is the positive
 POSITIVE_WORDS = {"yes", "true", "relevant", "match", "matched", "similar", "duplicate", "positive", "pos", "correct",
                   "good", "same", "paraphrase"}
@@ -135,6 +136,16 @@ class _Column:
         if not filled or len(filled) < len(self.filled) or self.numbers() is not None:
             return False
         return len(set(filled)) > 12 or sum(len(v) for v in filled) / len(filled) > 24
+
+    def is_id(self) -> bool:
+        """A row number or id, not a score or label: named so (pandas' index column has no name or
+        `Unnamed: 0`), or a distinct whole number on every row."""
+        name = (self.name or "").strip().lower()
+        if self.name is not None and (not name or name.startswith("unnamed:") or name in ID_NAMES or name.endswith("_id")):
+            return True
+        numbers = self.numbers()
+        return (numbers is not None and len(numbers) >= 20 and all(x.is_integer() for x in numbers)
+                and len(set(numbers)) == len(numbers))
 
     def is_list(self) -> bool:
         return any(isinstance(v, (list, tuple)) for v in self.filled)
@@ -269,7 +280,7 @@ def _guess_table(path: Path, rows: list[Any], delimiter: Optional[str]) -> Guess
     by_type: list[str] = []  # roles given by what the columns hold, not by their names
     texts = [c for c in columns if c.is_text() and c not in roles.values()]
     values = [c for c in columns if not c.is_text() and not c.is_list() and c not in roles.values()
-              and c.filled and not (c.name or "").lower() in ("id", "_id", "idx", "index", "pair_id", "qid")]
+              and c.filled and not c.is_id()]
     for role in ("query", "candidate"):
         if role not in roles and not (role == "candidate" and "positive" in roles) and texts:
             roles[role] = texts.pop(0)
@@ -347,9 +358,11 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
             guess.reasons.append(f"{said}: labels {pos} (pos) and {neg} (neg)")
             return "answer_selection" if per_query >= 2 else "pairs"
         else:
+            shown = sorted({str(v).strip() for v in label.filled})
             raise DataError(f"{guess.path}: column {label.name if label.name is not None else label.key} holds labels "
-                            f"{', '.join(sorted(labels)[:8])}: which level each means cannot be told",
-                            hint="write the recipe's source by hand with a `label_map` (label -> pos, weak or neg)")
+                            f"{', '.join(shown[:8])}{', ...' if len(shown) > 8 else ''}: which level each means cannot "
+                            "be told", hint="give the source a `label_map` by hand (label -> pos, weak or neg; "
+                            "`hmcl recipe schema label_map`)")
     if scores is not None:
         lo, hi = min(scores), max(scores)
         guess.score_range = _score_range(lo, hi)
