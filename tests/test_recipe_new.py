@@ -82,6 +82,16 @@ def test_labelled_pairs_nli_answer_selection_and_duplicates(tmp_path):
     assert (g.format, g.symmetric) == ("pairs", True)
 
 
+def test_graded_relevance_under_a_label_name_is_a_score(tmp_path):
+    """`relevance` 0-3 (not 0/1): read as scores on that scale (3 pos, 2 weak), the column named for the reader."""
+    f = _csv(tmp_path / "rel.csv", [["query", "document", "relevance"]]
+             + [[_sentence(i), _sentence(i + 50), i % 4] for i in range(40)])
+    g = guess_source(f)
+    assert (g.format, g.columns, g.score_range) == ("sts", {"score": "relevance"}, (0.0, 3.0))
+    assert (g.levels["pos"], g.levels["weak"], g.levels["neg"]) == (10, 10, 20)
+    assert _read_all(g, f) == 40
+
+
 def test_triplets_and_unlabelled_pairs(tmp_path):
     trip = _csv(tmp_path / "trip.csv", [["anchor", "positive", "negative"]]
                 + [[_sentence(i), _sentence(i + 1), _sentence(i + 9)] for i in range(20)])

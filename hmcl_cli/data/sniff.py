@@ -309,12 +309,7 @@ def _guess_table(path: Path, rows: list[Any], delimiter: Optional[str]) -> Guess
         else:
             label = column
     if not fmt:
-        fmt = _pair_format(guess, roles, label, score, said)
-        guess.format = fmt
-        if fmt in ("sts",):
-            roles["score"] = score
-        elif fmt != "triplets":
-            roles["label"] = label
+        guess.format = _pair_format(guess, roles, label, score, said)  # (it sets the score or label role)
     if by_type:
         guess.reasons.append("guessed from what the columns hold (" + ", ".join(by_type) + "): check them")
     guess.columns = _needed_columns(path, guess, roles, rows, header, delimiter)
@@ -337,6 +332,7 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
                             hint="map every label to a level in the source's `label_map`")
         guess.reasons.append(f"{said}: labels {', '.join(sorted(label.labels() & NLI_NAMES))} (NLI: entailment pos, "
                              "neutral weak, contradiction neg)")
+        roles["label"] = label
         return "nli"
     if scores is None and label is not None:
         numbers = label.numbers()
@@ -348,14 +344,17 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
             if fmt == "pairs" and _paired_names(q.name, c.name):
                 guess.symmetric = True
                 guess.reasons.append(f"{q.name} and {c.name} are texts of one kind: read both ways (symmetric)")
+            roles["label"] = label
             return fmt
         if numbers is not None:
             scores, score = numbers, label  # graded relevance 0-3, a 0-5 similarity under the name label
+            roles.pop("label", None)
         elif len(labels) == 2 and labels & POSITIVE_WORDS and labels & NEGATIVE_WORDS:
             pos = next(iter(labels & POSITIVE_WORDS))
             neg = next(iter(labels - {pos}))
             guess.label_map = {_original(label, pos): "pos", _original(label, neg): "neg"}
             guess.reasons.append(f"{said}: labels {pos} (pos) and {neg} (neg)")
+            roles["label"] = label
             return "answer_selection" if per_query >= 2 else "pairs"
         else:
             shown = sorted({str(v).strip() for v in label.filled})
@@ -365,8 +364,9 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
                             "`hmcl recipe schema label_map`)")
     if scores is not None:
         lo, hi = min(scores), max(scores)
-        guess.score_range = _score_range(lo, hi)
+        guess.score_range = _score_range(lo, hi, all(x.is_integer() for x in scores))
         guess.scored = True
+        roles["score"] = score
         name = score.name if score.name is not None else f"column {score.key}"
         guess.reasons.append(f"{said}: scores {lo:g} to {hi:g} in {name} (sts, declared range "
                              f"{_num(guess.score_range[0])}-{_num(guess.score_range[1])}: pos from 80% of it, weak "
@@ -387,9 +387,10 @@ def _original(column: _Column, lowered: str) -> str:
     return next(str(v).strip() for v in column.filled if str(v).strip().lower() == lowered)
 
 
-def _score_range(lo: float, hi: float) -> tuple[float, float]:
-    """A round range that holds the sample's scores: 0-1, 0-5 (1-5 where none is below 1), 0-10, 0-100."""
-    top = next((b for b in (1, 5, 10, 100) if hi <= b), hi)
+def _score_range(lo: float, hi: float, whole: bool = False) -> tuple[float, float]:
+    """A round range that holds the sample's scores: 0-1, 0-5 (1-5 where none is below 1), 0-10, 0-100;
+    grades in whole numbers up to 2-4 (``whole``: relevance 0-3) are their own top."""
+    top = hi if whole and 2 <= hi < 5 else next((b for b in (1, 5, 10, 100) if hi <= b), hi)
     bottom = 1.0 if top == 5 and lo >= 1 else min(0.0, lo)
     return (float(bottom), float(top))
 
@@ -399,18 +400,12 @@ def _needed_columns(path: Path, guess: Guess, roles: dict, rows: list, header: b
     """The ``columns`` entries the reader needs: those it would not bind to the same column itself."""
     wanted = {role: (col.name if header or isinstance(rows[0], dict) else col.key)
               for role, col in roles.items() if col is not None and role in _roles_of(guess.format)}
-    src = SourceConfig(path=str(path), format=guess.format, delimiter=delimiter,
-                       header=header if isinstance(rows[0], list) else None)
-    cols = Columns(src, guess.format, str(path))
-    try:
-        cols.bind_header(rows[0])
-        bound = cols.index
-    except DataError:
-        bound = {}
-    if header or isinstance(rows[0], dict):
-        bound = {r: (cols.header[i] if isinstance(i, int) and cols.header else i) for r, i in bound.items()}
-    else:
-        bound = {**DEFAULT_INDEX.get(guess.format, {}), **bound}
+    if header or isinstance(rows[0], dict):  # the column the reader's names would pick for each role
+        names = [str(k) for k in rows[0]] if isinstance(rows[0], dict) else [str(c).strip() for c in rows[0]]
+        cols = Columns(SourceConfig(path=str(path), format=guess.format), guess.format, str(path))
+        bound = {role: cols._choose(role, names) for role in wanted}
+    else:  # by position
+        bound = dict(DEFAULT_INDEX.get(guess.format, {}))
     needed = {role: col for role, col in wanted.items() if bound.get(role) != col}
     if isinstance(rows[0], list):
         # the reader's own call on the first row, given these columns: an sts file without a header
