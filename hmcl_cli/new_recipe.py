@@ -29,6 +29,8 @@ from hmcl_cli.io_utils import data_stem, ensure_dir
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BATCH = 32  # train.batch_size's default
 GROUP = 4  # train.group_size's default
+MAX_LENGTH = 128  # model.max_length's default
+LONGEST_DEFAULT = 1024  # the longest max length written for a model without a position table (decoders)
 TARGET_STEPS = 100  # a small data set is trained for about this many steps (more epochs), at most MAX_EPOCHS
 MAX_EPOCHS = 10
 MIN_DRAWN_DEV = 100  # dev queries a drawn dev split aims at: data.dev_fraction rises for small data (up to 0.25)
@@ -95,22 +97,71 @@ def _estimated_queries(g: Guess) -> int:
     return g.queries
 
 
-def model_kind(model: str) -> Optional[str]:
-    """``decoder`` or ``encoder`` for a model that is here (a folder, the Hugging Face cache, an
-    installed model package), read from its config; None where it is not (not downloaded yet)."""
+def _model_here(model: str) -> Optional[tuple[Path, Any]]:
+    """The folder and config of a model that is here (a folder, the Hugging Face cache, an installed
+    model package); None where it is not (not downloaded yet) or its config cannot be read."""
     from hmcl_cli.errors import HmclError
     from hmcl_cli.modeling.resolve import resolve_model, transformer_folder
 
     try:
-        folder = resolve_model(model, None, Path.cwd(), download=False)
+        folder = transformer_folder(resolve_model(model, None, Path.cwd(), download=False))
         from transformers import AutoConfig
 
-        from hmcl_cli.modeling.encoder import is_decoder_config
-
-        config = AutoConfig.from_pretrained(transformer_folder(folder))
+        return folder, AutoConfig.from_pretrained(folder)
     except (HmclError, OSError, ValueError):
         return None
-    return "decoder" if is_decoder_config(config) else "encoder"
+
+
+def model_kind(model: str) -> Optional[str]:
+    """``decoder`` or ``encoder`` for a model that is here, read from its config; None where it is not."""
+    from hmcl_cli.modeling.encoder import is_decoder_config
+
+    here = _model_here(model)
+    return None if here is None else "decoder" if is_decoder_config(here[1]) else "encoder"
+
+
+def _length_lines(model: str, guesses: list[Guess], said: list[str]) -> list[str]:
+    """``query_max_length`` / ``doc_max_length`` where the data's texts run longer than the default
+    (their 99th percentile in the model's tokens, up to 32 more, within the model's positions): the
+    default would cut them. Nothing where the model is not here to count with."""
+    here = _model_here(model)
+    if here is None:
+        return []
+    import numpy as np
+    import torch
+    from transformers import AutoTokenizer
+
+    from hmcl_cli.modeling.encoder import position_limit
+    from hmcl_cli.modeling.tokenizing import token_ids
+    from hmcl_cli.training.memory import meta_model
+
+    folder, config = here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        limit = position_limit(meta_model(config, 1, torch.float32))
+    except (OSError, ValueError):
+        return []
+    cap = limit or LONGEST_DEFAULT
+    lines, keys = [], {"query": "query_max_length", "candidate": "doc_max_length"}
+    for side, key in keys.items():
+        texts = [t for g in guesses for t in g.texts.get(side, [])]
+        if not texts:
+            continue
+        lengths = np.array([len(ids) for ids in token_ids(tokenizer, texts)])
+        p99 = int(np.percentile(lengths, 99))
+        if p99 <= MAX_LENGTH:
+            continue
+        length = min(cap, -(-p99 // 32) * 32)
+        over = float((lengths > MAX_LENGTH).mean())
+        name = "queries" if side == "query" else "candidates"
+        lines += [f"  # {name}: 99% of {len(texts):,} drawn at random within {p99} tokens; the default "
+                  f"{MAX_LENGTH} would cut {over:.0%} of them" + (f"; past {cap} (the model's positions) a text is "
+                                                                  "cut: model.segments encodes it whole"
+                                                                  if length < p99 else ""),
+                  f"  {key}: {length}"]
+        said.append(f"model.{key} {length}: 99% of the {name} drawn fit in {p99} tokens ({over:.0%} over "
+                    f"{MAX_LENGTH}, the default)")
+    return lines
 
 
 def _model_lines(model: str, kind: Optional[str], lora: Optional[bool], said: list[str]) -> list[str]:
@@ -140,9 +191,10 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
              "# (`hmcl recipe schema KEY` explains any key).",
              f"name: {_y(name)}", "seed: 42", "output_dir: runs/${name}", ""]
     kind = model_kind(model) if lora is None else None
+    model_here = model  # (as given: a folder relative to the working directory)
     if Path(model).is_dir():  # a local folder: named relative to the recipe, as the data are
         model = _rel(Path(model), folder)
-    lines += _model_lines(model, kind, lora, said) + ["", "data:", "  sources:"]
+    lines += _model_lines(model, kind, lora, said) + _length_lines(model_here, guesses, said) + ["", "data:", "  sources:"]
     labels = _unique([data_stem(g.path) if g.path.is_file() else g.path.name for g in guesses + dev_guesses])
     for i, (g, label) in enumerate(zip(guesses + dev_guesses, labels)):
         split = "dev" if i >= len(guesses) else ("train" if dev_guesses else None)

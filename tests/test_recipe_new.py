@@ -247,6 +247,23 @@ def test_a_decoder_llm_trains_lora_adapters(tmp_path, tiny_qwen, tiny_bert):
     assert not load_recipe(out).model.lora.enabled and any("add --lora" in s for s in said)
 
 
+def test_max_lengths_follow_the_data_where_they_run_past_the_default(tmp_path, tiny_bert):
+    """Counted in the model's tokens (tiny_bert: a word a token, 256 positions): documents of ~180
+    words get a doc_max_length that holds them; short queries keep the default."""
+    def rows(words):
+        return [{"query": _sentence(i), "pos": [_sentence(i + 1, words)]} for i in range(300)]
+
+    out, said = new_recipe([_jsonl(tmp_path / "long.jsonl", rows(180))], model=str(tiny_bert), out=tmp_path / "l.yaml")
+    m = load_recipe(out).model
+    assert (m.doc_max_length, m.query_max_length, m.max_length) == (192, None, 128)
+    assert any("model.doc_max_length 192" in s for s in said) and "would cut 100% of them" in out.read_text()
+    out, _ = new_recipe([_jsonl(tmp_path / "longer.jsonl", rows(400))], model=str(tiny_bert), out=tmp_path / "x.yaml")
+    assert load_recipe(out).model.doc_max_length == 256 and "model.segments encodes it whole" in out.read_text()
+    out, _ = new_recipe([_jsonl(tmp_path / "short.jsonl", rows(20))], model=str(tiny_bert), out=tmp_path / "s.yaml")
+    m = load_recipe(out).model
+    assert (m.doc_max_length, m.query_max_length) == (None, None) and "_max_length:" not in out.read_text()
+
+
 def test_a_recipe_that_would_not_load_is_not_written(tmp_path, monkeypatch):
     import hmcl_cli.new_recipe as nr
 

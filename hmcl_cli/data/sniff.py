@@ -62,6 +62,7 @@ class Guess:
     header: bool = False  # a delimited file's first row names its columns
     qrels_split: Optional[str] = None  # a BEIR folder's qrels file, where it has no train.tsv
     header_key: Optional[bool] = None  # `header:` where the reader would not tell the header row itself
+    texts: dict[str, list[str]] = field(default_factory=dict)  # a seeded draw of its queries and candidates
 
     def source(self, **more: Any) -> SourceConfig:
         """The data source that reads the file as guessed (``more``: split, name, ...)."""
@@ -432,6 +433,7 @@ def _read_back(guess: Guess, sample: int, encoding: str) -> None:
     src = guess.source(max_rows=sample, encoding=encoding)
     queries: set = set()
     lines: set = set()  # (a row read both ways yields two examples of one line)
+    drawn = {"query": _Reservoir(), "candidate": _Reservoir()}
     for item in read_source(src, guess.path):
         if isinstance(item, BadRow):
             lines.add(item.line)
@@ -441,13 +443,34 @@ def _read_back(guess: Guess, sample: int, encoding: str) -> None:
         line, ex = item
         lines.add(line)
         queries.add(ex.query)
+        drawn["query"].add(ex.query)
         for cand in ex.candidates.values():
+            drawn["candidate"].add(cand.text)
             guess.levels[("neg", "weak", "pos")[cand.level]] += 1
             guess.scored = guess.scored or cand.score is not None
     guess.rows, guess.queries = len(lines), len(queries)
+    guess.texts = {side: r.items for side, r in drawn.items()}
     if not queries:
         raise DataError(f"{guess.path}: read as format {guess.format}, none of its first rows gives an example"
                         + (f" (e.g. {guess.rejected[0]})" if guess.rejected else ""),
                         hint="write the recipe's source by hand (`hmcl recipe schema data.sources`)")
 
 
+class _Reservoir:
+    """A seeded uniform draw of at most ``size`` of the items it is given, one at a time (the
+    texts whose token lengths size a recipe's max lengths: the whole sample, not its head)."""
+
+    def __init__(self, size: int = 2000, seed: int = 0) -> None:
+        import random
+
+        self.items: list[str] = []
+        self.size, self.seen, self.rng = size, 0, random.Random(seed)
+
+    def add(self, item: str) -> None:
+        self.seen += 1
+        if len(self.items) < self.size:
+            self.items.append(item)
+        else:
+            j = self.rng.randrange(self.seen)
+            if j < self.size:
+                self.items[j] = item
