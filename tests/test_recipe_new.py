@@ -259,6 +259,10 @@ def test_max_lengths_follow_the_data_where_they_run_past_the_default(tmp_path, t
     assert any("model.doc_max_length 192" in s for s in said) and "would cut 100% of them" in out.read_text()
     out, _ = new_recipe([_jsonl(tmp_path / "longer.jsonl", rows(400))], model=str(tiny_bert), out=tmp_path / "x.yaml")
     assert load_recipe(out).model.doc_max_length == 256 and "model.segments encodes it whole" in out.read_text()
+    # the texts are drawn from the whole sample, not its head: short documents first, long ones after
+    mixed = [{"query": _sentence(i), "pos": [_sentence(i + 1, 20 if i < 2500 else 180)]} for i in range(5000)]
+    out, _ = new_recipe([_jsonl(tmp_path / "mixed.jsonl", mixed)], model=str(tiny_bert), out=tmp_path / "m.yaml")
+    assert load_recipe(out).model.doc_max_length == 192
     out, _ = new_recipe([_jsonl(tmp_path / "short.jsonl", rows(20))], model=str(tiny_bert), out=tmp_path / "s.yaml")
     m = load_recipe(out).model
     assert (m.doc_max_length, m.query_max_length) == (None, None) and "_max_length:" not in out.read_text()
