@@ -102,6 +102,16 @@ def test_triplets_and_unlabelled_pairs(tmp_path):
     assert g.format == "triplets" and g.levels["pos"] == 20 and not g.levels["neg"]
 
 
+def test_columns_left_unread_are_named_and_a_headerless_third_text_is_a_negative(tmp_path):
+    extra = _csv(tmp_path / "extra.csv", [["sentence1", "sentence2", "score", "genre"]]
+                 + [[_sentence(i), _sentence(i + 50), i % 6, "news"] for i in range(30)])
+    g = guess_source(extra)
+    assert g.format == "sts" and g.reasons[-1] == "not read: column genre"
+    plain = _csv(tmp_path / "plain3.csv", [[_sentence(i), _sentence(i + 50), _sentence(i + 99)] for i in range(30)])
+    g = guess_source(plain)
+    assert g.format == "triplets" and g.levels["neg"] == 30 and g.reasons[-1] == "column 2 read as negatives"
+
+
 def test_columns_of_unknown_names_are_guessed_from_what_they_hold(tmp_path):
     f = _csv(tmp_path / "mine.csv", [["id", "title", "body", "relevant"]]
              + [[i, _sentence(i, 4), _sentence(i + 7, 12), i % 2] for i in range(30)])

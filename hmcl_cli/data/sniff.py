@@ -314,6 +314,19 @@ def _guess_table(path: Path, rows: list[Any], delimiter: Optional[str]) -> Guess
     if by_type:
         guess.reasons.append("guessed from what the columns hold (" + ", ".join(by_type) + "): check them")
     guess.columns = _needed_columns(path, guess, roles, rows, header, delimiter)
+    used = [c for role, c in roles.items() if c is not None and role in _roles_of(guess.format)]
+    rest = [c for c in columns if c not in used and not c.is_id()]
+    if guess.format == "triplets" and not header and isinstance(rows[0], list):
+        taken = [c for c in rest if isinstance(c.key, int) and c.key > roles["positive"].key]
+        if taken:  # (a file without a header: every field after the positive is a negative)
+            guess.reasons.append(f"column{'s' if len(taken) > 1 else ''} {', '.join(str(c.key) for c in taken)} "
+                                 "read as negatives")
+        rest = [c for c in rest if c not in taken]
+    elif guess.format == "triplets":
+        rest = [c for c in rest if not re.fullmatch(r"(?:negative|neg)[_\s-]?\d+", str(c.name), re.I)]
+    if rest:
+        guess.reasons.append("not read: " + ", ".join(f"column {c.name if c.name is not None else c.key}"
+                                                      for c in rest))
     return guess
 
 
@@ -378,8 +391,8 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
             guess.symmetric = True
             guess.reasons.append("both texts are sentences of one kind: read both ways (symmetric)")
         return "sts"
-    guess.reasons.append(f"{said}: (query, positive) pairs without a label (triplets: in-batch negatives; `hmcl mine` "
-                         "adds hard ones)")
+    guess.reasons.append(f"{said}: (query, positive) rows without a label or score, read as triplets (in-batch "
+                         "negatives; `hmcl mine` adds hard ones)")
     roles["positive"] = roles.pop("candidate")
     return "triplets"
 
