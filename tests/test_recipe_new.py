@@ -236,10 +236,14 @@ def test_new_recipe_for_scored_pairs_and_for_pairs_without_negatives(tmp_path):
     assert [s.get("symmetric") for s in r["data"]["sources"]] == [True, None]  # dev pairs count once
     assert r["eval"]["tasks"] == [{"name": "sim-dev-sts", "type": "sts", "path": str(dev), "score_range": [0, 5]}]
     assert r["eval"]["gate"] == ["sim-dev-sts:spearman>=base"]
-    pairs = _jsonl(tmp_path / "qa.jsonl", [{"query": _sentence(i), "positive": _sentence(i + 5)} for i in range(50)])
+    pairs = _jsonl(tmp_path / "qa.jsonl", [{"query": _sentence(i), "positive": _sentence(i + 5)} for i in range(1400)])
     out, said = new_recipe([pairs], out=tmp_path / "qa.yaml")
     r = _written(out)
-    assert r["mine"]["enabled"] is True and "mine: on" in " ".join(said)
+    assert r["mine"]["enabled"] is True and "mine: on" in " ".join(said)  # 1,400 distinct positives to mine from
+    few = _jsonl(tmp_path / "few.jsonl", [{"query": _sentence(i), "positive": _sentence(5000 + i % 60)}
+                                          for i in range(1400)])
+    out, said = new_recipe([few], out=tmp_path / "few.yaml")
+    assert _written(out)["mine"]["enabled"] is False and "only 60 distinct candidates" in " ".join(said)
     assert [t["type"] for t in r["eval"]["tasks"]] == ["retrieval"] and r["eval"]["gate"] == ["dev-retrieval:ndcg@10>=base"]
 
 

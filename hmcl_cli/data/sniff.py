@@ -54,6 +54,7 @@ class Guess:
     rows: int = 0  # rows read (at most the sample)
     more_rows: bool = False  # the file holds more rows than were read
     queries: int = 0  # distinct queries among the examples read
+    candidates: int = 0  # distinct candidate texts among them
     levels: Counter = field(default_factory=Counter)  # candidates read per level name
     scored: bool = False  # the examples carry scores
     reasons: list[str] = field(default_factory=list)
@@ -445,6 +446,7 @@ def _read_back(guess: Guess, sample: int, encoding: str) -> None:
     """Read the sample with the guessed source, as ``hmcl prepare`` will: counts and rejected rows."""
     src = guess.source(max_rows=sample, encoding=encoding)
     queries: set = set()
+    candidates: set = set()
     lines: set = set()  # (a row read both ways yields two examples of one line)
     drawn = {"query": _Reservoir(), "candidate": _Reservoir()}
     for item in read_source(src, guess.path):
@@ -458,10 +460,11 @@ def _read_back(guess: Guess, sample: int, encoding: str) -> None:
         queries.add(ex.query)
         drawn["query"].add(ex.query)
         for cand in ex.candidates.values():
+            candidates.add(cand.text)
             drawn["candidate"].add(cand.text)
             guess.levels[("neg", "weak", "pos")[cand.level]] += 1
             guess.scored = guess.scored or cand.score is not None
-    guess.rows, guess.queries = len(lines), len(queries)
+    guess.rows, guess.queries, guess.candidates = len(lines), len(queries), len(candidates)
     guess.texts = {side: r.items for side, r in drawn.items()}
     if not queries:
         raise DataError(f"{guess.path}: read as format {guess.format}, none of its first rows gives an example"
