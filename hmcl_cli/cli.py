@@ -355,7 +355,7 @@ def recipe_cp(name: str = typer.Argument(..., metavar="NAME", help="Built-in rec
 @recipe_app.command(cls=_Command, name="new",
                     epilog="Examples:  hmcl recipe new data/faq-train.csv --dev data/faq-dev.csv   ·   "
                            "hmcl recipe new pairs.parquet --model BAAI/bge-small-en-v1.5 --out search.yaml")
-def recipe_new(train: List[Path] = typer.Argument(..., metavar="TRAIN...", show_default=False, help=(
+def recipe_new(train: List[Path] = typer.Argument(..., metavar="TRAIN", show_default=False, help=(
                    "Training data: files (csv, tsv, jsonl, json, parquet; compressed too), a folder saved by "
                    "`datasets` or a BEIR folder.")),
                dev: Optional[List[Path]] = typer.Option(None, "--dev", metavar="FILE", help=(
