@@ -125,18 +125,19 @@ def model_kind(model: str) -> Optional[str]:
 
 
 def _length_lines(model: str, guesses: list[Guess], said: list[str]) -> list[str]:
-    """``query_max_length`` / ``doc_max_length`` where the data's texts run longer than the default
-    (their 99th percentile in the model's tokens, up to 32 more, within the model's positions): the
-    default would cut them. Nothing where the model is not here to count with."""
+    """What the model's tokenizer makes of texts drawn from the data: ``query_max_length`` /
+    ``doc_max_length`` where they run longer than the default (their 99th percentile, rounded up to
+    32, within the model's positions: the default would cut them), and a warning where many of their
+    tokens are its unknown token (a vocabulary without their script). Nothing where the model is not
+    here to count with."""
     here = _model_here(model)
     if here is None:
         return []
-    import numpy as np
     import torch
     from transformers import AutoTokenizer
 
+    from hmcl_cli.data.prepare import token_length_stats, unknown_tokens_warning
     from hmcl_cli.modeling.encoder import position_limit
-    from hmcl_cli.modeling.tokenizing import token_ids
     from hmcl_cli.training.memory import meta_model
 
     folder, config = here
@@ -146,19 +147,20 @@ def _length_lines(model: str, guesses: list[Guess], said: list[str]) -> list[str
     except (OSError, ValueError):
         return []
     cap = limit or LONGEST_DEFAULT
-    lines, keys = [], {"query": "query_max_length", "candidate": "doc_max_length"}
-    for side, key in keys.items():
-        texts = [t for g in guesses for t in g.texts.get(side, [])]
-        if not texts:
-            continue
-        lengths = np.array([len(ids) for ids in token_ids(tokenizer, texts)])
-        p99 = int(np.percentile(lengths, 99))
+    texts = {side: [t for g in guesses for t in g.texts.get(side, [])] for side in ("query", "candidate")}
+    lengths = token_length_stats(tokenizer, texts, dict.fromkeys(texts, MAX_LENGTH),
+                                 limit=max(1, *map(len, texts.values())))
+    lines = []
+    if warning := unknown_tokens_warning(lengths, model):
+        said.append("warning: " + warning)
+        lines += [f"  # {ln}" for ln in _wrapped(f"warning: {warning}", 96)]
+    for side, st in lengths.items():
+        p99, over = st["p99"], st["over_max_length"] / st["texts"]
         if p99 <= MAX_LENGTH:
             continue
         length = min(cap, -(-p99 // 32) * 32)
-        over = float((lengths > MAX_LENGTH).mean())
-        name = "queries" if side == "query" else "candidates"
-        lines += [f"  # {name}: 99% of {len(texts):,} drawn at random within {p99} tokens; the default "
+        name, key = ("queries", "query_max_length") if side == "query" else ("candidates", "doc_max_length")
+        lines += [f"  # {name}: 99% of {st['texts']:,} drawn at random within {p99} tokens; the default "
                   f"{MAX_LENGTH} would cut {over:.0%} of them" + (f"; past {cap} (the model's positions) a text is "
                                                                   "cut: model.segments encodes it whole"
                                                                   if length < p99 else ""),
@@ -311,4 +313,4 @@ def _unique(names: list[str]) -> list[str]:
 def _wrapped(text: str, width: int) -> list[str]:
     import textwrap
 
-    return textwrap.wrap(text, width) or [""]
+    return textwrap.wrap(text, width, break_on_hyphens=False) or [""]

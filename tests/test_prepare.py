@@ -806,6 +806,31 @@ def test_token_lengths_are_measured_over_all_sources_not_the_first_rows():
     assert truncation_warning("candidate", exact).startswith("100 of 800 candidate texts are longer than 16")
 
 
+def test_texts_whose_tokens_the_vocabulary_lacks_are_warned_about(tmp_path, capsys):
+    """A model whose vocabulary lacks the data's script sees its unknown token where the text was
+    (all-MiniLM-L6-v2 on STS-B's Chinese translation: 56% of the tokens): prepare says so."""
+    from conftest import build_tokenizer
+
+    from hmcl_cli.data.prepare import token_length_stats, unknown_tokens_warning
+
+    tok = build_tokenizer("bert")  # a word-level vocabulary of the quickstart's sample
+    known = token_length_stats(tok, {"query": ["size exchange"] * 50, "candidate": ["free exchanges"] * 50})
+    assert known["query"]["unknown_tokens"] == 0 and unknown_tokens_warning(known, "m") is None
+    mixed = token_length_stats(tok, {"query": ["size exchange"] * 50, "candidate": ["飞机 起飞 size"] * 50})
+    assert mixed["candidate"]["unknown_tokens"] == 0.4  # [CLS] 飞机 起飞 size [SEP]: 2 of 5
+    said = unknown_tokens_warning(mixed, "my-model")
+    assert said.startswith("40% of the candidate texts' tokens are my-model's unknown token [UNK]") and "飞机" in said
+    data = tmp_path / "zh.jsonl"
+    known_words = ["size", "exchange", "free", "refund", "card", "days", "order", "return"]
+    data.write_text("".join(json.dumps({"query": f"{a} {b}", "pos": [f"飞机 起飞 {a}"]}) + "\n"
+                            for a in known_words for b in known_words), encoding="utf-8")
+    stats = prepare(_recipe(tmp_path, [{"path": str(data), "split": "train"}]), tokenizer=tok, progress=False)
+    assert stats["token_lengths"]["candidate"]["unknown_tokens"] == 0.4 and stats["token_lengths"]["query"][
+        "unknown_tokens"] == 0
+    err = capsys.readouterr().err
+    assert "40% of the candidate texts' tokens are unused's unknown token [UNK]" in err and "of the query" not in err
+
+
 def test_dev_max_queries_caps_the_drawn_dev_split_and_the_others_train(tmp_path, capsys):
     """10% of a million queries is a 100,000-query dev split, encoded at every dev evaluation.
     `data.dev_max_queries` keeps the first of the drawn ones by the seeded hash that drew them (a
