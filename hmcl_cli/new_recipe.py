@@ -209,7 +209,7 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
         rows = f"{g.rows:,} rows read" + (f" of {g.total_rows:,}" if g.total_rows else " (first rows)" if g.more_rows else "")
         lines.append(f"    # {rows}: {g.queries:,} queries; candidates {_levels(g)}")
         if g.rejected:
-            lines.append(f"    # rejected by the reader: {len(g.rejected)}+ rows, e.g. {g.rejected[0]}")
+            lines.append(f"    # rejected by the reader: {g.rejected_rows:,} of these rows, e.g. {g.rejected[0]}")
         lines.append(f"    - name: {_y(label)}")
         lines.append(f"      path: {_y(_rel(g.path, folder))}")
         lines.append(f"      format: {g.format}")
@@ -223,8 +223,9 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
         said.append(f"{g.path}: format {g.format}" + "".join(f", {k} {_y(v)}" for k, v in keys.items())
                     + (f" (split {split})" if split else "") + f" — {g.reasons[0]}")
         if g.rejected:
-            said.append(f"  {len(g.rejected)}+ of its first rows are rejected by the reader, e.g. {g.rejected[0]}: "
-                        "`hmcl prepare` stops at the first (data.on_error: skip leaves them out, counted)")
+            said.append(f"  {g.rejected_rows:,} of the {g.rows:,} rows read are rejected by the reader, e.g. "
+                        f"{g.rejected[0]}: `hmcl prepare` stops at the first (data.on_error: skip leaves them out, "
+                        "counted)")
     train_queries = sum(_estimated_queries(g) for g in guesses)
     if not dev_guesses:
         fraction = 0.1

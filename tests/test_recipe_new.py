@@ -157,6 +157,17 @@ def test_two_word_labels_get_a_label_map_and_unclear_ones_are_refused(tmp_path):
         guess_source(ab)
 
 
+def test_rows_the_reader_rejects_are_counted_and_said(tmp_path):
+    rows = [["sentence1", "sentence2", "score"]] + [[_sentence(i), _sentence(i + 50), str(i % 6)] for i in range(30)]
+    rows[5][2] = rows[9][2] = rows[12][1] = ""  # two without a score, one without its second text
+    f = _csv(tmp_path / "holes.csv", rows)
+    g = guess_source(f)
+    assert (g.format, g.rows, g.rejected_rows, len(g.rejected)) == ("sts", 30, 3, 3)
+    out, said = new_recipe([f], out=tmp_path / "h.yaml")
+    assert any(s.startswith("  3 of the 30 rows read are rejected by the reader, e.g. ") for s in said)
+    assert "# rejected by the reader: 3 of these rows, e.g. " in out.read_text()
+
+
 def test_data_that_fits_no_format_is_refused_with_what_was_found(tmp_path):
     one = _csv(tmp_path / "one.csv", [["text"]] + [[_sentence(i)] for i in range(10)])
     with pytest.raises(DataError, match=r"columns text: cannot tell which column is the query"):

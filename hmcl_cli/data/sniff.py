@@ -58,7 +58,8 @@ class Guess:
     levels: Counter = field(default_factory=Counter)  # candidates read per level name
     scored: bool = False  # the examples carry scores
     reasons: list[str] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)  # rows of the sample the reader rejects (file:line: why)
+    rejected: list[str] = field(default_factory=list)  # the first rows of the sample the reader rejects (file:line: why)
+    rejected_rows: int = 0  # how many it rejects
     total_rows: Optional[int] = None  # rows of the whole file, where it is a text file (lines less a header)
     header: bool = False  # a delimited file's first row names its columns
     qrels_split: Optional[str] = None  # a BEIR folder's qrels file, where it has no train.tsv
@@ -452,6 +453,7 @@ def _read_back(guess: Guess, sample: int, encoding: str) -> None:
     for item in read_source(src, guess.path):
         if isinstance(item, BadRow):
             lines.add(item.line)
+            guess.rejected_rows += 1
             if len(guess.rejected) < 5:
                 guess.rejected.append(item.located())
             continue
