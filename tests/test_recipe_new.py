@@ -72,6 +72,10 @@ def test_labelled_pairs_nli_answer_selection_and_duplicates(tmp_path):
                                            "label": ("entailment", "neutral", "contradiction")[i % 3]} for i in range(30)])
     g = guess_source(nli)
     assert (g.format, g.symmetric) == ("nli", False) and set(g.levels) == {"pos", "weak", "neg"}
+    numbered = _jsonl(tmp_path / "nli-ids.jsonl", [{"premise": _sentence(i), "hypothesis": _sentence(i + 1),
+                                                    "label": i % 3} for i in range(30)])
+    g = guess_source(numbered)  # the Hub copies' numbering: 0 entailment, 1 neutral, 2 contradiction
+    assert g.format == "nli" and (g.levels["pos"], g.levels["weak"], g.levels["neg"]) == (10, 10, 10)
     qa = _csv(tmp_path / "qa.csv", [["question", "answer", "label"]]
               + [[_sentence(i // 5), _sentence(100 + i), int(i % 5 == 0)] for i in range(50)])
     g = guess_source(qa)

@@ -31,6 +31,7 @@ from hmcl_cli.recipe import SourceConfig
 SAMPLE_ROWS = 50000
 NLI_NAMES = {"entailment", "neutral", "contradiction"}
 BINARY = {"0", "1", "true", "false"}
+NLI_COLUMNS = {"premise", "hypothesis", "gold_label"}  # names that make labels 0, 1, 2 NLI's
 ID_NAMES = {"id", "_id", "idx", "index", "qid", "pid", "docid", "doc_id"}
 # two-valued labels whose meaning is plain: which of them is the positive
 POSITIVE_WORDS = {"yes", "true", "relevant", "match", "matched", "similar", "duplicate", "positive", "pos", "correct",
@@ -353,6 +354,12 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
     if scores is None and label is not None:
         numbers = label.numbers()
         labels = label.labels()
+        names = {str(col.name).lower() for col in (q, c, label)}
+        if labels <= {"0", "1", "2", "-1"} and len(labels - {"-1"}) == 3 and names & NLI_COLUMNS:
+            guess.reasons.append(f"{said}: labels 0, 1, 2 beside NLI's column names: NLI's numbering (0 entailment "
+                                 "pos, 1 neutral weak, 2 contradiction neg)")
+            roles["label"] = label
+            return "nli"
         if labels <= BINARY | {"0.0", "1.0"}:
             fmt = "answer_selection" if per_query >= 2 else "pairs"
             guess.reasons.append(f"{said}: labels {', '.join(sorted(labels))} (1 pos, 0 neg)"
