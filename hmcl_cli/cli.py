@@ -369,13 +369,16 @@ def recipe_new(train: List[Path] = typer.Argument(..., metavar="TRAIN", show_def
                lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", metavar="", show_default=False, help=(
                    "Train LoRA adapters instead of every weight (default: where the model is here and is a "
                    "decoder LLM).")),
+               encoding: str = typer.Option("utf-8", "--encoding", metavar="CODEC", help=(
+                   "The files' text encoding (a file that is not UTF-8 is read as cp1252, as Excel saves a CSV, "
+                   "unless this names another: latin-1, utf-16, ...).")),
                force: bool = typer.Option(False, "--force", metavar="", help="Replace an existing file.")) -> None:
     """Write a recipe for your data files: each file's format, columns and scale are read from the
     file itself, each guess is commented in the recipe with its reason, and the recipe is checked
     before it is written."""
     from hmcl_cli.new_recipe import new_recipe
 
-    path, said = new_recipe(train, dev or [], model=model, name=name, out=out, force=force, lora=lora)
+    path, said = new_recipe(train, dev or [], model=model, name=name, out=out, force=force, lora=lora, encoding=encoding)
     for line in said:
         console.print(line, markup=False, highlight=False)
     console.print(f"wrote {path}: check its guesses (comments beside each data source), then\n  hmcl run {path}",

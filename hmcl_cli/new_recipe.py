@@ -43,13 +43,15 @@ MINE_POOL = 10 * BATCH * GROUP
 
 def new_recipe(train: Sequence[Path], dev: Sequence[Path] = (), model: str = DEFAULT_MODEL,
                name: Optional[str] = None, out: Optional[Path] = None, force: bool = False,
-               sample: int = SAMPLE_ROWS, lora: Optional[bool] = None) -> tuple[Path, list[str]]:
+               sample: int = SAMPLE_ROWS, lora: Optional[bool] = None,
+               encoding: str = "utf-8") -> tuple[Path, list[str]]:
     """Write a recipe for ``train`` (and ``dev``) files; returns its path and what was decided, in words.
-    ``lora``: train LoRA adapters (None: where the model is here and is a decoder LLM)."""
+    ``lora``: train LoRA adapters (None: where the model is here and is a decoder LLM); ``encoding``:
+    the files' (a file that is not UTF-8 is read as cp1252 unless another is given)."""
     if not train:
         raise RecipeError("no training data named", hint="hmcl recipe new TRAIN_FILE [--dev DEV_FILE]")
-    guesses = [guess_source(Path(p), sample) for p in train]
-    dev_guesses = [guess_source(Path(p), sample) for p in dev]
+    guesses = [guess_source(Path(p), sample, encoding) for p in train]
+    dev_guesses = [guess_source(Path(p), sample, encoding) for p in dev]
     name = name or _name_of(Path(train[0]))
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*", name):
         raise RecipeError(f"--name {name!r}: a recipe's name becomes its run folder (runs/<name>): use letters, digits, "

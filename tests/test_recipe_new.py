@@ -149,6 +149,20 @@ def test_semicolon_csv_with_decimal_commas(tmp_path):
     assert _read_all(g, f) == 40
 
 
+def test_a_file_that_is_not_utf8_is_read_as_excel_saves_it(tmp_path):
+    rows = ["Frage;Antwort;Bewertung"] + [f"Wie lange dauert Nummer {i} die Erstattung?;Die Erstattung {i} dauert "
+                                          f"fünf Tage.;{i % 5},5" for i in range(40)]
+    f = tmp_path / "excel.csv"
+    f.write_bytes(("\r\n".join(rows) + "\r\n").encode("cp1252"))
+    g = guess_source(f)
+    assert (g.format, g.encoding, g.delimiter, g.rows, g.rejected_rows) == ("sts", "cp1252", ";", 40, 0)
+    assert g.reasons[0].startswith("not UTF-8 (40 of the first 41 rows): read as cp1252")
+    assert g.source_keys()["encoding"] == "cp1252" and _read_all(g, f) == 40
+    assert "fünf" in g.texts["candidate"][0]
+    out, _ = new_recipe([f], out=tmp_path / "x.yaml", encoding="latin-1")  # given: read so, no fallback
+    assert load_recipe(out).data.sources[0].encoding == "latin-1"
+
+
 def test_two_word_labels_get_a_label_map_and_unclear_ones_are_refused(tmp_path):
     yes = _csv(tmp_path / "yes.csv", [["query", "document", "relevance"]]
                + [[_sentence(i), _sentence(i + 5), ("Yes", "No")[i % 2]] for i in range(20)])

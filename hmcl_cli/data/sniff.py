@@ -25,10 +25,11 @@ from hmcl_cli.data.example import BadRow
 from hmcl_cli.data.readers import (DEFAULT_INDEX, ROLE_ALIASES, Columns, file_type, is_saved_dataset,
                                    read_source, records)
 from hmcl_cli.errors import DataError
-from hmcl_cli.io_utils import binary_lines, find_data_file
+from hmcl_cli.io_utils import binary_lines, find_data_file, is_utf8
 from hmcl_cli.recipe import SourceConfig
 
 SAMPLE_ROWS = 50000
+FALLBACK_ENCODING = "cp1252"  # a file whose lines are not UTF-8 is read so
 NLI_NAMES = {"entailment", "neutral", "contradiction"}
 BINARY = {"0", "1", "true", "false"}
 NLI_COLUMNS = {"premise", "hypothesis", "gold_label"}  # names that make labels 0, 1, 2 NLI's
@@ -65,12 +66,14 @@ class Guess:
     header: bool = False  # a delimited file's first row names its columns
     qrels_split: Optional[str] = None  # a BEIR folder's qrels file, where it has no train.tsv
     header_key: Optional[bool] = None  # `header:` where the reader would not tell the header row itself
+    encoding: str = "utf-8"
     texts: dict[str, list[str]] = field(default_factory=dict)  # a seeded draw of its queries and candidates
 
     def source(self, **more: Any) -> SourceConfig:
         """The data source that reads the file as guessed (``more``: split, name, ...)."""
         if self.qrels_split:
             more.setdefault("qrels_split", self.qrels_split)
+        more.setdefault("encoding", self.encoding)
         return SourceConfig(path=str(self.path), format=self.format, columns=dict(self.columns),
                             score_range=self.score_range, label_map=self.label_map, symmetric=self.symmetric,
                             delimiter=self.delimiter, header=self.header_key, **more)
@@ -90,6 +93,8 @@ class Guess:
             out["delimiter"] = self.delimiter
         if self.header_key is not None:
             out["header"] = self.header_key
+        if not is_utf8(self.encoding):
+            out["encoding"] = self.encoding
         if self.qrels_split:
             out["qrels_split"] = self.qrels_split
         return out
@@ -170,14 +175,21 @@ def guess_source(path: Path, sample: int = SAMPLE_ROWS, encoding: str = "utf-8")
     delimiter = _delimiter(path, kind, encoding) if kind in ("csv", "tsv") else None
     probe = SourceConfig(path=str(path), encoding=encoding, delimiter=delimiter)
     rows: list[Any] = []
-    broken = 0
+    broken = not_utf8 = 0
     for item in records(probe, path):
         if isinstance(item, BadRow):
             broken += 1
+            not_utf8 += item.kind == "not UTF-8"
             continue
         rows.append(item[1])
         if len(rows) > sample:
             break
+    if not_utf8 and is_utf8(encoding):  # a file saved by Excel or an older tool: Windows' Western European encoding
+        guess = guess_source(path, sample, FALLBACK_ENCODING)
+        guess.reasons.insert(0, f"not UTF-8 ({not_utf8} of the first {not_utf8 + len(rows)} rows): read as "
+                                f"{FALLBACK_ENCODING} (Windows' Western European encoding, as Excel saves a CSV); "
+                                "check its accented letters (`encoding` sets another)")
+        return guess
     more_rows = len(rows) > sample
     rows = rows[:sample]
     if not rows:
@@ -452,7 +464,8 @@ def _roles_of(fmt: str) -> set[str]:
 
 def _read_back(guess: Guess, sample: int, encoding: str) -> None:
     """Read the sample with the guessed source, as ``hmcl prepare`` will: counts and rejected rows."""
-    src = guess.source(max_rows=sample, encoding=encoding)
+    guess.encoding = encoding
+    src = guess.source(max_rows=sample)
     queries: set = set()
     candidates: set = set()
     lines: set = set()  # (a row read both ways yields two examples of one line)
