@@ -20,11 +20,11 @@ from datetime import date
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import yaml
-
 from hmcl_cli.data.sniff import SAMPLE_ROWS, Guess, guess_source
 from hmcl_cli.errors import RecipeError
+from hmcl_cli.data.readers import primed
 from hmcl_cli.io_utils import data_stem, ensure_dir
+from hmcl_cli.recipe import yaml_text
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BATCH = 32  # train.batch_size's default
@@ -84,11 +84,6 @@ def _name_of(path: Path) -> str:
     return re.sub(r"[^\w.-]+", "-", stem).strip("-_.") or "my-recipe"
 
 
-def _y(value: Any) -> str:
-    """One YAML value in flow style, quoted where YAML would read it otherwise."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True).strip().removesuffix("...").strip()
-
-
 def _rel(path: Path, folder: Path) -> str:
     """``path`` as the recipe names it: a path given relative, relative to the recipe's folder (a
     shared recipe travels with its data); one given absolute stays so."""
@@ -118,21 +113,12 @@ def _model_here(model: str) -> Optional[tuple[Path, Any]]:
         return None
 
 
-def model_kind(model: str) -> Optional[str]:
-    """``decoder`` or ``encoder`` for a model that is here, read from its config; None where it is not."""
-    from hmcl_cli.modeling.encoder import is_decoder_config
-
-    here = _model_here(model)
-    return None if here is None else "decoder" if is_decoder_config(here[1]) else "encoder"
-
-
-def _length_lines(model: str, guesses: list[Guess], said: list[str]) -> list[str]:
+def _length_lines(here: Optional[tuple[Path, Any]], model: str, guesses: list[Guess], said: list[str]) -> list[str]:
     """What the model's tokenizer makes of texts drawn from the data: ``query_max_length`` /
     ``doc_max_length`` where they run longer than the default (their 99th percentile, rounded up to
     32, within the model's positions: the default would cut them), and a warning where many of their
     tokens are its unknown token (a vocabulary without their script). Nothing where the model is not
-    here to count with."""
-    here = _model_here(model)
+    here (``here``: its folder and config) to count with."""
     if here is None:
         return []
     import torch
@@ -173,7 +159,7 @@ def _length_lines(model: str, guesses: list[Guess], said: list[str]) -> list[str
 
 
 def _model_lines(model: str, kind: Optional[str], lora: Optional[bool], said: list[str]) -> list[str]:
-    lines = ["model:", f"  name_or_path: {_y(model)}"]
+    lines = ["model:", f"  name_or_path: {yaml_text(model)}"]
     if lora is None and kind == "decoder":
         lora = True
         lines.append("  # a decoder LLM: LoRA adapters on its projections, activations recomputed in the backward pass")
@@ -197,13 +183,15 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
              f"# Written by `hmcl recipe new` on {date.today().isoformat()} from the data files below; each data",
              "# source says what it was read as and why. Check those guesses, then run the command above",
              "# (`hmcl recipe schema KEY` explains any key).",
-             f"name: {_y(name)}", "seed: 42", "output_dir: runs/${name}", ""]
-    kind = model_kind(model) if lora is None else None
-    model_here = model  # (as given: a folder relative to the working directory)
-    if Path(model).is_dir():  # a local folder: named relative to the recipe, as the data are
-        model = _rel(Path(model), folder)
-    lines += _model_lines(model, kind, lora, said) + _length_lines(model_here, guesses, said) + ["", "data:", "  sources:"]
-    labels = _unique([data_stem(g.path) if g.path.is_file() else g.path.name for g in guesses + dev_guesses])
+             f"name: {yaml_text(name)}", "seed: 42", "output_dir: runs/${name}", ""]
+    from hmcl_cli.modeling.encoder import is_decoder_config
+
+    here = _model_here(model)  # (as given: a folder relative to the working directory)
+    kind = None if here is None else "decoder" if is_decoder_config(here[1]) else "encoder"
+    written = _rel(Path(model), folder) if Path(model).is_dir() else model  # a local folder: relative to the recipe
+    lines += (_model_lines(written, kind, lora, said) + _length_lines(here, written, guesses, said)
+              + ["", "data:", "  sources:"])
+    labels = primed([data_stem(g.path) if g.path.is_file() else g.path.name for g in guesses + dev_guesses])
     for i, (g, label) in enumerate(zip(guesses + dev_guesses, labels)):
         split = "dev" if i >= len(guesses) else ("train" if dev_guesses else None)
         for reason in g.reasons:
@@ -212,17 +200,17 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
         lines.append(f"    # {rows}: {g.queries:,} queries; candidates {_levels(g)}")
         if g.rejected:
             lines.append(f"    # rejected by the reader: {g.rejected_rows:,} of these rows, e.g. {g.rejected[0]}")
-        lines.append(f"    - name: {_y(label)}")
-        lines.append(f"      path: {_y(_rel(g.path, folder))}")
+        lines.append(f"    - name: {yaml_text(label)}")
+        lines.append(f"      path: {yaml_text(_rel(g.path, folder))}")
         lines.append(f"      format: {g.format}")
         keys = g.source_keys()
         if split == "dev":  # (read both ways, a dev pair would count twice in its metrics)
             keys.pop("symmetric", None)
         for key, value in keys.items():
-            lines.append(f"      {key}: {_y(value)}")
+            lines.append(f"      {key}: {yaml_text(value)}")
         if split:
             lines.append(f"      split: {split}")
-        said.append(f"{g.path}: format {g.format}" + "".join(f", {k} {_y(v)}" for k, v in keys.items())
+        said.append(f"{g.path}: format {g.format}" + "".join(f", {k} {yaml_text(v)}" for k, v in keys.items())
                     + (f" (split {split})" if split else "") + f" — {g.reasons[0]}")
         if g.rejected:
             said.append(f"  {g.rejected_rows:,} of the {g.rows:,} rows read are rejected by the reader, e.g. "
@@ -235,7 +223,7 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
             fraction = min(0.25, math.ceil(100 * MIN_DRAWN_DEV / max(1, train_queries)) / 100)
         dev_queries = round(train_queries * fraction)
         lines += ["  # no dev file: dev queries are drawn from the data (each query by a seeded hash)",
-                  f"  dev_fraction: {_y(fraction)}"]
+                  f"  dev_fraction: {yaml_text(fraction)}"]
         if dev_queries > LARGE_DEV:
             lines += ["  # every in-training dev evaluation encodes the whole dev split: keep it to this many queries",
                       f"  dev_max_queries: {LARGE_DEV}"]
@@ -270,7 +258,7 @@ def recipe_text(guesses: list[Guess], dev_guesses: list[Guess], model: str, name
     lines.append(f"  metric_for_best: {metric}   # the dev metric that picks the model kept (as the gate's)")
     said.append(f"train: {epochs} epoch(s) of about {steps_per_epoch:,} steps; eval: {said_eval}")
     lines += ["", "eval:", "  tasks:"] + tasks + ["  gate:   # exit code 6 when the trained model is worse than the base",
-                                                  f"    - {_y(gate)}"]
+                                                  f"    - {yaml_text(gate)}"]
     lines += ["", "export:", "  formats: [merged]   # onnx, onnx-int8 with `pip install onnx onnxruntime`", ""]
     return "\n".join(lines), said
 
@@ -282,10 +270,10 @@ def _eval_tasks(guesses: list[Guess], dev_guesses: list[Guess], folder: Path) ->
     if all(g.format == "sts" for g in guesses + dev_guesses):
         out: list[str] = []
         if dev_guesses:  # the dev files as they are: each pair once, with its score
-            names = _unique([f"{data_stem(g.path)}-sts" for g in dev_guesses])
+            names = primed([f"{data_stem(g.path)}-sts" for g in dev_guesses])
             for g, task in zip(dev_guesses, names):
-                out += [f"    - name: {_y(task)}", "      type: sts", f"      path: {_y(_rel(g.path, folder))}"]
-                out += [f"      {k}: {_y(v)}" for k, v in g.source_keys().items() if k != "symmetric"]
+                out += [f"    - name: {yaml_text(task)}", "      type: sts", f"      path: {yaml_text(_rel(g.path, folder))}"]
+                out += [f"      {k}: {yaml_text(v)}" for k, v in g.source_keys().items() if k != "symmetric"]
             return out, f"{names[0]}:spearman>=base", "dev_spearman", f"Spearman on {', '.join(names)}"
         out = ["    - name: dev-sts", "      type: sts", "      path: dev   # the prepared dev split",
                "      format: graded"]
@@ -302,15 +290,6 @@ def _eval_tasks(guesses: list[Guess], dev_guesses: list[Guess], folder: Path) ->
 
 def _levels(g: Guess) -> str:
     return ", ".join(f"{k} {g.levels[k]:,}" for k in ("pos", "weak", "neg") if g.levels[k]) or "none"
-
-
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for n in names:
-        seen[n] = seen.get(n, 0) + 1
-        out.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
-    return out
 
 
 def _wrapped(text: str, width: int) -> list[str]:

@@ -285,7 +285,7 @@ def unread_keys_problem(fmt: str, values: dict[str, Any]) -> Optional[str]:
     if not unread:
         return None
     said = "; ".join(f"`{key}` is for {_and(FORMAT_KEYS[key])}" for key in unread)
-    unset = " ".join(f"--set ...{key}={_yaml_text(defaults[key])}" for key in unread)
+    unset = " ".join(f"--set ...{key}={yaml_text(defaults[key])}" for key in unread)
     return (f"format {fmt} ({FORMAT_READS[fmt]}) does not read {_and([f'`{k}`' for k in unread])} ({said}): leave "
             f"{'it' if len(unread) == 1 else 'them'} out (or unset: {unset}), or set the `format` its rows are in")
 
@@ -295,9 +295,10 @@ def _defaults(cls: type[BaseModel], keys: Iterable[str]) -> dict[str, Any]:
     return {key: cls.model_fields[key].get_default(call_default_factory=True) for key in keys}
 
 
-def _yaml_text(value: Any) -> str:
-    """A default as ``--set`` writes it: null, false, {}, train."""
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+def yaml_text(value: Any) -> str:
+    """One value as YAML writes it inline, quoted where YAML would read it otherwise (a default as
+    ``--set`` writes it: null, false, {}, train; a value ``hmcl recipe new`` writes)."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True).strip().removesuffix("...").strip()
 
 
 def _and(items: Sequence[str]) -> str:

@@ -818,6 +818,8 @@ def test_texts_whose_tokens_the_vocabulary_lacks_are_warned_about(tmp_path, caps
     assert known["query"]["unknown_tokens"] == 0 and unknown_tokens_warning(known, "m") is None
     mixed = token_length_stats(tok, {"query": ["size exchange"] * 50, "candidate": ["飞机 起飞 size"] * 50})
     assert mixed["candidate"]["unknown_tokens"] == 0.4  # [CLS] 飞机 起飞 size [SEP]: 2 of 5
+    rare = token_length_stats(tok, {"query": ["size exchange"] * 40 + ["飞机 起飞"] + ["free"] * 40})["query"]
+    assert rare["unknown_example"] == "飞机 起飞"  # the text with most of them
     said = unknown_tokens_warning(mixed, "my-model")
     assert said.startswith("40% of the candidate texts' tokens are my-model's unknown token [UNK]") and "飞机" in said
     data = tmp_path / "zh.jsonl"

@@ -245,7 +245,7 @@ def test_new_recipe_loads_prepares_every_row_and_suits_the_data(tmp_path, monkey
     assert not list(out.parent.glob(".*tmp"))
     new_recipe([train], dev=[train], out=out, force=True)  # one file named twice: two sources, each its split
     assert [(s["name"], s["split"]) for s in _written(out)["data"]["sources"]] == [("faq-train", "train"),
-                                                                                   ("faq-train-2", "dev")]
+                                                                                   ("faq-train'", "dev")]
 
 
 def test_new_recipe_for_scored_pairs_and_for_pairs_without_negatives(tmp_path):

@@ -10,7 +10,6 @@ Python use::
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -504,12 +503,10 @@ def token_length_stats(tokenizer: Any, texts: dict[str, Sequence[str]], max_leng
                           "over_max_length": int((lengths > max_length[side]).sum())}
         unk = getattr(tokenizer, "unk_token_id", None)
         if unk is not None and lengths.sum():  # (byte-level tokenizers have none: every text has its tokens)
-            flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum())) == unk
-            starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-            unknown = np.add.reduceat(flat, starts[lengths > 0]) if flat.size else np.zeros(1)
-            out[side] |= {"unknown_tokens": round(float(flat.sum() / lengths.sum()), 4),
+            unknown = np.array([list(i).count(unk) for i in ids])
+            out[side] |= {"unknown_tokens": round(float(unknown.sum() / lengths.sum()), 4),
                           "unknown_token": str(tokenizer.unk_token),
-                          "unknown_example": _clip(measured[int(np.flatnonzero(lengths > 0)[unknown.argmax()])])}
+                          "unknown_example": _clip(measured[int(unknown.argmax())])}
     return out
 
 

@@ -58,7 +58,6 @@ class Guess:
     queries: int = 0  # distinct queries among the examples read
     candidates: int = 0  # distinct candidate texts among them
     levels: Counter = field(default_factory=Counter)  # candidates read per level name
-    scored: bool = False  # the examples carry scores
     reasons: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)  # the first rows of the sample the reader rejects (file:line: why)
     rejected_rows: int = 0  # how many it rejects
@@ -400,7 +399,6 @@ def _pair_format(guess: Guess, roles: dict, label: Optional[_Column], score: Opt
     if scores is not None:
         lo, hi = min(scores), max(scores)
         guess.score_range = _score_range(lo, hi, all(x.is_integer() for x in scores))
-        guess.scored = True
         roles["score"] = score
         name = score.name if score.name is not None else f"column {score.key}"
         guess.reasons.append(f"{said}: scores {lo:g} to {hi:g} in {name} (sts, declared range "
@@ -485,7 +483,6 @@ def _read_back(guess: Guess, sample: int, encoding: str) -> None:
             candidates.add(cand.text)
             drawn["candidate"].add(cand.text)
             guess.levels[("neg", "weak", "pos")[cand.level]] += 1
-            guess.scored = guess.scored or cand.score is not None
     guess.rows, guess.queries, guess.candidates = len(lines), len(queries), len(candidates)
     guess.texts = {side: r.items for side, r in drawn.items()}
     if not queries:
